@@ -1,0 +1,287 @@
+"""Frames of the vmrt agent protocol, version 1 (docs/agent-protocol.md).
+
+Pure encoding and decoding, no I/O: :class:`FrameDecoder` is fed bytes as they
+arrive and yields whole frames, raising :class:`ProtocolError` on anything
+malformed. Hypothesis drives it in tests/test_protocol.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+from collections.abc import Iterator
+
+from ..errors import ProtocolError
+
+MAGIC = 0x7652
+VERSION = 1
+HEADER = struct.Struct(">HBBI")
+MAX_PAYLOAD = 65536
+
+
+class Msg(enum.IntEnum):
+    HELLO = 0x01
+    STARTED = 0x02
+    STDOUT = 0x03
+    STDERR = 0x04
+    EXIT = 0x05
+    ERROR = 0x06
+    RUN = 0x41
+    STDIN = 0x42
+    STDIN_CLOSE = 0x43
+    SIGNAL = 0x44
+    RESIZE = 0x45
+    SHUTDOWN = 0x46
+
+
+FROM_AGENT = frozenset({Msg.HELLO, Msg.STARTED, Msg.STDOUT, Msg.STDERR, Msg.EXIT, Msg.ERROR})
+FROM_HOST = frozenset({Msg.RUN, Msg.STDIN, Msg.STDIN_CLOSE, Msg.SIGNAL, Msg.RESIZE, Msg.SHUTDOWN})
+
+
+class Tag(enum.IntEnum):
+    ARG = 1
+    ENV = 2
+    CWD = 3
+    HOSTNAME = 4
+    UID = 5
+    GID = 6
+    GROUPS = 7
+    TTY = 8
+    STDIN = 9
+    TIME = 10
+    ROOTFS = 11
+    READONLY = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    type: Msg
+    payload: bytes = b""
+
+
+def encode(msg: Msg, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(MAGIC, VERSION, int(msg), len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder for one direction of the stream."""
+
+    def __init__(self, allowed: frozenset[Msg] = FROM_AGENT) -> None:
+        self._buf = bytearray()
+        self._allowed = allowed
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        self._buf += data
+        while len(self._buf) >= HEADER.size:
+            magic, version, mtype, length = HEADER.unpack_from(self._buf)
+            if magic != MAGIC:
+                raise ProtocolError(f"bad frame magic 0x{magic:04x}")
+            if version != VERSION:
+                raise ProtocolError(f"unsupported frame version {version}")
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+            try:
+                msg = Msg(mtype)
+            except ValueError:
+                raise ProtocolError(f"unknown frame type 0x{mtype:02x}") from None
+            if msg not in self._allowed:
+                raise ProtocolError(f"frame type {msg.name} not allowed in this direction")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[HEADER.size:end])
+            del self._buf[:end]
+            yield Frame(msg, payload)
+
+    def close(self) -> None:
+        """The stream ended; leftover bytes mean a truncated frame."""
+        if self._buf:
+            raise ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes pending)")
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+# --- payloads -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    version: int
+    flags: int
+    boot_ns: int
+    ready_ns: int
+    agent: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit:
+    status: int
+    signal: int
+    flags: int
+
+    @property
+    def oom(self) -> bool:
+        return bool(self.flags & 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Error:
+    code: int
+    message: str
+
+
+def _text(b: bytes, what: str) -> str:
+    if b"\0" in b:
+        raise ProtocolError(f"{what}: string contains NUL")
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"{what}: invalid UTF-8") from e
+
+
+def decode_hello(p: bytes) -> Hello:
+    if len(p) < 20:
+        raise ProtocolError("HELLO payload too short")
+    version, flags, boot, ready = struct.unpack_from(">HHQQ", p)
+    return Hello(version, flags, boot, ready, _text(p[20:], "HELLO agent version"))
+
+
+def decode_started(p: bytes) -> int:
+    if len(p) != 4:
+        raise ProtocolError("STARTED payload must be 4 bytes")
+    return int(struct.unpack(">I", p)[0])
+
+
+def decode_exit(p: bytes) -> Exit:
+    if len(p) != 12:
+        raise ProtocolError("EXIT payload must be 12 bytes")
+    status, sig, flags = struct.unpack(">III", p)
+    if status > 255:
+        raise ProtocolError(f"EXIT status {status} out of range")
+    return Exit(status, sig, flags)
+
+
+def decode_error(p: bytes) -> Error:
+    if len(p) < 4:
+        raise ProtocolError("ERROR payload too short")
+    (code,) = struct.unpack_from(">I", p)
+    return Error(code, _text(p[4:], "ERROR message").strip().replace("\n", " "))
+
+
+def encode_signal(signo: int) -> bytes:
+    return encode(Msg.SIGNAL, struct.pack(">I", signo))
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    return encode(Msg.RESIZE, struct.pack(">HH", rows & 0xFFFF, cols & 0xFFFF))
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """What the agent needs to start the container process."""
+
+    args: list[str]
+    env: list[str] = dataclasses.field(default_factory=list)
+    cwd: str = "/"
+    hostname: str = "vmrt"
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = dataclasses.field(default_factory=list)
+    tty: tuple[int, int] | None = None   # rows, cols
+    stdin: bool = False
+    time_ns: int | None = None
+    rootfs_tag: str = "rootfs"
+    readonly: bool = False
+
+
+def _rec(tag: Tag, value: bytes) -> bytes:
+    return struct.pack(">BI", int(tag), len(value)) + value
+
+
+def _str(tag: Tag, s: str) -> bytes:
+    b = s.encode("utf-8")
+    if b"\0" in b:
+        raise ProtocolError(f"{tag.name.lower()} contains a NUL byte")
+    return _rec(tag, b)
+
+
+def encode_run(spec: RunSpec) -> bytes:
+    if not spec.args:
+        raise ProtocolError("RUN needs at least one argument")
+    out = bytearray()
+    for a in spec.args:
+        out += _str(Tag.ARG, a)
+    for e in spec.env:
+        out += _str(Tag.ENV, e)
+    out += _str(Tag.CWD, spec.cwd)
+    out += _str(Tag.HOSTNAME, spec.hostname)
+    out += _rec(Tag.UID, struct.pack(">I", spec.uid))
+    out += _rec(Tag.GID, struct.pack(">I", spec.gid))
+    if spec.groups:
+        out += _rec(Tag.GROUPS, b"".join(struct.pack(">I", g) for g in spec.groups))
+    if spec.tty is not None:
+        out += _rec(Tag.TTY, struct.pack(">HH", *spec.tty))
+    if spec.stdin:
+        out += _rec(Tag.STDIN, b"")
+    if spec.time_ns is not None:
+        out += _rec(Tag.TIME, struct.pack(">Q", spec.time_ns))
+    out += _str(Tag.ROOTFS, spec.rootfs_tag)
+    if spec.readonly:
+        out += _rec(Tag.READONLY, b"")
+    if len(out) > MAX_PAYLOAD:
+        raise ProtocolError(
+            f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
+    return encode(Msg.RUN, bytes(out))
+
+
+def decode_run(p: bytes) -> RunSpec:
+    """Inverse of encode_run (used by tests and the fuzz harness)."""
+    spec = RunSpec(args=[])
+    i = 0
+    while i < len(p):
+        if len(p) - i < 5:
+            raise ProtocolError("truncated RUN record header")
+        tag, ln = struct.unpack_from(">BI", p, i)
+        i += 5
+        if ln > len(p) - i:
+            raise ProtocolError("RUN record longer than payload")
+        v = p[i:i + ln]
+        i += ln
+        if tag == Tag.ARG:
+            spec.args.append(_text(v, "ARG"))
+        elif tag == Tag.ENV:
+            spec.env.append(_text(v, "ENV"))
+        elif tag == Tag.CWD:
+            spec.cwd = _text(v, "CWD")
+        elif tag == Tag.HOSTNAME:
+            spec.hostname = _text(v, "HOSTNAME")
+        elif tag in (Tag.UID, Tag.GID):
+            if ln != 4:
+                raise ProtocolError("UID/GID must be 4 bytes")
+            setattr(spec, "uid" if tag == Tag.UID else "gid", struct.unpack(">I", v)[0])
+        elif tag == Tag.GROUPS:
+            if ln % 4:
+                raise ProtocolError("GROUPS length not a multiple of 4")
+            spec.groups += [g for (g,) in struct.iter_unpack(">I", v)]
+        elif tag == Tag.TTY:
+            if ln != 4:
+                raise ProtocolError("TTY must be 4 bytes")
+            spec.tty = struct.unpack(">HH", v)
+        elif tag == Tag.STDIN:
+            spec.stdin = True
+        elif tag == Tag.TIME:
+            if ln != 8:
+                raise ProtocolError("TIME must be 8 bytes")
+            spec.time_ns = struct.unpack(">Q", v)[0]
+        elif tag == Tag.ROOTFS:
+            spec.rootfs_tag = _text(v, "ROOTFS")
+        elif tag == Tag.READONLY:
+            spec.readonly = True
+        # unknown tags are skipped, as the spec requires
+    if not spec.args:
+        raise ProtocolError("RUN without ARG")
+    return spec

@@ -1,0 +1,249 @@
+"""The OCI runtime bundle every isolation driver consumes.
+
+``prepare()`` turns an image config plus ``docker run`` style options into an
+OCI runtime-spec ``config.json`` (process, user, env, cwd, hostname, mounts,
+namespaces, resources) in a bundle directory. The VM driver translates that
+config into an agent RUN message; the process driver (runc) reads it as is.
+User and group names are resolved from the image's own /etc/passwd and
+/etc/group, read inside the image root (symlinks cannot point outside it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .images.unpack import resolve_in_root
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+                "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+                "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+MASKED = ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+          "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+          "/sys/firmware", "/sys/devices/virtual/powercap"]
+READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+_ENV_KEY = re.compile(r"^[^=\0]+$")
+
+
+@dataclasses.dataclass
+class RunOptions:
+    image: str
+    command: list[str] = dataclasses.field(default_factory=list)
+    entrypoint: str | None = None
+    env: list[str] = dataclasses.field(default_factory=list)
+    env_files: list[Path] = dataclasses.field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    interactive: bool = False
+    tty: bool = False
+    tty_size: tuple[int, int] = (24, 80)
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    name: str | None = None
+    rm: bool = False
+    readonly: bool = False
+
+
+def parse_memory(value: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)b?\s*", value.lower())
+    if not m:
+        raise UsageError(f"invalid memory size {value!r} (e.g. 512m, 1g)")
+    mult = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m[2]]
+    n = int(float(m[1]) * mult)
+    if n < 6 * (1 << 20):
+        raise UsageError(f"minimum memory limit allowed is 6MB (got {value!r})")
+    return n
+
+
+def parse_cpus(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise UsageError(f"invalid value for --cpus: {value!r}") from None
+    if not 0.01 <= v <= 1024:
+        raise UsageError(f"--cpus must be between 0.01 and 1024 (got {value})")
+    return v
+
+
+def _read_env_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"--env-file {path}: {e.strerror}") from None
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def merge_env(image_env: list[str], opts: RunOptions) -> list[str]:
+    env: dict[str, str] = {}
+    for e in image_env:
+        k, _, v = e.partition("=")
+        env[k] = v
+    for item in [*(x for f in opts.env_files for x in _read_env_file(f)), *opts.env]:
+        k, sep, v = item.partition("=")
+        if not k or not _ENV_KEY.match(k) or "\0" in v:
+            raise UsageError(f"invalid environment variable: {item!r}")
+        if sep:
+            env[k] = v
+        elif k in os.environ:
+            env[k] = os.environ[k]
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+@dataclasses.dataclass
+class User:
+    uid: int
+    gid: int
+    groups: list[int]
+    home: str
+
+
+def _read_db(root: Path, path: str) -> list[list[str]]:
+    p = resolve_in_root(str(root), path)
+    try:
+        with open(p, errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(root: Path, spec: str) -> User:
+    """Docker's rules for ``-u user[:group]`` against the image's files."""
+    user, _, group = spec.partition(":")
+    passwd = [e for e in _read_db(root, "/etc/passwd") if len(e) >= 7]
+    groups = [e for e in _read_db(root, "/etc/group") if len(e) >= 3]
+    uid, gid, home, uname = 0, 0, "/", None
+    if user == "":
+        user = "0"
+    if user.isdigit():
+        uid = int(user)
+        for e in passwd:
+            if e[2] == user:
+                gid, home, uname = int(e[3]), e[5], e[0]
+                break
+    else:
+        for e in passwd:
+            if e[0] == user:
+                uid, gid, home, uname = int(e[2]), int(e[3]), e[5], e[0]
+                break
+        else:
+            raise UsageError(f"unable to find user {user}: no matching entries in passwd file")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            for g in groups:
+                if g[0] == group:
+                    gid = int(g[2])
+                    break
+            else:
+                raise UsageError(f"unable to find group {group}: no matching entries in group file")
+    extra: list[int] = []
+    if uname is not None and not group:
+        for g in groups:
+            if uname in g[3].split(",") if len(g) > 3 else False:
+                if int(g[2]) != gid and int(g[2]) not in extra:
+                    extra.append(int(g[2]))
+    if uid > 0xFFFFFFFE or gid > 0xFFFFFFFE:
+        raise UsageError(f"user {spec!r} is out of range")
+    return User(uid, gid, extra, home or "/")
+
+
+def process_args(image_cfg: dict[str, Any], opts: RunOptions) -> list[str]:
+    if opts.entrypoint is not None:
+        entry = [opts.entrypoint] if opts.entrypoint else []
+        cmd = list(opts.command)
+    else:
+        entry = list(image_cfg.get("Entrypoint") or [])
+        cmd = list(opts.command) or list(image_cfg.get("Cmd") or [])
+    args = entry + cmd
+    if not args:
+        raise UsageError("no command specified")
+    return args
+
+
+def make_config(image_cfg: dict[str, Any], rootfs: Path, opts: RunOptions, container_id: str,
+                isolation: str) -> dict[str, Any]:
+    args = process_args(image_cfg, opts)
+    cwd = opts.workdir or image_cfg.get("WorkingDir") or "/"
+    if not cwd.startswith("/"):
+        raise UsageError(f"the working directory {cwd!r} is invalid, it needs to be an absolute path")
+    user = resolve_user(rootfs, opts.user if opts.user is not None else image_cfg.get("User") or "")
+    hostname = opts.hostname or container_id[:12]
+    if len(hostname) > 64 or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", hostname):
+        raise UsageError(f"invalid hostname {hostname!r}")
+    env = merge_env(list(image_cfg.get("Env") or []), opts)
+    keys = {e.partition("=")[0] for e in env}
+    if "PATH" not in keys:
+        env.insert(0, f"PATH={DEFAULT_PATH}")
+    env.append(f"HOSTNAME={hostname}")
+    if opts.tty and "TERM" not in keys:
+        env.append("TERM=xterm")
+    if "HOME" not in keys:
+        env.append(f"HOME={user.home}")
+    resources: dict[str, Any] = {}
+    if opts.memory_bytes:
+        resources["memory"] = {"limit": opts.memory_bytes}
+    if opts.cpus:
+        resources["cpu"] = {"period": 100000, "quota": int(opts.cpus * 100000)}
+    caps = list(DEFAULT_CAPS)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": opts.tty,
+            **({"consoleSize": {"height": opts.tty_size[0], "width": opts.tty_size[1]}} if opts.tty else {}),
+            "user": {"uid": user.uid, "gid": user.gid,
+                     **({"additionalGids": user.groups} if user.groups else {})},
+            "args": args,
+            "env": env,
+            "cwd": cwd,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": opts.readonly},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "annotations": {"org.vmrt.isolation": isolation, "org.vmrt.image": opts.image,
+                        "org.vmrt.stdin": "true" if opts.interactive else "false"},
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "resources": resources,
+            "maskedPaths": MASKED,
+            "readonlyPaths": READONLY,
+        },
+    }
+
+
+def write(bundle_dir: Path, config: dict[str, Any]) -> Path:
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    p = bundle_dir / "config.json"
+    p.write_text(json.dumps(config, indent=1))
+    return p
+
+
+def load(bundle_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((bundle_dir / "config.json").read_text()))

@@ -1,0 +1,300 @@
+"""The ``vmrt`` command line (thin: parsing and output only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__, agentbuild, config as config_mod, kernel as kernel_mod
+from .bundle import RunOptions, parse_cpus, parse_memory
+from .errors import UsageError, VmrtError
+from .paths import source_root
+from .timings import Timings
+
+LOG = logging.getLogger("vmrt")
+TIMINGS = Timings()  # created at import: as close to process start as we get
+
+
+def _cfg(ctx: click.Context) -> config_mod.Config:
+    return ctx.obj["cfg"]  # type: ignore[no-any-return]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Log debug details to stderr.")
+@click.version_option(__version__, prog_name="vmrt")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Containers with a per-run choice of isolation: Linux namespaces or a micro-VM."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="vmrt: %(name)s: %(message)s")
+    ctx.obj = {"cfg": config_mod.load(), "debug": debug}
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--rm", is_flag=True, help="Remove the container when it exits.")
+@click.option("--name", help="Assign a name to the container.")
+@click.option("-e", "--env", multiple=True, help="Set environment variables (KEY=VALUE or KEY).")
+@click.option("--env-file", multiple=True, type=click.Path(path_type=Path), help="Read a file of environment variables.")
+@click.option("-w", "--workdir", help="Working directory inside the container.")
+@click.option("-u", "--user", help="Username or UID (format: <name|uid>[:<group|gid>]).")
+@click.option("--hostname", help="Container host name.")
+@click.option("--entrypoint", help="Overwrite the default ENTRYPOINT of the image.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY.")
+@click.option("-m", "--memory", help="Memory limit (e.g. 512m); in VM mode the VM's RAM.")
+@click.option("--cpus", help="Number of CPUs; in VM mode the vCPU count (rounded up).")
+@click.option("--isolation", default="default", show_default=True,
+              help="vm (alias hyperv), process or default (config / $VMRT_ISOLATION).")
+@click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="VM accelerator (default: auto).")
+@click.option("--kernel", type=click.Path(path_type=Path), help="Guest kernel (vmlinux) to boot instead of vmrt's.")
+@click.option("--timings", "show_timings", is_flag=True, help="Print start-up phase timings to stderr.")
+@click.pass_context
+def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name: str | None,
+        env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None,
+        hostname: str | None, entrypoint: str | None, interactive: bool, tty: bool,
+        memory: str | None, cpus: str | None, isolation: str, read_only: bool, accel: str | None,
+        kernel: Path | None, show_timings: bool) -> None:
+    """Run a command in a new container."""
+    from . import runner
+    cfg = _cfg(ctx)
+    iso = config_mod.normalize_isolation(isolation) or cfg.isolation
+    if tty and interactive and not os.isatty(0):
+        raise UsageError("the input device is not a TTY")
+    size = (24, 80)
+    if tty and os.isatty(1):
+        s = os.get_terminal_size(1)
+        size = (s.lines, s.columns)
+    opts = RunOptions(
+        image=image, command=list(command), entrypoint=entrypoint, env=list(env),
+        env_files=list(env_file), workdir=workdir, user=user, hostname=hostname,
+        interactive=interactive, tty=tty, tty_size=size,
+        memory_bytes=parse_memory(memory) if memory else None,
+        cpus=parse_cpus(cpus) if cpus else None, name=name, rm=rm, readonly=read_only)
+    if kernel is not None and not kernel.is_file():
+        raise UsageError(f"kernel {kernel} not found")
+    try:
+        status = runner.run(cfg, opts, iso, accel=accel, kernel=kernel, timings=TIMINGS)
+    finally:
+        if show_timings:
+            TIMINGS.report()
+    ctx.exit(status)
+
+
+@main.command()
+@click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
+@click.pass_context
+def images(ctx: click.Context, quiet: bool) -> None:
+    """List images in the local store."""
+    from .images.store import Store
+    store = Store(_cfg(ctx).root)
+    rows = []
+    for ref, desc in store.list():
+        img = store.get(ref)
+        name, _, tag = ref.rpartition(":")
+        created = int(desc.get("annotations", {}).get("org.vmrt.created", "0"))
+        rows.append((name, tag, img.id.split(":")[1][:12], _ago(created), _size(img.size)))
+    if quiet:
+        for r in rows:
+            click.echo(r[2])
+        return
+    click.echo(f"{'REPOSITORY':<24} {'TAG':<12} {'IMAGE ID':<14} {'CREATED':<16} SIZE")
+    for r in rows:
+        click.echo(f"{r[0]:<24} {r[1]:<12} {r[2]:<14} {r[3]:<16} {r[4]}")
+
+
+@main.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers (default shows just running).")
+@click.pass_context
+def ps(ctx: click.Context, show_all: bool) -> None:
+    """List containers."""
+    from .state import State, Status
+    st = State(_cfg(ctx).db_path)
+    try:
+        click.echo(f"{'CONTAINER ID':<14} {'IMAGE':<20} {'COMMAND':<24} {'ISOLATION':<10} {'STATUS':<20} NAMES")
+        for c in st.list():
+            if c.status != Status.RUNNING and not show_all:
+                continue
+            status = c.status.value
+            if c.status == Status.EXITED:
+                status = f"Exited ({c.exit_code}) {_ago(int(c.finished or 0))}"
+            cmd = " ".join(c.command)
+            cmd = cmd if len(cmd) <= 22 else cmd[:21] + "…"
+            click.echo(f"{c.id[:12]:<14} {c.image:<20} {cmd:<24} {c.isolation:<10} {status:<20} {c.name}")
+    finally:
+        st.close()
+
+
+@main.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove even if running.")
+@click.pass_context
+def rm(ctx: click.Context, containers: tuple[str, ...], force: bool) -> None:
+    """Remove containers."""
+    from . import runner
+    failed = False
+    for ref in containers:
+        try:
+            click.echo(runner.remove(_cfg(ctx), ref, force))
+        except VmrtError as e:
+            click.echo(f"vmrt: {e}", err=True)
+            failed = True
+    if failed:
+        ctx.exit(1)
+
+
+@main.command()
+@click.pass_context
+def info(ctx: click.Context) -> None:
+    """Show the accelerator, component versions, kernel and state directories."""
+    from .vm import accel as accel_mod
+    cfg = _cfg(ctx)
+
+    def version(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "not found"
+    acc = accel_mod.choose(cfg.accel, user_kernel=cfg.kernel is not None)
+    try:
+        kpath, kid = kernel_mod.find(cfg)
+        kline, kidline = str(kpath), kid
+    except VmrtError as e:
+        kline, kidline = f"missing ({e})", "-"
+    try:
+        initrd = str(agentbuild.find(cfg))
+    except VmrtError as e:
+        initrd = f"missing ({e})"
+    rows = [
+        ("vmrt", __version__),
+        ("Default isolation", cfg.isolation),
+        ("Accelerator", f"{acc.name} ({acc.reason}; host /dev/kvm: {acc.host_kind})"),
+        ("Machine", cfg.machine),
+        ("QEMU", f"{shutil.which(cfg.qemu) or cfg.qemu}: {version([cfg.qemu, '--version'])}"),
+        ("virtiofsd", f"{cfg.virtiofsd}: {version([cfg.virtiofsd, '--version'])}"),
+        ("runc", version([cfg.runc, "--version"])),
+        ("Kernel", kline),
+        ("Kernel build id", kidline),
+        ("Agent initramfs", initrd),
+        ("State directory", str(cfg.root)),
+        ("Run directory", str(cfg.run_root)),
+        ("Cache directory", str(cfg.cache)),
+        ("Timeouts (s)", ", ".join(f"{k}={v:g}" for k, v in vars(cfg.timeouts).items())),
+    ]
+    for k, v in rows:
+        click.echo(f"{k + ':':<20} {v}")
+
+
+@main.group()
+def kernel() -> None:
+    """Build the guest kernel."""
+
+
+@kernel.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
+@click.option("-j", "--jobs", type=int, help="Parallel make jobs.")
+@click.pass_context
+def kernel_build(ctx: click.Context, force: bool, jobs: int | None) -> None:
+    """Build (or reuse from cache) the trimmed guest kernel."""
+    out = kernel_mod.build(_cfg(ctx), force=force, jobs=jobs)
+    click.echo(str(out / "vmlinux"))
+
+
+@main.group()
+def agent() -> None:
+    """Build the guest agent."""
+
+
+@agent.command("build")
+@click.option("--force", is_flag=True)
+@click.pass_context
+def agent_build(ctx: click.Context, force: bool) -> None:
+    """Build (or reuse from cache) the static guest agent and its initramfs."""
+    out = agentbuild.build(_cfg(ctx), force=force)
+    click.echo(str(out / "initramfs.cpio"))
+
+
+@main.group()
+def image() -> None:
+    """Manage images."""
+
+
+@image.command("build")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.pass_context
+def image_build(ctx: click.Context, recipe: Path) -> None:
+    """Build an image from a recipe directory (see images/)."""
+    from .images import recipe as recipe_mod
+    from .images.store import Store
+    ref = recipe_mod.build(recipe, Store(_cfg(ctx).root))
+    click.echo(ref)
+
+
+@main.command()
+@click.pass_context
+def setup(ctx: click.Context) -> None:
+    """Build the kernel, the agent and the project's images (idempotent)."""
+    from .images import recipe as recipe_mod
+    from .images.store import Store
+    cfg = _cfg(ctx)
+    kernel_mod.build(cfg)
+    agentbuild.build(cfg)
+    store = Store(cfg.root)
+    for r in sorted((source_root() / "images").glob("*/recipe.toml")):
+        click.echo(f"[image] {recipe_mod.build(r.parent, store)}", err=True)
+
+
+def _ago(ts: int) -> str:
+    if not ts:
+        return "-"
+    d = max(0, int(time.time()) - ts)
+    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if d >= n:
+            return f"{d // n} {unit} ago"
+    return f"{d} seconds ago"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n:.3g}TB"
+
+
+def entry() -> None:
+    """Console script: one line on stderr and Docker's exit codes on failure."""
+    try:
+        rv: Any = main.main(standalone_mode=False, prog_name="vmrt")
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("vmrt: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"vmrt: {e.format_message()}", err=True)
+        sys.exit(125)
+    except VmrtError as e:
+        click.echo(f"vmrt: {e}", err=True)
+        LOG.debug("details", exc_info=True)
+        if os.environ.get("VMRT_DEBUG") and hasattr(e, "evidence"):
+            click.echo(e.evidence(), err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as e:
+        click.echo(f"vmrt: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
+        LOG.debug("details", exc_info=True)
+        sys.exit(125)

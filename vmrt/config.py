@@ -1,0 +1,121 @@
+"""Where vmrt keeps things, and the knobs a user can turn.
+
+Values come from, in increasing priority: built-in defaults, the TOML file
+``/etc/vmrt/config.toml`` (or ``$VMRT_CONFIG``), ``VMRT_*`` environment
+variables, and command-line flags (applied by the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+
+from .errors import UsageError
+
+ISOLATIONS = ("vm", "process")
+ISOLATION_ALIASES = {"vm": "vm", "hyperv": "vm", "process": "process"}
+
+
+@dataclasses.dataclass
+class Timeouts:
+    """Seconds; every wait vmrt does is bounded by one of these."""
+
+    agent_ready: float = 60.0     # QEMU spawned -> agent HELLO (slow under TCG)
+    qmp_connect: float = 10.0     # QEMU spawned -> QMP greeting
+    virtiofsd_ready: float = 10.0  # virtiofsd spawned -> its socket exists
+    start: float = 60.0           # RUN sent -> STARTED/ERROR
+    shutdown: float = 5.0         # QMP quit -> QEMU gone, before SIGKILL
+    stop_grace: float = 10.0      # forwarded stop signal -> forced kill
+
+
+@dataclasses.dataclass
+class Config:
+    root: Path = Path("/var/lib/vmrt")      # images, state database
+    run_root: Path = Path("/run/vmrt")       # per-container runtime dirs
+    cache: Path = Path("/var/cache/vmrt")    # kernel and agent builds
+    isolation: str = "vm"
+    accel: str = "auto"
+    machine: str = "microvm"
+    memory_mib: int = 256
+    cpus: float = 1.0
+    qemu: str = "qemu-system-x86_64"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    virtiofs_cache: str = "auto"
+    kernel: Path | None = None               # overrides the built kernel
+    kernel_source: Path = Path("/usr/src/linux-source-6.1.tar.xz")
+    runc: str = "runc"
+    timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "state.db"
+
+
+def normalize_isolation(value: str) -> str:
+    v = value.strip().lower()
+    if v in ("", "default"):
+        return ""
+    if v not in ISOLATION_ALIASES:
+        raise UsageError(f"invalid isolation {value!r}: use vm, hyperv, process or default")
+    return ISOLATION_ALIASES[v]
+
+
+def _apply(cfg: Config, key: str, value: object) -> None:
+    if key == "timeouts":
+        if not isinstance(value, dict):
+            raise UsageError("config: [timeouts] must be a table")
+        for k, v in value.items():
+            if not hasattr(cfg.timeouts, k):
+                raise UsageError(f"config: unknown timeout {k!r}")
+            setattr(cfg.timeouts, k, float(v))
+        return
+    field_types = {f.name: f.type for f in dataclasses.fields(Config)}
+    if key not in field_types:
+        raise UsageError(f"config: unknown setting {key!r}")
+    cur = getattr(cfg, key)
+    if key == "kernel":
+        setattr(cfg, key, Path(str(value)) if value else None)
+    elif isinstance(cur, Path):
+        setattr(cfg, key, Path(str(value)))
+    elif isinstance(cur, bool):
+        setattr(cfg, key, str(value).lower() in ("1", "true", "yes"))
+    elif isinstance(cur, int):
+        setattr(cfg, key, int(value))  # type: ignore[arg-type]
+    elif isinstance(cur, float):
+        setattr(cfg, key, float(value))  # type: ignore[arg-type]
+    else:
+        setattr(cfg, key, str(value))
+
+
+def load(env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ if env is None else env)
+    cfg = Config()
+    path = Path(env.get("VMRT_CONFIG", "/etc/vmrt/config.toml"))
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UsageError(f"config {path}: {e}") from e
+        for k, v in data.items():
+            _apply(cfg, k, v)
+    for f in dataclasses.fields(Config):
+        if f.name == "timeouts":
+            continue
+        v = env.get("VMRT_" + f.name.upper())
+        if v is not None:
+            try:
+                _apply(cfg, f.name, v)
+            except ValueError as e:
+                raise UsageError(f"VMRT_{f.name.upper()}: {e}") from e
+    for t in dataclasses.fields(Timeouts):
+        v = env.get("VMRT_TIMEOUT_" + t.name.upper())
+        if v is not None:
+            try:
+                setattr(cfg.timeouts, t.name, float(v))
+            except ValueError as e:
+                raise UsageError(f"VMRT_TIMEOUT_{t.name.upper()}: {e}") from e
+    iso = normalize_isolation(cfg.isolation)
+    cfg.isolation = iso or "vm"
+    return cfg

@@ -1,0 +1,1 @@
+"""Isolation drivers. Each consumes the same OCI bundle (vmrt.bundle)."""

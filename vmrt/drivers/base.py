@@ -1,0 +1,35 @@
+"""What every isolation driver is given and must do."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import Config
+from ..images.store import Image
+from ..state import Container, State
+from ..timings import Timings
+
+
+@dataclasses.dataclass
+class RunContext:
+    cfg: Config
+    state: State
+    container: Container
+    image: Image
+    bundle_dir: Path            # per-container runtime dir holding config.json
+    config: dict[str, Any]      # the bundle's OCI config
+    timings: Timings
+    stdin_fd: int = 0
+    stdout_fd: int = 1
+    stderr_fd: int = 2
+    log_dir: Path | None = None  # where console/VMM logs are kept after the run
+
+
+class Driver(Protocol):
+    name: str
+
+    def run(self, ctx: RunContext) -> int:
+        """Run the container attached; return its exit status (Docker convention)."""
+        ...

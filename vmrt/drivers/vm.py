@@ -1,0 +1,344 @@
+"""The micro-VM driver: one QEMU + one virtiofsd per container.
+
+Flow of ``run``: mount the image read-only in the bundle -> virtiofsd serves it
+-> QEMU boots the vmrt kernel with the agent initramfs -> agent HELLO -> RUN
+(from the bundle's config.json) -> relay stdio, signals and window size ->
+EXIT -> QMP quit -> virtiofsd gone -> unmount. Cleanup runs in ``finally``
+whatever happened, and every wait is bounded by a configurable timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import stat
+import struct
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+from .. import agentbuild, kernel, rootfs
+from ..agent import protocol as P
+from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
+from ..vm import accel as accel_mod
+from ..vm.qemu import QemuVM, VMSpec
+from ..vm.virtiofsd import Virtiofsd
+from .base import RunContext
+
+LOG = logging.getLogger(__name__)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+KERNEL_UP_MARK = b"vmrt-agent: init"
+
+
+def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
+    """Translate the bundle's OCI config into the agent's RUN message."""
+    proc = config["process"]
+    user = proc.get("user", {})
+    size = proc.get("consoleSize") or {}
+    return P.RunSpec(
+        args=list(proc["args"]), env=list(proc.get("env", [])), cwd=proc.get("cwd", "/"),
+        hostname=config.get("hostname") or "vmrt", uid=int(user.get("uid", 0)),
+        gid=int(user.get("gid", 0)), groups=[int(g) for g in user.get("additionalGids", [])],
+        tty=(int(size.get("height", 24)), int(size.get("width", 80))) if proc.get("terminal") else None,
+        stdin=stdin_open, time_ns=time.time_ns(),
+        readonly=bool(config.get("root", {}).get("readonly")))
+
+
+class VMDriver:
+    name = "vm"
+
+    def __init__(self, accel: str | None = None, kernel_path: Path | None = None,
+                 notice: bool = True) -> None:
+        self.accel_req = accel
+        self.kernel_path = kernel_path
+        self.notice = notice
+
+    def run(self, ctx: RunContext) -> int:
+        return asyncio.run(_Session(ctx, self).run())
+
+
+class _Session:
+    def __init__(self, ctx: RunContext, drv: VMDriver) -> None:
+        self.ctx, self.drv = ctx, drv
+        self.cfg = ctx.cfg
+        self.loop: asyncio.AbstractEventLoop
+        self.decoder = P.FrameDecoder(P.FROM_AGENT)
+        self.hello: asyncio.Future[P.Hello]
+        self.started: asyncio.Future[int]
+        self.exited: asyncio.Future[P.Exit]
+        self.sendq: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.console_tail = bytearray()
+        self.stop_signals = 0
+        self.vm: QemuVM | None = None
+        self.tty_restore: list[Any] | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    # --- plumbing --------------------------------------------------------------
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = asyncio.ensure_future(coro)
+        self.tasks.append(t)
+        return t
+
+    def _fail_futures(self, exc: BaseException) -> None:
+        for f in (self.hello, self.started, self.exited):
+            if not f.done():
+                f.set_exception(exc)
+                f.exception()  # mark retrieved
+
+    async def _read_agent(self, sock: Any) -> None:
+        try:
+            while True:
+                data = await self.loop.sock_recv(sock, 1 << 17)
+                if not data:
+                    self.decoder.close()
+                    raise AgentError("guest agent channel closed")
+                for fr in self.decoder.feed(data):
+                    self._dispatch(fr)
+        except (VmrtError, OSError) as e:
+            if isinstance(e, OSError):
+                e = AgentError(f"guest agent channel: {e.strerror}")
+            self._fail_futures(e)
+
+    def _dispatch(self, fr: P.Frame) -> None:
+        t = self.ctx.timings
+        if fr.type in (P.Msg.STDOUT, P.Msg.STDERR):
+            t.mark("first-output")
+            fd = self.ctx.stdout_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
+            _write_all(fd, fr.payload)
+        elif fr.type == P.Msg.HELLO:
+            h = P.decode_hello(fr.payload)
+            if h.version != P.VERSION:
+                raise AgentError(f"agent speaks protocol {h.version}, host speaks {P.VERSION}")
+            if not self.hello.done():
+                self.hello.set_result(h)
+        elif fr.type == P.Msg.STARTED:
+            pid = P.decode_started(fr.payload)
+            if not self.started.done():
+                self.started.set_result(pid)
+        elif fr.type == P.Msg.ERROR:
+            err = P.decode_error(fr.payload)
+            code = err.code if err.code in (125, 126, 127) else 125
+            self._fail_futures(ContainerExecError(err.message, exit_code=code))
+        elif fr.type == P.Msg.EXIT:
+            ex = P.decode_exit(fr.payload)
+            if not self.exited.done():
+                self.exited.set_result(ex)
+
+    async def _writer(self, sock: Any) -> None:
+        while (frame := await self.sendq.get()) is not None:
+            try:
+                await self.loop.sock_sendall(sock, frame)
+            except OSError:
+                return
+
+    async def _read_console(self, sock: Any, log_path: Path) -> None:
+        with open(log_path, "ab") as log:
+            while True:
+                try:
+                    data = await self.loop.sock_recv(sock, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                log.write(data)
+                log.flush()
+                self.console_tail += data
+                if KERNEL_UP_MARK in self.console_tail:
+                    self.ctx.timings.mark("kernel-up")
+                del self.console_tail[:-8192]
+
+    async def _watch_qemu(self) -> None:
+        assert self.vm is not None and self.vm.proc is not None
+        status = await asyncio.to_thread(self.vm.proc.wait)
+        await asyncio.sleep(0.2)  # let the agent reader deliver what arrived first
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        tail = self.console_tail.decode(errors="replace").strip().splitlines()[-3:]
+        self._fail_futures(AgentError(
+            f"the VM stopped before the container exited (qemu {how})"
+            + (f"; console: {' | '.join(tail)}" if tail else "")))
+
+    async def _wait(self, fut: asyncio.Future[Any], timeout: float, phase: str) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            tail = self.console_tail.decode(errors="replace").strip().splitlines()[-3:]
+            raise AgentError(f"timed out after {timeout:g}s waiting for {phase} "
+                             f"(raise it with VMRT_TIMEOUT_*){'; console: ' + ' | '.join(tail) if tail else ''}") from None
+
+    # --- signals, terminal, stdin ---------------------------------------------
+    def _on_signal(self, signo: int) -> None:
+        if self.started.done() and not self.started.exception():
+            if signo in STOP_SIGNALS:
+                self.stop_signals += 1
+                if self.stop_signals >= 2:
+                    self.sendq.put_nowait(P.encode(P.Msg.SHUTDOWN))
+                    self._fail_futures(VmrtError("killed: second stop signal", exit_code=137))
+                    return
+            self.sendq.put_nowait(P.encode_signal(signo))
+        else:
+            self._fail_futures(VmrtError(f"interrupted by signal {signo}", exit_code=128 + signo))
+
+    def _on_winch(self) -> None:
+        try:
+            sz = os.get_terminal_size(self.ctx.stdout_fd)
+        except OSError:
+            return
+        self.sendq.put_nowait(P.encode_resize(sz.lines, sz.columns))
+
+    def _start_stdin(self) -> None:
+        fd = self.ctx.stdin_fd
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            self._spawn(self._stdin_file(fd))
+            return
+        os.set_blocking(fd, False)
+        self._stdin_blocking_restore = True
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 32768)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                self.sendq.put_nowait(P.encode(P.Msg.STDIN, data))
+            else:
+                self.loop.remove_reader(fd)
+                self.sendq.put_nowait(P.encode(P.Msg.STDIN_CLOSE))
+        self.loop.add_reader(fd, readable)
+
+    async def _stdin_file(self, fd: int) -> None:
+        while data := await asyncio.to_thread(os.read, fd, 32768):
+            self.sendq.put_nowait(P.encode(P.Msg.STDIN, data))
+        self.sendq.put_nowait(P.encode(P.Msg.STDIN_CLOSE))
+
+    # --- the run ----------------------------------------------------------------
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.hello, self.started, self.exited = (self.loop.create_future() for _ in range(3))
+        ctx, cfg = self.ctx, self.cfg
+        for s in FORWARDED:
+            self.loop.add_signal_handler(s, self._on_signal, s)
+        stack = contextlib.AsyncExitStack()
+        try:
+            async with stack:
+                return await self._run(stack)
+        finally:
+            for s in FORWARDED:
+                self.loop.remove_signal_handler(s)
+            self._restore_terminal()
+            ctx.timings.mark("teardown-done")
+
+    def _restore_terminal(self) -> None:
+        if self.tty_restore is not None:
+            termios.tcsetattr(self.ctx.stdin_fd, termios.TCSADRAIN, self.tty_restore)
+            self.tty_restore = None
+        if getattr(self, "_stdin_blocking_restore", False):
+            with contextlib.suppress(OSError):
+                self.loop.remove_reader(self.ctx.stdin_fd)
+                os.set_blocking(self.ctx.stdin_fd, True)
+
+    async def _run(self, stack: contextlib.AsyncExitStack) -> int:
+        ctx, cfg, t = self.ctx, self.cfg, self.ctx.timings
+        kernel_path, build_id = kernel.find(cfg) if self.drv.kernel_path is None else (self.drv.kernel_path, "user-supplied")
+        if not kernel_path.is_file():
+            raise LaunchError(f"kernel {kernel_path} not found")
+        initrd = agentbuild.find(cfg)
+        acc = accel_mod.choose(self.drv.accel_req or cfg.accel,
+                               user_kernel=self.drv.kernel_path is not None or cfg.kernel is not None)
+        if acc.name == "tcg" and self.drv.notice and (self.drv.accel_req or cfg.accel) == "auto":
+            print(f"vmrt: notice: {acc.reason}", file=sys.stderr, flush=True)
+        t.info.update(accel=acc.name, machine=cfg.machine, kernel=build_id)
+        bdir = ctx.bundle_dir
+        layers = await asyncio.to_thread(ctx.image.layer_dirs)
+        root = bdir / "rootfs"
+        rootfs.mount_readonly(layers, root)
+        stack.callback(rootfs.umount, root)
+
+        vfs = Virtiofsd(cfg, root, bdir / "virtiofsd.sock", bdir / "virtiofsd.log")
+        await asyncio.to_thread(vfs.start)
+        stack.callback(vfs.stop)
+
+        mem_bytes = (ctx.config["linux"].get("resources", {}).get("memory", {}).get("limit")
+                     or cfg.memory_mib << 20)
+        mem_mib = max(64, (int(mem_bytes) + (1 << 20) - 1) >> 20)
+        quota = ctx.config["linux"].get("resources", {}).get("cpu", {})
+        cpus = quota["quota"] / quota["period"] if quota else cfg.cpus
+        spec = VMSpec(kernel=kernel_path, initrd=initrd, virtiofs_socket=vfs.socket,
+                      memory_mib=mem_mib, cpus=cpus, accel=acc, machine=cfg.machine,
+                      name=f"vmrt-{ctx.container.id[:12]}")
+        vm = self.vm = QemuVM(cfg, spec, bdir / "qemu.log")
+        vm.launch()
+        t.mark("vmm-spawned")
+        stack.push_async_callback(self._teardown_vm)
+        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, "virtiofsd": vfs.pid})
+
+        self._spawn(self._read_console(vm.console_sock, bdir / "console.log"))
+        self._spawn(self._read_agent(vm.agent_sock))
+        self._spawn(self._writer(vm.agent_sock))
+        self._spawn(self._watch_qemu())
+        await vm.connect_qmp()
+
+        hello = await self._wait(self.hello, cfg.timeouts.agent_ready, "the guest agent (boot)")
+        t.mark("agent-ready")
+        t.info["agent"] = hello.agent
+        proc = ctx.config["process"]
+        stdin_open = ctx.config.get("annotations", {}).get("org.vmrt.stdin") == "true"
+        if proc.get("terminal") and os.isatty(ctx.stdout_fd):
+            sz = os.get_terminal_size(ctx.stdout_fd)
+            proc["consoleSize"] = {"height": sz.lines, "width": sz.columns}
+        self.sendq.put_nowait(P.encode_run(run_spec(ctx.config, stdin_open)))
+        await self._wait(self.started, cfg.timeouts.start, "the container process to start")
+        t.mark("process-started")
+        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, "virtiofsd": vfs.pid})
+        if proc.get("terminal"):
+            if os.isatty(ctx.stdin_fd) and stdin_open:
+                self.tty_restore = termios.tcgetattr(ctx.stdin_fd)
+                tty.setraw(ctx.stdin_fd)
+            self.loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
+            stack.callback(self.loop.remove_signal_handler, signal.SIGWINCH)
+        if stdin_open:
+            self._start_stdin()
+        ex: P.Exit = await self.exited
+        t.mark("exit")
+        return ex.status
+
+    async def _teardown_vm(self) -> None:
+        self._restore_terminal()
+        self.sendq.put_nowait(None)
+        if self.vm is not None:
+            await self.vm.shutdown()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.ctx.log_dir is not None:
+            self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
+            for n in ("console.log", "qemu.log", "virtiofsd.log"):
+                p = self.ctx.bundle_dir / n
+                if p.exists():
+                    os.replace(p, self.ctx.log_dir / n) if p.stat().st_dev == self.ctx.log_dir.stat().st_dev \
+                        else self.ctx.log_dir.joinpath(n).write_bytes(p.read_bytes())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            import select
+            select.select([], [fd], [])
+            continue
+        except BrokenPipeError:
+            return
+        view = view[n:]

@@ -1,0 +1,1 @@
+"""Local OCI image store, layer unpacking and image recipes."""

@@ -1,0 +1,148 @@
+"""Safe extraction of OCI layer tars into a directory.
+
+Every path is resolved the way the container will see it (symlinks followed
+*inside* the root, ``..`` clamped at the root), so no entry can write outside
+the destination. Entries with absolute names or ``..`` components, relative
+symlinks that climb out of the root, and hard links to missing or outside
+files refuse the whole layer. OCI whiteouts become overlayfs whiteouts
+(character device 0/0) and opaque markers (``trusted.overlay.opaque``), so
+unpacked layers can be stacked with overlayfs.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+import tarfile
+from pathlib import Path
+from typing import IO
+
+from ..errors import ImageError
+
+WH_PREFIX = ".wh."
+WH_OPAQUE = ".wh..wh..opq"
+
+
+def _clean_name(name: str) -> str:
+    if name.startswith("/"):
+        raise ImageError(f"layer entry has an absolute path: {name!r}")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ImageError(f"layer entry escapes the root: {name!r}")
+    return "/".join(parts)
+
+
+def resolve_in_root(root: str, rel: str, *, follow_last: bool = True, _depth: int = 0) -> str:
+    """Resolve ``rel`` inside ``root`` as chroot(root) would; returns a host path."""
+    if _depth > 40:
+        raise ImageError(f"too many levels of symbolic links resolving {rel!r}")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    cur: list[str] = []
+    for i, part in enumerate(parts):
+        if part == "..":
+            if cur:
+                cur.pop()
+            continue
+        candidate = os.path.join(root, *cur, part)
+        last = i == len(parts) - 1
+        if os.path.islink(candidate) and (follow_last or not last):
+            target = os.readlink(candidate)
+            base = "" if target.startswith("/") else "/".join(cur)
+            rest = "/".join(parts[i + 1:])
+            joined = posixpath.join(base, target, rest) if rest else posixpath.join(base, target)
+            return resolve_in_root(root, joined, follow_last=follow_last, _depth=_depth + 1)
+        cur.append(part)
+    return os.path.join(root, *cur)
+
+
+def _check_symlink(name: str, target: str) -> None:
+    if target.startswith("/"):
+        return  # absolute targets are interpreted inside the container root
+    depth = len(name.split("/")) - 1
+    for p in target.split("/"):
+        if p == "..":
+            depth -= 1
+            if depth < 0:
+                raise ImageError(f"symlink {name!r} -> {target!r} points outside the root")
+        elif p not in ("", "."):
+            depth += 1
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        import shutil
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def extract(fileobj: IO[bytes], dest: Path) -> None:
+    """Extract the (possibly compressed) layer tar in ``fileobj`` into ``dest``."""
+    root = str(dest)
+    dirs: list[tuple[str, tarfile.TarInfo]] = []
+    try:
+        tf = tarfile.open(fileobj=fileobj, mode="r|*")
+    except tarfile.TarError as e:
+        raise ImageError(f"layer is not a tar archive: {e}") from e
+    try:
+        for m in tf:
+            name = _clean_name(m.name)
+            if not name:
+                continue
+            parent_rel, base = posixpath.split(name)
+            parent = resolve_in_root(root, parent_rel)
+            os.makedirs(parent, exist_ok=True)
+            if not os.path.isdir(parent):
+                raise ImageError(f"layer entry {name!r}: parent is not a directory")
+            path = os.path.join(parent, base)
+            if base == WH_OPAQUE:
+                os.setxattr(parent, "trusted.overlay.opaque", b"y")
+                continue
+            if base.startswith(WH_PREFIX):
+                victim = os.path.join(parent, base[len(WH_PREFIX):])
+                _remove(victim)
+                os.mknod(victim, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                continue
+            if m.isdir():
+                if os.path.lexists(path) and not os.path.isdir(path):
+                    _remove(path)
+                os.makedirs(path, exist_ok=True)
+                dirs.append((path, m))
+                continue
+            if os.path.lexists(path):
+                _remove(path)
+            if m.isreg():
+                src = tf.extractfile(m)
+                assert src is not None
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+            elif m.issym():
+                _check_symlink(name, m.linkname)
+                os.symlink(m.linkname, path)
+            elif m.islnk():
+                target = resolve_in_root(root, _clean_name(m.linkname), follow_last=False)
+                if not os.path.isfile(target) or os.path.islink(target):
+                    raise ImageError(f"hard link {name!r} -> {m.linkname!r} has no target in the layer")
+                os.link(target, path)
+            elif m.ischr() or m.isblk():
+                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+                os.mknod(path, kind | (m.mode & 0o7777), os.makedev(m.devmajor, m.devminor))
+            elif m.isfifo():
+                os.mkfifo(path, m.mode & 0o7777)
+            else:
+                raise ImageError(f"layer entry {name!r} has an unsupported type")
+            os.lchown(path, m.uid, m.gid)
+            if not m.issym():
+                os.chmod(path, m.mode & 0o7777)
+                os.utime(path, (m.mtime, m.mtime))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ImageError(f"cannot extract layer: {e}") from e
+    finally:
+        tf.close()
+    for path, m in reversed(dirs):
+        os.chown(path, m.uid, m.gid)
+        os.chmod(path, m.mode & 0o7777)
+        os.utime(path, (m.mtime, m.mtime))

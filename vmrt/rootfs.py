@@ -1,0 +1,54 @@
+"""Present an image's unpacked layers as one read-only directory.
+
+One layer: a read-only bind mount. Several: a read-only overlayfs with the
+layers as lowerdirs (no upper). The mount belongs to one container and is
+removed at teardown; the layers themselves are shared and never written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from .errors import LaunchError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_PRIVATE, MS_REC = 1, 32, 4096, 1 << 18, 1 << 14
+MNT_DETACH = 2
+
+
+def _mount(src: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    r = _libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None,
+                    ctypes.c_ulong(flags), data.encode() if data else None)
+    if r != 0:
+        err = ctypes.get_errno()
+        raise LaunchError(f"mount {src} on {target}: {os.strerror(err)}")
+
+
+def mount_readonly(layers: list[Path], target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    if len(layers) == 1:
+        _mount(str(layers[0]), str(target), None, MS_BIND)
+        try:
+            _mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            _mount("none", str(target), None, MS_PRIVATE)
+        except LaunchError:
+            umount(target)
+            raise
+    else:
+        lower = ":".join(str(p) for p in reversed(layers))
+        _mount("overlay", str(target), "overlay", MS_RDONLY, f"lowerdir={lower}")
+
+
+def umount(target: Path) -> None:
+    if _libc.umount2(str(target).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
+            raise LaunchError(f"umount {target}: {os.strerror(err)}")
+
+
+def is_mounted(target: Path) -> bool:
+    t = str(target)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == t for line in f)

@@ -1,0 +1,107 @@
+"""``vmrt run``: image -> container record -> bundle -> driver -> cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import bundle, rootfs
+from .bundle import RunOptions
+from .config import Config
+from .drivers.base import RunContext
+from .errors import StateError, UsageError, VmrtError
+from .images.store import Store
+from .images.unpack import resolve_in_root
+from .state import State, Status
+from .timings import Timings
+
+LOG = logging.getLogger(__name__)
+
+
+def make_driver(isolation: str, *, accel: str | None, kernel: Path | None):  # type: ignore[no-untyped-def]
+    if isolation == "vm":
+        from .drivers.vm import VMDriver
+        return VMDriver(accel=accel, kernel_path=kernel)
+    raise VmrtError("--isolation=process is not yet implemented (use --isolation=vm)")
+
+
+class _LayeredRoot:
+    """Looks a path up in an image's layers, topmost first (for /etc/passwd)."""
+
+    def __init__(self, layers: list[Path]) -> None:
+        self.layers = layers
+
+    def pick(self, path: str) -> Path:
+        for layer in reversed(self.layers):
+            if os.path.lexists(resolve_in_root(str(layer), path)):
+                return layer
+        return self.layers[-1]
+
+
+def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = None,
+        kernel: Path | None = None, timings: Timings | None = None) -> int:
+    timings = timings or Timings()
+    driver = make_driver(isolation, accel=accel, kernel=kernel)
+    store = Store(cfg.root)
+    image = store.get(opts.image)
+    layers = image.layer_dirs()
+    user_root = _LayeredRoot(layers).pick("/etc/passwd")
+    state = State(cfg.db_path)
+    try:
+        args = bundle.process_args(image.runtime_config, opts)
+        c = state.create(image.ref, isolation, args, opts.name)
+        run_dir = cfg.run_root / "containers" / c.id
+        log_dir = None if opts.rm else cfg.root / "containers" / c.id
+        status: int = 125
+        try:
+            config = bundle.make_config(image.runtime_config, user_root, opts, c.id, isolation)
+            run_dir.mkdir(parents=True, mode=0o700)
+            bundle.write(run_dir, config)
+            if log_dir is not None:
+                bundle.write(log_dir, config)
+            state.set_fields(c, run_dir=str(run_dir))
+            state.transition(c, Status.RUNNING)
+            ctx = RunContext(cfg, state, c, image, run_dir, config, timings, log_dir=log_dir)
+            status = driver.run(ctx)
+            return status
+        except VmrtError as e:
+            status = e.exit_code
+            raise
+        finally:
+            with contextlib.suppress(StateError):
+                state.transition(c, Status.EXITED, exit_code=status, finished=time.time())
+            _remove_run_dir(run_dir)
+            if opts.rm:
+                state.remove(c)
+    finally:
+        state.close()
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    if not run_dir.exists():
+        return
+    root = run_dir / "rootfs"
+    if rootfs.is_mounted(root):
+        rootfs.umount(root)
+        if rootfs.is_mounted(root):
+            raise VmrtError(f"cannot remove {run_dir}: {root} is still mounted")
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def remove(cfg: Config, ref: str, force: bool) -> str:
+    state = State(cfg.db_path)
+    try:
+        c = state.get(ref)
+        if c.status == Status.RUNNING and not force:
+            raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")
+        if c.run_dir:
+            _remove_run_dir(Path(c.run_dir))
+        shutil.rmtree(cfg.root / "containers" / c.id, ignore_errors=True)
+        state.remove(c)
+        return c.name
+    finally:
+        state.close()

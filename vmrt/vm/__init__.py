@@ -1,0 +1,1 @@
+"""Micro-VM plumbing: accelerator choice, QEMU, virtiofsd."""

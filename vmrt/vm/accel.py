@@ -1,0 +1,92 @@
+"""Choose the accelerator: KVM on real hardware virtualization, TCG otherwise.
+
+PVM (a shadow-paging KVM for nested use) answers KVM_CREATE_VM like real KVM
+but only boots guests built with CONFIG_PVM_GUEST; it is recognised from
+``/sys/module/kvm_pvm`` or KVM's paravirt CPUID signature and explained.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import fcntl
+import os
+import struct
+
+from ..errors import UsageError
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_GET_SUPPORTED_CPUID = 0xC008AE05
+_ENTRY = struct.Struct("<IIIIIIIIII")  # function index flags eax ebx ecx edx pad[3]
+PVM_SIGNATURES = (0x4D5650, 0x6D7670)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accel:
+    name: str          # "kvm" or "tcg"
+    host_kind: str     # "kvm", "pvm" or "none"
+    reason: str        # one line explaining the choice
+
+    @property
+    def qemu_args(self) -> list[str]:
+        if self.name == "kvm":
+            cpu = "host,-arch-capabilities" if self.host_kind == "pvm" else "host"
+            return ["-accel", "kvm", "-cpu", cpu]
+        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+
+def _pvm_cpuid(fd: int) -> bool:
+    n = 256
+    buf = array.array("B", struct.pack("<II", n, 0) + bytes(_ENTRY.size * n))
+    try:
+        fcntl.ioctl(fd, KVM_GET_SUPPORTED_CPUID, buf, True)
+    except OSError:
+        return False
+    raw = buf.tobytes()
+    (nent,) = struct.unpack_from("<I", raw)
+    for i in range(min(nent, n)):
+        func, _idx, _fl, _eax, ebx, *_ = _ENTRY.unpack_from(raw, 8 + i * _ENTRY.size)
+        if func == 0x40000002 and ebx in PVM_SIGNATURES:
+            return True
+    return False
+
+
+def probe_host(dev: str = "/dev/kvm") -> str:
+    """'kvm' (usable), 'pvm' (PVM hypervisor) or 'none'."""
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return "pvm"
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return "none"
+    try:
+        if fcntl.ioctl(fd, KVM_GET_API_VERSION) != 12:
+            return "none"
+        return "pvm" if _pvm_cpuid(fd) else "kvm"
+    except OSError:
+        return "none"
+    finally:
+        os.close(fd)
+
+
+def choose(requested: str, *, user_kernel: bool) -> Accel:
+    host = probe_host()
+    requested = requested.lower()
+    if requested not in ("auto", "kvm", "tcg"):
+        raise UsageError(f"invalid accelerator {requested!r}: use auto, kvm or tcg")
+    if requested == "tcg":
+        return Accel("tcg", host, "TCG requested")
+    if requested == "kvm":
+        if host == "none":
+            raise UsageError("--accel=kvm: /dev/kvm is missing or unusable on this host")
+        if host == "pvm" and not user_kernel:
+            raise UsageError("--accel=kvm: /dev/kvm is PVM, which only boots kernels built with "
+                             "CONFIG_PVM_GUEST; pass --kernel with such a kernel")
+        return Accel("kvm", host, f"KVM requested ({host})")
+    if host == "kvm":
+        return Accel("kvm", host, "hardware virtualization via /dev/kvm")
+    if host == "pvm":
+        return Accel("tcg", host,
+                     "/dev/kvm is PVM (needs a CONFIG_PVM_GUEST kernel: use --kernel and --accel=kvm); "
+                     "using TCG software emulation")
+    return Accel("tcg", host, "no usable /dev/kvm; using TCG software emulation (slower)")

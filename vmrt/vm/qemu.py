@@ -1,0 +1,160 @@
+"""A QEMU micro-VM: command line, launch, QMP control, shutdown.
+
+The VM handle is a context manager in the style of ``qemu.machine``: launch in
+``__enter__``/``launch()``, complete cleanup in ``shutdown()``, which always
+runs. Host <-> QEMU channels (QMP, serial console, agent port) are socketpairs
+handed to QEMU as file descriptors, so no socket file exists for them and no
+connection race is possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from ..config import Config
+from ..errors import LaunchError
+from . import procs
+from .accel import Accel
+
+LOG = logging.getLogger(__name__)
+AGENT_PORT_NAME = "org.vmrt.agent.0"
+KERNEL_CMDLINE = ("console=ttyS0 quiet reboot=t panic=-1 no_timer_check tsc=reliable "
+                  "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1 "
+                  "random.trust_cpu=on rdinit=/init")
+
+
+@dataclasses.dataclass
+class VMSpec:
+    kernel: Path
+    initrd: Path
+    virtiofs_socket: Path
+    memory_mib: int
+    cpus: float
+    accel: Accel
+    machine: str = "microvm"
+    name: str = "vmrt"
+    rootfs_tag: str = "rootfs"
+    extra_cmdline: str = ""
+
+    @property
+    def vcpus(self) -> int:
+        return max(1, min(math.ceil(self.cpus), os.cpu_count() or 1, 64))
+
+
+class QemuVM:
+    def __init__(self, cfg: Config, spec: VMSpec, stderr_log: Path) -> None:
+        self.cfg, self.spec, self.stderr_log = cfg, spec, stderr_log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QMPClient | None = None
+        self.agent_sock: socket.socket | None = None
+        self.console_sock: socket.socket | None = None
+        self._qmp_sock: socket.socket | None = None
+
+    def command(self, fds: dict[str, int]) -> list[str]:
+        s = self.spec
+        mem = f"{s.memory_mib}M"
+        if s.machine == "microvm":
+            machine = ["-M", "microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=on,"
+                             "acpi=off,memory-backend=mem",
+                       "-global", "virtio-mmio.force-legacy=false"]
+            fs_dev, serial_dev, rng = "vhost-user-fs-device", "virtio-serial-device", "virtio-rng-device"
+            cmdline = KERNEL_CMDLINE
+        elif s.machine == "q35":
+            machine = ["-M", "q35,memory-backend=mem,sata=off,smbus=off"]
+            fs_dev, serial_dev, rng = "vhost-user-fs-pci", "virtio-serial-pci", "virtio-rng-pci"
+            cmdline = KERNEL_CMDLINE
+        else:
+            raise LaunchError(f"unsupported machine type {s.machine!r} (use microvm or q35)")
+        if s.extra_cmdline:
+            cmdline += " " + s.extra_cmdline
+        return [
+            self.cfg.qemu, "-name", s.name, *machine, *s.accel.qemu_args,
+            "-m", mem, "-smp", str(s.vcpus),
+            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(s.kernel), "-initrd", str(s.initrd), "-append", cmdline,
+            "-chardev", f"socket,id=con,fd={fds['console']}", "-serial", "chardev:con",
+            "-chardev", f"socket,id=qmp,fd={fds['qmp']}", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=vfs,path={s.virtiofs_socket}",
+            "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}",
+            "-device", rng,
+            "-device", serial_dev,
+            "-chardev", f"socket,id=agent,fd={fds['agent']}",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+
+    def launch(self) -> None:
+        pairs = {k: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for k in ("console", "qmp", "agent")}
+        fds = {k: b.fileno() for k, (_a, b) in pairs.items()}
+        cmd = self.command(fds)
+        self._cmd = cmd
+        try:
+            with open(self.stderr_log, "ab") as err:
+                self.proc = procs.spawn(cmd, pass_fds=tuple(fds.values()), stdout=err.fileno(),
+                                        stderr=err.fileno())
+        except OSError as e:
+            raise LaunchError(f"cannot start QEMU: {e.strerror}", command=cmd) from e
+        finally:
+            for _a, b in pairs.values():
+                b.close()
+        self.console_sock = pairs["console"][0]
+        self._qmp_sock = pairs["qmp"][0]
+        self.agent_sock = pairs["agent"][0]
+        for s in (self.console_sock, self._qmp_sock, self.agent_sock):
+            s.setblocking(False)
+
+    async def connect_qmp(self) -> None:
+        assert self._qmp_sock is not None
+        self.qmp = QMPClient(self.spec.name)
+        try:
+            await asyncio.wait_for(self.qmp.connect(self._qmp_sock), self.cfg.timeouts.qmp_connect)
+        except Exception as e:  # qemu.qmp raises ConnectError and friends
+            raise self.failure(f"QMP handshake with QEMU failed: {e}") from e
+
+    def failure(self, message: str) -> LaunchError:
+        status = self.proc.poll() if self.proc else None
+        try:
+            output = self.stderr_log.read_text(errors="replace")
+        except OSError:
+            output = ""
+        return LaunchError(message, command=getattr(self, "_cmd", []), output=output,
+                           exit_status=status)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def exited(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    async def shutdown(self) -> int | None:
+        """Quit QEMU (QMP, then SIGTERM, then SIGKILL) and close every channel."""
+        if self.qmp is not None:
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
+                except Exception as e:  # the VM may be gone already
+                    LOG.debug("QMP quit: %s", e)
+            try:
+                await asyncio.wait_for(self.qmp.disconnect(), 2.0)
+            except Exception as e:
+                LOG.debug("QMP disconnect: %s", e)
+            self.qmp = None
+        status = None
+        if self.proc is not None:
+            status = await asyncio.to_thread(procs.stop, self.proc, self.cfg.timeouts.shutdown,
+                                             signal.SIGTERM)
+        for s in (self.console_sock, self._qmp_sock, self.agent_sock):
+            if s is not None:
+                s.close()
+        return status
