@@ -68,7 +68,7 @@ class QemuVM:
                              "acpi=off,memory-backend=mem",
                        "-global", "virtio-mmio.force-legacy=false"]
             fs_dev, serial_dev, rng = "vhost-user-fs-device", "virtio-serial-device", "virtio-rng-device"
-            cmdline = KERNEL_CMDLINE
+            cmdline = KERNEL_CMDLINE + " pci=off"
         elif s.machine == "q35":
             machine = ["-M", "q35,memory-backend=mem,sata=off,smbus=off"]
             fs_dev, serial_dev, rng = "vhost-user-fs-pci", "virtio-serial-pci", "virtio-rng-pci"

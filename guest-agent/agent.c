@@ -1,0 +1,1111 @@
+/* vmrt-agent: PID 1 of a vmrt micro-VM.
+ *
+ * Boots the guest userspace, talks the agent protocol (docs/agent-protocol.md)
+ * with the host over the virtio-serial port "org.vmrt.agent.0", sets up the
+ * container root (virtio-fs image + overlayfs on tmpfs), runs the container
+ * process in new PID and mount namespaces, relays its stdio and reports its
+ * exit, then powers the VM off. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "proto.h"
+
+#define AGENT_VERSION "vmrt-agent 0.1.0"
+#define PORT_NAME "org.vmrt.agent.0"
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#define LOWER "/run/vmrt/lower"
+#define RWDIR "/run/vmrt/rw"
+#define STUB "/run/vmrt/stub"
+#define ROOT "/run/vmrt/root"
+
+#define OUT_CHUNK (16 * 1024)
+#define STDIN_QCAP (4 * VMRT_FRAME_MAX)
+#define PORT_WAIT_MS 10000   /* how long the host may stay unconnected before RUN */
+#define DRAIN_MS 2000        /* output drain after the container exits */
+#define LINGER_MS 10000      /* wait for SHUTDOWN/EOF after EXIT */
+#define ERROR_LINGER_MS 1000 /* the same after ERROR */
+
+static uint64_t start_ns;
+static int port_fd = -1;
+static int host_seen; /* RUN received: from now on HUP means the host is gone */
+static pid_t child = -1;
+
+static uint8_t rbuf[VMRT_FRAME_MAX]; /* frames from the host */
+static size_t rlen;
+static uint8_t wbuf[VMRT_FRAME_MAX]; /* a frame to the host */
+static struct vmrt_run run;
+
+static void poweroff(void) __attribute__((noreturn));
+static void fatal(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+
+/* ---------------------------------------------------------------- console */
+
+static void con(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void con(const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+	int n = snprintf(buf, sizeof buf, "vmrt-agent: ");
+
+	va_start(ap, fmt);
+	vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
+	va_end(ap);
+	n = (int)strlen(buf);
+	buf[n++] = '\n';
+	(void)!write(2, buf, (size_t)n);
+}
+
+static uint64_t clock_ns(clockid_t c)
+{
+	struct timespec ts;
+
+	clock_gettime(c, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int64_t now_ms(void)
+{
+	return (int64_t)(clock_ns(CLOCK_MONOTONIC) / 1000000u);
+}
+
+static void poweroff(void)
+{
+	if (child > 0)
+		kill(child, SIGKILL);
+	sync();
+	reboot(RB_AUTOBOOT);
+	con("reboot failed: %s", strerror(errno));
+	for (;;)
+		pause();
+}
+
+/* ---------------------------------------------------------------- port I/O */
+
+static void host_gone(void) __attribute__((noreturn));
+static void host_gone(void)
+{
+	con("host disconnected");
+	poweroff();
+}
+
+/* Wait until the port is ready for events (POLLIN or POLLOUT).  Before RUN a
+ * hang-up means the host side is not connected yet (virtio-serial reports
+ * POLLHUP until QEMU says the chardev is open): wait up to PORT_WAIT_MS for
+ * it.  After RUN it means the host is gone.  Returns the revents. */
+static short port_wait(short events, int timeout_ms)
+{
+	static int64_t hup_since = -1;
+	struct pollfd pfd = { .fd = port_fd, .events = events };
+	int n;
+
+	for (;;) {
+		n = poll(&pfd, 1, timeout_ms);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			con("poll(port): %s", strerror(errno));
+			poweroff();
+		}
+		if (n == 0)
+			return 0;
+		if (pfd.revents & POLLNVAL)
+			poweroff();
+		if ((pfd.revents & events) || !(pfd.revents & (POLLHUP | POLLERR))) {
+			hup_since = -1;
+			return pfd.revents;
+		}
+		/* hang-up without the event we want */
+		if (host_seen)
+			host_gone();
+		if (hup_since < 0)
+			hup_since = now_ms();
+		if (now_ms() - hup_since > PORT_WAIT_MS) {
+			con("host never connected to the agent port");
+			poweroff();
+		}
+		usleep(10000);
+	}
+}
+
+static void port_write_all(const uint8_t *p, size_t n)
+{
+	while (n > 0) {
+		ssize_t w = write(port_fd, p, n);
+		if (w > 0) {
+			p += w;
+			n -= (size_t)w;
+		} else if (w < 0 && errno == EINTR) {
+			continue;
+		} else if (w < 0 && errno == EAGAIN) {
+			port_wait(POLLOUT, -1);
+		} else {
+			con("write(port): %s", w < 0 ? strerror(errno) : "short write");
+			if (host_seen)
+				host_gone();
+			usleep(10000);
+		}
+	}
+}
+
+static void send_frame(uint8_t type, const void *payload, size_t len)
+{
+	if (len > VMRT_MAX_PAYLOAD)
+		len = VMRT_MAX_PAYLOAD;
+	vmrt_frame_header(wbuf, type, (uint32_t)len);
+	if (len)
+		memcpy(wbuf + VMRT_HDR_LEN, payload, len);
+	port_write_all(wbuf, VMRT_HDR_LEN + len);
+}
+
+static void send_error(uint32_t code, const char *msg)
+{
+	uint8_t p[4 + 1024];
+	size_t n = strlen(msg);
+
+	if (n > sizeof p - 4)
+		n = sizeof p - 4;
+	vmrt_put32(p, code);
+	memcpy(p + 4, msg, n);
+	for (size_t i = 4; i < 4 + n; i++) /* one line */
+		if (p[4 + i - 4] == '\n' || p[i] == '\r')
+			p[i] = ' ';
+	con("error %u: %.*s", code, (int)n, (const char *)p + 4);
+	send_frame(VMRT_ERROR, p, 4 + n);
+}
+
+/* Read what the port has into rbuf.  Returns bytes read; 0 means EOF. */
+static size_t port_read(void)
+{
+	for (;;) {
+		ssize_t n = read(port_fd, rbuf + rlen, sizeof rbuf - rlen);
+		if (n > 0) {
+			rlen += (size_t)n;
+			return (size_t)n;
+		}
+		if (n == 0)
+			return 0;
+		if (errno == EINTR)
+			continue;
+		if (errno == EAGAIN)
+			return (size_t)-1;
+		con("read(port): %s", strerror(errno));
+		if (host_seen)
+			host_gone();
+		poweroff();
+	}
+}
+
+static void protocol_error(const char *what) __attribute__((noreturn));
+static void protocol_error(const char *what)
+{
+	char msg[512];
+
+	snprintf(msg, sizeof msg, "agent: protocol error: %s", what);
+	if (child > 0)
+		kill(child, SIGKILL);
+	send_error(125, msg);
+	poweroff();
+}
+
+/* Take the next whole frame out of rbuf into *f (payload copied to pbuf).
+ * Returns 1 if there was one, 0 if more bytes are needed. */
+static int next_frame(struct vmrt_frame *f, uint8_t *pbuf)
+{
+	char err[256];
+	long n = vmrt_frame_parse(rbuf, rlen, VMRT_TO_AGENT, f, err, sizeof err);
+
+	if (n < 0)
+		protocol_error(err);
+	if (n == 0)
+		return 0;
+	memcpy(pbuf, f->payload, f->len);
+	f->payload = pbuf;
+	memmove(rbuf, rbuf + n, rlen - (size_t)n);
+	rlen -= (size_t)n;
+	return 1;
+}
+
+static void fatal(int code, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	if (child > 0)
+		kill(child, SIGKILL);
+	send_error((uint32_t)code, msg);
+	poweroff();
+}
+
+/* ---------------------------------------------------------------- boot */
+
+static void ensure_stdio(void)
+{
+	for (int fd = 0; fd < 3; fd++) {
+		if (fcntl(fd, F_GETFD) >= 0)
+			continue;
+		int n = open("/dev/console", O_RDWR | O_NOCTTY);
+		if (n < 0)
+			n = open("/dev/null", O_RDWR);
+		if (n >= 0 && n != fd) {
+			dup2(n, fd);
+			close(n);
+		}
+	}
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+	char buf[PATH_MAX];
+	size_t n = strlen(path);
+
+	if (n == 0 || n >= sizeof buf) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	memcpy(buf, path, n + 1);
+	for (char *p = buf + 1; ; p++) {
+		if (*p == '/' || *p == '\0') {
+			char c = *p;
+			*p = '\0';
+			if (mkdir(buf, mode) < 0 && errno != EEXIST)
+				return -1;
+			*p = c;
+			if (c == '\0')
+				break;
+		}
+	}
+	return 0;
+}
+
+static void boot_mount(const char *src, const char *dst, const char *type,
+		       unsigned long flags, const char *data)
+{
+	mkdir(dst, 0755);
+	if (mount(src, dst, type, flags, data) < 0 && errno != EBUSY)
+		con("mount %s on %s: %s", type, dst, strerror(errno));
+}
+
+static int find_port(void)
+{
+	char path[PATH_MAX], name[128];
+	int64_t deadline = now_ms() + 5000;
+
+	for (;;) {
+		DIR *d = opendir("/sys/class/virtio-ports");
+		struct dirent *e;
+
+		while (d && (e = readdir(d))) {
+			int fd;
+			ssize_t n;
+
+			if (e->d_name[0] == '.')
+				continue;
+			snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+			fd = open(path, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;
+			n = read(fd, name, sizeof name - 1);
+			close(fd);
+			if (n <= 0)
+				continue;
+			name[n] = '\0';
+			name[strcspn(name, "\n")] = '\0';
+			if (strcmp(name, PORT_NAME) != 0)
+				continue;
+			snprintf(path, sizeof path, "/dev/%s", e->d_name);
+			fd = open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+			if (fd >= 0) {
+				closedir(d);
+				return fd;
+			}
+		}
+		if (d)
+			closedir(d);
+		if (now_ms() > deadline)
+			return -1;
+		usleep(10000);
+	}
+}
+
+static void send_hello(void)
+{
+	uint8_t p[20 + sizeof AGENT_VERSION];
+	size_t vlen = strlen(AGENT_VERSION);
+
+	vmrt_put16(p, VMRT_PROTO_VERSION);
+	vmrt_put16(p + 2, 0);
+	vmrt_put64(p + 4, start_ns);
+	vmrt_put64(p + 12, clock_ns(CLOCK_BOOTTIME));
+	memcpy(p + 20, AGENT_VERSION, vlen);
+	send_frame(VMRT_HELLO, p, 20 + vlen);
+}
+
+static uint8_t pbuf[VMRT_MAX_PAYLOAD];
+
+/* Read frames until RUN and decode it into `run`. */
+static void wait_run(void)
+{
+	struct vmrt_frame f;
+	char err[256];
+
+	for (;;) {
+		while (next_frame(&f, pbuf)) {
+			switch (f.type) {
+			case VMRT_RUN:
+				if (vmrt_run_parse(f.payload, f.len, &run, err, sizeof err) < 0)
+					protocol_error(err);
+				return;
+			case VMRT_SHUTDOWN:
+				con("shutdown requested");
+				poweroff();
+			default:
+				snprintf(err, sizeof err, "frame type 0x%02x before RUN", f.type);
+				protocol_error(err);
+			}
+		}
+		port_wait(POLLIN, -1);
+		if (port_read() == 0) {
+			/* not connected yet: read returns 0 without data */
+			if (rlen)
+				protocol_error("stream ended inside a frame");
+			port_wait(POLLIN, 10);
+			usleep(10000);
+		}
+	}
+}
+
+/* ---------------------------------------------------------------- rootfs */
+
+static int is_dir(const char *path)
+{
+	struct stat st;
+	return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static void must_mount(const char *src, const char *dst, const char *type,
+		       unsigned long flags, const char *data)
+{
+	if (mkdir_p(dst, 0755) < 0 && !is_dir(dst))
+		fatal(125, "cannot create mount point %s: %s", dst, strerror(errno));
+	if (mount(src, dst, type, flags, data) < 0)
+		fatal(125, "cannot mount %s%s%s on %s: %s", type ? type : "bind",
+		      src ? " " : "", src ? src : "", dst, strerror(errno));
+}
+
+static void setup_rootfs(void)
+{
+	char opts[512];
+
+	must_mount(run.rootfs, LOWER, "virtiofs", MS_RDONLY | MS_NODEV, NULL);
+	if (!run.readonly) {
+		must_mount("tmpfs", RWDIR, "tmpfs", 0, "mode=0755");
+		if (mkdir(RWDIR "/upper", 0755) < 0 || mkdir(RWDIR "/work", 0755) < 0)
+			fatal(125, "cannot create overlay directories: %s", strerror(errno));
+		snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work",
+			 LOWER, RWDIR, RWDIR);
+		must_mount("overlay", ROOT, "overlay", 0, opts);
+		return;
+	}
+	/* Read-only: bind the image, unless it lacks a mount point we need;
+	 * then put a tiny tmpfs layer with the missing directories on top in a
+	 * read-only overlay (as runc creates them before making root ro). */
+	if (is_dir(LOWER "/proc") && is_dir(LOWER "/sys") && is_dir(LOWER "/dev")) {
+		must_mount(LOWER, ROOT, NULL, MS_BIND, NULL);
+		if (mount(NULL, ROOT, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
+			fatal(125, "cannot make %s read-only: %s", ROOT, strerror(errno));
+		return;
+	}
+	must_mount("tmpfs", STUB, "tmpfs", 0, "mode=0755");
+	mkdir(STUB "/proc", 0555);
+	mkdir(STUB "/sys", 0555);
+	mkdir(STUB "/dev", 0755);
+	snprintf(opts, sizeof opts, "lowerdir=%s:%s", STUB, LOWER);
+	must_mount("overlay", ROOT, "overlay", MS_RDONLY, opts);
+}
+
+static void make_node(const char *name, unsigned maj, unsigned min)
+{
+	char path[PATH_MAX];
+
+	snprintf(path, sizeof path, ROOT "/dev/%s", name);
+	if (mknod(path, S_IFCHR | 0666, makedev(maj, min)) < 0 || chmod(path, 0666) < 0)
+		fatal(125, "cannot create /dev/%s: %s", name, strerror(errno));
+}
+
+static void make_link(const char *target, const char *name)
+{
+	char path[PATH_MAX];
+
+	snprintf(path, sizeof path, ROOT "/dev/%s", name);
+	if (symlink(target, path) < 0)
+		fatal(125, "cannot create /dev/%s: %s", name, strerror(errno));
+}
+
+/* Everything but /proc, which needs the container's PID namespace and is
+ * mounted by the child. */
+static void setup_container_mounts(void)
+{
+	if (mkdir(ROOT "/proc", 0555) < 0 && !is_dir(ROOT "/proc"))
+		fatal(125, "cannot create mount point /proc: %s", strerror(errno));
+	must_mount("sysfs", ROOT "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL);
+	must_mount("tmpfs", ROOT "/dev", "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=0755,size=65536k");
+	make_node("null", 1, 3);
+	make_node("zero", 1, 5);
+	make_node("full", 1, 7);
+	make_node("random", 1, 8);
+	make_node("urandom", 1, 9);
+	make_node("tty", 5, 0);
+	make_link("/proc/self/fd", "fd");
+	make_link("/proc/self/fd/0", "stdin");
+	make_link("/proc/self/fd/1", "stdout");
+	make_link("/proc/self/fd/2", "stderr");
+	make_link("pts/ptmx", "ptmx");
+	if (run.tty) {
+		/* placeholder for the bind mount of the terminal */
+		int fd = open(ROOT "/dev/console", O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+		if (fd >= 0)
+			close(fd);
+	}
+	must_mount("devpts", ROOT "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+		   "newinstance,ptmxmode=0666,mode=0620,gid=5");
+	must_mount("shm", ROOT "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+		   "mode=1777,size=65536k");
+}
+
+/* ---------------------------------------------------------------- stdio */
+
+struct stdio {
+	int child_in, child_out, child_err; /* the child's ends */
+	int in;     /* our end of stdin (pipe write end or pty master), -1 if none */
+	int out;    /* pipe read end or pty master */
+	int err;    /* pipe read end or -1 */
+	int master; /* pty master or -1 */
+};
+
+static void set_nonblock(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	if (fl >= 0)
+		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void setup_stdio(struct stdio *s)
+{
+	int p[2];
+
+	s->master = s->in = s->err = -1;
+	if (run.tty) {
+		struct winsize ws = { .ws_row = run.rows, .ws_col = run.cols };
+		char path[64];
+		int slave;
+		unsigned ptn;
+
+		/* A pty of the container's devpts instance, so that ttyname()
+		 * works inside. */
+		s->master = open(ROOT "/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (s->master < 0)
+			fatal(125, "cannot open a terminal: %s", strerror(errno));
+		int unlock = 0;
+		if (ioctl(s->master, TIOCSPTLCK, &unlock) < 0 || ioctl(s->master, TIOCGPTN, &ptn) < 0)
+			fatal(125, "cannot unlock the terminal: %s", strerror(errno));
+		snprintf(path, sizeof path, ROOT "/dev/pts/%u", ptn);
+		slave = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (slave < 0)
+			fatal(125, "cannot open %s: %s", path, strerror(errno));
+		ioctl(s->master, TIOCSWINSZ, &ws);
+		if (mount(path, ROOT "/dev/console", NULL, MS_BIND, NULL) < 0)
+			con("bind %s on /dev/console: %s", path, strerror(errno));
+		s->child_in = s->child_out = s->child_err = slave;
+		s->out = s->master;
+		if (run.open_stdin)
+			s->in = s->master;
+		set_nonblock(s->master);
+		return;
+	}
+	if (pipe2(p, O_CLOEXEC) < 0)
+		fatal(125, "pipe: %s", strerror(errno));
+	s->out = p[0];
+	s->child_out = p[1];
+	if (pipe2(p, O_CLOEXEC) < 0)
+		fatal(125, "pipe: %s", strerror(errno));
+	s->err = p[0];
+	s->child_err = p[1];
+	if (run.open_stdin) {
+		if (pipe2(p, O_CLOEXEC) < 0)
+			fatal(125, "pipe: %s", strerror(errno));
+		s->child_in = p[0];
+		s->in = p[1];
+		set_nonblock(s->in);
+	} else {
+		s->child_in = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		if (s->child_in < 0)
+			fatal(125, "cannot open /dev/null: %s", strerror(errno));
+	}
+	set_nonblock(s->out);
+	set_nonblock(s->err);
+}
+
+/* ---------------------------------------------------------------- child */
+
+static int errpipe_w = -1;
+
+static void child_fail(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+static void child_fail(int code, const char *fmt, ...)
+{
+	char buf[4 + 1024];
+	uint32_t c = (uint32_t)code;
+	va_list ap;
+	int n;
+
+	memcpy(buf, &c, 4);
+	va_start(ap, fmt);
+	n = vsnprintf(buf + 4, sizeof buf - 4, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if ((size_t)n > sizeof buf - 5)
+		n = (int)(sizeof buf - 5);
+	(void)!write(errpipe_w, buf, 4 + (size_t)n);
+	_exit(code);
+}
+
+/* strerror, lower-cased first letter as Docker prints it */
+static const char *errstr(int e)
+{
+	static char buf[128];
+	snprintf(buf, sizeof buf, "%s", strerror(e));
+	if (buf[0] >= 'A' && buf[0] <= 'Z' && !(buf[1] >= 'A' && buf[1] <= 'Z'))
+		buf[0] = (char)(buf[0] - 'A' + 'a');
+	return buf;
+}
+
+static const char *env_get(char *const *envp, const char *key)
+{
+	size_t k = strlen(key);
+	const char *v = NULL;
+
+	for (; *envp; envp++)
+		if (strncmp(*envp, key, k) == 0 && (*envp)[k] == '=')
+			v = *envp + k + 1; /* last one wins, like a shell */
+	return v;
+}
+
+static void write_etc(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0)
+		return;
+	(void)!write(fd, text, strlen(text));
+	close(fd);
+}
+
+static void exec_fail(const char *what, int e) __attribute__((noreturn));
+static void exec_fail(const char *what, int e)
+{
+	if (e == ENOENT || e == ENOTDIR)
+		child_fail(127, "exec: \"%s\": %s", what, errstr(e));
+	if (e == EACCES || e == EISDIR || e == EPERM)
+		child_fail(126, "exec: \"%s\": permission denied", what);
+	child_fail(126, "exec: \"%s\": %s", what, errstr(e));
+}
+
+static void child_exec(void) __attribute__((noreturn));
+static void child_exec(void)
+{
+	const char *name = run.argv[0];
+	const char *path, *seg;
+	char buf[PATH_MAX];
+	int eacces = 0;
+
+	if (strchr(name, '/')) {
+		execve(name, run.argv, run.envp);
+		exec_fail(name, errno);
+	}
+	path = env_get(run.envp, "PATH");
+	if (!path)
+		path = DEFAULT_PATH;
+	if (name[0] != '\0') {
+		for (seg = path;; seg++) {
+			const char *end = strchrnul(seg, ':');
+			size_t dl = (size_t)(end - seg);
+			int n;
+
+			if (dl == 0)
+				n = snprintf(buf, sizeof buf, "%s", name);
+			else
+				n = snprintf(buf, sizeof buf, "%.*s/%s", (int)dl, seg, name);
+			if (n > 0 && (size_t)n < sizeof buf) {
+				execve(buf, run.argv, run.envp);
+				switch (errno) {
+				case EACCES:
+					eacces = 1;
+					break;
+				case ENOENT: case ENOTDIR: case ESTALE: case ENAMETOOLONG:
+				case ELOOP: case ENODEV: case ETIMEDOUT: case EISDIR:
+					break;
+				default:
+					exec_fail(name, errno);
+				}
+			}
+			if (*end == '\0')
+				break;
+			seg = end;
+		}
+	}
+	if (eacces)
+		child_fail(126, "exec: \"%s\": permission denied", name);
+	child_fail(127, "exec: \"%s\": executable file not found in $PATH", name);
+}
+
+static void child_main(const struct stdio *s) __attribute__((noreturn));
+static void child_main(const struct stdio *s)
+{
+	sigset_t all;
+	struct stat st;
+	char text[512];
+	gid_t groups[VMRT_MAX_GROUPS];
+
+	sigemptyset(&all);
+	sigprocmask(SIG_SETMASK, &all, NULL);
+	signal(SIGPIPE, SIG_DFL);
+
+	if (setsid() < 0)
+		child_fail(125, "setsid: %s", strerror(errno));
+	if (dup2(s->child_in, 0) < 0 || dup2(s->child_out, 1) < 0 || dup2(s->child_err, 2) < 0)
+		child_fail(125, "dup2: %s", strerror(errno));
+	if (run.tty && ioctl(0, TIOCSCTTY, 0) < 0)
+		child_fail(125, "cannot set the controlling terminal: %s", strerror(errno));
+
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+		child_fail(125, "cannot make mounts private: %s", strerror(errno));
+	if (mount("proc", ROOT "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0)
+		child_fail(125, "cannot mount /proc: %s", strerror(errno));
+	if (chdir(ROOT) < 0 || chroot(".") < 0 || chdir("/") < 0)
+		child_fail(125, "cannot chroot to the container root: %s", strerror(errno));
+
+	if (is_dir("/etc")) {
+		snprintf(text, sizeof text, "%s\n", run.hostname);
+		write_etc("/etc/hostname", text);
+		snprintf(text, sizeof text,
+			 "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n",
+			 run.hostname);
+		write_etc("/etc/hosts", text);
+	}
+
+	umask(022);
+	if (chdir(run.cwd) < 0) {
+		int e = errno;
+		if (e != ENOENT || (mkdir_p(run.cwd, 0755) < 0 && errno != EEXIST) || chdir(run.cwd) < 0)
+			child_fail(125, "cannot chdir to %s: %s", run.cwd,
+				   strerror(e == ENOENT ? errno : e));
+	}
+	if (stat(".", &st) < 0 || !S_ISDIR(st.st_mode))
+		child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(ENOTDIR));
+
+	for (size_t i = 0; i < run.ngroups; i++)
+		groups[i] = (gid_t)run.groups[i];
+	if (setgroups(run.ngroups, groups) < 0)
+		child_fail(125, "setgroups: %s", strerror(errno));
+	if (setgid((gid_t)run.gid) < 0)
+		child_fail(125, "setgid %lu: %s", (unsigned long)run.gid, strerror(errno));
+	if (setuid((uid_t)run.uid) < 0)
+		child_fail(125, "setuid %lu: %s", (unsigned long)run.uid, strerror(errno));
+
+	/* everything above 2 closes on exec (the error pipe is O_CLOEXEC) */
+	if (syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */) < 0) {
+		for (int fd = 3; fd < 4096; fd++)
+			if (fd != errpipe_w)
+				close(fd);
+	}
+	child_exec();
+}
+
+/* ---------------------------------------------------------------- main loop */
+
+static uint8_t stdin_q[STDIN_QCAP];
+static size_t q_off, q_len;
+
+static uint64_t oom_kills(void)
+{
+	char buf[8192];
+	int fd = open("/proc/vmstat", O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+	char *p;
+
+	if (fd < 0)
+		return 0;
+	n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	p = strstr(buf, "\noom_kill ");
+	return p ? strtoull(p + 10, NULL, 10) : 0;
+}
+
+static void q_push(const uint8_t *p, size_t n)
+{
+	if (n > STDIN_QCAP - q_len) /* cannot happen: the port is only read with room */
+		n = STDIN_QCAP - q_len;
+	if (q_off + q_len + n > STDIN_QCAP) {
+		memmove(stdin_q, stdin_q + q_off, q_len);
+		q_off = 0;
+	}
+	memcpy(stdin_q + q_off + q_len, p, n);
+	q_len += n;
+}
+
+static void stdin_closed(struct stdio *s)
+{
+	if (s->in >= 0 && s->in != s->master)
+		close(s->in);
+	s->in = -1;
+	q_len = q_off = 0;
+}
+
+static void supervise(struct stdio *s)
+{
+	enum { P_PORT, P_OUT, P_ERR, P_IN, P_SIG, NP };
+	struct pollfd pfd[NP];
+	sigset_t mask;
+	int sfd, status = 0, exited = 0, close_pending = 0;
+	int64_t drain_deadline = -1;
+	uint64_t oom0 = oom_kills();
+	static uint8_t obuf[OUT_CHUNK];
+	struct vmrt_frame f;
+
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sfd < 0) {
+		con("signalfd: %s", strerror(errno));
+		poweroff();
+	}
+
+	for (;;) {
+		/* frames already buffered */
+		while (q_len <= STDIN_QCAP - VMRT_FRAME_MAX && next_frame(&f, pbuf)) {
+			switch (f.type) {
+			case VMRT_STDIN:
+				if (s->in >= 0 && !close_pending && !exited)
+					q_push(f.payload, f.len);
+				break;
+			case VMRT_STDIN_CLOSE:
+				if (s->in >= 0 && !close_pending) {
+					close_pending = 1;
+					if (s->master >= 0) {
+						/* a terminal has no "close": send its EOF
+						 * character if it is in canonical mode */
+						struct termios t;
+						if (tcgetattr(s->master, &t) == 0 && (t.c_lflag & ICANON))
+							q_push(&t.c_cc[VEOF], 1);
+					}
+				}
+				break;
+			case VMRT_SIGNAL: {
+				uint32_t sig = vmrt_get32(f.payload);
+				if (!exited && sig > 0 && sig < 65 && kill(child, (int)sig) < 0)
+					con("kill %d %u: %s", child, sig, strerror(errno));
+				break;
+			}
+			case VMRT_RESIZE:
+				if (s->master >= 0) {
+					struct winsize ws = { .ws_row = vmrt_get16(f.payload),
+							      .ws_col = vmrt_get16(f.payload + 2) };
+					ioctl(s->master, TIOCSWINSZ, &ws);
+				}
+				break;
+			case VMRT_SHUTDOWN:
+				con("shutdown requested");
+				poweroff();
+			case VMRT_RUN:
+				protocol_error("second RUN");
+			}
+		}
+		if (close_pending && q_len == 0) {
+			stdin_closed(s);
+			close_pending = 0;
+		}
+
+		if (exited && ((s->out < 0 && s->err < 0) || now_ms() >= drain_deadline)) {
+			uint8_t p[12];
+			uint32_t code, sig = 0;
+
+			if (WIFSIGNALED(status)) {
+				sig = (uint32_t)WTERMSIG(status);
+				code = 128 + sig;
+			} else {
+				code = (uint32_t)WEXITSTATUS(status);
+			}
+			vmrt_put32(p, code);
+			vmrt_put32(p + 4, sig);
+			vmrt_put32(p + 8, oom_kills() > oom0 ? 1u : 0u);
+			send_frame(VMRT_EXIT, p, sizeof p);
+			return;
+		}
+
+		pfd[P_PORT].fd = port_fd;
+		pfd[P_PORT].events = q_len <= STDIN_QCAP - VMRT_FRAME_MAX ? POLLIN : 0;
+		pfd[P_OUT].fd = s->out;
+		pfd[P_OUT].events = POLLIN;
+		pfd[P_ERR].fd = s->err;
+		pfd[P_ERR].events = POLLIN;
+		pfd[P_IN].fd = q_len > 0 ? s->in : -1;
+		pfd[P_IN].events = POLLOUT;
+		pfd[P_SIG].fd = sfd;
+		pfd[P_SIG].events = POLLIN;
+		int timeout = -1;
+		if (exited) {
+			int64_t left = drain_deadline - now_ms();
+			timeout = left < 0 ? 0 : (int)left;
+		}
+		if (poll(pfd, NP, timeout) < 0) {
+			if (errno == EINTR)
+				continue;
+			con("poll: %s", strerror(errno));
+			poweroff();
+		}
+
+		if (pfd[P_SIG].revents) {
+			struct signalfd_siginfo si;
+			int st;
+			pid_t pid;
+
+			while (read(sfd, &si, sizeof si) > 0)
+				;
+			while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+				if (pid == child && !exited) {
+					exited = 1;
+					status = st;
+					drain_deadline = now_ms() + DRAIN_MS;
+					stdin_closed(s);
+					close_pending = 0;
+				}
+			}
+		}
+
+		for (int k = P_OUT; k <= P_ERR; k++) {
+			int *fdp = k == P_OUT ? &s->out : &s->err;
+			if (*fdp < 0 || !pfd[k].revents)
+				continue;
+			/* after exit drain everything; before, one chunk per round */
+			for (int rounds = 0; rounds < (exited ? 1 << 20 : 4); rounds++) {
+				ssize_t n = read(*fdp, obuf, sizeof obuf);
+				if (n > 0) {
+					send_frame(k == P_OUT ? VMRT_STDOUT : VMRT_STDERR, obuf, (size_t)n);
+					continue;
+				}
+				if (n < 0 && errno == EINTR)
+					continue;
+				if (n < 0 && errno == EAGAIN)
+					break;
+				/* EOF, or EIO from a pty master whose slave is gone */
+				if (*fdp == s->master) {
+					if (!exited)
+						break; /* keep the master for stdin until exit */
+					s->master = -1;
+				}
+				close(*fdp);
+				*fdp = -1;
+				break;
+			}
+		}
+		/* a pty master only reports EIO forever before exit; avoid spinning */
+		if (!exited && s->out >= 0 && s->out == s->master &&
+		    (pfd[P_OUT].revents & (POLLHUP | POLLERR)) && !(pfd[P_OUT].revents & POLLIN))
+			usleep(10000);
+
+		if (q_len > 0 && s->in >= 0 && pfd[P_IN].revents) {
+			ssize_t n = write(s->in, stdin_q + q_off, q_len);
+			if (n > 0) {
+				q_off += (size_t)n;
+				q_len -= (size_t)n;
+				if (q_len == 0)
+					q_off = 0;
+			} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+				/* EPIPE: the process closed its stdin */
+				stdin_closed(s);
+				close_pending = 0;
+			}
+		}
+
+		if (pfd[P_PORT].revents) {
+			if (port_read() == 0) {
+				if (!exited)
+					con("host disconnected; killing the container");
+				host_gone();
+			}
+		}
+	}
+}
+
+/* After EXIT or ERROR: wait for SHUTDOWN or EOF, at most ms, then power off. */
+static void linger(int ms)
+{
+	int64_t deadline = now_ms() + ms;
+	struct vmrt_frame f;
+	char err[256];
+
+	for (;;) {
+		for (;;) {
+			long n = vmrt_frame_parse(rbuf, rlen, VMRT_TO_AGENT, &f, err, sizeof err);
+			if (n < 0)
+				poweroff();
+			if (n == 0)
+				break;
+			if (f.type == VMRT_SHUTDOWN)
+				poweroff();
+			memmove(rbuf, rbuf + n, rlen - (size_t)n);
+			rlen -= (size_t)n;
+		}
+		int64_t left = deadline - now_ms();
+		if (left <= 0)
+			poweroff();
+		struct pollfd pfd = { .fd = port_fd, .events = POLLIN };
+		if (poll(&pfd, 1, (int)left) > 0) {
+			if (!(pfd.revents & POLLIN) || port_read() == 0)
+				poweroff();
+		}
+	}
+}
+
+/* ---------------------------------------------------------------- main */
+
+int main(void)
+{
+	static const char hello_line[] = "vmrt-agent: init\n";
+	struct stdio s;
+	sigset_t mask;
+	int ep[2];
+
+	start_ns = clock_ns(CLOCK_BOOTTIME);
+	(void)!write(1, hello_line, sizeof hello_line - 1);
+	ensure_stdio();
+	umask(022);
+
+	boot_mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL);
+	boot_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL);
+	boot_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	boot_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "ptmxmode=0666,mode=0620");
+	boot_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+	mkdir("/tmp", 01777);
+	ensure_stdio();
+
+	signal(SIGPIPE, SIG_IGN);
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &mask, NULL);
+
+	port_fd = find_port();
+	if (port_fd < 0) {
+		con("virtio-serial port %s not found", PORT_NAME);
+		poweroff();
+	}
+	send_hello();
+	wait_run();
+	host_seen = 1;
+
+	if (run.has_time) {
+		struct timespec ts = { .tv_sec = (time_t)(run.time_ns / 1000000000u),
+				       .tv_nsec = (long)(run.time_ns % 1000000000u) };
+		if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+			con("clock_settime: %s", strerror(errno));
+	}
+	if (sethostname(run.hostname, strlen(run.hostname)) < 0)
+		fatal(125, "cannot set hostname \"%s\": %s", run.hostname, strerror(errno));
+
+	setup_rootfs();
+	setup_container_mounts();
+	setup_stdio(&s);
+
+	if (pipe2(ep, O_CLOEXEC) < 0)
+		fatal(125, "pipe: %s", strerror(errno));
+	errpipe_w = ep[1];
+
+	child = (pid_t)syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | SIGCHLD, 0, 0, 0, 0);
+	if (child < 0) {
+		con("clone: %s; falling back to fork", strerror(errno));
+		child = fork();
+	}
+	if (child < 0)
+		fatal(125, "cannot start the container process: %s", strerror(errno));
+	if (child == 0)
+		child_main(&s);
+
+	close(ep[1]);
+	if (s.child_in != s.child_out)
+		close(s.child_in);
+	if (s.child_err != s.child_out)
+		close(s.child_err);
+	close(s.child_out);
+
+	/* EOF on the error pipe: exec succeeded */
+	{
+		char buf[4 + 1024 + 1];
+		size_t got = 0;
+
+		for (;;) {
+			ssize_t n = read(ep[0], buf + got, sizeof buf - 1 - got);
+			if (n > 0) {
+				got += (size_t)n;
+				if (got == sizeof buf - 1)
+					break;
+			} else if (n < 0 && errno == EINTR) {
+				continue;
+			} else {
+				break;
+			}
+		}
+		close(ep[0]);
+		if (got > 0) {
+			uint32_t code = 125;
+			if (got >= 4)
+				memcpy(&code, buf, 4);
+			buf[got < 4 ? 4 : got] = '\0';
+			if (got < 4)
+				snprintf(buf + 4, sizeof buf - 4, "container setup failed");
+			send_error(code, buf + 4);
+			waitpid(child, NULL, 0);
+			child = -1;
+			linger(ERROR_LINGER_MS);
+		}
+	}
+
+	{
+		uint8_t p[4];
+		vmrt_put32(p, (uint32_t)child);
+		send_frame(VMRT_STARTED, p, 4);
+	}
+	supervise(&s);
+	child = -1;
+	linger(LINGER_MS);
+}

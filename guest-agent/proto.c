@@ -1,0 +1,363 @@
+/* Pure parsers for the vmrt agent protocol (see proto.h). */
+#include "proto.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || errlen == 0)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+static const char *msg_name(uint8_t t)
+{
+	switch (t) {
+	case VMRT_HELLO: return "HELLO";
+	case VMRT_STARTED: return "STARTED";
+	case VMRT_STDOUT: return "STDOUT";
+	case VMRT_STDERR: return "STDERR";
+	case VMRT_EXIT: return "EXIT";
+	case VMRT_ERROR: return "ERROR";
+	case VMRT_RUN: return "RUN";
+	case VMRT_STDIN: return "STDIN";
+	case VMRT_STDIN_CLOSE: return "STDIN_CLOSE";
+	case VMRT_SIGNAL: return "SIGNAL";
+	case VMRT_RESIZE: return "RESIZE";
+	case VMRT_SHUTDOWN: return "SHUTDOWN";
+	default: return NULL;
+	}
+}
+
+void vmrt_frame_header(uint8_t hdr[VMRT_HDR_LEN], uint8_t type, uint32_t len)
+{
+	vmrt_put16(hdr, (uint16_t)VMRT_MAGIC);
+	hdr[2] = (uint8_t)VMRT_PROTO_VERSION;
+	hdr[3] = type;
+	vmrt_put32(hdr + 4, len);
+}
+
+long vmrt_frame_parse(const uint8_t *buf, size_t len, enum vmrt_dir dir,
+		      struct vmrt_frame *out, char *err, size_t errlen)
+{
+	uint16_t magic;
+	uint8_t type;
+	uint32_t plen;
+	const char *name;
+	const uint8_t *p;
+	int to_agent;
+
+	if (len < VMRT_HDR_LEN)
+		return 0;
+	magic = vmrt_get16(buf);
+	if (magic != VMRT_MAGIC) {
+		seterr(err, errlen, "bad frame magic 0x%04x", magic);
+		return -1;
+	}
+	if (buf[2] != VMRT_PROTO_VERSION) {
+		seterr(err, errlen, "unsupported frame version %u", buf[2]);
+		return -1;
+	}
+	type = buf[3];
+	plen = vmrt_get32(buf + 4);
+	if (plen > VMRT_MAX_PAYLOAD) {
+		seterr(err, errlen, "frame of %lu bytes exceeds %u",
+		       (unsigned long)plen, VMRT_MAX_PAYLOAD);
+		return -1;
+	}
+	name = msg_name(type);
+	if (!name) {
+		seterr(err, errlen, "unknown frame type 0x%02x", type);
+		return -1;
+	}
+	to_agent = type >= VMRT_RUN;
+	if (to_agent != (dir == VMRT_TO_AGENT)) {
+		seterr(err, errlen, "frame type %s not allowed in this direction", name);
+		return -1;
+	}
+	if (len - VMRT_HDR_LEN < plen)
+		return 0;
+	p = buf + VMRT_HDR_LEN;
+
+	switch (type) {
+	case VMRT_SIGNAL:
+	case VMRT_RESIZE:
+	case VMRT_STARTED:
+		if (plen != 4)
+			goto badsize;
+		break;
+	case VMRT_STDIN_CLOSE:
+	case VMRT_SHUTDOWN:
+		if (plen != 0)
+			goto badsize;
+		break;
+	case VMRT_EXIT:
+		if (plen != 12)
+			goto badsize;
+		if (vmrt_get32(p) > 255) {
+			seterr(err, errlen, "EXIT status %lu out of range",
+			       (unsigned long)vmrt_get32(p));
+			return -1;
+		}
+		break;
+	case VMRT_HELLO:
+		if (plen < 20)
+			goto badsize;
+		if (memchr(p + 20, 0, plen - 20)) {
+			seterr(err, errlen, "HELLO agent version contains NUL");
+			return -1;
+		}
+		break;
+	case VMRT_ERROR:
+		if (plen < 4)
+			goto badsize;
+		if (memchr(p + 4, 0, plen - 4)) {
+			seterr(err, errlen, "ERROR message contains NUL");
+			return -1;
+		}
+		break;
+	default: /* RUN (checked by vmrt_run_parse), STDIN, STDOUT, STDERR */
+		break;
+	}
+	if (out) {
+		out->type = type;
+		out->len = plen;
+		out->payload = p;
+	}
+	return (long)(VMRT_HDR_LEN + plen);
+
+badsize:
+	seterr(err, errlen, "%s payload of %lu bytes has the wrong size", name,
+	       (unsigned long)plen);
+	return -1;
+}
+
+/* Strict UTF-8 (no overlongs, no surrogates, <= U+10FFFF). */
+static int utf8_valid(const uint8_t *s, size_t n)
+{
+	size_t i = 0;
+
+	while (i < n) {
+		uint8_t c = s[i];
+		size_t k;
+		uint32_t cp, min;
+
+		if (c < 0x80) {
+			i++;
+			continue;
+		} else if (c >= 0xC2 && c <= 0xDF) {
+			k = 1; cp = c & 0x1F; min = 0x80;
+		} else if (c >= 0xE0 && c <= 0xEF) {
+			k = 2; cp = c & 0x0F; min = 0x800;
+		} else if (c >= 0xF0 && c <= 0xF4) {
+			k = 3; cp = c & 0x07; min = 0x10000;
+		} else {
+			return 0;
+		}
+		if (n - i - 1 < k)
+			return 0;
+		for (size_t j = 1; j <= k; j++) {
+			uint8_t d = s[i + j];
+			if ((d & 0xC0) != 0x80)
+				return 0;
+			cp = cp << 6 | (d & 0x3F);
+		}
+		if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+			return 0;
+		i += k + 1;
+	}
+	return 1;
+}
+
+static const char *tag_name(uint8_t t)
+{
+	switch (t) {
+	case VMRT_TAG_ARG: return "ARG";
+	case VMRT_TAG_ENV: return "ENV";
+	case VMRT_TAG_CWD: return "CWD";
+	case VMRT_TAG_HOSTNAME: return "HOSTNAME";
+	case VMRT_TAG_UID: return "UID";
+	case VMRT_TAG_GID: return "GID";
+	case VMRT_TAG_GROUPS: return "GROUPS";
+	case VMRT_TAG_TTY: return "TTY";
+	case VMRT_TAG_STDIN: return "STDIN";
+	case VMRT_TAG_TIME: return "TIME";
+	case VMRT_TAG_ROOTFS: return "ROOTFS";
+	case VMRT_TAG_READONLY: return "READONLY";
+	default: return "?";
+	}
+}
+
+int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
+		   char *err, size_t errlen)
+{
+	size_t i = 0, used = 0;
+
+	if (len > VMRT_MAX_PAYLOAD) {
+		seterr(err, errlen, "RUN payload of %zu bytes exceeds %u", len,
+		       VMRT_MAX_PAYLOAD);
+		return -1;
+	}
+	out->argc = out->envc = out->ngroups = 0;
+	out->argv[0] = NULL;
+	out->envp[0] = NULL;
+	out->cwd = "/";
+	out->hostname = "vmrt";
+	out->rootfs = "rootfs";
+	out->uid = out->gid = 0;
+	out->tty = 0;
+	out->rows = out->cols = 0;
+	out->open_stdin = 0;
+	out->has_time = 0;
+	out->time_ns = 0;
+	out->readonly = 0;
+
+	while (i < len) {
+		uint8_t tag;
+		uint32_t vlen;
+		const uint8_t *v;
+		char *s = NULL;
+
+		if (len - i < 5) {
+			seterr(err, errlen, "truncated RUN record header");
+			return -1;
+		}
+		tag = p[i];
+		vlen = vmrt_get32(p + i + 1);
+		i += 5;
+		if (vlen > len - i) {
+			seterr(err, errlen, "RUN record longer than payload");
+			return -1;
+		}
+		v = p + i;
+		i += vlen;
+
+		switch (tag) {
+		case VMRT_TAG_ARG:
+		case VMRT_TAG_ENV:
+		case VMRT_TAG_CWD:
+		case VMRT_TAG_HOSTNAME:
+		case VMRT_TAG_ROOTFS:
+			if (vlen > VMRT_MAX_STRING) {
+				seterr(err, errlen, "RUN %s of %lu bytes exceeds %u",
+				       tag_name(tag), (unsigned long)vlen, VMRT_MAX_STRING);
+				return -1;
+			}
+			if (memchr(v, 0, vlen)) {
+				seterr(err, errlen, "RUN %s contains NUL", tag_name(tag));
+				return -1;
+			}
+			if (!utf8_valid(v, vlen)) {
+				seterr(err, errlen, "RUN %s is not valid UTF-8", tag_name(tag));
+				return -1;
+			}
+			/* vlen + 1 <= vlen + 5 bytes consumed, so this always fits
+			 * a strings[] of len bytes; checked anyway. */
+			if (sizeof(out->strings) - used < (size_t)vlen + 1) {
+				seterr(err, errlen, "RUN strings overflow");
+				return -1;
+			}
+			s = out->strings + used;
+			memcpy(s, v, vlen);
+			s[vlen] = '\0';
+			used += (size_t)vlen + 1;
+			break;
+		default:
+			break;
+		}
+
+		switch (tag) {
+		case VMRT_TAG_ARG:
+			if (out->argc >= VMRT_MAX_ARGS) {
+				seterr(err, errlen, "more than %u ARG records", VMRT_MAX_ARGS);
+				return -1;
+			}
+			out->argv[out->argc++] = s;
+			out->argv[out->argc] = NULL;
+			break;
+		case VMRT_TAG_ENV:
+			if (out->envc >= VMRT_MAX_ENV) {
+				seterr(err, errlen, "more than %u ENV records", VMRT_MAX_ENV);
+				return -1;
+			}
+			out->envp[out->envc++] = s;
+			out->envp[out->envc] = NULL;
+			break;
+		case VMRT_TAG_CWD:
+			if (s[0] != '/') {
+				seterr(err, errlen, "RUN CWD is not an absolute path");
+				return -1;
+			}
+			out->cwd = s;
+			break;
+		case VMRT_TAG_HOSTNAME:
+			out->hostname = s;
+			break;
+		case VMRT_TAG_ROOTFS:
+			out->rootfs = s;
+			break;
+		case VMRT_TAG_UID:
+		case VMRT_TAG_GID:
+			if (vlen != 4)
+				goto badsize;
+			if (tag == VMRT_TAG_UID)
+				out->uid = vmrt_get32(v);
+			else
+				out->gid = vmrt_get32(v);
+			break;
+		case VMRT_TAG_GROUPS:
+			if (vlen % 4)
+				goto badsize;
+			if (vlen / 4 > VMRT_MAX_GROUPS - out->ngroups) {
+				seterr(err, errlen, "more than %u GROUPS", VMRT_MAX_GROUPS);
+				return -1;
+			}
+			for (uint32_t k = 0; k < vlen; k += 4)
+				out->groups[out->ngroups++] = vmrt_get32(v + k);
+			break;
+		case VMRT_TAG_TTY:
+			if (vlen != 4)
+				goto badsize;
+			out->tty = 1;
+			out->rows = vmrt_get16(v);
+			out->cols = vmrt_get16(v + 2);
+			break;
+		case VMRT_TAG_STDIN:
+		case VMRT_TAG_READONLY:
+			if (vlen != 0)
+				goto badsize;
+			if (tag == VMRT_TAG_STDIN)
+				out->open_stdin = 1;
+			else
+				out->readonly = 1;
+			break;
+		case VMRT_TAG_TIME:
+			if (vlen != 8)
+				goto badsize;
+			out->has_time = 1;
+			out->time_ns = vmrt_get64(v);
+			break;
+		default:
+			break; /* unknown tags are skipped */
+		}
+		continue;
+badsize:
+		seterr(err, errlen, "RUN %s record of %lu bytes has the wrong size",
+		       tag_name(tag), (unsigned long)vlen);
+		return -1;
+	}
+	if (out->argc == 0) {
+		seterr(err, errlen, "RUN without ARG");
+		return -1;
+	}
+	return 0;
+}

@@ -1,0 +1,145 @@
+/* vmrt agent protocol, version 1 (docs/agent-protocol.md): pure parsers.
+ *
+ * Nothing in proto.c does I/O, touches globals or allocates: every function
+ * works on the buffers its caller passes and never reads or writes outside
+ * them, so a fuzzer can drive it (fuzz/fuzz_proto.c). */
+#ifndef VMRT_PROTO_H
+#define VMRT_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define VMRT_MAGIC         0x7652u
+#define VMRT_PROTO_VERSION 1u
+#define VMRT_HDR_LEN       8u
+#define VMRT_MAX_PAYLOAD   65536u
+#define VMRT_FRAME_MAX     (VMRT_HDR_LEN + VMRT_MAX_PAYLOAD)
+
+enum vmrt_msg {
+	/* agent -> host */
+	VMRT_HELLO = 0x01,
+	VMRT_STARTED = 0x02,
+	VMRT_STDOUT = 0x03,
+	VMRT_STDERR = 0x04,
+	VMRT_EXIT = 0x05,
+	VMRT_ERROR = 0x06,
+	/* host -> agent */
+	VMRT_RUN = 0x41,
+	VMRT_STDIN = 0x42,
+	VMRT_STDIN_CLOSE = 0x43,
+	VMRT_SIGNAL = 0x44,
+	VMRT_RESIZE = 0x45,
+	VMRT_SHUTDOWN = 0x46,
+};
+
+/* Which direction a stream carries: the set of allowed frame types. */
+enum vmrt_dir {
+	VMRT_TO_AGENT = 0, /* host -> agent: RUN .. SHUTDOWN */
+	VMRT_TO_HOST = 1,  /* agent -> host: HELLO .. ERROR */
+};
+
+enum vmrt_tag {
+	VMRT_TAG_ARG = 1,
+	VMRT_TAG_ENV = 2,
+	VMRT_TAG_CWD = 3,
+	VMRT_TAG_HOSTNAME = 4,
+	VMRT_TAG_UID = 5,
+	VMRT_TAG_GID = 6,
+	VMRT_TAG_GROUPS = 7,
+	VMRT_TAG_TTY = 8,
+	VMRT_TAG_STDIN = 9,
+	VMRT_TAG_TIME = 10,
+	VMRT_TAG_ROOTFS = 11,
+	VMRT_TAG_READONLY = 12,
+};
+
+#define VMRT_MAX_ARGS   4096u
+#define VMRT_MAX_ENV    4096u
+#define VMRT_MAX_GROUPS 1024u
+#define VMRT_MAX_STRING 32768u
+
+struct vmrt_frame {
+	uint8_t type;
+	uint32_t len;
+	const uint8_t *payload; /* points into the caller's buffer */
+};
+
+/* Parse one frame from the start of buf[0..len).
+ *
+ * Returns the number of bytes the frame occupies (> 0) and fills *out when a
+ * whole, valid frame is there; 0 when more bytes are needed (the bytes seen so
+ * far are valid: a bad header is reported as soon as its 8 bytes are there);
+ * -1 on a protocol error, with a one-line message in err (always
+ * NUL-terminated when errlen > 0).  Frames are never longer than
+ * VMRT_FRAME_MAX, so a caller's buffer of that size always makes progress.
+ * Fixed-size payloads are checked here (SIGNAL, RESIZE: 4 bytes; STDIN_CLOSE,
+ * SHUTDOWN: empty; STARTED: 4; EXIT: 12, status <= 255; HELLO >= 20;
+ * ERROR >= 4); RUN payloads are decoded by vmrt_run_parse. */
+long vmrt_frame_parse(const uint8_t *buf, size_t len, enum vmrt_dir dir,
+		      struct vmrt_frame *out, char *err, size_t errlen);
+
+/* Encode a frame header for a payload of len bytes (len <= VMRT_MAX_PAYLOAD). */
+void vmrt_frame_header(uint8_t hdr[VMRT_HDR_LEN], uint8_t type, uint32_t len);
+
+/* A decoded RUN message.  Strings are NUL-terminated copies in strings[]
+ * (the parser needs at most len bytes there for a payload of len bytes). */
+struct vmrt_run {
+	char *argv[VMRT_MAX_ARGS + 1]; /* NULL-terminated */
+	size_t argc;
+	char *envp[VMRT_MAX_ENV + 1]; /* NULL-terminated */
+	size_t envc;
+	const char *cwd;      /* default "/" */
+	const char *hostname; /* default "vmrt" */
+	const char *rootfs;   /* default "rootfs" */
+	uint32_t uid, gid;
+	uint32_t groups[VMRT_MAX_GROUPS];
+	size_t ngroups;
+	int tty; /* TTY record given */
+	uint16_t rows, cols;
+	int open_stdin; /* STDIN record given */
+	int has_time;
+	uint64_t time_ns;
+	int readonly;
+	char strings[VMRT_MAX_PAYLOAD];
+};
+
+/* Decode a RUN payload (records: u8 tag, u32 length, value).  Returns 0 on
+ * success, -1 with a message in err on a malformed payload: truncated
+ * record, string with NUL or invalid UTF-8 or longer than VMRT_MAX_STRING,
+ * a fixed-size value of the wrong size, a non-empty flag record, a relative
+ * CWD, too many ARG/ENV/GROUPS, no ARG.  Unknown tags are skipped. */
+int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
+		   char *err, size_t errlen);
+
+/* Big-endian helpers (pure). */
+static inline uint16_t vmrt_get16(const uint8_t *p)
+{
+	return (uint16_t)((unsigned)p[0] << 8 | p[1]);
+}
+static inline uint32_t vmrt_get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline uint64_t vmrt_get64(const uint8_t *p)
+{
+	return (uint64_t)vmrt_get32(p) << 32 | vmrt_get32(p + 4);
+}
+static inline void vmrt_put16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+static inline void vmrt_put32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)(v >> 24);
+	p[1] = (uint8_t)(v >> 16);
+	p[2] = (uint8_t)(v >> 8);
+	p[3] = (uint8_t)v;
+}
+static inline void vmrt_put64(uint8_t *p, uint64_t v)
+{
+	vmrt_put32(p, (uint32_t)(v >> 32));
+	vmrt_put32(p + 4, (uint32_t)v);
+}
+
+#endif

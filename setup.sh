@@ -1,0 +1,34 @@
+#!/bin/sh
+# Set up vmrt on a fresh Debian 12 (x86_64) machine, as root:
+# Debian packages, the Python package (in .venv, linked as /usr/local/bin/vmrt),
+# the guest kernel, the guest agent and the project's images. Idempotent;
+# the kernel and agent builds are cached under /var/cache/vmrt.
+set -eu
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root" >&2
+    exit 1
+fi
+
+PACKAGES="qemu-system-x86 runc linux-source-6.1 busybox-static \
+  make gcc libc6-dev flex bison bc libelf-dev libssl-dev cpio xz-utils \
+  python3 python3-venv clang libclang-rt-14-dev"
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "[setup] installing Debian packages:$missing" >&2
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q -e '.[test]'
+ln -sf "$PWD/.venv/bin/vmrt" /usr/local/bin/vmrt
+
+vmrt setup
+vmrt info

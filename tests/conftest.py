@@ -1,0 +1,98 @@
+"""Shared fixtures: a private vmrt root per test session, the real CLI, leak checks.
+
+Tests boot real micro-VMs under QEMU (TCG on hosts without usable KVM) and use
+the real kernel, agent and image built by `vmrt setup`. They need root.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() != 0:
+        pytest.exit("vmrt's tests need root (mounts, QEMU, virtiofsd); run them as root", returncode=4)
+
+
+class Vmrt:
+    def __init__(self, root: Path, run_root: Path) -> None:
+        self.root, self.run_root = root, run_root
+        self.env = dict(os.environ, VMRT_ROOT=str(root), VMRT_RUN_ROOT=str(run_root),
+                        VMRT_ACCEL=os.environ.get("VMRT_TEST_ACCEL", "tcg"), PYTHONUNBUFFERED="1")
+        self.env.pop("VMRT_ISOLATION", None)
+
+    def cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "vmrt", *args]
+
+    def __call__(self, *args: str, input: bytes | None = None, timeout: float = 180,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.cmd(*args), input=input, capture_output=True, timeout=timeout,
+                              env={**self.env, **(env or {})},
+                              stdin=None if input is not None else subprocess.DEVNULL)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        env = {**self.env, **kw.pop("env", {})}  # type: ignore[dict-item]
+        return subprocess.Popen(self.cmd(*args), env=env, **kw)  # type: ignore[call-overload]
+
+    # --- leak checks -----------------------------------------------------------
+    def leftovers(self) -> list[str]:
+        found = []
+        marker = str(self.run_root)
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline and ("qemu" in cmdline or "virtiofsd" in cmdline):
+                found.append(f"process {pid}: {cmdline[:120]}")
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            mp = line.split()[4]
+            if mp.startswith(marker):
+                found.append(f"mount {mp}")
+        cdir = self.run_root / "containers"
+        if cdir.exists():
+            found += [f"run dir {p}" for p in cdir.iterdir()]
+        return found
+
+    def assert_clean(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := self.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"teardown left: {left}"
+
+
+@pytest.fixture(scope="session")
+def built() -> None:
+    """Kernel and agent in the shared cache (built once; cached by hash)."""
+    r = subprocess.run([sys.executable, "-m", "vmrt", "kernel", "build"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "vmrt", "agent", "build"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="session")
+def vmrt_session(tmp_path_factory: pytest.TempPathFactory, built: None) -> Vmrt:
+    base = tmp_path_factory.mktemp("vmrt")
+    v = Vmrt(base / "root", base / "run")
+    r = v("image", "build", str(REPO / "images" / "busybox"))
+    assert r.returncode == 0, r.stderr
+    return v
+
+
+@pytest.fixture
+def vmrt(vmrt_session: Vmrt) -> Vmrt:
+    yield vmrt_session
+    vmrt_session.assert_clean()

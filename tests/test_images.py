@@ -1,0 +1,110 @@
+"""The image store and layer unpacking, against real tar archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from vmrt.errors import ImageError, UsageError
+from vmrt.images import reference, unpack
+from vmrt.images.recipe import build
+from vmrt.images.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tar(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for ti in entries:
+            payload = (data or {}).get(ti.name)
+            if payload is not None:
+                ti.size = len(payload)
+            tf.addfile(ti, io.BytesIO(payload) if payload is not None else None)
+    buf.seek(0)
+    return buf
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.mode = kind, link, 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return ti
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/evil"])
+def test_escaping_names_are_refused(tmp_path: Path, name: str) -> None:
+    dest = tmp_path / "root"
+    dest.mkdir()
+    with pytest.raises(ImageError):
+        unpack.extract(_tar([_entry(name)], {name: b"x"}), dest)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_symlink_climbing_out_is_refused(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    dest.mkdir()
+    with pytest.raises(ImageError, match="outside"):
+        unpack.extract(_tar([_entry("link", tarfile.SYMTYPE, "../../outside")]), dest)
+
+
+def test_writes_through_absolute_symlink_stay_inside(tmp_path: Path) -> None:
+    dest, outside = tmp_path / "root", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    # "etc" -> host-absolute path: must be resolved inside the root, never on the host
+    layer = _tar([_entry("etc", tarfile.SYMTYPE, str(outside)), _entry("etc/passwd")], {"etc/passwd": b"x"})
+    unpack.extract(layer, dest)
+    assert list(outside.iterdir()) == []
+    assert (dest / str(outside).lstrip("/") / "passwd").read_bytes() == b"x"
+
+
+def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    dest.mkdir()
+    unpack.extract(_tar([_entry("d", tarfile.DIRTYPE), _entry("d/.wh.gone"), _entry("d/.wh..wh..opq")]), dest)
+    st = os.lstat(dest / "d" / "gone")
+    assert os.major(st.st_rdev) == 0 and os.minor(st.st_rdev) == 0
+    assert os.getxattr(dest / "d", "trusted.overlay.opaque") == b"y"
+
+
+def test_recipe_builds_a_real_oci_image(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    ref = build(REPO / "images" / "busybox", store)
+    assert ref == "busybox:latest"
+    img = store.get("busybox")
+    assert img.manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert img.runtime_config["Cmd"] == ["sh"]
+    # blobs are content addressed
+    for desc in [img.manifest["config"], *img.layers]:
+        assert store.read_blob(desc["digest"])
+    (layer,) = img.layer_dirs()
+    assert os.access(layer / "bin" / "busybox", os.X_OK)
+    assert os.readlink(layer / "bin" / "sh") == "/bin/busybox"
+    assert (tmp_path / "images" / "oci-layout").is_file()
+    # rebuilding is deterministic
+    assert build(REPO / "images" / "busybox", store) == ref
+    assert store.get("busybox").manifest_digest == img.manifest_digest
+
+
+def test_corrupt_blob_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    build(REPO / "images" / "busybox", store)
+    img = store.get("busybox")
+    p = store.blob_path(img.manifest["config"]["digest"])
+    p.write_bytes(p.read_bytes() + b" ")
+    with pytest.raises(ImageError, match="corrupt"):
+        store.get("busybox")
+    with pytest.raises(ImageError, match="mismatch"):
+        store.put_blob(b"abc", expected="sha256:" + "0" * 64)
+
+
+def test_references() -> None:
+    assert str(reference.parse("busybox")) == "busybox:latest"
+    assert reference.parse("localhost:5000/a/b:1.0").tag == "1.0"
+    for bad in ("UPPER", "a b", "", "x:", "busybox@sha256:12"):
+        with pytest.raises(UsageError):
+            reference.parse(bad)

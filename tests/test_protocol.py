@@ -1,0 +1,96 @@
+"""The host-side protocol parser: round trips, and hypothesis-driven fuzzing."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from vmrt.agent import protocol as P
+from vmrt.errors import ProtocolError
+
+text = st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=40)
+
+
+def agent_frames() -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.builds(lambda b: P.encode(P.Msg.STDOUT, b), st.binary(max_size=300)),
+        st.builds(lambda b: P.encode(P.Msg.STDERR, b), st.binary(max_size=300)),
+        st.builds(lambda s, f: P.encode(P.Msg.EXIT, struct.pack(">III", s, 0, f)),
+                  st.integers(0, 255), st.integers(0, 1)),
+        st.builds(lambda v: P.encode(P.Msg.HELLO, struct.pack(">HHQQ", 1, 0, 5, 6) + v.encode()), text),
+    )
+
+
+@given(st.lists(agent_frames(), max_size=20), st.integers(1, 64))
+def test_stream_in_any_chunking_yields_the_same_frames(frames: list[bytes], chunk: int) -> None:
+    stream = b"".join(frames)
+    dec = P.FrameDecoder()
+    got = []
+    for i in range(0, len(stream), chunk):
+        got += list(dec.feed(stream[i:i + chunk]))
+    dec.close()
+    assert [P.encode(f.type, f.payload) for f in got] == frames
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=500)
+def test_garbage_raises_only_protocol_error(data: bytes) -> None:
+    dec = P.FrameDecoder()
+    try:
+        for fr in dec.feed(data):
+            for fn in (P.decode_hello, P.decode_exit, P.decode_error, P.decode_started):
+                try:
+                    fn(fr.payload)
+                except ProtocolError:
+                    pass
+        dec.close()
+    except ProtocolError:
+        pass
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=500)
+def test_run_decoder_raises_only_protocol_error(data: bytes) -> None:
+    try:
+        P.decode_run(data)
+    except ProtocolError:
+        pass
+
+
+@given(st.lists(text, min_size=1, max_size=5), st.lists(text, max_size=5), st.integers(0, 2**32 - 2),
+       st.booleans(), st.one_of(st.none(), st.tuples(st.integers(1, 500), st.integers(1, 500))))
+def test_run_round_trip(args: list[str], env: list[str], uid: int, stdin: bool,
+                        tty: tuple[int, int] | None) -> None:
+    spec = P.RunSpec(args=args, env=env, uid=uid, gid=uid, groups=[1, 2], stdin=stdin, tty=tty,
+                     time_ns=123, cwd="/w", hostname="h", readonly=True)
+    frame = P.encode_run(spec)
+    (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(frame))
+    assert P.decode_run(fr.payload) == spec
+
+
+def test_truncated_stream_is_rejected() -> None:
+    frame = P.encode(P.Msg.STDOUT, b"hello")
+    dec = P.FrameDecoder()
+    assert list(dec.feed(frame[:-1])) == []
+    with pytest.raises(ProtocolError, match="inside a frame"):
+        dec.close()
+
+
+def test_oversized_and_bad_headers_are_rejected() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        list(P.FrameDecoder().feed(struct.pack(">HBBI", P.MAGIC, 1, 3, P.MAX_PAYLOAD + 1)))
+    with pytest.raises(ProtocolError, match="magic"):
+        list(P.FrameDecoder().feed(b"GET / HTTP/1.1\r\n"))
+    with pytest.raises(ProtocolError, match="version"):
+        list(P.FrameDecoder().feed(struct.pack(">HBBI", P.MAGIC, 9, 3, 0)))
+    with pytest.raises(ProtocolError, match="not allowed"):
+        list(P.FrameDecoder().feed(P.encode(P.Msg.RUN, b"")))
+    with pytest.raises(ProtocolError):
+        P.encode(P.Msg.STDOUT, bytes(P.MAX_PAYLOAD + 1))
+
+
+def test_unknown_run_tags_are_skipped() -> None:
+    payload = struct.pack(">BI", 1, 2) + b"sh" + struct.pack(">BI", 200, 3) + b"xyz"
+    assert P.decode_run(payload).args == ["sh"]

@@ -1,0 +1,325 @@
+"""`vmrt run --isolation=vm` end to end: real QEMU boots, real agent, real image."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Vmrt
+
+pytestmark = pytest.mark.vm
+RUN = ("run", "--rm", "--isolation=vm")
+
+
+def one_line_error(stderr: bytes) -> str:
+    text = stderr.decode()
+    assert "Traceback" not in text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("vmrt: ")
+    return lines[0]
+
+
+def read_until(stream, needle: bytes, timeout: float = 120) -> bytes:  # type: ignore[no-untyped-def]
+    buf = b""
+    deadline = time.monotonic() + timeout
+    fd = stream.fileno()
+    while needle not in buf:
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out waiting for {needle!r}; got {buf!r}"
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for n in sorted(filenames + dirnames):
+            p = Path(dirpath, n)
+            st = p.lstat()
+            h.update(f"{p.relative_to(root)} {st.st_mode} {st.st_size} {st.st_mtime_ns}".encode())
+            if p.is_file() and not p.is_symlink():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_main_job_prints_hello_and_guest_kernel(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "sh", "-c", "echo hello; uname -r; exit 3")
+    assert r.returncode == 3, r.stderr
+    out = r.stdout.decode().splitlines()
+    assert out[0] == "hello"
+    assert out[1].startswith("6.1.") and out[1] != os.uname().release
+    assert r.stderr == b""
+
+
+@pytest.mark.parametrize("cmd,code", [
+    (["true"], 0),
+    (["sh", "-c", "exit 42"], 42),
+    (["sh", "-c", "kill -KILL $$"], 137),
+    (["sh", "-c", "kill -TERM $$"], 143),
+])
+def test_exit_codes(vmrt: Vmrt, cmd: list[str], code: int) -> None:
+    r = vmrt(*RUN, "busybox", *cmd)
+    assert r.returncode == code, r.stderr
+
+
+def test_command_not_found_is_127(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "no-such-command")
+    assert r.returncode == 127
+    assert "executable file not found" in one_line_error(r.stderr)
+
+
+def test_not_executable_is_126(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "/etc/passwd")
+    assert r.returncode == 126
+    assert "permission denied" in one_line_error(r.stderr)
+
+
+def test_stdout_and_stderr_stay_separate(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "sh", "-c", "echo out; echo err >&2; echo out2")
+    assert r.returncode == 0
+    assert r.stdout == b"out\nout2\n"
+    assert r.stderr == b"err\n"
+
+
+def test_stdin_is_piped_with_i(vmrt: Vmrt) -> None:
+    data = b"".join(b"line %d\n" % i for i in range(2000))
+    r = vmrt(*RUN, "-i", "busybox", "sh", "-c", "cat; echo done", input=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data + b"done\n"
+    r = vmrt(*RUN, "busybox", "sh", "-c", "cat; echo empty", input=b"ignored")
+    assert r.stdout == b"empty\n"
+
+
+def test_env_cwd_user_hostname(vmrt: Vmrt, tmp_path: Path) -> None:
+    envfile = tmp_path / "env"
+    envfile.write_text("# comment\nFROM_FILE=yes\nOVERRIDE=file\n")
+    r = vmrt(*RUN, "-e", "FOO=bar baz", "--env-file", str(envfile), "-e", "OVERRIDE=flag",
+             "-w", "/work/dir", "-u", "vmrt", "--hostname", "box1", "busybox",
+             "sh", "-c", 'echo "$FOO|$FROM_FILE|$OVERRIDE|$HOME"; pwd; id; hostname; cat /etc/hostname')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "bar baz|yes|flag|/home/vmrt"
+    assert lines[1] == "/work/dir"
+    assert lines[2].startswith("uid=1000(vmrt) gid=1000(vmrt)")
+    assert "100(users)" in lines[2] and "29(audio)" in lines[2]
+    assert lines[3:] == ["box1", "box1"]
+    r = vmrt(*RUN, "-u", "65534:100", "busybox", "id")
+    assert r.stdout.decode().startswith("uid=65534(nobody) gid=100(users)")
+
+
+def test_container_is_pid_1_with_image_env(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "sh", "-c", "echo $$; echo $PATH; cat /proc/1/cmdline | tr '\\0' ' '")
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "1"
+    assert lines[1] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert lines[2].startswith("sh -c")
+
+
+def test_entrypoint_override(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "--entrypoint", "echo", "busybox", "a", "b")
+    assert r.stdout == b"a b\n"
+
+
+def test_signal_to_vmrt_reaches_the_process(vmrt: Vmrt) -> None:
+    p = vmrt.popen(*RUN, "busybox", "sh", "-c",
+                   'trap "echo got TERM; exit 7" TERM; echo ready; while true; do sleep 0.2; done')
+    try:
+        read_until(p.stdout, b"ready")
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 7, err
+    assert b"got TERM" in out
+
+
+def test_two_stop_signals_kill_and_tear_down(vmrt: Vmrt) -> None:
+    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000")
+    try:
+        read_until(p.stdout, b"ready")
+        p.send_signal(signal.SIGTERM)   # sleep as PID 1 ignores it, as in Docker
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 137
+
+
+def test_tty_is_a_real_terminal_with_window_size(vmrt: Vmrt) -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    p = vmrt.popen(*RUN, "-t", "busybox", "sh", "-c", "tty; stty size; test -t 0 && echo isatty",
+                   stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 1)
+            if r:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif p.poll() is not None:
+                break
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert p.returncode == 0, text
+    assert "/dev/pts/" in text
+    assert "33 101" in text
+    assert "isatty" in text
+
+
+def test_writes_never_change_the_image(vmrt: Vmrt) -> None:
+    layers = vmrt.root / "layers"
+    blobs = vmrt.root / "images"
+    before = (tree_digest(layers), tree_digest(blobs))
+    r = vmrt(*RUN, "busybox", "sh", "-c",
+             "echo pwned > /bin/busybox.new && rm -f /bin/ls && echo x >> /etc/passwd && "
+             "rm -rf /home && touch /newfile && ls /newfile")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"/newfile\n"
+    assert (tree_digest(layers), tree_digest(blobs)) == before
+    r = vmrt(*RUN, "busybox", "sh", "-c", "ls /bin/ls /home; test -e /newfile || echo fresh")
+    assert r.returncode == 0 and r.stdout.endswith(b"fresh\n")
+
+
+def test_read_only_rootfs(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "--read-only", "busybox", "sh", "-c", "touch /x || echo refused")
+    assert b"refused" in r.stdout
+
+
+def test_memory_and_cpus_size_the_vm(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "--memory", "160m", "--cpus", "2", "busybox", "sh", "-c",
+             "grep MemTotal /proc/meminfo; nproc")
+    assert r.returncode == 0, r.stderr
+    mem_kib = int(r.stdout.split()[1])
+    assert 100_000 < mem_kib <= 160 * 1024
+    assert r.stdout.decode().splitlines()[1] == "2"
+
+
+def test_timings_report_every_phase(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "--timings", "busybox", "echo", "hi")
+    assert r.returncode == 0
+    err = r.stderr.decode()
+    for phase in ("vmm-spawned", "kernel-up", "agent-ready", "process-started", "first-output",
+                  "exit", "teardown-done"):
+        assert phase in err, err
+    assert "accel=tcg" in err or "accel=kvm" in err
+
+
+def test_named_container_lifecycle(vmrt: Vmrt) -> None:
+    r = vmrt("run", "--name", "keepme", "busybox", "sh", "-c", "exit 5")
+    assert r.returncode == 5
+    r = vmrt("run", "--name", "keepme", "busybox", "true")
+    assert r.returncode == 125
+    assert "already in use" in one_line_error(r.stderr)
+    ps = vmrt("ps", "-a").stdout.decode()
+    assert "keepme" in ps and "Exited (5)" in ps
+    assert (vmrt.root / "containers").exists()
+    r = vmrt("rm", "keepme")
+    assert r.returncode == 0
+    assert "keepme" not in vmrt("ps", "-a").stdout.decode()
+
+
+def test_vmm_killed_is_reported_as_failure(vmrt: Vmrt) -> None:
+    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000")
+    try:
+        read_until(p.stdout, b"ready")
+        qemu = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmd(pid).startswith("qemu-system")
+                and str(vmrt.run_root) in _cmd(pid)]
+        assert len(qemu) == 1
+        os.kill(int(qemu[0]), signal.SIGKILL)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode not in (0, None)
+    assert "VM stopped before the container exited" in one_line_error(err)
+
+
+def _cmd(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_boot_timeout_names_the_phase(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "true", env={"VMRT_TIMEOUT_AGENT_READY": "0.05"})
+    assert r.returncode == 125
+    assert "timed out" in one_line_error(r.stderr) and "guest agent" in r.stderr.decode()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("run", "--rm", "no-such-image", "true"), "Unable to find image"),
+    (("run", "--rm", "NOT/valid image", "true"), "invalid reference"),
+    (("run", "--rm", "--bogus-flag", "busybox", "true"), "No such option"),
+    (("run", "--rm", "--memory", "lots", "busybox", "true"), "invalid memory size"),
+    (("run", "--rm", "--cpus", "x", "busybox", "true"), "--cpus"),
+    (("run", "--rm", "--isolation", "bogus", "busybox", "true"), "invalid isolation"),
+    (("run", "--rm", "--kernel", "/nonexistent/vmlinux", "busybox", "true"), "not found"),
+    (("run", "--rm", "-w", "relative", "busybox", "true"), "absolute path"),
+    (("run", "--rm", "-u", "nosuchuser", "busybox", "true"), "unable to find user"),
+    (("run", "--rm", "--isolation=process", "busybox", "true"), "not yet implemented"),
+    (("run", "--rm", "busybox"), None),
+])
+def test_bad_input_is_one_line_and_125(vmrt: Vmrt, args: tuple[str, ...], needle: str | None) -> None:
+    r = vmrt(*args, timeout=120)
+    if needle is None:  # no command: image Cmd "sh" with stdin closed exits 0
+        assert r.returncode == 0
+        return
+    assert r.returncode == 125, (r.returncode, r.stderr)
+    assert needle in one_line_error(r.stderr)
+
+
+def test_missing_kernel_build_is_explained(vmrt: Vmrt, tmp_path: Path) -> None:
+    r = vmrt(*RUN, "busybox", "true", env={"VMRT_CACHE": str(tmp_path / "empty-cache")})
+    assert r.returncode == 125
+    assert "vmrt kernel build" in one_line_error(r.stderr)
+
+
+def test_hyperv_alias_and_default_isolation(vmrt: Vmrt) -> None:
+    r = vmrt("run", "--rm", "--isolation=hyperv", "busybox", "true")
+    assert r.returncode == 0
+    r = vmrt("run", "--rm", "busybox", "true", env={"VMRT_ISOLATION": "process"})
+    assert r.returncode == 125 and b"not yet implemented" in r.stderr
+
+
+def test_tcg_notice_when_auto(vmrt: Vmrt) -> None:
+    from vmrt.vm.accel import probe_host
+    if probe_host() == "kvm":
+        pytest.skip("host has usable KVM")
+    r = vmrt(*RUN, "busybox", "true", env={"VMRT_ACCEL": "auto"})
+    assert r.returncode == 0
+    line = one_line_error(r.stderr)
+    assert "TCG" in line
