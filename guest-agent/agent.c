@@ -5,7 +5,9 @@
  * container root (virtio-fs image + overlayfs on tmpfs), runs the container
  * process in new PID and mount namespaces, relays its stdio and reports its
  * exit, then powers the VM off. */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -183,6 +185,22 @@ static void send_frame(uint8_t type, const void *payload, size_t len)
 	port_write_all(wbuf, VMRT_HDR_LEN + len);
 }
 
+/* Length of s[0..n) without a UTF-8 sequence cut off at its end. */
+static size_t utf8_trim(const uint8_t *s, size_t n)
+{
+	size_t i = n;
+
+	while (i > 0 && n - i < 4 && (s[i - 1] & 0xC0) == 0x80)
+		i--;
+	if (i > 0 && s[i - 1] >= 0xC0) {
+		uint8_t c = s[i - 1];
+		size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+		if (n - (i - 1) < need)
+			return i - 1;
+	}
+	return n;
+}
+
 static void send_error(uint32_t code, const char *msg)
 {
 	uint8_t p[4 + 1024];
@@ -190,10 +208,11 @@ static void send_error(uint32_t code, const char *msg)
 
 	if (n > sizeof p - 4)
 		n = sizeof p - 4;
+	n = utf8_trim((const uint8_t *)msg, n); /* messages may quote arguments */
 	vmrt_put32(p, code);
 	memcpy(p + 4, msg, n);
 	for (size_t i = 4; i < 4 + n; i++) /* one line */
-		if (p[4 + i - 4] == '\n' || p[i] == '\r')
+		if (p[i] == '\n' || p[i] == '\r')
 			p[i] = ' ';
 	con("error %u: %.*s", code, (int)n, (const char *)p + 4);
 	send_frame(VMRT_ERROR, p, 4 + n);
@@ -202,6 +221,8 @@ static void send_error(uint32_t code, const char *msg)
 /* Read what the port has into rbuf.  Returns bytes read; 0 means EOF. */
 static size_t port_read(void)
 {
+	if (rlen >= sizeof rbuf)
+		return (size_t)-1;
 	for (;;) {
 		ssize_t n = read(port_fd, rbuf + rlen, sizeof rbuf - rlen);
 		if (n > 0) {
@@ -376,6 +397,7 @@ static void wait_run(void)
 {
 	struct vmrt_frame f;
 	char err[256];
+	int64_t eof_since = -1;
 
 	for (;;) {
 		while (next_frame(&f, pbuf)) {
@@ -394,11 +416,17 @@ static void wait_run(void)
 		}
 		port_wait(POLLIN, -1);
 		if (port_read() == 0) {
-			/* not connected yet: read returns 0 without data */
-			if (rlen)
-				protocol_error("stream ended inside a frame");
-			port_wait(POLLIN, 10);
+			/* The host is not connected (yet): virtio-serial returns 0
+			 * without data then.  Give it PORT_WAIT_MS. */
+			if (eof_since < 0)
+				eof_since = now_ms();
+			if (now_ms() - eof_since > PORT_WAIT_MS) {
+				con("no RUN from the host");
+				poweroff();
+			}
 			usleep(10000);
+		} else {
+			eof_since = -1;
 		}
 	}
 }
@@ -425,7 +453,7 @@ static void setup_rootfs(void)
 {
 	char opts[512];
 
-	must_mount(run.rootfs, LOWER, "virtiofs", MS_RDONLY | MS_NODEV, NULL);
+	must_mount(run.rootfs, LOWER, "virtiofs", MS_RDONLY, NULL);
 	if (!run.readonly) {
 		must_mount("tmpfs", RWDIR, "tmpfs", 0, "mode=0755");
 		if (mkdir(RWDIR "/upper", 0755) < 0 || mkdir(RWDIR "/work", 0755) < 0)
@@ -578,6 +606,33 @@ static void setup_stdio(struct stdio *s)
 
 static int errpipe_w = -1;
 
+/* A cgroup v2 memory cgroup for the container, for the EXIT OOM flag. */
+#define CGROUP "/sys/fs/cgroup/vmrt"
+static int cgroup_ok;
+
+static int write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -1;
+	n = write(fd, text, strlen(text));
+	close(fd);
+	return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+static void setup_cgroup(void)
+{
+	if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0 ||
+	    write_file("/sys/fs/cgroup/cgroup.subtree_control", "+memory") < 0 ||
+	    (mkdir(CGROUP, 0755) < 0 && errno != EEXIST)) {
+		con("memory cgroup unavailable (%s); OOM detection is guest-wide", strerror(errno));
+		return;
+	}
+	cgroup_ok = 1;
+}
+
 static void child_fail(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
 static void child_fail(int code, const char *fmt, ...)
 {
@@ -690,13 +745,14 @@ static void child_main(const struct stdio *s) __attribute__((noreturn));
 static void child_main(const struct stdio *s)
 {
 	sigset_t all;
-	struct stat st;
 	char text[512];
 	gid_t groups[VMRT_MAX_GROUPS];
 
 	sigemptyset(&all);
 	sigprocmask(SIG_SETMASK, &all, NULL);
 	signal(SIGPIPE, SIG_DFL);
+	if (cgroup_ok && write_file(CGROUP "/cgroup.procs", "0") < 0)
+		child_fail(125, "cannot join the container cgroup: %s", strerror(errno));
 
 	if (setsid() < 0)
 		child_fail(125, "setsid: %s", strerror(errno));
@@ -723,13 +779,14 @@ static void child_main(const struct stdio *s)
 
 	umask(022);
 	if (chdir(run.cwd) < 0) {
-		int e = errno;
-		if (e != ENOENT || (mkdir_p(run.cwd, 0755) < 0 && errno != EEXIST) || chdir(run.cwd) < 0)
-			child_fail(125, "cannot chdir to %s: %s", run.cwd,
-				   strerror(e == ENOENT ? errno : e));
+		if (errno != ENOENT)
+			child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(errno));
+		if (mkdir_p(run.cwd, 0755) < 0)
+			child_fail(125, "cannot create working directory %s: %s", run.cwd,
+				   strerror(errno));
+		if (chdir(run.cwd) < 0)
+			child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(errno));
 	}
-	if (stat(".", &st) < 0 || !S_ISDIR(st.st_mode))
-		child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(ENOTDIR));
 
 	for (size_t i = 0; i < run.ngroups; i++)
 		groups[i] = (gid_t)run.groups[i];
@@ -753,23 +810,36 @@ static void child_main(const struct stdio *s)
 
 static uint8_t stdin_q[STDIN_QCAP];
 static size_t q_off, q_len;
+static uint8_t last_in = '\n'; /* last byte queued for a terminal */
 
-static uint64_t oom_kills(void)
+/* "oom_kill N" from a key/value file (memory.events, /proc/vmstat) */
+static uint64_t read_oom_kill(const char *path)
 {
-	char buf[8192];
-	int fd = open("/proc/vmstat", O_RDONLY | O_CLOEXEC);
+	static char buf[32768];
+	size_t got = 0;
 	ssize_t n;
 	char *p;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
 
 	if (fd < 0)
 		return 0;
-	n = read(fd, buf, sizeof buf - 1);
+	while (got < sizeof buf - 1 && (n = read(fd, buf + got, sizeof buf - 1 - got)) > 0)
+		got += (size_t)n;
 	close(fd);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
-	p = strstr(buf, "\noom_kill ");
-	return p ? strtoull(p + 10, NULL, 10) : 0;
+	buf[got] = '\0';
+	for (p = buf; p; p = strchr(p, '\n'), p = p ? p + 1 : NULL)
+		if (strncmp(p, "oom_kill ", 9) == 0)
+			return strtoull(p + 9, NULL, 10);
+	return 0;
+}
+
+/* OOM kills that hit the container: its memory cgroup's count where the
+ * cgroup could be set up, else the guest-wide one (CONFIG_VM_EVENT_COUNTERS). */
+static uint64_t oom_kills(void)
+{
+	if (cgroup_ok)
+		return read_oom_kill(CGROUP "/memory.events");
+	return read_oom_kill("/proc/vmstat");
 }
 
 static void q_push(const uint8_t *p, size_t n)
@@ -782,6 +852,8 @@ static void q_push(const uint8_t *p, size_t n)
 	}
 	memcpy(stdin_q + q_off + q_len, p, n);
 	q_len += n;
+	if (n)
+		last_in = p[n - 1];
 }
 
 static void stdin_closed(struct stdio *s)
@@ -826,8 +898,12 @@ static void supervise(struct stdio *s)
 						/* a terminal has no "close": send its EOF
 						 * character if it is in canonical mode */
 						struct termios t;
-						if (tcgetattr(s->master, &t) == 0 && (t.c_lflag & ICANON))
+						if (tcgetattr(s->master, &t) == 0 && (t.c_lflag & ICANON)) {
+							/* the first one only ends a partial line */
+							if (last_in != '\n')
+								q_push(&t.c_cc[VEOF], 1);
 							q_push(&t.c_cc[VEOF], 1);
+						}
 					}
 				}
 				break;
@@ -913,6 +989,7 @@ static void supervise(struct stdio *s)
 			}
 		}
 
+		int master_hup = 0;
 		for (int k = P_OUT; k <= P_ERR; k++) {
 			int *fdp = k == P_OUT ? &s->out : &s->err;
 			if (*fdp < 0 || !pfd[k].revents)
@@ -930,8 +1007,11 @@ static void supervise(struct stdio *s)
 					break;
 				/* EOF, or EIO from a pty master whose slave is gone */
 				if (*fdp == s->master) {
-					if (!exited)
-						break; /* keep the master for stdin until exit */
+					if (!exited) {
+						/* keep the master for stdin until exit */
+						master_hup = 1;
+						break;
+					}
 					s->master = -1;
 				}
 				close(*fdp);
@@ -939,9 +1019,9 @@ static void supervise(struct stdio *s)
 				break;
 			}
 		}
-		/* a pty master only reports EIO forever before exit; avoid spinning */
-		if (!exited && s->out >= 0 && s->out == s->master &&
-		    (pfd[P_OUT].revents & (POLLHUP | POLLERR)) && !(pfd[P_OUT].revents & POLLIN))
+		/* With no slave open (the process closed its terminal) a pty
+		 * master polls as hung up until the process exits: do not spin. */
+		if (master_hup)
 			usleep(10000);
 
 		if (q_len > 0 && s->in >= 0 && pfd[P_IN].revents) {
@@ -959,9 +1039,10 @@ static void supervise(struct stdio *s)
 		}
 
 		if (pfd[P_PORT].revents) {
-			if (port_read() == 0) {
-				if (!exited)
-					con("host disconnected; killing the container");
+			if (!(pfd[P_PORT].events & POLLIN)) {
+				if (pfd[P_PORT].revents & (POLLHUP | POLLERR))
+					host_gone();
+			} else if (port_read() == 0) {
 				host_gone();
 			}
 		}
@@ -1045,6 +1126,7 @@ int main(void)
 
 	setup_rootfs();
 	setup_container_mounts();
+	setup_cgroup();
 	setup_stdio(&s);
 
 	if (pipe2(ep, O_CLOEXEC) < 0)

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Write a few valid host->agent frame streams into the fuzz seed corpus."""
+import os
+import struct
+import sys
+
+
+def frame(t, p=b""):
+    return struct.pack(">HBBI", 0x7652, 1, t, len(p)) + p
+
+
+def rec(tag, v):
+    return struct.pack(">BI", tag, len(v)) + v
+
+
+out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus")
+os.makedirs(out, exist_ok=True)
+run = (rec(1, b"sh") + rec(1, b"-c") + rec(1, b"echo hi; cat") + rec(2, b"PATH=/bin")
+       + rec(3, b"/tmp") + rec(4, b"box") + rec(5, struct.pack(">I", 1000))
+       + rec(6, struct.pack(">I", 1000)) + rec(7, struct.pack(">II", 1, 2))
+       + rec(8, struct.pack(">HH", 24, 80)) + rec(9, b"")
+       + rec(10, struct.pack(">Q", 1700000000123456789)) + rec(11, b"rootfs")
+       + rec(12, b"") + rec(99, b"unknown tag"))
+seeds = {
+    "run_full": frame(0x41, run),
+    "run_min_stdin": frame(0x41, rec(1, b"cat") + rec(9, b"")) + frame(0x42, b"hello\n")
+    + frame(0x43) + frame(0x44, struct.pack(">I", 15)) + frame(0x45, struct.pack(">HH", 50, 132))
+    + frame(0x46),
+    "agent_stream": frame(0x01, struct.pack(">HHQQ", 1, 0, 1, 2) + b"vmrt-agent 0.1.0")
+    + frame(0x02, struct.pack(">I", 42)) + frame(0x03, b"out") + frame(0x04, b"err")
+    + frame(0x05, struct.pack(">III", 143, 15, 0)) + frame(0x06, struct.pack(">I", 127) + b"x"),
+}
+for name, data in seeds.items():
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(data)
