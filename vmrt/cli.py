@@ -35,6 +35,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Containers with a per-run choice of isolation: Linux namespaces or a micro-VM."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="vmrt: %(name)s: %(message)s")
+    if not debug:  # qemu.qmp logs connection drops itself; vmrt reports them once
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     ctx.obj = {"cfg": config_mod.load(), "debug": debug}
 
 

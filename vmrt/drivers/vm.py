@@ -100,7 +100,7 @@ class _Session:
                 data = await self.loop.sock_recv(sock, 1 << 17)
                 if not data:
                     self.decoder.close()
-                    raise AgentError("guest agent channel closed")
+                    raise await self._channel_closed_error()
                 for fr in self.decoder.feed(data):
                     self._dispatch(fr)
         except (VmrtError, OSError) as e:
@@ -156,15 +156,25 @@ class _Session:
                     self.ctx.timings.mark("kernel-up")
                 del self.console_tail[:-8192]
 
+    def _vm_gone(self, status: int) -> AgentError:
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        tail = self.console_tail.decode(errors="replace").strip().splitlines()[-3:]
+        return AgentError(f"the VM stopped before the container exited (qemu {how})"
+                          + (f"; console: {' | '.join(tail)}" if tail else ""))
+
+    async def _channel_closed_error(self) -> AgentError:
+        assert self.vm is not None and self.vm.proc is not None
+        for _ in range(40):  # the channel closes first when QEMU dies: say why
+            if (status := self.vm.proc.poll()) is not None:
+                return self._vm_gone(status)
+            await asyncio.sleep(0.025)
+        return AgentError("guest agent channel closed")
+
     async def _watch_qemu(self) -> None:
         assert self.vm is not None and self.vm.proc is not None
         status = await asyncio.to_thread(self.vm.proc.wait)
         await asyncio.sleep(0.2)  # let the agent reader deliver what arrived first
-        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-        tail = self.console_tail.decode(errors="replace").strip().splitlines()[-3:]
-        self._fail_futures(AgentError(
-            f"the VM stopped before the container exited (qemu {how})"
-            + (f"; console: {' | '.join(tail)}" if tail else "")))
+        self._fail_futures(self._vm_gone(status))
 
     async def _wait(self, fut: asyncio.Future[Any], timeout: float, phase: str) -> Any:
         try:

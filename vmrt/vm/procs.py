@@ -18,8 +18,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def spawn(cmd: list[str], *, pass_fds: tuple[int, ...] = (), stdout: int | None = None,
-          stderr: int | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+          stderr: int | None = None, cwd: str | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=cwd,
                             pass_fds=pass_fds, preexec_fn=_die_with_parent, close_fds=True)
 
 

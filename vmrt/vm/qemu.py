@@ -53,6 +53,8 @@ class VMSpec:
 
 class QemuVM:
     def __init__(self, cfg: Config, spec: VMSpec, stderr_log: Path) -> None:
+        # QEMU runs in the container's run directory: the virtio-fs socket is
+        # named relative to it (see virtiofsd.py)
         self.cfg, self.spec, self.stderr_log = cfg, spec, stderr_log
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMPClient | None = None
@@ -85,7 +87,8 @@ class QemuVM:
             "-kernel", str(s.kernel), "-initrd", str(s.initrd), "-append", cmdline,
             "-chardev", f"socket,id=con,fd={fds['console']}", "-serial", "chardev:con",
             "-chardev", f"socket,id=qmp,fd={fds['qmp']}", "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"socket,id=vfs,path={s.virtiofs_socket}",
+            "-pidfile", str(self.stderr_log.parent / "qemu.pid"),
+            "-chardev", f"socket,id=vfs,path={s.virtiofs_socket.name}",
             "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}",
             "-device", rng,
             "-device", serial_dev,
@@ -101,7 +104,7 @@ class QemuVM:
         try:
             with open(self.stderr_log, "ab") as err:
                 self.proc = procs.spawn(cmd, pass_fds=tuple(fds.values()), stdout=err.fileno(),
-                                        stderr=err.fileno())
+                                        stderr=err.fileno(), cwd=str(self.spec.virtiofs_socket.parent))
         except OSError as e:
             raise LaunchError(f"cannot start QEMU: {e.strerror}", command=cmd) from e
         finally:

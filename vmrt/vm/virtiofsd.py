@@ -1,4 +1,10 @@
-"""One virtiofsd (Debian's C virtiofsd from qemu-system-x86) per container."""
+"""One virtiofsd (Debian's C virtiofsd from qemu-system-x86) per container.
+
+Its vhost-user socket lives in the container's run directory and is named
+relative to it (virtiofsd and QEMU both run with that directory as their
+working directory), so deep state directories never hit the 108-byte limit
+of a Unix socket path.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +23,15 @@ class Virtiofsd:
 
     @property
     def command(self) -> list[str]:
-        return [self.cfg.virtiofsd, f"--socket-path={self.socket}",
+        return [self.cfg.virtiofsd, f"--socket-path={self.socket.name}",
                 "-o", f"source={self.source}", "-o", f"cache={self.cfg.virtiofs_cache}",
                 "-o", "sandbox=namespace", "-o", "log_level=err", "-o", "no_posix_lock"]
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             try:
-                self.proc = procs.spawn(self.command, stdout=log.fileno(), stderr=log.fileno())
+                self.proc = procs.spawn(self.command, stdout=log.fileno(), stderr=log.fileno(),
+                                       cwd=str(self.socket.parent))
             except OSError as e:
                 raise LaunchError(f"cannot start virtiofsd: {e.strerror}", command=self.command) from e
         if not procs.wait_for_path(str(self.socket), self.proc, self.cfg.timeouts.virtiofsd_ready):
