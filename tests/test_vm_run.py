@@ -329,3 +329,38 @@ def test_tcg_notice_when_auto(vmrt: Vmrt) -> None:
     assert r.returncode == 0
     line = one_line_error(r.stderr)
     assert "TCG" in line
+
+
+def test_interrupt_during_boot_tears_down(vmrt: Vmrt) -> None:
+    p = vmrt.popen(*RUN, "busybox", "sleep", "1000")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until QEMU exists, then interrupt the boot
+        if any(str(vmrt.run_root) in _cmd(pid) and _cmd(pid).startswith("qemu-system")
+               for pid in os.listdir("/proc") if pid.isdigit()):
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode in (130, 137), err
+    assert b"Traceback" not in err
+
+
+def test_info_reports_accelerator_versions_and_kernel(vmrt: Vmrt) -> None:
+    r = vmrt("info")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    for key in ("Accelerator:", "QEMU:", "virtiofsd:", "Kernel:", "Kernel build id:", "State directory:"):
+        assert key in out
+    assert "QEMU emulator version" in out
+    assert str(vmrt.root) in out
+
+
+def test_images_lists_busybox(vmrt: Vmrt) -> None:
+    r = vmrt("images")
+    assert r.returncode == 0
+    assert any(line.split()[:2] == ["busybox", "latest"] for line in r.stdout.decode().splitlines()[1:])
+
+
+def test_q35_machine_boots_too(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "sh", "-c", "echo q35", env={"VMRT_MACHINE": "q35"})
+    assert (r.returncode, r.stdout) == (0, b"q35\n"), r.stderr

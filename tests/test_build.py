@@ -1,0 +1,67 @@
+"""The guest kernel and agent builds, and the C-side fuzz target."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmrt import agentbuild, config, kernel
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_kernel_config_has_every_fragment_option(built: None) -> None:
+    cfg = config.load()
+    d = kernel.kernel_dir(cfg)
+    kernel._check_config(d / "config")  # raises KernelError on any missing option
+    text = (d / "config").read_text()
+    for opt in ("CONFIG_PVH=y", "CONFIG_VIRTIO_FS=y", "CONFIG_OVERLAY_FS=y", "CONFIG_VIRTIO_VSOCKETS=y",
+                "CONFIG_SECCOMP_FILTER=y", "# CONFIG_MODULES is not set", "# CONFIG_ACPI is not set"):
+        assert opt in text
+    assert (d / "vmlinux").read_bytes()[:4] == b"\x7fELF"
+
+
+def test_kernel_cache_key_follows_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = kernel.source_version()
+    k1 = kernel.cache_key(v)
+    frags = tmp_path / "kernels"
+    frags.mkdir()
+    shutil.copy(REPO / "kernels" / "vmrt.config", frags / "vmrt.config")
+    monkeypatch.setenv("VMRT_SOURCE_DIR", str(tmp_path))
+    assert kernel.cache_key(v) == k1
+    with open(frags / "vmrt.config", "a") as f:
+        f.write("CONFIG_IKCONFIG=y\n")
+    assert kernel.cache_key(v) != k1
+    assert kernel.cache_key(v + "+1") != kernel.cache_key(v)
+
+
+def test_kernel_build_is_cached(built: None) -> None:
+    r = subprocess.run([sys.executable, "-m", "vmrt", "kernel", "build"], capture_output=True, text=True)
+    assert r.returncode == 0 and "cached" in r.stderr
+
+
+def test_initramfs_holds_the_static_agent_as_init(built: None) -> None:
+    data = agentbuild.find(config.load()).read_bytes()
+    assert data.startswith(b"070701") and b"TRAILER!!!" in data
+    assert b"init\0" in data and b"dev/console\0" in data
+    agent = agentbuild.agent_dir(config.load()) / "vmrt-agent"
+    out = subprocess.run(["file", str(agent)], capture_output=True, text=True).stdout
+    if out:
+        assert "statically linked" in out
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang (libFuzzer) not installed")
+def test_agent_parser_survives_libfuzzer(tmp_path: Path) -> None:
+    r = subprocess.run(["make", "-s", "-C", str(REPO / "guest-agent"), "fuzz", f"O={tmp_path}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    corpus = tmp_path / "corpus"
+    shutil.copytree(REPO / "guest-agent" / "fuzz" / "corpus", corpus)
+    r = subprocess.run([str(tmp_path / "fuzz_proto"), "-max_total_time=20", "-timeout=5",
+                        "-rss_limit_mb=1024", str(corpus)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done" in r.stderr
