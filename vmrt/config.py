@@ -39,11 +39,13 @@ class Config:
     accel: str = "auto"
     machine: str = "microvm"
     memory_mib: int = 256
+    tcg_tb_size_mib: int = 16                # TCG translation cache (MiB); 0 = QEMU default (1 GiB)
     cpus: float = 1.0
     qemu: str = "qemu-system-x86_64"
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
     virtiofs_cache: str = "auto"
     kernel: Path | None = None               # overrides the built kernel
+    kernel_cmdline: str = ""                 # appended to the guest kernel command line
     kernel_source: Path = Path("/usr/src/linux-source-6.1.tar.xz")
     runc: str = "runc"
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)

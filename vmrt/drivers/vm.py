@@ -275,7 +275,8 @@ class _Session:
         rootfs.mount_readonly(layers, root)
         stack.callback(rootfs.umount, root)
 
-        vfs = Virtiofsd(cfg, root, bdir / "virtiofsd.sock", bdir / "virtiofsd.log")
+        # virtiofsd derives its pid file from the socket name: keep it unique per container
+        vfs = Virtiofsd(cfg, root, bdir / f"vfs-{ctx.container.id[:16]}.sock", bdir / "virtiofsd.log")
         await asyncio.to_thread(vfs.start)
         stack.callback(vfs.stop)
 
@@ -286,7 +287,7 @@ class _Session:
         cpus = quota["quota"] / quota["period"] if quota else cfg.cpus
         spec = VMSpec(kernel=kernel_path, initrd=initrd, virtiofs_socket=vfs.socket,
                       memory_mib=mem_mib, cpus=cpus, accel=acc, machine=cfg.machine,
-                      name=f"vmrt-{ctx.container.id[:12]}")
+                      name=f"vmrt-{ctx.container.id[:12]}", extra_cmdline=cfg.kernel_cmdline)
         vm = self.vm = QemuVM(cfg, spec, bdir / "qemu.log")
         vm.launch()
         t.mark("vmm-spawned")

@@ -27,12 +27,30 @@ class Accel:
     host_kind: str     # "kvm", "pvm" or "none"
     reason: str        # one line explaining the choice
 
-    @property
-    def qemu_args(self) -> list[str]:
+    def qemu_args(self, tb_size_mib: int = 0) -> list[str]:
         if self.name == "kvm":
             cpu = "host,-arch-capabilities" if self.host_kind == "pvm" else "host"
             return ["-accel", "kvm", "-cpu", cpu]
-        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        tb = f",tb-size={tb_size_mib}" if tb_size_mib else ""
+        return ["-accel", f"tcg,thread=multi{tb}", "-cpu", "max"]
+
+    def kernel_args(self) -> str:
+        """Under TCG the guest TSC ticks at the host's rate: say so, skipping calibration."""
+        if self.name != "tcg":
+            return ""
+        khz = host_tsc_khz()
+        return f"tsc_early_khz={khz}" if khz else ""
+
+
+def host_tsc_khz() -> int:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _pvm_cpuid(fd: int) -> bool:

@@ -69,18 +69,22 @@ class QemuVM:
             machine = ["-M", "microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=on,"
                              "acpi=off,memory-backend=mem",
                        "-global", "virtio-mmio.force-legacy=false"]
-            fs_dev, serial_dev, rng = "vhost-user-fs-device", "virtio-serial-device", "virtio-rng-device"
+            fs_dev, serial_dev, rng, balloon = ("vhost-user-fs-device", "virtio-serial-device",
+                                                "virtio-rng-device", "virtio-balloon-device")
             cmdline = KERNEL_CMDLINE + " pci=off"
         elif s.machine == "q35":
             machine = ["-M", "q35,memory-backend=mem,sata=off,smbus=off"]
-            fs_dev, serial_dev, rng = "vhost-user-fs-pci", "virtio-serial-pci", "virtio-rng-pci"
+            fs_dev, serial_dev, rng, balloon = ("vhost-user-fs-pci", "virtio-serial-pci", "virtio-rng-pci",
+                                                "virtio-balloon-pci")
             cmdline = KERNEL_CMDLINE
         else:
             raise LaunchError(f"unsupported machine type {s.machine!r} (use microvm or q35)")
+        if s.accel.kernel_args():
+            cmdline += " " + s.accel.kernel_args()
         if s.extra_cmdline:
             cmdline += " " + s.extra_cmdline
         return [
-            self.cfg.qemu, "-name", s.name, *machine, *s.accel.qemu_args,
+            self.cfg.qemu, "-name", s.name, *machine, *s.accel.qemu_args(self.cfg.tcg_tb_size_mib),
             "-m", mem, "-smp", str(s.vcpus),
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -91,6 +95,7 @@ class QemuVM:
             "-chardev", f"socket,id=vfs,path={s.virtiofs_socket.name}",
             "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}",
             "-device", rng,
+            "-device", f"{balloon},free-page-reporting=on",
             "-device", serial_dev,
             "-chardev", f"socket,id=agent,fd={fds['agent']}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
