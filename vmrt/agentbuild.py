@@ -48,6 +48,10 @@ def agent_dir(cfg: Config) -> Path:
 
 
 def find(cfg: Config) -> Path:
+    if cfg.initrd is not None:
+        if not cfg.initrd.is_file():
+            raise KernelError(f"initramfs {cfg.initrd} not found")
+        return cfg.initrd
     p = agent_dir(cfg) / "initramfs.cpio"
     if not p.is_file():
         raise KernelError(f"guest agent not built: run `vmrt agent build` (looked for {p})")

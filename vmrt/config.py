@@ -45,6 +45,7 @@ class Config:
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
     virtiofs_cache: str = "auto"
     kernel: Path | None = None               # overrides the built kernel
+    initrd: Path | None = None               # overrides the built agent initramfs
     kernel_cmdline: str = ""                 # appended to the guest kernel command line
     kernel_source: Path = Path("/usr/src/linux-source-6.1.tar.xz")
     runc: str = "runc"
@@ -77,7 +78,7 @@ def _apply(cfg: Config, key: str, value: object) -> None:
     if key not in field_types:
         raise UsageError(f"config: unknown setting {key!r}")
     cur = getattr(cfg, key)
-    if key == "kernel":
+    if key in ("kernel", "initrd"):
         setattr(cfg, key, Path(str(value)) if value else None)
     elif isinstance(cur, Path):
         setattr(cfg, key, Path(str(value)))

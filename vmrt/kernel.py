@@ -61,7 +61,8 @@ def find(cfg: Config) -> tuple[Path, str]:
     if cfg.kernel is not None:
         if not cfg.kernel.is_file():
             raise KernelError(f"kernel {cfg.kernel} not found")
-        return cfg.kernel, "user-supplied"
+        built = cfg.kernel.parent / "build.json"
+        return cfg.kernel, cfg.kernel.parent.name if built.is_file() else "user-supplied"
     d = kernel_dir(cfg)
     vmlinux = d / "vmlinux"
     if not vmlinux.is_file():
