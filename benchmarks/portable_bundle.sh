@@ -12,6 +12,7 @@ cp /usr/bin/qemu-system-x86_64 /usr/lib/qemu/virtiofsd $out/bin/
 for b in /usr/bin/qemu-system-x86_64 /usr/lib/qemu/virtiofsd; do
     ldd "$b" | grep -o '/[^ ]*' | while read -r l; do cp -L "$l" $out/lib/; done
 done
+cp /bin/busybox $out/busybox
 cp /usr/share/qemu/bios-microvm.bin /usr/share/qemu/qboot.rom /usr/share/qemu/pvh.bin \
    /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/kvmvapic.bin $out/share/
 cp -r "$(.venv/bin/python -c 'import click, os; print(os.path.dirname(click.__file__))')" $out/py/
