@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -364,3 +365,46 @@ def test_images_lists_busybox(vmrt: Vmrt) -> None:
 def test_q35_machine_boots_too(vmrt: Vmrt) -> None:
     r = vmrt(*RUN, "busybox", "sh", "-c", "echo q35", env={"VMRT_MACHINE": "q35"})
     assert (r.returncode, r.stdout) == (0, b"q35\n"), r.stderr
+
+
+def _pids_of(vmrt: Vmrt, needle: str) -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+            and needle in _cmd(pid) and str(vmrt.run_root) in _cmd(pid)]
+
+
+def test_virtiofsd_death_fails_the_container_cleanly(vmrt: Vmrt) -> None:
+    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; sleep 1000")
+    try:
+        read_until(p.stdout, b"ready")
+        for pid in _pids_of(vmrt, "virtiofsd"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 125
+    assert "virtiofsd stopped" in one_line_error(err)
+
+
+def test_rm_force_kills_a_running_container(vmrt: Vmrt) -> None:
+    p = vmrt.popen("run", "--name", "victim", "busybox", "sh", "-c", "echo ready; sleep 1000")
+    try:
+        read_until(p.stdout, b"ready")
+        r = vmrt("rm", "victim")
+        assert r.returncode != 0 and b"use -f" in r.stderr
+        r = vmrt("rm", "-f", "victim")
+        assert r.returncode == 0, r.stderr
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode not in (0, None)
+    assert "victim" not in vmrt("ps", "-a").stdout.decode()
+
+
+def test_workdir_through_leaked_fd_is_refused(vmrt: Vmrt) -> None:
+    # CVE-2024-21626 shape: no host fd is reachable as the working directory
+    r = vmrt(*RUN, "-w", "/proc/self/fd/3", "busybox", "pwd")
+    assert r.returncode == 125
+    assert "chdir" in one_line_error(r.stderr)

@@ -81,6 +81,24 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
         state.close()
 
 
+def _kill_recorded(c) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs."""
+    import signal
+    for pid in c.pids.values():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if c.id[:12].encode() in cmdline or (c.run_dir and c.run_dir.encode() in cmdline):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in c.pids.values():  # wait (bounded) for them to go
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.02)
+
+
 def _remove_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         return
@@ -98,6 +116,8 @@ def remove(cfg: Config, ref: str, force: bool) -> str:
         c = state.get(ref)
         if c.status == Status.RUNNING and not force:
             raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")
+        if c.status == Status.RUNNING:
+            _kill_recorded(c)
         if c.run_dir:
             _remove_run_dir(Path(c.run_dir))
         shutil.rmtree(cfg.root / "containers" / c.id, ignore_errors=True)

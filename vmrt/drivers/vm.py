@@ -176,6 +176,13 @@ class _Session:
         await asyncio.sleep(0.2)  # let the agent reader deliver what arrived first
         self._fail_futures(self._vm_gone(status))
 
+    async def _watch_virtiofsd(self, vfs: Virtiofsd) -> None:
+        assert vfs.proc is not None
+        status = await asyncio.to_thread(vfs.proc.wait)
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        self._fail_futures(AgentError(f"virtiofsd stopped while the container ran ({how}); "
+                                      "its root filesystem is gone"))
+
     async def _wait(self, fut: asyncio.Future[Any], timeout: float, phase: str) -> Any:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -298,6 +305,7 @@ class _Session:
         self._spawn(self._read_agent(vm.agent_sock))
         self._spawn(self._writer(vm.agent_sock))
         self._spawn(self._watch_qemu())
+        self._spawn(self._watch_virtiofsd(vfs))
         await vm.connect_qmp()
 
         hello = await self._wait(self.hello, cfg.timeouts.agent_ready, "the guest agent (boot)")
@@ -311,7 +319,6 @@ class _Session:
         self.sendq.put_nowait(P.encode_run(run_spec(ctx.config, stdin_open)))
         await self._wait(self.started, cfg.timeouts.start, "the container process to start")
         t.mark("process-started")
-        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, "virtiofsd": vfs.pid})
         if proc.get("terminal"):
             if os.isatty(ctx.stdin_fd) and stdin_open:
                 self.tty_restore = termios.tcgetattr(ctx.stdin_fd)
