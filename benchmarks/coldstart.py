@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vmrt import bundle, config as config_mod, kernel  # noqa: E402
+from vmrt import bundle, kernel  # noqa: E402
+from vmrt import config as config_mod  # noqa: E402
 from vmrt.bundle import RunOptions  # noqa: E402
 from vmrt.images.store import Store  # noqa: E402
 from vmrt.vm import accel  # noqa: E402
@@ -47,7 +48,6 @@ def runc_bundle(cfg: config_mod.Config, tmp: Path) -> Path:
     shutil.copytree(layer, b / "rootfs", symlinks=True)
     conf = bundle.make_config(img.runtime_config, b / "rootfs", RunOptions(image="busybox", command=["true"]),
                               "0" * 64, "process")
-    conf["linux"]["namespaces"] = [n for n in conf["linux"]["namespaces"] if n["type"] != "network"] + [{"type": "network"}]
     bundle.write(b, conf)
     return b
 
@@ -148,6 +148,10 @@ def main() -> None:
         write(a.write, res, " ".join(["python3", "benchmarks/coldstart.py", *sys.argv[1:]]))
 
 
+def row(what: str, d: dict[str, float]) -> str:
+    return f"| {what} | {d['median']:.0f} | {d['p90']:.0f} | {d['p99']:.0f} |"
+
+
 def write(path: Path, r: dict, cmd: str) -> None:  # type: ignore[type-arg]
     ph = r["phases_median_ms"]
     lines = [
@@ -156,8 +160,8 @@ def write(path: Path, r: dict, cmd: str) -> None:  # type: ignore[type-arg]
         f"Machine {r['machine']}, guest RAM {r['guest_memory_mib']} MiB, kernel build {r['kernel_build_id']}, "
         f"virtio-fs cache={r['virtiofs_cache']}, {r['cores']} host cores, {r['runs']} runs after warm-up.\n",
         "| what | median ms | p90 | p99 |", "|---|---:|---:|---:|",
-        f"| `vmrt run --rm --isolation=vm busybox true` | {r['vm_ms']['median']:.0f} | {r['vm_ms']['p90']:.0f} | {r['vm_ms']['p99']:.0f} |",
-        f"| `runc run` (same image, baseline) | {r['runc_ms']['median']:.0f} | {r['runc_ms']['p90']:.0f} | {r['runc_ms']['p99']:.0f} |",
+        row("`vmrt run --rm --isolation=vm busybox true`", r["vm_ms"]),
+        row("`runc run` (same image, baseline)", r["runc_ms"]),
         f"\nRatio vm/runc (medians): {r['ratio_vm_over_runc']:.1f}x\n",
         "Phase medians (ms since the vmrt process started): " +
         ", ".join(f"{k} {v:.0f}" for k, v in ph.items()) + "\n",

@@ -9,6 +9,6 @@ def test_three_containers_in_parallel(vmrt: Vmrt) -> None:
     procs = [vmrt.popen("run", "--rm", "--isolation=vm", "busybox", "sh", "-c", f"sleep 1; echo c{i}")
              for i in range(3)]
     results = [p.communicate(timeout=180) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, results)):
+    for i, (p, (out, err)) in enumerate(zip(procs, results, strict=True)):
         assert p.returncode == 0, err
         assert out == f"c{i}\n".encode()

@@ -10,13 +10,11 @@ import pty
 import select
 import signal
 import struct
-import subprocess
 import termios
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Vmrt
 
 pytestmark = pytest.mark.vm

@@ -13,7 +13,9 @@ from typing import Any
 
 import click
 
-from . import __version__, agentbuild, config as config_mod, kernel as kernel_mod
+from . import __version__, agentbuild
+from . import config as config_mod
+from . import kernel as kernel_mod
 from .bundle import RunOptions, parse_cpus, parse_memory
 from .errors import UsageError, VmrtError
 from .paths import source_root
@@ -46,7 +48,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--rm", is_flag=True, help="Remove the container when it exits.")
 @click.option("--name", help="Assign a name to the container.")
 @click.option("-e", "--env", multiple=True, help="Set environment variables (KEY=VALUE or KEY).")
-@click.option("--env-file", multiple=True, type=click.Path(path_type=Path), help="Read a file of environment variables.")
+@click.option("--env-file", multiple=True, type=click.Path(path_type=Path),
+              help="Read a file of environment variables.")
 @click.option("-w", "--workdir", help="Working directory inside the container.")
 @click.option("-u", "--user", help="Username or UID (format: <name|uid>[:<group|gid>]).")
 @click.option("--hostname", help="Container host name.")

@@ -85,9 +85,9 @@ def _apply(cfg: Config, key: str, value: object) -> None:
     elif isinstance(cur, bool):
         setattr(cfg, key, str(value).lower() in ("1", "true", "yes"))
     elif isinstance(cur, int):
-        setattr(cfg, key, int(value))  # type: ignore[arg-type]
+        setattr(cfg, key, int(str(value)))
     elif isinstance(cur, float):
-        setattr(cfg, key, float(value))  # type: ignore[arg-type]
+        setattr(cfg, key, float(str(value)))
     else:
         setattr(cfg, key, str(value))
 

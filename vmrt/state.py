@@ -122,8 +122,10 @@ class State:
             cur = Status(row[0])
             if new not in ALLOWED[cur]:
                 raise StateError(f"container {c.name}: cannot go from {cur.value} to {new.value}")
-            sets = {"status": new.value}
+            sets: dict[str, object] = {"status": new.value}
             for k, v in fields.items():
+                if k not in ("exit_code", "finished", "pids"):
+                    raise StateError(f"field {k} is not settable")
                 sets[k] = json.dumps(v) if k == "pids" else v
             db.execute(f"UPDATE containers SET {', '.join(k + '=?' for k in sets)} WHERE id=?",
                        (*sets.values(), c.id))

@@ -43,7 +43,7 @@ class Timings:
         return None if t is None else (t - self.t0) / 1e6
 
     def as_dict(self) -> dict[str, float | None]:
-        return {p: self.ms(p) for p in ("cli-start", *PHASES) if p == "cli-start" or p in self.marks} | {"cli-start": 0.0}
+        return {"cli-start": 0.0} | {p: self.ms(p) for p in PHASES if p in self.marks}
 
     def report(self, out=sys.stderr) -> None:  # type: ignore[no-untyped-def]
         info = " ".join(f"{k}={v}" for k, v in self.info.items())

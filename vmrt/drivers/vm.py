@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
 import stat
-import struct
 import sys
 import termios
 import time
@@ -186,10 +184,11 @@ class _Session:
     async def _wait(self, fut: asyncio.Future[Any], timeout: float, phase: str) -> Any:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             tail = self.console_tail.decode(errors="replace").strip().splitlines()[-3:]
+            console = "; console: " + " | ".join(tail) if tail else ""
             raise AgentError(f"timed out after {timeout:g}s waiting for {phase} "
-                             f"(raise it with VMRT_TIMEOUT_*){'; console: ' + ' | '.join(tail) if tail else ''}") from None
+                             f"(raise it with VMRT_TIMEOUT_*){console}") from None
 
     # --- signals, terminal, stdin ---------------------------------------------
     def _on_signal(self, signo: int) -> None:
@@ -243,7 +242,7 @@ class _Session:
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
         self.hello, self.started, self.exited = (self.loop.create_future() for _ in range(3))
-        ctx, cfg = self.ctx, self.cfg
+        ctx = self.ctx
         for s in FORWARDED:
             self.loop.add_signal_handler(s, self._on_signal, s)
         stack = contextlib.AsyncExitStack()
@@ -267,7 +266,10 @@ class _Session:
 
     async def _run(self, stack: contextlib.AsyncExitStack) -> int:
         ctx, cfg, t = self.ctx, self.cfg, self.ctx.timings
-        kernel_path, build_id = kernel.find(cfg) if self.drv.kernel_path is None else (self.drv.kernel_path, "user-supplied")
+        if self.drv.kernel_path is None:
+            kernel_path, build_id = kernel.find(cfg)
+        else:
+            kernel_path, build_id = self.drv.kernel_path, "user-supplied"
         if not kernel_path.is_file():
             raise LaunchError(f"kernel {kernel_path} not found")
         initrd = agentbuild.find(cfg)

@@ -58,7 +58,7 @@ class Image:
     manifest_digest: str
     manifest: dict[str, Any]
     config: dict[str, Any]
-    store: "Store"
+    store: Store
 
     @property
     def id(self) -> str:
@@ -220,9 +220,9 @@ class Store:
             with open(blob, "rb") as raw:
                 opener = gzip.open if desc.get("mediaType", "").endswith("gzip") else None
                 stream = opener(raw) if opener else raw
-                hashing = _HashingReader(stream, hasher)  # type: ignore[arg-type]
+                hashing = _HashingReader(stream, hasher)
                 (tmp / "rootfs").mkdir()
-                unpack.extract(hashing, tmp / "rootfs")
+                unpack.extract(hashing, tmp / "rootfs")  # type: ignore[arg-type]
                 hashing.drain()
             if "sha256:" + hasher.hexdigest() != diff_id:
                 raise ImageError(f"layer {desc['digest']} does not match its diff id {diff_id}")
