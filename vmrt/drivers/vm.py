@@ -177,6 +177,9 @@ class _Session:
     async def _watch_virtiofsd(self, vfs: Virtiofsd) -> None:
         assert vfs.proc is not None
         status = await asyncio.to_thread(vfs.proc.wait)
+        await asyncio.sleep(0.5)  # virtiofsd also exits when QEMU dies: let QEMU's watcher say so
+        if self.vm is not None and self.vm.exited() is not None:
+            return
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         self._fail_futures(AgentError(f"virtiofsd stopped while the container ran ({how}); "
                                       "its root filesystem is gone"))

@@ -96,9 +96,9 @@ class QemuVM:
             "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}",
             "-device", rng,
             "-device", f"{balloon},free-page-reporting=on",
-            "-device", serial_dev,
+            "-device", f"{serial_dev},max_ports=2",
             "-chardev", f"socket,id=agent,fd={fds['agent']}",
-            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
         ]
 
     def launch(self) -> None:
