@@ -22,7 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <linux/capability.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -498,10 +500,30 @@ static void make_link(const char *target, const char *name)
 		fatal(125, "cannot create /dev/%s: %s", name, strerror(errno));
 }
 
+/* The image decides what its /proc, /sys and /dev are; a symlink there would
+ * make the agent mount over a path outside the container root. Replace it
+ * with a directory in the writable layer, or refuse a read-only root. */
+static void check_mount_point(const char *name)
+{
+	char path[PATH_MAX];
+	struct stat st;
+
+	snprintf(path, sizeof path, ROOT "/%s", name);
+	if (lstat(path, &st) < 0 || S_ISDIR(st.st_mode))
+		return;
+	if (run.readonly)
+		fatal(125, "the image's /%s is not a directory; cannot run it read-only", name);
+	if (unlink(path) < 0 || mkdir(path, 0755) < 0)
+		fatal(125, "cannot replace the image's /%s with a directory: %s", name, strerror(errno));
+}
+
 /* Everything but /proc, which needs the container's PID namespace and is
  * mounted by the child. */
 static void setup_container_mounts(void)
 {
+	check_mount_point("proc");
+	check_mount_point("sys");
+	check_mount_point("dev");
 	if (mkdir(ROOT "/proc", 0555) < 0 && !is_dir(ROOT "/proc"))
 		fatal(125, "cannot create mount point /proc: %s", strerror(errno));
 	must_mount("sysfs", ROOT "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL);
@@ -765,8 +787,11 @@ static void child_main(const struct stdio *s)
 		child_fail(125, "cannot make mounts private: %s", strerror(errno));
 	if (mount("proc", ROOT "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0)
 		child_fail(125, "cannot mount /proc: %s", strerror(errno));
-	if (chdir(ROOT) < 0 || chroot(".") < 0 || chdir("/") < 0)
-		child_fail(125, "cannot chroot to the container root: %s", strerror(errno));
+	/* switch_root style: move the container root over / in this mount
+	 * namespace, then chroot, so nothing of the agent's root stays reachable */
+	if (chdir(ROOT) < 0 || mount(ROOT, "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 ||
+	    chdir("/") < 0)
+		child_fail(125, "cannot enter the container root: %s", strerror(errno));
 
 	if (is_dir("/etc")) {
 		snprintf(text, sizeof text, "%s\n", run.hostname);
@@ -788,6 +813,12 @@ static void child_main(const struct stdio *s)
 			child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(errno));
 	}
 
+	if (run.has_caps) { /* bounding set first: dropping needs CAP_SETPCAP */
+		for (int c = 0; c < 64; c++)
+			if (!(run.caps & (1ULL << c)) && prctl(PR_CAPBSET_READ, c, 0, 0, 0) >= 0 &&
+			    prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0)
+				child_fail(125, "cannot drop capability %d: %s", c, strerror(errno));
+	}
 	for (size_t i = 0; i < run.ngroups; i++)
 		groups[i] = (gid_t)run.groups[i];
 	if (setgroups(run.ngroups, groups) < 0)
@@ -796,6 +827,20 @@ static void child_main(const struct stdio *s)
 		child_fail(125, "setgid %lu: %s", (unsigned long)run.gid, strerror(errno));
 	if (setuid((uid_t)run.uid) < 0)
 		child_fail(125, "setuid %lu: %s", (unsigned long)run.uid, strerror(errno));
+	if (run.has_caps) {
+		struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+		struct __user_cap_data_struct data[2];
+		uint64_t keep = run.uid == 0 ? run.caps : 0;
+
+		memset(data, 0, sizeof data);
+		data[0].effective = data[0].permitted = (uint32_t)keep;
+		data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
+		(void)prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+		if (syscall(SYS_capset, &hdr, data) < 0)
+			child_fail(125, "cannot set capabilities: %s", strerror(errno));
+	}
+	if (run.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		child_fail(125, "cannot set no_new_privs: %s", strerror(errno));
 
 	/* everything above 2 closes on exec (the error pipe is O_CLOEXEC) */
 	if (syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */) < 0) {

@@ -193,6 +193,8 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_TIME: return "TIME";
 	case VMRT_TAG_ROOTFS: return "ROOTFS";
 	case VMRT_TAG_READONLY: return "READONLY";
+	case VMRT_TAG_CAPS: return "CAPS";
+	case VMRT_TAG_NO_NEW_PRIVS: return "NO_NEW_PRIVS";
 	default: return "?";
 	}
 }
@@ -220,6 +222,9 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->has_time = 0;
 	out->time_ns = 0;
 	out->readonly = 0;
+	out->has_caps = 0;
+	out->caps = 0;
+	out->no_new_privs = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -339,6 +344,17 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 				out->open_stdin = 1;
 			else
 				out->readonly = 1;
+			break;
+		case VMRT_TAG_CAPS:
+			if (vlen != 8)
+				goto badsize;
+			out->has_caps = 1;
+			out->caps = vmrt_get64(v);
+			break;
+		case VMRT_TAG_NO_NEW_PRIVS:
+			if (vlen != 0)
+				goto badsize;
+			out->no_new_privs = 1;
 			break;
 		case VMRT_TAG_TIME:
 			if (vlen != 8)

@@ -51,6 +51,8 @@ enum vmrt_tag {
 	VMRT_TAG_TIME = 10,
 	VMRT_TAG_ROOTFS = 11,
 	VMRT_TAG_READONLY = 12,
+	VMRT_TAG_CAPS = 13,
+	VMRT_TAG_NO_NEW_PRIVS = 14,
 };
 
 #define VMRT_MAX_ARGS   4096u
@@ -100,6 +102,9 @@ struct vmrt_run {
 	int has_time;
 	uint64_t time_ns;
 	int readonly;
+	int has_caps;     /* CAPS record given */
+	uint64_t caps;    /* capabilities to keep (bit N = capability N) */
+	int no_new_privs; /* NO_NEW_PRIVS record given */
 	char strings[VMRT_MAX_PAYLOAD];
 };
 

@@ -108,3 +108,16 @@ def test_references() -> None:
     for bad in ("UPPER", "a b", "", "x:", "busybox@sha256:12"):
         with pytest.raises(UsageError):
             reference.parse(bad)
+
+
+@pytest.mark.parametrize("symlink_first", [True, False])
+def test_directory_entry_never_changes_a_symlink_target(tmp_path: Path, symlink_first: bool) -> None:
+    dest, victim = tmp_path / "root", tmp_path / "victim"
+    dest.mkdir()
+    victim.mkdir(mode=0o700)
+    d = _entry("foo", tarfile.DIRTYPE)
+    d.mode, d.uid = 0o777, 4242
+    link = _entry("foo", tarfile.SYMTYPE, str(victim))
+    unpack.extract(_tar([link, d] if symlink_first else [d, link]), dest)
+    st = victim.stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o700, 0)

@@ -65,7 +65,7 @@ def test_run_decoder_raises_only_protocol_error(data: bytes) -> None:
 def test_run_round_trip(args: list[str], env: list[str], uid: int, stdin: bool,
                         tty: tuple[int, int] | None) -> None:
     spec = P.RunSpec(args=args, env=env, uid=uid, gid=uid, groups=[1, 2], stdin=stdin, tty=tty,
-                     time_ns=123, cwd="/w", hostname="h", readonly=True)
+                     time_ns=123, cwd="/w", hostname="h", readonly=True, caps=uid, no_new_privs=stdin)
     frame = P.encode_run(spec)
     (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(frame))
     assert P.decode_run(fr.payload) == spec

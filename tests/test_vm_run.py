@@ -10,6 +10,7 @@ import pty
 import select
 import signal
 import struct
+import subprocess
 import termios
 import time
 from pathlib import Path
@@ -406,3 +407,51 @@ def test_workdir_through_leaked_fd_is_refused(vmrt: Vmrt) -> None:
     r = vmrt(*RUN, "-w", "/proc/self/fd/3", "busybox", "pwd")
     assert r.returncode == 125
     assert "chdir" in one_line_error(r.stderr)
+
+
+def test_docker_default_capabilities_and_no_new_privs(vmrt: Vmrt) -> None:
+    r = vmrt(*RUN, "busybox", "grep", "-E", "^(CapBnd|CapEff|NoNewPrivs)", "/proc/self/status")
+    fields = dict(line.split(":\t") for line in r.stdout.decode().splitlines())
+    assert fields["CapBnd"] == fields["CapEff"] == "00000000a80425fb"  # Docker's default set
+    assert fields["NoNewPrivs"] == "1"
+    r = vmrt(*RUN, "-u", "vmrt", "busybox", "grep", "^CapEff", "/proc/self/status")
+    assert r.stdout.decode().split()[1] == "0000000000000000"
+
+
+def test_stdin_that_cannot_be_polled(vmrt: Vmrt) -> None:
+    with open("/dev/null", "rb") as devnull:
+        p = vmrt.popen(*RUN, "-i", "busybox", "sh", "-c", "cat; echo eof", stdin=devnull)
+        out, err = p.communicate(timeout=120)
+    assert (p.returncode, out) == (0, b"eof\n"), err
+
+
+def test_large_stdin_is_relayed_with_backpressure(vmrt: Vmrt, tmp_path: Path) -> None:
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(1 << 20) * 6)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    with open(src, "rb") as f:
+        p = vmrt.popen(*RUN, "-i", "busybox", "sh", "-c", "sleep 2; sha256sum", stdin=f)
+        out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert out.split()[0].decode() == digest
+
+
+def test_one_stop_signal_is_bounded_by_stop_grace(vmrt: Vmrt) -> None:
+    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000",
+                   env={"VMRT_TIMEOUT_STOP_GRACE": "1"})
+    try:
+        read_until(p.stdout, b"ready")
+        p.send_signal(signal.SIGTERM)   # ignored by PID 1 sleep, then killed after the grace
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 137
+    assert "no exit 1s after signal 15" in one_line_error(err)
+
+
+def test_non_utf8_argument_is_a_usage_error(vmrt: Vmrt) -> None:
+    r = subprocess.run([*vmrt.cmd(*RUN, "busybox", "echo"), b"\xff"], capture_output=True,
+                       env=vmrt.env, stdin=subprocess.DEVNULL, timeout=60)
+    assert r.returncode == 125
+    assert "UTF-8" in one_line_error(r.stderr)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,26 @@ DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CA
 MASKED = ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
           "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
           "/sys/firmware", "/sys/devices/virtual/powercap"]
+CAP_NUMBERS = {name: i for i, name in enumerate((
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"))}
+
+
+def cap_mask(names: list[str]) -> int:
+    mask = 0
+    for n in names:
+        if n not in CAP_NUMBERS:
+            raise UsageError(f"unknown capability {n!r}")
+        mask |= 1 << CAP_NUMBERS[n]
+    return mask
+
+
 READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 _ENV_KEY = re.compile(r"^[^=\0]+$")
 
@@ -109,23 +130,47 @@ class User:
     home: str
 
 
-def _read_db(root: Path, path: str) -> list[list[str]]:
+MAX_DB_BYTES = 4 << 20
+
+
+def _read_db(root: Path, path: str, numeric: tuple[int, ...]) -> list[list[str]]:
+    """Lines of an image's passwd/group file; only a regular file, read bounded."""
     p = resolve_in_root(str(root), path)
     try:
-        with open(p, errors="replace") as f:
-            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return []
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        data = os.read(fd, MAX_DB_BYTES)
+    finally:
+        os.close(fd)
+    rows = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        fields = line.split(":")
+        if not line.strip() or line.startswith("#") or len(fields) <= max(numeric):
+            continue
+        if all(fields[i].isdigit() and int(fields[i]) <= 0xFFFFFFFE for i in numeric):
+            rows.append(fields)
+    return rows
 
 
-def resolve_user(root: Path, spec: str) -> User:
-    """Docker's rules for ``-u user[:group]`` against the image's files."""
+def resolve_user(root: Path | tuple[Path, Path], spec: str) -> User:
+    """Docker's rules for ``-u user[:group]`` against the image's files.
+
+    ``root`` is the image root, or a pair of roots (where /etc/passwd and
+    /etc/group are found, for images whose layers split them)."""
+    passwd_root, group_root = root if isinstance(root, tuple) else (root, root)
     user, _, group = spec.partition(":")
-    passwd = [e for e in _read_db(root, "/etc/passwd") if len(e) >= 7]
-    groups = [e for e in _read_db(root, "/etc/group") if len(e) >= 3]
+    passwd = [e for e in _read_db(passwd_root, "/etc/passwd", (2, 3)) if len(e) >= 7]
+    groups = [e for e in _read_db(group_root, "/etc/group", (2,))]
     uid, gid, home, uname = 0, 0, "/", None
     if user == "":
         user = "0"
+    for part in (user, group):
+        if part.isdigit() and int(part) > 0xFFFFFFFE:
+            raise UsageError(f"user {spec!r} is out of range")
     if user.isdigit():
         uid = int(user)
         for e in passwd:
@@ -173,7 +218,7 @@ def process_args(image_cfg: dict[str, Any], opts: RunOptions) -> list[str]:
     return args
 
 
-def make_config(image_cfg: dict[str, Any], rootfs: Path, opts: RunOptions, container_id: str,
+def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opts: RunOptions, container_id: str,
                 isolation: str) -> dict[str, Any]:
     args = process_args(image_cfg, opts)
     cwd = opts.workdir or image_cfg.get("WorkingDir") or "/"

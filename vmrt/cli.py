@@ -73,6 +73,11 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
     """Run a command in a new container."""
     from . import runner
     cfg = _cfg(ctx)
+    for arg in (image, *command, *env, workdir or "", user or "", hostname or "", entrypoint or ""):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"argument is not valid UTF-8: {arg!r}") from None
     iso = config_mod.normalize_isolation(isolation) or cfg.isolation
     if tty and interactive and not os.isatty(0):
         raise UsageError("the input device is not a TTY")

@@ -49,7 +49,8 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
     store = Store(cfg.root)
     image = store.get(opts.image)
     layers = image.layer_dirs()
-    user_root = _LayeredRoot(layers).pick("/etc/passwd")
+    lookup = _LayeredRoot(layers)
+    user_root = (lookup.pick("/etc/passwd"), lookup.pick("/etc/group"))
     state = State(cfg.db_path)
     try:
         args = bundle.process_args(image.runtime_config, opts)

@@ -103,8 +103,9 @@ class State:
 
     def get(self, ref: str) -> Container:
         rows = self.db.execute("SELECT * FROM containers WHERE name=? OR id=?", (ref, ref)).fetchall()
-        if not rows and len(ref) >= 3:
-            rows = self.db.execute("SELECT * FROM containers WHERE id LIKE ?", (ref + "%",)).fetchall()
+        if not rows and len(ref) >= 3 and all(c in "0123456789abcdef" for c in ref):
+            rows = self.db.execute("SELECT * FROM containers WHERE substr(id, 1, ?) = ?",
+                                   (len(ref), ref)).fetchall()
         if not rows:
             raise StateError(f"No such container: {ref}")
         if len(rows) > 1:

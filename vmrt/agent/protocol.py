@@ -52,6 +52,8 @@ class Tag(enum.IntEnum):
     TIME = 10
     ROOTFS = 11
     READONLY = 12
+    CAPS = 13
+    NO_NEW_PRIVS = 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +198,8 @@ class RunSpec:
     time_ns: int | None = None
     rootfs_tag: str = "rootfs"
     readonly: bool = False
+    caps: int | None = None          # capability bitmask to keep; None: leave as is
+    no_new_privs: bool = False
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -232,6 +236,10 @@ def encode_run(spec: RunSpec) -> bytes:
     out += _str(Tag.ROOTFS, spec.rootfs_tag)
     if spec.readonly:
         out += _rec(Tag.READONLY, b"")
+    if spec.caps is not None:
+        out += _rec(Tag.CAPS, struct.pack(">Q", spec.caps))
+    if spec.no_new_privs:
+        out += _rec(Tag.NO_NEW_PRIVS, b"")
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -281,6 +289,12 @@ def decode_run(p: bytes) -> RunSpec:
             spec.rootfs_tag = _text(v, "ROOTFS")
         elif tag == Tag.READONLY:
             spec.readonly = True
+        elif tag == Tag.CAPS:
+            if ln != 8:
+                raise ProtocolError("CAPS must be 8 bytes")
+            spec.caps = struct.unpack(">Q", v)[0]
+        elif tag == Tag.NO_NEW_PRIVS:
+            spec.no_new_privs = True
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")

@@ -10,9 +10,11 @@ whatever happened, and every wait is bounded by a configurable timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -22,7 +24,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, kernel, rootfs
+from .. import agentbuild, bundle, kernel, rootfs
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
@@ -34,6 +36,8 @@ LOG = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STDIN_HIGH, STDIN_LOW = 1 << 20, 256 << 10
+CONSOLE_LOG_MAX = 1 << 20
 KERNEL_UP_MARK = b"vmrt-agent: init"
 
 
@@ -42,7 +46,10 @@ def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
     proc = config["process"]
     user = proc.get("user", {})
     size = proc.get("consoleSize") or {}
+    caps = proc.get("capabilities")
     return P.RunSpec(
+        caps=bundle.cap_mask(caps.get("bounding", [])) if caps is not None else None,
+        no_new_privs=bool(proc.get("noNewPrivileges")),
         args=list(proc["args"]), env=list(proc.get("env", [])), cwd=proc.get("cwd", "/"),
         hostname=config.get("hostname") or "vmrt", uid=int(user.get("uid", 0)),
         gid=int(user.get("gid", 0)), groups=[int(g) for g in user.get("additionalGids", [])],
@@ -73,7 +80,16 @@ class _Session:
         self.hello: asyncio.Future[P.Hello]
         self.started: asyncio.Future[int]
         self.exited: asyncio.Future[P.Exit]
-        self.sendq: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # frames to the agent: control (RUN, SIGNAL, RESIZE, SHUTDOWN) go before stdin data,
+        # and stdin is read only while less than STDIN_HIGH bytes wait to be sent
+        self.ctlq: collections.deque[bytes | None] = collections.deque()
+        self.dataq: collections.deque[bytes] = collections.deque()
+        self.data_bytes = 0
+        self.wake = asyncio.Event()
+        self.data_room = asyncio.Event()
+        self.data_room.set()
+        self.stdin_reader_paused = False
+        self.force_timer: asyncio.TimerHandle | None = None
         self.console_tail = bytearray()
         self.stop_signals = 0
         self.vm: QemuVM | None = None
@@ -100,19 +116,20 @@ class _Session:
                     self.decoder.close()
                     raise await self._channel_closed_error()
                 for fr in self.decoder.feed(data):
-                    self._dispatch(fr)
+                    if fr.type in (P.Msg.STDOUT, P.Msg.STDERR):
+                        # a slow reader of our stdout must not stall signals and timeouts
+                        self.ctx.timings.mark("first-output")
+                        fd = self.ctx.stdout_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
+                        await asyncio.to_thread(_write_all, fd, fr.payload)
+                    else:
+                        self._dispatch(fr)
         except (VmrtError, OSError) as e:
             if isinstance(e, OSError):
                 e = AgentError(f"guest agent channel: {e.strerror}")
             self._fail_futures(e)
 
     def _dispatch(self, fr: P.Frame) -> None:
-        t = self.ctx.timings
-        if fr.type in (P.Msg.STDOUT, P.Msg.STDERR):
-            t.mark("first-output")
-            fd = self.ctx.stdout_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
-            _write_all(fd, fr.payload)
-        elif fr.type == P.Msg.HELLO:
+        if fr.type == P.Msg.HELLO:
             h = P.decode_hello(fr.payload)
             if h.version != P.VERSION:
                 raise AgentError(f"agent speaks protocol {h.version}, host speaks {P.VERSION}")
@@ -131,14 +148,41 @@ class _Session:
             if not self.exited.done():
                 self.exited.set_result(ex)
 
+    def _send(self, frame: bytes | None) -> None:
+        self.ctlq.append(frame)
+        self.wake.set()
+
+    def _send_stdin(self, frame: bytes) -> None:
+        self.dataq.append(frame)
+        self.data_bytes += len(frame)
+        if self.data_bytes >= STDIN_HIGH:
+            self.data_room.clear()
+        self.wake.set()
+
     async def _writer(self, sock: Any) -> None:
-        while (frame := await self.sendq.get()) is not None:
-            try:
-                await self.loop.sock_sendall(sock, frame)
-            except OSError:
-                return
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.ctlq or self.dataq:
+                if self.ctlq:
+                    frame = self.ctlq.popleft()
+                    if frame is None:
+                        return
+                else:
+                    frame = self.dataq.popleft()
+                    self.data_bytes -= len(frame)
+                    if self.data_bytes <= STDIN_LOW:
+                        self.data_room.set()
+                        if self.stdin_reader_paused:
+                            self.stdin_reader_paused = False
+                            self.loop.add_reader(self.ctx.stdin_fd, self._stdin_readable)
+                try:
+                    await self.loop.sock_sendall(sock, frame)
+                except OSError:
+                    return
 
     async def _read_console(self, sock: Any, log_path: Path) -> None:
+        written = 0
         with open(log_path, "ab") as log:
             while True:
                 try:
@@ -147,8 +191,11 @@ class _Session:
                     return
                 if not data:
                     return
-                log.write(data)
-                log.flush()
+                if written < CONSOLE_LOG_MAX:  # a guest can print without end: keep the head
+                    chunk = data[:CONSOLE_LOG_MAX - written]
+                    log.write(chunk)
+                    log.flush()
+                    written += len(chunk)
                 self.console_tail += data
                 if KERNEL_UP_MARK in self.console_tail:
                     self.ctx.timings.mark("kernel-up")
@@ -199,47 +246,66 @@ class _Session:
             if signo in STOP_SIGNALS:
                 self.stop_signals += 1
                 if self.stop_signals >= 2:
-                    self.sendq.put_nowait(P.encode(P.Msg.SHUTDOWN))
-                    self._fail_futures(VmrtError("killed: second stop signal", exit_code=137))
+                    self._force_kill("a second stop signal")
                     return
-            self.sendq.put_nowait(P.encode_signal(signo))
+                if self.force_timer is None:  # bounded, like `docker stop`
+                    grace = self.cfg.timeouts.stop_grace
+                    self.force_timer = self.loop.call_later(
+                        grace, self._force_kill, f"no exit {grace:g}s after signal {signo}")
+            self._send(P.encode_signal(signo))
         else:
             self._fail_futures(VmrtError(f"interrupted by signal {signo}", exit_code=128 + signo))
+
+    def _force_kill(self, why: str) -> None:
+        self._send(P.encode(P.Msg.SHUTDOWN))
+        self._fail_futures(VmrtError(f"container killed: {why}", exit_code=137))
 
     def _on_winch(self) -> None:
         try:
             sz = os.get_terminal_size(self.ctx.stdout_fd)
         except OSError:
             return
-        self.sendq.put_nowait(P.encode_resize(sz.lines, sz.columns))
+        self._send(P.encode_resize(sz.lines, sz.columns))
 
     def _start_stdin(self) -> None:
         fd = self.ctx.stdin_fd
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-            self._spawn(self._stdin_file(fd))
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            self._spawn(self._stdin_thread(fd))
             return
         os.set_blocking(fd, False)
         self._stdin_blocking_restore = True
+        try:
+            self.loop.add_reader(fd, self._stdin_readable)
+        except PermissionError:  # not pollable (e.g. /dev/null): read it in a thread
+            os.set_blocking(fd, True)
+            self._stdin_blocking_restore = False
+            self._spawn(self._stdin_thread(fd))
 
-        def readable() -> None:
-            try:
-                data = os.read(fd, 32768)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if data:
-                self.sendq.put_nowait(P.encode(P.Msg.STDIN, data))
-            else:
+    def _stdin_readable(self) -> None:
+        fd = self.ctx.stdin_fd
+        try:
+            data = os.read(fd, 32768)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._send_stdin(P.encode(P.Msg.STDIN, data))
+            if self.data_bytes >= STDIN_HIGH:
                 self.loop.remove_reader(fd)
-                self.sendq.put_nowait(P.encode(P.Msg.STDIN_CLOSE))
-        self.loop.add_reader(fd, readable)
+                self.stdin_reader_paused = True
+        else:
+            self.loop.remove_reader(fd)
+            self._send_stdin(P.encode(P.Msg.STDIN_CLOSE))
 
-    async def _stdin_file(self, fd: int) -> None:
-        while data := await asyncio.to_thread(os.read, fd, 32768):
-            self.sendq.put_nowait(P.encode(P.Msg.STDIN, data))
-        self.sendq.put_nowait(P.encode(P.Msg.STDIN_CLOSE))
+    async def _stdin_thread(self, fd: int) -> None:
+        while True:
+            await self.data_room.wait()
+            data = await asyncio.to_thread(os.read, fd, 32768)
+            if not data:
+                break
+            self._send_stdin(P.encode(P.Msg.STDIN, data))
+        self._send_stdin(P.encode(P.Msg.STDIN_CLOSE))
 
     # --- the run ----------------------------------------------------------------
     async def run(self) -> int:
@@ -321,7 +387,7 @@ class _Session:
         if proc.get("terminal") and os.isatty(ctx.stdout_fd):
             sz = os.get_terminal_size(ctx.stdout_fd)
             proc["consoleSize"] = {"height": sz.lines, "width": sz.columns}
-        self.sendq.put_nowait(P.encode_run(run_spec(ctx.config, stdin_open)))
+        self._send(P.encode_run(run_spec(ctx.config, stdin_open)))
         await self._wait(self.started, cfg.timeouts.start, "the container process to start")
         t.mark("process-started")
         if proc.get("terminal"):
@@ -338,7 +404,9 @@ class _Session:
 
     async def _teardown_vm(self) -> None:
         self._restore_terminal()
-        self.sendq.put_nowait(None)
+        if self.force_timer is not None:
+            self.force_timer.cancel()
+        self._send(None)
         if self.vm is not None:
             await self.vm.shutdown()
         for task in self.tasks:
@@ -349,8 +417,7 @@ class _Session:
             for n in ("console.log", "qemu.log", "virtiofsd.log"):
                 p = self.ctx.bundle_dir / n
                 if p.exists():
-                    os.replace(p, self.ctx.log_dir / n) if p.stat().st_dev == self.ctx.log_dir.stat().st_dev \
-                        else self.ctx.log_dir.joinpath(n).write_bytes(p.read_bytes())
+                    shutil.move(p, self.ctx.log_dir / n)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -105,7 +105,7 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
                 os.mknod(victim, stat.S_IFCHR | 0o000, os.makedev(0, 0))
                 continue
             if m.isdir():
-                if os.path.lexists(path) and not os.path.isdir(path):
+                if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
                     _remove(path)
                 os.makedirs(path, exist_ok=True)
                 dirs.append((path, m))
@@ -142,7 +142,14 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
         raise ImageError(f"cannot extract layer: {e}") from e
     finally:
         tf.close()
-    for path, m in reversed(dirs):
-        os.chown(path, m.uid, m.gid)
-        os.chmod(path, m.mode & 0o7777)
-        os.utime(path, (m.mtime, m.mtime))
+    for path, m in reversed(dirs):  # a later entry may have replaced it: never follow a link
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            os.fchown(fd, m.uid, m.gid)
+            os.fchmod(fd, m.mode & 0o7777)
+            os.utime(fd, (m.mtime, m.mtime))
+        finally:
+            os.close(fd)

@@ -111,6 +111,8 @@ class QemuVM:
                 self.proc = procs.spawn(cmd, pass_fds=tuple(fds.values()), stdout=err.fileno(),
                                         stderr=err.fileno(), cwd=str(self.spec.virtiofs_socket.parent))
         except OSError as e:
+            for a, _b in pairs.values():
+                a.close()
             raise LaunchError(f"cannot start QEMU: {e.strerror}", command=cmd) from e
         finally:
             for _a, b in pairs.values():
