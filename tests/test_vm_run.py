@@ -455,3 +455,11 @@ def test_non_utf8_argument_is_a_usage_error(vmrt: Vmrt) -> None:
                        env=vmrt.env, stdin=subprocess.DEVNULL, timeout=60)
     assert r.returncode == 125
     assert "UTF-8" in one_line_error(r.stderr)
+
+
+def test_guest_kernel_panic_is_reported_as_failure(vmrt: Vmrt) -> None:
+    # no init in the initramfs: the guest kernel panics; panic=-1 + -no-reboot end QEMU
+    r = vmrt(*RUN, "busybox", "true", env={"VMRT_KERNEL_CMDLINE": "rdinit=/no-such-init"})
+    assert r.returncode == 125
+    line = one_line_error(r.stderr)
+    assert "VM stopped before the container exited" in line and "panic" in line.lower()

@@ -203,7 +203,11 @@ class _Session:
 
     def _vm_gone(self, status: int) -> AgentError:
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-        tail = self.console_tail.decode(errors="replace").strip().splitlines()[-3:]
+        console = self.console_tail.decode(errors="replace")
+        panic = [ln.split("]", 1)[-1].strip() for ln in console.splitlines() if "Kernel panic" in ln]
+        if panic:
+            return AgentError(f"the VM stopped before the container exited: guest {panic[-1]}")
+        tail = console.strip().splitlines()[-3:]
         return AgentError(f"the VM stopped before the container exited (qemu {how})"
                           + (f"; console: {' | '.join(tail)}" if tail else ""))
 
