@@ -73,6 +73,8 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
     """Run a command in a new container."""
     from . import runner
     cfg = _cfg(ctx)
+    if os.geteuid() != 0:
+        raise UsageError("vmrt run needs root for now (it mounts the image and starts virtiofsd)")
     for arg in (image, *command, *env, workdir or "", user or "", hostname or "", entrypoint or ""):
         try:
             arg.encode("utf-8")
