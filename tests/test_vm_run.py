@@ -13,6 +13,7 @@ import struct
 import subprocess
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,19 @@ def read_until(stream, needle: bytes, timeout: float = 120) -> bytes:  # type: i
                 break
             buf += chunk
     return buf
+
+
+@contextlib.contextmanager
+def ready(vmrt: Vmrt, *args: str, **kw: object) -> Iterator[subprocess.Popen[bytes]]:
+    """A `vmrt run` that has printed "ready"; killed on the way out if still running."""
+    p = vmrt.popen(*args, **kw)
+    try:
+        read_until(p.stdout, b"ready")
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def tree_digest(root: Path) -> str:
@@ -145,30 +159,20 @@ def test_entrypoint_override(vmrt: Vmrt) -> None:
 
 
 def test_signal_to_vmrt_reaches_the_process(vmrt: Vmrt) -> None:
-    p = vmrt.popen(*RUN, "busybox", "sh", "-c",
-                   'trap "echo got TERM; exit 7" TERM; echo ready; while true; do sleep 0.2; done')
-    try:
-        read_until(p.stdout, b"ready")
+    with ready(vmrt, *RUN, "busybox", "sh", "-c",
+                     'trap "echo got TERM; exit 7" TERM; echo ready; while true; do sleep 0.2; done') as p:
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 7, err
     assert b"got TERM" in out
 
 
 def test_two_stop_signals_kill_and_tear_down(vmrt: Vmrt) -> None:
-    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000")
-    try:
-        read_until(p.stdout, b"ready")
+    with ready(vmrt, *RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000") as p:
         p.send_signal(signal.SIGTERM)   # sleep as PID 1 ignores it, as in Docker
         time.sleep(1)
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 137
 
 
@@ -258,17 +262,12 @@ def test_named_container_lifecycle(vmrt: Vmrt) -> None:
 
 
 def test_vmm_killed_is_reported_as_failure(vmrt: Vmrt) -> None:
-    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000")
-    try:
-        read_until(p.stdout, b"ready")
+    with ready(vmrt, *RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000") as p:
         qemu = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmd(pid).startswith("qemu-system")
                 and str(vmrt.run_root) in _cmd(pid)]
         assert len(qemu) == 1
         os.kill(int(qemu[0]), signal.SIGKILL)
         _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode not in (0, None)
     assert "VM stopped before the container exited" in one_line_error(err)
 
@@ -372,32 +371,22 @@ def _pids_of(vmrt: Vmrt, needle: str) -> list[int]:
 
 
 def test_virtiofsd_death_fails_the_container_cleanly(vmrt: Vmrt) -> None:
-    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; sleep 1000")
-    try:
-        read_until(p.stdout, b"ready")
+    with ready(vmrt, *RUN, "busybox", "sh", "-c", "echo ready; sleep 1000") as p:
         for pid in _pids_of(vmrt, "virtiofsd"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 125
     assert "virtiofsd stopped" in one_line_error(err)
 
 
 def test_rm_force_kills_a_running_container(vmrt: Vmrt) -> None:
-    p = vmrt.popen("run", "--name", "victim", "busybox", "sh", "-c", "echo ready; sleep 1000")
-    try:
-        read_until(p.stdout, b"ready")
+    with ready(vmrt, "run", "--name", "victim", "busybox", "sh", "-c", "echo ready; sleep 1000") as p:
         r = vmrt("rm", "victim")
         assert r.returncode != 0 and b"use -f" in r.stderr
         r = vmrt("rm", "-f", "victim")
         assert r.returncode == 0, r.stderr
         p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode not in (0, None)
     assert "victim" not in vmrt("ps", "-a").stdout.decode()
 
@@ -437,15 +426,10 @@ def test_large_stdin_is_relayed_with_backpressure(vmrt: Vmrt, tmp_path: Path) ->
 
 
 def test_one_stop_signal_is_bounded_by_stop_grace(vmrt: Vmrt) -> None:
-    p = vmrt.popen(*RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000",
-                   env={"VMRT_TIMEOUT_STOP_GRACE": "1"})
-    try:
-        read_until(p.stdout, b"ready")
+    with ready(vmrt, *RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000",
+                     env={"VMRT_TIMEOUT_STOP_GRACE": "1"}) as p:
         p.send_signal(signal.SIGTERM)   # ignored by PID 1 sleep, then killed after the grace
         _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 137
     assert "no exit 1s after signal 15" in one_line_error(err)
 

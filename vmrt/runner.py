@@ -66,7 +66,7 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
                 bundle.write(log_dir, config)
             state.set_fields(c, run_dir=str(run_dir))
             state.transition(c, Status.RUNNING)
-            ctx = RunContext(cfg, state, c, image, run_dir, config, timings, log_dir=log_dir)
+            ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, log_dir=log_dir)
             status = driver.run(ctx)
             return status
         except VmrtError as e:

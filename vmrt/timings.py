@@ -42,9 +42,6 @@ class Timings:
         t = self.marks.get(phase)
         return None if t is None else (t - self.t0) / 1e6
 
-    def as_dict(self) -> dict[str, float | None]:
-        return {"cli-start": 0.0} | {p: self.ms(p) for p in PHASES if p in self.marks}
-
     def report(self, out=sys.stderr) -> None:  # type: ignore[no-untyped-def]
         info = " ".join(f"{k}={v}" for k, v in self.info.items())
         print(f"vmrt timings (ms since the vmrt process started){': ' + info if info else ''}", file=out)

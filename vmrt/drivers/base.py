@@ -18,6 +18,7 @@ class RunContext:
     state: State
     container: Container
     image: Image
+    layers: list[Path]          # the image's unpacked layers, lowest first
     bundle_dir: Path            # per-container runtime dir holding config.json
     config: dict[str, Any]      # the bundle's OCI config
     timings: Timings

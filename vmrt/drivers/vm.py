@@ -89,6 +89,7 @@ class _Session:
         self.data_room = asyncio.Event()
         self.data_room.set()
         self.stdin_reader_paused = False
+        self.stdin_made_nonblocking = False
         self.force_timer: asyncio.TimerHandle | None = None
         self.console_tail = bytearray()
         self.stop_signals = 0
@@ -277,12 +278,12 @@ class _Session:
             self._spawn(self._stdin_thread(fd))
             return
         os.set_blocking(fd, False)
-        self._stdin_blocking_restore = True
+        self.stdin_made_nonblocking = True
         try:
             self.loop.add_reader(fd, self._stdin_readable)
         except PermissionError:  # not pollable (e.g. /dev/null): read it in a thread
             os.set_blocking(fd, True)
-            self._stdin_blocking_restore = False
+            self.stdin_made_nonblocking = False
             self._spawn(self._stdin_thread(fd))
 
     def _stdin_readable(self) -> None:
@@ -332,7 +333,7 @@ class _Session:
         if self.tty_restore is not None:
             termios.tcsetattr(self.ctx.stdin_fd, termios.TCSADRAIN, self.tty_restore)
             self.tty_restore = None
-        if getattr(self, "_stdin_blocking_restore", False):
+        if self.stdin_made_nonblocking:
             with contextlib.suppress(OSError):
                 self.loop.remove_reader(self.ctx.stdin_fd)
                 os.set_blocking(self.ctx.stdin_fd, True)
@@ -352,9 +353,8 @@ class _Session:
             print(f"vmrt: notice: {acc.reason}", file=sys.stderr, flush=True)
         t.info.update(accel=acc.name, machine=cfg.machine, kernel=build_id)
         bdir = ctx.bundle_dir
-        layers = await asyncio.to_thread(ctx.image.layer_dirs)
         root = bdir / "rootfs"
-        rootfs.mount_readonly(layers, root)
+        rootfs.mount_readonly(ctx.layers, root)
         stack.callback(rootfs.umount, root)
 
         # virtiofsd derives its pid file from the socket name: keep it unique per container
