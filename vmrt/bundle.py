@@ -70,6 +70,16 @@ class RunOptions:
     name: str | None = None
     rm: bool = False
     readonly: bool = False
+    pids_limit: int | None = None
+    mounts: list[Any] = dataclasses.field(default_factory=list)  # volumes.Mount
+
+
+def parse_pids(value: str) -> int | None:
+    try:
+        v = int(value)
+    except ValueError:
+        raise UsageError(f"invalid value for --pids-limit: {value!r}") from None
+    return None if v <= 0 else v  # Docker: 0 or -1 means unlimited
 
 
 def parse_memory(value: str) -> int:
@@ -242,7 +252,20 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         resources["memory"] = {"limit": opts.memory_bytes}
     if opts.cpus:
         resources["cpu"] = {"period": 100000, "quota": int(opts.cpus * 100000)}
+    if opts.pids_limit:
+        resources["pids"] = {"limit": opts.pids_limit}
+    resources["devices"] = [{"allow": False, "access": "rwm"}]  # the runtime adds the default devices
     caps = list(DEFAULT_CAPS)
+    linux: dict[str, Any] = {
+        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+        "resources": resources,
+        "maskedPaths": MASKED,
+        "readonlyPaths": READONLY,
+    }
+    if isolation == "process":
+        from . import cgroups, seccomp
+        linux["cgroupsPath"] = cgroups.runtime_path(container_id)
+        linux["seccomp"] = seccomp.default_profile(caps)
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -259,28 +282,31 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         },
         "root": {"path": "rootfs", "readonly": opts.readonly},
         "hostname": hostname,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-        ],
+        "mounts": [*DEFAULT_MOUNTS, *(m.oci() for m in opts.mounts)],
         "annotations": {"org.vmrt.isolation": isolation, "org.vmrt.image": opts.image,
                         "org.vmrt.stdin": "true" if opts.interactive else "false"},
-        "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-            "resources": resources,
-            "maskedPaths": MASKED,
-            "readonlyPaths": READONLY,
-        },
+        "linux": linux,
     }
+
+
+# the mounts every container gets; user mounts (volumes) follow them in config.json
+DEFAULT_MOUNTS: list[dict[str, Any]] = [
+    {"destination": "/proc", "type": "proc", "source": "proc"},
+    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+     "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+    {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+     "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+    {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+     "options": ["nosuid", "noexec", "nodev"]},
+    {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+     "options": ["nosuid", "noexec", "nodev", "ro"]},
+]
+
+
+def user_mounts(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(config.get("mounts", [])[len(DEFAULT_MOUNTS):])
 
 
 def write(bundle_dir: Path, config: dict[str, Any]) -> Path:

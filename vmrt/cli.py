@@ -16,7 +16,8 @@ import click
 from . import __version__, agentbuild
 from . import config as config_mod
 from . import kernel as kernel_mod
-from .bundle import RunOptions, parse_cpus, parse_memory
+from . import volumes as volumes_mod
+from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
 from .errors import UsageError, VmrtError
 from .paths import source_root
 from .timings import Timings
@@ -56,8 +57,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--entrypoint", help="Overwrite the default ENTRYPOINT of the image.")
 @click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open.")
 @click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY.")
-@click.option("-m", "--memory", help="Memory limit (e.g. 512m); in VM mode the VM's RAM.")
-@click.option("--cpus", help="Number of CPUs; in VM mode the vCPU count (rounded up).")
+@click.option("-m", "--memory", help="Memory limit (e.g. 512m); in VM mode also sizes the VM.")
+@click.option("--cpus", help="Number of CPUs; in VM mode also the vCPU count (rounded up).")
+@click.option("--pids-limit", help="Tune the container's pids limit (-1 for unlimited).")
+@click.option("-v", "--volume", "volumes", multiple=True, help="Bind mount a volume (HOST:CONTAINER[:ro]).")
+@click.option("--mount", "mounts", multiple=True,
+              help="Attach a mount (type=bind|tmpfs,source=..,target=..[,readonly]).")
+@click.option("--tmpfs", "tmpfs", multiple=True, help="Mount a tmpfs (CONTAINER[:size=64m,mode=1777]).")
+@click.option("--runtime", help="OCI runtime for --isolation=process (runc, crun or a path; default auto).")
 @click.option("--isolation", default="default", show_default=True,
               help="vm (alias hyperv), process or default (config / $VMRT_ISOLATION).")
 @click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
@@ -68,14 +75,16 @@ def main(ctx: click.Context, debug: bool) -> None:
 def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name: str | None,
         env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None,
         hostname: str | None, entrypoint: str | None, interactive: bool, tty: bool,
-        memory: str | None, cpus: str | None, isolation: str, read_only: bool, accel: str | None,
-        kernel: Path | None, show_timings: bool) -> None:
+        memory: str | None, cpus: str | None, pids_limit: str | None, volumes: tuple[str, ...],
+        mounts: tuple[str, ...], tmpfs: tuple[str, ...], runtime: str | None, isolation: str,
+        read_only: bool, accel: str | None, kernel: Path | None, show_timings: bool) -> None:
     """Run a command in a new container."""
     from . import runner
     cfg = _cfg(ctx)
     if os.geteuid() != 0:
         raise UsageError("vmrt run needs root for now (it mounts the image and starts virtiofsd)")
-    for arg in (image, *command, *env, workdir or "", user or "", hostname or "", entrypoint or ""):
+    for arg in (image, *command, *env, workdir or "", user or "", hostname or "", entrypoint or "",
+                *volumes, *mounts, *tmpfs):
         try:
             arg.encode("utf-8")
         except UnicodeEncodeError:
@@ -92,11 +101,15 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         env_files=list(env_file), workdir=workdir, user=user, hostname=hostname,
         interactive=interactive, tty=tty, tty_size=size,
         memory_bytes=parse_memory(memory) if memory else None,
-        cpus=parse_cpus(cpus) if cpus else None, name=name, rm=rm, readonly=read_only)
+        cpus=parse_cpus(cpus) if cpus else None, name=name, rm=rm, readonly=read_only,
+        pids_limit=parse_pids(pids_limit) if pids_limit else None,
+        mounts=[*map(volumes_mod.parse_volume, volumes), *map(volumes_mod.parse_mount, mounts),
+                *map(volumes_mod.parse_tmpfs, tmpfs)])
+    volumes_mod.check_unique(opts.mounts)
     if kernel is not None and not kernel.is_file():
         raise UsageError(f"kernel {kernel} not found")
     try:
-        status = runner.run(cfg, opts, iso, accel=accel, kernel=kernel, timings=TIMINGS)
+        status = runner.run(cfg, opts, iso, accel=accel, kernel=kernel, timings=TIMINGS, runtime=runtime)
     finally:
         if show_timings:
             TIMINGS.report()
@@ -139,7 +152,8 @@ def ps(ctx: click.Context, show_all: bool) -> None:
                 continue
             status = c.status.value
             if c.status == Status.EXITED:
-                status = f"Exited ({c.exit_code}) {_ago(int(c.finished or 0))}"
+                oom = ", OOM killed" if c.oom_killed else ""
+                status = f"Exited ({c.exit_code}{oom}) {_ago(int(c.finished or 0))}"
             cmd = " ".join(c.command)
             cmd = cmd if len(cmd) <= 22 else cmd[:21] + "…"
             click.echo(f"{c.id[:12]:<14} {c.image:<20} {cmd:<24} {c.isolation:<10} {status:<20} {c.name}")
@@ -163,6 +177,18 @@ def rm(ctx: click.Context, containers: tuple[str, ...], force: bool) -> None:
             failed = True
     if failed:
         ctx.exit(1)
+
+
+def _runtime_line(cfg: config_mod.Config) -> str:
+    from . import cgroups
+    from .drivers.process import choose_runtime
+    try:
+        rt = choose_runtime(cfg.runtime)
+    except VmrtError as e:
+        return f"missing ({e})"
+    out = subprocess.run([rt, "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+    cg = "v2" if cgroups.is_v2() else "v1"
+    return f"{rt} ({out[0] if out else 'unknown version'}; setting {cfg.runtime}; cgroup {cg})"
 
 
 @main.command()
@@ -195,7 +221,7 @@ def info(ctx: click.Context) -> None:
         ("Machine", cfg.machine),
         ("QEMU", f"{shutil.which(cfg.qemu) or cfg.qemu}: {version([cfg.qemu, '--version'])}"),
         ("virtiofsd", f"{cfg.virtiofsd}: {version([cfg.virtiofsd, '--version'])}"),
-        ("runc", version([cfg.runc, "--version"])),
+        ("Process runtime", _runtime_line(cfg)),
         ("Kernel", kline),
         ("Kernel build id", kidline),
         ("Agent initramfs", initrd),

@@ -48,7 +48,8 @@ class Config:
     initrd: Path | None = None               # overrides the built agent initramfs
     kernel_cmdline: str = ""                 # appended to the guest kernel command line
     kernel_source: Path = Path("/usr/src/linux-source-6.1.tar.xz")
-    runc: str = "runc"
+    runtime: str = "auto"                    # process mode OCI runtime: auto, runc, crun or a path
+    vm_host_overhead_mib: int = 256          # host cgroup memory for QEMU+virtiofsd beyond guest RAM
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 
     @property

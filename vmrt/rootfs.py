@@ -41,6 +41,13 @@ def mount_readonly(layers: list[Path], target: Path) -> None:
         _mount("overlay", str(target), "overlay", MS_RDONLY, f"lowerdir={lower}")
 
 
+def mount_overlay(layers: list[Path], upper: Path, work: Path, target: Path) -> None:
+    """The image's layers read-only under a writable upper: the container's root."""
+    target.mkdir(parents=True, exist_ok=True)
+    lower = ":".join(str(p) for p in reversed(layers))
+    _mount("overlay", str(target), "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+
+
 def umount(target: Path) -> None:
     if _libc.umount2(str(target).encode(), MNT_DETACH) != 0:
         err = ctypes.get_errno()

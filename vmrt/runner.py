@@ -22,11 +22,18 @@ from .timings import Timings
 LOG = logging.getLogger(__name__)
 
 
-def make_driver(isolation: str, *, accel: str | None, kernel: Path | None):  # type: ignore[no-untyped-def]
+def make_driver(isolation: str, *, accel: str | None, kernel: Path | None,  # type: ignore[no-untyped-def]
+                runtime: str = "auto"):
     if isolation == "vm":
         from .drivers.vm import VMDriver
         return VMDriver(accel=accel, kernel_path=kernel)
-    raise VmrtError("--isolation=process is not yet implemented (use --isolation=vm)")
+    from .drivers.process import ProcessDriver
+    return ProcessDriver(runtime)
+
+
+def rw_dir(cfg: Config, container_id: str) -> Path:
+    """A process-mode container's writable layer (on disk, like Docker's)."""
+    return cfg.root / "rw" / container_id
 
 
 class _LayeredRoot:
@@ -43,9 +50,9 @@ class _LayeredRoot:
 
 
 def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = None,
-        kernel: Path | None = None, timings: Timings | None = None) -> int:
+        kernel: Path | None = None, timings: Timings | None = None, runtime: str | None = None) -> int:
     timings = timings or Timings()
-    driver = make_driver(isolation, accel=accel, kernel=kernel)
+    driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime)
     store = Store(cfg.root)
     image = store.get(opts.image)
     layers = image.layer_dirs()
@@ -66,7 +73,8 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
                 bundle.write(log_dir, config)
             state.set_fields(c, run_dir=str(run_dir))
             state.transition(c, Status.RUNNING)
-            ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, log_dir=log_dir)
+            ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, log_dir=log_dir,
+                             rw_dir=rw_dir(cfg, c.id))
             status = driver.run(ctx)
             return status
         except VmrtError as e:
@@ -77,6 +85,7 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
                 state.transition(c, Status.EXITED, exit_code=status, finished=time.time())
             _remove_run_dir(run_dir)
             if opts.rm:
+                shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
                 state.remove(c)
     finally:
         state.close()
@@ -100,6 +109,16 @@ def _kill_recorded(c) -> None:  # type: ignore[no-untyped-def]
             time.sleep(0.02)
 
 
+def _delete_runtime_container(cfg: Config, container_id: str) -> None:
+    import subprocess
+
+    from . import cgroups
+    from .drivers.process import choose_runtime
+    subprocess.run([choose_runtime(cfg.runtime), "--root", str(cfg.run_root / "runtime"), "delete", "--force",
+                    container_id], capture_output=True, check=False)
+    cgroups.remove_tree(cgroups.runtime_path(container_id))
+
+
 def _remove_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         return
@@ -117,11 +136,14 @@ def remove(cfg: Config, ref: str, force: bool) -> str:
         c = state.get(ref)
         if c.status == Status.RUNNING and not force:
             raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")
-        if c.status == Status.RUNNING:
+        if c.status == Status.RUNNING and c.isolation == "process":
+            _delete_runtime_container(cfg, c.id)
+        elif c.status == Status.RUNNING:
             _kill_recorded(c)
         if c.run_dir:
             _remove_run_dir(Path(c.run_dir))
         shutil.rmtree(cfg.root / "containers" / c.id, ignore_errors=True)
+        shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
         state.remove(c)
         return c.name
     finally:

@@ -50,6 +50,7 @@ class Container:
     finished: float | None = None
     pids: dict[str, int] = dataclasses.field(default_factory=dict)
     run_dir: str = ""
+    oom_killed: bool = False
 
 
 class State:
@@ -62,6 +63,10 @@ class State:
             isolation TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
             command TEXT NOT NULL, exit_code INTEGER, finished REAL,
             pids TEXT NOT NULL DEFAULT '{}', run_dir TEXT NOT NULL DEFAULT '')""")
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(containers)")}
+        if "oom_killed" not in cols:  # added with process isolation
+            with contextlib.suppress(sqlite3.OperationalError):  # a concurrent vmrt added it
+                self.db.execute("ALTER TABLE containers ADD COLUMN oom_killed INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -99,7 +104,7 @@ class State:
 
     def _row(self, r: tuple) -> Container:  # type: ignore[type-arg]
         return Container(r[0], r[1], r[2], r[3], Status(r[4]), r[5], json.loads(r[6]), r[7], r[8],
-                         json.loads(r[9]), r[10])
+                         json.loads(r[9]), r[10], bool(r[11]))
 
     def get(self, ref: str) -> Container:
         rows = self.db.execute("SELECT * FROM containers WHERE name=? OR id=?", (ref, ref)).fetchall()
@@ -135,10 +140,11 @@ class State:
     def set_fields(self, c: Container, **fields: object) -> None:
         with self._tx() as db:
             for k, v in fields.items():
-                if k not in ("pids", "run_dir"):
+                if k not in ("pids", "run_dir", "oom_killed"):
                     raise StateError(f"field {k} is not settable")
                 db.execute(f"UPDATE containers SET {k}=? WHERE id=?",
                            (json.dumps(v) if k == "pids" else v, c.id))
+                setattr(c, k, v)
 
     def remove(self, c: Container) -> None:
         with self._tx() as db:

@@ -26,6 +26,7 @@ class RunContext:
     stdout_fd: int = 1
     stderr_fd: int = 2
     log_dir: Path | None = None  # where console/VMM logs are kept after the run
+    rw_dir: Path | None = None   # the container's writable layer (process mode), kept until rm
 
 
 class Driver(Protocol):

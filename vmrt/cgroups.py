@@ -1,0 +1,145 @@
+"""Host cgroups, v1 (per-controller hierarchies, incl. "hybrid") and v2.
+
+Process mode hands its limits to the OCI runtime (runc creates and removes
+``<hierarchy>/vmrt/<id>``); vmrt only reads the OOM count from there. VM mode
+has no runtime to do it: :class:`HostGroup` creates ``vmrt/<id>-vmm`` with the
+limits that bound QEMU and virtiofsd on the host, and removes it at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+from .errors import LaunchError
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "vmrt"
+CONTROLLERS = ("memory", "cpu", "pids")
+
+
+def is_v2(root: Path = ROOT) -> bool:
+    """True on a pure cgroup v2 host (unified hierarchy mounted at the root)."""
+    return (root / "cgroup.controllers").exists()
+
+
+def runtime_path(container_id: str) -> str:
+    """The OCI ``linux.cgroupsPath`` of a process-mode container."""
+    return f"/{PARENT}/{container_id}"
+
+
+def dirs(rel: str, root: Path = ROOT) -> list[Path]:
+    """Every directory a cgroup path names (one on v2, one per controller on v1)."""
+    rel = rel.strip("/")
+    if is_v2(root):
+        return [root / rel]
+    return [root / c / rel for c in CONTROLLERS if (root / c).is_dir()]
+
+
+def oom_kills(rel: str, root: Path = ROOT) -> int:
+    """The OOM-kill count of a cgroup's memory controller (0 if unknown)."""
+    rel = rel.strip("/")
+    f = root / rel / "memory.events" if is_v2(root) else root / "memory" / rel / "memory.oom_control"
+    try:
+        text = f.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == "oom_kill" and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as e:
+        raise LaunchError(f"cgroup {path}: {e.strerror}") from None
+
+
+class HostGroup:
+    """A cgroup for the host processes that serve one VM container."""
+
+    def __init__(self, name: str, *, memory_bytes: int | None, cpus: float | None,
+                 pids: int | None, root: Path = ROOT) -> None:
+        self.rel = f"{PARENT}/{name}"
+        self.root = root
+        self.v2 = is_v2(root)
+        self.memory_bytes, self.cpus, self.pids = memory_bytes, cpus, pids
+        self.created: list[Path] = []
+
+    def create(self) -> None:
+        if self.v2:
+            parent = self.root / PARENT
+            parent.mkdir(exist_ok=True)
+            avail = set((self.root / "cgroup.controllers").read_text().split())
+            want = " ".join(f"+{c}" for c in CONTROLLERS if c in avail)
+            for d in (self.root, parent):
+                _write(d / "cgroup.subtree_control", want)
+        for d in dirs(self.rel, self.root):
+            d.mkdir(parents=True, exist_ok=True)
+            self.created.append(d)
+        self._limits()
+
+    def _limits(self) -> None:
+        mem, period = self.memory_bytes, 100000
+        quota = int(self.cpus * period) if self.cpus else None
+        if self.v2:
+            d = self.root / self.rel
+            if mem:
+                _write(d / "memory.max", str(mem))
+            if quota:
+                _write(d / "cpu.max", f"{quota} {period}")
+            if self.pids:
+                _write(d / "pids.max", str(self.pids))
+            return
+        for d in self.created:
+            ctrl = d.relative_to(self.root).parts[0]
+            if ctrl == "memory" and mem:
+                _write(d / "memory.limit_in_bytes", str(mem))
+            elif ctrl == "cpu" and quota:
+                _write(d / "cpu.cfs_period_us", str(period))
+                _write(d / "cpu.cfs_quota_us", str(quota))
+            elif ctrl == "pids" and self.pids:
+                _write(d / "pids.max", str(self.pids))
+
+    def add(self, pid: int) -> None:
+        for d in self.created:
+            _write(d / "cgroup.procs", str(pid))
+
+    def oom_kills(self) -> int:
+        return oom_kills(self.rel, self.root)
+
+    def remove(self) -> None:
+        """rmdir every directory; waits (bounded) for exiting members to leave."""
+        for d in self.created:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    _kill_members(d)
+                    time.sleep(0.02)
+        self.created = [d for d in self.created if d.exists()]
+
+
+def _kill_members(d: Path) -> None:
+    import signal
+    with contextlib.suppress(OSError):
+        for line in (d / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line), signal.SIGKILL)
+
+
+def remove_tree(rel: str, root: Path = ROOT) -> None:
+    """Best-effort removal of a container's leftover cgroup dirs (``vmrt rm``)."""
+    for d in dirs(rel, root):
+        if d.is_dir():
+            _kill_members(d)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)

@@ -1,0 +1,161 @@
+"""``-v``, ``--mount`` and ``--tmpfs``, parsed as Docker does, into OCI mounts.
+
+Both drivers consume the resulting OCI ``mounts`` entries: runc mounts them
+itself (resolving each destination inside the container root, so a symlink
+there cannot escape it); the VM driver shares bind sources into the guest
+over virtio-fs and the agent mounts them, also resolving in the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+TMPFS_DEFAULTS = ["nosuid", "nodev", "noexec"]
+
+
+@dataclasses.dataclass
+class Mount:
+    type: str           # bind | tmpfs
+    target: str
+    source: str = ""
+    readonly: bool = False
+    options: list[str] = dataclasses.field(default_factory=list)  # tmpfs: size=, mode=
+
+    def oci(self) -> dict[str, Any]:
+        if self.type == "bind":
+            return {"destination": self.target, "type": "bind", "source": self.source,
+                    "options": ["rbind", "rprivate", *(["ro"] if self.readonly else [])]}
+        return {"destination": self.target, "type": "tmpfs", "source": "tmpfs",
+                "options": [*TMPFS_DEFAULTS, *(["ro"] if self.readonly else []), *self.options]}
+
+
+def _target(t: str, what: str) -> str:
+    if not t.startswith("/"):
+        raise UsageError(f"invalid {what}: the container path {t!r} must be absolute")
+    norm = os.path.normpath(t)
+    if norm == "/":
+        raise UsageError(f"invalid {what}: the container path cannot be '/'")
+    if "\0" in t or len(t) > 4096:
+        raise UsageError(f"invalid {what}: bad container path")
+    return norm
+
+
+def _source(s: str, what: str, create: bool) -> str:
+    if not s.startswith("/"):
+        raise UsageError(f"invalid {what}: named volumes are not supported yet; give an absolute host path")
+    p = Path(os.path.normpath(s))
+    if not p.exists():
+        if not create:
+            raise UsageError(f"invalid {what}: bind source path does not exist: {p}")
+        try:
+            p.mkdir(parents=True)
+        except OSError as e:
+            raise UsageError(f"invalid {what}: cannot create {p}: {e.strerror}") from None
+    return str(p)
+
+
+def parse_volume(spec: str) -> Mount:
+    """``-v HOST:CTR[:ro|rw]`` (a missing host directory is created, as Docker does)."""
+    what = f"volume {spec!r}"
+    parts = spec.split(":")
+    if len(parts) == 3:
+        src, tgt, mode = parts
+        modes = set(mode.split(","))
+        if not modes <= {"ro", "rw", "z", "Z", "private", "rprivate"} or {"ro", "rw"} <= modes:
+            raise UsageError(f"invalid {what}: unknown mode {mode!r}")
+        ro = "ro" in modes
+    elif len(parts) == 2:
+        (src, tgt), ro = parts, False
+    else:
+        raise UsageError(f"invalid {what}: use HOST:CONTAINER[:ro]")
+    return Mount("bind", _target(tgt, what), _source(src, what, create=True), ro)
+
+
+_SIZE = re.compile(r"^(\d+)([kmg]?)$", re.I)
+
+
+def _tmpfs_opts(pairs: list[tuple[str, str]], what: str) -> list[str]:
+    out = []
+    for k, v in pairs:
+        if k in ("size", "tmpfs-size"):
+            m = _SIZE.match(v)
+            if not m:
+                raise UsageError(f"invalid {what}: bad size {v!r}")
+            out.append(f"size={m[1]}{m[2].lower()}")
+        elif k in ("mode", "tmpfs-mode"):
+            if not re.fullmatch(r"[0-7]{3,4}", v):
+                raise UsageError(f"invalid {what}: bad mode {v!r}")
+            out.append(f"mode={v}")
+        else:
+            raise UsageError(f"invalid {what}: unknown option {k!r}")
+    return out
+
+
+def parse_tmpfs(spec: str) -> Mount:
+    """``--tmpfs CTR[:size=64m,mode=1777,ro|rw,exec,...]``."""
+    what = f"tmpfs {spec!r}"
+    tgt, _, opts = spec.partition(":")
+    pairs, ro = [], False
+    extra: list[str] = []
+    for o in filter(None, opts.split(",")):
+        k, sep, v = o.partition("=")
+        if not sep:
+            if k in ("ro", "rw"):
+                ro = k == "ro"
+            elif k in ("exec", "noexec", "suid", "nosuid", "dev", "nodev"):
+                extra.append(k)
+            else:
+                raise UsageError(f"invalid {what}: unknown option {k!r}")
+        else:
+            pairs.append((k, v))
+    m = Mount("tmpfs", _target(tgt, what), readonly=ro, options=_tmpfs_opts(pairs, what))
+    for flag in extra:  # a later flag wins over the default (exec over noexec)
+        m.options.append(flag)
+    return m
+
+
+def parse_mount(spec: str) -> Mount:
+    """``--mount type=bind|tmpfs,source=..,target=..[,readonly][,tmpfs-size=..]``."""
+    what = f"--mount {spec!r}"
+    kv: dict[str, str] = {}
+    flags: set[str] = set()
+    for item in filter(None, spec.split(",")):
+        k, sep, v = item.partition("=")
+        k = k.strip().lower()
+        if not sep:
+            flags.add(k)
+        else:
+            kv[k] = v
+    typ = kv.pop("type", "volume")
+    tgt = kv.pop("target", None) or kv.pop("destination", None) or kv.pop("dst", None)
+    if tgt is None:
+        raise UsageError(f"invalid {what}: target is required")
+    ro = bool(flags & {"readonly", "ro"}) or kv.pop("readonly", kv.pop("ro", "false")).lower() in ("1", "true")
+    flags -= {"readonly", "ro"}
+    if flags:
+        raise UsageError(f"invalid {what}: unknown option {sorted(flags)[0]!r}")
+    if typ == "bind":
+        src = kv.pop("source", None) or kv.pop("src", None)
+        kv.pop("bind-propagation", None)
+        if src is None:
+            raise UsageError(f"invalid {what}: source is required for a bind mount")
+        if kv:
+            raise UsageError(f"invalid {what}: unknown option {sorted(kv)[0]!r}")
+        return Mount("bind", _target(tgt, what), _source(src, what, create=False), ro)
+    if typ == "tmpfs":
+        return Mount("tmpfs", _target(tgt, what), readonly=ro, options=_tmpfs_opts(list(kv.items()), what))
+    raise UsageError(f"invalid {what}: type {typ!r} is not supported (bind or tmpfs)")
+
+
+def check_unique(mounts: list[Mount]) -> None:
+    seen: set[str] = set()
+    for m in mounts:
+        if m.target in seen:
+            raise UsageError(f"duplicate mount point: {m.target}")
+        seen.add(m.target)
