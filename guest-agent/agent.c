@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <linux/capability.h>
+#include <linux/openat2.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
@@ -43,9 +44,9 @@
 #define PORT_NAME "org.vmrt.agent.0"
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-#define LOWER "/run/vmrt/lower"
+#define SHARE "/run/vmrt/share" /* the virtio-fs share: rootfs/ and volumes/ */
+#define LOWER SHARE "/rootfs"
 #define RWDIR "/run/vmrt/rw"
-#define STUB "/run/vmrt/stub"
 #define ROOT "/run/vmrt/root"
 
 #define OUT_CHUNK (16 * 1024)
@@ -451,35 +452,22 @@ static void must_mount(const char *src, const char *dst, const char *type,
 		      src ? " " : "", src ? src : "", dst, strerror(errno));
 }
 
+/* The image (read-only over virtio-fs) under a tmpfs upper layer.  A
+ * read-only root gets the same overlay, remounted read-only by the child once
+ * mount points and the working directory exist (as runc does). */
 static void setup_rootfs(void)
 {
 	char opts[512];
 
-	must_mount(run.rootfs, LOWER, "virtiofs", MS_RDONLY, NULL);
-	if (!run.readonly) {
-		must_mount("tmpfs", RWDIR, "tmpfs", 0, "mode=0755");
-		if (mkdir(RWDIR "/upper", 0755) < 0 || mkdir(RWDIR "/work", 0755) < 0)
-			fatal(125, "cannot create overlay directories: %s", strerror(errno));
-		snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work",
-			 LOWER, RWDIR, RWDIR);
-		must_mount("overlay", ROOT, "overlay", 0, opts);
-		return;
-	}
-	/* Read-only: bind the image, unless it lacks a mount point we need;
-	 * then put a tiny tmpfs layer with the missing directories on top in a
-	 * read-only overlay (as runc creates them before making root ro). */
-	if (is_dir(LOWER "/proc") && is_dir(LOWER "/sys") && is_dir(LOWER "/dev")) {
-		must_mount(LOWER, ROOT, NULL, MS_BIND, NULL);
-		if (mount(NULL, ROOT, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
-			fatal(125, "cannot make %s read-only: %s", ROOT, strerror(errno));
-		return;
-	}
-	must_mount("tmpfs", STUB, "tmpfs", 0, "mode=0755");
-	mkdir(STUB "/proc", 0555);
-	mkdir(STUB "/sys", 0555);
-	mkdir(STUB "/dev", 0755);
-	snprintf(opts, sizeof opts, "lowerdir=%s:%s", STUB, LOWER);
-	must_mount("overlay", ROOT, "overlay", MS_RDONLY, opts);
+	must_mount(run.rootfs, SHARE, "virtiofs", 0, NULL);
+	if (!is_dir(LOWER))
+		fatal(125, "the share has no rootfs directory");
+	must_mount("tmpfs", RWDIR, "tmpfs", 0, "mode=0755");
+	if (mkdir(RWDIR "/upper", 0755) < 0 || mkdir(RWDIR "/work", 0755) < 0)
+		fatal(125, "cannot create overlay directories: %s", strerror(errno));
+	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", LOWER, RWDIR,
+		 RWDIR);
+	must_mount("overlay", ROOT, "overlay", 0, opts);
 }
 
 static void make_node(const char *name, unsigned maj, unsigned min)
@@ -511,10 +499,114 @@ static void check_mount_point(const char *name)
 	snprintf(path, sizeof path, ROOT "/%s", name);
 	if (lstat(path, &st) < 0 || S_ISDIR(st.st_mode))
 		return;
-	if (run.readonly)
-		fatal(125, "the image's /%s is not a directory; cannot run it read-only", name);
 	if (unlink(path) < 0 || mkdir(path, 0755) < 0)
 		fatal(125, "cannot replace the image's /%s with a directory: %s", name, strerror(errno));
+}
+
+/* Resolve path inside the root fd: symlinks and ".." cannot leave it. */
+static int open_in_root(int rootfd, const char *path, int flags)
+{
+	struct open_how how = { .flags = (uint64_t)(flags | O_CLOEXEC),
+				.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS };
+	return (int)syscall(SYS_openat2, rootfd, path, &how, sizeof how);
+}
+
+/* An O_PATH fd of target inside the root, creating missing components as
+ * directories (the last one as an empty file when want_file). Every step is
+ * resolved in the root, so a symlink in the image cannot point it outside. */
+static int make_target(int rootfd, const char *target, int want_file)
+{
+	char buf[PATH_MAX];
+	size_t n = strlen(target);
+
+	if (n >= sizeof buf)
+		return errno = ENAMETOOLONG, -1;
+	memcpy(buf, target, n + 1);
+	for (size_t i = 1; i <= n; i++) {
+		if (buf[i] != '/' && buf[i] != '\0')
+			continue;
+		if (buf[i - 1] == '/')
+			continue;
+		char save = buf[i];
+		int last = save == '\0' || buf[i + 1] == '\0';
+		buf[i] = '\0';
+		int fd = open_in_root(rootfd, buf, O_PATH);
+		if (fd < 0 && errno == ENOENT) {
+			char *slash = strrchr(buf, '/');
+			*slash = '\0';
+			int parent = open_in_root(rootfd, buf[0] ? buf : "/", O_PATH | O_DIRECTORY);
+			*slash = '/';
+			if (parent < 0)
+				return -1;
+			int r;
+			if (last && want_file) {
+				r = openat(parent, slash + 1, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
+				if (r >= 0)
+					close(r);
+			} else {
+				r = mkdirat(parent, slash + 1, 0755);
+			}
+			close(parent);
+			if (r < 0 && errno != EEXIST)
+				return -1;
+			fd = open_in_root(rootfd, buf, O_PATH);
+		}
+		if (fd < 0)
+			return -1;
+		buf[i] = save;
+		if (last)
+			return fd;
+		close(fd);
+	}
+	return open_in_root(rootfd, "/", O_PATH);
+}
+
+static unsigned long mount_flags(uint32_t f)
+{
+	return (f & VMRT_MNT_RO ? MS_RDONLY : 0) | (f & VMRT_MNT_NOSUID ? MS_NOSUID : 0) |
+	       (f & VMRT_MNT_NODEV ? MS_NODEV : 0) | (f & VMRT_MNT_NOEXEC ? MS_NOEXEC : 0);
+}
+
+/* Volumes: binds of share/<source> and tmpfs mounts, at targets resolved in
+ * the container root; mounted through /proc/self/fd, as runc does. */
+static void setup_user_mounts(void)
+{
+	int rootfd = open(ROOT, O_PATH | O_DIRECTORY | O_CLOEXEC);
+
+	if (rootfd < 0)
+		fatal(125, "cannot open the container root: %s", strerror(errno));
+	for (size_t k = 0; k < run.nmounts; k++) {
+		const struct vmrt_mount *m = &run.mounts[k];
+		int tmpfs = (m->flags & VMRT_MNT_TMPFS) != 0;
+		char src[PATH_MAX], fdpath[64];
+		struct stat st;
+		int fd;
+
+		if (!tmpfs) {
+			snprintf(src, sizeof src, SHARE "/%s", m->source);
+			if (lstat(src, &st) < 0)
+				fatal(125, "volume source for %s: %s", m->target, strerror(errno));
+		}
+		fd = make_target(rootfd, m->target, !tmpfs && !S_ISDIR(st.st_mode));
+		if (fd < 0)
+			fatal(125, "cannot create mount point %s: %s", m->target, strerror(errno));
+		snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
+		if (tmpfs) {
+			if (mount("tmpfs", fdpath, "tmpfs", mount_flags(m->flags), m->data[0] ? m->data : NULL) < 0)
+				fatal(125, "cannot mount tmpfs on %s: %s", m->target, strerror(errno));
+		} else if (mount(src, fdpath, NULL, MS_BIND | MS_REC, NULL) < 0) {
+			fatal(125, "cannot mount volume on %s: %s", m->target, strerror(errno));
+		}
+		close(fd);
+		if (!tmpfs && (m->flags & VMRT_MNT_RO)) {
+			fd = open_in_root(rootfd, m->target, O_PATH);
+			snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
+			if (fd < 0 || mount(NULL, fdpath, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+				fatal(125, "cannot make volume %s read-only: %s", m->target, strerror(errno));
+			close(fd);
+		}
+	}
+	close(rootfd);
 }
 
 /* Everything but /proc, which needs the container's PID namespace and is
@@ -549,6 +641,7 @@ static void setup_container_mounts(void)
 		   "newinstance,ptmxmode=0666,mode=0620,gid=5");
 	must_mount("shm", ROOT "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
 		   "mode=1777,size=65536k");
+	setup_user_mounts();
 }
 
 /* ---------------------------------------------------------------- stdio */
@@ -647,12 +740,25 @@ static int write_file(const char *path, const char *text)
 static void setup_cgroup(void)
 {
 	if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0 ||
-	    write_file("/sys/fs/cgroup/cgroup.subtree_control", "+memory") < 0 ||
+	    write_file("/sys/fs/cgroup/cgroup.subtree_control", "+memory +pids") < 0 ||
 	    (mkdir(CGROUP, 0755) < 0 && errno != EEXIST)) {
+		if (run.memory_max || run.pids_max)
+			fatal(125, "cannot set up the container cgroup for its limits: %s", strerror(errno));
 		con("memory cgroup unavailable (%s); OOM detection is guest-wide", strerror(errno));
 		return;
 	}
 	cgroup_ok = 1;
+	char v[32];
+	if (run.memory_max) {
+		snprintf(v, sizeof v, "%llu", (unsigned long long)run.memory_max);
+		if (write_file(CGROUP "/memory.max", v) < 0)
+			fatal(125, "cannot set the memory limit: %s", strerror(errno));
+	}
+	if (run.pids_max) {
+		snprintf(v, sizeof v, "%llu", (unsigned long long)run.pids_max);
+		if (write_file(CGROUP "/pids.max", v) < 0)
+			fatal(125, "cannot set the pids limit: %s", strerror(errno));
+	}
 }
 
 static void child_fail(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
@@ -812,6 +918,8 @@ static void child_main(const struct stdio *s)
 		if (chdir(run.cwd) < 0)
 			child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(errno));
 	}
+	if (run.readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+		child_fail(125, "cannot make the root read-only: %s", strerror(errno));
 
 	if (run.has_caps) { /* bounding set first: dropping needs CAP_SETPCAP */
 		for (int c = 0; c < 64; c++)

@@ -178,6 +178,24 @@ static int utf8_valid(const uint8_t *s, size_t n)
 	return 1;
 }
 
+/* A non-empty relative path with no "." or ".." component. */
+static int relative_clean(const char *s)
+{
+	const char *c = s;
+
+	if (*s == '\0' || *s == '/')
+		return 0;
+	while (*c) {
+		const char *e = c;
+		while (*e && *e != '/')
+			e++;
+		if (e == c || (e - c == 1 && c[0] == '.') || (e - c == 2 && c[0] == '.' && c[1] == '.'))
+			return 0;
+		c = *e ? e + 1 : e;
+	}
+	return c[-1] != '/';
+}
+
 static const char *tag_name(uint8_t t)
 {
 	switch (t) {
@@ -195,6 +213,12 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_READONLY: return "READONLY";
 	case VMRT_TAG_CAPS: return "CAPS";
 	case VMRT_TAG_NO_NEW_PRIVS: return "NO_NEW_PRIVS";
+	case VMRT_TAG_MOUNT: return "MOUNT";
+	case VMRT_TAG_MOUNT_SOURCE: return "MOUNT_SOURCE";
+	case VMRT_TAG_MOUNT_FLAGS: return "MOUNT_FLAGS";
+	case VMRT_TAG_MOUNT_DATA: return "MOUNT_DATA";
+	case VMRT_TAG_MEMORY_MAX: return "MEMORY_MAX";
+	case VMRT_TAG_PIDS_MAX: return "PIDS_MAX";
 	default: return "?";
 	}
 }
@@ -225,6 +249,8 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->has_caps = 0;
 	out->caps = 0;
 	out->no_new_privs = 0;
+	out->nmounts = 0;
+	out->memory_max = out->pids_max = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -252,6 +278,9 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		case VMRT_TAG_CWD:
 		case VMRT_TAG_HOSTNAME:
 		case VMRT_TAG_ROOTFS:
+		case VMRT_TAG_MOUNT:
+		case VMRT_TAG_MOUNT_SOURCE:
+		case VMRT_TAG_MOUNT_DATA:
 			if (vlen > VMRT_MAX_STRING) {
 				seterr(err, errlen, "RUN %s of %lu bytes exceeds %u",
 				       tag_name(tag), (unsigned long)vlen, VMRT_MAX_STRING);
@@ -362,6 +391,55 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			out->has_time = 1;
 			out->time_ns = vmrt_get64(v);
 			break;
+		case VMRT_TAG_MEMORY_MAX:
+		case VMRT_TAG_PIDS_MAX:
+			if (vlen != 8)
+				goto badsize;
+			if (tag == VMRT_TAG_MEMORY_MAX)
+				out->memory_max = vmrt_get64(v);
+			else
+				out->pids_max = vmrt_get64(v);
+			break;
+		case VMRT_TAG_MOUNT:
+			if (out->nmounts >= VMRT_MAX_MOUNTS) {
+				seterr(err, errlen, "more than %u MOUNT records", VMRT_MAX_MOUNTS);
+				return -1;
+			}
+			if (s[0] != '/') {
+				seterr(err, errlen, "RUN MOUNT target is not an absolute path");
+				return -1;
+			}
+			out->mounts[out->nmounts].target = s;
+			out->mounts[out->nmounts].source = NULL;
+			out->mounts[out->nmounts].data = "";
+			out->mounts[out->nmounts].flags = 0;
+			out->nmounts++;
+			break;
+		case VMRT_TAG_MOUNT_SOURCE:
+		case VMRT_TAG_MOUNT_DATA:
+		case VMRT_TAG_MOUNT_FLAGS:
+			if (out->nmounts == 0) {
+				seterr(err, errlen, "RUN %s before any MOUNT", tag_name(tag));
+				return -1;
+			}
+			if (tag == VMRT_TAG_MOUNT_DATA) {
+				out->mounts[out->nmounts - 1].data = s;
+			} else if (tag == VMRT_TAG_MOUNT_SOURCE) {
+				if (!relative_clean(s)) {
+					seterr(err, errlen, "RUN MOUNT_SOURCE must be relative without \"..\"");
+					return -1;
+				}
+				out->mounts[out->nmounts - 1].source = s;
+			} else {
+				if (vlen != 4)
+					goto badsize;
+				if (vmrt_get32(v) & ~(uint32_t)VMRT_MNT_ALL) {
+					seterr(err, errlen, "RUN MOUNT_FLAGS has unknown bits");
+					return -1;
+				}
+				out->mounts[out->nmounts - 1].flags = vmrt_get32(v);
+			}
+			break;
 		default:
 			break; /* unknown tags are skipped */
 		}
@@ -374,6 +452,12 @@ badsize:
 	if (out->argc == 0) {
 		seterr(err, errlen, "RUN without ARG");
 		return -1;
+	}
+	for (size_t k = 0; k < out->nmounts; k++) {
+		if (!(out->mounts[k].flags & VMRT_MNT_TMPFS) && out->mounts[k].source == NULL) {
+			seterr(err, errlen, "RUN MOUNT %s (a bind) has no MOUNT_SOURCE", out->mounts[k].target);
+			return -1;
+		}
 	}
 	return 0;
 }

@@ -53,12 +53,35 @@ enum vmrt_tag {
 	VMRT_TAG_READONLY = 12,
 	VMRT_TAG_CAPS = 13,
 	VMRT_TAG_NO_NEW_PRIVS = 14,
+	VMRT_TAG_MOUNT = 15,        /* string: absolute target; starts a mount */
+	VMRT_TAG_MOUNT_SOURCE = 16, /* string: path under the share (bind) */
+	VMRT_TAG_MOUNT_FLAGS = 17,  /* u32: VMRT_MNT_* */
+	VMRT_TAG_MOUNT_DATA = 18,   /* string: fs options (tmpfs size=, mode=) */
+	VMRT_TAG_MEMORY_MAX = 19,   /* u64: container memory limit, bytes */
+	VMRT_TAG_PIDS_MAX = 20,     /* u64: container pids limit */
+};
+
+enum vmrt_mount_flags {
+	VMRT_MNT_RO = 1u << 0,
+	VMRT_MNT_NOSUID = 1u << 1,
+	VMRT_MNT_NODEV = 1u << 2,
+	VMRT_MNT_NOEXEC = 1u << 3,
+	VMRT_MNT_TMPFS = 1u << 8, /* else a bind of source */
+	VMRT_MNT_ALL = 0x10Fu,
 };
 
 #define VMRT_MAX_ARGS   4096u
 #define VMRT_MAX_ENV    4096u
 #define VMRT_MAX_GROUPS 1024u
 #define VMRT_MAX_STRING 32768u
+#define VMRT_MAX_MOUNTS 64u
+
+struct vmrt_mount {
+	const char *target; /* absolute, resolved inside the container root */
+	const char *source; /* bind: relative path under the share, no ".." */
+	const char *data;   /* "" if none */
+	uint32_t flags;
+};
 
 struct vmrt_frame {
 	uint8_t type;
@@ -105,6 +128,10 @@ struct vmrt_run {
 	int has_caps;     /* CAPS record given */
 	uint64_t caps;    /* capabilities to keep (bit N = capability N) */
 	int no_new_privs; /* NO_NEW_PRIVS record given */
+	struct vmrt_mount mounts[VMRT_MAX_MOUNTS];
+	size_t nmounts;
+	uint64_t memory_max; /* 0: no limit */
+	uint64_t pids_max;   /* 0: no limit */
 	char strings[VMRT_MAX_PAYLOAD];
 };
 
@@ -112,7 +139,9 @@ struct vmrt_run {
  * success, -1 with a message in err on a malformed payload: truncated
  * record, string with NUL or invalid UTF-8 or longer than VMRT_MAX_STRING,
  * a fixed-size value of the wrong size, a non-empty flag record, a relative
- * CWD, too many ARG/ENV/GROUPS, no ARG.  Unknown tags are skipped. */
+ * CWD, too many ARG/ENV/GROUPS/MOUNT, no ARG, a MOUNT_* record before any
+ * MOUNT, a relative MOUNT target, a bind without a relative, ".."-free
+ * source, unknown mount flags.  Unknown tags are skipped. */
 int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		   char *err, size_t errlen);
 

@@ -98,7 +98,8 @@ def test_oci_config_from_image_and_flags(tmp_path: Path) -> None:
     assert p["args"] == ["/ep", "arg"] and p["cwd"] == "/w" and p["terminal"] is True
     assert p["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [50]}
     assert "HOME=/home/ann" in p["env"] and "TERM=xterm" in p["env"] and f"HOSTNAME={'a' * 12}" in p["env"]
-    assert c["linux"]["resources"] == {"memory": {"limit": 64 << 20}, "cpu": {"period": 100000, "quota": 150000}}
+    assert c["linux"]["resources"] == {"memory": {"limit": 64 << 20}, "cpu": {"period": 100000, "quota": 150000},
+                                       "devices": [{"allow": False, "access": "rwm"}]}
     assert make_config(img, root, RunOptions(image="i", entrypoint="", command=["x"]), "b" * 64,
                        "vm")["process"]["args"] == ["x"]
     with pytest.raises(UsageError, match="no command"):  # --entrypoint "" also drops the image's Cmd

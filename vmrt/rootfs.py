@@ -55,6 +55,32 @@ def umount(target: Path) -> None:
             raise LaunchError(f"umount {target}: {os.strerror(err)}")
 
 
+def bind(src: Path, target: Path, readonly: bool) -> None:
+    """Bind src (a directory or a file) on target, read-only if asked."""
+    _mount(str(src), str(target), None, MS_BIND | MS_REC)
+    try:
+        if readonly:
+            _mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        _mount("none", str(target), None, MS_PRIVATE | MS_REC)
+    except LaunchError:
+        umount(target)
+        raise
+
+
+def mounts_under(top: Path) -> list[Path]:
+    """Mount points at or below top, deepest first."""
+    t = str(top).rstrip("/")
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    found = {p for p in points if p == t or p.startswith(t + "/")}
+    return [Path(p) for p in sorted(found, key=len, reverse=True)]
+
+
+def umount_all(top: Path) -> None:
+    for p in mounts_under(top):
+        umount(p)
+
+
 def is_mounted(target: Path) -> bool:
     t = str(target)
     with open("/proc/self/mountinfo") as f:

@@ -122,11 +122,10 @@ def _delete_runtime_container(cfg: Config, container_id: str) -> None:
 def _remove_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         return
-    root = run_dir / "rootfs"
-    if rootfs.is_mounted(root):
-        rootfs.umount(root)
-        if rootfs.is_mounted(root):
-            raise VmrtError(f"cannot remove {run_dir}: {root} is still mounted")
+    rootfs.umount_all(run_dir)
+    left = rootfs.mounts_under(run_dir)
+    if left:
+        raise VmrtError(f"cannot remove {run_dir}: {left[0]} is still mounted")
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

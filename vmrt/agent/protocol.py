@@ -54,6 +54,30 @@ class Tag(enum.IntEnum):
     READONLY = 12
     CAPS = 13
     NO_NEW_PRIVS = 14
+    MOUNT = 15
+    MOUNT_SOURCE = 16
+    MOUNT_FLAGS = 17
+    MOUNT_DATA = 18
+    MEMORY_MAX = 19
+    PIDS_MAX = 20
+
+
+class MountFlag(enum.IntFlag):
+    RO = 1
+    NOSUID = 2
+    NODEV = 4
+    NOEXEC = 8
+    TMPFS = 256
+
+
+@dataclasses.dataclass
+class MountSpec:
+    """A volume in the guest: a bind of share/<source>, or a tmpfs (source None)."""
+
+    target: str
+    source: str | None = None
+    flags: int = 0
+    data: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +224,9 @@ class RunSpec:
     readonly: bool = False
     caps: int | None = None          # capability bitmask to keep; None: leave as is
     no_new_privs: bool = False
+    mounts: list[MountSpec] = dataclasses.field(default_factory=list)
+    memory_max: int = 0              # bytes; 0: no limit
+    pids_max: int = 0                # 0: no limit
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -240,6 +267,17 @@ def encode_run(spec: RunSpec) -> bytes:
         out += _rec(Tag.CAPS, struct.pack(">Q", spec.caps))
     if spec.no_new_privs:
         out += _rec(Tag.NO_NEW_PRIVS, b"")
+    for m in spec.mounts:
+        out += _str(Tag.MOUNT, m.target)
+        if m.source is not None:
+            out += _str(Tag.MOUNT_SOURCE, m.source)
+        out += _rec(Tag.MOUNT_FLAGS, struct.pack(">I", m.flags))
+        if m.data:
+            out += _str(Tag.MOUNT_DATA, m.data)
+    if spec.memory_max:
+        out += _rec(Tag.MEMORY_MAX, struct.pack(">Q", spec.memory_max))
+    if spec.pids_max:
+        out += _rec(Tag.PIDS_MAX, struct.pack(">Q", spec.pids_max))
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -295,6 +333,23 @@ def decode_run(p: bytes) -> RunSpec:
             spec.caps = struct.unpack(">Q", v)[0]
         elif tag == Tag.NO_NEW_PRIVS:
             spec.no_new_privs = True
+        elif tag == Tag.MOUNT:
+            spec.mounts.append(MountSpec(_text(v, "MOUNT")))
+        elif tag in (Tag.MOUNT_SOURCE, Tag.MOUNT_FLAGS, Tag.MOUNT_DATA):
+            if not spec.mounts:
+                raise ProtocolError(f"{Tag(tag).name} before any MOUNT")
+            if tag == Tag.MOUNT_SOURCE:
+                spec.mounts[-1].source = _text(v, "MOUNT_SOURCE")
+            elif tag == Tag.MOUNT_DATA:
+                spec.mounts[-1].data = _text(v, "MOUNT_DATA")
+            elif ln != 4:
+                raise ProtocolError("MOUNT_FLAGS must be 4 bytes")
+            else:
+                spec.mounts[-1].flags = struct.unpack(">I", v)[0]
+        elif tag in (Tag.MEMORY_MAX, Tag.PIDS_MAX):
+            if ln != 8:
+                raise ProtocolError(f"{Tag(tag).name} must be 8 bytes")
+            setattr(spec, "memory_max" if tag == Tag.MEMORY_MAX else "pids_max", struct.unpack(">Q", v)[0])
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")

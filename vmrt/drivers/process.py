@@ -30,6 +30,7 @@ import termios
 import threading
 import tty
 from pathlib import Path
+from typing import Any
 
 from .. import cgroups, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
@@ -129,7 +130,7 @@ class _Session:
         self.forced: str | None = None
         self.timer: threading.Timer | None = None
         self.threads: list[threading.Thread] = []
-        self.tty_restore: list[object] | None = None
+        self.tty_restore: list[Any] | None = None
         self.fds: list[int] = []  # our ends, closed at teardown
 
     def _rt(self, *args: str) -> list[str]:

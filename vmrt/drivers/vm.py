@@ -24,7 +24,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, kernel, rootfs
+from .. import agentbuild, bundle, cgroups, kernel, rootfs
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
@@ -39,11 +39,60 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STDIN_HIGH, STDIN_LOW = 1 << 20, 256 << 10
 CONSOLE_LOG_MAX = 1 << 20
 KERNEL_UP_MARK = b"vmrt-agent: init"
+GUEST_OVERHEAD_MIB = 64    # guest kernel + agent beside a container's --memory
+HOST_PIDS_MAX = 512        # QEMU and virtiofsd threads of one VM, a bound against runaways
+
+
+_TMPFS_FLAGS = {"ro": P.MountFlag.RO, "nosuid": P.MountFlag.NOSUID, "nodev": P.MountFlag.NODEV,
+                "noexec": P.MountFlag.NOEXEC}
+_TMPFS_CLEAR = {"rw": P.MountFlag.RO, "suid": P.MountFlag.NOSUID, "dev": P.MountFlag.NODEV,
+                "exec": P.MountFlag.NOEXEC}
+
+
+def guest_mounts(config: dict[str, Any]) -> list[P.MountSpec]:
+    """The bundle's volumes as the agent mounts them: bind sources are shared as volumes/N."""
+    out = []
+    for i, m in enumerate(bundle.user_mounts(config)):
+        opts = m.get("options", [])
+        if m["type"] == "bind":
+            out.append(P.MountSpec(m["destination"], f"volumes/{i}", P.MountFlag.RO if "ro" in opts else 0))
+            continue
+        flags, data = int(P.MountFlag.TMPFS), []
+        for o in opts:
+            if o in _TMPFS_FLAGS:
+                flags |= _TMPFS_FLAGS[o]
+            elif o in _TMPFS_CLEAR:
+                flags &= ~_TMPFS_CLEAR[o]
+            else:
+                data.append(o)
+        out.append(P.MountSpec(m["destination"], None, flags, ",".join(data)))
+    return out
+
+
+def share_volumes(config: dict[str, Any], share: Path, stack: contextlib.AsyncExitStack) -> None:
+    """Bind each volume's host source under share/volumes/N (read-only on the host too)."""
+    vols = share / "volumes"
+    for i, m in enumerate(bundle.user_mounts(config)):
+        if m["type"] != "bind":
+            continue
+        vols.mkdir(exist_ok=True)
+        src, target = Path(m["source"]), vols / str(i)
+        try:
+            is_dir = stat.S_ISDIR(os.stat(src).st_mode)
+        except OSError as e:
+            raise LaunchError(f"volume source {src}: {e.strerror}") from None
+        if is_dir:
+            target.mkdir()
+        else:
+            target.touch()
+        rootfs.bind(src, target, readonly="ro" in m.get("options", []))
+        stack.callback(rootfs.umount, target)
 
 
 def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
     """Translate the bundle's OCI config into the agent's RUN message."""
     proc = config["process"]
+    res = config.get("linux", {}).get("resources", {})
     user = proc.get("user", {})
     size = proc.get("consoleSize") or {}
     caps = proc.get("capabilities")
@@ -55,7 +104,8 @@ def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
         gid=int(user.get("gid", 0)), groups=[int(g) for g in user.get("additionalGids", [])],
         tty=(int(size.get("height", 24)), int(size.get("width", 80))) if proc.get("terminal") else None,
         stdin=stdin_open, time_ns=time.time_ns(),
-        readonly=bool(config.get("root", {}).get("readonly")))
+        readonly=bool(config.get("root", {}).get("readonly")), mounts=guest_mounts(config),
+        memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0))
 
 
 class VMDriver:
@@ -94,6 +144,7 @@ class _Session:
         self.console_tail = bytearray()
         self.stop_signals = 0
         self.vm: QemuVM | None = None
+        self.group: cgroups.HostGroup | None = None
         self.tty_restore: list[Any] | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
@@ -204,6 +255,9 @@ class _Session:
 
     def _vm_gone(self, status: int) -> AgentError:
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        if self.group is not None and self.group.oom_kills() > 0:
+            self.ctx.state.set_fields(self.ctx.container, oom_killed=True)
+            how += ", out of memory on the host (its cgroup's limit)"
         console = self.console_tail.decode(errors="replace")
         panic = [ln.split("]", 1)[-1].strip() for ln in console.splitlines() if "Kernel panic" in ln]
         if panic:
@@ -353,26 +407,42 @@ class _Session:
             print(f"vmrt: notice: {acc.reason}", file=sys.stderr, flush=True)
         t.info.update(accel=acc.name, machine=cfg.machine, kernel=build_id)
         bdir = ctx.bundle_dir
-        root = bdir / "rootfs"
-        rootfs.mount_readonly(ctx.layers, root)
-        stack.callback(rootfs.umount, root)
+        # one virtio-fs share per container: share/rootfs (the image, read-only) and
+        # share/volumes/N (bind volumes)
+        share = bdir / "share"
+        share.mkdir()
+        rootfs.mount_readonly(ctx.layers, share / "rootfs")
+        stack.callback(rootfs.umount, share / "rootfs")
+        share_volumes(ctx.config, share, stack)
+
+        resources = ctx.config["linux"].get("resources", {})
+        limit = resources.get("memory", {}).get("limit")
+        # the guest gets the container's limit plus room for its kernel and agent; the limit
+        # itself is enforced by the guest's cgroup (exit 137 + OOM flag, as in process mode)
+        mem_mib = max(64, (int(limit) >> 20) + GUEST_OVERHEAD_MIB) if limit else cfg.memory_mib
+        quota = resources.get("cpu", {})
+        cpus = quota["quota"] / quota["period"] if quota else cfg.cpus
+        group = cgroups.HostGroup(f"{ctx.container.id}-vmm",
+                                  memory_bytes=(mem_mib + cfg.vm_host_overhead_mib) << 20,
+                                  cpus=cpus if quota else None, pids=HOST_PIDS_MAX)
+        self.group = group
+        stack.callback(group.remove)
+        group.create()
 
         # virtiofsd derives its pid file from the socket name: keep it unique per container
-        vfs = Virtiofsd(cfg, root, bdir / f"vfs-{ctx.container.id[:16]}.sock", bdir / "virtiofsd.log")
+        vfs = Virtiofsd(cfg, share, bdir / f"vfs-{ctx.container.id[:16]}.sock", bdir / "virtiofsd.log")
         await asyncio.to_thread(vfs.start)
         stack.callback(vfs.stop)
-
-        mem_bytes = (ctx.config["linux"].get("resources", {}).get("memory", {}).get("limit")
-                     or cfg.memory_mib << 20)
-        mem_mib = max(64, (int(mem_bytes) + (1 << 20) - 1) >> 20)
-        quota = ctx.config["linux"].get("resources", {}).get("cpu", {})
-        cpus = quota["quota"] / quota["period"] if quota else cfg.cpus
+        assert vfs.pid is not None
+        group.add(vfs.pid)
         spec = VMSpec(kernel=kernel_path, initrd=initrd, virtiofs_socket=vfs.socket,
                       memory_mib=mem_mib, cpus=cpus, accel=acc, machine=cfg.machine,
                       name=f"vmrt-{ctx.container.id[:12]}", extra_cmdline=cfg.kernel_cmdline)
         vm = self.vm = QemuVM(cfg, spec, bdir / "qemu.log")
         vm.launch()
         t.mark("vmm-spawned")
+        assert vm.pid is not None
+        group.add(vm.pid)
         stack.push_async_callback(self._teardown_vm)
         ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, "virtiofsd": vfs.pid})
 
@@ -404,6 +474,8 @@ class _Session:
             self._start_stdin()
         ex: P.Exit = await self.exited
         t.mark("exit")
+        if ex.oom:
+            ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
 
     async def _teardown_vm(self) -> None:
