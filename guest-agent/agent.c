@@ -512,13 +512,17 @@ static int open_in_root(int rootfd, const char *path, int flags)
 }
 
 /* An O_PATH fd of target inside the root, creating missing components as
- * directories (the last one as an empty file when want_file). Every step is
- * resolved in the root, so a symlink in the image cannot point it outside. */
-static int make_target(int rootfd, const char *target, int want_file)
+ * directories (the last one as an empty file when want_file).  Every step is
+ * resolved in the root, so a symlink in the image or a volume cannot point it
+ * outside; a dangling symlink on the way is followed inside the root and the
+ * directories it names are created there (as runc's securejoin + MkdirAll). */
+static int make_target_at(int rootfd, const char *target, int want_file, int depth)
 {
-	char buf[PATH_MAX];
+	char buf[PATH_MAX], link[PATH_MAX], next[PATH_MAX];
 	size_t n = strlen(target);
 
+	if (depth > 40)
+		return errno = ELOOP, -1;
 	if (n >= sizeof buf)
 		return errno = ENAMETOOLONG, -1;
 	memcpy(buf, target, n + 1);
@@ -538,6 +542,17 @@ static int make_target(int rootfd, const char *target, int want_file)
 			*slash = '/';
 			if (parent < 0)
 				return -1;
+			ssize_t ln = readlinkat(parent, slash + 1, link, sizeof link - 1);
+			if (ln >= 0) { /* dangling: continue from where it points */
+				link[ln] = '\0';
+				*slash = '\0';
+				int w = snprintf(next, sizeof next, "%s/%s%s%s", link[0] == '/' ? "" : buf, link,
+						 save ? "/" : "", save ? buf + i + 1 : "");
+				close(parent);
+				if (w < 0 || (size_t)w >= sizeof next)
+					return errno = ENAMETOOLONG, -1;
+				return make_target_at(rootfd, next, want_file, depth + 1);
+			}
 			int r;
 			if (last && want_file) {
 				r = openat(parent, slash + 1, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
@@ -559,6 +574,11 @@ static int make_target(int rootfd, const char *target, int want_file)
 		close(fd);
 	}
 	return open_in_root(rootfd, "/", O_PATH);
+}
+
+static int make_target(int rootfd, const char *target, int want_file)
+{
+	return make_target_at(rootfd, target, want_file, 0);
 }
 
 static unsigned long mount_flags(uint32_t f)

@@ -22,9 +22,17 @@ def pytest_configure(config: pytest.Config) -> None:
         pytest.exit("vmrt's tests need root (mounts, QEMU, virtiofsd); run them as root", returncode=4)
 
 
+def vmrt_cgroups() -> set[str]:
+    """Every container cgroup vmrt made (process mode: vmrt/<id>; VM mode: vmrt/<id>-vmm)."""
+    root = Path("/sys/fs/cgroup")
+    bases = [root / "vmrt"] if (root / "cgroup.controllers").exists() else list(root.glob("*/vmrt"))
+    return {str(d) for b in bases if b.is_dir() for d in b.iterdir() if d.is_dir()}
+
+
 class Vmrt:
     def __init__(self, root: Path, run_root: Path) -> None:
         self.root, self.run_root = root, run_root
+        self.cgroups_before = vmrt_cgroups()
         self.env = dict(os.environ, VMRT_ROOT=str(root), VMRT_RUN_ROOT=str(run_root),
                         VMRT_ACCEL=os.environ.get("VMRT_TEST_ACCEL", "tcg"), PYTHONUNBUFFERED="1")
         self.env.pop("VMRT_ISOLATION", None)
@@ -58,6 +66,12 @@ class Vmrt:
                 continue
             if marker in cmdline and ("qemu" in cmdline or "virtiofsd" in cmdline):
                 found.append(f"process {pid}: {cmdline[:120]}")
+            try:
+                cg = Path(f"/proc/{pid}/cgroup").read_text()
+            except OSError:
+                continue
+            if ":/vmrt/" in cg:  # a container process (process mode) or a VM's host processes
+                found.append(f"process {pid} in a vmrt cgroup: {cmdline[:80]}")
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             mp = line.split()[4]
             if mp.startswith(marker):
@@ -65,6 +79,10 @@ class Vmrt:
         cdir = self.run_root / "containers"
         if cdir.exists():
             found += [f"run dir {p}" for p in cdir.iterdir()]
+        rdir = self.run_root / "runtime"  # the OCI runtime's per-container state
+        if rdir.exists():
+            found += [f"runtime state {p}" for p in rdir.iterdir() if p.is_dir()]
+        found += [f"cgroup {d}" for d in vmrt_cgroups() - self.cgroups_before]
         return found
 
     def assert_clean(self, timeout: float = 5.0) -> None:

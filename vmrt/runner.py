@@ -139,6 +139,9 @@ def remove(cfg: Config, ref: str, force: bool) -> str:
             _delete_runtime_container(cfg, c.id)
         elif c.status == Status.RUNNING:
             _kill_recorded(c)
+        if c.isolation == "vm":
+            from . import cgroups
+            cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
         if c.run_dir:
             _remove_run_dir(Path(c.run_dir))
         shutil.rmtree(cfg.root / "containers" / c.id, ignore_errors=True)

@@ -151,6 +151,7 @@ class _Session:
         try:
             rootfs.mount_overlay(ctx.layers, rw / "upper", rw / "work", root)
             try:
+                write_etc(root, ctx.config.get("hostname") or "vmrt")
                 return self._run_mounted()
             finally:
                 rootfs.umount(root)
@@ -193,11 +194,15 @@ class _Session:
             if terminal:
                 # the runtime sends the pty master over this socket; its own stdio are then
                 # separate from the container's, and its stderr is ours to read
-                sock_path = ctx.bundle_dir / "console.sock"
+                # a relative path (the runtime runs in the bundle dir): sun_path is short
                 console_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                console_sock.bind(str(sock_path))
+                dfd = os.open(ctx.bundle_dir, os.O_PATH | os.O_DIRECTORY)
+                try:
+                    console_sock.bind(f"/proc/self/fd/{dfd}/console.sock")
+                finally:
+                    os.close(dfd)
                 console_sock.listen(1)
-                args[1:1] = ["--console-socket", str(sock_path)]
+                args[1:1] = ["--console-socket", "console.sock"]
                 stdio: tuple[int, int, int] = (subprocess.DEVNULL, subprocess.DEVNULL, subprocess.DEVNULL)
             else:
                 # pass-through: the runtime hands its own stdio to the container, so the
@@ -214,7 +219,7 @@ class _Session:
                 self.fds += [out_r, er_r]
                 stdio = (in_r, out_w, er_w)
             proc = subprocess.Popen(self._rt(*args, self.cid), stdin=stdio[0], stdout=stdio[1],
-                                    stderr=stdio[2], close_fds=True)
+                                    stderr=stdio[2], close_fds=True, cwd=ctx.bundle_dir)
             for fd in child_fds:
                 os.close(fd)
             child_fds = []
@@ -363,6 +368,27 @@ class _Session:
         if ctx.log_dir is not None and (ctx.bundle_dir / "runtime.log").exists():
             ctx.log_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(ctx.bundle_dir / "runtime.log", ctx.log_dir / "runtime.log")
+
+
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n"
+
+
+def write_etc(root: Path, hostname: str) -> None:
+    """/etc/hostname and /etc/hosts in the container's writable layer, as the VM agent writes
+    them (resolved inside the root: an image's symlinks cannot send the writes outside it)."""
+    from ..images.unpack import resolve_in_root
+    etc = resolve_in_root(str(root), "/etc")
+    if not os.path.isdir(etc) or os.path.islink(etc):
+        return
+    for name, text in (("hostname", hostname + "\n"), ("hosts", HOSTS.format(hostname))):
+        try:
+            fd = os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        except OSError:
+            continue
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
 
 
 def _discard_pending(fd: int) -> None:
