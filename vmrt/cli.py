@@ -235,6 +235,27 @@ def info(ctx: click.Context) -> None:
 
 
 @main.group()
+def check() -> None:
+    """Checks of this host and of the isolation vmrt gives."""
+
+
+@check.command("isolation")
+@click.argument("image", default="busybox")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
+    """Run benign isolation probes in both modes and show them side by side."""
+    import json
+
+    from . import probes
+    cfg = _cfg(ctx)
+    if os.geteuid() != 0:
+        raise UsageError("vmrt check isolation needs root (it runs containers)")
+    result = probes.run_probes(image, None, str(cfg.root))
+    click.echo(json.dumps(result, indent=1) if fmt == "json" else probes.table(result))
+
+
+@main.group()
 def kernel() -> None:
     """Build the guest kernel."""
 

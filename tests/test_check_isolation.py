@@ -1,0 +1,35 @@
+"""`vmrt check isolation`: the probes of docs/ISOLATION.md, each mode's expected column."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import Vmrt
+
+pytestmark = pytest.mark.vm
+
+
+def test_isolation_probes(vmrt: Vmrt) -> None:
+    r = vmrt("check", "isolation", "--format", "json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    p, v = res["process"], res["vm"]
+    # process isolation: the host's kernel, with namespaces hiding the host's objects
+    for key in ("kernel", "boot_id", "uptime"):
+        assert p[key].endswith("(host)"), (key, p[key])
+        assert v[key].endswith("(own)"), (key, v[key])
+    assert p["pids"].endswith("(hidden)") and v["pids"].endswith("(absent: other kernel)")
+    assert p["ifaces"] == "hidden" and v["ifaces"] == "absent (other kernel)"
+    # the overlay's host paths show in a process container's /proc/mounts, never in a VM's
+    assert p["mounts"] == "host paths in /proc/mounts"
+    assert v["mounts"].startswith("no host paths")
+    assert p["dmesg"] == "not readable" and v["dmesg"].endswith("(own)")
+    assert p["firmware"] == "empty"  # masked
+    for col in (p, v):
+        assert col["self_fd"] == "nothing of the host"
+        assert col["proc1_exe"] == "/bin/busybox (container's)"
+        assert col["workdir_fd"] == "refused (fds 3-8)"
+    table = vmrt("check", "isolation", timeout=600)
+    assert table.returncode == 0
+    assert table.stdout.decode().splitlines()[0].split() == ["PROBE", "PROCESS", "VM"]

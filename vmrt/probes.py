@@ -1,0 +1,133 @@
+"""``vmrt check isolation``: benign probes, run the same way in both modes.
+
+Each probe is read inside a container by one shell script (busybox tools) and
+compared with the host's own value, so the table says what the boundary hid:
+``host's`` (the container sees the host's value), ``own`` (a value of its own:
+a guest kernel), ``hidden`` (namespaces hide it), ``absent`` (a different
+kernel: there is nothing of the host to see). No probe attempts an escape.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MODES = ("process", "vm")
+SCRIPT = r"""
+echo "kernel=$(uname -r)"
+echo "boot_id=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
+echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
+echo "pids=$(ls -d /proc/[0-9]* 2>/dev/null | wc -l)"
+echo "mounts=$(cat /proc/mounts | tr '\n' '|')"
+echo "ifaces=$(ls /sys/class/net 2>/dev/null | tr '\n' ' ')"
+if [ -r /proc/modules ]; then echo "modules=$(wc -l < /proc/modules)"; else echo "modules=-"; fi
+if d=$(dmesg 2>/dev/null); then echo "dmesg=$(echo "$d" | wc -l)"; else echo "dmesg=-"; fi
+echo "firmware=$(ls /sys/firmware 2>/dev/null | tr '\n' ' ')"
+echo "self_fd=$(for f in /proc/self/fd/*; do readlink $f; done 2>/dev/null | tr '\n' ' ')"
+echo "proc1_exe=$(readlink /proc/1/exe 2>&1)"
+"""
+PROBES = [
+    ("kernel", "kernel release (uname -r)"),
+    ("boot_id", "boot id"),
+    ("uptime", "uptime"),
+    ("pids", "host PIDs"),
+    ("mounts", "host mounts / paths"),
+    ("ifaces", "host network interfaces"),
+    ("modules", "/proc/modules"),
+    ("dmesg", "dmesg"),
+    ("firmware", "/sys/firmware"),
+    ("self_fd", "/proc/self/fd"),
+    ("proc1_exe", "/proc/1/exe"),
+    ("workdir_fd", "-w /proc/self/fd/N"),
+]
+
+
+def _host() -> dict[str, Any]:
+    def read(p: str) -> str:
+        try:
+            return Path(p).read_text().strip()
+        except OSError:
+            return ""
+    return {
+        "kernel": os.uname().release,
+        "boot_id": read("/proc/sys/kernel/random/boot_id"),
+        "uptime": float(read("/proc/uptime").split()[0]),
+        "pids": sum(1 for p in os.listdir("/proc") if p.isdigit()),
+        "ifaces": set(os.listdir("/sys/class/net")) - {"lo"},
+    }
+
+
+def _vmrt(args: list[str], env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmrt", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, env=env, timeout=300)
+
+
+def classify(raw: dict[str, str], host: dict[str, Any], state_root: str) -> dict[str, str]:
+    """One verdict per probe, from the container's raw values and the host's."""
+    same_kernel = raw.get("kernel") == host["kernel"] and raw.get("boot_id") == host["boot_id"]
+    out: dict[str, str] = {}
+    out["kernel"] = f"{raw.get('kernel')} ({'host' if raw.get('kernel') == host['kernel'] else 'own'})"
+    bid = raw.get("boot_id", "")
+    out["boot_id"] = f"{bid[:8]}… ({'host' if bid == host['boot_id'] else 'own'})" if bid else "denied"
+    try:
+        up = float(raw.get("uptime", "nan"))
+        out["uptime"] = f"{up:.0f}s ({'host' if abs(up - host['uptime']) < 30 else 'own'})"
+    except ValueError:
+        out["uptime"] = "denied"
+    n = int(raw.get("pids") or 0)
+    out["pids"] = (f"{n} seen ({'visible' if n >= host['pids'] // 2 else 'hidden'})" if same_kernel
+                   else f"{n} seen (absent: other kernel)")
+    leaks = state_root in raw.get("mounts", "")
+    out["mounts"] = ("host paths in /proc/mounts" if leaks else "no host paths") + (
+        "" if same_kernel else " (absent: other kernel)")
+    ifaces = set(raw.get("ifaces", "").split()) - {"lo"}
+    shown = ifaces & host["ifaces"]
+    out["ifaces"] = (f"visible: {' '.join(sorted(shown))}" if shown and same_kernel
+                     else "hidden" if same_kernel else "absent (other kernel)")
+    mods = raw.get("modules", "-")
+    out["modules"] = "not readable" if mods == "-" else f"{mods} lines ({'host' if same_kernel else 'own'})"
+    dm = raw.get("dmesg", "-")
+    out["dmesg"] = "not readable" if dm == "-" else f"{dm} lines ({'host' if same_kernel else 'own'})"
+    fw = raw.get("firmware", "").strip()
+    out["firmware"] = (fw or "empty") + ("" if not fw else f" ({'host' if same_kernel else 'own'})")
+    fds = raw.get("self_fd", "").split()
+    hostish = [t for t in fds if t.startswith("/") and not t.startswith(("/dev/", "/proc/"))]
+    out["self_fd"] = f"host files: {' '.join(hostish)}" if hostish else "nothing of the host"
+    exe = raw.get("proc1_exe", "")
+    out["proc1_exe"] = f"{exe} (container's)" if exe.startswith("/") and not exe.startswith(state_root) else exe
+    out["workdir_fd"] = raw.get("workdir_fd", "")
+    return out
+
+
+def run_probes(image: str, env: dict[str, str] | None, state_root: str) -> dict[str, dict[str, str]]:
+    host = _host()
+    result: dict[str, dict[str, str]] = {}
+    for mode in MODES:
+        r = _vmrt(["run", "--rm", f"--isolation={mode}", image, "sh", "-c", SCRIPT], env)
+        if r.returncode != 0:
+            from .errors import VmrtError
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            raise VmrtError(f"probe run in {mode} mode failed ({r.returncode}): {last}")
+        raw = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+        # a working directory through a descriptor the runtime leaked (CVE-2024-21626 shape)
+        verdicts = []
+        for fd in range(3, 9):
+            w = _vmrt(["run", "--rm", f"--isolation={mode}", "-w", f"/proc/self/fd/{fd}", image,
+                       "sh", "-c", "ls ../../../ >/dev/null 2>&1 && pwd"], env)
+            verdicts.append("refused" if w.returncode == 125 else f"ran in {w.stdout.strip() or '?'}")
+        raw["workdir_fd"] = ("refused (fds 3-8)" if set(verdicts) == {"refused"}
+                             else "; ".join(f"fd {i + 3}: {v}" for i, v in enumerate(verdicts)))
+        result[mode] = classify(raw, host, state_root)
+    return result
+
+
+def table(result: dict[str, dict[str, str]]) -> str:
+    w0 = max(len(t) for _, t in PROBES)
+    w1 = max(len("process"), *(len(result["process"].get(k, "")) for k, _ in PROBES))
+    lines = [f"{'PROBE':<{w0}}  {'PROCESS':<{w1}}  VM"]
+    for key, title in PROBES:
+        lines.append(f"{title:<{w0}}  {result['process'].get(key, ''):<{w1}}  {result['vm'].get(key, '')}")
+    return "\n".join(lines)
