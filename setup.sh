@@ -27,7 +27,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat  # a .pth, no import hook
+# byte-compile now: vmrt is a CLI started once per container, and PYTHONDONTWRITEBYTECODE
+# would otherwise make every start recompile every module
+.venv/bin/python -m compileall -q vmrt .venv/lib/python3*/site-packages >/dev/null || true
 ln -sf "$PWD/.venv/bin/vmrt" /usr/local/bin/vmrt
 
 vmrt setup

@@ -13,9 +13,8 @@ from typing import Any
 
 import click
 
-from . import __version__, agentbuild
+from . import __version__
 from . import config as config_mod
-from . import kernel as kernel_mod
 from . import volumes as volumes_mod
 from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
 from .errors import UsageError, VmrtError
@@ -24,6 +23,16 @@ from .timings import Timings
 
 LOG = logging.getLogger("vmrt")
 TIMINGS = Timings()  # created at import: as close to process start as we get
+
+
+def _kernel_mod():  # type: ignore[no-untyped-def]
+    from . import kernel  # imported on use: `vmrt run` should start fast
+    return kernel
+
+
+def _agentbuild():  # type: ignore[no-untyped-def]
+    from . import agentbuild
+    return agentbuild
 
 
 def _cfg(ctx: click.Context) -> config_mod.Config:
@@ -206,12 +215,12 @@ def info(ctx: click.Context) -> None:
             return "not found"
     acc = accel_mod.choose(cfg.accel, user_kernel=cfg.kernel is not None)
     try:
-        kpath, kid = kernel_mod.find(cfg)
+        kpath, kid = _kernel_mod().find(cfg)
         kline, kidline = str(kpath), kid
     except VmrtError as e:
         kline, kidline = f"missing ({e})", "-"
     try:
-        initrd = str(agentbuild.find(cfg))
+        initrd = str(_agentbuild().find(cfg))
     except VmrtError as e:
         initrd = f"missing ({e})"
     rows = [
@@ -266,7 +275,7 @@ def kernel() -> None:
 @click.pass_context
 def kernel_build(ctx: click.Context, force: bool, jobs: int | None) -> None:
     """Build (or reuse from cache) the trimmed guest kernel."""
-    out = kernel_mod.build(_cfg(ctx), force=force, jobs=jobs)
+    out = _kernel_mod().build(_cfg(ctx), force=force, jobs=jobs)
     click.echo(str(out / "vmlinux"))
 
 
@@ -280,7 +289,7 @@ def agent() -> None:
 @click.pass_context
 def agent_build(ctx: click.Context, force: bool) -> None:
     """Build (or reuse from cache) the static guest agent and its initramfs."""
-    out = agentbuild.build(_cfg(ctx), force=force)
+    out = _agentbuild().build(_cfg(ctx), force=force)
     click.echo(str(out / "initramfs.cpio"))
 
 
@@ -307,8 +316,8 @@ def setup(ctx: click.Context) -> None:
     from .images import recipe as recipe_mod
     from .images.store import Store
     cfg = _cfg(ctx)
-    kernel_mod.build(cfg)
-    agentbuild.build(cfg)
+    _kernel_mod().build(cfg)
+    _agentbuild().build(cfg)
     store = Store(cfg.root)
     for r in sorted((source_root() / "images").glob("*/recipe.toml")):
         click.echo(f"[image] {recipe_mod.build(r.parent, store)}", err=True)

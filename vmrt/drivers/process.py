@@ -240,6 +240,9 @@ class _Session:
             if master >= 0:
                 os.close(master)
             text = self._runtime_error() or f"exit status {rc}"
+            for prefix in ("runc create failed: ", "unable to start container process: ",
+                           "error during container init: "):
+                text = text.removeprefix(prefix)
             raise exec_error(text) or LaunchError(f"{os.path.basename(self.runtime)} create: {text}")
         if not terminal:
             _discard_pending(self.fds[-1])  # runtime warnings printed during create
