@@ -350,3 +350,37 @@ def test_intended_difference_kernel(vmrt: Vmrt) -> None:
     p = run(vmrt, "process", "--rm", "busybox", "uname", "-r").stdout.decode().strip()
     v = run(vmrt, "vm", "--rm", "busybox", "uname", "-r").stdout.decode().strip()
     assert p == os.uname().release and v != p
+
+
+def test_intended_difference_syscall_filter_and_masks(vmrt: Vmrt) -> None:
+    """Process mode filters syscalls (seccomp) and masks /proc paths of the shared kernel;
+    in VM mode the container's kernel is the guest's own, so neither is applied there."""
+    script = "grep '^Seccomp:' /proc/self/status; grep -c ' /proc/' /proc/mounts"
+    p = run(vmrt, "process", "--rm", "busybox", "sh", "-c", script).stdout.decode().split()
+    v = run(vmrt, "vm", "--rm", "busybox", "sh", "-c", script).stdout.decode().split()
+    assert p[:2] == ["Seccomp:", "2"] and int(p[2]) >= 5
+    assert v == ["Seccomp:", "0", "0"]
+
+
+def test_intended_difference_cpu_count(vmrt: Vmrt) -> None:
+    """--cpus is a CFS quota in process mode; in VM mode it also sets the vCPU count."""
+    p = run(vmrt, "process", "--rm", "--cpus", "1", "busybox", "nproc").stdout.strip()
+    v = run(vmrt, "vm", "--rm", "--cpus", "1", "busybox", "nproc").stdout.strip()
+    assert int(p) == os.cpu_count() and v == b"1"
+
+
+def test_intended_difference_writable_layer(vmrt: Vmrt) -> None:
+    """A process container's writable layer is on the host's disk until `vmrt rm`; a VM
+    container's is in guest RAM and goes with the VM."""
+    for m in MODES:
+        assert run(vmrt, m, "--name", f"layer-{m}", "busybox", "sh", "-c", "echo hi > /written").returncode == 0
+    db = sqlite3.connect(vmrt.root / "state.db")
+    ids = dict(db.execute("SELECT name, id FROM containers WHERE name LIKE 'layer-%'").fetchall())
+    db.close()
+    try:
+        assert (vmrt.root / "rw" / ids["layer-process"] / "upper" / "written").read_text() == "hi\n"
+        assert not (vmrt.root / "rw" / ids["layer-vm"]).exists()
+    finally:
+        for m in MODES:
+            vmrt("rm", f"layer-{m}")
+    assert not (vmrt.root / "rw" / ids["layer-process"]).exists()

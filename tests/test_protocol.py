@@ -95,3 +95,20 @@ def test_oversized_and_bad_headers_are_rejected() -> None:
 def test_unknown_run_tags_are_skipped() -> None:
     payload = struct.pack(">BI", 1, 2) + b"sh" + struct.pack(">BI", 200, 3) + b"xyz"
     assert P.decode_run(payload).args == ["sh"]
+
+
+def test_run_mounts_and_limits_roundtrip() -> None:
+    spec = P.RunSpec(args=["sh"], mounts=[
+        P.MountSpec("/data", "volumes/0", int(P.MountFlag.RO)),
+        P.MountSpec("/scratch", None, int(P.MountFlag.TMPFS | P.MountFlag.NOEXEC), "size=1m,mode=1777")],
+        memory_max=32 << 20, pids_max=10)
+    frame = P.encode_run(spec)
+    back = P.decode_run(frame[P.HDR_LEN:] if hasattr(P, "HDR_LEN") else frame[8:])
+    assert back.mounts == spec.mounts and back.memory_max == 32 << 20 and back.pids_max == 10
+
+
+def test_mount_records_need_a_mount_first() -> None:
+    import struct
+    payload = struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + struct.pack(">BI", P.Tag.MOUNT_FLAGS, 4) + b"\0\0\0\1"
+    with pytest.raises(P.ProtocolError):
+        P.decode_run(payload)

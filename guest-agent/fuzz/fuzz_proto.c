@@ -45,6 +45,15 @@ static void check_run(const uint8_t *p, size_t n)
 	check(total <= n);
 	(void)strlen(run.hostname);
 	(void)strlen(run.rootfs);
+	check(run.nmounts <= VMRT_MAX_MOUNTS);
+	for (size_t i = 0; i < run.nmounts; i++) {
+		const struct vmrt_mount *m = &run.mounts[i];
+		check(m->target[0] == '/');
+		check((m->flags & ~(uint32_t)VMRT_MNT_ALL) == 0);
+		check((m->flags & VMRT_MNT_TMPFS) || (m->source && m->source[0] && m->source[0] != '/' &&
+							 !strstr(m->source, "..")));
+		(void)strlen(m->data);
+	}
 }
 
 /* FNV-1a over what a parse saw */
