@@ -22,6 +22,22 @@ static void check(int cond)
 		__builtin_trap();
 }
 
+/* no "/", "." or ".." component anywhere, not absolute, not empty */
+static int clean_relative(const char *s)
+{
+	size_t n;
+
+	if (!s || !*s || *s == '/')
+		return 0;
+	n = strlen(s);
+	if (s[n - 1] == '/' || strstr(s, "//") || !strcmp(s, ".") || !strcmp(s, "..") ||
+	    !strncmp(s, "./", 2) || !strncmp(s, "../", 3) || strstr(s, "/./") || strstr(s, "/../"))
+		return 0;
+	if ((n >= 2 && !strcmp(s + n - 2, "/.")) || (n >= 3 && !strcmp(s + n - 3, "/..")))
+		return 0;
+	return 1;
+}
+
 static void check_run(const uint8_t *p, size_t n)
 {
 	char err[128];
@@ -50,8 +66,7 @@ static void check_run(const uint8_t *p, size_t n)
 		const struct vmrt_mount *m = &run.mounts[i];
 		check(m->target[0] == '/');
 		check((m->flags & ~(uint32_t)VMRT_MNT_ALL) == 0);
-		check((m->flags & VMRT_MNT_TMPFS) || (m->source && m->source[0] && m->source[0] != '/' &&
-							 !strstr(m->source, "..")));
+		check((m->flags & VMRT_MNT_TMPFS) || clean_relative(m->source));
 		(void)strlen(m->data);
 	}
 }
