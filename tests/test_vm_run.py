@@ -320,6 +320,10 @@ def test_hyperv_alias_and_default_isolation(vmrt: Vmrt) -> None:
     assert r.returncode == 0 and r.stdout.decode().strip() == os.uname().release  # the host's kernel
     r = vmrt("run", "--rm", "--isolation=default", "busybox", "uname", "-r", env={"VMRT_ISOLATION": "vm"})
     assert r.returncode == 0 and r.stdout.decode().strip() != os.uname().release
+    for iso in ("process", "vm"):
+        info = vmrt("info", env={"VMRT_ISOLATION": iso}).stdout.decode()
+        assert f"Default isolation:   {iso}" in info
+    assert "Process runtime:" in info and "runc" in info
 
 
 def test_tcg_notice_when_auto(vmrt: Vmrt) -> None:
