@@ -33,11 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vmrt import bundle  # noqa: E402
+from coldstart import runc_bundle  # noqa: E402  (same directory)
+
 from vmrt import config as config_mod  # noqa: E402
-from vmrt.bundle import RunOptions  # noqa: E402
 from vmrt.drivers.process import choose_runtime  # noqa: E402
-from vmrt.images.store import Store  # noqa: E402
 
 VMRT = [sys.executable, "-m", "vmrt"]
 PODMAN_IMAGE = "localhost/vmrt-busybox:latest"
@@ -57,17 +56,6 @@ def timed(cmd: list[str], **kw: object) -> float:
     if r.returncode != 0:
         raise SystemExit(f"benchmark command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
     return dt
-
-
-def runc_bundle(cfg: config_mod.Config, tmp: Path) -> Path:
-    img = Store(cfg.root).get("busybox")
-    (layer,) = img.layer_dirs()
-    b = tmp / "bundle"
-    shutil.copytree(layer, b / "rootfs", symlinks=True)
-    conf = bundle.make_config(img.runtime_config, b / "rootfs", RunOptions(image="busybox", command=["true"]),
-                              "f" * 64, "process")
-    bundle.write(b, conf)
-    return b
 
 
 def podman_image(cfg: config_mod.Config) -> bool:

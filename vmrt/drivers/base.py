@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,22 @@ class RunContext:
     stderr_fd: int = 2
     log_dir: Path | None = None  # where console/VMM logs are kept after the run
     rw_dir: Path | None = None   # the container's writable layer (process mode), kept until rm
+
+
+def write_all(fd: int, data: bytes) -> bool:
+    """Write all of data to fd (waiting out a non-blocking fd); False if the reader is gone."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            import select
+            select.select([], [fd], [])
+            continue
+        except OSError:
+            return False
+        view = view[n:]
+    return True
 
 
 class Driver(Protocol):

@@ -34,7 +34,7 @@ from typing import Any
 
 from .. import cgroups, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
-from .base import RunContext
+from .base import RunContext, write_all
 
 LOG = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -100,17 +100,8 @@ def _pump(src: int, dst: int, on_first: object = None, close_dst: bool = False) 
             if first and callable(on_first):
                 on_first()
                 first = False
-            view = memoryview(data)
-            while view:
-                try:
-                    n = os.write(dst, view)
-                except BlockingIOError:
-                    import select
-                    select.select([], [dst], [])
-                    continue
-                except OSError:
-                    return
-                view = view[n:]
+            if not write_all(dst, data):
+                return
     finally:
         if close_dst:
             with contextlib.suppress(OSError):

@@ -30,7 +30,7 @@ from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
 from ..vm.qemu import QemuVM, VMSpec
 from ..vm.virtiofsd import Virtiofsd
-from .base import RunContext
+from .base import RunContext, write_all
 
 LOG = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -172,7 +172,7 @@ class _Session:
                         # a slow reader of our stdout must not stall signals and timeouts
                         self.ctx.timings.mark("first-output")
                         fd = self.ctx.stdout_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
-                        await asyncio.to_thread(_write_all, fd, fr.payload)
+                        await asyncio.to_thread(write_all, fd, fr.payload)
                     else:
                         self._dispatch(fr)
         except (VmrtError, OSError) as e:
@@ -495,16 +495,3 @@ class _Session:
                 if p.exists():
                     shutil.move(p, self.ctx.log_dir / n)
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            import select
-            select.select([], [fd], [])
-            continue
-        except BrokenPipeError:
-            return
-        view = view[n:]
