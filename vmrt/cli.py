@@ -115,6 +115,8 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         mounts=[*map(volumes_mod.parse_volume, volumes), *map(volumes_mod.parse_mount, mounts),
                 *map(volumes_mod.parse_tmpfs, tmpfs)])
     volumes_mod.check_unique(opts.mounts)
+    # as Docker: parents before children, whatever the order on the command line
+    opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
     if kernel is not None and not kernel.is_file():
         raise UsageError(f"kernel {kernel} not found")
     try:

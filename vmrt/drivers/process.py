@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import termios
 import threading
@@ -65,9 +66,9 @@ def choose_runtime(setting: str) -> str:
 def exec_error(message: str) -> ContainerExecError | None:
     """runc/crun's create error for a command that cannot be executed, as Docker maps it."""
     i = message.find("exec: ")
-    if i < 0:
+    what = message[i:].strip() if i >= 0 else message.strip()
+    if i < 0 and "executable file" not in what:  # crun: "executable file `x` not found in $PATH"
         return None
-    what = message[i:].strip()
     low = what.lower()
     if "executable file not found" in low or "no such file or directory" in low:
         return ContainerExecError(what, exit_code=127)
@@ -87,7 +88,9 @@ class ProcessDriver:
 
 
 def _pump(src: int, dst: int, on_first: object = None, close_dst: bool = False) -> None:
-    """Copy src to dst until EOF (EIO on a pty master is EOF too)."""
+    """Copy src to dst until EOF (EIO on a pty master is EOF too). The pump owns src and
+    closes it when done: if dst's reader went away, the writer in the container then gets
+    EPIPE, as in a shell pipeline."""
     first = True
     try:
         while True:
@@ -103,6 +106,8 @@ def _pump(src: int, dst: int, on_first: object = None, close_dst: bool = False) 
             if not write_all(dst, data):
                 return
     finally:
+        with contextlib.suppress(OSError):
+            os.close(src)
         if close_dst:
             with contextlib.suppress(OSError):
                 os.close(dst)
@@ -161,7 +166,10 @@ class _Session:
             self._create()
             created = True
             ctx.timings.mark("vmm-spawned")
-            subprocess.run(self._rt("start", self.cid), check=False, capture_output=True)
+            r = subprocess.run(self._rt("start", self.cid), check=False, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise LaunchError(f"{os.path.basename(self.runtime)} start: "
+                                  f"{self._runtime_error() or r.stderr.strip() or r.returncode}")
             ctx.timings.mark("process-started")
             status = self._wait()
             ctx.timings.mark("exit")
@@ -207,7 +215,7 @@ class _Session:
                 out_r, out_w = os.pipe()
                 er_r, er_w = os.pipe()
                 child_fds += [out_w, er_w]
-                self.fds += [out_r, er_r]
+                self.fds += [out_r, er_r]  # until their pumps own them
                 stdio = (in_r, out_w, er_w)
             proc = subprocess.Popen(self._rt(*args, self.cid), stdin=stdio[0], stdout=stdio[1],
                                     stderr=stdio[2], close_fds=True, cwd=ctx.bundle_dir)
@@ -220,7 +228,12 @@ class _Session:
                     conn, _ = console_sock.accept()
                     with conn:
                         master = _recv_fd(conn)
-            rc = proc.wait()
+            try:
+                rc = proc.wait()
+            except BaseException:  # interrupted (a signal): no runtime left behind
+                proc.kill()
+                proc.wait()
+                raise
         finally:
             for fd in child_fds:
                 with contextlib.suppress(OSError):
@@ -237,8 +250,8 @@ class _Session:
             raise exec_error(text) or LaunchError(f"{os.path.basename(self.runtime)} create: {text}")
         if not terminal:
             _discard_pending(self.fds[-1])  # runtime warnings printed during create
-            if stdin_open:
-                self._thread(_pump, ctx.stdin_fd, self.fds[-3], None, True, daemon=True)
+            if stdin_open:  # the pump closes the pipe at our stdin's EOF
+                self._thread(_pump, os.dup(ctx.stdin_fd), self.fds.pop(-3), None, True, daemon=True)
         self.pid = int(pid_file.read_text().strip())
         self.pidfd = os.pidfd_open(self.pid)
         if self.ctx.state is not None:
@@ -246,7 +259,7 @@ class _Session:
         if terminal:
             self._relay_tty(master, stdin_open)
         else:
-            out_r, er_r = self.fds[-2], self.fds[-1]
+            er_r, out_r = self.fds.pop(), self.fds.pop()
             self._thread(_pump, out_r, ctx.stdout_fd, self._first_output)
             self._thread(_pump, er_r, ctx.stderr_fd, self._first_output)
 
@@ -275,7 +288,6 @@ class _Session:
         ctx = self.ctx
         if master < 0:
             raise LaunchError("the runtime did not send the container's terminal")
-        self.fds.append(master)
         if os.isatty(ctx.stdout_fd):
             sz = os.get_terminal_size(ctx.stdout_fd)
             termios.tcsetwinsize(master, (sz.lines, sz.columns))
@@ -284,7 +296,7 @@ class _Session:
             if os.isatty(ctx.stdin_fd):
                 self.tty_restore = termios.tcgetattr(ctx.stdin_fd)
                 tty.setraw(ctx.stdin_fd)
-            self._thread(_pump, ctx.stdin_fd, os.dup(master), None, True, daemon=True)
+            self._thread(_pump, os.dup(ctx.stdin_fd), os.dup(master), None, True, daemon=True)
         self._thread(_pump, master, ctx.stdout_fd, self._first_output)
 
     def _resize(self, master: int) -> None:
@@ -336,6 +348,7 @@ class _Session:
         ctx = self.ctx
         if self.timer is not None:
             self.timer.cancel()
+        signal.signal(signal.SIGWINCH, signal.SIG_DFL)
         if self.tty_restore is not None:
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(ctx.stdin_fd, termios.TCSADRAIN, self.tty_restore)
@@ -375,12 +388,14 @@ def write_etc(root: Path, hostname: str) -> None:
     if not os.path.isdir(etc) or os.path.islink(etc):
         return
     for name, text in (("hostname", hostname + "\n"), ("hosts", HOSTS.format(hostname))):
-        try:
-            fd = os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:  # never truncate or write anything but a regular file (an image may ship a device here)
+            fd = os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError:
             continue
         try:
-            os.write(fd, text.encode())
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, 0)
+                os.write(fd, text.encode())
         finally:
             os.close(fd)
 

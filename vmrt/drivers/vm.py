@@ -441,9 +441,9 @@ class _Session:
         vm = self.vm = QemuVM(cfg, spec, bdir / "qemu.log")
         vm.launch()
         t.mark("vmm-spawned")
+        stack.push_async_callback(self._teardown_vm)
         assert vm.pid is not None
         group.add(vm.pid)
-        stack.push_async_callback(self._teardown_vm)
         ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, "virtiofsd": vfs.pid})
 
         self._spawn(self._read_console(vm.console_sock, bdir / "console.log"))
