@@ -79,9 +79,3 @@ def mounts_under(top: Path) -> list[Path]:
 def umount_all(top: Path) -> None:
     for p in mounts_under(top):
         umount(p)
-
-
-def is_mounted(target: Path) -> bool:
-    t = str(target)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == t for line in f)

@@ -191,9 +191,9 @@ class _Session:
         master = -1
         try:
             if terminal:
-                # the runtime sends the pty master over this socket; its own stdio are then
-                # separate from the container's, and its stderr is ours to read
-                # a relative path (the runtime runs in the bundle dir): sun_path is short
+                # the runtime sends the pty master over this socket (its own stdio stay
+                # separate); bound by a short /proc/self/fd path, named relatively for the
+                # runtime, which runs in the bundle dir: sun_path is only 108 bytes
                 console_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 dfd = os.open(ctx.bundle_dir, os.O_PATH | os.O_DIRECTORY)
                 try:
@@ -306,14 +306,10 @@ class _Session:
 
     # --- waiting and signals -----------------------------------------------------
     def _wait(self) -> int:
-        while True:
-            try:
-                _, st = os.waitpid(self.pid, 0)
-                break
-            except ChildProcessError:  # not ours (should not happen): poll the pidfd
-                import select
-                select.select([self.pidfd], [], [])
-                return 125
+        try:  # the init is our child: we are the subreaper the runtime's exit left it to
+            _, st = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            raise LaunchError(f"the container's init {self.pid} is not vmrt's child") from None
         if self.timer is not None:
             self.timer.cancel()
         for th in self.threads:  # the pipes close when every process in the container is gone
