@@ -51,15 +51,22 @@ def test_symlink_climbing_out_is_refused(tmp_path: Path) -> None:
         unpack.extract(_tar([_entry("link", tarfile.SYMTYPE, "../../outside")]), dest)
 
 
-def test_writes_through_absolute_symlink_stay_inside(tmp_path: Path) -> None:
+def test_writes_through_absolute_symlink_are_refused(tmp_path: Path) -> None:
     dest, outside = tmp_path / "root", tmp_path / "outside"
     dest.mkdir()
     outside.mkdir()
-    # "etc" -> host-absolute path: must be resolved inside the root, never on the host
+    # "etc" -> host-absolute path: extracted naively, etc/passwd would land on the host
     layer = _tar([_entry("etc", tarfile.SYMTYPE, str(outside)), _entry("etc/passwd")], {"etc/passwd": b"x"})
-    unpack.extract(layer, dest)
+    with pytest.raises(ImageError, match="passes through symlink 'etc'"):
+        unpack.extract(layer, dest)
     assert list(outside.iterdir()) == []
-    assert (dest / str(outside).lstrip("/") / "passwd").read_bytes() == b"x"
+    assert not (dest / str(outside).lstrip("/")).exists()
+
+
+def test_absolute_symlinks_still_resolve_inside_for_lookups(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "link").symlink_to("/etc")
+    assert unpack.resolve_in_root(str(tmp_path), "link/passwd") == str(tmp_path / "etc" / "passwd")
 
 
 def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
@@ -103,9 +110,23 @@ def test_corrupt_blob_is_refused(tmp_path: Path) -> None:
 
 
 def test_references() -> None:
-    assert str(reference.parse("busybox")) == "busybox:latest"
-    assert reference.parse("localhost:5000/a/b:1.0").tag == "1.0"
-    for bad in ("UPPER", "a b", "", "x:", "busybox@sha256:12"):
+    # Docker's short-name rules: docker.io, library/ for one component, "latest"
+    cases = {
+        "busybox": ("docker.io/library/busybox:latest", "busybox:latest"),
+        "docker.io/busybox:1.36": ("docker.io/library/busybox:1.36", "busybox:1.36"),
+        "index.docker.io/library/busybox": ("docker.io/library/busybox:latest", "busybox:latest"),
+        "foo/bar": ("docker.io/foo/bar:latest", "foo/bar:latest"),
+        "localhost/app": ("localhost/app:latest", "localhost/app:latest"),
+        "127.0.0.1:5000/a/b:1.0": ("127.0.0.1:5000/a/b:1.0", "127.0.0.1:5000/a/b:1.0"),
+        "quay.io/x/y": ("quay.io/x/y:latest", "quay.io/x/y:latest"),
+        "busybox@sha256:" + "a" * 64: ("docker.io/library/busybox@sha256:" + "a" * 64, "busybox@sha256:" + "a" * 64),
+    }
+    for ref, (full, familiar) in cases.items():
+        r = reference.parse(ref)
+        assert (str(r), r.familiar()) == (full, familiar), ref
+    assert reference.parse("busybox").api_host == "registry-1.docker.io"
+    assert reference.parse("127.0.0.1:5000/a").api_host == "127.0.0.1:5000"
+    for bad in ("UPPER", "a b", "", "x:", "busybox@sha256:12", "a//b", "/x", "host:port/x"):
         with pytest.raises(UsageError):
             reference.parse(bad)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import subprocess
 import tarfile
 import tomllib
@@ -103,28 +102,14 @@ def build(recipe_dir: Path, store: st.Store) -> str:
         raise ImageError(f"no recipe at {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ImageError(f"recipe {path}: {e}") from e
-    store.init()
     tar = build_layer(recipe, path.parent)
-    diff_id = st.sha256(tar)
     gz = gzip.compress(tar, compresslevel=6, mtime=EPOCH)
-    layer_digest = store.put_blob(gz)
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "created": "1970-01-01T00:00:00Z",
-        "config": dict(recipe.get("config", {})),
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created_by": f"vmrt recipe {path.parent.name}"}],
-    }
-    config_bytes = json.dumps(config, sort_keys=True).encode()
-    config_digest = store.put_blob(config_bytes)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": st.MT_MANIFEST,
-        "config": {"mediaType": st.MT_CONFIG, "digest": config_digest, "size": len(config_bytes)},
-        "layers": [{"mediaType": st.MT_LAYER_GZIP, "digest": layer_digest, "size": len(gz)}],
-    }
-    manifest_digest = store.put_blob(json.dumps(manifest, sort_keys=True).encode())
     ref = f"{recipe['name']}:{recipe.get('tag', 'latest')}"
-    store.tag(ref, manifest_digest)
+    with store.writing():
+        layer_digest = store.put_blob(gz)
+        store.write_image(
+            [({"mediaType": st.MT_OCI_LAYER_GZIP, "digest": layer_digest, "size": len(gz)}, st.sha256(tar))],
+            {"created": "1970-01-01T00:00:00Z", "config": dict(recipe.get("config", {})),
+             "history": [{"created": "1970-01-01T00:00:00Z", "created_by": f"vmrt recipe {path.parent.name}"}]},
+            [ref])
     return ref

@@ -1,18 +1,24 @@
-"""vmrt's local image store: an OCI image layout plus unpacked layers.
+"""vmrt's local image store: content-addressed blobs, unpacked layers, SQLite metadata.
 
 Layout under ``<root>/``::
 
-    images/oci-layout, images/index.json   OCI image layout; each manifest in the
-                                           index carries its reference in the
-                                           ``org.opencontainers.image.ref.name``
-                                           annotation
-    images/blobs/sha256/<hex>              content-addressed blobs (verified)
-    layers/<diff-id hex>/                  each layer unpacked once, read-only,
-                                           shared by every container
+    images/oci-layout                  OCI image layout marker
+    images/blobs/sha256/<hex>          content-addressed blobs (manifests, configs,
+                                       indexes, layers), verified before they land
+    layers/<diff-id hex>/rootfs        each layer unpacked once, read-only, shared by
+                                       every container of both isolation modes
+    layers/<diff-id hex>/.vmrt-complete  "<diff-id> <uncompressed size>"
+    state.db                           tables ``images`` and ``tags`` (beside the
+                                       containers table, so "is it in use" is a query)
+    tmp/                               downloads and unpacks in progress
+    gc.lock                            shared by writers, exclusive for garbage collection
 
-Writes go to a temporary name and are renamed into place, so an interrupted
-write never leaves a partial blob, layer or index. ``store.lock`` serialises
-index updates.
+Every blob and layer is written under ``tmp/`` and renamed into place only after
+its digest checked out, and an image becomes visible (a row in ``images``, its
+tags) only once all its blobs are stored and its layers unpacked, in one SQLite
+transaction. So an interrupted pull or load leaves nothing visible, and a retry
+succeeds; two concurrent pulls of one image write the same content and the
+second rename simply finds the first one's result.
 """
 
 from __future__ import annotations
@@ -20,49 +26,83 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ..errors import ImageError
+from ..errors import ImageError, UsageError
 from . import reference, unpack
 
-REF_ANNOTATION = "org.opencontainers.image.ref.name"
-MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MT_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MT_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
+LAYER_TYPES = (MT_OCI_LAYER, MT_OCI_LAYER_GZIP, MT_OCI_LAYER_ZSTD, MT_DOCKER_LAYER, MT_DOCKER_FOREIGN,
+               "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip")
+# older names kept for callers of the first store
+MT_MANIFEST, MT_CONFIG, MT_LAYER_GZIP, MT_LAYER_TAR = MT_OCI_MANIFEST, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_LAYER
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _hex(digest: str) -> str:
+def digest_hex(digest: str) -> str:
+    """The hex part of a sha256 digest; ImageError if it is anything else."""
     algo, _, hexpart = digest.partition(":")
     if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
         raise ImageError(f"unsupported or malformed digest {digest!r}")
     return hexpart
 
 
+_hex = digest_hex
+
+
+def decompressed(raw: IO[bytes]) -> IO[bytes]:
+    """A reader of ``raw`` decompressed by its magic (gzip, zstd or a plain tar)."""
+    peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[arg-type,type-var]
+    head = peekable.peek(4)[:4]  # type: ignore[attr-defined]
+    if head.startswith(_GZIP_MAGIC):
+        import gzip
+        return gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[return-value]
+    if head.startswith(_ZSTD_MAGIC):
+        import zstandard
+        return zstandard.ZstdDecompressor().stream_reader(peekable, read_across_frames=True)  # type: ignore[no-any-return]
+    return peekable  # type: ignore[no-any-return]
+
+
 @dataclasses.dataclass
 class Image:
-    ref: str
+    id: str                      # the config digest, as Docker's image ID
     manifest_digest: str
     manifest: dict[str, Any]
     config: dict[str, Any]
     store: Store
-
-    @property
-    def id(self) -> str:
-        return str(self.manifest["config"]["digest"])
+    ref: str = ""                # the reference it was looked up by (or its first tag, or its ID)
+    tags: list[str] = dataclasses.field(default_factory=list)
+    repo_digests: list[str] = dataclasses.field(default_factory=list)
+    size: int = 0                # uncompressed size of all layers, as `docker images` shows
+    added: float = 0.0
 
     @property
     def runtime_config(self) -> dict[str, Any]:
@@ -77,13 +117,32 @@ class Image:
         return list(self.config.get("rootfs", {}).get("diff_ids", []))
 
     @property
-    def size(self) -> int:
-        return sum(int(d.get("size", 0)) for d in self.layers)
+    def blobs(self) -> list[str]:
+        return [self.manifest_digest, self.id, *(d["digest"] for d in self.layers)]
 
     def layer_dirs(self) -> list[Path]:
         """Unpacked layer directories, lowest first."""
         return [self.store.unpacked_layer(desc, diff)
                 for desc, diff in zip(self.layers, self.diff_ids, strict=True)]
+
+
+class BlobWriter:
+    """Streams one blob into ``tmp/``; the store renames it into place once verified."""
+
+    def __init__(self, f: IO[bytes], path: Path) -> None:
+        self._f, self.path = f, path
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data)
+        self._h.update(data)
+        self.size += len(data)
+        return len(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._h.hexdigest()
 
 
 class Store:
@@ -93,6 +152,7 @@ class Store:
         self.blobs = self.oci / "blobs" / "sha256"
         self.layers = root / "layers"
         self.tmp = root / "tmp"
+        self._db: sqlite3.Connection | None = None
 
     def init(self) -> None:
         for d in (self.blobs, self.layers, self.tmp):
@@ -100,8 +160,85 @@ class Store:
         layout = self.oci / "oci-layout"
         if not layout.exists():
             self._atomic_write(layout, json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-        if not (self.oci / "index.json").exists():
-            self._write_index({"schemaVersion": 2, "manifests": []})
+
+    # --- metadata ------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.root / "state.db", timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("""CREATE TABLE IF NOT EXISTS images (
+                id TEXT PRIMARY KEY, manifest_digest TEXT NOT NULL, added REAL NOT NULL,
+                size INTEGER NOT NULL, repo_digests TEXT NOT NULL DEFAULT '[]',
+                extra_blobs TEXT NOT NULL DEFAULT '[]')""")
+            db.execute("""CREATE TABLE IF NOT EXISTS tags (
+                name TEXT PRIMARY KEY, image_id TEXT NOT NULL REFERENCES images(id))""")
+            self._db = db
+            self._migrate_index_json()
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _migrate_index_json(self) -> None:
+        """Stores made before SQLite metadata kept their tags in images/index.json."""
+        old = self.oci / "index.json"
+        if not old.exists():
+            return
+        with contextlib.suppress(OSError, ValueError, KeyError, ImageError, UsageError):
+            for m in json.loads(old.read_text()).get("manifests", []):
+                name = m.get("annotations", {}).get("org.opencontainers.image.ref.name")
+                if name and self.has_blob(m["digest"]):
+                    self.commit_image(m["digest"], [name])
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+    # --- locks ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _flock(self, mode: int) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "gc.lock", "a") as lk:
+            fcntl.flock(lk, mode)
+            yield
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held (shared) while blobs are added, so garbage collection waits for them.
+
+        The first writer to find no other holder clears ``tmp/`` of what an
+        interrupted pull or load left behind.
+        """
+        self.init()
+        with self._flock(fcntl.LOCK_SH):
+            try:
+                with open(self.root / "gc.lock", "a") as probe:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails: another writer is active
+                    self._clear_tmp()
+            except BlockingIOError:
+                pass
+            yield
+
+    def _clear_tmp(self) -> None:
+        for p in self.tmp.iterdir() if self.tmp.is_dir() else ():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
     # --- blobs ---------------------------------------------------------------
     def _atomic_write(self, path: Path, data: bytes) -> None:
@@ -119,18 +256,49 @@ class Store:
             raise
 
     def blob_path(self, digest: str) -> Path:
-        return self.blobs / _hex(digest)
+        return self.blobs / digest_hex(digest)
 
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
+
+    @contextlib.contextmanager
+    def blob_writer(self, expected: str | None = None, size: int | None = None) -> Iterator[BlobWriter]:
+        """Write a blob by streaming; it lands in the store only if its digest (and size) match.
+
+        On any exception, or a mismatch (ImageError), the partial file is removed.
+        """
+        if expected is not None:
+            digest_hex(expected)
+        self.init()
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                w = BlobWriter(f, Path(tmp))
+                yield w
+                f.flush()
+                os.fsync(f.fileno())
+            if expected is not None and w.digest != expected:
+                raise ImageError(f"digest mismatch: expected {expected}, got {w.digest}")
+            if size is not None and w.size != size:
+                raise ImageError(f"size mismatch for {w.digest}: expected {size} bytes, got {w.size}")
+            os.rename(tmp, self.blob_path(w.digest))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def put_blob(self, data: bytes, expected: str | None = None) -> str:
         digest = sha256(data)
         if expected is not None and expected != digest:
             raise ImageError(f"digest mismatch: expected {expected}, got {digest}")
         if not self.has_blob(digest):
-            self._atomic_write(self.blob_path(digest), data)
+            with self.blob_writer(digest, len(data)) as w:
+                w.write(data)
         return digest
+
+    def put_json(self, obj: dict[str, Any]) -> tuple[str, int]:
+        """Store ``obj`` as canonical JSON; returns (digest, size)."""
+        data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        return self.put_blob(data), len(data)
 
     def read_blob(self, digest: str) -> bytes:
         try:
@@ -150,104 +318,256 @@ class Store:
             raise ImageError(f"blob {digest} is not a JSON object")
         return obj
 
-    # --- index ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "store.lock", "a") as lk:
-            fcntl.flock(lk, fcntl.LOCK_EX)
-            yield
+    # --- images --------------------------------------------------------------
+    def commit_image(self, manifest_digest: str, refs: Iterable[str] = (), *,
+                     repo_digests: Iterable[str] = (), extra_blobs: Iterable[str] = ()) -> Image:
+        """Make the image whose manifest is stored under ``manifest_digest`` visible.
 
-    def _read_index(self) -> dict[str, Any]:
+        Checks that the manifest, its config and every layer are in the store,
+        unpacks the layers (verifying each diff id), then records the image and
+        moves ``refs`` to it in one transaction. ``extra_blobs`` (e.g. the index a
+        manifest was chosen from) are kept as long as the image.
+        """
+        manifest = self.read_json(manifest_digest)
+        mt = manifest.get("mediaType", MT_OCI_MANIFEST)
+        if mt not in MANIFEST_TYPES or manifest.get("schemaVersion") != 2:
+            raise ImageError(f"manifest {manifest_digest} has unsupported media type {mt!r}")
         try:
-            return dict(json.loads((self.oci / "index.json").read_text()))
-        except FileNotFoundError:
-            return {"schemaVersion": 2, "manifests": []}
-        except (json.JSONDecodeError, OSError) as e:
-            raise ImageError(f"image index is corrupt: {e}") from e
+            config_digest = manifest["config"]["digest"]
+            layers = list(manifest.get("layers") or [])
+            config = self.read_json(config_digest)
+            diff_ids = list(config["rootfs"]["diff_ids"])
+        except (KeyError, TypeError) as e:
+            raise ImageError(f"manifest {manifest_digest} or its config is malformed: missing {e}") from e
+        if len(diff_ids) != len(layers):
+            raise ImageError(f"image {config_digest}: {len(layers)} layers but {len(diff_ids)} diff ids")
+        size = 0
+        for desc, diff_id in zip(layers, diff_ids, strict=True):
+            if desc.get("mediaType", MT_OCI_LAYER_GZIP) not in LAYER_TYPES:
+                raise ImageError(f"layer {desc.get('digest')} has unsupported media type {desc.get('mediaType')!r}")
+            if not self.has_blob(desc["digest"]):
+                raise ImageError(f"layer {desc['digest']} missing from the store")
+            self.unpacked_layer(desc, diff_id)
+            size += self.layer_size(diff_id)
+        names = [str(reference.parse(r)) for r in refs]
+        extra = [d for d in extra_blobs if self.has_blob(d)]
+        with self._tx() as db:
+            row = db.execute("SELECT repo_digests, extra_blobs FROM images WHERE id=?", (config_digest,)).fetchone()
+            old_rd, old_extra = (json.loads(row[0]), json.loads(row[1])) if row else ([], [])
+            rd = list(dict.fromkeys([*repo_digests, *old_rd]))
+            ex = list(dict.fromkeys([*old_extra, *extra]))
+            db.execute("INSERT INTO images (id, manifest_digest, added, size, repo_digests, extra_blobs) "
+                       "VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET manifest_digest=excluded.manifest_digest,"
+                       " repo_digests=excluded.repo_digests, extra_blobs=excluded.extra_blobs",
+                       (config_digest, manifest_digest, time.time(), size, json.dumps(rd), json.dumps(ex)))
+            for n in names:
+                db.execute("INSERT INTO tags (name, image_id) VALUES (?,?) "
+                           "ON CONFLICT(name) DO UPDATE SET image_id=excluded.image_id", (n, config_digest))
+        return self.get(names[0] if names else config_digest)
 
-    def _write_index(self, index: dict[str, Any]) -> None:
-        self._atomic_write(self.oci / "index.json", json.dumps(index, indent=1).encode())
+    def write_image(self, layers: list[tuple[dict[str, Any], str]], config: dict[str, Any],
+                    refs: Iterable[str] = ()) -> Image:
+        """Store an OCI config + manifest for stored ``layers`` ((descriptor, diff id) pairs) and commit it.
 
-    def tag(self, ref: str, manifest_digest: str) -> None:
-        name = str(reference.parse(ref))
-        size = self.blob_path(manifest_digest).stat().st_size
-        with self._locked():
-            index = self._read_index()
-            ms = [m for m in index.get("manifests", [])
-                  if m.get("annotations", {}).get(REF_ANNOTATION) != name]
-            ms.append({"mediaType": MT_MANIFEST, "digest": manifest_digest, "size": size,
-                       "annotations": {REF_ANNOTATION: name,
-                                       "org.vmrt.created": str(int(time.time()))}})
-            index["manifests"] = ms
-            self._write_index(index)
+        ``config`` is the image config without ``rootfs`` (architecture, os, created,
+        config, history); used by recipes, ``import`` and archive loads.
+        """
+        full = {"architecture": "amd64", "os": "linux", **config,
+                "rootfs": {"type": "layers", "diff_ids": [d for _, d in layers]}}
+        config_digest, config_size = self.put_json(full)
+        manifest = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+                    "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_size},
+                    "layers": [desc for desc, _ in layers]}
+        manifest_digest, _ = self.put_json(manifest)
+        return self.commit_image(manifest_digest, refs)
+
+    def _load(self, image_id: str, ref: str) -> Image:
+        row = self.db.execute("SELECT manifest_digest, size, repo_digests, added FROM images WHERE id=?",
+                              (image_id,)).fetchone()
+        if row is None:
+            raise ImageError(f"No such image: {ref}")
+        manifest = self.read_json(row[0])
+        config = self.read_json(image_id)
+        tags = [t for (t,) in self.db.execute("SELECT name FROM tags WHERE image_id=? ORDER BY name", (image_id,))]
+        return Image(image_id, row[0], manifest, config, self, ref=ref or (tags[0] if tags else image_id),
+                     tags=tags, repo_digests=json.loads(row[2]), size=row[1], added=row[3])
+
+    def lookup(self, ref: str) -> str | None:
+        """The ID of the image ``ref`` names (a reference, a digest reference, an ID or ID prefix)."""
+        if reference.looks_like_id(ref):
+            prefix = ref if ref.startswith("sha256:") else "sha256:" + ref
+            ids = [i for (i,) in self.db.execute("SELECT id FROM images WHERE id LIKE ?", (prefix + "%",))]
+            if len(ids) > 1:
+                raise UsageError(f"ambiguous image ID prefix {ref!r}: matches {len(ids)} images")
+            if ids and (len(ref) >= 12 or ref.startswith("sha256:") or not self._is_tag(ref)):
+                return ids[0]
+        r = reference.parse(ref)
+        if r.digest:
+            want = f"{r.name}@{r.digest}"
+            for image_id, rds in self.db.execute("SELECT id, repo_digests FROM images"):
+                if want in json.loads(rds):
+                    return str(image_id)
+            row = self.db.execute("SELECT id FROM images WHERE manifest_digest=?", (r.digest,)).fetchone()
+            return str(row[0]) if row else None
+        row = self.db.execute("SELECT image_id FROM tags WHERE name=?", (str(r),)).fetchone()
+        return str(row[0]) if row else None
+
+    def _is_tag(self, ref: str) -> bool:
+        try:
+            name = str(reference.parse(ref))
+        except UsageError:
+            return False
+        return self.db.execute("SELECT 1 FROM tags WHERE name=?", (name,)).fetchone() is not None
+
+    def get(self, ref: str) -> Image:
+        image_id = self.lookup(ref)
+        if image_id is None:
+            raise ImageError(f"No such image: {ref}")
+        return self._load(image_id, ref if not reference.looks_like_id(ref) or self._is_tag(ref) else "")
+
+    def images(self) -> list[Image]:
+        ids = [i for (i,) in self.db.execute("SELECT id FROM images ORDER BY added DESC")]
+        return [self._load(i, "") for i in ids]
+
+    def all_tags(self) -> list[tuple[str, str]]:
+        """(tag, image id) pairs, sorted by tag."""
+        return [(n, i) for n, i in self.db.execute("SELECT name, image_id FROM tags ORDER BY name")]
+
+    def tag(self, ref: str, target: str) -> str:
+        """Point ``ref`` at the image ``target`` names (a reference, ID, or a stored manifest digest)."""
+        name = reference.parse(ref)
+        if name.digest:
+            raise UsageError(f"refusing to create a tag with a digest reference: {ref!r}")
+        if target.startswith("sha256:") and self.has_blob(target) and self.lookup(target) is None:
+            return self.commit_image(target, [ref]).id  # a manifest stored but not yet an image
+        image_id = self.lookup(target)
+        if image_id is None:
+            raise ImageError(f"No such image: {target}")
+        with self._tx() as db:
+            db.execute("INSERT INTO tags (name, image_id) VALUES (?,?) "
+                       "ON CONFLICT(name) DO UPDATE SET image_id=excluded.image_id", (str(name), image_id))
+        return image_id
 
     def untag(self, ref: str) -> bool:
         name = str(reference.parse(ref))
-        with self._locked():
-            index = self._read_index()
-            before = len(index.get("manifests", []))
-            index["manifests"] = [m for m in index.get("manifests", [])
-                                  if m.get("annotations", {}).get(REF_ANNOTATION) != name]
-            self._write_index(index)
-            return len(index["manifests"]) != before
+        with self._tx() as db:
+            return db.execute("DELETE FROM tags WHERE name=?", (name,)).rowcount > 0
 
-    def list(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(m["annotations"][REF_ANNOTATION], m)
-                for m in self._read_index().get("manifests", [])
-                if REF_ANNOTATION in m.get("annotations", {})]
+    def users(self, image_id: str) -> list[tuple[str, str]]:
+        """(container id, status) of every container made from ``image_id``."""
+        try:
+            return [(c, s) for c, s in self.db.execute(
+                "SELECT id, status FROM containers WHERE image_id=?", (image_id,))]
+        except sqlite3.OperationalError:  # no containers table (yet), or an old one
+            return []
 
-    def get(self, ref: str) -> Image:
-        r = reference.parse(ref)
-        name = f"{r.name}:{r.tag}"
-        for n, desc in self.list():
-            if n == name and (r.digest is None or desc["digest"] == r.digest):
-                manifest = self.read_json(desc["digest"])
-                config = self.read_json(manifest["config"]["digest"])
-                return Image(name, desc["digest"], manifest, config, self)
-        raise ImageError(f"Unable to find image '{ref}' locally (no registry configured)")
+    def delete_image(self, image_id: str) -> None:
+        """Forget an image and its tags; its blobs go at the next :meth:`collect`."""
+        with self._tx() as db:
+            db.execute("DELETE FROM tags WHERE image_id=?", (image_id,))
+            db.execute("DELETE FROM images WHERE id=?", (image_id,))
+
+    def collect(self) -> int:
+        """Remove blobs and unpacked layers no image refers to; returns bytes freed.
+
+        Waits for writers (pulls, loads) to finish, since their blobs belong to no
+        image yet.
+        """
+        self.init()
+        freed = 0
+        with self._flock(fcntl.LOCK_EX):
+            keep_blobs: set[str] = set()
+            keep_layers: set[str] = set()
+            for image_id, mdigest, extra in self.db.execute("SELECT id, manifest_digest, extra_blobs FROM images"):
+                keep_blobs.update([image_id, mdigest, *json.loads(extra)])
+                with contextlib.suppress(ImageError):
+                    keep_blobs.update(d["digest"] for d in self.read_json(mdigest).get("layers", []))
+                    keep_layers.update(self.read_json(image_id).get("rootfs", {}).get("diff_ids", []))
+            keep_hex = {d.partition(":")[2] for d in keep_blobs}
+            for p in self.blobs.iterdir():
+                if p.name not in keep_hex:
+                    freed += p.stat().st_size
+                    p.unlink()
+            keep_layer_hex = {d.partition(":")[2] for d in keep_layers}
+            for p in self.layers.iterdir():
+                if p.name not in keep_layer_hex:
+                    freed += self._layer_size_of(p)
+                    unpack.remove_tree(p)
+            self._clear_tmp()
+        return freed
 
     # --- layers --------------------------------------------------------------
-    def unpacked_layer(self, desc: dict[str, Any], diff_id: str) -> Path:
-        dest = self.layers / _hex(diff_id)
+    def layer_size(self, diff_id: str) -> int:
+        return self._layer_size_of(self.layers / digest_hex(diff_id))
+
+    @staticmethod
+    def _layer_size_of(d: Path) -> int:
+        try:
+            return int((d / ".vmrt-complete").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    def has_layer(self, diff_id: str) -> bool:
+        return (self.layers / digest_hex(diff_id) / ".vmrt-complete").exists()
+
+    def unpacked_layer(self, desc: dict[str, Any], diff_id: str, stream: IO[bytes] | None = None) -> Path:
+        """The directory holding layer ``diff_id`` unpacked; unpacks it first if needed.
+
+        The layer is read from its stored blob, or from ``stream`` (the compressed
+        blob as it arrives: a pull unpacks while it downloads; the stream is read
+        to its end). The unpacked tree lands in ``layers/`` only if its
+        uncompressed content hashes to ``diff_id``, the digest the (verified)
+        image config names.
+        """
+        dest = self.layers / digest_hex(diff_id)
         if (dest / ".vmrt-complete").exists():
+            if stream is not None:
+                while stream.read(1 << 20):
+                    pass
             return dest / "rootfs"
         self.init()
         tmp = Path(tempfile.mkdtemp(dir=self.tmp, prefix="layer-"))
         try:
-            blob = self.blob_path(desc["digest"])
             hasher = hashlib.sha256()
-            with open(blob, "rb") as raw:
-                opener = gzip.open if desc.get("mediaType", "").endswith("gzip") else None
-                stream = opener(raw) if opener else raw
-                hashing = _HashingReader(stream, hasher)
+            with contextlib.ExitStack() as stack:
+                raw = stream if stream is not None else stack.enter_context(open(self.blob_path(desc["digest"]), "rb"))
+                hashing = _HashingReader(decompressed(raw), hasher)
                 (tmp / "rootfs").mkdir()
                 unpack.extract(hashing, tmp / "rootfs")  # type: ignore[arg-type]
                 hashing.drain()
+                if stream is not None:
+                    while stream.read(1 << 20):  # the compressed stream may have trailing bytes
+                        pass
             if "sha256:" + hasher.hexdigest() != diff_id:
                 raise ImageError(f"layer {desc['digest']} does not match its diff id {diff_id}")
-            (tmp / ".vmrt-complete").write_text(diff_id + "\n")
+            (tmp / ".vmrt-complete").write_text(f"{diff_id} {hashing.count}\n")
             try:
                 os.rename(tmp, dest)
             except OSError:
                 if not (dest / ".vmrt-complete").exists():
                     raise
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise ImageError(f"cannot unpack layer {desc['digest']}: {e}") from e
+        except FileNotFoundError as e:
+            raise ImageError(f"layer {desc['digest']} missing from the store") from e
+        except Exception as e:  # gzip/zstd/tar errors of a bad blob
+            if isinstance(e, ImageError | OSError | EOFError | ValueError) or "Zstd" in type(e).__name__:
+                raise ImageError(f"cannot unpack layer {desc['digest']}: {e}") from e
+            raise
         finally:
             if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                unpack.remove_tree(tmp)
         return dest / "rootfs"
 
 
 class _HashingReader:
     def __init__(self, f: Any, h: Any) -> None:
         self._f, self._h = f, h
+        self.count = 0
 
     def read(self, n: int = -1) -> bytes:
-        b = self._f.read(n)
+        b = bytes(self._f.read(n))
         self._h.update(b)
-        return bytes(b)
+        self.count += len(b)
+        return b
 
     def drain(self) -> None:
         while self.read(1 << 20):

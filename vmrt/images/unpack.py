@@ -11,8 +11,10 @@ unpacked layers can be stacked with overlayfs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -22,6 +24,7 @@ from ..errors import ImageError
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
+XATTR_PREFIX = "SCHILY.xattr."
 
 
 def _clean_name(name: str) -> str:
@@ -33,8 +36,14 @@ def _clean_name(name: str) -> str:
     return "/".join(parts)
 
 
-def resolve_in_root(root: str, rel: str, *, follow_last: bool = True, _depth: int = 0) -> str:
-    """Resolve ``rel`` inside ``root`` as chroot(root) would; returns a host path."""
+def resolve_in_root(root: str, rel: str, *, follow_last: bool = True, strict: bool = False,
+                    _depth: int = 0) -> str:
+    """Resolve ``rel`` inside ``root`` as chroot(root) would; returns a host path.
+
+    ``strict`` (used while unpacking) refuses a path that passes through a symlink
+    with an absolute target: extracted naively, that entry would land outside the
+    root, and no layer made from a real file system diff contains one.
+    """
     if _depth > 40:
         raise ImageError(f"too many levels of symbolic links resolving {rel!r}")
     parts = [p for p in rel.split("/") if p not in ("", ".")]
@@ -48,10 +57,13 @@ def resolve_in_root(root: str, rel: str, *, follow_last: bool = True, _depth: in
         last = i == len(parts) - 1
         if os.path.islink(candidate) and (follow_last or not last):
             target = os.readlink(candidate)
+            if strict and target.startswith("/"):
+                raise ImageError(f"layer entry {rel!r} passes through symlink {'/'.join([*cur, part])!r} "
+                                 f"-> {target!r} (outside the root)")
             base = "" if target.startswith("/") else "/".join(cur)
             rest = "/".join(parts[i + 1:])
             joined = posixpath.join(base, target, rest) if rest else posixpath.join(base, target)
-            return resolve_in_root(root, joined, follow_last=follow_last, _depth=_depth + 1)
+            return resolve_in_root(root, joined, follow_last=follow_last, strict=strict, _depth=_depth + 1)
         cur.append(part)
     return os.path.join(root, *cur)
 
@@ -71,10 +83,32 @@ def _check_symlink(name: str, target: str) -> None:
 
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
-        import shutil
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
+
+
+def remove_tree(path: Path | str) -> None:
+    """Remove an unpacked tree (never following symlinks); a missing one is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    """The entry's PAX ``SCHILY.xattr.*`` records vmrt applies.
+
+    ``user.*`` and file capabilities are kept; ``trusted.*`` (overlayfs reads its
+    own metadata there: a forged ``trusted.overlay.*`` could redirect lookups) and
+    other namespaces are dropped, as container engines do for rootless stores.
+    """
+    out = []
+    for key, value in m.pax_headers.items():
+        if not key.startswith(XATTR_PREFIX):
+            continue
+        name = key[len(XATTR_PREFIX):]
+        if name.startswith("user.") or name == "security.capability":
+            out.append((name, value.encode("utf-8", "surrogateescape")))
+    return out
 
 
 def extract(fileobj: IO[bytes], dest: Path) -> None:
@@ -91,7 +125,7 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
             if not name:
                 continue
             parent_rel, base = posixpath.split(name)
-            parent = resolve_in_root(root, parent_rel)
+            parent = resolve_in_root(root, parent_rel, strict=True)
             os.makedirs(parent, exist_ok=True)
             if not os.path.isdir(parent):
                 raise ImageError(f"layer entry {name!r}: parent is not a directory")
@@ -123,7 +157,7 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
                 _check_symlink(name, m.linkname)
                 os.symlink(m.linkname, path)
             elif m.islnk():
-                target = resolve_in_root(root, _clean_name(m.linkname), follow_last=False)
+                target = resolve_in_root(root, _clean_name(m.linkname), follow_last=False, strict=True)
                 if not os.path.isfile(target) or os.path.islink(target):
                     raise ImageError(f"hard link {name!r} -> {m.linkname!r} has no target in the layer")
                 os.link(target, path)
@@ -135,6 +169,8 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
             else:
                 raise ImageError(f"layer entry {name!r} has an unsupported type")
             os.lchown(path, m.uid, m.gid)
+            for xname, xvalue in _xattrs(m):
+                os.setxattr(path, xname, xvalue, follow_symlinks=False)
             if not m.issym():
                 os.chmod(path, m.mode & 0o7777)
                 os.utime(path, (m.mtime, m.mtime))
@@ -149,6 +185,8 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
             continue
         try:
             os.fchown(fd, m.uid, m.gid)
+            for xname, xvalue in _xattrs(m):
+                os.setxattr(fd, xname, xvalue)
             os.fchmod(fd, m.mode & 0o7777)
             os.utime(fd, (m.mtime, m.mtime))
         finally:
