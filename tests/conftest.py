@@ -83,6 +83,9 @@ class Vmrt:
         if rdir.exists():
             found += [f"runtime state {p}" for p in rdir.iterdir() if p.is_dir()]
         found += [f"cgroup {d}" for d in vmrt_cgroups() - self.cgroups_before]
+        tmp = self.root / "tmp"  # the image store's downloads and unpacks in progress
+        if tmp.exists():
+            found += [f"store temp {p}" for p in tmp.iterdir()]
         return found
 
     def assert_clean(self, timeout: float = 5.0) -> None:

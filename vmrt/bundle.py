@@ -72,6 +72,8 @@ class RunOptions:
     readonly: bool = False
     pids_limit: int | None = None
     mounts: list[Any] = dataclasses.field(default_factory=list)  # volumes.Mount
+    pull: str = "missing"          # missing | always | never, as docker run --pull
+    platform: str | None = None    # os/arch[/variant] for a pull; config's default otherwise
 
 
 def parse_pids(value: str) -> int | None:

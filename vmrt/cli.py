@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, imagecmds
 from . import config as config_mod
 from . import volumes as volumes_mod
 from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
@@ -80,13 +80,17 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="VM accelerator (default: auto).")
 @click.option("--kernel", type=click.Path(path_type=Path), help="Guest kernel (vmlinux) to boot instead of vmrt's.")
 @click.option("--timings", "show_timings", is_flag=True, help="Print start-up phase timings to stderr.")
+@click.option("--pull", "pull_policy", default="missing", show_default=True,
+              type=click.Choice(["missing", "always", "never"]), help="Pull the image before running.")
+@click.option("--platform", help="Platform (os/arch[/variant]) to pull if the image is not here.")
 @click.pass_context
 def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name: str | None,
         env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None,
         hostname: str | None, entrypoint: str | None, interactive: bool, tty: bool,
         memory: str | None, cpus: str | None, pids_limit: str | None, volumes: tuple[str, ...],
         mounts: tuple[str, ...], tmpfs: tuple[str, ...], runtime: str | None, isolation: str,
-        read_only: bool, accel: str | None, kernel: Path | None, show_timings: bool) -> None:
+        read_only: bool, accel: str | None, kernel: Path | None, show_timings: bool, pull_policy: str,
+        platform: str | None) -> None:
     """Run a command in a new container."""
     from . import runner
     cfg = _cfg(ctx)
@@ -111,7 +115,7 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         interactive=interactive, tty=tty, tty_size=size,
         memory_bytes=parse_memory(memory) if memory else None,
         cpus=parse_cpus(cpus) if cpus else None, name=name, rm=rm, readonly=read_only,
-        pids_limit=parse_pids(pids_limit) if pids_limit else None,
+        pids_limit=parse_pids(pids_limit) if pids_limit else None, pull=pull_policy, platform=platform,
         mounts=[*map(volumes_mod.parse_volume, volumes), *map(volumes_mod.parse_mount, mounts),
                 *map(volumes_mod.parse_tmpfs, tmpfs)])
     volumes_mod.check_unique(opts.mounts)
@@ -125,28 +129,6 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         if show_timings:
             TIMINGS.report()
     ctx.exit(status)
-
-
-@main.command()
-@click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
-@click.pass_context
-def images(ctx: click.Context, quiet: bool) -> None:
-    """List images in the local store."""
-    from .images.store import Store
-    store = Store(_cfg(ctx).root)
-    rows = []
-    for ref, desc in store.list():
-        img = store.get(ref)
-        name, _, tag = ref.rpartition(":")
-        created = int(desc.get("annotations", {}).get("org.vmrt.created", "0"))
-        rows.append((name, tag, img.id.split(":")[1][:12], _ago(created), _size(img.size)))
-    if quiet:
-        for r in rows:
-            click.echo(r[2])
-        return
-    click.echo(f"{'REPOSITORY':<24} {'TAG':<12} {'IMAGE ID':<14} {'CREATED':<16} SIZE")
-    for r in rows:
-        click.echo(f"{r[0]:<24} {r[1]:<12} {r[2]:<14} {r[3]:<16} {r[4]}")
 
 
 @main.command()
@@ -311,6 +293,9 @@ def image_build(ctx: click.Context, recipe: Path) -> None:
     click.echo(ref)
 
 
+imagecmds.register(main, image)
+
+
 @main.command()
 @click.pass_context
 def setup(ctx: click.Context) -> None:
@@ -333,14 +318,6 @@ def _ago(ts: int) -> str:
         if d >= n:
             return f"{d // n} {unit} ago"
     return f"{d} seconds ago"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n:.3g}TB"
 
 
 def entry() -> None:

@@ -50,11 +50,22 @@ class Config:
     kernel_source: Path = Path("/usr/src/linux-source-6.1.tar.xz")
     runtime: str = "auto"                    # process mode OCI runtime: auto, runc, crun or a path
     vm_host_overhead_mib: int = 256          # host cgroup memory for QEMU+virtiofsd beyond guest RAM
+    insecure_registries: str = ""            # comma-separated hosts pulled over plain HTTP
+    platform: str = "linux/amd64"            # default platform picked from multi-arch images
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 
     @property
     def db_path(self) -> Path:
         return self.root / "state.db"
+
+    @property
+    def auth_file(self) -> Path:
+        """Registry credentials (Docker's config.json "auths" format, mode 0600)."""
+        env = os.environ.get("REGISTRY_AUTH_FILE")
+        return Path(env) if env else self.root / "auth.json"
+
+    def insecure(self, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+        return [h.strip() for h in [*self.insecure_registries.split(","), *extra] if h.strip()]
 
 
 def normalize_isolation(value: str) -> str:
@@ -89,6 +100,8 @@ def _apply(cfg: Config, key: str, value: object) -> None:
         setattr(cfg, key, int(str(value)))
     elif isinstance(cur, float):
         setattr(cfg, key, float(str(value)))
+    elif isinstance(value, list):
+        setattr(cfg, key, ",".join(str(v) for v in value))
     else:
         setattr(cfg, key, str(value))
 

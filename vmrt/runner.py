@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from . import bundle, rootfs
 from .bundle import RunOptions
 from .config import Config
 from .drivers.base import RunContext
-from .errors import StateError, UsageError, VmrtError
-from .images.store import Store
+from .errors import ImageError, StateError, UsageError, VmrtError
+from .images import reference
+from .images.store import Image, Store
 from .images.unpack import resolve_in_root
 from .state import State, Status
 from .timings import Timings
@@ -49,19 +51,38 @@ class _LayeredRoot:
         return self.layers[-1]
 
 
+def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platform: str | None = None) -> Image:
+    """The image ``ref`` names, pulled first as ``docker run --pull=POLICY`` would."""
+    if pull not in ("missing", "always", "never"):
+        raise UsageError(f"invalid --pull {pull!r}: use missing, always or never")
+    if pull != "always":
+        try:
+            return store.get(ref)
+        except ImageError:
+            if pull == "never" or reference.looks_like_id(ref) and len(ref) >= 12:
+                raise
+    from .images import registry  # imported on use: most runs find the image locally
+    if pull == "missing":
+        print(f"Unable to find image '{ref}' locally", file=sys.stderr)
+    registry.pull(store, ref, platform=platform or cfg.platform, insecure_registries=cfg.insecure(),
+                  quiet=False, auth_file=cfg.auth_file)
+    return store.get(ref)
+
+
 def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = None,
         kernel: Path | None = None, timings: Timings | None = None, runtime: str | None = None) -> int:
     timings = timings or Timings()
     driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime)
     store = Store(cfg.root)
-    image = store.get(opts.image)
-    layers = image.layer_dirs()
-    lookup = _LayeredRoot(layers)
-    user_root = (lookup.pick("/etc/passwd"), lookup.pick("/etc/group"))
     state = State(cfg.db_path)
     try:
-        args = bundle.process_args(image.runtime_config, opts)
-        c = state.create(image.ref, isolation, args, opts.name)
+        with store.writing():  # no image prune between finding the image and recording its user
+            image = find_image(cfg, store, opts.image, opts.pull, opts.platform)
+            layers = image.layer_dirs()
+            lookup = _LayeredRoot(layers)
+            user_root = (lookup.pick("/etc/passwd"), lookup.pick("/etc/group"))
+            args = bundle.process_args(image.runtime_config, opts)
+            c = state.create(opts.image, isolation, args, opts.name, image_id=image.id)
         run_dir = cfg.run_root / "containers" / c.id
         log_dir = None if opts.rm else cfg.root / "containers" / c.id
         status: int = 125

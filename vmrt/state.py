@@ -51,6 +51,7 @@ class Container:
     pids: dict[str, int] = dataclasses.field(default_factory=dict)
     run_dir: str = ""
     oom_killed: bool = False
+    image_id: str = ""
 
 
 class State:
@@ -64,9 +65,11 @@ class State:
             command TEXT NOT NULL, exit_code INTEGER, finished REAL,
             pids TEXT NOT NULL DEFAULT '{}', run_dir TEXT NOT NULL DEFAULT '')""")
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(containers)")}
-        if "oom_killed" not in cols:  # added with process isolation
-            with contextlib.suppress(sqlite3.OperationalError):  # a concurrent vmrt added it
-                self.db.execute("ALTER TABLE containers ADD COLUMN oom_killed INTEGER NOT NULL DEFAULT 0")
+        for col, decl in (("oom_killed", "INTEGER NOT NULL DEFAULT 0"),  # added with process isolation
+                          ("image_id", "TEXT NOT NULL DEFAULT ''")):     # added with the image store
+            if col not in cols:
+                with contextlib.suppress(sqlite3.OperationalError):  # a concurrent vmrt added it
+                    self.db.execute(f"ALTER TABLE containers ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         self.db.close()
@@ -81,18 +84,20 @@ class State:
             self.db.execute("ROLLBACK")
             raise
 
-    def create(self, image: str, isolation: str, command: list[str], name: str | None) -> Container:
+    def create(self, image: str, isolation: str, command: list[str], name: str | None,
+               image_id: str = "") -> Container:
         if name is not None and not _valid_name(name):
             raise UsageError(f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
         cid = secrets.token_hex(32)
         for _ in range(20):
             n = name or f"{secrets.choice(_ADJ)}_{secrets.choice(_NOUN)}_{secrets.token_hex(2)}"
-            c = Container(cid, n, image, isolation, Status.CREATED, time.time(), command)
+            c = Container(cid, n, image, isolation, Status.CREATED, time.time(), command, image_id=image_id)
             try:
                 with self._tx() as db:
-                    db.execute("INSERT INTO containers (id,name,image,isolation,status,created,command) "
-                               "VALUES (?,?,?,?,?,?,?)",
-                               (c.id, c.name, image, isolation, c.status.value, c.created, json.dumps(command)))
+                    db.execute("INSERT INTO containers (id,name,image,isolation,status,created,command,image_id) "
+                               "VALUES (?,?,?,?,?,?,?,?)",
+                               (c.id, c.name, image, isolation, c.status.value, c.created, json.dumps(command),
+                                image_id))
                 return c
             except sqlite3.IntegrityError:
                 if name is not None:
@@ -104,7 +109,7 @@ class State:
 
     def _row(self, r: tuple) -> Container:  # type: ignore[type-arg]
         return Container(r[0], r[1], r[2], r[3], Status(r[4]), r[5], json.loads(r[6]), r[7], r[8],
-                         json.loads(r[9]), r[10], bool(r[11]))
+                         json.loads(r[9]), r[10], bool(r[11]), r[12])
 
     def get(self, ref: str) -> Container:
         rows = self.db.execute("SELECT * FROM containers WHERE name=? OR id=?", (ref, ref)).fetchall()

@@ -81,7 +81,9 @@ def parse(ref: str) -> Reference:
     domain, path = m["domain"], m["path"]
     if domain is not None and not _split_domain(domain):
         # "foo/bar": "foo" is a path component, not a registry
-        if domain != domain.lower() or not re.fullmatch(_COMPONENT, domain):
+        if domain != domain.lower():
+            raise UsageError(f"invalid reference format: repository name must be lowercase: {ref!r}")
+        if not re.fullmatch(_COMPONENT, domain):
             raise UsageError(f"invalid reference format: {ref!r}")
         path, domain = f"{domain}/{path}", None
     if domain is None or domain == LEGACY_DOMAIN:

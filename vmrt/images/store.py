@@ -399,7 +399,7 @@ class Store:
             ids = [i for (i,) in self.db.execute("SELECT id FROM images WHERE id LIKE ?", (prefix + "%",))]
             if len(ids) > 1:
                 raise UsageError(f"ambiguous image ID prefix {ref!r}: matches {len(ids)} images")
-            if ids and (len(ref) >= 12 or ref.startswith("sha256:") or not self._is_tag(ref)):
+            if ids and (len(ref) >= 12 or ref.startswith("sha256:") or not self.is_tag(ref)):
                 return ids[0]
         r = reference.parse(ref)
         if r.digest:
@@ -412,7 +412,7 @@ class Store:
         row = self.db.execute("SELECT image_id FROM tags WHERE name=?", (str(r),)).fetchone()
         return str(row[0]) if row else None
 
-    def _is_tag(self, ref: str) -> bool:
+    def is_tag(self, ref: str) -> bool:
         try:
             name = str(reference.parse(ref))
         except UsageError:
@@ -423,7 +423,7 @@ class Store:
         image_id = self.lookup(ref)
         if image_id is None:
             raise ImageError(f"No such image: {ref}")
-        return self._load(image_id, ref if not reference.looks_like_id(ref) or self._is_tag(ref) else "")
+        return self._load(image_id, ref if not reference.looks_like_id(ref) or self.is_tag(ref) else "")
 
     def images(self) -> list[Image]:
         ids = [i for (i,) in self.db.execute("SELECT id FROM images ORDER BY added DESC")]
@@ -504,8 +504,9 @@ class Store:
     def _layer_size_of(d: Path) -> int:
         try:
             return int((d / ".vmrt-complete").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            return 0
+        except (OSError, IndexError, ValueError):  # unpacked by an older vmrt: count the files
+            return sum(e.stat(follow_symlinks=False).st_size for e in (d / "rootfs").rglob("*")
+                       if e.is_file() and not e.is_symlink())
 
     def has_layer(self, diff_id: str) -> bool:
         return (self.layers / digest_hex(diff_id) / ".vmrt-complete").exists()

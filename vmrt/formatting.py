@@ -1,0 +1,80 @@
+"""``--format`` for listings and inspect output, as Docker's CLI takes it.
+
+Docker formats with Go templates; vmrt understands the subset people use in
+scripts: ``json`` (one JSON object per line), ``table`` (the default columns),
+and templates made of ``{{.Field}}``, ``{{.Field.Sub}}``, ``{{json .Field}}``,
+``{{json .}}`` and ``\\t``/``\\n`` escapes, optionally after ``table `` (then a
+header line of the field names is printed first). Anything else in ``{{ }}`` is
+refused with one clear line rather than printed wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import UsageError
+
+_ACTION = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+_FIELD = re.compile(r"^(json\s+)?\.((?:[A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?$")
+
+
+def _lookup(obj: Any, path: str | None, template: str) -> Any:
+    if not path:
+        return obj
+    for part in path.split("."):
+        if not isinstance(obj, Mapping) or part not in obj:
+            raise UsageError(f"template {template!r}: no field {part!r}")
+        obj = obj[part]
+    return obj
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "<no value>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + " ".join(_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "map[" + " ".join(f"{k}:{_text(v)}" for k, v in value.items()) + "]"
+    return str(value)
+
+
+def render(template: str, obj: Mapping[str, Any]) -> str:
+    """Expand one Go-template-like ``template`` for ``obj``."""
+    def action(m: re.Match[str]) -> str:
+        f = _FIELD.match(m.group(1))
+        if not f:
+            raise UsageError(f"template {template!r}: unsupported action {{{{{m.group(1)}}}}}")
+        value = _lookup(obj, f.group(2), template)
+        return json.dumps(value) if f.group(1) else _text(value)
+    return _ACTION.sub(action, template.replace("\\t", "\t").replace("\\n", "\n"))
+
+
+def header(template: str) -> str:
+    """The header line of a ``table`` template: each field's name, upper-cased as Docker does."""
+    def name(m: re.Match[str]) -> str:
+        f = _FIELD.match(m.group(1))
+        path = f.group(2) if f else None
+        return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", path.split(".")[-1]).upper() if path else ""
+    return _ACTION.sub(name, template.replace("\\t", "\t").replace("\\n", "\n"))
+
+
+def emit(fmt: str | None, rows: list[dict[str, Any]], default: list[tuple[str, str, int]]) -> list[str]:
+    """Lines for ``rows``: ``default`` is the table's (header, field, minimum width) columns."""
+    if fmt in (None, "", "table"):  # columns as wide as their widest cell, like Go's tabwriter
+        widths = [max([w, len(h), *(len(_text(r[f])) for r in rows)]) for h, f, w in default]
+        lines = ["   ".join(h.ljust(w) for (h, _, _), w in zip(default, widths, strict=True)).rstrip()]
+        lines += ["   ".join(_text(r[f]).ljust(w) for (_, f, _), w in zip(default, widths, strict=True)).rstrip()
+                  for r in rows]
+        return lines
+    assert fmt is not None
+    if fmt == "json":
+        return [json.dumps(r) for r in rows]
+    if fmt.startswith("table "):
+        body = fmt[len("table "):]
+        return [header(body)] + [render(body, r) for r in rows]
+    return [render(fmt, r) for r in rows]
