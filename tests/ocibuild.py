@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -186,8 +187,43 @@ class OciLayout:
         return str(self.dir)
 
     def ref(self, ref: str) -> str:
-        """The skopeo source name for tag `ref` of this layout."""
-        return f"oci:{self.dir}:{ref}"
+        """The skopeo source name for tag `ref`: 'oci:DIR:REF', or for a Docker schema2 manifest or list
+        (which skopeo's oci: transport skips in index.json) a 'dir:' export of it next to the layout."""
+        if self.descriptor(ref)["mediaType"] in (OCI_MANIFEST, OCI_INDEX):
+            return f"oci:{self.dir}:{ref}"
+        return "dir:" + str(self.export_dir(ref, self.dir.with_name(f"{self.dir.name}.dir-{ref}")))
+
+    def descriptor(self, ref: str) -> dict[str, Any]:
+        """index.json's entry for tag `ref`."""
+        for m in self.index["manifests"]:
+            if m.get("annotations", {}).get(REF_ANNOTATION) == ref:
+                return dict(m)
+        raise KeyError(f"no tag {ref!r} in {self.dir}")
+
+    def manifest(self, digest: str) -> dict[str, Any]:
+        return dict(json.loads(self.blob_path(digest).read_bytes()))
+
+    def export_dir(self, ref: str, dest: Path) -> Path:
+        """Write tag `ref` as containers/image's 'dir:' layout (version 1.1): manifest.json, each list
+        instance as HEX.manifest.json, blobs as HEX. Any media types; digests unchanged."""
+        dest = Path(dest)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        (dest / "version").write_text("Directory Transport Version: 1.1\n")
+        top = self.descriptor(ref)["digest"]
+        shutil.copyfile(self.blob_path(top), dest / "manifest.json")
+        m = self.manifest(top)
+        images = [top]
+        if "manifests" in m:
+            images = [d["digest"] for d in m["manifests"]]
+            for digest in images:
+                shutil.copyfile(self.blob_path(digest), dest / f"{digest.partition(':')[2]}.manifest.json")
+        for digest in images:
+            im = self.manifest(digest)
+            for d in [im["config"], *im["layers"]]:
+                shutil.copyfile(self.blob_path(d["digest"]), dest / d["digest"].partition(":")[2])
+        return dest
 
     def blob_path(self, digest: str) -> Path:
         algo, _, hex_ = digest.partition(":")
