@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import LaunchError
 
 _libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY, MS_REMOUNT, MS_BIND, MS_PRIVATE, MS_REC = 1, 32, 4096, 1 << 18, 1 << 14
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_PRIVATE, MS_REC = 1, 2, 4, 32, 4096, 1 << 18, 1 << 14
 MNT_DETACH = 2
 
 
@@ -27,18 +27,25 @@ def _mount(src: str, target: str, fstype: str | None, flags: int, data: str | No
 
 
 def mount_readonly(layers: list[Path], target: Path) -> None:
+    """The layers stacked read-only at ``target``: what virtiofsd serves to a VM.
+
+    Also nosuid and nodev on the host: the image is untrusted, and nothing on the
+    host should ever exec a setuid file or open a device node from it (the guest
+    kernel applies those bits itself on its side of virtio-fs).
+    """
     target.mkdir(parents=True, exist_ok=True)
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV
     if len(layers) == 1:
         _mount(str(layers[0]), str(target), None, MS_BIND)
         try:
-            _mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            _mount("none", str(target), None, MS_BIND | MS_REMOUNT | flags)
             _mount("none", str(target), None, MS_PRIVATE)
         except LaunchError:
             umount(target)
             raise
     else:
         lower = ":".join(str(p) for p in reversed(layers))
-        _mount("overlay", str(target), "overlay", MS_RDONLY, f"lowerdir={lower}")
+        _mount("overlay", str(target), "overlay", flags, f"lowerdir={lower}")
 
 
 def mount_overlay(layers: list[Path], upper: Path, work: Path, target: Path) -> None:
