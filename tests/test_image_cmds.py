@@ -12,8 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, Vmrt
+
 from vmrt.images.store import Store
 
 
