@@ -81,6 +81,25 @@ def test_rmi_refuses_while_a_container_uses_the_image(v: Vmrt) -> None:
     v.assert_clean()
 
 
+def test_rmi_force_untags_but_keeps_what_a_container_still_needs(v: Vmrt, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("forced\n")
+    with tarfile.open(tmp_path / "f.tar", "w") as tf:
+        tf.add(tmp_path / "f", "f")
+    image_id = out(v("import", str(tmp_path / "f.tar"), "localhost/forced:1")).strip()
+    r = v("run", "--isolation=process", "--name", "forced-user", "--entrypoint", "/f", "localhost/forced:1")
+    assert r.returncode == 126, r.stderr  # /f is not executable: a container record stays all the same
+    try:
+        assert out(v("rmi", "-f", "localhost/forced:1")).strip() == "Untagged: localhost/forced:1"
+        # still there, untagged, because the container was made from it; prune leaves it too
+        assert image_id[7:19] in out(v("images", "-q"))
+        assert f"deleted: {image_id}" not in out(v("image", "prune", "-f"))
+    finally:
+        assert v("rm", "forced-user").returncode == 0
+    assert f"deleted: {image_id}" in out(v("image", "prune", "-f"))
+    assert image_id[7:19] not in out(v("images", "-q"))
+    v.assert_clean()
+
+
 def test_rmi_and_prune_free_what_no_image_needs(v: Vmrt, tmp_path: Path) -> None:
     store = Store(v.root)
     # a second image sharing busybox's layer, plus a layer of its own (via import)

@@ -229,50 +229,58 @@ def tag(ctx: click.Context, source: str, target: str) -> None:
     _store(ctx).tag(target, source)
 
 
+def _remove_one(store: Store, ref: str, force: bool) -> tuple[list[str], str | None]:
+    """Untag/delete what ``ref`` names; returns (output lines, deleted image ID)."""
+    image_id = store.lookup(ref)
+    if image_id is None:
+        raise ImageError(f"No such image: {ref}")
+    img = store.get(image_id)
+    users = store.users(image_id)
+    if not reference.looks_like_id(ref) or store.is_tag(ref):
+        untag = [str(reference.parse(ref))]
+        if untag[0] not in img.tags:  # named by digest: as Docker, that removes the image
+            untag = list(img.tags)
+    else:
+        untag = list(img.tags)
+        if len(untag) > 1 and not force:
+            raise ImageError(f"conflict: unable to delete {short_id(image_id)} (must be forced) - image is "
+                             "referenced in multiple repositories")
+    last = set(untag) >= set(img.tags)
+    if last and users and not force:
+        cid, status = users[0]
+        what = "running container" if status == "running" else "container"
+        raise ImageError(f"conflict: unable to remove repository reference \"{ref}\" (must force) - "
+                         f"{what} {cid[:12]} is using its referenced image {short_id(image_id)}")
+    out = []
+    for t in untag:
+        store.untag(t)
+        out.append(f"Untagged: {reference.parse(t).familiar()}")
+    if not last or users:  # a container made from it keeps it (untagged) until the container goes
+        return out, None
+    out += [f"Untagged: {reference.parse(rd).familiar()}" for rd in img.repo_digests]
+    store.delete_image(image_id)
+    return [*out, f"Deleted: {image_id}"], image_id
+
+
 def remove_images(store: Store, refs: tuple[str, ...] | list[str], force: bool) -> list[str]:
     """``docker rmi``: untag, and delete images that lose their last tag and have no container."""
-    out: list[str] = []
     deleted: list[str] = []
     errors: list[str] = []
     for ref in refs:
         try:
-            image_id = store.lookup(ref)
-            if image_id is None:
-                raise ImageError(f"No such image: {ref}")
-            img = store.get(image_id)
-            users = store.users(image_id)
-            by_tag = not reference.looks_like_id(ref) or store.is_tag(ref)
-            name = str(reference.parse(ref)) if by_tag else None
-            if by_tag and name not in img.tags:
-                raise ImageError(f"No such image: {ref}")
-            untag = [name] if by_tag else list(img.tags)
-            last = set(untag) >= set(img.tags)
-            if not by_tag and len(img.tags) > 1 and not force:
-                raise ImageError(f"conflict: unable to delete {short_id(image_id)} (must be forced) - image is "
-                                 "referenced in multiple repositories")
-            if last and users and not force:
-                cid, status = users[0]
-                what = "running container" if status == "running" else "container"
-                raise ImageError(f"conflict: unable to remove repository reference \"{ref}\" (must force) - "
-                                 f"{what} {cid[:12]} is using its referenced image {short_id(image_id)}")
-            for t in untag:
-                store.untag(t)
-                out.append(f"Untagged: {reference.parse(t).familiar()}")
-            if last and not users:
-                for rd in img.repo_digests:
-                    out.append(f"Untagged: {reference.parse(rd).familiar()}")
-                store.delete_image(image_id)
-                deleted.append(image_id)
-                out.append(f"Deleted: {image_id}")
+            lines, gone = _remove_one(store, ref, force)
         except (ImageError, UsageError) as e:
             errors.append(str(e))
+            continue
+        for line in lines:
+            click.echo(line)
+        if gone:
+            deleted.append(gone)
     if deleted:
         store.collect()
-    for line in out:
-        click.echo(line)
     if errors:
-        for e in errors[:-1]:
-            click.echo(f"vmrt: {e}", err=True)
+        for msg in errors[:-1]:
+            click.echo(f"vmrt: {msg}", err=True)
         raise ImageError(errors[-1])
     return deleted
 
