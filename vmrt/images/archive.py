@@ -55,8 +55,7 @@ from typing import IO, Any, BinaryIO
 from ..errors import ImageError, UsageError
 from . import reference
 from .store import (
-    _GZIP_MAGIC,
-    _ZSTD_MAGIC,
+    GZIP_MAGIC,
     INDEX_TYPES,
     LAYER_TYPES,
     MANIFEST_TYPES,
@@ -70,6 +69,7 @@ from .store import (
     MT_OCI_LAYER_GZIP,
     MT_OCI_LAYER_ZSTD,
     MT_OCI_MANIFEST,
+    ZSTD_MAGIC,
     Image,
     Store,
     decompressed,
@@ -118,13 +118,13 @@ def _head(f: IO[bytes]) -> bytes:
 
 
 def _compressed(head: bytes) -> bool:
-    return head.startswith(_GZIP_MAGIC) or head.startswith(_ZSTD_MAGIC)
+    return head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC)
 
 
 def _layer_type(head: bytes) -> str:
-    if head.startswith(_GZIP_MAGIC):
+    if head.startswith(GZIP_MAGIC):
         return MT_OCI_LAYER_GZIP
-    return MT_OCI_LAYER_ZSTD if head.startswith(_ZSTD_MAGIC) else MT_OCI_LAYER
+    return MT_OCI_LAYER_ZSTD if head.startswith(ZSTD_MAGIC) else MT_OCI_LAYER
 
 
 def _open_source(source: Path | BinaryIO, stack: contextlib.ExitStack) -> IO[bytes]:
@@ -614,7 +614,7 @@ def _import_layer(store: Store, raw: IO[bytes]) -> tuple[dict[str, Any], str]:
     src = _peekable(raw)
     diff = hashlib.sha256()
     with store.blob_writer() as w:
-        if _head(src).startswith(_GZIP_MAGIC):  # GzipFile reads its input to the end
+        if _head(src).startswith(GZIP_MAGIC):  # GzipFile reads its input to the end
             _pump(gzip.GzipFile(fileobj=_Tee(src, w.write), mode="rb"),  # type: ignore[call-overload]
                   diff.update, "rootfs tarball")
         else:

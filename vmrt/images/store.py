@@ -59,8 +59,8 @@ LAYER_TYPES = (MT_OCI_LAYER, MT_OCI_LAYER_GZIP, MT_OCI_LAYER_ZSTD, MT_DOCKER_LAY
 # older names kept for callers of the first store
 MT_MANIFEST, MT_CONFIG, MT_LAYER_GZIP, MT_LAYER_TAR = MT_OCI_MANIFEST, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_LAYER
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def sha256(data: bytes) -> str:
@@ -82,10 +82,10 @@ def decompressed(raw: IO[bytes]) -> IO[bytes]:
     """A reader of ``raw`` decompressed by its magic (gzip, zstd or a plain tar)."""
     peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[arg-type,type-var]
     head = peekable.peek(4)[:4]  # type: ignore[attr-defined]
-    if head.startswith(_GZIP_MAGIC):
+    if head.startswith(GZIP_MAGIC):
         import gzip
         return gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[return-value]
-    if head.startswith(_ZSTD_MAGIC):
+    if head.startswith(ZSTD_MAGIC):
         import zstandard
         return zstandard.ZstdDecompressor().stream_reader(peekable, read_across_frames=True)  # type: ignore[no-any-return]
     return peekable  # type: ignore[no-any-return]
@@ -349,7 +349,11 @@ class Store:
                 raise ImageError(f"layer {desc['digest']} missing from the store")
             self.unpacked_layer(desc, diff_id)
             size += self.layer_size(diff_id)
-        names = [str(reference.parse(r)) for r in refs]
+        parsed = [reference.parse(r) for r in refs]
+        if any(p.digest for p in parsed):
+            raise UsageError("a digest reference cannot be a tag: "
+                             f"{next(str(p) for p in parsed if p.digest)!r}")
+        names = [str(p) for p in parsed]
         extra = [d for d in extra_blobs if self.has_blob(d)]
         with self._tx() as db:
             row = db.execute("SELECT repo_digests, extra_blobs FROM images WHERE id=?", (config_digest,)).fetchone()
