@@ -62,10 +62,17 @@ def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platf
             if pull == "never" or reference.looks_like_id(ref) and len(ref) >= 12:
                 raise
     from .images import registry  # imported on use: most runs find the image locally
-    if pull == "missing":
-        print(f"Unable to find image '{ref}' locally", file=sys.stderr)
-    registry.pull(store, ref, platform=platform or cfg.platform, insecure_registries=cfg.insecure(),
-                  quiet=False, auth_file=cfg.auth_file)
+    tty = sys.stderr.isatty()  # progress bars on a terminal; otherwise one line, after the pull
+    missing = f"Unable to find image '{ref}' locally" if pull == "missing" else f"Pulling {ref}"
+    if tty:
+        print(missing, file=sys.stderr)
+    try:
+        image = registry.pull(store, ref, platform=platform or cfg.platform, insecure_registries=cfg.insecure(),
+                              quiet=not tty, auth_file=cfg.auth_file)
+    except VmrtError as e:
+        raise ImageError(f"{missing}, and pulling it failed: {e}") from e
+    if not tty:
+        print(f"{missing}: pulled {image.id}", file=sys.stderr)
     return store.get(ref)
 
 
