@@ -26,7 +26,7 @@ LAYERS = 4
 def reg(tmp_path_factory: pytest.TempPathFactory, built: None):  # type: ignore[no-untyped-def]
     base = tmp_path_factory.mktemp("imgfaults")
     layout = OciLayout(base / "layout")
-    layers = [busybox_layer(), *(big_layer(8 << 20, seed, f"data/{seed}.bin") for seed in range(LAYERS - 2)),
+    layers = [busybox_layer(), *(big_layer(24 << 20, seed, f"data/{seed}.bin") for seed in range(LAYERS - 2)),
               Layer().add_file("marker", "complete\n")]
     layout.add_image(layers, {"Cmd": ["sh"]}, ref="1", level=1)
     with Registry(base / "registry") as r:
@@ -67,7 +67,7 @@ def test_killed_pull_is_all_or_nothing_and_retry_succeeds(reg: Registry, tmp_pat
     v = fresh(tmp_path, reg)
     ref = f"{reg.host}/big:1"
     outcomes = []
-    for delay in (0.3, 0.8, 1.5, 2.5):
+    for delay in (0.15, 0.3, 0.5, 0.9):
         killed_at(v, delay, "pull", "-q", ref)
         outcomes.append(check_whole_or_absent(v, ref))
         if outcomes[-1]:
@@ -88,7 +88,7 @@ def test_killed_load_is_all_or_nothing_and_retry_succeeds(reg: Registry, tmp_pat
     assert src("save", "-o", str(archive), ref).returncode == 0
     v = fresh(tmp_path / "dst", reg)
     outcomes = []
-    for delay in (0.2, 0.6, 1.2):
+    for delay in (0.15, 0.3, 0.6):
         killed_at(v, delay, "load", "-i", str(archive))
         outcomes.append(check_whole_or_absent(v, ref))
         if outcomes[-1]:

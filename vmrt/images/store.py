@@ -51,10 +51,12 @@ MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MT_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 MT_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
 MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
-LAYER_TYPES = (MT_OCI_LAYER, MT_OCI_LAYER_GZIP, MT_OCI_LAYER_ZSTD, MT_DOCKER_LAYER, MT_DOCKER_FOREIGN,
+LAYER_TYPES = (MT_OCI_LAYER, MT_OCI_LAYER_GZIP, MT_OCI_LAYER_ZSTD, MT_DOCKER_LAYER, MT_DOCKER_LAYER_TAR,
+               MT_DOCKER_FOREIGN,
                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip")
 # older names kept for callers of the first store
 MT_MANIFEST, MT_CONFIG, MT_LAYER_GZIP, MT_LAYER_TAR = MT_OCI_MANIFEST, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_LAYER
@@ -223,13 +225,13 @@ class Store:
         interrupted pull or load left behind.
         """
         self.init()
-        with self._flock(fcntl.LOCK_SH):
+        with open(self.root / "gc.lock", "a") as lk:
             try:
-                with open(self.root / "gc.lock", "a") as probe:
-                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails: another writer is active
-                    self._clear_tmp()
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another writer is active
+                self._clear_tmp()
             except BlockingIOError:
                 pass
+            fcntl.flock(lk, fcntl.LOCK_SH)  # converts the exclusive lock, or waits for a collect()
             yield
 
     def _clear_tmp(self) -> None:

@@ -168,6 +168,8 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
                 os.mkfifo(path, m.mode & 0o7777)
             else:
                 raise ImageError(f"layer entry {name!r} has an unsupported type")
+            if m.islnk():  # the entry's metadata belongs to the target's inode, already set
+                continue
             os.lchown(path, m.uid, m.gid)
             for xname, xvalue in _xattrs(m):
                 os.setxattr(path, xname, xvalue, follow_symlinks=False)
