@@ -35,7 +35,6 @@ from typing import Any, NoReturn, TextIO, TypeVar
 
 import requests
 import urllib3
-from tqdm import tqdm
 
 from ..errors import ImageError, UsageError
 from . import auth, reference
@@ -468,6 +467,9 @@ class _Progress:
     def __init__(self, out: TextIO, quiet: bool) -> None:
         self.out, self.quiet = out, quiet
         self.tty = not quiet and out.isatty()
+        if self.tty:  # imported only for a terminal: tqdm costs ~40 ms of start-up
+            from tqdm import tqdm
+            self._tqdm = tqdm
         self._lock = threading.Lock()
         self._bars: dict[str, Any] = {}
 
@@ -476,7 +478,7 @@ class _Progress:
             return
         with self._lock:
             if self.tty:
-                tqdm.write(text, file=self.out)
+                self._tqdm.write(text, file=self.out)
             else:
                 print(text, file=self.out, flush=True)
 
@@ -486,7 +488,7 @@ class _Progress:
         for position, (desc, exists) in enumerate(unique):
             short = digest_hex(desc["digest"])[:12]
             if self.tty:
-                bar = tqdm(total=desc["size"], initial=desc["size"] if exists else 0, file=self.out,
+                bar = self._tqdm(total=desc["size"], initial=desc["size"] if exists else 0, file=self.out,
                            desc=f"{short}: {'Already exists' if exists else 'Downloading'}", position=position,
                            leave=True, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
                 if exists:
