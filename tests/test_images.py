@@ -142,3 +142,103 @@ def test_directory_entry_never_changes_a_symlink_target(tmp_path: Path, symlink_
     unpack.extract(_tar([link, d] if symlink_first else [d, link]), dest)
     st = victim.stat()
     assert (st.st_mode & 0o777, st.st_uid) == (0o700, 0)
+
+
+# --- regressions from the issue-4 review ------------------------------------------------------
+
+@pytest.mark.parametrize("name", [".wh.", "a/.wh..", ".wh..."])
+def test_whiteouts_of_nothing_or_a_parent_are_refused(tmp_path: Path, name: str) -> None:
+    dest = tmp_path / "root"
+    dest.mkdir()
+    (tmp_path / "sibling").write_text("keep")
+    with pytest.raises(ImageError, match="whiteout"):
+        unpack.extract(_tar([_entry("a", tarfile.DIRTYPE), _entry(name)]), dest)
+    assert (tmp_path / "sibling").read_text() == "keep" and dest.is_dir()
+
+
+def test_symlink_depth_counts_where_the_entry_lands(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    dest.mkdir()
+    # a -> . makes a/a/evil land at the root, where ../.. climbs out
+    layer = _tar([_entry("a", tarfile.SYMTYPE, "."), _entry("a/a/evil", tarfile.SYMTYPE, "../..")])
+    with pytest.raises(ImageError, match="outside the root"):
+        unpack.extract(layer, dest)
+    assert not (dest / "evil").is_symlink()
+
+
+def test_huge_pax_header_is_refused_without_reading_it(tmp_path: Path) -> None:
+    import zlib
+
+    from vmrt.images.store import decompressed
+    size = 300 << 20  # claimed; only a few MB of gzip are ever produced
+    ti = tarfile.TarInfo("././@PaxHeader")
+    ti.size, ti.type = size, tarfile.XHDTYPE
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    gz = io.BytesIO()
+    gz.write(z.compress(ti.tobuf(format=tarfile.USTAR_FORMAT)))
+    for _ in range(size >> 20):
+        gz.write(z.compress(b"a" * (1 << 20)))
+    gz.write(z.flush())
+    gz.seek(0)
+    (tmp_path / "root").mkdir()
+    with pytest.raises(ImageError, match="tar header of 314572800 bytes refused"):
+        unpack.extract(decompressed(gz), tmp_path / "root")
+
+
+def test_out_of_range_metadata_is_an_image_error(tmp_path: Path) -> None:
+    e = _entry("f")
+    e.pax_headers = {"mtime": "1e400"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(e, io.BytesIO(b""))
+    buf.seek(0)
+    (tmp_path / "root").mkdir()
+    with pytest.raises(ImageError, match="cannot extract layer"):
+        unpack.extract(buf, tmp_path / "root")
+
+
+def _one_layer_image(store: Store, content: bytes, config: dict | None = None) -> str:  # type: ignore[type-arg]
+    import gzip
+
+    from vmrt.images.store import MT_OCI_LAYER_GZIP, sha256
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = len(content)
+        tf.addfile(ti, io.BytesIO(content))
+    tar = b.getvalue()
+    gz = gzip.compress(tar)
+    with store.writing():
+        desc = {"mediaType": MT_OCI_LAYER_GZIP, "digest": store.put_blob(gz), "size": len(gz)}
+        return store.write_image([(desc, sha256(tar))], config or {}, []).id
+
+
+def test_a_tag_wins_over_an_image_id_prefix(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    ids = [_one_layer_image(store, b"%d" % i) for i in range(24)]
+    a, b = ids[0], next(i for i in ids[1:] if i[7] != ids[0][7])
+    store.tag(b[7:19], a)  # a tag spelled like the start of b's ID, pointing at a
+    assert store.get(b[7:19]).id == a
+    assert store.get("sha256:" + b[7:19]).id == b  # the explicit ID form still reaches b
+    first = {}
+    for i in ids:
+        first.setdefault(i[7], []).append(i)
+    shared = next(k for k, v in first.items() if len(v) > 1)  # 24 IDs, 16 hex digits: one is shared
+    with pytest.raises(UsageError, match="ambiguous"):
+        store.get(shared)
+    store.tag(shared, a)  # now a tag of that name exists: it wins, no ambiguity
+    assert store.get(shared).id == a
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"config": ["x"]}, "config"),
+    ({"history": [1]}, "history"),
+    ({"created": 5}, "created"),
+    ({"config": {"Env": "A=1"}}, "config.Env"),
+    ({"config": {"Cmd": [1]}}, "config.Cmd"),
+])
+def test_malformed_configs_are_refused(tmp_path: Path, config: dict, field: str) -> None:  # type: ignore[type-arg]
+    store = Store(tmp_path)
+    with pytest.raises(ImageError, match=f"malformed: {field} must"):
+        _one_layer_image(store, b"x", config)
+    assert store.images() == []

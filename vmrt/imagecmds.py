@@ -255,10 +255,10 @@ def _remove_one(store: Store, ref: str, force: bool) -> tuple[list[str], str | N
     for t in untag:
         store.untag(t)
         out.append(f"Untagged: {reference.parse(t).familiar()}")
-    if not last or users:  # a container made from it keeps it (untagged) until the container goes
+    # a container made from it keeps it (untagged) until the container goes; checked again under the lock
+    if not last or users or not store.delete_if_unused(image_id):
         return out, None
     out += [f"Untagged: {reference.parse(rd).familiar()}" for rd in img.repo_digests]
-    store.delete_image(image_id)
     return [*out, f"Deleted: {image_id}"], image_id
 
 
@@ -309,9 +309,8 @@ def image_prune(ctx: click.Context, prune_all: bool, force: bool) -> None:
     store = _store(ctx)
     deleted = []
     for img in store.images():
-        if (img.tags and not prune_all) or store.users(img.id):
+        if (img.tags and not prune_all) or not store.delete_if_unused(img.id):
             continue
-        store.delete_image(img.id)
         deleted.append(img)
     freed = store.collect()
     if deleted:

@@ -76,6 +76,7 @@ from .store import (
     digest_hex,
     sha256,
 )
+from .unpack import BoundedTarInfo
 
 JSON_LIMIT = 4 << 20       # the largest JSON member read (real configs are a few KiB)
 CHUNK = 1 << 20
@@ -313,7 +314,10 @@ def _find_manifest(store: Store, arc: _Archive, desc: dict[str, Any], platform: 
         raise ImageError("invalid archive: indexes nested too deeply")
     os_, _, arch = platform.partition("/")
     arch, _, variant = arch.partition("/")
-    for entry in obj.get("manifests") or []:
+    entries = obj.get("manifests") or []
+    if not isinstance(entries, list):
+        raise ImageError(f"invalid archive: index {desc['digest']} has no list of manifests")
+    for entry in entries:
         p = entry.get("platform") if isinstance(entry, dict) else None
         if isinstance(p, dict) and p.get("os") == os_ and p.get("architecture") == arch \
                 and (not variant or p.get("variant") == variant):
@@ -371,7 +375,7 @@ def _open_tar(store: Store, source: Path | BinaryIO, stack: contextlib.ExitStack
         spool.seek(0)
         f = spool
     try:
-        return stack.enter_context(tarfile.open(fileobj=f, mode="r:"))
+        return stack.enter_context(tarfile.open(fileobj=f, mode="r:", tarinfo=BoundedTarInfo))
     except tarfile.TarError as e:
         raise ImageError(f"invalid archive: not a tar file ({e})") from e
 

@@ -306,6 +306,9 @@ class _Client:
         realm = challenge.get("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise ImageError(f"registry {self.host} sent a bearer challenge without a usable realm: {realm!r}")
+        if self.creds and realm.startswith("http://") and self.root.startswith("https://"):
+            raise ImageError(f"registry {self.host} asks for credentials to be sent to {realm} over plain "
+                             "HTTP: refused")
         params = {k: v for k, v in (("service", challenge.get("service", "")), ("scope", self.scope),
                                     ("account", self.creds[0] if self.creds else "")) if v}
         basic = "Basic " + base64.b64encode(":".join(self.creds).encode()).decode() if self.creds else None
@@ -378,6 +381,8 @@ class _Client:
             raise ImageError(f"{what}: digest mismatch: the registry promised {claimed}, the content is {digest}")
         body = _json(data, what)
         mt = body.get("mediaType") or headers.get("Content-Type", "").partition(";")[0].strip()
+        if not isinstance(mt, str):
+            raise ImageError(f"{what} is malformed: mediaType is not a string")
         if body.get("schemaVersion") == 1 or mt.startswith("application/vnd.docker.distribution.manifest.v1"):
             raise ImageError(f"{what} uses Docker image manifest v2 schema 1, which is deprecated and not "
                              f"supported: push the image again with a current tool")
@@ -432,7 +437,7 @@ class _Tee(io.RawIOBase):
                                             f"the registry sent content with digest {self._writer.digest}"))
             return 0
         try:
-            data = self._resp.raw.read(min(len(b), self._left), decode_content=True)
+            data = self._resp.raw.read(min(len(b), self._left), decode_content=False)  # bytes as digested
         except _NET_ERRORS as e:
             raise self._fail(_Transient(f"download from registry {self._client.host} broke off: {_reason(e)}")) from e
         if not data:
@@ -609,7 +614,13 @@ class _Pull:
         unique = list({d["digest"]: (d, diff) for d, diff in todo}.values())
         with concurrent.futures.ThreadPoolExecutor(PARALLEL, thread_name_prefix="pull") as pool:
             futures = [pool.submit(self._layer, d, diff) for d, diff in unique]
-            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            try:
+                done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C: stop every download before the pool waits for them
+                self.client.abort.set()
+                for f in futures:
+                    f.cancel()
+                raise
             errors = [e for f in done if (e := f.exception()) is not None]
             if errors:  # stop the others (they give up at their next read) and report the first
                 self.client.abort.set()

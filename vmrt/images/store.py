@@ -65,6 +65,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+MAX_JSON = 4 << 20  # manifests, indexes and configs are a few KiB; refuse to parse more than this
+
+
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -91,6 +94,47 @@ def decompressed(raw: IO[bytes]) -> IO[bytes]:
         import zstandard
         return zstandard.ZstdDecompressor().stream_reader(peekable, read_across_frames=True)  # type: ignore[no-any-return]
     return peekable  # type: ignore[no-any-return]
+
+
+_STR_LISTS = ("Env", "Cmd", "Entrypoint")
+_STRS = ("WorkingDir", "User", "StopSignal", "Hostname", "Domainname")
+_MAPS = ("Labels", "ExposedPorts", "Volumes")
+
+
+def check_config(config: dict[str, Any], digest: str) -> None:
+    """Refuse an image config whose fields vmrt reads have the wrong JSON types.
+
+    The config is untrusted input like the layers: every later reader (run,
+    inspect, save) may then rely on the types the image spec gives.
+    """
+    def bad(field: str, want: str) -> ImageError:
+        return ImageError(f"image config {digest} is malformed: {field} must be {want}")
+
+    for key in ("created", "author", "architecture", "os", "variant"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise bad(key, "a string")
+    rootfs = config.get("rootfs")
+    if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list) \
+            or not all(isinstance(d, str) for d in rootfs["diff_ids"]):
+        raise bad("rootfs.diff_ids", "a list of digests")
+    history = config.get("history")
+    if history is not None and (not isinstance(history, list) or not all(isinstance(h, dict) for h in history)):
+        raise bad("history", "a list of objects")
+    run = config.get("config")
+    if run is None:
+        return
+    if not isinstance(run, dict):
+        raise bad("config", "an object")
+    for key in _STR_LISTS:
+        v = run.get(key)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)):
+            raise bad(f"config.{key}", "a list of strings")
+    for key in _STRS:
+        if run.get(key) is not None and not isinstance(run[key], str):
+            raise bad(f"config.{key}", "a string")
+    for key in _MAPS:
+        if run.get(key) is not None and not isinstance(run[key], dict):
+            raise bad(f"config.{key}", "an object")
 
 
 @dataclasses.dataclass
@@ -312,6 +356,9 @@ class Store:
         return data
 
     def read_json(self, digest: str) -> dict[str, Any]:
+        with contextlib.suppress(OSError):
+            if self.blob_path(digest).stat().st_size > MAX_JSON:
+                raise ImageError(f"blob {digest} is too large to be a manifest or config")
         try:
             obj = json.loads(self.read_blob(digest))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -337,10 +384,14 @@ class Store:
         try:
             config_digest = manifest["config"]["digest"]
             layers = list(manifest.get("layers") or [])
+            if not isinstance(config_digest, str) or not all(
+                    isinstance(d, dict) and isinstance(d.get("digest"), str) for d in layers):
+                raise TypeError("descriptor digests")
             config = self.read_json(config_digest)
             diff_ids = list(config["rootfs"]["diff_ids"])
         except (KeyError, TypeError) as e:
             raise ImageError(f"manifest {manifest_digest} or its config is malformed: missing {e}") from e
+        check_config(config, config_digest)
         if len(diff_ids) != len(layers):
             raise ImageError(f"image {config_digest}: {len(layers)} layers but {len(diff_ids)} diff ids")
         size = 0
@@ -399,14 +450,14 @@ class Store:
                      tags=tags, repo_digests=json.loads(row[2]), size=row[1], added=row[3])
 
     def lookup(self, ref: str) -> str | None:
-        """The ID of the image ``ref`` names (a reference, a digest reference, an ID or ID prefix)."""
-        if reference.looks_like_id(ref):
-            prefix = ref if ref.startswith("sha256:") else "sha256:" + ref
-            ids = [i for (i,) in self.db.execute("SELECT id FROM images WHERE id LIKE ?", (prefix + "%",))]
-            if len(ids) > 1:
-                raise UsageError(f"ambiguous image ID prefix {ref!r}: matches {len(ids)} images")
-            if ids and (len(ref) >= 12 or ref.startswith("sha256:") or not self.is_tag(ref)):
-                return ids[0]
+        """The ID of the image ``ref`` names, as Docker resolves it.
+
+        A ``sha256:`` ID (or ID prefix) first; then a reference (a tag, or a digest
+        reference); then an ID prefix, so a tag that happens to look like hex wins
+        over an image whose ID starts with the same characters.
+        """
+        if ref.startswith("sha256:") or (len(ref) == 64 and reference.looks_like_id(ref)):
+            return self._by_id_prefix(ref)
         r = reference.parse(ref)
         if r.digest:
             want = f"{r.name}@{r.digest}"
@@ -416,7 +467,19 @@ class Store:
             row = self.db.execute("SELECT id FROM images WHERE manifest_digest=?", (r.digest,)).fetchone()
             return str(row[0]) if row else None
         row = self.db.execute("SELECT image_id FROM tags WHERE name=?", (str(r),)).fetchone()
-        return str(row[0]) if row else None
+        if row:
+            return str(row[0])
+        return self._by_id_prefix(ref) if reference.looks_like_id(ref) else None
+
+    def _by_id_prefix(self, ref: str) -> str | None:
+        prefix = ref if ref.startswith("sha256:") else "sha256:" + ref
+        if not reference.looks_like_id(ref):
+            raise UsageError(f"invalid image ID {ref!r}")
+        ids = [i for (i,) in self.db.execute("SELECT id FROM images WHERE substr(id, 1, ?) = ?",
+                                             (len(prefix), prefix))]
+        if len(ids) > 1:
+            raise UsageError(f"ambiguous image ID prefix {ref!r}: matches {len(ids)} images")
+        return str(ids[0]) if ids else None
 
     def is_tag(self, ref: str) -> bool:
         try:
@@ -440,12 +503,10 @@ class Store:
         return [(n, i) for n, i in self.db.execute("SELECT name, image_id FROM tags ORDER BY name")]
 
     def tag(self, ref: str, target: str) -> str:
-        """Point ``ref`` at the image ``target`` names (a reference, ID, or a stored manifest digest)."""
+        """Point ``ref`` at the image ``target`` names (a reference, an ID or a unique ID prefix)."""
         name = reference.parse(ref)
         if name.digest:
             raise UsageError(f"refusing to create a tag with a digest reference: {ref!r}")
-        if target.startswith("sha256:") and self.has_blob(target) and self.lookup(target) is None:
-            return self.commit_image(target, [ref]).id  # a manifest stored but not yet an image
         image_id = self.lookup(target)
         if image_id is None:
             raise ImageError(f"No such image: {target}")
@@ -460,18 +521,41 @@ class Store:
             return db.execute("DELETE FROM tags WHERE name=?", (name,)).rowcount > 0
 
     def users(self, image_id: str) -> list[tuple[str, str]]:
-        """(container id, status) of every container made from ``image_id``."""
-        try:
-            return [(c, s) for c, s in self.db.execute(
-                "SELECT id, status FROM containers WHERE image_id=?", (image_id,))]
-        except sqlite3.OperationalError:  # no containers table (yet), or an old one
-            return []
+        """(container id, status) of every container made from ``image_id``.
 
-    def delete_image(self, image_id: str) -> None:
-        """Forget an image and its tags; its blobs go at the next :meth:`collect`."""
-        with self._tx() as db:
+        Containers recorded before images had IDs in the state carry only the
+        reference they were run with; those match by reference.
+        """
+        try:
+            rows = list(self.db.execute("SELECT id, status, image, image_id FROM containers "
+                                        "WHERE image_id=? OR image_id=''", (image_id,)))
+        except sqlite3.OperationalError:  # no containers table (yet)
+            return []
+        tags = {t for (t,) in self.db.execute("SELECT name FROM tags WHERE image_id=?", (image_id,))}
+        out = []
+        for cid, status, image, iid in rows:
+            if iid == image_id:
+                out.append((cid, status))
+                continue
+            with contextlib.suppress(UsageError):
+                if str(reference.parse(image)) in tags or image_id.endswith(image.removeprefix("sha256:")):
+                    out.append((cid, status))
+        return out
+
+    def delete_if_unused(self, image_id: str) -> bool:
+        """Forget an image and its tags unless a container uses it; its blobs go at the next :meth:`collect`.
+
+        Runs under the exclusive GC lock: ``vmrt run`` holds it shared from finding
+        an image to recording its container, so no container can start on an image
+        between this check and the delete.
+        """
+        self.db  # opened (and an old store migrated) before taking the lock  # noqa: B018
+        with self._flock(fcntl.LOCK_EX), self._tx() as db:
+            if self.users(image_id):
+                return False
             db.execute("DELETE FROM tags WHERE image_id=?", (image_id,))
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
+        return True
 
     def collect(self) -> int:
         """Remove blobs and unpacked layers no image refers to; returns bytes freed.
@@ -480,15 +564,18 @@ class Store:
         image yet.
         """
         self.init()
+        self.db  # opened (and an old store migrated) before taking the lock  # noqa: B018
         freed = 0
         with self._flock(fcntl.LOCK_EX):
             keep_blobs: set[str] = set()
             keep_layers: set[str] = set()
             for image_id, mdigest, extra in self.db.execute("SELECT id, manifest_digest, extra_blobs FROM images"):
                 keep_blobs.update([image_id, mdigest, *json.loads(extra)])
-                with contextlib.suppress(ImageError):
+                try:
                     keep_blobs.update(d["digest"] for d in self.read_json(mdigest).get("layers", []))
                     keep_layers.update(self.read_json(image_id).get("rootfs", {}).get("diff_ids", []))
+                except ImageError as e:  # cannot tell what it needs: remove nothing
+                    raise ImageError(f"not collecting unused blobs: image {image_id} is unreadable ({e})") from e
             keep_hex = {d.partition(":")[2] for d in keep_blobs}
             for p in self.blobs.iterdir():
                 if p.name not in keep_hex:

@@ -27,6 +27,28 @@ WH_OPAQUE = ".wh..wh..opq"
 XATTR_PREFIX = "SCHILY.xattr."
 
 
+MAX_HEADER = 1 << 20  # a PAX/GNU long-name header body held in memory at once
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX or GNU long-name header's body whole: refuse absurd ones.
+
+    A few KB of gzip can otherwise claim a multi-GB extended header (a memory
+    bomb), and the bytes are parsed before any digest could be checked.
+    """
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                         tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and self.size > MAX_HEADER:
+            raise ImageError(f"tar header of {self.size} bytes refused (at most {MAX_HEADER})")
+        return super()._proc_member(tf)  # type: ignore[misc,no-any-return]
+
+
+def open_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
+    """A streaming tar reader with bounded headers."""
+    return tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=BoundedTarInfo)
+
+
 def _clean_name(name: str) -> str:
     if name.startswith("/"):
         raise ImageError(f"layer entry has an absolute path: {name!r}")
@@ -116,11 +138,12 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
     root = str(dest)
     dirs: list[tuple[str, tarfile.TarInfo]] = []
     try:
-        tf = tarfile.open(fileobj=fileobj, mode="r|*")
+        tf = open_stream(fileobj)
     except tarfile.TarError as e:
         raise ImageError(f"layer is not a tar archive: {e}") from e
     try:
         for m in tf:
+            tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps every TarInfo otherwise: memory grows per entry
             name = _clean_name(m.name)
             if not name:
                 continue
@@ -134,6 +157,8 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
                 os.setxattr(parent, "trusted.overlay.opaque", b"y")
                 continue
             if base.startswith(WH_PREFIX):
+                if base[len(WH_PREFIX):] in ("", ".", ".."):
+                    raise ImageError(f"layer entry {name!r} is a whiteout of nothing (or of its own directory)")
                 victim = os.path.join(parent, base[len(WH_PREFIX):])
                 _remove(victim)
                 os.mknod(victim, stat.S_IFCHR | 0o000, os.makedev(0, 0))
@@ -154,7 +179,7 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
             elif m.issym():
-                _check_symlink(name, m.linkname)
+                _check_symlink(os.path.relpath(path, root), m.linkname)
                 os.symlink(m.linkname, path)
             elif m.islnk():
                 target = resolve_in_root(root, _clean_name(m.linkname), follow_last=False, strict=True)
@@ -176,7 +201,7 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
             if not m.issym():
                 os.chmod(path, m.mode & 0o7777)
                 os.utime(path, (m.mtime, m.mtime))
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, OverflowError, ValueError) as e:
         raise ImageError(f"cannot extract layer: {e}") from e
     finally:
         tf.close()
@@ -191,5 +216,7 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
                 os.setxattr(fd, xname, xvalue)
             os.fchmod(fd, m.mode & 0o7777)
             os.utime(fd, (m.mtime, m.mtime))
+        except (OSError, OverflowError, ValueError) as e:
+            raise ImageError(f"cannot extract layer: directory {m.name!r}: {e}") from e
         finally:
             os.close(fd)
