@@ -104,13 +104,17 @@ def built() -> None:
     assert r.returncode == 0, r.stderr
 
 
-@pytest.fixture(scope="session")
-def vmrt_session(tmp_path_factory: pytest.TempPathFactory, built: None) -> Vmrt:
-    base = tmp_path_factory.mktemp("vmrt")
+def private_vmrt(base: Path) -> Vmrt:
+    """A vmrt with its own store and run dirs under ``base``, holding the busybox image."""
     v = Vmrt(base / "root", base / "run")
     r = v("image", "build", str(REPO / "images" / "busybox"))
     assert r.returncode == 0, r.stderr
     return v
+
+
+@pytest.fixture(scope="session")
+def vmrt_session(tmp_path_factory: pytest.TempPathFactory, built: None) -> Vmrt:
+    return private_vmrt(tmp_path_factory.mktemp("vmrt"))
 
 
 @pytest.fixture

@@ -12,18 +12,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Vmrt
+from conftest import Vmrt, private_vmrt
 
 from vmrt.images.store import Store
 
 
 @pytest.fixture(scope="module")
 def v(tmp_path_factory: pytest.TempPathFactory, built: None) -> Vmrt:
-    base = tmp_path_factory.mktemp("imgcmds")
-    v = Vmrt(base / "root", base / "run")
-    r = v("image", "build", str(REPO / "images" / "busybox"))
-    assert r.returncode == 0, r.stderr
-    return v
+    return private_vmrt(tmp_path_factory.mktemp("imgcmds"))
 
 
 def out(r) -> str:  # type: ignore[no-untyped-def]

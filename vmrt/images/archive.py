@@ -57,7 +57,6 @@ from . import reference
 from .store import (
     GZIP_MAGIC,
     INDEX_TYPES,
-    LAYER_TYPES,
     MANIFEST_TYPES,
     MT_DOCKER_CONFIG,
     MT_DOCKER_FOREIGN,
@@ -72,8 +71,11 @@ from .store import (
     ZSTD_MAGIC,
     Image,
     Store,
+    atomic_file,
     decompressed,
+    descriptor,
     digest_hex,
+    layer_descriptors,
     sha256,
 )
 from .unpack import BoundedTarInfo
@@ -196,13 +198,7 @@ def _obj(value: Any, what: str) -> dict[str, Any]:
 
 
 def _descriptor(value: Any, what: str) -> dict[str, Any]:
-    """A validated OCI descriptor (digest, size, optional mediaType)."""
-    d = _obj(value, what)
-    if not isinstance(d.get("digest"), str) or type(d.get("size")) is not int or d["size"] < 0 \
-            or not isinstance(d.get("mediaType", ""), str):
-        raise ImageError(f"invalid archive: malformed descriptor in {what}")
-    digest_hex(d["digest"])
-    return d
+    return descriptor(value, f"invalid archive: {what}")
 
 
 def _blob_path(digest: str) -> str:
@@ -331,13 +327,8 @@ def _stage_manifest(store: Store, arc: _Archive, digest: str, manifest: dict[str
         raise ImageError(f"invalid archive: {digest} is not an image manifest")
     config_desc = _descriptor(manifest.get("config"), digest)
     config = _oci_json(store, arc, config_desc)
-    layers = manifest.get("layers") or []
-    if not isinstance(layers, list):
-        raise ImageError(f"invalid archive: manifest {digest} has no layer list")
-    descs = [_descriptor(d, digest) for d in layers]
+    descs = layer_descriptors(manifest, f"invalid archive: manifest {digest}")
     for d in descs:
-        if d.get("mediaType", MT_OCI_LAYER_GZIP) not in LAYER_TYPES:
-            raise ImageError(f"layer {d['digest']} has unsupported media type {d.get('mediaType')!r}")
         if not store.has_blob(d["digest"]):
             _copy_blob(store, arc, _blob_path(d["digest"]), d["digest"], d["size"])
     return _Staged(digest, descs, _diff_ids(config, len(descs), config_desc["digest"]))
@@ -514,17 +505,8 @@ def save(store: Store, refs: list[str], dest: Path | BinaryIO) -> None:
             if not isinstance(dest, Path):
                 _write_archive(store, chosen.values(), dest)
                 return
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    _write_archive(store, chosen.values(), f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, dest)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            with atomic_file(dest, 0o600) as f:  # 0600 like the docker CLI's save
+                _write_archive(store, chosen.values(), f)
         except OSError as e:
             raise ImageError(f"cannot write {dest if isinstance(dest, Path) else 'the archive'}: {e}") from e
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
 from . import reference
+from .store import atomic_file
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 _HUB_HOSTS = {reference.DEFAULT_DOMAIN, reference.LEGACY_DOMAIN, reference.DOCKER_HUB_API}
@@ -55,19 +53,8 @@ def _read(auth_file: Path) -> dict[str, Any]:
 
 def _write(auth_file: Path, data: dict[str, Any]) -> None:
     auth_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=auth_file.parent, prefix=f".{auth_file.name}.")  # mkstemp: O_EXCL, 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            json.dump(data, f, indent="\t")
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, auth_file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(auth_file, 0o600) as f:
+        f.write((json.dumps(data, indent="\t") + "\n").encode())
 
 
 def _matching(auths: dict[str, Any], server: str) -> list[str]:

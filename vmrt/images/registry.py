@@ -40,15 +40,15 @@ from ..errors import ImageError, UsageError
 from . import auth, reference
 from .store import (
     INDEX_TYPES,
-    LAYER_TYPES,
     MANIFEST_TYPES,
     MT_OCI_INDEX,
-    MT_OCI_LAYER_GZIP,
     MT_OCI_MANIFEST,
     BlobWriter,
     Image,
     Store,
+    descriptor,
     digest_hex,
+    layer_descriptors,
     sha256,
 )
 
@@ -161,15 +161,6 @@ def _reason(e: BaseException) -> str:
     if any(isinstance(x, TimeoutError | requests.Timeout | urllib3.exceptions.TimeoutError) for x in chain):
         return "timed out"
     return next((a for x in chain for a in x.args if isinstance(a, str) and a), type(e).__name__)
-
-
-def _descriptor(d: Any, what: str) -> dict[str, Any]:
-    """``d`` if it is a well-formed descriptor (sha256 digest, size); ImageError otherwise."""
-    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or type(d.get("size")) is not int \
-            or d["size"] < 0:
-        raise ImageError(f"{what} has a malformed descriptor: {json.dumps(d)[:200]}")
-    digest_hex(d["digest"])
-    return d
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
@@ -575,7 +566,7 @@ class _Pull:
             raise ImageError(f"index of {self.ref.familiar()} has no manifest list")
         for entry in entries:
             if _matches(entry.get("platform") if isinstance(entry, dict) else None, self.platform):
-                return _descriptor(entry, f"index of {self.ref.familiar()}")
+                return descriptor(entry, f"index of {self.ref.familiar()}")
         want = "/".join(p for p in self.platform if p)
         available = ", ".join(sorted({_show(e.get("platform")) for e in entries if isinstance(e, dict)})) or "none"
         raise ImageError(f"no matching manifest for {want} in the manifest list entries of {self.ref.familiar()} "
@@ -584,14 +575,8 @@ class _Pull:
     def _config(self, manifest: _Manifest) -> tuple[list[dict[str, Any]], list[str]]:
         """The manifest's layer descriptors and the config's diff ids; the config is fetched and stored."""
         what = f"manifest {manifest.digest}"
-        config_desc = _descriptor(manifest.body.get("config"), what)
-        layers = manifest.body.get("layers")
-        if not isinstance(layers, list):
-            raise ImageError(f"{what} has no layer list")
-        layers = [_descriptor(d, what) for d in layers]
-        for d in layers:
-            if d.get("mediaType", MT_OCI_LAYER_GZIP) not in LAYER_TYPES:
-                raise ImageError(f"layer {d['digest']} has unsupported media type {d.get('mediaType')!r}")
+        config_desc = descriptor(manifest.body.get("config"), what)
+        layers = layer_descriptors(manifest.body, what)
         what = f"config {config_desc['digest']}"
         if self.store.has_blob(config_desc["digest"]):
             data = self.store.read_blob(config_desc["digest"])

@@ -96,6 +96,48 @@ def decompressed(raw: IO[bytes]) -> IO[bytes]:
     return peekable  # type: ignore[no-any-return]
 
 
+def descriptor(value: Any, what: str) -> dict[str, Any]:
+    """``value`` if it is a well-formed OCI descriptor (sha256 digest, size, optional
+    string mediaType); ImageError naming ``what`` otherwise."""
+    if not isinstance(value, dict) or not isinstance(value.get("digest"), str) \
+            or type(value.get("size")) is not int or value["size"] < 0 \
+            or not isinstance(value.get("mediaType", ""), str):
+        raise ImageError(f"{what} has a malformed descriptor: {json.dumps(value)[:200]}")
+    digest_hex(value["digest"])
+    return value
+
+
+def layer_descriptors(manifest: dict[str, Any], what: str) -> list[dict[str, Any]]:
+    """The manifest's layer descriptors, each well-formed and of a layer media type vmrt unpacks."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise ImageError(f"{what} has no layer list")
+    descs = [descriptor(d, what) for d in layers]
+    for d in descs:
+        if d.get("mediaType", MT_OCI_LAYER_GZIP) not in LAYER_TYPES:
+            raise ImageError(f"layer {d['digest']} has unsupported media type {d.get('mediaType')!r}")
+    return descs
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """A file written under a temporary name beside ``path`` (created ``mode``), synced
+    and renamed over ``path`` when the block ends; removed if it raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # O_EXCL, 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 _STR_LISTS = ("Env", "Cmd", "Entrypoint")
 _STRS = ("WorkingDir", "User", "StopSignal", "Hostname", "Domainname")
 _MAPS = ("Labels", "ExposedPorts", "Volumes")
@@ -288,18 +330,8 @@ class Store:
 
     # --- blobs ---------------------------------------------------------------
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path) as f:
+            f.write(data)
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs / digest_hex(digest)
