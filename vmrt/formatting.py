@@ -50,7 +50,7 @@ def render(template: str, obj: Mapping[str, Any]) -> str:
         if not f:
             raise UsageError(f"template {template!r}: unsupported action {{{{{m.group(1)}}}}}")
         value = _lookup(obj, f.group(2), template)
-        return json.dumps(value) if f.group(1) else _text(value)
+        return json.dumps(value, separators=(",", ":")) if f.group(1) else _text(value)  # compact, as Go
     return _ACTION.sub(action, template.replace("\\t", "\t").replace("\\n", "\n"))
 
 
@@ -73,7 +73,7 @@ def emit(fmt: str | None, rows: list[dict[str, Any]], default: list[tuple[str, s
         return lines
     assert fmt is not None
     if fmt == "json":
-        return [json.dumps(r) for r in rows]
+        return [json.dumps(r, separators=(",", ":")) for r in rows]
     if fmt.startswith("table "):
         body = fmt[len("table "):]
         return [header(body)] + [render(body, r) for r in rows]
