@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import bundle, rootfs
 from .bundle import RunOptions
@@ -18,7 +19,7 @@ from .errors import ImageError, StateError, UsageError, VmrtError
 from .images import reference
 from .images.store import Image, Store
 from .images.unpack import resolve_in_root
-from .state import State, Status
+from .state import Container, State, Status
 from .timings import Timings
 
 LOG = logging.getLogger(__name__)
@@ -76,45 +77,86 @@ def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platf
     return store.get(ref)
 
 
+def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
+           persist: bool) -> tuple[Container, Image, list[Path], dict[str, Any]]:
+    """``vmrt create``: the image (pulled if need be), a container record and its OCI config.
+
+    With ``persist`` the config is also kept in ``<root>/containers/<id>`` (what a
+    detached container's monitor, ``start`` and ``logs`` read); a plain ``run --rm``
+    keeps nothing on disk.
+    """
+    store = Store(cfg.root)
+    with store.writing():  # no image prune between finding the image and recording its user
+        image = find_image(cfg, store, opts.image, opts.pull, opts.platform)
+        layers = image.layer_dirs()
+        lookup = _LayeredRoot(layers)
+        user_root = (lookup.pick("/etc/passwd"), lookup.pick("/etc/group"))
+        args = bundle.process_args(image.runtime_config, opts)
+        c = state.create(opts.image, isolation, args, opts.name, image_id=image.id)
+    try:
+        config = bundle.make_config(image.runtime_config, user_root, opts, c.id, isolation)
+        if persist:
+            bundle.write(container_dir(cfg, c.id), config)
+    except BaseException:
+        discard(cfg, state, c)
+        raise
+    return c, image, layers, config
+
+
+def container_dir(cfg: Config, container_id: str) -> Path:
+    """What is kept of a container until ``vmrt rm``: its config, logs, VMM/console logs."""
+    return cfg.root / "containers" / container_id
+
+
+def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: dict[str, Any],
+            driver: Any, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2)) -> int:
+    """Run a created (or exited) container once, attached to ``stdio``; returns its exit status.
+
+    The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record
+    ends EXITED with the status whatever happens.
+    """
+    run_dir = cfg.run_root / "containers" / c.id
+    status: int = 125
+    try:
+        run_dir.mkdir(parents=True, mode=0o700)
+        bundle.write(run_dir, config)
+        state.set_fields(c, run_dir=str(run_dir))
+        state.transition(c, Status.RUNNING, started=time.time())
+        ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, *stdio, log_dir=log_dir,
+                         rw_dir=rw_dir(cfg, c.id))
+        status = driver.run(ctx)
+        return status
+    except VmrtError as e:
+        status = e.exit_code
+        raise
+    finally:
+        with contextlib.suppress(StateError):
+            state.transition(c, Status.EXITED, exit_code=status, finished=time.time())
+        _remove_run_dir(run_dir)
+
+
+def discard(cfg: Config, state: State, c: Container) -> None:
+    """Forget a container that never ran or ran with --rm: its writable layer, kept files, record."""
+    shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
+    shutil.rmtree(container_dir(cfg, c.id), ignore_errors=True)
+    with contextlib.suppress(StateError):
+        state.remove(c)
+
+
 def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = None,
         kernel: Path | None = None, timings: Timings | None = None, runtime: str | None = None) -> int:
+    """``vmrt run`` attached: create, execute once, and with --rm forget it."""
     timings = timings or Timings()
     driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime)
-    store = Store(cfg.root)
     state = State(cfg.db_path)
     try:
-        with store.writing():  # no image prune between finding the image and recording its user
-            image = find_image(cfg, store, opts.image, opts.pull, opts.platform)
-            layers = image.layer_dirs()
-            lookup = _LayeredRoot(layers)
-            user_root = (lookup.pick("/etc/passwd"), lookup.pick("/etc/group"))
-            args = bundle.process_args(image.runtime_config, opts)
-            c = state.create(opts.image, isolation, args, opts.name, image_id=image.id)
-        run_dir = cfg.run_root / "containers" / c.id
-        log_dir = None if opts.rm else cfg.root / "containers" / c.id
-        status: int = 125
+        c, image, layers, config = create(cfg, opts, isolation, state, persist=not opts.rm)
         try:
-            config = bundle.make_config(image.runtime_config, user_root, opts, c.id, isolation)
-            run_dir.mkdir(parents=True, mode=0o700)
-            bundle.write(run_dir, config)
-            if log_dir is not None:
-                bundle.write(log_dir, config)
-            state.set_fields(c, run_dir=str(run_dir))
-            state.transition(c, Status.RUNNING)
-            ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, log_dir=log_dir,
-                             rw_dir=rw_dir(cfg, c.id))
-            status = driver.run(ctx)
-            return status
-        except VmrtError as e:
-            status = e.exit_code
-            raise
+            return execute(cfg, state, c, image, layers, config, driver, timings,
+                           log_dir=None if opts.rm else container_dir(cfg, c.id))
         finally:
-            with contextlib.suppress(StateError):
-                state.transition(c, Status.EXITED, exit_code=status, finished=time.time())
-            _remove_run_dir(run_dir)
             if opts.rm:
-                shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
-                state.remove(c)
+                discard(cfg, state, c)
     finally:
         state.close()
 

@@ -28,7 +28,7 @@ class Status(str, enum.Enum):
 ALLOWED = {
     Status.CREATED: {Status.RUNNING, Status.EXITED},
     Status.RUNNING: {Status.EXITED},
-    Status.EXITED: set(),
+    Status.EXITED: {Status.RUNNING},  # start, restart, a restart policy
 }
 
 _ADJ = ["brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid", "merry",
@@ -52,6 +52,10 @@ class Container:
     run_dir: str = ""
     oom_killed: bool = False
     image_id: str = ""
+    monitor_pid: int = 0          # the detached container's monitor (0: attached, or none yet)
+    started: float | None = None
+    restart_count: int = 0
+    stop_requested: bool = False  # `vmrt stop`/`kill`: a restart policy must not bring it back
 
 
 class State:
@@ -66,7 +70,11 @@ class State:
             pids TEXT NOT NULL DEFAULT '{}', run_dir TEXT NOT NULL DEFAULT '')""")
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(containers)")}
         for col, decl in (("oom_killed", "INTEGER NOT NULL DEFAULT 0"),  # added with process isolation
-                          ("image_id", "TEXT NOT NULL DEFAULT ''")):     # added with the image store
+                          ("image_id", "TEXT NOT NULL DEFAULT ''"),      # added with the image store
+                          ("monitor_pid", "INTEGER NOT NULL DEFAULT 0"),  # added with detached containers
+                          ("started", "REAL"),
+                          ("restart_count", "INTEGER NOT NULL DEFAULT 0"),
+                          ("stop_requested", "INTEGER NOT NULL DEFAULT 0")):
             if col not in cols:
                 with contextlib.suppress(sqlite3.OperationalError):  # a concurrent vmrt added it
                     self.db.execute(f"ALTER TABLE containers ADD COLUMN {col} {decl}")
@@ -109,7 +117,7 @@ class State:
 
     def _row(self, r: tuple) -> Container:  # type: ignore[type-arg]
         return Container(r[0], r[1], r[2], r[3], Status(r[4]), r[5], json.loads(r[6]), r[7], r[8],
-                         json.loads(r[9]), r[10], bool(r[11]), r[12])
+                         json.loads(r[9]), r[10], bool(r[11]), r[12], r[13], r[14], r[15], bool(r[16]))
 
     def get(self, ref: str) -> Container:
         rows = self.db.execute("SELECT * FROM containers WHERE name=? OR id=?", (ref, ref)).fetchall()
@@ -135,17 +143,21 @@ class State:
                 raise StateError(f"container {c.name}: cannot go from {cur.value} to {new.value}")
             sets: dict[str, object] = {"status": new.value}
             for k, v in fields.items():
-                if k not in ("exit_code", "finished", "pids"):
+                if k not in ("exit_code", "finished", "pids", "started", "monitor_pid", "oom_killed",
+                             "restart_count"):
                     raise StateError(f"field {k} is not settable")
                 sets[k] = json.dumps(v) if k == "pids" else v
             db.execute(f"UPDATE containers SET {', '.join(k + '=?' for k in sets)} WHERE id=?",
                        (*sets.values(), c.id))
             c.status = new
+            for k, v in fields.items():
+                setattr(c, k, v)
 
     def set_fields(self, c: Container, **fields: object) -> None:
         with self._tx() as db:
             for k, v in fields.items():
-                if k not in ("pids", "run_dir", "oom_killed"):
+                if k not in ("pids", "run_dir", "oom_killed", "monitor_pid", "started", "restart_count",
+                             "stop_requested", "exit_code", "finished"):
                     raise StateError(f"field {k} is not settable")
                 db.execute(f"UPDATE containers SET {k}=? WHERE id=?",
                            (json.dumps(v) if k == "pids" else v, c.id))

@@ -32,11 +32,15 @@ class Timings:
         self.t0 = _process_start_ns()
         self.marks: dict[str, int] = {}
         self.info: dict[str, str] = {}
+        self.on_mark: dict[str, object] = {}  # phase -> callable run when it is first marked
 
     def mark(self, phase: str, *, once: bool = True) -> None:
         if once and phase in self.marks:
             return
         self.marks[phase] = now()
+        callback = self.on_mark.pop(phase, None)
+        if callable(callback):
+            callback()
 
     def ms(self, phase: str) -> float | None:
         t = self.marks.get(phase)
