@@ -7,13 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import __version__, imagecmds
+from . import __version__, containercmds, imagecmds
 from . import config as config_mod
 from . import volumes as volumes_mod
 from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
@@ -83,6 +82,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--pull", "pull_policy", default="missing", show_default=True,
               type=click.Choice(["missing", "always", "never"]), help="Pull the image before running.")
 @click.option("--platform", help="Platform (os/arch[/variant]) to pull if the image is not here.")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background (a monitor owns it) and print its ID.")
+@click.option("--restart", default="no", show_default=True,
+              help="Restart policy: no, on-failure[:N], always or unless-stopped (with -d).")
 @click.pass_context
 def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name: str | None,
         env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None,
@@ -90,7 +92,7 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         memory: str | None, cpus: str | None, pids_limit: str | None, volumes: tuple[str, ...],
         mounts: tuple[str, ...], tmpfs: tuple[str, ...], runtime: str | None, isolation: str,
         read_only: bool, accel: str | None, kernel: Path | None, show_timings: bool, pull_policy: str,
-        platform: str | None) -> None:
+        platform: str | None, detach: bool, restart: str) -> None:
     """Run a command in a new container."""
     from . import runner
     cfg = _cfg(ctx)
@@ -123,53 +125,35 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
     opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
     if kernel is not None and not kernel.is_file():
         raise UsageError(f"kernel {kernel} not found")
+    from .monitor import parse_restart
+    parse_restart(restart)
+    if restart != "no" and not detach:
+        raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
+    meta = {"accel": accel, "kernel": str(kernel) if kernel else None, "runtime": runtime,
+            "restart": restart, "rm": rm}
+    if ctx.info_name == "create":  # `vmrt create`: the same flags, nothing started
+        click.echo(runner.create_detached(cfg, opts, iso, meta))
+        return
+    if detach:
+        if interactive:
+            raise UsageError("-d with -i is not supported yet (no attach): drop -i")
+        ctx.exit(_start_detached(cfg, runner.create_detached(cfg, opts, iso, meta)))
     try:
-        status = runner.run(cfg, opts, iso, accel=accel, kernel=kernel, timings=TIMINGS, runtime=runtime)
+        status = runner.run(cfg, opts, iso, accel=accel, kernel=kernel, timings=TIMINGS, runtime=runtime, meta=meta)
     finally:
         if show_timings:
             TIMINGS.report()
     ctx.exit(status)
 
 
-@main.command()
-@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers (default shows just running).")
-@click.pass_context
-def ps(ctx: click.Context, show_all: bool) -> None:
-    """List containers."""
-    from .state import State, Status
-    st = State(_cfg(ctx).db_path)
-    try:
-        click.echo(f"{'CONTAINER ID':<14} {'IMAGE':<20} {'COMMAND':<24} {'ISOLATION':<10} {'STATUS':<20} NAMES")
-        for c in st.list():
-            if c.status != Status.RUNNING and not show_all:
-                continue
-            status = c.status.value
-            if c.status == Status.EXITED:
-                oom = ", OOM killed" if c.oom_killed else ""
-                status = f"Exited ({c.exit_code}{oom}) {_ago(int(c.finished or 0))}"
-            cmd = " ".join(c.command)
-            cmd = cmd if len(cmd) <= 22 else cmd[:21] + "…"
-            click.echo(f"{c.id[:12]:<14} {c.image:<20} {cmd:<24} {c.isolation:<10} {status:<20} {c.name}")
-    finally:
-        st.close()
-
-
-@main.command()
-@click.argument("containers", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="Remove even if running.")
-@click.pass_context
-def rm(ctx: click.Context, containers: tuple[str, ...], force: bool) -> None:
-    """Remove containers."""
-    from . import runner
-    failed = False
-    for ref in containers:
-        try:
-            click.echo(runner.remove(_cfg(ctx), ref, force))
-        except VmrtError as e:
-            click.echo(f"vmrt: {e}", err=True)
-            failed = True
-    if failed:
-        ctx.exit(1)
+def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
+    """Hand a created container to a new monitor; print its ID once its process runs."""
+    from .monitor import spawn
+    started, status, message = spawn(cfg, container_id)
+    if not started:
+        raise VmrtError(message, exit_code=status)
+    click.echo(container_id)
+    return 0
 
 
 def _runtime_line(cfg: config_mod.Config) -> str:
@@ -294,6 +278,13 @@ def image_build(ctx: click.Context, recipe: Path) -> None:
 
 
 imagecmds.register(main, image)
+containers = containercmds.register(main)
+create = click.Command("create", params=run.params, callback=run.callback, help="Create a new container "
+                       "(the flags of run; start it with `vmrt start`).",
+                       context_settings={"allow_interspersed_args": False})
+main.add_command(create)
+containers.add_command(create)
+containers.add_command(run)
 
 
 @main.command()
@@ -308,16 +299,6 @@ def setup(ctx: click.Context) -> None:
     store = Store(cfg.root)
     for r in sorted((source_root() / "images").glob("*/recipe.toml")):
         click.echo(f"[image] {recipe_mod.build(r.parent, store)}", err=True)
-
-
-def _ago(ts: int) -> str:
-    if not ts:
-        return "-"
-    d = max(0, int(time.time()) - ts)
-    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if d >= n:
-            return f"{d // n} {unit} ago"
-    return f"{d} seconds ago"
 
 
 def entry() -> None:

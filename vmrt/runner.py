@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from . import bundle, rootfs
 from .bundle import RunOptions
 from .config import Config
-from .drivers.base import RunContext
+from .drivers.base import FORCE_KILL, RunContext
 from .errors import ImageError, StateError, UsageError, VmrtError
 from .images import reference
 from .images.store import Image, Store
@@ -121,7 +122,7 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         run_dir.mkdir(parents=True, mode=0o700)
         bundle.write(run_dir, config)
         state.set_fields(c, run_dir=str(run_dir))
-        state.transition(c, Status.RUNNING, started=time.time())
+        state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid())
         ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, *stdio, log_dir=log_dir,
                          rw_dir=rw_dir(cfg, c.id))
         status = driver.run(ctx)
@@ -143,14 +144,56 @@ def discard(cfg: Config, state: State, c: Container) -> None:
         state.remove(c)
 
 
+def create_detached(cfg: Config, opts: RunOptions, isolation: str, meta: dict[str, Any]) -> str:
+    """``vmrt create`` (and the first half of ``run -d``): the container, ready for its monitor."""
+    from .monitor import write_meta
+    state = State(cfg.db_path)
+    try:
+        c, _, _, _ = create(cfg, opts, isolation, state, persist=True)
+        write_meta(cfg, c.id, meta)
+        return c.id
+    finally:
+        state.close()
+
+
+def start_attached(cfg: Config, container_id: str) -> int:
+    """``vmrt start -a``: run a created or exited container again, attached to this terminal."""
+    import json
+
+    from .lifecycle import owner_alive
+    state = State(cfg.db_path)
+    try:
+        c = state.get(container_id)
+        if owner_alive(c):
+            raise UsageError(f"container {c.name} is already running")
+        cdir = container_dir(cfg, c.id)
+        try:
+            meta = json.loads((cdir / "monitor.json").read_text())
+            config = json.loads((cdir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StateError(f"container {c.name} cannot be started again: {e}") from e
+        image = Store(cfg.root).get(c.image_id)
+        driver = make_driver(c.isolation, accel=meta.get("accel"),
+                             kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
+                             runtime=meta.get("runtime") or cfg.runtime)
+        state.set_fields(c, stop_requested=False)
+        return execute(cfg, state, c, image, image.layer_dirs(), config, driver, Timings(), log_dir=cdir)
+    finally:
+        state.close()
+
+
 def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = None,
-        kernel: Path | None = None, timings: Timings | None = None, runtime: str | None = None) -> int:
+        kernel: Path | None = None, timings: Timings | None = None, runtime: str | None = None,
+        meta: dict[str, Any] | None = None) -> int:
     """``vmrt run`` attached: create, execute once, and with --rm forget it."""
     timings = timings or Timings()
     driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime)
     state = State(cfg.db_path)
     try:
         c, image, layers, config = create(cfg, opts, isolation, state, persist=not opts.rm)
+        if meta is not None and not opts.rm:  # how `vmrt start` runs it again
+            from .monitor import write_meta
+            write_meta(cfg, c.id, meta)
         try:
             return execute(cfg, state, c, image, layers, config, driver, timings,
                            log_dir=None if opts.rm else container_dir(cfg, c.id))
@@ -163,7 +206,6 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
 
 def _kill_recorded(c) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs."""
-    import signal
     for pid in c.pids.values():
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -199,22 +241,41 @@ def _remove_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def cleanup(cfg: Config, c: Container) -> None:
+    """Release what a container holds on the host when its owner can no longer do it."""
+    from . import cgroups
+    if c.isolation == "process":
+        _delete_runtime_container(cfg, c.id)
+    else:
+        _kill_recorded(c)
+        cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
+    if c.run_dir:
+        _remove_run_dir(Path(c.run_dir))
+
+
 def remove(cfg: Config, ref: str, force: bool) -> str:
+    """``docker rm [-f]``: a running container is killed first (with -f); then nothing of it is left."""
+    from .lifecycle import owner_alive, reconcile, wait_exit
     state = State(cfg.db_path)
     try:
         c = state.get(ref)
-        if c.status == Status.RUNNING and not force:
-            raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")
-        if c.status == Status.RUNNING and c.isolation == "process":
-            _delete_runtime_container(cfg, c.id)
-        elif c.status == Status.RUNNING:
-            _kill_recorded(c)
+        if owner_alive(c):  # running, or its monitor waits to restart it
+            if not force:
+                raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")
+            state.set_fields(c, stop_requested=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.monitor_pid, FORCE_KILL if c.status == Status.RUNNING else signal.SIGTERM)
+            c = wait_exit(state, c, 60.0)
+        reconcile(cfg, state)
+        c = state.get(c.id)
+        if c.status == Status.RUNNING:  # an owner that did not go: take it down ourselves
+            cleanup(cfg, c)
+        elif c.run_dir:
+            _remove_run_dir(Path(c.run_dir))
         if c.isolation == "vm":
             from . import cgroups
             cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
-        if c.run_dir:
-            _remove_run_dir(Path(c.run_dir))
-        shutil.rmtree(cfg.root / "containers" / c.id, ignore_errors=True)
+        shutil.rmtree(container_dir(cfg, c.id), ignore_errors=True)
         shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
         state.remove(c)
         return c.name

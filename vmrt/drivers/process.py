@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import cgroups, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
-from .base import RunContext, write_all
+from .base import FORCE_KILL, RunContext, write_all
 
 LOG = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -143,7 +143,7 @@ class _Session:
         rw = ctx.rw_dir or bdir / "rw"
         (rw / "upper").mkdir(parents=True, exist_ok=True)
         (rw / "work").mkdir(parents=True, exist_ok=True)
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (*FORWARDED, FORCE_KILL)}
         try:
             rootfs.mount_overlay(ctx.layers, rw / "upper", rw / "work", root)
             try:
@@ -318,6 +318,11 @@ class _Session:
         return self.status if self.status >= 0 else 128 - self.status
 
     def _on_signal(self, signo: int, _frame: object) -> None:
+        if signo == FORCE_KILL:
+            if self.pidfd < 0:
+                raise VmrtError("killed before the container started", exit_code=137)
+            self._force_kill("killed")
+            return
         if self.pidfd < 0:
             raise VmrtError(f"interrupted by signal {signo}", exit_code=128 + signo)
         if signo in STOP_SIGNALS:

@@ -30,7 +30,7 @@ from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
 from ..vm.qemu import QemuVM, VMSpec
 from ..vm.virtiofsd import Virtiofsd
-from .base import RunContext, write_all
+from .base import FORCE_KILL, RunContext, write_all
 
 LOG = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -301,6 +301,9 @@ class _Session:
 
     # --- signals, terminal, stdin ---------------------------------------------
     def _on_signal(self, signo: int) -> None:
+        if signo == FORCE_KILL:
+            self._force_kill("killed")
+            return
         if self.started.done() and not self.started.exception():
             if signo in STOP_SIGNALS:
                 self.stop_signals += 1
@@ -371,14 +374,14 @@ class _Session:
         self.loop = asyncio.get_running_loop()
         self.hello, self.started, self.exited = (self.loop.create_future() for _ in range(3))
         ctx = self.ctx
-        for s in FORWARDED:
+        for s in (*FORWARDED, FORCE_KILL):
             self.loop.add_signal_handler(s, self._on_signal, s)
         stack = contextlib.AsyncExitStack()
         try:
             async with stack:
                 return await self._run(stack)
         finally:
-            for s in FORWARDED:
+            for s in (*FORWARDED, FORCE_KILL):
                 self.loop.remove_signal_handler(s)
             self._restore_terminal()
             ctx.timings.mark("teardown-done")

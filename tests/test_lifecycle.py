@@ -1,0 +1,220 @@
+"""Detached containers and their lifecycle, in both isolation modes, through the real CLI.
+
+run -d / create / start, ps, logs, stop, kill, wait, rm -f, restart policies,
+and the faults: QEMU or the monitor killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import Vmrt
+
+MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
+
+
+def detach(v: Vmrt, mode: str, *args: str, name: str | None = None) -> str:
+    r = v("run", "-d", f"--isolation={mode}", *(["--name", name] if name else []), "busybox", *args)
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", cid), r.stdout
+    return cid
+
+
+def ps(v: Vmrt, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    r = v("ps", "-a", "--format", "json", *args)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.decode().splitlines()]
+
+
+def status_of(v: Vmrt, cid: str) -> str:
+    return next(row["Status"] for row in ps(v) if cid.startswith(row["ID"]))
+
+
+def until(pred, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def rm(v: Vmrt, *cids: str) -> None:
+    r = v("rm", "-f", *cids)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_detached_run_logs_and_wait(vmrt: Vmrt, mode: str) -> None:
+    cid = detach(vmrt, mode, "sh", "-c", "echo out; echo err >&2; sleep 1; echo late; exit 3")
+    assert status_of(vmrt, cid).startswith(("Up", "Exited"))
+    r = vmrt("wait", cid[:12])
+    assert r.returncode == 0 and r.stdout == b"3\n", r.stderr
+    assert status_of(vmrt, cid).startswith("Exited (3)")
+    r = vmrt("logs", cid)
+    assert r.stdout == b"out\nlate\n" and r.stderr == b"err\n"
+    assert vmrt("logs", "--tail", "1", cid).stdout == b"late\n"
+    stamped = vmrt("logs", "-t", cid).stdout.decode().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z (out|late)$", line) for line in stamped), stamped
+    assert vmrt("logs", "--since", "1h", cid).stdout == b"out\nlate\n"
+    assert vmrt("logs", "--since", "2999-01-01T00:00:00Z", cid).stdout == b""
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logs_follow_ends_with_the_container(vmrt: Vmrt, mode: str) -> None:
+    cid = detach(vmrt, mode, "sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done")
+    r = vmrt("logs", "-f", cid, timeout=120)
+    assert r.returncode == 0 and r.stdout == b"line1\nline2\nline3\n", r.stderr
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_kills_after_the_grace_time(vmrt: Vmrt, mode: str) -> None:
+    cid = detach(vmrt, mode, "sh", "-c", "trap 'echo ignored' TERM; while true; do sleep 0.1; done")
+    t0 = time.monotonic()
+    r = vmrt("stop", "-t", "1", cid)
+    assert r.returncode == 0 and r.stdout.decode().strip() == next(x["Names"] for x in ps(vmrt)
+                                                                    if cid.startswith(x["ID"]))
+    assert 0.9 < time.monotonic() - t0 < 30
+    assert status_of(vmrt, cid).startswith("Exited (137)")
+    assert b"ignored" in vmrt("logs", cid).stdout
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kill_with_a_signal_and_by_default(vmrt: Vmrt, mode: str) -> None:
+    a = detach(vmrt, mode, "sh", "-c", "sleep 100")
+    b = detach(vmrt, mode, "sh", "-c", "trap 'exit 7' USR1; while true; do sleep 0.1; done")
+    assert vmrt("kill", a).returncode == 0
+    assert vmrt("kill", "-s", "USR1", b).returncode == 0
+    assert vmrt("wait", a, b).stdout.split() == [b"137", b"7"]
+    r = vmrt("kill", a)
+    assert r.returncode == 1 and b"is not running" in r.stderr
+    r = vmrt("kill", "-s", "NOPE", b)
+    assert r.returncode == 125 and b"invalid signal" in r.stderr
+    rm(vmrt, a, b)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rm_force_of_a_running_container(vmrt: Vmrt, mode: str) -> None:
+    cid = detach(vmrt, mode, "sleep", "100")
+    r = vmrt("rm", cid)
+    assert r.returncode == 1 and b"stop it first or use -f" in r.stderr
+    rm(vmrt, cid)
+    assert ps(vmrt, "--filter", f"id={cid}") == []
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_restart_on_failure_restarts_exactly_n_times(vmrt: Vmrt, mode: str) -> None:
+    r = vmrt("run", "-d", "--restart=on-failure:2", f"--isolation={mode}", "busybox", "sh", "-c", "echo run; exit 1")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    until(lambda: status_of(vmrt, cid).startswith("Exited (1)"), 180)
+    time.sleep(1.0)  # a third restart would have begun by now
+    assert status_of(vmrt, cid).startswith("Exited (1)")
+    assert vmrt("logs", cid).stdout == b"run\nrun\nrun\n"
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+def test_restart_always_until_stopped(vmrt: Vmrt) -> None:
+    r = vmrt("run", "-d", "--restart=always", "--isolation=process", "busybox", "sh", "-c", "echo x; sleep 0.2")
+    cid = r.stdout.decode().strip()
+    until(lambda: vmrt("logs", cid).stdout.count(b"x") >= 3, 60)
+    assert vmrt("stop", "-t", "1", cid).returncode == 0
+    n = vmrt("logs", cid).stdout.count(b"x")
+    time.sleep(1.0)
+    assert vmrt("logs", cid).stdout.count(b"x") == n  # stopped by hand: not restarted
+    assert not status_of(vmrt, cid).startswith(("Up", "Restarting"))
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_then_start_and_start_attached(vmrt: Vmrt, mode: str) -> None:
+    r = vmrt("create", f"--isolation={mode}", "--name", f"made-{mode}", "busybox", "sh", "-c", "echo hello; exit 4")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    assert status_of(vmrt, cid) == "Created"
+    assert vmrt("start", f"made-{mode}").stdout.strip() == f"made-{mode}".encode()
+    assert vmrt("wait", cid).stdout == b"4\n"
+    r = vmrt("start", "-a", cid)
+    assert r.returncode == 4 and r.stdout == b"hello\n", r.stderr
+    assert vmrt("logs", cid).stdout == b"hello\n"  # the attached start wrote to the terminal only
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_detached_exec_error_is_one_line(vmrt: Vmrt, mode: str) -> None:
+    r = vmrt("run", "-d", f"--isolation={mode}", "--name", f"noexec-{mode}", "busybox", "/no/such/binary")
+    err = r.stderr.decode().strip()
+    assert r.returncode == 127 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    rows = [x for x in ps(vmrt) if x["Names"] == f"noexec-{mode}"]
+    assert rows and rows[0]["Status"].startswith("Exited (127)")
+    rm(vmrt, f"noexec-{mode}")
+    vmrt.assert_clean()
+
+
+def _pids_of(pattern: bytes, marker: str) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                cmd = open(f"/proc/{p}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if pattern in cmd and marker.encode() in cmd:
+                out.append(int(p))
+    return out
+
+
+@pytest.mark.vm
+def test_qemu_killed_means_a_nonzero_exit_and_a_clean_rm(vmrt: Vmrt) -> None:
+    cid = detach(vmrt, "vm", "sleep", "100")
+    qemu = _pids_of(b"qemu-system", cid[:12]) or _pids_of(b"qemu-system", str(vmrt.run_root))
+    assert qemu, "no QEMU found for the container"
+    os.kill(qemu[0], signal.SIGKILL)
+    r = vmrt("wait", cid, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() not in (b"", b"0"), r
+    assert status_of(vmrt, cid).startswith("Exited (") and not status_of(vmrt, cid).startswith("Exited (0)")
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_monitor_killed_is_reconciled(vmrt: Vmrt, mode: str) -> None:
+    cid = detach(vmrt, mode, "sleep", "100")
+    monitor = _pids_of(b"vmrt.monitor", cid)
+    assert len(monitor) == 1
+    os.kill(monitor[0], signal.SIGKILL)
+    until(lambda: not os.path.exists(f"/proc/{monitor[0]}"), 10)
+    assert status_of(vmrt, cid).startswith("Exited (255)")  # ps reconciles: the truth, not "Up"
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+def test_twenty_parallel_detached_runs(vmrt: Vmrt) -> None:
+    procs = [vmrt.popen("run", "-d", "--isolation=process", "busybox", "sleep", "30") for _ in range(20)]
+    ids = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err  # all succeed here; a failure would have to be one clear line
+        ids.append(out.decode().strip())
+    assert len(set(ids)) == 20
+    running = {x["ID"] for x in ps(vmrt, "--filter", "status=running")}
+    assert {i[:12] for i in ids} <= running
+    r = subprocess.run(vmrt.cmd("rm", "-f", *ids), env=vmrt.env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    vmrt.assert_clean()

@@ -1,0 +1,265 @@
+"""Container commands: ps, rm, create, start, stop, restart, kill, wait, logs.
+
+Registered on the main group by :mod:`vmrt.cli` (and under ``vmrt container``).
+Containers are named by ID, unique ID prefix or name everywhere, as in Docker.
+Every command that reads state first reconciles it (:func:`lifecycle.reconcile`),
+so a container whose monitor died shows as Exited, not running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from . import formatting, lifecycle
+from .config import Config
+from .errors import UsageError, VmrtError
+from .state import Container, State, Status
+
+PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
+              ("CREATED", "RunningFor", 0), ("STATUS", "Status", 0), ("ISOLATION", "Isolation", 0),
+              ("NAMES", "Names", 0)]
+
+
+def _cfg(ctx: click.Context) -> Config:
+    return ctx.obj["cfg"]  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _state(ctx: click.Context) -> Iterator[State]:
+    cfg = _cfg(ctx)
+    st = State(cfg.db_path)
+    try:
+        lifecycle.reconcile(cfg, st)
+        yield st
+    finally:
+        st.close()
+
+
+def ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    d = max(0, int(time.time() - ts))
+    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if d >= n:
+            return f"{d // n} {unit} ago"
+    return f"{d} seconds ago"
+
+
+def status_text(c: Container) -> str:
+    """Docker's STATUS column: Up 5 seconds, Exited (0) 2 minutes ago, Restarting (1) ..., Created."""
+    if c.status == Status.RUNNING:
+        return f"Up {ago(c.started).removesuffix(' ago')}"
+    if c.status == Status.CREATED:
+        return "Created"
+    oom = ", OOM killed" if c.oom_killed else ""
+    if lifecycle.owner_alive(c):  # exited, its monitor about to restart it
+        return f"Restarting ({c.exit_code}{oom}) {ago(c.finished)}"
+    return f"Exited ({c.exit_code}{oom}) {ago(c.finished)}"
+
+
+def ps_row(c: Container) -> dict[str, Any]:
+    cmd = " ".join(c.command)
+    return {"ID": c.id[:12], "Image": c.image, "Command": cmd if len(cmd) <= 22 else cmd[:21] + "…",
+            "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(c.created)),
+            "RunningFor": ago(c.created), "Status": status_text(c), "State": c.status.value,
+            "Isolation": c.isolation, "Names": c.name, "ExitCode": c.exit_code}
+
+
+def _filter_value(c: Container, key: str, value: str) -> bool:
+    restarting = c.status == Status.EXITED and lifecycle.owner_alive(c)
+    checks = {"id": lambda: c.id.startswith(value), "name": lambda: value in c.name,
+              "status": lambda: c.status.value == value or (value == "restarting" and restarting),
+              "isolation": lambda: c.isolation == value, "ancestor": lambda: c.image == value,
+              "exited": lambda: c.status == Status.EXITED and str(c.exit_code) == value}
+    if key not in checks:
+        raise UsageError(f"invalid filter {key!r}")
+    return checks[key]()
+
+
+def _match(c: Container, filters: tuple[str, ...]) -> bool:
+    for f in filters:
+        key, sep, value = f.partition("=")
+        if not sep:
+            raise UsageError(f"bad format of filter {f!r} (expected name=value)")
+        if not _filter_value(c, key, value):
+            return False
+    return True
+
+
+@click.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers (default shows just running).")
+@click.option("-q", "--quiet", is_flag=True, help="Only display container IDs.")
+@click.option("-f", "--filter", "filters", multiple=True,
+              help="Filter: id=, name=, status=created|running|exited|restarting, isolation=, ancestor=, exited=N.")
+@click.option("--format", "fmt", help="table, json, or a template such as '{{.Names}} {{.Status}}'.")
+@click.option("--no-trunc", is_flag=True, help="Do not truncate IDs and commands.")
+@click.pass_context
+def ps(ctx: click.Context, show_all: bool, quiet: bool, filters: tuple[str, ...], fmt: str | None,
+       no_trunc: bool) -> None:
+    """List containers."""
+    with _state(ctx) as st:
+        shown = [c for c in st.list() if (show_all or filters or c.status == Status.RUNNING) and _match(c, filters)]
+        rows = []
+        for c in shown:
+            row = ps_row(c)
+            if no_trunc:
+                row.update(ID=c.id, Command=" ".join(c.command))
+            rows.append(row)
+    if quiet:
+        for r in rows:
+            click.echo(r["ID"])
+        return
+    for line in formatting.emit(fmt, rows, PS_COLUMNS):
+        click.echo(line)
+
+
+def _each(ctx: click.Context, refs: tuple[str, ...], action: Any) -> None:
+    """Apply ``action(cfg, state, container)`` to each; errors one line each, exit 1 if any (as Docker)."""
+    failed = False
+    with _state(ctx) as st:
+        for ref in refs:
+            try:
+                out = action(_cfg(ctx), st, st.get(ref))
+                if out is not None:
+                    click.echo(out)
+            except VmrtError as e:
+                click.echo(f"vmrt: {e}", err=True)
+                failed = True
+    if failed:
+        ctx.exit(1)
+
+
+@click.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Kill and remove a running container.")
+@click.option("-v", "--volumes", is_flag=True, help="Accepted for Docker compatibility (no anonymous volumes).")
+@click.pass_context
+def rm(ctx: click.Context, containers: tuple[str, ...], force: bool, volumes: bool) -> None:
+    """Remove containers."""
+    from . import runner
+    _each(ctx, containers, lambda cfg, st, c: runner.remove(cfg, c.id, force) and c.name)
+
+
+@click.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", default=10.0, show_default=True, type=float,
+              help="Seconds to wait for the container to stop before killing it.")
+@click.pass_context
+def stop(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> None:
+    """Stop running containers: the stop signal, then SIGKILL after the grace time."""
+    def act(cfg: Config, st: State, c: Container) -> str:
+        lifecycle.stop(cfg, st, c, timeout)
+        return c.name
+    _each(ctx, containers, act)
+
+
+@click.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-s", "--signal", "sig", default="KILL", show_default=True, help="Signal to send.")
+@click.pass_context
+def kill(ctx: click.Context, containers: tuple[str, ...], sig: str) -> None:
+    """Send a signal to running containers (default SIGKILL)."""
+    signo = lifecycle.parse_signal(sig)
+
+    def act(cfg: Config, st: State, c: Container) -> str:
+        if signo in (9, 15, 2):  # a kill by hand: no restart policy brings it back
+            st.set_fields(c, stop_requested=True)
+        lifecycle.send(c, signo)
+        return c.name
+    _each(ctx, containers, act)
+
+
+@click.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def wait(ctx: click.Context, containers: tuple[str, ...]) -> None:
+    """Block until containers stop, then print their exit codes."""
+    def act(cfg: Config, st: State, c: Container) -> str:
+        while True:
+            c = st.get(c.id)
+            if c.status != Status.RUNNING:
+                return str(c.exit_code if c.exit_code is not None else 0)
+            if not lifecycle.owner_alive(c):
+                lifecycle.reconcile(cfg, st)
+                continue
+            time.sleep(0.05)
+    _each(ctx, containers, act)
+
+
+@click.command()
+@click.argument("container")
+@click.option("-f", "--follow", is_flag=True, help="Follow log output.")
+@click.option("-n", "--tail", default="all", help="Number of lines to show from the end (default all).")
+@click.option("-t", "--timestamps", is_flag=True, help="Show timestamps.")
+@click.option("--since", help="Show logs since a time (RFC 3339, Unix time) or a duration (10m, 1h).")
+@click.pass_context
+def logs(ctx: click.Context, container: str, follow: bool, tail: str, timestamps: bool, since: str | None) -> None:
+    """Fetch the logs of a container (detached containers: stdout and stderr as written)."""
+    if tail != "all" and not tail.isdigit():
+        raise UsageError(f"invalid --tail {tail!r}: a number or all")
+    with _state(ctx) as st:
+        c = st.get(container)
+        lifecycle.logs(_cfg(ctx), st, c, follow=follow, tail=None if tail == "all" else int(tail),
+                       timestamps=timestamps, since=lifecycle.parse_since(since) if since else None)
+
+
+@click.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-a", "--attach", is_flag=True, help="Attach stdout/stderr and forward signals (one container).")
+@click.pass_context
+def start(ctx: click.Context, containers: tuple[str, ...], attach: bool) -> None:
+    """Start created or stopped containers."""
+    if attach and len(containers) > 1:
+        raise UsageError("you cannot start and attach multiple containers at once")
+    if attach:
+        from . import runner
+        with _state(ctx) as st:
+            c = st.get(containers[0])
+        ctx.exit(runner.start_attached(_cfg(ctx), c.id))
+
+    def act(cfg: Config, st: State, c: Container) -> str | None:
+        from .monitor import spawn
+        if lifecycle.owner_alive(c):
+            return c.name  # already running: as Docker, nothing to do
+        st.set_fields(c, stop_requested=False)
+        started, status, message = spawn(cfg, c.id)
+        if not started:
+            raise VmrtError(message, exit_code=status)
+        return c.name
+    _each(ctx, containers, act)
+
+
+@click.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", default=10.0, show_default=True, type=float,
+              help="Seconds to wait for stop before killing the container.")
+@click.pass_context
+def restart(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> None:
+    """Restart containers (stop, then start)."""
+    from .monitor import spawn
+
+    def act(cfg: Config, st: State, c: Container) -> str:
+        lifecycle.stop(cfg, st, c, timeout)
+        c = st.get(c.id)
+        st.set_fields(c, stop_requested=False)
+        started, status, message = spawn(cfg, c.id)
+        if not started:
+            raise VmrtError(message, exit_code=status)
+        return c.name
+    _each(ctx, containers, act)
+
+
+def register(main: click.Group) -> click.Group:
+    """Top-level commands, and the same under ``vmrt container`` (Docker's management form)."""
+    group = click.Group("container", help="Manage containers.")
+    for cmd, sub in ((ps, "ls"), (rm, "rm"), (stop, "stop"), (kill, "kill"), (wait, "wait"), (logs, "logs"),
+                     (start, "start"), (restart, "restart")):
+        main.add_command(cmd)
+        group.add_command(cmd, sub)
+    main.add_command(group)
+    return group

@@ -1,0 +1,216 @@
+"""Container lifecycle operations on recorded containers: stop, kill, wait, logs, reconcile.
+
+Every running container has an owner process recorded in ``monitor_pid``: the
+monitor of a detached container, or the ``vmrt run`` that runs it attached.
+Signals go to the owner, which passes them to the container (SIGKILL becomes
+:data:`~vmrt.drivers.base.FORCE_KILL`, since SIGKILL would end the owner
+instead). If the owner is gone (killed, crashed, the host rebooted), the record
+is stale: :func:`reconcile` cleans up what the container left and records it
+Exited, so ``ps`` tells the truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import Config
+from .drivers.base import FORCE_KILL
+from .errors import StateError, UsageError
+from .state import Container, State, Status
+
+OWNER_LOST_STATUS = 255  # as Docker records a container whose shim vanished
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def owner_alive(c: Container) -> bool:
+    """Whether the process recorded as the container's owner still is (not a reused PID)."""
+    if not c.monitor_pid:
+        return False
+    try:
+        stat = Path(f"/proc/{c.monitor_pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return False
+    started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return c.started is None or started <= c.started + 2.0
+
+
+def reconcile(cfg: Config, state: State) -> None:
+    """Record as Exited every running container whose owner is gone, and clean up after it."""
+    from .runner import cleanup
+    for c in state.list():
+        if c.status == Status.RUNNING and not owner_alive(c):
+            cleanup(cfg, c)
+            with contextlib.suppress(StateError):
+                state.transition(c, Status.EXITED, exit_code=OWNER_LOST_STATUS, finished=time.time())
+
+
+def parse_signal(name: str) -> int:
+    """``KILL``, ``SIGKILL`` or ``9`` -> 9."""
+    s = name.strip().upper()
+    if s.isdigit():
+        n = int(s)
+    else:
+        try:
+            n = int(signal.Signals[s if s.startswith("SIG") else "SIG" + s])
+        except KeyError:
+            raise UsageError(f"invalid signal: {name}") from None
+    if not 0 < n < signal.NSIG:
+        raise UsageError(f"invalid signal: {name}")
+    return n
+
+
+def send(c: Container, signo: int) -> None:
+    """Deliver ``signo`` to the container through its owner."""
+    if c.status != Status.RUNNING or not owner_alive(c):
+        raise StateError(f"Cannot kill container: {c.name}: container is not running")
+    os.kill(c.monitor_pid, FORCE_KILL if signo == signal.SIGKILL else signo)
+
+
+def wait_exit(state: State, c: Container, timeout: float | None) -> Container:
+    """Poll until the container is not running and its owner is gone (or ``timeout``)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        c = state.get(c.id)
+        if c.status != Status.RUNNING and not owner_alive(c):
+            return c
+        if c.status == Status.RUNNING and not owner_alive(c):
+            return c  # stale: the caller reconciles
+        if deadline is not None and time.monotonic() > deadline:
+            return c
+        time.sleep(0.05)
+
+
+def stop(cfg: Config, state: State, c: Container, timeout: float) -> None:
+    """``docker stop``: the stop signal, then SIGKILL after ``timeout`` seconds; no restart after."""
+    state.set_fields(c, stop_requested=True)
+    if not owner_alive(c):
+        reconcile(cfg, state)
+        return
+    if c.status == Status.RUNNING:
+        stop_signal = _stop_signal(cfg, c)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(c.monitor_pid, stop_signal)
+        c = wait_exit(state, c, timeout)
+        if c.status == Status.RUNNING and owner_alive(c):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.monitor_pid, FORCE_KILL)
+    else:  # a monitor between restarts: it ends at a stop signal
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(c.monitor_pid, signal.SIGTERM)
+    wait_exit(state, c, 60.0)
+    reconcile(cfg, state)
+
+
+def _stop_signal(cfg: Config, c: Container) -> int:
+    from .runner import container_dir
+    try:
+        config = json.loads((container_dir(cfg, c.id) / "config.json").read_text())
+        name = config.get("annotations", {}).get("org.opencontainers.image.stopSignal")
+        return parse_signal(name) if name else signal.SIGTERM
+    except (OSError, ValueError, UsageError):
+        return signal.SIGTERM
+
+
+# --- logs -----------------------------------------------------------------------------------
+def parse_since(value: str, now: float | None = None) -> float:
+    """``--since``: RFC 3339 time, Unix timestamp, or a duration before now (``10m``, ``1h30m``)."""
+    now = time.time() if now is None else now
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", value)
+    if m and any(m.groups()):
+        h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+        return now - (h * 3600 + mi * 60 + sec)
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"invalid value for --since: {value!r} (use 10m, 2h, a Unix time or RFC 3339)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _records(path: Path, follow: bool, done: object) -> Iterator[dict[str, str]]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with f:
+        pending = b""
+        while True:
+            chunk = f.readline()
+            if chunk:
+                pending += chunk
+                if pending.endswith(b"\n"):
+                    with contextlib.suppress(ValueError):
+                        yield json.loads(pending)
+                    pending = b""
+                continue
+            if not follow or done():  # type: ignore[operator]
+                if follow and (rest := f.read()):  # what arrived while we looked
+                    pending += rest
+                    for line in pending.splitlines():
+                        with contextlib.suppress(ValueError):
+                            yield json.loads(line)
+                return
+            time.sleep(0.1)
+
+
+def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | None, timestamps: bool,
+         since: float | None) -> None:
+    """``docker logs``: the container's stdout and stderr, as recorded by its monitor."""
+    from .monitor import LOG_NAME
+    from .runner import container_dir
+    path = container_dir(cfg, c.id) / LOG_NAME
+
+    def done() -> bool:
+        cur = state.get(c.id)
+        return not owner_alive(cur)
+
+    def emit(rec: dict[str, str]) -> None:
+        out = sys.stderr.buffer if rec.get("stream") == "stderr" else sys.stdout.buffer
+        text = rec.get("log", "")
+        if timestamps:
+            text = f"{rec.get('time', '')} {text}"
+        out.write(text.encode())
+        out.flush()
+
+    def keep(rec: dict[str, str]) -> bool:
+        if since is None:
+            return True
+        try:
+            t = dt.datetime.fromisoformat(rec.get("time", "").replace("Z", "+00:00")[:26] + "+00:00")
+        except ValueError:
+            return True
+        return t.timestamp() >= since
+
+    seen = list(_records(path, False, done))
+    kept = [r for r in seen if keep(r)]
+    for rec in kept if tail is None else kept[max(0, len(kept) - tail):]:
+        emit(rec)
+    if follow:  # then what arrives, until the container's owner is gone
+        for rec in _skip(_records(path, True, done), len(seen)):
+            if keep(rec):
+                emit(rec)
+
+
+def _skip(it: Iterator[dict[str, str]], n: int) -> Iterator[dict[str, str]]:
+    for i, rec in enumerate(it):
+        if i >= n:
+            yield rec
