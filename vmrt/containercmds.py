@@ -9,6 +9,7 @@ so a container whose monitor died shows as Exited, not running.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -254,11 +255,31 @@ def restart(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> 
     _each(ctx, containers, act)
 
 
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("container")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-d", "--detach", is_flag=True, help="Run the command in the background.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY.")
+@click.option("-e", "--env", multiple=True, help="Set environment variables (KEY=VALUE or KEY).")
+@click.option("-u", "--user", help="Username or UID (format: <name|uid>[:<group|gid>]).")
+@click.option("-w", "--workdir", help="Working directory inside the container.")
+@click.pass_context
+def exec_(ctx: click.Context, container: str, command: tuple[str, ...], detach: bool, interactive: bool, tty: bool,
+          env: tuple[str, ...], user: str | None, workdir: str | None) -> None:
+    """Run a command in a running container (in VM mode: inside its VM, through the guest agent)."""
+    from .execs import ExecOptions, run_exec
+    if tty and interactive and not sys.stdin.isatty():
+        raise UsageError("the input device is not a TTY")
+    ctx.exit(run_exec(_cfg(ctx), container, ExecOptions(list(command), list(env), user, workdir, interactive, tty,
+                                                        detach)))
+
+
 def register(main: click.Group) -> click.Group:
     """Top-level commands, and the same under ``vmrt container`` (Docker's management form)."""
     group = click.Group("container", help="Manage containers.")
     for cmd, sub in ((ps, "ls"), (rm, "rm"), (stop, "stop"), (kill, "kill"), (wait, "wait"), (logs, "logs"),
-                     (start, "start"), (restart, "restart")):
+                     (start, "start"), (restart, "restart"), (exec_, "exec")):
         main.add_command(cmd)
         group.add_command(cmd, sub)
     main.add_command(group)

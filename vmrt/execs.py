@@ -1,0 +1,140 @@
+"""``vmrt exec``: another process inside a running container, never on the host.
+
+Process mode: ``runc exec`` in the container's namespaces and cgroup (runc runs
+it in the foreground, relaying a terminal itself with ``-t``). VM mode: the
+guest agent starts it in the same VM, root and cgroup, over one of the VM's exec
+ports (:mod:`vmrt.agent.exec_client`). Both take the container's own
+environment, user and working directory, overridden by ``-e``, ``-u`` and ``-w``
+as Docker does, and return the process's exit status (126/127 when it cannot be
+executed, 128+N when killed by signal N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import bundle
+from .config import Config
+from .errors import StateError, UsageError
+from .state import Container, State, Status
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclasses.dataclass
+class ExecOptions:
+    args: list[str]
+    env: list[str] = dataclasses.field(default_factory=list)
+    user: str | None = None
+    workdir: str | None = None
+    interactive: bool = False
+    tty: bool = False
+    detach: bool = False
+
+
+@dataclasses.dataclass
+class Resolved:
+    env: list[str]
+    uid: int
+    gid: int
+    groups: list[int]
+    cwd: str
+
+
+def resolve(cfg: Config, c: Container, eo: ExecOptions) -> Resolved:
+    """The exec's environment, user and directory: the container's, then the flags."""
+    from .images.store import Store
+    from .runner import _LayeredRoot, container_dir
+    try:
+        config: dict[str, Any] = json.loads((container_dir(cfg, c.id) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StateError(f"container {c.name}: its configuration is unreadable: {e}") from e
+    proc = config.get("process", {})
+    env = bundle.merge_env(list(proc.get("env", [])), bundle.RunOptions(image="", env=eo.env))
+    user = proc.get("user", {})
+    uid, gid, groups = int(user.get("uid", 0)), int(user.get("gid", 0)), list(user.get("additionalGids", []))
+    if eo.user:
+        lookup = _LayeredRoot(Store(cfg.root).get(c.image_id).layer_dirs())
+        u = bundle.resolve_user((lookup.pick("/etc/passwd"), lookup.pick("/etc/group")), eo.user)
+        uid, gid, groups = u.uid, u.gid, list(u.groups)
+    cwd = eo.workdir or proc.get("cwd", "/")
+    if not cwd.startswith("/"):
+        raise UsageError(f"the working directory {cwd!r} is not absolute")
+    return Resolved(env, uid, gid, groups, cwd)
+
+
+def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
+    from .lifecycle import owner_alive, reconcile
+    if not eo.args:
+        raise UsageError("exec needs a command")
+    state = State(cfg.db_path)
+    try:
+        reconcile(cfg, state)
+        c = state.get(ref)
+        if c.status != Status.RUNNING or not owner_alive(c):
+            raise StateError(f"container {c.id[:12]} is not running")
+        r = resolve(cfg, c, eo)
+    finally:
+        state.close()
+    if c.isolation == "vm":
+        from .agent.exec_client import exec_in_vm
+        return exec_in_vm(Path(c.run_dir), eo.args, env=r.env, cwd=r.cwd, uid=r.uid, gid=r.gid, groups=r.groups,
+                          tty=_tty_size() if eo.tty else None, interactive=eo.interactive, detach=eo.detach)
+    return _runc_exec(cfg, c, eo, r)
+
+
+def _tty_size() -> tuple[int, int]:
+    try:
+        s = os.get_terminal_size(1)
+        return s.lines, s.columns
+    except OSError:
+        return 24, 80
+
+
+def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
+    from .drivers.process import choose_runtime, exec_error
+    runtime = choose_runtime(cfg.runtime)
+    with tempfile.NamedTemporaryFile(prefix="exec-", suffix=".log", dir=c.run_dir or None) as log:
+        cmd = [runtime, "--root", str(cfg.run_root / "runtime"), "--log", log.name, "--log-format", "json", "exec",
+               "--cwd", r.cwd, "--user", f"{r.uid}:{r.gid}", *(f"--additional-gids={g}" for g in r.groups),
+               *(f"--env={e}" for e in r.env), *(["--tty"] if eo.tty else []), *(["--detach"] if eo.detach else []),
+               c.id, *eo.args]
+        stdin = None if eo.interactive else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, stdin=stdin)
+        old = {s: signal.signal(s, lambda signo, _f: _forward(proc, signo)) for s in FORWARDED}
+        try:
+            status = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        if status == 255 or (eo.detach and status != 0):
+            err = _runtime_error(Path(log.name))
+            if err is not None:  # runc printed it, one line: keep that, exit as Docker does
+                mapped = exec_error(err)
+                return mapped.exit_code if mapped is not None else 126
+        return status if status >= 0 else 128 - status
+
+
+def _forward(proc: subprocess.Popen[bytes], signo: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signo)
+
+
+def _runtime_error(log: Path) -> str | None:
+    """The last error runc wrote to its JSON log (the reason an exec could not start)."""
+    msg = None
+    with contextlib.suppress(OSError):
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if rec.get("level") == "error":
+                    msg = str(rec.get("msg", ""))
+    return msg
