@@ -9,6 +9,8 @@ so a container whose monitor died shows as Exited, not running.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import click
 
 from . import formatting, lifecycle
 from .config import Config
-from .errors import UsageError, VmrtError
+from .errors import StateError, UsageError, VmrtError
 from .state import Container, State, Status
 
 PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
@@ -275,12 +277,196 @@ def exec_(ctx: click.Context, container: str, command: tuple[str, ...], detach: 
                                                         detach)))
 
 
+def _iso(ts: float | None) -> str:
+    if not ts:
+        return "0001-01-01T00:00:00Z"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
+    """``docker container inspect``'s shape for one container."""
+    from .monitor import LOG_NAME, META_NAME
+    from .runner import container_dir
+    cdir = container_dir(cfg, c.id)
+    config: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((cdir / "config.json").read_text())
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads((cdir / META_NAME).read_text())
+    proc, res = config.get("process", {}), config.get("linux", {}).get("resources", {})
+    running = c.status == Status.RUNNING
+    restarting = c.status == Status.EXITED and lifecycle.owner_alive(c)
+    policy, _, count = str(meta.get("restart", "no")).partition(":")
+    quota = res.get("cpu", {}).get("quota")
+    return {
+        "Id": c.id, "Created": _iso(c.created), "Path": c.command[0] if c.command else "",
+        "Args": c.command[1:],
+        "State": {"Status": "restarting" if restarting else c.status.value, "Running": running,
+                  "Paused": False, "Restarting": restarting, "OOMKilled": c.oom_killed, "Dead": False,
+                  "Pid": (c.pids.get("init") or c.pids.get("qemu") or 0) if running else 0,
+                  "ExitCode": c.exit_code or 0, "Error": "", "StartedAt": _iso(c.started),
+                  "FinishedAt": _iso(c.finished)},
+        "Image": c.image_id, "Name": "/" + c.name, "RestartCount": c.restart_count,
+        "LogPath": str(cdir / LOG_NAME) if (cdir / LOG_NAME).exists() else "",
+        "Isolation": c.isolation,
+        "HostConfig": {"Isolation": c.isolation, "RestartPolicy": {"Name": policy, "MaximumRetryCount":
+                                                                   int(count) if count.isdigit() else 0},
+                       "AutoRemove": bool(meta.get("rm")), "Memory": res.get("memory", {}).get("limit", 0),
+                       "NanoCpus": int(quota * 10000) if quota else 0,
+                       "PidsLimit": res.get("pids", {}).get("limit"),
+                       "ReadonlyRootfs": bool(config.get("root", {}).get("readonly"))},
+        "Config": {"Hostname": config.get("hostname", ""), "User": _user(proc.get("user", {})),
+                   "Env": proc.get("env", []), "Cmd": c.command, "Image": c.image,
+                   "WorkingDir": proc.get("cwd", ""), "Tty": bool(proc.get("terminal")),
+                   "OpenStdin": config.get("annotations", {}).get("org.vmrt.stdin") == "true"},
+        "Mounts": [{"Type": m.get("type"), "Source": m.get("source"), "Destination": m.get("destination"),
+                    "RW": "ro" not in m.get("options", [])} for m in config.get("mounts", [])
+                   if m.get("type") in ("bind", "tmpfs") and m.get("destination") != "/dev"],
+    }
+
+
+def _user(u: dict[str, Any]) -> str:
+    return f"{u.get('uid', 0)}:{u.get('gid', 0)}" if u else ""
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("-f", "--format", "fmt", help="Go-template-like format, e.g. '{{.State.Status}}'.")
+@click.option("--type", "kind", type=click.Choice(["container", "image"]), help="Only this kind of object.")
+@click.pass_context
+def inspect(ctx: click.Context, refs: tuple[str, ...], fmt: str | None, kind: str | None) -> None:
+    """Details of containers (or images) as JSON, Docker's shape."""
+    from .imagecmds import inspect_doc as image_doc
+    from .images.store import Store
+    docs, failed = [], False
+    with _state(ctx) as st:
+        for ref in refs:
+            try:
+                if kind != "image":
+                    try:
+                        docs.append(inspect_doc(_cfg(ctx), st.get(ref)))
+                        continue
+                    except StateError:
+                        if kind == "container":
+                            raise
+                docs.append(image_doc(Store(_cfg(ctx).root).get(ref)))
+            except VmrtError:
+                click.echo(f"vmrt: No such object: {ref}", err=True)
+                failed = True
+    if fmt and fmt != "json":
+        for d in docs:
+            click.echo(formatting.render(fmt, d))
+    else:
+        click.echo(json.dumps(docs, indent=4))
+    if failed:
+        ctx.exit(1)
+
+
+@click.command()
+@click.argument("container")
+@click.argument("new_name")
+@click.pass_context
+def rename(ctx: click.Context, container: str, new_name: str) -> None:
+    """Rename a container."""
+    with _state(ctx) as st:
+        st.rename(st.get(container), new_name)
+
+
+@click.command("prune")
+@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
+@click.pass_context
+def container_prune(ctx: click.Context, force: bool) -> None:
+    """Remove all stopped containers."""
+    from . import runner
+    if not force and sys.stdin.isatty():
+        if not click.confirm("WARNING! This will remove all stopped containers.\nAre you sure you want to continue?"):
+            return
+    removed = []
+    with _state(ctx) as st:
+        victims = [c for c in st.list() if c.status != Status.RUNNING and not lifecycle.owner_alive(c)]
+    for c in victims:
+        with contextlib.suppress(VmrtError):
+            runner.remove(_cfg(ctx), c.id, False)
+            removed.append(c.id)
+    if removed:
+        click.echo("Deleted Containers:")
+        for cid in removed:
+            click.echo(cid)
+        click.echo()
+    click.echo(f"Total reclaimed containers: {len(removed)}")
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "--"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.4g}{unit}"
+        n /= 1024
+    return f"{n:.4g}TiB"
+
+
+STATS_COLUMNS = [("CONTAINER ID", "ID", 0), ("NAME", "Name", 0), ("ISOLATION", "Isolation", 0),
+                 ("CPU %", "CPUPerc", 0), ("MEM USAGE / LIMIT", "MemUsage", 0), ("MEM %", "MemPerc", 0),
+                 ("GUEST MEM", "GuestMem", 0), ("PIDS", "PIDs", 0)]
+
+
+@click.command()
+@click.argument("containers", nargs=-1)
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers (default shows just running).")
+@click.option("--no-stream", is_flag=True, help="One reading, then exit.")
+@click.option("--format", "fmt", help="table, json, or a template such as '{{.Name}} {{.MemUsage}}'.")
+@click.pass_context
+def stats(ctx: click.Context, containers: tuple[str, ...], show_all: bool, no_stream: bool, fmt: str | None) -> None:
+    """CPU and memory of containers. For a VM: MEM is the host's real cost (PSS of QEMU, virtiofsd
+    and the monitor) and GUEST MEM the container's memory as the guest sees it."""
+    from . import stats as stats_mod
+    while True:
+        with _state(ctx) as st:
+            cs = [st.get(r) for r in containers] if containers else \
+                [c for c in st.list() if show_all or c.status == Status.RUNNING]
+        rows = []
+        for r in stats_mod.measure([c for c in cs if c.status == Status.RUNNING]):
+            c, limit = r["c"], r["limit"]
+            rows.append({"ID": c.id[:12], "Name": c.name, "Isolation": c.isolation, "CPUPerc": f"{r['cpu']:.2f}%",
+                         "MemUsage": f"{_bytes(r['mem'])} / {_bytes(limit)}",
+                         "MemPerc": f"{100 * r['mem'] / limit:.2f}%" if limit else "--",
+                         "GuestMem": _bytes(r["guest_mem"]) if c.isolation == "vm" else "--", "PIDs": r["pids"]})
+        rows += [{"ID": c.id[:12], "Name": c.name, "Isolation": c.isolation, "CPUPerc": "0.00%",
+                  "MemUsage": "0B / 0B", "MemPerc": "0.00%", "GuestMem": "--", "PIDs": 0}
+                 for c in cs if c.status != Status.RUNNING]
+        if not no_stream and sys.stdout.isatty():
+            click.echo("\x1b[2J\x1b[H", nl=False)
+        for line in formatting.emit(fmt, rows, STATS_COLUMNS):
+            click.echo(line)
+        if no_stream:
+            return
+        time.sleep(0.5)
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.argument("container")
+@click.argument("ps_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def top(ctx: click.Context, container: str, ps_args: tuple[str, ...]) -> None:
+    """The running processes of a container (for a VM: as seen inside it)."""
+    from . import stats as stats_mod
+    with _state(ctx) as st:
+        c = st.get(container)
+        if c.status != Status.RUNNING:
+            raise StateError(f"container {c.name} is not running")
+    ctx.exit(stats_mod.top(c, list(ps_args)))
+
+
 def register(main: click.Group) -> click.Group:
     """Top-level commands, and the same under ``vmrt container`` (Docker's management form)."""
     group = click.Group("container", help="Manage containers.")
     for cmd, sub in ((ps, "ls"), (rm, "rm"), (stop, "stop"), (kill, "kill"), (wait, "wait"), (logs, "logs"),
-                     (start, "start"), (restart, "restart"), (exec_, "exec")):
+                     (start, "start"), (restart, "restart"), (exec_, "exec"), (inspect, "inspect"),
+                     (rename, "rename"), (stats, "stats"), (top, "top")):
         main.add_command(cmd)
         group.add_command(cmd, sub)
+    group.add_command(container_prune)
     main.add_command(group)
     return group

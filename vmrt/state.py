@@ -163,6 +163,16 @@ class State:
                            (json.dumps(v) if k == "pids" else v, c.id))
                 setattr(c, k, v)
 
+    def rename(self, c: Container, name: str) -> None:
+        if not _valid_name(name):
+            raise UsageError(f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
+        try:
+            with self._tx() as db:
+                db.execute("UPDATE containers SET name=? WHERE id=?", (name, c.id))
+        except sqlite3.IntegrityError:
+            raise StateError(f'Conflict. The container name "/{name}" is already in use') from None
+        c.name = name
+
     def remove(self, c: Container) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM containers WHERE id=?", (c.id,))

@@ -1,0 +1,132 @@
+"""``vmrt stats`` and ``vmrt top``: what a container costs and runs.
+
+Process mode reads the container's cgroup (memory, CPU time, pids). VM mode
+reports the real host cost, the PSS and CPU time of the processes that exist
+for the container on the host (QEMU, virtiofsd and its monitor), beside the
+guest's own view of the container's memory (its cgroup inside the VM, read
+through the agent). ``top`` lists the container's processes: from the host for
+process mode, and from inside the VM (through the agent) for VM mode, whose
+processes the host cannot see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import cgroups
+from .state import Container
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _read_int(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        text = path.read_text().strip()
+        return None if text == "max" else int(text.split()[0])
+    return None
+
+
+def _controller(name: str, rel: str) -> Path:
+    root = cgroups.ROOT
+    return root / rel.strip("/") if cgroups.is_v2(root) else root / name / rel.strip("/")
+
+
+def cgroup_procs(rel: str) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(p) for p in (_controller("pids", rel) / "cgroup.procs").read_text().split()]
+    return []
+
+
+def pss_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_ns(pid: int) -> int:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) * 1_000_000_000 // HZ
+    return 0
+
+
+def host_pids(c: Container) -> list[int]:
+    """The host processes that exist for a VM container: QEMU, virtiofsd, the monitor."""
+    pids = [p for p in (c.pids.get("qemu"), c.pids.get("virtiofsd"), c.monitor_pid) if p]
+    return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def sample(c: Container) -> dict[str, Any]:
+    """One reading: cpu_ns (cumulative), mem and limit (bytes), pids, and for VMs the guest's memory."""
+    if c.isolation == "process":
+        rel = cgroups.runtime_path(c.id)
+        if cgroups.is_v2():
+            mem = _read_int(_controller("memory", rel) / "memory.current")
+            limit = _read_int(_controller("memory", rel) / "memory.max")
+            cpu = None
+            with contextlib.suppress(OSError, ValueError):
+                stat = dict(line.split() for line in (_controller("cpu", rel) / "cpu.stat").read_text().splitlines())
+                cpu = int(stat["usage_usec"]) * 1000
+        else:
+            mem = _read_int(_controller("memory", rel) / "memory.usage_in_bytes")
+            limit = _read_int(_controller("memory", rel) / "memory.limit_in_bytes")
+            cpu = _read_int(cgroups.ROOT / "cpuacct" / rel.strip("/") / "cpuacct.usage")
+        if limit is not None and limit >= 1 << 62:
+            limit = None
+        return {"cpu_ns": cpu or 0, "mem": mem or 0, "limit": limit, "pids": len(cgroup_procs(rel)),
+                "guest_mem": None}
+    pids = host_pids(c)
+    vmm = f"{cgroups.PARENT}/{c.id}-vmm"
+    limit = _read_int(_controller("memory", vmm) / ("memory.max" if cgroups.is_v2() else "memory.limit_in_bytes"))
+    return {"cpu_ns": sum(cpu_ns(p) for p in pids), "mem": sum(pss_kib(p) for p in pids) * 1024,
+            "limit": limit if limit is not None and limit < 1 << 62 else None, "pids": len(pids),
+            "guest_mem": guest_memory(c)}
+
+
+def guest_memory(c: Container) -> int | None:
+    """The container's memory as the guest sees it (its cgroup in the VM), read through the agent."""
+    with contextlib.suppress(Exception):  # an exec port busy or the VM going away: no guest figure
+        r, w = os.pipe()
+        from .agent.exec_client import exec_in_vm
+        with open(os.devnull, "wb") as null:
+            status = exec_in_vm(Path(c.run_dir), ["cat", "/sys/fs/cgroup/vmrt/memory.current"], env=[], cwd="/",
+                                uid=0, gid=0, groups=[], tty=None, interactive=False, stdout_fd=w,
+                                stderr_fd=null.fileno())
+        os.close(w)
+        with open(r, "rb") as f:
+            out = f.read().strip()
+        return int(out) if status == 0 and out.isdigit() else None
+    return None
+
+
+def measure(containers: list[Container], interval: float = 0.5) -> list[dict[str, Any]]:
+    """CPU % over ``interval`` and the latest memory figures, one dict per container."""
+    first = {c.id: sample(c) for c in containers}
+    t0 = time.monotonic()
+    time.sleep(interval)
+    rows = []
+    for c in containers:
+        s = sample(c)
+        dt_ns = (time.monotonic() - t0) * 1e9
+        cpu = max(0.0, (s["cpu_ns"] - first[c.id]["cpu_ns"]) / dt_ns * 100) if dt_ns else 0.0
+        rows.append({"c": c, "cpu": cpu, **s})
+    return rows
+
+
+def top(c: Container, ps_args: list[str]) -> int:
+    """``docker top``: ``ps`` of the container's processes; in a VM, run inside it."""
+    if c.isolation == "vm":
+        from .agent.exec_client import exec_in_vm
+        return exec_in_vm(Path(c.run_dir), ["ps", *ps_args], env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/",
+                          uid=0, gid=0, groups=[], tty=None, interactive=False)
+    pids = cgroup_procs(cgroups.runtime_path(c.id))
+    if not pids:
+        return 0
+    return subprocess.run(["ps", *(ps_args or ["-f"]), "-p", ",".join(map(str, pids))], check=False).returncode
