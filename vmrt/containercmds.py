@@ -459,12 +459,22 @@ def top(ctx: click.Context, container: str, ps_args: tuple[str, ...]) -> None:
     ctx.exit(stats_mod.top(c, list(ps_args)))
 
 
+@click.command()
+@click.argument("src")
+@click.argument("dest")
+@click.pass_context
+def cp(ctx: click.Context, src: str, dest: str) -> None:
+    """Copy files between a running container and the host: CONTAINER:PATH HOSTPATH or the reverse."""
+    from .cp import copy
+    copy(_cfg(ctx), src, dest)
+
+
 def register(main: click.Group) -> click.Group:
     """Top-level commands, and the same under ``vmrt container`` (Docker's management form)."""
     group = click.Group("container", help="Manage containers.")
     for cmd, sub in ((ps, "ls"), (rm, "rm"), (stop, "stop"), (kill, "kill"), (wait, "wait"), (logs, "logs"),
                      (start, "start"), (restart, "restart"), (exec_, "exec"), (inspect, "inspect"),
-                     (rename, "rename"), (stats, "stats"), (top, "top")):
+                     (rename, "rename"), (stats, "stats"), (top, "top"), (cp, "cp")):
         main.add_command(cmd)
         group.add_command(cmd, sub)
     group.add_command(container_prune)

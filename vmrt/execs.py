@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class ExecOptions:
     interactive: bool = False
     tty: bool = False
     detach: bool = False
+    stdio: tuple[int, int, int] = (0, 1, 2)  # where the process's stdin/stdout/stderr go
 
 
 @dataclasses.dataclass
@@ -87,7 +89,8 @@ def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
     if c.isolation == "vm":
         from .agent.exec_client import exec_in_vm
         return exec_in_vm(Path(c.run_dir), eo.args, env=r.env, cwd=r.cwd, uid=r.uid, gid=r.gid, groups=r.groups,
-                          tty=_tty_size() if eo.tty else None, interactive=eo.interactive, detach=eo.detach)
+                          tty=_tty_size() if eo.tty else None, interactive=eo.interactive, detach=eo.detach,
+                          stdin_fd=eo.stdio[0], stdout_fd=eo.stdio[1], stderr_fd=eo.stdio[2])
     return _runc_exec(cfg, c, eo, r)
 
 
@@ -107,9 +110,10 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
                "--cwd", r.cwd, "--user", f"{r.uid}:{r.gid}", *(f"--additional-gids={g}" for g in r.groups),
                *(f"--env={e}" for e in r.env), *(["--tty"] if eo.tty else []), *(["--detach"] if eo.detach else []),
                c.id, *eo.args]
-        stdin = None if eo.interactive else subprocess.DEVNULL
-        proc = subprocess.Popen(cmd, stdin=stdin)
-        old = {s: signal.signal(s, lambda signo, _f: _forward(proc, signo)) for s in FORWARDED}
+        stdin = eo.stdio[0] if eo.interactive else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=eo.stdio[1], stderr=eo.stdio[2])
+        forwarding = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        old = {s: signal.signal(s, lambda signo, _f: _forward(proc, signo)) for s in FORWARDED} if forwarding else {}
         try:
             status = proc.wait()
         finally:

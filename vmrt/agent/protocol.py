@@ -1,4 +1,4 @@
-"""Frames of the vmrt agent protocol, version 1 (docs/agent-protocol.md).
+"""Frames of the vmrt agent protocol, version 2 (docs/agent-protocol.md).
 
 Pure encoding and decoding, no I/O: :class:`FrameDecoder` is fed bytes as they
 arrive and yields whole frames, raising :class:`ProtocolError` on anything
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from ..errors import ProtocolError
 
 MAGIC = 0x7652
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">HBBI")
 MAX_PAYLOAD = 65536
 
@@ -33,10 +33,12 @@ class Msg(enum.IntEnum):
     SIGNAL = 0x44
     RESIZE = 0x45
     SHUTDOWN = 0x46
+    EXEC = 0x47
 
 
 FROM_AGENT = frozenset({Msg.HELLO, Msg.STARTED, Msg.STDOUT, Msg.STDERR, Msg.EXIT, Msg.ERROR})
-FROM_HOST = frozenset({Msg.RUN, Msg.STDIN, Msg.STDIN_CLOSE, Msg.SIGNAL, Msg.RESIZE, Msg.SHUTDOWN})
+FROM_HOST = frozenset({Msg.RUN, Msg.STDIN, Msg.STDIN_CLOSE, Msg.SIGNAL, Msg.RESIZE, Msg.SHUTDOWN,
+                       Msg.EXEC})
 
 
 class Tag(enum.IntEnum):
@@ -60,6 +62,7 @@ class Tag(enum.IntEnum):
     MOUNT_DATA = 18
     MEMORY_MAX = 19
     PIDS_MAX = 20
+    DETACH = 21
 
 
 class MountFlag(enum.IntFlag):
@@ -284,19 +287,25 @@ def encode_run(spec: RunSpec) -> bytes:
     return encode(Msg.RUN, bytes(out))
 
 
-def decode_run(p: bytes) -> RunSpec:
-    """Inverse of encode_run (used by tests and the fuzz harness)."""
-    spec = RunSpec(args=[])
+def _records(p: bytes, what: str) -> Iterator[tuple[int, bytes]]:
+    """The (tag, value) records of a RUN or EXEC payload."""
     i = 0
     while i < len(p):
         if len(p) - i < 5:
-            raise ProtocolError("truncated RUN record header")
+            raise ProtocolError(f"truncated {what} record header")
         tag, ln = struct.unpack_from(">BI", p, i)
         i += 5
         if ln > len(p) - i:
-            raise ProtocolError("RUN record longer than payload")
-        v = p[i:i + ln]
+            raise ProtocolError(f"{what} record longer than payload")
+        yield tag, p[i:i + ln]
         i += ln
+
+
+def decode_run(p: bytes) -> RunSpec:
+    """Inverse of encode_run (used by tests and the fuzz harness)."""
+    spec = RunSpec(args=[])
+    for tag, v in _records(p, "RUN"):
+        ln = len(v)
         if tag == Tag.ARG:
             spec.args.append(_text(v, "ARG"))
         elif tag == Tag.ENV:
@@ -353,4 +362,81 @@ def decode_run(p: bytes) -> RunSpec:
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")
+    return spec
+
+
+@dataclasses.dataclass
+class ExecSpec:
+    """An extra process in a running VM container (EXEC, on an exec port).
+
+    The agent starts it in the container's PID and mount namespaces, root and
+    cgroup, with the container's capabilities and no_new_privs; the user, the
+    environment and the working directory are the EXEC's (numbers and strings
+    resolved by the caller)."""
+
+    args: list[str]
+    env: list[str] = dataclasses.field(default_factory=list)
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = dataclasses.field(default_factory=list)
+    tty: tuple[int, int] | None = None   # rows, cols
+    stdin: bool = False
+    detach: bool = False
+
+
+def encode_exec(spec: ExecSpec) -> bytes:
+    if not spec.args:
+        raise ProtocolError("EXEC needs at least one argument")
+    if not spec.cwd.startswith("/"):
+        raise ProtocolError(f"exec working directory {spec.cwd!r} is not absolute")
+    out = bytearray()
+    for a in spec.args:
+        out += _str(Tag.ARG, a)
+    for e in spec.env:
+        out += _str(Tag.ENV, e)
+    out += _str(Tag.CWD, spec.cwd)
+    out += _rec(Tag.UID, struct.pack(">I", spec.uid))
+    out += _rec(Tag.GID, struct.pack(">I", spec.gid))
+    if spec.groups:
+        out += _rec(Tag.GROUPS, b"".join(struct.pack(">I", g) for g in spec.groups))
+    if spec.tty is not None:
+        out += _rec(Tag.TTY, struct.pack(">HH", *spec.tty))
+    if spec.stdin:
+        out += _rec(Tag.STDIN, b"")
+    if spec.detach:
+        out += _rec(Tag.DETACH, b"")
+    if len(out) > MAX_PAYLOAD:
+        raise ProtocolError(f"exec spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
+    return encode(Msg.EXEC, bytes(out))
+
+
+def decode_exec(p: bytes) -> ExecSpec:
+    """Inverse of encode_exec; RUN-only tags (HOSTNAME, TIME, mounts, limits) are ignored."""
+    spec = ExecSpec(args=[])
+    for tag, v in _records(p, "EXEC"):
+        if tag == Tag.ARG:
+            spec.args.append(_text(v, "ARG"))
+        elif tag == Tag.ENV:
+            spec.env.append(_text(v, "ENV"))
+        elif tag == Tag.CWD:
+            spec.cwd = _text(v, "CWD")
+        elif tag in (Tag.UID, Tag.GID):
+            if len(v) != 4:
+                raise ProtocolError("UID/GID must be 4 bytes")
+            setattr(spec, "uid" if tag == Tag.UID else "gid", struct.unpack(">I", v)[0])
+        elif tag == Tag.GROUPS:
+            if len(v) % 4:
+                raise ProtocolError("GROUPS length not a multiple of 4")
+            spec.groups += [g for (g,) in struct.iter_unpack(">I", v)]
+        elif tag == Tag.TTY:
+            if len(v) != 4:
+                raise ProtocolError("TTY must be 4 bytes")
+            spec.tty = struct.unpack(">HH", v)
+        elif tag in (Tag.STDIN, Tag.DETACH):
+            if v:
+                raise ProtocolError(f"{Tag(tag).name} must be empty")
+            setattr(spec, "stdin" if tag == Tag.STDIN else "detach", True)
+    if not spec.args:
+        raise ProtocolError("EXEC without ARG")
     return spec

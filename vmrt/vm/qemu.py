@@ -4,7 +4,10 @@ The VM handle is a context manager in the style of ``qemu.machine``: launch in
 ``__enter__``/``launch()``, complete cleanup in ``shutdown()``, which always
 runs. Host <-> QEMU channels (QMP, serial console, agent port) are socketpairs
 handed to QEMU as file descriptors, so no socket file exists for them and no
-connection race is possible.
+connection race is possible. The exec ports (``org.vmrt.exec.K``, one extra
+process each at a time, see vmrt/agent/exec_client.py) are the exception: other
+processes (``vmrt exec``) connect to them, so QEMU listens on
+``exec-K.sock`` in the container's run directory; ``shutdown()`` removes them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from .accel import Accel
 
 LOG = logging.getLogger(__name__)
 AGENT_PORT_NAME = "org.vmrt.agent.0"
+EXEC_PORTS = 4             # org.vmrt.exec.0 .. 3, the agent's NEXEC
+
+
+def exec_socket_name(k: int) -> str:
+    """The listening socket of exec port k, in the container's run directory."""
+    return f"exec-{k}.sock"
+
+
 KERNEL_CMDLINE = ("console=ttyS0 quiet reboot=t panic=-1 no_timer_check tsc=reliable "
                   "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1 "
                   "random.trust_cpu=on rdinit=/init")
@@ -96,10 +107,24 @@ class QemuVM:
             "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}",
             "-device", rng,
             "-device", f"{balloon},free-page-reporting=on",
-            "-device", f"{serial_dev},max_ports=2",
+            "-device", f"{serial_dev},max_ports={2 + EXEC_PORTS}",
             "-chardev", f"socket,id=agent,fd={fds['agent']}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
+            *self.exec_port_args(),
         ]
+
+    def exec_port_args(self) -> list[str]:
+        # relative paths: QEMU runs in the run directory, whose absolute path can
+        # exceed what sun_path holds
+        args = []
+        for k in range(EXEC_PORTS):
+            args += ["-chardev", f"socket,id=exec{k},path={exec_socket_name(k)},server=on,wait=off",
+                     "-device", f"virtserialport,chardev=exec{k},name=org.vmrt.exec.{k},nr={k + 2}"]
+        return args
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.virtiofs_socket.parent
 
     def launch(self) -> None:
         pairs = {k: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for k in ("console", "qmp", "agent")}
@@ -109,7 +134,7 @@ class QemuVM:
         try:
             with open(self.stderr_log, "ab") as err:
                 self.proc = procs.spawn(cmd, pass_fds=tuple(fds.values()), stdout=err.fileno(),
-                                        stderr=err.fileno(), cwd=str(self.spec.virtiofs_socket.parent))
+                                        stderr=err.fileno(), cwd=str(self.run_dir))
         except OSError as e:
             for a, _b in pairs.values():
                 a.close()
@@ -167,4 +192,6 @@ class QemuVM:
         for s in (self.console_sock, self._qmp_sock, self.agent_sock):
             if s is not None:
                 s.close()
+        for k in range(EXEC_PORTS):
+            (self.run_dir / exec_socket_name(k)).unlink(missing_ok=True)
         return status

@@ -1,0 +1,308 @@
+"""One extra process inside a running VM container, through its guest agent.
+
+Every VM has ``EXEC_PORTS`` virtio-serial exec ports (``org.vmrt.exec.K``);
+QEMU listens for each on ``exec-K.sock`` in the container's run directory (see
+vmrt/vm/qemu.py). A port carries one exec at a time:
+
+1. take a free port: bind the abstract UNIX socket ``vmrt-exec-<hash of the
+   run directory>-K`` (a lock without a file, released when this process ends,
+   however it ends), then connect to ``exec-K.sock``;
+2. send EXEC (protocol version 2, docs/agent-protocol.md); the agent answers
+   STARTED or ERROR (126/127 exec failures with Docker's messages, 125 other);
+   frames before that belong to an earlier client of the port and are skipped;
+3. relay STDIN/STDIN_CLOSE, forwarded signals (SIGNAL) and window size
+   (RESIZE) one way, STDOUT/STDERR the other, until EXIT.
+
+Closing the connection early makes the agent kill the process (and its process
+group). Nothing here runs anything on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import select
+import signal
+import socket
+import stat
+import termios
+import threading
+import time
+import tty as tty_mod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..drivers.base import write_all
+from ..errors import AgentError, ContainerExecError, StateError, VmrtError
+from ..vm.qemu import EXEC_PORTS, exec_socket_name
+from . import protocol as P
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2)
+START_TIMEOUT = 60.0          # the agent answers EXEC at once; under TCG a busy guest is slow
+OUT_HIGH = 1 << 20            # stdin is read only while less than this waits for the port
+SUN_PATH_MAX = 107
+
+
+def _lock_name(run_dir: Path, k: int) -> bytes:
+    h = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:32]
+    return f"\0vmrt-exec-{h}-{k}".encode()
+
+
+@contextlib.contextmanager
+def _port(run_dir: Path) -> Iterator[socket.socket]:
+    """A connection to a free exec port of the VM in run_dir, held for the block."""
+    if not run_dir.is_dir():
+        raise StateError(f"the container's run directory {run_dir} is gone: is it running?")
+    found = busy = 0
+    last: OSError | None = None
+    for k in range(EXEC_PORTS):
+        path = run_dir / exec_socket_name(k)
+        try:
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        found += 1
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lock.bind(_lock_name(run_dir, k))
+        except OSError as e:
+            lock.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            busy += 1
+            continue
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _connect(sock, path)
+        except OSError as e:
+            sock.close()
+            lock.close()
+            last = e
+            continue
+        try:
+            yield sock
+        finally:
+            sock.close()
+            lock.close()
+        return
+    if busy:
+        raise VmrtError(f"all {EXEC_PORTS} exec ports of the container are in use; "
+                        "try again when one of its execs has ended")
+    if found:
+        why = last.strerror if last is not None and last.strerror else "refused"
+        raise StateError(f"cannot connect to the container's exec port ({why}): is it running?")
+    raise StateError("the container's VM has no exec port: is it running (and started by this vmrt)?")
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        sock.connect(str(path))
+        return
+    # too long for sun_path: name it through the directory's descriptor
+    dfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{dfd}/{path.name}")
+    finally:
+        os.close(dfd)
+
+
+def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | None, uid: int,
+               gid: int, groups: list[int], tty: tuple[int, int] | None, interactive: bool,
+               stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2, detach: bool = False,
+               start_timeout: float = START_TIMEOUT) -> int:
+    """Run args in the VM container whose run directory is bundle_dir; return its exit status.
+
+    uid/gid/groups/env/cwd are used as given (the caller resolves names and the
+    container's defaults). ``tty`` (rows, columns) gives the process a terminal;
+    ``interactive`` relays stdin (else it is /dev/null). ``detach``: return 0
+    once the process has started; it runs on with /dev/null for stdio.
+    Exec failures raise ContainerExecError (exit_code 126 not executable, 127
+    not found); other failures AgentError/StateError/VmrtError.
+    """
+    spec = P.ExecSpec(args=list(args), env=list(env), cwd=cwd or "/", uid=uid, gid=gid,
+                      groups=list(groups), tty=None if detach else tty,
+                      stdin=interactive and not detach, detach=detach)
+    frame = P.encode_exec(spec)
+    with _port(Path(bundle_dir)) as sock:
+        return _Relay(sock, spec, stdin_fd, stdout_fd, stderr_fd).run(frame, start_timeout)
+
+
+class _Relay:
+    def __init__(self, sock: socket.socket, spec: P.ExecSpec, stdin_fd: int, stdout_fd: int,
+                 stderr_fd: int) -> None:
+        self.sock, self.spec = sock, spec
+        self.stdin_fd, self.stdout_fd, self.stderr_fd = stdin_fd, stdout_fd, stderr_fd
+        self.decoder = P.FrameDecoder(P.FROM_AGENT)
+        self.out = bytearray()          # frames for the agent
+        self.signals: list[int] = []
+        self.started = False
+        self.stdin_open = False
+        self.tty_restore: list[Any] | None = None
+
+    # --- signals -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[int | None]:
+        """Catch the forwarded signals (and SIGWINCH) into self.signals; yields a wakeup fd."""
+        if threading.current_thread() is not threading.main_thread():
+            yield None
+            return
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        catch = (*FORWARDED, *((signal.SIGWINCH,) if self.spec.tty else ()))
+        old: dict[int, Any] = {}
+        old_wakeup = -1
+        try:
+            old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            for s in catch:
+                old[s] = signal.signal(s, lambda signo, _f: self.signals.append(signo))
+            yield r
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(r)
+            os.close(w)
+
+    def _take_signals(self) -> None:
+        while self.signals:
+            signo = self.signals.pop(0)
+            if signo == signal.SIGWINCH:
+                self._resize()
+            elif self.started:
+                self.out += P.encode_signal(signo)
+            else:
+                raise VmrtError(f"interrupted by signal {signo}", exit_code=128 + signo)
+
+    def _resize(self) -> None:
+        for fd in (self.stdout_fd, self.stdin_fd):
+            try:
+                sz = os.get_terminal_size(fd)
+            except OSError:
+                continue
+            self.out += P.encode_resize(sz.lines, sz.columns)
+            return
+
+    # --- the exec ----------------------------------------------------------------
+    def run(self, frame: bytes, start_timeout: float) -> int:
+        self.sock.setblocking(False)
+        self.out += frame
+        try:
+            with self._signals() as wakeup:
+                return self._loop(wakeup, start_timeout)
+        finally:
+            self._restore_terminal()
+
+    def _on_started(self) -> None:
+        self.started = True
+        if not self.spec.stdin:
+            return
+        self.stdin_open = True
+        if self.spec.tty is not None and os.isatty(self.stdin_fd):
+            self.tty_restore = termios.tcgetattr(self.stdin_fd)
+            tty_mod.setraw(self.stdin_fd)
+        if self.spec.tty is not None:
+            self._resize()  # the terminal may have changed since EXEC was sent
+
+    def _restore_terminal(self) -> None:
+        if self.tty_restore is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self.stdin_fd, termios.TCSADRAIN, self.tty_restore)
+            self.tty_restore = None
+
+    def _read_stdin(self) -> None:
+        try:
+            data = os.read(self.stdin_fd, 32768)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.out += P.encode(P.Msg.STDIN, data)
+        else:
+            self.stdin_open = False
+            self.out += P.encode(P.Msg.STDIN_CLOSE)
+
+    def _loop(self, wakeup: int | None, start_timeout: float) -> int:
+        start_deadline = time.monotonic() + start_timeout
+        poller = select.poll()
+        while True:
+            self._take_signals()
+            fds: dict[int, int] = {self.sock.fileno(): select.POLLIN | (select.POLLOUT if self.out else 0)}
+            if wakeup is not None:
+                fds[wakeup] = select.POLLIN
+            if self.stdin_open and len(self.out) < OUT_HIGH:
+                fds[self.stdin_fd] = fds.get(self.stdin_fd, 0) | select.POLLIN
+            for fd, ev in fds.items():
+                poller.register(fd, ev)
+            timeout = None
+            if not self.started:
+                left = start_deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentError(f"timed out after {start_timeout:g}s waiting for the guest agent "
+                                     "to start the exec process")
+                timeout = max(1, int(left * 1000))
+            try:
+                events = poller.poll(timeout)
+            finally:
+                for fd in fds:
+                    poller.unregister(fd)
+            for fd, ev in events:
+                if fd == wakeup:
+                    with contextlib.suppress(OSError):
+                        os.read(wakeup, 512)
+                elif fd == self.sock.fileno():
+                    if ev & select.POLLOUT and self.out:
+                        self._send()
+                    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        status = self._receive()
+                        if status is not None:
+                            return status
+                elif fd == self.stdin_fd and self.stdin_open:
+                    self._read_stdin()
+
+    def _send(self) -> None:
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            raise AgentError(f"exec port: {e.strerror}") from None
+        del self.out[:n]
+
+    def _receive(self) -> int | None:
+        try:
+            data = self.sock.recv(1 << 17)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            raise AgentError(f"exec port: {e.strerror}") from None
+        if not data:
+            if self.started:
+                raise AgentError("the container's VM went away before the exec process exited")
+            raise AgentError("the guest agent closed the exec port before the process started")
+        for fr in self.decoder.feed(data):
+            if not self.started:
+                if fr.type == P.Msg.STARTED:
+                    P.decode_started(fr.payload)
+                    self._on_started()
+                    if self.spec.detach:
+                        return 0
+                elif fr.type == P.Msg.ERROR:
+                    err = P.decode_error(fr.payload)
+                    raise ContainerExecError(err.message,
+                                             exit_code=err.code if err.code in (125, 126, 127) else 125)
+                continue  # what an earlier client of this port left behind
+            if fr.type == P.Msg.STDOUT:
+                write_all(self.stdout_fd, fr.payload)
+            elif fr.type == P.Msg.STDERR:
+                write_all(self.stderr_fd, fr.payload)
+            elif fr.type == P.Msg.EXIT:
+                return P.decode_exit(fr.payload).status
+            elif fr.type == P.Msg.ERROR:
+                err = P.decode_error(fr.payload)
+                raise AgentError(f"guest agent: {err.message}")
+        return None

@@ -1,0 +1,121 @@
+"""``vmrt cp``: files between the host and a running container, both directions.
+
+The copy runs ``tar`` inside the container through ``vmrt exec`` (runc exec, or
+the guest agent in VM mode: a VM's writable layer lives in the guest, out of
+the host's reach), like ``kubectl cp``; so the image needs a ``tar`` (busybox has
+one). On the host, archives are read with tarfile's ``data`` filter (no absolute
+names, no ``..``, no links out of the destination, no device nodes, no setuid
+bits) and written with Python's tarfile. Docker's naming rules apply: copying to
+an existing directory puts the source inside it; otherwise the copy takes the
+destination's name.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+
+from .config import Config
+from .errors import UsageError, VmrtError
+from .execs import ExecOptions, run_exec
+
+
+def split(arg: str) -> tuple[str | None, str]:
+    """``CONTAINER:PATH`` -> (container, path); a host path -> (None, path)."""
+    if arg.startswith(("/", ".")) or ":" not in arg:
+        return None, arg
+    ref, _, path = arg.partition(":")
+    return ref, path
+
+
+def _exec(cfg: Config, ref: str, args: list[str], stdin: int | None, stdout: int) -> int:
+    with open(os.devnull, "wb") as err:
+        return run_exec(cfg, ref, ExecOptions(args, interactive=stdin is not None,
+                                              stdio=(stdin if stdin is not None else 0, stdout, err.fileno())))
+
+
+def copy(cfg: Config, src: str, dest: str) -> None:
+    (sref, spath), (dref, dpath) = split(src), split(dest)
+    if (sref is None) == (dref is None):
+        raise UsageError("copying between containers or between host paths is not supported: "
+                         "give exactly one CONTAINER:PATH")
+    if sref is not None:
+        _from_container(cfg, sref, spath, Path(dpath))
+    else:
+        assert dref is not None
+        _to_container(cfg, Path(spath), dref, dpath)
+
+
+def _from_container(cfg: Config, ref: str, path: str, dest: Path) -> None:
+    if not path.startswith("/"):
+        path = "/" + path
+    parent, base = posixpath.split(posixpath.normpath(path))
+    if not base:
+        parent, base = "/", "."
+    target_dir, name = (dest, base) if dest.is_dir() else (dest.parent, dest.name)
+    if not target_dir.is_dir():
+        raise UsageError(f"destination directory {target_dir} does not exist")
+    r, w = os.pipe()
+    result: dict[str, object] = {}
+
+    def produce() -> None:
+        try:
+            result["status"] = _exec(cfg, ref, ["tar", "cf", "-", "-C", parent, base], None, w)
+        except VmrtError as e:
+            result["status"], result["error"] = e.exit_code, str(e)
+        finally:
+            os.close(w)  # the end of the archive for the reader
+    t = threading.Thread(target=produce)
+    t.start()
+    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".vmrt-cp-") as tmp:
+        try:
+            with open(r, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+                tf.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            t.join()
+            if result.get("status"):
+                raise VmrtError(f"cannot copy {ref}:{path}: no such file or directory in the container") from None
+            raise VmrtError(f"cannot copy {ref}:{path}: {e}") from e
+        finally:
+            t.join()
+        if "error" in result:
+            raise VmrtError(str(result["error"]))
+        if result.get("status"):
+            raise VmrtError(f"cannot copy {ref}:{path}: no such file or directory in the container")
+        got = Path(tmp) / base
+        final = target_dir / (name if base != "." else dest.name)
+        if final.is_dir() and not final.is_symlink() and got.is_dir():
+            for child in got.iterdir():
+                os.replace(child, final / child.name)
+        else:
+            os.replace(got, final)
+
+
+def _to_container(cfg: Config, src: Path, ref: str, path: str) -> None:
+    if not src.exists():
+        raise UsageError(f"could not find the file {src} in the host")
+    if not path.startswith("/"):
+        path = "/" + path
+    with open(os.devnull, "wb") as null:
+        is_dir = _exec(cfg, ref, ["test", "-d", path], None, null.fileno()) == 0
+    where, name = (path, src.name) if is_dir else posixpath.split(posixpath.normpath(path))
+    r, w = os.pipe()
+
+    def produce() -> None:
+        with open(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+            tf.add(src, arcname=name)
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    try:
+        with open(os.devnull, "wb") as null:
+            status = _exec(cfg, ref, ["tar", "xf", "-", "-C", where or "/"], r, null.fileno())
+    finally:
+        os.close(r)
+        t.join(timeout=5)
+    if status != 0:
+        raise VmrtError(f"cannot copy to {ref}:{path}: tar in the container failed (exit {status}); "
+                        "does the directory exist and does the image have tar?")
