@@ -24,7 +24,7 @@ from typing import Any
 
 from . import bundle
 from .config import Config
-from .errors import StateError, UsageError
+from .errors import ContainerExecError, StateError, UsageError
 from .state import Container, State, Status
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -110,8 +110,11 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
                "--cwd", r.cwd, "--user", f"{r.uid}:{r.gid}", *(f"--additional-gids={g}" for g in r.groups),
                *(f"--env={e}" for e in r.env), *(["--tty"] if eo.tty else []), *(["--detach"] if eo.detach else []),
                c.id, *eo.args]
-        stdin = eo.stdio[0] if eo.interactive else subprocess.DEVNULL
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=eo.stdio[1], stderr=eo.stdio[2])
+        if eo.detach:  # as Docker: a detached exec is connected to nothing
+            stdio: tuple[Any, Any, Any] = (subprocess.DEVNULL,) * 3
+        else:
+            stdio = (eo.stdio[0] if eo.interactive else subprocess.DEVNULL, eo.stdio[1], eo.stdio[2])
+        proc = subprocess.Popen(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
         forwarding = threading.current_thread() is threading.main_thread()  # only it may set handlers
         old = {s: signal.signal(s, lambda signo, _f: _forward(proc, signo)) for s in FORWARDED} if forwarding else {}
         try:
@@ -121,6 +124,8 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
                 signal.signal(s, h)
         if status == 255 or (eo.detach and status != 0):
             err = _runtime_error(Path(log.name))
+            if err is not None and eo.detach:  # runc's stderr went nowhere: say it ourselves
+                raise exec_error(err) or ContainerExecError(err, exit_code=126)
             if err is not None:  # runc printed it, one line: keep that, exit as Docker does
                 mapped = exec_error(err)
                 return mapped.exit_code if mapped is not None else 126

@@ -306,10 +306,13 @@ class _Session:
 
     # --- waiting and signals -----------------------------------------------------
     def _wait(self) -> int:
-        try:  # the init is our child: we are the subreaper the runtime's exit left it to
-            _, st = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            raise LaunchError(f"the container's init {self.pid} is not vmrt's child") from None
+        while True:  # the init is our child: we are the subreaper the runtime's exit left it to;
+            try:       # so are `exec -d` processes: reap those too, or they stay zombies
+                pid, st = os.waitpid(-1, 0)
+            except ChildProcessError:
+                raise LaunchError(f"the container's init {self.pid} is not vmrt's child") from None
+            if pid == self.pid:
+                break
         if self.timer is not None:
             self.timer.cancel()
         for th in self.threads:  # the pipes close when every process in the container is gone

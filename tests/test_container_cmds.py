@@ -1,0 +1,108 @@
+"""exec, inspect, rename, top, stats, cp and container prune on running containers, both modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Vmrt
+
+MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
+
+
+@pytest.fixture
+def running(vmrt: Vmrt, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    mode = request.param
+    r = vmrt("run", "-d", f"--isolation={mode}", "-e", "FOO=bar", "-w", "/tmp", "busybox",
+             "sh", "-c", "mkdir -p /data; echo hi > /data/f; echo $$ > /tmp/main.pid; sleep 120")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    yield vmrt, cid, mode
+    assert vmrt("rm", "-f", cid).returncode == 0
+    vmrt.assert_clean()
+
+
+def out(r: subprocess.CompletedProcess[bytes]) -> str:
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout.decode()
+
+
+@pytest.mark.parametrize("running", MODES, indirect=True)
+def test_exec_runs_inside_the_container(running) -> None:  # type: ignore[no-untyped-def]
+    v, cid, mode = running
+    # the container's own files and process, its env and working directory
+    assert out(v("exec", cid, "sh", "-c", "cat /tmp/main.pid")).strip() == "1"
+    assert out(v("exec", cid, "sh", "-c", "echo $FOO $(pwd)")) == "bar /tmp\n"
+    kernel = out(v("exec", cid, "uname", "-r")).strip()
+    assert (kernel == os.uname().release) == (mode == "process")  # a VM's exec runs on the guest kernel
+    assert out(v("exec", "-e", "FOO=baz", "-w", "/", "-u", "1000:1000", cid, "sh", "-c",
+                 "echo $FOO $(pwd) $(id -u):$(id -g)")) == "baz / 1000:1000\n"
+    assert v("exec", cid, "sh", "-c", "exit 3").returncode == 3
+    r = v("exec", cid, "no-such-command")
+    assert r.returncode == 127 and len(r.stderr.decode().strip().splitlines()) == 1
+    assert v("exec", cid, "/etc/passwd").returncode == 126
+    r = v("exec", "-i", cid, "cat", input=b"through stdin\n")
+    assert r.returncode == 0 and r.stdout == b"through stdin\n"
+    r = v("exec", cid, "sh", "-c", "echo out; echo err >&2")
+    assert (r.stdout, r.stderr) == (b"out\n", b"err\n")
+    assert v("exec", "-d", cid, "sleep", "30").returncode == 0
+    assert "sleep 30" in out(v("exec", cid, "ps"))
+
+
+def test_exec_into_a_stopped_container_is_refused(vmrt: Vmrt) -> None:
+    r = vmrt("run", "--isolation=process", "--name", "stopped-one", "busybox", "true")
+    assert r.returncode == 0
+    r = vmrt("exec", "stopped-one", "true")
+    assert r.returncode == 125 and b"is not running" in r.stderr
+    assert vmrt("rm", "stopped-one").returncode == 0
+
+
+@pytest.mark.parametrize("running", MODES, indirect=True)
+def test_inspect_rename_top_stats(running) -> None:  # type: ignore[no-untyped-def]
+    v, cid, mode = running
+    doc = json.loads(out(v("inspect", cid)))[0]
+    assert doc["Id"] == cid and doc["State"]["Running"] and doc["State"]["Status"] == "running"
+    assert doc["Isolation"] == mode and doc["HostConfig"]["Isolation"] == mode
+    assert "FOO=bar" in doc["Config"]["Env"] and doc["Config"]["WorkingDir"] == "/tmp"
+    assert out(v("inspect", "--format", "{{.State.Status}} {{.RestartCount}}", cid)) == "running 0\n"
+    assert out(v("rename", cid, f"renamed-{mode}")) == ""
+    assert out(v("ps", "--format", "{{.Names}}", "--filter", f"id={cid}")).strip() == f"renamed-{mode}"
+    assert "sleep 120" in out(v("top", f"renamed-{mode}"))
+    row = json.loads(out(v("stats", "--no-stream", "--format", "json", cid)))
+    assert row["Isolation"] == mode and row["Name"] == f"renamed-{mode}"
+    used = row["MemUsage"].split(" / ")[0]
+    assert used != "0B" and used != "--"
+    if mode == "vm":  # the host's real cost (QEMU + virtiofsd + monitor) beside the guest's view
+        assert row["PIDs"] == 3 and row["GuestMem"] != "--"
+    r = v("inspect", "no-such-thing")
+    assert r.returncode == 1 and b"No such object" in r.stderr
+
+
+@pytest.mark.parametrize("running", MODES, indirect=True)
+def test_cp_both_ways(running, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    v, cid, mode = running
+    assert out(v("cp", f"{cid}:/data", str(tmp_path))) == ""
+    assert (tmp_path / "data" / "f").read_text() == "hi\n"
+    assert out(v("cp", f"{cid}:/data/f", str(tmp_path / "g"))) == ""
+    assert (tmp_path / "g").read_text() == "hi\n"
+    (tmp_path / "up").write_text("up\n")
+    assert out(v("cp", str(tmp_path / "up"), f"{cid}:/data/")) == ""
+    assert out(v("cp", str(tmp_path / "up"), f"{cid}:/data/renamed")) == ""
+    assert out(v("exec", cid, "cat", "/data/up", "/data/renamed")) == "up\nup\n"
+    r = v("cp", f"{cid}:/nope", str(tmp_path))
+    assert r.returncode == 125 and len(r.stderr.decode().strip().splitlines()) == 1
+
+
+def test_container_prune_removes_only_stopped(vmrt: Vmrt) -> None:
+    assert vmrt("run", "--isolation=process", "--name", "to-prune", "busybox", "true").returncode == 0
+    r = vmrt("run", "-d", "--isolation=process", "--name", "kept-running", "busybox", "sleep", "60")
+    assert r.returncode == 0
+    pruned = out(vmrt("container", "prune", "-f"))
+    assert "Total reclaimed containers:" in pruned
+    names = out(vmrt("ps", "-a", "--format", "{{.Names}}")).split()
+    assert "to-prune" not in names and "kept-running" in names
+    assert vmrt("rm", "-f", "kept-running").returncode == 0
+    vmrt.assert_clean()
