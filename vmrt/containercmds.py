@@ -28,6 +28,10 @@ PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Com
               ("NAMES", "Names", 0)]
 
 
+GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True, type=float,
+                     help="Seconds to wait for the container to stop before killing it.")
+
+
 def _cfg(ctx: click.Context) -> Config:
     return ctx.obj["cfg"]  # type: ignore[no-any-return]
 
@@ -150,8 +154,7 @@ def rm(ctx: click.Context, containers: tuple[str, ...], force: bool, volumes: bo
 
 @click.command()
 @click.argument("containers", nargs=-1, required=True)
-@click.option("-t", "--time", "timeout", default=10.0, show_default=True, type=float,
-              help="Seconds to wait for the container to stop before killing it.")
+@GRACE
 @click.pass_context
 def stop(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> None:
     """Stop running containers: the stop signal, then SIGKILL after the grace time."""
@@ -211,6 +214,15 @@ def logs(ctx: click.Context, container: str, follow: bool, tail: str, timestamps
                        timestamps=timestamps, since=lifecycle.parse_since(since) if since else None)
 
 
+def _spawn(cfg: Config, st: State, c: Container) -> None:
+    """A new monitor for a created or stopped container (a restart policy applies again)."""
+    from .monitor import spawn
+    st.set_fields(c, stop_requested=False)
+    started, status, message = spawn(cfg, c.id)
+    if not started:
+        raise VmrtError(message, exit_code=status)
+
+
 @click.command()
 @click.argument("containers", nargs=-1, required=True)
 @click.option("-a", "--attach", is_flag=True, help="Attach stdout/stderr and forward signals (one container).")
@@ -225,34 +237,22 @@ def start(ctx: click.Context, containers: tuple[str, ...], attach: bool) -> None
             c = st.get(containers[0])
         ctx.exit(runner.start_attached(_cfg(ctx), c.id))
 
-    def act(cfg: Config, st: State, c: Container) -> str | None:
-        from .monitor import spawn
-        if lifecycle.owner_alive(c):
-            return c.name  # already running: as Docker, nothing to do
-        st.set_fields(c, stop_requested=False)
-        started, status, message = spawn(cfg, c.id)
-        if not started:
-            raise VmrtError(message, exit_code=status)
+    def act(cfg: Config, st: State, c: Container) -> str:
+        if not lifecycle.owner_alive(c):  # already running: as Docker, nothing to do
+            _spawn(cfg, st, c)
         return c.name
     _each(ctx, containers, act)
 
 
 @click.command()
 @click.argument("containers", nargs=-1, required=True)
-@click.option("-t", "--time", "timeout", default=10.0, show_default=True, type=float,
-              help="Seconds to wait for stop before killing the container.")
+@GRACE
 @click.pass_context
 def restart(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> None:
     """Restart containers (stop, then start)."""
-    from .monitor import spawn
-
     def act(cfg: Config, st: State, c: Container) -> str:
         lifecycle.stop(cfg, st, c, timeout)
-        c = st.get(c.id)
-        st.set_fields(c, stop_requested=False)
-        started, status, message = spawn(cfg, c.id)
-        if not started:
-            raise VmrtError(message, exit_code=status)
+        _spawn(cfg, st, st.get(c.id))
         return c.name
     _each(ctx, containers, act)
 
