@@ -4,7 +4,9 @@
  * with the host over the virtio-serial port "org.vmrt.agent.0", sets up the
  * container root (virtio-fs image + overlayfs on tmpfs), runs the container
  * process in new PID and mount namespaces, relays its stdio and reports its
- * exit, then powers the VM off. */
+ * exit, then powers the VM off.  While the container runs, the exec ports
+ * "org.vmrt.exec.N" each carry one extra process at a time (EXEC), started in
+ * the container's namespaces, root and cgroup. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -40,8 +42,10 @@
 
 #include "proto.h"
 
-#define AGENT_VERSION "vmrt-agent 0.1.0"
+#define AGENT_VERSION "vmrt-agent 0.2.0"
 #define PORT_NAME "org.vmrt.agent.0"
+#define EXEC_PORT_PREFIX "org.vmrt.exec."
+#define NEXEC 4 /* exec ports org.vmrt.exec.0 .. 3 (the host's EXEC_PORTS) */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #define SHARE "/run/vmrt/share" /* the virtio-fs share: rootfs/ and volumes/ */
@@ -51,20 +55,57 @@
 
 #define OUT_CHUNK (16 * 1024)
 #define STDIN_QCAP (4 * VMRT_FRAME_MAX)
+#define WQ_CAP (2 * VMRT_FRAME_MAX) /* frames waiting for the port; output is read below OUT_CHUNK */
 #define PORT_WAIT_MS 10000   /* how long the host may stay unconnected before RUN */
 #define DRAIN_MS 2000        /* output drain after the container exits */
 #define LINGER_MS 10000      /* wait for SHUTDOWN/EOF after EXIT */
 #define ERROR_LINGER_MS 1000 /* the same after ERROR */
+#define TICK_MS 50           /* how often an unconnected exec port is looked at */
+#define MAX_DETACHED 64
+
+struct stdio {
+	int child_in, child_out, child_err; /* the child's ends */
+	int in;     /* our end of stdin (pipe write end or pty master), -1 if none */
+	int out;    /* pipe read end or pty master */
+	int err;    /* pipe read end or -1 */
+	int master; /* pty master or -1 */
+};
+
+/* One port and the process it carries: the container's (sess[0], the agent
+ * port) or an exec process (sess[1..NEXEC], the exec ports). */
+enum { S_IDLE, S_ACTIVE, S_CLOSING };
+
+struct session {
+	int fd;       /* the virtio-serial port, -1 if missing */
+	int is_main;  /* the agent port: the container process */
+	int idx;      /* exec port number */
+	int state;    /* exec ports: S_* */
+	int hup;      /* exec ports: the host side is not connected */
+	int replaced; /* exec: an EXEC came while a process ran: the host changed */
+	int host_lost; /* exec: the host went away while the process ran: no EXIT */
+	pid_t pid;    /* the process; -1 if none */
+	int exited, status, close_pending;
+	int64_t drain_deadline;
+	uint64_t oom0;
+	struct stdio s;
+	uint8_t last_in; /* last byte queued for a terminal */
+	size_t rlen, woff, wlen, q_off, q_len;
+	uint8_t rbuf[VMRT_FRAME_MAX];  /* frames from the host */
+	uint8_t wq[WQ_CAP];            /* frames to the host */
+	uint8_t stdin_q[STDIN_QCAP];   /* bytes for the process's stdin */
+};
 
 static uint64_t start_ns;
-static int port_fd = -1;
 static int host_seen; /* RUN received: from now on HUP means the host is gone */
 static pid_t child = -1;
+static struct session sess[1 + NEXEC];
+#define MAIN (&sess[0])
+#define port_fd (sess[0].fd)
 
-static uint8_t rbuf[VMRT_FRAME_MAX]; /* frames from the host */
-static size_t rlen;
-static uint8_t wbuf[VMRT_FRAME_MAX]; /* a frame to the host */
-static struct vmrt_run run;
+static struct vmrt_run run;  /* the container's RUN */
+static struct vmrt_run xrun; /* an EXEC being started */
+static uint8_t pbuf[VMRT_MAX_PAYLOAD];
+static pid_t detached[MAX_DETACHED];
 
 static void poweroff(void) __attribute__((noreturn));
 static void fatal(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
@@ -99,10 +140,22 @@ static int64_t now_ms(void)
 	return (int64_t)(clock_ns(CLOCK_MONOTONIC) / 1000000u);
 }
 
+/* Kill a session's process and its process group (it is a session leader). */
+static void kill_proc(pid_t pid)
+{
+	if (pid > 0) {
+		kill(-pid, SIGKILL);
+		kill(pid, SIGKILL);
+	}
+}
+
 static void poweroff(void)
 {
 	if (child > 0)
 		kill(child, SIGKILL);
+	for (int k = 1; k <= NEXEC; k++)
+		if (!sess[k].exited)
+			kill_proc(sess[k].pid);
 	sync();
 	reboot(RB_AUTOBOOT);
 	con("reboot failed: %s", strerror(errno));
@@ -119,10 +172,11 @@ static void host_gone(void)
 	poweroff();
 }
 
-/* Wait until the port is ready for events (POLLIN or POLLOUT).  Before RUN a
- * hang-up means the host side is not connected yet (virtio-serial reports
- * POLLHUP until QEMU says the chardev is open): wait up to PORT_WAIT_MS for
- * it.  After RUN it means the host is gone.  Returns the revents. */
+/* Wait until the agent port is ready for events (POLLIN or POLLOUT).  Before
+ * RUN a hang-up means the host side is not connected yet (virtio-serial
+ * reports POLLHUP until QEMU says the chardev is open): wait up to
+ * PORT_WAIT_MS for it.  After RUN it means the host is gone.  Returns the
+ * revents. */
 static short port_wait(short events, int timeout_ms)
 {
 	static int64_t hup_since = -1;
@@ -178,14 +232,67 @@ static void port_write_all(const uint8_t *p, size_t n)
 	}
 }
 
-static void send_frame(uint8_t type, const void *payload, size_t len)
+/* Write what a session's queue holds without blocking.  An exec port whose
+ * host is gone loses it. */
+static void sess_flush(struct session *x)
+{
+	while (x->woff < x->wlen) {
+		ssize_t w = write(x->fd, x->wq + x->woff, x->wlen - x->woff);
+		if (w > 0) {
+			x->woff += (size_t)w;
+			continue;
+		}
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && errno == EAGAIN)
+			break;
+		if (x->is_main) {
+			con("write(port): %s", w < 0 ? strerror(errno) : "short write");
+			if (host_seen)
+				host_gone();
+			break;
+		}
+		x->woff = x->wlen = 0;
+	}
+	if (x->woff == x->wlen)
+		x->woff = x->wlen = 0;
+}
+
+/* The agent port's queue, written out whatever it takes. */
+static void main_flush(void)
+{
+	port_write_all(MAIN->wq + MAIN->woff, MAIN->wlen - MAIN->woff);
+	MAIN->woff = MAIN->wlen = 0;
+}
+
+/* Queue a frame for a session's host. */
+static void sess_send(struct session *x, uint8_t type, const void *payload, size_t len)
 {
 	if (len > VMRT_MAX_PAYLOAD)
 		len = VMRT_MAX_PAYLOAD;
-	vmrt_frame_header(wbuf, type, (uint32_t)len);
+	if (x->woff > 0 && WQ_CAP - x->wlen < VMRT_HDR_LEN + len) {
+		memmove(x->wq, x->wq + x->woff, x->wlen - x->woff);
+		x->wlen -= x->woff;
+		x->woff = 0;
+	}
+	if (WQ_CAP - x->wlen < VMRT_HDR_LEN + len) {
+		if (!x->is_main) { /* cannot happen: output is only read with room */
+			con("exec port %d: queue full, frame dropped", x->idx);
+			return;
+		}
+		main_flush();
+	}
+	vmrt_frame_header(x->wq + x->wlen, type, (uint32_t)len);
 	if (len)
-		memcpy(wbuf + VMRT_HDR_LEN, payload, len);
-	port_write_all(wbuf, VMRT_HDR_LEN + len);
+		memcpy(x->wq + x->wlen + VMRT_HDR_LEN, payload, len);
+	x->wlen += VMRT_HDR_LEN + len;
+}
+
+/* A frame on the agent port, written out before returning. */
+static void send_frame(uint8_t type, const void *payload, size_t len)
+{
+	sess_send(MAIN, type, payload, len);
+	main_flush();
 }
 
 /* Length of s[0..n) without a UTF-8 sequence cut off at its end. */
@@ -204,7 +311,7 @@ static size_t utf8_trim(const uint8_t *s, size_t n)
 	return n;
 }
 
-static void send_error(uint32_t code, const char *msg)
+static void sess_error(struct session *x, uint32_t code, const char *msg)
 {
 	uint8_t p[4 + 1024];
 	size_t n = strlen(msg);
@@ -217,19 +324,29 @@ static void send_error(uint32_t code, const char *msg)
 	for (size_t i = 4; i < 4 + n; i++) /* one line */
 		if (p[i] == '\n' || p[i] == '\r')
 			p[i] = ' ';
-	con("error %u: %.*s", code, (int)n, (const char *)p + 4);
-	send_frame(VMRT_ERROR, p, 4 + n);
+	if (x->is_main)
+		con("error %u: %.*s", code, (int)n, (const char *)p + 4);
+	else
+		con("exec port %d: error %u: %.*s", x->idx, code, (int)n, (const char *)p + 4);
+	sess_send(x, VMRT_ERROR, p, 4 + n);
 }
 
-/* Read what the port has into rbuf.  Returns bytes read; 0 means EOF. */
-static size_t port_read(void)
+static void send_error(uint32_t code, const char *msg)
 {
-	if (rlen >= sizeof rbuf)
+	sess_error(MAIN, code, msg);
+	main_flush();
+}
+
+/* Read what a port has into its session's rbuf.  Returns bytes read; 0 means
+ * EOF (the host side is not connected); (size_t)-1 nothing to read now. */
+static size_t port_read(struct session *x)
+{
+	if (x->rlen >= sizeof x->rbuf)
 		return (size_t)-1;
 	for (;;) {
-		ssize_t n = read(port_fd, rbuf + rlen, sizeof rbuf - rlen);
+		ssize_t n = read(x->fd, x->rbuf + x->rlen, sizeof x->rbuf - x->rlen);
 		if (n > 0) {
-			rlen += (size_t)n;
+			x->rlen += (size_t)n;
 			return (size_t)n;
 		}
 		if (n == 0)
@@ -238,6 +355,8 @@ static size_t port_read(void)
 			continue;
 		if (errno == EAGAIN)
 			return (size_t)-1;
+		if (!x->is_main)
+			return 0;
 		con("read(port): %s", strerror(errno));
 		if (host_seen)
 			host_gone();
@@ -257,12 +376,12 @@ static void protocol_error(const char *what)
 	poweroff();
 }
 
-/* Take the next whole frame out of rbuf into *f (payload copied to pbuf).
- * Returns 1 if there was one, 0 if more bytes are needed. */
-static int next_frame(struct vmrt_frame *f, uint8_t *pbuf)
+/* Take the next whole frame out of the agent port's rbuf into *f (payload
+ * copied to pbuf).  Returns 1 if there was one, 0 if more bytes are needed. */
+static int next_frame(struct vmrt_frame *f)
 {
 	char err[256];
-	long n = vmrt_frame_parse(rbuf, rlen, VMRT_TO_AGENT, f, err, sizeof err);
+	long n = vmrt_frame_parse(MAIN->rbuf, MAIN->rlen, VMRT_TO_AGENT, f, err, sizeof err);
 
 	if (n < 0)
 		protocol_error(err);
@@ -270,8 +389,8 @@ static int next_frame(struct vmrt_frame *f, uint8_t *pbuf)
 		return 0;
 	memcpy(pbuf, f->payload, f->len);
 	f->payload = pbuf;
-	memmove(rbuf, rbuf + n, rlen - (size_t)n);
-	rlen -= (size_t)n;
+	memmove(MAIN->rbuf, MAIN->rbuf + n, MAIN->rlen - (size_t)n);
+	MAIN->rlen -= (size_t)n;
 	return 1;
 }
 
@@ -338,10 +457,11 @@ static void boot_mount(const char *src, const char *dst, const char *type,
 		con("mount %s on %s: %s", type, dst, strerror(errno));
 }
 
-static int find_port(void)
+/* Open the virtio-serial port called want (non-blocking). */
+static int find_port(const char *want, int wait_ms)
 {
 	char path[PATH_MAX], name[128];
-	int64_t deadline = now_ms() + 5000;
+	int64_t deadline = now_ms() + wait_ms;
 
 	for (;;) {
 		DIR *d = opendir("/sys/class/virtio-ports");
@@ -363,7 +483,7 @@ static int find_port(void)
 				continue;
 			name[n] = '\0';
 			name[strcspn(name, "\n")] = '\0';
-			if (strcmp(name, PORT_NAME) != 0)
+			if (strcmp(name, want) != 0)
 				continue;
 			snprintf(path, sizeof path, "/dev/%s", e->d_name);
 			fd = open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
@@ -393,8 +513,6 @@ static void send_hello(void)
 	send_frame(VMRT_HELLO, p, 20 + vlen);
 }
 
-static uint8_t pbuf[VMRT_MAX_PAYLOAD];
-
 /* Read frames until RUN and decode it into `run`. */
 static void wait_run(void)
 {
@@ -403,7 +521,7 @@ static void wait_run(void)
 	int64_t eof_since = -1;
 
 	for (;;) {
-		while (next_frame(&f, pbuf)) {
+		while (next_frame(&f)) {
 			switch (f.type) {
 			case VMRT_RUN:
 				if (vmrt_run_parse(f.payload, f.len, &run, err, sizeof err) < 0)
@@ -418,7 +536,7 @@ static void wait_run(void)
 			}
 		}
 		port_wait(POLLIN, -1);
-		if (port_read() == 0) {
+		if (port_read(MAIN) == 0) {
 			/* The host is not connected (yet): virtio-serial returns 0
 			 * without data then.  Give it PORT_WAIT_MS. */
 			if (eof_since < 0)
@@ -666,14 +784,6 @@ static void setup_container_mounts(void)
 
 /* ---------------------------------------------------------------- stdio */
 
-struct stdio {
-	int child_in, child_out, child_err; /* the child's ends */
-	int in;     /* our end of stdin (pipe write end or pty master), -1 if none */
-	int out;    /* pipe read end or pty master */
-	int err;    /* pipe read end or -1 */
-	int master; /* pty master or -1 */
-};
-
 static void set_nonblock(int fd)
 {
 	int fl = fcntl(fd, F_GETFL);
@@ -681,60 +791,110 @@ static void set_nonblock(int fd)
 		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
-static void setup_stdio(struct stdio *s)
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/* Close the child's ends (once it has them). */
+static void stdio_close_child(struct stdio *s)
+{
+	if (s->child_in != s->child_out && s->child_in != s->child_err)
+		close_fd(&s->child_in);
+	if (s->child_err != s->child_out)
+		close_fd(&s->child_err);
+	close_fd(&s->child_out);
+	s->child_in = s->child_err = -1;
+}
+
+/* Close our ends. */
+static void stdio_close(struct stdio *s)
+{
+	if (s->in >= 0 && s->in != s->master)
+		close_fd(&s->in);
+	if (s->out >= 0 && s->out != s->master)
+		close_fd(&s->out);
+	close_fd(&s->err);
+	close_fd(&s->master);
+	s->in = s->out = -1;
+}
+
+/* The process's stdio: pipes, or a terminal of the container's devpts
+ * instance (so that ttyname() works inside; its path goes to pts), or
+ * /dev/null for all three (devnull).  Returns -1 with a message in err. */
+static int stdio_open(struct stdio *s, const struct vmrt_run *r, int devnull, char *pts,
+		      size_t ptslen, char *err, size_t errlen)
 {
 	int p[2];
 
-	s->master = s->in = s->err = -1;
-	if (run.tty) {
-		struct winsize ws = { .ws_row = run.rows, .ws_col = run.cols };
-		char path[64];
-		int slave;
+	s->master = s->in = s->out = s->err = -1;
+	s->child_in = s->child_out = s->child_err = -1;
+	if (devnull) {
+		s->child_out = open("/dev/null", O_RDWR | O_CLOEXEC);
+		if (s->child_out < 0)
+			goto fail;
+		s->child_in = s->child_err = s->child_out;
+		return 0;
+	}
+	if (r->tty) {
+		struct winsize ws = { .ws_row = r->rows, .ws_col = r->cols };
 		unsigned ptn;
-
-		/* A pty of the container's devpts instance, so that ttyname()
-		 * works inside. */
-		s->master = open(ROOT "/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
-		if (s->master < 0)
-			fatal(125, "cannot open a terminal: %s", strerror(errno));
 		int unlock = 0;
-		if (ioctl(s->master, TIOCSPTLCK, &unlock) < 0 || ioctl(s->master, TIOCGPTN, &ptn) < 0)
-			fatal(125, "cannot unlock the terminal: %s", strerror(errno));
-		snprintf(path, sizeof path, ROOT "/dev/pts/%u", ptn);
-		slave = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
-		if (slave < 0)
-			fatal(125, "cannot open %s: %s", path, strerror(errno));
+
+		s->master = open(ROOT "/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (s->master < 0) {
+			snprintf(err, errlen, "cannot open a terminal: %s", strerror(errno));
+			return -1;
+		}
+		if (ioctl(s->master, TIOCSPTLCK, &unlock) < 0 || ioctl(s->master, TIOCGPTN, &ptn) < 0) {
+			snprintf(err, errlen, "cannot unlock the terminal: %s", strerror(errno));
+			close_fd(&s->master);
+			return -1;
+		}
+		snprintf(pts, ptslen, ROOT "/dev/pts/%u", ptn);
+		s->child_out = open(pts, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (s->child_out < 0) {
+			snprintf(err, errlen, "cannot open %s: %s", pts, strerror(errno));
+			close_fd(&s->master);
+			return -1;
+		}
 		ioctl(s->master, TIOCSWINSZ, &ws);
-		if (mount(path, ROOT "/dev/console", NULL, MS_BIND, NULL) < 0)
-			con("bind %s on /dev/console: %s", path, strerror(errno));
-		s->child_in = s->child_out = s->child_err = slave;
+		s->child_in = s->child_err = s->child_out;
 		s->out = s->master;
-		if (run.open_stdin)
+		if (r->open_stdin)
 			s->in = s->master;
 		set_nonblock(s->master);
-		return;
+		return 0;
 	}
 	if (pipe2(p, O_CLOEXEC) < 0)
-		fatal(125, "pipe: %s", strerror(errno));
+		goto fail;
 	s->out = p[0];
 	s->child_out = p[1];
 	if (pipe2(p, O_CLOEXEC) < 0)
-		fatal(125, "pipe: %s", strerror(errno));
+		goto fail;
 	s->err = p[0];
 	s->child_err = p[1];
-	if (run.open_stdin) {
+	if (r->open_stdin) {
 		if (pipe2(p, O_CLOEXEC) < 0)
-			fatal(125, "pipe: %s", strerror(errno));
+			goto fail;
 		s->child_in = p[0];
 		s->in = p[1];
 		set_nonblock(s->in);
 	} else {
 		s->child_in = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		if (s->child_in < 0)
-			fatal(125, "cannot open /dev/null: %s", strerror(errno));
+			goto fail;
 	}
 	set_nonblock(s->out);
 	set_nonblock(s->err);
+	return 0;
+fail:
+	snprintf(err, errlen, "cannot set up stdio: %s", strerror(errno));
+	stdio_close_child(s);
+	stdio_close(s);
+	return -1;
 }
 
 /* ---------------------------------------------------------------- child */
@@ -841,19 +1001,19 @@ static void exec_fail(const char *what, int e)
 	child_fail(126, "exec: \"%s\": %s", what, errstr(e));
 }
 
-static void child_exec(void) __attribute__((noreturn));
-static void child_exec(void)
+static void child_exec(const struct vmrt_run *r) __attribute__((noreturn));
+static void child_exec(const struct vmrt_run *r)
 {
-	const char *name = run.argv[0];
+	const char *name = r->argv[0];
 	const char *path, *seg;
 	char buf[PATH_MAX];
 	int eacces = 0;
 
 	if (strchr(name, '/')) {
-		execve(name, run.argv, run.envp);
+		execve(name, r->argv, r->envp);
 		exec_fail(name, errno);
 	}
-	path = env_get(run.envp, "PATH");
+	path = env_get(r->envp, "PATH");
 	if (!path)
 		path = DEFAULT_PATH;
 	if (name[0] != '\0') {
@@ -867,7 +1027,7 @@ static void child_exec(void)
 			else
 				n = snprintf(buf, sizeof buf, "%.*s/%s", (int)dl, seg, name);
 			if (n > 0 && (size_t)n < sizeof buf) {
-				execve(buf, run.argv, run.envp);
+				execve(buf, r->argv, r->envp);
 				switch (errno) {
 				case EACCES:
 					eacces = 1;
@@ -889,12 +1049,47 @@ static void child_exec(void)
 	child_fail(127, "exec: \"%s\": executable file not found in $PATH", name);
 }
 
+/* The container's capabilities and no_new_privs (from its RUN), then who's
+ * groups, gid and uid. */
+static void apply_identity(const struct vmrt_run *who)
+{
+	gid_t groups[VMRT_MAX_GROUPS];
+
+	if (run.has_caps) { /* bounding set first: dropping needs CAP_SETPCAP */
+		for (int c = 0; c < 64; c++)
+			if (!(run.caps & (1ULL << c)) && prctl(PR_CAPBSET_READ, c, 0, 0, 0) >= 0 &&
+			    prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0)
+				child_fail(125, "cannot drop capability %d: %s", c, strerror(errno));
+	}
+	for (size_t i = 0; i < who->ngroups; i++)
+		groups[i] = (gid_t)who->groups[i];
+	if (setgroups(who->ngroups, groups) < 0)
+		child_fail(125, "setgroups: %s", strerror(errno));
+	if (setgid((gid_t)who->gid) < 0)
+		child_fail(125, "setgid %lu: %s", (unsigned long)who->gid, strerror(errno));
+	if (setuid((uid_t)who->uid) < 0)
+		child_fail(125, "setuid %lu: %s", (unsigned long)who->uid, strerror(errno));
+	if (run.has_caps) {
+		struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+		struct __user_cap_data_struct data[2];
+		uint64_t keep = who->uid == 0 ? run.caps : 0;
+
+		memset(data, 0, sizeof data);
+		data[0].effective = data[0].permitted = (uint32_t)keep;
+		data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
+		(void)prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+		if (syscall(SYS_capset, &hdr, data) < 0)
+			child_fail(125, "cannot set capabilities: %s", strerror(errno));
+	}
+	if (run.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		child_fail(125, "cannot set no_new_privs: %s", strerror(errno));
+}
+
 static void child_main(const struct stdio *s) __attribute__((noreturn));
 static void child_main(const struct stdio *s)
 {
 	sigset_t all;
 	char text[512];
-	gid_t groups[VMRT_MAX_GROUPS];
 
 	sigemptyset(&all);
 	sigprocmask(SIG_SETMASK, &all, NULL);
@@ -941,34 +1136,7 @@ static void child_main(const struct stdio *s)
 	if (run.readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
 		child_fail(125, "cannot make the root read-only: %s", strerror(errno));
 
-	if (run.has_caps) { /* bounding set first: dropping needs CAP_SETPCAP */
-		for (int c = 0; c < 64; c++)
-			if (!(run.caps & (1ULL << c)) && prctl(PR_CAPBSET_READ, c, 0, 0, 0) >= 0 &&
-			    prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0)
-				child_fail(125, "cannot drop capability %d: %s", c, strerror(errno));
-	}
-	for (size_t i = 0; i < run.ngroups; i++)
-		groups[i] = (gid_t)run.groups[i];
-	if (setgroups(run.ngroups, groups) < 0)
-		child_fail(125, "setgroups: %s", strerror(errno));
-	if (setgid((gid_t)run.gid) < 0)
-		child_fail(125, "setgid %lu: %s", (unsigned long)run.gid, strerror(errno));
-	if (setuid((uid_t)run.uid) < 0)
-		child_fail(125, "setuid %lu: %s", (unsigned long)run.uid, strerror(errno));
-	if (run.has_caps) {
-		struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
-		struct __user_cap_data_struct data[2];
-		uint64_t keep = run.uid == 0 ? run.caps : 0;
-
-		memset(data, 0, sizeof data);
-		data[0].effective = data[0].permitted = (uint32_t)keep;
-		data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
-		(void)prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-		if (syscall(SYS_capset, &hdr, data) < 0)
-			child_fail(125, "cannot set capabilities: %s", strerror(errno));
-	}
-	if (run.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-		child_fail(125, "cannot set no_new_privs: %s", strerror(errno));
+	apply_identity(&run);
 
 	/* everything above 2 closes on exec (the error pipe is O_CLOEXEC) */
 	if (syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */) < 0) {
@@ -976,14 +1144,48 @@ static void child_main(const struct stdio *s)
 			if (fd != errpipe_w)
 				close(fd);
 	}
-	child_exec();
+	child_exec(&run);
 }
 
 /* ---------------------------------------------------------------- main loop */
 
-static uint8_t stdin_q[STDIN_QCAP];
-static size_t q_off, q_len;
-static uint8_t last_in = '\n'; /* last byte queued for a terminal */
+/* An exec process: forked by the agent into the container's PID namespace;
+ * joins its cgroup and mount namespace (whose root is the container root:
+ * it was moved over "/" there), then runs as the EXEC says. */
+static void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns)
+	__attribute__((noreturn));
+static void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns)
+{
+	sigset_t all;
+
+	sigemptyset(&all);
+	sigprocmask(SIG_SETMASK, &all, NULL);
+	signal(SIGPIPE, SIG_DFL);
+	if (cgroup_ok && write_file(CGROUP "/cgroup.procs", "0") < 0)
+		child_fail(125, "cannot join the container cgroup: %s", strerror(errno));
+	if (setsid() < 0)
+		child_fail(125, "setsid: %s", strerror(errno));
+	if (dup2(s->child_in, 0) < 0 || dup2(s->child_out, 1) < 0 || dup2(s->child_err, 2) < 0)
+		child_fail(125, "dup2: %s", strerror(errno));
+	if (r->tty && ioctl(0, TIOCSCTTY, 0) < 0)
+		child_fail(125, "cannot set the controlling terminal: %s", strerror(errno));
+	/* setns(CLONE_NEWNS) sets root and cwd to the namespace's root, looking
+	 * down the mounts on it: the container root */
+	if (setns(mntns, CLONE_NEWNS) < 0 || chdir("/") < 0)
+		child_fail(125, "cannot enter the container's mounts: %s", strerror(errno));
+	umask(022);
+	if (chdir(r->cwd) < 0)
+		child_fail(125, "cannot chdir to %s: %s", r->cwd, strerror(errno));
+	apply_identity(r);
+	if (syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */) < 0) {
+		for (int fd = 3; fd < 4096; fd++)
+			if (fd != errpipe_w)
+				close(fd);
+	}
+	child_exec(r);
+}
+
+/* ---------------------------------------------------------------- main loop */
 
 /* "oom_kill N" from a key/value file (memory.events, /proc/vmstat) */
 static uint64_t read_oom_kill(const char *path)
@@ -1015,210 +1217,606 @@ static uint64_t oom_kills(void)
 	return read_oom_kill("/proc/vmstat");
 }
 
-static void q_push(const uint8_t *p, size_t n)
+static int sfd = -1;         /* signalfd for SIGCHLD */
+static int self_pidns = -1;  /* the agent's own PID namespace */
+
+static void q_push(struct session *x, const uint8_t *p, size_t n)
 {
-	if (n > STDIN_QCAP - q_len) /* cannot happen: the port is only read with room */
-		n = STDIN_QCAP - q_len;
-	if (q_off + q_len + n > STDIN_QCAP) {
-		memmove(stdin_q, stdin_q + q_off, q_len);
-		q_off = 0;
+	if (n > STDIN_QCAP - x->q_len) /* cannot happen: the port is only read with room */
+		n = STDIN_QCAP - x->q_len;
+	if (x->q_off + x->q_len + n > STDIN_QCAP) {
+		memmove(x->stdin_q, x->stdin_q + x->q_off, x->q_len);
+		x->q_off = 0;
 	}
-	memcpy(stdin_q + q_off + q_len, p, n);
-	q_len += n;
+	memcpy(x->stdin_q + x->q_off + x->q_len, p, n);
+	x->q_len += n;
 	if (n)
-		last_in = p[n - 1];
+		x->last_in = p[n - 1];
 }
 
-static void stdin_closed(struct stdio *s)
+static void stdin_closed(struct session *x)
 {
-	if (s->in >= 0 && s->in != s->master)
-		close(s->in);
-	s->in = -1;
-	q_len = q_off = 0;
+	if (x->s.in >= 0 && x->s.in != x->s.master)
+		close(x->s.in);
+	x->s.in = -1;
+	x->q_len = x->q_off = 0;
 }
 
-static void supervise(struct stdio *s)
+/* What a child wrote to its close-on-exec error pipe: 0 if nothing (the exec
+ * succeeded), else 1 with the code and the message. */
+static int read_errpipe(int fd, uint32_t *code, char *msg, size_t msglen)
 {
-	enum { P_PORT, P_OUT, P_ERR, P_IN, P_SIG, NP };
-	struct pollfd pfd[NP];
-	sigset_t mask;
-	int sfd, status = 0, exited = 0, close_pending = 0;
-	int64_t drain_deadline = -1;
-	uint64_t oom0 = oom_kills();
-	static uint8_t obuf[OUT_CHUNK];
-	struct vmrt_frame f;
-
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGCHLD);
-	sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-	if (sfd < 0) {
-		con("signalfd: %s", strerror(errno));
-		poweroff();
-	}
+	char buf[4 + 1024];
+	size_t got = 0;
 
 	for (;;) {
-		/* frames already buffered */
-		while (q_len <= STDIN_QCAP - VMRT_FRAME_MAX && next_frame(&f, pbuf)) {
-			switch (f.type) {
-			case VMRT_STDIN:
-				if (s->in >= 0 && !close_pending && !exited)
-					q_push(f.payload, f.len);
+		ssize_t n = read(fd, buf + got, sizeof buf - got);
+		if (n > 0) {
+			got += (size_t)n;
+			if (got == sizeof buf)
 				break;
-			case VMRT_STDIN_CLOSE:
-				if (s->in >= 0 && !close_pending) {
-					close_pending = 1;
-					if (s->master >= 0) {
-						/* a terminal has no "close": send its EOF
-						 * character if it is in canonical mode */
-						struct termios t;
-						if (tcgetattr(s->master, &t) == 0 && (t.c_lflag & ICANON)) {
-							/* the first one only ends a partial line */
-							if (last_in != '\n')
-								q_push(&t.c_cc[VEOF], 1);
-							q_push(&t.c_cc[VEOF], 1);
-						}
+		} else if (n < 0 && errno == EINTR) {
+			continue;
+		} else {
+			break;
+		}
+	}
+	close(fd);
+	if (got == 0)
+		return 0;
+	*code = 125;
+	if (got >= 4)
+		memcpy(code, buf, 4);
+	if (got <= 4)
+		snprintf(msg, msglen, "container setup failed");
+	else
+		snprintf(msg, msglen, "%.*s", (int)(got - 4), buf + 4);
+	return 1;
+}
+
+/* The exec port's session is over: ready for the next EXEC. */
+static void sess_reset(struct session *x)
+{
+	stdio_close(&x->s);
+	x->pid = -1;
+	x->exited = x->status = x->close_pending = 0;
+	x->replaced = x->host_lost = 0;
+	x->q_len = x->q_off = 0;
+	x->last_in = '\n';
+	x->state = S_IDLE; /* rbuf is kept: it may hold the next EXEC */
+}
+
+/* A bad frame on an exec port: ERROR 125 and the end of the session (its
+ * process killed, no EXIT).  What follows is scanned for the next EXEC. */
+static void sess_protocol_error(struct session *x, const char *what)
+{
+	char msg[512];
+
+	snprintf(msg, sizeof msg, "agent: protocol error: %s", what);
+	sess_error(x, 125, msg);
+	if (x->state == S_ACTIVE) {
+		if (!x->exited)
+			kill_proc(x->pid);
+		x->host_lost = 1;
+		stdin_closed(x);
+		x->close_pending = 0;
+	} else {
+		x->state = S_CLOSING;
+	}
+}
+
+/* Drop bytes up to the next frame magic after the first byte: what a host
+ * that went away left half-sent is not the start of the next host's stream. */
+static void resync(struct session *x)
+{
+	static const uint8_t magic[2] = { VMRT_MAGIC >> 8, VMRT_MAGIC & 0xFF };
+	const uint8_t *m = x->rlen > 1 ? memmem(x->rbuf + 1, x->rlen - 1, magic, 2) : NULL;
+	size_t skip = m ? (size_t)(m - x->rbuf) : x->rlen;
+
+	if (x->rlen > 0 && x->rbuf[x->rlen - 1] == magic[0] && !m)
+		skip = x->rlen - 1; /* a magic cut in half */
+	memmove(x->rbuf, x->rbuf + skip, x->rlen - skip);
+	x->rlen -= skip;
+}
+
+/* EXEC (decoded into xrun) on an idle exec port: start the process in the
+ * container's PID and mount namespaces and cgroup.  Ends in S_ACTIVE with
+ * STARTED queued, or in S_CLOSING with ERROR queued (or with STARTED for a
+ * detached process). */
+static void exec_start(struct session *x)
+{
+	char msg[1024], pts[64], path[64];
+	int ep[2], pidns = -1, mntns = -1, e;
+	uint32_t code = 125;
+	pid_t pid;
+
+	x->exited = x->status = x->close_pending = 0;
+	x->q_len = x->q_off = 0;
+	x->last_in = '\n';
+	x->state = S_CLOSING;
+	if (child <= 0 || MAIN->exited) {
+		sess_error(x, 125, "the container is not running");
+		return;
+	}
+	snprintf(path, sizeof path, "/proc/%d/ns/pid", (int)child);
+	pidns = open(path, O_RDONLY | O_CLOEXEC);
+	snprintf(path, sizeof path, "/proc/%d/ns/mnt", (int)child);
+	mntns = open(path, O_RDONLY | O_CLOEXEC);
+	if (pidns < 0 || mntns < 0) {
+		snprintf(msg, sizeof msg, "cannot open the container's namespaces: %s", strerror(errno));
+		goto fail_ns;
+	}
+	if (stdio_open(&x->s, &xrun, xrun.detach, pts, sizeof pts, msg, sizeof msg) < 0)
+		goto fail_ns;
+	if (pipe2(ep, O_CLOEXEC) < 0) {
+		snprintf(msg, sizeof msg, "pipe: %s", strerror(errno));
+		goto fail_stdio;
+	}
+	/* children from now on are born in the container's PID namespace */
+	if (setns(pidns, CLONE_NEWPID) < 0) {
+		snprintf(msg, sizeof msg, "cannot enter the container's PID namespace: %s", strerror(errno));
+		close(ep[0]);
+		close(ep[1]);
+		goto fail_stdio;
+	}
+	errpipe_w = ep[1];
+	pid = fork();
+	e = errno;
+	if (pid == 0)
+		exec_child_main(&x->s, &xrun, mntns);
+	if (setns(self_pidns, CLONE_NEWPID) < 0)
+		con("cannot return to the agent's PID namespace: %s", strerror(errno));
+	errpipe_w = -1;
+	close(ep[1]);
+	close(pidns);
+	close(mntns);
+	stdio_close_child(&x->s);
+	if (pid < 0) {
+		close(ep[0]);
+		snprintf(msg, sizeof msg, "cannot start the exec process: %s", strerror(e));
+		stdio_close(&x->s);
+		sess_error(x, 125, msg);
+		return;
+	}
+	if (read_errpipe(ep[0], &code, msg, sizeof msg)) {
+		waitpid(pid, NULL, 0);
+		stdio_close(&x->s);
+		sess_error(x, code, msg);
+		return;
+	}
+	{
+		uint8_t p[4];
+		vmrt_put32(p, (uint32_t)pid);
+		sess_send(x, VMRT_STARTED, p, 4);
+	}
+	if (xrun.detach) { /* on its own: reaped, and killed with the container */
+		stdio_close(&x->s);
+		for (int i = 0; i < MAX_DETACHED; i++)
+			if (detached[i] <= 0) {
+				detached[i] = pid;
+				break;
+			}
+		return;
+	}
+	x->pid = pid;
+	x->oom0 = oom_kills();
+	x->state = S_ACTIVE;
+	return;
+
+fail_stdio:
+	stdio_close_child(&x->s);
+	stdio_close(&x->s);
+fail_ns:
+	if (pidns >= 0)
+		close(pidns);
+	if (mntns >= 0)
+		close(mntns);
+	sess_error(x, 125, msg);
+}
+
+/* Frames the session's host sent, as far as they can be acted on now. */
+static void handle_frames(struct session *x)
+{
+	struct vmrt_frame f;
+	char err[256];
+
+	while (x->q_len <= STDIN_QCAP - VMRT_FRAME_MAX) {
+		if (x->replaced)
+			return;
+		long n = vmrt_frame_parse(x->rbuf, x->rlen, VMRT_TO_AGENT, &f, err, sizeof err);
+		if (n < 0) {
+			if (x->is_main)
+				protocol_error(err);
+			if (x->state == S_ACTIVE && !x->host_lost) {
+				sess_protocol_error(x, err);
+				return;
+			}
+			resync(x); /* between sessions, or left by a host that is gone */
+			continue;
+		}
+		if (n == 0)
+			return;
+		if (f.type == VMRT_EXEC && !x->is_main) {
+			if (x->state == S_CLOSING)
+				return; /* after the last session's frames are out */
+			if (x->state == S_ACTIVE) {
+				/* the host side closed and reopened unseen: this
+				 * EXEC is a new host's; end the old process first */
+				con("exec port %d: new EXEC while %d runs; killing it", x->idx, (int)x->pid);
+				x->replaced = 1;
+				if (!x->exited)
+					kill_proc(x->pid);
+				stdin_closed(x);
+				x->close_pending = 0;
+				return;
+			}
+		}
+		memcpy(pbuf, f.payload, f.len);
+		f.payload = pbuf;
+		memmove(x->rbuf, x->rbuf + n, x->rlen - (size_t)n);
+		x->rlen -= (size_t)n;
+
+		if (!x->is_main && x->state != S_ACTIVE) {
+			switch (f.type) {
+			case VMRT_EXEC:
+				if (vmrt_run_parse(f.payload, f.len, &xrun, err, sizeof err) < 0)
+					sess_protocol_error(x, err);
+				else
+					exec_start(x);
+				break;
+			case VMRT_RUN:
+			case VMRT_SHUTDOWN:
+				sess_protocol_error(x, f.type == VMRT_RUN ? "RUN on an exec port"
+									  : "SHUTDOWN on an exec port");
+				break;
+			default:
+				break; /* left over from an ended session */
+			}
+			continue;
+		}
+		if (x->host_lost)
+			continue; /* frames of a host that is gone */
+
+		switch (f.type) {
+		case VMRT_STDIN:
+			if (x->s.in >= 0 && !x->close_pending && !x->exited)
+				q_push(x, f.payload, f.len);
+			break;
+		case VMRT_STDIN_CLOSE:
+			if (x->s.in >= 0 && !x->close_pending) {
+				x->close_pending = 1;
+				if (x->s.master >= 0) {
+					/* a terminal has no "close": send its EOF
+					 * character if it is in canonical mode */
+					struct termios t;
+					if (tcgetattr(x->s.master, &t) == 0 && (t.c_lflag & ICANON)) {
+						/* the first one only ends a partial line */
+						if (x->last_in != '\n')
+							q_push(x, &t.c_cc[VEOF], 1);
+						q_push(x, &t.c_cc[VEOF], 1);
 					}
 				}
-				break;
-			case VMRT_SIGNAL: {
-				uint32_t sig = vmrt_get32(f.payload);
-				if (!exited && sig > 0 && sig < 65 && kill(child, (int)sig) < 0)
-					con("kill %d %u: %s", child, sig, strerror(errno));
-				break;
 			}
-			case VMRT_RESIZE:
-				if (s->master >= 0) {
-					struct winsize ws = { .ws_row = vmrt_get16(f.payload),
-							      .ws_col = vmrt_get16(f.payload + 2) };
-					ioctl(s->master, TIOCSWINSZ, &ws);
-				}
-				break;
-			case VMRT_SHUTDOWN:
-				con("shutdown requested");
-				poweroff();
-			case VMRT_RUN:
+			break;
+		case VMRT_SIGNAL: {
+			uint32_t sig = vmrt_get32(f.payload);
+			if (!x->exited && x->pid > 0 && sig > 0 && sig < 65 && kill(x->pid, (int)sig) < 0)
+				con("kill %d %u: %s", (int)x->pid, sig, strerror(errno));
+			break;
+		}
+		case VMRT_RESIZE:
+			if (x->s.master >= 0) {
+				struct winsize ws = { .ws_row = vmrt_get16(f.payload),
+						      .ws_col = vmrt_get16(f.payload + 2) };
+				ioctl(x->s.master, TIOCSWINSZ, &ws);
+			}
+			break;
+		case VMRT_SHUTDOWN:
+			if (!x->is_main) {
+				sess_protocol_error(x, "SHUTDOWN on an exec port");
+				return;
+			}
+			con("shutdown requested");
+			poweroff();
+		case VMRT_RUN:
+			if (x->is_main)
 				protocol_error("second RUN");
-			}
-		}
-		if (close_pending && q_len == 0) {
-			stdin_closed(s);
-			close_pending = 0;
-		}
-
-		if (exited && ((s->out < 0 && s->err < 0) || now_ms() >= drain_deadline)) {
-			uint8_t p[12];
-			uint32_t code, sig = 0;
-
-			if (WIFSIGNALED(status)) {
-				sig = (uint32_t)WTERMSIG(status);
-				code = 128 + sig;
-			} else {
-				code = (uint32_t)WEXITSTATUS(status);
-			}
-			vmrt_put32(p, code);
-			vmrt_put32(p + 4, sig);
-			vmrt_put32(p + 8, oom_kills() > oom0 ? 1u : 0u);
-			send_frame(VMRT_EXIT, p, sizeof p);
+			sess_protocol_error(x, "RUN on an exec port");
 			return;
+		case VMRT_EXEC: /* exec ports are handled above */
+			protocol_error("EXEC on the agent port");
+		}
+	}
+}
+
+/* The host side of an exec port closed (or never opened).  What it still
+ * had to read is dropped; what it sent stays (it may be a new host's EXEC
+ * already: virtio-serial reports data and connection changes on separate
+ * queues), to be scanned for the next EXEC. */
+static void sess_hup(struct session *x)
+{
+	x->hup = 1;
+	x->woff = x->wlen = 0;
+	switch (x->state) {
+	case S_ACTIVE:
+		if (!x->exited) {
+			con("exec port %d: host gone; killing %d", x->idx, (int)x->pid);
+			kill_proc(x->pid);
+		}
+		x->host_lost = 1;
+		stdin_closed(x);
+		x->close_pending = 0;
+		break;
+	case S_CLOSING:
+		x->state = S_IDLE;
+		break;
+	}
+}
+
+static void reap(void)
+{
+	struct signalfd_siginfo si;
+	int st;
+	pid_t pid;
+
+	while (read(sfd, &si, sizeof si) > 0)
+		;
+	while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+		for (int i = 0; i < MAX_DETACHED; i++)
+			if (detached[i] == pid)
+				detached[i] = 0;
+		for (int k = 0; k <= NEXEC; k++) {
+			struct session *x = &sess[k];
+			if (x->pid != pid || x->exited)
+				continue;
+			x->exited = 1;
+			x->status = st;
+			x->drain_deadline = now_ms() + DRAIN_MS;
+			stdin_closed(x);
+			x->close_pending = 0;
+			if (!x->is_main)
+				continue;
+			/* as with Docker, exec processes end with the container */
+			for (int j = 1; j <= NEXEC; j++)
+				if (sess[j].pid > 0 && !sess[j].exited)
+					kill_proc(sess[j].pid);
+			for (int i = 0; i < MAX_DETACHED; i++)
+				if (detached[i] > 0)
+					kill_proc(detached[i]);
+		}
+	}
+}
+
+static void queue_exit(struct session *x)
+{
+	uint8_t p[12];
+	uint32_t code, sig = 0;
+
+	if (WIFSIGNALED(x->status)) {
+		sig = (uint32_t)WTERMSIG(x->status);
+		code = 128 + sig;
+	} else {
+		code = (uint32_t)WEXITSTATUS(x->status);
+	}
+	vmrt_put32(p, code);
+	vmrt_put32(p + 4, sig);
+	vmrt_put32(p + 8, oom_kills() > x->oom0 ? 1u : 0u);
+	sess_send(x, VMRT_EXIT, p, sizeof p);
+}
+
+/* The process is gone and its output relayed (or the drain timed out), with
+ * room in the queue for EXIT. */
+static int drained(const struct session *x)
+{
+	return x->pid > 0 && x->exited &&
+	       ((x->s.out < 0 && x->s.err < 0) || now_ms() >= x->drain_deadline) &&
+	       x->wlen - x->woff < OUT_CHUNK;
+}
+
+/* An exec process is over: EXIT to its host, or nothing if that host is gone. */
+static void exec_finish(struct session *x)
+{
+	if (!x->replaced && !x->host_lost) {
+		queue_exit(x);
+		stdio_close(&x->s);
+		x->pid = -1;
+		x->exited = 0;
+		x->state = S_CLOSING;
+		return;
+	}
+	sess_reset(x);
+}
+
+/* Relay one session's output and stdin after poll. */
+static int relay(struct session *x, const struct pollfd *pout, const struct pollfd *perr,
+		 const struct pollfd *pin)
+{
+	static uint8_t obuf[OUT_CHUNK];
+	int master_hup = 0;
+
+	for (int k = 0; k < 2; k++) {
+		const struct pollfd *p = k == 0 ? pout : perr;
+		int *fdp = k == 0 ? &x->s.out : &x->s.err;
+		if (!p || *fdp < 0 || p->fd != *fdp || !p->revents)
+			continue;
+		for (int rounds = 0; rounds < 4 && x->wlen - x->woff < OUT_CHUNK; rounds++) {
+			ssize_t n = read(*fdp, obuf, sizeof obuf);
+			if (n > 0) {
+				if (!x->host_lost && !x->replaced)
+					sess_send(x, k == 0 ? VMRT_STDOUT : VMRT_STDERR, obuf, (size_t)n);
+				sess_flush(x);
+				continue;
+			}
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0 && errno == EAGAIN)
+				break;
+			/* EOF, or EIO from a pty master whose slave is gone */
+			if (*fdp == x->s.master) {
+				if (!x->exited) {
+					/* keep the master for stdin until exit */
+					master_hup = 1;
+					break;
+				}
+				x->s.master = -1;
+				if (x->s.in == *fdp)
+					x->s.in = -1;
+			}
+			close(*fdp);
+			*fdp = -1;
+			break;
+		}
+	}
+	if (pin && x->q_len > 0 && x->s.in >= 0 && pin->fd == x->s.in && pin->revents) {
+		ssize_t n = write(x->s.in, x->stdin_q + x->q_off, x->q_len);
+		if (n > 0) {
+			x->q_off += (size_t)n;
+			x->q_len -= (size_t)n;
+			if (x->q_len == 0)
+				x->q_off = 0;
+		} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+			/* EPIPE: the process closed its stdin */
+			stdin_closed(x);
+			x->close_pending = 0;
+		}
+	}
+	return master_hup;
+}
+
+/* Relay the container process and the exec processes until the container
+ * has exited, then send its EXIT. */
+static void supervise(void)
+{
+	enum { PER = 4 };
+	struct pollfd pfd[1 + PER * (1 + NEXEC)];
+	int ip[1 + NEXEC], io[1 + NEXEC], ie[1 + NEXEC], ii[1 + NEXEC];
+	int64_t last_tick = 0;
+
+	for (;;) {
+		int n = 0, timeout = -1, tick = 0, master_hup = 0;
+		int64_t now = now_ms();
+
+		for (int k = 0; k <= NEXEC; k++) {
+			struct session *x = &sess[k];
+			if (x->fd < 0)
+				continue;
+			if (!x->is_main) {
+				if (drained(x))
+					exec_finish(x);
+				if (x->state == S_CLOSING && x->wlen == 0)
+					x->state = S_IDLE;
+				if (x->hup)
+					continue;
+			}
+			handle_frames(x);
+			if (x->close_pending && x->q_len == 0) {
+				stdin_closed(x);
+				x->close_pending = 0;
+			}
 		}
 
-		pfd[P_PORT].fd = port_fd;
-		pfd[P_PORT].events = q_len <= STDIN_QCAP - VMRT_FRAME_MAX ? POLLIN : 0;
-		pfd[P_OUT].fd = s->out;
-		pfd[P_OUT].events = POLLIN;
-		pfd[P_ERR].fd = s->err;
-		pfd[P_ERR].events = POLLIN;
-		pfd[P_IN].fd = q_len > 0 ? s->in : -1;
-		pfd[P_IN].events = POLLOUT;
-		pfd[P_SIG].fd = sfd;
-		pfd[P_SIG].events = POLLIN;
-		int timeout = -1;
-		if (exited) {
-			int64_t left = drain_deadline - now_ms();
-			timeout = left < 0 ? 0 : (int)left;
+		if (drained(MAIN)) {
+			int busy = 0;
+			for (int k = 1; k <= NEXEC; k++)
+				if (sess[k].fd >= 0 && (sess[k].pid > 0 || (sess[k].state == S_CLOSING && sess[k].wlen)))
+					busy = 1;
+			if (!busy || now >= MAIN->drain_deadline) {
+				queue_exit(MAIN);
+				main_flush();
+				return;
+			}
 		}
-		if (poll(pfd, NP, timeout) < 0) {
+
+		pfd[n].fd = sfd;
+		pfd[n++].events = POLLIN;
+		for (int k = 0; k <= NEXEC; k++) {
+			struct session *x = &sess[k];
+			ip[k] = io[k] = ie[k] = ii[k] = -1;
+			if (x->fd < 0)
+				continue;
+			if (!x->is_main && x->hup) {
+				tick = 1;
+			} else {
+				pfd[n].fd = x->fd;
+				pfd[n].events = (short)((x->q_len <= STDIN_QCAP - VMRT_FRAME_MAX &&
+							 x->rlen < sizeof x->rbuf ? POLLIN : 0) |
+							(x->wlen > x->woff ? POLLOUT : 0));
+				ip[k] = n++;
+			}
+			if (x->pid > 0 && x->wlen - x->woff < OUT_CHUNK) {
+				if (x->s.out >= 0) {
+					pfd[n].fd = x->s.out;
+					pfd[n].events = POLLIN;
+					io[k] = n++;
+				}
+				if (x->s.err >= 0) {
+					pfd[n].fd = x->s.err;
+					pfd[n].events = POLLIN;
+					ie[k] = n++;
+				}
+			}
+			if (x->q_len > 0 && x->s.in >= 0) {
+				pfd[n].fd = x->s.in;
+				pfd[n].events = POLLOUT;
+				ii[k] = n++;
+			}
+			if (x->pid > 0 && x->exited) {
+				int64_t left = x->drain_deadline - now;
+				int t = left < 0 ? 0 : (int)left;
+				if (timeout < 0 || t < timeout)
+					timeout = t;
+			}
+		}
+		if (tick && (timeout < 0 || timeout > TICK_MS))
+			timeout = TICK_MS;
+		if (poll(pfd, (nfds_t)n, timeout) < 0) {
 			if (errno == EINTR)
 				continue;
 			con("poll: %s", strerror(errno));
 			poweroff();
 		}
 
-		if (pfd[P_SIG].revents) {
-			struct signalfd_siginfo si;
-			int st;
-			pid_t pid;
+		if (pfd[0].revents)
+			reap();
 
-			while (read(sfd, &si, sizeof si) > 0)
-				;
-			while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
-				if (pid == child && !exited) {
-					exited = 1;
-					status = st;
-					drain_deadline = now_ms() + DRAIN_MS;
-					stdin_closed(s);
-					close_pending = 0;
-				}
+		for (int k = 0; k <= NEXEC; k++) {
+			struct session *x = &sess[k];
+			if (x->fd < 0)
+				continue;
+			master_hup |= relay(x, io[k] >= 0 ? &pfd[io[k]] : NULL, ie[k] >= 0 ? &pfd[ie[k]] : NULL,
+					    ii[k] >= 0 ? &pfd[ii[k]] : NULL);
+			if (ip[k] < 0)
+				continue;
+			short re = pfd[ip[k]].revents;
+			int gone = 0;
+			if (re & POLLOUT)
+				sess_flush(x);
+			if ((re & POLLIN) && (pfd[ip[k]].events & POLLIN)) {
+				gone = port_read(x) == 0;
+			} else if (re & (POLLHUP | POLLERR | POLLNVAL)) {
+				gone = 1;
+			}
+			if (gone) {
+				if (x->is_main)
+					host_gone();
+				sess_hup(x);
 			}
 		}
 
-		int master_hup = 0;
-		for (int k = P_OUT; k <= P_ERR; k++) {
-			int *fdp = k == P_OUT ? &s->out : &s->err;
-			if (*fdp < 0 || !pfd[k].revents)
-				continue;
-			/* after exit drain everything; before, one chunk per round */
-			for (int rounds = 0; rounds < (exited ? 1 << 20 : 4); rounds++) {
-				ssize_t n = read(*fdp, obuf, sizeof obuf);
-				if (n > 0) {
-					send_frame(k == P_OUT ? VMRT_STDOUT : VMRT_STDERR, obuf, (size_t)n);
-					continue;
-				}
-				if (n < 0 && errno == EINTR)
-					continue;
-				if (n < 0 && errno == EAGAIN)
-					break;
-				/* EOF, or EIO from a pty master whose slave is gone */
-				if (*fdp == s->master) {
-					if (!exited) {
-						/* keep the master for stdin until exit */
-						master_hup = 1;
-						break;
-					}
-					s->master = -1;
-				}
-				close(*fdp);
-				*fdp = -1;
-				break;
+		/* an exec port without its host: look again now and then */
+		if (tick && now_ms() - last_tick >= TICK_MS) {
+			last_tick = now_ms();
+			for (int k = 1; k <= NEXEC; k++) {
+				struct session *x = &sess[k];
+				struct pollfd p = { .fd = x->fd, .events = POLLIN };
+				if (x->fd >= 0 && x->hup && poll(&p, 1, 0) >= 0 && !(p.revents & POLLHUP))
+					x->hup = 0;
 			}
 		}
 		/* With no slave open (the process closed its terminal) a pty
 		 * master polls as hung up until the process exits: do not spin. */
 		if (master_hup)
 			usleep(10000);
-
-		if (q_len > 0 && s->in >= 0 && pfd[P_IN].revents) {
-			ssize_t n = write(s->in, stdin_q + q_off, q_len);
-			if (n > 0) {
-				q_off += (size_t)n;
-				q_len -= (size_t)n;
-				if (q_len == 0)
-					q_off = 0;
-			} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-				/* EPIPE: the process closed its stdin */
-				stdin_closed(s);
-				close_pending = 0;
-			}
-		}
-
-		if (pfd[P_PORT].revents) {
-			if (!(pfd[P_PORT].events & POLLIN)) {
-				if (pfd[P_PORT].revents & (POLLHUP | POLLERR))
-					host_gone();
-			} else if (port_read() == 0) {
-				host_gone();
-			}
-		}
 	}
 }
 
@@ -1231,22 +1829,22 @@ static void linger(int ms)
 
 	for (;;) {
 		for (;;) {
-			long n = vmrt_frame_parse(rbuf, rlen, VMRT_TO_AGENT, &f, err, sizeof err);
+			long n = vmrt_frame_parse(MAIN->rbuf, MAIN->rlen, VMRT_TO_AGENT, &f, err, sizeof err);
 			if (n < 0)
 				poweroff();
 			if (n == 0)
 				break;
 			if (f.type == VMRT_SHUTDOWN)
 				poweroff();
-			memmove(rbuf, rbuf + n, rlen - (size_t)n);
-			rlen -= (size_t)n;
+			memmove(MAIN->rbuf, MAIN->rbuf + n, MAIN->rlen - (size_t)n);
+			MAIN->rlen -= (size_t)n;
 		}
 		int64_t left = deadline - now_ms();
 		if (left <= 0)
 			poweroff();
 		struct pollfd pfd = { .fd = port_fd, .events = POLLIN };
 		if (poll(&pfd, 1, (int)left) > 0) {
-			if (!(pfd.revents & POLLIN) || port_read() == 0)
+			if (!(pfd.revents & POLLIN) || port_read(MAIN) == 0)
 				poweroff();
 		}
 	}
@@ -1254,10 +1852,26 @@ static void linger(int ms)
 
 /* ---------------------------------------------------------------- main */
 
+static void sessions_init(void)
+{
+	for (int k = 0; k <= NEXEC; k++) {
+		struct session *x = &sess[k];
+		x->fd = -1;
+		x->is_main = k == 0;
+		x->idx = k - 1;
+		x->state = S_IDLE;
+		x->pid = -1;
+		x->last_in = '\n';
+		x->s.child_in = x->s.child_out = x->s.child_err = -1;
+		x->s.in = x->s.out = x->s.err = x->s.master = -1;
+	}
+}
+
 int main(void)
 {
 	static const char hello_line[] = "vmrt-agent: init\n";
-	struct stdio s;
+	char msg[1024], pts[64];
+	uint32_t code = 125;
 	sigset_t mask;
 	int ep[2];
 
@@ -1265,6 +1879,7 @@ int main(void)
 	(void)!write(1, hello_line, sizeof hello_line - 1);
 	ensure_stdio();
 	umask(022);
+	sessions_init();
 
 	boot_mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL);
 	boot_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL);
@@ -1273,16 +1888,31 @@ int main(void)
 	boot_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
 	mkdir("/tmp", 01777);
 	ensure_stdio();
+	self_pidns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
 
 	signal(SIGPIPE, SIG_IGN);
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGCHLD);
 	sigprocmask(SIG_BLOCK, &mask, NULL);
+	sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sfd < 0) {
+		con("signalfd: %s", strerror(errno));
+		poweroff();
+	}
 
-	port_fd = find_port();
+	port_fd = find_port(PORT_NAME, 5000);
 	if (port_fd < 0) {
 		con("virtio-serial port %s not found", PORT_NAME);
 		poweroff();
+	}
+	/* open the exec ports now: the guest drops what a host sends to a
+	 * port no one has open */
+	for (int k = 1; k <= NEXEC; k++) {
+		char name[64];
+		snprintf(name, sizeof name, EXEC_PORT_PREFIX "%d", k - 1);
+		sess[k].fd = find_port(name, 0);
+		if (sess[k].fd < 0)
+			con("virtio-serial port %s not found; no exec there", name);
 	}
 	send_hello();
 	wait_run();
@@ -1300,7 +1930,10 @@ int main(void)
 	setup_rootfs();
 	setup_container_mounts();
 	setup_cgroup();
-	setup_stdio(&s);
+	if (stdio_open(&MAIN->s, &run, 0, pts, sizeof pts, msg, sizeof msg) < 0)
+		fatal(125, "%s", msg);
+	if (run.tty && mount(pts, ROOT "/dev/console", NULL, MS_BIND, NULL) < 0)
+		con("bind %s on /dev/console: %s", pts, strerror(errno));
 
 	if (pipe2(ep, O_CLOEXEC) < 0)
 		fatal(125, "pipe: %s", strerror(errno));
@@ -1314,45 +1947,18 @@ int main(void)
 	if (child < 0)
 		fatal(125, "cannot start the container process: %s", strerror(errno));
 	if (child == 0)
-		child_main(&s);
+		child_main(&MAIN->s);
 
 	close(ep[1]);
-	if (s.child_in != s.child_out)
-		close(s.child_in);
-	if (s.child_err != s.child_out)
-		close(s.child_err);
-	close(s.child_out);
+	errpipe_w = -1;
+	stdio_close_child(&MAIN->s);
 
 	/* EOF on the error pipe: exec succeeded */
-	{
-		char buf[4 + 1024 + 1];
-		size_t got = 0;
-
-		for (;;) {
-			ssize_t n = read(ep[0], buf + got, sizeof buf - 1 - got);
-			if (n > 0) {
-				got += (size_t)n;
-				if (got == sizeof buf - 1)
-					break;
-			} else if (n < 0 && errno == EINTR) {
-				continue;
-			} else {
-				break;
-			}
-		}
-		close(ep[0]);
-		if (got > 0) {
-			uint32_t code = 125;
-			if (got >= 4)
-				memcpy(&code, buf, 4);
-			buf[got < 4 ? 4 : got] = '\0';
-			if (got < 4)
-				snprintf(buf + 4, sizeof buf - 4, "container setup failed");
-			send_error(code, buf + 4);
-			waitpid(child, NULL, 0);
-			child = -1;
-			linger(ERROR_LINGER_MS);
-		}
+	if (read_errpipe(ep[0], &code, msg, sizeof msg)) {
+		send_error(code, msg);
+		waitpid(child, NULL, 0);
+		child = -1;
+		linger(ERROR_LINGER_MS);
 	}
 
 	{
@@ -1360,7 +1966,10 @@ int main(void)
 		vmrt_put32(p, (uint32_t)child);
 		send_frame(VMRT_STARTED, p, 4);
 	}
-	supervise(&s);
+	MAIN->pid = child;
+	MAIN->oom0 = oom_kills();
+	MAIN->state = S_ACTIVE;
+	supervise();
 	child = -1;
 	linger(LINGER_MS);
 }

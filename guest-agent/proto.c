@@ -34,6 +34,7 @@ static const char *msg_name(uint8_t t)
 	case VMRT_SIGNAL: return "SIGNAL";
 	case VMRT_RESIZE: return "RESIZE";
 	case VMRT_SHUTDOWN: return "SHUTDOWN";
+	case VMRT_EXEC: return "EXEC";
 	default: return NULL;
 	}
 }
@@ -125,7 +126,7 @@ long vmrt_frame_parse(const uint8_t *buf, size_t len, enum vmrt_dir dir,
 			return -1;
 		}
 		break;
-	default: /* RUN (checked by vmrt_run_parse), STDIN, STDOUT, STDERR */
+	default: /* RUN, EXEC (checked by vmrt_run_parse), STDIN, STDOUT, STDERR */
 		break;
 	}
 	if (out) {
@@ -219,6 +220,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_MOUNT_DATA: return "MOUNT_DATA";
 	case VMRT_TAG_MEMORY_MAX: return "MEMORY_MAX";
 	case VMRT_TAG_PIDS_MAX: return "PIDS_MAX";
+	case VMRT_TAG_DETACH: return "DETACH";
 	default: return "?";
 	}
 }
@@ -251,6 +253,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->no_new_privs = 0;
 	out->nmounts = 0;
 	out->memory_max = out->pids_max = 0;
+	out->detach = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -381,9 +384,13 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			out->caps = vmrt_get64(v);
 			break;
 		case VMRT_TAG_NO_NEW_PRIVS:
+		case VMRT_TAG_DETACH:
 			if (vlen != 0)
 				goto badsize;
-			out->no_new_privs = 1;
+			if (tag == VMRT_TAG_DETACH)
+				out->detach = 1;
+			else
+				out->no_new_privs = 1;
 			break;
 		case VMRT_TAG_TIME:
 			if (vlen != 8)

@@ -1,4 +1,4 @@
-/* vmrt agent protocol, version 1 (docs/agent-protocol.md): pure parsers.
+/* vmrt agent protocol, version 2 (docs/agent-protocol.md): pure parsers.
  *
  * Nothing in proto.c does I/O, touches globals or allocates: every function
  * works on the buffers its caller passes and never reads or writes outside
@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define VMRT_MAGIC         0x7652u
-#define VMRT_PROTO_VERSION 1u
+#define VMRT_PROTO_VERSION 2u
 #define VMRT_HDR_LEN       8u
 #define VMRT_MAX_PAYLOAD   65536u
 #define VMRT_FRAME_MAX     (VMRT_HDR_LEN + VMRT_MAX_PAYLOAD)
@@ -30,11 +30,12 @@ enum vmrt_msg {
 	VMRT_SIGNAL = 0x44,
 	VMRT_RESIZE = 0x45,
 	VMRT_SHUTDOWN = 0x46,
+	VMRT_EXEC = 0x47, /* v2: on an exec port, RUN records for an extra process */
 };
 
 /* Which direction a stream carries: the set of allowed frame types. */
 enum vmrt_dir {
-	VMRT_TO_AGENT = 0, /* host -> agent: RUN .. SHUTDOWN */
+	VMRT_TO_AGENT = 0, /* host -> agent: RUN .. EXEC */
 	VMRT_TO_HOST = 1,  /* agent -> host: HELLO .. ERROR */
 };
 
@@ -59,6 +60,7 @@ enum vmrt_tag {
 	VMRT_TAG_MOUNT_DATA = 18,   /* string: fs options (tmpfs size=, mode=) */
 	VMRT_TAG_MEMORY_MAX = 19,   /* u64: container memory limit, bytes */
 	VMRT_TAG_PIDS_MAX = 20,     /* u64: container pids limit */
+	VMRT_TAG_DETACH = 21,       /* empty: EXEC only, do not tie the process to the port */
 };
 
 enum vmrt_mount_flags {
@@ -99,14 +101,14 @@ struct vmrt_frame {
  * VMRT_FRAME_MAX, so a caller's buffer of that size always makes progress.
  * Fixed-size payloads are checked here (SIGNAL, RESIZE: 4 bytes; STDIN_CLOSE,
  * SHUTDOWN: empty; STARTED: 4; EXIT: 12, status <= 255; HELLO >= 20;
- * ERROR >= 4); RUN payloads are decoded by vmrt_run_parse. */
+ * ERROR >= 4); RUN and EXEC payloads are decoded by vmrt_run_parse. */
 long vmrt_frame_parse(const uint8_t *buf, size_t len, enum vmrt_dir dir,
 		      struct vmrt_frame *out, char *err, size_t errlen);
 
 /* Encode a frame header for a payload of len bytes (len <= VMRT_MAX_PAYLOAD). */
 void vmrt_frame_header(uint8_t hdr[VMRT_HDR_LEN], uint8_t type, uint32_t len);
 
-/* A decoded RUN message.  Strings are NUL-terminated copies in strings[]
+/* A decoded RUN or EXEC message.  Strings are NUL-terminated copies in strings[]
  * (the parser needs at most len bytes there for a payload of len bytes). */
 struct vmrt_run {
 	char *argv[VMRT_MAX_ARGS + 1]; /* NULL-terminated */
@@ -132,6 +134,7 @@ struct vmrt_run {
 	size_t nmounts;
 	uint64_t memory_max; /* 0: no limit */
 	uint64_t pids_max;   /* 0: no limit */
+	int detach;          /* DETACH record given (EXEC) */
 	char strings[VMRT_MAX_PAYLOAD];
 };
 

@@ -20,7 +20,7 @@ def agent_frames() -> st.SearchStrategy[bytes]:
         st.builds(lambda b: P.encode(P.Msg.STDERR, b), st.binary(max_size=300)),
         st.builds(lambda s, f: P.encode(P.Msg.EXIT, struct.pack(">III", s, 0, f)),
                   st.integers(0, 255), st.integers(0, 1)),
-        st.builds(lambda v: P.encode(P.Msg.HELLO, struct.pack(">HHQQ", 1, 0, 5, 6) + v.encode()), text),
+        st.builds(lambda v: P.encode(P.Msg.HELLO, struct.pack(">HHQQ", P.VERSION, 0, 5, 6) + v.encode()), text),
     )
 
 
@@ -81,7 +81,7 @@ def test_truncated_stream_is_rejected() -> None:
 
 def test_oversized_and_bad_headers_are_rejected() -> None:
     with pytest.raises(ProtocolError, match="exceeds"):
-        list(P.FrameDecoder().feed(struct.pack(">HBBI", P.MAGIC, 1, 3, P.MAX_PAYLOAD + 1)))
+        list(P.FrameDecoder().feed(struct.pack(">HBBI", P.MAGIC, P.VERSION, 3, P.MAX_PAYLOAD + 1)))
     with pytest.raises(ProtocolError, match="magic"):
         list(P.FrameDecoder().feed(b"GET / HTTP/1.1\r\n"))
     with pytest.raises(ProtocolError, match="version"):
@@ -112,3 +112,72 @@ def test_mount_records_need_a_mount_first() -> None:
     payload = struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + struct.pack(">BI", P.Tag.MOUNT_FLAGS, 4) + b"\0\0\0\1"
     with pytest.raises(P.ProtocolError):
         P.decode_run(payload)
+
+
+@given(st.lists(text, min_size=1, max_size=5), st.lists(text, max_size=5), st.integers(0, 2**32 - 1),
+       st.lists(st.integers(0, 2**32 - 1), max_size=4), st.booleans(), st.booleans(),
+       st.one_of(st.none(), st.tuples(st.integers(0, 65535), st.integers(0, 65535))))
+def test_exec_round_trip(args: list[str], env: list[str], uid: int, groups: list[int], stdin: bool,
+                         detach: bool, tty: tuple[int, int] | None) -> None:
+    spec = P.ExecSpec(args=args, env=env, cwd="/srv/x", uid=uid, gid=uid ^ 1, groups=groups, tty=tty,
+                      stdin=stdin, detach=detach)
+    frame = P.encode_exec(spec)
+    assert frame[2] == P.VERSION == 2 and frame[3] == P.Msg.EXEC == 0x47
+    (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(frame))
+    assert fr.type == P.Msg.EXEC
+    assert P.decode_exec(fr.payload) == spec
+    # the agent parses EXEC with the RUN parser: the shared records decode the same way
+    run = P.decode_run(fr.payload)
+    assert (run.args, run.env, run.cwd, run.uid, run.groups, run.tty, run.stdin) == (
+        spec.args, spec.env, spec.cwd, spec.uid, spec.groups, spec.tty, spec.stdin)
+
+
+def test_exec_ignores_run_only_tags_and_checks_its_own() -> None:
+    payload = (struct.pack(">BI", P.Tag.ARG, 2) + b"id" + struct.pack(">BI", P.Tag.HOSTNAME, 1) + b"h"
+               + struct.pack(">BI", P.Tag.MEMORY_MAX, 8) + bytes(8) + struct.pack(">BI", P.Tag.DETACH, 0))
+    assert P.decode_exec(payload) == P.ExecSpec(args=["id"], detach=True)
+    with pytest.raises(ProtocolError, match="DETACH"):
+        P.decode_exec(struct.pack(">BI", P.Tag.ARG, 2) + b"id" + struct.pack(">BI", P.Tag.DETACH, 1) + b"x")
+    with pytest.raises(ProtocolError, match="without ARG"):
+        P.decode_exec(b"")
+    with pytest.raises(ProtocolError):
+        P.encode_exec(P.ExecSpec(args=[]))
+    with pytest.raises(ProtocolError, match="not absolute"):
+        P.encode_exec(P.ExecSpec(args=["true"], cwd="rel"))
+
+
+def test_exec_is_host_to_agent_only_and_version_1_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="not allowed"):
+        list(P.FrameDecoder(P.FROM_AGENT).feed(P.encode_exec(P.ExecSpec(args=["true"]))))
+    with pytest.raises(ProtocolError, match="version 1"):
+        list(P.FrameDecoder().feed(struct.pack(">HBBI", P.MAGIC, 1, P.Msg.STDOUT, 0)))
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=300)
+def test_exec_decoder_raises_only_protocol_error(data: bytes) -> None:
+    try:
+        P.decode_exec(data)
+    except ProtocolError:
+        pass
+
+
+def test_exec_client_skips_an_earlier_sessions_leftovers() -> None:
+    import socket
+
+    from vmrt.agent.exec_client import _Relay
+    a, b = socket.socketpair()
+    try:
+        r = _Relay(a, P.ExecSpec(args=["true"]), 0, 1, 2)
+        stale = P.encode(P.Msg.STDOUT, b"old output") + P.encode(P.Msg.EXIT, struct.pack(">III", 0, 0, 0))
+        mine = (P.encode(P.Msg.STARTED, struct.pack(">I", 7)) + P.encode(P.Msg.STDOUT, b"new")
+                + P.encode(P.Msg.EXIT, struct.pack(">III", 3, 0, 0)))
+        stream = stale[5:] + b"vR" + stale + mine  # a frame's tail, a lone magic, whole stale frames
+        got = []
+        for i in range(0, len(stream), 3):
+            got += [(f.type, f.payload) for f in r._frames(stream[i:i + 3])]
+        assert got == [(P.Msg.STARTED, struct.pack(">I", 7)), (P.Msg.STDOUT, b"new"),
+                       (P.Msg.EXIT, struct.pack(">III", 3, 0, 0))]
+    finally:
+        a.close()
+        b.close()

@@ -5,7 +5,7 @@
  *  2. as a host->agent byte stream, parsed once in one piece and once fed
  *     incrementally in chunks (sizes drawn from the input) through a
  *     VMRT_FRAME_MAX buffer the way the agent does; both must see the same
- *     frames and end the same way; every RUN frame is decoded too;
+ *     frames and end the same way; every RUN and EXEC frame is decoded too;
  *  3. the same for the agent->host direction.
  */
 #include <stdint.h>
@@ -61,6 +61,7 @@ static void check_run(const uint8_t *p, size_t n)
 	check(total <= n);
 	(void)strlen(run.hostname);
 	(void)strlen(run.rootfs);
+	check(run.detach == 0 || run.detach == 1);
 	check(run.nmounts <= VMRT_MAX_MOUNTS);
 	for (size_t i = 0; i < run.nmounts; i++) {
 		const struct vmrt_mount *m = &run.mounts[i];
@@ -116,7 +117,7 @@ static struct outcome whole(const uint8_t *d, size_t n, enum vmrt_dir dir)
 		check(f.payload == d + off + VMRT_HDR_LEN);
 		o.hash = mix_frame(o.hash, &f);
 		o.frames++;
-		if (f.type == VMRT_RUN)
+		if (f.type == VMRT_RUN || f.type == VMRT_EXEC)
 			check_run(f.payload, f.len);
 		off += (size_t)r;
 	}

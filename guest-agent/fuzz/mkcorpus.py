@@ -6,7 +6,7 @@ import sys
 
 
 def frame(t, p=b""):
-    return struct.pack(">HBBI", 0x7652, 1, t, len(p)) + p
+    return struct.pack(">HBBI", 0x7652, 2, t, len(p)) + p
 
 
 def rec(tag, v):
@@ -26,7 +26,11 @@ seeds = {
     "run_min_stdin": frame(0x41, rec(1, b"cat") + rec(9, b"")) + frame(0x42, b"hello\n")
     + frame(0x43) + frame(0x44, struct.pack(">I", 15)) + frame(0x45, struct.pack(">HH", 50, 132))
     + frame(0x46),
-    "agent_stream": frame(0x01, struct.pack(">HHQQ", 1, 0, 1, 2) + b"vmrt-agent 0.1.0")
+    "exec_stream": frame(0x47, rec(1, b"sh") + rec(1, b"-c") + rec(1, b"id -u") + rec(2, b"PATH=/bin")
+                         + rec(3, b"/tmp") + rec(5, struct.pack(">I", 1000)) + rec(9, b"") + rec(21, b"")
+                         + rec(4, b"ignored"))
+    + frame(0x42, b"in") + frame(0x43) + frame(0x44, struct.pack(">I", 2)),
+    "agent_stream": frame(0x01, struct.pack(">HHQQ", 2, 0, 1, 2) + b"vmrt-agent 0.1.0")
     + frame(0x02, struct.pack(">I", 42)) + frame(0x03, b"out") + frame(0x04, b"err")
     + frame(0x05, struct.pack(">III", 143, 15, 0)) + frame(0x06, struct.pack(">I", 127) + b"x"),
 }

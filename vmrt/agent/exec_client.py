@@ -143,6 +143,7 @@ class _Relay:
         self.started = False
         self.stdin_open = False
         self.tty_restore: list[Any] | None = None
+        self.pre: bytearray | None = bytearray()  # bytes before this session's STARTED/ERROR
 
     # --- signals -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -203,7 +204,7 @@ class _Relay:
         self.stdin_open = True
         if self.spec.tty is not None and os.isatty(self.stdin_fd):
             self.tty_restore = termios.tcgetattr(self.stdin_fd)
-            tty_mod.setraw(self.stdin_fd)
+            tty_mod.setraw(self.stdin_fd, termios.TCSADRAIN)  # keep what was typed ahead
         if self.spec.tty is not None:
             self._resize()  # the terminal may have changed since EXEC was sent
 
@@ -273,6 +274,34 @@ class _Relay:
             raise AgentError(f"exec port: {e.strerror}") from None
         del self.out[:n]
 
+    def _frames(self, data: bytes) -> Iterator[P.Frame]:
+        """Frames in data; before STARTED or ERROR, whatever an earlier client of the port
+        left on the way (whole frames, or the rest of one) is skipped."""
+        if self.pre is None:
+            yield from self.decoder.feed(data)
+            return
+        self.pre += data
+        prefix = P.HEADER.pack(P.MAGIC, P.VERSION, 0, 0)[:3]
+        while True:
+            i = self.pre.find(prefix)
+            if i < 0:
+                del self.pre[:max(0, len(self.pre) - 2)]
+                return
+            del self.pre[:i]
+            try:
+                fr = next(P.FrameDecoder(P.FROM_AGENT).feed(bytes(self.pre)), None)
+            except VmrtError:  # not a frame: look further
+                del self.pre[:1]
+                continue
+            if fr is None:
+                return  # more bytes needed
+            del self.pre[:P.HEADER.size + len(fr.payload)]
+            if fr.type in (P.Msg.STARTED, P.Msg.ERROR):
+                rest, self.pre = bytes(self.pre), None
+                yield fr
+                yield from self.decoder.feed(rest)
+                return
+
     def _receive(self) -> int | None:
         try:
             data = self.sock.recv(1 << 17)
@@ -284,7 +313,7 @@ class _Relay:
             if self.started:
                 raise AgentError("the container's VM went away before the exec process exited")
             raise AgentError("the guest agent closed the exec port before the process started")
-        for fr in self.decoder.feed(data):
+        for fr in self._frames(data):
             if not self.started:
                 if fr.type == P.Msg.STARTED:
                     P.decode_started(fr.payload)
@@ -295,7 +324,7 @@ class _Relay:
                     err = P.decode_error(fr.payload)
                     raise ContainerExecError(err.message,
                                              exit_code=err.code if err.code in (125, 126, 127) else 125)
-                continue  # what an earlier client of this port left behind
+                continue
             if fr.type == P.Msg.STDOUT:
                 write_all(self.stdout_fd, fr.payload)
             elif fr.type == P.Msg.STDERR:
