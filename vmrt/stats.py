@@ -3,7 +3,7 @@
 Process mode reads the container's cgroup (memory, CPU time, pids). VM mode
 reports the real host cost, the PSS and CPU time of the processes that exist
 for the container on the host (QEMU, virtiofsd and its monitor), beside the
-guest's own view of the container's memory (its cgroup inside the VM, read
+guest's own view of its memory (MemTotal - MemAvailable inside the VM, read
 through the agent). ``top`` lists the container's processes: from the host for
 process mode, and from inside the VM (through the agent) for VM mode, whose
 processes the host cannot see.
@@ -91,18 +91,19 @@ def sample(c: Container) -> dict[str, Any]:
 
 
 def guest_memory(c: Container) -> int | None:
-    """The container's memory as the guest sees it (its cgroup in the VM), read through the agent."""
+    """Memory in use as the guest sees it (MemTotal - MemAvailable of the VM), read through the agent."""
     with contextlib.suppress(Exception):  # an exec port busy or the VM going away: no guest figure
         r, w = os.pipe()
         from .agent.exec_client import exec_in_vm
         with open(os.devnull, "wb") as null:
-            status = exec_in_vm(Path(c.run_dir), ["cat", "/sys/fs/cgroup/vmrt/memory.current"], env=[], cwd="/",
-                                uid=0, gid=0, groups=[], tty=None, interactive=False, stdout_fd=w,
-                                stderr_fd=null.fileno())
+            status = exec_in_vm(Path(c.run_dir), ["cat", "/proc/meminfo"], env=[], cwd="/", uid=0, gid=0,
+                                groups=[], tty=None, interactive=False, stdout_fd=w, stderr_fd=null.fileno())
         os.close(w)
         with open(r, "rb") as f:
-            out = f.read().strip()
-        return int(out) if status == 0 and out.isdigit() else None
+            info = {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in f.read().decode().splitlines())
+                    if v.strip()}
+        if status == 0:
+            return (info["MemTotal"] - info["MemAvailable"]) * 1024
     return None
 
 
