@@ -218,3 +218,20 @@ def test_twenty_parallel_detached_runs(vmrt: Vmrt) -> None:
     r = subprocess.run(vmrt.cmd("rm", "-f", *ids), env=vmrt.env, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr
     vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attach_follows_output_and_proxies_signals(vmrt: Vmrt, mode: str) -> None:
+    cid = detach(vmrt, mode, "sh", "-c", "trap 'echo got-int; exit 9' INT; echo ready; "
+                                         "while true; do sleep 0.2; done")
+    until(lambda: b"ready" in vmrt("logs", cid).stdout, 60)
+    p = vmrt.popen("attach", cid)
+    time.sleep(1.0)  # attached: following the log
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 9, err
+    assert out == b"got-int\n"  # from the moment of attaching: not the earlier "ready"
+    r = vmrt("attach", cid)
+    assert r.returncode == 125 and b"cannot attach to a stopped container" in r.stderr
+    rm(vmrt, cid)
+    vmrt.assert_clean()

@@ -469,12 +469,40 @@ def cp(ctx: click.Context, src: str, dest: str) -> None:
     copy(_cfg(ctx), src, dest)
 
 
+@click.command()
+@click.argument("container")
+@click.option("--sig-proxy/--no-sig-proxy", default=True, show_default=True,
+              help="Pass the signals vmrt receives (Ctrl-C) to the container.")
+@click.pass_context
+def attach(ctx: click.Context, container: str, sig_proxy: bool) -> None:
+    """Follow a running detached container's output (stdout/stderr) until it exits; exit with its status.
+
+    stdin is not attached (a detached container's stdin is /dev/null)."""
+    import signal as signal_mod
+    cfg = _cfg(ctx)
+    with _state(ctx) as st:
+        c = st.get(container)
+        if c.status != Status.RUNNING or not lifecycle.owner_alive(c):
+            raise StateError(f"You cannot attach to a stopped container, start it first: {c.name}")
+        if sig_proxy:
+            for s in (signal_mod.SIGINT, signal_mod.SIGTERM, signal_mod.SIGHUP):
+                signal_mod.signal(s, lambda signo, _f: _proxy(st, c.id, signo))
+        lifecycle.logs(cfg, st, c, follow=True, tail=0, timestamps=False, since=None)
+        c = st.get(c.id)
+    ctx.exit(c.exit_code if c.status == Status.EXITED and c.exit_code is not None else 0)
+
+
+def _proxy(st: State, container_id: str, signo: int) -> None:
+    with contextlib.suppress(VmrtError, OSError):
+        lifecycle.send(st.get(container_id), signo)
+
+
 def register(main: click.Group) -> click.Group:
     """Top-level commands, and the same under ``vmrt container`` (Docker's management form)."""
     group = click.Group("container", help="Manage containers.")
     for cmd, sub in ((ps, "ls"), (rm, "rm"), (stop, "stop"), (kill, "kill"), (wait, "wait"), (logs, "logs"),
                      (start, "start"), (restart, "restart"), (exec_, "exec"), (inspect, "inspect"),
-                     (rename, "rename"), (stats, "stats"), (top, "top"), (cp, "cp")):
+                     (rename, "rename"), (stats, "stats"), (top, "top"), (cp, "cp"), (attach, "attach")):
         main.add_command(cmd)
         group.add_command(cmd, sub)
     group.add_command(container_prune)
