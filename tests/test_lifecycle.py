@@ -235,3 +235,24 @@ def test_attach_follows_output_and_proxies_signals(vmrt: Vmrt, mode: str) -> Non
     assert r.returncode == 125 and b"cannot attach to a stopped container" in r.stderr
     rm(vmrt, cid)
     vmrt.assert_clean()
+
+
+def test_state_after_a_simulated_reboot(vmrt: Vmrt) -> None:
+    """Everything a reboot takes away (processes, mounts, /run) gone at once: ps tells the truth,
+    rm cleans up, and the same name starts again."""
+    cid = detach(vmrt, "process", "sleep", "100", name="survivor")
+    init = json.loads(vmrt("inspect", cid).stdout)[0]["State"]["Pid"]
+    for pid in [*_pids_of(b"vmrt.monitor", cid), init]:
+        os.kill(pid, signal.SIGKILL)
+    until(lambda: not os.path.exists(f"/proc/{init}"), 10)
+    for line in reversed(open("/proc/self/mountinfo").read().splitlines()):
+        mp = line.split()[4]
+        if mp.startswith(str(vmrt.run_root)):
+            subprocess.run(["umount", "-l", mp], check=True)
+    subprocess.run(["rm", "-rf", str(vmrt.run_root / "containers"), str(vmrt.run_root / "runtime")], check=True)
+    assert status_of(vmrt, cid).startswith("Exited (255)")
+    rm(vmrt, cid)
+    again = detach(vmrt, "process", "true", name="survivor")
+    assert vmrt("wait", again).stdout == b"0\n"
+    rm(vmrt, again)
+    vmrt.assert_clean()

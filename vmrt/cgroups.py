@@ -137,8 +137,16 @@ def _kill_members(d: Path) -> None:
 
 
 def remove_tree(rel: str, root: Path = ROOT) -> None:
-    """Best-effort removal of a container's leftover cgroup dirs (``vmrt rm``)."""
-    for d in dirs(rel, root):
+    """Best-effort removal of a container's leftover cgroup dirs (``vmrt rm``, reconciliation).
+
+    On v1 every mounted hierarchy is searched, not only the controllers vmrt
+    sets limits with: the OCI runtime creates the container's cgroup in all of
+    them (blkio, cpuset, devices, freezer, ...), and if its state is lost (a
+    reboot, a killed runtime) nobody else removes them.
+    """
+    rel = rel.strip("/")
+    found = [root / rel] if is_v2(root) else [h / rel for h in root.iterdir() if h.is_dir() and not h.is_symlink()]
+    for d in found:
         if d.is_dir():
             _kill_members(d)
             with contextlib.suppress(OSError):
