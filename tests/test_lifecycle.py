@@ -34,7 +34,7 @@ def ps(v: Vmrt, *args: str) -> list[dict]:  # type: ignore[type-arg]
 
 
 def status_of(v: Vmrt, cid: str) -> str:
-    return next(row["Status"] for row in ps(v) if cid.startswith(row["ID"]))
+    return next(row["Status"] for row in ps(v) if cid.startswith(row["ID"]) or row["Names"] == cid)
 
 
 def until(pred, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
@@ -255,4 +255,49 @@ def test_state_after_a_simulated_reboot(vmrt: Vmrt) -> None:
     again = detach(vmrt, "process", "true", name="survivor")
     assert vmrt("wait", again).stdout == b"0\n"
     rm(vmrt, again)
+    vmrt.assert_clean()
+
+
+def test_concurrent_starts_leave_one_healthy_container(vmrt: Vmrt) -> None:
+    cid = vmrt("create", "--isolation=process", "busybox", "sleep", "60").stdout.decode().strip()
+    procs = [vmrt.popen("start", cid) for _ in range(3)]
+    codes = [p.wait(timeout=60) for p in procs]
+    assert 0 in codes, codes
+    assert status_of(vmrt, cid).startswith("Up")
+    assert vmrt("exec", cid, "true").returncode == 0  # its root is still mounted: the losers touched nothing
+    assert len(_pids_of(b"vmrt.monitor", cid)) == 1
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+def test_owner_identity_survives_a_clock_step(vmrt: Vmrt) -> None:
+    import sqlite3
+    cid = detach(vmrt, "process", "sleep", "60")
+    with sqlite3.connect(vmrt.root / "state.db") as db:  # as if the wall clock jumped forward an hour
+        db.execute("UPDATE containers SET started = started - 3600 WHERE id = ?", (cid,))
+    assert status_of(vmrt, cid).startswith("Up")
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+def test_other_signals_reach_a_process_container(vmrt: Vmrt) -> None:
+    cid = detach(vmrt, "process", "sh", "-c", "trap 'exit 5' ALRM; while true; do sleep 0.1; done")
+    assert vmrt("kill", "-s", "ALRM", cid).returncode == 0
+    assert vmrt("wait", cid).stdout == b"5\n"
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+def test_restart_policy_checks(vmrt: Vmrt) -> None:
+    r = vmrt("run", "-d", "--rm", "--restart=always", "busybox", "true")
+    assert r.returncode == 125 and b"--restart and --rm" in r.stderr
+    r = vmrt("create", "--restart=always", "--isolation=process", "busybox", "true")
+    assert r.returncode == 0, r.stderr
+    rm(vmrt, r.stdout.decode().strip())
+    # a command that cannot start is reported once and not restarted in a loop
+    r = vmrt("run", "-d", "--restart=always", "--isolation=process", "--name", "never-starts", "busybox", "/nope")
+    assert r.returncode == 127
+    time.sleep(1.0)
+    assert status_of(vmrt, "never-starts").startswith("Exited (127)")
+    rm(vmrt, "never-starts")
     vmrt.assert_clean()

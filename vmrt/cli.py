@@ -127,7 +127,9 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         raise UsageError(f"kernel {kernel} not found")
     from .monitor import parse_restart
     parse_restart(restart)
-    if restart != "no" and not detach:
+    if restart != "no" and rm:
+        raise UsageError("conflicting options: cannot specify both --restart and --rm")
+    if restart != "no" and not detach and ctx.info_name != "create":
         raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
     meta = {"accel": accel, "kernel": str(kernel) if kernel else None, "runtime": runtime,
             "restart": restart, "rm": rm}

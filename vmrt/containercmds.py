@@ -52,9 +52,11 @@ def ago(ts: float | None) -> str:
         return "-"
     d = max(0, int(time.time() - ts))
     for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if d >= n:
+        if d >= 2 * n:
             return f"{d // n} {unit} ago"
-    return f"{d} seconds ago"
+        if d >= n:
+            return f"About {'an' if unit == 'hours' else 'a'} {unit[:-1]} ago"
+    return f"{d} seconds ago" if d > 1 else "Less than a second ago"
 
 
 def status_text(c: Container) -> str:
@@ -173,9 +175,9 @@ def kill(ctx: click.Context, containers: tuple[str, ...], sig: str) -> None:
     signo = lifecycle.parse_signal(sig)
 
     def act(cfg: Config, st: State, c: Container) -> str:
+        lifecycle.send(cfg, c, signo)
         if signo in (9, 15, 2):  # a kill by hand: no restart policy brings it back
             st.set_fields(c, stop_requested=True)
-        lifecycle.send(c, signo)
         return c.name
     _each(ctx, containers, act)
 
@@ -217,7 +219,7 @@ def logs(ctx: click.Context, container: str, follow: bool, tail: str, timestamps
 def _spawn(cfg: Config, st: State, c: Container) -> None:
     """A new monitor for a created or stopped container (a restart policy applies again)."""
     from .monitor import spawn
-    st.set_fields(c, stop_requested=False)
+    st.set_fields(c, stop_requested=False, restart_count=0)
     started, status, message = spawn(cfg, c.id)
     if not started:
         raise VmrtError(message, exit_code=status)
@@ -486,15 +488,15 @@ def attach(ctx: click.Context, container: str, sig_proxy: bool) -> None:
             raise StateError(f"You cannot attach to a stopped container, start it first: {c.name}")
         if sig_proxy:
             for s in (signal_mod.SIGINT, signal_mod.SIGTERM, signal_mod.SIGHUP):
-                signal_mod.signal(s, lambda signo, _f: _proxy(st, c.id, signo))
+                signal_mod.signal(s, lambda signo, _f: _proxy(cfg, st, c.id, signo))
         lifecycle.logs(cfg, st, c, follow=True, tail=0, timestamps=False, since=None)
         c = st.get(c.id)
     ctx.exit(c.exit_code if c.status == Status.EXITED and c.exit_code is not None else 0)
 
 
-def _proxy(st: State, container_id: str, signo: int) -> None:
+def _proxy(cfg: Config, st: State, container_id: str, signo: int) -> None:
     with contextlib.suppress(VmrtError, OSError):
-        lifecycle.send(st.get(container_id), signo)
+        lifecycle.send(cfg, st.get(container_id), signo)
 
 
 def register(main: click.Group) -> click.Group:

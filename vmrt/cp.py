@@ -34,8 +34,22 @@ def split(arg: str) -> tuple[str | None, str]:
 
 def _exec(cfg: Config, ref: str, args: list[str], stdin: int | None, stdout: int) -> int:
     with open(os.devnull, "wb") as err:
-        return run_exec(cfg, ref, ExecOptions(args, interactive=stdin is not None,
+        return run_exec(cfg, ref, ExecOptions(args, user="0:0", interactive=stdin is not None,  # root, as Docker
                                               stdio=(stdin if stdin is not None else 0, stdout, err.fileno())))
+
+
+def _strict(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's ``data`` filter, after refusing every link that could lead out at all.
+
+    The archive comes from inside the container, so it is hostile; the data filter
+    of older Python releases has known bypasses through chains of links
+    (CVE-2025-4517 and relatives), so absolute or ``..`` link targets and over-long
+    names are refused before it sees them.
+    """
+    if len(member.name) > 1024 or (member.islnk() or member.issym()) and (
+            member.linkname.startswith("/") or ".." in member.linkname.split("/") or len(member.linkname) > 1024):
+        raise tarfile.FilterError(f"refusing {member.name!r} -> {member.linkname!r} from the container")
+    return tarfile.data_filter(member, dest)
 
 
 def copy(cfg: Config, src: str, dest: str) -> None:
@@ -74,7 +88,7 @@ def _from_container(cfg: Config, ref: str, path: str, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".vmrt-cp-") as tmp:
         try:
             with open(r, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-                tf.extractall(tmp, filter="data")
+                tf.extractall(tmp, filter=_strict)
         except (tarfile.TarError, OSError) as e:
             t.join()
             if result.get("status"):
@@ -105,9 +119,14 @@ def _to_container(cfg: Config, src: Path, ref: str, path: str) -> None:
     where, name = (path, src.name) if is_dir else posixpath.split(posixpath.normpath(path))
     r, w = os.pipe()
 
+    failed: list[BaseException] = []
+
     def produce() -> None:
-        with open(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-            tf.add(src, arcname=name)
+        try:
+            with open(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+                tf.add(src, arcname=name)
+        except (OSError, tarfile.TarError) as e:  # unreadable source, or the container's tar gave up
+            failed.append(e)
     t = threading.Thread(target=produce, daemon=True)
     t.start()
     try:
@@ -116,6 +135,8 @@ def _to_container(cfg: Config, src: Path, ref: str, path: str) -> None:
     finally:
         os.close(r)
         t.join(timeout=5)
+    if failed:
+        raise VmrtError(f"cannot copy {src} to {ref}:{path}: {failed[0]}")
     if status != 0:
         raise VmrtError(f"cannot copy to {ref}:{path}: tar in the container failed (exit {status}); "
                         "does the directory exist and does the image have tar?")

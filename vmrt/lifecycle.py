@@ -37,18 +37,30 @@ def _boot_time() -> float:
     return 0.0
 
 
+def start_ticks(pid: int) -> int:
+    """A process's start time in clock ticks since boot (0 if it is gone): with the PID, its identity."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return 0 if fields[0] == "Z" else int(fields[19])
+
+
 def owner_alive(c: Container) -> bool:
-    """Whether the process recorded as the container's owner still is (not a reused PID)."""
+    """Whether the process recorded as the container's owner still is (not a reused PID).
+
+    The owner's start time in ticks since boot is recorded with its PID and
+    compared exactly: unlike wall-clock times, it does not move when the clock
+    is stepped.
+    """
     if not c.monitor_pid:
         return False
-    try:
-        stat = Path(f"/proc/{c.monitor_pid}/stat").read_text()
-    except OSError:
+    ticks = start_ticks(c.monitor_pid)
+    if not ticks:
         return False
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return False
-    started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    if c.owner_ticks:
+        return ticks == c.owner_ticks
+    started = _boot_time() + ticks / os.sysconf("SC_CLK_TCK")  # a record from before owner_ticks
     return c.started is None or started <= c.started + 2.0
 
 
@@ -77,11 +89,29 @@ def parse_signal(name: str) -> int:
     return n
 
 
-def send(c: Container, signo: int) -> None:
-    """Deliver ``signo`` to the container through its owner."""
+# what an owner passes on to its container (the drivers' FORWARDED); SIGKILL goes as FORCE_KILL
+PROXIED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+
+
+def send(cfg: Config, c: Container, signo: int) -> None:
+    """Deliver ``signo`` to the container: through its owner, or (process mode) the runtime directly."""
     if c.status != Status.RUNNING or not owner_alive(c):
         raise StateError(f"Cannot kill container: {c.name}: container is not running")
-    os.kill(c.monitor_pid, FORCE_KILL if signo == signal.SIGKILL else signo)
+    if signo == signal.SIGKILL:
+        os.kill(c.monitor_pid, FORCE_KILL)
+    elif signo in PROXIED:
+        os.kill(c.monitor_pid, signo)
+    elif c.isolation == "process":  # any other signal (STOP, CONT, ALRM...) straight to the container's init
+        import subprocess
+
+        from .drivers.process import choose_runtime
+        r = subprocess.run([choose_runtime(cfg.runtime), "--root", str(cfg.run_root / "runtime"), "kill", c.id,
+                            str(signo)], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise StateError(f"Cannot kill container: {c.name}: {r.stderr.strip() or 'runtime kill failed'}")
+    else:
+        raise UsageError(f"signal {signal.Signals(signo).name} cannot be sent to a VM container yet "
+                         f"(supported: KILL, {', '.join(sorted(signal.Signals(s).name for s in PROXIED))})")
 
 
 def wait_exit(state: State, c: Container, timeout: float | None) -> Container:
@@ -146,6 +176,13 @@ def parse_since(value: str, now: float | None = None) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
+def _parse(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def _records(path: Path, follow: bool, done: object) -> Iterator[dict[str, str]]:
     try:
         f = open(path, "rb")  # noqa: SIM115
@@ -158,16 +195,16 @@ def _records(path: Path, follow: bool, done: object) -> Iterator[dict[str, str]]
             if chunk:
                 pending += chunk
                 if pending.endswith(b"\n"):
-                    with contextlib.suppress(ValueError):
-                        yield json.loads(pending)
+                    if isinstance(rec := _parse(pending), dict):
+                        yield rec
                     pending = b""
                 continue
             if not follow or done():  # type: ignore[operator]
                 if follow and (rest := f.read()):  # what arrived while we looked
                     pending += rest
                     for line in pending.splitlines():
-                        with contextlib.suppress(ValueError):
-                            yield json.loads(line)
+                        if isinstance(rec := _parse(line), dict):
+                            yield rec
                 return
             time.sleep(0.1)
 

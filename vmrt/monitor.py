@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
+from .drivers.base import FORCE_KILL
 from .errors import StateError, UsageError, VmrtError
 
 LOG_NAME = "container.log"
@@ -117,13 +119,20 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
     from .runner import container_dir
     cdir = container_dir(cfg, container_id)
     r, w = os.pipe()
-    with open(cdir / "monitor.log", "ab") as errlog:
-        subprocess.Popen([sys.executable, "-m", "vmrt.monitor", container_id, str(w)], pass_fds=(w,),
-                         stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True,
-                         close_fds=True)
-    os.close(w)
+    try:
+        with open(cdir / "monitor.log", "ab") as errlog:
+            proc = subprocess.Popen([sys.executable, "-m", "vmrt.monitor", container_id, str(w)], pass_fds=(w,),
+                                    stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                    start_new_session=True, close_fds=True)
+    finally:
+        os.close(w)
     with open(r, "rb") as f:
-        reply = f.readline(65536).decode(errors="replace").strip()
+        ready, _, _ = select.select([f], [], [], READY_TIMEOUT)
+        reply = f.readline(65536).decode(errors="replace").strip() if ready else ""
+    if not ready:  # bounded: a start that hangs is killed, not waited for forever
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, FORCE_KILL)
+        return False, 125, f"container {container_id[:12]} did not start within {READY_TIMEOUT:g}s (killed)"
     if reply == "ok":
         return True, 0, ""
     code, _, message = reply.partition(" ")
@@ -172,31 +181,48 @@ def _monitor(container_id: str, notify: Any) -> int:
     driver = make_driver(c.isolation, accel=meta.get("accel"),
                          kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
                          runtime=meta.get("runtime") or cfg.runtime)
+    # escalation is `vmrt stop`'s job (its -t): the driver's own grace timer would cut it short
+    cfg.timeouts.stop_grace = 10.0 ** 9
     logs = LogWriter(cdir / LOG_NAME)
     stdio = (os.open(os.devnull, os.O_RDONLY), logs.pipe("stdout"), logs.pipe("stderr"))
     stopping = threading.Event()
+    started = threading.Event()
 
     def on_stop(signo: int, _frame: object) -> None:  # between runs: no container to pass it to
         stopping.set()
 
+    def on_started() -> None:
+        started.set()
+        notify("ok")
+
+    def own_handlers() -> None:  # the drivers replace them while they run (VM mode: with SIG_DFL after)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, FORCE_KILL):
+            signal.signal(s, on_stop)
+
     status = 125
     try:
         while True:
-            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGRTMIN + 3):
-                signal.signal(s, on_stop)
+            own_handlers()
+            if stopping.is_set() or state.get(container_id).stop_requested and started.is_set():
+                break  # a stop that came during the back-off
             timings = Timings()
-            timings.on_mark["process-started"] = lambda: notify("ok")
+            timings.on_mark["process-started"] = on_started
             try:
                 status = execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir,
                                  stdio=stdio)
+            except StateError as e:  # already running (another start won): leave it alone
+                notify(f"125 {e}")
+                return 125
             except VmrtError as e:
                 status = e.exit_code
                 logs.line("stderr", f"vmrt: {e}\n".encode())
                 notify(f"{status} {e}")
+            finally:
+                own_handlers()
             c = state.get(container_id)
-            if stopping.is_set() or not should_restart(meta.get("restart", "no"), status, c.stop_requested,
-                                                       c.restart_count):
-                break
+            if not started.is_set() or stopping.is_set() or not should_restart(
+                    meta.get("restart", "no"), status, c.stop_requested, c.restart_count):
+                break  # (a container that never started is not restarted: its error was reported)
             delay = min(0.1 * 2 ** c.restart_count, 5.0)
             state.set_fields(c, restart_count=c.restart_count + 1)
             if stopping.wait(delay):
@@ -206,7 +232,9 @@ def _monitor(container_id: str, notify: Any) -> int:
             os.close(fd)
         logs.close()
         with contextlib.suppress(StateError):
-            state.set_fields(state.get(container_id), monitor_pid=0)
+            c = state.get(container_id)
+            if c.monitor_pid == os.getpid():  # never clear another owner's record
+                state.set_fields(c, monitor_pid=0)
         state.close()
     if meta.get("rm"):
         with contextlib.suppress(VmrtError):

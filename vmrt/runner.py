@@ -116,13 +116,19 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
     The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record
     ends EXITED with the status whatever happens.
     """
+    from .lifecycle import start_ticks
     run_dir = cfg.run_root / "containers" / c.id
+    try:  # exists while the container runs: a second start of it stops here, touching nothing
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        raise StateError(f"container {c.name} is already running or being started") from None
     status: int = 125
     try:
-        run_dir.mkdir(parents=True, mode=0o700)
         bundle.write(run_dir, config)
         state.set_fields(c, run_dir=str(run_dir))
-        state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid())
+        state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid(),
+                         owner_ticks=start_ticks(os.getpid()), oom_killed=False)
         ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, *stdio, log_dir=log_dir,
                          rw_dir=rw_dir(cfg, c.id))
         status = driver.run(ctx)
@@ -176,7 +182,7 @@ def start_attached(cfg: Config, container_id: str) -> int:
         driver = make_driver(c.isolation, accel=meta.get("accel"),
                              kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
                              runtime=meta.get("runtime") or cfg.runtime)
-        state.set_fields(c, stop_requested=False)
+        state.set_fields(c, stop_requested=False, restart_count=0)
         return execute(cfg, state, c, image, image.layer_dirs(), config, driver, Timings(), log_dir=cdir)
     finally:
         state.close()

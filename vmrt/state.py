@@ -56,6 +56,7 @@ class Container:
     started: float | None = None
     restart_count: int = 0
     stop_requested: bool = False  # `vmrt stop`/`kill`: a restart policy must not bring it back
+    owner_ticks: int = 0          # the owner's start time (/proc/PID/stat field 22): tells a reused PID
 
 
 class State:
@@ -74,7 +75,8 @@ class State:
                           ("monitor_pid", "INTEGER NOT NULL DEFAULT 0"),  # added with detached containers
                           ("started", "REAL"),
                           ("restart_count", "INTEGER NOT NULL DEFAULT 0"),
-                          ("stop_requested", "INTEGER NOT NULL DEFAULT 0")):
+                          ("stop_requested", "INTEGER NOT NULL DEFAULT 0"),
+                          ("owner_ticks", "INTEGER NOT NULL DEFAULT 0")):
             if col not in cols:
                 with contextlib.suppress(sqlite3.OperationalError):  # a concurrent vmrt added it
                     self.db.execute(f"ALTER TABLE containers ADD COLUMN {col} {decl}")
@@ -117,7 +119,7 @@ class State:
 
     def _row(self, r: tuple) -> Container:  # type: ignore[type-arg]
         return Container(r[0], r[1], r[2], r[3], Status(r[4]), r[5], json.loads(r[6]), r[7], r[8],
-                         json.loads(r[9]), r[10], bool(r[11]), r[12], r[13], r[14], r[15], bool(r[16]))
+                         json.loads(r[9]), r[10], bool(r[11]), r[12], r[13], r[14], r[15], bool(r[16]), r[17])
 
     def get(self, ref: str) -> Container:
         rows = self.db.execute("SELECT * FROM containers WHERE name=? OR id=?", (ref, ref)).fetchall()
@@ -144,7 +146,7 @@ class State:
             sets: dict[str, object] = {"status": new.value}
             for k, v in fields.items():
                 if k not in ("exit_code", "finished", "pids", "started", "monitor_pid", "oom_killed",
-                             "restart_count"):
+                             "restart_count", "owner_ticks"):
                     raise StateError(f"field {k} is not settable")
                 sets[k] = json.dumps(v) if k == "pids" else v
             db.execute(f"UPDATE containers SET {', '.join(k + '=?' for k in sets)} WHERE id=?",
@@ -157,7 +159,7 @@ class State:
         with self._tx() as db:
             for k, v in fields.items():
                 if k not in ("pids", "run_dir", "oom_killed", "monitor_pid", "started", "restart_count",
-                             "stop_requested", "exit_code", "finished"):
+                             "stop_requested", "exit_code", "finished", "owner_ticks"):
                     raise StateError(f"field {k} is not settable")
                 db.execute(f"UPDATE containers SET {k}=? WHERE id=?",
                            (json.dumps(v) if k == "pids" else v, c.id))

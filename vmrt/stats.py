@@ -92,19 +92,25 @@ def sample(c: Container) -> dict[str, Any]:
 
 def guest_memory(c: Container) -> int | None:
     """Memory in use as the guest sees it (MemTotal - MemAvailable of the VM), read through the agent."""
-    with contextlib.suppress(Exception):  # an exec port busy or the VM going away: no guest figure
-        r, w = os.pipe()
+    r, w = os.pipe()
+    try:
         from .agent.exec_client import exec_in_vm
         with open(os.devnull, "wb") as null:
             status = exec_in_vm(Path(c.run_dir), ["cat", "/proc/meminfo"], env=[], cwd="/", uid=0, gid=0,
                                 groups=[], tty=None, interactive=False, stdout_fd=w, stderr_fd=null.fileno())
         os.close(w)
+        w = -1
         with open(r, "rb") as f:
+            r = -1
             info = {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in f.read().decode().splitlines())
                     if v.strip()}
-        if status == 0:
-            return (info["MemTotal"] - info["MemAvailable"]) * 1024
-    return None
+        return (info["MemTotal"] - info["MemAvailable"]) * 1024 if status == 0 else None
+    except Exception:  # an exec port busy, the VM going away: no guest figure this time
+        return None
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def measure(containers: list[Container], interval: float = 0.5) -> list[dict[str, Any]]:
