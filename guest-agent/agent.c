@@ -42,7 +42,7 @@
 
 #include "proto.h"
 
-#define AGENT_VERSION "vmrt-agent 0.2.0"
+#define AGENT_VERSION "vmrt-agent 0.3.0"
 #define PORT_NAME "org.vmrt.agent.0"
 #define EXEC_PORT_PREFIX "org.vmrt.exec."
 #define NEXEC 4 /* exec ports org.vmrt.exec.0 .. 3 (the host's EXEC_PORTS) */
@@ -61,6 +61,7 @@
 #define LINGER_MS 10000      /* wait for SHUTDOWN/EOF after EXIT */
 #define ERROR_LINGER_MS 1000 /* the same after ERROR */
 #define TICK_MS 50           /* how often an unconnected exec port is looked at */
+#define KEEPALIVE_MS 1000    /* unprompted PONG while the agent port is not read (stdin full) */
 #define MAX_DETACHED 64
 
 struct stdio {
@@ -530,6 +531,9 @@ static void wait_run(void)
 			case VMRT_SHUTDOWN:
 				con("shutdown requested");
 				poweroff();
+			case VMRT_PING:
+				send_frame(VMRT_PONG, f.payload, f.len);
+				break;
 			default:
 				snprintf(err, sizeof err, "frame type 0x%02x before RUN", f.type);
 				protocol_error(err);
@@ -1470,7 +1474,7 @@ static void handle_frames(struct session *x)
 									  : "SHUTDOWN on an exec port");
 				break;
 			default:
-				break; /* left over from an ended session */
+				break; /* left over from an ended session (a PING too) */
 			}
 			continue;
 		}
@@ -1478,6 +1482,11 @@ static void handle_frames(struct session *x)
 			continue; /* frames of a host that is gone */
 
 		switch (f.type) {
+		case VMRT_PING:
+			/* liveness: queued like output, written as the port takes it */
+			sess_send(x, VMRT_PONG, f.payload, f.len);
+			sess_flush(x);
+			break;
 		case VMRT_STDIN:
 			if (x->s.in >= 0 && !x->close_pending && !x->exited)
 				q_push(x, f.payload, f.len);
@@ -1690,7 +1699,7 @@ static void supervise(void)
 	enum { PER = 4 };
 	struct pollfd pfd[1 + PER * (1 + NEXEC)];
 	int ip[1 + NEXEC], io[1 + NEXEC], ie[1 + NEXEC], ii[1 + NEXEC];
-	int64_t last_tick = 0;
+	int64_t last_tick = 0, last_keepalive = 0;
 
 	for (;;) {
 		int n = 0, timeout = -1, tick = 0, master_hup = 0;
@@ -1766,6 +1775,20 @@ static void supervise(void)
 				if (timeout < 0 || t < timeout)
 					timeout = t;
 			}
+		}
+		/* While the process leaves its stdin queue full the agent port is
+		 * not read, so the host's PINGs wait behind its STDIN: tell the
+		 * host we are alive with an unprompted PONG (cookie 0) instead. */
+		if (MAIN->q_len > STDIN_QCAP - VMRT_FRAME_MAX) {
+			if (now - last_keepalive >= KEEPALIVE_MS) {
+				static const uint8_t zero[8];
+				sess_send(MAIN, VMRT_PONG, zero, sizeof zero);
+				sess_flush(MAIN);
+				last_keepalive = now;
+			}
+			int t = (int)(last_keepalive + KEEPALIVE_MS - now);
+			if (timeout < 0 || t < timeout)
+				timeout = t;
 		}
 		if (tick && (timeout < 0 || timeout > TICK_MS))
 			timeout = TICK_MS;

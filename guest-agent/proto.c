@@ -28,6 +28,7 @@ static const char *msg_name(uint8_t t)
 	case VMRT_STDERR: return "STDERR";
 	case VMRT_EXIT: return "EXIT";
 	case VMRT_ERROR: return "ERROR";
+	case VMRT_PONG: return "PONG";
 	case VMRT_RUN: return "RUN";
 	case VMRT_STDIN: return "STDIN";
 	case VMRT_STDIN_CLOSE: return "STDIN_CLOSE";
@@ -35,6 +36,7 @@ static const char *msg_name(uint8_t t)
 	case VMRT_RESIZE: return "RESIZE";
 	case VMRT_SHUTDOWN: return "SHUTDOWN";
 	case VMRT_EXEC: return "EXEC";
+	case VMRT_PING: return "PING";
 	default: return NULL;
 	}
 }
@@ -99,6 +101,11 @@ long vmrt_frame_parse(const uint8_t *buf, size_t len, enum vmrt_dir dir,
 	case VMRT_STDIN_CLOSE:
 	case VMRT_SHUTDOWN:
 		if (plen != 0)
+			goto badsize;
+		break;
+	case VMRT_PING:
+	case VMRT_PONG:
+		if (plen != 8)
 			goto badsize;
 		break;
 	case VMRT_EXIT:

@@ -1,4 +1,4 @@
-/* vmrt agent protocol, version 2 (docs/agent-protocol.md): pure parsers.
+/* vmrt agent protocol, version 3 (docs/agent-protocol.md): pure parsers.
  *
  * Nothing in proto.c does I/O, touches globals or allocates: every function
  * works on the buffers its caller passes and never reads or writes outside
@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define VMRT_MAGIC         0x7652u
-#define VMRT_PROTO_VERSION 2u
+#define VMRT_PROTO_VERSION 3u
 #define VMRT_HDR_LEN       8u
 #define VMRT_MAX_PAYLOAD   65536u
 #define VMRT_FRAME_MAX     (VMRT_HDR_LEN + VMRT_MAX_PAYLOAD)
@@ -23,6 +23,7 @@ enum vmrt_msg {
 	VMRT_STDERR = 0x04,
 	VMRT_EXIT = 0x05,
 	VMRT_ERROR = 0x06,
+	VMRT_PONG = 0x07, /* v3: answers PING, echoing its u64 cookie */
 	/* host -> agent */
 	VMRT_RUN = 0x41,
 	VMRT_STDIN = 0x42,
@@ -31,12 +32,13 @@ enum vmrt_msg {
 	VMRT_RESIZE = 0x45,
 	VMRT_SHUTDOWN = 0x46,
 	VMRT_EXEC = 0x47, /* v2: on an exec port, RUN records for an extra process */
+	VMRT_PING = 0x48, /* v3: u64 cookie; the agent answers PONG (liveness) */
 };
 
 /* Which direction a stream carries: the set of allowed frame types. */
 enum vmrt_dir {
-	VMRT_TO_AGENT = 0, /* host -> agent: RUN .. EXEC */
-	VMRT_TO_HOST = 1,  /* agent -> host: HELLO .. ERROR */
+	VMRT_TO_AGENT = 0, /* host -> agent: RUN .. PING */
+	VMRT_TO_HOST = 1,  /* agent -> host: HELLO .. PONG */
 };
 
 enum vmrt_tag {
@@ -101,7 +103,7 @@ struct vmrt_frame {
  * VMRT_FRAME_MAX, so a caller's buffer of that size always makes progress.
  * Fixed-size payloads are checked here (SIGNAL, RESIZE: 4 bytes; STDIN_CLOSE,
  * SHUTDOWN: empty; STARTED: 4; EXIT: 12, status <= 255; HELLO >= 20;
- * ERROR >= 4); RUN and EXEC payloads are decoded by vmrt_run_parse. */
+ * ERROR >= 4; PING, PONG: 8); RUN and EXEC payloads are decoded by vmrt_run_parse. */
 long vmrt_frame_parse(const uint8_t *buf, size_t len, enum vmrt_dir dir,
 		      struct vmrt_frame *out, char *err, size_t errlen);
 

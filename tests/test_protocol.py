@@ -21,6 +21,7 @@ def agent_frames() -> st.SearchStrategy[bytes]:
         st.builds(lambda s, f: P.encode(P.Msg.EXIT, struct.pack(">III", s, 0, f)),
                   st.integers(0, 255), st.integers(0, 1)),
         st.builds(lambda v: P.encode(P.Msg.HELLO, struct.pack(">HHQQ", P.VERSION, 0, 5, 6) + v.encode()), text),
+        st.builds(P.encode_pong, st.integers(0, 2**64 - 1)),
     )
 
 
@@ -41,7 +42,7 @@ def test_garbage_raises_only_protocol_error(data: bytes) -> None:
     dec = P.FrameDecoder()
     try:
         for fr in dec.feed(data):
-            for fn in (P.decode_hello, P.decode_exit, P.decode_error, P.decode_started):
+            for fn in (P.decode_hello, P.decode_exit, P.decode_error, P.decode_started, P.decode_cookie):
                 try:
                     fn(fr.payload)
                 except ProtocolError:
@@ -122,7 +123,7 @@ def test_exec_round_trip(args: list[str], env: list[str], uid: int, groups: list
     spec = P.ExecSpec(args=args, env=env, cwd="/srv/x", uid=uid, gid=uid ^ 1, groups=groups, tty=tty,
                       stdin=stdin, detach=detach)
     frame = P.encode_exec(spec)
-    assert frame[2] == P.VERSION == 2 and frame[3] == P.Msg.EXEC == 0x47
+    assert frame[2] == P.VERSION == 3 and frame[3] == P.Msg.EXEC == 0x47
     (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(frame))
     assert fr.type == P.Msg.EXEC
     assert P.decode_exec(fr.payload) == spec
@@ -151,6 +152,32 @@ def test_exec_is_host_to_agent_only_and_version_1_is_refused() -> None:
         list(P.FrameDecoder(P.FROM_AGENT).feed(P.encode_exec(P.ExecSpec(args=["true"]))))
     with pytest.raises(ProtocolError, match="version 1"):
         list(P.FrameDecoder().feed(struct.pack(">HBBI", P.MAGIC, 1, P.Msg.STDOUT, 0)))
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_ping_pong_round_trip(cookie: int) -> None:
+    ping = P.encode_ping(cookie)
+    assert ping[:4] == bytes([0x76, 0x52, P.VERSION, 0x48]) and len(ping) == 16
+    (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(ping))
+    assert fr.type == P.Msg.PING and P.decode_cookie(fr.payload) == cookie
+    # the agent echoes the cookie
+    pong = P.encode_pong(P.decode_cookie(fr.payload))
+    assert pong[:4] == bytes([0x76, 0x52, P.VERSION, 0x07])
+    (back,) = list(P.FrameDecoder(P.FROM_AGENT).feed(pong))
+    assert back.type == P.Msg.PONG and P.decode_cookie(back.payload) == cookie
+
+
+def test_ping_pong_directions_sizes_and_version() -> None:
+    assert P.VERSION == 3  # PING/PONG are new message types: a version-2 peer would reject them
+    with pytest.raises(ProtocolError, match="not allowed"):
+        list(P.FrameDecoder(P.FROM_AGENT).feed(P.encode_ping(1)))
+    with pytest.raises(ProtocolError, match="not allowed"):
+        list(P.FrameDecoder(P.FROM_HOST).feed(P.encode_pong(1)))
+    for bad in (b"", bytes(7), bytes(9)):
+        with pytest.raises(ProtocolError, match="8 bytes"):
+            P.decode_cookie(bad)
+    with pytest.raises(ProtocolError, match="version 2"):
+        list(P.FrameDecoder().feed(struct.pack(">HBBI", P.MAGIC, 2, P.Msg.STDOUT, 0)))
 
 
 @given(st.binary(max_size=600))

@@ -28,6 +28,8 @@ class Timeouts:
     start: float = 60.0           # RUN sent -> STARTED/ERROR
     shutdown: float = 5.0         # QMP quit -> QEMU gone, before SIGKILL
     stop_grace: float = 10.0      # forwarded stop signal -> forced kill
+    agent_ping: float = 5.0       # VM mode, container running: host PINGs the agent this often
+    agent_dead: float = 20.0      # ... and nothing heard from it this long: the VM is hung (137)
 
 
 @dataclasses.dataclass

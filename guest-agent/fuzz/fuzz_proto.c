@@ -119,6 +119,8 @@ static struct outcome whole(const uint8_t *d, size_t n, enum vmrt_dir dir)
 		o.frames++;
 		if (f.type == VMRT_RUN || f.type == VMRT_EXEC)
 			check_run(f.payload, f.len);
+		if (f.type == VMRT_PING || f.type == VMRT_PONG)
+			check(f.len == 8 && (f.type == VMRT_PING) == (dir == VMRT_TO_AGENT));
 		off += (size_t)r;
 	}
 	return o;

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Write a few valid host->agent frame streams into the fuzz seed corpus."""
+"""Write a few valid frame streams (both directions) into the fuzz seed corpus."""
 import os
 import struct
 import sys
 
 
 def frame(t, p=b""):
-    return struct.pack(">HBBI", 0x7652, 2, t, len(p)) + p
+    return struct.pack(">HBBI", 0x7652, 3, t, len(p)) + p
 
 
 def rec(tag, v):
@@ -22,16 +22,18 @@ run = (rec(1, b"sh") + rec(1, b"-c") + rec(1, b"echo hi; cat") + rec(2, b"PATH=/
        + rec(10, struct.pack(">Q", 1700000000123456789)) + rec(11, b"rootfs")
        + rec(12, b"") + rec(99, b"unknown tag"))
 seeds = {
+    "ping_pong": frame(0x48, struct.pack(">Q", 1)) + frame(0x48, struct.pack(">Q", 2**64 - 1))
+    + frame(0x07, struct.pack(">Q", 0)),
     "run_full": frame(0x41, run),
     "run_min_stdin": frame(0x41, rec(1, b"cat") + rec(9, b"")) + frame(0x42, b"hello\n")
     + frame(0x43) + frame(0x44, struct.pack(">I", 15)) + frame(0x45, struct.pack(">HH", 50, 132))
-    + frame(0x46),
+    + frame(0x48, struct.pack(">Q", 7)) + frame(0x46),
     "exec_stream": frame(0x47, rec(1, b"sh") + rec(1, b"-c") + rec(1, b"id -u") + rec(2, b"PATH=/bin")
                          + rec(3, b"/tmp") + rec(5, struct.pack(">I", 1000)) + rec(9, b"") + rec(21, b"")
                          + rec(4, b"ignored"))
     + frame(0x42, b"in") + frame(0x43) + frame(0x44, struct.pack(">I", 2)),
-    "agent_stream": frame(0x01, struct.pack(">HHQQ", 2, 0, 1, 2) + b"vmrt-agent 0.1.0")
-    + frame(0x02, struct.pack(">I", 42)) + frame(0x03, b"out") + frame(0x04, b"err")
+    "agent_stream": frame(0x01, struct.pack(">HHQQ", 3, 0, 1, 2) + b"vmrt-agent 0.3.0")
+    + frame(0x02, struct.pack(">I", 42)) + frame(0x07, struct.pack(">Q", 7)) + frame(0x03, b"out") + frame(0x04, b"err")
     + frame(0x05, struct.pack(">III", 143, 15, 0)) + frame(0x06, struct.pack(">I", 127) + b"x"),
 }
 for name, data in seeds.items():

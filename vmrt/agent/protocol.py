@@ -1,4 +1,4 @@
-"""Frames of the vmrt agent protocol, version 2 (docs/agent-protocol.md).
+"""Frames of the vmrt agent protocol, version 3 (docs/agent-protocol.md).
 
 Pure encoding and decoding, no I/O: :class:`FrameDecoder` is fed bytes as they
 arrive and yields whole frames, raising :class:`ProtocolError` on anything
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from ..errors import ProtocolError
 
 MAGIC = 0x7652
-VERSION = 2
+VERSION = 3
 HEADER = struct.Struct(">HBBI")
 MAX_PAYLOAD = 65536
 
@@ -27,6 +27,7 @@ class Msg(enum.IntEnum):
     STDERR = 0x04
     EXIT = 0x05
     ERROR = 0x06
+    PONG = 0x07        # v3: answers PING (echoes its cookie); cookie 0 unprompted
     RUN = 0x41
     STDIN = 0x42
     STDIN_CLOSE = 0x43
@@ -34,11 +35,13 @@ class Msg(enum.IntEnum):
     RESIZE = 0x45
     SHUTDOWN = 0x46
     EXEC = 0x47
+    PING = 0x48        # v3: u64 cookie, liveness check while the container runs
 
 
-FROM_AGENT = frozenset({Msg.HELLO, Msg.STARTED, Msg.STDOUT, Msg.STDERR, Msg.EXIT, Msg.ERROR})
+FROM_AGENT = frozenset({Msg.HELLO, Msg.STARTED, Msg.STDOUT, Msg.STDERR, Msg.EXIT, Msg.ERROR,
+                        Msg.PONG})
 FROM_HOST = frozenset({Msg.RUN, Msg.STDIN, Msg.STDIN_CLOSE, Msg.SIGNAL, Msg.RESIZE, Msg.SHUTDOWN,
-                       Msg.EXEC})
+                       Msg.EXEC, Msg.PING})
 
 
 class Tag(enum.IntEnum):
@@ -199,6 +202,21 @@ def decode_error(p: bytes) -> Error:
         raise ProtocolError("ERROR payload too short")
     (code,) = struct.unpack_from(">I", p)
     return Error(code, _text(p[4:], "ERROR message").strip().replace("\n", " "))
+
+
+def encode_ping(cookie: int) -> bytes:
+    return encode(Msg.PING, struct.pack(">Q", cookie & 0xFFFF_FFFF_FFFF_FFFF))
+
+
+def encode_pong(cookie: int) -> bytes:
+    return encode(Msg.PONG, struct.pack(">Q", cookie & 0xFFFF_FFFF_FFFF_FFFF))
+
+
+def decode_cookie(p: bytes) -> int:
+    """The u64 cookie of a PING or PONG."""
+    if len(p) != 8:
+        raise ProtocolError("PING/PONG payload must be 8 bytes")
+    return int(struct.unpack(">Q", p)[0])
 
 
 def encode_signal(signo: int) -> bytes:

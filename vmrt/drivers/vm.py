@@ -5,6 +5,11 @@ Flow of ``run``: mount the image read-only in the bundle -> virtiofsd serves it
 (from the bundle's config.json) -> relay stdio, signals and window size ->
 EXIT -> QMP quit -> virtiofsd gone -> unmount. Cleanup runs in ``finally``
 whatever happened, and every wait is bounded by a configurable timeout.
+
+While the container runs the host PINGs the agent every ``agent_ping``
+seconds; any frame from it counts as life. Nothing for ``agent_dead`` seconds
+means the VM (or the agent) is hung: QEMU is killed and the run fails with
+exit status 137, as Docker reports a killed container.
 """
 
 from __future__ import annotations
@@ -147,6 +152,10 @@ class _Session:
         self.group: cgroups.HostGroup | None = None
         self.tty_restore: list[Any] | None = None
         self.tasks: list[asyncio.Task[Any]] = []
+        # liveness (after STARTED): loop time of the last bytes from the agent, and whether
+        # the agent reader is blocked writing output to our stdout (then nothing is read)
+        self.last_rx = 0.0
+        self.writing_output = False
 
     # --- plumbing --------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -167,12 +176,18 @@ class _Session:
                 if not data:
                     self.decoder.close()
                     raise await self._channel_closed_error()
+                self.last_rx = self.loop.time()
                 for fr in self.decoder.feed(data):
                     if fr.type in (P.Msg.STDOUT, P.Msg.STDERR):
                         # a slow reader of our stdout must not stall signals and timeouts
                         self.ctx.timings.mark("first-output")
                         fd = self.ctx.stdout_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
-                        await asyncio.to_thread(write_all, fd, fr.payload)
+                        self.writing_output = True
+                        try:
+                            await asyncio.to_thread(write_all, fd, fr.payload)
+                        finally:
+                            self.writing_output = False
+                            self.last_rx = self.loop.time()
                     else:
                         self._dispatch(fr)
         except (VmrtError, OSError) as e:
@@ -199,6 +214,8 @@ class _Session:
             ex = P.decode_exit(fr.payload)
             if not self.exited.done():
                 self.exited.set_result(ex)
+        elif fr.type == P.Msg.PONG:
+            P.decode_cookie(fr.payload)  # life is any frame (last_rx); the cookie is not matched
 
     def _send(self, frame: bytes | None) -> None:
         self.ctlq.append(frame)
@@ -289,6 +306,41 @@ class _Session:
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         self._fail_futures(AgentError(f"virtiofsd stopped while the container ran ({how}); "
                                       "its root filesystem is gone"))
+
+    async def _liveness(self) -> None:
+        """After STARTED: PING the agent every agent_ping s (at most agent_dead/2); if nothing
+        at all comes from it for agent_dead s, the VM is hung: fail the run with 137 and kill
+        QEMU (a hung VM answers no QMP quit; the teardown does the rest). 0 disables it."""
+        dead = self.cfg.timeouts.agent_dead
+        if dead <= 0:
+            return
+        ping = min(self.cfg.timeouts.agent_ping, dead / 2) if self.cfg.timeouts.agent_ping > 0 else dead / 2
+        step = max(0.05, ping / 4)
+        cookie = 0
+        now = last_ping = self.last_rx = self.loop.time()
+        while True:
+            await asyncio.sleep(step)
+            before, now = now, self.loop.time()
+            if self.writing_output or now - before > step + 1.0:
+                # our stdout's reader, or this process itself (stopped, starved), held us up:
+                # nothing could be read meanwhile, which says nothing about the agent
+                self.last_rx = max(self.last_rx, now)
+            if now - self.last_rx >= dead:
+                self._hung(dead)
+                return
+            if now - last_ping >= ping:
+                cookie += 1
+                self._send(P.encode_ping(cookie))
+                last_ping = now
+
+    def _hung(self, dead: float) -> None:
+        LOG.debug("no frame from the agent for %gs: killing the VM", dead)
+        self._fail_futures(AgentError(
+            f"agent not responding for {dead:g} s: the VM is hung (container killed)", exit_code=137))
+        proc = self.vm.proc if self.vm is not None else None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()  # SIGKILL works on a stopped process too
 
     async def _wait(self, fut: asyncio.Future[Any], timeout: float, phase: str) -> Any:
         try:
@@ -467,6 +519,7 @@ class _Session:
         self._send(P.encode_run(run_spec(ctx.config, stdin_open)))
         await self._wait(self.started, cfg.timeouts.start, "the container process to start")
         t.mark("process-started")
+        self._spawn(self._liveness())
         if proc.get("terminal"):
             if os.isatty(ctx.stdin_fd) and stdin_open:
                 self.tty_restore = termios.tcgetattr(ctx.stdin_fd)
