@@ -48,15 +48,7 @@ def _state(ctx: click.Context) -> Iterator[State]:
 
 
 def ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    d = max(0, int(time.time() - ts))
-    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if d >= 2 * n:
-            return f"{d // n} {unit} ago"
-        if d >= n:
-            return f"About {'an' if unit == 'hours' else 'a'} {unit[:-1]} ago"
-    return f"{d} seconds ago" if d > 1 else "Less than a second ago"
+    return formatting.ago(time.time() - ts) if ts else "-"
 
 
 def status_text(c: Container) -> str:

@@ -78,3 +78,15 @@ def emit(fmt: str | None, rows: list[dict[str, Any]], default: list[tuple[str, s
         body = fmt[len("table "):]
         return [header(body)] + [render(body, r) for r in rows]
     return [render(fmt, r) for r in rows]
+
+
+def ago(seconds: float) -> str:
+    """Docker's relative times: "Less than a second ago", "About a minute ago", "3 weeks ago"."""
+    d = max(0, int(seconds))
+    for unit, n in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400), ("days", 86400),
+                    ("hours", 3600), ("minutes", 60)):
+        if d >= 2 * n:
+            return f"{d // n} {unit} ago"
+        if d >= n:
+            return f"About {'an' if unit == 'hours' else 'a'} {unit[:-1]} ago"
+    return f"{d} seconds ago" if d > 1 else "Less than a second ago"

@@ -46,16 +46,7 @@ def created_at(img: Image) -> dt.datetime | None:
 
 
 def ago(when: dt.datetime | None) -> str:
-    if when is None:
-        return "N/A"
-    d = max(0, int((dt.datetime.now(dt.UTC) - when).total_seconds()))
-    for unit, n in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400), ("days", 86400),
-                    ("hours", 3600), ("minutes", 60)):
-        if d >= 2 * n:
-            return f"{d // n} {unit} ago"
-        if d >= n:
-            return f"About {'an' if unit == 'hours' else 'a'} {unit[:-1]} ago"
-    return f"{d} seconds ago" if d > 1 else "Less than a second ago"
+    return "N/A" if when is None else formatting.ago((dt.datetime.now(dt.UTC) - when).total_seconds())
 
 
 def human_size(n: float) -> str:

@@ -261,16 +261,14 @@ def _str(tag: Tag, s: str) -> bytes:
     return _rec(tag, b)
 
 
-def encode_run(spec: RunSpec) -> bytes:
-    if not spec.args:
-        raise ProtocolError("RUN needs at least one argument")
+def _process_records(spec: RunSpec | ExecSpec) -> bytearray:
+    """The records RUN and EXEC share: argv, environment, directory, user, terminal, stdin."""
     out = bytearray()
     for a in spec.args:
         out += _str(Tag.ARG, a)
     for e in spec.env:
         out += _str(Tag.ENV, e)
     out += _str(Tag.CWD, spec.cwd)
-    out += _str(Tag.HOSTNAME, spec.hostname)
     out += _rec(Tag.UID, struct.pack(">I", spec.uid))
     out += _rec(Tag.GID, struct.pack(">I", spec.gid))
     if spec.groups:
@@ -279,6 +277,14 @@ def encode_run(spec: RunSpec) -> bytes:
         out += _rec(Tag.TTY, struct.pack(">HH", *spec.tty))
     if spec.stdin:
         out += _rec(Tag.STDIN, b"")
+    return out
+
+
+def encode_run(spec: RunSpec) -> bytes:
+    if not spec.args:
+        raise ProtocolError("RUN needs at least one argument")
+    out = _process_records(spec)
+    out += _str(Tag.HOSTNAME, spec.hostname)
     if spec.time_ns is not None:
         out += _rec(Tag.TIME, struct.pack(">Q", spec.time_ns))
     out += _str(Tag.ROOTFS, spec.rootfs_tag)
@@ -408,20 +414,7 @@ def encode_exec(spec: ExecSpec) -> bytes:
         raise ProtocolError("EXEC needs at least one argument")
     if not spec.cwd.startswith("/"):
         raise ProtocolError(f"exec working directory {spec.cwd!r} is not absolute")
-    out = bytearray()
-    for a in spec.args:
-        out += _str(Tag.ARG, a)
-    for e in spec.env:
-        out += _str(Tag.ENV, e)
-    out += _str(Tag.CWD, spec.cwd)
-    out += _rec(Tag.UID, struct.pack(">I", spec.uid))
-    out += _rec(Tag.GID, struct.pack(">I", spec.gid))
-    if spec.groups:
-        out += _rec(Tag.GROUPS, b"".join(struct.pack(">I", g) for g in spec.groups))
-    if spec.tty is not None:
-        out += _rec(Tag.TTY, struct.pack(">HH", *spec.tty))
-    if spec.stdin:
-        out += _rec(Tag.STDIN, b"")
+    out = _process_records(spec)
     if spec.detach:
         out += _rec(Tag.DETACH, b"")
     if len(out) > MAX_PAYLOAD:
