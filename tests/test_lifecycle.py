@@ -151,7 +151,7 @@ def test_create_then_start_and_start_attached(vmrt: Vmrt, mode: str) -> None:
     assert vmrt("wait", cid).stdout == b"4\n"
     r = vmrt("start", "-a", cid)
     assert r.returncode == 4 and r.stdout == b"hello\n", r.stderr
-    assert vmrt("logs", cid).stdout == b"hello\n"  # the attached start wrote to the terminal only
+    assert vmrt("logs", cid).stdout == b"hello\nhello\n"  # both runs, the attached one too (as Docker)
     rm(vmrt, cid)
     vmrt.assert_clean()
 
@@ -300,4 +300,15 @@ def test_restart_policy_checks(vmrt: Vmrt) -> None:
     time.sleep(1.0)
     assert status_of(vmrt, "never-starts").startswith("Exited (127)")
     rm(vmrt, "never-starts")
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attached_runs_are_logged_too(vmrt: Vmrt, mode: str) -> None:
+    r = vmrt("run", f"--isolation={mode}", "--name", f"attached-{mode}", "busybox", "sh", "-c",
+             "echo to-out; echo to-err >&2; exit 2")
+    assert (r.returncode, r.stdout, r.stderr) == (2, b"to-out\n", b"to-err\n")
+    logged = vmrt("logs", f"attached-{mode}")
+    assert (logged.stdout, logged.stderr) == (b"to-out\n", b"to-err\n")
+    rm(vmrt, f"attached-{mode}")
     vmrt.assert_clean()

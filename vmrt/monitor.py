@@ -68,10 +68,11 @@ class LogWriter:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
-    def pipe(self, stream: str) -> int:
-        """The write end of a pipe whose lines are logged as ``stream``."""
+    def pipe(self, stream: str, copy_to: int | None = None) -> int:
+        """The write end of a pipe whose lines are logged as ``stream`` (and, with ``copy_to``,
+        also passed on to that fd as they come: an attached run's terminal)."""
         r, w = os.pipe()
-        t = threading.Thread(target=self._pump, args=(r, stream), daemon=True)
+        t = threading.Thread(target=self._pump, args=(r, stream, copy_to), daemon=True)
         t.start()
         self._threads.append(t)
         return w
@@ -82,10 +83,13 @@ class LogWriter:
         with self._lock:
             self._f.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
 
-    def _pump(self, fd: int, stream: str) -> None:
+    def _pump(self, fd: int, stream: str, copy_to: int | None = None) -> None:
+        from .drivers.base import write_all
         pending = b""
         with open(fd, "rb", buffering=0) as f:
             while chunk := f.read(65536):
+                if copy_to is not None and not write_all(copy_to, chunk):
+                    break  # the reader went away: closing our end gives the container its EPIPE
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for ln in lines:

@@ -142,6 +142,25 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         _remove_run_dir(run_dir)
 
 
+def execute_logged(cfg: Config, state: State, c: Container, image: Image, layers: list[Path],
+                   config: dict[str, Any], driver: Any, timings: Timings) -> int:
+    """An attached run of a kept container: its output on this terminal and, as Docker does, in its
+    log (``vmrt logs``). With a terminal (-t) the output goes to the terminal only: the drivers
+    need the real one for raw mode and window sizes."""
+    from .monitor import LOG_NAME, LogWriter
+    cdir = container_dir(cfg, c.id)
+    if config.get("process", {}).get("terminal"):
+        return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir)
+    logs = LogWriter(cdir / LOG_NAME)
+    out, err = logs.pipe("stdout", copy_to=1), logs.pipe("stderr", copy_to=2)
+    try:
+        return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir, stdio=(0, out, err))
+    finally:
+        os.close(out)
+        os.close(err)
+        logs.close()
+
+
 def discard(cfg: Config, state: State, c: Container) -> None:
     """Forget a container that never ran or ran with --rm: its writable layer, kept files, record."""
     shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
@@ -183,7 +202,7 @@ def start_attached(cfg: Config, container_id: str) -> int:
                              kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
                              runtime=meta.get("runtime") or cfg.runtime)
         state.set_fields(c, stop_requested=False, restart_count=0)
-        return execute(cfg, state, c, image, image.layer_dirs(), config, driver, Timings(), log_dir=cdir)
+        return execute_logged(cfg, state, c, image, image.layer_dirs(), config, driver, Timings())
     finally:
         state.close()
 
@@ -201,8 +220,9 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
             from .monitor import write_meta
             write_meta(cfg, c.id, meta)
         try:
-            return execute(cfg, state, c, image, layers, config, driver, timings,
-                           log_dir=None if opts.rm else container_dir(cfg, c.id))
+            if opts.rm:
+                return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=None)
+            return execute_logged(cfg, state, c, image, layers, config, driver, timings)
         finally:
             if opts.rm:
                 discard(cfg, state, c)
