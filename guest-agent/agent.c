@@ -1089,24 +1089,32 @@ static void apply_identity(const struct vmrt_run *who)
 		child_fail(125, "cannot set no_new_privs: %s", strerror(errno));
 }
 
-static void child_main(const struct stdio *s) __attribute__((noreturn));
-static void child_main(const struct stdio *s)
+/* What every container process (the main one and each exec) does first in its
+ * child: default signals, the container cgroup, its own session, its stdio and,
+ * with a terminal, that terminal as its controlling one. */
+static void child_enter(const struct stdio *s, int tty)
 {
 	sigset_t all;
-	char text[512];
 
 	sigemptyset(&all);
 	sigprocmask(SIG_SETMASK, &all, NULL);
 	signal(SIGPIPE, SIG_DFL);
 	if (cgroup_ok && write_file(CGROUP "/cgroup.procs", "0") < 0)
 		child_fail(125, "cannot join the container cgroup: %s", strerror(errno));
-
 	if (setsid() < 0)
 		child_fail(125, "setsid: %s", strerror(errno));
 	if (dup2(s->child_in, 0) < 0 || dup2(s->child_out, 1) < 0 || dup2(s->child_err, 2) < 0)
 		child_fail(125, "dup2: %s", strerror(errno));
-	if (run.tty && ioctl(0, TIOCSCTTY, 0) < 0)
+	if (tty && ioctl(0, TIOCSCTTY, 0) < 0)
 		child_fail(125, "cannot set the controlling terminal: %s", strerror(errno));
+}
+
+static void child_main(const struct stdio *s) __attribute__((noreturn));
+static void child_main(const struct stdio *s)
+{
+	char text[512];
+
+	child_enter(s, run.tty);
 
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
 		child_fail(125, "cannot make mounts private: %s", strerror(errno));
@@ -1160,19 +1168,7 @@ static void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int
 	__attribute__((noreturn));
 static void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns)
 {
-	sigset_t all;
-
-	sigemptyset(&all);
-	sigprocmask(SIG_SETMASK, &all, NULL);
-	signal(SIGPIPE, SIG_DFL);
-	if (cgroup_ok && write_file(CGROUP "/cgroup.procs", "0") < 0)
-		child_fail(125, "cannot join the container cgroup: %s", strerror(errno));
-	if (setsid() < 0)
-		child_fail(125, "setsid: %s", strerror(errno));
-	if (dup2(s->child_in, 0) < 0 || dup2(s->child_out, 1) < 0 || dup2(s->child_err, 2) < 0)
-		child_fail(125, "dup2: %s", strerror(errno));
-	if (r->tty && ioctl(0, TIOCSCTTY, 0) < 0)
-		child_fail(125, "cannot set the controlling terminal: %s", strerror(errno));
+	child_enter(s, r->tty);
 	/* setns(CLONE_NEWNS) sets root and cwd to the namespace's root, looking
 	 * down the mounts on it: the container root */
 	if (setns(mntns, CLONE_NEWNS) < 0 || chdir("/") < 0)

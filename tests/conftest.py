@@ -104,6 +104,16 @@ def built() -> None:
     assert r.returncode == 0, r.stderr
 
 
+def one_line_error(stderr: bytes) -> str:
+    """The single ``vmrt: ...`` line a failure must print (no traceback); returns it."""
+    text = stderr.decode()
+    assert "Traceback" not in text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("vmrt: ")
+    return lines[0]
+
+
 def private_vmrt(base: Path) -> Vmrt:
     """A vmrt with its own store and run dirs under ``base``, holding the busybox image."""
     v = Vmrt(base / "root", base / "run")

@@ -17,19 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
+from conftest import Vmrt, one_line_error
 
 pytestmark = pytest.mark.vm
 FAST = {"VMRT_TIMEOUT_AGENT_PING": "1", "VMRT_TIMEOUT_AGENT_DEAD": "3"}
-
-
-def one_line_error(stderr: bytes) -> str:
-    text = stderr.decode()
-    assert "Traceback" not in text
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert len(lines) == 1, text
-    assert lines[0].startswith("vmrt: ")
-    return lines[0]
 
 
 def read_until(p: subprocess.Popen[bytes], needle: bytes, timeout: float = 120) -> bytes:

@@ -17,19 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
+from conftest import Vmrt, one_line_error
 
 pytestmark = pytest.mark.vm
 RUN = ("run", "--rm", "--isolation=vm")
-
-
-def one_line_error(stderr: bytes) -> str:
-    text = stderr.decode()
-    assert "Traceback" not in text
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert len(lines) == 1, text
-    assert lines[0].startswith("vmrt: ")
-    return lines[0]
 
 
 def read_until(stream, needle: bytes, timeout: float = 120) -> bytes:  # type: ignore[no-untyped-def]
