@@ -63,10 +63,10 @@ def main() -> None:
         mem = {}
         for m, cid in ids.items():
             doc = json.loads(vmrt(env, "inspect", cid).stdout)[0]
-            monitor = int(subprocess.run(["pgrep", "-f", f"vmrt.monitor {cid}"], capture_output=True,
-                                         text=True).stdout.split()[0])
+            monitor = doc["State"]["MonitorPid"]
             row = json.loads(vmrt(env, "stats", "--no-stream", "--format", "json", cid).stdout)
-            mem[m] = {"monitor_pss_mib": round(pss_kib(monitor) / 1024, 1), "stats_mem": row["MemUsage"],
+            mem[m] = {"monitor_pss_mib": round(pss_kib(monitor) / 1024, 2), "stats_mem": row["MemUsage"],
+                      "monitor_exe": os.path.basename(os.readlink(f"/proc/{monitor}/exe")),
                       "guest_mem": row["GuestMem"], "pid": doc["State"]["Pid"]}
     finally:
         subprocess.run([sys.executable, "-m", "vmrt", "rm", "-f", *ids.values()], env=env, capture_output=True)

@@ -19,8 +19,8 @@ from conftest import Vmrt
 MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
 
 
-def detach(v: Vmrt, mode: str, *args: str, name: str | None = None) -> str:
-    r = v("run", "-d", f"--isolation={mode}", *(["--name", name] if name else []), "busybox", *args)
+def detach(v: Vmrt, mode: str, *args: str, name: str | None = None, opts: tuple[str, ...] = ()) -> str:
+    r = v("run", "-d", f"--isolation={mode}", *(["--name", name] if name else []), *opts, "busybox", *args)
     assert r.returncode == 0, r.stderr
     cid = r.stdout.decode().strip()
     assert re.fullmatch(r"[0-9a-f]{64}", cid), r.stdout
@@ -311,4 +311,91 @@ def test_attached_runs_are_logged_too(vmrt: Vmrt, mode: str) -> None:
     logged = vmrt("logs", f"attached-{mode}")
     assert (logged.stdout, logged.stderr) == (b"to-out\n", b"to-err\n")
     rm(vmrt, f"attached-{mode}")
+    vmrt.assert_clean()
+
+
+def _pty_run(v: Vmrt, *args: str, stdin: bytes = b"") -> tuple[int, bytes]:
+    """Run vmrt on a pseudo-terminal (as a user's `-t` run); returns its status and what it printed."""
+    import pty
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: vmrt on the pty
+        os.execve(v.cmd(*args)[0], v.cmd(*args), v.env)
+    out = b""
+    if stdin:
+        os.write(fd, stdin)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, st = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(st), out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_steady_state_monitor_is_the_small_c_one(vmrt: Vmrt, mode: str) -> None:
+    """Once the process runs, the monitor (same PID, so `ps`, `stop`, reconciliation all work
+    unchanged) is the C program, not a Python interpreter; the Python part comes back only to
+    finish: exit recorded, teardown complete, logs kept."""
+    cid = detach(vmrt, mode, "sh", "-c", "echo up; sleep 600")
+    until(lambda: b"up" in vmrt("logs", cid).stdout, 60)
+    r = vmrt("inspect", "--format", "{{.State.MonitorPid}}", cid)
+    pid = int(r.stdout)
+    assert os.readlink(f"/proc/{pid}/exe").endswith("/vmrt-monitor")
+    r = vmrt("stop", "-t", "1", cid)
+    assert r.returncode == 0, r.stderr
+    assert status_of(vmrt, cid).startswith("Exited (137)")
+    until(lambda: not os.path.exists(f"/proc/{pid}"), 30)  # the Python finish ends it
+    r = vmrt("logs", cid)
+    assert r.stdout == b"up\n" and b"container killed" in r.stderr
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attach_feeds_stdin_of_a_detached_interactive_container(vmrt: Vmrt, mode: str) -> None:
+    cid = detach(vmrt, mode, "sh", "-c", "echo ready; while read line; do echo \"got $line\"; done; "
+                                                "echo stdin-closed", opts=("-i",))
+    until(lambda: b"ready" in vmrt("logs", cid).stdout, 60)
+    p = vmrt.popen("attach", "--no-sig-proxy", cid, stdin=subprocess.PIPE)
+    assert p.stdin is not None
+    p.stdin.write(b"one\ntwo\n")
+    p.stdin.close()  # the attach's EOF: the container's stdin stays open (as Docker without --stdin-once)
+    until(lambda: b"got two" in vmrt("logs", cid).stdout, 60)
+    assert p.poll() is None  # still attached: following the output until the container ends
+    # a second attach reaches the same stdin
+    q = vmrt.popen("attach", "--no-sig-proxy", cid, stdin=subprocess.PIPE)
+    assert q.stdin is not None
+    q.stdin.write(b"three\n")
+    q.stdin.flush()
+    until(lambda: b"got three" in vmrt("logs", cid).stdout, 60)
+    assert vmrt("stop", "-t", "1", cid).returncode == 0
+    q.stdin.close()
+    for proc in (p, q):
+        assert proc.wait(timeout=60) == 137
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+    assert b"got three" in out and b"stdin-closed" not in vmrt("logs", cid).stdout
+    rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_terminal_runs_are_logged(vmrt: Vmrt, mode: str) -> None:
+    """-t output is in `vmrt logs` too: attached (through the driver's tee) and detached (the C
+    monitor reads the pty master / the agent's frames)."""
+    status, out = _pty_run(vmrt, "run", "-t", f"--isolation={mode}", "--name", f"tty-{mode}", "busybox",
+                           "sh", "-c", "echo on-a-tty; [ -t 1 ] && echo yes-tty")
+    assert status == 0, out
+    assert b"yes-tty" in out
+    logged = vmrt("logs", f"tty-{mode}")
+    assert b"on-a-tty" in logged.stdout and b"yes-tty" in logged.stdout
+    cid = detach(vmrt, mode, "sh", "-c", "[ -t 1 ] && echo detached-tty", opts=("-t",))
+    assert vmrt("wait", cid).stdout == b"0\n"
+    assert vmrt("logs", cid).stdout.replace(b"\r\n", b"\n") == b"detached-tty\n"
+    rm(vmrt, f"tty-{mode}", cid)
     vmrt.assert_clean()

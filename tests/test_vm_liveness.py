@@ -84,6 +84,39 @@ def test_hung_vm_is_killed_within_agent_dead(vmrt: Vmrt) -> None:
         vmrt("rm", "-f", name)
 
 
+def test_hung_detached_vm_ends_its_execs_too(vmrt: Vmrt) -> None:
+    """Detached, the C monitor does the pinging: a hung VM is killed, recorded Exited (137) with
+    the reason in its log, and an `exec` client waiting in it ends (its port closes with QEMU)."""
+    name = "hung-detached"
+    r = vmrt("run", "-d", "--isolation=vm", "--name", name, "busybox", "sleep", "600", env=FAST)
+    assert r.returncode == 0, r.stderr
+    stopped: list[int] = []
+    ex = vmrt.popen("exec", name, "sh", "-c", "echo in-exec; exec sleep 100")
+    try:
+        read_until(ex, b"in-exec")
+        qemu = qemu_pids(str(vmrt.run_root))
+        assert len(qemu) == 1, qemu
+        os.kill(qemu[0], signal.SIGSTOP)
+        stopped.append(qemu[0])
+        t0 = time.monotonic()
+        _, err = ex.communicate(timeout=60)
+        assert ex.returncode != 0 and b"Traceback" not in err, err
+        r = vmrt("wait", name, timeout=60)
+        assert r.stdout == b"137\n", r.stderr
+        assert time.monotonic() - t0 < 30
+        assert b"agent not responding for 3 s: the VM is hung" in vmrt("logs", name).stderr
+        assert not os.path.exists(f"/proc/{qemu[0]}")
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if ex.poll() is None:
+            ex.kill()
+            ex.wait()
+        vmrt("rm", "-f", name)
+    vmrt.assert_clean()
+
+
 def test_quiet_container_is_kept_alive_by_pings(vmrt: Vmrt) -> None:
     # no output for more than twice agent_dead: only PONGs say the agent lives
     r = vmrt("run", "--rm", "--isolation=vm", "busybox", "sh", "-c", "sleep 8; echo done", env=FAST, timeout=120)

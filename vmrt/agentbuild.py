@@ -1,7 +1,8 @@
-"""Build the static guest agent and the initramfs it is PID 1 of.
+"""Build the static guest agent and the initramfs it is PID 1 of, and the host-side
+container monitor (monitor/, which shares the agent's protocol code).
 
-Cached under ``<cache>/agent/<key>/`` keyed by a hash of guest-agent/'s sources
-and the compiler version. The initramfs is an uncompressed newc cpio written
+Cached under ``<cache>/agent/<key>/`` keyed by a hash of guest-agent/'s and monitor/'s
+sources and the compiler version. The initramfs is an uncompressed newc cpio written
 here (a few dozen lines, deterministic, no root-owned staging directory).
 """
 
@@ -20,24 +21,29 @@ from .config import Config
 from .errors import KernelError
 from .paths import source_root
 
+SOURCE_DIRS = ("guest-agent", "monitor")
+MONITOR = "vmrt-monitor"
+
 
 def _sources() -> list[Path]:
-    d = source_root() / "guest-agent"
-    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in (".c", ".h", "")
-                   and "fuzz" not in p.parts and p.name != "README.md")
-    if not (d / "Makefile").is_file():
-        raise KernelError(f"guest agent sources missing in {d}")
+    files: list[Path] = []
+    for name in SOURCE_DIRS:
+        d = source_root() / name
+        if not (d / "Makefile").is_file():
+            raise KernelError(f"{name} sources missing in {d}")
+        files += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in (".c", ".h", "")
+                        and "fuzz" not in p.parts and p.name != "README.md")
     return files
 
 
 def cache_key() -> str:
-    h = hashlib.sha256(b"agentbuild 1\n")
+    h = hashlib.sha256(b"agentbuild 2\n")
     try:
         cc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     except (OSError, IndexError):
         cc = "unknown"
     h.update(cc.encode() + b"\n")
-    root = source_root() / "guest-agent"
+    root = source_root()
     for f in _sources():
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -56,6 +62,12 @@ def find(cfg: Config) -> Path:
     if not p.is_file():
         raise KernelError(f"guest agent not built: run `vmrt agent build` (looked for {p})")
     return p
+
+
+def monitor_binary(cfg: Config) -> Path | None:
+    """The built C monitor of detached containers, or None (then a Python monitor stays resident)."""
+    p = agent_dir(cfg) / MONITOR
+    return p if os.access(p, os.X_OK) else None
 
 
 class Cpio:
@@ -116,6 +128,10 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
     r = subprocess.run(["make", "-s", "-C", str(src), f"O={tmp}"], capture_output=True, text=True)
     if r.returncode != 0 or not (tmp / "vmrt-agent").is_file():
         raise KernelError(f"guest agent build failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+    r = subprocess.run(["make", "-s", "-C", str(source_root() / "monitor"), f"O={tmp}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not (tmp / MONITOR).is_file():
+        raise KernelError(f"container monitor build failed: {(r.stderr or r.stdout).strip()[-2000:]}")
     (tmp / "initramfs.cpio").write_bytes(initramfs((tmp / "vmrt-agent").read_bytes()))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)

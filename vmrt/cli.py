@@ -105,7 +105,7 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         except UnicodeEncodeError:
             raise UsageError(f"argument is not valid UTF-8: {arg!r}") from None
     iso = config_mod.normalize_isolation(isolation) or cfg.isolation
-    if tty and interactive and not os.isatty(0):
+    if tty and interactive and not detach and not os.isatty(0):
         raise UsageError("the input device is not a TTY")
     size = (24, 80)
     if tty and os.isatty(1):
@@ -137,8 +137,9 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         click.echo(runner.create_detached(cfg, opts, iso, meta))
         return
     if detach:
-        if interactive:
-            raise UsageError("-d with -i is not supported yet (no attach): drop -i")
+        from .agentbuild import monitor_binary
+        if interactive and monitor_binary(cfg) is None:
+            raise UsageError("-d with -i needs the C monitor (its attach socket): run `vmrt agent build`")
         ctx.exit(_start_detached(cfg, runner.create_detached(cfg, opts, iso, meta)))
     try:
         status = runner.run(cfg, opts, iso, accel=accel, kernel=kernel, timings=TIMINGS, runtime=runtime, meta=meta)

@@ -299,6 +299,8 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
         "State": {"Status": "restarting" if restarting else c.status.value, "Running": running,
                   "Paused": False, "Restarting": restarting, "OOMKilled": c.oom_killed, "Dead": False,
                   "Pid": (c.pids.get("init") or c.pids.get("qemu") or 0) if running else 0,
+                  # the owner: the container's monitor (Podman's ConmonPid) or an attached `vmrt run`
+                  "MonitorPid": c.monitor_pid if running or restarting else 0,
                   "ExitCode": c.exit_code or 0, "Error": "", "StartedAt": _iso(c.started),
                   "FinishedAt": _iso(c.finished)},
         "Image": c.image_id, "Name": "/" + c.name, "RestartCount": c.restart_count,
@@ -467,21 +469,30 @@ def cp(ctx: click.Context, src: str, dest: str) -> None:
 @click.argument("container")
 @click.option("--sig-proxy/--no-sig-proxy", default=True, show_default=True,
               help="Pass the signals vmrt receives (Ctrl-C) to the container.")
+@click.option("--no-stdin", is_flag=True, help="Do not attach stdin.")
 @click.pass_context
-def attach(ctx: click.Context, container: str, sig_proxy: bool) -> None:
-    """Follow a running detached container's output (stdout/stderr) until it exits; exit with its status.
-
-    stdin is not attached (a detached container's stdin is /dev/null)."""
+def attach(ctx: click.Context, container: str, sig_proxy: bool, no_stdin: bool) -> None:
+    """Attach to a running detached container: its output (stdout/stderr) until it exits, and this
+    stdin to its stdin if it was started with -i; exit with its status. With a terminal (-t),
+    Ctrl-P Ctrl-Q detaches."""
     import signal as signal_mod
     cfg = _cfg(ctx)
     with _state(ctx) as st:
         c = st.get(container)
         if c.status != Status.RUNNING or not lifecycle.owner_alive(c):
             raise StateError(f"You cannot attach to a stopped container, start it first: {c.name}")
-        if sig_proxy:
+        relay = None if no_stdin else lifecycle.StdinRelay.open(c)
+        if sig_proxy and not (relay is not None and relay.raw):
             for s in (signal_mod.SIGINT, signal_mod.SIGTERM, signal_mod.SIGHUP):
                 signal_mod.signal(s, lambda signo, _f: _proxy(cfg, st, c.id, signo))
-        lifecycle.logs(cfg, st, c, follow=True, tail=0, timestamps=False, since=None)
+        try:
+            lifecycle.logs(cfg, st, c, follow=True, tail=0, timestamps=False, since=None,
+                           stop=relay.detached if relay is not None else None)
+        finally:
+            if relay is not None:
+                relay.close()
+        if relay is not None and relay.detached.is_set():
+            ctx.exit(0)
         c = st.get(c.id)
     ctx.exit(c.exit_code if c.status == Status.EXITED and c.exit_code is not None else 0)
 

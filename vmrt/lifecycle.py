@@ -17,8 +17,12 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
+import termios
+import threading
 import time
+import tty
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,13 +214,16 @@ def _records(path: Path, follow: bool, done: object) -> Iterator[dict[str, str]]
 
 
 def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | None, timestamps: bool,
-         since: float | None) -> None:
-    """``docker logs``: the container's stdout and stderr, as recorded by its monitor."""
+         since: float | None, stop: threading.Event | None = None) -> None:
+    """``docker logs``: the container's stdout and stderr, as recorded by its monitor
+    (with ``follow``, until the container's owner is gone or ``stop`` is set)."""
     from .monitor import LOG_NAME
     from .runner import container_dir
     path = container_dir(cfg, c.id) / LOG_NAME
 
     def done() -> bool:
+        if stop is not None and stop.is_set():
+            return True
         cur = state.get(c.id)
         return not owner_alive(cur)
 
@@ -251,3 +258,64 @@ def _skip(it: Iterator[dict[str, str]], n: int) -> Iterator[dict[str, str]]:
     for i, rec in enumerate(it):
         if i >= n:
             yield rec
+
+
+DETACH_KEYS = b"\x10\x11"  # Ctrl-P Ctrl-Q, as Docker
+
+
+class StdinRelay:
+    """``vmrt attach``: this process's stdin to a running container's stdin, through the attach
+    socket its C monitor serves (only for containers started with -i). With a terminal
+    container and a terminal here, the terminal is raw and Ctrl-P Ctrl-Q detaches."""
+
+    def __init__(self, sock: socket.socket, raw: bool) -> None:
+        self.sock = sock
+        self.detached = threading.Event()
+        self.raw = raw
+        self._restore = None
+        if raw:
+            self._restore = termios.tcgetattr(0)
+            tty.setraw(0)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    @classmethod
+    def open(cls, c: Container) -> StdinRelay | None:
+        from .monitor import ATTACH_NAME
+        if not c.run_dir or not os.path.exists(os.path.join(c.run_dir, ATTACH_NAME)):
+            return None  # started without -i: output only, as Docker
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dfd = os.open(c.run_dir, os.O_PATH | os.O_DIRECTORY)
+        try:  # by a short /proc path: a run dir's full path can exceed sun_path's 108 bytes
+            sock.connect(f"/proc/self/fd/{dfd}/{ATTACH_NAME}")
+        except OSError as e:
+            sock.close()
+            raise StateError(f"cannot attach to {c.name}'s stdin: {e.strerror}") from None
+        finally:
+            os.close(dfd)
+        terminal = False
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            terminal = bool(json.loads((Path(c.run_dir) / "config.json").read_text())["process"].get("terminal"))
+        return cls(sock, raw=terminal and os.isatty(0))
+
+    def _pump(self) -> None:
+        prev = b""
+        try:
+            while data := os.read(0, 32768):
+                if self.raw and DETACH_KEYS in prev[-1:] + data:
+                    cut = (prev[-1:] + data).index(DETACH_KEYS) - len(prev[-1:])
+                    if cut > 0:
+                        self.sock.sendall(data[:cut])
+                    self.detached.set()
+                    return
+                prev = data
+                self.sock.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):  # our EOF: the container's stdin stays open, as Docker's
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        if self._restore is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, self._restore)
+            self._restore = None
+        self.sock.close()

@@ -12,6 +12,17 @@ pipe when the container's process has started, or why it could not.
 Signals: SIGTERM/SIGINT and the other forwarded signals go to the container
 (via the driver); :data:`~vmrt.drivers.base.FORCE_KILL` kills it. Between runs
 (a restart policy's back-off) a stop signal ends the monitor.
+
+Memory: a Python process with the drivers imported is 16-20 MiB PSS, too much for
+something that exists once per container. So Python only sets the container up:
+once its process runs (VM mode: once the guest agent is ready) the driver hands it
+over and this process execve()s the small C monitor (``monitor/``, built with the
+agent), which keeps the PID (QEMU, virtiofsd, the container's init stay its
+children) and the owner record. It relays output to the log, forwards signals, pings
+the agent, serves the attach socket (stdin), and when the container ends execs
+``python -m vmrt.monitor --finish ID HOW VALUE OOM DETAIL`` to record the exit,
+release everything (:func:`vmrt.runner.cleanup`) and apply the restart policy.
+Without the built C monitor the Python monitor stays resident and does it all.
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import datetime as dt
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +74,21 @@ def should_restart(policy: str, status: int, stopped: bool, restarts: int) -> bo
 
 
 class LogWriter:
-    """Turns the container's stdout/stderr pipes into Docker json-file lines."""
+    """Docker json-file lines from a container's stdout/stderr: fed by a driver's ``tee`` (an
+    attached run: the output also goes to the terminal) or read from pipes (:meth:`pipe`)."""
+
+    PIECE = 16384  # as Docker: a long line without a newline is logged in pieces
 
     def __init__(self, path: Path) -> None:
         self._f = open(path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._pending: dict[str, bytes] = {}
 
-    def pipe(self, stream: str, copy_to: int | None = None) -> int:
-        """The write end of a pipe whose lines are logged as ``stream`` (and, with ``copy_to``,
-        also passed on to that fd as they come: an attached run's terminal)."""
+    def pipe(self, stream: str) -> int:
+        """The write end of a pipe whose bytes are logged as ``stream``."""
         r, w = os.pipe()
-        t = threading.Thread(target=self._pump, args=(r, stream, copy_to), daemon=True)
+        t = threading.Thread(target=self._pump, args=(r, stream), daemon=True)
         t.start()
         self._threads.append(t)
         return w
@@ -83,26 +99,32 @@ class LogWriter:
         with self._lock:
             self._f.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
 
-    def _pump(self, fd: int, stream: str, copy_to: int | None = None) -> None:
-        from .drivers.base import write_all
-        pending = b""
+    def feed(self, stream: str, chunk: bytes) -> None:
+        """Log what of ``chunk`` completes lines of ``stream``; keep the rest for later."""
+        pending = self._pending.get(stream, b"") + chunk
+        *lines, pending = pending.split(b"\n")
+        for ln in lines:
+            self.line(stream, ln + b"\n")
+        if len(pending) >= self.PIECE:
+            self.line(stream, pending)
+            pending = b""
+        self._pending[stream] = pending
+
+    def flush(self, stream: str) -> None:
+        if pending := self._pending.pop(stream, b""):
+            self.line(stream, pending)
+
+    def _pump(self, fd: int, stream: str) -> None:
         with open(fd, "rb", buffering=0) as f:
             while chunk := f.read(65536):
-                if copy_to is not None and not write_all(copy_to, chunk):
-                    break  # the reader went away: closing our end gives the container its EPIPE
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for ln in lines:
-                    self.line(stream, ln + b"\n")
-                if len(pending) >= 16384:  # as Docker: a long line is logged in pieces
-                    self.line(stream, pending)
-                    pending = b""
-        if pending:
-            self.line(stream, pending)
+                self.feed(stream, chunk)
+        self.flush(stream)
 
     def close(self) -> None:
         for t in self._threads:
             t.join(timeout=5)
+        for stream in list(self._pending):
+            self.flush(stream)
         self._f.close()
 
 
@@ -146,18 +168,81 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
     return False, int(code), message
 
 
-def main(argv: list[str]) -> int:
-    """``python -m vmrt.monitor ID READY_FD``: run container ID until it (finally) exits."""
-    container_id, ready_fd = argv[0], int(argv[1])
-    ready: list[int] = [ready_fd]
+# the signals the C monitor reads from its signalfd: blocked across the execve so that one
+# arriving meanwhile waits for it instead of killing the process
+HANDOFF_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGUSR2, signal.SIGCHLD, FORCE_KILL)
+FD_OPTIONS = ("--stdout", "--stderr", "--tty", "--stdin", "--agent", "--console", "--ready")
+ATTACH_NAME = "attach.sock"
 
-    def notify(text: str) -> None:
-        if ready:
-            fd = ready.pop()
+
+def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_dir: Path,
+                 args: dict[str, Any]) -> list[str]:
+    """The C monitor's command line for a driver's hand-off ``args`` (fd options made inheritable)."""
+    from .runner import container_dir
+    args = dict(args)
+    argv = [str(binary), "--mode", args.pop("mode"), "--id", container_id,
+            "--log", str(container_dir(cfg, container_id) / LOG_NAME)]
+    for opt, value in args.items():
+        if value is True:
+            argv.append(opt)
+        elif value is not False and value is not None:
+            if opt in FD_OPTIONS:
+                os.set_inheritable(int(value), True)
+            argv += [opt, str(value)]
+    if "--stdin" in args or args.get("--stdin-open"):
+        argv += ["--attach", str(run_dir / ATTACH_NAME)]
+    return [*argv, "--", sys.executable, "-m", "vmrt.monitor", "--finish", container_id]
+
+
+def outcome(how: str, value: str, detail: str) -> tuple[int, str]:
+    """The C monitor's account of a run -> (exit status, one-line message or "")."""
+    from .drivers.vm import hung, virtiofsd_gone
+    n = int(value) if value.lstrip("-").isdigit() else 0
+    if how == "exit":
+        return n, ""
+    if how == "killed":
+        return 137, "container killed: killed"
+    if how == "hung":
+        return 137, str(hung(float(value)))
+    if how == "virtiofsd":
+        return 125, str(virtiofsd_gone(n))
+    if how == "error":
+        return (n if n in (125, 126, 127) else 125), detail
+    if how == "interrupted":
+        return 128 + n, f"interrupted by signal {n}"
+    if how == "timeout":
+        return 125, f"timed out after {value}s waiting for the container process to start"
+    if how == "qemu":
+        return 125, f"the VM stopped before the container exited (qemu exit status {n})"
+    return 125, detail or f"the monitor ended the container ({how} {value})"
+
+
+class Ready:
+    """The pipe to the starting ``vmrt``: "ok", or "<status> <message>"; one line, then closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def __call__(self, text: str) -> None:
+        if self.fd is not None:
             with contextlib.suppress(OSError):
-                os.write(fd, text.encode() + b"\n")
-            os.close(fd)
+                os.write(self.fd, text.encode() + b"\n")
+            os.close(self.fd)
+            self.fd = None
 
+
+def main(argv: list[str]) -> int:
+    """``python -m vmrt.monitor ID READY_FD``: run container ID until it (finally) exits.
+
+    ``python -m vmrt.monitor --finish ID HOW VALUE OOM DETAIL``: the C monitor's end of a run."""
+    if argv and argv[0] == "--finish":
+        try:
+            return _finish(*argv[1:7])
+        except VmrtError as e:
+            print(f"vmrt-monitor: {e}", file=sys.stderr)
+            return e.exit_code
+    container_id, notify = argv[0], Ready(int(argv[1]))
     try:
         return _monitor(container_id, notify)
     except VmrtError as e:
@@ -167,7 +252,69 @@ def main(argv: list[str]) -> int:
         notify("125 the monitor failed")
 
 
-def _monitor(container_id: str, notify: Any) -> int:
+def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "", ready: str = "-1") -> int:
+    """After the C monitor: the exit recorded, the container's resources released (as for a
+    lost owner), the VM's or runtime's logs kept; a start that failed is told to the waiting
+    ``vmrt run -d`` (``ready``: the pipe's fd, or -1); then the restart policy, as before."""
+    from . import cgroups
+    from .runner import cleanup, container_dir
+    from .state import State, Status
+    cfg = config_mod.load()
+    state = State(cfg.db_path)
+    try:
+        c = state.get(container_id)
+        status, message = outcome(how, value, detail)
+        run_dir = Path(c.run_dir) if c.run_dir else None
+        cdir = container_dir(cfg, c.id)
+        if c.isolation == "vm":
+            host_oom = cgroups.oom_kills(f"{cgroups.PARENT}/{c.id}-vmm") > 0
+            if how == "qemu":
+                from .drivers.vm import vm_gone
+                message = str(vm_gone(int(value), _tail(run_dir / "console.log") if run_dir else b"", host_oom))
+            oom_killed = oom == "1" or host_oom
+            kept: tuple[str, ...] = ("console.log", "qemu.log", "virtiofsd.log")
+        else:
+            oom_killed = cgroups.oom_kills(cgroups.runtime_path(c.id)) > 0
+            kept = ("runtime.log",)
+        _reap_children()
+        if run_dir is not None:
+            for name in kept:
+                with contextlib.suppress(OSError):
+                    shutil.move(run_dir / name, cdir / name)
+        cleanup(cfg, c)
+        _reap_children()
+        from .runner import rw_dir
+        shutil.rmtree(rw_dir(cfg, c.id) / "work", ignore_errors=True)
+        if message:
+            logs = LogWriter(cdir / LOG_NAME)
+            logs.line("stderr", f"vmrt: {message}\n".encode())
+            logs.close()
+        with contextlib.suppress(StateError):
+            state.transition(c, Status.EXITED, exit_code=status, finished=time.time(), oom_killed=oom_killed)
+    finally:
+        state.close()
+        Ready(int(ready) if ready.isdigit() else None)(f"{status} {message}" if message else "ok")
+    started = how not in ("error", "interrupted", "timeout")
+    return _monitor(container_id, Ready(None), finished=(status, started))
+
+
+def _tail(path: Path, size: int = 8192) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _reap_children() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None = None) -> int:
+    from . import agentbuild
     from .images.store import Store
     from .runner import container_dir, execute, make_driver, remove
     from .state import State
@@ -203,26 +350,49 @@ def _monitor(container_id: str, notify: Any) -> int:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, FORCE_KILL):
             signal.signal(s, on_stop)
 
+    binary = agentbuild.monitor_binary(cfg)
+
+    def handoff(args: dict[str, Any]) -> Any:  # never returns: this process becomes the C monitor
+        assert binary is not None
+        if args["mode"] == "vm" and notify.fd is not None:
+            args["--ready"] = notify.fd  # it tells `vmrt run -d` when the process started
+        run_dir = cfg.run_root / "containers" / container_id
+        argv = handoff_argv(binary, cfg, container_id, run_dir, args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
+        try:
+            os.execv(argv[0], argv)
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)
+            raise VmrtError(f"cannot start the container monitor {argv[0]}: {e.strerror}") from e
+
     status = 125
     try:
         while True:
-            own_handlers()
-            if stopping.is_set() or state.get(container_id).stop_requested and started.is_set():
-                break  # a stop that came during the back-off
-            timings = Timings()
-            timings.on_mark["process-started"] = on_started
-            try:
-                status = execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir,
-                                 stdio=stdio)
-            except StateError as e:  # already running (another start won): leave it alone
-                notify(f"125 {e}")
-                return 125
-            except VmrtError as e:
-                status = e.exit_code
-                logs.line("stderr", f"vmrt: {e}\n".encode())
-                notify(f"{status} {e}")
-            finally:
+            if finished is not None:  # a run the C monitor saw to its end
+                status, ran = finished
+                finished = None
+                if ran:
+                    started.set()
+            else:
                 own_handlers()
+                if stopping.is_set() or state.get(container_id).stop_requested and started.is_set():
+                    break  # a stop that came during the back-off
+                timings = Timings()
+                timings.on_mark["process-started"] = on_started
+                try:
+                    status = execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir,
+                                     stdio=stdio, handoff=handoff if binary is not None else None)
+                except StateError as e:  # already running (another start won): leave it alone
+                    notify(f"125 {e}")
+                    return 125
+                except VmrtError as e:
+                    status = e.exit_code
+                    logs.line("stderr", f"vmrt: {e}\n".encode())
+                    notify(f"{status} {e}")
+                finally:
+                    own_handlers()
             c = state.get(container_id)
             if not started.is_set() or stopping.is_set() or not should_restart(
                     meta.get("restart", "no"), status, c.stop_requested, c.restart_count):

@@ -110,7 +110,8 @@ def container_dir(cfg: Config, container_id: str) -> Path:
 
 
 def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: dict[str, Any],
-            driver: Any, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2)) -> int:
+            driver: Any, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
+            handoff: Any = None, tee: Any = None) -> int:
     """Run a created (or exited) container once, attached to ``stdio``; returns its exit status.
 
     The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record
@@ -130,7 +131,7 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid(),
                          owner_ticks=start_ticks(os.getpid()), oom_killed=False)
         ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, *stdio, log_dir=log_dir,
-                         rw_dir=rw_dir(cfg, c.id))
+                         rw_dir=rw_dir(cfg, c.id), handoff=handoff, tee=tee)
         status = driver.run(ctx)
         return status
     except VmrtError as e:
@@ -145,19 +146,13 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
 def execute_logged(cfg: Config, state: State, c: Container, image: Image, layers: list[Path],
                    config: dict[str, Any], driver: Any, timings: Timings) -> int:
     """An attached run of a kept container: its output on this terminal and, as Docker does, in its
-    log (``vmrt logs``). With a terminal (-t) the output goes to the terminal only: the drivers
-    need the real one for raw mode and window sizes."""
+    log (``vmrt logs``), with a terminal (-t) too: the drivers pass what they write on (``tee``)."""
     from .monitor import LOG_NAME, LogWriter
     cdir = container_dir(cfg, c.id)
-    if config.get("process", {}).get("terminal"):
-        return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir)
     logs = LogWriter(cdir / LOG_NAME)
-    out, err = logs.pipe("stdout", copy_to=1), logs.pipe("stderr", copy_to=2)
     try:
-        return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir, stdio=(0, out, err))
+        return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir, tee=logs.feed)
     finally:
-        os.close(out)
-        os.close(err)
         logs.close()
 
 
@@ -240,8 +235,10 @@ def _kill_recorded(c) -> None:  # type: ignore[no-untyped-def]
         if c.id[:12].encode() in cmdline or (c.run_dir and c.run_dir.encode() in cmdline):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    for pid in c.pids.values():  # wait (bounded) for them to go
+    for pid in c.pids.values():  # wait (bounded) for them to go; reaped if they are our children
         for _ in range(100):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
             if not Path(f"/proc/{pid}").exists():
                 break
             time.sleep(0.02)

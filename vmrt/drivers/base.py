@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ..config import Config
 from ..images.store import Image
@@ -33,6 +34,11 @@ class RunContext:
     stderr_fd: int = 2
     log_dir: Path | None = None  # where console/VMM logs are kept after the run
     rw_dir: Path | None = None   # the container's writable layer (process mode), kept until rm
+    # detached runs: once the process runs (VM: once the agent is ready), the driver hands
+    # the container over (its fds and PIDs) to the small C monitor; this call never returns
+    handoff: Callable[[dict[str, Any]], NoReturn] | None = None
+    # attached runs of kept containers: what goes to stdout/stderr is also logged here
+    tee: Callable[[str, bytes], None] | None = None
 
 
 def write_all(fd: int, data: bytes) -> bool:

@@ -30,6 +30,7 @@ import subprocess
 import termios
 import threading
 import tty
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,11 @@ class ProcessDriver:
         return _Session(ctx, choose_runtime(self.runtime_setting)).run()
 
 
-def _pump(src: int, dst: int, on_first: object = None, close_dst: bool = False) -> None:
-    """Copy src to dst until EOF (EIO on a pty master is EOF too). The pump owns src and
-    closes it when done: if dst's reader went away, the writer in the container then gets
-    EPIPE, as in a shell pipeline."""
+def _pump(src: int, dst: int, on_first: object = None, close_dst: bool = False,
+          tee: Callable[[bytes], None] | None = None) -> None:
+    """Copy src to dst (and to ``tee``) until EOF (EIO on a pty master is EOF too). The pump
+    owns src and closes it when done: if dst's reader went away, the writer in the container
+    then gets EPIPE, as in a shell pipeline."""
     first = True
     try:
         while True:
@@ -103,6 +105,8 @@ def _pump(src: int, dst: int, on_first: object = None, close_dst: bool = False) 
             if first and callable(on_first):
                 on_first()
                 first = False
+            if tee is not None:
+                tee(data)
             if not write_all(dst, data):
                 return
     finally:
@@ -128,6 +132,7 @@ class _Session:
         self.threads: list[threading.Thread] = []
         self.tty_restore: list[Any] | None = None
         self.fds: list[int] = []  # our ends, closed at teardown
+        self.handoff_fds: dict[str, int] = {}
 
     def _rt(self, *args: str) -> list[str]:
         return [self.runtime, "--root", str(self.state_root), "--log",
@@ -171,6 +176,8 @@ class _Session:
                 raise LaunchError(f"{os.path.basename(self.runtime)} start: "
                                   f"{self._runtime_error() or r.stderr.strip() or r.returncode}")
             ctx.timings.mark("process-started")
+            if ctx.handoff is not None:
+                ctx.handoff(self._handoff_args())
             status = self._wait()
             ctx.timings.mark("exit")
             if self.forced:
@@ -248,7 +255,20 @@ class _Session:
                            "error during container init: "):
                 text = text.removeprefix(prefix)
             raise exec_error(text) or LaunchError(f"{os.path.basename(self.runtime)} create: {text}")
-        if not terminal:
+        if ctx.handoff is not None:  # the monitor reads and writes these fds itself
+            if not terminal:
+                _discard_pending(self.fds[-1])
+                self.handoff_fds = {"--stderr": self.fds[-1], "--stdout": self.fds[-2]}
+                if stdin_open:
+                    self.handoff_fds["--stdin"] = self.fds[-3]
+            elif master < 0:
+                raise LaunchError("the runtime did not send the container's terminal")
+            else:
+                self.fds.append(master)
+                self.handoff_fds = {"--tty": master}
+                if stdin_open:
+                    self.handoff_fds["--stdin"] = master
+        elif not terminal:
             _discard_pending(self.fds[-1])  # runtime warnings printed during create
             if stdin_open:  # the pump closes the pipe at our stdin's EOF
                 self._thread(_pump, os.dup(ctx.stdin_fd), self.fds.pop(-3), None, True, daemon=True)
@@ -256,12 +276,17 @@ class _Session:
         self.pidfd = os.pidfd_open(self.pid)
         if self.ctx.state is not None:
             ctx.state.set_fields(ctx.container, pids={"init": self.pid})
+        if ctx.handoff is not None:
+            return
         if terminal:
             self._relay_tty(master, stdin_open)
         else:
             er_r, out_r = self.fds.pop(), self.fds.pop()
-            self._thread(_pump, out_r, ctx.stdout_fd, self._first_output)
-            self._thread(_pump, er_r, ctx.stderr_fd, self._first_output)
+            self._thread(_pump, out_r, ctx.stdout_fd, self._first_output, False, self._tee("stdout"))
+            self._thread(_pump, er_r, ctx.stderr_fd, self._first_output, False, self._tee("stderr"))
+
+    def _handoff_args(self) -> dict[str, Any]:
+        return {"mode": "process", "--init": self.pid, **self.handoff_fds}
 
     def _runtime_error(self) -> str | None:
         try:
@@ -274,6 +299,10 @@ class _Session:
                 if rec.get("level") in ("error", "fatal"):
                     return str(rec.get("msg", "")).strip()
         return None
+
+    def _tee(self, stream: str) -> Callable[[bytes], None] | None:
+        tee = self.ctx.tee
+        return None if tee is None else lambda data: tee(stream, data)
 
     def _first_output(self) -> None:
         self.ctx.timings.mark("first-output")
@@ -297,7 +326,7 @@ class _Session:
                 self.tty_restore = termios.tcgetattr(ctx.stdin_fd)
                 tty.setraw(ctx.stdin_fd)
             self._thread(_pump, os.dup(ctx.stdin_fd), os.dup(master), None, True, daemon=True)
-        self._thread(_pump, master, ctx.stdout_fd, self._first_output)
+        self._thread(_pump, master, ctx.stdout_fd, self._first_output, False, self._tee("stdout"))
 
     def _resize(self, master: int) -> None:
         with contextlib.suppress(OSError):

@@ -113,6 +113,29 @@ def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
         memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0))
 
 
+def vm_gone(status: int, console_tail: bytes, host_oom: bool) -> AgentError:
+    """Why QEMU ended (its wait status) before the container's EXIT: a guest panic, or how."""
+    how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+    if host_oom:
+        how += ", out of memory on the host (its cgroup's limit)"
+    console = console_tail.decode(errors="replace")
+    panic = [ln.split("]", 1)[-1].strip() for ln in console.splitlines() if "Kernel panic" in ln]
+    if panic:
+        return AgentError(f"the VM stopped before the container exited: guest {panic[-1]}")
+    tail = console.strip().splitlines()[-3:]
+    return AgentError(f"the VM stopped before the container exited (qemu {how})"
+                      + (f"; console: {' | '.join(tail)}" if tail else ""))
+
+
+def virtiofsd_gone(status: int) -> AgentError:
+    how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+    return AgentError(f"virtiofsd stopped while the container ran ({how}); its root filesystem is gone")
+
+
+def hung(dead: float) -> AgentError:
+    return AgentError(f"agent not responding for {dead:g} s: the VM is hung (container killed)", exit_code=137)
+
+
 class VMDriver:
     name = "vm"
 
@@ -182,6 +205,8 @@ class _Session:
                         # a slow reader of our stdout must not stall signals and timeouts
                         self.ctx.timings.mark("first-output")
                         fd = self.ctx.stdout_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
+                        if self.ctx.tee is not None:
+                            self.ctx.tee("stdout" if fr.type == P.Msg.STDOUT else "stderr", fr.payload)
                         self.writing_output = True
                         try:
                             await asyncio.to_thread(write_all, fd, fr.payload)
@@ -271,17 +296,10 @@ class _Session:
                 del self.console_tail[:-8192]
 
     def _vm_gone(self, status: int) -> AgentError:
-        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-        if self.group is not None and self.group.oom_kills() > 0:
+        host_oom = self.group is not None and self.group.oom_kills() > 0
+        if host_oom:
             self.ctx.state.set_fields(self.ctx.container, oom_killed=True)
-            how += ", out of memory on the host (its cgroup's limit)"
-        console = self.console_tail.decode(errors="replace")
-        panic = [ln.split("]", 1)[-1].strip() for ln in console.splitlines() if "Kernel panic" in ln]
-        if panic:
-            return AgentError(f"the VM stopped before the container exited: guest {panic[-1]}")
-        tail = console.strip().splitlines()[-3:]
-        return AgentError(f"the VM stopped before the container exited (qemu {how})"
-                          + (f"; console: {' | '.join(tail)}" if tail else ""))
+        return vm_gone(status, bytes(self.console_tail), host_oom)
 
     async def _channel_closed_error(self) -> AgentError:
         assert self.vm is not None and self.vm.proc is not None
@@ -303,9 +321,7 @@ class _Session:
         await asyncio.sleep(0.5)  # virtiofsd also exits when QEMU dies: let QEMU's watcher say so
         if self.vm is not None and self.vm.exited() is not None:
             return
-        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-        self._fail_futures(AgentError(f"virtiofsd stopped while the container ran ({how}); "
-                                      "its root filesystem is gone"))
+        self._fail_futures(virtiofsd_gone(status))
 
     async def _liveness(self) -> None:
         """After STARTED: PING the agent every agent_ping s (at most agent_dead/2); if nothing
@@ -335,8 +351,7 @@ class _Session:
 
     def _hung(self, dead: float) -> None:
         LOG.debug("no frame from the agent for %gs: killing the VM", dead)
-        self._fail_futures(AgentError(
-            f"agent not responding for {dead:g} s: the VM is hung (container killed)", exit_code=137))
+        self._fail_futures(hung(dead))
         proc = self.vm.proc if self.vm is not None else None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(OSError):
@@ -486,7 +501,10 @@ class _Session:
 
         # virtiofsd derives its pid file from the socket name: keep it unique per container
         vfs = Virtiofsd(cfg, share, bdir / f"vfs-{ctx.container.id[:16]}.sock", bdir / "virtiofsd.log")
-        await asyncio.to_thread(vfs.start)
+        if ctx.handoff is None:
+            await asyncio.to_thread(vfs.start)
+        else:  # its parent-death signal follows the thread that started it: the C monitor's one
+            vfs.start()
         stack.callback(vfs.stop)
         assert vfs.pid is not None
         group.add(vfs.pid)
@@ -516,6 +534,8 @@ class _Session:
         if proc.get("terminal") and os.isatty(ctx.stdout_fd):
             sz = os.get_terminal_size(ctx.stdout_fd)
             proc["consoleSize"] = {"height": sz.lines, "width": sz.columns}
+        if ctx.handoff is not None:
+            await self._handoff(P.encode_run(run_spec(ctx.config, stdin_open)), vfs, stdin_open)
         self._send(P.encode_run(run_spec(ctx.config, stdin_open)))
         await self._wait(self.started, cfg.timeouts.start, "the container process to start")
         t.mark("process-started")
@@ -533,6 +553,26 @@ class _Session:
         if ex.oom:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
+
+    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd, stdin_open: bool) -> None:
+        """Give the booted VM to the C monitor: it sends RUN and does the rest (never returns).
+        Before RUN the agent sends nothing after HELLO, so no frame is cut in two here."""
+        assert self.vm is not None and self.ctx.handoff is not None
+        assert self.vm.agent_sock is not None and self.vm.console_sock is not None
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks = []
+        if self.decoder.pending or self.ctlq or self.dataq:
+            raise AgentError("the guest agent channel is not idle after HELLO")
+        (self.ctx.bundle_dir / "run.frame").write_bytes(run_frame)
+        t = self.cfg.timeouts
+        self.ctx.handoff({"mode": "vm", "--agent": self.vm.agent_sock.fileno(),
+                          "--console": self.vm.console_sock.fileno(), "--qemu": self.vm.pid,
+                          "--virtiofsd": vfs.pid, "--run-frame": str(self.ctx.bundle_dir / "run.frame"),
+                          "--console-log": str(self.ctx.bundle_dir / "console.log"),
+                          "--stdin-open": stdin_open, "--start-timeout": t.start,
+                          "--ping": t.agent_ping, "--dead": t.agent_dead})
 
     async def _teardown_vm(self) -> None:
         self._restore_terminal()
