@@ -8,13 +8,19 @@
  * when the container is done it execs the finish command given after "--"
  * with HOW VALUE OOM DETAIL appended: Python does the teardown and the restart
  * policy.  Everything runs from one poll() loop and never blocks on a write
- * that could keep the container's output from being read. */
+ * that could keep the container's output from being read.
+ *
+ * A VM from the warm pool (--adopted) was booted by the pool daemon, so its
+ * QEMU and virtiofsd are the daemon's children, not ours: their end is seen on
+ * pidfds instead of SIGCHLD, and their exit status is only known from the
+ * files the daemon writes when it reaps them. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -26,6 +32,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -43,6 +50,9 @@
 #define GRACE_MS 2000           /* vm: QEMU's time to exit before SIGKILL */
 #define AGENT_LOST_MS 1000      /* vm: wait for QEMU after the agent channel broke */
 #define QEMU_LOST_MS 200        /* vm: agent bytes still read after QEMU was reaped */
+#define STATUS_MS 200           /* adopted: the pool daemon's time to write an exit status */
+#define KILLED_MS 5000          /* adopted: wait for a SIGKILLed QEMU we cannot waitpid */
+#define CODE_UNKNOWN LONG_MIN   /* adopted: an exit status we did not see ("unknown") */
 #define FORCE_KILL (SIGRTMIN + 3)
 
 struct stream {
@@ -103,6 +113,13 @@ static uint8_t rbuf[VMRT_FRAME_MAX];
 static size_t rlen;
 static uint8_t wq[WQ_CAP];
 static size_t woff, wlen;
+
+/* vm mode, adopted: QEMU and virtiofsd are watched through pidfds (-1 when not
+ * adopted), and their statuses read from the pool daemon's files (or NULL) */
+static int adopted;
+static int qemu_pidfd = -1, vfs_pidfd = -1;
+static const char *qemu_status, *vfs_status;
+static int64_t qemu_ended, vfs_ended; /* when their end was seen */
 
 /* attach */
 static int listen_fd = -1, attach_dir = -1;
@@ -354,10 +371,86 @@ static void finish(const char *how, const char *value, int oom, const char *deta
 	_exit(125);
 }
 
+/* Adopted, through the pidfd: once the pool daemon has reaped QEMU its PID may
+ * be reused, and a signal by PID could hit another process. */
+static void qemu_signal(int sig)
+{
+	if (qemu_pidfd >= 0)
+		syscall(SYS_pidfd_send_signal, qemu_pidfd, sig, NULL, 0);
+	else
+		kill(qemu_pid, sig);
+}
+
 static void kill_qemu(void)
 {
 	if (qemu_alive)
-		kill(qemu_pid, SIGKILL);
+		qemu_signal(SIGKILL);
+}
+
+/* Adopted: the process of pidfd is not ours to waitpid(); its pidfd turns
+ * readable when it ends.  0 if it has not within ms. */
+static int pidfd_wait(int pidfd, int ms)
+{
+	struct pollfd p = { .fd = pidfd, .events = POLLIN };
+	int64_t until = now_ms() + ms, left;
+
+	while ((left = until - now_ms()) > 0) {
+		int n = poll(&p, 1, (int)left);
+
+		if (n > 0)
+			return 1;
+		if (n < 0 && errno != EINTR)
+			break;
+	}
+	return 0;
+}
+
+/* Adopted: the exit status the pool daemon wrote to path when it reaped the
+ * process (a decimal exit code, or -signal), into value; 0 if none (yet). */
+static int read_status(const char *path, char *value, size_t n)
+{
+	char buf[32], *e;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	ssize_t k = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
+	long v;
+
+	if (fd >= 0)
+		close(fd);
+	if (k <= 0)
+		return 0;
+	buf[k] = '\0';
+	errno = 0;
+	v = strtol(buf, &e, 10);
+	if (errno || e == buf || v < INT32_MIN || v > INT32_MAX)
+		return 0;
+	while (*e == '\n' || *e == ' ' || *e == '\t' || *e == '\r')
+		e++;
+	if (*e) /* not (all) written yet, or not a status */
+		return 0;
+	snprintf(value, n, "%ld", v);
+	return 1;
+}
+
+/* Adopted: an "unknown" status of the process that ended the run becomes the
+ * one its status file tells.  The daemon reaps it as we see its end and writes
+ * the file just after, so it is waited for until STATUS_MS after that end
+ * (after a QEMU_LOST wait, that time is already spent: one look). */
+static void status_told(void)
+{
+	const char *path = NULL;
+	int64_t since = 0;
+
+	if (!strcmp(end.how, "qemu")) {
+		path = qemu_status;
+		since = qemu_ended;
+	} else if (!strcmp(end.how, "virtiofsd")) {
+		path = vfs_status;
+		since = vfs_ended;
+	}
+	if (!path || strcmp(end.value, "unknown"))
+		return;
+	while (!read_status(path, end.value, sizeof end.value) && now_ms() < since + STATUS_MS)
+		nanosleep(&(struct timespec){ .tv_nsec = 10 * 1000 * 1000 }, NULL);
 }
 
 /* vm mode: QEMU gone (killed now if need be), then the finish command. */
@@ -367,11 +460,16 @@ static void vm_finish(void)
 	int st;
 
 	if (qemu_alive) {
-		kill(qemu_pid, SIGKILL);
-		while (waitpid(qemu_pid, &st, 0) < 0 && errno == EINTR)
-			;
+		qemu_signal(SIGKILL);
+		if (!adopted)
+			while (waitpid(qemu_pid, &st, 0) < 0 && errno == EINTR)
+				;
+		else if (qemu_pidfd >= 0 && !pidfd_wait(qemu_pidfd, KILLED_MS))
+			say("QEMU (pid %d) did not end on SIGKILL", (int)qemu_pid);
 		qemu_alive = 0;
 	}
+	if (adopted)
+		status_told();
 	finish(end.how, end.value, end.oom, end.detail);
 }
 
@@ -381,7 +479,10 @@ static void set_end(enum end_kind kind, int64_t ms, const char *how, long value,
 	end.kind = kind;
 	end.deadline = now + ms;
 	end.how = how;
-	snprintf(end.value, sizeof end.value, "%ld", value);
+	if (value == CODE_UNKNOWN) /* adopted: status_told() may know it at the end */
+		snprintf(end.value, sizeof end.value, "unknown");
+	else
+		snprintf(end.value, sizeof end.value, "%ld", value);
 	end.oom = oom;
 	snprintf(end.detail, sizeof end.detail, "%s", detail);
 }
@@ -493,7 +594,7 @@ static void agent_frame(const struct vmrt_frame *f)
 		if (end.kind != E_NONE)
 			break; /* e.g. killed: it stays killed */
 		set_end(E_GRACE, GRACE_MS, "exit", (long)vmrt_get32(p), vmrt_get32(p + 8) & 1, "");
-		kill(qemu_pid, SIGTERM);
+		qemu_signal(SIGTERM);
 		break;
 	case VMRT_ERROR: {
 		char msg[sizeof end.detail];
@@ -506,7 +607,7 @@ static void agent_frame(const struct vmrt_frame *f)
 		memcpy(msg, p + 4, n);
 		msg[n] = '\0';
 		set_end(E_GRACE, GRACE_MS, "error", (long)vmrt_get32(p), 0, msg);
-		kill(qemu_pid, SIGTERM);
+		qemu_signal(SIGTERM);
 		break;
 	}
 	default: /* HELLO, PONG: any byte received was already counted as life */
@@ -567,18 +668,10 @@ static void console_read(void)
 
 /* ---------------------------------------------------------------- children */
 
-static void on_reaped(pid_t pid, int st)
+/* vm mode: QEMU or virtiofsd ended with code (exit code or -signal;
+ * CODE_UNKNOWN when adopted, its end seen on its pidfd). */
+static void vm_ended(pid_t pid, long code)
 {
-	int code = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
-
-	if (!vm) {
-		if (pid != init_pid || init_done)
-			return;
-		init_done = 1;
-		init_status = code < 0 ? 128 - code : code;
-		drain_deadline = now + DRAIN_MS;
-		return;
-	}
 	if (pid == qemu_pid && qemu_alive) {
 		qemu_alive = 0;
 		if (end.kind == E_GRACE)
@@ -595,7 +688,30 @@ static void on_reaped(pid_t pid, int st)
 			vm_finish();
 		}
 	}
+}
+
+static void on_reaped(pid_t pid, int st)
+{
+	int code = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
+
+	if (!vm) {
+		if (pid != init_pid || init_done)
+			return;
+		init_done = 1;
+		init_status = code < 0 ? 128 - code : code;
+		drain_deadline = now + DRAIN_MS;
+		return;
+	}
+	vm_ended(pid, code);
 	/* anything else was reparented to us (subreaper): reaped, nothing more */
+}
+
+/* Adopted: a pidfd turned readable, its process ended (the pool daemon reaps
+ * it, and may tell its status in a file). */
+static void on_pidfd(pid_t pid, int64_t *ended)
+{
+	*ended = now;
+	vm_ended(pid, CODE_UNKNOWN);
 }
 
 static void reap(void)
@@ -758,7 +874,10 @@ static void client_read(int i)
 
 /* ---------------------------------------------------------------- loop */
 
-enum { F_SIG, F_OUT, F_ERR, F_STDIN, F_AGENT, F_CONSOLE, F_LISTEN, F_CLIENT, NFDS = F_CLIENT + MAX_CLIENTS };
+enum {
+	F_SIG, F_OUT, F_ERR, F_STDIN, F_AGENT, F_CONSOLE, F_QEMU, F_VFS, F_LISTEN, F_CLIENT,
+	NFDS = F_CLIENT + MAX_CLIENTS
+};
 
 static void deadline(int64_t *next, int64_t t)
 {
@@ -834,6 +953,9 @@ static void loop(void)
 		pfd[F_AGENT] = (struct pollfd){ .fd = agent_fd,
 						.events = POLLIN | (wlen > woff ? POLLOUT : 0) };
 		pfd[F_CONSOLE] = (struct pollfd){ .fd = console_fd, .events = POLLIN };
+		/* adopted: an ended process's pidfd stays readable, so it is left out */
+		pfd[F_QEMU] = (struct pollfd){ .fd = qemu_alive ? qemu_pidfd : -1, .events = POLLIN };
+		pfd[F_VFS] = (struct pollfd){ .fd = vfs_alive ? vfs_pidfd : -1, .events = POLLIN };
 		pfd[F_LISTEN] = (struct pollfd){ .fd = listen_fd, .events = POLLIN };
 		/* a client not to be read is left out altogether: its POLLHUP would spin */
 		for (int i = 0; i < MAX_CLIENTS; i++)
@@ -867,6 +989,11 @@ static void loop(void)
 		for (int i = 0; i < MAX_CLIENTS; i++)
 			if (pfd[F_CLIENT + i].revents && clients[i] >= 0 && stdin_room())
 				client_read(i);
+		/* after the agent, as SIGCHLD: its last frames (EXIT) were read first */
+		if (pfd[F_QEMU].revents && qemu_alive)
+			on_pidfd(qemu_pid, &qemu_ended);
+		if (pfd[F_VFS].revents && vfs_alive)
+			on_pidfd(vfs_pid, &vfs_ended);
 		if (pfd[F_SIG].revents)
 			signals_read();
 	}
@@ -920,6 +1047,22 @@ static int our_fd(const char *opt, long fd)
 	return (int)fd;
 }
 
+/* Adopted: a pidfd for a VM process that is not our child, so that its end is
+ * seen and no signal meant for it hits a reused PID.  One already gone is not
+ * alive: nothing is sent to its PID on the way out. */
+static int adopt(const char *opt, pid_t pid, int *alive)
+{
+	int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+	int e = errno;
+
+	if (fd < 0) {
+		if (e == ESRCH)
+			*alive = 0;
+		setup_fail("--%s %d: pidfd_open: %s", opt, (int)pid, strerror(e));
+	}
+	return fd;
+}
+
 /* A child we supervise must be ours to wait for, or its end would go unseen. */
 static void our_child(const char *opt, pid_t pid)
 {
@@ -959,7 +1102,8 @@ static void load_run_frame(const char *path)
 enum {
 	O_MODE = 256, O_ID, O_LOG, O_ATTACH, O_INIT, O_STDOUT, O_STDERR, O_TTY, O_STDIN,
 	O_AGENT, O_CONSOLE, O_CONSOLE_LOG, O_QEMU, O_VIRTIOFSD, O_RUN_FRAME, O_READY,
-	O_STDIN_OPEN, O_PING, O_DEAD, O_START_TIMEOUT,
+	O_STDIN_OPEN, O_PING, O_DEAD, O_START_TIMEOUT, O_ADOPTED, O_QEMU_STATUS,
+	O_VIRTIOFSD_STATUS,
 };
 
 static const struct option options[] = {
@@ -983,6 +1127,9 @@ static const struct option options[] = {
 	{ "ping", required_argument, NULL, O_PING },
 	{ "dead", required_argument, NULL, O_DEAD },
 	{ "start-timeout", required_argument, NULL, O_START_TIMEOUT },
+	{ "adopted", no_argument, NULL, O_ADOPTED },
+	{ "qemu-status", required_argument, NULL, O_QEMU_STATUS },
+	{ "virtiofsd-status", required_argument, NULL, O_VIRTIOFSD_STATUS },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -1009,6 +1156,9 @@ int main(int argc, char **argv)
 		case O_PING: ping_s = seconds(name, optarg); break;
 		case O_DEAD: dead_s = seconds(name, optarg); dead_arg = optarg; break;
 		case O_START_TIMEOUT: start_s = seconds(name, optarg); start_arg = optarg; break;
+		case O_ADOPTED: adopted = 1; break;
+		case O_QEMU_STATUS: qemu_status = optarg; break;
+		case O_VIRTIOFSD_STATUS: vfs_status = optarg; break;
 		case O_INIT: case O_QEMU: case O_VIRTIOFSD:
 			num[c] = number(name, optarg, 1);
 			break;
@@ -1037,6 +1187,10 @@ int main(int argc, char **argv)
 		usage("process mode needs --init and --tty, or --stdout and --stderr");
 	if (vm && (num[O_AGENT] < 0 || num[O_QEMU] < 0 || num[O_VIRTIOFSD] < 0 || !run_frame))
 		usage("vm mode needs --agent, --qemu, --virtiofsd and --run-frame");
+	if (!vm && adopted)
+		usage("--adopted is for vm mode");
+	if (!adopted && (qemu_status || vfs_status))
+		usage("--qemu-status and --virtiofsd-status need --adopted");
 
 	/* Set before any child can be reaped; kept across exec, but not ours to assume. */
 	prctl(PR_SET_CHILD_SUBREAPER, 1);
@@ -1067,9 +1221,14 @@ int main(int argc, char **argv)
 	if (vm) {
 		qemu_pid = (pid_t)num[O_QEMU];
 		vfs_pid = (pid_t)num[O_VIRTIOFSD];
-		our_child("qemu", qemu_pid);
-		our_child("virtiofsd", vfs_pid);
 		qemu_alive = vfs_alive = 1;
+		if (adopted) {
+			qemu_pidfd = adopt("qemu", qemu_pid, &qemu_alive);
+			vfs_pidfd = adopt("virtiofsd", vfs_pid, &vfs_alive);
+		} else {
+			our_child("qemu", qemu_pid);
+			our_child("virtiofsd", vfs_pid);
+		}
 		agent_fd = (int)num[O_AGENT];
 		console_fd = (int)num[O_CONSOLE];
 		start_deadline = now + (int64_t)(start_s * 1000);

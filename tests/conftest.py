@@ -79,6 +79,9 @@ class Vmrt:
         cdir = self.run_root / "containers"
         if cdir.exists():
             found += [f"run dir {p}" for p in cdir.iterdir()]
+        pdir = self.run_root / "pool"  # the warm pool's VMs (tests stop their pools)
+        if pdir.exists():
+            found += [f"pool {p}" for p in pdir.iterdir() if p.name != "daemon.log"]
         rdir = self.run_root / "runtime"  # the OCI runtime's per-container state
         if rdir.exists():
             found += [f"runtime state {p}" for p in rdir.iterdir() if p.is_dir()]

@@ -1,9 +1,10 @@
 """Build the static guest agent and the initramfs it is PID 1 of, and the host-side
 container monitor (monitor/, which shares the agent's protocol code).
 
-Cached under ``<cache>/agent/<key>/`` keyed by a hash of guest-agent/'s and monitor/'s
-sources and the compiler version. The initramfs is an uncompressed newc cpio written
-here (a few dozen lines, deterministic, no root-owned staging directory).
+Cached under ``<cache>/agent/<key>/`` and ``<cache>/monitor/<key>/``, keyed by a hash of
+the sources (guest-agent/; monitor/ plus the protocol parser) and the compiler version.
+The initramfs is an uncompressed newc cpio written here (a few dozen lines,
+deterministic, no root-owned staging directory).
 """
 
 from __future__ import annotations
@@ -21,36 +22,47 @@ from .config import Config
 from .errors import KernelError
 from .paths import source_root
 
-SOURCE_DIRS = ("guest-agent", "monitor")
 MONITOR = "vmrt-monitor"
 
 
-def _sources() -> list[Path]:
-    files: list[Path] = []
-    for name in SOURCE_DIRS:
-        d = source_root() / name
-        if not (d / "Makefile").is_file():
-            raise KernelError(f"{name} sources missing in {d}")
-        files += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in (".c", ".h", "")
-                        and "fuzz" not in p.parts and p.name != "README.md")
-    return files
+def _sources(name: str) -> list[Path]:
+    d = source_root() / name
+    if not (d / "Makefile").is_file():
+        raise KernelError(f"{name} sources missing in {d}")
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in (".c", ".h", "")
+                  and "fuzz" not in p.parts and p.name != "README.md" and p.name != MONITOR)
 
 
-def cache_key() -> str:
-    h = hashlib.sha256(b"agentbuild 2\n")
+def _key(tag: bytes, files: list[Path]) -> str:
+    h = hashlib.sha256(tag)
     try:
         cc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     except (OSError, IndexError):
         cc = "unknown"
     h.update(cc.encode() + b"\n")
     root = source_root()
-    for f in _sources():
+    for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
+def cache_key() -> str:
+    """The agent's (and so the initramfs's) key: guest-agent/ only."""
+    return _key(b"agentbuild 1\n", _sources("guest-agent"))
+
+
+def monitor_key() -> str:
+    """The host monitor's key: monitor/ and the protocol parser it shares with the agent."""
+    proto = [source_root() / "guest-agent" / n for n in ("proto.c", "proto.h")]
+    return _key(b"monitorbuild 1\n", _sources("monitor") + proto)
+
+
 def agent_dir(cfg: Config) -> Path:
     return cfg.cache / "agent" / cache_key()
+
+
+def monitor_dir(cfg: Config) -> Path:
+    return cfg.cache / "monitor" / monitor_key()
 
 
 def find(cfg: Config) -> Path:
@@ -66,7 +78,7 @@ def find(cfg: Config) -> Path:
 
 def monitor_binary(cfg: Config) -> Path | None:
     """The built C monitor of detached containers, or None (then a Python monitor stays resident)."""
-    p = agent_dir(cfg) / MONITOR
+    p = monitor_dir(cfg) / MONITOR
     return p if os.access(p, os.X_OK) else None
 
 
@@ -114,27 +126,40 @@ def initramfs(agent_binary: bytes) -> bytes:
 
 
 def build(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
+    """The agent's initramfs (and the host monitor beside it, cached on its own key)."""
+    _build_monitor(cfg, force=force, progress=progress)
     out = agent_dir(cfg)
     if (out / "initramfs.cpio").is_file() and not force:
         if progress:
             print(f"[agent] cached: {out}", file=sys.stderr)
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    src = source_root() / "guest-agent"
-    if progress:
-        print(f"[agent] compiling {src} (static)", file=sys.stderr, flush=True)
-    r = subprocess.run(["make", "-s", "-C", str(src), f"O={tmp}"], capture_output=True, text=True)
-    if r.returncode != 0 or not (tmp / "vmrt-agent").is_file():
-        raise KernelError(f"guest agent build failed: {(r.stderr or r.stdout).strip()[-2000:]}")
-    r = subprocess.run(["make", "-s", "-C", str(source_root() / "monitor"), f"O={tmp}"],
-                       capture_output=True, text=True)
-    if r.returncode != 0 or not (tmp / MONITOR).is_file():
-        raise KernelError(f"container monitor build failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+    tmp = _make("guest-agent", out, "vmrt-agent", progress)
     (tmp / "initramfs.cpio").write_bytes(initramfs((tmp / "vmrt-agent").read_bytes()))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     if progress:
         print(f"[agent] done: {out}/initramfs.cpio", file=sys.stderr)
     return out
+
+
+def _build_monitor(cfg: Config, *, force: bool, progress: bool) -> Path:
+    out = monitor_dir(cfg)
+    if (out / MONITOR).is_file() and not force:
+        return out
+    tmp = _make("monitor", out, MONITOR, progress)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+def _make(name: str, out: Path, binary: str, progress: bool) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    src = source_root() / name
+    if progress:
+        print(f"[agent] compiling {src} (static)", file=sys.stderr, flush=True)
+    r = subprocess.run(["make", "-s", "-C", str(src), f"O={tmp}"], capture_output=True, text=True)
+    if r.returncode != 0 or not (tmp / binary).is_file():
+        raise KernelError(f"{name} build failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+    return tmp

@@ -128,6 +128,17 @@ class HostGroup:
         self.created = [d for d in self.created if d.exists()]
 
 
+def members(rel: str, root: Path = ROOT) -> set[int]:
+    """The PIDs in a cgroup (every hierarchy it exists in, on v1)."""
+    rel = rel.strip("/")
+    found = [root / rel] if is_v2(root) else [h / rel for h in root.iterdir() if h.is_dir() and not h.is_symlink()]
+    pids: set[int] = set()
+    for d in found:
+        with contextlib.suppress(OSError):
+            pids |= {int(x) for x in (d / "cgroup.procs").read_text().split()}
+    return pids
+
+
 def _kill_members(d: Path) -> None:
     import signal
     with contextlib.suppress(OSError):

@@ -235,6 +235,31 @@ def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
     click.echo(json.dumps(result, indent=1) if fmt == "json" else probes.table(result))
 
 
+@main.command("bench")
+@click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs per mode (start, exec), after one warm-up run.")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Concurrent starts per batch (1: no parallel part).")
+@click.option("--density-max", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Density: start idle containers until this many run (or memory/starts give out).")
+@click.option("--modes", default="process,vm-cold,vm-pool,vm-snapshot,runc,podman", show_default=True)
+@click.option("--only", default="start,exec,memory,density,io,cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the results here [default: ./vmrt-bench-DATE-TIME.json].")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="PNG plots (needs matplotlib) [default: ./vmrt-bench-plots/].")
+@click.option("--write-md", type=click.Path(path_type=Path, dir_okay=False),
+              help="Append a dated section with the tables to this markdown file (e.g. docs/BENCHMARKS.md).")
+@click.option("--image", default="busybox", show_default=True)
+@click.option("--idle", type=click.IntRange(min=1), help="Idle containers per mode for memory [default: --parallel].")
+@click.option("--pool-size", type=click.IntRange(min=1), help="vm-pool: warm VMs kept [default: --parallel].")
+@click.pass_context
+def bench(ctx: click.Context, **kw: Any) -> None:
+    """Measure every isolation mode side by side (with runc and podman as baselines)."""
+    from . import bench as bench_mod  # imported on use: keeps `vmrt run` start-up lean
+    ctx.exit(bench_mod.main(_cfg(ctx), argv=sys.argv[1:], **kw))
+
+
 @main.group()
 def kernel() -> None:
     """Build the guest kernel."""
@@ -262,6 +287,94 @@ def agent_build(ctx: click.Context, force: bool) -> None:
     """Build (or reuse from cache) the static guest agent and its initramfs."""
     out = _agentbuild().build(_cfg(ctx), force=force)
     click.echo(str(out / "initramfs.cpio"))
+
+
+@main.group(invoke_without_command=True)
+@click.option("--format", "fmt", help="json, or a Go-template-like format, e.g. '{{.Ready}}'.")
+@click.pass_context
+def pool(ctx: click.Context, fmt: str | None) -> None:
+    """The warm pool of pre-booted VMs (`vmrt pool` alone: its status)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import formatting
+    from . import pool as pool_mod
+    cfg = _cfg(ctx)
+    if pool_mod.daemon_pid(cfg) is None:
+        row = {"Running": False, "Pid": 0, "Size": 0, "Ready": 0, "Booting": 0, "Served": 0, "Shape": "",
+               "LastError": ""}
+    else:
+        st, _ = pool_mod.request(cfg, {"op": "status"}, timeout=10.0)
+        shape = st.get("shape") or {}
+        row = {"Running": True, "Pid": st.get("pid"), "Size": st.get("size"), "Ready": st.get("ready"),
+               "Booting": st.get("booting"), "Served": st.get("served"),
+               "Shape": f"{shape.get('memory_mib')}MiB {shape.get('vcpus')}vcpu {shape.get('machine')} "
+                        f"{shape.get('accel')}" if shape else "", "LastError": st.get("last_error", "")}
+    for line in formatting.emit(fmt, [row], [("RUNNING", "Running", 7), ("PID", "Pid", 3), ("SIZE", "Size", 4),
+                                             ("READY", "Ready", 5), ("BOOTING", "Booting", 7),
+                                             ("SERVED", "Served", 6), ("SHAPE", "Shape", 5)]):
+        click.echo(line)
+
+
+@pool.command("start")
+@click.option("--size", type=click.IntRange(0, 256), help="Ready VMs to keep (default: the pool_size setting).")
+@click.pass_context
+def pool_start(ctx: click.Context, size: int | None) -> None:
+    """Start the pool daemon in the background (it keeps SIZE VMs booted; `vmrt pool stop` ends it)."""
+    from . import pool as pool_mod
+    cfg = _cfg(ctx)
+    pid = pool_mod.start(cfg, cfg.pool_size if size is None else size)
+    click.echo(f"pool daemon started (pid {pid}, size {cfg.pool_size if size is None else size})")
+
+
+@pool.command("serve")
+@click.option("--size", type=click.IntRange(0, 256), help="Ready VMs to keep (default: the pool_size setting).")
+@click.pass_context
+def pool_serve(ctx: click.Context, size: int | None) -> None:
+    """Run the pool daemon in the foreground (what `vmrt pool start` runs)."""
+    from . import pool as pool_mod
+    cfg = _cfg(ctx)
+    ctx.exit(pool_mod.Daemon(cfg, cfg.pool_size if size is None else size).serve())
+
+
+@pool.command("fill")
+@click.argument("size", type=click.IntRange(0, 256), required=False)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until SIZE VMs are ready.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait at most.")
+@click.pass_context
+def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) -> None:
+    """Set the pool's size (if given) and wait until that many VMs are ready."""
+    from . import pool as pool_mod
+    from .errors import StateError
+    cfg = _cfg(ctx)
+    if pool_mod.daemon_pid(cfg) is None:
+        raise StateError("the pool daemon is not running: start it with `vmrt pool start`")
+    st, _ = pool_mod.request(cfg, {"op": "fill", "size": size, "wait": wait, "timeout": timeout},
+                             timeout=timeout + 10)
+    if wait and not st.get("ok"):
+        raise VmrtError(f"the pool has {st.get('ready')} of {st.get('size')} VMs ready"
+                        + (f": {st['last_error']}" if st.get("last_error") else ""))
+    click.echo(f"{st.get('ready')} of {st.get('size')} VMs ready")
+
+
+@pool.command("drain")
+@click.pass_context
+def pool_drain(ctx: click.Context) -> None:
+    """Kill the idle VMs and stop refilling (size 0; `vmrt pool fill N` sets it again)."""
+    from . import pool as pool_mod
+    from .errors import StateError
+    cfg = _cfg(ctx)
+    if pool_mod.daemon_pid(cfg) is None:
+        raise StateError("the pool daemon is not running")
+    pool_mod.request(cfg, {"op": "drain"})
+    click.echo("pool drained")
+
+
+@pool.command("stop")
+@click.pass_context
+def pool_stop(ctx: click.Context) -> None:
+    """Stop the pool daemon; its idle VMs go with it (VMs serving containers stay theirs)."""
+    from . import pool as pool_mod
+    click.echo("pool daemon stopped" if pool_mod.stop(_cfg(ctx)) else "the pool daemon was not running")
 
 
 @main.group()

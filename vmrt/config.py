@@ -54,6 +54,8 @@ class Config:
     vm_host_overhead_mib: int = 256          # host cgroup memory for QEMU+virtiofsd beyond guest RAM
     insecure_registries: str = ""            # comma-separated hosts pulled over plain HTTP
     platform: str = "linux/amd64"            # default platform picked from multi-arch images
+    pool: str = "auto"                       # warm VM pool: auto (use it when `vmrt pool` runs) or off
+    pool_size: int = 2                       # ready VMs the pool daemon keeps (`vmrt pool start --size`)
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 
     @property

@@ -198,7 +198,8 @@ def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_di
 def outcome(how: str, value: str, detail: str) -> tuple[int, str]:
     """The C monitor's account of a run -> (exit status, one-line message or "")."""
     from .drivers.vm import hung, virtiofsd_gone
-    n = int(value) if value.lstrip("-").isdigit() else 0
+    known = value.lstrip("-").isdigit()  # an adopted (pooled) VM's QEMU/virtiofsd: maybe "unknown"
+    n = int(value) if known else 0
     if how == "exit":
         return n, ""
     if how == "killed":
@@ -206,7 +207,7 @@ def outcome(how: str, value: str, detail: str) -> tuple[int, str]:
     if how == "hung":
         return 137, str(hung(float(value)))
     if how == "virtiofsd":
-        return 125, str(virtiofsd_gone(n))
+        return 125, str(virtiofsd_gone(n if known else None))
     if how == "error":
         return (n if n in (125, 126, 127) else 125), detail
     if how == "interrupted":
@@ -270,7 +271,8 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
             host_oom = cgroups.oom_kills(f"{cgroups.PARENT}/{c.id}-vmm") > 0
             if how == "qemu":
                 from .drivers.vm import vm_gone
-                message = str(vm_gone(int(value), _tail(run_dir / "console.log") if run_dir else b"", host_oom))
+                console = b"".join(_tail(d / "console.log") for d in (run_dir, run_dir / "vm")) if run_dir else b""
+                message = str(vm_gone(int(value) if value.lstrip("-").isdigit() else None, console, host_oom))
             oom_killed = oom == "1" or host_oom
             kept: tuple[str, ...] = ("console.log", "qemu.log", "virtiofsd.log")
         else:
@@ -279,8 +281,9 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
         _reap_children()
         if run_dir is not None:
             for name in kept:
-                with contextlib.suppress(OSError):
-                    shutil.move(run_dir / name, cdir / name)
+                for path in (run_dir / name, run_dir / "vm" / name):  # a cold VM's; a pooled one's
+                    with contextlib.suppress(OSError):
+                        shutil.move(path, cdir / name)
         cleanup(cfg, c)
         _reap_children()
         from .runner import rw_dir

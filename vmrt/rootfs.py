@@ -15,6 +15,7 @@ from .errors import LaunchError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_PRIVATE, MS_REC = 1, 2, 4, 32, 4096, 1 << 18, 1 << 14
+MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
 
@@ -46,6 +47,29 @@ def mount_readonly(layers: list[Path], target: Path) -> None:
     else:
         lower = ":".join(str(p) for p in reversed(layers))
         _mount("overlay", str(target), "overlay", flags, f"lowerdir={lower}")
+
+
+def make_shared(target: Path) -> None:
+    """``target`` bound on itself as a mount of its own peer group: mounts made under it later
+    propagate to the copies other mount namespaces (a virtiofsd's) hold as slaves."""
+    _mount(str(target), str(target), None, MS_BIND)
+    try:
+        _mount("none", str(target), None, MS_SHARED)
+    except LaunchError:
+        umount(target)
+        raise
+
+
+def mount_readonly_overlay(layers: list[Path], empty: Path, target: Path) -> None:
+    """The layers as a read-only overlay (no upper dir: read-only in every mount namespace it
+    propagates to, unlike a bind mount whose read-only flag is set after it propagated).
+    A single layer gets ``empty`` as a second lower dir: overlayfs needs two without an upper."""
+    target.mkdir(parents=True, exist_ok=True)
+    lower = [str(p) for p in reversed(layers)]
+    if len(lower) == 1:
+        empty.mkdir(exist_ok=True)
+        lower.append(str(empty))
+    _mount("overlay", str(target), "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, f"lowerdir={':'.join(lower)}")
 
 
 def mount_overlay(layers: list[Path], upper: Path, work: Path, target: Path) -> None:

@@ -211,6 +211,7 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
     state = State(cfg.db_path)
     try:
         c, image, layers, config = create(cfg, opts, isolation, state, persist=not opts.rm)
+        timings.mark("created")
         if meta is not None and not opts.rm:  # how `vmrt start` runs it again
             from .monitor import write_meta
             write_meta(cfg, c.id, meta)
@@ -226,16 +227,23 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
 
 
 def _kill_recorded(c) -> None:  # type: ignore[no-untyped-def]
-    """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs."""
-    for pid in c.pids.values():
+    """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs (their command
+    lines name the container, its run dir, or the pooled VM it took)."""
+    from .pool import vm_marker_in
+    marks = [c.id[:12].encode()] + ([c.run_dir.encode()] if c.run_dir else [])
+    pids = set(c.pids.values())
+    if c.run_dir and (pooled := vm_marker_in(Path(c.run_dir) / "vm")) is not None:
+        marks.append(pooled[0].encode())
+        pids |= set(pooled[1].values())
+    for pid in pids:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if c.id[:12].encode() in cmdline or (c.run_dir and c.run_dir.encode() in cmdline):
+        if any(m in cmdline for m in marks):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    for pid in c.pids.values():  # wait (bounded) for them to go; reaped if they are our children
+    for pid in pids:  # wait (bounded) for them to go; reaped if they are our children
         for _ in range(100):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)

@@ -151,6 +151,7 @@ class _Session:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (*FORWARDED, FORCE_KILL)}
         try:
             rootfs.mount_overlay(ctx.layers, rw / "upper", rw / "work", root)
+            t.mark("rootfs-ready")
             try:
                 write_etc(root, ctx.config.get("hostname") or "vmrt")
                 return self._run_mounted()

@@ -29,7 +29,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, cgroups, kernel, rootfs
+from .. import agentbuild, bundle, cgroups, kernel, pool, rootfs
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
@@ -113,9 +113,16 @@ def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
         memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0))
 
 
-def vm_gone(status: int, console_tail: bytes, host_oom: bool) -> AgentError:
-    """Why QEMU ended (its wait status) before the container's EXIT: a guest panic, or how."""
-    how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+def _how(status: int | None) -> str:
+    if status is None:
+        return "status unknown"
+    return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+
+
+def vm_gone(status: int | None, console_tail: bytes, host_oom: bool) -> AgentError:
+    """Why QEMU ended (its wait status, None if unknown) before the container's EXIT: a guest
+    panic, or how."""
+    how = _how(status)
     if host_oom:
         how += ", out of memory on the host (its cgroup's limit)"
     console = console_tail.decode(errors="replace")
@@ -127,9 +134,8 @@ def vm_gone(status: int, console_tail: bytes, host_oom: bool) -> AgentError:
                       + (f"; console: {' | '.join(tail)}" if tail else ""))
 
 
-def virtiofsd_gone(status: int) -> AgentError:
-    how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-    return AgentError(f"virtiofsd stopped while the container ran ({how}); its root filesystem is gone")
+def virtiofsd_gone(status: int | None) -> AgentError:
+    return AgentError(f"virtiofsd stopped while the container ran ({_how(status)}); its root filesystem is gone")
 
 
 def hung(dead: float) -> AgentError:
@@ -171,7 +177,7 @@ class _Session:
         self.force_timer: asyncio.TimerHandle | None = None
         self.console_tail = bytearray()
         self.stop_signals = 0
-        self.vm: QemuVM | None = None
+        self.vm: QemuVM | pool.AdoptedVM | None = None
         self.group: cgroups.HostGroup | None = None
         self.tty_restore: list[Any] | None = None
         self.tasks: list[asyncio.Task[Any]] = []
@@ -315,7 +321,7 @@ class _Session:
         await asyncio.sleep(0.2)  # let the agent reader deliver what arrived first
         self._fail_futures(self._vm_gone(status))
 
-    async def _watch_virtiofsd(self, vfs: Virtiofsd) -> None:
+    async def _watch_virtiofsd(self, vfs: Virtiofsd | pool.AdoptedVirtiofsd) -> None:
         assert vfs.proc is not None
         status = await asyncio.to_thread(vfs.proc.wait)
         await asyncio.sleep(0.5)  # virtiofsd also exits when QEMU dies: let QEMU's watcher say so
@@ -477,14 +483,6 @@ class _Session:
             print(f"vmrt: notice: {acc.reason}", file=sys.stderr, flush=True)
         t.info.update(accel=acc.name, machine=cfg.machine, kernel=build_id)
         bdir = ctx.bundle_dir
-        # one virtio-fs share per container: share/rootfs (the image, read-only) and
-        # share/volumes/N (bind volumes)
-        share = bdir / "share"
-        share.mkdir()
-        rootfs.mount_readonly(ctx.layers, share / "rootfs")
-        stack.callback(rootfs.umount, share / "rootfs")
-        share_volumes(ctx.config, share, stack)
-
         resources = ctx.config["linux"].get("resources", {})
         limit = resources.get("memory", {}).get("limit")
         # the guest gets the container's limit plus room for its kernel and agent; the limit
@@ -498,28 +496,60 @@ class _Session:
         self.group = group
         stack.callback(group.remove)
         group.create()
-
         # virtiofsd derives its pid file from the socket name: keep it unique per container
-        vfs = Virtiofsd(cfg, share, bdir / f"vfs-{ctx.container.id[:16]}.sock", bdir / "virtiofsd.log")
-        if ctx.handoff is None:
-            await asyncio.to_thread(vfs.start)
-        else:  # its parent-death signal follows the thread that started it: the C monitor's one
-            vfs.start()
-        stack.callback(vfs.stop)
-        assert vfs.pid is not None
-        group.add(vfs.pid)
-        spec = VMSpec(kernel=kernel_path, initrd=initrd, virtiofs_socket=vfs.socket,
+        spec = VMSpec(kernel=kernel_path, initrd=initrd, virtiofs_socket=bdir / f"vfs-{ctx.container.id[:16]}.sock",
                       memory_mib=mem_mib, cpus=cpus, accel=acc, machine=cfg.machine,
                       name=f"vmrt-{ctx.container.id[:12]}", extra_cmdline=cfg.kernel_cmdline)
-        vm = self.vm = QemuVM(cfg, spec, bdir / "qemu.log")
-        vm.launch()
-        t.mark("vmm-spawned")
-        stack.push_async_callback(self._teardown_vm)
+        claimed = pool.claim(cfg, pool.Shape.of(spec), bdir) if self._poolable() else None
+        t.info["pool"] = claimed.id if claimed is not None else "none"
+        vm: QemuVM | pool.AdoptedVM
+        vfs: Virtiofsd | pool.AdoptedVirtiofsd
+        if claimed is not None:  # a pooled VM, booted and waiting: its share gets the rootfs now
+            t.mark("pool-claim")
+            share = claimed.dir / "share"
+            # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
+            rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
+            stack.callback(rootfs.umount, share / "rootfs")
+            share_volumes(ctx.config, share, stack)
+            t.mark("rootfs-ready")
+            # QEMU, virtiofsd and virtiofsd's sandboxed child: now this container's cost
+            pool_group = f"{cgroups.PARENT}/pool-{claimed.id}"
+            for pid in sorted({claimed.qemu, claimed.virtiofsd} | cgroups.members(pool_group)):
+                with contextlib.suppress(OSError):
+                    group.add(pid)
+            cgroups.remove_tree(pool_group)
+            vfs = pool.AdoptedVirtiofsd(claimed)
+            stack.callback(vfs.stop)
+            vm = self.vm = pool.AdoptedVM(claimed, bdir)
+            stack.push_async_callback(self._teardown_vm)
+            self.hello.set_result(claimed.hello)
+        else:
+            # one virtio-fs share per container: share/rootfs (the image, read-only) and
+            # share/volumes/N (bind volumes)
+            share = bdir / "share"
+            share.mkdir()
+            rootfs.mount_readonly(ctx.layers, share / "rootfs")
+            stack.callback(rootfs.umount, share / "rootfs")
+            share_volumes(ctx.config, share, stack)
+            t.mark("rootfs-ready")
+            vfs = Virtiofsd(cfg, share, spec.virtiofs_socket, bdir / "virtiofsd.log")
+            if ctx.handoff is None:
+                await asyncio.to_thread(vfs.start)
+            else:  # its parent-death signal follows the thread that started it: the C monitor's one
+                vfs.start()
+            stack.callback(vfs.stop)
+            assert vfs.pid is not None
+            group.add(vfs.pid)
+            vm = self.vm = QemuVM(cfg, spec, bdir / "qemu.log")
+            vm.launch()
+            t.mark("vmm-spawned")
+            stack.push_async_callback(self._teardown_vm)
         assert vm.pid is not None
         group.add(vm.pid)
         ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, "virtiofsd": vfs.pid})
 
-        self._spawn(self._read_console(vm.console_sock, bdir / "console.log"))
+        # a pooled VM's boot console is in its own dir: the rest goes after it
+        self._spawn(self._read_console(vm.console_sock, (claimed.dir if claimed else bdir) / "console.log"))
         self._spawn(self._read_agent(vm.agent_sock))
         self._spawn(self._writer(vm.agent_sock))
         self._spawn(self._watch_qemu())
@@ -554,7 +584,13 @@ class _Session:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
 
-    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd, stdin_open: bool) -> None:
+    def _poolable(self) -> bool:
+        """A pooled VM serves any container of its shape, unless it has read-only bind volumes
+        (those get their read-only flag after the bind reached virtiofsd: a cold boot does them)."""
+        return not any(m["type"] == "bind" and "ro" in m.get("options", [])
+                       for m in bundle.user_mounts(self.ctx.config))
+
+    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd | pool.AdoptedVirtiofsd, stdin_open: bool) -> None:
         """Give the booted VM to the C monitor: it sends RUN and does the rest (never returns).
         Before RUN the agent sends nothing after HELLO, so no frame is cut in two here."""
         assert self.vm is not None and self.ctx.handoff is not None
@@ -567,7 +603,12 @@ class _Session:
             raise AgentError("the guest agent channel is not idle after HELLO")
         (self.ctx.bundle_dir / "run.frame").write_bytes(run_frame)
         t = self.cfg.timeouts
-        self.ctx.handoff({"mode": "vm", "--agent": self.vm.agent_sock.fileno(),
+        adopted: dict[str, Any] = {}
+        if isinstance(self.vm, pool.AdoptedVM):  # the pool daemon's children: watched through pidfds
+            d = self.vm.claimed.dir
+            adopted = {"--adopted": True, "--qemu-status": str(d / "qemu.status"),
+                       "--virtiofsd-status": str(d / "virtiofsd.status")}
+        self.ctx.handoff({"mode": "vm", **adopted, "--agent": self.vm.agent_sock.fileno(),
                           "--console": self.vm.console_sock.fileno(), "--qemu": self.vm.pid,
                           "--virtiofsd": vfs.pid, "--run-frame": str(self.ctx.bundle_dir / "run.frame"),
                           "--console-log": str(self.ctx.bundle_dir / "console.log"),
@@ -587,7 +628,7 @@ class _Session:
         if self.ctx.log_dir is not None:
             self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
             for n in ("console.log", "qemu.log", "virtiofsd.log"):
-                p = self.ctx.bundle_dir / n
-                if p.exists():
-                    shutil.move(p, self.ctx.log_dir / n)
+                for p in (self.ctx.bundle_dir / n, self.ctx.bundle_dir / "vm" / n):  # cold; pooled
+                    if p.exists():
+                        shutil.move(p, self.ctx.log_dir / n)
 

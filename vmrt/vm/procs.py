@@ -17,10 +17,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
+def _own_life() -> None:  # a pooled VM outlives the pool daemon that booted it
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def spawn(cmd: list[str], *, pass_fds: tuple[int, ...] = (), stdout: int | None = None,
-          stderr: int | None = None, cwd: str | None = None) -> subprocess.Popen[bytes]:
+          stderr: int | None = None, cwd: str | None = None, die_with_parent: bool = True,
+          ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=cwd,
-                            pass_fds=pass_fds, preexec_fn=_die_with_parent, close_fds=True)
+                            pass_fds=pass_fds, preexec_fn=_die_with_parent if die_with_parent else _own_life,
+                            close_fds=True)
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float, sig: int = signal.SIGTERM) -> int:

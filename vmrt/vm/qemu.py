@@ -126,7 +126,7 @@ class QemuVM:
     def run_dir(self) -> Path:
         return self.spec.virtiofs_socket.parent
 
-    def launch(self) -> None:
+    def launch(self, die_with_parent: bool = True) -> None:
         pairs = {k: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for k in ("console", "qmp", "agent")}
         fds = {k: b.fileno() for k, (_a, b) in pairs.items()}
         cmd = self.command(fds)
@@ -134,7 +134,8 @@ class QemuVM:
         try:
             with open(self.stderr_log, "ab") as err:
                 self.proc = procs.spawn(cmd, pass_fds=tuple(fds.values()), stdout=err.fileno(),
-                                        stderr=err.fileno(), cwd=str(self.run_dir))
+                                        stderr=err.fileno(), cwd=str(self.run_dir),
+                                        die_with_parent=die_with_parent)
         except OSError as e:
             for a, _b in pairs.values():
                 a.close()

@@ -17,8 +17,9 @@ from . import procs
 
 
 class Virtiofsd:
-    def __init__(self, cfg: Config, source: Path, socket: Path, log: Path) -> None:
+    def __init__(self, cfg: Config, source: Path, socket: Path, log: Path, die_with_parent: bool = True) -> None:
         self.cfg, self.source, self.socket, self.log = cfg, source, socket, log
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -31,7 +32,7 @@ class Virtiofsd:
         with open(self.log, "ab") as log:
             try:
                 self.proc = procs.spawn(self.command, stdout=log.fileno(), stderr=log.fileno(),
-                                       cwd=str(self.socket.parent))
+                                        cwd=str(self.socket.parent), die_with_parent=self.die_with_parent)
             except OSError as e:
                 raise LaunchError(f"cannot start virtiofsd: {e.strerror}", command=self.command) from e
         if not procs.wait_for_path(str(self.socket), self.proc, self.cfg.timeouts.virtiofsd_ready):
