@@ -28,7 +28,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat  # a .pth, no import hook
+.venv/bin/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat  # a .pth, no import hook
 # byte-compile now: vmrt is a CLI started once per container, and PYTHONDONTWRITEBYTECODE
 # would otherwise make every start recompile every module
 .venv/bin/python -m compileall -q vmrt .venv/lib/python3*/site-packages >/dev/null || true

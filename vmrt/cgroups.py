@@ -158,7 +158,14 @@ def remove_tree(rel: str, root: Path = ROOT) -> None:
     rel = rel.strip("/")
     found = [root / rel] if is_v2(root) else [h / rel for h in root.iterdir() if h.is_dir() and not h.is_symlink()]
     for d in found:
-        if d.is_dir():
+        for _ in range(100):  # bounded: killed members take a moment to leave
+            if not d.is_dir():
+                break
             _kill_members(d)
-            with contextlib.suppress(OSError):
+            try:
                 os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)

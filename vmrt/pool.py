@@ -638,9 +638,10 @@ def start(cfg: Config, size: int, timeout: float = 30.0) -> int:
 def stop(cfg: Config, timeout: float = 60.0) -> bool:
     """``vmrt pool stop``: the daemon ends, its idle VMs with it. False if none ran."""
     pid = daemon_pid(cfg)
-    if pid is None:
+    if pid is None:  # none, or one that died: what it left is removed
         clean_stale(cfg)
         (cfg.run_root / SOCK_NAME).unlink(missing_ok=True)
+        (pool_dir(cfg) / "daemon.pid").unlink(missing_ok=True)
         return False
     with contextlib.suppress(OSError, VmrtError):
         request(cfg, {"op": "stop"}, timeout=5.0)
@@ -652,4 +653,5 @@ def stop(cfg: Config, timeout: float = 60.0) -> bool:
             os.kill(pid, signal.SIGKILL)
         clean_stale(cfg)
         (cfg.run_root / SOCK_NAME).unlink(missing_ok=True)
+        (pool_dir(cfg) / "daemon.pid").unlink(missing_ok=True)
     return True
