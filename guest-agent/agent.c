@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/random.h>
 #include <sys/ioctl.h>
 #include <linux/capability.h>
 #include <linux/openat2.h>
@@ -581,7 +582,11 @@ static void setup_rootfs(void)
 {
 	char opts[512];
 
-	must_mount(run.rootfs, SHARE, "virtiofs", 0, NULL);
+	if (run.share_9p) /* a VM restored from a snapshot: its share is virtio-9p */
+		must_mount(run.rootfs, SHARE, "9p", MS_NOSUID | MS_NODEV,
+			   "trans=virtio,version=9p2000.L,cache=loose,msize=512000");
+	else
+		must_mount(run.rootfs, SHARE, "virtiofs", 0, NULL);
 	if (!is_dir(LOWER))
 		fatal(125, "the share has no rootfs directory");
 	must_mount("tmpfs", RWDIR, "tmpfs", 0, "mode=0755");
@@ -1937,6 +1942,25 @@ int main(void)
 	wait_run();
 	host_seen = 1;
 
+	/* A VM restored from a snapshot shares its RNG state with every other clone
+	 * of that snapshot: mix in the host's bytes and reseed now, before anything
+	 * (the boot id, the container) reads from it. */
+	if (run.seed_len) {
+		struct {
+			int entropy_count;
+			int buf_size;
+			uint8_t buf[VMRT_SEED_MAX];
+		} ent;
+		int rfd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+
+		ent.entropy_count = (int)run.seed_len * 8;
+		ent.buf_size = (int)run.seed_len;
+		memcpy(ent.buf, run.seed, run.seed_len);
+		if (rfd < 0 || ioctl(rfd, RNDADDENTROPY, &ent) < 0 || ioctl(rfd, RNDRESEEDCRNG) < 0)
+			con("reseeding the RNG: %s", strerror(errno));
+		if (rfd >= 0)
+			close(rfd);
+	}
 	if (run.has_time) {
 		struct timespec ts = { .tv_sec = (time_t)(run.time_ns / 1000000000u),
 				       .tv_nsec = (long)(run.time_ns % 1000000000u) };

@@ -228,6 +228,8 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_MEMORY_MAX: return "MEMORY_MAX";
 	case VMRT_TAG_PIDS_MAX: return "PIDS_MAX";
 	case VMRT_TAG_DETACH: return "DETACH";
+	case VMRT_TAG_SHARE_9P: return "SHARE_9P";
+	case VMRT_TAG_SEED: return "SEED";
 	default: return "?";
 	}
 }
@@ -261,6 +263,8 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->nmounts = 0;
 	out->memory_max = out->pids_max = 0;
 	out->detach = 0;
+	out->share_9p = 0;
+	out->seed_len = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -398,6 +402,17 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 				out->detach = 1;
 			else
 				out->no_new_privs = 1;
+			break;
+		case VMRT_TAG_SHARE_9P:
+			if (vlen != 0)
+				goto badsize;
+			out->share_9p = 1;
+			break;
+		case VMRT_TAG_SEED:
+			if (vlen < VMRT_SEED_MIN || vlen > VMRT_SEED_MAX)
+				goto badsize;
+			memcpy(out->seed, v, vlen);
+			out->seed_len = vlen;
 			break;
 		case VMRT_TAG_TIME:
 			if (vlen != 8)

@@ -63,6 +63,8 @@ enum vmrt_tag {
 	VMRT_TAG_MEMORY_MAX = 19,   /* u64: container memory limit, bytes */
 	VMRT_TAG_PIDS_MAX = 20,     /* u64: container pids limit */
 	VMRT_TAG_DETACH = 21,       /* empty: EXEC only, do not tie the process to the port */
+	VMRT_TAG_SHARE_9P = 22,     /* empty: the ROOTFS tag names a virtio-9p share, not virtio-fs */
+	VMRT_TAG_SEED = 23,         /* 16..256 bytes of host randomness: reseed the guest's RNG */
 };
 
 enum vmrt_mount_flags {
@@ -79,6 +81,8 @@ enum vmrt_mount_flags {
 #define VMRT_MAX_GROUPS 1024u
 #define VMRT_MAX_STRING 32768u
 #define VMRT_MAX_MOUNTS 64u
+#define VMRT_SEED_MIN   16u
+#define VMRT_SEED_MAX   256u
 
 struct vmrt_mount {
 	const char *target; /* absolute, resolved inside the container root */
@@ -137,6 +141,9 @@ struct vmrt_run {
 	uint64_t memory_max; /* 0: no limit */
 	uint64_t pids_max;   /* 0: no limit */
 	int detach;          /* DETACH record given (EXEC) */
+	int share_9p;        /* SHARE_9P record given */
+	size_t seed_len;     /* SEED bytes given (0: none) */
+	uint8_t seed[VMRT_SEED_MAX];
 	char strings[VMRT_MAX_PAYLOAD];
 };
 

@@ -1185,8 +1185,9 @@ int main(int argc, char **argv)
 	if (!vm && (num[O_INIT] < 0 || (num[O_TTY] >= 0) == pipes ||
 		    (pipes && (num[O_STDOUT] < 0 || num[O_STDERR] < 0))))
 		usage("process mode needs --init and --tty, or --stdout and --stderr");
-	if (vm && (num[O_AGENT] < 0 || num[O_QEMU] < 0 || num[O_VIRTIOFSD] < 0 || !run_frame))
-		usage("vm mode needs --agent, --qemu, --virtiofsd and --run-frame");
+	/* --virtiofsd is optional: a VM restored from a snapshot shares over 9p, in QEMU */
+	if (vm && (num[O_AGENT] < 0 || num[O_QEMU] < 0 || !run_frame))
+		usage("vm mode needs --agent, --qemu and --run-frame");
 	if (!vm && adopted)
 		usage("--adopted is for vm mode");
 	if (!adopted && (qemu_status || vfs_status))
@@ -1220,14 +1221,17 @@ int main(int argc, char **argv)
 	now = now_ms();
 	if (vm) {
 		qemu_pid = (pid_t)num[O_QEMU];
-		vfs_pid = (pid_t)num[O_VIRTIOFSD];
-		qemu_alive = vfs_alive = 1;
+		vfs_pid = (pid_t)num[O_VIRTIOFSD]; /* -1: none */
+		qemu_alive = 1;
+		vfs_alive = vfs_pid > 0;
 		if (adopted) {
 			qemu_pidfd = adopt("qemu", qemu_pid, &qemu_alive);
-			vfs_pidfd = adopt("virtiofsd", vfs_pid, &vfs_alive);
+			if (vfs_alive)
+				vfs_pidfd = adopt("virtiofsd", vfs_pid, &vfs_alive);
 		} else {
 			our_child("qemu", qemu_pid);
-			our_child("virtiofsd", vfs_pid);
+			if (vfs_alive)
+				our_child("virtiofsd", vfs_pid);
 		}
 		agent_fd = (int)num[O_AGENT];
 		console_fd = (int)num[O_CONSOLE];

@@ -378,6 +378,48 @@ def pool_stop(ctx: click.Context) -> None:
 
 
 @main.group()
+def snapshot() -> None:
+    """VM snapshots: VM-mode runs without a pooled VM restore one instead of booting."""
+
+
+@snapshot.command("build")
+@click.option("--force", is_flag=True, help="Build again even if a valid snapshot exists.")
+@click.pass_context
+def snapshot_build(ctx: click.Context, force: bool) -> None:
+    """Boot a VM of the default shape to its agent, save its state (cached by shape and QEMU version)."""
+    from . import snapshot as snap_mod
+    snap = snap_mod.build(_cfg(ctx), force=force)
+    click.echo(f"{snap.dir} ({snap.meta['size'] >> 20} MiB)")
+
+
+@snapshot.command("ls")
+@click.option("--format", "fmt", help="json, or a Go-template-like format, e.g. '{{.Key}}'.")
+@click.pass_context
+def snapshot_ls(ctx: click.Context, fmt: str | None) -> None:
+    """List the snapshots."""
+    import time as time_mod
+
+    from . import formatting
+    from . import snapshot as snap_mod
+    rows = [{"Key": s.dir.name, "Shape": f"{s.meta['shape']['memory_mib']}MiB {s.meta['shape']['vcpus']}vcpu "
+                                         f"{s.meta['shape']['machine']} {s.meta['shape']['accel']}",
+             "Size": f"{s.meta['size'] / 2 ** 20:.1f}MiB", "Qemu": s.meta.get("qemu", ""),
+             "Created": formatting.ago(time_mod.time() - s.meta.get("created", 0))}
+            for s in snap_mod.listing(_cfg(ctx))]
+    for line in formatting.emit(fmt, rows, [("KEY", "Key", 16), ("SHAPE", "Shape", 5), ("SIZE", "Size", 4),
+                                            ("CREATED", "Created", 7)]):
+        click.echo(line)
+
+
+@snapshot.command("rm")
+@click.pass_context
+def snapshot_rm(ctx: click.Context) -> None:
+    """Remove every snapshot (runs cold-boot again)."""
+    from . import snapshot as snap_mod
+    click.echo(f"removed {snap_mod.remove_all(_cfg(ctx))} snapshot(s)")
+
+
+@main.group()
 def image() -> None:
     """Manage images."""
 

@@ -56,6 +56,7 @@ class Config:
     platform: str = "linux/amd64"            # default platform picked from multi-arch images
     pool: str = "auto"                       # warm VM pool: auto (use it when `vmrt pool` runs) or off
     pool_size: int = 2                       # ready VMs the pool daemon keeps (`vmrt pool start --size`)
+    snapshot: str = "auto"                   # restore VMs from `vmrt snapshot build`'s state: auto or off
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 
     @property

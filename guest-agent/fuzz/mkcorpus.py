@@ -25,6 +25,7 @@ seeds = {
     "ping_pong": frame(0x48, struct.pack(">Q", 1)) + frame(0x48, struct.pack(">Q", 2**64 - 1))
     + frame(0x07, struct.pack(">Q", 0)),
     "run_full": frame(0x41, run),
+    "run_restored": frame(0x41, rec(1, b"true") + rec(11, b"rootfs") + rec(22, b"") + rec(23, bytes(range(64)))),
     "run_min_stdin": frame(0x41, rec(1, b"cat") + rec(9, b"")) + frame(0x42, b"hello\n")
     + frame(0x43) + frame(0x44, struct.pack(">I", 15)) + frame(0x45, struct.pack(">HH", 50, 132))
     + frame(0x48, struct.pack(">Q", 7)) + frame(0x46),

@@ -66,6 +66,8 @@ class Tag(enum.IntEnum):
     MEMORY_MAX = 19
     PIDS_MAX = 20
     DETACH = 21
+    SHARE_9P = 22
+    SEED = 23
 
 
 class MountFlag(enum.IntFlag):
@@ -248,6 +250,8 @@ class RunSpec:
     mounts: list[MountSpec] = dataclasses.field(default_factory=list)
     memory_max: int = 0              # bytes; 0: no limit
     pids_max: int = 0                # 0: no limit
+    share_9p: bool = False           # the ROOTFS tag is a virtio-9p share (a VM restored from a snapshot)
+    seed: bytes = b""                # host randomness the agent reseeds the guest RNG with (16..256 bytes)
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -305,6 +309,12 @@ def encode_run(spec: RunSpec) -> bytes:
         out += _rec(Tag.MEMORY_MAX, struct.pack(">Q", spec.memory_max))
     if spec.pids_max:
         out += _rec(Tag.PIDS_MAX, struct.pack(">Q", spec.pids_max))
+    if spec.share_9p:
+        out += _rec(Tag.SHARE_9P, b"")
+    if spec.seed:
+        if not 16 <= len(spec.seed) <= 256:
+            raise ProtocolError("SEED must be 16 to 256 bytes")
+        out += _rec(Tag.SEED, spec.seed)
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -383,6 +393,14 @@ def decode_run(p: bytes) -> RunSpec:
             if ln != 8:
                 raise ProtocolError(f"{Tag(tag).name} must be 8 bytes")
             setattr(spec, "memory_max" if tag == Tag.MEMORY_MAX else "pids_max", struct.unpack(">Q", v)[0])
+        elif tag == Tag.SHARE_9P:
+            if ln:
+                raise ProtocolError("SHARE_9P must be empty")
+            spec.share_9p = True
+        elif tag == Tag.SEED:
+            if not 16 <= ln <= 256:
+                raise ProtocolError("SEED must be 16 to 256 bytes")
+            spec.seed = bytes(v)
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")

@@ -29,7 +29,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, cgroups, kernel, pool, rootfs
+from .. import agentbuild, bundle, cgroups, kernel, pool, rootfs, snapshot
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
@@ -502,8 +502,10 @@ class _Session:
                       name=f"vmrt-{ctx.container.id[:12]}", extra_cmdline=cfg.kernel_cmdline)
         claimed = pool.claim(cfg, pool.Shape.of(spec), bdir) if self._poolable() else None
         t.info["pool"] = claimed.id if claimed is not None else "none"
+        snap = self._snapshot(pool.Shape.of(spec)) if claimed is None else None
+        t.info["snapshot"] = snap.dir.name if snap is not None else "none"
         vm: QemuVM | pool.AdoptedVM
-        vfs: Virtiofsd | pool.AdoptedVirtiofsd
+        vfs: Virtiofsd | pool.AdoptedVirtiofsd | None
         if claimed is not None:  # a pooled VM, booted and waiting: its share gets the rootfs now
             t.mark("pool-claim")
             share = claimed.dir / "share"
@@ -523,6 +525,17 @@ class _Session:
             vm = self.vm = pool.AdoptedVM(claimed, bdir)
             stack.push_async_callback(self._teardown_vm)
             self.hello.set_result(claimed.hello)
+        elif snap is not None:  # restored from a snapshot: QEMU itself serves the share, over 9p
+            share = bdir / "share"
+            share.mkdir()
+            rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
+            stack.callback(rootfs.umount, share / "rootfs")
+            t.mark("rootfs-ready")
+            vfs = None
+            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(spec, snap, share), bdir / "qemu.log")
+            vm.launch()
+            t.mark("vmm-spawned")
+            stack.push_async_callback(self._teardown_vm)
         else:
             # one virtio-fs share per container: share/rootfs (the image, read-only) and
             # share/volumes/N (bind volumes)
@@ -546,15 +559,20 @@ class _Session:
             stack.push_async_callback(self._teardown_vm)
         assert vm.pid is not None
         group.add(vm.pid)
-        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, "virtiofsd": vfs.pid})
+        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, **({"virtiofsd": vfs.pid} if vfs else {})})
 
         # a pooled VM's boot console is in its own dir: the rest goes after it
         self._spawn(self._read_console(vm.console_sock, (claimed.dir if claimed else bdir) / "console.log"))
         self._spawn(self._read_agent(vm.agent_sock))
         self._spawn(self._writer(vm.agent_sock))
         self._spawn(self._watch_qemu())
-        self._spawn(self._watch_virtiofsd(vfs))
+        if vfs is not None:
+            self._spawn(self._watch_virtiofsd(vfs))
         await vm.connect_qmp()
+        if snap is not None:
+            assert isinstance(vm, QemuVM)
+            await snapshot.wait_loaded(vm, cfg.timeouts.agent_ready)
+            self.hello.set_result(snap.hello)
 
         hello = await self._wait(self.hello, cfg.timeouts.agent_ready, "the guest agent (boot)")
         t.mark("agent-ready")
@@ -564,9 +582,12 @@ class _Session:
         if proc.get("terminal") and os.isatty(ctx.stdout_fd):
             sz = os.get_terminal_size(ctx.stdout_fd)
             proc["consoleSize"] = {"height": sz.lines, "width": sz.columns}
+        rs = run_spec(ctx.config, stdin_open)
+        if snap is not None:  # a clone: its share is 9p, its RNG state is every clone's until reseeded
+            rs.share_9p, rs.seed = True, os.urandom(64)
         if ctx.handoff is not None:
-            await self._handoff(P.encode_run(run_spec(ctx.config, stdin_open)), vfs, stdin_open)
-        self._send(P.encode_run(run_spec(ctx.config, stdin_open)))
+            await self._handoff(P.encode_run(rs), vfs, stdin_open)
+        self._send(P.encode_run(rs))
         await self._wait(self.started, cfg.timeouts.start, "the container process to start")
         t.mark("process-started")
         self._spawn(self._liveness())
@@ -584,13 +605,25 @@ class _Session:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
 
+    def _snapshot(self, shape: pool.Shape) -> snapshot.Snapshot | None:
+        """A verified snapshot of this shape, for a container without bind volumes (the 9p
+        export is read-only); a corrupt one is refused with a notice: then a cold boot."""
+        if any(m["type"] == "bind" for m in bundle.user_mounts(self.ctx.config)):
+            return None
+        snap = snapshot.find(self.cfg, shape)
+        if snap is not None and (why := snap.verify()) is not None:
+            print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
+            return None
+        return snap
+
     def _poolable(self) -> bool:
         """A pooled VM serves any container of its shape, unless it has read-only bind volumes
         (those get their read-only flag after the bind reached virtiofsd: a cold boot does them)."""
         return not any(m["type"] == "bind" and "ro" in m.get("options", [])
                        for m in bundle.user_mounts(self.ctx.config))
 
-    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd | pool.AdoptedVirtiofsd, stdin_open: bool) -> None:
+    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd | pool.AdoptedVirtiofsd | None,
+                       stdin_open: bool) -> None:
         """Give the booted VM to the C monitor: it sends RUN and does the rest (never returns).
         Before RUN the agent sends nothing after HELLO, so no frame is cut in two here."""
         assert self.vm is not None and self.ctx.handoff is not None
@@ -610,7 +643,8 @@ class _Session:
                        "--virtiofsd-status": str(d / "virtiofsd.status")}
         self.ctx.handoff({"mode": "vm", **adopted, "--agent": self.vm.agent_sock.fileno(),
                           "--console": self.vm.console_sock.fileno(), "--qemu": self.vm.pid,
-                          "--virtiofsd": vfs.pid, "--run-frame": str(self.ctx.bundle_dir / "run.frame"),
+                          "--virtiofsd": vfs.pid if vfs is not None else None,
+                          "--run-frame": str(self.ctx.bundle_dir / "run.frame"),
                           "--console-log": str(self.ctx.bundle_dir / "console.log"),
                           "--stdin-open": stdin_open, "--start-timeout": t.start,
                           "--ping": t.agent_ping, "--dead": t.agent_dead})

@@ -56,6 +56,8 @@ class VMSpec:
     name: str = "vmrt"
     rootfs_tag: str = "rootfs"
     extra_cmdline: str = ""
+    share_9p: Path | None = None   # share this dir over virtio-9p (read-only) instead of virtio-fs
+    incoming: str | None = None    # QEMU -incoming URI: restore a snapshot's state
 
     @property
     def vcpus(self) -> int:
@@ -82,11 +84,13 @@ class QemuVM:
                        "-global", "virtio-mmio.force-legacy=false"]
             fs_dev, serial_dev, rng, balloon = ("vhost-user-fs-device", "virtio-serial-device",
                                                 "virtio-rng-device", "virtio-balloon-device")
+            p9_dev = "virtio-9p-device"
             cmdline = KERNEL_CMDLINE + " pci=off"
         elif s.machine == "q35":
             machine = ["-M", "q35,memory-backend=mem,sata=off,smbus=off"]
             fs_dev, serial_dev, rng, balloon = ("vhost-user-fs-pci", "virtio-serial-pci", "virtio-rng-pci",
                                                 "virtio-balloon-pci")
+            p9_dev = "virtio-9p-pci"
             cmdline = KERNEL_CMDLINE
         else:
             raise LaunchError(f"unsupported machine type {s.machine!r} (use microvm or q35)")
@@ -103,14 +107,17 @@ class QemuVM:
             "-chardev", f"socket,id=con,fd={fds['console']}", "-serial", "chardev:con",
             "-chardev", f"socket,id=qmp,fd={fds['qmp']}", "-mon", "chardev=qmp,mode=control",
             "-pidfile", str(self.stderr_log.parent / "qemu.pid"),
-            "-chardev", f"socket,id=vfs,path={s.virtiofs_socket.name}",
-            "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}",
+            *(["-fsdev", f"local,id=fs9,path={str(s.share_9p).replace(',', ',,')},security_model=none,readonly=on",
+               "-device", f"{p9_dev},fsdev=fs9,mount_tag={s.rootfs_tag}"] if s.share_9p is not None else
+              ["-chardev", f"socket,id=vfs,path={s.virtiofs_socket.name}",
+               "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}"]),
             "-device", rng,
             "-device", f"{balloon},free-page-reporting=on",
             "-device", f"{serial_dev},max_ports={2 + EXEC_PORTS}",
             "-chardev", f"socket,id=agent,fd={fds['agent']}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
             *self.exec_port_args(),
+            *(["-incoming", s.incoming] if s.incoming else []),
         ]
 
     def exec_port_args(self) -> list[str]:

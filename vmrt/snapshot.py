@@ -1,0 +1,211 @@
+"""VM snapshots: boot once to the agent's HELLO, save the VM's state, start new VMs from it.
+
+``vmrt snapshot build`` boots a VM of the default shape whose share is a virtio-9p
+device (not yet mounted by the guest: vhost-user-fs blocks migration, an unmounted
+9p device does not), stops it once the agent said HELLO and saves its state with
+QEMU's migration to a file (``<root>/snapshots/<key>/state``, with ``meta.json``:
+the shape, QEMU's version, the HELLO, the state's size and SHA-256). The key hashes
+the shape (kernel, initramfs, memory, vCPUs, machine, accelerator, kernel command
+line), QEMU's version and this module's format version, so a rebuilt kernel or agent
+or another QEMU never restores an old state.
+
+A VM-mode ``vmrt run`` that gets no pooled VM restores one when a snapshot of its
+shape exists: the state file is checked against its SHA-256 first (a corrupt or
+mismatched snapshot is refused with a notice and the run cold-boots), QEMU starts with
+the same devices and ``-incoming``, its 9p device now exporting the container's share
+(a read-only overlay of the image, nosuid, nodev), and once the state is loaded the
+VM continues. The RUN it gets carries SHARE_9P and SEED (64 bytes from the host),
+and the agent reseeds the guest's RNG before anything reads from it and sets the
+clock and hostname, so clones differ (boot id, random numbers, time, hostname).
+Containers with bind volumes cold-boot (the 9p export is read-only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import pool
+from .agent import protocol as P
+from .config import Config
+from .errors import LaunchError, VmrtError
+from .vm.qemu import QemuVM, VMSpec
+
+FORMAT = 1
+MIGRATE_TIMEOUT = 120.0
+
+
+def snapshots_dir(cfg: Config) -> Path:
+    return cfg.root / "snapshots"  # per state root (like images): a private root has its own
+
+
+def qemu_version(cfg: Config) -> str:
+    try:
+        out = subprocess.run([cfg.qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def key(cfg: Config, shape: pool.Shape) -> str:
+    h = hashlib.sha256(f"vmrt snapshot {FORMAT}\n{qemu_version(cfg)}\n".encode())
+    h.update(json.dumps(dataclasses.asdict(shape), sort_keys=True).encode())
+    for f in (shape.kernel, shape.initrd):  # contents, not only names: a rebuilt file is another VM
+        st = os.stat(f)
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Snapshot:
+    dir: Path
+    meta: dict[str, Any]
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def hello(self) -> P.Hello:
+        h = self.meta["hello"]
+        return P.Hello(h["version"], h["flags"], h["boot_ns"], h["ready_ns"], h["agent"])
+
+    def verify(self) -> str | None:
+        """None if the state file is the one saved; else why it is refused."""
+        try:
+            st = self.state.stat()
+        except OSError as e:
+            return f"state file: {e.strerror}"
+        if st.st_size != self.meta.get("size"):
+            return f"state file is {st.st_size} bytes, {self.meta.get('size')} were saved"
+        h = hashlib.sha256()
+        with open(self.state, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != self.meta.get("sha256"):
+            return "state file does not match its checksum"
+        return None
+
+
+def find(cfg: Config, shape: pool.Shape) -> Snapshot | None:
+    """The snapshot of ``shape``, if one was built (not yet verified)."""
+    if cfg.snapshot == "off":
+        return None
+    try:
+        d = snapshots_dir(cfg) / key(cfg, shape)
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != FORMAT or meta.get("shape") != dataclasses.asdict(shape):
+        return None
+    return Snapshot(d, meta)
+
+
+def restore_spec(spec: VMSpec, snap: Snapshot, share: Path) -> VMSpec:
+    return dataclasses.replace(spec, share_9p=share, incoming="exec:cat " + shlex.quote(str(snap.state)))
+
+
+async def wait_loaded(vm: QemuVM, timeout: float) -> None:
+    """Until QEMU has loaded the state; then the VM continues."""
+    assert vm.qmp is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        reply: Any = await vm.qmp.execute("query-status")
+        status = reply["status"]
+        if status != "inmigrate":
+            break
+        if time.monotonic() > deadline:
+            raise LaunchError(f"restoring the snapshot took more than {timeout:g}s")
+        await asyncio.sleep(0.005)
+    if status != "paused":
+        raise LaunchError(f"restoring the snapshot failed (QEMU state {status})")
+    await vm.qmp.execute("cont")
+
+
+def build(cfg: Config, force: bool = False) -> Snapshot:
+    """``vmrt snapshot build``: the default shape's snapshot (cached: an existing valid one is kept)."""
+    return asyncio.run(_build(cfg, force))
+
+
+async def _build(cfg: Config, force: bool) -> Snapshot:
+    spec = pool.default_spec(cfg, Path("unused.sock"), "vmrt-snapshot")
+    shape = pool.Shape.of(spec)
+    k = key(cfg, shape)
+    out = snapshots_dir(cfg) / k
+    if not force and (snap := find(cfg, shape)) is not None and snap.verify() is None:
+        return snap
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "share").mkdir(parents=True)
+    spec = dataclasses.replace(spec, virtiofs_socket=tmp / "unused.sock", share_9p=tmp / "share")
+    vm = QemuVM(cfg, spec, tmp / "qemu.log")
+    try:
+        vm.launch()
+        await vm.connect_qmp()
+        assert vm.agent_sock is not None and vm.qmp is not None
+        hello = await asyncio.wait_for(pool._read_hello(vm.agent_sock), cfg.timeouts.agent_ready)
+        await vm.qmp.execute("stop")
+        await vm.qmp.execute("migrate", {"uri": "exec:cat > " + shlex.quote(str(tmp / "state"))})
+        deadline = time.monotonic() + MIGRATE_TIMEOUT
+        while True:
+            st: Any = await vm.qmp.execute("query-migrate")
+            if st.get("status") in ("completed", "failed"):
+                break
+            if time.monotonic() > deadline:
+                raise VmrtError(f"saving the VM state took more than {MIGRATE_TIMEOUT:g}s")
+            await asyncio.sleep(0.05)
+        if st.get("status") != "completed":
+            raise VmrtError(f"saving the VM state failed: {st.get('error-desc', st.get('status'))}")
+    except (TimeoutError, OSError) as e:
+        raise VmrtError(f"building the snapshot: {e or type(e).__name__}") from e
+    finally:
+        await vm.shutdown()
+    h = hashlib.sha256()
+    with open(tmp / "state", "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    meta = {"format": FORMAT, "key": k, "shape": dataclasses.asdict(shape), "qemu": qemu_version(cfg),
+            "hello": dataclasses.asdict(hello), "size": (tmp / "state").stat().st_size, "sha256": h.hexdigest(),
+            "created": time.time()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for p in tmp.iterdir():  # only the state and its description are kept
+        if p.name not in ("state", "meta.json"):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return Snapshot(out, meta)
+
+
+def listing(cfg: Config) -> list[Snapshot]:
+    d = snapshots_dir(cfg)
+    found = []
+    for sub in sorted(d.iterdir()) if d.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            found.append(Snapshot(sub, json.loads((sub / "meta.json").read_text())))
+    return found
+
+
+def remove_all(cfg: Config) -> int:
+    n = 0
+    for s in listing(cfg):
+        shutil.rmtree(s.dir, ignore_errors=True)
+        n += 1
+    return n
+
+
+def notice(message: str) -> None:
+    print(f"vmrt: notice: {message}", file=sys.stderr, flush=True)
