@@ -6,7 +6,7 @@ the host with CLOCK_MONOTONIC (``time.perf_counter``). Modes:
   process      vmrt run --rm --isolation=process IMAGE true
   vm-cold      vmrt run --rm --isolation=vm IMAGE true, with VMRT_POOL=off
   vm-pool      the same with a warm pool (``vmrt pool start``; refilled between runs)
-  vm-snapshot  restore from a snapshot (skipped while vmrt has no snapshots)
+  vm-snapshot  the same restored from a snapshot (``vmrt snapshot build`` first; VMRT_POOL=off)
   runc         runc run of a bundle with the config.json vmrt writes for the image
   podman       podman run --rm --network none IMAGE true (the image loaded from vmrt's store)
 
@@ -47,10 +47,15 @@ from .errors import UsageError, VmrtError
 MODES = ("process", "vm-cold", "vm-pool", "vm-snapshot", "runc", "podman")
 METRICS = ("start", "exec", "memory", "density", "io", "cpu")
 # which metric makes sense for which mode (a pooled VM is a cold VM once it runs)
+def served(timings: str) -> bool:
+    """A start (its --timings report) that took a pooled VM or restored a snapshot."""
+    return "pool-claim" in timings or re.search(r"snapshot=[0-9a-f]{16}", timings) is not None
+
+
 APPLIES = {
     "start": set(MODES),
-    "exec": {"process", "vm-cold", "runc", "podman"},
-    "memory": {"process", "vm-cold", "runc", "podman"},
+    "exec": {"process", "vm-cold", "vm-snapshot", "runc", "podman"},
+    "memory": {"process", "vm-cold", "vm-snapshot", "runc", "podman"},
     "density": {"process", "vm-cold"},
     "io": {"process", "vm-cold", "runc", "podman"},
     "cpu": {"process", "vm-cold", "runc", "podman"},
@@ -351,13 +356,17 @@ class VmrtMode(Mode):
         self.iso = "process" if name == "process" else "vm"
         if name == "vm-cold":
             self.env["VMRT_POOL"] = "off"
+            self.env["VMRT_SNAPSHOT"] = "off"
+        elif name == "vm-snapshot":
+            self.env["VMRT_POOL"] = "off"
         elif name == "vm-pool":
             self.env.pop("VMRT_POOL", None)
 
     def setup(self) -> dict[str, Any]:
         if self.iso == "process":
             return {"isolation": "namespaces", "accelerator": "none (host kernel)", "runtime": self.b.runtime}
-        return {"isolation": "vm", **self.b.vm_setup, "pool": self.name == "vm-pool"}
+        return {"isolation": "vm", **self.b.vm_setup, "pool": self.name == "vm-pool",
+                "snapshot": self.name == "vm-snapshot", "share": "9p" if self.name == "vm-snapshot" else "virtio-fs"}
 
     def base(self) -> list[str]:
         return [*self.b.vmrt, "run", "--rm", f"--isolation={self.iso}"]
@@ -628,10 +637,11 @@ class Bench:
                 return Skipped(self, name, "only start is measured for vm-pool")
             return PoolMode(self)
         if name == "vm-snapshot":
-            r = self.procs.run([*self.vmrt, "snapshot", "--help"])
+            snap = VmrtMode(self, name)
+            r = self.procs.run([*self.vmrt, "snapshot", "build"], env=snap.env)
             if r.rc != 0:
-                return Skipped(self, name, "snapshots not implemented (no `vmrt snapshot` command)")
-            return Skipped(self, name, "`vmrt snapshot` exists but bench does not drive it yet")
+                return Skipped(self, name, r.error("vmrt snapshot build"))
+            return snap
         if name == "runc":
             from .drivers.process import choose_runtime
             try:
@@ -748,7 +758,7 @@ class Bench:
                 d["ms"].append(r.ms)
                 for k, v in PHASE_RE.findall(r.err):
                     d["phases"].setdefault(k, []).append(float(v))
-                if "pool-claim" in r.err:
+                if served(r.err):
                     d["pool"] += 1
         return data
 
@@ -774,7 +784,7 @@ class Bench:
                     self.say(f"start: {m.name}: {errors[m.name]}")
                     continue
                 data[m.name]["ms"] += [r.ms for r in res]
-                data[m.name]["pool"].append(sum("pool-claim" in r.err for r in res))
+                data[m.name]["pool"].append(sum(served(r.err) for r in res))
                 data[m.name]["wall"].append((max(r.t1 for r in res) - min(r.t0 for r in res)) * 1000)
         out: dict[str, dict[str, Any]] = {name: {"parallel": p, "error": e} for name, e in errors.items()}
         for name, d in data.items():
@@ -1149,8 +1159,8 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
             p = e.get("parallel", {})
             pool = e.get("served_from_pool")
             note = ""
-            if pool is not None and (name == "vm-pool" or pool):
-                note = f"from pool: {pool}/{s['n']} serial"
+            if pool is not None and (name in ("vm-pool", "vm-snapshot") or pool):
+                note = f"{'restored' if name == 'vm-snapshot' else 'from pool'}: {pool}/{s['n']} serial"
                 if "served_from_pool" in p:
                     note += f", {p['served_from_pool']}/{p['n']} parallel"
             if isinstance(p, dict) and "error" in p:
