@@ -487,7 +487,8 @@ def attach(ctx: click.Context, container: str, sig_proxy: bool, no_stdin: bool) 
                 signal_mod.signal(s, lambda signo, _f: _proxy(cfg, st, c.id, signo))
         try:
             lifecycle.logs(cfg, st, c, follow=True, tail=0, timestamps=False, since=None,
-                           stop=relay.detached if relay is not None else None)
+                           stop=relay.detached if relay is not None else None,
+                           following=relay.start if relay is not None else None)
         finally:
             if relay is not None:
                 relay.close()

@@ -23,7 +23,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .config import Config
@@ -214,9 +214,11 @@ def _records(path: Path, follow: bool, done: object) -> Iterator[dict[str, str]]
 
 
 def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | None, timestamps: bool,
-         since: float | None, stop: threading.Event | None = None) -> None:
+         since: float | None, stop: threading.Event | None = None,
+         following: Callable[[], None] | None = None) -> None:
     """``docker logs``: the container's stdout and stderr, as recorded by its monitor
-    (with ``follow``, until the container's owner is gone or ``stop`` is set)."""
+    (with ``follow``, until the container's owner is gone or ``stop`` is set; ``following``
+    is called once what was already logged has been read: what comes after is shown)."""
     from .monitor import LOG_NAME
     from .runner import container_dir
     path = container_dir(cfg, c.id) / LOG_NAME
@@ -245,6 +247,8 @@ def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | N
         return t.timestamp() >= since
 
     seen = list(_records(path, False, done))
+    if following is not None:
+        following()
     kept = [r for r in seen if keep(r)]
     for rec in kept if tail is None else kept[max(0, len(kept) - tail):]:
         emit(rec)
@@ -276,6 +280,9 @@ class StdinRelay:
         if raw:
             self._restore = termios.tcgetattr(0)
             tty.setraw(0)
+
+    def start(self) -> None:
+        """Relay from now on (after the output so far was skipped: an answer is not missed)."""
         threading.Thread(target=self._pump, daemon=True).start()
 
     @classmethod
