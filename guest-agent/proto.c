@@ -149,39 +149,44 @@ badsize:
 	return -1;
 }
 
+size_t vmrt_utf8_seq(const uint8_t *s, size_t n)
+{
+	uint8_t c = s[0];
+	size_t k;
+	uint32_t cp, min;
+
+	if (c >= 0xC2 && c <= 0xDF) {
+		k = 1; cp = c & 0x1F; min = 0x80;
+	} else if (c >= 0xE0 && c <= 0xEF) {
+		k = 2; cp = c & 0x0F; min = 0x800;
+	} else if (c >= 0xF0 && c <= 0xF4) {
+		k = 3; cp = c & 0x07; min = 0x10000;
+	} else {
+		return 0;
+	}
+	if (n <= k)
+		return 0;
+	for (size_t j = 1; j <= k; j++) {
+		if ((s[j] & 0xC0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[j] & 0x3F);
+	}
+	if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+		return 0;
+	return k + 1;
+}
+
 /* Strict UTF-8 (no overlongs, no surrogates, <= U+10FFFF). */
 static int utf8_valid(const uint8_t *s, size_t n)
 {
 	size_t i = 0;
 
 	while (i < n) {
-		uint8_t c = s[i];
-		size_t k;
-		uint32_t cp, min;
+		size_t k = s[i] < 0x80 ? 1 : vmrt_utf8_seq(s + i, n - i);
 
-		if (c < 0x80) {
-			i++;
-			continue;
-		} else if (c >= 0xC2 && c <= 0xDF) {
-			k = 1; cp = c & 0x1F; min = 0x80;
-		} else if (c >= 0xE0 && c <= 0xEF) {
-			k = 2; cp = c & 0x0F; min = 0x800;
-		} else if (c >= 0xF0 && c <= 0xF4) {
-			k = 3; cp = c & 0x07; min = 0x10000;
-		} else {
+		if (k == 0)
 			return 0;
-		}
-		if (n - i - 1 < k)
-			return 0;
-		for (size_t j = 1; j <= k; j++) {
-			uint8_t d = s[i + j];
-			if ((d & 0xC0) != 0x80)
-				return 0;
-			cp = cp << 6 | (d & 0x3F);
-		}
-		if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-			return 0;
-		i += k + 1;
+		i += k;
 	}
 	return 1;
 }

@@ -157,6 +157,10 @@ struct vmrt_run {
 int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		   char *err, size_t errlen);
 
+/* Length (2-4) of the valid multi-byte UTF-8 sequence at s[0..n): strict (no
+ * overlongs, surrogates or code points past U+10FFFF); 0 if there is none. */
+size_t vmrt_utf8_seq(const uint8_t *s, size_t n);
+
 /* Big-endian helpers (pure). */
 static inline uint16_t vmrt_get16(const uint8_t *p)
 {

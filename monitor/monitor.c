@@ -168,34 +168,6 @@ static int write_all(int fd, const void *p, size_t n)
 
 /* ---------------------------------------------------------------- log */
 
-/* Length of the valid UTF-8 sequence (2-4 bytes) at s, 0 if there is none. */
-static size_t utf8_seq(const uint8_t *s, size_t n)
-{
-	uint8_t c = s[0];
-	size_t k;
-	uint32_t cp, min;
-
-	if (c >= 0xC2 && c <= 0xDF) {
-		k = 1; cp = c & 0x1F; min = 0x80;
-	} else if (c >= 0xE0 && c <= 0xEF) {
-		k = 2; cp = c & 0x0F; min = 0x800;
-	} else if (c >= 0xF0 && c <= 0xF4) {
-		k = 3; cp = c & 0x07; min = 0x10000;
-	} else {
-		return 0;
-	}
-	if (n <= k)
-		return 0;
-	for (size_t j = 1; j <= k; j++) {
-		if ((s[j] & 0xC0) != 0x80)
-			return 0;
-		cp = cp << 6 | (s[j] & 0x3F);
-	}
-	if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-		return 0;
-	return k + 1;
-}
-
 /* The end of a record: its stream and UTC time.  The civil date is computed
  * here (H. Hinnant's days-to-civil): gmtime_r would link glibc's time zone
  * code (and sscanf, strtold ...), a third of the binary. */
@@ -225,7 +197,7 @@ static void log_record(const char *stream, const uint8_t *s, size_t n)
 		size_t k;
 
 		if (c >= 0x80) { /* valid multibyte sequences raw, each bad byte U+FFFD */
-			k = utf8_seq(s + i, n - i);
+			k = vmrt_utf8_seq(s + i, n - i);
 			if (k) {
 				memcpy(p, s + i, k);
 				p += k;
