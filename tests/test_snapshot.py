@@ -74,6 +74,19 @@ def test_the_image_is_read_only_through_9p(vmrt: Vmrt, snap: Path) -> None:
     assert not list(vmrt.root.glob("layers/*/etc/new-file"))
 
 
+def test_a_changed_ram_file_is_refused(vmrt: Vmrt, snap: Path) -> None:
+    ram = snap / "ram"
+    with open(ram, "r+b") as f:  # one byte of the saved guest memory
+        f.seek(1 << 20)
+        b = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "echo", "cold")
+    assert r.returncode == 0 and r.stdout == b"cold\n", r.stderr
+    assert restored_from(r.stderr) is None
+    assert b"refused (RAM file changed since it was saved): cold boot" in r.stderr
+
+
 def test_corrupt_or_mismatched_snapshot_means_a_cold_boot(vmrt: Vmrt, snap: Path, tmp_path: Path) -> None:
     state = snap / "state"
     data = bytearray(state.read_bytes())

@@ -389,7 +389,7 @@ def snapshot_build(ctx: click.Context, force: bool) -> None:
     """Boot a VM of the default shape to its agent, save its state (cached by shape and QEMU version)."""
     from . import snapshot as snap_mod
     snap = snap_mod.build(_cfg(ctx), force=force)
-    click.echo(f"{snap.dir} ({snap.meta['size'] >> 20} MiB)")
+    click.echo(f"{snap.dir} ({(snap.meta['size'] + _allocated(snap.ram)) >> 20} MiB)")
 
 
 @snapshot.command("ls")
@@ -403,12 +403,19 @@ def snapshot_ls(ctx: click.Context, fmt: str | None) -> None:
     from . import snapshot as snap_mod
     rows = [{"Key": s.dir.name, "Shape": f"{s.meta['shape']['memory_mib']}MiB {s.meta['shape']['vcpus']}vcpu "
                                          f"{s.meta['shape']['machine']} {s.meta['shape']['accel']}",
-             "Size": f"{s.meta['size'] / 2 ** 20:.1f}MiB", "Qemu": s.meta.get("qemu", ""),
+             "Size": f"{(s.meta['size'] + _allocated(s.ram)) / 2 ** 20:.1f}MiB", "Qemu": s.meta.get("qemu", ""),
              "Created": formatting.ago(time_mod.time() - s.meta.get("created", 0))}
             for s in snap_mod.listing(_cfg(ctx))]
     for line in formatting.emit(fmt, rows, [("KEY", "Key", 16), ("SHAPE", "Shape", 5), ("SIZE", "Size", 4),
                                             ("CREATED", "Created", 7)]):
         click.echo(line)
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512  # a sparse file: what it holds, not its length
+    except OSError:
+        return 0
 
 
 @snapshot.command("rm")

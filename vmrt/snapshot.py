@@ -2,19 +2,23 @@
 
 ``vmrt snapshot build`` boots a VM of the default shape whose share is a virtio-9p
 device (not yet mounted by the guest: vhost-user-fs blocks migration, an unmounted
-9p device does not), stops it once the agent said HELLO and saves its state with
-QEMU's migration to a file (``<root>/snapshots/<key>/state``, with ``meta.json``:
-the shape, QEMU's version, the HELLO, the state's size and SHA-256). The key hashes
+9p device does not) and whose RAM is a file, ``<root>/snapshots/<key>/ram``, mapped
+shared. Once the agent said HELLO it stops the VM and saves the device state with
+QEMU's migration to a file (``state``, ~230 KB: with ``x-ignore-shared`` the RAM
+stays in its file), beside ``meta.json``: the shape, QEMU's version, the HELLO,
+the state's size and SHA-256, the RAM file's identity. Clones map the RAM file
+private (copy-on-write): its page cache is shared by all of them. The key hashes
 the shape (kernel, initramfs, memory, vCPUs, machine, accelerator, kernel command
 line), QEMU's version and this module's format version, so a rebuilt kernel or agent
 or another QEMU never restores an old state.
 
 A VM-mode ``vmrt run`` that gets no pooled VM restores one when a snapshot of its
-shape exists: the state file is checked against its SHA-256 first (a corrupt or
-mismatched snapshot is refused with a notice and the run cold-boots), QEMU starts with
-the same devices and ``-incoming``, its 9p device now exporting the container's share
-(a read-only overlay of the image, nosuid, nodev), and once the state is loaded the
-VM continues. The RUN it gets carries SHARE_9P and SEED (64 bytes from the host),
+shape exists: the state file is checked against its SHA-256 and the RAM file against
+its identity first (a corrupt or mismatched snapshot is refused with a notice and the
+run cold-boots), QEMU starts with the same devices and ``-incoming defer`` (then
+``x-ignore-shared`` and the state), its 9p device now exporting the container's
+share (a read-only overlay of the image, nosuid, nodev), and once the state is
+loaded the VM continues. The RUN it gets carries SHARE_9P and SEED (64 bytes from the host),
 and the agent reseeds the guest's RNG before anything reads from it and sets the
 clock and hostname, so clones differ (boot id, random numbers, time, hostname).
 Containers with bind volumes cold-boot (the 9p export is read-only).
@@ -42,7 +46,7 @@ from .config import Config
 from .errors import LaunchError, VmrtError
 from .vm.qemu import QemuVM, VMSpec
 
-FORMAT = 1
+FORMAT = 3  # 3: guest RAM in its own file, mapped private by the clones
 MIGRATE_TIMEOUT = 120.0
 
 
@@ -77,18 +81,27 @@ class Snapshot:
         return self.dir / "state"
 
     @property
+    def ram(self) -> Path:
+        return self.dir / "ram"
+
+    @property
     def hello(self) -> P.Hello:
         h = self.meta["hello"]
         return P.Hello(h["version"], h["flags"], h["boot_ns"], h["ready_ns"], h["agent"])
 
     def verify(self) -> str | None:
-        """None if the state file is the one saved; else why it is refused."""
+        """None if the snapshot is the one saved; else why it is refused. The device state is
+        checked against its SHA-256 (small); the RAM file (the size of the guest's memory,
+        mostly holes) against the identity it had when saved (size, inode, mtime): it is
+        mapped read-only by QEMU and any write to it changes its mtime."""
         try:
-            st = self.state.stat()
+            st, ram = self.state.stat(), self.ram.stat()
         except OSError as e:
-            return f"state file: {e.strerror}"
+            return f"{Path(e.filename or '').name} file: {e.strerror}"
         if st.st_size != self.meta.get("size"):
             return f"state file is {st.st_size} bytes, {self.meta.get('size')} were saved"
+        if [ram.st_size, ram.st_ino, ram.st_mtime_ns] != self.meta.get("ram"):
+            return "RAM file changed since it was saved"
         h = hashlib.sha256()
         with open(self.state, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -113,12 +126,18 @@ def find(cfg: Config, shape: pool.Shape) -> Snapshot | None:
 
 
 def restore_spec(spec: VMSpec, snap: Snapshot, share: Path) -> VMSpec:
-    return dataclasses.replace(spec, share_9p=share, incoming="exec:cat " + shlex.quote(str(snap.state)))
+    return dataclasses.replace(spec, share_9p=share, ram_file=snap.ram, incoming="defer")
 
 
-async def wait_loaded(vm: QemuVM, timeout: float) -> None:
-    """Until QEMU has loaded the state; then the VM continues."""
+IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+
+
+async def restore(vm: QemuVM, snap: Snapshot, timeout: float) -> None:
+    """Load the snapshot's device state into a QEMU started with ``-incoming defer``; once
+    loaded, the VM continues (its RAM is the snapshot's file, mapped private)."""
     assert vm.qmp is not None
+    await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
+    await vm.qmp.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(snap.state))})
     deadline = time.monotonic() + timeout
     while True:
         reply: Any = await vm.qmp.execute("query-status")
@@ -148,7 +167,7 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "share").mkdir(parents=True)
-    spec = dataclasses.replace(spec, virtiofs_socket=tmp / "unused.sock", share_9p=tmp / "share")
+    spec = dataclasses.replace(spec, virtiofs_socket=tmp / "unused.sock", share_9p=tmp / "share", ram_file=tmp / "ram")
     vm = QemuVM(cfg, spec, tmp / "qemu.log")
     try:
         vm.launch()
@@ -156,6 +175,7 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
         assert vm.agent_sock is not None and vm.qmp is not None
         hello = await asyncio.wait_for(pool._read_hello(vm.agent_sock), cfg.timeouts.agent_ready)
         await vm.qmp.execute("stop")
+        await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)  # the RAM stays in its file
         await vm.qmp.execute("migrate", {"uri": "exec:cat > " + shlex.quote(str(tmp / "state"))})
         deadline = time.monotonic() + MIGRATE_TIMEOUT
         while True:
@@ -178,9 +198,12 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
     meta = {"format": FORMAT, "key": k, "shape": dataclasses.asdict(shape), "qemu": qemu_version(cfg),
             "hello": dataclasses.asdict(hello), "size": (tmp / "state").stat().st_size, "sha256": h.hexdigest(),
             "created": time.time()}
+    os.chmod(tmp / "ram", 0o400)
+    ram = (tmp / "ram").stat()
+    meta["ram"] = [ram.st_size, ram.st_ino, ram.st_mtime_ns]  # rename keeps all three
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    for p in tmp.iterdir():  # only the state and its description are kept
-        if p.name not in ("state", "meta.json"):
+    for p in tmp.iterdir():  # only the state, the RAM and their description are kept
+        if p.name not in ("state", "ram", "meta.json"):
             if p.is_dir():
                 shutil.rmtree(p)
             else:

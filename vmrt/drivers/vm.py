@@ -571,7 +571,7 @@ class _Session:
         await vm.connect_qmp()
         if snap is not None:
             assert isinstance(vm, QemuVM)
-            await snapshot.wait_loaded(vm, cfg.timeouts.agent_ready)
+            await snapshot.restore(vm, snap, cfg.timeouts.agent_ready)
             self.hello.set_result(snap.hello)
 
         hello = await self._wait(self.hello, cfg.timeouts.agent_ready, "the guest agent (boot)")

@@ -57,7 +57,8 @@ class VMSpec:
     rootfs_tag: str = "rootfs"
     extra_cmdline: str = ""
     share_9p: Path | None = None   # share this dir over virtio-9p (read-only) instead of virtio-fs
-    incoming: str | None = None    # QEMU -incoming URI: restore a snapshot's state
+    incoming: str | None = None    # QEMU -incoming: "defer" to restore a snapshot's state
+    ram_file: Path | None = None   # guest RAM in this file (a snapshot's), else a shared memfd
 
     @property
     def vcpus(self) -> int:
@@ -101,7 +102,7 @@ class QemuVM:
         return [
             self.cfg.qemu, "-name", s.name, *machine, *s.accel.qemu_args(self.cfg.tcg_tb_size_mib),
             "-m", mem, "-smp", str(s.vcpus),
-            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-object", self.memory_backend(mem),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(s.kernel), "-initrd", str(s.initrd), "-append", cmdline,
             "-chardev", f"socket,id=con,fd={fds['console']}", "-serial", "chardev:con",
@@ -119,6 +120,20 @@ class QemuVM:
             *self.exec_port_args(),
             *(["-incoming", s.incoming] if s.incoming else []),
         ]
+
+    def memory_backend(self, mem: str) -> str:
+        """Guest RAM. vhost-user-fs needs RAM virtiofsd can map: a shared memfd. A snapshot's
+        VM keeps its RAM in the snapshot's file: shared while it is built (the file is the
+        saved memory, ``x-ignore-shared`` leaves it out of the state stream), then mapped
+        private by every clone (copy-on-write: the file never changes): the page cache is
+        shared among them and only the pages a clone writes become its own."""
+        s = self.spec
+        if s.ram_file is None:
+            return f"memory-backend-memfd,id=mem,size={mem},share=on"
+        path = str(s.ram_file).replace(",", ",,")
+        if s.incoming:
+            return f"memory-backend-file,id=mem,size={mem},mem-path={path},share=off"
+        return f"memory-backend-file,id=mem,size={mem},mem-path={path},share=on"
 
     def exec_port_args(self) -> list[str]:
         # relative paths: QEMU runs in the run directory, whose absolute path can
