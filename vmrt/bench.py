@@ -56,7 +56,7 @@ APPLIES = {
     "start": set(MODES),
     "exec": {"process", "vm-cold", "vm-snapshot", "runc", "podman"},
     "memory": {"process", "vm-cold", "vm-snapshot", "runc", "podman"},
-    "density": {"process", "vm-cold"},
+    "density": {"process", "vm-cold", "vm-snapshot"},
     "io": {"process", "vm-cold", "runc", "podman"},
     "cpu": {"process", "vm-cold", "runc", "podman"},
 }
