@@ -46,7 +46,7 @@ from .config import Config
 from .errors import LaunchError, VmrtError
 from .vm.qemu import QemuVM, VMSpec
 
-FORMAT = 3  # 3: guest RAM in its own file, mapped private by the clones
+FORMAT = 4  # 3: guest RAM in its own file, mapped private by the clones; 4: no free page reporting
 MIGRATE_TIMEOUT = 120.0
 
 

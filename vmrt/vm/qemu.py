@@ -113,7 +113,10 @@ class QemuVM:
               ["-chardev", f"socket,id=vfs,path={s.virtiofs_socket.name}",
                "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}"]),
             "-device", rng,
-            "-device", f"{balloon},free-page-reporting=on",
+            # free page reporting discards guest pages; QEMU 7.2 does that on file-backed RAM by
+            # punching holes in the file even when it is mapped private: a snapshot's RAM file,
+            # shared by every clone, would lose pages. So snapshot VMs report nothing.
+            "-device", balloon if s.ram_file is not None else f"{balloon},free-page-reporting=on",
             "-device", f"{serial_dev},max_ports={2 + EXEC_PORTS}",
             "-chardev", f"socket,id=agent,fd={fds['agent']}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
