@@ -178,3 +178,16 @@ def test_pool_command_errors(vmrt: Vmrt) -> None:
     assert r.returncode == 0 and b"not running" in r.stdout
     r = vmrt("pool", "start", "--size", "-1")
     assert r.returncode == 125 and r.stderr.count(b"\n") == 1
+
+
+def test_stop_while_a_replacement_boots_leaves_nothing(vmrt: Vmrt) -> None:
+    """`pool stop` right after a claim: the VM the daemon is booting meanwhile goes too."""
+    assert vmrt("pool", "start", "--size", "1").returncode == 0
+    try:
+        assert vmrt("pool", "fill", "--wait", timeout=300).returncode == 0
+        r = vmrt("run", "--rm", "--isolation=vm", "busybox", "true")
+        assert r.returncode == 0, r.stderr
+        assert pool_status(vmrt)["Booting"] == 1  # the replacement, not yet at HELLO
+    finally:
+        assert vmrt("pool", "stop").returncode == 0
+    vmrt.assert_clean()

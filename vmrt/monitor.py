@@ -262,9 +262,9 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
     from .state import State, Status
     cfg = config_mod.load()
     state = State(cfg.db_path)
+    status, message = outcome(how, value, detail)
     try:
         c = state.get(container_id)
-        status, message = outcome(how, value, detail)
         run_dir = Path(c.run_dir) if c.run_dir else None
         cdir = container_dir(cfg, c.id)
         if c.isolation == "vm":

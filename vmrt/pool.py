@@ -278,7 +278,6 @@ class Daemon:
         self.stop_event: asyncio.Event
         self.status_files: dict[int, Path] = {}   # pid -> where its exit status goes
         self.children: dict[int, Any] = {}        # pid -> Popen: kept, so subprocess never reaps them
-        self.spec_shape: Shape | None = None
 
     # --- lifetime ----------------------------------------------------------------
     def serve(self) -> int:
@@ -404,6 +403,9 @@ class Daemon:
             vm.booted = time.time()
             self.ready.append(vm)
             return True
+        except asyncio.CancelledError:  # the daemon stops: a VM half booted goes too
+            self._destroy(vm)
+            raise
         except (VmrtError, OSError, TimeoutError) as e:
             self.last_error = f"booting a pooled VM: {e or type(e).__name__}"
             print(f"vmrt pool: {self.last_error}", file=sys.stderr, flush=True)

@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -229,6 +228,3 @@ def remove_all(cfg: Config) -> int:
         n += 1
     return n
 
-
-def notice(message: str) -> None:
-    print(f"vmrt: notice: {message}", file=sys.stderr, flush=True)
