@@ -9,6 +9,7 @@ deterministic, no root-owned staging directory).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -33,13 +34,18 @@ def _sources(name: str) -> list[Path]:
                   and "fuzz" not in p.parts and p.name != "README.md" and p.name != MONITOR)
 
 
+@functools.cache
+def _compiler() -> str:
+    """gcc's version line, once per process (the agent's and the monitor's keys both need it)."""
+    try:
+        return subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
 def _key(tag: bytes, files: list[Path]) -> str:
     h = hashlib.sha256(tag)
-    try:
-        cc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        cc = "unknown"
-    h.update(cc.encode() + b"\n")
+    h.update(_compiler().encode() + b"\n")
     root = source_root()
     for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")

@@ -61,8 +61,19 @@ def qemu_version(cfg: Config) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
+def _qemu_identity(cfg: Config) -> str:
+    """Which QEMU binary (path, size, mtime): another build never restores an old state.
+    A stat, not ``qemu --version``: this is on every VM start's path."""
+    path = shutil.which(cfg.qemu) or cfg.qemu
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}:missing"
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def key(cfg: Config, shape: pool.Shape) -> str:
-    h = hashlib.sha256(f"vmrt snapshot {FORMAT}\n{qemu_version(cfg)}\n".encode())
+    h = hashlib.sha256(f"vmrt snapshot {FORMAT}\n{_qemu_identity(cfg)}\n".encode())
     h.update(json.dumps(dataclasses.asdict(shape), sort_keys=True).encode())
     for f in (shape.kernel, shape.initrd):  # contents, not only names: a rebuilt file is another VM
         st = os.stat(f)
@@ -112,7 +123,7 @@ class Snapshot:
 
 def find(cfg: Config, shape: pool.Shape) -> Snapshot | None:
     """The snapshot of ``shape``, if one was built (not yet verified)."""
-    if cfg.snapshot == "off":
+    if cfg.snapshot == "off" or not snapshots_dir(cfg).is_dir():
         return None
     try:
         d = snapshots_dir(cfg) / key(cfg, shape)
