@@ -74,6 +74,7 @@ class RunOptions:
     mounts: list[Any] = dataclasses.field(default_factory=list)  # volumes.Mount
     pull: str = "missing"          # missing | always | never, as docker run --pull
     platform: str | None = None    # os/arch[/variant] for a pull; config's default otherwise
+    net: Any = None                # network.NetRequest (None: the default bridge network)
 
 
 def parse_pids(value: str) -> int | None:
@@ -286,9 +287,24 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         "hostname": hostname,
         "mounts": [*DEFAULT_MOUNTS, *(m.oci() for m in opts.mounts)],
         "annotations": {"org.vmrt.isolation": isolation, "org.vmrt.image": opts.image,
-                        "org.vmrt.stdin": "true" if opts.interactive else "false"},
+                        "org.vmrt.stdin": "true" if opts.interactive else "false",
+                        "org.vmrt.network": _net_request(image_cfg, opts, isolation).to_json()},
         "linux": linux,
     }
+
+
+def _net_request(image_cfg: dict[str, Any], opts: RunOptions, isolation: str) -> Any:
+    """The run's network flags, with the image's EXPOSE ports (for -P); checked here, at create."""
+    from .network import NetRequest
+    req = dataclasses.replace(opts.net) if opts.net is not None else NetRequest()
+    req.exposed = list(dict.fromkeys([*(image_cfg.get("ExposedPorts") or {}), *req.exposed]))
+    if req.network == "host" and isolation == "vm":
+        raise UsageError("--network host is for --isolation=process only: a VM has its own network stack")
+    if req.network in ("none", "host") and (req.ports or req.publish_all or req.aliases):
+        raise UsageError(f"--network {req.network}: published ports and aliases need a bridge network")
+    if req.aliases and req.network == "bridge":
+        raise UsageError("network-scoped aliases are only supported for user-defined networks")
+    return req
 
 
 # the mounts every container gets; user mounts (volumes) follow them in config.json

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from . import __version__, containercmds, imagecmds
+from . import __version__, containercmds, imagecmds, netcmds
 from . import config as config_mod
 from . import volumes as volumes_mod
 from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
@@ -85,6 +85,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("-d", "--detach", is_flag=True, help="Run in the background (a monitor owns it) and print its ID.")
 @click.option("--restart", default="no", show_default=True,
               help="Restart policy: no, on-failure[:N], always or unless-stopped (with -d).")
+@click.option("--network", "--net", "network", default="bridge", show_default=True,
+              help="Connect to a network: bridge, none, host (process isolation only) or a user network.")
+@click.option("--network-alias", "--net-alias", "network_aliases", multiple=True,
+              help="Add a network-scoped alias (user networks).")
+@click.option("-p", "--publish", "publish", multiple=True,
+              help="Publish a port: [IP:][HOST[-END]:]CONTAINER[-END][/tcp|udp].")
+@click.option("-P", "--publish-all", is_flag=True, help="Publish every exposed port to a random host port.")
+@click.option("--expose", multiple=True, help="Expose a port or range (for -P).")
+@click.option("--dns", multiple=True, help="Set a DNS server.")
+@click.option("--dns-search", multiple=True, help="Set a DNS search domain.")
+@click.option("--dns-option", "dns_options", multiple=True, help="Set a DNS option.")
+@click.option("--add-host", "add_hosts", multiple=True, help="Add a host-to-IP mapping (NAME:IP).")
 @click.pass_context
 def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name: str | None,
         env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None,
@@ -92,7 +104,9 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         memory: str | None, cpus: str | None, pids_limit: str | None, volumes: tuple[str, ...],
         mounts: tuple[str, ...], tmpfs: tuple[str, ...], runtime: str | None, isolation: str,
         read_only: bool, accel: str | None, kernel: Path | None, show_timings: bool, pull_policy: str,
-        platform: str | None, detach: bool, restart: str) -> None:
+        platform: str | None, detach: bool, restart: str, network: str, network_aliases: tuple[str, ...],
+        publish: tuple[str, ...], publish_all: bool, expose: tuple[str, ...], dns: tuple[str, ...],
+        dns_search: tuple[str, ...], dns_options: tuple[str, ...], add_hosts: tuple[str, ...]) -> None:
     """Run a command in a new container."""
     from . import runner
     cfg = _cfg(ctx)
@@ -119,7 +133,9 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         cpus=parse_cpus(cpus) if cpus else None, name=name, rm=rm, readonly=read_only,
         pids_limit=parse_pids(pids_limit) if pids_limit else None, pull=pull_policy, platform=platform,
         mounts=[*map(volumes_mod.parse_volume, volumes), *map(volumes_mod.parse_mount, mounts),
-                *map(volumes_mod.parse_tmpfs, tmpfs)])
+                *map(volumes_mod.parse_tmpfs, tmpfs)],
+        net=_net_request(network, network_aliases, publish, publish_all, expose, dns, dns_search, dns_options,
+                         add_hosts))
     volumes_mod.check_unique(opts.mounts)
     # as Docker: parents before children, whatever the order on the command line
     opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
@@ -147,6 +163,22 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         if show_timings:
             TIMINGS.report()
     ctx.exit(status)
+
+
+def _net_request(network: str, aliases: tuple[str, ...], publish: tuple[str, ...], publish_all: bool,
+                 expose: tuple[str, ...], dns: tuple[str, ...], dns_search: tuple[str, ...],
+                 dns_options: tuple[str, ...], add_hosts: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    from . import network as net
+    if network.startswith("container:"):
+        raise UsageError("--network container:NAME is not supported")
+    if not network:
+        raise UsageError("invalid --network ''")
+    return net.NetRequest(
+        network=network, aliases=[net.valid_alias(a) for a in aliases],
+        ports=[m for p in publish for m in net.parse_publish(p)], publish_all=publish_all,
+        exposed=[e for x in expose for e in net.parse_expose(x)], dns=[net.parse_dns(d) for d in dns],
+        dns_search=list(dns_search), dns_options=list(dns_options),
+        extra_hosts=[net.parse_add_host(h) for h in add_hosts])
 
 
 def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
@@ -444,6 +476,7 @@ def image_build(ctx: click.Context, recipe: Path) -> None:
 
 imagecmds.register(main, image)
 containers = containercmds.register(main)
+netcmds.register(main)
 create = click.Command("create", params=run.params, callback=run.callback, help="Create a new container "
                        "(the flags of run; start it with `vmrt start`).",
                        context_settings={"allow_interspersed_args": False})

@@ -24,8 +24,8 @@ from .errors import StateError, UsageError, VmrtError
 from .state import Container, State, Status
 
 PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
-              ("CREATED", "RunningFor", 0), ("STATUS", "Status", 0), ("ISOLATION", "Isolation", 0),
-              ("NAMES", "Names", 0)]
+              ("CREATED", "RunningFor", 0), ("STATUS", "Status", 0), ("PORTS", "Ports", 0),
+              ("ISOLATION", "Isolation", 0), ("NAMES", "Names", 0)]
 
 
 GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True, type=float,
@@ -68,7 +68,7 @@ def ps_row(c: Container) -> dict[str, Any]:
     return {"ID": c.id[:12], "Image": c.image, "Command": cmd if len(cmd) <= 22 else cmd[:21] + "…",
             "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(c.created)),
             "RunningFor": ago(c.created), "Status": status_text(c), "State": c.status.value,
-            "Isolation": c.isolation, "Names": c.name, "ExitCode": c.exit_code}
+            "Isolation": c.isolation, "Names": c.name, "ExitCode": c.exit_code, "Ports": ""}
 
 
 def _filter_value(c: Container, key: str, value: str) -> bool:
@@ -105,9 +105,12 @@ def ps(ctx: click.Context, show_all: bool, quiet: bool, filters: tuple[str, ...]
     """List containers."""
     with _state(ctx) as st:
         shown = [c for c in st.list() if (show_all or filters or c.status == Status.RUNNING) and _match(c, filters)]
+        from .netcmds import ports_text
+        ports = ports_text(_cfg(ctx), [c.id for c in shown if c.status == Status.RUNNING])
         rows = []
         for c in shown:
             row = ps_row(c)
+            row["Ports"] = ports.get(c.id, "")
             if no_trunc:
                 row.update(ID=c.id, Command=" ".join(c.command))
             rows.append(row)
@@ -293,6 +296,8 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
     restarting = c.status == Status.EXITED and lifecycle.owner_alive(c)
     policy, _, count = str(meta.get("restart", "no")).partition(":")
     quota = res.get("cpu", {}).get("quota")
+    from . import network
+    req = network.request_of(config)
     return {
         "Id": c.id, "Created": _iso(c.created), "Path": c.command[0] if c.command else "",
         "Args": c.command[1:],
@@ -311,15 +316,29 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                        "AutoRemove": bool(meta.get("rm")), "Memory": res.get("memory", {}).get("limit", 0),
                        "NanoCpus": int(quota * 10000) if quota else 0,
                        "PidsLimit": res.get("pids", {}).get("limit"),
-                       "ReadonlyRootfs": bool(config.get("root", {}).get("readonly"))},
+                       "ReadonlyRootfs": bool(config.get("root", {}).get("readonly")),
+                       "NetworkMode": req.network, "PublishAllPorts": req.publish_all,
+                       "PortBindings": _bindings(req), "Dns": req.dns, "DnsSearch": req.dns_search,
+                       "DnsOptions": req.dns_options, "ExtraHosts": req.extra_hosts or None},
+        "NetworkSettings": network.settings(cfg, c.id, req) if running else
+        {"Networks": {n: {"IPAddress": ""} for n in req.networks}, "Ports": {}, "IPAddress": "",
+         "Gateway": "", "MacAddress": "", "SandboxKey": ""},
         "Config": {"Hostname": config.get("hostname", ""), "User": _user(proc.get("user", {})),
                    "Env": proc.get("env", []), "Cmd": c.command, "Image": c.image,
                    "WorkingDir": proc.get("cwd", ""), "Tty": bool(proc.get("terminal")),
-                   "OpenStdin": config.get("annotations", {}).get("org.vmrt.stdin") == "true"},
+                   "OpenStdin": config.get("annotations", {}).get("org.vmrt.stdin") == "true",
+                   "ExposedPorts": {e: {} for e in req.exposed}},
         "Mounts": [{"Type": m.get("type"), "Source": m.get("source"), "Destination": m.get("destination"),
                     "RW": "ro" not in m.get("options", [])} for m in config.get("mounts", [])
                    if m.get("type") in ("bind", "tmpfs") and m.get("destination") != "/dev"],
     }
+
+
+def _bindings(req: Any) -> dict[str, list[dict[str, str]]]:
+    out: dict[str, list[dict[str, str]]] = {}
+    for p in req.ports:
+        out.setdefault(p.key(), []).append({"HostIp": p.host_ip, "HostPort": str(p.host_port or "")})
+    return out
 
 
 def _user(u: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -86,6 +87,7 @@ def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
     detached container's monitor, ``start`` and ``logs`` read); a plain ``run --rm``
     keeps nothing on disk.
     """
+    _check_networks(cfg, opts)
     store = Store(cfg.root)
     with store.writing():  # no image prune between finding the image and recording its user
         image = find_image(cfg, store, opts.image, opts.pull, opts.platform)
@@ -102,6 +104,14 @@ def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
         discard(cfg, state, c)
         raise
     return c, image, layers, config
+
+
+def _check_networks(cfg: Config, opts: RunOptions) -> None:
+    """A user network named by --network must exist when the container is created (as Docker)."""
+    from . import network
+    if opts.net is not None and opts.net.network not in network.BUILTIN:
+        with network.Store(cfg) as s:
+            s.get(opts.net.network)
 
 
 def container_dir(cfg: Config, container_id: str) -> Path:
@@ -125,22 +135,31 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
     except FileExistsError:
         raise StateError(f"container {c.name} is already running or being started") from None
     status: int = 125
+    from . import network
     try:
-        bundle.write(run_dir, config)
         state.set_fields(c, run_dir=str(run_dir))
+        config = copy.deepcopy(config)  # the run's own: its network adds namespace and mounts
+        net = network.attach(cfg, c.id, c.name, c.isolation, config, run_dir)
+        if c.isolation == "process":
+            network.plumb(cfg, net, "process")
+        timings.mark("network-ready")
+        bundle.write(run_dir, config)
         state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid(),
                          owner_ticks=start_ticks(os.getpid()), oom_killed=False)
         ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, *stdio, log_dir=log_dir,
-                         rw_dir=rw_dir(cfg, c.id), handoff=handoff, tee=tee)
+                         rw_dir=rw_dir(cfg, c.id), handoff=handoff, tee=tee, net=net)
         status = driver.run(ctx)
         return status
     except VmrtError as e:
         status = e.exit_code
         raise
     finally:
-        with contextlib.suppress(StateError):
-            state.transition(c, Status.EXITED, exit_code=status, finished=time.time())
-        _remove_run_dir(run_dir)
+        try:
+            network.detach(cfg, c.id)
+        finally:
+            with contextlib.suppress(StateError):
+                state.transition(c, Status.EXITED, exit_code=status, finished=time.time())
+            _remove_run_dir(run_dir)
 
 
 def execute_logged(cfg: Config, state: State, c: Container, image: Image, layers: list[Path],
@@ -274,12 +293,13 @@ def _remove_run_dir(run_dir: Path) -> None:
 
 def cleanup(cfg: Config, c: Container) -> None:
     """Release what a container holds on the host when its owner can no longer do it."""
-    from . import cgroups
+    from . import cgroups, network
     if c.isolation == "process":
         _delete_runtime_container(cfg, c.id)
     else:
         _kill_recorded(c)
         cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
+    network.detach(cfg, c.id)
     if c.run_dir:
         _remove_run_dir(Path(c.run_dir))
 

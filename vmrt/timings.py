@@ -10,8 +10,8 @@ import os
 import sys
 import time
 
-PHASES = ("created", "pool-claim", "rootfs-ready", "vmm-spawned", "kernel-up", "agent-ready", "process-started",
-          "first-output", "exit", "teardown-done")
+PHASES = ("created", "network-ready", "pool-claim", "rootfs-ready", "vmm-spawned", "kernel-up", "agent-ready",
+          "process-started", "first-output", "exit", "teardown-done")
 
 
 def _process_start_ns() -> int:

@@ -39,6 +39,7 @@ class RunContext:
     handoff: Callable[[dict[str, Any]], NoReturn] | None = None
     # attached runs of kept containers: what goes to stdout/stderr is also logged here
     tee: Callable[[str, bytes], None] | None = None
+    net: Any = None  # network.Attached: the container's namespace, endpoints and managed /etc files
 
 
 def write_all(fd: int, data: bytes) -> bool:

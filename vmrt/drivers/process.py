@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import termios
 import threading
@@ -153,7 +152,6 @@ class _Session:
             rootfs.mount_overlay(ctx.layers, rw / "upper", rw / "work", root)
             t.mark("rootfs-ready")
             try:
-                write_etc(root, ctx.config.get("hostname") or "vmrt")
                 return self._run_mounted()
             finally:
                 rootfs.umount(root)
@@ -409,29 +407,6 @@ class _Session:
         if ctx.log_dir is not None and (ctx.bundle_dir / "runtime.log").exists():
             ctx.log_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(ctx.bundle_dir / "runtime.log", ctx.log_dir / "runtime.log")
-
-
-HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n"
-
-
-def write_etc(root: Path, hostname: str) -> None:
-    """/etc/hostname and /etc/hosts in the container's writable layer, as the VM agent writes
-    them (resolved inside the root: an image's symlinks cannot send the writes outside it)."""
-    from ..images.unpack import resolve_in_root
-    etc = resolve_in_root(str(root), "/etc")
-    if not os.path.isdir(etc) or os.path.islink(etc):
-        return
-    for name, text in (("hostname", hostname + "\n"), ("hosts", HOSTS.format(hostname))):
-        try:  # never truncate or write anything but a regular file (an image may ship a device here)
-            fd = os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        except OSError:
-            continue
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                os.ftruncate(fd, 0)
-                os.write(fd, text.encode())
-        finally:
-            os.close(fd)
 
 
 def _discard_pending(fd: int) -> None:

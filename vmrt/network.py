@@ -1,0 +1,1069 @@
+"""Container networking: networks, addresses, plumbing, published ports and names.
+
+A container joins ``none`` (its own network namespace, loopback only), ``host``
+(the host's namespace; process mode only), the default ``bridge`` network or a
+user network (``vmrt network create``). Every non-host container has its own
+network namespace, bind-mounted at ``<run_root>/netns/<id>``:
+
+* process mode: a veth pair, one end on the network's bridge, the other as
+  ``eth0`` (``eth1``... for more networks) in the namespace, with the address;
+* VM mode: the veth end ``eth0`` in the namespace carries no address; a tap
+  ``tap0`` beside it backs the VM's virtio-net NIC and tc redirects every frame
+  between the two (as Kata Containers does); the guest agent sets the address,
+  route and MAC inside the VM (RUN's NET record).
+
+Addresses come from the network's subnet (the gateway is the bridge's own).
+Outbound NAT, published ports (DNAT, also from 127.0.0.1 through
+``route_localnet``) and the isolation between networks are nftables rules in a
+table of vmrt's own (``ip vmrt``), rewritten whole and atomically from the
+state database after every change, so a crash leaves nothing another start
+trips on. Names: each container gets managed ``/etc/hosts`` and
+``/etc/resolv.conf`` files (bind-mounted, as Docker does); on a user network
+the hosts file lists every other container of the network by name, alias and
+short id, and is rewritten when one comes or goes.
+
+Netlink work (bridge, veth, addresses, routes, tc) is done with pyroute2; it is
+imported only when a container needs a bridge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import ipaddress
+import json
+import os
+import random
+import re
+import secrets
+import socket
+import sqlite3
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import UsageError, VmrtError
+
+DEFAULT = "bridge"
+BUILTIN = ("none", "host", "bridge")
+DEFAULT_BRIDGE = "vmrt0"
+TABLE = "vmrt"
+ANNOTATION = "org.vmrt.network"
+MANAGED_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetworkError(VmrtError):
+    pass
+
+
+# --- what a container asks for -------------------------------------------------------
+
+@dataclasses.dataclass
+class PortMapping:
+    host_ip: str          # "" = every host address
+    host_port: int        # 0 = pick a free one (-P, or -p CTR)
+    container_port: int
+    proto: str = "tcp"
+
+    def key(self) -> str:
+        return f"{self.container_port}/{self.proto}"
+
+
+@dataclasses.dataclass
+class NetRequest:
+    """The ``run`` flags about networking; kept in the container's config (annotation)."""
+
+    network: str = DEFAULT
+    aliases: list[str] = dataclasses.field(default_factory=list)
+    ports: list[PortMapping] = dataclasses.field(default_factory=list)
+    publish_all: bool = False
+    exposed: list[str] = dataclasses.field(default_factory=list)   # "8080/tcp" (image EXPOSE + --expose)
+    dns: list[str] = dataclasses.field(default_factory=list)
+    dns_search: list[str] = dataclasses.field(default_factory=list)
+    dns_options: list[str] = dataclasses.field(default_factory=list)
+    extra_hosts: list[str] = dataclasses.field(default_factory=list)   # "name:ip"
+    extra_networks: list[str] = dataclasses.field(default_factory=list)  # `network connect` on a stopped one
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> NetRequest:
+        d = json.loads(text)
+        d["ports"] = [PortMapping(**p) for p in d.get("ports", [])]
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+    @property
+    def networks(self) -> list[str]:
+        return [self.network, *[n for n in self.extra_networks if n != self.network]]
+
+
+def request_of(config: dict[str, Any]) -> NetRequest:
+    text = config.get("annotations", {}).get(ANNOTATION)
+    return NetRequest.from_json(text) if text else NetRequest()
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UsageError(f"invalid {what} port {text!r} in -p")
+    return int(text)
+
+
+def _range(text: str, what: str) -> list[int]:
+    lo, sep, hi = text.partition("-")
+    a = _port(lo, what)
+    b = _port(hi, what) if sep else a
+    if b < a:
+        raise UsageError(f"invalid {what} port range {text!r} in -p")
+    return list(range(a, b + 1))
+
+
+def parse_publish(spec: str) -> list[PortMapping]:
+    """Docker's ``-p [IP:][HOST[-END]:]CTR[-END][/tcp|udp]``."""
+    body, _, proto = spec.partition("/")
+    proto = proto or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise UsageError(f"invalid protocol {proto!r} in -p {spec} (use tcp or udp)")
+    ip = ""
+    if body.startswith("["):
+        raise UsageError(f"-p {spec}: IPv6 addresses are not supported")
+    parts = body.split(":")
+    if len(parts) == 3:
+        ip, host, ctr = parts
+        if ip:
+            try:
+                ip = str(ipaddress.IPv4Address(ip))
+            except ValueError:
+                raise UsageError(f"invalid IP address {parts[0]!r} in -p {spec}") from None
+            if ip == "0.0.0.0":
+                ip = ""
+    elif len(parts) == 2:
+        host, ctr = parts
+    elif len(parts) == 1:
+        host, ctr = "", parts[0]
+    else:
+        raise UsageError(f"invalid -p {spec!r}: use [IP:][HOST:]CONTAINER[/tcp|udp]")
+    ctr_ports = _range(ctr, "container")
+    if not host:
+        return [PortMapping(ip, 0, c, proto) for c in ctr_ports]
+    host_ports = _range(host, "host")
+    if len(host_ports) != len(ctr_ports):
+        if len(ctr_ports) == 1 and len(host_ports) > 1:
+            raise UsageError(f"-p {spec}: a host port range needs a container range of the same size")
+        raise UsageError(f"-p {spec}: the host and container port ranges differ in size")
+    return [PortMapping(ip, h, c, proto) for h, c in zip(host_ports, ctr_ports, strict=True)]
+
+
+def parse_expose(spec: str) -> list[str]:
+    body, _, proto = spec.partition("/")
+    proto = proto or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise UsageError(f"invalid protocol {proto!r} in --expose {spec}")
+    return [f"{p}/{proto}" for p in _range(body, "exposed")]
+
+
+def parse_add_host(spec: str) -> str:
+    name, sep, ip = spec.partition(":")
+    if not sep or not name or not _valid_hostname(name):
+        raise UsageError(f"invalid --add-host {spec!r}: use NAME:IP")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise UsageError(f"invalid IP address in --add-host {spec!r}") from None
+    return f"{name}:{ip}"
+
+
+def parse_dns(spec: str) -> str:
+    try:
+        return str(ipaddress.ip_address(spec))
+    except ValueError:
+        raise UsageError(f"invalid --dns {spec!r}: not an IP address") from None
+
+
+def _valid_hostname(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})", name))
+
+
+def valid_alias(name: str) -> str:
+    if not _valid_hostname(name):
+        raise UsageError(f"invalid network alias {name!r}")
+    return name
+
+
+# --- networks and endpoints in the state database -------------------------------------
+
+@dataclasses.dataclass
+class Network:
+    id: str
+    name: str
+    subnet: str
+    gateway: str
+    bridge: str
+    internal: bool = False
+    created: float = 0.0
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in BUILTIN
+
+    @property
+    def user(self) -> bool:
+        return not self.builtin
+
+    def inspect(self, containers: dict[str, dict[str, str]]) -> dict[str, Any]:
+        return {"Name": self.name, "Id": self.id, "Created": _iso(self.created), "Scope": "local",
+                "Driver": "bridge", "EnableIPv6": False,
+                "IPAM": {"Driver": "default", "Config": [{"Subnet": self.subnet, "Gateway": self.gateway}]},
+                "Internal": self.internal, "Options": {"com.docker.network.bridge.name": self.bridge},
+                "Labels": self.labels, "Containers": containers}
+
+
+@dataclasses.dataclass
+class Endpoint:
+    container_id: str
+    network_id: str
+    ip: str
+    mac: str
+    ifname: str           # in the container's namespace: eth0, eth1...
+    host_if: str          # the veth end on the bridge
+    aliases: list[str]
+    name: str             # the container's name when it joined
+    ports: list[PortMapping]
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class Store:
+    """Networks and the endpoints of running containers, beside the container records."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        cfg.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(cfg.db_path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("""CREATE TABLE IF NOT EXISTS networks (
+            id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, subnet TEXT NOT NULL, gateway TEXT NOT NULL,
+            bridge TEXT NOT NULL, internal INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}')""")
+        self.db.execute("""CREATE TABLE IF NOT EXISTS endpoints (
+            container_id TEXT NOT NULL, network_id TEXT NOT NULL, ip TEXT NOT NULL, mac TEXT NOT NULL,
+            ifname TEXT NOT NULL, host_if TEXT NOT NULL, aliases TEXT NOT NULL, name TEXT NOT NULL,
+            ports TEXT NOT NULL, PRIMARY KEY (container_id, network_id))""")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _net(r: tuple) -> Network:  # type: ignore[type-arg]
+        return Network(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], json.loads(r[7]))
+
+    def networks(self) -> list[Network]:
+        self._ensure_default()
+        return [self._net(r) for r in self.db.execute("SELECT * FROM networks ORDER BY created")]
+
+    def _ensure_default(self) -> None:
+        if self.db.execute("SELECT 1 FROM networks WHERE name='bridge'").fetchone():
+            return
+        net = ipaddress.IPv4Network(self.cfg.network_subnet, strict=False)
+        with contextlib.suppress(sqlite3.IntegrityError):
+            self.db.execute("INSERT INTO networks VALUES (?,?,?,?,?,?,?,?)",
+                            (secrets.token_hex(32), "bridge", str(net), str(net.network_address + 1),
+                             DEFAULT_BRIDGE, 0, time.time(), "{}"))
+
+    def get(self, ref: str) -> Network:
+        if ref in ("none", "host"):
+            raise UsageError(f"network {ref} has no bridge, addresses or members to show")
+        self._ensure_default()
+        rows = self.db.execute("SELECT * FROM networks WHERE name=? OR id=?", (ref, ref)).fetchall()
+        if not rows and len(ref) >= 3 and re.fullmatch(r"[0-9a-f]+", ref):
+            rows = self.db.execute("SELECT * FROM networks WHERE substr(id,1,?)=?", (len(ref), ref)).fetchall()
+        if len(rows) != 1:
+            raise NetworkError(f"network {ref} not found" if not rows else f"network {ref} is ambiguous")
+        return self._net(rows[0])
+
+    def create(self, name: str, subnet: str | None, gateway: str | None, internal: bool,
+               labels: dict[str, str]) -> Network:
+        if name in BUILTIN:
+            raise UsageError(f"{name} is a pre-defined network and cannot be created")
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}", name):
+            raise UsageError(f"invalid network name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
+        self._ensure_default()
+        used = [ipaddress.IPv4Network(n.subnet) for n in self.networks()]
+        if subnet:
+            try:
+                net = ipaddress.IPv4Network(subnet, strict=False)
+            except ValueError as e:
+                raise UsageError(f"invalid --subnet {subnet!r}: {e}") from None
+            if net.prefixlen > 30:
+                raise UsageError(f"--subnet {subnet}: too small (at most /30)")
+            if any(net.overlaps(u) for u in used):
+                raise NetworkError(f"Pool overlaps with other one on this address space: {net}")
+        else:
+            net = self._free_subnet(used)
+        if gateway:
+            try:
+                gw = ipaddress.IPv4Address(gateway)
+            except ValueError:
+                raise UsageError(f"invalid --gateway {gateway!r}") from None
+            if gw not in net or gw in (net.network_address, net.broadcast_address):
+                raise UsageError(f"--gateway {gateway} is not a host address of {net}")
+        else:
+            gw = net.network_address + 1
+        _check_host_overlap(net)
+        nid = secrets.token_hex(32)
+        row = (nid, name, str(net), str(gw), "vmbr" + nid[:10], int(internal), time.time(), json.dumps(labels))
+        try:
+            self.db.execute("INSERT INTO networks VALUES (?,?,?,?,?,?,?,?)", row)
+        except sqlite3.IntegrityError:
+            raise NetworkError(f"network with name {name} already exists") from None
+        return self._net(row)
+
+    def _free_subnet(self, used: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+        pool = ipaddress.IPv4Network(self.cfg.network_pool, strict=False)
+        host = _host_networks()
+        for cand in pool.subnets(new_prefix=max(pool.prefixlen, 24)):
+            if not any(cand.overlaps(u) for u in used + host):
+                return cand
+        raise NetworkError(f"no free subnet left in the network pool {pool}")
+
+    def remove_network(self, net: Network) -> None:
+        self.db.execute("DELETE FROM networks WHERE id=?", (net.id,))
+
+    # endpoints
+    def endpoints(self, network_id: str | None = None, container_id: str | None = None) -> list[Endpoint]:
+        q, args = "SELECT * FROM endpoints WHERE 1=1", []
+        if network_id:
+            q, args = q + " AND network_id=?", [*args, network_id]
+        if container_id:
+            q, args = q + " AND container_id=?", [*args, container_id]
+        out = []
+        for r in self.db.execute(q, args).fetchall():
+            out.append(Endpoint(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7],
+                                [PortMapping(**p) for p in json.loads(r[8])]))
+        return out
+
+    def add_endpoint(self, ep: Endpoint) -> None:
+        self.db.execute("INSERT OR REPLACE INTO endpoints VALUES (?,?,?,?,?,?,?,?,?)",
+                        (ep.container_id, ep.network_id, ep.ip, ep.mac, ep.ifname, ep.host_if,
+                         json.dumps(ep.aliases), ep.name, json.dumps([dataclasses.asdict(p) for p in ep.ports])))
+
+    def drop_endpoints(self, container_id: str, network_id: str | None = None) -> None:
+        if network_id:
+            self.db.execute("DELETE FROM endpoints WHERE container_id=? AND network_id=?", (container_id, network_id))
+        else:
+            self.db.execute("DELETE FROM endpoints WHERE container_id=?", (container_id,))
+
+    def live_endpoints(self, **kw: str) -> list[Endpoint]:
+        """Endpoints whose container still has its namespace (rows a crash or reboot left are dropped)."""
+        out = []
+        for ep in self.endpoints(**kw):
+            if netns_path(self.cfg, ep.container_id).exists():
+                out.append(ep)
+            else:
+                self.drop_endpoints(ep.container_id)
+        return out
+
+
+def _host_networks() -> list[ipaddress.IPv4Network]:
+    """Subnets of the host's own addresses (kernel-reported, from /proc/net/route and fib_trie)."""
+    nets = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8 and f[1] != "00000000":
+                dest = socket.inet_ntoa(struct.pack("<I", int(f[1], 16)))
+                mask = socket.inet_ntoa(struct.pack("<I", int(f[7], 16)))
+                if f[0].startswith(("vmrt", "vmbr")):
+                    continue
+                with contextlib.suppress(ValueError):
+                    nets.append(ipaddress.IPv4Network(f"{dest}/{mask}", strict=False))
+    return nets
+
+
+def _check_host_overlap(net: ipaddress.IPv4Network) -> None:
+    for h in _host_networks():
+        if net.overlaps(h):
+            raise NetworkError(f"subnet {net} overlaps the host's route to {h}: choose another --subnet")
+
+
+# --- locking, namespaces, sysctls --------------------------------------------------------
+
+@contextlib.contextmanager
+def locked(cfg: Config) -> Iterator[None]:
+    """Every change to addresses, interfaces or rules happens under one host-wide lock."""
+    cfg.run_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.run_root / "network.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def netns_path(cfg: Config, container_id: str) -> Path:
+    return cfg.run_root / "netns" / container_id
+
+
+def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run fn in a fresh thread (namespace switches stay in that thread, which then ends)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: B036 - carried to the caller
+            box["error"] = e
+    th = threading.Thread(target=target)
+    th.start()
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _loopback_up() -> None:
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
+def create_netns(path: Path) -> None:
+    """A new network namespace with its loopback up, kept alive by a bind mount at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(exist_ok=False)
+
+    def make() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise NetworkError(f"cannot create a network namespace: {os.strerror(e)}")
+        _loopback_up()
+        src = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+        if _libc.mount(src, str(path).encode(), None, MS_BIND, None) != 0:
+            e = ctypes.get_errno()
+            raise NetworkError(f"cannot keep the network namespace at {path}: {os.strerror(e)}")
+    try:
+        _in_thread(make)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def remove_netns(path: Path) -> None:
+    if path.exists():
+        _libc.umount2(str(path).encode(), MNT_DETACH)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def in_netns(path: Path, fn: Any, *args: Any) -> Any:
+    """Call fn inside the network namespace at path (in a thread of its own)."""
+    def run() -> Any:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                raise NetworkError(f"cannot enter network namespace {path}: {os.strerror(e)}")
+        finally:
+            os.close(fd)
+        return fn(*args)
+    return _in_thread(run)
+
+
+def open_tap(path: Path, name: str = "tap0") -> int:
+    """Create the tap ``name`` in the namespace at path; returns its fd (for QEMU's -netdev tap,fd=).
+    The tap lives as long as that fd is open anywhere: it goes with QEMU."""
+    TUNSETIFF, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x400454CA, 0x0002, 0x1000, 0x4000
+
+    def make() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        except OSError as e:
+            os.close(fd)
+            raise NetworkError(f"cannot create tap {name}: {e.strerror}") from None
+        return fd
+    return int(in_netns(path, make))
+
+
+def _sysctl(key: str, value: str) -> None:
+    p = Path("/proc/sys") / key.replace(".", "/")
+    try:
+        if p.read_text().strip() != value:
+            p.write_text(value)
+    except OSError as e:
+        raise NetworkError(f"cannot set {key}={value}: {e.strerror}") from None
+
+
+# --- netlink (pyroute2) ------------------------------------------------------------------
+
+def _iproute(netns: Path | None = None) -> Any:
+    """pyroute2's IPRoute without its package __init__, which imports every netlink family it
+    has (~100 ms): vmrt needs rtnetlink only, and this is on the container start path."""
+    import importlib.util
+    import sys
+    import types
+    if "pyroute2" not in sys.modules:
+        spec = importlib.util.find_spec("pyroute2")
+        if spec is None or spec.submodule_search_locations is None:
+            raise NetworkError("pyroute2 is not installed (pip install pyroute2)")
+        shell = types.ModuleType("pyroute2")
+        shell.__path__ = list(spec.submodule_search_locations)
+        shell.__spec__ = spec
+        sys.modules["pyroute2"] = shell
+    from pyroute2.iproute.linux import IPRoute
+    return IPRoute(netns=str(netns)) if netns is not None else IPRoute()
+
+
+def _nl_error(what: str, e: Exception) -> NetworkError:
+    return NetworkError(f"{what}: {getattr(e, 'args', [e])[-1] if getattr(e, 'args', None) else e}")
+
+
+def _link_index(ipr: Any, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def ensure_bridge(net: Network) -> None:
+    """The network's bridge with the gateway address, up; forwarding on (idempotent)."""
+    _sysctl("net.ipv4.ip_forward", "1")
+    subnet = ipaddress.IPv4Network(net.subnet)
+    with _iproute() as ipr:
+        idx = _link_index(ipr, net.bridge)
+        if idx is None:
+            _check_host_overlap(subnet)
+            try:
+                ipr.link("add", ifname=net.bridge, kind="bridge")
+            except Exception as e:  # NetlinkError; a concurrent creator is fine
+                if _link_index(ipr, net.bridge) is None:
+                    raise _nl_error(f"cannot create bridge {net.bridge}", e) from None
+            idx = _link_index(ipr, net.bridge)
+        addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
+        if net.gateway not in addrs:
+            try:
+                ipr.addr("add", index=idx, address=net.gateway, prefixlen=subnet.prefixlen)
+            except Exception as e:
+                raise _nl_error(f"cannot address bridge {net.bridge}", e) from None
+        ipr.link("set", index=idx, state="up")
+    # published ports reached from 127.0.0.1: DNAT'd loopback traffic may leave through the bridge
+    _sysctl(f"net.ipv4.conf.{net.bridge}.route_localnet", "1")
+
+
+def delete_link(name: str, netns: Path | None = None) -> None:
+    with contextlib.suppress(Exception), _iproute(netns) as ipr:
+        idx = _link_index(ipr, name)
+        if idx is not None:
+            ipr.link("del", index=idx)
+
+
+def mac_for(ip: str) -> str:
+    """Locally administered, derived from the address (as Docker's 02:42:...)."""
+    b = ipaddress.IPv4Address(ip).packed
+    return "02:56:" + ":".join(f"{x:02x}" for x in b)
+
+
+def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bool) -> None:
+    """veth: host end on the bridge, the other as ep.ifname in the namespace; process mode puts the
+    address and route on it, VM mode redirects it to and from tap0 (the VM's NIC)."""
+    prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+    tmp = "vp" + secrets.token_hex(6)
+    with _iproute() as ipr:
+        br = _link_index(ipr, net.bridge)
+        if br is None:
+            raise NetworkError(f"bridge {net.bridge} of network {net.name} is gone")
+        try:
+            ipr.link("add", ifname=ep.host_if, kind="veth", peer={"ifname": tmp, "net_ns_fd": str(ns)})
+        except Exception as e:
+            raise _nl_error(f"cannot create veth {ep.host_if}", e) from None
+        hidx = _link_index(ipr, ep.host_if)
+        ipr.link("set", index=hidx, master=br, state="up")
+    with _iproute(ns) as nsr:
+        idx = _link_index(nsr, tmp)
+        if idx is None:
+            raise NetworkError(f"veth {tmp} did not reach the container's namespace")
+        nsr.link("set", index=idx, ifname=ep.ifname, **({} if vm else {"address": ep.mac}))
+        nsr.link("set", index=idx, state="up")
+        if vm:
+            tap = _link_index(nsr, "tap0")
+            if tap is None:
+                raise NetworkError("the VM's tap0 is missing in its namespace")
+            nsr.link("set", index=tap, state="up")
+            for a, b in ((idx, tap), (tap, idx)):  # every frame in on one goes out of the other
+                nsr.tc("add", "ingress", a, "ffff:")
+                nsr.tc("add-filter", "matchall", a, parent=0xFFFF0000, protocol=0x0003,  # ETH_P_ALL
+                       action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": b})
+            return
+        nsr.addr("add", index=idx, address=ep.ip, prefixlen=prefix)
+        if default_route:
+            nsr.route("add", dst="0.0.0.0/0", gateway=net.gateway)
+
+
+# --- nftables ---------------------------------------------------------------------------
+
+def _nft(script: str) -> None:
+    try:
+        r = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise NetworkError("nft not found: install nftables (apt install nftables)") from None
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()
+        raise NetworkError(f"nft: {msg[0] if msg else 'exit status ' + str(r.returncode)}")
+
+
+def ruleset(networks: list[Network], endpoints: list[Endpoint]) -> str:
+    """vmrt's whole nftables table for these networks and running endpoints."""
+    by_id = {n.id: n for n in networks}
+    bridges = sorted(n.bridge for n in networks)
+    nat, fwd, post = [], [], []
+    for n in networks:
+        if n.internal:
+            fwd.append(f'iifname "{n.bridge}" oifname != "{n.bridge}" drop')
+            fwd.append(f'oifname "{n.bridge}" iifname != "{n.bridge}" drop')
+        else:
+            post.append(f'ip saddr {n.subnet} oifname != "{n.bridge}" masquerade')
+        if len(bridges) > 1:  # no traffic between containers of different networks
+            fwd.append(f'iifname "{n.bridge}" oifname {{ {", ".join(json.dumps(b) for b in bridges)} }} '
+                       f'oifname != "{n.bridge}" drop')
+        post.append(f'oifname "{n.bridge}" ip saddr 127.0.0.0/8 masquerade')
+    for ep in endpoints:
+        n = by_id.get(ep.network_id)
+        if n is None:
+            continue
+        for p in ep.ports:
+            dst = f"ip daddr {p.host_ip} " if p.host_ip else ""
+            nat.append(f'{dst}{p.proto} dport {p.host_port} dnat to {ep.ip}:{p.container_port} '
+                       f'comment "{ep.container_id[:12]}"')
+    body = [
+        f"table ip {TABLE} {{",
+        "  chain ports {", *(f"    {r}" for r in nat), "  }",
+        "  chain prerouting {", "    type nat hook prerouting priority dstnat; policy accept;",
+        "    fib daddr type local jump ports", "  }",
+        "  chain output {", "    type nat hook output priority -100; policy accept;",
+        "    fib daddr type local jump ports", "  }",
+        "  chain postrouting {", "    type nat hook postrouting priority srcnat; policy accept;",
+        *(f"    {r}" for r in post), "  }",
+        "  chain forward {", "    type filter hook forward priority filter; policy accept;",
+        *(f"    {r}" for r in fwd), "  }",
+        "}",
+    ]
+    return f"table ip {TABLE}\ndelete table ip {TABLE}\n" + "\n".join(body) + "\n"
+
+
+def sync_rules(store: Store) -> None:
+    """Rewrite vmrt's nftables table from the database (atomically: one nft transaction)."""
+    networks = [n for n in store.networks() if _bridge_exists(n.bridge)]
+    endpoints = store.live_endpoints()
+    if not networks:
+        _nft(f"table ip {TABLE}\ndelete table ip {TABLE}\n")
+        return
+    _nft(ruleset(networks, endpoints))
+
+
+def _bridge_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+# --- names: managed /etc files ------------------------------------------------------------
+
+def _write_in_place(path: Path, text: str) -> None:
+    """Rewrite a file keeping its inode (it is bind-mounted into running containers)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        data = text.encode()
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+def host_resolv() -> list[str]:
+    try:
+        return Path("/etc/resolv.conf").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def resolv_conf(req: NetRequest, host_mode: bool) -> str:
+    """Docker's rules: --dns/--dns-search/--dns-option, else the host's file without loopback
+    nameservers (unreachable from the container), else public resolvers."""
+    lines = host_resolv()
+    if host_mode and not (req.dns or req.dns_search or req.dns_options):
+        return "\n".join(lines) + "\n"
+    servers = req.dns or [ln.split()[1] for ln in lines if ln.startswith("nameserver") and len(ln.split()) > 1
+                          and not ln.split()[1].startswith(("127.", "::1"))]
+    if not servers:
+        servers = ["8.8.8.8", "8.8.4.4"]
+    search = req.dns_search or [w for ln in lines if ln.startswith("search") for w in ln.split()[1:]]
+    options = req.dns_options or [w for ln in lines if ln.startswith("options") for w in ln.split()[1:]]
+    out = [f"nameserver {s}" for s in servers]
+    if search and search != ["."]:
+        out.append("search " + " ".join(search))
+    if options:
+        out.append("options " + " ".join(options))
+    return "\n".join(out) + "\n"
+
+
+HOSTS_HEAD = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def hosts_file(hostname: str, own: list[Endpoint], peers: list[Endpoint], extra_hosts: list[str],
+               host_mode: bool) -> str:
+    out = [HOSTS_HEAD.rstrip("\n")]
+    if host_mode:
+        with contextlib.suppress(OSError):
+            out = [Path("/etc/hosts").read_text().rstrip("\n")]
+    for h in extra_hosts:
+        name, _, ip = h.partition(":")
+        out.append(f"{ip}\t{name}")
+    if own:
+        out.append(f"{own[0].ip}\t{hostname}")
+    elif not host_mode:
+        out.append(f"127.0.1.1\t{hostname}")
+    seen = set()
+    for p in peers:
+        names = [n for n in dict.fromkeys([p.name, *p.aliases, p.container_id[:12]]) if n]
+        line = f"{p.ip}\t{' '.join(names)}"
+        if line not in seen:
+            seen.add(line)
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+# --- attach / detach ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Attached:
+    mode: str                  # none | host | bridge
+    netns: Path | None
+    endpoints: list[Endpoint]
+    files: dict[str, Path]     # container path -> host file (bind-mounted)
+
+    def primary(self) -> Endpoint | None:
+        return self.endpoints[0] if self.endpoints else None
+
+
+def files_dir(run_dir: Path) -> Path:
+    return run_dir / "net"
+
+
+def attach(cfg: Config, container_id: str, name: str, isolation: str, config: dict[str, Any],
+           run_dir: Path) -> Attached:
+    """Give a starting container its network: namespace, interfaces, address, rules, /etc files.
+    Edits ``config`` (the run's bundle config): namespace path, managed-file mounts."""
+    req = request_of(config)
+    hostname = config.get("hostname") or container_id[:12]
+    mode = req.network if req.network in ("none", "host") else "bridge"
+    if mode == "host" and isolation == "vm":
+        raise UsageError("--network host is for --isolation=process only: a VM has its own network stack")
+    fdir = files_dir(run_dir)
+    fdir.mkdir(parents=True, exist_ok=True)
+    att = Attached(mode, None, [], {})
+    ns = netns_path(cfg, container_id)
+    linux = config.setdefault("linux", {})
+    try:
+        if mode == "host":
+            linux["namespaces"] = [n for n in linux.get("namespaces", []) if n.get("type") != "network"]
+        else:
+            remove_netns(ns)  # one a crash left
+            create_netns(ns)
+            att.netns = ns
+            for n in linux.get("namespaces", []):
+                if n.get("type") == "network":
+                    n["path"] = str(ns)
+        if mode == "bridge":
+            with locked(cfg), Store(cfg) as store:
+                nets = [store.get(n) for n in req.networks]
+                if isolation == "vm" and len(nets) > 1:
+                    raise UsageError("a VM container joins one network (its NIC is fixed at boot)")
+                if isolation == "vm":
+                    # the tap must exist before the veth's redirect is set up: the driver opens it
+                    # (it keeps the fd for QEMU); here it is created when the driver has not yet
+                    pass
+                ports = _resolve_ports(store, req, config)
+                for i, net in enumerate(nets):
+                    ensure_bridge(net)
+                    ep = _allocate(store, net, container_id, name, i, req, ports if i == 0 else [])
+                    store.add_endpoint(ep)
+                    att.endpoints.append(ep)
+                sync_rules(store)
+        _write_files(cfg, att, req, hostname, mode == "host", fdir)
+        _mount_files(config, att)
+        return att
+    except BaseException:
+        detach(cfg, container_id)
+        raise
+
+
+def plumb(cfg: Config, att: Attached, isolation: str) -> None:
+    """Interfaces for the endpoints ``attach`` recorded (VM mode: after the driver made tap0)."""
+    if not att.endpoints:
+        return
+    assert att.netns is not None
+    with Store(cfg) as store:
+        by_id = {n.id: n for n in store.networks()}
+        for i, ep in enumerate(att.endpoints):
+            plumb_veth(by_id[ep.network_id], ep, att.netns, isolation == "vm", default_route=i == 0)
+        if any(by_id[ep.network_id].user for ep in att.endpoints):
+            refresh_hosts(cfg, store)
+
+
+def _allocate(store: Store, net: Network, cid: str, name: str, index: int, req: NetRequest,
+              ports: list[PortMapping]) -> Endpoint:
+    subnet = ipaddress.IPv4Network(net.subnet)
+    used = {ipaddress.IPv4Address(net.gateway)} | {ipaddress.IPv4Address(e.ip)
+                                                    for e in store.live_endpoints(network_id=net.id)}
+    for host in subnet.hosts():
+        if host not in used:
+            ip = str(host)
+            break
+    else:
+        raise NetworkError(f"no free address left in network {net.name} ({net.subnet})")
+    aliases = list(req.aliases) if net.user else []
+    return Endpoint(cid, net.id, ip, mac_for(ip), f"eth{index}", f"v{cid[:10]}{index}", aliases, name, ports)
+
+
+def _resolve_ports(store: Store, req: NetRequest, config: dict[str, Any]) -> list[PortMapping]:
+    """The container's published ports: -p as given, -P for every exposed port; a host port 0 gets
+    a free one; a host port another container publishes or a host process listens on is refused."""
+    ports = [dataclasses.replace(p) for p in req.ports]
+    if req.publish_all:
+        given = {p.key() for p in ports}
+        for e in req.exposed:
+            port, _, proto = e.partition("/")
+            if port.isdigit() and f"{port}/{proto or 'tcp'}" not in given:
+                ports.append(PortMapping("", 0, int(port), proto or "tcp"))
+    taken = {(p.host_ip, p.host_port, p.proto) for ep in store.live_endpoints() for p in ep.ports}
+    for p in ports:
+        if p.host_port == 0:
+            p.host_port = _free_port(p.proto, taken)
+        clash = [t for t in taken if t[1] == p.host_port and t[2] == p.proto and (not t[0] or not p.host_ip
+                                                                                   or t[0] == p.host_ip)]
+        if clash:
+            raise NetworkError(f"Bind for {p.host_ip or '0.0.0.0'}:{p.host_port} failed: port is already allocated")
+        _check_bindable(p)
+        taken.add((p.host_ip, p.host_port, p.proto))
+    return ports
+
+
+def _free_port(proto: str, taken: set[tuple[str, int, str]]) -> int:
+    lo, hi = 32768, 60999
+    with contextlib.suppress(OSError, ValueError):
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        if any(t[1] == port and t[2] == proto for t in taken):
+            continue
+        try:
+            _check_bindable(PortMapping("", port, 0, proto))
+        except NetworkError:
+            continue
+        return port
+    raise NetworkError("no free host port found for -P")
+
+
+def _check_bindable(p: PortMapping) -> None:
+    """A host process listening on the port would be shadowed by the DNAT rule: refuse, as Docker's
+    proxy fails to bind."""
+    kind = socket.SOCK_STREAM if p.proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((p.host_ip or "0.0.0.0", p.host_port))
+        except OSError as e:
+            raise NetworkError(f"Bind for {p.host_ip or '0.0.0.0'}:{p.host_port} failed: {e.strerror}") from None
+
+
+def _write_files(cfg: Config, att: Attached, req: NetRequest, hostname: str, host_mode: bool, fdir: Path) -> None:
+    peers: list[Endpoint] = []
+    if att.endpoints:
+        with Store(cfg) as store:
+            user_nets = {n.id for n in store.networks() if n.user}
+            mine = {ep.network_id for ep in att.endpoints if ep.network_id in user_nets}
+            cid = att.endpoints[0].container_id
+            for nid in mine:
+                peers += [e for e in store.live_endpoints(network_id=nid) if e.container_id != cid]
+    files = {"/etc/hosts": hosts_file(hostname, att.endpoints, peers, req.extra_hosts, host_mode),
+             "/etc/resolv.conf": resolv_conf(req, host_mode),
+             "/etc/hostname": hostname + "\n"}
+    for target, text in files.items():
+        p = fdir / Path(target).name
+        _write_in_place(p, text)
+        att.files[target] = p
+    (fdir / "request.json").write_text(req.to_json())
+    (fdir / "hostname.txt").write_text(hostname)
+
+
+def _mount_files(config: dict[str, Any], att: Attached) -> None:
+    mounts = config.setdefault("mounts", [])
+    targets = {m.get("destination") for m in mounts}
+    for target, src in att.files.items():
+        if target in targets:  # a user volume on /etc/hosts wins, as in Docker
+            continue
+        mounts.append({"destination": target, "type": "bind", "source": str(src),
+                       "options": ["rbind", "rprivate"], "org.vmrt.managed": True})
+
+
+def refresh_hosts(cfg: Config, store: Store) -> None:
+    """Rewrite the hosts file of every running container on a user network (names come and go)."""
+    eps = store.live_endpoints()
+    user_nets = {n.id for n in store.networks() if n.user}
+    by_container: dict[str, list[Endpoint]] = {}
+    for ep in eps:
+        by_container.setdefault(ep.container_id, []).append(ep)
+    for cid, own in by_container.items():
+        fdir = files_dir(cfg.run_root / "containers" / cid)
+        try:
+            req = NetRequest.from_json((fdir / "request.json").read_text())
+            hostname = (fdir / "hostname.txt").read_text()
+        except (OSError, ValueError):
+            continue
+        nets = {ep.network_id for ep in own if ep.network_id in user_nets}
+        peers = [e for e in eps if e.network_id in nets and e.container_id != cid]
+        with contextlib.suppress(OSError):
+            _write_in_place(fdir / "hosts", hosts_file(hostname, own, peers, req.extra_hosts, False))
+
+
+def detach(cfg: Config, container_id: str) -> None:
+    """Undo attach, whatever of it was done (also for a container whose owner died, or after a
+    reboot): interfaces, namespace, addresses, rules, names. Idempotent."""
+    ns = netns_path(cfg, container_id)
+    with locked(cfg), Store(cfg) as store:
+        eps = store.endpoints(container_id=container_id)
+        had_rules = bool(eps)
+        for ep in eps:
+            if _link_exists(ep.host_if):
+                delete_link(ep.host_if)
+        for i in range(4):  # interfaces of a half-done attach that has no row yet
+            name = f"v{container_id[:10]}{i}"
+            if _link_exists(name):
+                delete_link(name)
+        remove_netns(ns)
+        store.drop_endpoints(container_id)
+        if had_rules:
+            sync_rules(store)
+            refresh_hosts(cfg, store)
+
+
+def _link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def remove_network(cfg: Config, ref: str) -> str:
+    with locked(cfg), Store(cfg) as store:
+        net = store.get(ref)
+        if net.builtin:
+            raise UsageError(f"{net.name} is a pre-defined network and cannot be removed")
+        if store.live_endpoints(network_id=net.id):
+            raise NetworkError(f"error while removing network: network {net.name} id {net.id} has active endpoints")
+        if _link_exists(net.bridge):
+            delete_link(net.bridge)
+        store.remove_network(net)
+        sync_rules(store)
+        return net.name
+
+
+def connect_live(cfg: Config, container_id: str, name: str, ref: str, aliases: list[str]) -> None:
+    """``network connect`` for a running process-mode container: one more veth (eth1...)."""
+    ns = netns_path(cfg, container_id)
+    if not ns.exists():
+        raise NetworkError("the container has no network namespace of vmrt's (--network host or none?)")
+    with locked(cfg), Store(cfg) as store:
+        net = store.get(ref)
+        own = store.live_endpoints(container_id=container_id)
+        if any(ep.network_id == net.id for ep in own):
+            raise NetworkError(f"container {name} is already connected to network {net.name}")
+        ensure_bridge(net)
+        req = NetRequest(aliases=aliases)
+        ep = _allocate(store, net, container_id, name, _next_index(own), req, [])
+        store.add_endpoint(ep)
+        try:
+            plumb_veth(net, ep, ns, vm=False, default_route=not own)
+        except BaseException:
+            store.drop_endpoints(container_id, net.id)
+            delete_link(ep.host_if)
+            raise
+        sync_rules(store)
+        refresh_hosts(cfg, store)
+
+
+def _next_index(own: list[Endpoint]) -> int:
+    used = {int(ep.ifname[3:]) for ep in own if ep.ifname.startswith("eth") and ep.ifname[3:].isdigit()}
+    return next(i for i in range(16) if i not in used)
+
+
+def disconnect_live(cfg: Config, container_id: str, ref: str) -> None:
+    with locked(cfg), Store(cfg) as store:
+        net = store.get(ref)
+        eps = [ep for ep in store.live_endpoints(container_id=container_id) if ep.network_id == net.id]
+        if not eps:
+            raise NetworkError(f"container is not connected to network {net.name}")
+        delete_link(eps[0].host_if)
+        store.drop_endpoints(container_id, net.id)
+        sync_rules(store)
+        refresh_hosts(cfg, store)
+
+
+def settings(cfg: Config, container_id: str, req: NetRequest) -> dict[str, Any]:
+    """``inspect``'s NetworkSettings: addresses while it runs, ports as published."""
+    with Store(cfg) as store:
+        eps = store.live_endpoints(container_id=container_id)
+        names = {n.id: n for n in store.networks()}
+    nets: dict[str, Any] = {}
+    ports: dict[str, Any] = {}
+    for ep in eps:
+        n = names.get(ep.network_id)
+        if n is None:
+            continue
+        nets[n.name] = {"NetworkID": n.id, "IPAddress": ep.ip, "Gateway": n.gateway,
+                        "IPPrefixLen": ipaddress.IPv4Network(n.subnet).prefixlen, "MacAddress": ep.mac,
+                        "Aliases": ep.aliases or None}
+        for p in ep.ports:
+            ports.setdefault(p.key(), []).append({"HostIp": p.host_ip or "0.0.0.0", "HostPort": str(p.host_port)})
+    if not eps:
+        for name in req.networks:
+            nets[name] = {"IPAddress": "", "Gateway": "", "MacAddress": ""}
+    first = eps[0] if eps else None
+    return {"Networks": nets, "Ports": ports, "IPAddress": first.ip if first else "",
+            "Gateway": names[first.network_id].gateway if first and first.network_id in names else "",
+            "MacAddress": first.mac if first else "",
+            "SandboxKey": str(netns_path(cfg, container_id)) if eps else ""}
+
+
+def port_lines(cfg: Config, container_id: str, which: str | None) -> list[str]:
+    """``vmrt port C [PORT[/PROTO]]``."""
+    with Store(cfg) as store:
+        eps = store.live_endpoints(container_id=container_id)
+    want = None
+    if which:
+        port, _, proto = which.partition("/")
+        want = f"{port}/{proto or 'tcp'}"
+    out = []
+    for ep in eps:
+        for p in sorted(ep.ports, key=lambda p: (p.container_port, p.proto)):
+            if want and p.key() != want:
+                continue
+            host = f"{p.host_ip or '0.0.0.0'}:{p.host_port}"
+            out.append(host if want else f"{p.key()} -> {host}")
+    if want and not out:
+        raise NetworkError(f"no public port '{want}' published for {container_id[:12]}")
+    return out
