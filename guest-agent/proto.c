@@ -235,6 +235,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_DETACH: return "DETACH";
 	case VMRT_TAG_SHARE_9P: return "SHARE_9P";
 	case VMRT_TAG_SEED: return "SEED";
+	case VMRT_TAG_NET: return "NET";
 	default: return "?";
 	}
 }
@@ -270,6 +271,11 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->detach = 0;
 	out->share_9p = 0;
 	out->seed_len = 0;
+	out->has_net = 0;
+	out->net_addr = out->net_gw = 0;
+	out->net_prefix = 0;
+	memset(out->net_mac, 0, sizeof out->net_mac);
+	out->net_mtu = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -418,6 +424,37 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 				goto badsize;
 			memcpy(out->seed, v, vlen);
 			out->seed_len = vlen;
+			break;
+		case VMRT_TAG_NET:
+			/* u32 addr, u8 prefix, u32 gateway, 6 MAC, u16 MTU, u8 flags */
+			if (vlen != VMRT_NET_LEN)
+				goto badsize;
+			if (out->has_net) {
+				seterr(err, errlen, "more than one NET record");
+				return -1;
+			}
+			if (v[4] < 1 || v[4] > 32) {
+				seterr(err, errlen, "RUN NET prefix must be 1..32");
+				return -1;
+			}
+			if (v[9] & 1) {
+				seterr(err, errlen, "RUN NET MAC must not be multicast");
+				return -1;
+			}
+			if (vmrt_get16(v + 15) != 0 && vmrt_get16(v + 15) < VMRT_NET_MTU_MIN) {
+				seterr(err, errlen, "RUN NET MTU must be 0 or %u..65535", VMRT_NET_MTU_MIN);
+				return -1;
+			}
+			if (v[17] != 0) {
+				seterr(err, errlen, "RUN NET flags must be 0");
+				return -1;
+			}
+			out->has_net = 1;
+			memcpy(&out->net_addr, v, 4); /* stays in network byte order */
+			out->net_prefix = v[4];
+			memcpy(&out->net_gw, v + 5, 4);
+			memcpy(out->net_mac, v + 9, 6);
+			out->net_mtu = vmrt_get16(v + 15);
 			break;
 		case VMRT_TAG_TIME:
 			if (vlen != 8)

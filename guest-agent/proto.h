@@ -65,6 +65,7 @@ enum vmrt_tag {
 	VMRT_TAG_DETACH = 21,       /* empty: EXEC only, do not tie the process to the port */
 	VMRT_TAG_SHARE_9P = 22,     /* empty: the ROOTFS tag names a virtio-9p share, not virtio-fs */
 	VMRT_TAG_SEED = 23,         /* 16..256 bytes of host randomness: reseed the guest's RNG */
+	VMRT_TAG_NET = 24,          /* 18 bytes: eth0's IPv4 address, prefix, gateway, MAC, MTU */
 };
 
 enum vmrt_mount_flags {
@@ -83,6 +84,8 @@ enum vmrt_mount_flags {
 #define VMRT_MAX_MOUNTS 64u
 #define VMRT_SEED_MIN   16u
 #define VMRT_SEED_MAX   256u
+#define VMRT_NET_LEN    18u /* u32 addr, u8 prefix, u32 gateway, 6 MAC, u16 MTU, u8 flags */
+#define VMRT_NET_MTU_MIN 68u /* IPv4's minimum */
 
 struct vmrt_mount {
 	const char *target; /* absolute, resolved inside the container root */
@@ -144,6 +147,11 @@ struct vmrt_run {
 	int share_9p;        /* SHARE_9P record given */
 	size_t seed_len;     /* SEED bytes given (0: none) */
 	uint8_t seed[VMRT_SEED_MAX];
+	int has_net;         /* NET record given */
+	uint32_t net_addr, net_gw; /* network byte order, as in struct sockaddr_in (gw 0: no route) */
+	uint8_t net_prefix;  /* 1..32 */
+	uint8_t net_mac[6];  /* unicast */
+	uint16_t net_mtu;    /* 0: the default; else 68..65535 */
 	char strings[VMRT_MAX_PAYLOAD];
 };
 
@@ -153,7 +161,9 @@ struct vmrt_run {
  * a fixed-size value of the wrong size, a non-empty flag record, a relative
  * CWD, too many ARG/ENV/GROUPS/MOUNT, no ARG, a MOUNT_* record before any
  * MOUNT, a relative MOUNT target, a bind without a relative, ".."-free
- * source, unknown mount flags.  Unknown tags are skipped. */
+ * source, unknown mount flags, a second NET or one with a prefix outside
+ * 1..32, a multicast MAC, an MTU below 68 or non-zero flags.  Unknown tags
+ * are skipped. */
 int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		   char *err, size_t errlen);
 

@@ -108,6 +108,68 @@ def test_run_mounts_and_limits_roundtrip() -> None:
     assert back.mounts == spec.mounts and back.memory_max == 32 << 20 and back.pids_max == 10
 
 
+NET_EXAMPLE = P.NetSpec("10.0.0.2", 24, "10.0.0.1", "02:56:4d:00:00:02", 1500)
+
+
+def _net_payload(*values: bytes) -> bytes:
+    return struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + b"".join(struct.pack(">BI", P.Tag.NET, len(v)) + v
+                                                               for v in values)
+
+
+@given(st.ip_addresses(v=4), st.integers(1, 32), st.one_of(st.none(), st.ip_addresses(v=4).filter(int)),
+       st.binary(min_size=6, max_size=6), st.one_of(st.just(0), st.integers(68, 65535)))
+def test_run_net_round_trip(addr: object, prefix: int, gw: object | None, mac: bytes, mtu: int) -> None:
+    unicast = bytes([mac[0] & 0xFE]) + mac[1:]
+    net = P.NetSpec(str(addr), prefix, None if gw is None else str(gw), unicast.hex(":"), mtu)
+    spec = P.RunSpec(args=["sh"], hostname="h", seed=bytes(16), net=net)
+    (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(P.encode_run(spec)))
+    assert P.decode_run(fr.payload) == spec
+    assert P.decode_run(P.encode_run(P.RunSpec(args=["sh"]))[8:]).net is None
+
+
+def test_net_wire_layout() -> None:
+    # u32 address, u8 prefix, u32 gateway, 6 bytes MAC, u16 MTU, u8 flags: 18 bytes, big-endian
+    assert P.Tag.NET == 24 and P.VERSION == 3
+    assert P.encode_net(NET_EXAMPLE) == bytes.fromhex("0a000002" "18" "0a000001" "02564d000002" "05dc" "00")
+    nogw = P.NetSpec("192.168.1.9", 32, None, "AA:BB:CC:DD:EE:FF")
+    assert P.encode_net(nogw) == bytes.fromhex("c0a80109" "20" "00000000" "aabbccddeeff" "0000" "00")
+    assert P.decode_net(P.encode_net(nogw)) == P.NetSpec("192.168.1.9", 32, None, "aa:bb:cc:dd:ee:ff")
+    frame = P.encode_run(P.RunSpec(args=["sh"], net=NET_EXAMPLE))
+    assert frame.endswith(struct.pack(">BI", 24, 18) + P.encode_net(NET_EXAMPLE))
+
+
+def test_net_is_checked_as_the_agent_does() -> None:
+    good = P.encode_net(NET_EXAMPLE)
+    for prefix in (0, 33, 255):
+        with pytest.raises(ProtocolError, match=r"NET prefix must be 1\.\.32"):
+            P.decode_run(_net_payload(good[:4] + bytes([prefix]) + good[5:]))
+        with pytest.raises(ProtocolError, match=r"NET prefix must be 1\.\.32"):
+            P.encode_net(P.NetSpec("10.0.0.2", prefix, None, "02:00:00:00:00:01"))
+    with pytest.raises(ProtocolError, match="multicast"):
+        P.decode_run(_net_payload(good[:9] + b"\x01" + good[10:]))
+    with pytest.raises(ProtocolError, match="multicast"):
+        P.encode_net(P.NetSpec("10.0.0.2", 24, None, "01:00:5e:00:00:01"))
+    for bad in (good[:-1], good + b"\0", b""):
+        with pytest.raises(ProtocolError, match="NET must be 18 bytes"):
+            P.decode_run(_net_payload(bad))
+    with pytest.raises(ProtocolError, match="more than one NET record"):
+        P.decode_run(_net_payload(good, good))
+    with pytest.raises(ProtocolError, match="MTU"):
+        P.decode_run(_net_payload(good[:15] + struct.pack(">H", 67) + good[17:]))
+    with pytest.raises(ProtocolError, match="MTU"):
+        P.encode_net(P.NetSpec("10.0.0.2", 24, None, "02:00:00:00:00:01", 70000))
+    with pytest.raises(ProtocolError, match="flags must be 0"):
+        P.decode_run(_net_payload(good[:17] + b"\x01"))
+    for net in (P.NetSpec("10.0.0.256", 24, None, "02:00:00:00:00:01"),
+                P.NetSpec("10.0.0.2", 24, "::1", "02:00:00:00:00:01"),
+                P.NetSpec("10.0.0.2", 24, None, "02:00:00:00:00"),
+                P.NetSpec("10.0.0.2", 24, None, "02-00-00-00-00-01")):
+        with pytest.raises(ProtocolError):
+            P.encode_net(net)
+    # an EXEC ignores NET, as it ignores the other RUN-only tags
+    assert P.decode_exec(_net_payload(good)) == P.ExecSpec(args=["sh"])
+
+
 def test_mount_records_need_a_mount_first() -> None:
     import struct
     payload = struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + struct.pack(">BI", P.Tag.MOUNT_FLAGS, 4) + b"\0\0\0\1"

@@ -507,6 +507,49 @@ def open_tap(path: Path, name: str = "tap0") -> int:
     return int(in_netns(path, make))
 
 
+def open_tap_detached() -> int:
+    """A tap in a namespace of its own that nothing else holds (a snapshot's build VM): it and
+    the namespace go when the fd's last holder, QEMU, exits."""
+    def make() -> int:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise NetworkError(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
+        TUNSETIFF, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x400454CA, 0x0002, 0x1000, 0x4000
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", b"tap0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        except OSError as e:
+            os.close(fd)
+            raise NetworkError(f"cannot create tap: {e.strerror}") from None
+        return fd
+    return int(_in_thread(make))
+
+
+def adopt_tap(src_ns: Path, dst_ns: Path, name: str = "tap0") -> None:
+    """Move a pooled VM's tap from the namespace it was booted in into the container's."""
+    def move() -> None:
+        with _iproute() as ipr:
+            idx = _link_index(ipr, name)
+            if idx is None:
+                raise NetworkError(f"the pooled VM's {name} is missing")
+            try:
+                ipr.link("set", index=idx, net_ns_fd=str(dst_ns))
+            except Exception as e:
+                raise _nl_error(f"cannot move {name} into the container's namespace", e) from None
+    in_netns(src_ns, move)
+    remove_netns(src_ns)
+
+
+def guest_net(att: Attached | None) -> Any:
+    """What the agent's NET record carries for the VM's eth0 (None: it stays down)."""
+    from .agent.protocol import NetSpec
+    ep = att.primary() if att is not None else None
+    if ep is None or att is None:
+        return None
+    net = att.networks[ep.network_id]
+    return NetSpec(address=ep.ip, prefix=ipaddress.IPv4Network(net.subnet).prefixlen, gateway=net.gateway,
+                   mac=ep.mac, mtu=1500)
+
+
 def _sysctl(key: str, value: str) -> None:
     p = Path("/proc/sys") / key.replace(".", "/")
     try:
@@ -518,9 +561,12 @@ def _sysctl(key: str, value: str) -> None:
 
 # --- netlink (pyroute2) ------------------------------------------------------------------
 
-def _iproute(netns: Path | None = None) -> Any:
+def _iproute() -> Any:
     """pyroute2's IPRoute without its package __init__, which imports every netlink family it
-    has (~100 ms): vmrt needs rtnetlink only, and this is on the container start path."""
+    has (~100 ms): vmrt needs rtnetlink only, and this is on the container start path.
+    Its ``netns=`` argument is not used: it forks a child that pyroute2 ends with SIGTERM, which
+    the parent's asyncio signal handling (the inherited wakeup fd) takes for its own. Work in a
+    namespace runs in a thread that entered it (:func:`in_netns`)."""
     import importlib.util
     import sys
     import types
@@ -533,7 +579,7 @@ def _iproute(netns: Path | None = None) -> Any:
         shell.__spec__ = spec
         sys.modules["pyroute2"] = shell
     from pyroute2.iproute.linux import IPRoute
-    return IPRoute(netns=str(netns)) if netns is not None else IPRoute()
+    return IPRoute()
 
 
 def _nl_error(what: str, e: Exception) -> NetworkError:
@@ -570,8 +616,8 @@ def ensure_bridge(net: Network) -> None:
     _sysctl(f"net.ipv4.conf.{net.bridge}.route_localnet", "1")
 
 
-def delete_link(name: str, netns: Path | None = None) -> None:
-    with contextlib.suppress(Exception), _iproute(netns) as ipr:
+def delete_link(name: str) -> None:
+    with contextlib.suppress(Exception), _iproute() as ipr:
         idx = _link_index(ipr, name)
         if idx is not None:
             ipr.link("del", index=idx)
@@ -598,7 +644,12 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
             raise _nl_error(f"cannot create veth {ep.host_if}", e) from None
         hidx = _link_index(ipr, ep.host_if)
         ipr.link("set", index=hidx, master=br, state="up")
-    with _iproute(ns) as nsr:
+    in_netns(ns, _inside, tmp, ep, vm, prefix, net.gateway if default_route else None)
+
+
+def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None) -> None:
+    """The namespace's end of the veth (run inside the namespace)."""
+    with _iproute() as nsr:
         idx = _link_index(nsr, tmp)
         if idx is None:
             raise NetworkError(f"veth {tmp} did not reach the container's namespace")
@@ -611,12 +662,13 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
             nsr.link("set", index=tap, state="up")
             for a, b in ((idx, tap), (tap, idx)):  # every frame in on one goes out of the other
                 nsr.tc("add", "ingress", a, "ffff:")
-                nsr.tc("add-filter", "matchall", a, parent=0xFFFF0000, protocol=0x0003,  # ETH_P_ALL
+                nsr.tc("add-filter", "u32", a, parent=0xFFFF0000, protocol=0x0003,  # ETH_P_ALL, match all
+                       keys=["0x0/0x0+0"], target=0x1,
                        action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": b})
             return
         nsr.addr("add", index=idx, address=ep.ip, prefixlen=prefix)
-        if default_route:
-            nsr.route("add", dst="0.0.0.0/0", gateway=net.gateway)
+        if gateway:
+            nsr.route("add", dst="0.0.0.0/0", gateway=gateway)
 
 
 # --- nftables ---------------------------------------------------------------------------
@@ -758,6 +810,7 @@ class Attached:
     netns: Path | None
     endpoints: list[Endpoint]
     files: dict[str, Path]     # container path -> host file (bind-mounted)
+    networks: dict[str, Network] = dataclasses.field(default_factory=dict)  # by id, those of endpoints
 
     def primary(self) -> Endpoint | None:
         return self.endpoints[0] if self.endpoints else None
@@ -796,16 +849,13 @@ def attach(cfg: Config, container_id: str, name: str, isolation: str, config: di
                 nets = [store.get(n) for n in req.networks]
                 if isolation == "vm" and len(nets) > 1:
                     raise UsageError("a VM container joins one network (its NIC is fixed at boot)")
-                if isolation == "vm":
-                    # the tap must exist before the veth's redirect is set up: the driver opens it
-                    # (it keeps the fd for QEMU); here it is created when the driver has not yet
-                    pass
                 ports = _resolve_ports(store, req, config)
                 for i, net in enumerate(nets):
                     ensure_bridge(net)
                     ep = _allocate(store, net, container_id, name, i, req, ports if i == 0 else [])
                     store.add_endpoint(ep)
                     att.endpoints.append(ep)
+                    att.networks[net.id] = net
                 sync_rules(store)
         _write_files(cfg, att, req, hostname, mode == "host", fdir)
         _mount_files(config, att)
@@ -820,11 +870,10 @@ def plumb(cfg: Config, att: Attached, isolation: str) -> None:
     if not att.endpoints:
         return
     assert att.netns is not None
-    with Store(cfg) as store:
-        by_id = {n.id: n for n in store.networks()}
-        for i, ep in enumerate(att.endpoints):
-            plumb_veth(by_id[ep.network_id], ep, att.netns, isolation == "vm", default_route=i == 0)
-        if any(by_id[ep.network_id].user for ep in att.endpoints):
+    for i, ep in enumerate(att.endpoints):
+        plumb_veth(att.networks[ep.network_id], ep, att.netns, isolation == "vm", default_route=i == 0)
+    if any(n.user for n in att.networks.values()):
+        with locked(cfg), Store(cfg) as store:
             refresh_hosts(cfg, store)
 
 

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import agentbuild, cgroups, kernel, rootfs
+from . import agentbuild, cgroups, kernel, network, rootfs
 from .agent import protocol as P
 from .config import Config
 from .errors import AgentError, UsageError, VmrtError
@@ -67,6 +67,7 @@ class Shape:
     initrd: str
     accel: str
     cmdline: str
+    nic: bool = True   # a virtio-net NIC backed by a tap (every vmrt VM has one)
 
     @classmethod
     def of(cls, spec: VMSpec) -> Shape:
@@ -390,8 +391,14 @@ class Daemon:
             assert vm.vfs.proc is not None and vm.vfs.pid is not None
             self._track(vm.vfs.proc, vm.dir / "virtiofsd.status")
             group.add(vm.vfs.pid)
-            vm.qemu = QemuVM(self.cfg, spec, vm.dir / "qemu.log")
-            vm.qemu.launch(die_with_parent=False)
+            # its NIC's tap waits in a namespace of its own; a claim moves it into the container's
+            network.create_netns(vm.dir / "netns")
+            tap = network.open_tap(vm.dir / "netns")
+            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap), vm.dir / "qemu.log")
+            try:
+                vm.qemu.launch(die_with_parent=False)
+            finally:
+                os.close(tap)
             assert vm.qemu.proc is not None and vm.qemu.pid is not None
             self._track(vm.qemu.proc, vm.dir / "qemu.status")
             group.add(vm.qemu.pid)

@@ -39,13 +39,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import pool
+from . import network, pool
 from .agent import protocol as P
 from .config import Config
 from .errors import LaunchError, VmrtError
 from .vm.qemu import QemuVM, VMSpec
 
-FORMAT = 4  # 3: guest RAM in its own file, mapped private by the clones; 4: no free page reporting
+FORMAT = 5  # 3: guest RAM in its own file, mapped private by the clones; 4: no free page reporting; 5: a NIC
 MIGRATE_TIMEOUT = 120.0
 
 
@@ -178,9 +178,13 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "share").mkdir(parents=True)
     spec = dataclasses.replace(spec, virtiofs_socket=tmp / "unused.sock", share_9p=tmp / "share", ram_file=tmp / "ram")
-    vm = QemuVM(cfg, spec, tmp / "qemu.log")
+    vm = QemuVM(cfg, dataclasses.replace(spec, tap_fd=network.open_tap_detached()), tmp / "qemu.log")
     try:
-        vm.launch()
+        try:
+            vm.launch()
+        finally:
+            assert vm.spec.tap_fd is not None
+            os.close(vm.spec.tap_fd)
         await vm.connect_qmp()
         assert vm.agent_sock is not None and vm.qmp is not None
         hello = await asyncio.wait_for(pool._read_hello(vm.agent_sock), cfg.timeouts.agent_ready)

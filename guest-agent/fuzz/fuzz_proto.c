@@ -70,6 +70,12 @@ static void check_run(const uint8_t *p, size_t n)
 		check((m->flags & VMRT_MNT_TMPFS) || clean_relative(m->source));
 		(void)strlen(m->data);
 	}
+	check(run.has_net == 0 || run.has_net == 1);
+	if (run.has_net) {
+		check(run.net_prefix >= 1 && run.net_prefix <= 32);
+		check((run.net_mac[0] & 1) == 0);
+		check(run.net_mtu == 0 || run.net_mtu >= VMRT_NET_MTU_MIN);
+	}
 }
 
 /* FNV-1a over what a parse saw */

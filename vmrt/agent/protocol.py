@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
+import re
 import struct
 from collections.abc import Iterator
 
@@ -68,6 +70,7 @@ class Tag(enum.IntEnum):
     DETACH = 21
     SHARE_9P = 22
     SEED = 23
+    NET = 24
 
 
 class MountFlag(enum.IntFlag):
@@ -86,6 +89,61 @@ class MountSpec:
     source: str | None = None
     flags: int = 0
     data: str = ""
+
+
+@dataclasses.dataclass
+class NetSpec:
+    """The guest's eth0 (NET): IPv4 address/prefix, default gateway (None: no default route), MAC, MTU."""
+
+    address: str                     # dotted quad, e.g. "10.0.0.2"
+    prefix: int                      # 1..32
+    gateway: str | None              # dotted quad; None: no default route
+    mac: str                         # "aa:bb:cc:dd:ee:ff", unicast
+    mtu: int = 0                     # 0: the kernel's default; else 68..65535
+
+
+# NET: u32 address, u8 prefix, u32 gateway (0: none), 6 bytes MAC, u16 MTU (0: default), u8 flags (0)
+NET_VALUE = struct.Struct(">4sB4s6sHB")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+
+
+def _check_net(prefix: int, mac: bytes, mtu: int, flags: int) -> None:
+    """The agent's checks of a NET record (proto.c), with its messages."""
+    if not 1 <= prefix <= 32:
+        raise ProtocolError("NET prefix must be 1..32")
+    if mac[0] & 1:
+        raise ProtocolError("NET MAC must not be multicast")
+    if mtu and not 68 <= mtu <= 65535:
+        raise ProtocolError("NET MTU must be 0 or 68..65535")
+    if flags:
+        raise ProtocolError("NET flags must be 0")
+
+
+def _ipv4(s: str, what: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(s).packed
+    except ValueError as e:
+        raise ProtocolError(f"NET {what} {s!r} is not an IPv4 address") from e
+
+
+def encode_net(net: NetSpec) -> bytes:
+    """The 18-byte NET value."""
+    if not isinstance(net.mac, str) or not _MAC.fullmatch(net.mac):
+        raise ProtocolError(f"NET MAC {net.mac!r} is not of the form aa:bb:cc:dd:ee:ff")
+    mac = bytes.fromhex(net.mac.replace(":", ""))
+    _check_net(net.prefix, mac, net.mtu, 0)
+    gw = _ipv4(net.gateway, "gateway") if net.gateway is not None else bytes(4)
+    return NET_VALUE.pack(_ipv4(net.address, "address"), net.prefix, gw, mac, net.mtu, 0)
+
+
+def decode_net(v: bytes) -> NetSpec:
+    """Inverse of encode_net; the gateway 0.0.0.0 decodes as None."""
+    if len(v) != NET_VALUE.size:
+        raise ProtocolError(f"NET must be {NET_VALUE.size} bytes")
+    addr, prefix, gw, mac, mtu, flags = NET_VALUE.unpack(v)
+    _check_net(prefix, mac, mtu, flags)
+    return NetSpec(str(ipaddress.IPv4Address(addr)), prefix,
+                   str(ipaddress.IPv4Address(gw)) if gw != bytes(4) else None, mac.hex(":"), mtu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +310,7 @@ class RunSpec:
     pids_max: int = 0                # 0: no limit
     share_9p: bool = False           # the ROOTFS tag is a virtio-9p share (a VM restored from a snapshot)
     seed: bytes = b""                # host randomness the agent reseeds the guest RNG with (16..256 bytes)
+    net: NetSpec | None = None       # eth0's configuration; None: eth0 stays down (lo is always up)
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -315,6 +374,8 @@ def encode_run(spec: RunSpec) -> bytes:
         if not 16 <= len(spec.seed) <= 256:
             raise ProtocolError("SEED must be 16 to 256 bytes")
         out += _rec(Tag.SEED, spec.seed)
+    if spec.net is not None:
+        out += _rec(Tag.NET, encode_net(spec.net))
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -401,6 +462,12 @@ def decode_run(p: bytes) -> RunSpec:
             if not 16 <= ln <= 256:
                 raise ProtocolError("SEED must be 16 to 256 bytes")
             spec.seed = bytes(v)
+        elif tag == Tag.NET:
+            if ln != NET_VALUE.size:
+                raise ProtocolError(f"NET must be {NET_VALUE.size} bytes")
+            if spec.net is not None:
+                raise ProtocolError("more than one NET record")
+            spec.net = decode_net(v)
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")

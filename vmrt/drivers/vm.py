@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, cgroups, kernel, pool, rootfs, snapshot
+from .. import agentbuild, bundle, cgroups, kernel, network, pool, rootfs, snapshot
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
@@ -508,6 +509,7 @@ class _Session:
         vfs: Virtiofsd | pool.AdoptedVirtiofsd | None
         if claimed is not None:  # a pooled VM, booted and waiting: its share gets the rootfs now
             t.mark("pool-claim")
+            await asyncio.to_thread(self._network, claimed.dir / "netns")  # pyroute2: not in this loop
             share = claimed.dir / "share"
             # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
             rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
@@ -530,10 +532,12 @@ class _Session:
             share.mkdir()
             rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
             stack.callback(rootfs.umount, share / "rootfs")
+            share_volumes(ctx.config, share, stack)  # only vmrt's /etc files: _snapshot() checked
             t.mark("rootfs-ready")
             vfs = None
-            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(spec, snap, share), bdir / "qemu.log")
-            vm.launch()
+            nic_spec = await asyncio.to_thread(self._nic, spec)  # pyroute2 runs its own loop: not in this one
+            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(nic_spec, snap, share), bdir / "qemu.log")
+            self._launch(vm)
             t.mark("vmm-spawned")
             stack.push_async_callback(self._teardown_vm)
         else:
@@ -553,8 +557,9 @@ class _Session:
             stack.callback(vfs.stop)
             assert vfs.pid is not None
             group.add(vfs.pid)
-            vm = self.vm = QemuVM(cfg, spec, bdir / "qemu.log")
-            vm.launch()
+            nic_spec = await asyncio.to_thread(self._nic, spec)  # pyroute2 runs its own loop: not in this one
+            vm = self.vm = QemuVM(cfg, nic_spec, bdir / "qemu.log")
+            self._launch(vm)
             t.mark("vmm-spawned")
             stack.push_async_callback(self._teardown_vm)
         assert vm.pid is not None
@@ -585,6 +590,7 @@ class _Session:
         rs = run_spec(ctx.config, stdin_open)
         if snap is not None:  # a clone: its share is 9p, its RNG state is every clone's until reseeded
             rs.share_9p, rs.seed = True, os.urandom(64)
+        rs.net = network.guest_net(ctx.net)
         if ctx.handoff is not None:
             await self._handoff(P.encode_run(rs), vfs, stdin_open)
         self._send(P.encode_run(rs))
@@ -605,10 +611,40 @@ class _Session:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
 
+    def _nic(self, spec: VMSpec) -> VMSpec:
+        """The VM's NIC: a tap in the container's network namespace, joined to its veth."""
+        net = self.ctx.net
+        if net is None or net.netns is None:  # no namespace of its own: an unconnected NIC (same shape)
+            return dataclasses.replace(spec, tap_fd=network.open_tap_detached())
+        fd = network.open_tap(net.netns)
+        try:
+            network.plumb(self.cfg, net, "vm")
+        except BaseException:
+            os.close(fd)
+            raise
+        ep = net.primary()
+        return dataclasses.replace(spec, tap_fd=fd, mac=ep.mac if ep is not None else spec.mac)
+
+    def _launch(self, vm: QemuVM) -> None:
+        try:
+            vm.launch()
+        finally:  # QEMU holds the tap now: it goes when QEMU does
+            if vm.spec.tap_fd is not None:
+                os.close(vm.spec.tap_fd)
+
+    def _network(self, pool_netns: Path) -> None:
+        """A pooled VM's tap moves from the namespace it booted in into the container's."""
+        net = self.ctx.net
+        if net is None or net.netns is None:
+            return
+        network.adopt_tap(pool_netns, net.netns)
+        network.plumb(self.cfg, net, "vm")
+
     def _snapshot(self, shape: pool.Shape) -> snapshot.Snapshot | None:
         """A verified snapshot of this shape, for a container without bind volumes (the 9p
-        export is read-only); a corrupt one is refused with a notice: then a cold boot."""
-        if any(m["type"] == "bind" for m in bundle.user_mounts(self.ctx.config)):
+        export is read-only: vmrt's own /etc files are fine); a corrupt one is refused with a
+        notice: then a cold boot."""
+        if any(m["type"] == "bind" and not m.get("org.vmrt.managed") for m in bundle.user_mounts(self.ctx.config)):
             return None
         snap = snapshot.find(self.cfg, shape)
         if snap is not None and (why := snap.verify()) is not None:

@@ -59,6 +59,8 @@ class VMSpec:
     share_9p: Path | None = None   # share this dir over virtio-9p (read-only) instead of virtio-fs
     incoming: str | None = None    # QEMU -incoming: "defer" to restore a snapshot's state
     ram_file: Path | None = None   # guest RAM in this file (a snapshot's), else a shared memfd
+    tap_fd: int | None = None      # the VM's NIC (virtio-net) backed by this tap (vmrt/network.py)
+    mac: str = "02:56:00:00:00:01"  # the NIC's MAC at boot (the agent sets the container's own)
 
     @property
     def vcpus(self) -> int:
@@ -85,13 +87,13 @@ class QemuVM:
                        "-global", "virtio-mmio.force-legacy=false"]
             fs_dev, serial_dev, rng, balloon = ("vhost-user-fs-device", "virtio-serial-device",
                                                 "virtio-rng-device", "virtio-balloon-device")
-            p9_dev = "virtio-9p-device"
+            p9_dev, net_dev = "virtio-9p-device", "virtio-net-device"
             cmdline = KERNEL_CMDLINE + " pci=off"
         elif s.machine == "q35":
             machine = ["-M", "q35,memory-backend=mem,sata=off,smbus=off"]
             fs_dev, serial_dev, rng, balloon = ("vhost-user-fs-pci", "virtio-serial-pci", "virtio-rng-pci",
                                                 "virtio-balloon-pci")
-            p9_dev = "virtio-9p-pci"
+            p9_dev, net_dev = "virtio-9p-pci", "virtio-net-pci"
             cmdline = KERNEL_CMDLINE
         else:
             raise LaunchError(f"unsupported machine type {s.machine!r} (use microvm or q35)")
@@ -121,6 +123,8 @@ class QemuVM:
             "-chardev", f"socket,id=agent,fd={fds['agent']}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
             *self.exec_port_args(),
+            *(["-netdev", f"tap,id=net0,fd={s.tap_fd},vhost=off",
+               "-device", f"{net_dev},netdev=net0,mac={s.mac}"] if s.tap_fd is not None else []),
             *(["-incoming", s.incoming] if s.incoming else []),
         ]
 
@@ -158,7 +162,8 @@ class QemuVM:
         self._cmd = cmd
         try:
             with open(self.stderr_log, "ab") as err:
-                self.proc = procs.spawn(cmd, pass_fds=tuple(fds.values()), stdout=err.fileno(),
+                tap = (self.spec.tap_fd,) if self.spec.tap_fd is not None else ()
+                self.proc = procs.spawn(cmd, pass_fds=(*fds.values(), *tap), stdout=err.fileno(),
                                         stderr=err.fileno(), cwd=str(self.run_dir),
                                         die_with_parent=die_with_parent)
         except OSError as e:
