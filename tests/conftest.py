@@ -6,7 +6,9 @@ the real kernel, agent and image built by `vmrt setup`. They need root.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,12 +31,31 @@ def vmrt_cgroups() -> set[str]:
     return {str(d) for b in bases if b.is_dir() for d in b.iterdir() if d.is_dir()}
 
 
+_instances = itertools.count(1)
+NET_IFACE = re.compile(r"^(v[0-9a-f]{10}\d|vmbr[0-9a-f]{10}|vmrtt\d+)$")  # vmrt's veths and bridges
+
+
+def host_interfaces() -> list[str]:
+    return sorted(os.listdir("/sys/class/net"))
+
+
+def nft_tables() -> list[str]:
+    r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+    return [ln.split()[-1] for ln in r.stdout.splitlines() if ln.startswith("table ip vmrt")]
+
+
 class Vmrt:
     def __init__(self, root: Path, run_root: Path) -> None:
         self.root, self.run_root = root, run_root
         self.cgroups_before = vmrt_cgroups()
+        n = next(_instances)
+        # each private vmrt has its own default bridge and subnet (and nftables table, by root):
+        # nothing it does touches another's or the host's own vmrt
+        self.bridge, self.subnet = f"vmrtt{n}", f"10.200.{n % 250}.0/24"
         self.env = dict(os.environ, VMRT_ROOT=str(root), VMRT_RUN_ROOT=str(run_root),
-                        VMRT_ACCEL=os.environ.get("VMRT_TEST_ACCEL", "tcg"), PYTHONUNBUFFERED="1")
+                        VMRT_ACCEL=os.environ.get("VMRT_TEST_ACCEL", "tcg"), PYTHONUNBUFFERED="1",
+                        VMRT_NETWORK_BRIDGE=self.bridge, VMRT_NETWORK_SUBNET=self.subnet,
+                        VMRT_NETWORK_POOL="10.201.0.0/16")
         self.env.pop("VMRT_ISOLATION", None)
 
     def cmd(self, *args: str) -> list[str]:
@@ -89,6 +110,12 @@ class Vmrt:
         tmp = self.root / "tmp"  # the image store's downloads and unpacks in progress
         if tmp.exists():
             found += [f"store temp {p}" for p in tmp.iterdir()]
+        ns = self.run_root / "netns"  # network namespaces of containers (and pooled VMs)
+        if ns.exists():
+            found += [f"netns {p}" for p in ns.iterdir()]
+        # veths, bridges, rules: gone with the last container of a network
+        found += [f"interface {i}" for i in host_interfaces() if NET_IFACE.match(i)]
+        found += [f"nftables table {t}" for t in nft_tables()]
         return found
 
     def assert_clean(self, timeout: float = 5.0) -> None:

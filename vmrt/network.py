@@ -53,7 +53,6 @@ from .errors import UsageError, VmrtError
 
 DEFAULT = "bridge"
 BUILTIN = ("none", "host", "bridge")
-DEFAULT_BRIDGE = "vmrt0"
 TABLE = "vmrt"
 ANNOTATION = "org.vmrt.network"
 MANAGED_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
@@ -288,7 +287,7 @@ class Store:
         with contextlib.suppress(sqlite3.IntegrityError):
             self.db.execute("INSERT INTO networks VALUES (?,?,?,?,?,?,?,?)",
                             (secrets.token_hex(32), "bridge", str(net), str(net.network_address + 1),
-                             DEFAULT_BRIDGE, 0, time.time(), "{}"))
+                             self.cfg.network_bridge, 0, time.time(), "{}"))
 
     def get(self, ref: str) -> Network:
         if ref in ("none", "host"):
@@ -393,8 +392,6 @@ def _host_networks() -> list[ipaddress.IPv4Network]:
             if len(f) >= 8 and f[1] != "00000000":
                 dest = socket.inet_ntoa(struct.pack("<I", int(f[1], 16)))
                 mask = socket.inet_ntoa(struct.pack("<I", int(f[7], 16)))
-                if f[0].startswith(("vmrt", "vmbr")):
-                    continue
                 with contextlib.suppress(ValueError):
                     nets.append(ipaddress.IPv4Network(f"{dest}/{mask}", strict=False))
     return nets
@@ -673,6 +670,14 @@ def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None) 
 
 # --- nftables ---------------------------------------------------------------------------
 
+def table_name(cfg: Config) -> str:
+    """vmrt's nftables table: ``vmrt`` for the default state root, one per other root (tests)."""
+    if cfg.root == Config().root:
+        return TABLE
+    import hashlib
+    return f"{TABLE}_{hashlib.sha256(str(cfg.root).encode()).hexdigest()[:8]}"
+
+
 def _nft(script: str) -> None:
     try:
         r = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
@@ -683,7 +688,7 @@ def _nft(script: str) -> None:
         raise NetworkError(f"nft: {msg[0] if msg else 'exit status ' + str(r.returncode)}")
 
 
-def ruleset(networks: list[Network], endpoints: list[Endpoint]) -> str:
+def ruleset(table: str, networks: list[Network], endpoints: list[Endpoint]) -> str:
     """vmrt's whole nftables table for these networks and running endpoints."""
     by_id = {n.id: n for n in networks}
     bridges = sorted(n.bridge for n in networks)
@@ -707,7 +712,7 @@ def ruleset(networks: list[Network], endpoints: list[Endpoint]) -> str:
             nat.append(f'{dst}{p.proto} dport {p.host_port} dnat to {ep.ip}:{p.container_port} '
                        f'comment "{ep.container_id[:12]}"')
     body = [
-        f"table ip {TABLE} {{",
+        f"table ip {table} {{",
         "  chain ports {", *(f"    {r}" for r in nat), "  }",
         "  chain prerouting {", "    type nat hook prerouting priority dstnat; policy accept;",
         "    fib daddr type local jump ports", "  }",
@@ -719,17 +724,18 @@ def ruleset(networks: list[Network], endpoints: list[Endpoint]) -> str:
         *(f"    {r}" for r in fwd), "  }",
         "}",
     ]
-    return f"table ip {TABLE}\ndelete table ip {TABLE}\n" + "\n".join(body) + "\n"
+    return f"table ip {table}\ndelete table ip {table}\n" + "\n".join(body) + "\n"
 
 
 def sync_rules(store: Store) -> None:
     """Rewrite vmrt's nftables table from the database (atomically: one nft transaction)."""
+    table = table_name(store.cfg)
     networks = [n for n in store.networks() if _bridge_exists(n.bridge)]
     endpoints = store.live_endpoints()
     if not networks:
-        _nft(f"table ip {TABLE}\ndelete table ip {TABLE}\n")
+        _nft(f"table ip {table}\ndelete table ip {table}\n")
         return
-    _nft(ruleset(networks, endpoints))
+    _nft(ruleset(table, networks, endpoints))
 
 
 def _bridge_exists(name: str) -> bool:
@@ -1009,8 +1015,17 @@ def detach(cfg: Config, container_id: str) -> None:
         remove_netns(ns)
         store.drop_endpoints(container_id)
         if had_rules:
+            _remove_idle_bridges(store, {ep.network_id for ep in eps})
             sync_rules(store)
             refresh_hosts(cfg, store)
+
+
+def _remove_idle_bridges(store: Store, network_ids: set[str]) -> None:
+    """A bridge lives while containers use it (as Podman's): a network without running
+    containers leaves no interface, route or rule on the host."""
+    for net in store.networks():
+        if net.id in network_ids and not store.live_endpoints(network_id=net.id) and _link_exists(net.bridge):
+            delete_link(net.bridge)
 
 
 def _link_exists(name: str) -> bool:
@@ -1068,6 +1083,7 @@ def disconnect_live(cfg: Config, container_id: str, ref: str) -> None:
             raise NetworkError(f"container is not connected to network {net.name}")
         delete_link(eps[0].host_if)
         store.drop_endpoints(container_id, net.id)
+        _remove_idle_bridges(store, {net.id})
         sync_rules(store)
         refresh_hosts(cfg, store)
 
