@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 from conftest import Vmrt, one_line_error
@@ -377,3 +378,55 @@ def test_ruleset_text() -> None:
     assert "10.2.0.0/24" not in text  # internal: no NAT out
     assert 'iifname "br-a" oifname { "br-a", "br-b" } oifname != "br-a" drop' in text
     assert text.startswith("table ip vmrt_t\ndelete table ip vmrt_t\n")
+
+
+# --- an "outside" host the test creates: outbound NAT and published ports from elsewhere ----
+
+PEER_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.250.0.2", 9999)); s.listen(8)
+print("ready", flush=True)
+while True:
+    c, addr = s.accept()
+    c.sendall(f"you-are {addr[0]}\n".encode()); c.close()
+"""
+
+
+@pytest.fixture
+def outside() -> Iterator[str]:
+    """A network namespace ``vmrtext`` as another host on a link 10.250.0.0/24 to this one
+    (host side 10.250.0.1), running a server that tells each client its source address."""
+    ns = f"vmrtext{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", "vxhost0", "type", "veth", "peer", "name", "vxpeer0",
+                        "netns", ns], check=True)
+        subprocess.run(["ip", "addr", "add", "10.250.0.1/24", "dev", "vxhost0"], check=True)
+        subprocess.run(["ip", "link", "set", "vxhost0", "up"], check=True)
+        for cmd in (["ip", "addr", "add", "10.250.0.2/24", "dev", "vxpeer0"], ["ip", "link", "set", "vxpeer0", "up"],
+                    ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", "default", "via", "10.250.0.1"]):
+            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+        server = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", PEER_SERVER],
+                                  stdout=subprocess.PIPE)
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        yield ns
+        server.kill()
+        server.wait()
+    finally:
+        subprocess.run(["ip", "link", "del", "vxhost0"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_outbound_nat_and_a_published_port_from_another_host(vmrt: Vmrt, outside: str, mode: str) -> None:
+    """The container reaches a host outside (seen there as the host's address: masqueraded), and
+    that host reaches the container's published port through this host's address."""
+    cid = detach(vmrt, mode, "sh", "-c", HTTPD.format(port=8080), opts=("-p", "18777:8080"))
+    r = vmrt("exec", cid, "sh", "-c", "for i in $(seq 20); do nc 10.250.0.2 9999 && break; sleep 0.3; done")
+    assert r.stdout == b"you-are 10.250.0.1\n", r.stderr  # not the container's own 10.200.x address
+    r = subprocess.run(["ip", "netns", "exec", outside, "busybox", "wget", "-q", "-T", "10", "-O-",
+                        "http://10.250.0.1:18777/"], capture_output=True, timeout=60)
+    assert r.stdout == f"hello-from-{cid[:12]}\n".encode(), r.stderr
+    rm(vmrt, cid)
+    vmrt.assert_clean()
