@@ -92,7 +92,7 @@ def ls(ctx: click.Context, quiet: bool, filters: tuple[str, ...], fmt: str | Non
         if not sep or key not in ("name", "id", "driver"):
             raise UsageError(f"invalid filter {f!r} (name=, id=, driver=)")
         field = {"name": "Name", "id": "ID", "driver": "Driver"}[key]
-        rows = [r for r in rows if (value in r[field] if key == "name" else r[field].startswith(value))]
+        rows = [r for r in rows if (value in str(r[field]) if key == "name" else str(r[field]).startswith(value))]
     if quiet:
         for r in rows:
             click.echo(r["ID"])

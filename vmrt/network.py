@@ -350,7 +350,7 @@ class Store:
 
     # endpoints
     def endpoints(self, network_id: str | None = None, container_id: str | None = None) -> list[Endpoint]:
-        q, args = "SELECT * FROM endpoints WHERE 1=1", []
+        q, args = "SELECT * FROM endpoints WHERE 1=1", list[str]()
         if network_id:
             q, args = q + " AND network_id=?", [*args, network_id]
         if container_id:
@@ -704,8 +704,7 @@ def ruleset(table: str, networks: list[Network], endpoints: list[Endpoint]) -> s
                        f'oifname != "{n.bridge}" drop')
         post.append(f'oifname "{n.bridge}" ip saddr 127.0.0.0/8 masquerade')
     for ep in endpoints:
-        n = by_id.get(ep.network_id)
-        if n is None:
+        if ep.network_id not in by_id:
             continue
         for p in ep.ports:
             dst = f"ip daddr {p.host_ip} " if p.host_ip else ""

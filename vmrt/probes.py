@@ -22,7 +22,7 @@ echo "boot_id=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
 echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
 echo "pids=$(ls -d /proc/[0-9]* 2>/dev/null | wc -l)"
 echo "mounts=$(cat /proc/mounts | tr '\n' '|')"
-echo "ifaces=$(ls /sys/class/net 2>/dev/null | tr '\n' ' ')"
+echo "ifaces=$(for i in /sys/class/net/*; do echo "${i##*/}=$(cat $i/address)"; done 2>/dev/null | tr '\n' ' ')"
 if [ -r /proc/modules ]; then echo "modules=$(wc -l < /proc/modules)"; else echo "modules=-"; fi
 if d=$(dmesg 2>/dev/null); then echo "dmesg=$(echo "$d" | wc -l)"; else echo "dmesg=-"; fi
 echo "firmware=$(ls /sys/firmware 2>/dev/null | tr '\n' ' ')"
@@ -56,7 +56,9 @@ def _host() -> dict[str, Any]:
         "boot_id": read("/proc/sys/kernel/random/boot_id"),
         "uptime": float(read("/proc/uptime").split()[0]),
         "pids": sum(1 for p in os.listdir("/proc") if p.isdigit()),
-        "ifaces": set(os.listdir("/sys/class/net")) - {"lo"},
+        # by name and MAC: a container's own eth0 is not the host's eth0
+        "ifaces": {f"{i}={read(f'/sys/class/net/{i}/address')}" for i in os.listdir("/sys/class/net")} - {
+            "lo=00:00:00:00:00:00"},
     }
 
 
@@ -83,7 +85,7 @@ def classify(raw: dict[str, str], host: dict[str, Any], state_root: str) -> dict
     leaks = state_root in raw.get("mounts", "")
     out["mounts"] = ("host paths in /proc/mounts" if leaks else "no host paths") + (
         "" if same_kernel else " (absent: other kernel)")
-    ifaces = set(raw.get("ifaces", "").split()) - {"lo"}
+    ifaces = set(raw.get("ifaces", "").split()) - {"lo=00:00:00:00:00:00"}
     shown = ifaces & host["ifaces"]
     out["ifaces"] = (f"visible: {' '.join(sorted(shown))}" if shown and same_kernel
                      else "hidden" if same_kernel else "absent (other kernel)")
