@@ -82,10 +82,50 @@ def test_bench_small_run(vmrt: Vmrt, tmp_path: Path) -> None:
     vmrt.assert_clean()
 
 
+def test_bench_net(vmrt: Vmrt, tmp_path: Path) -> None:
+    """net: throughput and HTTP latency through published ports (process, vm-cold) and over the
+    host's loopback, all in one run; tiny sizes, structure only (no figure is judged)."""
+    out, md = tmp_path / "net.json", tmp_path / "BENCH.md"
+    r = vmrt("bench", "--only", "net", "--modes", "process,vm-cold", "--net-mib", "2", "--net-requests", "10",
+             "--runs", "1", "--json", str(out), "--plots", str(tmp_path / "plots"), "--write-md", str(md),
+             timeout=900)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert "Traceback" not in r.stderr.decode()
+    assert "Network through published ports" in r.stdout.decode()
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"net"}
+    o = doc["options"]
+    assert (o["net_mib"], o["net_requests"], o["network"]) == (2, 10, "none")
+    assert doc["meta"]["network"] == "none"
+    assert {k: v["status"] for k, v in doc["modes"].items()} == {"process": "ok", "vm-cold": "ok"}
+    net = doc["results"]["net"]
+    assert list(net) == ["host-loopback", "process", "vm-cold"]
+    for name, e in net.items():
+        assert "error" not in e and "skipped" not in e, (name, e)
+        assert e["setup"] and e["path"] and e["command"]
+        assert e["throughput"]["mib"] == 2 and e["throughput"]["repetitions"] == bench.REPS
+        check_latency(e["throughput"]["mib_s"], bench.REPS)
+        check_latency(e["throughput"]["seconds"], bench.REPS)
+        check_latency(e["latency_ms"], 10)
+        assert e["latency_ms"]["file_bytes"] == bench.NET_FILE_BYTES
+    for name in ("process", "vm-cold"):
+        assert net[name]["throughput_ratio_to_host"] > 0 and net[name]["latency_p50_ratio_to_host"] > 0
+        assert net[name]["setup"]["network"].startswith("bridge")
+        assert "-p 127.0.0.1:" in net[name]["command"]
+    assert net["vm-cold"]["setup"]["isolation"] == "vm"
+    assert net["vm-cold"]["setup"]["accelerator"] == doc["meta"]["accelerator"]
+    text = md.read_text()
+    assert "| host-loopback |" in text and "| vm-cold |" in text and "network: none" in text
+    assert vmrt("ps", "-a", "-q").stdout.strip() == b""
+    vmrt.assert_clean()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--modes", "process,bogus"], "bogus"),
     (["--only", "start,speed"], "speed"),
     (["--runs", "0"], "--runs"),
+    (["--net-mib", "0"], "--net-mib"),
+    (["--network", " "], "--network"),
 ])
 def test_bench_bad_option(vmrt: Vmrt, tmp_path: Path, args: list[str], needle: str) -> None:
     r = vmrt("bench", *args, "--json", str(tmp_path / "x.json"))

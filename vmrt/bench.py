@@ -1,4 +1,4 @@
-"""``vmrt bench``: start, exec, memory, density, I/O and CPU, every mode side by side.
+"""``vmrt bench``: start, exec, memory, density, I/O, CPU and network, every mode side by side.
 
 The benchmark drives the real command line, as a user would, and measures from
 the host with CLOCK_MONOTONIC (``time.perf_counter``). Modes:
@@ -9,6 +9,21 @@ the host with CLOCK_MONOTONIC (``time.perf_counter``). Modes:
   vm-snapshot  the same restored from a snapshot (``vmrt snapshot build`` first; VMRT_POOL=off)
   runc         runc run of a bundle with the config.json vmrt writes for the image
   podman       podman run --rm --network none IMAGE true (the image loaded from vmrt's store)
+
+The vmrt modes' containers of start, exec, memory, density, I/O and CPU run with
+``--network none`` by default (as the podman baseline does); ``--network bridge``
+measures them on the default bridge network instead (veth or tap, nftables
+rules). The network used is recorded in the JSON and printed with the tables.
+
+The ``net`` metric always uses the default bridge network: one detached container
+per mode (process, vm-cold) publishes a busybox httpd (a 1 KiB file) and a busybox
+nc sink on 127.0.0.1 (``-p``: nftables DNAT), and the host measures, through those
+ports, TCP throughput (``--net-mib`` MiB sent, from connect to the sink's EOF) and
+the latency of HTTP GETs on a new connection each (``--net-requests``). The same
+two servers run on the host itself (host busybox, 127.0.0.1) as the
+``host-loopback`` baseline, measured in the same run by the same client code.
+A pooled or snapshot-restored VM has the same data path as a cold one, so only
+vm-cold is measured.
 
 Runs are interleaved mode by mode within each round (the order rotates), one
 warm-up round is discarded, and figures are medians with p90/p99. Every
@@ -30,6 +45,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +61,7 @@ from .config import Config
 from .errors import UsageError, VmrtError
 
 MODES = ("process", "vm-cold", "vm-pool", "vm-snapshot", "runc", "podman")
-METRICS = ("start", "exec", "memory", "density", "io", "cpu")
+METRICS = ("start", "exec", "memory", "density", "io", "cpu", "net")
 # which metric makes sense for which mode (a pooled VM is a cold VM once it runs)
 def served(timings: str) -> bool:
     """A start (its --timings report) that took a pooled VM or restored a snapshot."""
@@ -59,9 +75,11 @@ APPLIES = {
     "density": {"process", "vm-cold", "vm-snapshot"},
     "io": {"process", "vm-cold", "runc", "podman"},
     "cpu": {"process", "vm-cold", "runc", "podman"},
+    # a pooled or snapshot-restored VM has the same data path (veth, tc, tap, virtio-net) as a cold one
+    "net": {"process", "vm-cold"},
 }
 NOT_APPLICABLE = "a VM from the pool is the same VM as vm-cold once it runs: only start differs"
-REPS = 3                 # io and cpu: one container per repetition and mode, interleaved
+REPS = 3                 # io and cpu: one container per repetition and mode, interleaved; net: transfers
 IO_MIB = 64              # sequential write/read size
 IMAGE_READS = 16         # sequential reads of a file from the image
 META_FILES = 1000        # small-file create / stat / delete
@@ -70,6 +88,14 @@ CPU_ITERS = 1_000_000    # awk loop iterations
 SYSCALL_BYTES = 200_000  # dd bs=1: one read + one write per byte
 SETTLE_S = 3.0           # idle containers: wait this long before reading memory
 CMD_TIMEOUT = 300.0
+NET_MIB = 64             # net: MiB sent per throughput repetition (--net-mib)
+NET_REQUESTS = 200       # net: HTTP GETs per path (--net-requests)
+NET_FILE_BYTES = 1024    # net: the file httpd serves
+NET_WARMUP_MIB = 8       # net: a discarded transfer (at most this size) and NET_WARMUP_GETS GETs first
+NET_WARMUP_GETS = 5
+NET_SINK_PORT, NET_HTTP_PORT = 5001, 8080  # in the container
+NET_READY_S = 120.0      # net: how long the servers may take to answer
+NET_IO_TIMEOUT = 120.0   # net: one socket operation
 PODMAN_RUN = ["podman", "run", "--runtime", "/usr/sbin/runc", "--ulimit", "nofile=1024:1024",
               "--ulimit", "nproc=1024:1024", "--network", "none"]
 PHASE_RE = re.compile(r"^\s+([a-z][a-z-]*)\s+([\d.]+)\s+\(\+", re.M)
@@ -105,7 +131,15 @@ echo "@B cpu"; awk 'BEGIN {{ s = 0; for (i = 0; i < {CPU_ITERS}; i++) s += i % 7
 echo "@B syscall"; dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} 2>/dev/null; echo "@E syscall"
 echo "@D"
 """
-HOST_APPLETS = ("sh", "awk", "dd", "cat", "rm", "mkdir", "sed", "wc", "sleep")
+# net: the TCP sink, accepting one connection after another. Its stdin is a FIFO held open
+# read-write (never readable, never EOF): busybox nc shuts its sending side down as soon as its
+# stdin reaches EOF (at once with /dev/null), and the client would see EOF before the sink had
+# read everything. With the FIFO, nc exits (closing the connection) only when it reads EOF from
+# the client, so the client's EOF marks the end of the transfer. Args: FIFO PORT [LISTEN-ADDRESS].
+NET_SINK = 'rm -f "$1"; mkfifo "$1" && exec 3<>"$1" || exit 1\nwhile true; do nc -l -p "$2" $3 <&3 >/dev/null; done'
+NET_SERVE = (f"mkdir -p /www && dd if=/dev/zero of=/www/index.html bs={NET_FILE_BYTES} count=1 2>/dev/null "
+             f"|| exit 1\nhttpd -f -p {NET_HTTP_PORT} -h /www &\n{NET_SINK}")
+HOST_APPLETS = ("sh", "awk", "dd", "cat", "rm", "mkdir", "sed", "wc", "sleep", "nc", "mkfifo", "httpd")
 
 
 class BenchError(Exception):
@@ -198,6 +232,87 @@ def fs_of(path: str, mounts: list[tuple[str, str]]) -> str:
     return kind
 
 
+# --- the net client (the same code for every path) -------------------------------------------
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports free on 127.0.0.1 now (the kernel's picks)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
+def connect(port: int, retry_until: float = 0.0, timeout: float = NET_IO_TIMEOUT) -> tuple[socket.socket, float]:
+    """Connect to 127.0.0.1:port; returns the socket and the perf_counter taken just before the
+    connect that succeeded. Until ``retry_until`` (perf_counter), a refused connection is tried
+    again (the sink listens anew after each connection; the attempts before are not timed)."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            s.settimeout(timeout)
+            return s, t0
+        except (ConnectionRefusedError, ConnectionResetError):
+            if time.perf_counter() >= retry_until:
+                raise
+            time.sleep(0.002)
+
+
+def net_transfer(port: int, nbytes: int, retry_s: float = 30.0, timeout: float = NET_IO_TIMEOUT) -> float:
+    """Send ``nbytes`` to the sink, shut the sending side, wait for the sink's EOF (it has read
+    everything and closed). Seconds from connect to that EOF."""
+    chunk = memoryview(bytes(1 << 20))
+    s, t0 = connect(port, time.perf_counter() + retry_s, timeout)
+    with s:
+        left = nbytes
+        while left:
+            n = min(left, len(chunk))
+            s.sendall(chunk[:n])
+            left -= n
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(65536):
+            pass
+        return time.perf_counter() - t0
+
+
+def http_get(port: int, size: int, retry_s: float = 0.0, timeout: float = NET_IO_TIMEOUT) -> float:
+    """GET /index.html over a new connection (HTTP/1.0: the server closes it), read to EOF, as
+    curl does; seconds from connect to the last byte. The status must be 200 and the body ``size``."""
+    s, t0 = connect(port, time.perf_counter() + retry_s, timeout)
+    with s:
+        s.sendall(b"GET /index.html HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        parts = []
+        while d := s.recv(65536):
+            parts.append(d)
+        t1 = time.perf_counter()
+    head, _, body = b"".join(parts).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    if not re.match(r"HTTP/1\.[01] 200\b", status) or len(body) != size:
+        raise BenchError(f"GET /index.html: {status or 'no response'!r}, {len(body)} bytes of body (want {size})")
+    return t1 - t0
+
+
+def wait_net_ready(sink: int, http: int, size: int, timeout: float = NET_READY_S) -> float:
+    """Until both servers answer (an empty transfer to the sink, a good GET); seconds it took."""
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    last = ""
+    probes: list[tuple[str, Callable[[], float]]] = [("sink", lambda: net_transfer(sink, 0, 0.0, 5.0)),
+                                                     ("httpd", lambda: http_get(http, size, 0.0, 5.0))]
+    for what, probe in probes:
+        while True:
+            try:
+                probe()
+                break
+            except (OSError, BenchError) as e:
+                last = f"{what}: {e}"
+            if time.perf_counter() >= deadline:
+                raise BenchError(f"the servers did not answer within {timeout:.0f} s ({last})")
+            time.sleep(0.2)
+    return time.perf_counter() - t0
+
+
 # --- child processes ----------------------------------------------------------------------------
 
 class Result:
@@ -215,6 +330,7 @@ class Procs:
 
     def __init__(self) -> None:
         self.live: set[subprocess.Popen[Any]] = set()
+        self.servers: set[subprocess.Popen[Any]] = set()  # spawn(): stopped as a process group
         self.lock = threading.Lock()
 
     def _track(self, p: subprocess.Popen[Any]) -> None:
@@ -276,6 +392,27 @@ class Procs:
         t1 = time.perf_counter()
         return Result(p.returncode, "\n".join(x for _, x in lines), err, (t1 - t0) * 1000, t0, t1), lines
 
+    def spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
+        """Start a server in a session (and process group) of its own, stdio to /dev/null;
+        ``stop_group`` (or ``stop_all``) ends it and every process it started."""
+        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        with self.lock:
+            self.servers.add(p)
+        return p
+
+    def stop_group(self, p: subprocess.Popen[Any]) -> None:
+        """SIGTERM to the process group of a spawned server (a shell's loop and the child it waits
+        for), SIGKILL if its leader outlives 3 s; the group is signalled before the leader is reaped."""
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)  # its own session, started by us
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(wait)
+                break
+        with self.lock:
+            self.servers.discard(p)
+
     def stop(self, p: subprocess.Popen[Any]) -> None:
         for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGTERM, 30.0)):
             if p.poll() is not None:
@@ -291,8 +428,9 @@ class Procs:
 
     def stop_all(self) -> None:
         with self.lock:
-            live = list(self.live)
+            live, servers = list(self.live), list(self.servers)
         threads = [threading.Thread(target=self.stop, args=(p,)) for p in live]
+        threads += [threading.Thread(target=self.stop_group, args=(p,)) for p in servers]
         for t in threads:
             t.start()
         for t in threads:
@@ -364,12 +502,14 @@ class VmrtMode(Mode):
 
     def setup(self) -> dict[str, Any]:
         if self.iso == "process":
-            return {"isolation": "namespaces", "accelerator": "none (host kernel)", "runtime": self.b.runtime}
+            return {"isolation": "namespaces", "accelerator": "none (host kernel)", "runtime": self.b.runtime,
+                    "network": self.b.network}
         return {"isolation": "vm", **self.b.vm_setup, "pool": self.name == "vm-pool",
-                "snapshot": self.name == "vm-snapshot", "share": "9p" if self.name == "vm-snapshot" else "virtio-fs"}
+                "snapshot": self.name == "vm-snapshot", "share": "9p" if self.name == "vm-snapshot" else "virtio-fs",
+                "network": self.b.network}
 
     def base(self) -> list[str]:
-        return [*self.b.vmrt, "run", "--rm", f"--isolation={self.iso}"]
+        return [*self.b.vmrt, "run", "--rm", f"--isolation={self.iso}", "--network", self.b.network]
 
     def start_cmd(self, slot: int) -> tuple[list[str], dict[str, str]]:
         return [*self.base(), "--timings", self.b.image, "true"], self.env
@@ -380,8 +520,8 @@ class VmrtMode(Mode):
     def idle(self, n: int) -> str:
         name = f"{self.b.tag}-{self.name}-{n}"
         self.b.vmrt_names.add(name)
-        r = self.b.procs.run([*self.b.vmrt, "run", "-d", "--name", name, f"--isolation={self.iso}", self.b.image,
-                              "sleep", "600"], env=self.env)
+        r = self.b.procs.run([*self.b.vmrt, "run", "-d", "--name", name, f"--isolation={self.iso}",
+                              "--network", self.b.network, self.b.image, "sleep", "600"], env=self.env)
         if r.rc != 0:
             raise BenchError(r.error(f"vmrt run -d --isolation={self.iso}"))
         return r.out.strip().splitlines()[-1]
@@ -568,8 +708,10 @@ class PodmanMode(Mode):
 class Bench:
     def __init__(self, cfg: Config, *, runs: int, parallel: int, density_max: int, modes: list[str],
                  only: list[str], image: str, idle: int, pool_size: int, argv: list[str],
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], network: str = "none", net_mib: int = NET_MIB,
+                 net_requests: int = NET_REQUESTS) -> None:
         self.cfg, self.runs, self.parallel, self.density_max = cfg, runs, parallel, density_max
+        self.network, self.net_mib, self.net_requests = network, net_mib, net_requests
         self.mode_names, self.only, self.image, self.idle_n, self.pool_size = modes, only, image, idle, pool_size
         self.argv, self.say = argv, say
         self.vmrt = [sys.executable, "-m", "vmrt"]
@@ -623,6 +765,7 @@ class Bench:
             "accelerator": accel, "accelerator_reason": reason, "host_kvm": host_kvm,
             "vm": self.vm_setup, "process_runtime": self.runtime_version,
             "image": self.image, "clock": "host CLOCK_MONOTONIC (time.perf_counter)",
+            "network": self.network, "net_network": "bridge",
         }
 
     def make_modes(self) -> None:
@@ -1039,6 +1182,139 @@ class Bench:
             f"dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} (one read + one write per byte)",
             "timing": "host-side timestamps of marker lines printed by the script"}
 
+    # --- net ---
+    def bench_net(self, tmp: Path) -> None:
+        """TCP throughput and HTTP latency from the host through published ports (default bridge
+        network), and over loopback to the same servers on the host (host-loopback)."""
+        res = self.results["net"]
+        modes = self.active("net")
+        nbytes = self.net_mib * 1024 * 1024
+        host = self.host_runner(tmp)
+        host_setup = {"isolation": "none (the host itself)", "network": "loopback", "servers": "host busybox"}
+        ports: dict[str, tuple[int, int]] = {}   # path -> (sink, http) on 127.0.0.1
+        commands: dict[str, str] = {}
+        ready_s: dict[str, float] = {}
+        handles: list[tuple[Mode, str]] = []
+        servers: list[subprocess.Popen[Any]] = []
+        live: list[str] = []  # the paths still measured
+
+        def lost(name: str, err: str) -> None:
+            if name == "host-loopback":
+                self.say(f"net: host-loopback: {err}")
+                res[name] = {"error": err, "setup": host_setup}
+            else:
+                self.fail("net", self.modes[name], err)
+            if name in live:
+                live.remove(name)
+        try:
+            if host is None:
+                res["host-loopback"] = {"skipped": "no busybox on the host", "setup": host_setup}
+            else:
+                sink, http = free_ports(2)
+                bindir, www = tmp / "bin", tmp / "net-www"
+                www.mkdir(exist_ok=True)
+                (www / "index.html").write_bytes(bytes(NET_FILE_BYTES))
+                env = dict(self.env, PATH=str(bindir))
+                hcmd = [str(bindir / "httpd"), "-f", "-p", f"127.0.0.1:{http}", "-h", str(www)]
+                scmd = [str(bindir / "sh"), "-c", NET_SINK, "sh", str(tmp / "net-sink.fifo"), str(sink), "127.0.0.1"]
+                self.say("net: host-loopback: busybox httpd and nc sink on the host")
+                servers += [self.procs.spawn(hcmd, env), self.procs.spawn(scmd, env)]
+                ports["host-loopback"] = (sink, http)
+                commands["host-loopback"] = f"{shlex.join(hcmd)}; sh -c NET_SINK sh FIFO {sink} 127.0.0.1"
+                live.append("host-loopback")
+            for m in modes:
+                assert isinstance(m, VmrtMode)
+                sink, http = free_ports(2)
+                name = f"{self.tag}-{m.name}-net"
+                self.vmrt_names.add(name)
+                cmd = [*self.vmrt, "run", "-d", "--name", name, f"--isolation={m.iso}", "--network", "bridge",
+                       "-p", f"127.0.0.1:{sink}:{NET_SINK_PORT}", "-p", f"127.0.0.1:{http}:{NET_HTTP_PORT}",
+                       self.image, "sh", "-c", NET_SERVE, "sh", "/tmp/bench-net-sink.fifo", str(NET_SINK_PORT)]
+                self.say(f"net: {m.name}: a detached container with httpd and an nc sink, ports published")
+                r = self.procs.run(cmd, env=m.env)
+                if r.rc != 0:
+                    self.fail("net", m, r.error(f"vmrt run -d --isolation={m.iso} -p"))
+                    continue
+                handles.append((m, r.out.strip().splitlines()[-1]))
+                ports[m.name] = (sink, http)
+                commands[m.name] = shlex.join(["vmrt", *cmd[len(self.vmrt):]])
+                live.append(m.name)
+            for name in list(live):
+                try:
+                    ready_s[name] = wait_net_ready(*ports[name], NET_FILE_BYTES)
+                    self.say(f"net: {name}: servers answer after {ready_s[name]:.1f} s; warm-up")
+                    net_transfer(ports[name][0], min(NET_WARMUP_MIB, self.net_mib) * 1024 * 1024)
+                    for _ in range(NET_WARMUP_GETS):
+                        http_get(ports[name][1], NET_FILE_BYTES)
+                except (OSError, BenchError) as e:
+                    lost(name, f"before timing: {e}")
+            rates: dict[str, list[float]] = {n: [] for n in live}
+            secs: dict[str, list[float]] = {n: [] for n in live}
+            for rep in range(REPS):
+                for name in rotate(list(live), rep):
+                    self.say(f"net: {name}: {self.net_mib} MiB, repetition {rep + 1}/{REPS}")
+                    try:
+                        t = net_transfer(ports[name][0], nbytes)
+                    except (OSError, BenchError) as e:
+                        lost(name, f"throughput, repetition {rep + 1}: {e}")
+                        continue
+                    secs[name].append(t)
+                    rates[name].append(self.net_mib / t)
+            lat: dict[str, list[float]] = {n: [] for n in live}
+            self.say(f"net: {self.net_requests} GETs per path, interleaved: {', '.join(live)}")
+            for i in range(self.net_requests):
+                for name in rotate(list(live), i):
+                    try:
+                        lat[name].append(http_get(ports[name][1], NET_FILE_BYTES) * 1000)
+                    except (OSError, BenchError) as e:
+                        lost(name, f"request {i + 1}: {e}")
+        finally:
+            for vm_mode, handle in handles:
+                vm_mode.remove([handle])
+            for p in servers:
+                self.procs.stop_group(p)
+        paths = {"host-loopback": "127.0.0.1 -> the host's own servers (loopback)",
+                 "process": "127.0.0.1 -> nftables DNAT (route_localnet) -> bridge -> veth -> the container's "
+                            "network namespace",
+                 "vm-cold": "127.0.0.1 -> nftables DNAT (route_localnet) -> bridge -> veth -> tc redirect -> tap "
+                            "-> virtio-net (QEMU) -> the guest"}
+        out: dict[str, dict[str, Any]] = {}
+        for name in ["host-loopback", *(m.name for m in modes)]:
+            if name in res:  # skipped or failed: as it is, in this order
+                out[name] = res.pop(name)
+                continue
+            mode = self.modes.get(name)
+            out[name] = {
+                "setup": {**mode.setup(), "network": "bridge (default), ports published on 127.0.0.1"} if mode
+                else host_setup,
+                "command": commands[name], "path": paths[name], "ready_s": round(ready_s[name], 2),
+                "throughput": {"mib": self.net_mib, "repetitions": len(rates[name]),
+                               "mib_s": summary(rates[name], 1), "seconds": summary(secs[name], 3)},
+                "latency_ms": {"requests": len(lat[name]), "file_bytes": NET_FILE_BYTES, **summary(lat[name], 3)},
+            }
+        out.update(res)  # the modes it does not apply to
+        hb = out.get("host-loopback", {})
+        for name, entry in out.items():
+            if name != "host-loopback" and "throughput" in entry and "throughput" in hb:
+                base = hb["throughput"]["mib_s"]["p50"]
+                entry["throughput_ratio_to_host"] = round(entry["throughput"]["mib_s"]["p50"] / base, 3)
+                entry["latency_p50_ratio_to_host"] = round(entry["latency_ms"]["p50"] / hb["latency_ms"]["p50"], 2)
+        self.results["net"] = out
+        self.workloads["net"] = {
+            "network": "the default bridge network (whatever --network says); ports published on 127.0.0.1 with -p",
+            "servers": f"busybox httpd -f (GET /index.html, {NET_FILE_BYTES} bytes) and a TCP sink: a shell loop of "
+                       "busybox 'nc -l -p PORT' (stdin a FIFO held open, output to /dev/null), in one detached "
+                       "container per mode; the same on the host for host-loopback",
+            "throughput": f"{self.net_mib} MiB sent over a new connection, then shutdown(SHUT_WR); timed from "
+                          f"connect to the sink's EOF (it has read everything and exited); {REPS} repetitions, "
+                          "interleaved; MiB/s",
+            "latency": f"{self.net_requests} sequential HTTP/1.0 GETs per path, a new TCP connection each (as curl), "
+                       "timed from connect to the last byte; interleaved path by path; ms",
+            "warmup": f"readiness probes, then a transfer of {min(NET_WARMUP_MIB, self.net_mib)} MiB and "
+                      f"{NET_WARMUP_GETS} GETs per path, discarded",
+            "client": "Python sockets on the host, the same code for every path",
+            "timing": "host CLOCK_MONOTONIC (time.perf_counter)"}
+
     # --- driver ---
     def run(self) -> dict[str, Any]:
         self.collect_meta()
@@ -1048,7 +1324,7 @@ class Bench:
             for metric in METRICS:
                 if metric not in self.only:
                     continue
-                if metric in ("io", "cpu"):
+                if metric in ("io", "cpu", "net"):
                     getattr(self, f"bench_{metric}")(tmp)
                 else:
                     getattr(self, f"bench_{metric}")()
@@ -1090,7 +1366,9 @@ class Bench:
         return {"schema": "vmrt-bench/1", "meta": self.meta,
                 "options": {"runs": self.runs, "parallel": self.parallel, "density_max": self.density_max,
                             "modes": self.mode_names, "only": self.only, "image": self.image, "idle": self.idle_n,
-                            "pool_size": self.pool_size, "io_cpu_repetitions": REPS},
+                            "pool_size": self.pool_size, "io_cpu_repetitions": REPS, "network": self.network,
+                            "net_mib": self.net_mib, "net_requests": self.net_requests,
+                            "net_repetitions": REPS},
                 "modes": modes, "results": self.results, "workloads": self.workloads}
 
 
@@ -1235,6 +1513,21 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
                          _f(e.get("syscall_ratio_to_host"), 2), ""])
         out.append((f"CPU loop ({CPU_ITERS} awk iterations) and syscall loop ({2 * SYSCALL_BYTES} syscalls), "
                     f"p50 of {REPS}", ["where", "cpu s", "/host", "syscall s", "syscalls/s", "/host", "note"], rows))
+    if "net" in res:
+        rows = []
+        o = doc["options"]
+        for name, e in sorted(res["net"].items(), key=lambda kv: kv[0] != "host-loopback"):
+            st = _status(e)
+            if st:
+                rows.append([name, *["-"] * 6, st])
+                continue
+            t, lat = e["throughput"]["mib_s"], e["latency_ms"]
+            rows.append([name, _f(t["p50"], 1), _f(e.get("throughput_ratio_to_host"), 3), _f(lat["p50"], 2),
+                         _f(lat["p90"], 2), _f(lat["p99"], 2), _f(e.get("latency_p50_ratio_to_host"), 2), ""])
+        out.append((f"Network through published ports on 127.0.0.1 (default bridge network): TCP throughput "
+                    f"({o.get('net_mib')} MiB, p50 of {o.get('net_repetitions', REPS)}) and HTTP GET latency "
+                    f"({NET_FILE_BYTES} B file, new connection each, n={o.get('net_requests')})",
+                    ["path", "MiB/s", "MiB/s / host", "p50 ms", "p90 ms", "p99 ms", "p50 / host", "note"], rows))
     for i, (title, header, rows) in enumerate(out):  # no empty note column
         if header[-1] == "note" and not any(r[-1] for r in rows):
             out[i] = (title, header[:-1], [r[:-1] for r in rows])
@@ -1247,7 +1540,8 @@ def setup_line(doc: dict[str, Any]) -> str:
             f"{vm['guest_memory_mib']} MiB, {vm['vcpus']} vCPU, kernel build {vm['kernel_build_id']}, "
             f"virtio-fs cache={vm['virtiofs_cache']} (DAX off), vmrt {m['vmrt_version']}, "
             f"{m['host']['cores']} host cores, {m['host']['mem_total_mib']} MiB host RAM, runtime "
-            f"{m['process_runtime']}")
+            f"{m['process_runtime']}, vmrt containers' network: {m.get('network', '?')}"
+            + (" (net: default bridge)" if "net" in doc.get("options", {}).get("only", []) else ""))
 
 
 def terminal(doc: dict[str, Any]) -> str:
@@ -1386,6 +1680,16 @@ def plots(doc: dict[str, Any], outdir: Path) -> list[str]:
         bars(ax, list(cpu), {"cpu loop": [cpu[k]["cpu_loop_s"]["p50"] for k in cpu],
                              "syscall loop": [cpu[k]["syscall_loop_s"]["p50"] for k in cpu]}, "s (log)", log=True)
         save(fig, "cpu.png", "CPU loop and syscall loop (time, lower is better)")
+    net = dict(sorted(((k, v) for k, v in res.get("net", {}).items() if "throughput" in v),
+                      key=lambda kv: kv[0] != "host-loopback"))
+    if net:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        bars(axes[0], list(net), {"MiB/s": [net[k]["throughput"]["mib_s"]["p50"] for k in net]}, "MiB/s")
+        axes[0].set_title(f"TCP throughput, {doc['options'].get('net_mib')} MiB (p50)", fontsize=9)
+        bars(axes[1], list(net), {q: [net[k]["latency_ms"][q] for k in net] for q in ("p50", "p90", "p99")},
+             "ms (log)", log=True)
+        axes[1].set_title(f"HTTP GET, new connection each (n={doc['options'].get('net_requests')})", fontsize=9)
+        save(fig, "net.png", "Network through published ports (default bridge) vs host loopback")
     return made
 
 
@@ -1403,9 +1707,12 @@ def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def main(cfg: Config, *, runs: int, parallel: int, density_max: int, modes: str, only: str,
          json_path: Path | None, plots_dir: Path | None, write_md: Path | None, image: str,
-         idle: int | None, pool_size: int | None, argv: list[str]) -> int:
+         idle: int | None, pool_size: int | None, argv: list[str], network: str = "none",
+         net_mib: int = NET_MIB, net_requests: int = NET_REQUESTS) -> int:
     mode_list = parse_list(modes, MODES, "modes")
     only_list = parse_list(only, METRICS, "only")
+    if not network.strip():
+        raise UsageError("--network: empty (use none, bridge or a network's name)")
     if os.geteuid() != 0:
         raise UsageError("vmrt bench needs root (it runs containers)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -1417,7 +1724,8 @@ def main(cfg: Config, *, runs: int, parallel: int, density_max: int, modes: str,
     def say(msg: str) -> None:
         print(f"vmrt bench: {msg}", file=sys.stderr, flush=True)
     bench = Bench(cfg, runs=runs, parallel=parallel, density_max=density_max, modes=mode_list, only=only_list,
-                  image=image, idle=idle or parallel, pool_size=pool_size or max(1, parallel), argv=argv, say=say)
+                  image=image, idle=idle or parallel, pool_size=pool_size or max(1, parallel), argv=argv, say=say,
+                  network=network.strip(), net_mib=net_mib, net_requests=net_requests)
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

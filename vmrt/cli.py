@@ -275,7 +275,15 @@ def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
 @click.option("--density-max", type=click.IntRange(min=1), default=30, show_default=True,
               help="Density: start idle containers until this many run (or memory/starts give out).")
 @click.option("--modes", default="process,vm-cold,vm-pool,vm-snapshot,runc,podman", show_default=True)
-@click.option("--only", default="start,exec,memory,density,io,cpu", show_default=True)
+@click.option("--only", default="start,exec,memory,density,io,cpu,net", show_default=True)
+@click.option("--network", default="none", show_default=True,
+              help="The network of the vmrt modes' containers for start, exec, memory, density, io and cpu "
+                   "(none: as the podman baseline; bridge: with the cost of the bridge network). "
+                   "net always uses the default bridge.")
+@click.option("--net-mib", type=click.IntRange(min=1), default=64, show_default=True,
+              help="net: MiB sent per TCP throughput repetition (the same for every mode).")
+@click.option("--net-requests", type=click.IntRange(min=1), default=200, show_default=True,
+              help="net: HTTP GETs per mode (a new connection each) for the latency percentiles.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the results here [default: ./vmrt-bench-DATE-TIME.json].")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False),
