@@ -6,12 +6,14 @@ the real kernel, agent and image built by `vmrt setup`. They need root.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,16 +34,24 @@ def vmrt_cgroups() -> set[str]:
 
 
 _instances = itertools.count(1)
-NET_IFACE = re.compile(r"^(v[0-9a-f]{10}\d|vmbr[0-9a-f]{10}|vmrtt\d+)$")  # vmrt's veths and bridges
+# a container's veth, a user network's bridge (tests remove their networks); the default bridge of
+# each private vmrt (vmrttN) stays, as docker0, until the session ends
+NET_IFACE = re.compile(r"^(v[0-9a-f]{10}\d|vmbr[0-9a-f]{10})$")
+_made: list[Vmrt] = []
 
 
 def host_interfaces() -> list[str]:
     return sorted(os.listdir("/sys/class/net"))
 
 
-def nft_tables() -> list[str]:
-    r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
-    return [ln.split()[-1] for ln in r.stdout.splitlines() if ln.startswith("table ip vmrt")]
+def nft_table(root: Path) -> str:
+    """The nftables table of the vmrt whose state root this is (vmrt/network.py: table_name)."""
+    return f"vmrt_{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
+def port_rules(table: str) -> list[str]:
+    r = subprocess.run(["nft", "list", "chain", "ip", table, "ports"], capture_output=True, text=True)
+    return [ln.strip() for ln in r.stdout.splitlines() if "dnat" in ln]
 
 
 class Vmrt:
@@ -57,6 +67,7 @@ class Vmrt:
                         VMRT_NETWORK_BRIDGE=self.bridge, VMRT_NETWORK_SUBNET=self.subnet,
                         VMRT_NETWORK_POOL="10.201.0.0/16")
         self.env.pop("VMRT_ISOLATION", None)
+        _made.append(self)
 
     def cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "vmrt", *args]
@@ -115,7 +126,7 @@ class Vmrt:
             found += [f"netns {p}" for p in ns.iterdir()]
         # veths, bridges, rules: gone with the last container of a network
         found += [f"interface {i}" for i in host_interfaces() if NET_IFACE.match(i)]
-        found += [f"nftables table {t}" for t in nft_tables()]
+        found += [f"port rule {r}" for r in port_rules(nft_table(self.root))]
         return found
 
     def assert_clean(self, timeout: float = 5.0) -> None:
@@ -123,6 +134,16 @@ class Vmrt:
         while (left := self.leftovers()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not left, f"teardown left: {left}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_bridges() -> Iterator[None]:
+    """At the end of the session: the default bridges and nftables tables of the private vmrts
+    (kept between their containers, as docker0 is) go, so the host is as before."""
+    yield
+    for v in _made:
+        subprocess.run(["ip", "link", "del", v.bridge], capture_output=True)
+        subprocess.run(["nft", "delete", "table", "ip", nft_table(v.root)], capture_output=True)
 
 
 @pytest.fixture(scope="session")

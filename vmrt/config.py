@@ -58,7 +58,7 @@ class Config:
     pool_size: int = 2                       # ready VMs the pool daemon keeps (`vmrt pool start --size`)
     snapshot: str = "auto"                   # restore VMs from `vmrt snapshot build`'s state: auto or off
     network_subnet: str = "10.66.0.0/16"     # the default `bridge` network's addresses
-    network_bridge: str = "vmrt0"            # ... and its bridge (there while containers use it)
+    network_bridge: str = "vmrt0"            # ... and its bridge (made on first use, kept, as docker0)
     network_pool: str = "10.67.0.0/16"       # user networks get a /24 of this unless --subnet is given
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 

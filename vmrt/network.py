@@ -564,19 +564,38 @@ def _iproute() -> Any:
     Its ``netns=`` argument is not used: it forks a child that pyroute2 ends with SIGTERM, which
     the parent's asyncio signal handling (the inherited wakeup fd) takes for its own. Work in a
     namespace runs in a thread that entered it (:func:`in_netns`)."""
+    return _iproute_class()()
+
+
+def _iproute_class() -> Any:
     import importlib.util
     import sys
     import types
-    if "pyroute2" not in sys.modules:
-        spec = importlib.util.find_spec("pyroute2")
-        if spec is None or spec.submodule_search_locations is None:
-            raise NetworkError("pyroute2 is not installed (pip install pyroute2)")
-        shell = types.ModuleType("pyroute2")
-        shell.__path__ = list(spec.submodule_search_locations)
-        shell.__spec__ = spec
-        sys.modules["pyroute2"] = shell
+    with _import_lock:
+        if "pyroute2" not in sys.modules:
+            spec = importlib.util.find_spec("pyroute2")
+            if spec is None or spec.submodule_search_locations is None:
+                raise NetworkError("pyroute2 is not installed (pip install pyroute2)")
+            shell = types.ModuleType("pyroute2")
+            shell.__path__ = list(spec.submodule_search_locations)
+            shell.__spec__ = spec
+            sys.modules["pyroute2"] = shell
     from pyroute2.iproute.linux import IPRoute
-    return IPRoute()
+    return IPRoute
+
+
+_import_lock = threading.Lock()
+
+
+def preload(req: NetRequest | None) -> None:
+    """Import pyroute2 in the background while the run looks up its image and writes its
+    records (much of that waits on files): a bridge network needs it soon after."""
+    if req is not None and req.network in ("none", "host"):
+        return
+    def load() -> None:
+        with contextlib.suppress(Exception):  # a missing pyroute2 is reported where it is needed
+            _iproute_class()
+    threading.Thread(target=load, daemon=True).start()
 
 
 def _nl_error(what: str, e: Exception) -> NetworkError:
@@ -588,8 +607,11 @@ def _link_index(ipr: Any, name: str) -> int | None:
     return found[0] if found else None
 
 
-def ensure_bridge(net: Network) -> None:
-    """The network's bridge with the gateway address, up; forwarding on (idempotent)."""
+def ensure_bridge(net: Network) -> bool:
+    """The network's bridge with the gateway address, up; forwarding on (idempotent). True if
+    the bridge was made now (then the rules need writing)."""
+    if _link_exists(net.bridge) and Path(f"/proc/sys/net/ipv4/conf/{net.bridge}/route_localnet").read_text() == "1\n":
+        return False  # set up already (the common case: no netlink round trips)
     _sysctl("net.ipv4.ip_forward", "1")
     subnet = ipaddress.IPv4Network(net.subnet)
     with _iproute() as ipr:
@@ -611,6 +633,7 @@ def ensure_bridge(net: Network) -> None:
         ipr.link("set", index=idx, state="up")
     # published ports reached from 127.0.0.1: DNAT'd loopback traffic may leave through the bridge
     _sysctl(f"net.ipv4.conf.{net.bridge}.route_localnet", "1")
+    return True
 
 
 def delete_link(name: str) -> None:
@@ -816,9 +839,33 @@ class Attached:
     endpoints: list[Endpoint]
     files: dict[str, Path]     # container path -> host file (bind-mounted)
     networks: dict[str, Network] = dataclasses.field(default_factory=dict)  # by id, those of endpoints
+    _thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
+    _error: BaseException | None = dataclasses.field(default=None, repr=False)
 
     def primary(self) -> Endpoint | None:
         return self.endpoints[0] if self.endpoints else None
+
+    def plumb_in_background(self, cfg: Config, isolation: str, pool_netns: Path | None = None) -> None:
+        """Interfaces and tc (and a pooled VM's tap, moved from ``pool_netns``) in a thread: pyroute2's
+        import and the netlink work overlap with ``runc create`` or the VM's boot. :meth:`wait` before
+        the container's process may run."""
+        def work() -> None:
+            try:
+                if pool_netns is not None and self.netns is not None:
+                    adopt_tap(pool_netns, self.netns)
+                plumb(cfg, self, isolation)
+            except BaseException as e:  # noqa: B036 - raised again by wait()
+                self._error = e
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def wait(self, quiet: bool = False) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None and not quiet:
+            err, self._error = self._error, None
+            raise err
 
 
 def files_dir(run_dir: Path) -> Path:
@@ -855,13 +902,15 @@ def attach(cfg: Config, container_id: str, name: str, isolation: str, config: di
                 if isolation == "vm" and len(nets) > 1:
                     raise UsageError("a VM container joins one network (its NIC is fixed at boot)")
                 ports = _resolve_ports(store, req, config)
+                made = False
                 for i, net in enumerate(nets):
-                    ensure_bridge(net)
+                    made |= ensure_bridge(net)
                     ep = _allocate(store, net, container_id, name, i, req, ports if i == 0 else [])
                     store.add_endpoint(ep)
                     att.endpoints.append(ep)
                     att.networks[net.id] = net
-                sync_rules(store)
+                if made or ports:  # the rules change with a new bridge or published ports only
+                    sync_rules(store)
         _write_files(cfg, att, req, hostname, mode == "host", fdir)
         _mount_files(config, att)
         return att
@@ -1003,28 +1052,21 @@ def detach(cfg: Config, container_id: str) -> None:
     ns = netns_path(cfg, container_id)
     with locked(cfg), Store(cfg) as store:
         eps = store.endpoints(container_id=container_id)
-        had_rules = bool(eps)
-        for ep in eps:
-            if _link_exists(ep.host_if):
-                delete_link(ep.host_if)
-        for i in range(4):  # interfaces of a half-done attach that has no row yet
-            name = f"v{container_id[:10]}{i}"
-            if _link_exists(name):
-                delete_link(name)
+        # the namespace goes first: with nothing else holding it the kernel destroys it and its veths
         remove_netns(ns)
+        for name in {*(ep.host_if for ep in eps), *(f"v{container_id[:10]}{i}" for i in range(4))}:
+            for _ in range(20):  # the kernel's namespace cleanup runs asynchronously
+                if not _link_exists(name):
+                    break
+                time.sleep(0.005)
+            else:
+                delete_link(name)
         store.drop_endpoints(container_id)
-        if had_rules:
-            _remove_idle_bridges(store, {ep.network_id for ep in eps})
+        if any(ep.ports for ep in eps):
             sync_rules(store)
+        user = {n.id for n in store.networks() if n.user}
+        if any(ep.network_id in user for ep in eps):
             refresh_hosts(cfg, store)
-
-
-def _remove_idle_bridges(store: Store, network_ids: set[str]) -> None:
-    """A bridge lives while containers use it (as Podman's): a network without running
-    containers leaves no interface, route or rule on the host."""
-    for net in store.networks():
-        if net.id in network_ids and not store.live_endpoints(network_id=net.id) and _link_exists(net.bridge):
-            delete_link(net.bridge)
 
 
 def _link_exists(name: str) -> bool:
@@ -1082,7 +1124,6 @@ def disconnect_live(cfg: Config, container_id: str, ref: str) -> None:
             raise NetworkError(f"container is not connected to network {net.name}")
         delete_link(eps[0].host_if)
         store.drop_endpoints(container_id, net.id)
-        _remove_idle_bridges(store, {net.id})
         sync_rules(store)
         refresh_hosts(cfg, store)
 

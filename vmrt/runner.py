@@ -87,6 +87,8 @@ def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
     detached container's monitor, ``start`` and ``logs`` read); a plain ``run --rm``
     keeps nothing on disk.
     """
+    from .network import preload
+    preload(opts.net)
     _check_networks(cfg, opts)
     store = Store(cfg.root)
     with store.writing():  # no image prune between finding the image and recording its user
@@ -136,12 +138,11 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         raise StateError(f"container {c.name} is already running or being started") from None
     status: int = 125
     from . import network
+    net = None
     try:
         state.set_fields(c, run_dir=str(run_dir))
         config = copy.deepcopy(config)  # the run's own: its network adds namespace and mounts
-        net = network.attach(cfg, c.id, c.name, c.isolation, config, run_dir)
-        if c.isolation == "process":
-            network.plumb(cfg, net, "process")
+        net = network.attach(cfg, c.id, c.name, c.isolation, config, run_dir)  # the drivers plumb it
         timings.mark("network-ready")
         bundle.write(run_dir, config)
         state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid(),
@@ -155,6 +156,8 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         raise
     finally:
         try:
+            if net is not None:
+                net.wait(quiet=True)  # no plumbing thread still at work while it is taken down
             network.detach(cfg, c.id)
         finally:
             with contextlib.suppress(StateError):

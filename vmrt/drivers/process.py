@@ -166,9 +166,13 @@ class _Session:
         if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise LaunchError("cannot become a child subreaper")
         created = False
+        if ctx.net is not None:  # veth and address while runc creates the container
+            ctx.net.plumb_in_background(ctx.cfg, "process")
         try:
             self._create()
             created = True
+            if ctx.net is not None:
+                ctx.net.wait()
             ctx.timings.mark("vmm-spawned")
             r = subprocess.run(self._rt("start", self.cid), check=False, capture_output=True, text=True)
             if r.returncode != 0:
@@ -183,6 +187,8 @@ class _Session:
                 raise VmrtError(f"container killed: {self.forced}", exit_code=137)
             return status
         finally:
+            if ctx.net is not None:
+                ctx.net.wait(quiet=True)
             self._teardown(created)
 
     def _create(self) -> None:

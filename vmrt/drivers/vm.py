@@ -509,7 +509,8 @@ class _Session:
         vfs: Virtiofsd | pool.AdoptedVirtiofsd | None
         if claimed is not None:  # a pooled VM, booted and waiting: its share gets the rootfs now
             t.mark("pool-claim")
-            await asyncio.to_thread(self._network, claimed.dir / "netns")  # pyroute2: not in this loop
+            if ctx.net is not None and ctx.net.netns is not None:  # its tap moves into the container's netns
+                ctx.net.plumb_in_background(cfg, "vm", pool_netns=claimed.dir / "netns")
             share = claimed.dir / "share"
             # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
             rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
@@ -535,8 +536,7 @@ class _Session:
             share_volumes(ctx.config, share, stack)  # only vmrt's /etc files: _snapshot() checked
             t.mark("rootfs-ready")
             vfs = None
-            nic_spec = await asyncio.to_thread(self._nic, spec)  # pyroute2 runs its own loop: not in this one
-            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(nic_spec, snap, share), bdir / "qemu.log")
+            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(self._nic(spec), snap, share), bdir / "qemu.log")
             self._launch(vm)
             t.mark("vmm-spawned")
             stack.push_async_callback(self._teardown_vm)
@@ -557,8 +557,7 @@ class _Session:
             stack.callback(vfs.stop)
             assert vfs.pid is not None
             group.add(vfs.pid)
-            nic_spec = await asyncio.to_thread(self._nic, spec)  # pyroute2 runs its own loop: not in this one
-            vm = self.vm = QemuVM(cfg, nic_spec, bdir / "qemu.log")
+            vm = self.vm = QemuVM(cfg, self._nic(spec), bdir / "qemu.log")
             self._launch(vm)
             t.mark("vmm-spawned")
             stack.push_async_callback(self._teardown_vm)
@@ -591,6 +590,8 @@ class _Session:
         if snap is not None:  # a clone: its share is 9p, its RNG state is every clone's until reseeded
             rs.share_9p, rs.seed = True, os.urandom(64)
         rs.net = network.guest_net(ctx.net)
+        if ctx.net is not None:  # the VM's side of the network is joined before its process runs
+            await asyncio.to_thread(ctx.net.wait)
         if ctx.handoff is not None:
             await self._handoff(P.encode_run(rs), vfs, stdin_open)
         self._send(P.encode_run(rs))
@@ -617,11 +618,7 @@ class _Session:
         if net is None or net.netns is None:  # no namespace of its own: an unconnected NIC (same shape)
             return dataclasses.replace(spec, tap_fd=network.open_tap_detached())
         fd = network.open_tap(net.netns)
-        try:
-            network.plumb(self.cfg, net, "vm")
-        except BaseException:
-            os.close(fd)
-            raise
+        net.plumb_in_background(self.cfg, "vm")  # veth + tc while QEMU boots; waited for before RUN
         ep = net.primary()
         return dataclasses.replace(spec, tap_fd=fd, mac=ep.mac if ep is not None else spec.mac)
 
@@ -631,14 +628,6 @@ class _Session:
         finally:  # QEMU holds the tap now: it goes when QEMU does
             if vm.spec.tap_fd is not None:
                 os.close(vm.spec.tap_fd)
-
-    def _network(self, pool_netns: Path) -> None:
-        """A pooled VM's tap moves from the namespace it booted in into the container's."""
-        net = self.ctx.net
-        if net is None or net.netns is None:
-            return
-        network.adopt_tap(pool_netns, net.netns)
-        network.plumb(self.cfg, net, "vm")
 
     def _snapshot(self, shape: pool.Shape) -> snapshot.Snapshot | None:
         """A verified snapshot of this shape, for a container without bind volumes (the 9p
