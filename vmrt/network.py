@@ -488,20 +488,22 @@ def in_netns(path: Path, fn: Any, *args: Any) -> Any:
     return _in_thread(run)
 
 
+def _make_tap(name: str) -> int:
+    """A tap in the calling thread's network namespace (vnet headers: QEMU's virtio-net offloads)."""
+    TUNSETIFF, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x400454CA, 0x0002, 0x1000, 0x4000
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as e:
+        os.close(fd)
+        raise NetworkError(f"cannot create tap {name}: {e.strerror}") from None
+    return fd
+
+
 def open_tap(path: Path, name: str = "tap0") -> int:
     """Create the tap ``name`` in the namespace at path; returns its fd (for QEMU's -netdev tap,fd=).
     The tap lives as long as that fd is open anywhere: it goes with QEMU."""
-    TUNSETIFF, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x400454CA, 0x0002, 0x1000, 0x4000
-
-    def make() -> int:
-        fd = os.open("/dev/net/tun", os.O_RDWR)
-        try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-        except OSError as e:
-            os.close(fd)
-            raise NetworkError(f"cannot create tap {name}: {e.strerror}") from None
-        return fd
-    return int(in_netns(path, make))
+    return int(in_netns(path, _make_tap, name))
 
 
 def open_tap_detached() -> int:
@@ -510,14 +512,7 @@ def open_tap_detached() -> int:
     def make() -> int:
         if _libc.unshare(CLONE_NEWNET) != 0:
             raise NetworkError(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
-        TUNSETIFF, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x400454CA, 0x0002, 0x1000, 0x4000
-        fd = os.open("/dev/net/tun", os.O_RDWR)
-        try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", b"tap0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-        except OSError as e:
-            os.close(fd)
-            raise NetworkError(f"cannot create tap: {e.strerror}") from None
-        return fd
+        return _make_tap("tap0")
     return int(_in_thread(make))
 
 
