@@ -509,8 +509,9 @@ class _Session:
         vfs: Virtiofsd | pool.AdoptedVirtiofsd | None
         if claimed is not None:  # a pooled VM, booted and waiting: its share gets the rootfs now
             t.mark("pool-claim")
-            if ctx.net is not None and ctx.net.netns is not None:  # its tap moves into the container's netns
+            if ctx.net is not None and ctx.net.endpoints:  # its tap moves into the container's netns
                 ctx.net.plumb_in_background(cfg, "vm", pool_netns=claimed.dir / "netns")
+            # (--network none: the tap stays, unconnected, in the namespace the VM booted in)
             share = claimed.dir / "share"
             # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
             rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
