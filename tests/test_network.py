@@ -458,3 +458,39 @@ def test_outbound_nat_and_a_published_port_from_another_host(vmrt: Vmrt, outside
     assert r.stdout == f"hello-from-{cid[:12]}\n".encode(), r.stderr
     rm(vmrt, cid)
     vmrt.assert_clean()
+
+
+@pytest.mark.vm
+def test_a_running_vm_learns_names_that_come_and_go(vmrt: Vmrt) -> None:
+    """Names on a user network are live: a VM started first sees a later container in its
+    /etc/hosts (rewritten on the host, read through virtio-fs) and no longer once it is gone."""
+    netcreate(vmrt, "livenet")
+    vm = detach(vmrt, "vm", "sleep", "120", opts=("--network", "livenet", "--name", "first"))
+    later = detach(vmrt, "process", "sleep", "120", opts=("--network", "livenet", "--name", "later"))
+    r = vmrt("exec", vm, "sh", "-c", "for i in $(seq 50); do grep -q later /etc/hosts && break; sleep 0.1; done; "
+             "ping -c1 -W5 later >/dev/null && echo reached")
+    assert r.stdout == b"reached\n", r.stderr
+    rm(vmrt, later)
+    r = vmrt("exec", vm, "sh", "-c", "for i in $(seq 50); do grep -q later /etc/hosts || break; sleep 0.1; done; "
+             "grep -c later /etc/hosts")
+    assert r.stdout == b"0\n", r.stderr
+    rm(vmrt, vm)
+    netrm(vmrt, "livenet")
+    vmrt.assert_clean()
+
+
+def test_restarts_get_their_network_again(vmrt: Vmrt) -> None:
+    """A restart policy brings the container back with its address and published port; after
+    the last run nothing of its network is left."""
+    cid = detach(vmrt, "process", "sh", "-c", "ip -4 -o addr show eth0 | wc -l; exit 3",
+                 opts=("--restart", "on-failure:2", "-p", "127.0.0.1:18999:80"))
+    r = vmrt("wait", cid)
+    deadline = time.monotonic() + 60
+    while inspect(vmrt, cid)["RestartCount"] < 2 or inspect(vmrt, cid)["State"]["Status"] != "exited":
+        assert time.monotonic() < deadline, "restarts did not finish"
+        time.sleep(0.2)
+        r = vmrt("wait", cid)
+    assert r.stdout == b"3\n"
+    assert vmrt("logs", cid).stdout == b"1\n1\n1\n"  # eth0 with its address, each of the 3 runs
+    rm(vmrt, cid)
+    vmrt.assert_clean()

@@ -632,10 +632,14 @@ class _Session:
 
     def _snapshot(self, shape: pool.Shape) -> snapshot.Snapshot | None:
         """A verified snapshot of this shape, for a container without bind volumes (the 9p
-        export is read-only: vmrt's own /etc files are fine); a corrupt one is refused with a
-        notice: then a cold boot."""
+        export is read-only: vmrt's own /etc files are fine) and not on a user network (its
+        hosts file changes; the clone's 9p mount caches loosely); a corrupt one is refused with
+        a notice: then a cold boot."""
         if any(m["type"] == "bind" and not m.get("org.vmrt.managed") for m in bundle.user_mounts(self.ctx.config)):
             return None
+        net = self.ctx.net
+        if net is not None and any(n.user for n in net.networks.values()):
+            return None  # names on a user network change while it runs: 9p's cache=loose would not see them
         snap = snapshot.find(self.cfg, shape)
         if snap is not None and (why := snap.verify()) is not None:
             print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
