@@ -13,10 +13,12 @@ import os
 import signal
 import socket
 import subprocess
+import tarfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import Vmrt, one_line_error
@@ -493,4 +495,26 @@ def test_restarts_get_their_network_again(vmrt: Vmrt) -> None:
     assert r.stdout == b"3\n"
     assert vmrt("logs", cid).stdout == b"1\n1\n1\n"  # eth0 with its address, each of the 3 runs
     rm(vmrt, cid)
+    vmrt.assert_clean()
+
+
+def test_publish_all_uses_the_images_expose(vmrt: Vmrt, tmp_path: Path) -> None:
+    """`-P` publishes the ports the image EXPOSEs (here an image imported with `-c 'EXPOSE ...'`)."""
+    tar = tmp_path / "rootfs.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add("/bin/busybox", "bin/busybox")
+        for applet in ("sh", "mkdir", "hostname", "httpd"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            t.addfile(link)
+    r = vmrt("import", str(tar), "exposing:1", "-c", "EXPOSE 9191", "-c", 'CMD ["sh"]')
+    assert r.returncode == 0, r.stderr
+    cid = vmrt("run", "-d", "--isolation=process", "-P", "exposing:1", "sh", "-c",
+               HTTPD.format(port=9191)).stdout.decode().strip()
+    host = vmrt("port", cid, "9191").stdout.decode().strip()
+    assert host.startswith("0.0.0.0:")
+    assert fetch(f"http://127.0.0.1:{host.rpartition(':')[2]}/") == f"hello-from-{cid[:12]}\n"
+    assert inspect(vmrt, cid)["Config"]["ExposedPorts"] == {"9191/tcp": {}}
+    rm(vmrt, cid)
+    assert vmrt("rmi", "exposing:1").returncode == 0
     vmrt.assert_clean()

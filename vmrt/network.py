@@ -649,6 +649,8 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
     address and route on it, VM mode redirects it to and from tap0 (the VM's NIC)."""
     prefix = ipaddress.IPv4Network(net.subnet).prefixlen
     tmp = "vp" + secrets.token_hex(6)
+    if _link_exists(ep.host_if):  # the same container's previous run, its namespace still being destroyed
+        delete_link(ep.host_if)
     with _iproute() as ipr:
         br = _link_index(ipr, net.bridge)
         if br is None:
