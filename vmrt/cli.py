@@ -532,3 +532,7 @@ def entry() -> None:
         click.echo(f"vmrt: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
         LOG.debug("details", exc_info=True)
         sys.exit(125)
+    except Exception as e:  # a bug, or a library's own error type (pyroute2's NetlinkError): still one line
+        click.echo(f"vmrt: internal error: {type(e).__name__}: {e} (--debug shows where)", err=True)
+        LOG.debug("details", exc_info=True)
+        sys.exit(125)
