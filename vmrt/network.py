@@ -594,7 +594,7 @@ def preload(req: NetRequest | None) -> None:
 
 
 def _nl_error(what: str, e: Exception) -> NetworkError:
-    return NetworkError(f"{what}: {getattr(e, 'args', [e])[-1] if getattr(e, 'args', None) else e}")
+    return NetworkError(f"{what}: {e.args[-1] if e.args else e}")
 
 
 def _link_index(ipr: Any, name: str) -> int | None:
@@ -749,16 +749,12 @@ def ruleset(table: str, networks: list[Network], endpoints: list[Endpoint]) -> s
 def sync_rules(store: Store) -> None:
     """Rewrite vmrt's nftables table from the database (atomically: one nft transaction)."""
     table = table_name(store.cfg)
-    networks = [n for n in store.networks() if _bridge_exists(n.bridge)]
+    networks = [n for n in store.networks() if _link_exists(n.bridge)]
     endpoints = store.live_endpoints()
     if not networks:
         _nft(f"table ip {table}\ndelete table ip {table}\n")
         return
     _nft(ruleset(table, networks, endpoints))
-
-
-def _bridge_exists(name: str) -> bool:
-    return Path("/sys/class/net", name).exists()
 
 
 # --- names: managed /etc files ------------------------------------------------------------
@@ -1010,7 +1006,6 @@ def _write_files(cfg: Config, att: Attached, req: NetRequest, hostname: str, hos
         _write_in_place(p, text)
         att.files[target] = p
     (fdir / "request.json").write_text(req.to_json())
-    (fdir / "hostname.txt").write_text(hostname)
 
 
 def _mount_files(config: dict[str, Any], att: Attached) -> None:
@@ -1034,7 +1029,7 @@ def refresh_hosts(cfg: Config, store: Store) -> None:
         fdir = files_dir(cfg.run_root / "containers" / cid)
         try:
             req = NetRequest.from_json((fdir / "request.json").read_text())
-            hostname = (fdir / "hostname.txt").read_text()
+            hostname = (fdir / "hostname").read_text().strip()
         except (OSError, ValueError):
             continue
         nets = {ep.network_id for ep in own if ep.network_id in user_nets}
