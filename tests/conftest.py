@@ -26,10 +26,21 @@ def pytest_configure(config: pytest.Config) -> None:
         pytest.exit("vmrt's tests need root (mounts, QEMU, virtiofsd); run them as root", returncode=4)
 
 
+# VMRT_TEST_SLOT=N (0-9): a test run of its own beside others on this host (its own cgroup parent,
+# bridge names and subnets), so parallel runs never count each other's containers as leftovers
+SLOT = os.environ.get("VMRT_TEST_SLOT", "")
+if SLOT and not (SLOT.isdigit() and len(SLOT) == 1):
+    raise SystemExit("VMRT_TEST_SLOT must be one digit")
+CGROUP_PARENT = f"vmrt-t{SLOT}" if SLOT else "vmrt"
+if SLOT:
+    os.environ["VMRT_CGROUP_PARENT"] = CGROUP_PARENT
+
+
 def vmrt_cgroups() -> set[str]:
     """Every container cgroup vmrt made (process mode: vmrt/<id>; VM mode: vmrt/<id>-vmm)."""
     root = Path("/sys/fs/cgroup")
-    bases = [root / "vmrt"] if (root / "cgroup.controllers").exists() else list(root.glob("*/vmrt"))
+    bases = ([root / CGROUP_PARENT] if (root / "cgroup.controllers").exists()
+             else list(root.glob(f"*/{CGROUP_PARENT}")))
     return {str(d) for b in bases if b.is_dir() for d in b.iterdir() if d.is_dir()}
 
 
@@ -62,6 +73,8 @@ class Vmrt:
         # each private vmrt has its own default bridge and subnet (and nftables table, by root):
         # nothing it does touches another's or the host's own vmrt
         self.bridge, self.subnet = f"vmrtt{n}", f"10.200.{n % 250}.0/24"
+        if SLOT:
+            self.bridge, self.subnet = f"vmrtt{SLOT}x{n}", f"10.{210 + int(SLOT)}.{n % 250}.0/24"
         self.env = dict(os.environ, VMRT_ROOT=str(root), VMRT_RUN_ROOT=str(run_root),
                         VMRT_ACCEL=os.environ.get("VMRT_TEST_ACCEL", "tcg"), PYTHONUNBUFFERED="1",
                         VMRT_NETWORK_BRIDGE=self.bridge, VMRT_NETWORK_SUBNET=self.subnet,
@@ -102,7 +115,7 @@ class Vmrt:
                 cg = Path(f"/proc/{pid}/cgroup").read_text()
             except OSError:
                 continue
-            if ":/vmrt/" in cg:  # a container process (process mode) or a VM's host processes
+            if f":/{CGROUP_PARENT}/" in cg:  # a container process (process mode) or a VM's host processes
                 found.append(f"process {pid} in a vmrt cgroup: {cmdline[:80]}")
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             mp = line.split()[4]
@@ -125,9 +138,23 @@ class Vmrt:
         if ns.exists():
             found += [f"netns {p}" for p in ns.iterdir()]
         # veths, bridges, rules: gone with the last container of a network
-        found += [f"interface {i}" for i in host_interfaces() if NET_IFACE.match(i)]
+        found += [f"interface {i}" for i in host_interfaces() if NET_IFACE.match(i) and self._ours(i)]
         found += [f"port rule {r}" for r in port_rules(nft_table(self.root))]
         return found
+
+    def _ours(self, iface: str) -> bool:
+        """Without a test slot every vmrt interface counts; with one, only those on this vmrt's
+        bridges (another slot's containers come and go meanwhile)."""
+        if not SLOT:
+            return True
+        if iface.startswith("vmbr"):  # user networks: tests remove theirs at once
+            return True
+        master = Path("/sys/class/net") / iface / "master"
+        try:
+            name = os.readlink(master).rsplit("/", 1)[-1]
+        except OSError:
+            return True
+        return name == self.bridge or name.startswith("vmbr")
 
     def assert_clean(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout

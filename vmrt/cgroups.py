@@ -16,7 +16,11 @@ from pathlib import Path
 from .errors import LaunchError
 
 ROOT = Path("/sys/fs/cgroup")
-PARENT = "vmrt"
+# the parent of every container cgroup; VMRT_CGROUP_PARENT (letters, digits, '-', '_') moves it,
+# so that test runs side by side never see each other's cgroups
+PARENT = os.environ.get("VMRT_CGROUP_PARENT", "vmrt")
+if not PARENT or not all(c.isalnum() or c in "-_" for c in PARENT):
+    PARENT = "vmrt"
 CONTROLLERS = ("memory", "cpu", "pids")
 
 
