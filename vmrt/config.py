@@ -30,6 +30,7 @@ class Timeouts:
     stop_grace: float = 10.0      # forwarded stop signal -> forced kill
     agent_ping: float = 5.0       # VM mode, container running: host PINGs the agent this often
     agent_dead: float = 20.0      # ... and nothing heard from it this long: the VM is hung (137)
+    probe_exec: float = 5.0       # stats/top: an exec inside the container, start to end (a hung guest)
 
 
 @dataclasses.dataclass
@@ -60,6 +61,10 @@ class Config:
     network_subnet: str = "10.66.0.0/16"     # the default `bridge` network's addresses
     network_bridge: str = "vmrt0"            # ... and its bridge (made on first use, kept, as docker0)
     network_pool: str = "10.67.0.0/16"       # user networks get a /24 of this unless --subnet is given
+    log_max_size: str = "20m"                # container logs: rotated at this size (--log-opt max-size)
+    log_max_file: int = 5                    # ... keeping this many files (--log-opt max-file): bounded
+    vmm_jail: bool = True                    # QEMU unprivileged, sandboxed, chrooted (vm/jail.py); off: root
+    jail_uid_base: int = 0x40000000          # a jailed QEMU's uid/gid: this + its PID (a reserved range)
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 
     @property
