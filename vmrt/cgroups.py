@@ -114,6 +114,28 @@ class HostGroup:
         for d in self.created:
             _write(d / "cgroup.procs", str(pid))
 
+    def procs_files(self) -> list[Path]:
+        """Where a process writes its PID to join (a jailed VMM does, before it charges anything)."""
+        return [d / "cgroup.procs" for d in self.created]
+
+    def take_over(self, old: str) -> None:
+        """The cgroup ``PARENT/old`` (a pooled VM's) becomes this one: renamed, so that its
+        processes and the memory they charged stay in it (a process moved to another cgroup
+        leaves its charges behind), then given this group's limits. This group's own (empty)
+        directories, if created, make room first."""
+        for d in self.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(d)
+        self.created = []
+        for d in dirs(f"{PARENT}/{old}", self.root):
+            target = d.parent / Path(self.rel).name
+            try:
+                os.rename(d, target)
+            except OSError as e:
+                raise LaunchError(f"cgroup {d}: {e.strerror}") from None
+            self.created.append(target)
+        self._limits()
+
     def oom_kills(self) -> int:
         return oom_kills(self.rel, self.root)
 

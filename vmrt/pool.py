@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import agentbuild, cgroups, kernel, network, rootfs
+from . import agentbuild, cgroups, fsmode, kernel, network, rootfs
 from .agent import protocol as P
 from .config import Config
 from .errors import AgentError, UsageError, VmrtError
@@ -287,8 +287,7 @@ class Daemon:
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
         self.changed, self.stop_event = asyncio.Event(), asyncio.Event()
-        d = pool_dir(self.cfg)
-        d.mkdir(parents=True, exist_ok=True)
+        d = fsmode.private_dir(pool_dir(self.cfg))
         self._claim_pidfile(d / "daemon.pid")
         clean_stale(self.cfg)
         listener = self._listen()
@@ -386,22 +385,25 @@ class Daemon:
             host_mib = spec.memory_mib + self.cfg.vm_host_overhead_mib
             group = cgroups.HostGroup(f"pool-{vmid}", memory_bytes=host_mib << 20, cpus=None, pids=HOST_PIDS_MAX)
             group.create()
-            vm.vfs = Virtiofsd(self.cfg, share, spec.virtiofs_socket, vm.dir / "virtiofsd.log", die_with_parent=False)
+            # virtiofsd and QEMU join the VM's cgroup before they start (a claim renames it the
+            # container's: nothing is ever moved after it charged memory)
+            vm.vfs = Virtiofsd(self.cfg, share, spec.virtiofs_socket, vm.dir / "virtiofsd.log", die_with_parent=False,
+                               group=group)
             vm.vfs.start()
             assert vm.vfs.proc is not None and vm.vfs.pid is not None
             self._track(vm.vfs.proc, vm.dir / "virtiofsd.status")
-            group.add(vm.vfs.pid)
             # its NIC's tap waits in a namespace of its own; a claim moves it into the container's
             network.create_netns(vm.dir / "netns")
             tap = network.open_tap(vm.dir / "netns")
-            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap), vm.dir / "qemu.log")
+            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap), vm.dir / "qemu.log", group=group)
             try:
                 vm.qemu.launch(die_with_parent=False)
             finally:
                 os.close(tap)
             assert vm.qemu.proc is not None and vm.qemu.pid is not None
             self._track(vm.qemu.proc, vm.dir / "qemu.status")
-            group.add(vm.qemu.pid)
+            if not vm.qemu.jailed:
+                group.add(vm.qemu.pid)
             (vm.dir / "pids.json").write_text(json.dumps({"id": vmid, "qemu": vm.qemu.pid,
                                                           "virtiofsd": vm.vfs.pid}))
             assert vm.qemu.console_sock is not None and vm.qemu.agent_sock is not None
@@ -566,7 +568,7 @@ async def _read_hello(sock: socket.socket) -> P.Hello:
 async def _log_console(sock: socket.socket, path: Path) -> None:
     loop = asyncio.get_running_loop()
     written = 0
-    with open(path, "ab") as log:
+    with open(path, "ab", opener=fsmode.opener) as log:
         while data := await loop.sock_recv(sock, 65536):
             if written < CONSOLE_LOG_MAX:
                 log.write(data[:CONSOLE_LOG_MAX - written])
@@ -627,8 +629,8 @@ def start(cfg: Config, size: int, timeout: float = 30.0) -> int:
     """``vmrt pool start``: the daemon in the background; returns its PID once it serves."""
     if (pid := daemon_pid(cfg)) is not None:
         raise UsageError(f"the pool daemon already runs (pid {pid}): `vmrt pool fill N` changes its size")
-    pool_dir(cfg).mkdir(parents=True, exist_ok=True)
-    with open(pool_dir(cfg) / "daemon.log", "ab") as log:
+    fsmode.private_dir(pool_dir(cfg))
+    with open(pool_dir(cfg) / "daemon.log", "ab", opener=fsmode.opener) as log:
         proc = subprocess.Popen([sys.executable, "-m", "vmrt", "pool", "serve", "--size", str(size)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout

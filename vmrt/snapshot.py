@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import time
@@ -44,8 +44,11 @@ from .agent import protocol as P
 from .config import Config
 from .errors import LaunchError, VmrtError
 from .vm.qemu import QemuVM, VMSpec
+from .vm.virtiofsd import P9Proxy
 
-FORMAT = 5  # 3: guest RAM in its own file, mapped private by the clones; 4: no free page reporting; 5: a NIC
+# 3: guest RAM in its own file, mapped private by the clones; 4: no free page reporting; 5: a NIC;
+# 6: built by a jailed QEMU (9p through the proxy helper)
+FORMAT = 6
 MIGRATE_TIMEOUT = 120.0
 
 
@@ -73,7 +76,7 @@ def _qemu_identity(cfg: Config) -> str:
 
 
 def key(cfg: Config, shape: pool.Shape) -> str:
-    h = hashlib.sha256(f"vmrt snapshot {FORMAT}\n{_qemu_identity(cfg)}\n".encode())
+    h = hashlib.sha256(f"vmrt snapshot {FORMAT}\n{_qemu_identity(cfg)}\njail={cfg.vmm_jail}\n".encode())
     h.update(json.dumps(dataclasses.asdict(shape), sort_keys=True).encode())
     for f in (shape.kernel, shape.initrd):  # contents, not only names: a rebuilt file is another VM
         st = os.stat(f)
@@ -142,12 +145,26 @@ def restore_spec(spec: VMSpec, snap: Snapshot, share: Path) -> VMSpec:
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 
 
+async def _pass_fd(vm: QemuVM, fd: int, name: str) -> None:
+    """``fd`` to QEMU over QMP (SCM_RIGHTS + ``getfd``): a jailed QEMU opens no file and spawns
+    no process (``spawn=deny``), so migration streams reach it as fds, never as ``exec:``."""
+    assert vm.qmp is not None
+    vm.qmp.send_fd_scm(fd)
+    await vm.qmp.execute("getfd", {"fdname": name})
+
+
 async def restore(vm: QemuVM, snap: Snapshot, timeout: float) -> None:
     """Load the snapshot's device state into a QEMU started with ``-incoming defer``; once
-    loaded, the VM continues (its RAM is the snapshot's file, mapped private)."""
+    loaded, the VM continues (its RAM: jailed, its own copy of the snapshot's; else the
+    snapshot's file, mapped private)."""
     assert vm.qmp is not None
     await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
-    await vm.qmp.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(snap.state))})
+    fd = os.open(snap.state, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await _pass_fd(vm, fd, "state")
+    finally:
+        os.close(fd)
+    await vm.qmp.execute("migrate-incoming", {"uri": "fd:state"})
     deadline = time.monotonic() + timeout
     while True:
         reply: Any = await vm.qmp.execute("query-status")
@@ -177,20 +194,33 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "share").mkdir(parents=True)
+    os.close(os.open(tmp / "ram", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))  # the jail binds it
     spec = dataclasses.replace(spec, virtiofs_socket=tmp / "unused.sock", share_9p=tmp / "share", ram_file=tmp / "ram")
-    vm = QemuVM(cfg, dataclasses.replace(spec, tap_fd=network.open_tap_detached()), tmp / "qemu.log")
+    proxy = None
+    if cfg.vmm_jail:  # the same devices as a clone's: a 9p share served by the proxy helper
+        proxy = P9Proxy(cfg, tmp / "share", tmp / "virtiofsd.log")
+        proxy.start()
+    vm = QemuVM(cfg, dataclasses.replace(spec, tap_fd=network.open_tap_detached()), tmp / "qemu.log",
+                fs_fd=proxy.qemu_fd if proxy is not None else None)
     try:
         try:
             vm.launch()
         finally:
             assert vm.spec.tap_fd is not None
             os.close(vm.spec.tap_fd)
+            if proxy is not None:
+                proxy.handed()
         await vm.connect_qmp()
         assert vm.agent_sock is not None and vm.qmp is not None
         hello = await asyncio.wait_for(pool._read_hello(vm.agent_sock), cfg.timeouts.agent_ready)
         await vm.qmp.execute("stop")
         await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)  # the RAM stays in its file
-        await vm.qmp.execute("migrate", {"uri": "exec:cat > " + shlex.quote(str(tmp / "state"))})
+        fd = os.open(tmp / "state", os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await _pass_fd(vm, fd, "state")
+        finally:
+            os.close(fd)
+        await vm.qmp.execute("migrate", {"uri": "fd:state"})
         deadline = time.monotonic() + MIGRATE_TIMEOUT
         while True:
             st: Any = await vm.qmp.execute("query-migrate")
@@ -205,6 +235,10 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
         raise VmrtError(f"building the snapshot: {e or type(e).__name__}") from e
     finally:
         await vm.shutdown()
+        if proxy is not None:
+            proxy.stop()
+    os.chown(tmp / "ram", 0, 0)  # the jailed QEMU owned it while it wrote it
+    punch_zero_pages(tmp / "ram")
     h = hashlib.sha256()
     with open(tmp / "state", "rb") as f:
         while chunk := f.read(1 << 20):
@@ -225,6 +259,49 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return Snapshot(out, meta)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+PAGE = 4096
+
+
+def punch_zero_pages(path: Path) -> int:
+    """Turn the RAM file's all-zero pages into holes (a booted guest leaves most of its touched
+    memory zeroed): each clone copies only the rest into its own RAM, and the page cache holds
+    less. Returns the bytes punched."""
+    punched = 0
+    zero = bytes(1 << 20)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        size, off = os.fstat(fd).st_size, 0
+        while off < size:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole after off
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            pos = data
+            while pos < hole:
+                buf = os.pread(fd, min(hole - pos, len(zero)), pos)
+                if not buf:
+                    break
+                run = -1  # start of the current run of zero pages in buf
+                for i in range(0, len(buf) + PAGE, PAGE):
+                    page_zero = i < len(buf) and buf[i:i + PAGE] == zero[:len(buf[i:i + PAGE])]
+                    if page_zero and run < 0:
+                        run = i
+                    elif not page_zero and run >= 0:
+                        end = min(i, len(buf))
+                        if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, pos + run, end - run) == 0:
+                            punched += end - run
+                        run = -1
+                pos += len(buf)
+            off = hole
+    finally:
+        os.close(fd)
+    return punched
 
 
 def listing(cfg: Config) -> list[Snapshot]:

@@ -30,12 +30,12 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, cgroups, kernel, network, pool, rootfs, snapshot
+from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, pool, rootfs, snapshot
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
 from ..vm.qemu import QemuVM, VMSpec
-from ..vm.virtiofsd import Virtiofsd
+from ..vm.virtiofsd import P9Proxy, Virtiofsd
 from .base import FORCE_KILL, RunContext, write_all
 
 LOG = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class _Session:
 
     async def _read_console(self, sock: Any, log_path: Path) -> None:
         written = 0
-        with open(log_path, "ab") as log:
+        with open(log_path, "ab", opener=fsmode.opener) as log:
             while True:
                 try:
                     data = await self.loop.sock_recv(sock, 65536)
@@ -322,7 +322,7 @@ class _Session:
         await asyncio.sleep(0.2)  # let the agent reader deliver what arrived first
         self._fail_futures(self._vm_gone(status))
 
-    async def _watch_virtiofsd(self, vfs: Virtiofsd | pool.AdoptedVirtiofsd) -> None:
+    async def _watch_virtiofsd(self, vfs: Virtiofsd | P9Proxy | pool.AdoptedVirtiofsd) -> None:
         assert vfs.proc is not None
         status = await asyncio.to_thread(vfs.proc.wait)
         await asyncio.sleep(0.5)  # virtiofsd also exits when QEMU dies: let QEMU's watcher say so
@@ -506,7 +506,7 @@ class _Session:
         snap = self._snapshot(pool.Shape.of(spec)) if claimed is None else None
         t.info["snapshot"] = snap.dir.name if snap is not None else "none"
         vm: QemuVM | pool.AdoptedVM
-        vfs: Virtiofsd | pool.AdoptedVirtiofsd | None
+        vfs: Virtiofsd | P9Proxy | pool.AdoptedVirtiofsd | None
         if claimed is not None:  # a pooled VM, booted and waiting: its share gets the rootfs now
             t.mark("pool-claim")
             if ctx.net is not None and ctx.net.endpoints:  # its tap moves into the container's netns
@@ -519,11 +519,9 @@ class _Session:
             share_volumes(ctx.config, share, stack)
             t.mark("rootfs-ready")
             # QEMU, virtiofsd and virtiofsd's sandboxed child: now this container's cost
-            pool_group = f"{cgroups.PARENT}/pool-{claimed.id}"
-            for pid in sorted({claimed.qemu, claimed.virtiofsd} | cgroups.members(pool_group)):
-                with contextlib.suppress(OSError):
-                    group.add(pid)
-            cgroups.remove_tree(pool_group)
+            # (its cgroup becomes the container's, renamed with what it charged, under the
+            # container's limits: a process moved to another cgroup would leave its charges behind)
+            group.take_over(f"pool-{claimed.id}")
             vfs = pool.AdoptedVirtiofsd(claimed)
             stack.callback(vfs.stop)
             vm = self.vm = pool.AdoptedVM(claimed, bdir)
@@ -537,8 +535,16 @@ class _Session:
             share_volumes(ctx.config, share, stack)  # only vmrt's /etc files: _snapshot() checked
             t.mark("rootfs-ready")
             vfs = None
-            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(self._nic(spec), snap, share), bdir / "qemu.log")
+            proxy = None
+            if cfg.vmm_jail:  # the jailed QEMU cannot read the root-only share: a helper serves it
+                vfs = proxy = P9Proxy(cfg, share, bdir / "virtiofsd.log", group=group)
+                proxy.start()
+                stack.callback(proxy.stop)
+            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(self._nic(spec), snap, share), bdir / "qemu.log",
+                                  group=group, fs_fd=proxy.qemu_fd if proxy is not None else None)
             self._launch(vm)
+            if proxy is not None:
+                proxy.handed()
             t.mark("vmm-spawned")
             stack.push_async_callback(self._teardown_vm)
         else:
@@ -550,20 +556,20 @@ class _Session:
             stack.callback(rootfs.umount, share / "rootfs")
             share_volumes(ctx.config, share, stack)
             t.mark("rootfs-ready")
-            vfs = Virtiofsd(cfg, share, spec.virtiofs_socket, bdir / "virtiofsd.log")
+            vfs = Virtiofsd(cfg, share, spec.virtiofs_socket, bdir / "virtiofsd.log", group=group)
             if ctx.handoff is None:
                 await asyncio.to_thread(vfs.start)
             else:  # its parent-death signal follows the thread that started it: the C monitor's one
                 vfs.start()
             stack.callback(vfs.stop)
             assert vfs.pid is not None
-            group.add(vfs.pid)
-            vm = self.vm = QemuVM(cfg, self._nic(spec), bdir / "qemu.log")
+            vm = self.vm = QemuVM(cfg, self._nic(spec), bdir / "qemu.log", group=group)
             self._launch(vm)
             t.mark("vmm-spawned")
             stack.push_async_callback(self._teardown_vm)
         assert vm.pid is not None
-        group.add(vm.pid)
+        if isinstance(vm, QemuVM) and not vm.jailed:  # a jailed QEMU joined it before it started
+            group.add(vm.pid)
         ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, **({"virtiofsd": vfs.pid} if vfs else {})})
 
         # a pooled VM's boot console is in its own dir: the rest goes after it
@@ -652,7 +658,7 @@ class _Session:
         return not any(m["type"] == "bind" and "ro" in m.get("options", [])
                        for m in bundle.user_mounts(self.ctx.config))
 
-    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd | pool.AdoptedVirtiofsd | None,
+    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd | P9Proxy | pool.AdoptedVirtiofsd | None,
                        stdin_open: bool) -> None:
         """Give the booted VM to the C monitor: it sends RUN and does the rest (never returns).
         Before RUN the agent sends nothing after HELLO, so no frame is cut in two here."""
@@ -664,7 +670,7 @@ class _Session:
         self.tasks = []
         if self.decoder.pending or self.ctlq or self.dataq:
             raise AgentError("the guest agent channel is not idle after HELLO")
-        (self.ctx.bundle_dir / "run.frame").write_bytes(run_frame)
+        fsmode.write_private(self.ctx.bundle_dir / "run.frame", run_frame)  # the env: 0600
         t = self.cfg.timeouts
         adopted: dict[str, Any] = {}
         if isinstance(self.vm, pool.AdoptedVM):  # the pool daemon's children: watched through pidfds
@@ -690,7 +696,7 @@ class _Session:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.ctx.log_dir is not None:
-            self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
+            fsmode.private_dir(self.ctx.log_dir)
             for n in ("console.log", "qemu.log", "virtiofsd.log"):
                 for p in (self.ctx.bundle_dir / n, self.ctx.bundle_dir / "vm" / n):  # cold; pooled
                     if p.exists():

@@ -43,7 +43,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 1 << 14, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 SIGKILL = 9
 # the links a merged-/usr host has at its root (Debian 12); real directories are bound instead
 ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -117,9 +117,9 @@ def kvm_group() -> list[int]:
         return []
     if st.st_mode & 0o060 == 0o060 and st.st_gid != 0:
         return [st.st_gid]
-    raise LaunchError("the jailed VMM cannot open /dev/kvm (mode %o, group %d): give it a group of its own "
-                      "with rw access (Debian's udev rule: group kvm, 0660) or use --accel=tcg"
-                      % (stat.S_IMODE(st.st_mode), st.st_gid))
+    raise LaunchError(f"the jailed VMM cannot open /dev/kvm (mode {stat.S_IMODE(st.st_mode):o}, group "
+                      f"{st.st_gid}): give it a group of its own with rw access (Debian's udev rule: "
+                      "group kvm, 0660) or use --accel=tcg")
 
 
 def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[], None]:
@@ -133,6 +133,10 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
     rw_files = {n: str(p) for n, p in jail.rw_files.items()}
     ldcache = os.path.isfile("/etc/ld.so.cache")
     size_mib = 1 + ((jail.ram_copy[1] >> 20) if jail.ram_copy else 0)
+    try:
+        last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        last_cap = 40
 
     def run() -> None:
         try:
@@ -185,6 +189,8 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
             resource.setrlimit(resource.RLIMIT_NOFILE, (jail.nofile, jail.nofile))
             resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            for cap in range(last_cap + 1):  # nothing to regain either (no_new_privs too)
+                _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "capability bounding set")
             os.setgroups(groups)
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)  # from 0 to another uid: every capability is gone

@@ -4,29 +4,45 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+def _child(die_with_parent: bool, join: tuple[str, ...], nofile: int) -> Callable[[], None]:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if nofile and hard != resource.RLIM_INFINITY:
+        nofile = min(nofile, hard)  # never above what vmrt itself may have
 
-
-def _own_life() -> None:  # a pooled VM outlives the pool daemon that booted it
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    def run() -> None:  # in the child between fork and exec
+        if nofile:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if die_with_parent:  # else: a pooled VM outlives the pool daemon that booted it
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        for p in join:  # before it allocates anything: a process is never moved after it charged memory
+            fd = os.open(p, os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+    return run
 
 
 def spawn(cmd: list[str], *, pass_fds: tuple[int, ...] = (), stdout: int | None = None,
           stderr: int | None = None, cwd: str | None = None, die_with_parent: bool = True,
-          ) -> subprocess.Popen[bytes]:
+          join: list[Path] | tuple[Path, ...] = (), nofile: int = 0) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` (an argv list, never a shell); ``join``: cgroup.procs files it joins first;
+    ``nofile``: its open-file limit (0: inherited)."""
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=cwd,
-                            pass_fds=pass_fds, preexec_fn=_die_with_parent if die_with_parent else _own_life,
-                            close_fds=True)
+                            pass_fds=pass_fds, close_fds=True,
+                            preexec_fn=_child(die_with_parent, tuple(str(p) for p in join), nofile))
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float, sig: int = signal.SIGTERM) -> int:

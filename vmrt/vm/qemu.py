@@ -24,14 +24,23 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from .. import fsmode
+from ..cgroups import HostGroup
 from ..config import Config
 from ..errors import LaunchError
+from . import jail as jail_mod
 from . import procs
 from .accel import Accel
 
 LOG = logging.getLogger(__name__)
 AGENT_PORT_NAME = "org.vmrt.agent.0"
 EXEC_PORTS = 4             # org.vmrt.exec.0 .. 3, the agent's NEXEC
+
+
+def opt_value(v: str) -> str:
+    """A value inside one of QEMU's ``key=value,...`` option strings: a comma is doubled, so
+    a path or name can never end the value and add options of its own."""
+    return v.replace(",", ",,")
 
 
 def exec_socket_name(k: int) -> str:
@@ -68,10 +77,17 @@ class VMSpec:
 
 
 class QemuVM:
-    def __init__(self, cfg: Config, spec: VMSpec, stderr_log: Path) -> None:
+    """One QEMU. Jailed (``cfg.vmm_jail``, the default: vm/jail.py) it gets every channel as an
+    inherited fd — ``fs_fd`` is the virtio-9p proxy helper's socket for a 9p share — and joins
+    ``group`` before it starts; unjailed it runs as root in the run directory, as before."""
+
+    def __init__(self, cfg: Config, spec: VMSpec, stderr_log: Path, *, group: HostGroup | None = None,
+                 fs_fd: int | None = None) -> None:
         # QEMU runs in the container's run directory: the virtio-fs socket is
         # named relative to it (see virtiofsd.py)
         self.cfg, self.spec, self.stderr_log = cfg, spec, stderr_log
+        self.group, self.fs_fd = group, fs_fd
+        self.jailed = cfg.vmm_jail
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMPClient | None = None
         self.agent_sock: socket.socket | None = None
@@ -101,19 +117,26 @@ class QemuVM:
             cmdline += " " + s.accel.kernel_args()
         if s.extra_cmdline:
             cmdline += " " + s.extra_cmdline
+        if self.jailed:  # every file and channel is in the jail or an inherited fd
+            kernel, initrd = "/kernel", "/initrd"
+            fs9 = f"proxy,id=fs9,sock_fd={fds['fs']},readonly=on"
+            vfs = f"socket,id=vfs,fd={fds['fs']}"
+            sandbox = ["-sandbox", jail_mod.QEMU_SANDBOX]
+        else:
+            kernel, initrd = str(s.kernel), str(s.initrd)  # plain values (not QEMU option strings)
+            fs9 = f"local,id=fs9,path={opt_value(str(s.share_9p))},security_model=none,readonly=on"
+            vfs = f"socket,id=vfs,path={opt_value(s.virtiofs_socket.name)}"
+            sandbox = []
         return [
-            self.cfg.qemu, "-name", s.name, *machine, *s.accel.qemu_args(self.cfg.tcg_tb_size_mib),
+            self.cfg.qemu, "-name", opt_value(s.name), *machine, *s.accel.qemu_args(self.cfg.tcg_tb_size_mib),
             "-m", mem, "-smp", str(s.vcpus),
-            "-object", self.memory_backend(mem),
+            "-object", self.memory_backend(mem), *sandbox,
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(s.kernel), "-initrd", str(s.initrd), "-append", cmdline,
+            "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
             "-chardev", f"socket,id=con,fd={fds['console']}", "-serial", "chardev:con",
             "-chardev", f"socket,id=qmp,fd={fds['qmp']}", "-mon", "chardev=qmp,mode=control",
-            "-pidfile", str(self.stderr_log.parent / "qemu.pid"),
-            *(["-fsdev", f"local,id=fs9,path={str(s.share_9p).replace(',', ',,')},security_model=none,readonly=on",
-               "-device", f"{p9_dev},fsdev=fs9,mount_tag={s.rootfs_tag}"] if s.share_9p is not None else
-              ["-chardev", f"socket,id=vfs,path={s.virtiofs_socket.name}",
-               "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}"]),
+            *(["-fsdev", fs9, "-device", f"{p9_dev},fsdev=fs9,mount_tag={s.rootfs_tag}"] if s.share_9p is not None
+              else ["-chardev", vfs, "-device", f"{fs_dev},chardev=vfs,tag={s.rootfs_tag}"]),
             "-device", rng,
             # free page reporting discards guest pages; QEMU 7.2 does that on file-backed RAM by
             # punching holes in the file even when it is mapped private: a snapshot's RAM file,
@@ -122,7 +145,7 @@ class QemuVM:
             "-device", f"{serial_dev},max_ports={2 + EXEC_PORTS}",
             "-chardev", f"socket,id=agent,fd={fds['agent']}",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
-            *self.exec_port_args(),
+            *self.exec_port_args(fds),
             *(["-netdev", f"tap,id=net0,fd={s.tap_fd},vhost=off",
                "-device", f"{net_dev},netdev=net0,mac={s.mac}"] if s.tap_fd is not None else []),
             *(["-incoming", s.incoming] if s.incoming else []),
@@ -137,19 +160,54 @@ class QemuVM:
         s = self.spec
         if s.ram_file is None:
             return f"memory-backend-memfd,id=mem,size={mem},share=on"
-        path = str(s.ram_file).replace(",", ",,")
+        if self.jailed:  # the jail's /ram: the snapshot's file while it is built, a clone's own copy
+            return f"memory-backend-file,id=mem,size={mem},mem-path=/ram,share=on"
+        path = opt_value(str(s.ram_file))
         if s.incoming:
             return f"memory-backend-file,id=mem,size={mem},mem-path={path},share=off"
         return f"memory-backend-file,id=mem,size={mem},mem-path={path},share=on"
 
-    def exec_port_args(self) -> list[str]:
-        # relative paths: QEMU runs in the run directory, whose absolute path can
-        # exceed what sun_path holds
+    def exec_port_args(self, fds: dict[str, int]) -> list[str]:
+        # jailed: sockets vmrt bound in the run directory, listened on by QEMU; else relative
+        # paths: QEMU runs in the run directory, whose absolute path can exceed what sun_path holds
         args = []
         for k in range(EXEC_PORTS):
-            args += ["-chardev", f"socket,id=exec{k},path={exec_socket_name(k)},server=on,wait=off",
+            where = f"fd={fds[f'exec{k}']}" if self.jailed else f"path={exec_socket_name(k)}"
+            args += ["-chardev", f"socket,id=exec{k},{where},server=on,wait=off",
                      "-device", f"virtserialport,chardev=exec{k},name=org.vmrt.exec.{k},nr={k + 2}"]
         return args
+
+    def _jail_channels(self, fds: dict[str, int], held: list[socket.socket]) -> None:
+        """The sockets a jailed QEMU cannot open itself: the exec ports' listening sockets (bound
+        here, in the root-only run dir) and, for virtio-fs, a connection to virtiofsd."""
+        dfd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for k in range(EXEC_PORTS):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                held.append(s)
+                (self.run_dir / exec_socket_name(k)).unlink(missing_ok=True)
+                s.bind(f"/proc/self/fd/{dfd}/{exec_socket_name(k)}")
+                fds[f"exec{k}"] = s.fileno()
+            if self.fs_fd is not None:
+                fds["fs"] = self.fs_fd
+            elif self.spec.share_9p is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                held.append(s)
+                s.connect(f"/proc/self/fd/{dfd}/{self.spec.virtiofs_socket.name}")
+                fds["fs"] = s.fileno()
+        finally:
+            os.close(dfd)
+
+    def jail(self) -> jail_mod.Jail:
+        s = self.spec
+        mountpoint = self.cfg.run_root / "jail"  # an empty dir; each jail's tmpfs covers it privately
+        fsmode.make_dirs(mountpoint, fsmode.PRIVATE_DIR)
+        j = jail_mod.Jail(mountpoint=mountpoint, uid_base=self.cfg.jail_uid_base,
+                          cgroup_procs=self.group.procs_files() if self.group is not None else [],
+                          files={"kernel": s.kernel, "initrd": s.initrd}, kvm=s.accel.name == "kvm")
+        if s.ram_file is not None and not s.incoming:  # the snapshot being built writes its RAM file
+            j.rw_files["ram"] = s.ram_file
+        return j
 
     @property
     def run_dir(self) -> Path:
@@ -158,21 +216,39 @@ class QemuVM:
     def launch(self, die_with_parent: bool = True) -> None:
         pairs = {k: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for k in ("console", "qmp", "agent")}
         fds = {k: b.fileno() for k, (_a, b) in pairs.items()}
-        cmd = self.command(fds)
-        self._cmd = cmd
+        held: list[socket.socket] = []  # what QEMU inherits and we close once it runs
+        ram = -1
+        cmd: list[str] = []
         try:
-            with open(self.stderr_log, "ab") as err:
-                tap = (self.spec.tap_fd,) if self.spec.tap_fd is not None else ()
-                self.proc = procs.spawn(cmd, pass_fds=(*fds.values(), *tap), stdout=err.fileno(),
-                                        stderr=err.fileno(), cwd=str(self.run_dir),
-                                        die_with_parent=die_with_parent)
+            tap = (self.spec.tap_fd,) if self.spec.tap_fd is not None else ()
+            if self.jailed:
+                self._jail_channels(fds, held)
+                j = self.jail()
+                if self.spec.ram_file is not None and self.spec.incoming:  # a clone: its own copy
+                    ram = os.open(self.spec.ram_file, os.O_RDONLY | os.O_CLOEXEC)
+                    j.ram_copy = (ram, os.fstat(ram).st_size)
+            cmd = self.command(fds)
+            self._cmd = cmd
+            with open(self.stderr_log, "ab", opener=fsmode.opener) as err:
+                if self.jailed:
+                    self.proc = jail_mod.spawn(cmd, j, pass_fds=(*fds.values(), *tap), stderr=err.fileno(),
+                                               die_with_parent=die_with_parent)
+                else:
+                    self.proc = procs.spawn(cmd, pass_fds=(*fds.values(), *tap), stdout=err.fileno(),
+                                            stderr=err.fileno(), cwd=str(self.run_dir),
+                                            die_with_parent=die_with_parent)
         except OSError as e:
             for a, _b in pairs.values():
                 a.close()
-            raise LaunchError(f"cannot start QEMU: {e.strerror}", command=cmd) from e
+            raise LaunchError(f"cannot start QEMU: {e.strerror or e}", command=cmd,
+                              output=self._log_text()) from e
         finally:
             for _a, b in pairs.values():
                 b.close()
+            for h in held:
+                h.close()
+            if ram >= 0:
+                os.close(ram)
         self.console_sock = pairs["console"][0]
         self._qmp_sock = pairs["qmp"][0]
         self.agent_sock = pairs["agent"][0]
@@ -187,13 +263,16 @@ class QemuVM:
         except Exception as e:  # qemu.qmp raises ConnectError and friends
             raise self.failure(f"QMP handshake with QEMU failed: {e}") from e
 
+    def _log_text(self) -> str:
+        try:
+            with open(self.stderr_log, "rb") as f:
+                return f.read(1 << 16).decode(errors="replace")
+        except OSError:
+            return ""
+
     def failure(self, message: str) -> LaunchError:
         status = self.proc.poll() if self.proc else None
-        try:
-            output = self.stderr_log.read_text(errors="replace")
-        except OSError:
-            output = ""
-        return LaunchError(message, command=getattr(self, "_cmd", []), output=output,
+        return LaunchError(message, command=getattr(self, "_cmd", []), output=self._log_text(),
                            exit_status=status)
 
     @property

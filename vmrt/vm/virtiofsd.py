@@ -8,31 +8,52 @@ of a Unix socket path.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
+from .. import fsmode
+from ..cgroups import HostGroup
 from ..config import Config
 from ..errors import LaunchError
 from . import procs
 
+# capabilities virtiofsd gives up (it keeps chown, dac_override, fowner, setgid, setuid to serve
+# the guest's files as their owners): no device nodes, no file capabilities, and writes clear
+# setuid/setgid bits (no fsetid) — a guest can never leave a privileged file on the host
+MODCAPS = "-mknod:-setfcap:-fsetid"
+NOFILE = 65536  # open files (one per inode the guest holds): bounded, not the 1M default
+
+
+def fuse_opt(v: str) -> str:
+    """A value inside virtiofsd's comma-separated ``-o`` list (commas and backslashes escaped)."""
+    return v.replace("\\", "\\\\").replace(",", "\\,")
+
 
 class Virtiofsd:
-    def __init__(self, cfg: Config, source: Path, socket: Path, log: Path, die_with_parent: bool = True) -> None:
+    """``group``: the VM's host cgroup, joined before virtiofsd starts, so it and its sandboxed
+    child are the container's from their first page."""
+
+    def __init__(self, cfg: Config, source: Path, socket: Path, log: Path, die_with_parent: bool = True,
+                 group: HostGroup | None = None) -> None:
         self.cfg, self.source, self.socket, self.log = cfg, source, socket, log
-        self.die_with_parent = die_with_parent
+        self.die_with_parent, self.group = die_with_parent, group
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def command(self) -> list[str]:
         return [self.cfg.virtiofsd, f"--socket-path={self.socket.name}",
-                "-o", f"source={self.source}", "-o", f"cache={self.cfg.virtiofs_cache}",
-                "-o", "sandbox=namespace", "-o", "log_level=err", "-o", "no_posix_lock"]
+                "-o", f"source={fuse_opt(str(self.source))}", "-o", f"cache={self.cfg.virtiofs_cache}",
+                "-o", "sandbox=namespace", "-o", f"modcaps={MODCAPS}", "--rlimit-nofile=0",  # set at spawn
+                "-o", "log_level=err", "-o", "no_posix_lock"]
 
     def start(self) -> None:
-        with open(self.log, "ab") as log:
+        with open(self.log, "ab", opener=fsmode.opener) as log:
             try:
                 self.proc = procs.spawn(self.command, stdout=log.fileno(), stderr=log.fileno(),
-                                        cwd=str(self.socket.parent), die_with_parent=self.die_with_parent)
+                                        cwd=str(self.socket.parent), die_with_parent=self.die_with_parent,
+                                        join=self.group.procs_files() if self.group is not None else (),
+                                        nofile=NOFILE)
             except OSError as e:
                 raise LaunchError(f"cannot start virtiofsd: {e.strerror}", command=self.command) from e
         if not procs.wait_for_path(str(self.socket), self.proc, self.cfg.timeouts.virtiofsd_ready):
@@ -45,6 +66,61 @@ class Virtiofsd:
         if self.proc is not None:
             procs.stop(self.proc, 2.0)
         self.socket.unlink(missing_ok=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+class P9Proxy:
+    """The server of a jailed QEMU's 9p share (a snapshot clone's): QEMU's ``proxy`` fsdev asks
+    ``virtfs-proxy-helper`` over a socketpair, and the helper — root with only the filesystem
+    capabilities, chrooted into the share, in the VM's cgroup — opens the root-only files QEMU
+    itself no longer can. Same interface as :class:`Virtiofsd` for the driver."""
+
+    def __init__(self, cfg: Config, source: Path, log: Path, die_with_parent: bool = True,
+                 group: HostGroup | None = None) -> None:
+        self.cfg, self.source, self.log = cfg, source, log
+        self.die_with_parent, self.group = die_with_parent, group
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qemu_sock: socket.socket | None = None
+
+    @property
+    def helper(self) -> str:
+        return str(Path(self.cfg.virtiofsd).parent / "virtfs-proxy-helper")
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [self.helper, "--nodaemon", "--fd", str(theirs.fileno()), "--path", str(self.source)]
+        try:
+            with open(self.log, "ab", opener=fsmode.opener) as log:
+                self.proc = procs.spawn(cmd, pass_fds=(theirs.fileno(),), stdout=log.fileno(), stderr=log.fileno(),
+                                        die_with_parent=self.die_with_parent, nofile=NOFILE,
+                                        join=self.group.procs_files() if self.group is not None else ())
+        except OSError as e:
+            ours.close()
+            raise LaunchError(f"cannot start virtfs-proxy-helper: {e.strerror}", command=cmd) from e
+        finally:
+            theirs.close()
+        self.qemu_sock = ours
+
+    @property
+    def qemu_fd(self) -> int:
+        assert self.qemu_sock is not None
+        return self.qemu_sock.fileno()
+
+    def handed(self) -> None:
+        """QEMU holds its end now: ours goes, so the helper sees the end when QEMU ends."""
+        if self.qemu_sock is not None:
+            self.qemu_sock.close()
+            self.qemu_sock = None
+
+    def stop(self) -> None:
+        if self.qemu_sock is not None:
+            self.qemu_sock.close()
+            self.qemu_sock = None
+        if self.proc is not None:
+            procs.stop(self.proc, 2.0)
 
     @property
     def pid(self) -> int | None:
