@@ -101,6 +101,18 @@ def write_private(path: Path, data: bytes | str) -> None:
 def touch_private(path: Path) -> Path:
     """Create ``path`` empty and 0600 if missing, narrow it if wider (SQLite gives its -wal and
     -shm files the database's mode)."""
+    # An existing database is never opened here: closing any fd of it drops every POSIX lock this
+    # process holds on it, SQLite's too (another State or Store open in this process: WAL
+    # corruption, "disk I/O error", "database disk image is malformed"). (Added by helper BOUND.)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISREG(st.st_mode):
+            if st.st_mode & 0o077:
+                os.chmod(path, PRIVATE_FILE)
+            return path
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_FILE)
     try:
         if os.fstat(fd).st_mode & 0o077:
