@@ -55,6 +55,24 @@ def host_interfaces() -> list[str]:
     return sorted(os.listdir("/sys/class/net"))
 
 
+def vmm_pids(run_root: Path) -> list[int]:
+    """The QEMU processes of the vmrt whose run root this is: a jailed QEMU's root is
+    ``<run_root>/jail`` (its command line names no path of vmrt's); an unjailed one names its
+    run dir."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            root = os.readlink(f"/proc/{pid}/root")
+        except OSError:
+            continue
+        if cmd.startswith(b"qemu-system") and (root.startswith(str(run_root)) or str(run_root).encode() in cmd):
+            out.append(int(pid))
+    return out
+
+
 def nft_table(root: Path) -> str:
     """The nftables table of the vmrt whose state root this is (vmrt/network.py: table_name)."""
     return f"vmrt_{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
@@ -108,6 +126,7 @@ class Vmrt:
     def leftovers(self) -> list[str]:
         found = []
         marker = str(self.run_root)
+        jailed = set(vmm_pids(self.run_root))
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
@@ -117,6 +136,8 @@ class Vmrt:
                 continue
             if marker in cmdline and ("qemu" in cmdline or "virtiofsd" in cmdline):
                 found.append(f"process {pid}: {cmdline[:120]}")
+            elif int(pid) in jailed:
+                found.append(f"jailed VMM {pid}: {cmdline[:120]}")
             try:
                 cg = Path(f"/proc/{pid}/cgroup").read_text()
             except OSError:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error
+from conftest import Vmrt, one_line_error, vmm_pids
 
 pytestmark = pytest.mark.vm
 FAST = {"VMRT_TIMEOUT_AGENT_PING": "1", "VMRT_TIMEOUT_AGENT_DEAD": "3"}
@@ -37,19 +37,6 @@ def read_until(p: subprocess.Popen[bytes], needle: bytes, timeout: float = 120) 
     return buf
 
 
-def qemu_pids(marker: str) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmd and marker.encode() in cmd:
-                out.append(int(p))
-    return out
-
-
 def test_hung_vm_is_killed_within_agent_dead(vmrt: Vmrt) -> None:
     name = "hung-vm"
     p = vmrt.popen("run", "--isolation=vm", "--name", name, "busybox", "sh", "-c", "echo ready; exec sleep 100",
@@ -59,7 +46,7 @@ def test_hung_vm_is_killed_within_agent_dead(vmrt: Vmrt) -> None:
         read_until(p, b"ready")
         time.sleep(1.0)  # a few PING/PONG rounds: the check is live and passing
         assert p.poll() is None
-        qemu = qemu_pids(str(vmrt.run_root))
+        qemu = vmm_pids(vmrt.run_root)
         assert len(qemu) == 1, qemu
         os.kill(qemu[0], signal.SIGSTOP)  # the whole VM stops answering
         stopped.append(qemu[0])
@@ -94,7 +81,7 @@ def test_hung_detached_vm_ends_its_execs_too(vmrt: Vmrt) -> None:
     ex = vmrt.popen("exec", name, "sh", "-c", "echo in-exec; exec sleep 100")
     try:
         read_until(ex, b"in-exec")
-        qemu = qemu_pids(str(vmrt.run_root))
+        qemu = vmm_pids(vmrt.run_root)
         assert len(qemu) == 1, qemu
         os.kill(qemu[0], signal.SIGSTOP)
         stopped.append(qemu[0])

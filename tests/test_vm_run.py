@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error
+from conftest import Vmrt, one_line_error, vmm_pids
 
 pytestmark = pytest.mark.vm
 RUN = ("run", "--rm", "--isolation=vm")
@@ -254,8 +254,7 @@ def test_named_container_lifecycle(vmrt: Vmrt) -> None:
 
 def test_vmm_killed_is_reported_as_failure(vmrt: Vmrt) -> None:
     with ready(vmrt, *RUN, "busybox", "sh", "-c", "echo ready; exec sleep 1000") as p:
-        qemu = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmd(pid).startswith("qemu-system")
-                and str(vmrt.run_root) in _cmd(pid)]
+        qemu = vmm_pids(vmrt.run_root)
         assert len(qemu) == 1
         os.kill(int(qemu[0]), signal.SIGKILL)
         _, err = p.communicate(timeout=60)
@@ -331,8 +330,7 @@ def test_interrupt_during_boot_tears_down(vmrt: Vmrt) -> None:
     p = vmrt.popen(*RUN, "busybox", "sleep", "1000")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until QEMU exists, then interrupt the boot
-        if any(str(vmrt.run_root) in _cmd(pid) and _cmd(pid).startswith("qemu-system")
-               for pid in os.listdir("/proc") if pid.isdigit()):
+        if vmm_pids(vmrt.run_root):
             break
         time.sleep(0.02)
     p.send_signal(signal.SIGINT)

@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
+from . import fsmode, logfile
 from .drivers.base import FORCE_KILL
 from .errors import StateError, UsageError, VmrtError
+from .formatting import inert
 
 LOG_NAME = "container.log"
 META_NAME = "monitor.json"
@@ -79,8 +81,8 @@ class LogWriter:
 
     PIECE = 16384  # as Docker: a long line without a newline is logged in pieces
 
-    def __init__(self, path: Path) -> None:
-        self._f = open(path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
+    def __init__(self, path: Path, limits: logfile.Limits) -> None:
+        self._f = logfile.RotatingFile(path, limits)  # capped and rotated as json-file's max-size/max-file
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._pending: dict[str, bytes] = {}
@@ -103,11 +105,13 @@ class LogWriter:
         """Log what of ``chunk`` completes lines of ``stream``; keep the rest for later."""
         pending = self._pending.get(stream, b"") + chunk
         *lines, pending = pending.split(b"\n")
-        for ln in lines:
-            self.line(stream, ln + b"\n")
-        if len(pending) >= self.PIECE:
-            self.line(stream, pending)
-            pending = b""
+        for ln in lines:  # a record holds at most PIECE bytes (so one fits in a capped log file)
+            ln += b"\n"
+            for i in range(0, len(ln), self.PIECE):
+                self.line(stream, ln[i:i + self.PIECE])
+        while len(pending) >= self.PIECE:
+            self.line(stream, pending[:self.PIECE])
+            pending = pending[self.PIECE:]
         self._pending[stream] = pending
 
     def flush(self, stream: str) -> None:
@@ -132,8 +136,8 @@ def write_meta(cfg: config_mod.Config, container_id: str, meta: dict[str, Any]) 
     """How to run the container again (accelerator, kernel, runtime, restart policy, --rm)."""
     from .runner import container_dir
     cdir = container_dir(cfg, container_id)
-    cdir.mkdir(parents=True, exist_ok=True)
-    (cdir / META_NAME).write_text(json.dumps(meta))
+    fsmode.private_dir(cdir)
+    fsmode.write_private(cdir / META_NAME, json.dumps(meta))
 
 
 def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
@@ -146,7 +150,7 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
     cdir = container_dir(cfg, container_id)
     r, w = os.pipe()
     try:
-        with open(cdir / "monitor.log", "ab") as errlog:
+        with open(cdir / "monitor.log", "ab", opener=fsmode.opener) as errlog:
             proc = subprocess.Popen([sys.executable, "-m", "vmrt.monitor", container_id, str(w)], pass_fds=(w,),
                                     stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                                     start_new_session=True, close_fds=True)
@@ -181,8 +185,10 @@ def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_di
     """The C monitor's command line for a driver's hand-off ``args`` (fd options made inheritable)."""
     from .runner import container_dir
     args = dict(args)
-    argv = [str(binary), "--mode", args.pop("mode"), "--id", container_id,
-            "--log", str(container_dir(cfg, container_id) / LOG_NAME)]
+    cdir = container_dir(cfg, container_id)
+    limits = logfile.container_limits(cdir, cfg)
+    argv = [str(binary), "--mode", args.pop("mode"), "--id", container_id, "--log", str(cdir / LOG_NAME),
+            "--log-max-size", str(limits.max_size), "--log-max-file", str(limits.max_file)]
     for opt, value in args.items():
         if value is True:
             argv.append(opt)
@@ -228,7 +234,7 @@ class Ready:
     def __call__(self, text: str) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):
-                os.write(self.fd, text.encode() + b"\n")
+                os.write(self.fd, text.replace("\n", " ").encode() + b"\n")  # one line, whatever a guest said
             os.close(self.fd)
             self.fd = None
 
@@ -237,6 +243,7 @@ def main(argv: list[str]) -> int:
     """``python -m vmrt.monitor ID READY_FD``: run container ID until it (finally) exits.
 
     ``python -m vmrt.monitor --finish ID HOW VALUE OOM DETAIL``: the C monitor's end of a run."""
+    fsmode.restrict_umask()  # its logs, sockets and the VMM's files: root's alone
     if argv and argv[0] == "--finish":
         try:
             return _finish(*argv[1:7])
@@ -262,6 +269,9 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
     from .state import State, Status
     cfg = config_mod.load()
     state = State(cfg.db_path)
+    # DETAIL may be a guest's ERROR text: argv bytes that are not UTF-8 come as surrogates, which
+    # no encode() takes; they become U+FFFD, and controls are escaped wherever it is shown
+    detail = detail.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     status, message = outcome(how, value, detail)
     try:
         c = state.get(container_id)
@@ -281,7 +291,9 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
         _reap_children()
         if run_dir is not None:
             for name in kept:
-                for path in (run_dir / name, run_dir / "vm" / name):  # a cold VM's; a pooled one's
+                # a cold VM's; a pooled one's (console.log, then the VMM logs on their tmpfs)
+                for path in (run_dir / name, run_dir / "vm" / name, run_dir / "vmm" / name,
+                             run_dir / "vm" / "vmm" / name):
                     with contextlib.suppress(OSError):
                         shutil.move(path, cdir / name)
         cleanup(cfg, c)
@@ -289,8 +301,8 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
         from .runner import rw_dir
         shutil.rmtree(rw_dir(cfg, c.id) / "work", ignore_errors=True)
         if message:
-            logs = LogWriter(cdir / LOG_NAME)
-            logs.line("stderr", f"vmrt: {message}\n".encode())
+            logs = LogWriter(cdir / LOG_NAME, logfile.container_limits(cdir, cfg))
+            logs.line("stderr", f"vmrt: {inert(message)}\n".encode())  # vmrt's own line: inert
             logs.close()
         with contextlib.suppress(StateError):
             state.transition(c, Status.EXITED, exit_code=status, finished=time.time(), oom_killed=oom_killed)
@@ -337,7 +349,7 @@ def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None
                          runtime=meta.get("runtime") or cfg.runtime)
     # escalation is `vmrt stop`'s job (its -t): the driver's own grace timer would cut it short
     cfg.timeouts.stop_grace = 10.0 ** 9
-    logs = LogWriter(cdir / LOG_NAME)
+    logs = LogWriter(cdir / LOG_NAME, logfile.limits_of(meta.get(logfile.KEY), cfg))
     stdio = (os.open(os.devnull, os.O_RDONLY), logs.pipe("stdout"), logs.pipe("stderr"))
     stopping = threading.Event()
     started = threading.Event()

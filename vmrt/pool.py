@@ -43,6 +43,7 @@ from .agent import protocol as P
 from .config import Config
 from .errors import AgentError, UsageError, VmrtError
 from .vm import accel as accel_mod
+from .vm import jail
 from .vm.qemu import EXEC_PORTS, QemuVM, VMSpec, exec_socket_name
 from .vm.virtiofsd import Virtiofsd
 
@@ -387,7 +388,8 @@ class Daemon:
             group.create()
             # virtiofsd and QEMU join the VM's cgroup before they start (a claim renames it the
             # container's: nothing is ever moved after it charged memory)
-            vm.vfs = Virtiofsd(self.cfg, share, spec.virtiofs_socket, vm.dir / "virtiofsd.log", die_with_parent=False,
+            logs = jail.vmm_log_dir(vm.dir)
+            vm.vfs = Virtiofsd(self.cfg, share, spec.virtiofs_socket, logs / "virtiofsd.log", die_with_parent=False,
                                group=group)
             vm.vfs.start()
             assert vm.vfs.proc is not None and vm.vfs.pid is not None
@@ -395,7 +397,7 @@ class Daemon:
             # its NIC's tap waits in a namespace of its own; a claim moves it into the container's
             network.create_netns(vm.dir / "netns")
             tap = network.open_tap(vm.dir / "netns")
-            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap), vm.dir / "qemu.log", group=group)
+            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap), logs / "qemu.log", group=group)
             try:
                 vm.qemu.launch(die_with_parent=False)
             finally:

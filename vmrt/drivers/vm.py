@@ -34,6 +34,7 @@ from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, pool, rootf
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..vm import accel as accel_mod
+from ..vm import jail
 from ..vm.qemu import QemuVM, VMSpec
 from ..vm.virtiofsd import P9Proxy, Virtiofsd
 from .base import FORCE_KILL, RunContext, write_all
@@ -502,6 +503,7 @@ class _Session:
                       memory_mib=mem_mib, cpus=cpus, accel=acc, machine=cfg.machine,
                       name=f"vmrt-{ctx.container.id[:12]}", extra_cmdline=cfg.kernel_cmdline)
         claimed = pool.claim(cfg, pool.Shape.of(spec), bdir) if self._poolable() else None
+        logs = jail.vmm_log_dir(bdir) if claimed is None else claimed.dir / jail.VMM_LOGS  # bounded
         t.info["pool"] = claimed.id if claimed is not None else "none"
         snap = self._snapshot(pool.Shape.of(spec)) if claimed is None else None
         t.info["snapshot"] = snap.dir.name if snap is not None else "none"
@@ -527,7 +529,7 @@ class _Session:
             vm = self.vm = pool.AdoptedVM(claimed, bdir)
             stack.push_async_callback(self._teardown_vm)
             self.hello.set_result(claimed.hello)
-        elif snap is not None:  # restored from a snapshot: QEMU itself serves the share, over 9p
+        elif snap is not None:  # restored from a snapshot: a 9p share (the proxy helper's, jailed)
             share = bdir / "share"
             share.mkdir()
             rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
@@ -537,10 +539,10 @@ class _Session:
             vfs = None
             proxy = None
             if cfg.vmm_jail:  # the jailed QEMU cannot read the root-only share: a helper serves it
-                vfs = proxy = P9Proxy(cfg, share, bdir / "virtiofsd.log", group=group)
+                vfs = proxy = P9Proxy(cfg, share, logs / "virtiofsd.log", group=group)
                 proxy.start()
                 stack.callback(proxy.stop)
-            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(self._nic(spec), snap, share), bdir / "qemu.log",
+            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(self._nic(spec), snap, share), logs / "qemu.log",
                                   group=group, fs_fd=proxy.qemu_fd if proxy is not None else None)
             self._launch(vm)
             if proxy is not None:
@@ -556,14 +558,14 @@ class _Session:
             stack.callback(rootfs.umount, share / "rootfs")
             share_volumes(ctx.config, share, stack)
             t.mark("rootfs-ready")
-            vfs = Virtiofsd(cfg, share, spec.virtiofs_socket, bdir / "virtiofsd.log", group=group)
+            vfs = Virtiofsd(cfg, share, spec.virtiofs_socket, logs / "virtiofsd.log", group=group)
             if ctx.handoff is None:
                 await asyncio.to_thread(vfs.start)
             else:  # its parent-death signal follows the thread that started it: the C monitor's one
                 vfs.start()
             stack.callback(vfs.stop)
             assert vfs.pid is not None
-            vm = self.vm = QemuVM(cfg, self._nic(spec), bdir / "qemu.log", group=group)
+            vm = self.vm = QemuVM(cfg, self._nic(spec), logs / "qemu.log", group=group)
             self._launch(vm)
             t.mark("vmm-spawned")
             stack.push_async_callback(self._teardown_vm)
@@ -697,8 +699,10 @@ class _Session:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.ctx.log_dir is not None:
             fsmode.private_dir(self.ctx.log_dir)
+            b = self.ctx.bundle_dir
             for n in ("console.log", "qemu.log", "virtiofsd.log"):
-                for p in (self.ctx.bundle_dir / n, self.ctx.bundle_dir / "vm" / n):  # cold; pooled
+                # cold; pooled (console, then VMM logs on their tmpfs)
+                for p in (b / n, b / "vm" / n, b / jail.VMM_LOGS / n, b / "vm" / jail.VMM_LOGS / n):
                     if p.exists():
                         shutil.move(p, self.ctx.log_dir / n)
 

@@ -202,6 +202,24 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
     return run
 
 
+VMM_LOGS = "vmm"            # QEMU's and virtiofsd's own output: a dir of the run dir ...
+VMM_LOGS_SIZE = "2m"        # ... on a tmpfs of this size: a guest that makes them print without end
+                            # fills it, never the host's /run (they go on, their writes fail)
+
+
+def vmm_log_dir(run_dir: Path) -> Path:
+    """``run_dir/vmm``, a small tmpfs of its own for the VMM's and virtiofsd's logs (removed with
+    the run dir's mounts; its files are moved to the container's dir at teardown)."""
+    d = run_dir / VMM_LOGS
+    d.mkdir(mode=0o700)
+    try:
+        _mount("vmrt-logs", str(d), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               f"mode=0700,size={VMM_LOGS_SIZE},nr_inodes=16")
+    except OSError as e:
+        raise LaunchError(f"log space {d}: {e.strerror}") from None
+    return d
+
+
 def spawn(cmd: list[str], jail: Jail, *, pass_fds: tuple[int, ...] = (), stderr: int | None = None,
           die_with_parent: bool = True) -> subprocess.Popen[bytes]:
     """Start ``cmd`` (an argv list) jailed; its stdout and stderr go to ``stderr``."""
