@@ -1046,7 +1046,7 @@ static void our_child(const char *opt, pid_t pid)
 
 static int open_log(const char *opt, const char *path)
 {
-	int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+	int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
 
 	if (fd < 0)
 		say("cannot open %s %s: %s", opt, path, strerror(errno));
@@ -1111,6 +1111,9 @@ int main(int argc, char **argv)
 	long num[O_START_TIMEOUT + 1]; /* fds and pids, by option */
 	int c, pipes;
 
+	/* Logs and attach.sock hold a tenant's data: root's alone even if the caller
+	 * forgot (vmrt/fsmode.py). */
+	umask(077);
 	for (size_t i = 0; i < sizeof num / sizeof *num; i++)
 		num[i] = -1;
 	opterr = 0;

@@ -7,6 +7,7 @@ nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import signal
@@ -243,11 +244,23 @@ def test_detach(box: Box) -> None:
         time.sleep(0.3)
 
 
+def _held_ports(run_dir: Path) -> int:
+    """How many exec ports' locks (flock on exec-K.lock) are held, read from /proc/locks
+    (passively: trying the lock here could make a client starting meanwhile find it busy)."""
+    locked = {int(f[5].rsplit(":", 1)[1]) for ln in Path("/proc/locks").read_text().splitlines()
+              if len(f := ln.split()) > 5 and f[1] == "FLOCK"}
+    held = 0
+    for k in range(EXEC_PORTS):
+        with contextlib.suppress(FileNotFoundError):
+            held += os.stat(run_dir / f"exec-{k}.lock").st_ino in locked
+    return held
+
+
 def test_all_ports_busy(box: Box) -> None:
     clients = [box.client("sleep", "104") for _ in range(EXEC_PORTS)]
     try:
         deadline = time.monotonic() + 60
-        while Path("/proc/net/unix").read_text().count("@vmrt-exec-") < EXEC_PORTS:
+        while _held_ports(box.run_dir) < EXEC_PORTS:
             assert time.monotonic() < deadline and all(c.poll() is None for c in clients)
             time.sleep(0.1)
         with pytest.raises(VmrtError, match="in use"):

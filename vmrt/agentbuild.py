@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import fsmode
 from .config import Config
 from .errors import KernelError
 from .paths import source_root
@@ -141,6 +142,7 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
         return out
     tmp = _make("guest-agent", out, "vmrt-agent", progress)
     (tmp / "initramfs.cpio").write_bytes(initramfs((tmp / "vmrt-agent").read_bytes()))
+    os.chmod(tmp / "initramfs.cpio", fsmode.PUBLIC_FILE)  # as the kernel: a jailed VMM may get it bound in
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     if progress:

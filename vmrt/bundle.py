@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from . import fsmode
 from .errors import UsageError
 from .images.unpack import resolve_in_root
 
@@ -328,9 +329,10 @@ def user_mounts(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write(bundle_dir: Path, config: dict[str, Any]) -> Path:
-    bundle_dir.mkdir(parents=True, exist_ok=True)
+    """config.json, 0600 in a 0700 dir: it holds the container's environment (``-e`` secrets)."""
+    fsmode.private_dir(bundle_dir)
     p = bundle_dir / "config.json"
-    p.write_text(json.dumps(config, indent=1))
+    fsmode.write_private(p, json.dumps(config, indent=1))
     return p
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from . import __version__, containercmds, imagecmds, netcmds
+from . import __version__, containercmds, fsmode, imagecmds, netcmds
 from . import config as config_mod
 from . import volumes as volumes_mod
 from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
@@ -48,7 +48,9 @@ def main(ctx: click.Context, debug: bool) -> None:
                         format="vmrt: %(name)s: %(message)s")
     if not debug:  # qemu.qmp logs connection drops itself; vmrt reports them once
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    ctx.obj = {"cfg": config_mod.load(), "debug": debug}
+    cfg = config_mod.load()
+    fsmode.secure_tops(cfg.root, cfg.run_root, cfg.cache)  # an install made 0755 before: closed
+    ctx.obj = {"cfg": cfg, "debug": debug}
 
 
 @main.command(context_settings={"allow_interspersed_args": False})
@@ -509,6 +511,7 @@ def setup(ctx: click.Context) -> None:
 
 def entry() -> None:
     """Console script: one line on stderr and Docker's exit codes on failure."""
+    fsmode.restrict_umask()  # every file and socket vmrt (and what it starts) makes: root's alone
     try:
         rv: Any = main.main(standalone_mode=False, prog_name="vmrt")
         sys.exit(rv if isinstance(rv, int) else 0)

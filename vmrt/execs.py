@@ -114,7 +114,9 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
             stdio: tuple[Any, Any, Any] = (subprocess.DEVNULL,) * 3
         else:
             stdio = (eo.stdio[0] if eo.interactive else subprocess.DEVNULL, eo.stdio[1], eo.stdio[2])
-        proc = subprocess.Popen(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+        # umask 022 as under dockerd: the runtime gives the exec'd process its own umask (vmrt's
+        # private 077 is for vmrt's files, not the container's)
+        proc = subprocess.Popen(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], umask=0o022)
         forwarding = threading.current_thread() is threading.main_thread()  # only it may set handlers
         old = {s: signal.signal(s, lambda signo, _f: _forward(proc, signo)) for s in FORWARDED} if forwarding else {}
         try:

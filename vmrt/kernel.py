@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import fsmode
 from .config import Config
 from .errors import KernelError
 from .paths import source_root
@@ -150,6 +151,8 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
     shutil.copy2(src / "vmlinux", tmp_out / "vmlinux")
     shutil.copy2(src / "arch/x86/boot/bzImage", tmp_out / "bzImage")
     shutil.copy2(src / ".config", tmp_out / "config")
+    for n in ("vmlinux", "bzImage"):  # no tenant data: readable where a jailed VMM gets them bound in
+        os.chmod(tmp_out / n, fsmode.PUBLIC_FILE)
     (tmp_out / "build.json").write_text(json.dumps(
         {"key": out.name, "source": f"{SOURCE_PACKAGE} {version}",
          "fragments": [f.name for f in fragments()], "built": int(time.time())}, indent=1))

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from . import formatting, lifecycle, network
+from . import formatting, fsmode, lifecycle, network
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .state import Container, State, Status
@@ -174,7 +174,7 @@ def _update_request(cfg: Config, c: Container, change: Any) -> None:
     change(req)
     config.setdefault("annotations", {})[network.ANNOTATION] = req.to_json()
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=1))
+    fsmode.write_private(tmp, json.dumps(config, indent=1))  # the container's env: 0600
     tmp.replace(p)
 
 

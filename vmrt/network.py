@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import fsmode
 from .config import Config
 from .errors import UsageError, VmrtError
 
@@ -251,8 +252,8 @@ class Store:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        cfg.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(cfg.db_path, timeout=30, isolation_level=None)
+        fsmode.private_dir(cfg.db_path.parent)
+        self.db = sqlite3.connect(fsmode.touch_private(cfg.db_path), timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("""CREATE TABLE IF NOT EXISTS networks (
             id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, subnet TEXT NOT NULL, gateway TEXT NOT NULL,
@@ -408,7 +409,7 @@ def _check_host_overlap(net: ipaddress.IPv4Network) -> None:
 @contextlib.contextmanager
 def locked(cfg: Config) -> Iterator[None]:
     """Every change to addresses, interfaces or rules happens under one host-wide lock."""
-    cfg.run_root.mkdir(parents=True, exist_ok=True)
+    fsmode.private_dir(cfg.run_root)
     fd = os.open(cfg.run_root / "network.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -448,7 +449,7 @@ def _loopback_up() -> None:
 
 def create_netns(path: Path) -> None:
     """A new network namespace with its loopback up, kept alive by a bind mount at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fsmode.private_dir(path.parent)
     path.touch(exist_ok=False)
 
     def make() -> None:
@@ -760,9 +761,12 @@ def sync_rules(store: Store) -> None:
 # --- names: managed /etc files ------------------------------------------------------------
 
 def _write_in_place(path: Path, text: str) -> None:
-    """Rewrite a file keeping its inode (it is bind-mounted into running containers)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    """Rewrite a file keeping its inode (it is bind-mounted into running containers).
+    0644 whatever the umask: any uid in the container reads it (its dir stays 0700: the
+    container sees the file through its bind mount)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, fsmode.SHARED_FILE)
     try:
+        os.fchmod(fd, fsmode.SHARED_FILE)
         data = text.encode()
         os.write(fd, data)
         os.ftruncate(fd, len(data))
@@ -874,8 +878,7 @@ def attach(cfg: Config, container_id: str, name: str, isolation: str, config: di
     mode = req.network if req.network in ("none", "host") else "bridge"
     if mode == "host" and isolation == "vm":
         raise UsageError("--network host is for --isolation=process only: a VM has its own network stack")
-    fdir = files_dir(run_dir)
-    fdir.mkdir(parents=True, exist_ok=True)
+    fdir = fsmode.private_dir(files_dir(run_dir))
     att = Attached(mode, None, [], {})
     ns = netns_path(cfg, container_id)
     linux = config.setdefault("linux", {})
@@ -1005,7 +1008,7 @@ def _write_files(cfg: Config, att: Attached, req: NetRequest, hostname: str, hos
         p = fdir / Path(target).name
         _write_in_place(p, text)
         att.files[target] = p
-    (fdir / "request.json").write_text(req.to_json())
+    fsmode.write_private(fdir / "request.json", req.to_json())
 
 
 def _mount_files(config: dict[str, Any], att: Attached) -> None:

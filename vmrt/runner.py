@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import bundle, rootfs
+from . import bundle, fsmode, rootfs
 from .bundle import RunOptions
 from .config import Config
 from .drivers.base import FORCE_KILL, RunContext
@@ -132,8 +132,8 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
     from .lifecycle import start_ticks
     run_dir = cfg.run_root / "containers" / c.id
     try:  # exists while the container runs: a second start of it stops here, touching nothing
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir(mode=0o700)
+        fsmode.private_dir(run_dir.parent)
+        run_dir.mkdir(mode=fsmode.PRIVATE_DIR)
     except FileExistsError:
         raise StateError(f"container {c.name} is already running or being started") from None
     status: int = 125

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import fsmode
 from .errors import StateError, UsageError
 
 
@@ -61,8 +62,9 @@ class Container:
 
 class State:
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+        fsmode.private_dir(db_path.parent)
+        # 0600 before SQLite opens it: its -wal and -shm files take the database's mode
+        self.db = sqlite3.connect(fsmode.touch_private(db_path), timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("""CREATE TABLE IF NOT EXISTS containers (
             id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, image TEXT NOT NULL,

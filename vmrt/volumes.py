@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import fsmode
 from .errors import UsageError
 
 TMPFS_DEFAULTS = ["nosuid", "nodev", "noexec"]
@@ -54,7 +55,7 @@ def _source(s: str, what: str, create: bool) -> str:
         if not create:
             raise UsageError(f"invalid {what}: bind source path does not exist: {p}")
         try:
-            p.mkdir(parents=True)
+            fsmode.make_dirs(p, 0o755)  # the user's dir, as Docker makes it (not under vmrt's umask)
         except OSError as e:
             raise UsageError(f"invalid {what}: cannot create {p}: {e.strerror}") from None
     return str(p)

@@ -4,9 +4,10 @@ Every VM has ``EXEC_PORTS`` virtio-serial exec ports (``org.vmrt.exec.K``);
 QEMU listens for each on ``exec-K.sock`` in the container's run directory (see
 vmrt/vm/qemu.py). A port carries one exec at a time:
 
-1. take a free port: bind the abstract UNIX socket ``vmrt-exec-<hash of the
-   run directory>-K`` (a lock without a file, released when this process ends,
-   however it ends), then connect to ``exec-K.sock``;
+1. take a free port: an exclusive flock on ``exec-K.lock`` in the run directory
+   (0600 in a 0700 dir: no other local user can hold it, as one could bind an
+   abstract socket name; released when this process ends, however it ends), then
+   connect to ``exec-K.sock``;
 2. send EXEC (protocol version 2, docs/agent-protocol.md); the agent answers
    STARTED or ERROR (126/127 exec failures with Docker's messages, 125 other);
    frames before that belong to an earlier client of the port and are skipped;
@@ -20,8 +21,7 @@ group). Nothing here runs anything on the host.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
+import fcntl
 import os
 import select
 import signal
@@ -47,9 +47,18 @@ OUT_HIGH = 1 << 20            # stdin is read only while less than this waits fo
 SUN_PATH_MAX = 107
 
 
-def _lock_name(run_dir: Path, k: int) -> bytes:
-    h = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:32]
-    return f"\0vmrt-exec-{h}-{k}".encode()
+def _lock(run_dir: Path, k: int) -> int | None:
+    """Port k's lock, held (an fd), or None when another exec holds it."""
+    fd = os.open(run_dir / f"exec-{k}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager
@@ -67,13 +76,12 @@ def _port(run_dir: Path) -> Iterator[socket.socket]:
         except OSError:
             continue
         found += 1
-        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            lock.bind(_lock_name(run_dir, k))
-        except OSError as e:
-            lock.close()
-            if e.errno != errno.EADDRINUSE:
-                raise
+            lock = _lock(run_dir, k)
+        except OSError as e:  # the run dir went with the container
+            last = e
+            continue
+        if lock is None:
             busy += 1
             continue
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -81,14 +89,14 @@ def _port(run_dir: Path) -> Iterator[socket.socket]:
             _connect(sock, path)
         except OSError as e:
             sock.close()
-            lock.close()
+            os.close(lock)
             last = e
             continue
         try:
             yield sock
         finally:
             sock.close()
-            lock.close()
+            os.close(lock)
         return
     if busy:
         raise VmrtError(f"all {EXEC_PORTS} exec ports of the container are in use; "

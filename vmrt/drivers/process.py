@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import cgroups, rootfs
+from .. import cgroups, fsmode, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
 from .base import FORCE_KILL, RunContext, write_all
 
@@ -145,8 +145,13 @@ class _Session:
         bdir = ctx.bundle_dir
         root = bdir / "rootfs"
         rw = ctx.rw_dir or bdir / "rw"
-        (rw / "upper").mkdir(parents=True, exist_ok=True)
-        (rw / "work").mkdir(parents=True, exist_ok=True)
+        # the writable layer is root's alone (what container root leaves there, a setuid binary
+        # or a device node, is out of other users' reach); the upper dir is the container's
+        # "/" (overlayfs gives the root the upper's mode): 0755, as Docker's
+        fsmode.private_dir(rw)
+        fsmode.make_dirs(rw / "upper", 0o755)
+        fsmode.private_dir(rw / "work")
+        fsmode.touch_private(bdir / "runtime.log")  # the runtime appends to it, under umask 022 (below)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (*FORWARDED, FORCE_KILL)}
         try:
             rootfs.mount_overlay(ctx.layers, rw / "upper", rw / "work", root)
@@ -229,8 +234,10 @@ class _Session:
                 child_fds += [out_w, er_w]
                 self.fds += [out_r, er_r]  # until their pumps own them
                 stdio = (in_r, out_w, er_w)
+            # umask 022 as under dockerd: the mount targets the runtime makes in the container's
+            # root (a volume's missing parents) are 0755, not vmrt's private 0700
             proc = subprocess.Popen(self._rt(*args, self.cid), stdin=stdio[0], stdout=stdio[1],
-                                    stderr=stdio[2], close_fds=True, cwd=ctx.bundle_dir)
+                                    stderr=stdio[2], close_fds=True, cwd=ctx.bundle_dir, umask=0o022)
             for fd in child_fds:
                 os.close(fd)
             child_fds = []
@@ -277,6 +284,7 @@ class _Session:
             _discard_pending(self.fds[-1])  # runtime warnings printed during create
             if stdin_open:  # the pump closes the pipe at our stdin's EOF
                 self._thread(_pump, os.dup(ctx.stdin_fd), self.fds.pop(-3), None, True, daemon=True)
+        os.chmod(pid_file, fsmode.PRIVATE_FILE)  # the runtime wrote it under umask 022
         self.pid = int(pid_file.read_text().strip())
         self.pidfd = os.pidfd_open(self.pid)
         if self.ctx.state is not None:
@@ -411,7 +419,7 @@ class _Session:
                 pass
         cgroups.remove_tree(ctx.config["linux"].get("cgroupsPath", ""))
         if ctx.log_dir is not None and (ctx.bundle_dir / "runtime.log").exists():
-            ctx.log_dir.mkdir(parents=True, exist_ok=True)
+            fsmode.private_dir(ctx.log_dir)
             shutil.copy(ctx.bundle_dir / "runtime.log", ctx.log_dir / "runtime.log")
 
 

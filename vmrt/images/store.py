@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .. import fsmode
 from ..errors import ImageError, UsageError
 from . import reference, unpack
 
@@ -244,7 +245,7 @@ class Store:
 
     def init(self) -> None:
         for d in (self.blobs, self.layers, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+            fsmode.private_dir(d)
         layout = self.oci / "oci-layout"
         if not layout.exists():
             self._atomic_write(layout, json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
@@ -253,8 +254,8 @@ class Store:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.root / "state.db", timeout=30, isolation_level=None)
+            fsmode.private_dir(self.root)
+            db = sqlite3.connect(fsmode.touch_private(self.root / "state.db"), timeout=30, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("""CREATE TABLE IF NOT EXISTS images (
                 id TEXT PRIMARY KEY, manifest_digest TEXT NOT NULL, added REAL NOT NULL,
@@ -298,8 +299,8 @@ class Store:
     # --- locks ---------------------------------------------------------------
     @contextlib.contextmanager
     def _flock(self, mode: int) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "gc.lock", "a") as lk:
+        fsmode.private_dir(self.root)
+        with open(self.root / "gc.lock", "a", opener=fsmode.opener) as lk:
             fcntl.flock(lk, mode)
             yield
 
