@@ -92,6 +92,10 @@ static int sfd = -1, log_fd = -1, ready_fd = -1;
 static int64_t now;
 static struct stream out_s, err_s;
 static int log_failed;
+/* json-file's max-size/max-file (--log-max-size, --log-max-file): 0 = no cap */
+static const char *log_path;
+static int64_t log_max_size, log_size;
+static long log_max_file = 1;
 
 /* process mode */
 static pid_t init_pid = -1;
@@ -185,6 +189,38 @@ static int utc_stamp(const char *stream, struct timespec ts, char *p, size_t n)
 			(int)(secs / 60 % 60), (int)(secs % 60), ts.tv_nsec / 1000);
 }
 
+/* max-size reached: the live file becomes container.log.1 (.1 -> .2 ..., the oldest
+ * dropped; with max-file 1 it is dropped) and a new one is started, so a container
+ * that prints without end holds at most max-file files of max-size on the host (a
+ * record larger than max-size gets a file of its own).  Readers follow by inode. */
+static void log_rotate(void)
+{
+	char from[PATH_MAX + 16], to[PATH_MAX + 16];
+	struct stat st;
+
+	if (log_fd >= 0)
+		close(log_fd);
+	log_fd = -1;
+	if (log_max_file == 1 && unlink(log_path) < 0 && errno != ENOENT)
+		say("cannot drop the full container log: %s", strerror(errno));
+	for (long i = log_max_file - 1; i >= 1; i--) {
+		if (i == 1)
+			snprintf(from, sizeof from, "%s", log_path);
+		else
+			snprintf(from, sizeof from, "%s.%ld", log_path, i - 1);
+		snprintf(to, sizeof to, "%s.%ld", log_path, i);
+		if (rename(from, to) < 0 && errno != ENOENT)
+			say("cannot rotate the container log %s: %s", from, strerror(errno));
+	}
+	/* O_TRUNC: if a rename failed, the cap still holds */
+	log_fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (log_fd < 0 && !log_failed) {
+		log_failed = 1;
+		say("cannot reopen the container log after rotating it: %s", strerror(errno));
+	}
+	log_size = log_fd >= 0 && fstat(log_fd, &st) == 0 ? (int64_t)st.st_size : 0;
+}
+
 /* One json-file record, in one write() so that a reader never sees half of it. */
 static void log_record(const char *stream, const uint8_t *s, size_t n)
 {
@@ -229,6 +265,9 @@ static void log_record(const char *stream, const uint8_t *s, size_t n)
 	}
 	clock_gettime(CLOCK_REALTIME, &ts);
 	p += utc_stamp(stream, ts, p, (size_t)(jbuf + sizeof jbuf - p));
+	if (log_max_size > 0 && log_path && log_size > 0 && log_size + (p - jbuf) > log_max_size)
+		log_rotate();
+	log_size += p - jbuf;
 	if (log_fd >= 0 && write_all(log_fd, jbuf, (size_t)(p - jbuf)) < 0 && !log_failed) {
 		log_failed = 1; /* once: a full disk would say it for every line */
 		say("cannot write the container log: %s", strerror(errno));
@@ -998,6 +1037,18 @@ static long number(const char *opt, const char *s, long min)
 	return v;
 }
 
+static int64_t log_bytes(const char *opt, const char *s)
+{
+	char *e;
+	long long v;
+
+	errno = 0;
+	v = strtoll(s, &e, 10);
+	if (errno || e == s || *e || v < 1)
+		usage("bad value for --%s: %s", opt, s);
+	return (int64_t)v;
+}
+
 static double seconds(const char *opt, const char *s)
 {
 	char *e;
@@ -1075,7 +1126,7 @@ enum {
 	O_MODE = 256, O_ID, O_LOG, O_ATTACH, O_INIT, O_STDOUT, O_STDERR, O_TTY, O_STDIN,
 	O_AGENT, O_CONSOLE, O_CONSOLE_LOG, O_QEMU, O_VIRTIOFSD, O_RUN_FRAME, O_READY,
 	O_STDIN_OPEN, O_PING, O_DEAD, O_START_TIMEOUT, O_ADOPTED, O_QEMU_STATUS,
-	O_VIRTIOFSD_STATUS,
+	O_VIRTIOFSD_STATUS, O_LOG_MAX_SIZE, O_LOG_MAX_FILE,
 };
 
 static const struct option options[] = {
@@ -1102,6 +1153,8 @@ static const struct option options[] = {
 	{ "adopted", no_argument, NULL, O_ADOPTED },
 	{ "qemu-status", required_argument, NULL, O_QEMU_STATUS },
 	{ "virtiofsd-status", required_argument, NULL, O_VIRTIOFSD_STATUS },
+	{ "log-max-size", required_argument, NULL, O_LOG_MAX_SIZE },
+	{ "log-max-file", required_argument, NULL, O_LOG_MAX_FILE },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -1134,6 +1187,8 @@ int main(int argc, char **argv)
 		case O_ADOPTED: adopted = 1; break;
 		case O_QEMU_STATUS: qemu_status = optarg; break;
 		case O_VIRTIOFSD_STATUS: vfs_status = optarg; break;
+		case O_LOG_MAX_SIZE: log_max_size = log_bytes(name, optarg); break;
+		case O_LOG_MAX_FILE: log_max_file = number(name, optarg, 1); break;
 		case O_INIT: case O_QEMU: case O_VIRTIOFSD:
 			num[c] = number(name, optarg, 1);
 			break;
@@ -1155,6 +1210,9 @@ int main(int argc, char **argv)
 		usage("--mode must be process or vm");
 	if (!log)
 		usage("--log is required");
+	if (strlen(log) >= PATH_MAX || log_max_file > 1000)
+		usage("bad --log or --log-max-file");
+	log_path = log;
 	vm = !strcmp(mode, "vm");
 	pipes = num[O_STDOUT] >= 0 || num[O_STDERR] >= 0;
 	if (!vm && (num[O_INIT] < 0 || (num[O_TTY] >= 0) == pipes ||
@@ -1236,6 +1294,11 @@ int main(int argc, char **argv)
 	log_fd = open_log("--log", log);
 	if (log_fd < 0)
 		setup_fail("cannot open the container log %s: %s", log, strerror(errno));
+	{
+		struct stat st;
+
+		log_size = fstat(log_fd, &st) == 0 ? (int64_t)st.st_size : 0;
+	}
 	if (vm)
 		load_run_frame(run_frame);
 	if (attach && (vm ? stdin_open : stdin_fd >= 0))

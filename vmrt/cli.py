@@ -99,6 +99,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--dns-search", multiple=True, help="Set a DNS search domain.")
 @click.option("--dns-option", "dns_options", multiple=True, help="Set a DNS option.")
 @click.option("--add-host", "add_hosts", multiple=True, help="Add a host-to-IP mapping (NAME:IP).")
+@click.option("--log-opt", "log_opts", multiple=True,
+              help="Log option (json-file): max-size=SIZE (10k, 10m, 1g), max-file=N (default: the settings).")
 @click.pass_context
 def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name: str | None,
         env: tuple[str, ...], env_file: tuple[Path, ...], workdir: str | None, user: str | None,
@@ -108,7 +110,8 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         read_only: bool, accel: str | None, kernel: Path | None, show_timings: bool, pull_policy: str,
         platform: str | None, detach: bool, restart: str, network: str, network_aliases: tuple[str, ...],
         publish: tuple[str, ...], publish_all: bool, expose: tuple[str, ...], dns: tuple[str, ...],
-        dns_search: tuple[str, ...], dns_options: tuple[str, ...], add_hosts: tuple[str, ...]) -> None:
+        dns_search: tuple[str, ...], dns_options: tuple[str, ...], add_hosts: tuple[str, ...],
+        log_opts: tuple[str, ...]) -> None:
     """Run a command in a new container."""
     from . import runner
     cfg = _cfg(ctx)
@@ -149,8 +152,9 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         raise UsageError("conflicting options: cannot specify both --restart and --rm")
     if restart != "no" and not detach and ctx.info_name != "create":
         raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
+    from . import logfile
     meta = {"accel": accel, "kernel": str(kernel) if kernel else None, "runtime": runtime,
-            "restart": restart, "rm": rm}
+            "restart": restart, "rm": rm, logfile.KEY: logfile.options(log_opts, cfg)}
     if ctx.info_name == "create":  # `vmrt create`: the same flags, nothing started
         click.echo(runner.create_detached(cfg, opts, iso, meta))
         return

@@ -319,7 +319,8 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                        "ReadonlyRootfs": bool(config.get("root", {}).get("readonly")),
                        "NetworkMode": req.network, "PublishAllPorts": req.publish_all,
                        "PortBindings": _bindings(req), "Dns": req.dns, "DnsSearch": req.dns_search,
-                       "DnsOptions": req.dns_options, "ExtraHosts": req.extra_hosts or None},
+                       "DnsOptions": req.dns_options, "ExtraHosts": req.extra_hosts or None,
+                       "LogConfig": {"Type": "json-file", "Config": _log_config(cfg, meta)}},
         "NetworkSettings": network.settings(cfg, c.id, req) if running else
         {"Networks": {n: {"IPAddress": ""} for n in req.networks}, "Ports": {}, "IPAddress": "",
          "Gateway": "", "MacAddress": "", "SandboxKey": ""},
@@ -332,6 +333,14 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                     "RW": "ro" not in m.get("options", [])} for m in config.get("mounts", [])
                    if m.get("type") in ("bind", "tmpfs") and m.get("destination") != "/dev"],
     }
+
+
+def _log_config(cfg: Config, meta: dict[str, Any]) -> dict[str, str]:
+    """The log's max-size and max-file kept with the container (the settings' for an older one)."""
+    kept = meta.get("log")
+    if isinstance(kept, dict):
+        return {str(k): str(v) for k, v in kept.items()}
+    return {"max-size": cfg.log_max_size, "max-file": str(cfg.log_max_file)}
 
 
 def _bindings(req: Any) -> dict[str, list[dict[str, str]]]:
@@ -442,7 +451,8 @@ def stats(ctx: click.Context, containers: tuple[str, ...], show_all: bool, no_st
             cs = [st.get(r) for r in containers] if containers else \
                 [c for c in st.list() if show_all or c.status == Status.RUNNING]
         rows = []
-        for r in stats_mod.measure([c for c in cs if c.status == Status.RUNNING]):
+        for r in stats_mod.measure([c for c in cs if c.status == Status.RUNNING],
+                                   timeout=_cfg(ctx).timeouts.probe_exec):
             c, limit = r["c"], r["limit"]
             rows.append({"ID": c.id[:12], "Name": c.name, "Isolation": c.isolation, "CPUPerc": f"{r['cpu']:.2f}%",
                          "MemUsage": f"{_bytes(r['mem'])} / {_bytes(limit)}",
@@ -471,7 +481,7 @@ def top(ctx: click.Context, container: str, ps_args: tuple[str, ...]) -> None:
         c = st.get(container)
         if c.status != Status.RUNNING:
             raise StateError(f"container {c.name} is not running")
-    ctx.exit(stats_mod.top(c, list(ps_args)))
+    ctx.exit(stats_mod.top(c, list(ps_args), timeout=_cfg(ctx).timeouts.probe_exec))
 
 
 @click.command()

@@ -11,6 +11,7 @@ Exited, so ``ps`` tells the truth.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -23,9 +24,11 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from . import logfile
 from .config import Config
 from .drivers.base import FORCE_KILL
 from .errors import StateError, UsageError
@@ -180,39 +183,6 @@ def parse_since(value: str, now: float | None = None) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
-def _parse(line: bytes) -> object:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def _records(path: Path, follow: bool, done: object) -> Iterator[dict[str, str]]:
-    try:
-        f = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return
-    with f:
-        pending = b""
-        while True:
-            chunk = f.readline()
-            if chunk:
-                pending += chunk
-                if pending.endswith(b"\n"):
-                    if isinstance(rec := _parse(pending), dict):
-                        yield rec
-                    pending = b""
-                continue
-            if not follow or done():  # type: ignore[operator]
-                if follow and (rest := f.read()):  # what arrived while we looked
-                    pending += rest
-                    for line in pending.splitlines():
-                        if isinstance(rec := _parse(line), dict):
-                            yield rec
-                return
-            time.sleep(0.1)
-
-
 def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | None, timestamps: bool,
          since: float | None, stop: threading.Event | None = None,
          following: Callable[[], None] | None = None) -> None:
@@ -229,7 +199,7 @@ def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | N
         cur = state.get(c.id)
         return not owner_alive(cur)
 
-    def emit(rec: dict[str, str]) -> None:
+    def emit(rec: dict[str, Any]) -> None:
         out = sys.stderr.buffer if rec.get("stream") == "stderr" else sys.stdout.buffer
         text = rec.get("log", "")
         if timestamps:
@@ -237,7 +207,7 @@ def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | N
         out.write(text.encode())
         out.flush()
 
-    def keep(rec: dict[str, str]) -> bool:
+    def keep(rec: dict[str, Any]) -> bool:
         if since is None:
             return True
         try:
@@ -246,22 +216,25 @@ def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | N
             return True
         return t.timestamp() >= since
 
-    seen = list(_records(path, False, done))
+    # the rotated files oldest first, then the live one; None: all logged so far was read
+    records = logfile.records(path, follow, done)
+    last: collections.deque[dict[str, Any]] = collections.deque(maxlen=tail)  # --tail: memory bounded
+    for rec in records:
+        if rec is None:
+            break
+        if keep(rec):
+            if tail is None:
+                emit(rec)
+            else:
+                last.append(rec)
     if following is not None:
         following()
-    kept = [r for r in seen if keep(r)]
-    for rec in kept if tail is None else kept[max(0, len(kept) - tail):]:
+    for rec in last:
         emit(rec)
-    if follow:  # then what arrives, until the container's owner is gone
-        for rec in _skip(_records(path, True, done), len(seen)):
-            if keep(rec):
+    if follow:  # then what arrives, across rotations, until the container's owner is gone
+        for rec in records:
+            if rec is not None and keep(rec):
                 emit(rec)
-
-
-def _skip(it: Iterator[dict[str, str]], n: int) -> Iterator[dict[str, str]]:
-    for i, rec in enumerate(it):
-        if i >= n:
-            yield rec
 
 
 DETACH_KEYS = b"\x10\x11"  # Ctrl-P Ctrl-Q, as Docker

@@ -40,6 +40,7 @@ import re
 import secrets
 import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import threading
@@ -48,7 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import fsmode
+from . import fsmode, rootfs
 from .config import Config
 from .errors import UsageError, VmrtError
 
@@ -869,6 +870,27 @@ def files_dir(run_dir: Path) -> Path:
     return run_dir / "net"
 
 
+# the managed files stay writable inside the container (as under Docker), but on a tmpfs of their
+# own: a container that writes without end fills these 256 KiB, never the host's /run
+FILES_TMPFS = "size=256k,nr_inodes=16,mode=0700"
+FILE_READ_MAX = 256 << 10  # vmrt reads them with this bound (the tmpfs's size)
+
+
+def _read_managed(path: Path, limit: int = FILE_READ_MAX) -> str:
+    """A managed file's text, read without following a link, from a regular file, at most
+    ``limit`` bytes (the container may have written anything into it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return data.decode()
+
+
 def attach(cfg: Config, container_id: str, name: str, isolation: str, config: dict[str, Any],
            run_dir: Path) -> Attached:
     """Give a starting container its network: namespace, interfaces, address, rules, /etc files.
@@ -883,6 +905,7 @@ def attach(cfg: Config, container_id: str, name: str, isolation: str, config: di
     ns = netns_path(cfg, container_id)
     linux = config.setdefault("linux", {})
     try:
+        rootfs.mount_tmpfs(fdir, FILES_TMPFS)  # unmounted by detach (and with the run dir)
         if mode == "host":
             linux["namespaces"] = [n for n in linux.get("namespaces", []) if n.get("type") != "network"]
         else:
@@ -1031,9 +1054,12 @@ def refresh_hosts(cfg: Config, store: Store) -> None:
     for cid, own in by_container.items():
         fdir = files_dir(cfg.run_root / "containers" / cid)
         try:
-            req = NetRequest.from_json((fdir / "request.json").read_text())
-            hostname = (fdir / "hostname").read_text().strip()
+            req = NetRequest.from_json(_read_managed(fdir / "request.json"))
+            # the container can write its /etc/hostname: bounded, its first line only
+            hostname = _read_managed(fdir / "hostname", 4096).partition("\n")[0].strip()
         except (OSError, ValueError):
+            continue
+        if not hostname:
             continue
         nets = {ep.network_id for ep in own if ep.network_id in user_nets}
         peers = [e for e in eps if e.network_id in nets and e.container_id != cid]
@@ -1045,6 +1071,8 @@ def detach(cfg: Config, container_id: str) -> None:
     """Undo attach, whatever of it was done (also for a container whose owner died, or after a
     reboot): interfaces, namespace, addresses, rules, names. Idempotent."""
     ns = netns_path(cfg, container_id)
+    with contextlib.suppress(VmrtError):  # the managed files' tmpfs (attach mounted it)
+        rootfs.umount(files_dir(cfg.run_root / "containers" / container_id))
     with locked(cfg), Store(cfg) as store:
         eps = store.endpoints(container_id=container_id)
         # the namespace goes first: with nothing else holding it the kernel destroys it and its veths

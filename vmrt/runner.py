@@ -169,9 +169,10 @@ def execute_logged(cfg: Config, state: State, c: Container, image: Image, layers
                    config: dict[str, Any], driver: Any, timings: Timings) -> int:
     """An attached run of a kept container: its output on this terminal and, as Docker does, in its
     log (``vmrt logs``), with a terminal (-t) too: the drivers pass what they write on (``tee``)."""
+    from .logfile import container_limits
     from .monitor import LOG_NAME, LogWriter
     cdir = container_dir(cfg, c.id)
-    logs = LogWriter(cdir / LOG_NAME)
+    logs = LogWriter(cdir / LOG_NAME, container_limits(cdir, cfg))
     try:
         return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=cdir, tee=logs.feed)
     finally:

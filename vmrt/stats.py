@@ -14,14 +14,18 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from . import cgroups
+from .errors import VmrtError
 from .state import Container
 
 HZ = os.sysconf("SC_CLK_TCK")
+TOP_OUTPUT_MAX = 4 << 20  # what of a VM's `ps` output is kept (the image's ps could print forever)
+MEMINFO_MAX = 60000       # a guest's /proc/meminfo read at most (less than a pipe holds: never blocks)
 
 
 def _read_int(path: Path) -> int | None:
@@ -87,17 +91,19 @@ def sample(c: Container) -> dict[str, Any]:
     limit = _read_int(_controller("memory", vmm) / ("memory.max" if cgroups.is_v2() else "memory.limit_in_bytes"))
     return {"cpu_ns": sum(cpu_ns(p) for p in pids), "mem": sum(pss_kib(p) for p in pids) * 1024,
             "limit": limit if limit is not None and limit < 1 << 62 else None, "pids": len(pids),
-            "guest_mem": guest_memory(c)}
+            "guest_mem": None}  # measure() reads the guest's own figure
 
 
-def guest_memory(c: Container) -> int | None:
-    """Memory in use as the guest sees it (MemTotal - MemAvailable of the VM), read through the agent."""
+def guest_memory(c: Container, timeout: float = 5.0) -> int | None:
+    """Memory in use as the guest sees it (MemTotal - MemAvailable of the VM), read through the agent
+    within ``timeout`` seconds and less output than the pipe holds (a hung guest: no figure)."""
     r, w = os.pipe()
     try:
         from .agent.exec_client import exec_in_vm
         with open(os.devnull, "wb") as null:
             status = exec_in_vm(Path(c.run_dir), ["cat", "/proc/meminfo"], env=[], cwd="/", uid=0, gid=0,
-                                groups=[], tty=None, interactive=False, stdout_fd=w, stderr_fd=null.fileno())
+                                groups=[], tty=None, interactive=False, stdout_fd=w, stderr_fd=null.fileno(),
+                                timeout=timeout, max_output=MEMINFO_MAX)
         os.close(w)
         w = -1
         with open(r, "rb") as f:
@@ -113,9 +119,15 @@ def guest_memory(c: Container) -> int | None:
                 os.close(fd)
 
 
-def measure(containers: list[Container], interval: float = 0.5) -> list[dict[str, Any]]:
-    """CPU % over ``interval`` and the latest memory figures, one dict per container."""
+def measure(containers: list[Container], interval: float = 0.5, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """CPU % over ``interval`` and the latest memory figures, one dict per container. The guests'
+    own figures are read meanwhile, all at once: a hung VM costs ``timeout`` once, not per VM."""
     first = {c.id: sample(c) for c in containers}
+    guest: dict[str, int | None] = {}
+    readers = [threading.Thread(target=lambda c=c: guest.__setitem__(c.id, guest_memory(c, timeout)), daemon=True)
+               for c in containers if c.isolation == "vm"]
+    for t in readers:
+        t.start()
     t0 = time.monotonic()
     time.sleep(interval)
     rows = []
@@ -124,16 +136,25 @@ def measure(containers: list[Container], interval: float = 0.5) -> list[dict[str
         dt_ns = (time.monotonic() - t0) * 1e9
         cpu = max(0.0, (s["cpu_ns"] - first[c.id]["cpu_ns"]) / dt_ns * 100) if dt_ns else 0.0
         rows.append({"c": c, "cpu": cpu, **s})
+    for t in readers:
+        t.join(max(0.0, t0 + timeout + 1.0 - time.monotonic()))
+    for row in rows:
+        row["guest_mem"] = guest.get(row["c"].id)
     return rows
 
 
-def top(c: Container, ps_args: list[str]) -> int:
+def top(c: Container, ps_args: list[str], timeout: float = 5.0) -> int:
     """``docker top``: ``ps`` of the container's processes; in a VM, run inside it."""
     if c.isolation == "vm":
         from .agent.exec_client import exec_in_vm
         return exec_in_vm(Path(c.run_dir), ["ps", *ps_args], env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/",
-                          uid=0, gid=0, groups=[], tty=None, interactive=False)
+                          uid=0, gid=0, groups=[], tty=None, interactive=False, timeout=timeout,
+                          max_output=TOP_OUTPUT_MAX)
     pids = cgroup_procs(cgroups.runtime_path(c.id))
     if not pids:
         return 0
-    return subprocess.run(["ps", *(ps_args or ["-f"]), "-p", ",".join(map(str, pids))], check=False).returncode
+    try:  # the host's ps: bounded all the same
+        return subprocess.run(["ps", *(ps_args or ["-f"]), "-p", ",".join(map(str, pids))], check=False,
+                              timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        raise VmrtError(f"ps did not finish within {timeout:g}s") from None

@@ -31,7 +31,8 @@ class Mount:
     def oci(self) -> dict[str, Any]:
         if self.type == "bind":
             return {"destination": self.target, "type": "bind", "source": self.source,
-                    "options": ["rbind", "rprivate", *(["ro"] if self.readonly else [])]}
+                    # rro: read-only recursively (a mount under the source too), as Docker 25+
+                    "options": ["rbind", "rprivate", *(["ro", "rro"] if self.readonly else [])]}
         return {"destination": self.target, "type": "tmpfs", "source": "tmpfs",
                 "options": [*TMPFS_DEFAULTS, *(["ro"] if self.readonly else []), *self.options]}
 

@@ -122,13 +122,17 @@ def _connect(sock: socket.socket, path: Path) -> None:
 def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | None, uid: int,
                gid: int, groups: list[int], tty: tuple[int, int] | None, interactive: bool,
                stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2, detach: bool = False,
-               start_timeout: float = START_TIMEOUT) -> int:
+               start_timeout: float = START_TIMEOUT, timeout: float | None = None,
+               max_output: int | None = None, capture: bytearray | None = None) -> int:
     """Run args in the VM container whose run directory is bundle_dir; return its exit status.
 
     uid/gid/groups/env/cwd are used as given (the caller resolves names and the
     container's defaults). ``tty`` (rows, columns) gives the process a terminal;
     ``interactive`` relays stdin (else it is /dev/null). ``detach``: return 0
     once the process has started; it runs on with /dev/null for stdio.
+    For vmrt's own probes (``stats``, ``top``): ``timeout`` bounds the whole exec (a guest that
+    never answers: AgentError; the agent kills the process when the port closes), ``max_output``
+    the bytes of output read (more: VmrtError), and ``capture`` takes stdout instead of stdout_fd.
     Exec failures raise ContainerExecError (exit_code 126 not executable, 127
     not found); other failures AgentError/StateError/VmrtError.
     """
@@ -137,7 +141,10 @@ def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | 
                       stdin=interactive and not detach, detach=detach)
     frame = P.encode_exec(spec)
     with _port(Path(bundle_dir)) as sock:
-        return _Relay(sock, spec, stdin_fd, stdout_fd, stderr_fd).run(frame, start_timeout)
+        relay = _Relay(sock, spec, stdin_fd, stdout_fd, stderr_fd)
+        relay.deadline = None if timeout is None else time.monotonic() + timeout
+        relay.timeout, relay.max_output, relay.capture = timeout, max_output, capture
+        return relay.run(frame, min(start_timeout, timeout) if timeout is not None else start_timeout)
 
 
 class _Relay:
@@ -152,6 +159,11 @@ class _Relay:
         self.stdin_open = False
         self.tty_restore: list[Any] | None = None
         self.pre: bytearray | None = bytearray()  # bytes before this session's STARTED/ERROR
+        self.deadline: float | None = None      # monotonic: the whole exec ends by then (probes)
+        self.timeout: float | None = None
+        self.max_output: int | None = None      # output bytes read at most (probes)
+        self.capture: bytearray | None = None   # stdout collected here instead of stdout_fd
+        self.output = 0
 
     # --- signals -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -254,6 +266,12 @@ class _Relay:
                     raise AgentError(f"timed out after {start_timeout:g}s waiting for the guest agent "
                                      "to start the exec process")
                 timeout = max(1, int(left * 1000))
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentError(f"timed out after {self.timeout:g}s waiting for the container's VM to "
+                                     "answer (is it hung or stopped?)")
+                timeout = min(timeout or 1 << 30, max(1, int(left * 1000)))
             try:
                 events = poller.poll(timeout)
             finally:
@@ -333,8 +351,16 @@ class _Relay:
                     raise ContainerExecError(err.message,
                                              exit_code=err.code if err.code in (125, 126, 127) else 125)
                 continue
+            if fr.type in (P.Msg.STDOUT, P.Msg.STDERR) and self.max_output is not None:
+                self.output += len(fr.payload)
+                if self.output > self.max_output:
+                    raise VmrtError(f"the process in the container printed more than {self.max_output} bytes: "
+                                    "cut off")
             if fr.type == P.Msg.STDOUT:
-                write_all(self.stdout_fd, fr.payload)
+                if self.capture is not None:
+                    self.capture += fr.payload
+                else:
+                    write_all(self.stdout_fd, fr.payload)
             elif fr.type == P.Msg.STDERR:
                 write_all(self.stderr_fd, fr.payload)
             elif fr.type == P.Msg.EXIT:
