@@ -17,6 +17,7 @@ from . import config as config_mod
 from . import volumes as volumes_mod
 from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
 from .errors import UsageError, VmrtError
+from .formatting import inert
 from .paths import source_root
 from .timings import Timings
 
@@ -34,6 +35,13 @@ def _agentbuild():  # type: ignore[no-untyped-def]
     return agentbuild
 
 
+class _InertFormatter(logging.Formatter):
+    """Log lines (guest console tails, QEMU output with --debug) with terminal controls escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return inert(super().format(record), block=True)
+
+
 def _cfg(ctx: click.Context) -> config_mod.Config:
     return ctx.obj["cfg"]  # type: ignore[no-any-return]
 
@@ -44,8 +52,9 @@ def _cfg(ctx: click.Context) -> config_mod.Config:
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Containers with a per-run choice of isolation: Linux namespaces or a micro-VM."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="vmrt: %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_InertFormatter("vmrt: %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     if not debug:  # qemu.qmp logs connection drops itself; vmrt reports them once
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     cfg = config_mod.load()
@@ -525,21 +534,21 @@ def entry() -> None:
         click.echo("vmrt: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        click.echo(f"vmrt: {e.format_message()}", err=True)
+        click.echo(f"vmrt: {inert(e.format_message())}", err=True)
         sys.exit(125)
     except VmrtError as e:
-        click.echo(f"vmrt: {e}", err=True)
+        click.echo(f"vmrt: {inert(str(e))}", err=True)  # guest and image text is in many messages
         LOG.debug("details", exc_info=True)
         if os.environ.get("VMRT_DEBUG") and hasattr(e, "evidence"):
-            click.echo(e.evidence(), err=True)
+            click.echo(inert(e.evidence(), block=True), err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as e:
-        click.echo(f"vmrt: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
+        click.echo(inert(f"vmrt: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"), err=True)
         LOG.debug("details", exc_info=True)
         sys.exit(125)
     except Exception as e:  # a bug, or a library's own error type (pyroute2's NetlinkError): still one line
-        click.echo(f"vmrt: internal error: {type(e).__name__}: {e} (--debug shows where)", err=True)
+        click.echo(inert(f"vmrt: internal error: {type(e).__name__}: {e} (--debug shows where)"), err=True)
         LOG.debug("details", exc_info=True)
         sys.exit(125)

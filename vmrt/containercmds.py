@@ -130,9 +130,9 @@ def _each(ctx: click.Context, refs: tuple[str, ...], action: Any) -> None:
             try:
                 out = action(_cfg(ctx), st, st.get(ref))
                 if out is not None:
-                    click.echo(out)
+                    click.echo(formatting.inert(str(out)))
             except VmrtError as e:
-                click.echo(f"vmrt: {e}", err=True)
+                click.echo(f"vmrt: {formatting.inert(str(e))}", err=True)
                 failed = True
     if failed:
         ctx.exit(1)
@@ -376,7 +376,7 @@ def inspect(ctx: click.Context, refs: tuple[str, ...], fmt: str | None, kind: st
                             raise
                 docs.append(image_doc(Store(_cfg(ctx).root).get(ref)))
             except VmrtError:
-                click.echo(f"vmrt: No such object: {ref}", err=True)
+                click.echo(f"vmrt: No such object: {formatting.inert(ref)}", err=True)
                 failed = True
     if fmt and fmt != "json":
         for d in docs:

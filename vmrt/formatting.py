@@ -6,6 +6,10 @@ and templates made of ``{{.Field}}``, ``{{.Field.Sub}}``, ``{{json .Field}}``,
 ``{{json .}}`` and ``\\t``/``\\n`` escapes, optionally after ``table `` (then a
 header line of the field names is printed first). Anything else in ``{{ }}`` is
 refused with one clear line rather than printed wrongly.
+
+:func:`inert` makes text from images and guests safe to print on a terminal:
+every table cell and template value goes through it, and so does every line
+vmrt prints itself (errors, notices, logged debug output).
 """
 
 from __future__ import annotations
@@ -17,8 +21,31 @@ from typing import Any
 
 from .errors import UsageError
 
+# Terminal controls: C0 (but \n and \t where a multi-line block is printed), DEL, C1, the
+# Unicode line/paragraph separators and bidi controls (they reorder what is shown), lone
+# surrogates (bytes that were not UTF-8, from surrogateescape)
+_CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE = re.compile(f"[\t\n{_CONTROLS}]")
+_UNSAFE_BLOCK = re.compile(f"[{_CONTROLS}]")
 _ACTION = re.compile(r"\{\{\s*(.*?)\s*\}\}")
 _FIELD = re.compile(r"^(json\s+)?\.((?:[A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?$")
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    if 0xDC80 <= c <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): shown as that byte
+        return f"\\x{c - 0xDC00:02x}"
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def inert(text: str | bytes, *, block: bool = False) -> str:
+    """``text`` with every terminal control escaped Python-style (ESC -> ``\\x1b``), so that a
+    string an image or a guest chose can be printed without moving the cursor, retitling the
+    window or hiding what precedes it; bytes that are not UTF-8 become ``\\xNN``. ``block``
+    keeps newlines and tabs (a multi-line evidence block)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    return (_UNSAFE_BLOCK if block else _UNSAFE).sub(_escape, text)
 
 
 def _lookup(obj: Any, path: str | None, template: str) -> Any:
@@ -50,7 +77,7 @@ def render(template: str, obj: Mapping[str, Any]) -> str:
         if not f:
             raise UsageError(f"template {template!r}: unsupported action {{{{{m.group(1)}}}}}")
         value = _lookup(obj, f.group(2), template)
-        return json.dumps(value, separators=(",", ":")) if f.group(1) else _text(value)  # compact, as Go
+        return json.dumps(value, separators=(",", ":")) if f.group(1) else inert(_text(value))  # compact, as Go
     return _ACTION.sub(action, template.replace("\\t", "\t").replace("\\n", "\n"))
 
 
@@ -66,10 +93,10 @@ def header(template: str) -> str:
 def emit(fmt: str | None, rows: list[dict[str, Any]], default: list[tuple[str, str, int]]) -> list[str]:
     """Lines for ``rows``: ``default`` is the table's (header, field, minimum width) columns."""
     if fmt in (None, "", "table"):  # columns as wide as their widest cell, like Go's tabwriter
-        widths = [max([w, len(h), *(len(_text(r[f])) for r in rows)]) for h, f, w in default]
+        cells = [[inert(_text(r[f])) for _, f, _ in default] for r in rows]
+        widths = [max([w, len(h), *(len(row[i]) for row in cells)]) for i, (h, _, w) in enumerate(default)]
         lines = ["   ".join(h.ljust(w) for (h, _, _), w in zip(default, widths, strict=True)).rstrip()]
-        lines += ["   ".join(_text(r[f]).ljust(w) for (_, f, _), w in zip(default, widths, strict=True)).rstrip()
-                  for r in rows]
+        lines += ["   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
         return lines
     assert fmt is not None
     if fmt == "json":

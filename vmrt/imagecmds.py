@@ -271,7 +271,7 @@ def remove_images(store: Store, refs: tuple[str, ...] | list[str], force: bool) 
         store.collect()
     if errors:
         for msg in errors[:-1]:
-            click.echo(f"vmrt: {msg}", err=True)
+            click.echo(f"vmrt: {formatting.inert(msg)}", err=True)
         raise ImageError(errors[-1])
     return deleted
 

@@ -32,6 +32,7 @@ from . import logfile
 from .config import Config
 from .drivers.base import FORCE_KILL
 from .errors import StateError, UsageError
+from .formatting import inert
 from .state import Container, State, Status
 
 OWNER_LOST_STATUS = 255  # as Docker records a container whose shim vanished
@@ -203,7 +204,7 @@ def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | N
         out = sys.stderr.buffer if rec.get("stream") == "stderr" else sys.stdout.buffer
         text = rec.get("log", "")
         if timestamps:
-            text = f"{rec.get('time', '')} {text}"
+            text = f"{inert(str(rec.get('time', '')))} {text}"  # ours; the log text is the container's, raw
         out.write(text.encode())
         out.flush()
 

@@ -114,7 +114,7 @@ def inspect(ctx: click.Context, refs: tuple[str, ...], fmt: str | None) -> None:
             try:
                 net = store.get(ref)
             except VmrtError as e:
-                click.echo(f"vmrt: {e}", err=True)
+                click.echo(f"vmrt: {formatting.inert(str(e))}", err=True)
                 failed = True
                 continue
             docs.append(net.inspect(_members(cfg, store, net)))
@@ -137,7 +137,7 @@ def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
         try:
             click.echo(network.remove_network(_cfg(ctx), ref))
         except VmrtError as e:
-            click.echo(f"vmrt: {e}", err=True)
+            click.echo(f"vmrt: {formatting.inert(str(e))}", err=True)
             failed = True
     if failed:
         ctx.exit(1)

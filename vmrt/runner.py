@@ -18,6 +18,7 @@ from .bundle import RunOptions
 from .config import Config
 from .drivers.base import FORCE_KILL, RunContext
 from .errors import ImageError, StateError, UsageError, VmrtError
+from .formatting import inert
 from .images import reference
 from .images.store import Image, Store
 from .images.unpack import resolve_in_root
@@ -68,14 +69,14 @@ def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platf
     tty = sys.stderr.isatty()  # progress bars on a terminal; otherwise one line, after the pull
     missing = f"Unable to find image '{ref}' locally" if pull == "missing" else f"Pulling {ref}"
     if tty:
-        print(missing, file=sys.stderr)
+        print(inert(missing), file=sys.stderr)
     try:
         image = registry.pull(store, ref, platform=platform or cfg.platform, insecure_registries=cfg.insecure(),
                               quiet=not tty, auth_file=cfg.auth_file)
     except VmrtError as e:
         raise ImageError(f"{missing}, and pulling it failed: {e}") from e
     if not tty:
-        print(f"{missing}: pulled {image.id}", file=sys.stderr)
+        print(inert(f"{missing}: pulled {image.id}"), file=sys.stderr)
     return store.get(ref)
 
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import cgroups
 from .errors import VmrtError
+from .formatting import inert
 from .state import Container
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -94,6 +97,21 @@ def sample(c: Container) -> dict[str, Any]:
             "guest_mem": None}  # measure() reads the guest's own figure
 
 
+def meminfo_used(text: bytes) -> int | None:
+    """MemTotal - MemAvailable in bytes from a guest's /proc/meminfo (the guest's text: anything
+    else, or nonsense, is None)."""
+    info: dict[str, int] = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        key, _, rest = line.partition(":")
+        words = rest.split()
+        if key in ("MemTotal", "MemAvailable") and words and words[0].isascii() and words[0].isdigit() \
+                and len(words[0]) <= 20:
+            info[key] = int(words[0])
+    if "MemTotal" not in info or "MemAvailable" not in info or info["MemAvailable"] > info["MemTotal"]:
+        return None
+    return (info["MemTotal"] - info["MemAvailable"]) * 1024
+
+
 def guest_memory(c: Container, timeout: float = 5.0) -> int | None:
     """Memory in use as the guest sees it (MemTotal - MemAvailable of the VM), read through the agent
     within ``timeout`` seconds and less output than the pipe holds (a hung guest: no figure)."""
@@ -108,9 +126,8 @@ def guest_memory(c: Container, timeout: float = 5.0) -> int | None:
         w = -1
         with open(r, "rb") as f:
             r = -1
-            info = {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in f.read().decode().splitlines())
-                    if v.strip()}
-        return (info["MemTotal"] - info["MemAvailable"]) * 1024 if status == 0 else None
+            text = f.read(1 << 20)
+        return meminfo_used(text) if status == 0 else None
     except Exception:  # an exec port busy, the VM going away: no guest figure this time
         return None
     finally:
@@ -143,13 +160,44 @@ def measure(containers: list[Container], interval: float = 0.5, timeout: float =
     return rows
 
 
+def _read_capped(fd: int, into: bytearray) -> None:
+    with open(fd, "rb", buffering=0) as f:
+        while chunk := f.read(65536):
+            into += chunk[:max(0, TOP_OUTPUT_MAX - len(into))]
+
+
+def inert_exec(run: Callable[[int, int], int]) -> int:
+    """``run(stdout_fd, stderr_fd)``, an exec whose output is the image's text but which vmrt
+    prints as its own (``top``: the image's ``ps``): read through pipes (at most
+    TOP_OUTPUT_MAX bytes each) and printed with terminal controls escaped."""
+    outs = [bytearray(), bytearray()]
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in outs]
+    readers = [threading.Thread(target=_read_capped, args=(r, buf), daemon=True)
+               for (r, _), buf in zip(pipes, outs, strict=True)]
+    for t in readers:
+        t.start()
+    try:
+        status = run(pipes[0][1], pipes[1][1])
+    finally:
+        for _, w in pipes:
+            os.close(w)
+        for t in readers:
+            t.join()
+    for stream, buf in zip((sys.stdout, sys.stderr), outs, strict=True):
+        stream.write(inert(bytes(buf), block=True))
+        stream.flush()
+    return status
+
+
 def top(c: Container, ps_args: list[str], timeout: float = 5.0) -> int:
-    """``docker top``: ``ps`` of the container's processes; in a VM, run inside it."""
+    """``docker top``: ``ps`` of the container's processes; in a VM, run inside it (the image's
+    own ``ps``, so its output is escaped like any guest text)."""
     if c.isolation == "vm":
         from .agent.exec_client import exec_in_vm
-        return exec_in_vm(Path(c.run_dir), ["ps", *ps_args], env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/",
-                          uid=0, gid=0, groups=[], tty=None, interactive=False, timeout=timeout,
-                          max_output=TOP_OUTPUT_MAX)
+        return inert_exec(lambda out, err: exec_in_vm(
+            Path(c.run_dir), ["ps", *ps_args], env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/", uid=0, gid=0,
+            groups=[], tty=None, interactive=False, stdout_fd=out, stderr_fd=err, timeout=timeout,
+            max_output=TOP_OUTPUT_MAX))
     pids = cgroup_procs(cgroups.runtime_path(c.id))
     if not pids:
         return 0

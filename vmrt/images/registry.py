@@ -37,6 +37,7 @@ import requests
 import urllib3
 
 from ..errors import ImageError, UsageError
+from ..formatting import inert
 from . import auth, reference
 from .store import (
     INDEX_TYPES,
@@ -472,6 +473,7 @@ class _Progress:
     def line(self, text: str) -> None:
         if self.quiet:
             return
+        text = inert(text)  # names and digests a registry sent
         with self._lock:
             if self.tty:
                 self._tqdm.write(text, file=self.out)
