@@ -609,13 +609,22 @@ static void agent_frame(const struct vmrt_frame *f)
 		break;
 	case VMRT_ERROR: {
 		char msg[sizeof end.detail];
-		size_t n = f->len - 4 < sizeof msg - 1 ? f->len - 4 : sizeof msg - 1;
+		size_t n = 0;
 
 		if (end.kind != E_NONE)
 			break;
-		while (n > 0 && n < f->len - 4 && (p[4 + n] & 0xC0) == 0x80)
-			n--; /* not in the middle of a character */
-		memcpy(msg, p + 4, n);
+		/* The guest's text goes on as DETAIL: valid UTF-8 (each bad byte U+FFFD,
+		 * never cut inside a character), its controls escaped where it is shown. */
+		for (size_t i = 4; i < f->len;) {
+			size_t k = p[i] < 0x80 ? 1 : vmrt_utf8_seq(p + i, f->len - i);
+			size_t w = k ? k : 3;
+
+			if (n + w > sizeof msg - 1)
+				break;
+			memcpy(msg + n, k ? (const char *)p + i : "\xef\xbf\xbd", w);
+			n += w;
+			i += k ? k : 1;
+		}
 		msg[n] = '\0';
 		set_end(E_GRACE, GRACE_MS, "error", (long)vmrt_get32(p), 0, msg);
 		qemu_signal(SIGTERM);
