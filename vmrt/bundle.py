@@ -5,7 +5,8 @@ OCI runtime-spec ``config.json`` (process, user, env, cwd, hostname, mounts,
 namespaces, resources) in a bundle directory. The VM driver translates that
 config into an agent RUN message; the process driver (runc) reads it as is.
 User and group names are resolved from the image's own /etc/passwd and
-/etc/group, read inside the image root (symlinks cannot point outside it).
+/etc/group, read inside the image root (symlinks cannot point outside it) by
+:mod:`vmrt.safefs`: only a regular file is opened, and read bounded.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import dataclasses
 import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
-from . import fsmode
-from .errors import UsageError
-from .images.unpack import resolve_in_root
+from . import fsmode, safefs
+from .errors import ImageError, UsageError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
@@ -123,7 +122,9 @@ def _read_env_file(path: Path) -> list[str]:
 def merge_env(image_env: list[str], opts: RunOptions) -> list[str]:
     env: dict[str, str] = {}
     for e in image_env:
-        k, _, v = e.partition("=")
+        if "\0" in e:  # execve cannot carry it; the agent protocol and runc would refuse it later
+            raise ImageError(f"the image's environment has an entry with a NUL byte: {e!r}")
+        k, _, v = e.partition("=")  # an entry without "=" (image data) becomes an empty variable
         env[k] = v
     for item in [*(x for f in opts.env_files for x in _read_env_file(f)), *opts.env]:
         k, sep, v = item.partition("=")
@@ -148,18 +149,18 @@ MAX_DB_BYTES = 4 << 20
 
 
 def _read_db(root: Path, path: str, numeric: tuple[int, ...]) -> list[list[str]]:
-    """Lines of an image's passwd/group file; only a regular file, read bounded."""
-    p = resolve_in_root(str(root), path)
+    """Lines of an image's passwd/group file, resolved inside the image root (links never
+    leave it); a FIFO, device node or anything else not a regular file is never opened and
+    counts as missing, as a missing file does for Docker (numeric ids still work, names
+    fail); one over MAX_DB_BYTES is refused (ImageError), never read whole."""
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        data = safefs.read_regular(root, path, MAX_DB_BYTES)
+    except safefs.FileTooLarge:
+        raise ImageError(f"the image's {path} is larger than {MAX_DB_BYTES >> 20} MiB: refused") from None
+    except OSError as e:
+        raise ImageError(f"cannot read the image's {path}: {e.strerror}") from None
+    if data is None:
         return []
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return []
-        data = os.read(fd, MAX_DB_BYTES)
-    finally:
-        os.close(fd)
     rows = []
     for line in data.decode("utf-8", "replace").splitlines():
         fields = line.split(":")
@@ -229,6 +230,9 @@ def process_args(image_cfg: dict[str, Any], opts: RunOptions) -> list[str]:
     args = entry + cmd
     if not args:
         raise UsageError("no command specified")
+    for a in args:
+        if "\0" in a:  # only an image's Entrypoint/Cmd can hold one: execve cannot carry it
+            raise ImageError(f"invalid command argument {a!r}: it contains a NUL byte")
     return args
 
 
@@ -236,7 +240,7 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
                 isolation: str) -> dict[str, Any]:
     args = process_args(image_cfg, opts)
     cwd = opts.workdir or image_cfg.get("WorkingDir") or "/"
-    if not cwd.startswith("/"):
+    if not cwd.startswith("/") or "\0" in cwd:
         raise UsageError(f"the working directory {cwd!r} is invalid, it needs to be an absolute path")
     user = resolve_user(rootfs, opts.user if opts.user is not None else image_cfg.get("User") or "")
     hostname = opts.hostname or container_id[:12]

@@ -148,4 +148,24 @@ def load(env: dict[str, str] | None = None) -> Config:
                 raise UsageError(f"VMRT_TIMEOUT_{t.name.upper()}: {e}") from e
     iso = normalize_isolation(cfg.isolation)
     cfg.isolation = iso or "vm"
+    check_paths(cfg)
     return cfg
+
+
+# characters that would split or escape an option list these dirs' paths are put in: overlayfs's
+# lowerdir=a:b,upperdir=, QEMU's -fsdev path=/mem-path= and virtiofsd's -o source= (commas),
+# and /proc/self/mountinfo's escapes (whitespace, backslash), which vmrt compares mount points by
+_OPTION_UNSAFE = frozenset(",:\\\x7f") | frozenset(map(chr, range(33)))
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse a state, run or cache dir whose path would break the option strings it is put in
+    (one line, exit 125) rather than let it add or split options there."""
+    for name in ("root", "run_root", "cache"):
+        value = str(getattr(cfg, name))
+        bad = sorted(set(value) & _OPTION_UNSAFE)
+        if bad:
+            raise UsageError(f"{name} {value!r} contains {bad[0]!r}: vmrt puts this path in mount and "
+                             "QEMU/virtiofsd option lists, so it cannot hold whitespace, controls, ',', ':' or '\\'")
+    if not cfg.virtiofs_cache.isalpha():
+        raise UsageError(f"virtiofs_cache {cfg.virtiofs_cache!r}: use auto, always or none")

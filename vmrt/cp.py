@@ -78,7 +78,8 @@ def _from_container(cfg: Config, ref: str, path: str, dest: Path) -> None:
 
     def produce() -> None:
         try:
-            result["status"] = _exec(cfg, ref, ["tar", "cf", "-", "-C", parent, base], None, w)
+            member = f"./{base}" if base.startswith("-") else base  # a name, never a tar option
+            result["status"] = _exec(cfg, ref, ["tar", "cf", "-", "-C", parent, member], None, w)
         except VmrtError as e:
             result["status"], result["error"] = e.exit_code, str(e)
         finally:

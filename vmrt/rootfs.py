@@ -92,11 +92,13 @@ def umount(target: Path) -> None:
 def bind(src: Path, target: Path, readonly: bool) -> None:
     """Bind src (a directory or a file) on target, with what is mounted below it; read-only if
     asked, and then recursively (as Docker 25's ``rro``): a mount under a ``:ro`` volume's source
-    is read-only too."""
+    is read-only too. Always nosuid and nodev: these binds are the host side of a VM's share,
+    where virtiofsd (root) opens files for the guest: a device node the guest made in a volume
+    must never open a host device (the guest applies suid/dev bits itself, on its side)."""
     _mount(str(src), str(target), None, MS_BIND | MS_REC)
     try:
+        _mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0))
         if readonly:
-            _mount("none", str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
             readonly_recursive(target)
         _mount("none", str(target), None, MS_PRIVATE | MS_REC)
     except LaunchError:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import bundle, fsmode, rootfs
+from . import bundle, fsmode, rootfs, safefs
 from .bundle import RunOptions
 from .config import Config
 from .drivers.base import FORCE_KILL, RunContext
@@ -21,7 +21,6 @@ from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
 from .images import reference
 from .images.store import Image, Store
-from .images.unpack import resolve_in_root
 from .state import Container, State, Status
 from .timings import Timings
 
@@ -43,14 +42,15 @@ def rw_dir(cfg: Config, container_id: str) -> Path:
 
 
 class _LayeredRoot:
-    """Looks a path up in an image's layers, topmost first (for /etc/passwd)."""
+    """Looks a path up in an image's layers, topmost first (for /etc/passwd): resolved inside
+    each layer, never opened (a whiteout or a device node there ends the search too)."""
 
     def __init__(self, layers: list[Path]) -> None:
         self.layers = layers
 
     def pick(self, path: str) -> Path:
         for layer in reversed(self.layers):
-            if os.path.lexists(resolve_in_root(str(layer), path)):
+            if safefs.stat_in_root(layer, path) is not None:
                 return layer
         return self.layers[-1]
 

@@ -247,8 +247,14 @@ class _Session:
                     conn, _ = console_sock.accept()
                     with conn:
                         master = _recv_fd(conn)
-            try:
-                rc = proc.wait()
+            try:  # bounded: the runtime's init reads the image's /etc/passwd and /etc/group
+                rc = proc.wait(timeout=ctx.cfg.timeouts.start)  # (a FIFO there blocks it)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()  # its init, stuck in the container's cgroup, goes with the teardown
+                raise LaunchError(f"{os.path.basename(self.runtime)} create did not finish within "
+                                  f"{ctx.cfg.timeouts.start:g} s (its init reads the image's /etc/passwd "
+                                  "and /etc/group: is one a FIFO?)") from None
             except BaseException:  # interrupted (a signal): no runtime left behind
                 proc.kill()
                 proc.wait()

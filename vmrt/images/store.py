@@ -32,13 +32,14 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .. import fsmode
+from .. import fsmode, safefs
 from ..errors import ImageError, UsageError
 from . import reference, unpack
 
@@ -210,7 +211,8 @@ class Image:
         return [self.manifest_digest, self.id, *(d["digest"] for d in self.layers)]
 
     def layer_dirs(self) -> list[Path]:
-        """Unpacked layer directories, lowest first."""
+        """Unpacked layer directories, lowest first (on the store's inert mount)."""
+        self.store.seal()
         return [self.store.unpacked_layer(desc, diff)
                 for desc, diff in zip(self.layers, self.diff_ids, strict=True)]
 
@@ -242,13 +244,24 @@ class Store:
         self.layers = root / "layers"
         self.tmp = root / "tmp"
         self._db: sqlite3.Connection | None = None
+        self._sealed = False
 
     def init(self) -> None:
         for d in (self.blobs, self.layers, self.tmp):
             fsmode.private_dir(d)
+        self.seal()
         layout = self.oci / "oci-layout"
         if not layout.exists():
             self._atomic_write(layout, json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+
+    def seal(self) -> None:
+        """The store on a nosuid, nodev, noexec mount (the whole state root: unpacked layers,
+        ``tmp/`` where they are unpacked, and the process-mode writable layers in ``rw/``): a
+        setuid binary or a device node from an image or a container is inert on the host
+        (:func:`vmrt.safefs.inert_mount`; set up on first use after boot, one statvfs after)."""
+        if not self._sealed and self.root.is_dir():
+            safefs.inert_mount(self.root)
+            self._sealed = True
 
     # --- metadata ------------------------------------------------------------
     @property
@@ -631,8 +644,8 @@ class Store:
         try:
             return int((d / ".vmrt-complete").read_text().split()[1])
         except (OSError, IndexError, ValueError):  # unpacked by an older vmrt: count the files
-            return sum(e.stat(follow_symlinks=False).st_size for e in (d / "rootfs").rglob("*")
-                       if e.is_file() and not e.is_symlink())
+            sizes = (e.lstat() for e in (d / "rootfs").rglob("*"))  # never stat a link's target
+            return sum(st.st_size for st in sizes if stat.S_ISREG(st.st_mode))
 
     def has_layer(self, diff_id: str) -> bool:
         return (self.layers / digest_hex(diff_id) / ".vmrt-complete").exists()
