@@ -406,6 +406,8 @@ def test_image_env_and_command_are_data(vmrt: Vmrt, tmp_path: Path, images: list
 @pytest.mark.parametrize(("flag", "value"), [
     ("--hostname", "a,b"), ("--hostname", "host\nname"), ("--hostname", "-rf"),
     ("--name", "a,b"), ("--name", "x\ny"), ("--name", "../x"),
+    ("--dns-search", "example.com\nnameserver 192.0.2.1"), ("--dns-option", "ndots:1 rotate"),
+    ("--add-host", "x:192.0.2.1\n192.0.2.2 y"), ("--dns", "192.0.2.1\nnameserver 192.0.2.2"),
 ])
 def test_names_with_separators_are_refused(vmrt: Vmrt, flag: str, value: str) -> None:
     r = run(vmrt, "process", flag, value, "busybox", "true", timeout=60)

@@ -192,8 +192,16 @@ def _net_request(network: str, aliases: tuple[str, ...], publish: tuple[str, ...
         network=network, aliases=[net.valid_alias(a) for a in aliases],
         ports=[m for p in publish for m in net.parse_publish(p)], publish_all=publish_all,
         exposed=[e for x in expose for e in net.parse_expose(x)], dns=[net.parse_dns(d) for d in dns],
-        dns_search=list(dns_search), dns_options=list(dns_options),
+        dns_search=[_resolv_word(d, "--dns-search") for d in dns_search],
+        dns_options=[_resolv_word(o, "--dns-option") for o in dns_options],
         extra_hosts=[net.parse_add_host(h) for h in add_hosts])
+
+
+def _resolv_word(value: str, flag: str) -> str:
+    """A word of the container's resolv.conf: a space or newline would add an entry or a line."""
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise UsageError(f"invalid {flag} {value!r}: one word, without spaces or newlines")
+    return value
 
 
 def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
