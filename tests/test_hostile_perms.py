@@ -382,3 +382,28 @@ def test_snapshot_files_are_root_only_and_clones_read_their_etc_files(fresh: Vmr
         r = fresh("snapshot", "rm")
         assert r.returncode == 0, r.stderr
     fresh.assert_clean()
+
+
+def test_cp_out_of_a_container_makes_dirs_with_the_callers_umask(fresh: Vmrt, tmp_path: Path) -> None:
+    """vmrt's own umask (077) is for vmrt's files: a dir `vmrt cp` makes in the user's
+    destination gets the caller's umask (022 here: 0755), as before."""
+    r = fresh("run", "-d", "--isolation=process", "busybox", "sh", "-c",
+              "mkdir -p /d/e && echo x > /d/e/f && sleep 300")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    try:
+        deadline = time.monotonic() + 30
+        while fresh("exec", cid, "test", "-f", "/d/e/f").returncode != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        old = os.umask(0o022)
+        try:
+            r = fresh("cp", f"{cid}:/d", str(tmp_path / "out"))
+        finally:
+            os.umask(old)
+        assert r.returncode == 0, r.stderr
+        assert (mode(tmp_path / "out"), mode(tmp_path / "out" / "e"), mode(tmp_path / "out" / "e" / "f")) == (
+            0o755, 0o755, 0o644)
+    finally:
+        fresh("rm", "-f", cid)
+    fresh.assert_clean()

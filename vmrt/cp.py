@@ -19,6 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from . import fsmode
 from .config import Config
 from .errors import UsageError, VmrtError
 from .execs import ExecOptions, run_exec
@@ -49,7 +50,10 @@ def _strict(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     if len(member.name) > 1024 or (member.islnk() or member.issym()) and (
             member.linkname.startswith("/") or ".." in member.linkname.split("/") or len(member.linkname) > 1024):
         raise tarfile.FilterError(f"refusing {member.name!r} -> {member.linkname!r} from the container")
-    return tarfile.data_filter(member, dest)
+    m = tarfile.data_filter(member, dest)
+    if m is not None and m.isdir() and m.mode is None:  # the data filter leaves dirs to the umask:
+        m = m.replace(mode=0o777 & ~fsmode.caller_umask(), deep=False)  # the user's, not vmrt's 077
+    return m
 
 
 def copy(cfg: Config, src: str, dest: str) -> None:

@@ -30,10 +30,27 @@ SHARED_FILE = 0o644    # read inside a container by any uid (bind-mounted /etc f
 PUBLIC_FILE = 0o644    # no tenant data: kernel, initramfs (a jailed VMM may get them by bind mount)
 
 
+_caller_umask: int | None = None
+
+
 def restrict_umask() -> int:
     """Make every file and socket this process (and its children) creates private to root;
     returns the umask the caller had."""
-    return os.umask(UMASK)
+    global _caller_umask
+    old = os.umask(UMASK)
+    if _caller_umask is None:
+        _caller_umask = old
+    return old
+
+
+def caller_umask() -> int:
+    """The umask vmrt was started with: for what it makes in the user's own dirs at the user's
+    request (``vmrt cp`` out of a container), as any command the user runs would."""
+    if _caller_umask is not None:
+        return _caller_umask
+    cur = os.umask(0o022)
+    os.umask(cur)
+    return cur
 
 
 def secure_tops(*dirs: Path) -> None:
