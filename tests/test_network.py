@@ -394,19 +394,20 @@ def test_parse_publish() -> None:
 
 
 def test_ruleset_text() -> None:
-    """The nftables table vmrt writes: DNAT per published port (host address or all local ones),
-    masquerade per non-internal network, and drops between networks."""
+    """The nftables tables vmrt writes: DNAT per published port (host address or all local ones),
+    masquerade per non-internal network, drops between networks, anti-spoofing per veth."""
     a = network.Network("a" * 64, "bridge", "10.1.0.0/24", "10.1.0.1", "br-a")
     b = network.Network("b" * 64, "other", "10.2.0.0/24", "10.2.0.1", "br-b", internal=True)
     ep = network.Endpoint("c" * 64, a.id, "10.1.0.2", "02:56:0a:01:00:02", "eth0", "vcccccccccc0", [], "c",
                           [network.PortMapping("", 8888, 8080), network.PortMapping("127.0.0.1", 53, 53, "udp")])
-    text = network.ruleset("vmrt_t", [a, b], [ep])
-    assert 'tcp dport 8888 dnat to 10.1.0.2:8080 comment "cccccccccccc"' in text
-    assert "ip daddr 127.0.0.1 udp dport 53 dnat to 10.1.0.2:53" in text
+    text = network.ruleset("vmrt_t", [a, b], [ep], 0x1234)
+    assert 'meta nfproto ipv4 tcp dport 8888 dnat ip to 10.1.0.2:8080 comment "cccccccccccc"' in text
+    assert "ip daddr 127.0.0.1 udp dport 53 dnat ip to 10.1.0.2:53" in text
     assert 'ip saddr 10.1.0.0/24 oifname != "br-a" masquerade' in text
-    assert "10.2.0.0/24" not in text  # internal: no NAT out
-    assert 'iifname "br-a" oifname { "br-a", "br-b" } oifname != "br-a" drop' in text
-    assert text.startswith("table ip vmrt_t\ndelete table ip vmrt_t\n")
+    assert "10.2.0.0/24" not in text  # internal: no NAT out, no forwarding out
+    assert "iifname @bridges oifname @bridges drop" in text
+    assert '"vcccccccccc0" : goto ep_vcccccccccc0' in text and "ip saddr 10.1.0.2 accept" in text
+    assert text.startswith("table ip vmrt_t\ndelete table ip vmrt_t\ntable inet vmrt_t\ndelete table inet vmrt_t\n")
 
 
 # --- an "outside" host the test creates: outbound NAT and published ports from elsewhere ----

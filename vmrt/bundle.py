@@ -300,9 +300,10 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
 
 def _net_request(image_cfg: dict[str, Any], opts: RunOptions, isolation: str) -> Any:
     """The run's network flags, with the image's EXPOSE ports (for -P); checked here, at create."""
-    from .network import NetRequest
+    from .network import NetRequest, image_exposed
     req = dataclasses.replace(opts.net) if opts.net is not None else NetRequest()
-    req.exposed = list(dict.fromkeys([*(image_cfg.get("ExposedPorts") or {}), *req.exposed]))
+    # the image's keys are parsed (a key that is not a port refuses the run): they may reach nft
+    req.exposed = list(dict.fromkeys([*image_exposed(image_cfg.get("ExposedPorts")), *req.exposed]))
     if req.network == "host" and isolation == "vm":
         raise UsageError("--network host is for --isolation=process only: a VM has its own network stack")
     if req.network in ("none", "host") and (req.ports or req.publish_all or req.aliases):

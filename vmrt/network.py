@@ -14,10 +14,13 @@ network namespace, bind-mounted at ``<run_root>/netns/<id>``:
 
 Addresses come from the network's subnet (the gateway is the bridge's own).
 Outbound NAT, published ports (DNAT, also from 127.0.0.1 through
-``route_localnet``) and the isolation between networks are nftables rules in a
-table of vmrt's own (``ip vmrt``), rewritten whole and atomically from the
-state database after every change, so a crash leaves nothing another start
-trips on. Names: each container gets managed ``/etc/hosts`` and
+``route_localnet``, guarded), forwarding (drop but for what vmrt publishes, what
+a container started and its own network) are nftables rules in a table of
+vmrt's own (``inet vmrt``); anti-spoofing per host-side veth (a container sends
+from its own MAC and address only) in another (``bridge vmrt``). Both are
+rewritten whole and atomically from the state database when a bridge is made
+or ports are published, so a crash leaves nothing another start trips on; a
+container's anti-spoofing chain comes and goes with it. Names: each container gets managed ``/etc/hosts`` and
 ``/etc/resolv.conf`` files (bind-mounted, as Docker does); on a user network
 the hosts file lists every other container of the network by name, alias and
 short id, and is rewritten when one comes or goes.
@@ -32,8 +35,10 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import hashlib
 import ipaddress
 import json
+import logging
 import os
 import random
 import re
@@ -53,6 +58,7 @@ from . import fsmode, rootfs
 from .config import Config
 from .errors import UsageError, VmrtError
 
+LOG = logging.getLogger(__name__)
 DEFAULT = "bridge"
 BUILTIN = ("none", "host", "bridge")
 TABLE = "vmrt"
@@ -69,6 +75,51 @@ class NetworkError(VmrtError):
 
 
 # --- what a container asks for -------------------------------------------------------
+#
+# Ports are data: whatever they come from (-p, --expose, the image's EXPOSE/ExposedPorts,
+# vmrt's own state read back), they are parsed into ints, a protocol of PROTOS and an
+# IPv4 address before anything is done with them, and checked again where they reach nft.
+
+PROTOS = ("tcp", "udp")          # what vmrt publishes
+EXPOSE_PROTOS = (*PROTOS, "sctp")  # what an image may expose (Docker's); sctp is never published
+MAX_PORTS = 4096                 # exposed or published ports of one container (a range is many)
+_DIGITS = re.compile(r"[0-9]{1,5}")
+
+
+def _port(text: str, what: str, where: str = "-p") -> int:
+    if not _DIGITS.fullmatch(text) or not 0 < int(text) < 65536:
+        raise UsageError(f"invalid {what} port {text[:32]!r} in {where}")
+    return int(text)
+
+
+def _range(text: str, what: str, where: str = "-p") -> list[int]:
+    """``PORT`` or ``FIRST-LAST``, each end checked (Docker's ranges)."""
+    lo, sep, hi = text.partition("-")
+    a = _port(lo, what, where)
+    b = _port(hi, what, where) if sep else a
+    if b < a:
+        raise UsageError(f"invalid {what} port range {text[:32]!r} in {where}")
+    if b - a >= MAX_PORTS:
+        raise UsageError(f"{where}: port range {text} is larger than {MAX_PORTS} ports")
+    return list(range(a, b + 1))
+
+
+def _proto(text: str, where: str, allowed: tuple[str, ...] = PROTOS) -> str:
+    proto = (text or "tcp").lower()
+    if proto == "sctp" and "sctp" not in allowed:
+        raise UsageError(f"invalid protocol 'sctp' in {where}: vmrt publishes tcp and udp ports only")
+    if proto not in allowed:
+        raise UsageError(f"invalid protocol {text[:16]!r} in {where} (use tcp or udp)")
+    return proto
+
+
+def _host_ip(text: str) -> str:
+    """A canonical IPv4 address ("" for every address)."""
+    if not text:
+        return ""
+    ip = ipaddress.IPv4Address(text)  # ValueError for anything else
+    return "" if ip == ipaddress.IPv4Address(0) else str(ip)
+
 
 @dataclasses.dataclass
 class PortMapping:
@@ -76,6 +127,20 @@ class PortMapping:
     host_port: int        # 0 = pick a free one (-P, or -p CTR)
     container_port: int
     proto: str = "tcp"
+
+    def __post_init__(self) -> None:
+        """Checked whenever one is made (from a flag, or read back from state): the values reach nft."""
+        ok = (type(self.host_port) is int and 0 <= self.host_port < 65536
+              and type(self.container_port) is int and 0 < self.container_port < 65536
+              and self.proto in PROTOS and isinstance(self.host_ip, str))
+        if ok and self.host_ip:
+            try:
+                ok = _host_ip(self.host_ip) == self.host_ip
+            except ValueError:
+                ok = False
+        if not ok:
+            raise NetworkError(f"invalid published port {self.host_ip!r}:{self.host_port!r}:"
+                               f"{self.container_port!r}/{self.proto!r}"[:160])
 
     def key(self) -> str:
         return f"{self.container_port}/{self.proto}"
@@ -101,9 +166,14 @@ class NetRequest:
 
     @classmethod
     def from_json(cls, text: str) -> NetRequest:
-        d = json.loads(text)
-        d["ports"] = [PortMapping(**p) for p in d.get("ports", [])]
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        """Read back from state; ports and exposed ports are parsed again (never trusted as text)."""
+        try:
+            d = json.loads(text)
+            d["ports"] = [PortMapping(**p) for p in d.get("ports", [])]
+            d["exposed"] = [k for e in d.get("exposed", []) for k in parse_exposed(e, "the container's configuration")]
+            return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        except (ValueError, TypeError, AttributeError, UsageError) as e:
+            raise NetworkError(f"the container's network configuration is damaged: {e}"[:200]) from None
 
     @property
     def networks(self) -> list[str]:
@@ -115,63 +185,78 @@ def request_of(config: dict[str, Any]) -> NetRequest:
     return NetRequest.from_json(text) if text else NetRequest()
 
 
-def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise UsageError(f"invalid {what} port {text!r} in -p")
-    return int(text)
-
-
-def _range(text: str, what: str) -> list[int]:
-    lo, sep, hi = text.partition("-")
-    a = _port(lo, what)
-    b = _port(hi, what) if sep else a
-    if b < a:
-        raise UsageError(f"invalid {what} port range {text!r} in -p")
-    return list(range(a, b + 1))
-
-
 def parse_publish(spec: str) -> list[PortMapping]:
     """Docker's ``-p [IP:][HOST[-END]:]CTR[-END][/tcp|udp]``."""
+    where = f"-p {spec[:64]}"
     body, _, proto = spec.partition("/")
-    proto = proto or "tcp"
-    if proto not in ("tcp", "udp"):
-        raise UsageError(f"invalid protocol {proto!r} in -p {spec} (use tcp or udp)")
+    proto = _proto(proto, where)
     ip = ""
     if body.startswith("["):
-        raise UsageError(f"-p {spec}: IPv6 addresses are not supported")
+        raise UsageError(f"{where}: IPv6 addresses are not supported")
     parts = body.split(":")
     if len(parts) == 3:
         ip, host, ctr = parts
-        if ip:
-            try:
-                ip = str(ipaddress.IPv4Address(ip))
-            except ValueError:
-                raise UsageError(f"invalid IP address {parts[0]!r} in -p {spec}") from None
-            if ip == "0.0.0.0":
-                ip = ""
+        try:
+            ip = _host_ip(ip)
+        except ValueError:
+            raise UsageError(f"invalid IP address {parts[0][:40]!r} in {where}") from None
     elif len(parts) == 2:
         host, ctr = parts
     elif len(parts) == 1:
         host, ctr = "", parts[0]
     else:
-        raise UsageError(f"invalid -p {spec!r}: use [IP:][HOST:]CONTAINER[/tcp|udp]")
-    ctr_ports = _range(ctr, "container")
+        raise UsageError(f"invalid {where!r}: use [IP:][HOST:]CONTAINER[/tcp|udp]")
+    ctr_ports = _range(ctr, "container", where)
     if not host:
         return [PortMapping(ip, 0, c, proto) for c in ctr_ports]
-    host_ports = _range(host, "host")
+    host_ports = _range(host, "host", where)
     if len(host_ports) != len(ctr_ports):
         if len(ctr_ports) == 1 and len(host_ports) > 1:
-            raise UsageError(f"-p {spec}: a host port range needs a container range of the same size")
-        raise UsageError(f"-p {spec}: the host and container port ranges differ in size")
+            raise UsageError(f"{where}: a host port range needs a container range of the same size")
+        raise UsageError(f"{where}: the host and container port ranges differ in size")
     return [PortMapping(ip, h, c, proto) for h, c in zip(host_ports, ctr_ports, strict=True)]
 
 
-def parse_expose(spec: str) -> list[str]:
+def parse_exposed(spec: str, where: str, protos: tuple[str, ...] = EXPOSE_PROTOS) -> list[str]:
+    """``PORT[-END][/PROTO]`` as exposed ports, one ``"PORT/proto"`` each (the only form kept)."""
+    if not isinstance(spec, str):
+        raise UsageError(f"invalid port {str(spec)[:32]!r} in {where}")
     body, _, proto = spec.partition("/")
-    proto = proto or "tcp"
-    if proto not in ("tcp", "udp"):
-        raise UsageError(f"invalid protocol {proto!r} in --expose {spec}")
-    return [f"{p}/{proto}" for p in _range(body, "exposed")]
+    proto = _proto(proto, where, protos)
+    return [f"{p}/{proto}" for p in _range(body, "exposed", where)]
+
+
+def parse_expose(spec: str) -> list[str]:
+    """``--expose PORT[-END][/tcp|udp]``."""
+    return parse_exposed(spec, f"--expose {spec[:64]}", PROTOS)
+
+
+def image_exposed(value: object) -> list[str]:
+    """The image config's ExposedPorts keys, each parsed; a key that is not a port refuses the
+    run (as Docker does), named in the one-line error, and is never passed on."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise UsageError("the image's ExposedPorts is not a map of ports: refusing to run it")
+    out: list[str] = []
+    for key in value:
+        try:
+            out += parse_exposed(key, "the image's ExposedPorts")
+        except UsageError:
+            raise UsageError(f"the image's ExposedPorts key {str(key)[:64]!r} is not a port "
+                             f"(PORT[-END][/tcp|udp|sctp], at most {MAX_PORTS}): refusing to run it") from None
+        if len(out) > MAX_PORTS:
+            raise UsageError(f"the image exposes more than {MAX_PORTS} ports: refusing to run it")
+    return out
+
+
+def split_exposed(key: str) -> tuple[int, str]:
+    """An exposed port kept as ``"PORT/proto"``, parsed again: (port, proto)."""
+    ports = parse_exposed(key, "the container's exposed ports")
+    if len(ports) != 1:
+        raise NetworkError(f"exposed port {key[:32]!r} is not one port")
+    port, _, proto = ports[0].partition("/")
+    return int(port), proto
 
 
 def parse_add_host(spec: str) -> str:
@@ -607,6 +692,7 @@ def _link_index(ipr: Any, name: str) -> int | None:
 def ensure_bridge(net: Network) -> bool:
     """The network's bridge with the gateway address, up; forwarding on (idempotent). True if
     the bridge was made now (then the rules need writing)."""
+    IfName(net.bridge)  # it names a /proc/sys path and reaches nft: a strict interface name
     if _link_exists(net.bridge) and Path(f"/proc/sys/net/ipv4/conf/{net.bridge}/route_localnet").read_text() == "1\n":
         return False  # set up already (the common case: no netlink round trips)
     _sysctl("net.ipv4.ip_forward", "1")
@@ -629,6 +715,7 @@ def ensure_bridge(net: Network) -> bool:
                 raise _nl_error(f"cannot address bridge {net.bridge}", e) from None
         ipr.link("set", index=idx, state="up")
     # published ports reached from 127.0.0.1: DNAT'd loopback traffic may leave through the bridge
+    # (and its replies come back); the guard chain keeps containers off the host's loopback
     _sysctl(f"net.ipv4.conf.{net.bridge}.route_localnet", "1")
     return True
 
@@ -646,9 +733,12 @@ def mac_for(ip: str) -> str:
     return "02:56:" + ":".join(f"{x:02x}" for x in b)
 
 
-def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bool) -> None:
+def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bool, group: int) -> None:
     """veth: host end on the bridge, the other as ep.ifname in the namespace; process mode puts the
-    address and route on it, VM mode redirects it to and from tap0 (the VM's NIC)."""
+    address and route on it, VM mode redirects it to and from tap0 (the VM's NIC). The host end is
+    made in ``group`` (port_group), so the bridge table guards it from its first frame.
+    VM mode needs no rule on the tap: it is in the container's namespace, and every frame the guest
+    sends is redirected by tc to the veth, whose host end is checked."""
     prefix = ipaddress.IPv4Network(net.subnet).prefixlen
     tmp = "vp" + secrets.token_hex(6)
     if _link_exists(ep.host_if):  # the same container's previous run, its namespace still being destroyed
@@ -658,7 +748,8 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
         if br is None:
             raise NetworkError(f"bridge {net.bridge} of network {net.name} is gone")
         try:
-            ipr.link("add", ifname=ep.host_if, kind="veth", peer={"ifname": tmp, "net_ns_fd": str(ns)})
+            ipr.link("add", ifname=ep.host_if, kind="veth", group=group,
+                     peer={"ifname": tmp, "net_ns_fd": str(ns)})
         except Exception as e:
             raise _nl_error(f"cannot create veth {ep.host_if}", e) from None
         hidx = _link_index(ipr, ep.host_if)
@@ -691,13 +782,112 @@ def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None) 
 
 
 # --- nftables ---------------------------------------------------------------------------
+#
+# Two tables per state root, rewritten whole from the database (sync_rules) when a bridge
+# is made, ports are published or a network goes; a container's own anti-spoofing chain is
+# added when it starts and removed when it stops (endpoint_rules / drop_endpoint_rules).
+#
+# No text from an image, a flag or the state database is pasted into a script: every value
+# is parsed into a typed object first (ints, ipaddress objects, names checked against a
+# strict pattern) and _lit checks it again where it is written (a plain str, or a value
+# that no longer matches, is a bug and stops the write).
+
+_PATTERNS = {
+    "interface name": re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}"),  # IFNAMSIZ - 1
+    "nftables name": re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}"),
+    "MAC address": re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"),
+    "container tag": re.compile(r"[0-9a-f]{12}"),
+    "protocol": re.compile("|".join(PROTOS)),
+}
+
+
+class _Checked(str):
+    """A string that matched its kind's pattern when made (and is checked again by _lit)."""
+
+    what = ""
+    quoted = False
+
+    def __new__(cls, value: str) -> _Checked:
+        if not isinstance(value, str) or not _PATTERNS[cls.what].fullmatch(value):
+            raise NetworkError(f"invalid {cls.what} {str(value)[:40]!r} for nftables")
+        return super().__new__(cls, value)
+
+
+class IfName(_Checked):
+    what, quoted = "interface name", True
+
+
+class Ident(_Checked):
+    what = "nftables name"
+
+
+class Mac(_Checked):
+    what = "MAC address"
+
+
+class Tag(_Checked):
+    what, quoted = "container tag", True
+
+
+class Port(int):
+    """A port number, 1-65535."""
+
+    def __new__(cls, value: int) -> Port:
+        if type(value) is not int or not 0 < value < 65536:
+            raise NetworkError(f"invalid port {value!r} for nftables")
+        return super().__new__(cls, value)
+
+
+class Group(int):
+    """An interface group number (u32, not 0)."""
+
+    def __new__(cls, value: int) -> Group:
+        if type(value) is not int or not 0 < value < 1 << 32:
+            raise NetworkError(f"invalid interface group {value!r} for nftables")
+        return super().__new__(cls, value)
+
+
+class Proto(_Checked):
+    what = "protocol"
+
+_ADDRESSES = (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _lit(v: object) -> str:
+    """One value for an nft script, checked at the point it is pasted in."""
+    if isinstance(v, _Checked):
+        if not _PATTERNS[v.what].fullmatch(v):
+            raise NetworkError(f"bug: {v.what} {str(v)[:40]!r} changed after it was checked")
+        return f'"{v}"' if v.quoted else str(v)
+    if isinstance(v, Port) and 0 < v < 65536 or isinstance(v, Group) and 0 < v < 1 << 32:
+        return str(int(v))
+    if type(v) in _ADDRESSES:  # an ipaddress object prints as an address, nothing else
+        return str(v)
+    if type(v) is tuple and v:  # an anonymous set of checked values
+        return "{ " + ", ".join(_lit(x) for x in v) + " }"
+    raise NetworkError(f"bug: refusing to write a {type(v).__name__} into an nft script")
+
+
+def _nf(template: str, *values: object) -> str:
+    """A line of nft: each ``%s`` of the template (a literal of this module) filled by _lit."""
+    parts = template.split("%s")
+    if len(parts) != len(values) + 1:
+        raise NetworkError("bug: nft template and values do not match")
+    return parts[0] + "".join(_lit(v) + rest for v, rest in zip(values, parts[1:], strict=True))
+
 
 def table_name(cfg: Config) -> str:
-    """vmrt's nftables table: ``vmrt`` for the default state root, one per other root (tests)."""
+    """vmrt's nftables tables: ``vmrt`` for the default state root, one per other root (tests)."""
     if cfg.root == Config().root:
         return TABLE
-    import hashlib
     return f"{TABLE}_{hashlib.sha256(str(cfg.root).encode()).hexdigest()[:8]}"
+
+
+def port_group(cfg: Config) -> int:
+    """The interface group of this state root's host-side veths (set when a veth is made, before it
+    joins a bridge): the bridge table drops every frame from a port of the group that has no
+    anti-spoofing chain, so a veth is never unguarded, and other roots' veths are not ours."""
+    return 0x10000000 | int(hashlib.sha256(table_name(cfg).encode()).hexdigest()[:7], 16)
 
 
 def _nft(script: str) -> None:
@@ -710,53 +900,158 @@ def _nft(script: str) -> None:
         raise NetworkError(f"nft: {msg[0] if msg else 'exit status ' + str(r.returncode)}")
 
 
-def ruleset(table: str, networks: list[Network], endpoints: list[Endpoint]) -> str:
-    """vmrt's whole nftables table for these networks and running endpoints."""
-    by_id = {n.id: n for n in networks}
-    bridges = sorted(n.bridge for n in networks)
+def _chain_name(ep: Endpoint) -> Ident:
+    return Ident("ep_" + IfName(ep.host_if))
+
+
+def _endpoint_rules(ep: Endpoint) -> list[str]:
+    """Anti-spoofing for one host-side veth: frames from it carry the container's MAC; ARP and IPv4
+    carry its MAC and address; nothing else passes (no IPv6 until containers get addresses: as
+    Docker, which turns IPv6 off on the interfaces of a network without it)."""
+    mac, ip = Mac(ep.mac), ipaddress.IPv4Address(ep.ip)
+    return [_nf("ether saddr != %s drop", mac),
+            _nf("arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether %s arp saddr ip %s accept", mac, ip),
+            _nf("ip saddr %s accept", ip),
+            "drop"]
+
+
+def _delete_tables(table: Ident) -> list[str]:
+    # the ip table is vmrt's before the inet and bridge ones: removed wherever it is left
+    return [line for family in ("ip", "inet", "bridge")
+            for line in (_nf(f"table {family} %s", table), _nf(f"delete table {family} %s", table))]
+
+
+def ruleset(table: str, networks: list[Network], endpoints: list[Endpoint], group: int) -> str:
+    """vmrt's whole nftables tables for these networks and running endpoints (one transaction)."""
+    try:
+        return _ruleset(table, networks, endpoints, group)
+    except ValueError as e:  # an address from the database that does not parse
+        raise NetworkError(f"vmrt's network state is damaged: {e}"[:200]) from None
+
+
+def _ruleset(table: str, networks: list[Network], endpoints: list[Endpoint], group: int) -> str:
+    t = Ident(table)
+    nets = sorted(networks, key=lambda n: n.bridge)
+    by_id = {n.id: n for n in nets}
+    bridges = tuple(IfName(n.bridge) for n in nets)
+    eps = [ep for ep in endpoints if ep.network_id in by_id]
     nat, fwd, post = [], [], []
-    for n in networks:
-        if n.internal:
-            fwd.append(f'iifname "{n.bridge}" oifname != "{n.bridge}" drop')
-            fwd.append(f'oifname "{n.bridge}" iifname != "{n.bridge}" drop')
-        else:
-            post.append(f'ip saddr {n.subnet} oifname != "{n.bridge}" masquerade')
-        if len(bridges) > 1:  # no traffic between containers of different networks
-            fwd.append(f'iifname "{n.bridge}" oifname {{ {", ".join(json.dumps(b) for b in bridges)} }} '
-                       f'oifname != "{n.bridge}" drop')
-        post.append(f'oifname "{n.bridge}" ip saddr 127.0.0.0/8 masquerade')
-    for ep in endpoints:
-        if ep.network_id not in by_id:
-            continue
+    for ep in eps:
         for p in ep.ports:
-            dst = f"ip daddr {p.host_ip} " if p.host_ip else ""
-            nat.append(f'{dst}{p.proto} dport {p.host_port} dnat to {ep.ip}:{p.container_port} '
-                       f'comment "{ep.container_id[:12]}"')
-    body = [
-        f"table ip {table} {{",
+            to = (ipaddress.IPv4Address(ep.ip), Port(p.container_port))
+            match = (_nf("ip daddr %s", ipaddress.IPv4Address(p.host_ip)) if p.host_ip else "meta nfproto ipv4")
+            nat.append(match + _nf(" %s dport %s dnat ip to %s:%s comment %s", Proto(p.proto),
+                                   Port(p.host_port), *to, Tag(ep.container_id[:12])))
+    for n in nets:  # same network: accepted (bridged traffic passes here with br_netfilter)
+        fwd.append(_nf("iifname %s oifname %s accept", IfName(n.bridge), IfName(n.bridge)))
+    fwd.append("iifname @bridges oifname @bridges drop")  # between networks, published ports too
+    for n in nets:
+        br, subnet = IfName(n.bridge), ipaddress.IPv4Network(n.subnet)
+        if n.internal:  # nothing in or out but its own bridge
+            fwd += [_nf("iifname %s drop", br), _nf("oifname %s drop", br)]
+        else:
+            post.append(_nf("ip saddr %s oifname != %s masquerade", subnet, br))
+    fwd.append("ct status dnat accept")  # what vmrt publishes
+    for n in nets:
+        if not n.internal:  # what a container starts outbound, from its network's own addresses
+            fwd.append(_nf("iifname %s ip saddr %s accept", IfName(n.bridge), ipaddress.IPv4Network(n.subnet)))
+    fwd.append("drop")
+    post.append("oifname @bridges ip saddr 127.0.0.0/8 masquerade")
+    inet = [
+        _nf("table inet %s {", t),
+        _nf("  set bridges { type ifname; elements = %s; }", bridges),
         "  chain ports {", *(f"    {r}" for r in nat), "  }",
+        # loopback addresses are DNAT'd for the host's own connections only (output), never for
+        # a packet that arrives (a port published on 127.0.0.1 is not reachable from elsewhere)
         "  chain prerouting {", "    type nat hook prerouting priority dstnat; policy accept;",
+        "    ip daddr 127.0.0.0/8 return", "    ip6 daddr ::1 return",
         "    fib daddr type local jump ports", "  }",
         "  chain output {", "    type nat hook output priority -100; policy accept;",
         "    fib daddr type local jump ports", "  }",
         "  chain postrouting {", "    type nat hook postrouting priority srcnat; policy accept;",
         *(f"    {r}" for r in post), "  }",
+        # CVE-2020-8558: the bridges have route_localnet=1 (for published ports reached from
+        # 127.0.0.1), so a container could send to the host's loopback through its gateway:
+        # nothing from a bridge to a loopback address, before NAT (replies to the host's own
+        # connections arrive addressed to the bridge and become 127.0.0.1 only in NAT), and after
+        # it unless DNAT'd (kube-proxy's rule)
+        "  chain guard {", "    type filter hook prerouting priority raw; policy accept;",
+        "    iifname @bridges ip daddr 127.0.0.0/8 drop", "    iifname @bridges ip6 daddr ::1 drop", "  }",
+        "  chain input {", "    type filter hook input priority filter; policy accept;",
+        "    iifname @bridges ip daddr 127.0.0.0/8 ct status dnat accept",
+        "    iifname @bridges ip daddr 127.0.0.0/8 drop", "    iifname @bridges ip6 daddr ::1 drop", "  }",
+        # forwarding to or from a bridge: only what is listed in guarded, the rest dropped
         "  chain forward {", "    type filter hook forward priority filter; policy accept;",
-        *(f"    {r}" for r in fwd), "  }",
+        "    iifname @bridges jump guarded", "    oifname @bridges jump guarded", "  }",
+        "  chain guarded {", "    ct state established,related accept", *(f"    {r}" for r in fwd), "  }",
         "}",
     ]
-    return f"table ip {table}\ndelete table ip {table}\n" + "\n".join(body) + "\n"
+    elements = tuple(_nf("%s : goto %s", IfName(ep.host_if), _chain_name(ep)) for ep in eps)
+    bridge = [
+        _nf("table bridge %s {", t),
+        "  map ports {", "    type ifname : verdict;",
+        *(["    elements = { " + ", ".join(elements) + " }"] if elements else []), "  }",
+        # before the bridge learns a source address or forwards anything (priority -300)
+        "  chain prerouting {", "    type filter hook prerouting priority -300; policy accept;",
+        _nf("    meta iifgroup %s iifname vmap @ports", Group(group)),
+        _nf("    meta iifgroup %s drop", Group(group)), "  }",
+    ]
+    for ep in eps:
+        bridge += [_nf("  chain %s {", _chain_name(ep)), *(f"    {r}" for r in _endpoint_rules(ep)), "  }"]
+    bridge.append("}")
+    return "\n".join([*_delete_tables(t), *inet, *bridge]) + "\n"
+
+
+def endpoint_rules(cfg: Config, eps: list[Endpoint]) -> None:
+    """Add the anti-spoofing chains of a starting container's veths (idempotent: a chain a crash
+    left is flushed first). Fails, and rewrites everything, if the tables are gone (a firewall
+    reload that flushed the ruleset)."""
+    if not eps:
+        return
+    t = Ident(table_name(cfg))
+    script = [_nf("add chain inet %s guard", t)]  # an error if the inet table is missing
+    for ep in eps:
+        chain = _chain_name(ep)
+        script += [_nf("add chain bridge %s %s", t, chain), _nf("flush chain bridge %s %s", t, chain),
+                   *(_nf("add rule bridge %s %s ", t, chain) + r for r in _endpoint_rules(ep)),
+                   _nf("add element bridge %s ports { %s : goto %s }", t, IfName(ep.host_if), chain)]
+    try:
+        _nft("\n".join(script) + "\n")
+    except NetworkError:
+        LOG.info("vmrt's nftables tables are missing or damaged: rewriting them")
+        with locked(cfg), Store(cfg) as store:
+            sync_rules(store)
+
+
+def drop_endpoint_rules(cfg: Config, host_ifs: set[str]) -> None:
+    """Remove the anti-spoofing chains of these veths, whether they exist or not."""
+    t = Ident(table_name(cfg))
+    script = []
+    for name in sorted(host_ifs):
+        ifname = IfName(name)
+        chain = Ident("ep_" + ifname)
+        script += [_nf("add chain bridge %s %s", t, chain),
+                   _nf("add element bridge %s ports { %s : goto %s }", t, ifname, chain),
+                   _nf("delete element bridge %s ports { %s }", t, ifname),
+                   _nf("flush chain bridge %s %s", t, chain), _nf("delete chain bridge %s %s", t, chain)]
+    if not script:
+        return
+    try:
+        _nft("\n".join(script) + "\n")
+    except NetworkError as e:  # no table: nothing to remove
+        LOG.debug("no anti-spoofing chains removed: %s", e)
 
 
 def sync_rules(store: Store) -> None:
-    """Rewrite vmrt's nftables table from the database (atomically: one nft transaction)."""
+    """Rewrite vmrt's nftables tables from the database (atomically: one nft transaction)."""
     table = table_name(store.cfg)
     networks = [n for n in store.networks() if _link_exists(n.bridge)]
     endpoints = store.live_endpoints()
     if not networks:
-        _nft(f"table ip {table}\ndelete table ip {table}\n")
+        _nft("\n".join(_delete_tables(Ident(table))) + "\n")
         return
-    _nft(ruleset(table, networks, endpoints))
+    _nft(ruleset(table, networks, endpoints, port_group(store.cfg)))
+
 
 
 # --- names: managed /etc files ------------------------------------------------------------
@@ -837,6 +1132,7 @@ class Attached:
     endpoints: list[Endpoint]
     files: dict[str, Path]     # container path -> host file (bind-mounted)
     networks: dict[str, Network] = dataclasses.field(default_factory=dict)  # by id, those of endpoints
+    rules_done: bool = False   # attach rewrote the tables (with this container's chains)
     _thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
     _error: BaseException | None = dataclasses.field(default=None, repr=False)
 
@@ -929,7 +1225,8 @@ def attach(cfg: Config, container_id: str, name: str, isolation: str, config: di
                     att.endpoints.append(ep)
                     att.networks[net.id] = net
                 if made or ports:  # the rules change with a new bridge or published ports only
-                    sync_rules(store)
+                    sync_rules(store)  # (with this container's anti-spoofing chains)
+                    att.rules_done = True
         _write_files(cfg, att, req, hostname, mode == "host", fdir)
         _mount_files(config, att)
         return att
@@ -943,8 +1240,12 @@ def plumb(cfg: Config, att: Attached, isolation: str) -> None:
     if not att.endpoints:
         return
     assert att.netns is not None
+    if not att.rules_done:  # before its veths exist: a veth of vmrt's without its chain sends nothing
+        endpoint_rules(cfg, att.endpoints)
+    group = port_group(cfg)
     for i, ep in enumerate(att.endpoints):
-        plumb_veth(att.networks[ep.network_id], ep, att.netns, isolation == "vm", default_route=i == 0)
+        plumb_veth(att.networks[ep.network_id], ep, att.netns, isolation == "vm", default_route=i == 0,
+                   group=group)
     if any(n.user for n in att.networks.values()):
         with locked(cfg), Store(cfg) as store:
             refresh_hosts(cfg, store)
@@ -968,13 +1269,19 @@ def _allocate(store: Store, net: Network, cid: str, name: str, index: int, req: 
 def _resolve_ports(store: Store, req: NetRequest, config: dict[str, Any]) -> list[PortMapping]:
     """The container's published ports: -p as given, -P for every exposed port; a host port 0 gets
     a free one; a host port another container publishes or a host process listens on is refused."""
-    ports = [dataclasses.replace(p) for p in req.ports]
+    ports = [dataclasses.replace(p) for p in req.ports]  # checked again (PortMapping)
     if req.publish_all:
         given = {p.key() for p in ports}
         for e in req.exposed:
-            port, _, proto = e.partition("/")
-            if port.isdigit() and f"{port}/{proto or 'tcp'}" not in given:
-                ports.append(PortMapping("", 0, int(port), proto or "tcp"))
+            port, proto = split_exposed(e)
+            if proto not in PROTOS:
+                raise UsageError(f"-P: the container exposes {port}/{proto}, and vmrt publishes tcp and udp "
+                                 "ports only (publish the others with -p, or run without -P)")
+            if f"{port}/{proto}" not in given:
+                given.add(f"{port}/{proto}")
+                ports.append(PortMapping("", 0, port, proto))
+    if len(ports) > MAX_PORTS:
+        raise UsageError(f"more than {MAX_PORTS} published ports")
     taken = {(p.host_ip, p.host_port, p.proto) for ep in store.live_endpoints() for p in ep.ports}
     for p in ports:
         if p.host_port == 0:
@@ -983,7 +1290,7 @@ def _resolve_ports(store: Store, req: NetRequest, config: dict[str, Any]) -> lis
                                                                                    or t[0] == p.host_ip)]
         if clash:
             raise NetworkError(f"Bind for {p.host_ip or '0.0.0.0'}:{p.host_port} failed: port is already allocated")
-        _check_bindable(p)
+        _check_bindable(p.host_ip, p.host_port, p.proto)
         taken.add((p.host_ip, p.host_port, p.proto))
     return ports
 
@@ -997,22 +1304,22 @@ def _free_port(proto: str, taken: set[tuple[str, int, str]]) -> int:
         if any(t[1] == port and t[2] == proto for t in taken):
             continue
         try:
-            _check_bindable(PortMapping("", port, 0, proto))
+            _check_bindable("", port, proto)
         except NetworkError:
             continue
         return port
     raise NetworkError("no free host port found for -P")
 
 
-def _check_bindable(p: PortMapping) -> None:
+def _check_bindable(host_ip: str, port: int, proto: str) -> None:
     """A host process listening on the port would be shadowed by the DNAT rule: refuse, as Docker's
     proxy fails to bind."""
-    kind = socket.SOCK_STREAM if p.proto == "tcp" else socket.SOCK_DGRAM
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as s:
         try:
-            s.bind((p.host_ip or "0.0.0.0", p.host_port))
+            s.bind((host_ip or "0.0.0.0", port))
         except OSError as e:
-            raise NetworkError(f"Bind for {p.host_ip or '0.0.0.0'}:{p.host_port} failed: {e.strerror}") from None
+            raise NetworkError(f"Bind for {host_ip or '0.0.0.0'}:{port} failed: {e.strerror}") from None
 
 
 def _write_files(cfg: Config, att: Attached, req: NetRequest, hostname: str, host_mode: bool, fdir: Path) -> None:
@@ -1057,7 +1364,7 @@ def refresh_hosts(cfg: Config, store: Store) -> None:
             req = NetRequest.from_json(_read_managed(fdir / "request.json"))
             # the container can write its /etc/hostname: bounded, its first line only
             hostname = _read_managed(fdir / "hostname", 4096).partition("\n")[0].strip()
-        except (OSError, ValueError):
+        except (OSError, ValueError, VmrtError):
             continue
         if not hostname:
             continue
@@ -1086,7 +1393,9 @@ def detach(cfg: Config, container_id: str) -> None:
                 delete_link(name)
         store.drop_endpoints(container_id)
         if any(ep.ports for ep in eps):
-            sync_rules(store)
+            sync_rules(store)  # without its ports and its anti-spoofing chains
+        elif eps:  # its chains (and any a crash left under its veth names)
+            drop_endpoint_rules(cfg, {*(ep.host_if for ep in eps), *(f"v{container_id[:10]}{i}" for i in range(16))})
         user = {n.id for n in store.networks() if n.user}
         if any(ep.network_id in user for ep in eps):
             refresh_hosts(cfg, store)
@@ -1125,12 +1434,13 @@ def connect_live(cfg: Config, container_id: str, name: str, ref: str, aliases: l
         ep = _allocate(store, net, container_id, name, _next_index(own), req, [])
         store.add_endpoint(ep)
         try:
-            plumb_veth(net, ep, ns, vm=False, default_route=not own)
+            sync_rules(store)  # its anti-spoofing chain before its veth is on the bridge
+            plumb_veth(net, ep, ns, vm=False, default_route=not own, group=port_group(cfg))
         except BaseException:
             store.drop_endpoints(container_id, net.id)
             delete_link(ep.host_if)
+            sync_rules(store)
             raise
-        sync_rules(store)
         refresh_hosts(cfg, store)
 
 
@@ -1183,8 +1493,8 @@ def port_lines(cfg: Config, container_id: str, which: str | None) -> list[str]:
         eps = store.live_endpoints(container_id=container_id)
     want = None
     if which:
-        port, _, proto = which.partition("/")
-        want = f"{port}/{proto or 'tcp'}"
+        port, proto = split_exposed(parse_exposed(which, f"port {which[:32]}", PROTOS)[0])
+        want = f"{port}/{proto}"
     out = []
     for ep in eps:
         for p in sorted(ep.ports, key=lambda p: (p.container_port, p.proto)):
