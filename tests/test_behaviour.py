@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
+from conftest import CGROUP_PARENT, Vmrt
 
 MODES = ("process", "vm")
 pytestmark = pytest.mark.vm
@@ -318,10 +318,10 @@ def test_pids_limit(vmrt: Vmrt) -> None:
 def _cgroup_file(pattern: str, name: str) -> str:
     root = Path("/sys/fs/cgroup")
     if (root / "cgroup.controllers").exists():
-        hits = list(root.glob(f"vmrt/{pattern}/{name}"))
+        hits = list(root.glob(f"{CGROUP_PARENT}/{pattern}/{name}"))
     else:
         ctrl = {"cpu": "cpu", "memory": "memory", "pids": "pids"}[name.split(".")[0].replace("cfs_", "")]
-        hits = list(root.glob(f"{ctrl}/vmrt/{pattern}/{name}"))
+        hits = list(root.glob(f"{ctrl}/{CGROUP_PARENT}/{pattern}/{name}"))
     assert len(hits) == 1, (pattern, name, hits)
     return hits[0].read_text().strip()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from vmrt import cgroups
 
 
@@ -23,6 +25,27 @@ def v1_tree(root: Path) -> Path:
     for c in ("memory", "cpu", "pids"):
         (root / c).mkdir()
     return root
+
+
+@pytest.fixture(autouse=True)
+def _default_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cgroups, "PARENT", "vmrt")  # a slotted test run (VMRT_TEST_SLOT) moves it
+
+
+def test_take_over_renames_a_pooled_vms_group(tmp_path: Path) -> None:
+    """A claimed pooled VM's cgroup becomes the container's by a rename (its processes and
+    their charges stay), with the container's limits."""
+    root = v1_tree(tmp_path)
+    pool = cgroups.HostGroup("pool-1", memory_bytes=64 << 20, cpus=None, pids=100, root=root)
+    pool.create()
+    (root / "memory/vmrt/pool-1/cgroup.procs").write_text("4321")
+    g = cgroups.HostGroup("abc-vmm", memory_bytes=128 << 20, cpus=1.0, pids=200, root=root)
+    g.take_over("pool-1")
+    assert not (root / "memory/vmrt/pool-1").exists()
+    assert (root / "memory/vmrt/abc-vmm/cgroup.procs").read_text() == "4321"
+    assert (root / "memory/vmrt/abc-vmm/memory.limit_in_bytes").read_text() == str(128 << 20)
+    assert (root / "pids/vmrt/abc-vmm/pids.max").read_text() == "200"
+    assert g.procs_files() == [d / "cgroup.procs" for d in g.created] and len(g.created) == 3
 
 
 def test_v2_host_group_limits(tmp_path: Path) -> None:

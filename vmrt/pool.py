@@ -379,8 +379,8 @@ class Daemon:
         try:
             vm.dir.mkdir(mode=0o700)
             share = vm.dir / "share"
-            share.mkdir()
-            rootfs.make_shared(share)  # mounts made in it later reach virtiofsd's namespace
+            rootfs.share_top(share, shared=True)  # mounts made in it later reach virtiofsd's namespace
+            rootfs.seal_share(share)  # a claim opens it for its mounts, then seals it again
             spec = default_spec(self.cfg, vm.dir / f"vfs-{vmid}.sock", f"vmrt-pool-{vmid}")
             vm.shape = Shape.of(spec)
             host_mib = spec.memory_mib + self.cfg.vm_host_overhead_mib

@@ -19,7 +19,7 @@ MS_SHARED = 1 << 20
 MS_NOEXEC = 8
 SYS_MOUNT_SETATTR = 442  # x86_64 and every architecture's new-syscall table
 AT_RECURSIVE, AT_SYMLINK_NOFOLLOW, MOUNT_ATTR_RDONLY = 0x8000, 0x100, 0x1
-MNT_DETACH = 2
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
 
 
 def _mount(src: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -52,17 +52,6 @@ def mount_readonly(layers: list[Path], target: Path) -> None:
         _mount("overlay", str(target), "overlay", flags, f"lowerdir={lower}")
 
 
-def make_shared(target: Path) -> None:
-    """``target`` bound on itself as a mount of its own peer group: mounts made under it later
-    propagate to the copies other mount namespaces (a virtiofsd's) hold as slaves."""
-    _mount(str(target), str(target), None, MS_BIND)
-    try:
-        _mount("none", str(target), None, MS_SHARED)
-    except LaunchError:
-        umount(target)
-        raise
-
-
 def mount_readonly_overlay(layers: list[Path], empty: Path, target: Path) -> None:
     """The layers as a read-only overlay (no upper dir: read-only in every mount namespace it
     propagates to, unlike a bind mount whose read-only flag is set after it propagated).
@@ -83,7 +72,9 @@ def mount_overlay(layers: list[Path], upper: Path, work: Path, target: Path) -> 
 
 
 def umount(target: Path) -> None:
-    if _libc.umount2(str(target).encode(), MNT_DETACH) != 0:
+    """Detach the mount at ``target``; never through a symlink at its last component (a path a
+    guest could have changed: UMOUNT_NOFOLLOW)."""
+    if _libc.umount2(str(target).encode(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
         err = ctypes.get_errno()
         if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
             raise LaunchError(f"umount {target}: {os.strerror(err)}")
@@ -140,3 +131,29 @@ def mounts_under(top: Path) -> list[Path]:
 def umount_all(top: Path) -> None:
     for p in mounts_under(top):
         umount(p)
+
+
+SHARE_TOP = "mode=0755,size=64k,nr_inodes=1024"
+
+
+def share_top(share: Path, shared: bool = False) -> None:
+    """The top of a VM's share: a small tmpfs of its own holding only the mount points
+    (``rootfs``, ``volumes/N``). Once they are mounted, :func:`seal_share` makes it read-only, so
+    the guest, through virtiofsd, can neither add nor rename an entry on the host's path to
+    what the host later unmounts. ``shared``: a pooled VM's, whose later mounts must reach the
+    virtiofsd that already runs."""
+    share.mkdir(mode=0o700)
+    _mount("vmrt-share", str(share), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, SHARE_TOP)
+    if shared:
+        try:
+            _mount("none", str(share), None, MS_SHARED)
+        except LaunchError:
+            umount(share)
+            raise
+
+
+def seal_share(share: Path, readonly: bool = True) -> None:
+    """The share's top read-only (or writable again, for a pooled VM's claim): the tmpfs's own
+    flag, so it holds in every mount namespace that has a copy (virtiofsd's)."""
+    _mount("none", str(share), None, MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC | (MS_RDONLY if readonly else 0),
+           SHARE_TOP)

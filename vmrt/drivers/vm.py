@@ -516,9 +516,11 @@ class _Session:
             # (--network none: the tap stays, unconnected, in the namespace the VM booted in)
             share = claimed.dir / "share"
             # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
+            rootfs.seal_share(share, readonly=False)  # the guest runs nothing of the tenant's yet
             rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
             stack.callback(rootfs.umount, share / "rootfs")
             share_volumes(ctx.config, share, stack)
+            rootfs.seal_share(share)
             t.mark("rootfs-ready")
             # QEMU, virtiofsd and virtiofsd's sandboxed child: now this container's cost
             # (its cgroup becomes the container's, renamed with what it charged, under the
@@ -531,10 +533,11 @@ class _Session:
             self.hello.set_result(claimed.hello)
         elif snap is not None:  # restored from a snapshot: a 9p share (the proxy helper's, jailed)
             share = bdir / "share"
-            share.mkdir()
+            rootfs.share_top(share)
             rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
             stack.callback(rootfs.umount, share / "rootfs")
             share_volumes(ctx.config, share, stack)  # only vmrt's /etc files: _snapshot() checked
+            rootfs.seal_share(share)
             t.mark("rootfs-ready")
             vfs = None
             proxy = None
@@ -553,10 +556,11 @@ class _Session:
             # one virtio-fs share per container: share/rootfs (the image, read-only) and
             # share/volumes/N (bind volumes)
             share = bdir / "share"
-            share.mkdir()
+            rootfs.share_top(share)
             rootfs.mount_readonly(ctx.layers, share / "rootfs")
             stack.callback(rootfs.umount, share / "rootfs")
             share_volumes(ctx.config, share, stack)
+            rootfs.seal_share(share)
             t.mark("rootfs-ready")
             vfs = Virtiofsd(cfg, share, spec.virtiofs_socket, logs / "virtiofsd.log", group=group)
             if ctx.handoff is None:
