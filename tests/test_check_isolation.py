@@ -30,6 +30,16 @@ def test_isolation_probes(vmrt: Vmrt) -> None:
         assert col["self_fd"] == "nothing of the host"
         assert col["proc1_exe"] == "/bin/busybox (container's)"
         assert col["workdir_fd"] == "refused (fds 3-8)"
+    # the host side: a process container's init is root with Docker's capabilities in its
+    # rootfs; a VM's QEMU is a jailed uid with none, under a seccomp filter, in its jail
+    assert p["host_uid"] == "0 (root)" and p["host_caps"].startswith("14 ")
+    assert p["host_root"] == "/ of its own mount namespace (its rootfs)"
+    assert v["host_proc"] == "qemu-system-x86_64"
+    assert v["host_uid"].endswith("(jail range)") and v["host_caps"] == "none"
+    assert v["host_seccomp"] == "filter, no_new_privs=1" and p["host_seccomp"] == "filter, no_new_privs=1"
+    assert v["host_root"] == "<run root>/jail"
+    for col in (p, v):
+        assert "/vmrt" in col["host_cgroup"], col["host_cgroup"]
     table = vmrt("check", "isolation", timeout=600)
     assert table.returncode == 0
     assert table.stdout.decode().splitlines()[0].split() == ["PROBE", "PROCESS", "VM"]

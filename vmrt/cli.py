@@ -286,7 +286,7 @@ def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
     cfg = _cfg(ctx)
     if os.geteuid() != 0:
         raise UsageError("vmrt check isolation needs root (it runs containers)")
-    result = probes.run_probes(image, None, str(cfg.root))
+    result = probes.run_probes(image, None, str(cfg.root), str(cfg.run_root), cfg.jail_uid_base)
     click.echo(json.dumps(result, indent=1) if fmt == "json" else probes.table(result))
 
 

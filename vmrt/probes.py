@@ -42,6 +42,14 @@ PROBES = [
     ("self_fd", "/proc/self/fd"),
     ("proc1_exe", "/proc/1/exe"),
     ("workdir_fd", "-w /proc/self/fd/N"),
+    # the host side: the process that runs the tenant's code there (process mode: the container's
+    # init; VM mode: QEMU, which parses everything the guest does)
+    ("host_proc", "host: its process"),
+    ("host_uid", "host: that process's uid"),
+    ("host_caps", "host: its capabilities"),
+    ("host_seccomp", "host: seccomp, no_new_privs"),
+    ("host_root", "host: its root directory"),
+    ("host_cgroup", "host: its memory cgroup"),
 ]
 
 
@@ -104,7 +112,46 @@ def classify(raw: dict[str, str], host: dict[str, Any], state_root: str) -> dict
     return out
 
 
-def run_probes(image: str, env: dict[str, str] | None, state_root: str) -> dict[str, dict[str, str]]:
+def host_side(pid: int, run_root: str, jail_uid_base: int) -> dict[str, str]:
+    """What the host gives the process that runs a container's code (read from /proc)."""
+    try:
+        status = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        root = os.readlink(f"/proc/{pid}/root")
+        cgroup = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        own_ns = os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError as e:
+        return {"host_proc": f"unreadable ({e.strerror})"}
+    uid = int(status["Uid"].split()[0])
+    caps = int(status["CapEff"].strip(), 16)
+    mem = next((ln.split(":", 2)[2] for ln in cgroup if ":memory:" in ln or ln.startswith("0::")), "?")
+    return {
+        "host_proc": os.path.basename(cmd),
+        "host_uid": f"{uid} ({'root' if uid == 0 else 'jail range' if uid >= jail_uid_base else 'unprivileged'})",
+        "host_caps": "none" if caps == 0 else f"{bin(caps).count('1')} (CapEff {caps:#x})",
+        "host_seccomp": f"{ {'0': 'off', '1': 'strict', '2': 'filter'}.get(status.get('Seccomp', '').strip(), '?')}, "
+                        f"no_new_privs={status.get('NoNewPrivs', '?').strip()}",
+        "host_root": (root.replace(run_root, "<run root>", 1) if root != "/" else
+                      "/ of the host" if own_ns else "/ of its own mount namespace (its rootfs)"),
+        "host_cgroup": mem,
+    }
+
+
+def _host_probe(mode: str, image: str, env: dict[str, str] | None, run_root: str,
+                jail_uid_base: int) -> dict[str, str]:
+    name = f"vmrt-check-{os.getpid()}-{mode}"
+    r = _vmrt(["run", "-d", "--name", name, f"--isolation={mode}", "--network", "none", image, "sleep", "300"], env)
+    try:
+        if r.returncode != 0:
+            return {"host_proc": f"could not start a container ({r.returncode})"}
+        pid = _vmrt(["inspect", "--format", "{{.State.Pid}}", name], env).stdout.strip()
+        return host_side(int(pid), run_root, jail_uid_base) if pid.isdigit() else {"host_proc": "no PID"}
+    finally:
+        _vmrt(["rm", "-f", name], env)
+
+
+def run_probes(image: str, env: dict[str, str] | None, state_root: str, run_root: str = "/run/vmrt",
+               jail_uid_base: int = 1 << 30) -> dict[str, dict[str, str]]:
     host = _host()
     result: dict[str, dict[str, str]] = {}
     for mode in MODES:
@@ -123,6 +170,7 @@ def run_probes(image: str, env: dict[str, str] | None, state_root: str) -> dict[
         raw["workdir_fd"] = ("refused (fds 3-8)" if set(verdicts) == {"refused"}
                              else "; ".join(f"fd {i + 3}: {v}" for i, v in enumerate(verdicts)))
         result[mode] = classify(raw, host, state_root)
+        result[mode].update(_host_probe(mode, image, env, run_root, jail_uid_base))
     return result
 
 

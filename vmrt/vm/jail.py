@@ -138,10 +138,10 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
     except (OSError, ValueError):
         last_cap = 40
 
+    parent = os.getpid()
+
     def run() -> None:
         try:
-            if die_with_parent:
-                _libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             pid = os.getpid()
             for p in procs:  # first: everything it allocates from here on is the VM's
@@ -195,6 +195,10 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)  # from 0 to another uid: every capability is gone
             _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+            if die_with_parent:  # only now: a change of uid clears the parent-death signal
+                _libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+                if os.getppid() != parent:  # the parent died before it was set
+                    os._exit(1)
         except BaseException as e:  # the parent only learns "preexec failed": say why in the log
             os.write(2, f"vmrt jail: {e}\n".encode(errors="replace"))
             raise
