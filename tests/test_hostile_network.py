@@ -602,3 +602,46 @@ def test_a_vm_cannot_reach_another_networks_container(vmrt: Vmrt) -> None:
     finally:
         assert vmrt("network", "rm", "isola").returncode == 0
     vmrt.assert_clean()
+
+
+def test_a_flushed_ruleset_is_rewritten_by_the_next_start(vmrt: Vmrt) -> None:
+    """A firewall reload that flushes the ruleset takes vmrt's tables; the next start finds its
+    chain cannot be added and rewrites both (guard included), and its traffic passes."""
+    first = detach(vmrt, "process", "sleep", "60")  # the bridge and tables exist
+    t = nft_table(vmrt.root)
+    for fam in ("inet", "bridge"):
+        subprocess.run(["nft", "delete", "table", fam, t], check=True)
+    gw = settings(vmrt, first)["Gateway"]
+    r = vmrt("run", "--rm", "--isolation=process", "busybox", "sh", "-c", f"ping -c1 -W5 {gw} >/dev/null && echo ok")
+    assert r.stdout == b"ok\n", r.stderr
+    tables = vmrt_tables(vmrt)
+    assert "chain guard" in tables and f"ep_v{first[:10]}0" in tables
+    rm(vmrt, first)
+    vmrt.assert_clean()
+
+
+# --- the anti-spoofing chains let the VMs of the fast paths through ----------------------------------
+
+@pytest.mark.vm
+def test_pooled_and_restored_vms_still_reach_their_gateway(vmrt: Vmrt) -> None:
+    """A pooled VM (its tap moved into the container's namespace at claim) and a snapshot clone (its
+    MAC set by the agent at restore) send from the endpoint's MAC and address: the chain lets them."""
+    gw = str(ipaddress.IPv4Network(vmrt.subnet).network_address + 1)
+    probe = f"ping -c1 -W10 {gw} >/dev/null && echo gw-ok"
+    r = vmrt("snapshot", "build", timeout=300)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "sh", "-c", probe)
+        assert b"snapshot=" in r.stderr, r.stderr  # restored, not cold-booted
+        assert r.stdout == b"gw-ok\n", r.stderr
+    finally:
+        assert vmrt("snapshot", "rm").returncode == 0
+    assert vmrt("pool", "start", "--size", "1").returncode == 0
+    try:
+        assert vmrt("pool", "fill", "--wait", timeout=300).returncode == 0
+        r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "sh", "-c", probe)
+        assert b"pool-claim" in r.stderr, r.stderr
+        assert r.stdout == b"gw-ok\n", r.stderr
+    finally:
+        assert vmrt("pool", "stop").returncode == 0
+    vmrt.assert_clean()

@@ -891,6 +891,20 @@ def port_group(cfg: Config) -> int:
 
 
 def _nft(script: str) -> None:
+    """Run an nft script as one transaction: through libnftables in this process (what ``nft -f``
+    does, without its fork and exec: ~10 ms less per container start and stop), else ``nft``."""
+    lib = _libnftables()
+    if lib is not None:
+        ctx = lib.nft_ctx_new(0)
+        try:
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            if lib.nft_run_cmd_from_buffer(ctx, script.encode()) == 0:
+                return
+            msg = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip().splitlines()
+        finally:
+            lib.nft_ctx_free(ctx)
+        raise NetworkError(f"nft: {msg[0] if msg else 'the script failed'}")
     try:
         r = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
@@ -898,6 +912,28 @@ def _nft(script: str) -> None:
     if r.returncode != 0:
         msg = r.stderr.strip().splitlines()
         raise NetworkError(f"nft: {msg[0] if msg else 'exit status ' + str(r.returncode)}")
+
+
+_nftlib: list[Any] = []
+
+
+def _libnftables() -> Any:
+    """libnftables (nftables' own library, which the ``nft`` binary is a front end of), loaded once;
+    None where it is missing."""
+    with _import_lock:
+        if not _nftlib:
+            lib = None
+            with contextlib.suppress(OSError):
+                lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
+                lib.nft_ctx_new.restype = ctypes.c_void_p
+                lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+                for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error", "nft_ctx_free"):
+                    getattr(lib, name).argtypes = [ctypes.c_void_p]
+                lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+                lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+                lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+            _nftlib.append(lib)
+        return _nftlib[0]
 
 
 def _chain_name(ep: Endpoint) -> Ident:
@@ -1004,12 +1040,13 @@ def _ruleset(table: str, networks: list[Network], endpoints: list[Endpoint], gro
 
 def endpoint_rules(cfg: Config, eps: list[Endpoint]) -> None:
     """Add the anti-spoofing chains of a starting container's veths (idempotent: a chain a crash
-    left is flushed first). Fails, and rewrites everything, if the tables are gone (a firewall
-    reload that flushed the ruleset)."""
+    left is flushed first; a new chain costs ~0.5 ms, an existing one a kernel grace period). If
+    the tables are gone (a firewall reload that flushed the ruleset: the bridge table is written
+    with the inet one, and the first command fails without it), everything is rewritten."""
     if not eps:
         return
     t = Ident(table_name(cfg))
-    script = [_nf("add chain inet %s guard", t)]  # an error if the inet table is missing
+    script: list[str] = []
     for ep in eps:
         chain = _chain_name(ep)
         script += [_nf("add chain bridge %s %s", t, chain), _nf("flush chain bridge %s %s", t, chain),
