@@ -404,7 +404,7 @@ def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None
                     return 125
                 except VmrtError as e:
                     status = e.exit_code
-                    logs.line("stderr", f"vmrt: {e}\n".encode())
+                    logs.line("stderr", f"vmrt: {inert(str(e))}\n".encode())  # it may quote the guest
                     notify(f"{status} {e}")
                 finally:
                     own_handlers()

@@ -28,8 +28,8 @@ struct rec {
 	int is_err;
 };
 
-static char dir[64];
-static char logpath[128];
+static char dir[256];
+static char logpath[300];
 static uint8_t model[1 << 20];  /* the expected records' decoded bytes, back to back */
 static size_t model_len;
 static struct rec recs[MAX_RECORDS];
@@ -40,7 +40,7 @@ static uint8_t dec[LOG_PIECE * 3 + 16];
 
 static void cleanup(void)
 {
-	char p[160];
+	char p[320];
 
 	for (int i = 0; i <= 6; i++) {
 		snprintf(p, sizeof p, i ? "%s.%d" : "%s", logpath, i);
@@ -56,7 +56,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	(void)argc;
 	(void)argv;
 	ignore_sigpipe();
-	snprintf(dir, sizeof dir, "%s/fzlog.XXXXXX", tmp && strlen(tmp) < 40 ? tmp : "/tmp");
+	snprintf(dir, sizeof dir, "%s/fzlog.XXXXXX", tmp && strlen(tmp) < 200 ? tmp : "/tmp");
 	check(mkdtemp(dir) != NULL);
 	snprintf(logpath, sizeof logpath, "%s/container.log", dir);
 	atexit(cleanup);
@@ -173,7 +173,7 @@ static void via_pipe(struct stream *s, const uint8_t *d, size_t n)
 static size_t scan(int compare, size_t *idx)
 {
 	size_t files = 0;
-	char p[160];
+	char p[320];
 
 	for (long i = log_max_file + 1; i >= 0; i--) {
 		size_t n, k = 0, len;
