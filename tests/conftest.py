@@ -253,3 +253,15 @@ def vmrt_session(tmp_path_factory: pytest.TempPathFactory, built: None) -> Vmrt:
 def vmrt(vmrt_session: Vmrt) -> Vmrt:
     yield vmrt_session
     vmrt_session.assert_clean()
+
+
+@pytest.fixture
+def snap(vmrt: Vmrt) -> Iterator[Path]:
+    """The default shape's snapshot, built in the test's state root and removed after."""
+    r = vmrt("snapshot", "build", timeout=300)
+    assert r.returncode == 0, r.stderr
+    try:
+        yield Path(r.stdout.decode().split()[0])
+    finally:
+        assert vmrt("snapshot", "rm").returncode == 0
+    assert not list((vmrt.root / "snapshots").iterdir())

@@ -113,16 +113,6 @@ def test_a_cold_vms_qemu_and_virtiofsd_are_jailed_and_bounded(vmrt: Vmrt, tmp_pa
         assert os.statvfs(run_dir).f_blocks * os.statvfs(run_dir).f_frsize <= 2 << 20
 
 
-@pytest.fixture
-def snap(vmrt: Vmrt) -> Iterator[Path]:
-    r = vmrt("snapshot", "build", timeout=300)
-    assert r.returncode == 0, r.stderr
-    try:
-        yield Path(r.stdout.decode().split()[0])
-    finally:
-        assert vmrt("snapshot", "rm").returncode == 0
-
-
 def test_a_snapshot_clone_is_jailed_and_never_writes_the_shared_ram(vmrt: Vmrt, snap: Path) -> None:
     ram = snap / "ram"
     st = ram.stat()

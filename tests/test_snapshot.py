@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,6 @@ pytestmark = pytest.mark.vm
 def restored_from(stderr: bytes) -> str | None:
     m = re.search(rb"snapshot=([0-9a-f]{16})", stderr)
     return m.group(1).decode() if m else None
-
-
-@pytest.fixture
-def snap(vmrt: Vmrt) -> Iterator[Path]:
-    r = vmrt("snapshot", "build", timeout=300)
-    assert r.returncode == 0, r.stderr
-    try:
-        yield Path(r.stdout.decode().split()[0])
-    finally:
-        assert vmrt("snapshot", "rm").returncode == 0
-    assert not list((vmrt.root / "snapshots").iterdir())
 
 
 def test_clones_of_one_snapshot_differ(vmrt: Vmrt, snap: Path) -> None:

@@ -71,22 +71,18 @@ def secure_tops(*dirs: Path) -> None:
 def make_dirs(path: Path, mode: int) -> Path:
     """``mkdir -p`` whose every new dir, parents included, gets ``mode`` whatever the umask.
     An existing dir is left as it is (no chmod on the hot path)."""
-    try:
-        os.mkdir(path, mode)
-    except FileExistsError:
-        if not path.is_dir():
-            raise
-        return path
-    except FileNotFoundError:
-        if path.parent == path:
-            raise
-        make_dirs(path.parent, mode)
+    for attempt in (1, 2):
         try:
             os.mkdir(path, mode)
+            break
         except FileExistsError:
             if not path.is_dir():
                 raise
             return path
+        except FileNotFoundError:
+            if path.parent == path or attempt == 2:
+                raise
+            make_dirs(path.parent, mode)
     if mode & UMASK:  # bits the umask took away
         os.chmod(path, mode)
     return path
