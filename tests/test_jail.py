@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,7 +65,8 @@ def assert_jailed(v: Vmrt, cid: str, pid: int) -> None:
         assert int(st[cap], 16) == 0, (cap, st[cap])
     assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
     assert os.readlink(f"/proc/{pid}/root") == str(v.run_root / "jail")
-    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    for ns in ("mnt", "net", "ipc", "uts"):
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     limits = Path(f"/proc/{pid}/limits").read_text()
     assert re.search(r"Max open files\s+4096\s+4096", limits), limits
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -172,6 +174,7 @@ try mknod /dev/mem2 c 1 1
 try mount -t proc proc /usr
 try chroot /usr /bin/true
 try kill -0 1
+try nc -w 2 127.0.0.1 HOSTPORT
 try sh -c 'echo x > /ram'
 try sh -c 'head -c 4096 /ram >/dev/null'
 """
@@ -180,7 +183,8 @@ try sh -c 'head -c 4096 /ram >/dev/null'
 def test_a_compromised_vmm_reaches_nothing_of_the_host(vmrt: Vmrt, tmp_path: Path) -> None:
     """A shell in QEMU's jail, as QEMU's uid: the host's /proc, vmrt's state, other tenants'
     dirs, host files and devices are not there; the kernel it boots is read-only; it cannot
-    mount, chroot, make devices or signal host processes. Its /ram (a clone's) is its own."""
+    mount, chroot, make devices, signal host processes or reach the host's loopback. Its /ram
+    (a clone's) is its own."""
     kernel = tmp_path / "kernel"
     kernel.write_bytes(b"\x7fELF not really")
     kernel.chmod(0o644)
@@ -193,12 +197,18 @@ def test_a_compromised_vmm_reaches_nothing_of_the_host(vmrt: Vmrt, tmp_path: Pat
     (vmrt.run_root / "jail").mkdir(mode=0o700, exist_ok=True)
     fd = os.open(ram, os.O_RDONLY)
     j.ram_copy = (fd, 8192)
+    listener = socket.socket()  # a service on the host's loopback: not in the jail's network
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
     script = PROBE.replace("STATE_DB", str(vmrt.root / "state.db")).replace("CONTAINERS", str(vmrt.root / "containers"))
+    port = listener.getsockname()[1]
+    script = script.replace("HOSTPORT", str(port))
     out = tmp_path / "out"
     with open(out, "wb") as f:
         p = jail_mod.spawn([BUSYBOX, "sh", "-c", script], j, stderr=f.fileno())
     os.close(fd)
     assert p.wait(timeout=60) == 0
+    listener.close()
     text = out.read_text()
     res = dict(ln.split(": ", 1) for ln in text.splitlines() if ": " in ln)
     uid = int(text.split("id=")[1].split(":")[0])
@@ -207,7 +217,8 @@ def test_a_compromised_vmm_reaches_nothing_of_the_host(vmrt: Vmrt, tmp_path: Pat
         "usr", "dev", "etc", "kernel", "initrd", "ram", *jail_mod.ROOT_LINKS}, text
     for probe in ("ls /proc/1", f"cat {vmrt.root / 'state.db'}", f"ls {vmrt.root / 'containers'}", "cat /etc/shadow",
                   "sh -c echo x >> /kernel", "sh -c echo x > /newfile", "mknod /dev/mem2 c 1 1",
-                  "mount -t proc proc /usr", "chroot /usr /bin/true", "kill -0 1"):
+                  "mount -t proc proc /usr", "chroot /usr /bin/true", "kill -0 1",
+                  f"nc -w 2 127.0.0.1 {port}"):
         assert res.get(probe) == "denied", (probe, text)
     # its /ram is a private copy it owns and writes; the file it was copied from never changes
     assert res.get("sh -c echo x > /ram") == "ALLOWED" and res.get("sh -c head -c 4096 /ram >/dev/null") == "ALLOWED"

@@ -4,7 +4,9 @@ QEMU parses everything a guest does (device models, TCG), so a bug a guest reach
 be host root. Between fork and exec, still root, the child:
 
 1. joins the VM's host cgroup (before it has charged any memory: it is never moved later);
-2. enters a mount namespace of its own (private propagation) and mounts a small tmpfs on
+2. enters mount, network, IPC and UTS namespaces of its own (a network namespace with no
+   interface: its NIC is a tap fd, and the host's abstract sockets are out of reach; private
+   mount propagation) and mounts a small tmpfs on
    ``<run_root>/jail`` holding only what QEMU needs: ``/usr`` (read-only, nosuid, nodev;
    the ``/lib``-style links of a merged-/usr host), ``/etc/ld.so.cache``, ``/dev/null``,
    ``zero``, ``urandom``, ``random`` (and ``/dev/kvm`` under KVM), the kernel and initramfs
@@ -40,7 +42,7 @@ from pathlib import Path
 from ..errors import LaunchError
 
 _libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x04000000, 0x08000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 1 << 14, 1 << 18
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
@@ -150,7 +152,9 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
                     os.write(fd, str(pid).encode())
                 finally:
                     os.close(fd)
-            _check(_libc.unshare(CLONE_NEWNS), "unshare")
+            # its own mount, network (no interface but a down lo: its NIC is a tap fd; abstract
+            # sockets of the host out of reach), IPC and UTS namespaces
+            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
             _mount(None, "/", None, MS_REC | MS_PRIVATE)
             _mount("vmrt-jail", root, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={size_mib}m,nr_inodes=256")
             os.chdir(root)
