@@ -5,11 +5,12 @@
 
 REV is checked out in a temporary git worktree and run with this tree's virtualenv (its
 ``vmrt`` package first on PYTHONPATH, every command started outside both trees so that
-``python -m`` never picks the other side's package from its working directory); each side has its own state root, run root, default
-bridge and subnet. Interleaved, two warm-up runs of each discarded: ``vmrt run --rm busybox
-true`` in process mode and in VM mode cold (no snapshot) and cached (its own snapshot), all on
-the default bridge network. Then ``--idle`` detached idle VM containers per side and start
-path: PSS of the processes in the container's VMM cgroup. A benchmark, never a test.
+``python -m`` never picks the other side's package from its working directory); each side
+has its own state root, run root, default bridge and subnet. Interleaved, two warm-up runs
+of each discarded: ``vmrt run --rm busybox true`` in process mode and in VM mode cold (no
+snapshot) and cached (its own snapshot), all on the default bridge network. Then ``--idle``
+detached idle VM containers per side and start path: PSS of the processes in the container's
+VMM cgroup. Both trees are byte-compiled first. A benchmark, never a test.
 """
 
 from __future__ import annotations
@@ -132,9 +133,15 @@ def main() -> None:
             with open(a.write, "a") as f:
                 f.write("\n" + text)
     finally:
-        for env in sides.values():
-            subprocess.run([sys.executable, "-m", "vmrt", "snapshot", "rm"], env=env, capture_output=True)
-            subprocess.run([sys.executable, "-m", "vmrt", "network", "prune", "-f"], env=env, capture_output=True)
+        for env in sides.values():  # whatever a failed run left: reconciled, removed
+            ps = subprocess.run([sys.executable, "-m", "vmrt", "ps", "-aq"], env=env, capture_output=True,
+                                text=True, cwd=base)
+            if ps.stdout.split():
+                subprocess.run([sys.executable, "-m", "vmrt", "rm", "-f", *ps.stdout.split()], env=env,
+                               capture_output=True, cwd=base)
+            subprocess.run([sys.executable, "-m", "vmrt", "snapshot", "rm"], env=env, capture_output=True, cwd=base)
+            subprocess.run([sys.executable, "-m", "vmrt", "network", "prune", "-f"], env=env, capture_output=True,
+                           cwd=base)
         for i in range(2):
             subprocess.run(["ip", "link", "del", f"vmrtb{i}"], capture_output=True)
             table = "vmrt_" + hashlib.sha256(str(base / f"root{i}").encode()).hexdigest()[:8]
