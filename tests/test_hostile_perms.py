@@ -340,6 +340,9 @@ def test_entry_points_set_a_private_umask(fresh: Vmrt, mode_: str) -> None:
         finally:
             p.kill()
             p.wait()
+        # killed at any point of its start: the next command reconciles what its owner left
+        for cid in fresh("ps", "-aq").stdout.decode().split():
+            assert fresh("rm", "-f", cid).returncode == 0
         fresh.assert_clean(timeout=30)
     r = fresh("run", "-d", f"--isolation={mode_}", "busybox", "sleep", "300")
     assert r.returncode == 0, r.stderr

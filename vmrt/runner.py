@@ -326,8 +326,12 @@ def remove(cfg: Config, ref: str, force: bool) -> str:
         c = state.get(c.id)
         if c.status == Status.RUNNING:  # an owner that did not go: take it down ourselves
             cleanup(cfg, c)
-        elif c.run_dir:
-            _remove_run_dir(Path(c.run_dir))
+        else:
+            from . import network
+            if network.netns_path(cfg, c.id).exists():  # an owner killed during its start
+                network.detach(cfg, c.id)
+            if c.run_dir:
+                _remove_run_dir(Path(c.run_dir))
         if c.isolation == "vm":
             from . import cgroups
             cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
