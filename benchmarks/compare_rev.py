@@ -29,25 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from jail import pct, pss_kib  # noqa: E402  (benchmarks/jail.py: the same percentile and PSS)
+
 from vmrt import cgroups  # noqa: E402
 from vmrt.vm import accel  # noqa: E402
 
 PATHS = {"process": ("--isolation=process",), "vm cold": ("--isolation=vm",), "vm cached": ("--isolation=vm",)}
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def pss_kib(pid: int) -> int:
-    try:
-        for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if ln.startswith("Pss:"):
-                return int(ln.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def main() -> None:
