@@ -33,6 +33,7 @@ from .config import Config
 from .drivers.base import FORCE_KILL
 from .errors import StateError, UsageError
 from .formatting import inert
+from .proc import start_ticks
 from .state import Container, State, Status
 
 OWNER_LOST_STATUS = 255  # as Docker records a container whose shim vanished
@@ -43,15 +44,6 @@ def _boot_time() -> float:
         if line.startswith("btime "):
             return float(line.split()[1])
     return 0.0
-
-
-def start_ticks(pid: int) -> int:
-    """A process's start time in clock ticks since boot (0 if it is gone): with the PID, its identity."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0
-    return 0 if fields[0] == "Z" else int(fields[19])
 
 
 def owner_alive(c: Container) -> bool:

@@ -618,17 +618,6 @@ def adopt_tap(src_ns: Path, dst_ns: Path, name: str = "tap0") -> None:
     remove_netns(src_ns)
 
 
-def guest_net(att: Attached | None) -> Any:
-    """What the agent's NET record carries for the VM's eth0 (None: it stays down)."""
-    from .agent.protocol import NetSpec
-    ep = att.primary() if att is not None else None
-    if ep is None or att is None:
-        return None
-    net = att.networks[ep.network_id]
-    return NetSpec(address=ep.ip, prefix=ipaddress.IPv4Network(net.subnet).prefixlen, gateway=net.gateway,
-                   mac=ep.mac, mtu=1500)
-
-
 def _sysctl(key: str, value: str) -> None:
     p = Path("/proc/sys") / key.replace(".", "/")
     try:

@@ -42,6 +42,7 @@ from . import agentbuild, cgroups, fsmode, kernel, network, rootfs
 from .agent import protocol as P
 from .config import Config
 from .errors import AgentError, UsageError, VmrtError
+from .proc import start_ticks
 from .vm import accel as accel_mod
 from .vm import jail
 from .vm.qemu import EXEC_PORTS, QemuVM, VMSpec, exec_socket_name
@@ -312,7 +313,6 @@ class Daemon:
         return 0
 
     def _claim_pidfile(self, path: Path) -> None:
-        from .lifecycle import start_ticks
         try:
             rec = json.loads(path.read_text())
             if start_ticks(int(rec["pid"])) == int(rec["ticks"]):
@@ -618,7 +618,6 @@ def vm_marker_in(d: Path) -> tuple[str, dict[str, int]] | None:
 
 
 def daemon_pid(cfg: Config) -> int | None:
-    from .lifecycle import start_ticks
     try:
         rec = json.loads((pool_dir(cfg) / "daemon.pid").read_text())
         pid = int(rec["pid"])

@@ -21,6 +21,7 @@ from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
 from .images import reference
 from .images.store import Image, Store
+from .proc import start_ticks
 from .state import Container, State, Status
 from .timings import Timings
 
@@ -130,7 +131,6 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
     The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record
     ends EXITED with the status whatever happens.
     """
-    from .lifecycle import start_ticks
     run_dir = cfg.run_root / "containers" / c.id
     try:  # exists while the container runs: a second start of it stops here, touching nothing
         fsmode.private_dir(run_dir.parent)

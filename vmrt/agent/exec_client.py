@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..drivers.base import write_all
 from ..errors import AgentError, ContainerExecError, StateError, VmrtError
+from ..proc import write_all
 from ..vm.qemu import EXEC_PORTS, exec_socket_name
 from . import protocol as P
 

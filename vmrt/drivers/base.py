@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -40,22 +39,6 @@ class RunContext:
     # attached runs of kept containers: what goes to stdout/stderr is also logged here
     tee: Callable[[str, bytes], None] | None = None
     net: Any = None  # network.Attached: the container's namespace, endpoints and managed /etc files
-
-
-def write_all(fd: int, data: bytes) -> bool:
-    """Write all of data to fd (waiting out a non-blocking fd); False if the reader is gone."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            import select
-            select.select([], [fd], [])
-            continue
-        except OSError:
-            return False
-        view = view[n:]
-    return True
 
 
 class Driver(Protocol):

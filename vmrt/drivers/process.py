@@ -36,7 +36,8 @@ from typing import Any
 
 from .. import cgroups, fsmode, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
-from .base import FORCE_KILL, RunContext, write_all
+from ..proc import write_all
+from .base import FORCE_KILL, RunContext
 
 LOG = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,

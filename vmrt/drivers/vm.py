@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import shutil
@@ -33,11 +34,12 @@ from typing import Any
 from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, pool, rootfs, snapshot
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
+from ..proc import write_all
 from ..vm import accel as accel_mod
 from ..vm import jail
 from ..vm.qemu import QemuVM, VMSpec
 from ..vm.virtiofsd import P9Proxy, Virtiofsd
-from .base import FORCE_KILL, RunContext, write_all
+from .base import FORCE_KILL, RunContext
 
 LOG = logging.getLogger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -113,6 +115,17 @@ def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
         stdin=stdin_open, time_ns=time.time_ns(),
         readonly=bool(config.get("root", {}).get("readonly")), mounts=guest_mounts(config),
         memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0))
+
+
+def guest_net(att: network.Attached | None) -> P.NetSpec | None:
+    """What the agent's NET record carries for the VM's eth0 (None: it stays down): the
+    network's endpoint in the agent protocol's terms (the network never speaks it)."""
+    ep = att.primary() if att is not None else None
+    if ep is None or att is None:
+        return None
+    net = att.networks[ep.network_id]
+    return P.NetSpec(address=ep.ip, prefix=ipaddress.IPv4Network(net.subnet).prefixlen, gateway=net.gateway,
+                     mac=ep.mac, mtu=1500)
 
 
 def _how(status: int | None) -> str:
@@ -602,7 +615,7 @@ class _Session:
         rs = run_spec(ctx.config, stdin_open)
         if snap is not None:  # a clone: its share is 9p, its RNG state is every clone's until reseeded
             rs.share_9p, rs.seed = True, os.urandom(64)
-        rs.net = network.guest_net(ctx.net)
+        rs.net = guest_net(ctx.net)
         if ctx.net is not None:  # the VM's side of the network is joined before its process runs
             await asyncio.to_thread(ctx.net.wait)
         if ctx.handoff is not None:
