@@ -25,9 +25,8 @@ from typing import Any
 from . import bundle
 from .config import Config
 from .errors import ContainerExecError, StateError, UsageError
+from .signals import FORWARDED
 from .state import Container, State, Status
-
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclasses.dataclass

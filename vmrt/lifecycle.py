@@ -30,10 +30,10 @@ from typing import Any
 
 from . import logfile
 from .config import Config
-from .drivers.base import FORCE_KILL
 from .errors import StateError, UsageError
 from .formatting import inert
 from .proc import start_ticks
+from .signals import FORCE_KILL
 from .state import Container, State, Status
 
 OWNER_LOST_STATUS = 255  # as Docker records a container whose shim vanished

@@ -43,9 +43,10 @@ from typing import Any
 
 from . import config as config_mod
 from . import fsmode, logfile
-from .drivers.base import FORCE_KILL
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
+from .signals import FORCE_KILL
+from .vm.outcome import hung, virtiofsd_gone, vm_gone
 
 LOG_NAME = "container.log"
 META_NAME = "monitor.json"
@@ -203,7 +204,6 @@ def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_di
 
 def outcome(how: str, value: str, detail: str) -> tuple[int, str]:
     """The C monitor's account of a run -> (exit status, one-line message or "")."""
-    from .drivers.vm import hung, virtiofsd_gone
     known = value.lstrip("-").isdigit()  # an adopted (pooled) VM's QEMU/virtiofsd: maybe "unknown"
     n = int(value) if known else 0
     if how == "exit":
@@ -280,7 +280,6 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
         if c.isolation == "vm":
             host_oom = cgroups.oom_kills(f"{cgroups.PARENT}/{c.id}-vmm") > 0
             if how == "qemu":
-                from .drivers.vm import vm_gone
                 console = b"".join(_tail(d / "console.log") for d in (run_dir, run_dir / "vm")) if run_dir else b""
                 message = str(vm_gone(int(value) if value.lstrip("-").isdigit() else None, console, host_oom))
             oom_killed = oom == "1" or host_oom

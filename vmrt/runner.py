@@ -16,12 +16,13 @@ from typing import Any
 from . import bundle, fsmode, rootfs, safefs
 from .bundle import RunOptions
 from .config import Config
-from .drivers.base import FORCE_KILL, RunContext
+from .drivers.base import RunContext
 from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
 from .images import reference
 from .images.store import Image, Store
 from .proc import start_ticks
+from .signals import FORCE_KILL
 from .state import Container, State, Status
 from .timings import Timings
 

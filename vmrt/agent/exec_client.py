@@ -37,11 +37,10 @@ from typing import Any
 
 from ..errors import AgentError, ContainerExecError, StateError, VmrtError
 from ..proc import write_all
+from ..signals import FORWARDED
 from ..vm.qemu import EXEC_PORTS, exec_socket_name
 from . import protocol as P
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
 START_TIMEOUT = 60.0          # the agent answers EXEC at once; under TCG a busy guest is slow
 OUT_HIGH = 1 << 20            # stdin is read only while less than this waits for the port
 SUN_PATH_MAX = 107

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -12,10 +11,6 @@ from ..config import Config
 from ..images.store import Image
 from ..state import Container, State
 from ..timings import Timings
-
-# Sent to a detached container's monitor by `vmrt kill -s KILL` (and `stop` after its
-# grace time): SIGKILL itself would kill the monitor, not the container.
-FORCE_KILL = signal.SIGRTMIN + 3
 
 
 @dataclasses.dataclass

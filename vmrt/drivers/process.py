@@ -37,12 +37,10 @@ from typing import Any
 from .. import cgroups, fsmode, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
 from ..proc import write_all
-from .base import FORCE_KILL, RunContext
+from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
+from .base import RunContext
 
 LOG = logging.getLogger(__name__)
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -35,16 +35,15 @@ from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, pool, rootf
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..proc import write_all
+from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
 from ..vm import accel as accel_mod
 from ..vm import jail
+from ..vm.outcome import hung, virtiofsd_gone, vm_gone
 from ..vm.qemu import QemuVM, VMSpec
 from ..vm.virtiofsd import P9Proxy, Virtiofsd
-from .base import FORCE_KILL, RunContext
+from .base import RunContext
 
 LOG = logging.getLogger(__name__)
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STDIN_HIGH, STDIN_LOW = 1 << 20, 256 << 10
 CONSOLE_LOG_MAX = 1 << 20
 KERNEL_UP_MARK = b"vmrt-agent: init"
@@ -126,35 +125,6 @@ def guest_net(att: network.Attached | None) -> P.NetSpec | None:
     net = att.networks[ep.network_id]
     return P.NetSpec(address=ep.ip, prefix=ipaddress.IPv4Network(net.subnet).prefixlen, gateway=net.gateway,
                      mac=ep.mac, mtu=1500)
-
-
-def _how(status: int | None) -> str:
-    if status is None:
-        return "status unknown"
-    return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-
-
-def vm_gone(status: int | None, console_tail: bytes, host_oom: bool) -> AgentError:
-    """Why QEMU ended (its wait status, None if unknown) before the container's EXIT: a guest
-    panic, or how."""
-    how = _how(status)
-    if host_oom:
-        how += ", out of memory on the host (its cgroup's limit)"
-    console = console_tail.decode(errors="replace")
-    panic = [ln.split("]", 1)[-1].strip() for ln in console.splitlines() if "Kernel panic" in ln]
-    if panic:
-        return AgentError(f"the VM stopped before the container exited: guest {panic[-1]}")
-    tail = console.strip().splitlines()[-3:]
-    return AgentError(f"the VM stopped before the container exited (qemu {how})"
-                      + (f"; console: {' | '.join(tail)}" if tail else ""))
-
-
-def virtiofsd_gone(status: int | None) -> AgentError:
-    return AgentError(f"virtiofsd stopped while the container ran ({_how(status)}); its root filesystem is gone")
-
-
-def hung(dead: float) -> AgentError:
-    return AgentError(f"agent not responding for {dead:g} s: the VM is hung (container killed)", exit_code=137)
 
 
 class VMDriver:
