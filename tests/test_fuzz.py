@@ -29,7 +29,7 @@ from vmrt import logfile, stats
 from vmrt.agent import exec_client
 from vmrt.agent import protocol as P
 from vmrt.errors import VmrtError
-from vmrt.monitor import LogWriter
+from vmrt.logfile import LogWriter
 
 REPO = Path(__file__).resolve().parent.parent
 SECONDS = int(os.environ.get("VMRT_FUZZ_SECONDS", "20"))

@@ -45,3 +45,51 @@ def test_layers_contract_catches_an_upward_import(tmp_path: Path) -> None:
     state.write_text(state.read_text() + "\nfrom . import cli  # noqa\n")
     r = _lint_imports(tmp_path)
     assert r.returncode != 0 and "vmrt.state is not allowed to import vmrt.cli" in r.stdout, r.stdout
+
+
+def _import_graph(pkg: Path) -> dict[str, set[str]]:
+    """Every vmrt module -> the vmrt modules it imports anywhere (function-local imports too)."""
+    import ast
+    mods = {".".join(p.relative_to(pkg.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in pkg.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        here = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rsplit(".", 1)[0]
+                target = (base + ("." + node.module if node.module else "")) if node.level else (node.module or "")
+                for a in node.names:
+                    deps |= {target + "." + a.name} if target + "." + a.name in mods else {target} & mods.keys()
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names} & mods.keys()
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_import_circle() -> None:
+    """No module of vmrt reaches itself through its imports (issue 15: the six-file circle of
+    drivers.vm, lifecycle, monitor, pool, runner and snapshot is gone and stays gone)."""
+    graph = _import_graph(REPO / "vmrt")
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return path[path.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            circle = visit(m)
+            assert circle is None, " -> ".join(circle)

@@ -21,6 +21,7 @@ import click
 from . import formatting, lifecycle
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
+from .layout import LOG_NAME, META_NAME, container_dir
 from .state import Container, State, Status
 
 PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
@@ -33,7 +34,7 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 
 
 def _cfg(ctx: click.Context) -> Config:
-    return ctx.obj["cfg"]  # type: ignore[no-any-return]
+    return ctx.obj["cfg"]
 
 
 @contextlib.contextmanager
@@ -145,8 +146,7 @@ def _each(ctx: click.Context, refs: tuple[str, ...], action: Any) -> None:
 @click.pass_context
 def rm(ctx: click.Context, containers: tuple[str, ...], force: bool, volumes: bool) -> None:
     """Remove containers."""
-    from . import runner
-    _each(ctx, containers, lambda cfg, st, c: runner.remove(cfg, c.id, force) and c.name)
+    _each(ctx, containers, lambda cfg, st, c: lifecycle.remove(cfg, c.id, force) and c.name)
 
 
 @click.command()
@@ -282,8 +282,6 @@ def _iso(ts: float | None) -> str:
 
 def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
     """``docker container inspect``'s shape for one container."""
-    from .monitor import LOG_NAME, META_NAME
-    from .runner import container_dir
     cdir = container_dir(cfg, c.id)
     config: dict[str, Any] = {}
     meta: dict[str, Any] = {}
@@ -402,7 +400,6 @@ def rename(ctx: click.Context, container: str, new_name: str) -> None:
 @click.pass_context
 def container_prune(ctx: click.Context, force: bool) -> None:
     """Remove all stopped containers."""
-    from . import runner
     if not force and sys.stdin.isatty():
         if not click.confirm("WARNING! This will remove all stopped containers.\nAre you sure you want to continue?"):
             return
@@ -411,7 +408,7 @@ def container_prune(ctx: click.Context, force: bool) -> None:
         victims = [c for c in st.list() if c.status != Status.RUNNING and not lifecycle.owner_alive(c)]
     for c in victims:
         with contextlib.suppress(VmrtError):
-            runner.remove(_cfg(ctx), c.id, False)
+            lifecycle.remove(_cfg(ctx), c.id, False)
             removed.append(c.id)
     if removed:
         click.echo("Deleted Containers:")

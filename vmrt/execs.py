@@ -25,6 +25,7 @@ from typing import Any
 from . import bundle
 from .config import Config
 from .errors import ContainerExecError, StateError, UsageError
+from .layout import container_dir
 from .signals import FORWARDED
 from .state import Container, State, Status
 
@@ -53,7 +54,7 @@ class Resolved:
 def resolve(cfg: Config, c: Container, eo: ExecOptions) -> Resolved:
     """The exec's environment, user and directory: the container's, then the flags."""
     from .images.store import Store
-    from .runner import _LayeredRoot, container_dir
+    from .runner import _LayeredRoot
     try:
         config: dict[str, Any] = json.loads((container_dir(cfg, c.id) / "config.json").read_text())
     except (OSError, ValueError) as e:

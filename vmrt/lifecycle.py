@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -28,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import logfile
+from . import logfile, rootfs
 from .config import Config
-from .errors import StateError, UsageError
+from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
+from .layout import ATTACH_NAME, LOG_NAME, container_dir, rw_dir
 from .proc import start_ticks
 from .signals import FORCE_KILL
 from .state import Container, State, Status
@@ -66,7 +68,6 @@ def owner_alive(c: Container) -> bool:
 
 def reconcile(cfg: Config, state: State) -> None:
     """Record as Exited every running container whose owner is gone, and clean up after it."""
-    from .runner import cleanup
     for c in state.list():
         if c.status == Status.RUNNING and not owner_alive(c):
             cleanup(cfg, c)
@@ -150,7 +151,6 @@ def stop(cfg: Config, state: State, c: Container, timeout: float) -> None:
 
 
 def _stop_signal(cfg: Config, c: Container) -> int:
-    from .runner import container_dir
     try:
         config = json.loads((container_dir(cfg, c.id) / "config.json").read_text())
         name = config.get("annotations", {}).get("org.opencontainers.image.stopSignal")
@@ -182,8 +182,6 @@ def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | N
     """``docker logs``: the container's stdout and stderr, as recorded by its monitor
     (with ``follow``, until the container's owner is gone or ``stop`` is set; ``following``
     is called once what was already logged has been read: what comes after is shown)."""
-    from .monitor import LOG_NAME
-    from .runner import container_dir
     path = container_dir(cfg, c.id) / LOG_NAME
 
     def done() -> bool:
@@ -253,7 +251,6 @@ class StdinRelay:
 
     @classmethod
     def open(cls, c: Container) -> StdinRelay | None:
-        from .monitor import ATTACH_NAME
         if not c.run_dir or not os.path.exists(os.path.join(c.run_dir, ATTACH_NAME)):
             return None  # started without -i: output only, as Docker
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -292,3 +289,97 @@ class StdinRelay:
             termios.tcsetattr(0, termios.TCSADRAIN, self._restore)
             self._restore = None
         self.sock.close()
+
+
+# --- lost owners and removal: nothing of a container is left -------------------------------
+def _kill_recorded(c: Container) -> None:
+    """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs (their command
+    lines name the container, its run dir, or the pooled VM it took)."""
+    from .pool import vm_marker_in  # imported on use: `ps`, `logs` and the rest never need it
+    marks = [c.id[:12].encode()] + ([c.run_dir.encode()] if c.run_dir else [])
+    pids = set(c.pids.values())
+    if c.run_dir and (pooled := vm_marker_in(Path(c.run_dir) / "vm")) is not None:
+        marks.append(pooled[0].encode())
+        pids |= set(pooled[1].values())
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(m in cmdline for m in marks):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in pids:  # wait (bounded) for them to go; reaped if they are our children
+        for _ in range(100):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.02)
+
+
+def _delete_runtime_container(cfg: Config, container_id: str) -> None:
+    import subprocess
+
+    from . import cgroups
+    from .drivers.process import choose_runtime
+    subprocess.run([choose_runtime(cfg.runtime), "--root", str(cfg.run_root / "runtime"), "delete", "--force",
+                    container_id], capture_output=True, check=False)
+    cgroups.remove_tree(cgroups.runtime_path(container_id))
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """A run dir and every mount under it (listed from mountinfo, deepest first)."""
+    if not run_dir.exists():
+        return
+    rootfs.umount_all(run_dir)
+    left = rootfs.mounts_under(run_dir)
+    if left:
+        raise VmrtError(f"cannot remove {run_dir}: {left[0]} is still mounted")
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def cleanup(cfg: Config, c: Container) -> None:
+    """Release what a container holds on the host when its owner can no longer do it."""
+    from . import cgroups, network  # imported on use (pyroute2 behind network: ~100 ms)
+    if c.isolation == "process":
+        _delete_runtime_container(cfg, c.id)
+    else:
+        _kill_recorded(c)
+        cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
+    network.detach(cfg, c.id)
+    if c.run_dir:
+        remove_run_dir(Path(c.run_dir))
+
+
+def remove(cfg: Config, ref: str, force: bool) -> str:
+    """``docker rm [-f]``: a running container is killed first (with -f); then nothing of it is left."""
+    state = State(cfg.db_path)
+    try:
+        c = state.get(ref)
+        if owner_alive(c):  # running, or its monitor waits to restart it
+            if not force:
+                raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")
+            state.set_fields(c, stop_requested=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.monitor_pid, FORCE_KILL if c.status == Status.RUNNING else signal.SIGTERM)
+            c = wait_exit(state, c, 60.0)
+        reconcile(cfg, state)
+        c = state.get(c.id)
+        if c.status == Status.RUNNING:  # an owner that did not go: take it down ourselves
+            cleanup(cfg, c)
+        else:
+            from . import network
+            if network.netns_path(cfg, c.id).exists():  # an owner killed during its start
+                network.detach(cfg, c.id)
+            if c.run_dir:
+                remove_run_dir(Path(c.run_dir))
+        if c.isolation == "vm":
+            from . import cgroups
+            cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
+        shutil.rmtree(container_dir(cfg, c.id), ignore_errors=True)
+        shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
+        state.remove(c)
+        return c.name
+    finally:
+        state.close()

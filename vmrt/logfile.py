@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -278,3 +280,60 @@ def records(path: Path, follow: bool, done: Callable[[], bool],
     finally:
         if live is not None:
             live.close()
+
+
+class LogWriter:
+    """Docker json-file lines from a container's stdout/stderr: fed by a driver's ``tee`` (an
+    attached run: the output also goes to the terminal) or read from pipes (:meth:`pipe`)."""
+
+    PIECE = 16384  # as Docker: a long line without a newline is logged in pieces
+
+    def __init__(self, path: Path, limits: Limits) -> None:
+        self._f = RotatingFile(path, limits)  # capped and rotated as json-file's max-size/max-file
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._pending: dict[str, bytes] = {}
+
+    def pipe(self, stream: str) -> int:
+        """The write end of a pipe whose bytes are logged as ``stream``."""
+        r, w = os.pipe()
+        t = threading.Thread(target=self._pump, args=(r, stream), daemon=True)
+        t.start()
+        self._threads.append(t)
+        return w
+
+    def line(self, stream: str, text: bytes) -> None:
+        rec = {"log": text.decode("utf-8", "replace"), "stream": stream,
+               "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        with self._lock:
+            self._f.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+
+    def feed(self, stream: str, chunk: bytes) -> None:
+        """Log what of ``chunk`` completes lines of ``stream``; keep the rest for later."""
+        pending = self._pending.get(stream, b"") + chunk
+        *lines, pending = pending.split(b"\n")
+        for ln in lines:  # a record holds at most PIECE bytes (so one fits in a capped log file)
+            ln += b"\n"
+            for i in range(0, len(ln), self.PIECE):
+                self.line(stream, ln[i:i + self.PIECE])
+        while len(pending) >= self.PIECE:
+            self.line(stream, pending[:self.PIECE])
+            pending = pending[self.PIECE:]
+        self._pending[stream] = pending
+
+    def flush(self, stream: str) -> None:
+        if pending := self._pending.pop(stream, b""):
+            self.line(stream, pending)
+
+    def _pump(self, fd: int, stream: str) -> None:
+        with open(fd, "rb", buffering=0) as f:
+            while chunk := f.read(65536):
+                self.feed(stream, chunk)
+        self.flush(stream)
+
+    def close(self) -> None:
+        for t in self._threads:
+            t.join(timeout=5)
+        for stream in list(self._pending):
+            self.flush(stream)
+        self._f.close()

@@ -21,14 +21,13 @@ agent), which keeps the PID (QEMU, virtiofsd, the container's init stay its
 children) and the owner record. It relays output to the log, forwards signals, pings
 the agent, serves the attach socket (stdin), and when the container ends execs
 ``python -m vmrt.monitor --finish ID HOW VALUE OOM DETAIL`` to record the exit,
-release everything (:func:`vmrt.runner.cleanup`) and apply the restart policy.
+release everything (:func:`vmrt.lifecycle.cleanup`) and apply the restart policy.
 Without the built C monitor the Python monitor stays resident and does it all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import select
@@ -45,11 +44,12 @@ from . import config as config_mod
 from . import fsmode, logfile
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
+from .layout import ATTACH_NAME, LOG_NAME, META_NAME, container_dir, rw_dir
+from .lifecycle import cleanup, remove
+from .logfile import LogWriter
 from .signals import FORCE_KILL
 from .vm.outcome import hung, virtiofsd_gone, vm_gone
 
-LOG_NAME = "container.log"
-META_NAME = "monitor.json"
 READY_TIMEOUT = 300.0  # a cold VM boot under TCG, the image pulled first: generous
 
 
@@ -76,78 +76,12 @@ def should_restart(policy: str, status: int, stopped: bool, restarts: int) -> bo
     return True  # always, unless-stopped (no daemon restarts here, so they behave alike)
 
 
-class LogWriter:
-    """Docker json-file lines from a container's stdout/stderr: fed by a driver's ``tee`` (an
-    attached run: the output also goes to the terminal) or read from pipes (:meth:`pipe`)."""
-
-    PIECE = 16384  # as Docker: a long line without a newline is logged in pieces
-
-    def __init__(self, path: Path, limits: logfile.Limits) -> None:
-        self._f = logfile.RotatingFile(path, limits)  # capped and rotated as json-file's max-size/max-file
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._pending: dict[str, bytes] = {}
-
-    def pipe(self, stream: str) -> int:
-        """The write end of a pipe whose bytes are logged as ``stream``."""
-        r, w = os.pipe()
-        t = threading.Thread(target=self._pump, args=(r, stream), daemon=True)
-        t.start()
-        self._threads.append(t)
-        return w
-
-    def line(self, stream: str, text: bytes) -> None:
-        rec = {"log": text.decode("utf-8", "replace"), "stream": stream,
-               "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-        with self._lock:
-            self._f.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
-
-    def feed(self, stream: str, chunk: bytes) -> None:
-        """Log what of ``chunk`` completes lines of ``stream``; keep the rest for later."""
-        pending = self._pending.get(stream, b"") + chunk
-        *lines, pending = pending.split(b"\n")
-        for ln in lines:  # a record holds at most PIECE bytes (so one fits in a capped log file)
-            ln += b"\n"
-            for i in range(0, len(ln), self.PIECE):
-                self.line(stream, ln[i:i + self.PIECE])
-        while len(pending) >= self.PIECE:
-            self.line(stream, pending[:self.PIECE])
-            pending = pending[self.PIECE:]
-        self._pending[stream] = pending
-
-    def flush(self, stream: str) -> None:
-        if pending := self._pending.pop(stream, b""):
-            self.line(stream, pending)
-
-    def _pump(self, fd: int, stream: str) -> None:
-        with open(fd, "rb", buffering=0) as f:
-            while chunk := f.read(65536):
-                self.feed(stream, chunk)
-        self.flush(stream)
-
-    def close(self) -> None:
-        for t in self._threads:
-            t.join(timeout=5)
-        for stream in list(self._pending):
-            self.flush(stream)
-        self._f.close()
-
-
-def write_meta(cfg: config_mod.Config, container_id: str, meta: dict[str, Any]) -> None:
-    """How to run the container again (accelerator, kernel, runtime, restart policy, --rm)."""
-    from .runner import container_dir
-    cdir = container_dir(cfg, container_id)
-    fsmode.private_dir(cdir)
-    fsmode.write_private(cdir / META_NAME, json.dumps(meta))
-
-
 def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
     """Start the monitor of a created (or exited) container and wait until its process started.
 
     Returns (started, status, message): (True, 0, "") once the process runs; else
     the exit status and the one-line reason (the container is then Exited).
     """
-    from .runner import container_dir
     cdir = container_dir(cfg, container_id)
     r, w = os.pipe()
     try:
@@ -178,13 +112,11 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
 HANDOFF_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                    signal.SIGUSR2, signal.SIGCHLD, FORCE_KILL)
 FD_OPTIONS = ("--stdout", "--stderr", "--tty", "--stdin", "--agent", "--console", "--ready")
-ATTACH_NAME = "attach.sock"
 
 
 def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_dir: Path,
                  args: dict[str, Any]) -> list[str]:
     """The C monitor's command line for a driver's hand-off ``args`` (fd options made inheritable)."""
-    from .runner import container_dir
     args = dict(args)
     cdir = container_dir(cfg, container_id)
     limits = logfile.container_limits(cdir, cfg)
@@ -265,7 +197,6 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
     lost owner), the VM's or runtime's logs kept; a start that failed is told to the waiting
     ``vmrt run -d`` (``ready``: the pipe's fd, or -1); then the restart policy, as before."""
     from . import cgroups
-    from .runner import cleanup, container_dir
     from .state import State, Status
     cfg = config_mod.load()
     state = State(cfg.db_path)
@@ -297,7 +228,6 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
                         shutil.move(path, cdir / name)
         cleanup(cfg, c)
         _reap_children()
-        from .runner import rw_dir
         shutil.rmtree(rw_dir(cfg, c.id) / "work", ignore_errors=True)
         if message:
             logs = LogWriter(cdir / LOG_NAME, logfile.container_limits(cdir, cfg))
@@ -330,7 +260,7 @@ def _reap_children() -> None:
 def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None = None) -> int:
     from . import agentbuild
     from .images.store import Store
-    from .runner import container_dir, execute, make_driver, remove
+    from .runner import execute, make_driver
     from .state import State
     from .timings import Timings
 

@@ -11,13 +11,14 @@ import click
 from . import formatting, fsmode, lifecycle, network
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
+from .layout import container_dir
 from .state import Container, State, Status
 
 NET_COLUMNS = [("NETWORK ID", "ID", 0), ("NAME", "Name", 0), ("DRIVER", "Driver", 0), ("SCOPE", "Scope", 0)]
 
 
 def _cfg(ctx: click.Context) -> Config:
-    return ctx.obj["cfg"]  # type: ignore[no-any-return]
+    return ctx.obj["cfg"]
 
 
 def _container(cfg: Config, ref: str) -> Container:
@@ -164,7 +165,6 @@ def prune(ctx: click.Context, force: bool) -> None:
 
 def _update_request(cfg: Config, c: Container, change: Any) -> None:
     """Change the network request kept in the container's config (what its next start uses)."""
-    from .runner import container_dir
     p = container_dir(cfg, c.id) / "config.json"
     try:
         config = json.loads(p.read_text())
@@ -191,7 +191,6 @@ def connect(ctx: click.Context, net_ref: str, container: str, aliases: tuple[str
         network.valid_alias(a)
     with network.Store(cfg) as store:
         net = store.get(net_ref)
-    from .runner import container_dir
     try:
         req = network.request_of(json.loads((container_dir(cfg, c.id) / "config.json").read_text()))
     except (OSError, ValueError):

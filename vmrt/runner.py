@@ -7,40 +7,37 @@ import copy
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import bundle, fsmode, rootfs, safefs
+from . import bundle, fsmode, safefs
 from .bundle import RunOptions
 from .config import Config
-from .drivers.base import RunContext
+from .drivers.base import Driver, RunContext
 from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
 from .images import reference
 from .images.store import Image, Store
+from .layout import LOG_NAME, container_dir, rw_dir, write_meta
+from .lifecycle import owner_alive, remove_run_dir
+from .logfile import LogWriter, container_limits
 from .proc import start_ticks
-from .signals import FORCE_KILL
 from .state import Container, State, Status
 from .timings import Timings
 
 LOG = logging.getLogger(__name__)
 
 
-def make_driver(isolation: str, *, accel: str | None, kernel: Path | None,  # type: ignore[no-untyped-def]
-                runtime: str = "auto"):
+def make_driver(isolation: str, *, accel: str | None, kernel: Path | None, runtime: str = "auto") -> Driver:
+    """The driver of an isolation mode (imported on use: a process run never loads the VM
+    driver's modules, nor a VM run runc's)."""
     if isolation == "vm":
         from .drivers.vm import VMDriver
         return VMDriver(accel=accel, kernel_path=kernel)
     from .drivers.process import ProcessDriver
     return ProcessDriver(runtime)
-
-
-def rw_dir(cfg: Config, container_id: str) -> Path:
-    """A process-mode container's writable layer (on disk, like Docker's)."""
-    return cfg.root / "rw" / container_id
 
 
 class _LayeredRoot:
@@ -119,11 +116,6 @@ def _check_networks(cfg: Config, opts: RunOptions) -> None:
             s.get(opts.net.network)
 
 
-def container_dir(cfg: Config, container_id: str) -> Path:
-    """What is kept of a container until ``vmrt rm``: its config, logs, VMM/console logs."""
-    return cfg.root / "containers" / container_id
-
-
 def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: dict[str, Any],
             driver: Any, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
             handoff: Any = None, tee: Any = None) -> int:
@@ -164,15 +156,13 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         finally:
             with contextlib.suppress(StateError):
                 state.transition(c, Status.EXITED, exit_code=status, finished=time.time())
-            _remove_run_dir(run_dir)
+            remove_run_dir(run_dir)
 
 
 def execute_logged(cfg: Config, state: State, c: Container, image: Image, layers: list[Path],
                    config: dict[str, Any], driver: Any, timings: Timings) -> int:
     """An attached run of a kept container: its output on this terminal and, as Docker does, in its
     log (``vmrt logs``), with a terminal (-t) too: the drivers pass what they write on (``tee``)."""
-    from .logfile import container_limits
-    from .monitor import LOG_NAME, LogWriter
     cdir = container_dir(cfg, c.id)
     logs = LogWriter(cdir / LOG_NAME, container_limits(cdir, cfg))
     try:
@@ -191,7 +181,6 @@ def discard(cfg: Config, state: State, c: Container) -> None:
 
 def create_detached(cfg: Config, opts: RunOptions, isolation: str, meta: dict[str, Any]) -> str:
     """``vmrt create`` (and the first half of ``run -d``): the container, ready for its monitor."""
-    from .monitor import write_meta
     state = State(cfg.db_path)
     try:
         c, _, _, _ = create(cfg, opts, isolation, state, persist=True)
@@ -205,7 +194,6 @@ def start_attached(cfg: Config, container_id: str) -> int:
     """``vmrt start -a``: run a created or exited container again, attached to this terminal."""
     import json
 
-    from .lifecycle import owner_alive
     state = State(cfg.db_path)
     try:
         c = state.get(container_id)
@@ -238,8 +226,7 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
         c, image, layers, config = create(cfg, opts, isolation, state, persist=not opts.rm)
         timings.mark("created")
         if meta is not None and not opts.rm:  # how `vmrt start` runs it again
-            from .monitor import write_meta
-            write_meta(cfg, c.id, meta)
+                    write_meta(cfg, c.id, meta)
         try:
             if opts.rm:
                 return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=None)
@@ -247,98 +234,5 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
         finally:
             if opts.rm:
                 discard(cfg, state, c)
-    finally:
-        state.close()
-
-
-def _kill_recorded(c) -> None:  # type: ignore[no-untyped-def]
-    """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs (their command
-    lines name the container, its run dir, or the pooled VM it took)."""
-    from .pool import vm_marker_in
-    marks = [c.id[:12].encode()] + ([c.run_dir.encode()] if c.run_dir else [])
-    pids = set(c.pids.values())
-    if c.run_dir and (pooled := vm_marker_in(Path(c.run_dir) / "vm")) is not None:
-        marks.append(pooled[0].encode())
-        pids |= set(pooled[1].values())
-    for pid in pids:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if any(m in cmdline for m in marks):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    for pid in pids:  # wait (bounded) for them to go; reaped if they are our children
-        for _ in range(100):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            if not Path(f"/proc/{pid}").exists():
-                break
-            time.sleep(0.02)
-
-
-def _delete_runtime_container(cfg: Config, container_id: str) -> None:
-    import subprocess
-
-    from . import cgroups
-    from .drivers.process import choose_runtime
-    subprocess.run([choose_runtime(cfg.runtime), "--root", str(cfg.run_root / "runtime"), "delete", "--force",
-                    container_id], capture_output=True, check=False)
-    cgroups.remove_tree(cgroups.runtime_path(container_id))
-
-
-def _remove_run_dir(run_dir: Path) -> None:
-    if not run_dir.exists():
-        return
-    rootfs.umount_all(run_dir)
-    left = rootfs.mounts_under(run_dir)
-    if left:
-        raise VmrtError(f"cannot remove {run_dir}: {left[0]} is still mounted")
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def cleanup(cfg: Config, c: Container) -> None:
-    """Release what a container holds on the host when its owner can no longer do it."""
-    from . import cgroups, network
-    if c.isolation == "process":
-        _delete_runtime_container(cfg, c.id)
-    else:
-        _kill_recorded(c)
-        cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
-    network.detach(cfg, c.id)
-    if c.run_dir:
-        _remove_run_dir(Path(c.run_dir))
-
-
-def remove(cfg: Config, ref: str, force: bool) -> str:
-    """``docker rm [-f]``: a running container is killed first (with -f); then nothing of it is left."""
-    from .lifecycle import owner_alive, reconcile, wait_exit
-    state = State(cfg.db_path)
-    try:
-        c = state.get(ref)
-        if owner_alive(c):  # running, or its monitor waits to restart it
-            if not force:
-                raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")
-            state.set_fields(c, stop_requested=True)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(c.monitor_pid, FORCE_KILL if c.status == Status.RUNNING else signal.SIGTERM)
-            c = wait_exit(state, c, 60.0)
-        reconcile(cfg, state)
-        c = state.get(c.id)
-        if c.status == Status.RUNNING:  # an owner that did not go: take it down ourselves
-            cleanup(cfg, c)
-        else:
-            from . import network
-            if network.netns_path(cfg, c.id).exists():  # an owner killed during its start
-                network.detach(cfg, c.id)
-            if c.run_dir:
-                _remove_run_dir(Path(c.run_dir))
-        if c.isolation == "vm":
-            from . import cgroups
-            cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
-        shutil.rmtree(container_dir(cfg, c.id), ignore_errors=True)
-        shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)
-        state.remove(c)
-        return c.name
     finally:
         state.close()

@@ -1,0 +1,38 @@
+"""Where a container's things live on disk (one owner for the names every layer uses).
+
+Kept until ``vmrt rm``: ``<root>/containers/<id>/`` (:func:`container_dir`) holds its
+config, the monitor's meta (:data:`META_NAME`, written by :func:`write_meta`), its json-file
+log (:data:`LOG_NAME`, rotated beside it) and the VMM/console logs; a process-mode
+container's writable layer is ``<root>/rw/<id>/`` (:func:`rw_dir`). While it runs, its run
+dir holds the attach socket (:data:`ATTACH_NAME`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import fsmode
+from .config import Config
+
+LOG_NAME = "container.log"
+META_NAME = "monitor.json"
+ATTACH_NAME = "attach.sock"
+
+
+def container_dir(cfg: Config, container_id: str) -> Path:
+    """What is kept of a container until ``vmrt rm``: its config, logs, VMM/console logs."""
+    return cfg.root / "containers" / container_id
+
+
+def rw_dir(cfg: Config, container_id: str) -> Path:
+    """A process-mode container's writable layer (on disk, like Docker's)."""
+    return cfg.root / "rw" / container_id
+
+
+def write_meta(cfg: Config, container_id: str, meta: dict[str, Any]) -> None:
+    """How to run the container again (accelerator, kernel, runtime, restart policy, --rm)."""
+    cdir = container_dir(cfg, container_id)
+    fsmode.private_dir(cdir)
+    fsmode.write_private(cdir / META_NAME, json.dumps(meta))
