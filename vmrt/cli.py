@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from .errors import UsageError, VmrtError
 from .formatting import inert
 from .paths import source_root
 from .timings import Timings
+
+if TYPE_CHECKING:  # the network module is imported on use (start-up time)
+    from .network import NetRequest
 
 LOG = logging.getLogger("vmrt")
 TIMINGS = Timings()  # created at import: as close to process start as we get
@@ -43,7 +46,7 @@ class _InertFormatter(logging.Formatter):
 
 
 def _cfg(ctx: click.Context) -> config_mod.Config:
-    return ctx.obj["cfg"]  # type: ignore[no-any-return]
+    return ctx.obj["cfg"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -182,7 +185,7 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
 
 def _net_request(network: str, aliases: tuple[str, ...], publish: tuple[str, ...], publish_all: bool,
                  expose: tuple[str, ...], dns: tuple[str, ...], dns_search: tuple[str, ...],
-                 dns_options: tuple[str, ...], add_hosts: tuple[str, ...]):  # type: ignore[no-untyped-def]
+                 dns_options: tuple[str, ...], add_hosts: tuple[str, ...]) -> NetRequest:
     from . import network as net
     if network.startswith("container:"):
         raise UsageError("--network container:NAME is not supported")

@@ -26,7 +26,7 @@ IMAGE_COLUMNS = [("REPOSITORY", "Repository", 0), ("TAG", "Tag", 0), ("IMAGE ID"
 
 
 def _cfg(ctx: click.Context) -> Config:
-    return ctx.obj["cfg"]  # type: ignore[no-any-return]
+    return ctx.obj["cfg"]
 
 
 def _store(ctx: click.Context) -> Store:

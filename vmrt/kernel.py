@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from . import fsmode
 from .config import Config
@@ -95,7 +96,7 @@ def _check_config(dotconfig: Path) -> None:
         raise KernelError("kernel config did not take: " + ", ".join(bad))
 
 
-def _run(cmd: list[str], cwd: Path, log, progress: bool, label: str) -> None:
+def _run(cmd: list[str], cwd: Path, log: IO[str], progress: bool, label: str) -> None:
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None

@@ -360,7 +360,7 @@ class Store:
         self.close()
 
     @staticmethod
-    def _net(r: tuple) -> Network:  # type: ignore[type-arg]
+    def _net(r: tuple) -> Network:
         return Network(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], json.loads(r[7]))
 
     def networks(self) -> list[Network]:

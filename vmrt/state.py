@@ -119,7 +119,7 @@ class State:
                                      "container to be able to reuse that name.") from None
         raise StateError("could not allocate a container name")
 
-    def _row(self, r: tuple) -> Container:  # type: ignore[type-arg]
+    def _row(self, r: tuple) -> Container:
         return Container(r[0], r[1], r[2], r[3], Status(r[4]), r[5], json.loads(r[6]), r[7], r[8],
                          json.loads(r[9]), r[10], bool(r[11]), r[12], r[13], r[14], r[15], bool(r[16]), r[17])
 

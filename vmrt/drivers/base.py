@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ..config import Config
 from ..images.store import Image
 from ..state import Container, State
 from ..timings import Timings
+
+if TYPE_CHECKING:  # the network module is imported on use (pyroute2: ~100 ms)
+    from ..network import Attached
 
 
 @dataclasses.dataclass
@@ -33,7 +36,7 @@ class RunContext:
     handoff: Callable[[dict[str, Any]], NoReturn] | None = None
     # attached runs of kept containers: what goes to stdout/stderr is also logged here
     tee: Callable[[str, bytes], None] | None = None
-    net: Any = None  # network.Attached: the container's namespace, endpoints and managed /etc files
+    net: Attached | None = None  # the container's namespace, endpoints and managed /etc files
 
 
 class Driver(Protocol):

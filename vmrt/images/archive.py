@@ -113,7 +113,7 @@ def _pump(src: IO[bytes], sink: Callable[[bytes], object], what: str) -> None:
 
 
 def _peekable(raw: IO[bytes]) -> IO[bytes]:
-    return raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[arg-type,type-var]
+    return raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[type-var]
 
 
 def _head(f: IO[bytes]) -> bytes:

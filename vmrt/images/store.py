@@ -87,15 +87,15 @@ _hex = digest_hex
 
 def decompressed(raw: IO[bytes]) -> IO[bytes]:
     """A reader of ``raw`` decompressed by its magic (gzip, zstd or a plain tar)."""
-    peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[arg-type,type-var]
-    head = peekable.peek(4)[:4]  # type: ignore[attr-defined]
+    peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[type-var]
+    head = peekable.peek(4)[:4]
     if head.startswith(GZIP_MAGIC):
         import gzip
         return gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[return-value]
     if head.startswith(ZSTD_MAGIC):
         import zstandard
-        return zstandard.ZstdDecompressor().stream_reader(peekable, read_across_frames=True)  # type: ignore[no-any-return]
-    return peekable  # type: ignore[no-any-return]
+        return zstandard.ZstdDecompressor().stream_reader(peekable, read_across_frames=True)
+    return peekable
 
 
 def descriptor(value: Any, what: str) -> dict[str, Any]:

@@ -37,11 +37,11 @@ class BoundedTarInfo(tarfile.TarInfo):
     bomb), and the bytes are parsed before any digest could be checked.
     """
 
-    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                          tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and self.size > MAX_HEADER:
             raise ImageError(f"tar header of {self.size} bytes refused (at most {MAX_HEADER})")
-        return super()._proc_member(tf)  # type: ignore[misc,no-any-return]
+        return super()._proc_member(tf)  # type: ignore[misc]
 
 
 def open_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
