@@ -54,9 +54,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import fsmode, rootfs
-from .config import Config
-from .errors import UsageError, VmrtError
+from .. import fsmode, rootfs
+from ..config import Config
+from ..errors import UsageError, VmrtError
 
 LOG = logging.getLogger(__name__)
 DEFAULT = "bridge"
