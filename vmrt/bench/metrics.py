@@ -56,9 +56,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config
-from .errors import UsageError, VmrtError
+from .. import __version__
+from ..config import Config
+from ..errors import UsageError, VmrtError
 
 MODES = ("process", "vm-cold", "vm-pool", "vm-snapshot", "runc", "podman")
 METRICS = ("start", "exec", "memory", "density", "io", "cpu", "net")
@@ -214,7 +214,7 @@ def with_descendants(roots: set[int], table: dict[int, tuple[int, str]]) -> set[
 
 def pss_breakdown(pids: set[int], table: dict[int, tuple[int, str]]) -> dict[str, float]:
     """PSS (MiB) of ``pids``, summed per process name."""
-    from .stats import pss_kib
+    from ..stats import pss_kib
     out: dict[str, float] = {}
     for p in pids:
         name = table.get(p, (0, "?"))[1]
@@ -530,8 +530,8 @@ class VmrtMode(Mode):
         return [*self.b.vmrt, "exec", handle, "true"]
 
     def host_pids(self, handle: str, table: dict[int, tuple[int, str]]) -> set[int]:
-        from . import cgroups
-        from .stats import cgroup_procs
+        from .. import cgroups
+        from ..stats import cgroup_procs
         r = self.b.procs.run([*self.b.vmrt, "inspect", "-f", "{{.State.MonitorPid}}", handle], env=self.env)
         roots = {int(r.out.strip())} if r.rc == 0 and r.out.strip().isdigit() else set()
         for rel in (cgroups.runtime_path(handle), f"/{cgroups.PARENT}/{handle}-vmm"):
@@ -591,7 +591,7 @@ class RuncMode(Mode):
         self.image_cfg: dict[str, Any] = {}
 
     def prepare(self) -> None:
-        from .images.store import Store
+        from ..images.store import Store
         img = Store(self.b.cfg.root).get(self.b.image)
         for layer in img.layer_dirs():  # whiteouts are not applied: fine for single-layer images
             shutil.copytree(layer, self.rootfs, symlinks=True, dirs_exist_ok=True)
@@ -602,7 +602,7 @@ class RuncMode(Mode):
                 "rootfs": "plain directory (no overlay)"}
 
     def bundle(self, args: list[str], slot: int) -> Path:
-        from .bundle import RunOptions, make_config, write
+        from ..bundle import RunOptions, make_config, write
         key = (tuple(args), slot)
         with self.lock:
             if key not in self.bundles:
@@ -730,8 +730,8 @@ class Bench:
 
     # --- set-up ---
     def collect_meta(self) -> None:
-        from . import kernel
-        from .vm import accel as accel_mod
+        from .. import kernel
+        from ..vm import accel as accel_mod
         cfg = self.cfg
         try:
             acc = accel_mod.choose(cfg.accel, user_kernel=cfg.kernel is not None)
@@ -749,7 +749,7 @@ class Bench:
         if accel == "tcg":
             self.vm_setup["tcg_tb_size_mib"] = cfg.tcg_tb_size_mib
         with contextlib.suppress(Exception):
-            from .drivers.process import choose_runtime
+            from ..drivers.process import choose_runtime
             self.runtime = choose_runtime(cfg.runtime)
             out = subprocess.run([self.runtime, "--version"], capture_output=True, text=True, timeout=10).stdout
             self.runtime_version = f"{self.runtime} ({out.splitlines()[0]})"
@@ -786,7 +786,7 @@ class Bench:
                 return Skipped(self, name, r.error("vmrt snapshot build"))
             return snap
         if name == "runc":
-            from .drivers.process import choose_runtime
+            from ..drivers.process import choose_runtime
             try:
                 runc = choose_runtime("runc")
             except Exception as e:
