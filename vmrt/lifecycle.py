@@ -34,7 +34,7 @@ from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
 from .layout import ATTACH_NAME, LOG_NAME, container_dir, rw_dir
-from .proc import start_ticks
+from .proc import connect_unix, kill_if_ours, start_ticks
 from .signals import FORCE_KILL
 from .state import Container, State, Status
 
@@ -253,15 +253,10 @@ class StdinRelay:
     def open(cls, c: Container) -> StdinRelay | None:
         if not c.run_dir or not os.path.exists(os.path.join(c.run_dir, ATTACH_NAME)):
             return None  # started without -i: output only, as Docker
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        dfd = os.open(c.run_dir, os.O_PATH | os.O_DIRECTORY)
-        try:  # by a short /proc path: a run dir's full path can exceed sun_path's 108 bytes
-            sock.connect(f"/proc/self/fd/{dfd}/{ATTACH_NAME}")
+        try:
+            sock = connect_unix(c.run_dir, ATTACH_NAME)
         except OSError as e:
-            sock.close()
             raise StateError(f"cannot attach to {c.name}'s stdin: {e.strerror}") from None
-        finally:
-            os.close(dfd)
         terminal = False
         with contextlib.suppress(OSError, ValueError, KeyError):
             terminal = bool(json.loads((Path(c.run_dir) / "config.json").read_text())["process"].get("terminal"))
@@ -295,20 +290,14 @@ class StdinRelay:
 def _kill_recorded(c: Container) -> None:
     """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs (their command
     lines name the container, its run dir, or the pooled VM it took)."""
-    from .pool import vm_marker_in  # imported on use: `ps`, `logs` and the rest never need it
+    from .pool.files import vm_marker_in  # imported on use: `ps`, `logs` and the rest never need it
     marks = [c.id[:12].encode()] + ([c.run_dir.encode()] if c.run_dir else [])
     pids = set(c.pids.values())
     if c.run_dir and (pooled := vm_marker_in(Path(c.run_dir) / "vm")) is not None:
         marks.append(pooled[0].encode())
         pids |= set(pooled[1].values())
     for pid in pids:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if any(m in cmdline for m in marks):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_if_ours(pid, marks=marks)
     for pid in pids:  # wait (bounded) for them to go; reaped if they are our children
         for _ in range(100):
             with contextlib.suppress(ChildProcessError):

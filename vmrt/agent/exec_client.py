@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AgentError, ContainerExecError, StateError, VmrtError
-from ..proc import write_all
+from ..proc import connect_unix, write_all
 from ..signals import FORWARDED
 from ..vm.qemu import EXEC_PORTS, exec_socket_name
 from . import protocol as P
 
 START_TIMEOUT = 60.0          # the agent answers EXEC at once; under TCG a busy guest is slow
 OUT_HIGH = 1 << 20            # stdin is read only while less than this waits for the port
-SUN_PATH_MAX = 107
 
 
 def _lock(run_dir: Path, k: int) -> int | None:
@@ -83,11 +82,9 @@ def _port(run_dir: Path) -> Iterator[socket.socket]:
         if lock is None:
             busy += 1
             continue
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            _connect(sock, path)
+        try:  # named through the run dir's fd: its full path can exceed sun_path's 108 bytes
+            sock = connect_unix(run_dir, path.name)
         except OSError as e:
-            sock.close()
             os.close(lock)
             last = e
             continue
@@ -104,18 +101,6 @@ def _port(run_dir: Path) -> Iterator[socket.socket]:
         why = last.strerror if last is not None and last.strerror else "refused"
         raise StateError(f"cannot connect to the container's exec port ({why}): is it running?")
     raise StateError("the container's VM has no exec port: is it running (and started by this vmrt)?")
-
-
-def _connect(sock: socket.socket, path: Path) -> None:
-    if len(os.fsencode(path)) <= SUN_PATH_MAX:
-        sock.connect(str(path))
-        return
-    # too long for sun_path: name it through the directory's descriptor
-    dfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        sock.connect(f"/proc/self/fd/{dfd}/{path.name}")
-    finally:
-        os.close(dfd)
 
 
 def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | None, uid: int,

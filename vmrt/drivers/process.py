@@ -22,7 +22,6 @@ import ctypes
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -36,9 +35,9 @@ from typing import Any
 
 from .. import cgroups, fsmode, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
-from ..proc import write_all
+from ..proc import PidFd, write_all
 from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
-from .base import RunContext
+from .base import Handoff, RunContext
 
 LOG = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36
@@ -119,12 +118,9 @@ def _pump(src: int, dst: int, on_first: object = None, close_dst: bool = False,
 def _wait_bounded(proc: subprocess.Popen[bytes], timeout: float) -> int:
     """``proc.wait(timeout)`` without its polling (sleeps of up to 50 ms on every start's path):
     a pidfd becomes readable the moment the process exits."""
-    fd = os.pidfd_open(proc.pid)
-    try:
-        if not select.select([fd], [], [], timeout)[0]:
+    with PidFd(proc.pid) as pfd:
+        if not pfd.exited(timeout):
             raise subprocess.TimeoutExpired(proc.args, timeout)
-    finally:
-        os.close(fd)
     return proc.wait()
 
 
@@ -134,7 +130,7 @@ class _Session:
         self.runtime = runtime
         self.state_root = ctx.cfg.run_root / "runtime"
         self.cid = ctx.container.id
-        self.pidfd = -1
+        self.pidfd: PidFd | None = None  # the container's init, once it runs
         self.pid = 0
         self.status: int | None = None
         self.stop_signals = 0
@@ -304,7 +300,7 @@ class _Session:
                 self._thread(_pump, os.dup(ctx.stdin_fd), self.fds.pop(-3), None, True, daemon=True)
         os.chmod(pid_file, fsmode.PRIVATE_FILE)  # the runtime wrote it under umask 022
         self.pid = int(pid_file.read_text().strip())
-        self.pidfd = os.pidfd_open(self.pid)
+        self.pidfd = PidFd(self.pid)
         if self.ctx.state is not None:
             ctx.state.set_fields(ctx.container, pids={"init": self.pid})
         if ctx.handoff is not None:
@@ -316,8 +312,8 @@ class _Session:
             self._thread(_pump, out_r, ctx.stdout_fd, self._first_output, False, self._tee("stdout"))
             self._thread(_pump, er_r, ctx.stderr_fd, self._first_output, False, self._tee("stderr"))
 
-    def _handoff_args(self) -> dict[str, Any]:
-        return {"mode": "process", "--init": self.pid, **self.handoff_fds}
+    def _handoff_args(self) -> Handoff:
+        return Handoff("process", dict(self.handoff_fds), {"--init": self.pid})
 
     def _runtime_error(self) -> str | None:
         try:
@@ -382,11 +378,11 @@ class _Session:
 
     def _on_signal(self, signo: int, _frame: object) -> None:
         if signo == FORCE_KILL:
-            if self.pidfd < 0:
+            if self.pidfd is None:
                 raise VmrtError("killed before the container started", exit_code=137)
             self._force_kill("killed")
             return
-        if self.pidfd < 0:
+        if self.pidfd is None:
             raise VmrtError(f"interrupted by signal {signo}", exit_code=128 + signo)
         if signo in STOP_SIGNALS:
             self.stop_signals += 1
@@ -399,13 +395,12 @@ class _Session:
                                              (f"no exit {grace:g}s after signal {signo}",))
                 self.timer.daemon = True
                 self.timer.start()
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self.pidfd, signo)
+        self.pidfd.send_signal(signo)
 
     def _force_kill(self, why: str) -> None:
         self.forced = why
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        if self.pidfd is not None:
+            self.pidfd.send_signal(signal.SIGKILL)
 
     # --- teardown -------------------------------------------------------------------
     def _teardown(self, created: bool) -> None:
@@ -420,18 +415,20 @@ class _Session:
             if cgroups.oom_kills(ctx.config["linux"].get("cgroupsPath", "")) > 0:
                 ctx.state.set_fields(ctx.container, oom_killed=True)
         if self.pid and self.status is None:  # killed before it exited
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            if self.pidfd is not None:
+                self.pidfd.send_signal(signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
         # delete even after a failed create: the runtime may have left its state behind
         r = subprocess.run(self._rt("delete", "--force", self.cid), capture_output=True, text=True)
         if r.returncode != 0 and created:
             LOG.warning("runtime delete %s: %s", self.cid, r.stderr.strip())
-        for fd in [*self.fds, self.pidfd]:
+        for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        if self.pidfd is not None:
+            self.pidfd.close()
         with contextlib.suppress(ChildProcessError):  # reap anything else reparented to us
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
