@@ -26,6 +26,7 @@ from . import bundle
 from .config import Config
 from .errors import ContainerExecError, StateError, UsageError
 from .layout import container_dir
+from .rootfs import LayeredRoot
 from .signals import FORWARDED
 from .state import Container, State, Status
 
@@ -54,7 +55,6 @@ class Resolved:
 def resolve(cfg: Config, c: Container, eo: ExecOptions) -> Resolved:
     """The exec's environment, user and directory: the container's, then the flags."""
     from .images.store import Store
-    from .runner import _LayeredRoot
     try:
         config: dict[str, Any] = json.loads((container_dir(cfg, c.id) / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -64,7 +64,7 @@ def resolve(cfg: Config, c: Container, eo: ExecOptions) -> Resolved:
     user = proc.get("user", {})
     uid, gid, groups = int(user.get("uid", 0)), int(user.get("gid", 0)), list(user.get("additionalGids", []))
     if eo.user:
-        lookup = _LayeredRoot(Store(cfg.root).get(c.image_id).layer_dirs())
+        lookup = LayeredRoot(Store(cfg.root).get(c.image_id).layer_dirs())
         u = bundle.resolve_user((lookup.pick("/etc/passwd"), lookup.pick("/etc/group")), eo.user)
         uid, gid, groups = u.uid, u.gid, list(u.groups)
     cwd = eo.workdir or proc.get("cwd", "/")

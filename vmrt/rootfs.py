@@ -3,6 +3,7 @@
 One layer: a read-only bind mount. Several: a read-only overlayfs with the
 layers as lowerdirs (no upper). The mount belongs to one container and is
 removed at teardown; the layers themselves are shared and never written.
+:class:`LayeredRoot` finds which layer a path (``/etc/passwd``) comes from without mounting them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ctypes
 import os
 from pathlib import Path
 
+from . import safefs
 from .errors import LaunchError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -157,3 +159,17 @@ def seal_share(share: Path, readonly: bool = True) -> None:
     flag, so it holds in every mount namespace that has a copy (virtiofsd's)."""
     _mount("none", str(share), None, MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC | (MS_RDONLY if readonly else 0),
            SHARE_TOP)
+
+
+class LayeredRoot:
+    """Looks a path up in an image's layers, topmost first (for /etc/passwd): resolved inside
+    each layer, never opened (a whiteout or a device node there ends the search too)."""
+
+    def __init__(self, layers: list[Path]) -> None:
+        self.layers = layers
+
+    def pick(self, path: str) -> Path:
+        for layer in reversed(self.layers):
+            if safefs.stat_in_root(layer, path) is not None:
+                return layer
+        return self.layers[-1]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import bundle, fsmode, safefs
+from . import bundle, fsmode
 from .bundle import RunOptions
 from .config import Config
 from .drivers.base import Driver, RunContext
@@ -24,6 +24,7 @@ from .layout import LOG_NAME, container_dir, rw_dir, write_meta
 from .lifecycle import owner_alive, remove_run_dir
 from .logfile import LogWriter, container_limits
 from .proc import start_ticks
+from .rootfs import LayeredRoot
 from .state import Container, State, Status
 from .timings import Timings
 
@@ -38,20 +39,6 @@ def make_driver(isolation: str, *, accel: str | None, kernel: Path | None, runti
         return VMDriver(accel=accel, kernel_path=kernel)
     from .drivers.process import ProcessDriver
     return ProcessDriver(runtime)
-
-
-class _LayeredRoot:
-    """Looks a path up in an image's layers, topmost first (for /etc/passwd): resolved inside
-    each layer, never opened (a whiteout or a device node there ends the search too)."""
-
-    def __init__(self, layers: list[Path]) -> None:
-        self.layers = layers
-
-    def pick(self, path: str) -> Path:
-        for layer in reversed(self.layers):
-            if safefs.stat_in_root(layer, path) is not None:
-                return layer
-        return self.layers[-1]
 
 
 def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platform: str | None = None) -> Image:
@@ -94,7 +81,7 @@ def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
     with store.writing():  # no image prune between finding the image and recording its user
         image = find_image(cfg, store, opts.image, opts.pull, opts.platform)
         layers = image.layer_dirs()
-        lookup = _LayeredRoot(layers)
+        lookup = LayeredRoot(layers)
         user_root = (lookup.pick("/etc/passwd"), lookup.pick("/etc/group"))
         args = bundle.process_args(image.runtime_config, opts)
         c = state.create(opts.image, isolation, args, opts.name, image_id=image.id)
