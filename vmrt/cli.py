@@ -363,7 +363,7 @@ def pool(ctx: click.Context, fmt: str | None) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from . import formatting
-    from . import pool as pool_mod
+    from .pool import client as pool_mod
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         row = {"Running": False, "Pid": 0, "Size": 0, "Ready": 0, "Booting": 0, "Served": 0, "Shape": "",
@@ -386,7 +386,7 @@ def pool(ctx: click.Context, fmt: str | None) -> None:
 @click.pass_context
 def pool_start(ctx: click.Context, size: int | None) -> None:
     """Start the pool daemon in the background (it keeps SIZE VMs booted; `vmrt pool stop` ends it)."""
-    from . import pool as pool_mod
+    from .pool import client as pool_mod
     cfg = _cfg(ctx)
     pid = pool_mod.start(cfg, cfg.pool_size if size is None else size)
     click.echo(f"pool daemon started (pid {pid}, size {cfg.pool_size if size is None else size})")
@@ -397,9 +397,9 @@ def pool_start(ctx: click.Context, size: int | None) -> None:
 @click.pass_context
 def pool_serve(ctx: click.Context, size: int | None) -> None:
     """Run the pool daemon in the foreground (what `vmrt pool start` runs)."""
-    from . import pool as pool_mod
+    from .pool.daemon import Daemon
     cfg = _cfg(ctx)
-    ctx.exit(pool_mod.Daemon(cfg, cfg.pool_size if size is None else size).serve())
+    ctx.exit(Daemon(cfg, cfg.pool_size if size is None else size).serve())
 
 
 @pool.command("fill")
@@ -409,8 +409,8 @@ def pool_serve(ctx: click.Context, size: int | None) -> None:
 @click.pass_context
 def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) -> None:
     """Set the pool's size (if given) and wait until that many VMs are ready."""
-    from . import pool as pool_mod
     from .errors import StateError
+    from .pool import client as pool_mod
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         raise StateError("the pool daemon is not running: start it with `vmrt pool start`")
@@ -426,8 +426,8 @@ def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) 
 @click.pass_context
 def pool_drain(ctx: click.Context) -> None:
     """Kill the idle VMs and stop refilling (size 0; `vmrt pool fill N` sets it again)."""
-    from . import pool as pool_mod
     from .errors import StateError
+    from .pool import client as pool_mod
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         raise StateError("the pool daemon is not running")
@@ -439,7 +439,7 @@ def pool_drain(ctx: click.Context) -> None:
 @click.pass_context
 def pool_stop(ctx: click.Context) -> None:
     """Stop the pool daemon; its idle VMs go with it (VMs serving containers stay theirs)."""
-    from . import pool as pool_mod
+    from .pool import client as pool_mod
     click.echo("pool daemon stopped" if pool_mod.stop(_cfg(ctx)) else "the pool daemon was not running")
 
 

@@ -38,10 +38,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 from . import config as config_mod
 from . import fsmode, logfile
+from .drivers.base import Handoff
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
 from .layout import ATTACH_NAME, LOG_NAME, META_NAME, container_dir, rw_dir
@@ -111,25 +112,25 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
 # arriving meanwhile waits for it instead of killing the process
 HANDOFF_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                    signal.SIGUSR2, signal.SIGCHLD, FORCE_KILL)
-FD_OPTIONS = ("--stdout", "--stderr", "--tty", "--stdin", "--agent", "--console", "--ready")
+
 
 
 def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_dir: Path,
-                 args: dict[str, Any]) -> list[str]:
-    """The C monitor's command line for a driver's hand-off ``args`` (fd options made inheritable)."""
-    args = dict(args)
+                 h: Handoff) -> list[str]:
+    """The C monitor's command line for a driver's hand-off (its fds made inheritable)."""
     cdir = container_dir(cfg, container_id)
     limits = logfile.container_limits(cdir, cfg)
-    argv = [str(binary), "--mode", args.pop("mode"), "--id", container_id, "--log", str(cdir / LOG_NAME),
+    argv = [str(binary), "--mode", h.mode, "--id", container_id, "--log", str(cdir / LOG_NAME),
             "--log-max-size", str(limits.max_size), "--log-max-file", str(limits.max_file)]
-    for opt, value in args.items():
+    for opt, fd in h.fds.items():
+        os.set_inheritable(fd, True)
+        argv += [opt, str(fd)]
+    for opt, value in h.options.items():
         if value is True:
             argv.append(opt)
         elif value is not False and value is not None:
-            if opt in FD_OPTIONS:
-                os.set_inheritable(int(value), True)
             argv += [opt, str(value)]
-    if "--stdin" in args or args.get("--stdin-open"):
+    if "--stdin" in h.fds or h.options.get("--stdin-open"):
         argv += ["--attach", str(run_dir / ATTACH_NAME)]
     return [*argv, "--", sys.executable, "-m", "vmrt.monitor", "--finish", container_id]
 
@@ -296,12 +297,12 @@ def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None
 
     binary = agentbuild.monitor_binary(cfg)
 
-    def handoff(args: dict[str, Any]) -> Any:  # never returns: this process becomes the C monitor
+    def handoff(h: Handoff) -> NoReturn:  # this process becomes the C monitor
         assert binary is not None
-        if args["mode"] == "vm" and notify.fd is not None:
-            args["--ready"] = notify.fd  # it tells `vmrt run -d` when the process started
+        if h.mode == "vm" and notify.fd is not None:
+            h.fds["--ready"] = notify.fd  # it tells `vmrt run -d` when the process started
         run_dir = cfg.run_root / "containers" / container_id
-        argv = handoff_argv(binary, cfg, container_id, run_dir, args)
+        argv = handoff_argv(binary, cfg, container_id, run_dir, h)
         sys.stdout.flush()
         sys.stderr.flush()
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)

@@ -39,11 +39,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import network, pool
+from . import network
 from .agent import protocol as P
+from .agent.hello import read_hello
 from .config import Config
-from .errors import LaunchError, VmrtError
+from .errors import LaunchError, ProtocolError, VmrtError
 from .vm.qemu import QemuVM, VMSpec
+from .vm.shape import Shape, default_spec
 from .vm.virtiofsd import P9Proxy
 
 # 3: guest RAM in its own file, mapped private by the clones; 4: no free page reporting; 5: a NIC;
@@ -75,7 +77,7 @@ def _qemu_identity(cfg: Config) -> str:
     return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def key(cfg: Config, shape: pool.Shape) -> str:
+def key(cfg: Config, shape: Shape) -> str:
     h = hashlib.sha256(f"vmrt snapshot {FORMAT}\n{_qemu_identity(cfg)}\njail={cfg.vmm_jail}\n".encode())
     h.update(json.dumps(dataclasses.asdict(shape), sort_keys=True).encode())
     for f in (shape.kernel, shape.initrd):  # contents, not only names: a rebuilt file is another VM
@@ -99,8 +101,7 @@ class Snapshot:
 
     @property
     def hello(self) -> P.Hello:
-        h = self.meta["hello"]
-        return P.Hello(h["version"], h["flags"], h["boot_ns"], h["ready_ns"], h["agent"])
+        return P.Hello.from_record(self.meta["hello"])
 
     def verify(self) -> str | None:
         """None if the snapshot is the one saved; else why it is refused. The device state is
@@ -121,10 +122,14 @@ class Snapshot:
                 h.update(chunk)
         if h.hexdigest() != self.meta.get("sha256"):
             return "state file does not match its checksum"
+        try:
+            self.hello  # noqa: B018 -- checked here, so a restore never meets a bad record
+        except ProtocolError as e:
+            return f"meta.json: {e}"
         return None
 
 
-def find(cfg: Config, shape: pool.Shape) -> Snapshot | None:
+def find(cfg: Config, shape: Shape) -> Snapshot | None:
     """The snapshot of ``shape``, if one was built (not yet verified)."""
     if cfg.snapshot == "off" or not snapshots_dir(cfg).is_dir():
         return None
@@ -185,8 +190,8 @@ def build(cfg: Config, force: bool = False) -> Snapshot:
 
 
 async def _build(cfg: Config, force: bool) -> Snapshot:
-    spec = pool.default_spec(cfg, Path("unused.sock"), "vmrt-snapshot")
-    shape = pool.Shape.of(spec)
+    spec = default_spec(cfg, Path("unused.sock"), "vmrt-snapshot")
+    shape = Shape.of(spec)
     k = key(cfg, shape)
     out = snapshots_dir(cfg) / k
     if not force and (snap := find(cfg, shape)) is not None and snap.verify() is None:
@@ -212,7 +217,7 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
                 proxy.handed()
         await vm.connect_qmp()
         assert vm.agent_sock is not None and vm.qmp is not None
-        hello = await asyncio.wait_for(pool._read_hello(vm.agent_sock), cfg.timeouts.agent_ready)
+        hello = await asyncio.wait_for(read_hello(vm.agent_sock), cfg.timeouts.agent_ready)
         await vm.qmp.execute("stop")
         await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)  # the RAM stays in its file
         fd = os.open(tmp / "state", os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -244,7 +249,7 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     meta = {"format": FORMAT, "key": k, "shape": dataclasses.asdict(shape), "qemu": qemu_version(cfg),
-            "hello": dataclasses.asdict(hello), "size": (tmp / "state").stat().st_size, "sha256": h.hexdigest(),
+            "hello": hello.record(), "size": (tmp / "state").stat().st_size, "sha256": h.hexdigest(),
             "created": time.time()}
     os.chmod(tmp / "ram", 0o400)
     ram = (tmp / "ram").stat()

@@ -208,6 +208,24 @@ class Hello:
     ready_ns: int
     agent: str
 
+    def record(self) -> dict[str, int | str]:
+        """As JSON keeps it: a snapshot's meta.json, the pool daemon's claim reply."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, r: object) -> Hello:
+        """A HELLO kept as JSON (by :meth:`record`), checked field by field."""
+        if not isinstance(r, dict):
+            raise ProtocolError("HELLO record is not an object")
+        try:
+            ints = [r[k] for k in ("version", "flags", "boot_ns", "ready_ns")]
+            agent = r["agent"]
+        except KeyError as e:
+            raise ProtocolError(f"HELLO record lacks {e.args[0]}") from None
+        if not all(type(i) is int and i >= 0 for i in ints) or not isinstance(agent, str):
+            raise ProtocolError("HELLO record has a field of the wrong type")
+        return cls(ints[0], ints[1], ints[2], ints[3], agent)
+
 
 @dataclasses.dataclass(frozen=True)
 class Exit:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 from ..config import Config
 from ..images.store import Image
@@ -14,6 +14,20 @@ from ..timings import Timings
 
 if TYPE_CHECKING:  # the network module is imported on use (pyroute2: ~100 ms)
     from ..network import Attached
+
+
+Option = int | float | str | bool | None
+
+
+@dataclasses.dataclass
+class Handoff:
+    """A detached run, handed to the C monitor (monitor/monitor.c) once its process runs: the
+    mode, the fds it inherits by option (``--stdout``, ``--agent``...) and its other options
+    (True: a flag; False or None: left out)."""
+
+    mode: Literal["process", "vm"]
+    fds: dict[str, int]
+    options: dict[str, Option]
 
 
 @dataclasses.dataclass
@@ -33,7 +47,7 @@ class RunContext:
     rw_dir: Path | None = None   # the container's writable layer (process mode), kept until rm
     # detached runs: once the process runs (VM: once the agent is ready), the driver hands
     # the container over (its fds and PIDs) to the small C monitor; this call never returns
-    handoff: Callable[[dict[str, Any]], NoReturn] | None = None
+    handoff: Callable[[Handoff], NoReturn] | None = None
     # attached runs of kept containers: what goes to stdout/stderr is also logged here
     tee: Callable[[str, bytes], None] | None = None
     net: Attached | None = None  # the container's namespace, endpoints and managed /etc files

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -31,7 +30,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, pool, rootfs, snapshot
+from .. import agentbuild, bundle, cgroups, fsmode, kernel, network
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..proc import write_all
@@ -39,9 +38,9 @@ from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
 from ..vm import accel as accel_mod
 from ..vm import jail
 from ..vm.outcome import hung, virtiofsd_gone, vm_gone
-from ..vm.qemu import QemuVM, VMSpec
-from ..vm.virtiofsd import P9Proxy, Virtiofsd
-from .base import RunContext
+from ..vm.qemu import VMSpec
+from . import vmsource
+from .base import Handoff, Option, RunContext
 
 LOG = logging.getLogger(__name__)
 STDIN_HIGH, STDIN_LOW = 1 << 20, 256 << 10
@@ -75,26 +74,6 @@ def guest_mounts(config: dict[str, Any]) -> list[P.MountSpec]:
                 data.append(o)
         out.append(P.MountSpec(m["destination"], None, flags, ",".join(data)))
     return out
-
-
-def share_volumes(config: dict[str, Any], share: Path, stack: contextlib.AsyncExitStack) -> None:
-    """Bind each volume's host source under share/volumes/N (read-only on the host too)."""
-    vols = share / "volumes"
-    for i, m in enumerate(bundle.user_mounts(config)):
-        if m["type"] != "bind":
-            continue
-        vols.mkdir(exist_ok=True)
-        src, target = Path(m["source"]), vols / str(i)
-        try:
-            is_dir = stat.S_ISDIR(os.stat(src).st_mode)
-        except OSError as e:
-            raise LaunchError(f"volume source {src}: {e.strerror}") from None
-        if is_dir:
-            target.mkdir()
-        else:
-            target.touch()
-        rootfs.bind(src, target, readonly="ro" in m.get("options", []))
-        stack.callback(rootfs.umount, target)
 
 
 def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
@@ -162,7 +141,7 @@ class _Session:
         self.force_timer: asyncio.TimerHandle | None = None
         self.console_tail = bytearray()
         self.stop_signals = 0
-        self.vm: QemuVM | pool.AdoptedVM | None = None
+        self.vm: vmsource.RunningVM | None = None
         self.group: cgroups.HostGroup | None = None
         self.tty_restore: list[Any] | None = None
         self.tasks: list[asyncio.Task[Any]] = []
@@ -293,22 +272,21 @@ class _Session:
         return vm_gone(status, bytes(self.console_tail), host_oom)
 
     async def _channel_closed_error(self) -> AgentError:
-        assert self.vm is not None and self.vm.proc is not None
+        assert self.vm is not None
         for _ in range(40):  # the channel closes first when QEMU dies: say why
-            if (status := self.vm.proc.poll()) is not None:
+            if (status := self.vm.exited()) is not None:
                 return self._vm_gone(status)
             await asyncio.sleep(0.025)
         return AgentError("guest agent channel closed")
 
     async def _watch_qemu(self) -> None:
-        assert self.vm is not None and self.vm.proc is not None
-        status = await asyncio.to_thread(self.vm.proc.wait)
+        assert self.vm is not None
+        status = await asyncio.to_thread(self.vm.qemu.wait)
         await asyncio.sleep(0.2)  # let the agent reader deliver what arrived first
         self._fail_futures(self._vm_gone(status))
 
-    async def _watch_virtiofsd(self, vfs: Virtiofsd | P9Proxy | pool.AdoptedVirtiofsd) -> None:
-        assert vfs.proc is not None
-        status = await asyncio.to_thread(vfs.proc.wait)
+    async def _watch_share_server(self, server: vmsource.Watched) -> None:
+        status = await asyncio.to_thread(server.wait)
         await asyncio.sleep(0.5)  # virtiofsd also exits when QEMU dies: let QEMU's watcher say so
         if self.vm is not None and self.vm.exited() is not None:
             return
@@ -343,7 +321,7 @@ class _Session:
     def _hung(self, dead: float) -> None:
         LOG.debug("no frame from the agent for %gs: killing the VM", dead)
         self._fail_futures(hung(dead))
-        proc = self.vm.proc if self.vm is not None else None
+        proc = self.vm.qemu if self.vm is not None else None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(OSError):
                 proc.kill()  # SIGKILL works on a stopped process too
@@ -485,94 +463,21 @@ class _Session:
         spec = VMSpec(kernel=kernel_path, initrd=initrd, virtiofs_socket=bdir / f"vfs-{ctx.container.id[:16]}.sock",
                       memory_mib=mem_mib, cpus=cpus, accel=acc, machine=cfg.machine,
                       name=f"vmrt-{ctx.container.id[:12]}", extra_cmdline=cfg.kernel_cmdline)
-        claimed = pool.claim(cfg, pool.Shape.of(spec), bdir) if self._poolable() else None
-        logs = jail.vmm_log_dir(bdir) if claimed is None else claimed.dir / jail.VMM_LOGS  # bounded
-        t.info["pool"] = claimed.id if claimed is not None else "none"
-        snap = self._snapshot(pool.Shape.of(spec)) if claimed is None else None
-        t.info["snapshot"] = snap.dir.name if snap is not None else "none"
-        vm: QemuVM | pool.AdoptedVM
-        vfs: Virtiofsd | P9Proxy | pool.AdoptedVirtiofsd | None
-        if claimed is not None:  # a pooled VM, booted and waiting: its share gets the rootfs now
-            t.mark("pool-claim")
-            if ctx.net is not None and ctx.net.endpoints:  # its tap moves into the container's netns
-                ctx.net.plumb_in_background(cfg, "vm", pool_netns=claimed.dir / "netns")
-            # (--network none: the tap stays, unconnected, in the namespace the VM booted in)
-            share = claimed.dir / "share"
-            # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
-            rootfs.seal_share(share, readonly=False)  # the guest runs nothing of the tenant's yet
-            rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
-            stack.callback(rootfs.umount, share / "rootfs")
-            share_volumes(ctx.config, share, stack)
-            rootfs.seal_share(share)
-            t.mark("rootfs-ready")
-            # QEMU, virtiofsd and virtiofsd's sandboxed child: now this container's cost
-            # (its cgroup becomes the container's, renamed with what it charged, under the
-            # container's limits: a process moved to another cgroup would leave its charges behind)
-            group.take_over(f"pool-{claimed.id}")
-            vfs = pool.AdoptedVirtiofsd(claimed)
-            stack.callback(vfs.stop)
-            vm = self.vm = pool.AdoptedVM(claimed, bdir)
-            stack.push_async_callback(self._teardown_vm)
-            self.hello.set_result(claimed.hello)
-        elif snap is not None:  # restored from a snapshot: a 9p share (the proxy helper's, jailed)
-            share = bdir / "share"
-            rootfs.share_top(share)
-            rootfs.mount_readonly_overlay(ctx.layers, bdir / "empty", share / "rootfs")
-            stack.callback(rootfs.umount, share / "rootfs")
-            share_volumes(ctx.config, share, stack)  # only vmrt's /etc files: _snapshot() checked
-            rootfs.seal_share(share)
-            t.mark("rootfs-ready")
-            vfs = None
-            proxy = None
-            if cfg.vmm_jail:  # the jailed QEMU cannot read the root-only share: a helper serves it
-                vfs = proxy = P9Proxy(cfg, share, logs / "virtiofsd.log", group=group)
-                proxy.start()
-                stack.callback(proxy.stop)
-            vm = self.vm = QemuVM(cfg, snapshot.restore_spec(self._nic(spec), snap, share), logs / "qemu.log",
-                                  group=group, fs_fd=proxy.qemu_fd if proxy is not None else None)
-            self._launch(vm)
-            if proxy is not None:
-                proxy.handed()
-            t.mark("vmm-spawned")
-            stack.push_async_callback(self._teardown_vm)
-        else:
-            # one virtio-fs share per container: share/rootfs (the image, read-only) and
-            # share/volumes/N (bind volumes)
-            share = bdir / "share"
-            rootfs.share_top(share)
-            rootfs.mount_readonly(ctx.layers, share / "rootfs")
-            stack.callback(rootfs.umount, share / "rootfs")
-            share_volumes(ctx.config, share, stack)
-            rootfs.seal_share(share)
-            t.mark("rootfs-ready")
-            vfs = Virtiofsd(cfg, share, spec.virtiofs_socket, logs / "virtiofsd.log", group=group)
-            if ctx.handoff is None:
-                await asyncio.to_thread(vfs.start)
-            else:  # its parent-death signal follows the thread that started it: the C monitor's one
-                vfs.start()
-            stack.callback(vfs.stop)
-            assert vfs.pid is not None
-            vm = self.vm = QemuVM(cfg, self._nic(spec), logs / "qemu.log", group=group)
-            self._launch(vm)
-            t.mark("vmm-spawned")
-            stack.push_async_callback(self._teardown_vm)
-        assert vm.pid is not None
-        if isinstance(vm, QemuVM) and not vm.jailed:  # a jailed QEMU joined it before it started
-            group.add(vm.pid)
-        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, **({"virtiofsd": vfs.pid} if vfs else {})})
+        source = vmsource.choose(ctx, spec)
+        vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack))
+        stack.push_async_callback(self._teardown_vm)
+        server = vm.share_server
+        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, **({"virtiofsd": server.pid} if server else {})})
 
-        # a pooled VM's boot console is in its own dir: the rest goes after it
-        self._spawn(self._read_console(vm.console_sock, (claimed.dir if claimed else bdir) / "console.log"))
+        self._spawn(self._read_console(vm.console_sock, vm.console_log))
         self._spawn(self._read_agent(vm.agent_sock))
         self._spawn(self._writer(vm.agent_sock))
         self._spawn(self._watch_qemu())
-        if vfs is not None:
-            self._spawn(self._watch_virtiofsd(vfs))
-        await vm.connect_qmp()
-        if snap is not None:
-            assert isinstance(vm, QemuVM)
-            await snapshot.restore(vm, snap, cfg.timeouts.agent_ready)
-            self.hello.set_result(snap.hello)
+        if server is not None:
+            self._spawn(self._watch_share_server(server))
+        await vm.connect()
+        if vm.hello is not None:
+            self.hello.set_result(vm.hello)
 
         hello = await self._wait(self.hello, cfg.timeouts.agent_ready, "the guest agent (boot)")
         t.mark("agent-ready")
@@ -583,13 +488,13 @@ class _Session:
             sz = os.get_terminal_size(ctx.stdout_fd)
             proc["consoleSize"] = {"height": sz.lines, "width": sz.columns}
         rs = run_spec(ctx.config, stdin_open)
-        if snap is not None:  # a clone: its share is 9p, its RNG state is every clone's until reseeded
+        if vm.clone:  # its share is 9p, its RNG state is every clone's until reseeded
             rs.share_9p, rs.seed = True, os.urandom(64)
         rs.net = guest_net(ctx.net)
         if ctx.net is not None:  # the VM's side of the network is joined before its process runs
             await asyncio.to_thread(ctx.net.wait)
         if ctx.handoff is not None:
-            await self._handoff(P.encode_run(rs), vfs, stdin_open)
+            await self._handoff(P.encode_run(rs), stdin_open)
         self._send(P.encode_run(rs))
         await self._wait(self.started, cfg.timeouts.start, "the container process to start")
         t.mark("process-started")
@@ -608,71 +513,29 @@ class _Session:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
 
-    def _nic(self, spec: VMSpec) -> VMSpec:
-        """The VM's NIC: a tap in the container's network namespace, joined to its veth."""
-        net = self.ctx.net
-        if net is None or net.netns is None:  # no namespace of its own: an unconnected NIC (same shape)
-            return dataclasses.replace(spec, tap_fd=network.open_tap_detached())
-        fd = network.open_tap(net.netns)
-        net.plumb_in_background(self.cfg, "vm")  # veth + tc while QEMU boots; waited for before RUN
-        ep = net.primary()
-        return dataclasses.replace(spec, tap_fd=fd, mac=ep.mac if ep is not None else spec.mac)
-
-    def _launch(self, vm: QemuVM) -> None:
-        try:
-            vm.launch()
-        finally:  # QEMU holds the tap now: it goes when QEMU does
-            if vm.spec.tap_fd is not None:
-                os.close(vm.spec.tap_fd)
-
-    def _snapshot(self, shape: pool.Shape) -> snapshot.Snapshot | None:
-        """A verified snapshot of this shape, for a container without bind volumes (the 9p
-        export is read-only: vmrt's own /etc files are fine) and not on a user network (its
-        hosts file changes; the clone's 9p mount caches loosely); a corrupt one is refused with
-        a notice: then a cold boot."""
-        if any(m["type"] == "bind" and not m.get("org.vmrt.managed") for m in bundle.user_mounts(self.ctx.config)):
-            return None
-        net = self.ctx.net
-        if net is not None and any(n.user for n in net.networks.values()):
-            return None  # names on a user network change while it runs: 9p's cache=loose would not see them
-        snap = snapshot.find(self.cfg, shape)
-        if snap is not None and (why := snap.verify()) is not None:
-            print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
-            return None
-        return snap
-
-    def _poolable(self) -> bool:
-        """A pooled VM serves any container of its shape, unless it has read-only bind volumes
-        (those get their read-only flag after the bind reached virtiofsd: a cold boot does them)."""
-        return not any(m["type"] == "bind" and "ro" in m.get("options", [])
-                       for m in bundle.user_mounts(self.ctx.config))
-
-    async def _handoff(self, run_frame: bytes, vfs: Virtiofsd | P9Proxy | pool.AdoptedVirtiofsd | None,
-                       stdin_open: bool) -> None:
+    async def _handoff(self, run_frame: bytes, stdin_open: bool) -> None:
         """Give the booted VM to the C monitor: it sends RUN and does the rest (never returns).
         Before RUN the agent sends nothing after HELLO, so no frame is cut in two here."""
-        assert self.vm is not None and self.ctx.handoff is not None
-        assert self.vm.agent_sock is not None and self.vm.console_sock is not None
+        vm, b = self.vm, self.ctx.bundle_dir
+        assert vm is not None and self.ctx.handoff is not None
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks = []
         if self.decoder.pending or self.ctlq or self.dataq:
             raise AgentError("the guest agent channel is not idle after HELLO")
-        fsmode.write_private(self.ctx.bundle_dir / "run.frame", run_frame)  # the env: 0600
+        fsmode.write_private(b / "run.frame", run_frame)  # the env: 0600
         t = self.cfg.timeouts
-        adopted: dict[str, Any] = {}
-        if isinstance(self.vm, pool.AdoptedVM):  # the pool daemon's children: watched through pidfds
-            d = self.vm.claimed.dir
-            adopted = {"--adopted": True, "--qemu-status": str(d / "qemu.status"),
-                       "--virtiofsd-status": str(d / "virtiofsd.status")}
-        self.ctx.handoff({"mode": "vm", **adopted, "--agent": self.vm.agent_sock.fileno(),
-                          "--console": self.vm.console_sock.fileno(), "--qemu": self.vm.pid,
-                          "--virtiofsd": vfs.pid if vfs is not None else None,
-                          "--run-frame": str(self.ctx.bundle_dir / "run.frame"),
-                          "--console-log": str(self.ctx.bundle_dir / "console.log"),
-                          "--stdin-open": stdin_open, "--start-timeout": t.start,
-                          "--ping": t.agent_ping, "--dead": t.agent_dead})
+        opts: dict[str, Option] = {}
+        if vm.status_files is not None:  # the pool daemon's children: watched through pidfds
+            opts = {"--adopted": True, "--qemu-status": str(vm.status_files[0]),
+                    "--virtiofsd-status": str(vm.status_files[1])}
+        opts |= {"--qemu": vm.pid, "--virtiofsd": vm.share_server.pid if vm.share_server is not None else None,
+                 "--run-frame": str(b / "run.frame"), "--console-log": str(b / "console.log"),
+                 "--stdin-open": stdin_open, "--start-timeout": t.start, "--ping": t.agent_ping,
+                 "--dead": t.agent_dead}
+        self.ctx.handoff(Handoff("vm", {"--agent": vm.agent_sock.fileno(), "--console": vm.console_sock.fileno()},
+                                 opts))
 
     async def _teardown_vm(self) -> None:
         self._restore_terminal()

@@ -299,9 +299,14 @@ class QemuVM:
         if self.proc is not None:
             status = await asyncio.to_thread(procs.stop, self.proc, self.cfg.timeouts.shutdown,
                                              signal.SIGTERM)
-        for s in (self.console_sock, self._qmp_sock, self.agent_sock):
-            if s is not None:
-                s.close()
+        self.close_channels()
         for k in range(EXEC_PORTS):
             (self.run_dir / exec_socket_name(k)).unlink(missing_ok=True)
         return status
+
+    def close_channels(self) -> None:
+        """Close our ends of the console, QMP and agent channels (the pool daemon, once it
+        handed a VM's agent and console on, keeps none of them)."""
+        for s in (self.console_sock, self._qmp_sock, self.agent_sock):
+            if s is not None:
+                s.close()

@@ -1,0 +1,321 @@
+"""Where a container's VM comes from: a cold boot, a pooled VM or a snapshot restore.
+
+Three implementations of one small interface, :class:`VMSource` (as Kata's VM
+factory): ``start`` readies the container's share, gets a VM running and returns a
+:class:`RunningVM`, the one type the VM driver's run loop works with, whatever the
+source. :func:`choose` picks it: a pooled VM of the container's shape if the pool
+daemon has one (vmrt/pool/), else a verified snapshot of that shape
+(vmrt/snapshot.py), else a cold boot. The share is ``share/rootfs`` (the image,
+read-only) and ``share/volumes/N`` (bind volumes), sealed read-only at its top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from .. import bundle, cgroups, network, rootfs, snapshot
+from ..agent import protocol as P
+from ..errors import LaunchError
+from ..pool import client as pool_client
+from ..vm import jail
+from ..vm.qemu import EXEC_PORTS, QemuVM, VMSpec, exec_socket_name
+from ..vm.shape import Shape
+from ..vm.virtiofsd import P9Proxy, Virtiofsd
+from .base import RunContext
+
+
+class Watched(Protocol):
+    """A VM's process as the driver watches it: our child (Popen), or a pooled VM's, which
+    the pool daemon reaps (:class:`vmrt.pool.client.PidProc`)."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+async def _nothing() -> None:
+    """A pooled VM has nothing to connect: it is stopped with SIGKILL, no QMP needed."""
+
+
+@dataclasses.dataclass
+class RunningVM:
+    """A container's VM, running: the agent and console channels, the processes to watch,
+    and how it is connected and stopped."""
+
+    source: str                         # "cold", "pool" or "snapshot"
+    qemu: Watched
+    agent_sock: socket.socket
+    console_sock: socket.socket
+    console_log: Path                   # a pooled VM's boot console is in its own dir: the rest follows it
+    share_server: Watched | None        # virtiofsd or the 9p proxy helper (None: QEMU serves 9p itself)
+    connect: Callable[[], Awaitable[None]] = _nothing   # QMP; a restore loads the saved state
+    stop: Callable[[], Awaitable[object]] = _nothing    # QEMU and the channels, gone
+    hello: P.Hello | None = None        # said already (pooled, restored): no wait for it
+    clone: bool = False                 # restored: its share is 9p, its RNG state every clone's
+    # the pool daemon reaps a pooled VM's processes and writes their exit statuses here
+    status_files: tuple[Path, Path] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.qemu.pid
+
+    def exited(self) -> int | None:
+        return self.qemu.poll()
+
+    async def shutdown(self) -> None:
+        await self.stop()
+
+
+@dataclasses.dataclass
+class Launch:
+    """What every source is given: the run, the VM it wants, the VM's host cgroup and the
+    exit stack that undoes the share (the driver stops the VM itself)."""
+
+    ctx: RunContext
+    spec: VMSpec
+    group: cgroups.HostGroup
+    stack: contextlib.AsyncExitStack
+
+
+class VMSource(Protocol):
+    name: str
+
+    async def start(self, launch: Launch) -> RunningVM:
+        """The share ready and the VM running (its HELLO may still be on its way)."""
+        ...
+
+
+def share_volumes(config: dict[str, Any], share: Path, stack: contextlib.AsyncExitStack) -> None:
+    """Bind each volume's host source under share/volumes/N (read-only on the host too)."""
+    vols = share / "volumes"
+    for i, m in enumerate(bundle.user_mounts(config)):
+        if m["type"] != "bind":
+            continue
+        vols.mkdir(exist_ok=True)
+        src, target = Path(m["source"]), vols / str(i)
+        try:
+            is_dir = stat.S_ISDIR(os.stat(src).st_mode)
+        except OSError as e:
+            raise LaunchError(f"volume source {src}: {e.strerror}") from None
+        if is_dir:
+            target.mkdir()
+        else:
+            target.touch()
+        rootfs.bind(src, target, readonly="ro" in m.get("options", []))
+        stack.callback(rootfs.umount, target)
+
+
+def _nic(ctx: RunContext, spec: VMSpec) -> VMSpec:
+    """The VM's NIC: a tap in the container's network namespace, joined to its veth."""
+    net = ctx.net
+    if net is None or net.netns is None:  # no namespace of its own: an unconnected NIC (same shape)
+        return dataclasses.replace(spec, tap_fd=network.open_tap_detached())
+    fd = network.open_tap(net.netns)
+    net.plumb_in_background(ctx.cfg, "vm")  # veth + tc while QEMU boots; waited for before RUN
+    ep = net.primary()
+    return dataclasses.replace(spec, tap_fd=fd, mac=ep.mac if ep is not None else spec.mac)
+
+
+def _launch(vm: QemuVM) -> None:
+    try:
+        vm.launch()
+    finally:  # QEMU holds the tap now: it goes when QEMU does
+        if vm.spec.tap_fd is not None:
+            os.close(vm.spec.tap_fd)
+
+
+async def _running(vm: QemuVM, launch: Launch, source: str, share_server: Watched | None,
+                   connect: Callable[[], Awaitable[None]], **kw: Any) -> RunningVM:
+    """A QEMU of ours, launched: in its cgroup (a jailed one joined it before it started)."""
+    try:
+        assert vm.proc is not None and vm.agent_sock is not None and vm.console_sock is not None
+        if not vm.jailed:
+            launch.group.add(vm.proc.pid)
+        return RunningVM(source, vm.proc, vm.agent_sock, vm.console_sock, launch.ctx.bundle_dir / "console.log",
+                         share_server, connect=connect, stop=vm.shutdown, **kw)
+    except BaseException:
+        await vm.shutdown()
+        raise
+
+
+class ColdBoot:
+    """Boot a new VM: virtiofsd serves the share, QEMU boots the kernel and the agent."""
+
+    name = "cold"
+
+    async def start(self, launch: Launch) -> RunningVM:
+        ctx, cfg, stack = launch.ctx, launch.ctx.cfg, launch.stack
+        share = ctx.bundle_dir / "share"
+        rootfs.share_top(share)
+        rootfs.mount_readonly(ctx.layers, share / "rootfs")
+        stack.callback(rootfs.umount, share / "rootfs")
+        share_volumes(ctx.config, share, stack)
+        rootfs.seal_share(share)
+        ctx.timings.mark("rootfs-ready")
+        logs = jail.vmm_log_dir(ctx.bundle_dir)  # bounded
+        vfs = Virtiofsd(cfg, share, launch.spec.virtiofs_socket, logs / "virtiofsd.log", group=launch.group)
+        if ctx.handoff is None:
+            await asyncio.to_thread(vfs.start)
+        else:  # its parent-death signal follows the thread that started it: the C monitor's one
+            vfs.start()
+        stack.callback(vfs.stop)
+        assert vfs.proc is not None
+        vm = QemuVM(cfg, _nic(ctx, launch.spec), logs / "qemu.log", group=launch.group)
+        _launch(vm)
+        ctx.timings.mark("vmm-spawned")
+        return await _running(vm, launch, self.name, vfs.proc, vm.connect_qmp)
+
+
+class SnapshotRestore:
+    """Restore a snapshot of the container's shape: its share is a read-only 9p export (the
+    proxy helper's, jailed), its RUN carries SHARE_9P and a fresh seed."""
+
+    name = "snapshot"
+
+    def __init__(self, snap: snapshot.Snapshot) -> None:
+        self.snap = snap
+
+    async def start(self, launch: Launch) -> RunningVM:
+        ctx, cfg, stack = launch.ctx, launch.ctx.cfg, launch.stack
+        share = ctx.bundle_dir / "share"
+        rootfs.share_top(share)
+        rootfs.mount_readonly_overlay(ctx.layers, ctx.bundle_dir / "empty", share / "rootfs")
+        stack.callback(rootfs.umount, share / "rootfs")
+        share_volumes(ctx.config, share, stack)  # only vmrt's /etc files: choose() checked
+        rootfs.seal_share(share)
+        ctx.timings.mark("rootfs-ready")
+        logs = jail.vmm_log_dir(ctx.bundle_dir)
+        proxy = None
+        if cfg.vmm_jail:  # the jailed QEMU cannot read the root-only share: a helper serves it
+            proxy = P9Proxy(cfg, share, logs / "virtiofsd.log", group=launch.group)
+            proxy.start()
+            stack.callback(proxy.stop)
+        vm = QemuVM(cfg, snapshot.restore_spec(_nic(ctx, launch.spec), self.snap, share), logs / "qemu.log",
+                    group=launch.group, fs_fd=proxy.qemu_fd if proxy is not None else None)
+        _launch(vm)
+        if proxy is not None:
+            proxy.handed()
+        ctx.timings.mark("vmm-spawned")
+
+        async def connect() -> None:
+            await vm.connect_qmp()
+            await snapshot.restore(vm, self.snap, cfg.timeouts.agent_ready)
+
+        return await _running(vm, launch, self.name, proxy.proc if proxy is not None else None, connect,
+                              hello=self.snap.hello, clone=True)
+
+
+class PoolClaim:
+    """A pooled VM, booted and waiting: its share gets the rootfs now; its processes stay
+    the pool daemon's children (watched through pidfds) and are killed, never reused."""
+
+    name = "pool"
+
+    def __init__(self, claimed: pool_client.Claimed) -> None:
+        self.claimed = claimed
+
+    async def start(self, launch: Launch) -> RunningVM:
+        ctx, cfg, stack, c = launch.ctx, launch.ctx.cfg, launch.stack, self.claimed
+        ctx.timings.mark("pool-claim")
+        qemu = pool_client.PidProc(c.qemu, c.dir / "qemu.status")
+        vfs = pool_client.PidProc(c.virtiofsd, c.dir / "virtiofsd.status")
+        try:
+            if ctx.net is not None and ctx.net.endpoints:  # its tap moves into the container's netns
+                ctx.net.plumb_in_background(cfg, "vm", pool_netns=c.dir / "netns")
+            # (--network none: the tap stays, unconnected, in the namespace the VM booted in)
+            share = c.dir / "share"
+            # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
+            rootfs.seal_share(share, readonly=False)  # the guest runs nothing of the tenant's yet
+            rootfs.mount_readonly_overlay(ctx.layers, ctx.bundle_dir / "empty", share / "rootfs")
+            stack.callback(rootfs.umount, share / "rootfs")
+            share_volumes(ctx.config, share, stack)
+            rootfs.seal_share(share)
+            ctx.timings.mark("rootfs-ready")
+            # QEMU, virtiofsd and virtiofsd's sandboxed child: now this container's cost
+            # (its cgroup becomes the container's, renamed with what it charged, under the
+            # container's limits: a process moved to another cgroup would leave its charges behind)
+            launch.group.take_over(f"pool-{c.id}")
+        except BaseException:
+            self._kill(qemu, vfs)
+            raise
+        stack.callback(self._stop_share_server, vfs)
+        for k in range(EXEC_PORTS):  # QEMU made them in its own dir: `vmrt exec` looks in the run dir
+            (ctx.bundle_dir / exec_socket_name(k)).symlink_to(Path("vm") / exec_socket_name(k))
+
+        async def stop() -> None:
+            qemu.kill()  # nothing in a used VM is worth a clean shutdown: it is never reused
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(qemu.wait, 10.0)
+            qemu.close()
+            c.agent_sock.close()
+            c.console_sock.close()
+            for k in range(EXEC_PORTS):
+                (ctx.bundle_dir / exec_socket_name(k)).unlink(missing_ok=True)
+
+        return RunningVM(self.name, qemu, c.agent_sock, c.console_sock, c.dir / "console.log", vfs, stop=stop,
+                         hello=c.hello, status_files=(c.dir / "qemu.status", c.dir / "virtiofsd.status"))
+
+    def _kill(self, *procs: pool_client.PidProc) -> None:
+        for p in procs:
+            p.kill()
+            p.close()
+        self.claimed.agent_sock.close()
+        self.claimed.console_sock.close()
+
+    @staticmethod
+    def _stop_share_server(vfs: pool_client.PidProc) -> None:
+        vfs.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            vfs.wait(5.0)
+        vfs.close()
+
+
+def _poolable(config: dict[str, Any]) -> bool:
+    """A pooled VM serves any container of its shape, unless it has read-only bind volumes
+    (those get their read-only flag after the bind reached virtiofsd: a cold boot does them)."""
+    return not any(m["type"] == "bind" and "ro" in m.get("options", []) for m in bundle.user_mounts(config))
+
+
+def _snapshot(ctx: RunContext, shape: Shape) -> snapshot.Snapshot | None:
+    """A verified snapshot of this shape, for a container without bind volumes (the 9p
+    export is read-only: vmrt's own /etc files are fine) and not on a user network (its
+    hosts file changes; the clone's 9p mount caches loosely); a corrupt one is refused with
+    a notice: then a cold boot."""
+    if any(m["type"] == "bind" and not m.get("org.vmrt.managed") for m in bundle.user_mounts(ctx.config)):
+        return None
+    net = ctx.net
+    if net is not None and any(n.user for n in net.networks.values()):
+        return None  # names on a user network change while it runs: 9p's cache=loose would not see them
+    snap = snapshot.find(ctx.cfg, shape)
+    if snap is not None and (why := snap.verify()) is not None:
+        print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
+        return None
+    return snap
+
+
+def choose(ctx: RunContext, spec: VMSpec) -> VMSource:
+    """A pooled VM of the container's shape, else a snapshot of it, else a cold boot
+    (``--timings`` shows which: its ``pool`` and ``snapshot`` fields)."""
+    shape = Shape.of(spec)
+    claimed = pool_client.claim(ctx.cfg, shape, ctx.bundle_dir) if _poolable(ctx.config) else None
+    ctx.timings.info["pool"] = claimed.id if claimed is not None else "none"
+    if claimed is not None:
+        ctx.timings.info["snapshot"] = "none"
+        return PoolClaim(claimed)
+    snap = _snapshot(ctx, shape)
+    ctx.timings.info["snapshot"] = snap.dir.name if snap is not None else "none"
+    return SnapshotRestore(snap) if snap is not None else ColdBoot()
