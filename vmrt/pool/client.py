@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from .. import fsmode
 from ..agent import protocol as P
 from ..config import Config
 from ..errors import ProtocolError, UsageError, VmrtError
+from ..proc import PidFd, connect_unix
 from ..vm.shape import Shape
 from .files import SOCK_NAME, clean_stale, daemon_pid, pool_dir
 
@@ -39,23 +39,10 @@ class Claimed:
     hello: P.Hello
 
 
-def _connect(cfg: Config, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    dfd = os.open(cfg.run_root, os.O_PATH | os.O_DIRECTORY)
-    try:  # by a short /proc path: run_root may be deeper than sun_path's 108 bytes allow
-        sock.connect(f"/proc/self/fd/{dfd}/{SOCK_NAME}")
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.close(dfd)
-    return sock
-
-
 def request(cfg: Config, req: dict[str, Any], timeout: float = 30.0) -> tuple[dict[str, Any], list[int]]:
     """One request to the daemon: its JSON reply and any fds passed with it."""
-    sock = _connect(cfg, timeout)
+    # by a short /proc path: run_root may be deeper than sun_path's 108 bytes allow
+    sock = connect_unix(cfg.run_root, SOCK_NAME, timeout)
     with sock:
         sock.sendall(json.dumps(req).encode() + b"\n")
         fds = array.array("i")
@@ -106,24 +93,24 @@ def claim(cfg: Config, shape: Shape, run_dir: Path) -> Claimed | None:
 
 
 class PidProc:
-    """A pooled VM's QEMU or virtiofsd: not our child, so watched through a pidfd; its exit
-    status comes from the pool daemon, which reaps it (255 if it never says).
-    Enough of :class:`subprocess.Popen` for the driver and :func:`vmrt.vm.procs.stop`."""
+    """A pooled VM's QEMU or virtiofsd: not our child, so held by a pidfd; its exit status
+    comes from the pool daemon, which reaps it (255 if it never says).
+    Enough of :class:`subprocess.Popen` for the driver."""
 
     def __init__(self, pid: int, status_file: Path) -> None:
         self.pid = pid
         self.status_file = status_file
         self.returncode: int | None = None
-        self.fd = os.pidfd_open(pid)
+        self.pidfd = PidFd(pid)
 
     def poll(self) -> int | None:
-        if self.returncode is None and select.select([self.fd], [], [], 0)[0]:
+        if self.returncode is None and self.pidfd.exited(0):
             self.returncode = self._status()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            if not select.select([self.fd], [], [], timeout)[0]:
+            if not self.pidfd.exited(timeout):
                 raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
             self.returncode = self._status()
         return self.returncode
@@ -136,16 +123,13 @@ class PidProc:
         return 255
 
     def send_signal(self, signo: int) -> None:
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self.fd, signo)
+        self.pidfd.send_signal(signo)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.pidfd.close()
 
 
 def start(cfg: Config, size: int, timeout: float = 30.0) -> int:

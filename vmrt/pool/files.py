@@ -9,16 +9,13 @@ can still find and kill them.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 from .. import cgroups, rootfs
 from ..config import Config
-from ..proc import start_ticks
+from ..proc import kill_if_ours, start_ticks
 
 SOCK_NAME = "pool.sock"
 
@@ -39,13 +36,7 @@ def vm_marker_in(d: Path) -> tuple[str, dict[str, int]] | None:
 def kill_marked(vmid: str, pids: dict[str, int]) -> None:
     """SIGKILL a pooled VM's processes if those PIDs still are theirs (their command lines name the VM)."""
     for pid in pids.values():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if vmid.encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_if_ours(pid, marks=[vmid.encode()])
 
 
 def remove_vm_dir(d: Path, vmid: str) -> None:
