@@ -2,6 +2,7 @@
 """Start latency and idle VMM memory of this tree beside an older revision, in one run.
 
     python3 benchmarks/compare_rev.py --rev REV [--runs 15] [--idle 3] [--write docs/BENCHMARKS.md]
+    python3 benchmarks/compare_rev.py --rev REV --runs 24 --bench 4   # with `vmrt bench --only start`
 
 REV is checked out in a temporary git worktree and run with this tree's virtualenv (its
 ``vmrt`` package first on PYTHONPATH, every command started outside both trees so that
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +48,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--idle", type=int, default=3)
     ap.add_argument("--write", type=Path)
+    ap.add_argument("--bench", type=int, metavar="ROUNDS", default=0,
+                    help="measure with `vmrt bench --only start` instead: ROUNDS invocations per side, "
+                         "alternating sides (and who goes first), --runs timed runs per side in all")
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="vmrt-rev-bench."))
     old_tree = base / "old"
@@ -82,6 +88,13 @@ def main() -> None:
         for env in sides.values():
             vmrt(env, "image", "build", str(REPO / "images" / "busybox"))
             vmrt(env, "snapshot", "build")
+        if a.bench:
+            text = bench_rounds(a, sides, base, vmrt)
+            print(text)
+            if a.write:
+                with open(a.write, "a") as f:
+                    f.write("\n" + text)
+            return
         times: dict[tuple[str, str], list[float]] = {(s, p): [] for s in sides for p in PATHS}
         for i in range(a.runs + 2):
             for path, flags in PATHS.items():
@@ -139,6 +152,44 @@ def main() -> None:
             subprocess.run(["umount", "-R", "-l", str(base / f"root{i}")], capture_output=True)
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+BENCH_MODES = ("process", "vm-cold", "vm-snapshot")
+
+
+def bench_rounds(a: argparse.Namespace, sides: dict[str, dict[str, str]], base: Path,
+                 vmrt: Callable[..., subprocess.CompletedProcess[str]]) -> str:
+    """``vmrt bench --only start`` of each side, ``a.bench`` times, alternating: each side's
+    own bench (its warm-up run discarded by it), the timed runs pooled per side and mode."""
+    per_round = -(-a.runs // a.bench)
+    runs: dict[tuple[str, str], list[float]] = {(s, m): [] for s in sides for m in BENCH_MODES}
+    for i in range(a.bench):
+        order = list(sides.items()) if i % 2 == 0 else list(reversed(sides.items()))
+        for side, env in order:
+            out = base / f"bench-{i}-{hashlib.sha256(side.encode()).hexdigest()[:6]}.json"
+            vmrt(env, "bench", "--only", "start", "--runs", str(per_round), "--parallel", "1",
+                 "--modes", ",".join(BENCH_MODES), "--json", str(out), "--plots", str(base / "plots"))
+            results = json.loads(out.read_text())["results"]["start"]
+            for m in BENCH_MODES:
+                if "serial" not in results.get(m, {}):
+                    raise SystemExit(f"{side}: vmrt bench start {m}: {results.get(m)}")
+                runs[(side, m)] += results[m]["serial"]["runs"]
+    acc = accel.choose(os.environ.get("VMRT_ACCEL", "auto"), user_kernel=False)
+    this, old = list(sides)
+    lines = [f"### Start time, `vmrt bench --only start` (this tree vs {a.rev}), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — accel={acc.name} "
+             f"(host /dev/kvm: {acc.host_kind})",
+             "", f"`python3 benchmarks/compare_rev.py --rev {a.rev} --runs {a.runs} --bench {a.bench}`; "
+             f"{os.cpu_count()} cores, microvm, 256 MiB guests, no network (bench's default); {a.bench} bench "
+             f"invocations per side of {per_round} timed runs each (after the bench's own warm-up run), sides "
+             "alternating; wall time of `vmrt run --rm busybox true` as the bench measures it.", "",
+             f"| mode | runs per side | {old} median ms | this tree median ms | p90 (old / this) | ratio |",
+             "|---|---|---|---|---|---|"]
+    for m in BENCH_MODES:
+        o, n = runs[(old, m)], runs[(this, m)]
+        lines.append(f"| {m} | {len(n)} | {statistics.median(o):.0f} | {statistics.median(n):.0f} | "
+                     f"{pct(o, 90):.0f} / {pct(n, 90):.0f} | {statistics.median(n) / statistics.median(o):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
