@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "proto.h"
+#include "util.h"
 
 #define LOG_PIECE (16 * 1024)   /* a longer partial line is logged in pieces (Docker) */
 #define STDIN_CAP (64 * 1024)   /* attach bytes waiting for the container's stdin */
@@ -136,24 +137,15 @@ static char jbuf[LOG_PIECE * 6 + 128]; /* worst case: every byte becomes \u00XX 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
 {
-	char buf[1024];
+	char prefix[96], buf[1024];
 	va_list ap;
-	int n = snprintf(buf, sizeof buf, "vmrt-monitor: %.64s: ", cid);
+	size_t n;
 
+	snprintf(prefix, sizeof prefix, "vmrt-monitor: %.64s: ", cid);
 	va_start(ap, fmt);
-	vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
+	n = logline_format(buf, sizeof buf, prefix, fmt, ap);
 	va_end(ap);
-	n = (int)strlen(buf);
-	buf[n++] = '\n';
-	(void)!write(2, buf, (size_t)n);
-}
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	(void)!write(2, buf, n);
 }
 
 static int write_all(int fd, const void *p, size_t n)

@@ -39,6 +39,21 @@ def test_kernel_cache_key_follows_the_config(tmp_path: Path, monkeypatch: pytest
     assert kernel.cache_key(v + "+1") != kernel.cache_key(v)
 
 
+def test_agent_and_monitor_keys_follow_the_shared_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """common/ is compiled into both binaries: a change there must rebuild both."""
+    for d in ("guest-agent", "monitor", "common"):
+        shutil.copytree(REPO / d, tmp_path / d, ignore=shutil.ignore_patterns("fuzz"))
+    monkeypatch.setenv("VMRT_SOURCE_DIR", str(tmp_path))
+    agent, monitor = agentbuild.cache_key(), agentbuild.monitor_key()
+    with open(tmp_path / "common" / "util.c", "a") as f:
+        f.write("/* changed */\n")
+    assert agentbuild.cache_key() != agent and agentbuild.monitor_key() != monitor
+    agent, monitor = agentbuild.cache_key(), agentbuild.monitor_key()
+    with open(tmp_path / "guest-agent" / "session.c", "a") as f:
+        f.write("/* changed */\n")
+    assert agentbuild.cache_key() != agent and agentbuild.monitor_key() == monitor
+
+
 def test_kernel_build_is_cached(built: None) -> None:
     r = subprocess.run([sys.executable, "-m", "vmrt", "kernel", "build"], capture_output=True, text=True)
     assert r.returncode == 0 and "cached" in r.stderr

@@ -2,7 +2,8 @@
 container monitor (monitor/, which shares the agent's protocol code).
 
 Cached under ``<cache>/agent/<key>/`` and ``<cache>/monitor/<key>/``, keyed by a hash of
-the sources (guest-agent/; monitor/ plus the protocol parser) and the compiler version.
+the sources (guest-agent/; monitor/ plus the protocol parser; both plus common/, the C
+they share) and the compiler version.
 The initramfs is an uncompressed newc cpio written here (a few dozen lines,
 deterministic, no root-owned staging directory).
 """
@@ -35,6 +36,15 @@ def _sources(name: str) -> list[Path]:
                   and "fuzz" not in p.parts and p.name != "README.md" and p.name != MONITOR)
 
 
+def _common() -> list[Path]:
+    """common/: the C compiled into both the agent and the monitor (clock, log-line format)."""
+    d = source_root() / "common"
+    files = sorted(p for p in d.glob("*") if p.is_file() and p.suffix in (".c", ".h"))
+    if not files:
+        raise KernelError(f"common sources missing in {d}")
+    return files
+
+
 @functools.cache
 def _compiler() -> str:
     """gcc's version line, once per process (the agent's and the monitor's keys both need it)."""
@@ -54,14 +64,14 @@ def _key(tag: bytes, files: list[Path]) -> str:
 
 
 def cache_key() -> str:
-    """The agent's (and so the initramfs's) key: guest-agent/ only."""
-    return _key(b"agentbuild 1\n", _sources("guest-agent"))
+    """The agent's (and so the initramfs's) key: guest-agent/ and common/."""
+    return _key(b"agentbuild 1\n", _sources("guest-agent") + _common())
 
 
 def monitor_key() -> str:
-    """The host monitor's key: monitor/ and the protocol parser it shares with the agent."""
+    """The host monitor's key: monitor/, and the protocol parser and common/ it shares with the agent."""
     proto = [source_root() / "guest-agent" / n for n in ("proto.c", "proto.h")]
-    return _key(b"monitorbuild 1\n", _sources("monitor") + proto)
+    return _key(b"monitorbuild 1\n", _sources("monitor") + proto + _common())
 
 
 def agent_dir(cfg: Config) -> Path:
