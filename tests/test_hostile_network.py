@@ -29,6 +29,8 @@ from conftest import SLOT, Vmrt, endpoint_rules, nft_table, one_line_error
 from ocibuild import OciLayout, busybox_layer
 
 from vmrt import network
+from vmrt.errors import UsageError
+from vmrt.network import nft
 
 MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
 HTTPD = "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html && exec httpd -f -p {port} -h /www"
@@ -282,7 +284,7 @@ def test_ports_read_back_from_state_are_parsed_again() -> None:
     assert network.image_exposed({"80/tcp": {}, "53/UDP": {}, "9000-9001": {}, "132/sctp": {}}) == [
         "80/tcp", "53/udp", "9000/tcp", "9001/tcp", "132/sctp"]
     for bad_cfg in ({"80/tcp\n": {}}, {"80/icmp": {}}, {"-1/tcp": {}}, ["80/tcp"], {"1-65535/tcp": {}}):
-        with pytest.raises(network.UsageError):
+        with pytest.raises(UsageError):
             network.image_exposed(bad_cfg)
 
 
@@ -308,9 +310,9 @@ def test_nft_script_values_are_typed_and_checked() -> None:
         with pytest.raises(network.NetworkError):
             network.ruleset(table, nets, eps, 7)
     with pytest.raises(network.NetworkError):
-        network._nf("ip saddr %s accept", "10.1.0.2 accept; flush ruleset")
+        nft.nf("ip saddr %s accept", "10.1.0.2 accept; flush ruleset")
     with pytest.raises(network.NetworkError):
-        network._nf("meta iifgroup %s", 7)  # a bare int: not a Group
+        nft.nf("meta iifgroup %s", 7)  # a bare int: not a Group
     p = network.PortMapping("", 80, 80)
     p.proto = "tcp dport 1 accept"  # changed after it was checked
     with pytest.raises(network.NetworkError):

@@ -12,6 +12,7 @@ turns one into a single line on stderr and the exit status in ``exit_code``
      +-- AgentError            guest agent timed out, died or broke the protocol
      |    +-- ProtocolError    malformed, truncated or oversized frame
      +-- StateError            container state store problems, name conflicts
+     +-- NetworkError          networks, addresses, ports, netlink and nftables failures
      +-- ContainerExecError    the container's command could not be executed
                                (exit_code 126 not executable, 127 not found)
 """
@@ -70,6 +71,10 @@ class ProtocolError(AgentError):
 
 
 class StateError(VmrtError):
+    pass
+
+
+class NetworkError(VmrtError):
     pass
 
 

@@ -1,8 +1,9 @@
-"""``vmrt network ...`` and ``vmrt port``: Docker's commands over vmrt/network.py."""
+"""``vmrt network ...`` and ``vmrt port``: Docker's commands over the vmrt/network package."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 from typing import Any
 
@@ -41,7 +42,7 @@ def _members(cfg: Config, store: network.Store, net: network.Network) -> dict[st
         for ep in store.live_endpoints(network_id=net.id):
             with contextlib.suppress(StateError):
                 name = st.get(ep.container_id).name
-                prefix = network.ipaddress.IPv4Network(net.subnet).prefixlen
+                prefix = ipaddress.IPv4Network(net.subnet).prefixlen
                 out[ep.container_id] = {"Name": name, "MacAddress": ep.mac, "IPv4Address": f"{ep.ip}/{prefix}",
                                         "IPv6Address": ""}
         return out
