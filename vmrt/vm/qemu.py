@@ -68,7 +68,7 @@ class VMSpec:
     share_9p: Path | None = None   # share this dir over virtio-9p (read-only) instead of virtio-fs
     incoming: str | None = None    # QEMU -incoming: "defer" to restore a snapshot's state
     ram_file: Path | None = None   # guest RAM in this file (a snapshot's), else a shared memfd
-    tap_fd: int | None = None      # the VM's NIC (virtio-net) backed by this tap (vmrt/network.py)
+    tap_fd: int | None = None      # the VM's NIC (virtio-net) backed by this tap (vmrt/network/netns.py)
     mac: str = "02:56:00:00:00:01"  # the NIC's MAC at boot (the agent sets the container's own)
 
     @property
