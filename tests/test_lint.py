@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import io
+import os
 import shutil
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -13,18 +17,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("tool,args", [("ruff", ["check", "vmrt", "tests", "benchmarks"]), ("mypy", ["vmrt"])])
-def test_static_checks(tool: str, args: list[str]) -> None:
+def test_static_checks(tool: str, args: list[str], tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / tool
     if not exe.exists() and shutil.which(tool) is None:
         pytest.skip(f"{tool} not installed")
-    r = subprocess.run([str(exe if exe.exists() else tool), *args], cwd=REPO, capture_output=True, text=True)
+    # a user who may not write the checkout (`pytest -m 'not root'` as nobody): mypy's cache elsewhere
+    env = None if os.access(REPO, os.W_OK) else {**os.environ, "MYPY_CACHE_DIR": str(tmp_path / "mypy-cache")}
+    r = subprocess.run([str(exe if exe.exists() else tool), *args], cwd=REPO, capture_output=True, text=True,
+                       env=env)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).parent / "lint-imports"  # import-linter, a test dependency
-    return subprocess.run([str(exe), "--config", str(cwd / "pyproject.toml")], cwd=cwd, capture_output=True,
-                          text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd)})
+    no_cache = [] if os.access(cwd, os.W_OK) else ["--no-cache"]  # a checkout this user may not write
+    return subprocess.run([str(exe), "--config", str(cwd / "pyproject.toml"), *no_cache], cwd=cwd,
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd)})
 
 
 def test_layers_contract_holds() -> None:
@@ -93,3 +101,57 @@ def test_no_import_circle() -> None:
         if m not in state:
             circle = visit(m)
             assert circle is None, " -> ".join(circle)
+
+
+# Files whose function-local imports their owners are still moving (issue 15): the lead empties
+# this list when they are done.
+LOCAL_IMPORTS_NOT_YET_CHECKED = ("vmrt/bench", "vmrt/network", "vmrt/pool", "vmrt/snapshot.py",
+                                 "vmrt/drivers/vm.py", "vmrt/vm/")
+
+
+def uncommented_local_imports(source: str) -> list[int]:
+    """The lines of the imports inside functions that have no comment (on one of their own lines
+    or on the line above) saying why they are not at module level."""
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                 if tok.type == tokenize.COMMENT}
+    found = set()
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and \
+                        not commented & set(range(node.lineno - 1, (node.end_lineno or node.lineno) + 1)):
+                    found.add(node.lineno)
+    return sorted(found)
+
+
+def test_local_imports_say_why() -> None:
+    """Imports are at module level (issue 15, part 1); one inside a function is there for start-up
+    time only (the import time of `vmrt run`'s path must not grow) and says so in a comment."""
+    bad = []
+    for path in sorted((REPO / "vmrt").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(LOCAL_IMPORTS_NOT_YET_CHECKED):
+            continue
+        source = path.read_text()
+        lines = source.splitlines()
+        bad += [f"{rel}:{n}: {lines[n - 1].strip()}" for n in uncommented_local_imports(source)]
+    assert not bad, "function-local imports without a comment saying why:\n" + "\n".join(bad)
+
+
+def test_local_import_check_is_not_vacuous() -> None:
+    source = (
+        "import os\n"
+        "def f():\n"
+        "    import json\n"                      # 3: no comment
+        "    x = 1  # a comment on code\n"
+        "    import re  # on use: cheap enough\n"
+        "    # on use: the reason\n"
+        "    from a import (b,\n"
+        "                   c)\n"
+        "    y = 2  # a comment on the line above counts\n"
+        "    import csv\n"
+        "    def g():\n"
+        "        from x import y\n"              # 12: nested, no comment
+        "    return x\n"
+    )
+    assert uncommented_local_imports(source) == [3, 12]

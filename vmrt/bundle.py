@@ -18,8 +18,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import fsmode, safefs
+from . import cgroups, fsmode, safefs
 from .errors import ImageError, UsageError
+from .network import NetRequest, image_exposed
+from .volumes import Mount
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
@@ -71,10 +73,10 @@ class RunOptions:
     rm: bool = False
     readonly: bool = False
     pids_limit: int | None = None
-    mounts: list[Any] = dataclasses.field(default_factory=list)  # volumes.Mount
+    mounts: list[Mount] = dataclasses.field(default_factory=list)
     pull: str = "missing"          # missing | always | never, as docker run --pull
     platform: str | None = None    # os/arch[/variant] for a pull; config's default otherwise
-    net: Any = None                # network.NetRequest (None: the default bridge network)
+    net: NetRequest | None = None  # None: the default bridge network
 
 
 def parse_pids(value: str) -> int | None:
@@ -271,7 +273,7 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         "readonlyPaths": READONLY,
     }
     if isolation == "process":
-        from . import cgroups, seccomp
+        from . import seccomp  # on use: process-mode configs only (VM runs never load the profile code)
         linux["cgroupsPath"] = cgroups.runtime_path(container_id)
         linux["seccomp"] = seccomp.default_profile(caps)
     return {
@@ -298,9 +300,8 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
     }
 
 
-def _net_request(image_cfg: dict[str, Any], opts: RunOptions, isolation: str) -> Any:
+def _net_request(image_cfg: dict[str, Any], opts: RunOptions, isolation: str) -> NetRequest:
     """The run's network flags, with the image's EXPOSE ports (for -P); checked here, at create."""
-    from .network import NetRequest, image_exposed
     req = dataclasses.replace(opts.net) if opts.net is not None else NetRequest()
     # the image's keys are parsed (a key that is not a port refuses the run): they may reach nft
     req.exposed = list(dict.fromkeys([*image_exposed(image_cfg.get("ExposedPorts")), *req.exposed]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -166,7 +167,6 @@ def members(rel: str, root: Path = ROOT) -> set[int]:
 
 
 def _kill_members(d: Path) -> None:
-    import signal
     with contextlib.suppress(OSError):
         for line in (d / "cgroup.procs").read_text().split():
             with contextlib.suppress(ProcessLookupError, ValueError):

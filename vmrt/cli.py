@@ -2,40 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import time as time_mod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from . import __version__, containercmds, fsmode, imagecmds, netcmds
+from . import __version__, cgroups, containercmds, formatting, fsmode, imagecmds, logfile, netcmds, runner
 from . import config as config_mod
+from . import network as net
 from . import volumes as volumes_mod
 from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
-from .errors import UsageError, VmrtError
+from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
+from .images.store import Store
+from .monitor import parse_restart, spawn
+from .network import NetRequest
 from .paths import source_root
 from .timings import Timings
 
-if TYPE_CHECKING:  # the network module is imported on use (start-up time)
-    from .network import NetRequest
-
 LOG = logging.getLogger("vmrt")
 TIMINGS = Timings()  # created at import: as close to process start as we get
-
-
-def _kernel_mod():  # type: ignore[no-untyped-def]
-    from . import kernel  # imported on use: `vmrt run` should start fast
-    return kernel
-
-
-def _agentbuild():  # type: ignore[no-untyped-def]
-    from . import agentbuild
-    return agentbuild
 
 
 class _InertFormatter(logging.Formatter):
@@ -125,7 +118,6 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         dns_search: tuple[str, ...], dns_options: tuple[str, ...], add_hosts: tuple[str, ...],
         log_opts: tuple[str, ...]) -> None:
     """Run a command in a new container."""
-    from . import runner
     cfg = _cfg(ctx)
     if os.geteuid() != 0:
         raise UsageError("vmrt run needs root for now (it mounts the image and starts virtiofsd)")
@@ -158,20 +150,18 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
     opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
     if kernel is not None and not kernel.is_file():
         raise UsageError(f"kernel {kernel} not found")
-    from .monitor import parse_restart
     parse_restart(restart)
     if restart != "no" and rm:
         raise UsageError("conflicting options: cannot specify both --restart and --rm")
     if restart != "no" and not detach and ctx.info_name != "create":
         raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
-    from . import logfile
     meta = {"accel": accel, "kernel": str(kernel) if kernel else None, "runtime": runtime,
             "restart": restart, "rm": rm, logfile.KEY: logfile.options(log_opts, cfg)}
     if ctx.info_name == "create":  # `vmrt create`: the same flags, nothing started
         click.echo(runner.create_detached(cfg, opts, iso, meta))
         return
     if detach:
-        from .agentbuild import monitor_binary
+        from .agentbuild import monitor_binary  # on use: -d only (a process run never loads it)
         if interactive and monitor_binary(cfg) is None:
             raise UsageError("-d with -i needs the C monitor (its attach socket): run `vmrt agent build`")
         ctx.exit(_start_detached(cfg, runner.create_detached(cfg, opts, iso, meta)))
@@ -186,7 +176,6 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
 def _net_request(network: str, aliases: tuple[str, ...], publish: tuple[str, ...], publish_all: bool,
                  expose: tuple[str, ...], dns: tuple[str, ...], dns_search: tuple[str, ...],
                  dns_options: tuple[str, ...], add_hosts: tuple[str, ...]) -> NetRequest:
-    from . import network as net
     if network.startswith("container:"):
         raise UsageError("--network container:NAME is not supported")
     if not network:
@@ -209,7 +198,6 @@ def _resolv_word(value: str, flag: str) -> str:
 
 def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
     """Hand a created container to a new monitor; print its ID once its process runs."""
-    from .monitor import spawn
     started, status, message = spawn(cfg, container_id)
     if not started:
         raise VmrtError(message, exit_code=status)
@@ -218,8 +206,7 @@ def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
 
 
 def _runtime_line(cfg: config_mod.Config) -> str:
-    from . import cgroups
-    from .drivers.process import choose_runtime
+    from .drivers.process import choose_runtime  # on use: a VM run never loads the process driver
     try:
         rt = choose_runtime(cfg.runtime)
     except VmrtError as e:
@@ -233,7 +220,10 @@ def _runtime_line(cfg: config_mod.Config) -> str:
 @click.pass_context
 def info(ctx: click.Context) -> None:
     """Show the accelerator, component versions, kernel and state directories."""
-    from .vm import accel as accel_mod
+    # on use: the VM's build modules are not on a process run's path
+    from . import agentbuild
+    from . import kernel as kernel_mod  # on use: not on a process run's path
+    from .vm import accel as accel_mod  # on use: not on a process run's path
     cfg = _cfg(ctx)
 
     def version(cmd: list[str]) -> str:
@@ -244,12 +234,12 @@ def info(ctx: click.Context) -> None:
             return "not found"
     acc = accel_mod.choose(cfg.accel, user_kernel=cfg.kernel is not None)
     try:
-        kpath, kid = _kernel_mod().find(cfg)
+        kpath, kid = kernel_mod.find(cfg)
         kline, kidline = str(kpath), kid
     except VmrtError as e:
         kline, kidline = f"missing ({e})", "-"
     try:
-        initrd = str(_agentbuild().find(cfg))
+        initrd = str(agentbuild.find(cfg))
     except VmrtError as e:
         initrd = f"missing ({e})"
     rows = [
@@ -283,9 +273,7 @@ def check() -> None:
 @click.pass_context
 def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
     """Run benign isolation probes in both modes and show them side by side."""
-    import json
-
-    from . import probes
+    from . import probes  # on use: not on `vmrt run`'s path
     cfg = _cfg(ctx)
     if os.geteuid() != 0:
         raise UsageError("vmrt check isolation needs root (it runs containers)")
@@ -337,7 +325,8 @@ def kernel() -> None:
 @click.pass_context
 def kernel_build(ctx: click.Context, force: bool, jobs: int | None) -> None:
     """Build (or reuse from cache) the trimmed guest kernel."""
-    out = _kernel_mod().build(_cfg(ctx), force=force, jobs=jobs)
+    from . import kernel as kernel_mod  # on use: the VM's build modules are not on a process run's path
+    out = kernel_mod.build(_cfg(ctx), force=force, jobs=jobs)
     click.echo(str(out / "vmlinux"))
 
 
@@ -351,7 +340,8 @@ def agent() -> None:
 @click.pass_context
 def agent_build(ctx: click.Context, force: bool) -> None:
     """Build (or reuse from cache) the static guest agent and its initramfs."""
-    out = _agentbuild().build(_cfg(ctx), force=force)
+    from . import agentbuild  # on use: the VM's build modules are not on a process run's path
+    out = agentbuild.build(_cfg(ctx), force=force)
     click.echo(str(out / "initramfs.cpio"))
 
 
@@ -362,8 +352,7 @@ def pool(ctx: click.Context, fmt: str | None) -> None:
     """The warm pool of pre-booted VMs (`vmrt pool` alone: its status)."""
     if ctx.invoked_subcommand is not None:
         return
-    from . import formatting
-    from .pool import client as pool_mod
+    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         row = {"Running": False, "Pid": 0, "Size": 0, "Ready": 0, "Booting": 0, "Served": 0, "Shape": "",
@@ -386,7 +375,7 @@ def pool(ctx: click.Context, fmt: str | None) -> None:
 @click.pass_context
 def pool_start(ctx: click.Context, size: int | None) -> None:
     """Start the pool daemon in the background (it keeps SIZE VMs booted; `vmrt pool stop` ends it)."""
-    from .pool import client as pool_mod
+    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     pid = pool_mod.start(cfg, cfg.pool_size if size is None else size)
     click.echo(f"pool daemon started (pid {pid}, size {cfg.pool_size if size is None else size})")
@@ -397,7 +386,7 @@ def pool_start(ctx: click.Context, size: int | None) -> None:
 @click.pass_context
 def pool_serve(ctx: click.Context, size: int | None) -> None:
     """Run the pool daemon in the foreground (what `vmrt pool start` runs)."""
-    from .pool.daemon import Daemon
+    from .pool.daemon import Daemon  # on use: the daemon's modules are on no other command's path
     cfg = _cfg(ctx)
     ctx.exit(Daemon(cfg, cfg.pool_size if size is None else size).serve())
 
@@ -409,8 +398,7 @@ def pool_serve(ctx: click.Context, size: int | None) -> None:
 @click.pass_context
 def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) -> None:
     """Set the pool's size (if given) and wait until that many VMs are ready."""
-    from .errors import StateError
-    from .pool import client as pool_mod
+    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         raise StateError("the pool daemon is not running: start it with `vmrt pool start`")
@@ -426,8 +414,7 @@ def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) 
 @click.pass_context
 def pool_drain(ctx: click.Context) -> None:
     """Kill the idle VMs and stop refilling (size 0; `vmrt pool fill N` sets it again)."""
-    from .errors import StateError
-    from .pool import client as pool_mod
+    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         raise StateError("the pool daemon is not running")
@@ -439,7 +426,7 @@ def pool_drain(ctx: click.Context) -> None:
 @click.pass_context
 def pool_stop(ctx: click.Context) -> None:
     """Stop the pool daemon; its idle VMs go with it (VMs serving containers stay theirs)."""
-    from .pool import client as pool_mod
+    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     click.echo("pool daemon stopped" if pool_mod.stop(_cfg(ctx)) else "the pool daemon was not running")
 
 
@@ -453,7 +440,7 @@ def snapshot() -> None:
 @click.pass_context
 def snapshot_build(ctx: click.Context, force: bool) -> None:
     """Boot a VM of the default shape to its agent, save its state (cached by shape and QEMU version)."""
-    from . import snapshot as snap_mod
+    from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     snap = snap_mod.build(_cfg(ctx), force=force)
     click.echo(f"{snap.dir} ({(snap.meta['size'] + _allocated(snap.ram)) >> 20} MiB)")
 
@@ -463,10 +450,7 @@ def snapshot_build(ctx: click.Context, force: bool) -> None:
 @click.pass_context
 def snapshot_ls(ctx: click.Context, fmt: str | None) -> None:
     """List the snapshots."""
-    import time as time_mod
-
-    from . import formatting
-    from . import snapshot as snap_mod
+    from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     rows = [{"Key": s.dir.name, "Shape": f"{s.meta['shape']['memory_mib']}MiB {s.meta['shape']['vcpus']}vcpu "
                                          f"{s.meta['shape']['machine']} {s.meta['shape']['accel']}",
              "Size": f"{(s.meta['size'] + _allocated(s.ram)) / 2 ** 20:.1f}MiB", "Qemu": s.meta.get("qemu", ""),
@@ -488,7 +472,7 @@ def _allocated(path: Path) -> int:
 @click.pass_context
 def snapshot_rm(ctx: click.Context) -> None:
     """Remove every snapshot (runs cold-boot again)."""
-    from . import snapshot as snap_mod
+    from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     click.echo(f"removed {snap_mod.remove_all(_cfg(ctx))} snapshot(s)")
 
 
@@ -502,8 +486,7 @@ def image() -> None:
 @click.pass_context
 def image_build(ctx: click.Context, recipe: Path) -> None:
     """Build an image from a recipe directory (see images/)."""
-    from .images import recipe as recipe_mod
-    from .images.store import Store
+    from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
     ref = recipe_mod.build(recipe, Store(_cfg(ctx).root))
     click.echo(ref)
 
@@ -523,11 +506,13 @@ containers.add_command(run)
 @click.pass_context
 def setup(ctx: click.Context) -> None:
     """Build the kernel, the agent and the project's images (idempotent)."""
-    from .images import recipe as recipe_mod
-    from .images.store import Store
+    # on use: the VM's build modules are not on a process run's path
+    from . import agentbuild
+    from . import kernel as kernel_mod  # on use: not on a process run's path
+    from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
     cfg = _cfg(ctx)
-    _kernel_mod().build(cfg)
-    _agentbuild().build(cfg)
+    kernel_mod.build(cfg)
+    agentbuild.build(cfg)
     store = Store(cfg.root)
     for r in sorted((source_root() / "images").glob("*/recipe.toml")):
         click.echo(f"[image] {recipe_mod.build(r.parent, store)}", err=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import signal as signal_mod
 import sys
 import time
 from collections.abc import Iterator
@@ -18,10 +19,14 @@ from typing import Any
 
 import click
 
-from . import formatting, lifecycle
+from . import formatting, lifecycle, network, runner
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
+from .imagecmds import inspect_doc as image_doc
+from .images.store import Store
 from .layout import LOG_NAME, META_NAME, container_dir
+from .monitor import spawn
+from .netcmds import ports_text
 from .state import Container, State, Status
 
 PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
@@ -106,7 +111,6 @@ def ps(ctx: click.Context, show_all: bool, quiet: bool, filters: tuple[str, ...]
     """List containers."""
     with _state(ctx) as st:
         shown = [c for c in st.list() if (show_all or filters or c.status == Status.RUNNING) and _match(c, filters)]
-        from .netcmds import ports_text
         ports = ports_text(_cfg(ctx), [c.id for c in shown if c.status == Status.RUNNING])
         rows = []
         for c in shown:
@@ -213,7 +217,6 @@ def logs(ctx: click.Context, container: str, follow: bool, tail: str, timestamps
 
 def _spawn(cfg: Config, st: State, c: Container) -> None:
     """A new monitor for a created or stopped container (a restart policy applies again)."""
-    from .monitor import spawn
     st.set_fields(c, stop_requested=False, restart_count=0)
     started, status, message = spawn(cfg, c.id)
     if not started:
@@ -229,7 +232,6 @@ def start(ctx: click.Context, containers: tuple[str, ...], attach: bool) -> None
     if attach and len(containers) > 1:
         raise UsageError("you cannot start and attach multiple containers at once")
     if attach:
-        from . import runner
         with _state(ctx) as st:
             c = st.get(containers[0])
         ctx.exit(runner.start_attached(_cfg(ctx), c.id))
@@ -267,7 +269,7 @@ def restart(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> 
 def exec_(ctx: click.Context, container: str, command: tuple[str, ...], detach: bool, interactive: bool, tty: bool,
           env: tuple[str, ...], user: str | None, workdir: str | None) -> None:
     """Run a command in a running container (in VM mode: inside its VM, through the guest agent)."""
-    from .execs import ExecOptions, run_exec
+    from .execs import ExecOptions, run_exec  # on use: not on `vmrt run`'s path
     if tty and interactive and not sys.stdin.isatty():
         raise UsageError("the input device is not a TTY")
     ctx.exit(run_exec(_cfg(ctx), container, ExecOptions(list(command), list(env), user, workdir, interactive, tty,
@@ -294,7 +296,6 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
     restarting = c.status == Status.EXITED and lifecycle.owner_alive(c)
     policy, _, count = str(meta.get("restart", "no")).partition(":")
     quota = res.get("cpu", {}).get("quota")
-    from . import network
     req = network.request_of(config)
     return {
         "Id": c.id, "Created": _iso(c.created), "Path": c.command[0] if c.command else "",
@@ -359,8 +360,6 @@ def _user(u: dict[str, Any]) -> str:
 @click.pass_context
 def inspect(ctx: click.Context, refs: tuple[str, ...], fmt: str | None, kind: str | None) -> None:
     """Details of containers (or images) as JSON, Docker's shape."""
-    from .imagecmds import inspect_doc as image_doc
-    from .images.store import Store
     docs, failed = [], False
     with _state(ctx) as st:
         for ref in refs:
@@ -442,7 +441,7 @@ STATS_COLUMNS = [("CONTAINER ID", "ID", 0), ("NAME", "Name", 0), ("ISOLATION", "
 def stats(ctx: click.Context, containers: tuple[str, ...], show_all: bool, no_stream: bool, fmt: str | None) -> None:
     """CPU and memory of containers. For a VM: MEM is the host's real cost (PSS of QEMU, virtiofsd
     and the monitor) and GUEST MEM the container's memory as the guest sees it."""
-    from . import stats as stats_mod
+    from . import stats as stats_mod  # on use: not on `vmrt run`'s path
     while True:
         with _state(ctx) as st:
             cs = [st.get(r) for r in containers] if containers else \
@@ -473,7 +472,7 @@ def stats(ctx: click.Context, containers: tuple[str, ...], show_all: bool, no_st
 @click.pass_context
 def top(ctx: click.Context, container: str, ps_args: tuple[str, ...]) -> None:
     """The running processes of a container (for a VM: as seen inside it)."""
-    from . import stats as stats_mod
+    from . import stats as stats_mod  # on use: not on `vmrt run`'s path
     with _state(ctx) as st:
         c = st.get(container)
         if c.status != Status.RUNNING:
@@ -487,7 +486,7 @@ def top(ctx: click.Context, container: str, ps_args: tuple[str, ...]) -> None:
 @click.pass_context
 def cp(ctx: click.Context, src: str, dest: str) -> None:
     """Copy files between a running container and the host: CONTAINER:PATH HOSTPATH or the reverse."""
-    from .cp import copy
+    from .cp import copy  # on use: not on `vmrt run`'s path
     copy(_cfg(ctx), src, dest)
 
 
@@ -501,7 +500,6 @@ def attach(ctx: click.Context, container: str, sig_proxy: bool, no_stdin: bool) 
     """Attach to a running detached container: its output (stdout/stderr) until it exits, and this
     stdin to its stdin if it was started with -i; exit with its status. With a terminal (-t),
     Ctrl-P Ctrl-Q detaches."""
-    import signal as signal_mod
     cfg = _cfg(ctx)
     with _state(ctx) as st:
         c = st.get(container)

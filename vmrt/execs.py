@@ -25,7 +25,9 @@ from typing import Any
 from . import bundle
 from .config import Config
 from .errors import ContainerExecError, StateError, UsageError
+from .images.store import Store
 from .layout import container_dir
+from .lifecycle import owner_alive, reconcile
 from .rootfs import LayeredRoot
 from .signals import FORWARDED
 from .state import Container, State, Status
@@ -54,7 +56,6 @@ class Resolved:
 
 def resolve(cfg: Config, c: Container, eo: ExecOptions) -> Resolved:
     """The exec's environment, user and directory: the container's, then the flags."""
-    from .images.store import Store
     try:
         config: dict[str, Any] = json.loads((container_dir(cfg, c.id) / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -74,7 +75,6 @@ def resolve(cfg: Config, c: Container, eo: ExecOptions) -> Resolved:
 
 
 def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
-    from .lifecycle import owner_alive, reconcile
     if not eo.args:
         raise UsageError("exec needs a command")
     state = State(cfg.db_path)
@@ -87,6 +87,7 @@ def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
     finally:
         state.close()
     if c.isolation == "vm":
+        # on use: a process exec never loads the VM exec client (nor vm.qemu behind it)
         from .agent.exec_client import exec_in_vm
         return exec_in_vm(Path(c.run_dir), eo.args, env=r.env, cwd=r.cwd, uid=r.uid, gid=r.gid, groups=r.groups,
                           tty=_tty_size() if eo.tty else None, interactive=eo.interactive, detach=eo.detach,
@@ -103,7 +104,7 @@ def _tty_size() -> tuple[int, int]:
 
 
 def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
-    from .drivers.process import choose_runtime, exec_error
+    from .drivers.process import choose_runtime, exec_error  # on use: a VM exec never loads runc's driver
     runtime = choose_runtime(cfg.runtime)
     with tempfile.NamedTemporaryFile(prefix="exec-", suffix=".log", dir=c.run_dir or None) as log:
         cmd = [runtime, "--root", str(cfg.run_root / "runtime"), "--log", log.name, "--log-format", "json", "exec",

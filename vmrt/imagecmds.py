@@ -67,7 +67,7 @@ def human_size(n: float) -> str:
 @click.pass_context
 def pull(ctx: click.Context, ref: str, platform: str | None, insecure: tuple[str, ...], quiet: bool) -> None:
     """Download an image from a registry."""
-    from .images import registry
+    from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
     cfg = _cfg(ctx)
     img = registry.pull(_store(ctx), ref, platform=platform or cfg.platform, insecure_registries=cfg.insecure(insecure),
                         quiet=quiet, auth_file=cfg.auth_file)
@@ -85,7 +85,7 @@ def pull(ctx: click.Context, ref: str, platform: str | None, insecure: tuple[str
 def login(ctx: click.Context, server: str, username: str | None, password: str | None, password_stdin: bool,
           insecure: tuple[str, ...]) -> None:
     """Log in to a registry (credentials stored with mode 0600)."""
-    from .images import registry
+    from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
     cfg = _cfg(ctx)
     if password_stdin:
         if password:
@@ -108,7 +108,7 @@ def login(ctx: click.Context, server: str, username: str | None, password: str |
 @click.pass_context
 def logout(ctx: click.Context, server: str) -> None:
     """Forget the credentials stored for a registry."""
-    from .images import registry
+    from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
     if registry.logout(server, auth_file=_cfg(ctx).auth_file):
         click.echo(f"Removing login credentials for {server}")
     else:
@@ -326,7 +326,7 @@ def load(ctx: click.Context, source: Path | None, quiet: bool) -> None:
         raise UsageError("requested load from stdin, but stdin is empty (use -i FILE)")
     if source is not None and not source.exists():
         raise UsageError(f"open {source}: no such file or directory")
-    from .images import archive
+    from .images import archive  # on use: not on `vmrt run`'s path
     loaded = archive.load(_store(ctx), source if source is not None else sys.stdin.buffer)
     if not quiet:
         for r in loaded:
@@ -340,7 +340,7 @@ def load(ctx: click.Context, source: Path | None, quiet: bool) -> None:
 @click.pass_context
 def save(ctx: click.Context, refs: tuple[str, ...], output: Path | None) -> None:
     """Save images to a tar archive (both a docker-archive and an OCI layout, as Docker 25+)."""
-    from .images import archive
+    from .images import archive  # on use: not on `vmrt run`'s path
     if output is None and sys.stdout.isatty():
         raise UsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
     archive.save(_store(ctx), list(refs), output if output is not None else sys.stdout.buffer)
@@ -355,7 +355,7 @@ def save(ctx: click.Context, refs: tuple[str, ...], output: Path | None) -> None
 @click.pass_context
 def import_(ctx: click.Context, source: str, ref: str | None, changes: tuple[str, ...], message: str) -> None:
     """Create an image from a root file system tarball (FILE or - for stdin)."""
-    from .images import archive
+    from .images import archive  # on use: not on `vmrt run`'s path
     if source != "-" and not Path(source).is_file():
         raise UsageError(f"open {source}: no such file or directory")
     img = archive.import_tarball(_store(ctx), sys.stdin.buffer if source == "-" else Path(source), ref,

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import termios
 import threading
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import logfile, rootfs
+from . import cgroups, logfile, network, rootfs
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
@@ -103,9 +104,7 @@ def send(cfg: Config, c: Container, signo: int) -> None:
     elif signo in PROXIED:
         os.kill(c.monitor_pid, signo)
     elif c.isolation == "process":  # any other signal (STOP, CONT, ALRM...) straight to the container's init
-        import subprocess
-
-        from .drivers.process import choose_runtime
+        from .drivers.process import choose_runtime  # on use: VM runs never load the process driver
         r = subprocess.run([choose_runtime(cfg.runtime), "--root", str(cfg.run_root / "runtime"), "kill", c.id,
                             str(signo)], capture_output=True, text=True, check=False)
         if r.returncode != 0:
@@ -290,7 +289,7 @@ class StdinRelay:
 def _kill_recorded(c: Container) -> None:
     """SIGKILL the container's VMM and virtiofsd, if those PIDs are still theirs (their command
     lines name the container, its run dir, or the pooled VM it took)."""
-    from .pool.files import vm_marker_in  # imported on use: `ps`, `logs` and the rest never need it
+    from .pool.files import vm_marker_in  # on use: VM containers only (process runs never load the pool)
     marks = [c.id[:12].encode()] + ([c.run_dir.encode()] if c.run_dir else [])
     pids = set(c.pids.values())
     if c.run_dir and (pooled := vm_marker_in(Path(c.run_dir) / "vm")) is not None:
@@ -308,10 +307,7 @@ def _kill_recorded(c: Container) -> None:
 
 
 def _delete_runtime_container(cfg: Config, container_id: str) -> None:
-    import subprocess
-
-    from . import cgroups
-    from .drivers.process import choose_runtime
+    from .drivers.process import choose_runtime  # on use: VM runs never load the process driver
     subprocess.run([choose_runtime(cfg.runtime), "--root", str(cfg.run_root / "runtime"), "delete", "--force",
                     container_id], capture_output=True, check=False)
     cgroups.remove_tree(cgroups.runtime_path(container_id))
@@ -330,7 +326,6 @@ def remove_run_dir(run_dir: Path) -> None:
 
 def cleanup(cfg: Config, c: Container) -> None:
     """Release what a container holds on the host when its owner can no longer do it."""
-    from . import cgroups, network  # imported on use (pyroute2 behind network: ~100 ms)
     if c.isolation == "process":
         _delete_runtime_container(cfg, c.id)
     else:
@@ -358,13 +353,11 @@ def remove(cfg: Config, ref: str, force: bool) -> str:
         if c.status == Status.RUNNING:  # an owner that did not go: take it down ourselves
             cleanup(cfg, c)
         else:
-            from . import network
             if network.netns_path(cfg, c.id).exists():  # an owner killed during its start
                 network.detach(cfg, c.id)
             if c.run_dir:
                 remove_run_dir(Path(c.run_dir))
         if c.isolation == "vm":
-            from . import cgroups
             cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
         shutil.rmtree(container_dir(cfg, c.id), ignore_errors=True)
         shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)

@@ -40,15 +40,19 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from . import cgroups, fsmode, logfile
 from . import config as config_mod
-from . import fsmode, logfile
 from .drivers.base import Handoff
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
+from .images.store import Store
 from .layout import ATTACH_NAME, LOG_NAME, META_NAME, container_dir, rw_dir
 from .lifecycle import cleanup, remove
 from .logfile import LogWriter
+from .runner import execute, make_driver
 from .signals import FORCE_KILL
+from .state import State, Status
+from .timings import Timings
 from .vm.outcome import hung, virtiofsd_gone, vm_gone
 
 READY_TIMEOUT = 300.0  # a cold VM boot under TCG, the image pulled first: generous
@@ -197,8 +201,6 @@ def _finish(container_id: str, how: str, value: str, oom: str, detail: str = "",
     """After the C monitor: the exit recorded, the container's resources released (as for a
     lost owner), the VM's or runtime's logs kept; a start that failed is told to the waiting
     ``vmrt run -d`` (``ready``: the pipe's fd, or -1); then the restart policy, as before."""
-    from . import cgroups
-    from .state import State, Status
     cfg = config_mod.load()
     state = State(cfg.db_path)
     # DETAIL may be a guest's ERROR text: argv bytes that are not UTF-8 come as surrogates, which
@@ -259,11 +261,8 @@ def _reap_children() -> None:
 
 
 def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None = None) -> int:
+    # on use: `vmrt run` imports this module (parse_restart, spawn) and never needs the C build
     from . import agentbuild
-    from .images.store import Store
-    from .runner import execute, make_driver
-    from .state import State
-    from .timings import Timings
 
     cfg = config_mod.load()
     cdir = container_dir(cfg, container_id)

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import VmrtError
+
 MODES = ("process", "vm")
 SCRIPT = r"""
 echo "kernel=$(uname -r)"
@@ -157,7 +159,6 @@ def run_probes(image: str, env: dict[str, str] | None, state_root: str, run_root
     for mode in MODES:
         r = _vmrt(["run", "--rm", f"--isolation={mode}", image, "sh", "-c", SCRIPT], env)
         if r.returncode != 0:
-            from .errors import VmrtError
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
             raise VmrtError(f"probe run in {mode} mode failed ({r.returncode}): {last}")
         raw = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
@@ -12,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import bundle, fsmode
+from . import bundle, fsmode, network
 from .bundle import RunOptions
 from .config import Config
-from .drivers.base import Driver, RunContext
+from .drivers.base import Driver, RunContext, Tee
 from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
 from .images import reference
@@ -35,9 +36,9 @@ def make_driver(isolation: str, *, accel: str | None, kernel: Path | None, runti
     """The driver of an isolation mode (imported on use: a process run never loads the VM
     driver's modules, nor a VM run runc's)."""
     if isolation == "vm":
-        from .drivers.vm import VMDriver
+        from .drivers.vm import VMDriver  # on use: a process run never loads QEMU, pool and agent modules
         return VMDriver(accel=accel, kernel_path=kernel)
-    from .drivers.process import ProcessDriver
+    from .drivers.process import ProcessDriver  # on use: a VM run never loads runc's driver
     return ProcessDriver(runtime)
 
 
@@ -51,7 +52,7 @@ def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platf
         except ImageError:
             if pull == "never" or reference.looks_like_id(ref) and len(ref) >= 12:
                 raise
-    from .images import registry  # imported on use: most runs find the image locally
+    from .images import registry  # on use: requests costs over 100 ms, and most runs find the image locally
     tty = sys.stderr.isatty()  # progress bars on a terminal; otherwise one line, after the pull
     missing = f"Unable to find image '{ref}' locally" if pull == "missing" else f"Pulling {ref}"
     if tty:
@@ -74,8 +75,7 @@ def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
     detached container's monitor, ``start`` and ``logs`` read); a plain ``run --rm``
     keeps nothing on disk.
     """
-    from .network import preload
-    preload(opts.net)
+    network.preload(opts.net)
     _check_networks(cfg, opts)
     store = Store(cfg.root)
     with store.writing():  # no image prune between finding the image and recording its user
@@ -97,15 +97,14 @@ def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
 
 def _check_networks(cfg: Config, opts: RunOptions) -> None:
     """A user network named by --network must exist when the container is created (as Docker)."""
-    from . import network
     if opts.net is not None and opts.net.network not in network.BUILTIN:
         with network.Store(cfg) as s:
             s.get(opts.net.network)
 
 
 def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: dict[str, Any],
-            driver: Any, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
-            handoff: Any = None, tee: Any = None) -> int:
+            driver: Driver, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
+            handoff: Any = None, tee: Tee | None = None) -> int:
     """Run a created (or exited) container once, attached to ``stdio``; returns its exit status.
 
     The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record
@@ -118,7 +117,6 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
     except FileExistsError:
         raise StateError(f"container {c.name} is already running or being started") from None
     status: int = 125
-    from . import network
     net = None
     try:
         state.set_fields(c, run_dir=str(run_dir))
@@ -147,7 +145,7 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
 
 
 def execute_logged(cfg: Config, state: State, c: Container, image: Image, layers: list[Path],
-                   config: dict[str, Any], driver: Any, timings: Timings) -> int:
+                   config: dict[str, Any], driver: Driver, timings: Timings) -> int:
     """An attached run of a kept container: its output on this terminal and, as Docker does, in its
     log (``vmrt logs``), with a terminal (-t) too: the drivers pass what they write on (``tee``)."""
     cdir = container_dir(cfg, c.id)
@@ -179,8 +177,6 @@ def create_detached(cfg: Config, opts: RunOptions, isolation: str, meta: dict[st
 
 def start_attached(cfg: Config, container_id: str) -> int:
     """``vmrt start -a``: run a created or exited container again, attached to this terminal."""
-    import json
-
     state = State(cfg.db_path)
     try:
         c = state.get(container_id)

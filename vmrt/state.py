@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import re
 import secrets
 import sqlite3
 import time
@@ -183,5 +184,4 @@ class State:
 
 
 def _valid_name(name: str) -> bool:
-    import re
     return bool(re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}", name))

@@ -117,7 +117,7 @@ def guest_memory(c: Container, timeout: float = 5.0) -> int | None:
     within ``timeout`` seconds and less output than the pipe holds (a hung guest: no figure)."""
     r, w = os.pipe()
     try:
-        from .agent.exec_client import exec_in_vm
+        from .agent.exec_client import exec_in_vm  # on use: VM containers only (vm.qemu behind it)
         with open(os.devnull, "wb") as null:
             status = exec_in_vm(Path(c.run_dir), ["cat", "/proc/meminfo"], env=[], cwd="/", uid=0, gid=0,
                                 groups=[], tty=None, interactive=False, stdout_fd=w, stderr_fd=null.fileno(),
@@ -193,7 +193,7 @@ def top(c: Container, ps_args: list[str], timeout: float = 5.0) -> int:
     """``docker top``: ``ps`` of the container's processes; in a VM, run inside it (the image's
     own ``ps``, so its output is escaped like any guest text)."""
     if c.isolation == "vm":
-        from .agent.exec_client import exec_in_vm
+        from .agent.exec_client import exec_in_vm  # on use: VM containers only (vm.qemu behind it)
         return inert_exec(lambda out, err: exec_in_vm(
             Path(c.run_dir), ["ps", *ps_args], env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], cwd="/", uid=0, gid=0,
             groups=[], tty=None, interactive=False, stdout_fd=out, stderr_fd=err, timeout=timeout,

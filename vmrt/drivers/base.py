@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 from ..config import Config
 from ..images.store import Image
+from ..network import Attached
 from ..state import Container, State
 from ..timings import Timings
 
-if TYPE_CHECKING:  # the network module is imported on use (pyroute2: ~100 ms)
-    from ..network import Attached
-
-
 Option = int | float | str | bool | None
+Tee = Callable[[str, bytes], None]  # ("stdout" or "stderr", what the container wrote): a copy for its log
 
 
 @dataclasses.dataclass
@@ -49,7 +47,7 @@ class RunContext:
     # the container over (its fds and PIDs) to the small C monitor; this call never returns
     handoff: Callable[[Handoff], NoReturn] | None = None
     # attached runs of kept containers: what goes to stdout/stderr is also logged here
-    tee: Callable[[str, bytes], None] | None = None
+    tee: Tee | None = None
     net: Attached | None = None  # the container's namespace, endpoints and managed /etc files
 
 

@@ -95,7 +95,7 @@ def _read_errors() -> tuple[type[Exception], ...]:
     """What reading a truncated, corrupt or undecodable input raises (zstd's only if it is installed)."""
     errors: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, tarfile.TarError)
     with contextlib.suppress(ImportError):
-        import zstandard
+        import zstandard  # optional: zstd's error type only where the package is installed
         errors += (zstandard.ZstdError,)
     return errors
 

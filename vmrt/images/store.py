@@ -90,10 +90,10 @@ def decompressed(raw: IO[bytes]) -> IO[bytes]:
     peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[type-var]
     head = peekable.peek(4)[:4]
     if head.startswith(GZIP_MAGIC):
-        import gzip
+        import gzip  # on use: a run of an unpacked image never loads it
         return gzip.GzipFile(fileobj=peekable, mode="rb")  # type: ignore[return-value]
     if head.startswith(ZSTD_MAGIC):
-        import zstandard
+        import zstandard  # on use: an optional package, and zstd layers are rare
         return zstandard.ZstdDecompressor().stream_reader(peekable, read_across_frames=True)
     return peekable
 
