@@ -104,6 +104,7 @@ def check_v1_content(image: Image) -> None:
 
 # --- load -------------------------------------------------------------------------------
 
+@pytest.mark.root
 def test_load_docker_archive_from_skopeo(tmp_path: Path, layout: OciLayout) -> None:
     src = tmp_path / "d.tar"
     skopeo("copy", f"oci:{layout.dir}:v1", f"docker-archive:{src}:{NAME}")
@@ -116,6 +117,7 @@ def test_load_docker_archive_from_skopeo(tmp_path: Path, layout: OciLayout) -> N
     assert list(store.tmp.iterdir()) == []
 
 
+@pytest.mark.root
 @pytest.mark.parametrize(("name", "loaded"), [(NAME, NAME), ("v1", "v1:latest")])
 def test_load_oci_archive_from_skopeo(tmp_path: Path, layout: OciLayout, name: str, loaded: str) -> None:
     src = tmp_path / "o.tar"
@@ -127,6 +129,7 @@ def test_load_oci_archive_from_skopeo(tmp_path: Path, layout: OciLayout, name: s
     check_v1_content(image)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])
 @pytest.mark.parametrize("as_stream", [False, True])
 def test_load_compressed_archive(tmp_path: Path, layout: OciLayout, compression: str, as_stream: bool) -> None:
@@ -141,6 +144,7 @@ def test_load_compressed_archive(tmp_path: Path, layout: OciLayout, compression:
     assert list(store.tmp.iterdir()) == []
 
 
+@pytest.mark.root
 def test_load_index_picks_platform_and_reports_untagged(tmp_path: Path, layout: OciLayout) -> None:
     amd = layout.descriptor("v2")["digest"]
     arm = layout.add_image([Layer().add_file("arm", "x")], platform=("linux", "arm64"), ref=None)
@@ -156,6 +160,7 @@ def test_load_index_picks_platform_and_reports_untagged(tmp_path: Path, layout: 
     assert store.get(v1_id).tags == []
 
 
+@pytest.mark.root
 def test_load_follows_links_inside_the_archive(tmp_path: Path) -> None:
     """Docker < 25 saves a layer that occurs twice as a symlink to its first copy."""
     layer = Layer().add_file("f", "x").tar_bytes()
@@ -168,6 +173,7 @@ def test_load_follows_links_inside_the_archive(tmp_path: Path) -> None:
     assert [(d / "f").read_text() for d in store.get("a:1").layer_dirs()] == ["x", "x"]
 
 
+@pytest.mark.root
 @pytest.mark.parametrize(("compression", "media_type"), [("none", MT_OCI_LAYER), ("gzip", MT_OCI_LAYER_GZIP),
                                                          ("zstd", MT_OCI_LAYER_ZSTD)])
 def test_load_tells_layer_compression_by_magic(tmp_path: Path, compression: Compression, media_type: str) -> None:
@@ -182,6 +188,7 @@ def test_load_tells_layer_compression_by_magic(tmp_path: Path, compression: Comp
 
 # --- save -------------------------------------------------------------------------------
 
+@pytest.mark.root
 def test_save_is_read_by_skopeo_and_loads_back(tmp_path: Path, layout: OciLayout) -> None:
     store = Store(tmp_path / "store")
     archive.load(store, tar_dir(layout.dir, tmp_path / "o.tar"))
@@ -219,6 +226,7 @@ def test_save_is_read_by_skopeo_and_loads_back(tmp_path: Path, layout: OciLayout
     assert stream.getvalue() == out.read_bytes()  # reproducible
 
 
+@pytest.mark.root
 def test_save_gives_docker_schema2_images_an_oci_manifest(tmp_path: Path) -> None:
     """skopeo's OCI reader ignores Docker media types in index.json."""
     lay = OciLayout(tmp_path / "layout")
@@ -234,6 +242,7 @@ def test_save_gives_docker_schema2_images_an_oci_manifest(tmp_path: Path) -> Non
     assert archive.load(Store(tmp_path / "fresh"), out) == ["d1:latest"]
 
 
+@pytest.mark.root
 def test_failed_save_leaves_no_file(tmp_path: Path, layout: OciLayout) -> None:
     store = Store(tmp_path / "store")
     archive.load(store, tar_dir(layout.dir, tmp_path / "o.tar"))
@@ -249,6 +258,7 @@ def test_failed_save_leaves_no_file(tmp_path: Path, layout: OciLayout) -> None:
 
 # --- import -----------------------------------------------------------------------------
 
+@pytest.mark.root
 @pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
 def test_import(tmp_path: Path, compression: Compression) -> None:
     rootfs = Layer().add_dir("bin").add_file("bin/hello", "hi", mode=0o755).add_symlink("sh", "bin/hello").tar_bytes()
@@ -275,6 +285,7 @@ def test_import(tmp_path: Path, compression: Compression) -> None:
     assert (layer / "bin/hello").read_text() == "hi" and os.readlink(layer / "sh") == "bin/hello"
 
 
+@pytest.mark.root
 def test_import_from_stream_untagged(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     image = archive.import_tarball(store, io.BytesIO(Layer().add_file("f", "x").tar_bytes()), None, message="m")
@@ -299,6 +310,7 @@ def test_change_forms() -> None:
         "ExposedPorts": {"8000/tcp": {}, "8001/tcp": {}, "8002/tcp": {}}, "Entrypoint": []}
 
 
+@pytest.mark.root
 def test_import_of_a_hostile_rootfs_leaves_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     evil = Layer().add_file("ok", "1").add_tarinfo(tarfile.TarInfo("../evil"), b"x").tar_bytes()
@@ -394,6 +406,7 @@ MALFORMED: dict[str, tuple[Callable[[Path], bytes], str]] = {
 }
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("case", MALFORMED)
 def test_malformed_archive_is_refused_and_leaves_nothing(tmp_path: Path, case: str) -> None:
     make, message = MALFORMED[case]

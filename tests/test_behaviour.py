@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CGROUP_PARENT, Vmrt
+from support import CGROUP_PARENT, Vmrt
 
 MODES = ("process", "vm")
 pytestmark = pytest.mark.vm

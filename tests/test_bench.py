@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error
+from support import Vmrt, one_line_error
 
 from vmrt import bench
 

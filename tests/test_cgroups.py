@@ -83,6 +83,7 @@ def test_runtime_path_and_missing_oom_file(tmp_path: Path) -> None:
     assert cgroups.oom_kills("/vmrt/none", v1_tree(tmp_path)) == 0
 
 
+@pytest.mark.root
 def test_real_host_group_is_created_and_removed() -> None:
     """On this machine's real hierarchy: limits written, directory gone after remove()."""
     g = cgroups.HostGroup("vmrt-selftest-vmm", memory_bytes=128 << 20, cpus=1, pids=64)

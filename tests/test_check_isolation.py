@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Vmrt
+from support import Vmrt
 
 pytestmark = pytest.mark.vm
 

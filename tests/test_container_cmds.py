@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
+from support import Vmrt
 
 MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error
+from support import Vmrt, one_line_error
 
 MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
 KIB = 1024
@@ -27,16 +27,11 @@ TMPFS_MAGIC = 0x01021994
 
 
 @pytest.fixture
-def vmrt(vmrt_session: Vmrt) -> Iterator[Vmrt]:
-    """conftest's, plus: a failed test's containers and networks go before the leak check."""
-    yield vmrt_session
-    v = vmrt_session
-    for ref in v("ps", "-aq").stdout.decode().split():
-        v("rm", "-f", ref)
-    for name in v("network", "ls", "--format", "{{.Name}}").stdout.decode().split():
-        if name not in ("bridge", "host", "none"):
-            v("network", "rm", name)
-    v.assert_clean()
+def vmrt(vmrt: Vmrt) -> Iterator[Vmrt]:
+    """conftest's, plus: a failed test's containers and networks go before the leak check (conftest's
+    fixture, which tears down after this one)."""
+    yield vmrt
+    vmrt.remove_all()
 
 
 def detach(v: Vmrt, mode: str, *args: str, opts: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error
 from ocibuild import BUSYBOX, Layer, OciLayout, busybox_layer
+from support import Vmrt, one_line_error
 
 from vmrt import safefs
 from vmrt.bundle import resolve_user
@@ -78,6 +78,7 @@ def test_reads_never_leave_the_root(tmp_path: Path, resolver: str) -> None:
         assert safefs.read_regular(root, path, 1 << 20) == b"the image's own\n", path
 
 
+@pytest.mark.root
 def test_magic_links_are_refused(tmp_path: Path, resolver: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """/proc/self/root inside a root with a proc mount (a running container's) is the host's /."""
     root, decoy = _tree(tmp_path)
@@ -93,6 +94,7 @@ def test_magic_links_are_refused(tmp_path: Path, resolver: str, monkeypatch: pyt
         subprocess.run(["umount", str(root / "proc")], check=True)
 
 
+@pytest.mark.root
 def test_fifo_and_device_nodes_are_never_opened(tmp_path: Path, resolver: str) -> None:
     root, _ = _tree(tmp_path)
     fifo = root / "etc/passwd"
@@ -130,6 +132,7 @@ def test_huge_file_is_refused_unread(tmp_path: Path, resolver: str) -> None:
         resolve_user(root, "root")
 
 
+@pytest.mark.root
 def test_writes_replace_planted_links_never_follow_them(tmp_path: Path, resolver: str) -> None:
     root, decoy = _tree(tmp_path)
     (root / "etc/hostname").symlink_to(decoy)
@@ -148,7 +151,8 @@ def test_writes_replace_planted_links_never_follow_them(tmp_path: Path, resolver
     assert sorted(p.name for p in (root / "etc").iterdir()) == ["hostname", "hosts", "mtab", "resolv.conf"]
 
 
-@pytest.mark.parametrize("kind", ["abs-link", "rel-link", "fifo", "chr", "blk", "dir"])
+@pytest.mark.parametrize("kind", ["abs-link", "rel-link", "fifo", pytest.param("chr", marks=pytest.mark.root),
+                                  pytest.param("blk", marks=pytest.mark.root), "dir"])  # (mknod of a device: root)
 def test_user_lookup_treats_a_hostile_passwd_as_missing(tmp_path: Path, kind: str) -> None:
     """As Docker with no /etc/passwd: numeric ids work, names fail with Docker's message."""
     root, decoy = _tree(tmp_path)

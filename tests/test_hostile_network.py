@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SLOT, Vmrt, endpoint_rules, nft_table, one_line_error
 from ocibuild import OciLayout, busybox_layer
+from support import SLOT, Vmrt, endpoint_rules, nft_table, one_line_error, track
 
 from vmrt import network
 from vmrt.errors import UsageError
@@ -141,8 +141,8 @@ class Capture:
 
     def __init__(self, ifname: str, seconds: float, netns: str | None = None) -> None:
         pre = ["nsenter", f"--net={netns}"] if netns else []
-        self.proc = subprocess.Popen([*pre, "python3", "-c", CAPTURE, ifname, str(seconds)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = track(subprocess.Popen([*pre, "python3", "-c", CAPTURE, ifname, str(seconds)],
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # killed at the test's end
         assert self.proc.stdout is not None and self.proc.stdout.readline() == b"ready\n", self.proc.stderr
 
     def frames(self) -> list[bytes]:
@@ -184,16 +184,11 @@ def vmrt_tables(v: Vmrt) -> str:
 
 
 @pytest.fixture
-def vmrt(vmrt_session: Vmrt) -> Iterator[Vmrt]:
-    """conftest's, plus: a failed test's containers and networks go before the leak check."""
-    yield vmrt_session
-    v = vmrt_session
-    for cid in v("ps", "-aq").stdout.decode().split():
-        v("rm", "-f", cid)
-    for name in v("network", "ls", "--format", "{{.Name}}").stdout.decode().split():
-        if name not in ("bridge", "host", "none"):
-            v("network", "rm", name)
-    v.assert_clean()
+def vmrt(vmrt: Vmrt) -> Iterator[Vmrt]:
+    """conftest's, plus: a failed test's containers and networks go before the leak check (conftest's
+    fixture, which tears down after this one)."""
+    yield vmrt
+    vmrt.remove_all()
 
 
 # --- part 1: ports are data, never code -----------------------------------------------------------

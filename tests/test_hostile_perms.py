@@ -29,8 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SLOT, Vmrt, private_vmrt
+from support import SLOT, Started, Vmrt, audit, failed, private_vmrt
 
+pytestmark = pytest.mark.root  # private vmrts; probes switch to user nobody; chown
 MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 SHARED = {"hosts", "resolv.conf", "hostname"}  # read inside the container by any uid: 0644 on purpose
@@ -103,6 +104,7 @@ def _teardown(v: Vmrt, base: Path) -> None:
             v("rm", "-f", *ids)
         v.assert_clean(timeout=30)
     finally:
+        v.close()  # what a failed test left running is stopped before its dirs go
         if str(v.root) in mount_points():  # the store's own nosuid,nodev,noexec bind (vmrt/safefs.py)
             subprocess.run(["umount", "-R", str(v.root)], check=False)
         shutil.rmtree(base, ignore_errors=True)
@@ -139,10 +141,10 @@ def upgraded(built: None) -> Iterator[Vmrt]:
 
 
 @pytest.fixture(params=["fresh", "upgraded"])
-def vroot(request: pytest.FixtureRequest) -> Iterator[Vmrt]:
+def vroot(request: pytest.FixtureRequest, owned_processes: Started) -> Iterator[Vmrt]:
     v: Vmrt = request.getfixturevalue(request.param)
     yield v
-    v.assert_clean(timeout=15)
+    audit(v, failed=failed(request), started=owned_processes, timeout=15)
 
 
 def mode(p: Path) -> int:

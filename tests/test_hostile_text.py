@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
 from hypothesis import given
 from hypothesis import strategies as st
 from ocibuild import BUSYBOX, Layer, OciLayout, busybox_layer
+from support import Vmrt
 
 from vmrt import agentbuild, formatting
 from vmrt.formatting import inert

@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, private_vmrt
+from support import Vmrt, private_vmrt
 
 from vmrt.images.store import Store
 
 
 @pytest.fixture(scope="module")
-def v(tmp_path_factory: pytest.TempPathFactory, built: None) -> Vmrt:
-    return private_vmrt(tmp_path_factory.mktemp("imgcmds"))
+def v(tmp_path_factory: pytest.TempPathFactory, built: None) -> Iterator[Vmrt]:
+    store = private_vmrt(tmp_path_factory.mktemp("imgcmds"))
+    yield store
+    store.close()  # what a failed test left running is stopped
 
 
 def out(r) -> str:  # type: ignore[no-untyped-def]

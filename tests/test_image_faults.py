@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
 from ocibuild import Layer, OciLayout, big_layer, busybox_layer
 from registry import Registry
+from support import Vmrt
 
 LAYERS = 4
 

@@ -51,6 +51,7 @@ def test_symlink_climbing_out_is_refused(tmp_path: Path) -> None:
         unpack.extract(_tar([_entry("link", tarfile.SYMTYPE, "../../outside")]), dest)
 
 
+@pytest.mark.root
 def test_writes_through_absolute_symlink_are_refused(tmp_path: Path) -> None:
     dest, outside = tmp_path / "root", tmp_path / "outside"
     dest.mkdir()
@@ -69,6 +70,7 @@ def test_absolute_symlinks_still_resolve_inside_for_lookups(tmp_path: Path) -> N
     assert unpack.resolve_in_root(str(tmp_path), "link/passwd") == str(tmp_path / "etc" / "passwd")
 
 
+@pytest.mark.root
 def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
     dest = tmp_path / "root"
     dest.mkdir()
@@ -78,6 +80,7 @@ def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
     assert os.getxattr(dest / "d", "trusted.overlay.opaque") == b"y"
 
 
+@pytest.mark.root
 def test_recipe_builds_a_real_oci_image(tmp_path: Path) -> None:
     store = Store(tmp_path)
     ref = build(REPO / "images" / "busybox", store)
@@ -97,6 +100,7 @@ def test_recipe_builds_a_real_oci_image(tmp_path: Path) -> None:
     assert store.get("busybox").manifest_digest == img.manifest_digest
 
 
+@pytest.mark.root
 def test_corrupt_blob_is_refused(tmp_path: Path) -> None:
     store = Store(tmp_path)
     build(REPO / "images" / "busybox", store)
@@ -131,6 +135,7 @@ def test_references() -> None:
             reference.parse(bad)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("symlink_first", [True, False])
 def test_directory_entry_never_changes_a_symlink_target(tmp_path: Path, symlink_first: bool) -> None:
     dest, victim = tmp_path / "root", tmp_path / "victim"
@@ -156,6 +161,7 @@ def test_whiteouts_of_nothing_or_a_parent_are_refused(tmp_path: Path, name: str)
     assert (tmp_path / "sibling").read_text() == "keep" and dest.is_dir()
 
 
+@pytest.mark.root
 def test_symlink_depth_counts_where_the_entry_lands(tmp_path: Path) -> None:
     dest = tmp_path / "root"
     dest.mkdir()
@@ -213,6 +219,7 @@ def _one_layer_image(store: Store, content: bytes, config: dict | None = None) -
         return store.write_image([(desc, sha256(tar))], config or {}, []).id
 
 
+@pytest.mark.root
 def test_a_tag_wins_over_an_image_id_prefix(tmp_path: Path) -> None:
     store = Store(tmp_path)
     ids = [_one_layer_image(store, b"%d" % i) for i in range(24)]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import CGROUP_PARENT, Vmrt, vmm_pids
+from support import CGROUP_PARENT, Vmrt, vmm_pids
 
 from vmrt.vm import jail as jail_mod
 

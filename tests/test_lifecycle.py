@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Vmrt
+from support import Vmrt
 
 MODES = ["process", pytest.param("vm", marks=pytest.mark.vm)]
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error
+from support import Vmrt, one_line_error
 
 from vmrt import network
 
@@ -66,18 +66,12 @@ def inspect(v: Vmrt, ref: str) -> dict:  # type: ignore[type-arg]
 
 
 @pytest.fixture
-def vmrt(vmrt_session: Vmrt) -> Iterator[Vmrt]:
-    """conftest's, plus: a failed test's containers and networks are removed before the leak check,
-    so one failure does not fail every test after it (each test checks for leaks itself at its end)."""
-    yield vmrt_session
-    v = vmrt_session
-    ids = v("ps", "-aq").stdout.decode().split()
-    if ids:
-        v("rm", "-f", *ids)
-    for name in v("network", "ls", "--format", "{{.Name}}").stdout.decode().split():
-        if name not in ("bridge", "host", "none"):
-            v("network", "rm", name)
-    v.assert_clean()
+def vmrt(vmrt: Vmrt) -> Iterator[Vmrt]:
+    """conftest's, plus: a failed test's containers and networks are removed before the leak check
+    (conftest's fixture, which tears down after this one), so one failure does not fail every test
+    after it (each test checks for leaks itself at its end)."""
+    yield vmrt
+    vmrt.remove_all()
 
 
 def netcreate(v: Vmrt, name: str, *opts: str) -> None:

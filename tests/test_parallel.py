@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import Vmrt
+from support import Vmrt
 
 
 def test_three_containers_in_parallel(vmrt: Vmrt) -> None:

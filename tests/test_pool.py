@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
+from support import Vmrt
 
 pytestmark = pytest.mark.vm
 

@@ -110,6 +110,7 @@ class FakeTTY(io.StringIO):
 
 # --- pulls from a real registry ----------------------------------------------------------
 
+@pytest.mark.root
 def test_multi_layer_image_whiteouts_links(reg: Registry, tmp_path: Path) -> None:
     base = (Layer().add_dir("etc").add_file("etc/a", "a1").add_file("etc/b", "b1").add_dir("d")
             .add_file("d/x", "x").add_file("d/y", "y").add_dir("bin").add_file("bin/tool", "#!tool")
@@ -149,6 +150,7 @@ def test_multi_layer_image_whiteouts_links(reg: Registry, tmp_path: Path) -> Non
     assert list(store.tmp.iterdir()) == []
 
 
+@pytest.mark.root
 def test_docker_media_types(reg: Registry, tmp_path: Path) -> None:
     push(reg, tmp_path, "dockerish", [Layer().add_file("hello", "docker")], docker_media_types=True)
     store = Store(tmp_path / "store")
@@ -160,6 +162,7 @@ def test_docker_media_types(reg: Registry, tmp_path: Path) -> None:
     assert out.startswith(f"{image.manifest_digest}: Pulling from dockerish\n")
 
 
+@pytest.mark.root
 def test_zstd_layers(reg: Registry, tmp_path: Path) -> None:
     layers = [Layer().add_file("one", "1" * 10000), Layer().add_file("two", "2")]
     push(reg, tmp_path, "zstd", layers, compression="zstd")
@@ -168,6 +171,7 @@ def test_zstd_layers(reg: Registry, tmp_path: Path) -> None:
     assert merged(image.layer_dirs()) == {"one": "1" * 10000, "two": "2"}
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("docker", [False, True], ids=["oci-index", "docker-list"])
 def test_multi_arch_platform_selection(reg: Registry, tmp_path: Path, docker: bool) -> None:
     layout = OciLayout(tmp_path / "layout")
@@ -201,6 +205,7 @@ def test_multi_arch_platform_selection(reg: Registry, tmp_path: Path, docker: bo
         do_pull(reg, store, name, tmp_path, platform="linux")
 
 
+@pytest.mark.root
 def test_shared_base_layer_stored_once(reg: Registry, tmp_path: Path) -> None:
     base = Layer().add_dir("etc").add_file("etc/os-release", "base")
     push(reg, tmp_path, "app1", [base, Layer().add_file("app", "1")])
@@ -215,6 +220,7 @@ def test_shared_base_layer_stored_once(reg: Registry, tmp_path: Path) -> None:
     assert merged(two.layer_dirs()) == {"etc": "dir", "etc/os-release": "base", "app": "2"}
 
 
+@pytest.mark.root
 def test_concurrent_pulls_of_one_image(reg: Registry, tmp_path: Path) -> None:
     push(reg, tmp_path, "together", [big_layer(4 << 20, seed) for seed in range(4)])
     results: list[Any] = []
@@ -240,6 +246,7 @@ def test_concurrent_pulls_of_one_image(reg: Registry, tmp_path: Path) -> None:
     assert [d.joinpath("data/blob.bin").stat().st_size for d in image.layer_dirs()] == [4 << 20] * 4
 
 
+@pytest.mark.root
 def test_tty_progress_and_quiet(reg: Registry, tmp_path: Path) -> None:
     push(reg, tmp_path, "bars", [big_layer(1 << 20, 7), Layer().add_file("f", "x")])
     tty = FakeTTY()
@@ -256,6 +263,7 @@ def test_tty_progress_and_quiet(reg: Registry, tmp_path: Path) -> None:
 
 # --- hostile or broken registries ----------------------------------------------------------
 
+@pytest.mark.root
 @pytest.mark.parametrize("what", ["layer", "config"])
 def test_corrupt_blob_in_registry_storage(reg: Registry, tmp_path: Path, what: str) -> None:
     name = f"corrupt-{what}"
@@ -283,6 +291,7 @@ def _evil_layers(outside: Path) -> dict[str, Layer]:
             "symlink": Layer().add_symlink("link", str(outside)).add_tarinfo(through, b"evil")}
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
 def test_malicious_layer_refused(reg: Registry, tmp_path: Path, kind: str) -> None:
     outside = tmp_path / "outside"
@@ -319,6 +328,7 @@ class _KillingStore(Store):
             yield w
 
 
+@pytest.mark.root
 def test_registry_killed_mid_pull_then_retry(tmp_path: Path) -> None:
     with Registry(tmp_path / "reg") as reg:
         layout = OciLayout(tmp_path / "layout")
@@ -360,6 +370,7 @@ def test_connection_errors_are_one_clear_line(reg: Registry, tmp_path: Path, mon
 
 # --- auth -----------------------------------------------------------------------------------
 
+@pytest.mark.root
 @pytest.mark.parametrize("kind", ["basic", "token"])
 def test_login_pull_logout(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
     reg: Registry = request.getfixturevalue(f"reg_{kind}")
@@ -529,6 +540,7 @@ def stub_pull(stub: Stub, tmp_path: Path) -> tuple[Any, str]:
     return image, out.getvalue()
 
 
+@pytest.mark.root
 def test_retries_5xx_429_and_broken_downloads(stub: Stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client, "BACKOFF", 0.01)
     stub.fail = [503, 429, 500]
@@ -543,6 +555,7 @@ def test_retries_5xx_429_and_broken_downloads(stub: Stub, tmp_path: Path, monkey
         stub_pull(stub, tmp_path / "again")
 
 
+@pytest.mark.root
 def test_token_refreshed_once_mid_pull(stub: Stub, tmp_path: Path) -> None:
     stub.tokens = stub.expire_after_manifest = True
     image, _ = stub_pull(stub, tmp_path)
@@ -572,6 +585,7 @@ def test_hostile_manifests_refused(stub: Stub, tmp_path: Path) -> None:
 
 # --- the CLI --------------------------------------------------------------------------------------
 
+@pytest.mark.root
 def test_cli_login_pull_logout(reg_basic: Registry, tmp_path: Path) -> None:
     push(reg_basic, tmp_path, "cli", [Layer().add_file("via", "cli")])
     env = {**os.environ, "VMRT_ROOT": str(tmp_path / "root")}

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
 from ocibuild import Layer, OciLayout, busybox_layer
 from registry import Registry
+from support import Vmrt
 
 pytestmark = pytest.mark.vm
 
@@ -47,6 +47,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, built: None):  # type: ignore[
         v = Vmrt(base / "root", base / "run")
         v.env["VMRT_INSECURE_REGISTRIES"] = reg.host
         yield v, reg
+        v.close()  # what a failed test left running is stopped, before the registry
 
 
 EXPECTED = ("alpha\n"

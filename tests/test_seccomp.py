@@ -274,6 +274,7 @@ def runc_run(bundle: Path, args: list[str], profile: dict[str, Any] | None) -> s
         subprocess.run([RUNC, "--root", str(state), "delete", "-f", cid], capture_output=True, timeout=30)
 
 
+@pytest.mark.root
 def test_runc_accepts_profile_and_runs_commands(bundle: Path) -> None:
     profile = default_profile(DEFAULT_CAPS)
     r = runc_run(bundle, ["echo", "ok"], profile)
@@ -285,6 +286,7 @@ def test_runc_accepts_profile_and_runs_commands(bundle: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.root
 def test_runc_blocks_unlisted_persona_with_default_errno(bundle: Path) -> None:
     # personality(PER_LINUX32|ADDR_NO_RANDOMIZE) needs no capability, but no rule allows that value
     args = ["linux32", "-R", "/bin/busybox", "true"]
@@ -294,6 +296,7 @@ def test_runc_blocks_unlisted_persona_with_default_errno(bundle: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.root
 def test_runc_cap_gated_rule_follows_caps(bundle: Path) -> None:
     # In a fresh user namespace the process holds CAP_SYS_ADMIN over its own UTS namespace, so only seccomp's
     # CAP_SYS_ADMIN-conditional rule on sethostname stands between it and a new hostname.

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt
+from support import Vmrt
 
 pytestmark = pytest.mark.vm
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error, vmm_pids
+from support import Vmrt, one_line_error, vmm_pids
 
 pytestmark = pytest.mark.vm
 FAST = {"VMRT_TIMEOUT_AGENT_PING": "1", "VMRT_TIMEOUT_AGENT_DEAD": "3"}

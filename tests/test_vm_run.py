@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Vmrt, one_line_error, vmm_pids
+from support import Vmrt, one_line_error, vmm_pids
 
 pytestmark = pytest.mark.vm
 RUN = ("run", "--rm", "--isolation=vm")
