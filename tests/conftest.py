@@ -3,7 +3,7 @@
 
 Tests boot real micro-VMs under QEMU (TCG on hosts without usable KVM) and use the real kernel,
 agent and image built by `vmrt setup`: those need root, and are marked ``root`` (here, by the
-fixtures they use or their ``vm`` marker; or by their module). The others (codecs, parsers,
+fixtures they use; or by their module or themselves). The others (codecs, parsers,
 config, formatting, lint) run as any user: ``pytest -m 'not root'``. Every test owns what it
 starts: the CLI processes it started are killed by pid at its end, and after a leak or a failure
 everything its vmrt still runs is stopped (the leak still fails the test). The helpers tests
@@ -29,7 +29,7 @@ ROOT_FIXTURES = frozenset({"built", "vmrt_session"})
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("vm") or ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.root)
 
 

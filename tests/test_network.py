@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Vmrt, one_line_error
+from support import Vmrt, one_line_error, track
 
 from vmrt import network
 
@@ -431,8 +431,8 @@ def outside() -> Iterator[str]:
         for cmd in (["ip", "addr", "add", "10.250.0.2/24", "dev", "vxpeer0"], ["ip", "link", "set", "vxpeer0", "up"],
                     ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", "default", "via", "10.250.0.1"]):
             subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
-        server = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", PEER_SERVER],
-                                  stdout=subprocess.PIPE)
+        server = track(subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", PEER_SERVER],
+                                        stdout=subprocess.PIPE))  # killed at the test's end if this fails
         assert server.stdout is not None and server.stdout.readline() == b"ready\n"
         yield ns
         server.kill()
