@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import __version__, cgroups, containercmds, formatting, fsmode, imagecmds, logfile, netcmds, runner
+from . import __version__, cgroups, containercmds, formatting, fsmode, imagecmds, logfile, netcmds
 from . import config as config_mod
 from . import network as net
 from . import volumes as volumes_mod
@@ -22,7 +22,6 @@ from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
 from .images.store import Store
-from .monitor import parse_restart, spawn
 from .network import NetRequest
 from .paths import source_root
 from .timings import Timings
@@ -118,6 +117,9 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         dns_search: tuple[str, ...], dns_options: tuple[str, ...], add_hosts: tuple[str, ...],
         log_opts: tuple[str, ...]) -> None:
     """Run a command in a new container."""
+    # on use: the run machinery (runner, monitor, the drivers' base) would add ~14 ms to ps, logs, stop...
+    from . import runner
+    from .monitor import parse_restart  # on use: as runner
     cfg = _cfg(ctx)
     if os.geteuid() != 0:
         raise UsageError("vmrt run needs root for now (it mounts the image and starts virtiofsd)")
@@ -198,6 +200,7 @@ def _resolv_word(value: str, flag: str) -> str:
 
 def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
     """Hand a created container to a new monitor; print its ID once its process runs."""
+    from .monitor import spawn  # on use: as in run
     started, status, message = spawn(cfg, container_id)
     if not started:
         raise VmrtError(message, exit_code=status)

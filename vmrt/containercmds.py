@@ -19,13 +19,12 @@ from typing import Any
 
 import click
 
-from . import formatting, lifecycle, network, runner
+from . import formatting, lifecycle, network
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .imagecmds import inspect_doc as image_doc
 from .images.store import Store
 from .layout import LOG_NAME, META_NAME, container_dir
-from .monitor import spawn
 from .netcmds import ports_text
 from .state import Container, State, Status
 
@@ -217,6 +216,8 @@ def logs(ctx: click.Context, container: str, follow: bool, tail: str, timestamps
 
 def _spawn(cfg: Config, st: State, c: Container) -> None:
     """A new monitor for a created or stopped container (a restart policy applies again)."""
+    # on use: the run machinery (runner, monitor, the drivers' base) would add ~14 ms to ps, logs, stop...
+    from .monitor import spawn
     st.set_fields(c, stop_requested=False, restart_count=0)
     started, status, message = spawn(cfg, c.id)
     if not started:
@@ -232,6 +233,8 @@ def start(ctx: click.Context, containers: tuple[str, ...], attach: bool) -> None
     if attach and len(containers) > 1:
         raise UsageError("you cannot start and attach multiple containers at once")
     if attach:
+        # on use: the run machinery (runner, monitor, the drivers' base) would add ~14 ms to ps, logs, stop...
+        from . import runner
         with _state(ctx) as st:
             c = st.get(containers[0])
         ctx.exit(runner.start_attached(_cfg(ctx), c.id))
