@@ -248,11 +248,13 @@ class Vmrt:
             if name not in DEFAULT_NETWORKS:
                 self("network", "rm", name, timeout=120)
 
-    def sweep(self) -> None:
+    def sweep(self, started: Started | None = None) -> None:
         """Stop everything this vmrt still runs, so that the next test starts clean: through its
-        CLI first (containers, user networks, the warm pool, snapshots), then by pid what is left
-        of its processes (QEMU, virtiofsd, anything in one of its containers' cgroups), then its
-        leftover mounts and cgroups, and the CLI once more for what their owners left."""
+        CLI first (containers, user networks, the warm pool, snapshots: an attached run's CLI then
+        ends by itself), then the processes the test ``started`` that still run, then by pid what
+        is left of its own (QEMU, virtiofsd, anything in one of its containers' cgroups), its
+        leftover mounts and cgroups, the CLI once more for what killed owners left (and a run that
+        was still starting the first time), and a wait for the last of it to be reaped."""
         cdir = self.root / "containers"
         ids = set(os.listdir(cdir)) if cdir.is_dir() else set()  # before rm takes their dirs
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -262,6 +264,9 @@ class Vmrt:
             snaps = self.root / "snapshots"
             if snaps.is_dir() and any(snaps.iterdir()):
                 self("snapshot", "rm", timeout=120)
+        if started is not None:
+            started.stop()
+        ids |= set(os.listdir(cdir)) if cdir.is_dir() else set()
         cgroups = [d for d in vmrt_cgroups() - self.cgroups_before if Path(d).name.removesuffix("-vmm") in ids]
         pids = self._leftover_pids(cgroups)
         for pid in pids:
@@ -272,15 +277,14 @@ class Vmrt:
             time.sleep(0.05)
         marker = str(self.run_root)
         points = {ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()}
-        mounts = sorted((p for p in points if p.startswith(marker)), key=len, reverse=True)  # deepest first
-        for mp in mounts:
+        for mp in sorted((p for p in points if p.startswith(marker)), key=len, reverse=True):  # deepest first
             subprocess.run(["umount", "-l", mp], capture_output=True)
         for d in cgroups:  # (one still in use is not empty: rmdir refuses it)
             with contextlib.suppress(OSError):
                 os.rmdir(d)
-        if pids or mounts:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.remove_all()  # ps reconciles what the killed owners left; rm removes it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.remove_all()  # ps reconciles what killed owners left; rm removes it
+        self.settle(10)  # an orphan killed above is a zombie until init reaps it
 
     def _leftover_pids(self, cgroups: list[str]) -> list[int]:
         """This vmrt's processes that should be gone: QEMU and virtiofsd of its run root, its jailed
@@ -319,9 +323,7 @@ def audit(v: Vmrt, *, failed: bool, started: Started | None = None, timeout: flo
     inherits it; a leak still fails the test (raised after the sweep)."""
     left = v.settle(timeout)
     if left or failed:
-        if started is not None:
-            started.stop()
-        v.sweep()
+        v.sweep(started)
     assert not left, f"teardown left: {left}"
 
 
