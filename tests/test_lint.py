@@ -103,12 +103,6 @@ def test_no_import_circle() -> None:
             assert circle is None, " -> ".join(circle)
 
 
-# Files whose function-local imports their owners are still moving (issue 15): the lead empties
-# this list when they are done.
-LOCAL_IMPORTS_NOT_YET_CHECKED = ("vmrt/bench", "vmrt/network", "vmrt/pool", "vmrt/snapshot.py",
-                                 "vmrt/drivers/vm.py", "vmrt/vm/")
-
-
 def uncommented_local_imports(source: str) -> list[int]:
     """The lines of the imports inside functions that have no comment (on one of their own lines
     or on the line above) saying why they are not at module level."""
@@ -130,8 +124,6 @@ def test_local_imports_say_why() -> None:
     bad = []
     for path in sorted((REPO / "vmrt").rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()
-        if rel.startswith(LOCAL_IMPORTS_NOT_YET_CHECKED):
-            continue
         source = path.read_text()
         lines = source.splitlines()
         bad += [f"{rel}:{n}: {lines[n - 1].strip()}" for n in uncommented_local_imports(source)]

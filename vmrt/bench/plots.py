@@ -14,7 +14,7 @@ def plots(doc: dict[str, Any], outdir: Path) -> list[str]:
     # on use: matplotlib is optional (vmrt[bench]) and only the plots need it (~0.5 s to import)
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # on use, after the backend is chosen (see above)
     outdir.mkdir(parents=True, exist_ok=True)
     res, made = doc["results"], []
     sub = setup_line(doc)
