@@ -28,6 +28,7 @@ from .. import fsmode
 from ..cgroups import HostGroup
 from ..config import Config
 from ..errors import LaunchError
+from ..proc import connect_unix
 from . import jail as jail_mod
 from . import procs
 from .accel import Accel
@@ -191,9 +192,8 @@ class QemuVM:
             if self.fs_fd is not None:
                 fds["fs"] = self.fs_fd
             elif self.spec.share_9p is None:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s = connect_unix(self.run_dir, self.spec.virtiofs_socket.name)
                 held.append(s)
-                s.connect(f"/proc/self/fd/{dfd}/{self.spec.virtiofs_socket.name}")
                 fds["fs"] = s.fileno()
         finally:
             os.close(dfd)
