@@ -16,7 +16,7 @@ from typing import Any
 from . import bundle, fsmode, network
 from .bundle import RunOptions
 from .config import Config
-from .drivers.base import Driver, RunContext, Tee
+from .drivers.base import Driver, HandOver, RunContext, Tee
 from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
 from .images import reference
@@ -104,7 +104,7 @@ def _check_networks(cfg: Config, opts: RunOptions) -> None:
 
 def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: dict[str, Any],
             driver: Driver, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
-            handoff: Any = None, tee: Tee | None = None) -> int:
+            handoff: HandOver | None = None, tee: Tee | None = None) -> int:
     """Run a created (or exited) container once, attached to ``stdio``; returns its exit status.
 
     The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record

@@ -28,6 +28,9 @@ class Handoff:
     options: dict[str, Option]
 
 
+HandOver = Callable[[Handoff], NoReturn]  # the caller's: this process becomes the C monitor
+
+
 @dataclasses.dataclass
 class RunContext:
     cfg: Config
@@ -45,7 +48,7 @@ class RunContext:
     rw_dir: Path | None = None   # the container's writable layer (process mode), kept until rm
     # detached runs: once the process runs (VM: once the agent is ready), the driver hands
     # the container over (its fds and PIDs) to the small C monitor; this call never returns
-    handoff: Callable[[Handoff], NoReturn] | None = None
+    handoff: HandOver | None = None
     # attached runs of kept containers: what goes to stdout/stderr is also logged here
     tee: Tee | None = None
     net: Attached | None = None  # the container's namespace, endpoints and managed /etc files

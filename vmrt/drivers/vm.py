@@ -22,11 +22,13 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import termios
 import time
 import tty
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +146,14 @@ class _Session:
         self.vm: vmsource.RunningVM | None = None
         self.group: cgroups.HostGroup | None = None
         self.tty_restore: list[Any] | None = None
-        self.tasks: list[asyncio.Task[Any]] = []
+        self.tasks: list[asyncio.Task[None]] = []
         # liveness (after STARTED): loop time of the last bytes from the agent, and whether
         # the agent reader is blocked writing output to our stdout (then nothing is read)
         self.last_rx = 0.0
         self.writing_output = False
 
     # --- plumbing --------------------------------------------------------------
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         t = asyncio.ensure_future(coro)
         self.tasks.append(t)
         return t
@@ -162,7 +164,7 @@ class _Session:
                 f.set_exception(exc)
                 f.exception()  # mark retrieved
 
-    async def _read_agent(self, sock: Any) -> None:
+    async def _read_agent(self, sock: socket.socket) -> None:
         try:
             while True:
                 data = await self.loop.sock_recv(sock, 1 << 17)
@@ -223,7 +225,7 @@ class _Session:
             self.data_room.clear()
         self.wake.set()
 
-    async def _writer(self, sock: Any) -> None:
+    async def _writer(self, sock: socket.socket) -> None:
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -245,7 +247,7 @@ class _Session:
                 except OSError:
                     return
 
-    async def _read_console(self, sock: Any, log_path: Path) -> None:
+    async def _read_console(self, sock: socket.socket, log_path: Path) -> None:
         written = 0
         with open(log_path, "ab", opener=fsmode.opener) as log:
             while True:
