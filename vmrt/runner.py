@@ -209,7 +209,7 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
         c, image, layers, config = create(cfg, opts, isolation, state, persist=not opts.rm)
         timings.mark("created")
         if meta is not None and not opts.rm:  # how `vmrt start` runs it again
-                    write_meta(cfg, c.id, meta)
+            write_meta(cfg, c.id, meta)
         try:
             if opts.rm:
                 return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=None)
