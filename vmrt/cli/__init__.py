@@ -14,17 +14,17 @@ from typing import Any
 
 import click
 
-from . import __version__, cgroups, containercmds, formatting, fsmode, imagecmds, logfile, netcmds
-from . import config as config_mod
-from . import network as net
-from . import volumes as volumes_mod
-from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
-from .errors import StateError, UsageError, VmrtError
-from .formatting import inert
-from .images.store import Store
-from .network import NetRequest
-from .paths import source_root
-from .timings import Timings
+from .. import __version__, cgroups, containercmds, formatting, fsmode, imagecmds, logfile, netcmds
+from .. import config as config_mod
+from .. import network as net
+from .. import volumes as volumes_mod
+from ..bundle import RunOptions, parse_cpus, parse_memory, parse_pids
+from ..errors import StateError, UsageError, VmrtError
+from ..formatting import inert
+from ..images.store import Store
+from ..network import NetRequest
+from ..paths import source_root
+from ..timings import Timings
 
 LOG = logging.getLogger("vmrt")
 TIMINGS = Timings()  # created at import: as close to process start as we get
@@ -118,8 +118,8 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         log_opts: tuple[str, ...]) -> None:
     """Run a command in a new container."""
     # on use: the run machinery (runner, monitor, the drivers' base) would add ~14 ms to ps, logs, stop...
-    from . import runner
-    from .monitor import parse_restart  # on use: as runner
+    from .. import runner
+    from ..monitor import parse_restart  # on use: as runner
     cfg = _cfg(ctx)
     if os.geteuid() != 0:
         raise UsageError("vmrt run needs root for now (it mounts the image and starts virtiofsd)")
@@ -163,7 +163,7 @@ def run(ctx: click.Context, image: str, command: tuple[str, ...], rm: bool, name
         click.echo(runner.create_detached(cfg, opts, iso, meta))
         return
     if detach:
-        from .agentbuild import monitor_binary  # on use: -d only (a process run never loads it)
+        from ..agentbuild import monitor_binary  # on use: -d only (a process run never loads it)
         if interactive and monitor_binary(cfg) is None:
             raise UsageError("-d with -i needs the C monitor (its attach socket): run `vmrt agent build`")
         ctx.exit(_start_detached(cfg, runner.create_detached(cfg, opts, iso, meta)))
@@ -200,7 +200,7 @@ def _resolv_word(value: str, flag: str) -> str:
 
 def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
     """Hand a created container to a new monitor; print its ID once its process runs."""
-    from .monitor import spawn  # on use: as in run
+    from ..monitor import spawn  # on use: as in run
     started, status, message = spawn(cfg, container_id)
     if not started:
         raise VmrtError(message, exit_code=status)
@@ -209,7 +209,7 @@ def _start_detached(cfg: config_mod.Config, container_id: str) -> int:
 
 
 def _runtime_line(cfg: config_mod.Config) -> str:
-    from .drivers.process import choose_runtime  # on use: a VM run never loads the process driver
+    from ..drivers.process import choose_runtime  # on use: a VM run never loads the process driver
     try:
         rt = choose_runtime(cfg.runtime)
     except VmrtError as e:
@@ -224,9 +224,9 @@ def _runtime_line(cfg: config_mod.Config) -> str:
 def info(ctx: click.Context) -> None:
     """Show the accelerator, component versions, kernel and state directories."""
     # on use: the VM's build modules are not on a process run's path
-    from . import agentbuild
-    from . import kernel as kernel_mod  # on use: not on a process run's path
-    from .vm import accel as accel_mod  # on use: not on a process run's path
+    from .. import agentbuild
+    from .. import kernel as kernel_mod  # on use: not on a process run's path
+    from ..vm import accel as accel_mod  # on use: not on a process run's path
     cfg = _cfg(ctx)
 
     def version(cmd: list[str]) -> str:
@@ -276,7 +276,7 @@ def check() -> None:
 @click.pass_context
 def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
     """Run benign isolation probes in both modes and show them side by side."""
-    from . import probes  # on use: not on `vmrt run`'s path
+    from .. import probes  # on use: not on `vmrt run`'s path
     cfg = _cfg(ctx)
     if os.geteuid() != 0:
         raise UsageError("vmrt check isolation needs root (it runs containers)")
@@ -313,7 +313,7 @@ def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
 @click.pass_context
 def bench(ctx: click.Context, **kw: Any) -> None:
     """Measure every isolation mode side by side (with runc and podman as baselines)."""
-    from . import bench as bench_mod  # imported on use: keeps `vmrt run` start-up lean
+    from .. import bench as bench_mod  # imported on use: keeps `vmrt run` start-up lean
     ctx.exit(bench_mod.main(_cfg(ctx), argv=sys.argv[1:], **kw))
 
 
@@ -328,7 +328,7 @@ def kernel() -> None:
 @click.pass_context
 def kernel_build(ctx: click.Context, force: bool, jobs: int | None) -> None:
     """Build (or reuse from cache) the trimmed guest kernel."""
-    from . import kernel as kernel_mod  # on use: the VM's build modules are not on a process run's path
+    from .. import kernel as kernel_mod  # on use: the VM's build modules are not on a process run's path
     out = kernel_mod.build(_cfg(ctx), force=force, jobs=jobs)
     click.echo(str(out / "vmlinux"))
 
@@ -343,7 +343,7 @@ def agent() -> None:
 @click.pass_context
 def agent_build(ctx: click.Context, force: bool) -> None:
     """Build (or reuse from cache) the static guest agent and its initramfs."""
-    from . import agentbuild  # on use: the VM's build modules are not on a process run's path
+    from .. import agentbuild  # on use: the VM's build modules are not on a process run's path
     out = agentbuild.build(_cfg(ctx), force=force)
     click.echo(str(out / "initramfs.cpio"))
 
@@ -355,7 +355,7 @@ def pool(ctx: click.Context, fmt: str | None) -> None:
     """The warm pool of pre-booted VMs (`vmrt pool` alone: its status)."""
     if ctx.invoked_subcommand is not None:
         return
-    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
+    from ..pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         row = {"Running": False, "Pid": 0, "Size": 0, "Ready": 0, "Booting": 0, "Served": 0, "Shape": "",
@@ -378,7 +378,7 @@ def pool(ctx: click.Context, fmt: str | None) -> None:
 @click.pass_context
 def pool_start(ctx: click.Context, size: int | None) -> None:
     """Start the pool daemon in the background (it keeps SIZE VMs booted; `vmrt pool stop` ends it)."""
-    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
+    from ..pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     pid = pool_mod.start(cfg, cfg.pool_size if size is None else size)
     click.echo(f"pool daemon started (pid {pid}, size {cfg.pool_size if size is None else size})")
@@ -389,7 +389,7 @@ def pool_start(ctx: click.Context, size: int | None) -> None:
 @click.pass_context
 def pool_serve(ctx: click.Context, size: int | None) -> None:
     """Run the pool daemon in the foreground (what `vmrt pool start` runs)."""
-    from .pool.daemon import Daemon  # on use: the daemon's modules are on no other command's path
+    from ..pool.daemon import Daemon  # on use: the daemon's modules are on no other command's path
     cfg = _cfg(ctx)
     ctx.exit(Daemon(cfg, cfg.pool_size if size is None else size).serve())
 
@@ -401,7 +401,7 @@ def pool_serve(ctx: click.Context, size: int | None) -> None:
 @click.pass_context
 def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) -> None:
     """Set the pool's size (if given) and wait until that many VMs are ready."""
-    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
+    from ..pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         raise StateError("the pool daemon is not running: start it with `vmrt pool start`")
@@ -417,7 +417,7 @@ def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) 
 @click.pass_context
 def pool_drain(ctx: click.Context) -> None:
     """Kill the idle VMs and stop refilling (size 0; `vmrt pool fill N` sets it again)."""
-    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
+    from ..pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     cfg = _cfg(ctx)
     if pool_mod.daemon_pid(cfg) is None:
         raise StateError("the pool daemon is not running")
@@ -429,7 +429,7 @@ def pool_drain(ctx: click.Context) -> None:
 @click.pass_context
 def pool_stop(ctx: click.Context) -> None:
     """Stop the pool daemon; its idle VMs go with it (VMs serving containers stay theirs)."""
-    from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
+    from ..pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
     click.echo("pool daemon stopped" if pool_mod.stop(_cfg(ctx)) else "the pool daemon was not running")
 
 
@@ -443,7 +443,7 @@ def snapshot() -> None:
 @click.pass_context
 def snapshot_build(ctx: click.Context, force: bool) -> None:
     """Boot a VM of the default shape to its agent, save its state (cached by shape and QEMU version)."""
-    from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
+    from .. import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     snap = snap_mod.build(_cfg(ctx), force=force)
     click.echo(f"{snap.dir} ({(snap.meta['size'] + _allocated(snap.ram)) >> 20} MiB)")
 
@@ -453,7 +453,7 @@ def snapshot_build(ctx: click.Context, force: bool) -> None:
 @click.pass_context
 def snapshot_ls(ctx: click.Context, fmt: str | None) -> None:
     """List the snapshots."""
-    from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
+    from .. import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     rows = [{"Key": s.dir.name, "Shape": f"{s.meta['shape']['memory_mib']}MiB {s.meta['shape']['vcpus']}vcpu "
                                          f"{s.meta['shape']['machine']} {s.meta['shape']['accel']}",
              "Size": f"{(s.meta['size'] + _allocated(s.ram)) / 2 ** 20:.1f}MiB", "Qemu": s.meta.get("qemu", ""),
@@ -475,7 +475,7 @@ def _allocated(path: Path) -> int:
 @click.pass_context
 def snapshot_rm(ctx: click.Context) -> None:
     """Remove every snapshot (runs cold-boot again)."""
-    from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
+    from .. import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     click.echo(f"removed {snap_mod.remove_all(_cfg(ctx))} snapshot(s)")
 
 
@@ -489,7 +489,7 @@ def image() -> None:
 @click.pass_context
 def image_build(ctx: click.Context, recipe: Path) -> None:
     """Build an image from a recipe directory (see images/)."""
-    from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
+    from ..images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
     ref = recipe_mod.build(recipe, Store(_cfg(ctx).root))
     click.echo(ref)
 
@@ -510,9 +510,9 @@ containers.add_command(run)
 def setup(ctx: click.Context) -> None:
     """Build the kernel, the agent and the project's images (idempotent)."""
     # on use: the VM's build modules are not on a process run's path
-    from . import agentbuild
-    from . import kernel as kernel_mod  # on use: not on a process run's path
-    from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
+    from .. import agentbuild
+    from .. import kernel as kernel_mod  # on use: not on a process run's path
+    from ..images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
     cfg = _cfg(ctx)
     kernel_mod.build(cfg)
     agentbuild.build(cfg)
