@@ -1,7 +1,9 @@
-"""Container commands: ps, rm, create, start, stop, restart, kill, wait, logs.
+"""What the container verbs do: run, create, ps, rm, stop, kill, wait, logs, start, restart,
+exec, inspect, rename, prune, stats, top, cp, attach.
 
-Registered on the main group by :mod:`vmrt.cli` (and under ``vmrt container``).
-Containers are named by ID, unique ID prefix or name everywhere, as in Docker.
+The CLI (:mod:`vmrt.cli.containers`) parses the flags and prints what these return: lines,
+an exit status, or, for a verb over several containers, one line or one error per container
+as it goes. Containers are named by ID, unique ID prefix or name everywhere, as in Docker.
 Every command that reads state first reconciles it (:func:`lifecycle.reconcile`),
 so a container whose monitor died shows as Exited, not running.
 """
@@ -9,17 +11,21 @@ so a container whose monitor died shows as Exited, not running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
+import os
 import signal as signal_mod
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-import click
-
-from . import formatting, lifecycle, network
+from . import config as config_mod
+from . import formatting, lifecycle, logfile, network
+from . import volumes as volumes_mod
+from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .imagecmds import inspect_doc as image_doc
@@ -27,23 +33,18 @@ from .images.store import Store
 from .layout import LOG_NAME, META_NAME, container_dir
 from .netcmds import ports_text
 from .state import Container, State, Status
+from .timings import Timings
 
 PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
               ("CREATED", "RunningFor", 0), ("STATUS", "Status", 0), ("PORTS", "Ports", 0),
               ("ISOLATION", "Isolation", 0), ("NAMES", "Names", 0)]
 
-
-GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True, type=float,
-                     help="Seconds to wait for the container to stop before killing it.")
-
-
-def _cfg(ctx: click.Context) -> Config:
-    return ctx.obj["cfg"]
+# what a verb over several containers yields: a line to print, or one container's failure
+Outcomes = Iterator[str | VmrtError]
 
 
 @contextlib.contextmanager
-def _state(ctx: click.Context) -> Iterator[State]:
-    cfg = _cfg(ctx)
+def _state(cfg: Config) -> Iterator[State]:
     st = State(cfg.db_path)
     try:
         lifecycle.reconcile(cfg, st)
@@ -52,6 +53,142 @@ def _state(ctx: click.Context) -> Iterator[State]:
         st.close()
 
 
+# --- run, create ----------------------------------------------------------------------
+@dataclasses.dataclass
+class RunArgs:
+    """``vmrt run``'s (and ``create``'s) flags as given: :func:`run` parses and checks them."""
+
+    image: str
+    command: tuple[str, ...] = ()
+    rm: bool = False
+    name: str | None = None
+    env: tuple[str, ...] = ()
+    env_file: tuple[Path, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    entrypoint: str | None = None
+    interactive: bool = False
+    tty: bool = False
+    memory: str | None = None
+    cpus: str | None = None
+    pids_limit: str | None = None
+    volumes: tuple[str, ...] = ()
+    mounts: tuple[str, ...] = ()
+    tmpfs: tuple[str, ...] = ()
+    runtime: str | None = None
+    isolation: str = "default"
+    read_only: bool = False
+    accel: str | None = None
+    kernel: Path | None = None
+    show_timings: bool = False
+    pull_policy: str = "missing"
+    platform: str | None = None
+    detach: bool = False
+    restart: str = "no"
+    network: str = "bridge"
+    network_aliases: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+    publish_all: bool = False
+    expose: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
+    dns_options: tuple[str, ...] = ()
+    add_hosts: tuple[str, ...] = ()
+    log_opts: tuple[str, ...] = ()
+
+
+def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | None]:
+    """``vmrt run`` (attached, or ``-d``) and ``vmrt create``: the exit status, and the line to
+    print (the new container's ID, for create and -d)."""
+    # on use: the run machinery (runner, monitor, the drivers' base) would add ~14 ms to ps, logs, stop...
+    from . import runner
+    from .monitor import parse_restart  # on use: as runner
+    if os.geteuid() != 0:
+        raise UsageError("vmrt run needs root for now (it mounts the image and starts virtiofsd)")
+    for arg in (a.image, *a.command, *a.env, a.workdir or "", a.user or "", a.hostname or "", a.entrypoint or "",
+                *a.volumes, *a.mounts, *a.tmpfs):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"argument is not valid UTF-8: {arg!r}") from None
+    iso = config_mod.normalize_isolation(a.isolation) or cfg.isolation
+    if a.tty and a.interactive and not a.detach and not os.isatty(0):
+        raise UsageError("the input device is not a TTY")
+    size = (24, 80)
+    if a.tty and os.isatty(1):
+        s = os.get_terminal_size(1)
+        size = (s.lines, s.columns)
+    opts = RunOptions(
+        image=a.image, command=list(a.command), entrypoint=a.entrypoint, env=list(a.env),
+        env_files=list(a.env_file), workdir=a.workdir, user=a.user, hostname=a.hostname,
+        interactive=a.interactive, tty=a.tty, tty_size=size,
+        memory_bytes=parse_memory(a.memory) if a.memory else None,
+        cpus=parse_cpus(a.cpus) if a.cpus else None, name=a.name, rm=a.rm, readonly=a.read_only,
+        pids_limit=parse_pids(a.pids_limit) if a.pids_limit else None, pull=a.pull_policy, platform=a.platform,
+        mounts=[*map(volumes_mod.parse_volume, a.volumes), *map(volumes_mod.parse_mount, a.mounts),
+                *map(volumes_mod.parse_tmpfs, a.tmpfs)],
+        net=_net_request(a))
+    volumes_mod.check_unique(opts.mounts)
+    # as Docker: parents before children, whatever the order on the command line
+    opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
+    if a.kernel is not None and not a.kernel.is_file():
+        raise UsageError(f"kernel {a.kernel} not found")
+    parse_restart(a.restart)
+    if a.restart != "no" and a.rm:
+        raise UsageError("conflicting options: cannot specify both --restart and --rm")
+    if a.restart != "no" and not a.detach and not create:
+        raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
+    meta = {"accel": a.accel, "kernel": str(a.kernel) if a.kernel else None, "runtime": a.runtime,
+            "restart": a.restart, "rm": a.rm, logfile.KEY: logfile.options(a.log_opts, cfg)}
+    if create:  # `vmrt create`: the same flags, nothing started
+        return 0, runner.create_detached(cfg, opts, iso, meta)
+    if a.detach:
+        from .agentbuild import monitor_binary  # on use: -d only (a process run never loads it)
+        if a.interactive and monitor_binary(cfg) is None:
+            raise UsageError("-d with -i needs the C monitor (its attach socket): run `vmrt agent build`")
+        return 0, _start_detached(cfg, runner.create_detached(cfg, opts, iso, meta))
+    timings = Timings()  # its zero is this process's start, whenever it is made
+    try:
+        status = runner.run(cfg, opts, iso, accel=a.accel, kernel=a.kernel, timings=timings, runtime=a.runtime,
+                            meta=meta)
+    finally:
+        if a.show_timings:
+            timings.report()
+    return status, None
+
+
+def _net_request(a: RunArgs) -> network.NetRequest:
+    if a.network.startswith("container:"):
+        raise UsageError("--network container:NAME is not supported")
+    if not a.network:
+        raise UsageError("invalid --network ''")
+    return network.NetRequest(
+        network=a.network, aliases=[network.valid_alias(x) for x in a.network_aliases],
+        ports=[m for p in a.publish for m in network.parse_publish(p)], publish_all=a.publish_all,
+        exposed=[e for x in a.expose for e in network.parse_expose(x)], dns=[network.parse_dns(d) for d in a.dns],
+        dns_search=[_resolv_word(d, "--dns-search") for d in a.dns_search],
+        dns_options=[_resolv_word(o, "--dns-option") for o in a.dns_options],
+        extra_hosts=[network.parse_add_host(h) for h in a.add_hosts])
+
+
+def _resolv_word(value: str, flag: str) -> str:
+    """A word of the container's resolv.conf: a space or newline would add an entry or a line."""
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise UsageError(f"invalid {flag} {value!r}: one word, without spaces or newlines")
+    return value
+
+
+def _start_detached(cfg: Config, container_id: str) -> str:
+    """Hand a created container to a new monitor; its ID once its process runs."""
+    from .monitor import spawn  # on use: as in run
+    started, status, message = spawn(cfg, container_id)
+    if not started:
+        raise VmrtError(message, exit_code=status)
+    return container_id
+
+
+# --- ps -------------------------------------------------------------------------------
 def ago(ts: float | None) -> str:
     return formatting.ago(time.time() - ts) if ts else "-"
 
@@ -97,20 +234,12 @@ def _match(c: Container, filters: tuple[str, ...]) -> bool:
     return True
 
 
-@click.command()
-@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers (default shows just running).")
-@click.option("-q", "--quiet", is_flag=True, help="Only display container IDs.")
-@click.option("-f", "--filter", "filters", multiple=True,
-              help="Filter: id=, name=, status=created|running|exited|restarting, isolation=, ancestor=, exited=N.")
-@click.option("--format", "fmt", help="table, json, or a template such as '{{.Names}} {{.Status}}'.")
-@click.option("--no-trunc", is_flag=True, help="Do not truncate IDs and commands.")
-@click.pass_context
-def ps(ctx: click.Context, show_all: bool, quiet: bool, filters: tuple[str, ...], fmt: str | None,
-       no_trunc: bool) -> None:
-    """List containers."""
-    with _state(ctx) as st:
+def ps(cfg: Config, *, show_all: bool, quiet: bool, filters: tuple[str, ...], fmt: str | None,
+       no_trunc: bool) -> list[str]:
+    """``vmrt ps``'s lines."""
+    with _state(cfg) as st:
         shown = [c for c in st.list() if (show_all or filters or c.status == Status.RUNNING) and _match(c, filters)]
-        ports = ports_text(_cfg(ctx), [c.id for c in shown if c.status == Status.RUNNING])
+        ports = ports_text(cfg, [c.id for c in shown if c.status == Status.RUNNING])
         rows = []
         for c in shown:
             row = ps_row(c)
@@ -119,57 +248,40 @@ def ps(ctx: click.Context, show_all: bool, quiet: bool, filters: tuple[str, ...]
                 row.update(ID=c.id, Command=" ".join(c.command))
             rows.append(row)
     if quiet:
-        for r in rows:
-            click.echo(r["ID"])
-        return
-    for line in formatting.emit(fmt, rows, PS_COLUMNS):
-        click.echo(line)
+        return [r["ID"] for r in rows]
+    return formatting.emit(fmt, rows, PS_COLUMNS)
 
 
-def _each(ctx: click.Context, refs: tuple[str, ...], action: Any) -> None:
-    """Apply ``action(cfg, state, container)`` to each; errors one line each, exit 1 if any (as Docker)."""
-    failed = False
-    with _state(ctx) as st:
+# --- rm, stop, kill, wait, start, restart: each container in turn ------------------------
+def _each(cfg: Config, refs: tuple[str, ...], action: Callable[[Config, State, Container], object]) -> Outcomes:
+    """``action(cfg, state, container)`` on each: what it returns (a name, an exit code) as a
+    line, or its error; the next container either way (as Docker)."""
+    with _state(cfg) as st:
         for ref in refs:
             try:
-                out = action(_cfg(ctx), st, st.get(ref))
-                if out is not None:
-                    click.echo(formatting.inert(str(out)))
+                out = action(cfg, st, st.get(ref))
             except VmrtError as e:
-                click.echo(f"vmrt: {formatting.inert(str(e))}", err=True)
-                failed = True
-    if failed:
-        ctx.exit(1)
+                yield e
+                continue
+            if out is not None:
+                yield formatting.inert(str(out))
 
 
-@click.command()
-@click.argument("containers", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="Kill and remove a running container.")
-@click.option("-v", "--volumes", is_flag=True, help="Accepted for Docker compatibility (no anonymous volumes).")
-@click.pass_context
-def rm(ctx: click.Context, containers: tuple[str, ...], force: bool, volumes: bool) -> None:
-    """Remove containers."""
-    _each(ctx, containers, lambda cfg, st, c: lifecycle.remove(cfg, c.id, force) and c.name)
+def rm(cfg: Config, refs: tuple[str, ...], *, force: bool) -> Outcomes:
+    """``vmrt rm [-f]``."""
+    return _each(cfg, refs, lambda cfg, st, c: lifecycle.remove(cfg, c.id, force) and c.name)
 
 
-@click.command()
-@click.argument("containers", nargs=-1, required=True)
-@GRACE
-@click.pass_context
-def stop(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> None:
-    """Stop running containers: the stop signal, then SIGKILL after the grace time."""
+def stop(cfg: Config, refs: tuple[str, ...], *, timeout: float) -> Outcomes:
+    """``vmrt stop``: the stop signal, then SIGKILL after ``timeout`` seconds."""
     def act(cfg: Config, st: State, c: Container) -> str:
         lifecycle.stop(cfg, st, c, timeout)
         return c.name
-    _each(ctx, containers, act)
+    return _each(cfg, refs, act)
 
 
-@click.command()
-@click.argument("containers", nargs=-1, required=True)
-@click.option("-s", "--signal", "sig", default="KILL", show_default=True, help="Signal to send.")
-@click.pass_context
-def kill(ctx: click.Context, containers: tuple[str, ...], sig: str) -> None:
-    """Send a signal to running containers (default SIGKILL)."""
+def kill(cfg: Config, refs: tuple[str, ...], *, sig: str) -> Outcomes:
+    """``vmrt kill -s SIG`` (a bad signal name fails before any container is touched)."""
     signo = lifecycle.parse_signal(sig)
 
     def act(cfg: Config, st: State, c: Container) -> str:
@@ -177,14 +289,11 @@ def kill(ctx: click.Context, containers: tuple[str, ...], sig: str) -> None:
         if signo in (9, 15, 2):  # a kill by hand: no restart policy brings it back
             st.set_fields(c, stop_requested=True)
         return c.name
-    _each(ctx, containers, act)
+    return _each(cfg, refs, act)
 
 
-@click.command()
-@click.argument("containers", nargs=-1, required=True)
-@click.pass_context
-def wait(ctx: click.Context, containers: tuple[str, ...]) -> None:
-    """Block until containers stop, then print their exit codes."""
+def wait(cfg: Config, refs: tuple[str, ...]) -> Outcomes:
+    """``vmrt wait``: each container's exit code once it stopped."""
     def act(cfg: Config, st: State, c: Container) -> str:
         while True:
             c = st.get(c.id)
@@ -194,23 +303,16 @@ def wait(ctx: click.Context, containers: tuple[str, ...]) -> None:
                 lifecycle.reconcile(cfg, st)
                 continue
             time.sleep(0.05)
-    _each(ctx, containers, act)
+    return _each(cfg, refs, act)
 
 
-@click.command()
-@click.argument("container")
-@click.option("-f", "--follow", is_flag=True, help="Follow log output.")
-@click.option("-n", "--tail", default="all", help="Number of lines to show from the end (default all).")
-@click.option("-t", "--timestamps", is_flag=True, help="Show timestamps.")
-@click.option("--since", help="Show logs since a time (RFC 3339, Unix time) or a duration (10m, 1h).")
-@click.pass_context
-def logs(ctx: click.Context, container: str, follow: bool, tail: str, timestamps: bool, since: str | None) -> None:
-    """Fetch the logs of a container (detached containers: stdout and stderr as written)."""
+def logs(cfg: Config, ref: str, *, follow: bool, tail: str, timestamps: bool, since: str | None) -> None:
+    """``vmrt logs``: the container's recorded stdout and stderr, written to ours."""
     if tail != "all" and not tail.isdigit():
         raise UsageError(f"invalid --tail {tail!r}: a number or all")
-    with _state(ctx) as st:
-        c = st.get(container)
-        lifecycle.logs(_cfg(ctx), st, c, follow=follow, tail=None if tail == "all" else int(tail),
+    with _state(cfg) as st:
+        c = st.get(ref)
+        lifecycle.logs(cfg, st, c, follow=follow, tail=None if tail == "all" else int(tail),
                        timestamps=timestamps, since=lifecycle.parse_since(since) if since else None)
 
 
@@ -224,61 +326,45 @@ def _spawn(cfg: Config, st: State, c: Container) -> None:
         raise VmrtError(message, exit_code=status)
 
 
-@click.command()
-@click.argument("containers", nargs=-1, required=True)
-@click.option("-a", "--attach", is_flag=True, help="Attach stdout/stderr and forward signals (one container).")
-@click.pass_context
-def start(ctx: click.Context, containers: tuple[str, ...], attach: bool) -> None:
-    """Start created or stopped containers."""
-    if attach and len(containers) > 1:
+def start_attached(cfg: Config, refs: tuple[str, ...]) -> int:
+    """``vmrt start -a``: one container, run again attached to this terminal; its exit status."""
+    if len(refs) > 1:
         raise UsageError("you cannot start and attach multiple containers at once")
-    if attach:
-        # on use: the run machinery (runner, monitor, the drivers' base) would add ~14 ms to ps, logs, stop...
-        from . import runner
-        with _state(ctx) as st:
-            c = st.get(containers[0])
-        ctx.exit(runner.start_attached(_cfg(ctx), c.id))
+    # on use: the run machinery (runner, monitor, the drivers' base) would add ~14 ms to ps, logs, stop...
+    from . import runner
+    with _state(cfg) as st:
+        c = st.get(refs[0])
+    return runner.start_attached(cfg, c.id)
 
+
+def start(cfg: Config, refs: tuple[str, ...]) -> Outcomes:
+    """``vmrt start``: a new monitor for each container not running already."""
     def act(cfg: Config, st: State, c: Container) -> str:
         if not lifecycle.owner_alive(c):  # already running: as Docker, nothing to do
             _spawn(cfg, st, c)
         return c.name
-    _each(ctx, containers, act)
+    return _each(cfg, refs, act)
 
 
-@click.command()
-@click.argument("containers", nargs=-1, required=True)
-@GRACE
-@click.pass_context
-def restart(ctx: click.Context, containers: tuple[str, ...], timeout: float) -> None:
-    """Restart containers (stop, then start)."""
+def restart(cfg: Config, refs: tuple[str, ...], *, timeout: float) -> Outcomes:
+    """``vmrt restart``: stop (as :func:`stop`), then start."""
     def act(cfg: Config, st: State, c: Container) -> str:
         lifecycle.stop(cfg, st, c, timeout)
         _spawn(cfg, st, st.get(c.id))
         return c.name
-    _each(ctx, containers, act)
+    return _each(cfg, refs, act)
 
 
-@click.command("exec", context_settings={"allow_interspersed_args": False})
-@click.argument("container")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("-d", "--detach", is_flag=True, help="Run the command in the background.")
-@click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open.")
-@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY.")
-@click.option("-e", "--env", multiple=True, help="Set environment variables (KEY=VALUE or KEY).")
-@click.option("-u", "--user", help="Username or UID (format: <name|uid>[:<group|gid>]).")
-@click.option("-w", "--workdir", help="Working directory inside the container.")
-@click.pass_context
-def exec_(ctx: click.Context, container: str, command: tuple[str, ...], detach: bool, interactive: bool, tty: bool,
-          env: tuple[str, ...], user: str | None, workdir: str | None) -> None:
-    """Run a command in a running container (in VM mode: inside its VM, through the guest agent)."""
+def exec_command(cfg: Config, ref: str, command: tuple[str, ...], *, detach: bool, interactive: bool, tty: bool,
+                 env: tuple[str, ...], user: str | None, workdir: str | None) -> int:
+    """``vmrt exec``: the command's exit status."""
     from .execs import ExecOptions, run_exec  # on use: not on `vmrt run`'s path
     if tty and interactive and not sys.stdin.isatty():
         raise UsageError("the input device is not a TTY")
-    ctx.exit(run_exec(_cfg(ctx), container, ExecOptions(list(command), list(env), user, workdir, interactive, tty,
-                                                        detach)))
+    return run_exec(cfg, ref, ExecOptions(list(command), list(env), user, workdir, interactive, tty, detach))
 
 
+# --- inspect ---------------------------------------------------------------------------
 def _iso(ts: float | None) -> str:
     if not ts:
         return "0001-01-01T00:00:00Z"
@@ -356,70 +442,47 @@ def _user(u: dict[str, Any]) -> str:
     return f"{u.get('uid', 0)}:{u.get('gid', 0)}" if u else ""
 
 
-@click.command()
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-f", "--format", "fmt", help="Go-template-like format, e.g. '{{.State.Status}}'.")
-@click.option("--type", "kind", type=click.Choice(["container", "image"]), help="Only this kind of object.")
-@click.pass_context
-def inspect(ctx: click.Context, refs: tuple[str, ...], fmt: str | None, kind: str | None) -> None:
-    """Details of containers (or images) as JSON, Docker's shape."""
-    docs, failed = [], False
-    with _state(ctx) as st:
+def inspect(cfg: Config, refs: tuple[str, ...], *, fmt: str | None, kind: str | None) -> Outcomes:
+    """``vmrt inspect``: containers (or images: ``kind``, or a ref no container has) as Docker's
+    documents; a ref that names nothing is one error, the others are shown."""
+    docs = []
+    with _state(cfg) as st:
         for ref in refs:
             try:
                 if kind != "image":
                     try:
-                        docs.append(inspect_doc(_cfg(ctx), st.get(ref)))
+                        docs.append(inspect_doc(cfg, st.get(ref)))
                         continue
                     except StateError:
                         if kind == "container":
                             raise
-                docs.append(image_doc(Store(_cfg(ctx).root).get(ref)))
+                docs.append(image_doc(Store(cfg.root).get(ref)))
             except VmrtError:
-                click.echo(f"vmrt: No such object: {formatting.inert(ref)}", err=True)
-                failed = True
-    if fmt and fmt != "json":
-        for d in docs:
-            click.echo(formatting.render(fmt, d))
-    else:
-        click.echo(json.dumps(docs, indent=4))
-    if failed:
-        ctx.exit(1)
+                yield StateError(f"No such object: {ref}")
+    yield from formatting.documents(fmt, docs)
 
 
-@click.command()
-@click.argument("container")
-@click.argument("new_name")
-@click.pass_context
-def rename(ctx: click.Context, container: str, new_name: str) -> None:
-    """Rename a container."""
-    with _state(ctx) as st:
-        st.rename(st.get(container), new_name)
+# --- rename, prune -----------------------------------------------------------------------
+def rename(cfg: Config, ref: str, new_name: str) -> None:
+    """``vmrt rename``."""
+    with _state(cfg) as st:
+        st.rename(st.get(ref), new_name)
 
 
-@click.command("prune")
-@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
-@click.pass_context
-def container_prune(ctx: click.Context, force: bool) -> None:
-    """Remove all stopped containers."""
-    if not force and sys.stdin.isatty():
-        if not click.confirm("WARNING! This will remove all stopped containers.\nAre you sure you want to continue?"):
-            return
+def prune(cfg: Config) -> list[str]:
+    """``vmrt container prune`` (confirmed): remove every stopped container; the report's lines."""
     removed = []
-    with _state(ctx) as st:
+    with _state(cfg) as st:
         victims = [c for c in st.list() if c.status != Status.RUNNING and not lifecycle.owner_alive(c)]
     for c in victims:
         with contextlib.suppress(VmrtError):
-            lifecycle.remove(_cfg(ctx), c.id, False)
+            lifecycle.remove(cfg, c.id, False)
             removed.append(c.id)
-    if removed:
-        click.echo("Deleted Containers:")
-        for cid in removed:
-            click.echo(cid)
-        click.echo()
-    click.echo(f"Total reclaimed containers: {len(removed)}")
+    lines = ["Deleted Containers:", *removed, ""] if removed else []
+    return [*lines, f"Total reclaimed containers: {len(removed)}"]
 
 
+# --- stats, top, cp, attach -------------------------------------------------------------
 def _bytes(n: float | None) -> str:
     if n is None:
         return "--"
@@ -435,23 +498,15 @@ STATS_COLUMNS = [("CONTAINER ID", "ID", 0), ("NAME", "Name", 0), ("ISOLATION", "
                  ("GUEST MEM", "GuestMem", 0), ("PIDS", "PIDs", 0)]
 
 
-@click.command()
-@click.argument("containers", nargs=-1)
-@click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers (default shows just running).")
-@click.option("--no-stream", is_flag=True, help="One reading, then exit.")
-@click.option("--format", "fmt", help="table, json, or a template such as '{{.Name}} {{.MemUsage}}'.")
-@click.pass_context
-def stats(ctx: click.Context, containers: tuple[str, ...], show_all: bool, no_stream: bool, fmt: str | None) -> None:
-    """CPU and memory of containers. For a VM: MEM is the host's real cost (PSS of QEMU, virtiofsd
-    and the monitor) and GUEST MEM the container's memory as the guest sees it."""
+def stats(cfg: Config, refs: tuple[str, ...], *, show_all: bool, fmt: str | None, stream: bool) -> Iterator[list[str]]:
+    """``vmrt stats``: one reading's lines, then (``stream``) another every half second."""
     from . import stats as stats_mod  # on use: not on `vmrt run`'s path
     while True:
-        with _state(ctx) as st:
-            cs = [st.get(r) for r in containers] if containers else \
+        with _state(cfg) as st:
+            cs = [st.get(r) for r in refs] if refs else \
                 [c for c in st.list() if show_all or c.status == Status.RUNNING]
         rows = []
-        for r in stats_mod.measure([c for c in cs if c.status == Status.RUNNING],
-                                   timeout=_cfg(ctx).timeouts.probe_exec):
+        for r in stats_mod.measure([c for c in cs if c.status == Status.RUNNING], timeout=cfg.timeouts.probe_exec):
             c, limit = r["c"], r["limit"]
             rows.append({"ID": c.id[:12], "Name": c.name, "Isolation": c.isolation, "CPUPerc": f"{r['cpu']:.2f}%",
                          "MemUsage": f"{_bytes(r['mem'])} / {_bytes(limit)}",
@@ -460,52 +515,33 @@ def stats(ctx: click.Context, containers: tuple[str, ...], show_all: bool, no_st
         rows += [{"ID": c.id[:12], "Name": c.name, "Isolation": c.isolation, "CPUPerc": "0.00%",
                   "MemUsage": "0B / 0B", "MemPerc": "0.00%", "GuestMem": "--", "PIDs": 0}
                  for c in cs if c.status != Status.RUNNING]
-        if not no_stream and sys.stdout.isatty():
-            click.echo("\x1b[2J\x1b[H", nl=False)
-        for line in formatting.emit(fmt, rows, STATS_COLUMNS):
-            click.echo(line)
-        if no_stream:
+        yield formatting.emit(fmt, rows, STATS_COLUMNS)
+        if not stream:
             return
         time.sleep(0.5)
 
 
-@click.command(context_settings={"allow_interspersed_args": False})
-@click.argument("container")
-@click.argument("ps_args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def top(ctx: click.Context, container: str, ps_args: tuple[str, ...]) -> None:
-    """The running processes of a container (for a VM: as seen inside it)."""
+def top(cfg: Config, ref: str, ps_args: tuple[str, ...]) -> int:
+    """``vmrt top``: the container's processes (ps's output) written to our stdout; ps's status."""
     from . import stats as stats_mod  # on use: not on `vmrt run`'s path
-    with _state(ctx) as st:
-        c = st.get(container)
+    with _state(cfg) as st:
+        c = st.get(ref)
         if c.status != Status.RUNNING:
             raise StateError(f"container {c.name} is not running")
-    ctx.exit(stats_mod.top(c, list(ps_args), timeout=_cfg(ctx).timeouts.probe_exec))
+    return stats_mod.top(c, list(ps_args), timeout=cfg.timeouts.probe_exec)
 
 
-@click.command()
-@click.argument("src")
-@click.argument("dest")
-@click.pass_context
-def cp(ctx: click.Context, src: str, dest: str) -> None:
-    """Copy files between a running container and the host: CONTAINER:PATH HOSTPATH or the reverse."""
+def cp(cfg: Config, src: str, dest: str) -> None:
+    """``vmrt cp``: CONTAINER:PATH HOSTPATH or the reverse."""
     from .cp import copy  # on use: not on `vmrt run`'s path
-    copy(_cfg(ctx), src, dest)
+    copy(cfg, src, dest)
 
 
-@click.command()
-@click.argument("container")
-@click.option("--sig-proxy/--no-sig-proxy", default=True, show_default=True,
-              help="Pass the signals vmrt receives (Ctrl-C) to the container.")
-@click.option("--no-stdin", is_flag=True, help="Do not attach stdin.")
-@click.pass_context
-def attach(ctx: click.Context, container: str, sig_proxy: bool, no_stdin: bool) -> None:
-    """Attach to a running detached container: its output (stdout/stderr) until it exits, and this
-    stdin to its stdin if it was started with -i; exit with its status. With a terminal (-t),
-    Ctrl-P Ctrl-Q detaches."""
-    cfg = _cfg(ctx)
-    with _state(ctx) as st:
-        c = st.get(container)
+def attach(cfg: Config, ref: str, *, sig_proxy: bool, no_stdin: bool) -> int:
+    """``vmrt attach``: the running container's output (and this stdin to its stdin, if it has
+    one) until it exits or Ctrl-P Ctrl-Q detaches; its exit status (0 when detached)."""
+    with _state(cfg) as st:
+        c = st.get(ref)
         if c.status != Status.RUNNING or not lifecycle.owner_alive(c):
             raise StateError(f"You cannot attach to a stopped container, start it first: {c.name}")
         relay = None if no_stdin else lifecycle.StdinRelay.open(c)
@@ -520,24 +556,11 @@ def attach(ctx: click.Context, container: str, sig_proxy: bool, no_stdin: bool) 
             if relay is not None:
                 relay.close()
         if relay is not None and relay.detached.is_set():
-            ctx.exit(0)
+            return 0
         c = st.get(c.id)
-    ctx.exit(c.exit_code if c.status == Status.EXITED and c.exit_code is not None else 0)
+    return c.exit_code if c.status == Status.EXITED and c.exit_code is not None else 0
 
 
 def _proxy(cfg: Config, st: State, container_id: str, signo: int) -> None:
     with contextlib.suppress(VmrtError, OSError):
         lifecycle.send(cfg, st.get(container_id), signo)
-
-
-def register(main: click.Group) -> click.Group:
-    """Top-level commands, and the same under ``vmrt container`` (Docker's management form)."""
-    group = click.Group("container", help="Manage containers.")
-    for cmd, sub in ((ps, "ls"), (rm, "rm"), (stop, "stop"), (kill, "kill"), (wait, "wait"), (logs, "logs"),
-                     (start, "start"), (restart, "restart"), (exec_, "exec"), (inspect, "inspect"),
-                     (rename, "rename"), (stats, "stats"), (top, "top"), (cp, "cp"), (attach, "attach")):
-        main.add_command(cmd)
-        group.add_command(cmd, sub)
-    group.add_command(container_prune)
-    main.add_command(group)
-    return group

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .errors import UsageError
@@ -105,6 +105,16 @@ def emit(fmt: str | None, rows: list[dict[str, Any]], default: list[tuple[str, s
         body = fmt[len("table "):]
         return [header(body)] + [render(body, r) for r in rows]
     return [render(fmt, r) for r in rows]
+
+
+def documents(fmt: str | None, docs: list[dict[str, Any]]) -> Iterator[str]:
+    """``inspect``'s output: the documents as one indented JSON list, or a template per document
+    (lazily: the documents before one a template fails on are printed first)."""
+    if fmt and fmt != "json":
+        for d in docs:
+            yield render(fmt, d)
+    else:
+        yield json.dumps(docs, indent=4)
 
 
 def ago(seconds: float) -> str:

@@ -1,36 +1,27 @@
-"""Image commands: pull, images, rmi, tag, image inspect/prune, load, save, import, login, logout.
+"""What the image verbs do: pull, images, rmi, tag, image inspect/prune/build, load, save,
+import, login, logout.
 
-Registered on the main group by :mod:`vmrt.cli`, both at the top level (``vmrt
-pull``) and under ``vmrt image`` (``vmrt image pull``), as Docker has them.
+The CLI (:mod:`vmrt.cli.images`) has them both at the top level (``vmrt pull``) and under
+``vmrt image`` (``vmrt image pull``), as Docker has them, and prints what these return.
 Output follows Docker's wording so scripts written for it keep working.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import click
-
 from . import formatting
 from .config import Config
-from .errors import ImageError, UsageError
+from .errors import ImageError, UsageError, VmrtError
 from .images import reference
 from .images.store import Image, Store
 
 IMAGE_COLUMNS = [("REPOSITORY", "Repository", 0), ("TAG", "Tag", 0), ("IMAGE ID", "ID", 0),
                  ("CREATED", "CreatedSince", 0), ("SIZE", "Size", 0)]
-
-
-def _cfg(ctx: click.Context) -> Config:
-    return ctx.obj["cfg"]
-
-
-def _store(ctx: click.Context) -> Store:
-    return Store(_cfg(ctx).root)
 
 
 def short_id(image_id: str) -> str:
@@ -58,35 +49,20 @@ def human_size(n: float) -> str:
 
 
 # --- pull / login / logout --------------------------------------------------------
-@click.command()
-@click.argument("ref")
-@click.option("--platform", help="Pick this os/arch[/variant] from a multi-platform image (default linux/amd64).")
-@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
-              help="Talk plain HTTP to this registry (repeatable; also config insecure_registries).")
-@click.option("-q", "--quiet", is_flag=True, help="Suppress verbose output; print the image reference.")
-@click.pass_context
-def pull(ctx: click.Context, ref: str, platform: str | None, insecure: tuple[str, ...], quiet: bool) -> None:
-    """Download an image from a registry."""
+def pull(cfg: Config, ref: str, *, platform: str | None, insecure: tuple[str, ...], quiet: bool) -> str:
+    """``vmrt pull``: the line to print once the image is here (its reference, or its ID)."""
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
-    cfg = _cfg(ctx)
-    img = registry.pull(_store(ctx), ref, platform=platform or cfg.platform, insecure_registries=cfg.insecure(insecure),
-                        quiet=quiet, auth_file=cfg.auth_file)
+    img = registry.pull(Store(cfg.root), ref, platform=platform or cfg.platform,
+                        insecure_registries=cfg.insecure(insecure), quiet=quiet, auth_file=cfg.auth_file)
     parsed = reference.parse(ref)
-    click.echo(str(parsed) if parsed.tag or parsed.digest else img.id)
+    return str(parsed) if parsed.tag or parsed.digest else img.id
 
 
-@click.command()
-@click.argument("server")
-@click.option("-u", "--username")
-@click.option("-p", "--password")
-@click.option("--password-stdin", is_flag=True, help="Take the password from stdin.")
-@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]")
-@click.pass_context
-def login(ctx: click.Context, server: str, username: str | None, password: str | None, password_stdin: bool,
-          insecure: tuple[str, ...]) -> None:
-    """Log in to a registry (credentials stored with mode 0600)."""
+def login(cfg: Config, server: str, *, username: str | None, password: str | None, password_stdin: bool,
+          insecure: tuple[str, ...], ask: Callable[[str, bool], str]) -> str:
+    """``vmrt login``: what is missing is read from stdin (``--password-stdin``) or asked on
+    the terminal (``ask(prompt, hide_input)``); the line to print."""
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
-    cfg = _cfg(ctx)
     if password_stdin:
         if password:
             raise UsageError("--password and --password-stdin are mutually exclusive")
@@ -94,25 +70,21 @@ def login(ctx: click.Context, server: str, username: str | None, password: str |
     if not username:
         if not sys.stdin.isatty():
             raise UsageError("login: -u USERNAME is required when stdin is not a terminal")
-        username = click.prompt("Username")
+        username = ask("Username", False)
     if not password:
         if not sys.stdin.isatty():
             raise UsageError("login: a password is required (-p or --password-stdin)")
-        password = click.prompt("Password", hide_input=True)
+        password = ask("Password", True)
     registry.login(server, username, password, insecure_registries=cfg.insecure(insecure), auth_file=cfg.auth_file)
-    click.echo("Login Succeeded")
+    return "Login Succeeded"
 
 
-@click.command()
-@click.argument("server")
-@click.pass_context
-def logout(ctx: click.Context, server: str) -> None:
-    """Forget the credentials stored for a registry."""
+def logout(cfg: Config, server: str) -> str:
+    """``vmrt logout``: the line to print."""
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
-    if registry.logout(server, auth_file=_cfg(ctx).auth_file):
-        click.echo(f"Removing login credentials for {server}")
-    else:
-        raise UsageError(f"Not logged in to {server}")
+    if registry.logout(server, auth_file=cfg.auth_file):
+        return f"Removing login credentials for {server}"
+    raise UsageError(f"Not logged in to {server}")
 
 
 # --- listing and inspecting ----------------------------------------------------------
@@ -145,29 +117,17 @@ def _repo_filter(ref: str | None):  # type: ignore[no-untyped-def]
     return lambda t: t.name == r.name and (not has_tag or t.tag == r.tag)
 
 
-@click.command("images")
-@click.argument("repository", required=False)
-@click.option("-a", "--all", "show_all", is_flag=True, help="Accepted for Docker compatibility: vmrt has no "
-              "intermediate images, so every image is always shown.")
-@click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
-@click.option("--no-trunc", is_flag=True, help="Show full image IDs.")
-@click.option("--format", "fmt", help="table, json, or a Go-template-like string such as '{{.Repository}}:{{.Tag}}'.")
-@click.pass_context
-def images(ctx: click.Context, repository: str | None, show_all: bool, quiet: bool, no_trunc: bool,
-           fmt: str | None) -> None:
-    """List images: REPOSITORY TAG IMAGE ID CREATED SIZE."""
-    store = _store(ctx)
+def images(cfg: Config, repository: str | None, *, quiet: bool, no_trunc: bool, fmt: str | None) -> list[str]:
+    """``vmrt images``' lines."""
+    store = Store(cfg.root)
     rows = image_rows(store, repository)
     if no_trunc:
         full = {short_id(i.id): i.id for i in store.images()}
         for r in rows:
             r["ID"] = full[r["ID"]]
     if quiet:
-        for i in dict.fromkeys(r["ID"] for r in rows):
-            click.echo(i)
-        return
-    for line in formatting.emit(fmt, rows, IMAGE_COLUMNS):
-        click.echo(line)
+        return list(dict.fromkeys(r["ID"] for r in rows))
+    return formatting.emit(fmt, rows, IMAGE_COLUMNS)
 
 
 def inspect_doc(img: Image) -> dict[str, Any]:
@@ -195,29 +155,17 @@ def inspect_doc(img: Image) -> dict[str, Any]:
     }
 
 
-@click.command("inspect")
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-f", "--format", "fmt", help="Go-template-like format, e.g. '{{.Id}}' or '{{json .Config}}'.")
-@click.pass_context
-def image_inspect(ctx: click.Context, refs: tuple[str, ...], fmt: str | None) -> None:
-    """Show an image's details as JSON (Docker's shape)."""
-    store = _store(ctx)
+def inspect(cfg: Config, refs: tuple[str, ...], *, fmt: str | None) -> Iterator[str]:
+    """``vmrt image inspect``'s lines (every ref is looked up before the first is shown)."""
+    store = Store(cfg.root)
     docs = [inspect_doc(store.get(r)) for r in refs]
-    if fmt and fmt != "json":
-        for d in docs:
-            click.echo(formatting.render(fmt, d))
-    else:
-        click.echo(json.dumps(docs, indent=4))
+    yield from formatting.documents(fmt, docs)
 
 
 # --- tagging and removal ---------------------------------------------------------------
-@click.command()
-@click.argument("source")
-@click.argument("target")
-@click.pass_context
-def tag(ctx: click.Context, source: str, target: str) -> None:
-    """Create a tag TARGET that refers to SOURCE."""
-    _store(ctx).tag(target, source)
+def tag(cfg: Config, source: str, target: str) -> None:
+    """``vmrt tag``."""
+    Store(cfg.root).tag(target, source)
 
 
 def _remove_one(store: Store, ref: str, force: bool) -> tuple[list[str], str | None]:
@@ -253,8 +201,10 @@ def _remove_one(store: Store, ref: str, force: bool) -> tuple[list[str], str | N
     return [*out, f"Deleted: {image_id}"], image_id
 
 
-def remove_images(store: Store, refs: tuple[str, ...] | list[str], force: bool) -> list[str]:
-    """``docker rmi``: untag, and delete images that lose their last tag and have no container."""
+def remove_images(store: Store, refs: tuple[str, ...] | list[str], force: bool) -> Iterator[str | VmrtError]:
+    """``docker rmi``: untag, and delete images that lose their last tag and have no container.
+    Yields the lines to print; a ref that fails does not stop the others: the failures come
+    last, all but the last one yielded, the last one raised."""
     deleted: list[str] = []
     errors: list[str] = []
     for ref in refs:
@@ -263,112 +213,74 @@ def remove_images(store: Store, refs: tuple[str, ...] | list[str], force: bool) 
         except (ImageError, UsageError) as e:
             errors.append(str(e))
             continue
-        for line in lines:
-            click.echo(line)
+        yield from lines
         if gone:
             deleted.append(gone)
     if deleted:
         store.collect()
     if errors:
-        for msg in errors[:-1]:
-            click.echo(f"vmrt: {formatting.inert(msg)}", err=True)
+        yield from (ImageError(msg) for msg in errors[:-1])
         raise ImageError(errors[-1])
-    return deleted
 
 
-@click.command("rmi")
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="Remove even if referenced by several tags or by containers "
-              "(an image a container still uses stays, untagged, until the container is removed).")
-@click.pass_context
-def rmi(ctx: click.Context, refs: tuple[str, ...], force: bool) -> None:
-    """Remove one or more images."""
-    remove_images(_store(ctx), refs, force)
+def rmi(cfg: Config, refs: tuple[str, ...], *, force: bool) -> Iterator[str | VmrtError]:
+    """``vmrt rmi``: as :func:`remove_images`."""
+    return remove_images(Store(cfg.root), refs, force)
 
 
-@click.command("prune")
-@click.option("-a", "--all", "prune_all", is_flag=True, help="Remove all images no container uses, not just "
-              "untagged ones.")
-@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
-@click.pass_context
-def image_prune(ctx: click.Context, prune_all: bool, force: bool) -> None:
-    """Remove unused images (untagged ones; with -a, every image no container uses)."""
-    if not force and sys.stdin.isatty():
-        what = "all images without at least one container associated to them" if prune_all else "all dangling images"
-        if not click.confirm(f"WARNING! This will remove {what}.\nAre you sure you want to continue?"):
-            return
-    store = _store(ctx)
+def prune(cfg: Config, *, prune_all: bool) -> list[str]:
+    """``vmrt image prune`` (confirmed): remove untagged images (``prune_all``: every image no
+    container uses); the report's lines."""
+    store = Store(cfg.root)
     deleted = []
     for img in store.images():
         if (img.tags and not prune_all) or not store.delete_if_unused(img.id):
             continue
         deleted.append(img)
     freed = store.collect()
+    lines = []
     if deleted:
-        click.echo("Deleted Images:")
+        lines.append("Deleted Images:")
         for img in deleted:
-            for t in img.tags:
-                click.echo(f"untagged: {reference.parse(t).familiar()}")
-            click.echo(f"deleted: {img.id}")
-        click.echo()
-    click.echo(f"Total reclaimed space: {human_size(freed)}")
+            lines += [f"untagged: {reference.parse(t).familiar()}" for t in img.tags]
+            lines.append(f"deleted: {img.id}")
+        lines.append("")
+    return [*lines, f"Total reclaimed space: {human_size(freed)}"]
 
 
-# --- archives ------------------------------------------------------------------------------
-@click.command("load")
-@click.option("-i", "--input", "source", type=click.Path(dir_okay=False, path_type=Path),
-              help="Read from a tar archive file (docker-archive or OCI layout, maybe compressed), not stdin.")
-@click.option("-q", "--quiet", is_flag=True, help="Suppress the load output.")
-@click.pass_context
-def load(ctx: click.Context, source: Path | None, quiet: bool) -> None:
-    """Load images from a tar archive (docker save / podman save / skopeo output)."""
+# --- archives, builds ------------------------------------------------------------------------
+def load(cfg: Config, source: Path | None, *, quiet: bool) -> list[str]:
+    """``vmrt load``: images from a tar archive (``source``, or stdin); the lines to print."""
     if source is None and sys.stdin.isatty():
         raise UsageError("requested load from stdin, but stdin is empty (use -i FILE)")
     if source is not None and not source.exists():
         raise UsageError(f"open {source}: no such file or directory")
     from .images import archive  # on use: not on `vmrt run`'s path
-    loaded = archive.load(_store(ctx), source if source is not None else sys.stdin.buffer)
-    if not quiet:
-        for r in loaded:
-            click.echo(f"Loaded image{' ID' if r.startswith('sha256:') else ''}: {r}")
+    loaded = archive.load(Store(cfg.root), source if source is not None else sys.stdin.buffer)
+    if quiet:
+        return []
+    return [f"Loaded image{' ID' if r.startswith('sha256:') else ''}: {r}" for r in loaded]
 
 
-@click.command("save")
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write to a file instead of stdout.")
-@click.pass_context
-def save(ctx: click.Context, refs: tuple[str, ...], output: Path | None) -> None:
-    """Save images to a tar archive (both a docker-archive and an OCI layout, as Docker 25+)."""
+def save(cfg: Config, refs: tuple[str, ...], output: Path | None) -> None:
+    """``vmrt save``: the images as a tar archive to ``output`` or stdout (never a terminal)."""
     from .images import archive  # on use: not on `vmrt run`'s path
     if output is None and sys.stdout.isatty():
         raise UsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
-    archive.save(_store(ctx), list(refs), output if output is not None else sys.stdout.buffer)
+    archive.save(Store(cfg.root), list(refs), output if output is not None else sys.stdout.buffer)
 
 
-@click.command("import")
-@click.argument("source")
-@click.argument("ref", required=False)
-@click.option("-c", "--change", "changes", multiple=True,
-              help="Apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, WORKDIR, USER, EXPOSE, LABEL).")
-@click.option("-m", "--message", default="", help="Commit message for the imported image.")
-@click.pass_context
-def import_(ctx: click.Context, source: str, ref: str | None, changes: tuple[str, ...], message: str) -> None:
-    """Create an image from a root file system tarball (FILE or - for stdin)."""
+def import_image(cfg: Config, source: str, ref: str | None, *, changes: tuple[str, ...], message: str) -> str:
+    """``vmrt import``: an image from a root file system tarball (a file, or - for stdin); its ID."""
     from .images import archive  # on use: not on `vmrt run`'s path
     if source != "-" and not Path(source).is_file():
         raise UsageError(f"open {source}: no such file or directory")
-    img = archive.import_tarball(_store(ctx), sys.stdin.buffer if source == "-" else Path(source), ref,
+    img = archive.import_tarball(Store(cfg.root), sys.stdin.buffer if source == "-" else Path(source), ref,
                                  changes=list(changes), message=message)
-    click.echo(img.id)
+    return img.id
 
 
-def register(main: click.Group, image: click.Group) -> None:
-    for cmd, top, sub in ((pull, "pull", "pull"), (images, "images", "ls"), (rmi, "rmi", "rm"), (tag, "tag", "tag"),
-                          (load, "load", "load"), (save, "save", "save"), (import_, "import", "import")):
-        main.add_command(cmd, top)
-        image.add_command(cmd, sub)
-    main.add_command(login)
-    main.add_command(logout)
-    image.add_command(image_inspect)
-    image.add_command(image_prune)
+def build(cfg: Config, recipe: Path) -> str:
+    """``vmrt image build``: an image from a recipe directory (see images/); its reference."""
+    from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
+    return recipe_mod.build(recipe, Store(cfg.root))

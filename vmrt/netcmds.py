@@ -1,13 +1,12 @@
-"""``vmrt network ...`` and ``vmrt port``: Docker's commands over the vmrt/network package."""
+"""What ``vmrt network ...`` and ``vmrt port`` do: Docker's commands over the vmrt/network
+package (the CLI, :mod:`vmrt.cli.networks`, prints what these return)."""
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
 import json
-from typing import Any
-
-import click
+from collections.abc import Callable, Iterator
 
 from . import formatting, fsmode, lifecycle, network
 from .config import Config
@@ -16,10 +15,6 @@ from .layout import container_dir
 from .state import Container, State, Status
 
 NET_COLUMNS = [("NETWORK ID", "ID", 0), ("NAME", "Name", 0), ("DRIVER", "Driver", 0), ("SCOPE", "Scope", 0)]
-
-
-def _cfg(ctx: click.Context) -> Config:
-    return ctx.obj["cfg"]
 
 
 def _container(cfg: Config, ref: str) -> Container:
@@ -50,40 +45,20 @@ def _members(cfg: Config, store: network.Store, net: network.Network) -> dict[st
         st.close()
 
 
-@click.group("network")
-def network_group() -> None:
-    """Manage networks."""
-
-
-@network_group.command("create")
-@click.argument("name")
-@click.option("-d", "--driver", default="bridge", show_default=True, help="Only bridge.")
-@click.option("--subnet", help="Subnet in CIDR form (default: a free /24 of the network pool).")
-@click.option("--gateway", help="The bridge's address (default: the subnet's first).")
-@click.option("--internal", is_flag=True, help="No traffic to or from outside the network.")
-@click.option("--label", "labels", multiple=True, help="KEY=VALUE metadata.")
-@click.pass_context
-def create(ctx: click.Context, name: str, driver: str, subnet: str | None, gateway: str | None, internal: bool,
-           labels: tuple[str, ...]) -> None:
-    """Create a user network (a bridge; its containers reach each other by name)."""
+def create(cfg: Config, name: str, *, driver: str, subnet: str | None, gateway: str | None, internal: bool,
+           labels: tuple[str, ...]) -> str:
+    """``vmrt network create``: a user network (a bridge); its ID."""
     if driver != "bridge":
         raise UsageError(f"network driver {driver!r} is not supported (only bridge)")
-    cfg = _cfg(ctx)
     with network.locked(cfg), network.Store(cfg) as store:
         net = store.create(name, subnet, gateway, internal,
                            dict(label.partition("=")[::2] for label in labels))
-    click.echo(net.id)
+    return net.id
 
 
-@network_group.command("ls")
-@click.option("-q", "--quiet", is_flag=True, help="Only display network IDs.")
-@click.option("-f", "--filter", "filters", multiple=True, help="name=..., id=..., driver=...")
-@click.option("--format", "fmt", help="table, json or a template such as '{{.Name}}'.")
-@click.option("--no-trunc", is_flag=True, help="Do not truncate IDs.")
-@click.pass_context
-def ls(ctx: click.Context, quiet: bool, filters: tuple[str, ...], fmt: str | None, no_trunc: bool) -> None:
-    """List networks."""
-    with network.Store(_cfg(ctx)) as store:
+def ls(cfg: Config, *, quiet: bool, filters: tuple[str, ...], fmt: str | None, no_trunc: bool) -> list[str]:
+    """``vmrt network ls``' lines."""
+    with network.Store(cfg) as store:
         nets = store.networks()
     rows = [{"ID": n.id if no_trunc else n.id[:12], "Name": n.name, "Driver": "bridge", "Scope": "local",
              "Internal": n.internal, "Subnet": n.subnet} for n in nets]
@@ -96,75 +71,51 @@ def ls(ctx: click.Context, quiet: bool, filters: tuple[str, ...], fmt: str | Non
         field = {"name": "Name", "id": "ID", "driver": "Driver"}[key]
         rows = [r for r in rows if (value in str(r[field]) if key == "name" else str(r[field]).startswith(value))]
     if quiet:
-        for r in rows:
-            click.echo(r["ID"])
-        return
-    for line in formatting.emit(fmt, rows, NET_COLUMNS):
-        click.echo(line)
+        return [str(r["ID"]) for r in rows]
+    return formatting.emit(fmt, rows, NET_COLUMNS)
 
 
-@network_group.command("inspect")
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-f", "--format", "fmt", help="Go-template-like format, e.g. '{{.IPAM.Config}}'.")
-@click.pass_context
-def inspect(ctx: click.Context, refs: tuple[str, ...], fmt: str | None) -> None:
-    """Details of networks as JSON, Docker's shape."""
-    cfg = _cfg(ctx)
+def inspect(cfg: Config, refs: tuple[str, ...], *, fmt: str | None) -> Iterator[str | VmrtError]:
+    """``vmrt network inspect``: Docker's documents; a ref that names no network is one error,
+    the others are shown."""
     docs, failed = [], False
     with network.Store(cfg) as store:
         for ref in refs:
             try:
                 net = store.get(ref)
             except VmrtError as e:
-                click.echo(f"vmrt: {formatting.inert(str(e))}", err=True)
+                yield e
                 failed = True
                 continue
             docs.append(net.inspect(_members(cfg, store, net)))
-    if fmt and fmt != "json":
-        for d in docs:
-            click.echo(formatting.render(fmt, d))
-    elif docs or not failed:
-        click.echo(json.dumps(docs, indent=4))
-    if failed:
-        ctx.exit(1)
+    if docs or not failed:  # every ref missing: no empty list
+        yield from formatting.documents(fmt, docs)
 
 
-@network_group.command("rm")
-@click.argument("refs", nargs=-1, required=True)
-@click.pass_context
-def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
-    """Remove networks (none of their containers may be running)."""
-    failed = False
+def rm(cfg: Config, refs: tuple[str, ...]) -> Iterator[str | VmrtError]:
+    """``vmrt network rm``: each network's name once removed, or its error."""
     for ref in refs:
         try:
-            click.echo(network.remove_network(_cfg(ctx), ref))
+            name = network.remove_network(cfg, ref)
         except VmrtError as e:
-            click.echo(f"vmrt: {formatting.inert(str(e))}", err=True)
-            failed = True
-    if failed:
-        ctx.exit(1)
+            yield e
+            continue
+        yield name
 
 
-@network_group.command("prune")
-@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
-@click.pass_context
-def prune(ctx: click.Context, force: bool) -> None:
-    """Remove every user network no running container uses."""
-    cfg = _cfg(ctx)
-    if not force and not click.confirm("WARNING! This will remove all custom networks not used by at least one "
-                                       "container.\nAre you sure you want to continue?"):
-        return
+def prune(cfg: Config) -> list[str]:
+    """``vmrt network prune`` (confirmed): remove every user network no running container uses;
+    the report's lines."""
     with network.Store(cfg) as store:
         names = [n.name for n in store.networks() if n.user and not store.live_endpoints(network_id=n.id)]
     removed = []
     for name in names:
         with contextlib.suppress(VmrtError):
             removed.append(network.remove_network(cfg, name))
-    if removed:
-        click.echo("Deleted Networks:\n" + "\n".join(removed))
+    return ["Deleted Networks:", *removed] if removed else []
 
 
-def _update_request(cfg: Config, c: Container, change: Any) -> None:
+def _update_request(cfg: Config, c: Container, change: Callable[[network.NetRequest], None]) -> None:
     """Change the network request kept in the container's config (what its next start uses)."""
     p = container_dir(cfg, c.id) / "config.json"
     try:
@@ -179,15 +130,9 @@ def _update_request(cfg: Config, c: Container, change: Any) -> None:
     tmp.replace(p)
 
 
-@network_group.command("connect")
-@click.argument("net_ref")
-@click.argument("container")
-@click.option("--alias", "aliases", multiple=True, help="Network-scoped alias for the container.")
-@click.pass_context
-def connect(ctx: click.Context, net_ref: str, container: str, aliases: tuple[str, ...]) -> None:
-    """Connect a container to a network (a running one: process isolation only)."""
-    cfg = _cfg(ctx)
-    c = _container(cfg, container)
+def connect(cfg: Config, net_ref: str, ref: str, *, aliases: tuple[str, ...]) -> None:
+    """``vmrt network connect``: a container joins a network (a running one: process isolation only)."""
+    c = _container(cfg, ref)
     for a in aliases:
         network.valid_alias(a)
     with network.Store(cfg) as store:
@@ -215,15 +160,9 @@ def connect(ctx: click.Context, net_ref: str, container: str, aliases: tuple[str
     _update_request(cfg, c, change)
 
 
-@network_group.command("disconnect")
-@click.argument("net_ref")
-@click.argument("container")
-@click.option("-f", "--force", is_flag=True, help="Accepted for Docker compatibility.")
-@click.pass_context
-def disconnect(ctx: click.Context, net_ref: str, container: str, force: bool) -> None:
-    """Disconnect a container from a network."""
-    cfg = _cfg(ctx)
-    c = _container(cfg, container)
+def disconnect(cfg: Config, net_ref: str, ref: str) -> None:
+    """``vmrt network disconnect``."""
+    c = _container(cfg, ref)
     with network.Store(cfg) as store:
         net = store.get(net_ref)
     if _running(c):
@@ -242,16 +181,10 @@ def disconnect(ctx: click.Context, net_ref: str, container: str, force: bool) ->
     _update_request(cfg, c, change)
 
 
-@click.command("port")
-@click.argument("container")
-@click.argument("private_port", required=False)
-@click.pass_context
-def port(ctx: click.Context, container: str, private_port: str | None) -> None:
-    """List a container's published ports, or the host address of one (PORT[/PROTO])."""
-    cfg = _cfg(ctx)
-    c = _container(cfg, container)
-    for line in network.port_lines(cfg, c.id, private_port) if _running(c) else []:
-        click.echo(line)
+def port(cfg: Config, ref: str, private_port: str | None) -> list[str]:
+    """``vmrt port``: a container's published ports, or the host address of one (PORT[/PROTO])."""
+    c = _container(cfg, ref)
+    return network.port_lines(cfg, c.id, private_port) if _running(c) else []
 
 
 def ports_text(cfg: Config, container_ids: list[str]) -> dict[str, str]:
@@ -263,8 +196,3 @@ def ports_text(cfg: Config, container_ids: list[str]) -> dict[str, str]:
                 text = ", ".join(f"{p.host_ip or '0.0.0.0'}:{p.host_port}->{p.key()}" for p in ep.ports)
                 out[ep.container_id] = ", ".join(x for x in (out.get(ep.container_id), text) if x)
     return out
-
-
-def register(main: click.Group) -> None:
-    main.add_command(network_group)
-    main.add_command(port)

@@ -1,0 +1,184 @@
+"""The commands about vmrt itself and this host (click only: what each does is in
+:mod:`vmrt.systemcmds`, and ``vmrt bench`` in :mod:`vmrt.bench`): info, check, bench,
+kernel, agent, pool, snapshot, setup."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import systemcmds
+from .common import config_of, echo_lines
+
+
+@click.command()
+@click.pass_context
+def info(ctx: click.Context) -> None:
+    """Show the accelerator, component versions, kernel and state directories."""
+    echo_lines(systemcmds.info(config_of(ctx)))
+
+
+@click.group()
+def check() -> None:
+    """Checks of this host and of the isolation vmrt gives."""
+
+
+@check.command("isolation")
+@click.argument("image", default="busybox")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
+    """Run benign isolation probes in both modes and show them side by side."""
+    click.echo(systemcmds.check_isolation(config_of(ctx), image, fmt=fmt))
+
+
+@click.command("bench")
+@click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs per mode (start, exec), after one warm-up run.")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Concurrent starts per batch (1: no parallel part).")
+@click.option("--density-max", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Density: start idle containers until this many run (or memory/starts give out).")
+@click.option("--modes", default="process,vm-cold,vm-pool,vm-snapshot,runc,podman", show_default=True)
+@click.option("--only", default="start,exec,memory,density,io,cpu,net", show_default=True)
+@click.option("--network", default="none", show_default=True,
+              help="The network of the vmrt modes' containers for start, exec, memory, density, io and cpu "
+                   "(none: as the podman baseline; bridge: with the cost of the bridge network). "
+                   "net always uses the default bridge.")
+@click.option("--net-mib", type=click.IntRange(min=1), default=64, show_default=True,
+              help="net: MiB sent per TCP throughput repetition (the same for every mode).")
+@click.option("--net-requests", type=click.IntRange(min=1), default=200, show_default=True,
+              help="net: HTTP GETs per mode (a new connection each) for the latency percentiles.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the results here [default: ./vmrt-bench-DATE-TIME.json].")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="PNG plots (needs matplotlib) [default: ./vmrt-bench-plots/].")
+@click.option("--write-md", type=click.Path(path_type=Path, dir_okay=False),
+              help="Append a dated section with the tables to this markdown file (e.g. docs/BENCHMARKS.md).")
+@click.option("--image", default="busybox", show_default=True)
+@click.option("--idle", type=click.IntRange(min=1), help="Idle containers per mode for memory [default: --parallel].")
+@click.option("--pool-size", type=click.IntRange(min=1), help="vm-pool: warm VMs kept [default: --parallel].")
+@click.pass_context
+def bench(ctx: click.Context, **kw: Any) -> None:
+    """Measure every isolation mode side by side (with runc and podman as baselines)."""
+    from .. import bench as bench_mod  # imported on use: keeps `vmrt run` start-up lean
+    ctx.exit(bench_mod.main(config_of(ctx), argv=sys.argv[1:], **kw))
+
+
+@click.group()
+def kernel() -> None:
+    """Build the guest kernel."""
+
+
+@kernel.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
+@click.option("-j", "--jobs", type=int, help="Parallel make jobs.")
+@click.pass_context
+def kernel_build(ctx: click.Context, force: bool, jobs: int | None) -> None:
+    """Build (or reuse from cache) the trimmed guest kernel."""
+    click.echo(systemcmds.kernel_build(config_of(ctx), force=force, jobs=jobs))
+
+
+@click.group()
+def agent() -> None:
+    """Build the guest agent."""
+
+
+@agent.command("build")
+@click.option("--force", is_flag=True)
+@click.pass_context
+def agent_build(ctx: click.Context, force: bool) -> None:
+    """Build (or reuse from cache) the static guest agent and its initramfs."""
+    click.echo(systemcmds.agent_build(config_of(ctx), force=force))
+
+
+@click.group(invoke_without_command=True)
+@click.option("--format", "fmt", help="json, or a Go-template-like format, e.g. '{{.Ready}}'.")
+@click.pass_context
+def pool(ctx: click.Context, fmt: str | None) -> None:
+    """The warm pool of pre-booted VMs (`vmrt pool` alone: its status)."""
+    if ctx.invoked_subcommand is None:
+        echo_lines(systemcmds.pool_status(config_of(ctx), fmt=fmt))
+
+
+@pool.command("start")
+@click.option("--size", type=click.IntRange(0, 256), help="Ready VMs to keep (default: the pool_size setting).")
+@click.pass_context
+def pool_start(ctx: click.Context, size: int | None) -> None:
+    """Start the pool daemon in the background (it keeps SIZE VMs booted; `vmrt pool stop` ends it)."""
+    click.echo(systemcmds.pool_start(config_of(ctx), size=size))
+
+
+@pool.command("serve")
+@click.option("--size", type=click.IntRange(0, 256), help="Ready VMs to keep (default: the pool_size setting).")
+@click.pass_context
+def pool_serve(ctx: click.Context, size: int | None) -> None:
+    """Run the pool daemon in the foreground (what `vmrt pool start` runs)."""
+    ctx.exit(systemcmds.pool_serve(config_of(ctx), size=size))
+
+
+@pool.command("fill")
+@click.argument("size", type=click.IntRange(0, 256), required=False)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until SIZE VMs are ready.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait at most.")
+@click.pass_context
+def pool_fill(ctx: click.Context, size: int | None, wait: bool, timeout: float) -> None:
+    """Set the pool's size (if given) and wait until that many VMs are ready."""
+    click.echo(systemcmds.pool_fill(config_of(ctx), size=size, wait=wait, timeout=timeout))
+
+
+@pool.command("drain")
+@click.pass_context
+def pool_drain(ctx: click.Context) -> None:
+    """Kill the idle VMs and stop refilling (size 0; `vmrt pool fill N` sets it again)."""
+    click.echo(systemcmds.pool_drain(config_of(ctx)))
+
+
+@pool.command("stop")
+@click.pass_context
+def pool_stop(ctx: click.Context) -> None:
+    """Stop the pool daemon; its idle VMs go with it (VMs serving containers stay theirs)."""
+    click.echo(systemcmds.pool_stop(config_of(ctx)))
+
+
+@click.group()
+def snapshot() -> None:
+    """VM snapshots: VM-mode runs without a pooled VM restore one instead of booting."""
+
+
+@snapshot.command("build")
+@click.option("--force", is_flag=True, help="Build again even if a valid snapshot exists.")
+@click.pass_context
+def snapshot_build(ctx: click.Context, force: bool) -> None:
+    """Boot a VM of the default shape to its agent, save its state (cached by shape and QEMU version)."""
+    click.echo(systemcmds.snapshot_build(config_of(ctx), force=force))
+
+
+@snapshot.command("ls")
+@click.option("--format", "fmt", help="json, or a Go-template-like format, e.g. '{{.Key}}'.")
+@click.pass_context
+def snapshot_ls(ctx: click.Context, fmt: str | None) -> None:
+    """List the snapshots."""
+    echo_lines(systemcmds.snapshot_ls(config_of(ctx), fmt=fmt))
+
+
+@snapshot.command("rm")
+@click.pass_context
+def snapshot_rm(ctx: click.Context) -> None:
+    """Remove every snapshot (runs cold-boot again)."""
+    click.echo(systemcmds.snapshot_rm(config_of(ctx)))
+
+
+@click.command()
+@click.pass_context
+def setup(ctx: click.Context) -> None:
+    """Build the kernel, the agent and the project's images (idempotent)."""
+    echo_lines(systemcmds.setup(config_of(ctx)), err=True)
+
+
+def register(main: click.Group) -> None:
+    for cmd in (info, check, bench, kernel, agent, pool, snapshot, setup):
+        main.add_command(cmd)
