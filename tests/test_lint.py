@@ -55,6 +55,37 @@ def test_layers_contract_catches_an_upward_import(tmp_path: Path) -> None:
     assert r.returncode != 0 and "vmrt.state is not allowed to import vmrt.cli" in r.stdout, r.stdout
 
 
+def click_importers(pkg: Path) -> list[str]:
+    """The modules of ``pkg`` outside its CLI (``cli/``, ``__main__.py``) that import click."""
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel.startswith("cli/") or rel == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(n == "click" or n.startswith("click.") for n in names):
+                found.append(f"{rel}:{node.lineno}")
+    return found
+
+
+def test_only_the_cli_imports_click() -> None:
+    """The CLI is click only, and only the CLI knows click (issue 15, part 1): the commands
+    layer (containercmds, imagecmds, netcmds, systemcmds, bench...) takes a Config and typed
+    arguments and returns data, so another front end (an API server) can call it."""
+    assert not click_importers(REPO / "vmrt"), click_importers(REPO / "vmrt")
+
+
+def test_click_check_is_not_vacuous(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "vmrt", tmp_path / "vmrt", ignore=shutil.ignore_patterns("__pycache__"))
+    cmds = tmp_path / "vmrt" / "containercmds.py"
+    cmds.write_text(cmds.read_text() + "\n\ndef f() -> None:\n    from click import echo  # noqa\n")
+    net = tmp_path / "vmrt" / "netcmds.py"
+    net.write_text(net.read_text() + "\nimport click.testing  # noqa\n")
+    assert [p.partition(":")[0] for p in click_importers(tmp_path / "vmrt")] == ["containercmds.py", "netcmds.py"]
+
+
 def _import_graph(pkg: Path) -> dict[str, set[str]]:
     """Every vmrt module -> the vmrt modules it imports anywhere (function-local imports too)."""
     import ast
