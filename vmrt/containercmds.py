@@ -498,8 +498,10 @@ STATS_COLUMNS = [("CONTAINER ID", "ID", 0), ("NAME", "Name", 0), ("ISOLATION", "
                  ("GUEST MEM", "GuestMem", 0), ("PIDS", "PIDs", 0)]
 
 
-def stats(cfg: Config, refs: tuple[str, ...], *, show_all: bool, fmt: str | None, stream: bool) -> Iterator[list[str]]:
-    """``vmrt stats``: one reading's lines, then (``stream``) another every half second."""
+def stats(cfg: Config, refs: tuple[str, ...], *, show_all: bool, fmt: str | None,
+          stream: bool) -> Iterator[Iterator[str]]:
+    """``vmrt stats``: one reading's lines, then (``stream``) another every half second; a
+    reading's lines are formatted as they are read (a live view clears the screen first)."""
     from . import stats as stats_mod  # on use: not on `vmrt run`'s path
     while True:
         with _state(cfg) as st:
@@ -515,10 +517,15 @@ def stats(cfg: Config, refs: tuple[str, ...], *, show_all: bool, fmt: str | None
         rows += [{"ID": c.id[:12], "Name": c.name, "Isolation": c.isolation, "CPUPerc": "0.00%",
                   "MemUsage": "0B / 0B", "MemPerc": "0.00%", "GuestMem": "--", "PIDs": 0}
                  for c in cs if c.status != Status.RUNNING]
-        yield formatting.emit(fmt, rows, STATS_COLUMNS)
+        yield _formatted(fmt, rows)
         if not stream:
             return
         time.sleep(0.5)
+
+
+def _formatted(fmt: str | None, rows: list[dict[str, Any]]) -> Iterator[str]:
+    """The reading's lines, formatted on the first read (a bad template fails after the clear)."""
+    yield from formatting.emit(fmt, rows, STATS_COLUMNS)
 
 
 def top(cfg: Config, ref: str, ps_args: tuple[str, ...]) -> int:
