@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tokenize
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,17 @@ def test_layers_contract_holds() -> None:
     imports the agent."""
     r = _lint_imports(REPO)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_module_has_a_layer() -> None:
+    """Each of vmrt's modules and packages is named in the layers contract: a new one cannot slip
+    past it unplaced (import-linter checks only the modules a layer names)."""
+    contract = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    named = {m.strip() for layer in contract["layers"] for m in layer.replace("|", ":").split(":")}
+    tops = {f"vmrt.{p.stem}" for p in (REPO / "vmrt").glob("*.py") if p.name != "__init__.py"}
+    tops |= {f"vmrt.{p.parent.name}" for p in (REPO / "vmrt").glob("*/__init__.py")}
+    assert tops - named == set(), "modules without a layer in pyproject.toml's contract"
+    assert named - tops == set(), "the contract names modules that do not exist"
 
 
 def test_layers_contract_catches_an_upward_import(tmp_path: Path) -> None:
