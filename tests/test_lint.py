@@ -146,6 +146,35 @@ def test_no_import_circle() -> None:
             assert circle is None, " -> ".join(circle)
 
 
+def private_names_crossed(source: str) -> list[str]:
+    """``module._name`` uses and ``from module import _name`` imports of another vmrt module's
+    private names in ``source`` (names bound by an import are modules or their members)."""
+    tree = ast.parse(source)
+    imported, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    found.append(f"from {node.module} import {a.name}")
+                imported.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported \
+                and node.attr.startswith("_") and not node.attr.startswith("__") and node.value.id != "os":
+            found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_no_module_reaches_into_anothers_private_names() -> None:
+    """Names to their owners (issue 15, part 2): a name another module needs is public where it lives."""
+    bad = [f"{p.relative_to(REPO)}: {use}" for p in sorted((REPO / "vmrt").rglob("*.py"))
+           for use in private_names_crossed(p.read_text())]
+    assert not bad, "\n".join(bad)
+    assert private_names_crossed("from . import pool\npool._read_hello()\nfrom .x import _y\n") == \
+        ["from x import _y", "pool._read_hello (line 2)"]
+
+
 def uncommented_local_imports(source: str) -> list[int]:
     """The lines of the imports inside functions that have no comment (on one of their own lines
     or on the line above) saying why they are not at module level."""
