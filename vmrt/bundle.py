@@ -21,6 +21,7 @@ from typing import Any
 from . import cgroups, fsmode, safefs
 from .errors import ImageError, UsageError
 from .network import NetRequest, image_exposed
+from .ocispec import Spec
 from .volumes import Mount
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -239,7 +240,7 @@ def process_args(image_cfg: dict[str, Any], opts: RunOptions) -> list[str]:
 
 
 def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opts: RunOptions, container_id: str,
-                isolation: str) -> dict[str, Any]:
+                isolation: str) -> Spec:
     args = process_args(image_cfg, opts)
     cwd = opts.workdir or image_cfg.get("WorkingDir") or "/"
     if not cwd.startswith("/") or "\0" in cwd:
@@ -330,11 +331,11 @@ DEFAULT_MOUNTS: list[dict[str, Any]] = [
 ]
 
 
-def user_mounts(config: dict[str, Any]) -> list[dict[str, Any]]:
+def user_mounts(config: Spec) -> list[dict[str, Any]]:
     return list(config.get("mounts", [])[len(DEFAULT_MOUNTS):])
 
 
-def write(bundle_dir: Path, config: dict[str, Any]) -> Path:
+def write(bundle_dir: Path, config: Spec) -> Path:
     """config.json, 0600 in a 0700 dir: it holds the container's environment (``-e`` secrets)."""
     fsmode.private_dir(bundle_dir)
     p = bundle_dir / "config.json"

@@ -30,8 +30,9 @@ from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .imagecmds import inspect_doc as image_doc
 from .images.store import Store
-from .layout import LOG_NAME, META_NAME, container_dir
+from .layout import LOG_NAME, META_NAME, Meta, container_dir
 from .netcmds import ports_text
+from .ocispec import Spec
 from .state import Container, State, Status
 from .timings import Timings
 
@@ -139,8 +140,8 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         raise UsageError("conflicting options: cannot specify both --restart and --rm")
     if a.restart != "no" and not a.detach and not create:
         raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
-    meta = {"accel": a.accel, "kernel": str(a.kernel) if a.kernel else None, "runtime": a.runtime,
-            "restart": a.restart, "rm": a.rm, logfile.KEY: logfile.options(a.log_opts, cfg)}
+    meta: Meta = {"accel": a.accel, "kernel": str(a.kernel) if a.kernel else None, "runtime": a.runtime,
+                  "restart": a.restart, "rm": a.rm, "log": logfile.options(a.log_opts, cfg)}
     if create:  # `vmrt create`: the same flags, nothing started
         return 0, runner.create_detached(cfg, opts, iso, meta)
     if a.detach:
@@ -374,7 +375,7 @@ def _iso(ts: float | None) -> str:
 def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
     """``docker container inspect``'s shape for one container."""
     cdir = container_dir(cfg, c.id)
-    config: dict[str, Any] = {}
+    config: Spec = {}
     meta: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         config = json.loads((cdir / "config.json").read_text())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from . import fsmode
 from .config import Config
@@ -31,7 +31,18 @@ def rw_dir(cfg: Config, container_id: str) -> Path:
     return cfg.root / "rw" / container_id
 
 
-def write_meta(cfg: Config, container_id: str, meta: dict[str, Any]) -> None:
+class Meta(TypedDict, total=False):
+    """The monitor's meta (monitor.json): how a kept container is run again."""
+
+    accel: str | None
+    kernel: str | None
+    runtime: str | None
+    restart: str                # Docker's restart policy: no, on-failure[:N], always, unless-stopped
+    rm: bool
+    log: dict[str, str]         # json-file's options (vmrt/logfile.py: max-size, max-file)
+
+
+def write_meta(cfg: Config, container_id: str, meta: Meta) -> None:
     """How to run the container again (accelerator, kernel, runtime, restart policy, --rm)."""
     cdir = container_dir(cfg, container_id)
     fsmode.private_dir(cdir)

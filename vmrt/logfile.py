@@ -32,7 +32,7 @@ from typing import IO, Any
 from .config import Config
 from .errors import UsageError
 
-KEY = "log"          # where monitor.json keeps a container's log options
+KEY = "log"          # where monitor.json keeps a container's log options (layout.Meta)
 MAX_FILES = 1000     # max-file's upper bound: a rotation renames every file
 _SIZE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp])?i?b?", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}

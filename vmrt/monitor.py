@@ -278,7 +278,7 @@ def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None
                          runtime=meta.get("runtime") or cfg.runtime)
     # escalation is `vmrt stop`'s job (its -t): the driver's own grace timer would cut it short
     cfg.timeouts.stop_grace = 10.0 ** 9
-    logs = LogWriter(cdir / LOG_NAME, logfile.limits_of(meta.get(logfile.KEY), cfg))
+    logs = LogWriter(cdir / LOG_NAME, logfile.limits_of(meta.get("log"), cfg))
     stdio = (os.open(os.devnull, os.O_RDONLY), logs.pipe("stdout"), logs.pipe("stderr"))
     stopping = threading.Event()
     started = threading.Event()

@@ -11,7 +11,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from . import bundle, fsmode, network
 from .bundle import RunOptions
@@ -21,9 +20,10 @@ from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
 from .images import reference
 from .images.store import Image, Store
-from .layout import LOG_NAME, container_dir, rw_dir, write_meta
+from .layout import LOG_NAME, META_NAME, Meta, container_dir, rw_dir, write_meta
 from .lifecycle import owner_alive, remove_run_dir
 from .logfile import LogWriter, container_limits
+from .ocispec import Spec
 from .proc import start_ticks
 from .rootfs import LayeredRoot
 from .state import Container, State, Status
@@ -68,7 +68,7 @@ def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platf
 
 
 def create(cfg: Config, opts: RunOptions, isolation: str, state: State, *,
-           persist: bool) -> tuple[Container, Image, list[Path], dict[str, Any]]:
+           persist: bool) -> tuple[Container, Image, list[Path], Spec]:
     """``vmrt create``: the image (pulled if need be), a container record and its OCI config.
 
     With ``persist`` the config is also kept in ``<root>/containers/<id>`` (what a
@@ -102,7 +102,7 @@ def _check_networks(cfg: Config, opts: RunOptions) -> None:
             s.get(opts.net.network)
 
 
-def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: dict[str, Any],
+def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: Spec,
             driver: Driver, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
             handoff: HandOver | None = None, tee: Tee | None = None) -> int:
     """Run a created (or exited) container once, attached to ``stdio``; returns its exit status.
@@ -145,7 +145,7 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
 
 
 def execute_logged(cfg: Config, state: State, c: Container, image: Image, layers: list[Path],
-                   config: dict[str, Any], driver: Driver, timings: Timings) -> int:
+                   config: Spec, driver: Driver, timings: Timings) -> int:
     """An attached run of a kept container: its output on this terminal and, as Docker does, in its
     log (``vmrt logs``), with a terminal (-t) too: the drivers pass what they write on (``tee``)."""
     cdir = container_dir(cfg, c.id)
@@ -164,7 +164,7 @@ def discard(cfg: Config, state: State, c: Container) -> None:
         state.remove(c)
 
 
-def create_detached(cfg: Config, opts: RunOptions, isolation: str, meta: dict[str, Any]) -> str:
+def create_detached(cfg: Config, opts: RunOptions, isolation: str, meta: Meta) -> str:
     """``vmrt create`` (and the first half of ``run -d``): the container, ready for its monitor."""
     state = State(cfg.db_path)
     try:
@@ -184,7 +184,7 @@ def start_attached(cfg: Config, container_id: str) -> int:
             raise UsageError(f"container {c.name} is already running")
         cdir = container_dir(cfg, c.id)
         try:
-            meta = json.loads((cdir / "monitor.json").read_text())
+            meta = json.loads((cdir / META_NAME).read_text())
             config = json.loads((cdir / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise StateError(f"container {c.name} cannot be started again: {e}") from e
@@ -200,7 +200,7 @@ def start_attached(cfg: Config, container_id: str) -> int:
 
 def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = None,
         kernel: Path | None = None, timings: Timings | None = None, runtime: str | None = None,
-        meta: dict[str, Any] | None = None) -> int:
+        meta: Meta | None = None) -> int:
     """``vmrt run`` attached: create, execute once, and with --rm forget it."""
     timings = timings or Timings()
     driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime)

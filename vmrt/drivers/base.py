@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Protocol
+from typing import Literal, NoReturn, Protocol
 
 from ..config import Config
 from ..images.store import Image
 from ..network import Attached
+from ..ocispec import Spec
 from ..state import Container, State
 from ..timings import Timings
 
@@ -39,7 +40,7 @@ class RunContext:
     image: Image
     layers: list[Path]          # the image's unpacked layers, lowest first
     bundle_dir: Path            # per-container runtime dir holding config.json
-    config: dict[str, Any]      # the bundle's OCI config
+    config: Spec                # the bundle's OCI config
     timings: Timings
     stdin_fd: int = 0
     stdout_fd: int = 1

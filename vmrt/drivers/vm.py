@@ -58,7 +58,7 @@ _TMPFS_CLEAR = {"rw": P.MountFlag.RO, "suid": P.MountFlag.NOSUID, "dev": P.Mount
                 "exec": P.MountFlag.NOEXEC}
 
 
-def guest_mounts(config: dict[str, Any]) -> list[P.MountSpec]:
+def guest_mounts(config: bundle.Spec) -> list[P.MountSpec]:
     """The bundle's volumes as the agent mounts them: bind sources are shared as volumes/N."""
     out = []
     for i, m in enumerate(bundle.user_mounts(config)):
@@ -78,7 +78,7 @@ def guest_mounts(config: dict[str, Any]) -> list[P.MountSpec]:
     return out
 
 
-def run_spec(config: dict[str, Any], stdin_open: bool) -> P.RunSpec:
+def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
     """Translate the bundle's OCI config into the agent's RUN message."""
     proc = config["process"]
     res = config.get("linux", {}).get("resources", {})

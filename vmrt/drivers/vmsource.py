@@ -99,7 +99,7 @@ class VMSource(Protocol):
         ...
 
 
-def share_volumes(config: dict[str, Any], share: Path, stack: contextlib.AsyncExitStack) -> None:
+def share_volumes(config: bundle.Spec, share: Path, stack: contextlib.AsyncExitStack) -> None:
     """Bind each volume's host source under share/volumes/N (read-only on the host too)."""
     vols = share / "volumes"
     for i, m in enumerate(bundle.user_mounts(config)):
@@ -284,7 +284,7 @@ class PoolClaim:
         vfs.close()
 
 
-def _poolable(config: dict[str, Any]) -> bool:
+def _poolable(config: bundle.Spec) -> bool:
     """A pooled VM serves any container of its shape, unless it has read-only bind volumes
     (those get their read-only flag after the bind reached virtiofsd: a cold boot does them)."""
     return not any(m["type"] == "bind" and "ro" in m.get("options", []) for m in bundle.user_mounts(config))

@@ -17,6 +17,7 @@ from typing import Any
 from .. import fsmode, rootfs
 from ..config import Config
 from ..errors import NetworkError, UsageError, VmrtError
+from ..ocispec import Spec
 from .names import FILES_TMPFS, files_dir, hosts_file, refresh_hosts, resolv_conf, write_in_place
 from .netlink import adopt_tap, delete_link, ensure_bridge, mac_for, plumb_veth
 from .netns import create_netns, link_exists, netns_path, remove_netns
@@ -62,7 +63,7 @@ class Attached:
             raise err
 
 
-def attach(cfg: Config, container_id: str, name: str, isolation: str, config: dict[str, Any],
+def attach(cfg: Config, container_id: str, name: str, isolation: str, config: Spec,
            run_dir: Path) -> Attached:
     """Give a starting container its network: namespace, interfaces, address, rules, /etc files.
     Edits ``config`` (the run's bundle config): namespace path, managed-file mounts."""
@@ -141,7 +142,7 @@ def _allocate(store: Store, net: Network, cid: str, name: str, index: int, req: 
     return Endpoint(cid, net.id, ip, mac_for(ip), f"eth{index}", f"v{cid[:10]}{index}", aliases, name, ports)
 
 
-def _resolve_ports(store: Store, req: NetRequest, config: dict[str, Any]) -> list[PortMapping]:
+def _resolve_ports(store: Store, req: NetRequest, config: Spec) -> list[PortMapping]:
     """The container's published ports: -p as given, -P for every exposed port; a host port 0 gets
     a free one; a host port another container publishes or a host process listens on is refused."""
     ports = [dataclasses.replace(p) for p in req.ports]  # checked again (PortMapping)
@@ -216,7 +217,7 @@ def _write_files(cfg: Config, att: Attached, req: NetRequest, hostname: str, hos
     fsmode.write_private(fdir / "request.json", req.to_json())
 
 
-def _mount_files(config: dict[str, Any], att: Attached) -> None:
+def _mount_files(config: Spec, att: Attached) -> None:
     mounts = config.setdefault("mounts", [])
     targets = {m.get("destination") for m in mounts}
     for target, src in att.files.items():

@@ -11,9 +11,9 @@ import dataclasses
 import ipaddress
 import json
 import re
-from typing import Any
 
 from ..errors import NetworkError, UsageError
+from ..ocispec import Spec
 
 DEFAULT = "bridge"
 ANNOTATION = "org.vmrt.network"
@@ -119,7 +119,7 @@ class NetRequest:
         return [self.network, *[n for n in self.extra_networks if n != self.network]]
 
 
-def request_of(config: dict[str, Any]) -> NetRequest:
+def request_of(config: Spec) -> NetRequest:
     text = config.get("annotations", {}).get(ANNOTATION)
     return NetRequest.from_json(text) if text else NetRequest()
 
