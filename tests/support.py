@@ -76,7 +76,7 @@ def vmm_pids(run_root: Path) -> list[int]:
 
 
 def nft_table(root: Path) -> str:
-    """The nftables table of the vmrt whose state root this is (vmrt/network.py: table_name)."""
+    """The nftables table of the vmrt whose state root this is (vmrt/network/nft.py: table_name)."""
     return f"vmrt_{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
 
 
