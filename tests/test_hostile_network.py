@@ -305,9 +305,9 @@ def test_nft_script_values_are_typed_and_checked() -> None:
         with pytest.raises(network.NetworkError):
             network.ruleset(table, nets, eps, 7)
     with pytest.raises(network.NetworkError):
-        nft.nf("ip saddr %s accept", "10.1.0.2 accept; flush ruleset")
+        nft._nf("ip saddr %s accept", "10.1.0.2 accept; flush ruleset")
     with pytest.raises(network.NetworkError):
-        nft.nf("meta iifgroup %s", 7)  # a bare int: not a Group
+        nft._nf("meta iifgroup %s", 7)  # a bare int: not a Group
     p = network.PortMapping("", 80, 80)
     p.proto = "tcp dport 1 accept"  # changed after it was checked
     with pytest.raises(network.NetworkError):

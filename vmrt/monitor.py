@@ -38,22 +38,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import cgroups, fsmode, logfile
 from . import config as config_mod
-from .drivers.base import Handoff
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
-from .images.store import Store
 from .layout import ATTACH_NAME, LOG_NAME, META_NAME, container_dir, rw_dir
 from .lifecycle import cleanup, remove
 from .logfile import LogWriter
-from .runner import execute, make_driver
 from .signals import FORCE_KILL
 from .state import State, Status
-from .timings import Timings
 from .vm.outcome import hung, virtiofsd_gone, vm_gone
+
+if TYPE_CHECKING:  # an annotation only: the drivers are imported where a run is set up
+    from .drivers.base import Handoff
 
 READY_TIMEOUT = 300.0  # a cold VM boot under TCG, the image pulled first: generous
 
@@ -263,6 +262,12 @@ def _reap_children() -> None:
 def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None = None) -> int:
     # on use: `vmrt run` imports this module (parse_restart, spawn) and never needs the C build
     from . import agentbuild
+
+    # on use, these three: `--finish` (after every detached exit), `start` and `restart`
+    # (spawn) import this module and never run a container here
+    from .images.store import Store  # on use (above)
+    from .runner import execute, make_driver  # on use (above)
+    from .timings import Timings  # on use (above)
 
     cfg = config_mod.load()
     cdir = container_dir(cfg, container_id)

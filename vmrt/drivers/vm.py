@@ -468,6 +468,8 @@ class _Session:
         source = vmsource.choose(ctx, spec)
         vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack))
         stack.push_async_callback(self._teardown_vm)
+        if vm.join_group:
+            group.add(vm.pid)
         server = vm.share_server
         ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, **({"virtiofsd": server.pid} if server else {})})
 

@@ -27,6 +27,7 @@ from .. import bundle, cgroups, network, rootfs, snapshot
 from ..agent import protocol as P
 from ..errors import LaunchError
 from ..pool import client as pool_client
+from ..pool import files
 from ..vm import jail
 from ..vm.qemu import EXEC_PORTS, QemuVM, VMSpec, exec_socket_name
 from ..vm.shape import Shape
@@ -68,6 +69,7 @@ class RunningVM:
     clone: bool = False                 # restored: its share is 9p, its RNG state every clone's
     # the pool daemon reaps a pooled VM's processes and writes their exit statuses here
     status_files: tuple[Path, Path] | None = None
+    join_group: bool = False            # an unjailed QEMU: joins the VM's cgroup once it runs
 
     @property
     def pid(self) -> int:
@@ -138,18 +140,12 @@ def _launch(vm: QemuVM) -> None:
             os.close(vm.spec.tap_fd)
 
 
-async def _running(vm: QemuVM, launch: Launch, source: str, share_server: Watched | None,
-                   connect: Callable[[], Awaitable[None]], **kw: Any) -> RunningVM:
-    """A QEMU of ours, launched: in its cgroup (a jailed one joined it before it started)."""
-    try:
-        assert vm.proc is not None and vm.agent_sock is not None and vm.console_sock is not None
-        if not vm.jailed:
-            launch.group.add(vm.proc.pid)
-        return RunningVM(source, vm.proc, vm.agent_sock, vm.console_sock, launch.ctx.bundle_dir / "console.log",
-                         share_server, connect=connect, stop=vm.shutdown, **kw)
-    except BaseException:
-        await vm.shutdown()
-        raise
+def _running(vm: QemuVM, launch: Launch, source: str, share_server: Watched | None,
+             connect: Callable[[], Awaitable[None]], **kw: Any) -> RunningVM:
+    """A QEMU of ours, launched (a jailed one joined the VM's cgroup before it started)."""
+    assert vm.proc is not None and vm.agent_sock is not None and vm.console_sock is not None
+    return RunningVM(source, vm.proc, vm.agent_sock, vm.console_sock, launch.ctx.bundle_dir / "console.log",
+                     share_server, connect=connect, stop=vm.shutdown, join_group=not vm.jailed, **kw)
 
 
 class ColdBoot:
@@ -177,7 +173,7 @@ class ColdBoot:
         vm = QemuVM(cfg, _nic(ctx, launch.spec), logs / "qemu.log", group=launch.group)
         _launch(vm)
         ctx.timings.mark("vmm-spawned")
-        return await _running(vm, launch, self.name, vfs.proc, vm.connect_qmp)
+        return _running(vm, launch, self.name, vfs.proc, vm.connect_qmp)
 
 
 class SnapshotRestore:
@@ -215,7 +211,7 @@ class SnapshotRestore:
             await vm.connect_qmp()
             await snapshot.restore(vm, self.snap, cfg.timeouts.agent_ready)
 
-        return await _running(vm, launch, self.name, proxy.proc if proxy is not None else None, connect,
+        return _running(vm, launch, self.name, proxy.proc if proxy is not None else None, connect,
                               hello=self.snap.hello, clone=True)
 
 
@@ -231,9 +227,12 @@ class PoolClaim:
     async def start(self, launch: Launch) -> RunningVM:
         ctx, cfg, stack, c = launch.ctx, launch.ctx.cfg, launch.stack, self.claimed
         ctx.timings.mark("pool-claim")
-        qemu = pool_client.PidProc(c.qemu, c.dir / "qemu.status")
-        vfs = pool_client.PidProc(c.virtiofsd, c.dir / "virtiofsd.status")
+        held: list[pool_client.PidProc] = []
         try:
+            qemu = pool_client.PidProc(c.qemu, c.dir / "qemu.status")
+            held.append(qemu)
+            vfs = pool_client.PidProc(c.virtiofsd, c.dir / "virtiofsd.status")
+            held.append(vfs)
             if ctx.net is not None and ctx.net.endpoints:  # its tap moves into the container's netns
                 ctx.net.plumb_in_background(cfg, "vm", pool_netns=c.dir / "netns")
             # (--network none: the tap stays, unconnected, in the namespace the VM booted in)
@@ -249,12 +248,12 @@ class PoolClaim:
             # (its cgroup becomes the container's, renamed with what it charged, under the
             # container's limits: a process moved to another cgroup would leave its charges behind)
             launch.group.take_over(f"pool-{c.id}")
+            for k in range(EXEC_PORTS):  # QEMU made them in its own dir: `vmrt exec` looks in the run dir
+                (ctx.bundle_dir / exec_socket_name(k)).symlink_to(Path("vm") / exec_socket_name(k))
         except BaseException:
-            self._kill(qemu, vfs)
+            self._kill(held)
             raise
         stack.callback(self._stop_share_server, vfs)
-        for k in range(EXEC_PORTS):  # QEMU made them in its own dir: `vmrt exec` looks in the run dir
-            (ctx.bundle_dir / exec_socket_name(k)).symlink_to(Path("vm") / exec_socket_name(k))
 
         async def stop() -> None:
             qemu.kill()  # nothing in a used VM is worth a clean shutdown: it is never reused
@@ -269,12 +268,18 @@ class PoolClaim:
         return RunningVM(self.name, qemu, c.agent_sock, c.console_sock, c.dir / "console.log", vfs, stop=stop,
                          hello=c.hello, status_files=(c.dir / "qemu.status", c.dir / "virtiofsd.status"))
 
-    def _kill(self, *procs: pool_client.PidProc) -> None:
-        for p in procs:
+    def _kill(self, held: list[pool_client.PidProc]) -> None:
+        """A claim that failed half-way: the VM's processes killed (those not yet held by a
+        pidfd, by their marks), its channels and exec-port links gone."""
+        c = self.claimed
+        for p in held:
             p.kill()
             p.close()
-        self.claimed.agent_sock.close()
-        self.claimed.console_sock.close()
+        files.kill_marked(c.id, {"qemu": c.qemu, "virtiofsd": c.virtiofsd})
+        c.agent_sock.close()
+        c.console_sock.close()
+        for k in range(EXEC_PORTS):
+            (c.dir.parent / exec_socket_name(k)).unlink(missing_ok=True)
 
     @staticmethod
     def _stop_share_server(vfs: pool_client.PidProc) -> None:

@@ -108,8 +108,8 @@ def _lit(v: object) -> str:
     raise NetworkError(f"bug: refusing to write a {type(v).__name__} into an nft script")
 
 
-def nf(template: str, *values: object) -> str:
-    """A line of nft: each ``%s`` of the template (a literal of vmrt's code) filled by _lit."""
+def _nf(template: str, *values: object) -> str:
+    """A line of nft: each ``%s`` of the template (a literal of this module) filled by _lit."""
     parts = template.split("%s")
     if len(parts) != len(values) + 1:
         raise NetworkError("bug: nft template and values do not match")
@@ -186,16 +186,16 @@ def _endpoint_rules(ep: Endpoint) -> list[str]:
     carry its MAC and address; nothing else passes (no IPv6 until containers get addresses: as
     Docker, which turns IPv6 off on the interfaces of a network without it)."""
     mac, ip = Mac(ep.mac), ipaddress.IPv4Address(ep.ip)
-    return [nf("ether saddr != %s drop", mac),
-            nf("arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether %s arp saddr ip %s accept", mac, ip),
-            nf("ip saddr %s accept", ip),
+    return [_nf("ether saddr != %s drop", mac),
+            _nf("arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether %s arp saddr ip %s accept", mac, ip),
+            _nf("ip saddr %s accept", ip),
             "drop"]
 
 
 def _delete_tables(table: Ident) -> list[str]:
     # the ip table is vmrt's before the inet and bridge ones: removed wherever it is left
     return [line for family in ("ip", "inet", "bridge")
-            for line in (nf(f"table {family} %s", table), nf(f"delete table {family} %s", table))]
+            for line in (_nf(f"table {family} %s", table), _nf(f"delete table {family} %s", table))]
 
 
 def ruleset(table: str, networks: list[Network], endpoints: list[Endpoint], group: int) -> str:
@@ -216,27 +216,27 @@ def _ruleset(table: str, networks: list[Network], endpoints: list[Endpoint], gro
     for ep in eps:
         for p in ep.ports:
             to = (ipaddress.IPv4Address(ep.ip), Port(p.container_port))
-            match = (nf("ip daddr %s", ipaddress.IPv4Address(p.host_ip)) if p.host_ip else "meta nfproto ipv4")
-            nat.append(match + nf(" %s dport %s dnat ip to %s:%s comment %s", Proto(p.proto),
+            match = (_nf("ip daddr %s", ipaddress.IPv4Address(p.host_ip)) if p.host_ip else "meta nfproto ipv4")
+            nat.append(match + _nf(" %s dport %s dnat ip to %s:%s comment %s", Proto(p.proto),
                                    Port(p.host_port), *to, Tag(ep.container_id[:12])))
     for n in nets:  # same network: accepted (bridged traffic passes here with br_netfilter)
-        fwd.append(nf("iifname %s oifname %s accept", IfName(n.bridge), IfName(n.bridge)))
+        fwd.append(_nf("iifname %s oifname %s accept", IfName(n.bridge), IfName(n.bridge)))
     fwd.append("iifname @bridges oifname @bridges drop")  # between networks, published ports too
     for n in nets:
         br, subnet = IfName(n.bridge), ipaddress.IPv4Network(n.subnet)
         if n.internal:  # nothing in or out but its own bridge
-            fwd += [nf("iifname %s drop", br), nf("oifname %s drop", br)]
+            fwd += [_nf("iifname %s drop", br), _nf("oifname %s drop", br)]
         else:
-            post.append(nf("ip saddr %s oifname != %s masquerade", subnet, br))
+            post.append(_nf("ip saddr %s oifname != %s masquerade", subnet, br))
     fwd.append("ct status dnat accept")  # what vmrt publishes
     for n in nets:
         if not n.internal:  # what a container starts outbound, from its network's own addresses
-            fwd.append(nf("iifname %s ip saddr %s accept", IfName(n.bridge), ipaddress.IPv4Network(n.subnet)))
+            fwd.append(_nf("iifname %s ip saddr %s accept", IfName(n.bridge), ipaddress.IPv4Network(n.subnet)))
     fwd.append("drop")
     post.append("oifname @bridges ip saddr 127.0.0.0/8 masquerade")
     inet = [
-        nf("table inet %s {", t),
-        nf("  set bridges { type ifname; elements = %s; }", bridges),
+        _nf("table inet %s {", t),
+        _nf("  set bridges { type ifname; elements = %s; }", bridges),
         "  chain ports {", *(f"    {r}" for r in nat), "  }",
         # loopback addresses are DNAT'd for the host's own connections only (output), never for
         # a packet that arrives (a port published on 127.0.0.1 is not reachable from elsewhere)
@@ -263,18 +263,18 @@ def _ruleset(table: str, networks: list[Network], endpoints: list[Endpoint], gro
         "  chain guarded {", "    ct state established,related accept", *(f"    {r}" for r in fwd), "  }",
         "}",
     ]
-    elements = tuple(nf("%s : goto %s", IfName(ep.host_if), _chain_name(ep)) for ep in eps)
+    elements = tuple(_nf("%s : goto %s", IfName(ep.host_if), _chain_name(ep)) for ep in eps)
     bridge = [
-        nf("table bridge %s {", t),
+        _nf("table bridge %s {", t),
         "  map ports {", "    type ifname : verdict;",
         *(["    elements = { " + ", ".join(elements) + " }"] if elements else []), "  }",
         # before the bridge learns a source address or forwards anything (priority -300)
         "  chain prerouting {", "    type filter hook prerouting priority -300; policy accept;",
-        nf("    meta iifgroup %s iifname vmap @ports", Group(group)),
-        nf("    meta iifgroup %s drop", Group(group)), "  }",
+        _nf("    meta iifgroup %s iifname vmap @ports", Group(group)),
+        _nf("    meta iifgroup %s drop", Group(group)), "  }",
     ]
     for ep in eps:
-        bridge += [nf("  chain %s {", _chain_name(ep)), *(f"    {r}" for r in _endpoint_rules(ep)), "  }"]
+        bridge += [_nf("  chain %s {", _chain_name(ep)), *(f"    {r}" for r in _endpoint_rules(ep)), "  }"]
     bridge.append("}")
     return "\n".join([*_delete_tables(t), *inet, *bridge]) + "\n"
 
@@ -290,9 +290,9 @@ def endpoint_rules(cfg: Config, eps: list[Endpoint]) -> None:
     script: list[str] = []
     for ep in eps:
         chain = _chain_name(ep)
-        script += [nf("add chain bridge %s %s", t, chain), nf("flush chain bridge %s %s", t, chain),
-                   *(nf("add rule bridge %s %s ", t, chain) + r for r in _endpoint_rules(ep)),
-                   nf("add element bridge %s ports { %s : goto %s }", t, IfName(ep.host_if), chain)]
+        script += [_nf("add chain bridge %s %s", t, chain), _nf("flush chain bridge %s %s", t, chain),
+                   *(_nf("add rule bridge %s %s ", t, chain) + r for r in _endpoint_rules(ep)),
+                   _nf("add element bridge %s ports { %s : goto %s }", t, IfName(ep.host_if), chain)]
     try:
         _nft("\n".join(script) + "\n")
     except NetworkError:
@@ -308,10 +308,10 @@ def drop_endpoint_rules(cfg: Config, host_ifs: set[str]) -> None:
     for name in sorted(host_ifs):
         ifname = IfName(name)
         chain = Ident("ep_" + ifname)
-        script += [nf("add chain bridge %s %s", t, chain),
-                   nf("add element bridge %s ports { %s : goto %s }", t, ifname, chain),
-                   nf("delete element bridge %s ports { %s }", t, ifname),
-                   nf("flush chain bridge %s %s", t, chain), nf("delete chain bridge %s %s", t, chain)]
+        script += [_nf("add chain bridge %s %s", t, chain),
+                   _nf("add element bridge %s ports { %s : goto %s }", t, ifname, chain),
+                   _nf("delete element bridge %s ports { %s }", t, ifname),
+                   _nf("flush chain bridge %s %s", t, chain), _nf("delete chain bridge %s %s", t, chain)]
     if not script:
         return
     try:

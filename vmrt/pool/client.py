@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import ProtocolError, UsageError, VmrtError
 from ..proc import PidFd, connect_unix
 from ..vm.shape import Shape
-from .files import SOCK_NAME, clean_stale, daemon_pid, pool_dir
+from .files import SOCK_NAME, clean_stale, daemon_pid, kill_marked, pool_dir, vm_marker_in
 
 CLAIM_TIMEOUT = 5.0
 
@@ -85,6 +85,8 @@ def claim(cfg: Config, shape: Shape, run_dir: Path) -> Claimed | None:
     except (ProtocolError, KeyError, TypeError, ValueError):
         for fd in fds:
             os.close(fd)
+        if reply.get("ok") and (m := vm_marker_in(run_dir / "vm")) is not None:
+            kill_marked(*m)  # the daemon moved it in and forgot it: nobody else would stop it
         return None
     agent, console = (socket.socket(fileno=fd) for fd in fds)
     for s in (agent, console):
