@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from jail import pct, pss_kib, vmrt  # noqa: E402  (benchmarks/jail.py: the same helpers)
+from jail import pct, pss_kib, report, vmrt  # noqa: E402  (benchmarks/jail.py: the same helpers)
 
 from vmrt import cgroups, kernel  # noqa: E402
 from vmrt import config as config_mod  # noqa: E402
@@ -90,12 +90,7 @@ def main() -> None:
             lines.append(f"| {name} ({kernels[name].parent.name}) | {statistics.median(wall[name]):.0f} | "
                          f"{pct(wall[name], 90):.0f} | {b} | {statistics.median(pss[name]) / 1024:.1f} | "
                          f"{statistics.median(avail[name]) / 1024:.1f} |")
-        lines.append("")
-        text = "\n".join(lines)
-        print(text)
-        if a.write:
-            with open(a.write, "a") as f:
-                f.write("\n" + text)
+        report(lines, a.write)
     finally:
         ps = subprocess.run([sys.executable, "-m", "vmrt", "ps", "-aq"], env=env, capture_output=True, text=True)
         if ps.stdout.split():

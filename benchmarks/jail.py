@@ -53,6 +53,15 @@ def vmrt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return r
 
 
+def report(lines: list[str], write: Path | None) -> None:
+    """A benchmark's markdown section: printed, and appended to ``write`` if given."""
+    text = "\n".join([*lines, ""])
+    print(text)
+    if write:
+        with open(write, "a") as f:
+            f.write("\n" + text)
+
+
 def pss_kib(pid: int) -> int:
     try:
         for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -113,12 +122,7 @@ def main() -> None:
             ratio = statistics.median(xs) / statistics.median(times[other])
             lines.append(f"| {name} | {statistics.median(xs):.0f} | {pct(xs, 90):.0f} | {pct(xs, 99):.0f} | "
                          f"{ratio:.3f} | {statistics.median(memory[name]) / 1024:.1f} |")
-        lines.append("")
-        text = "\n".join(lines)
-        print(text)
-        if a.write:
-            with open(a.write, "a") as f:
-                f.write("\n" + text)
+        report(lines, a.write)
     finally:
         subprocess.run([*VMRT, "snapshot", "rm"], env=env, capture_output=True)
         subprocess.run(["umount", "-R", "-l", str(base / "root")], capture_output=True)
