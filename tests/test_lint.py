@@ -22,8 +22,9 @@ def test_static_checks(tool: str, args: list[str], tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / tool
     if not exe.exists() and shutil.which(tool) is None:
         pytest.skip(f"{tool} not installed")
-    # a user who may not write the checkout (`pytest -m 'not root'` as nobody): mypy's cache elsewhere
-    env = None if os.access(REPO, os.W_OK) else {**os.environ, "MYPY_CACHE_DIR": str(tmp_path / "mypy-cache")}
+    # a user who may not write the checkout (`pytest -m 'not root'` as nobody): mypy's cache elsewhere, ruff's off
+    env = None if os.access(REPO, os.W_OK) else {**os.environ, "MYPY_CACHE_DIR": str(tmp_path / "mypy-cache"),
+                                                   "RUFF_NO_CACHE": "true"}
     r = subprocess.run([str(exe if exe.exists() else tool), *args], cwd=REPO, capture_output=True, text=True,
                        env=env)
     assert r.returncode == 0, r.stdout + r.stderr
