@@ -119,6 +119,7 @@ void stdio_close_child(struct stdio *s);
 void stdio_close(struct stdio *s);
 int stdio_open(struct stdio *s, const struct vmrt_run *r, int devnull, char *pts, size_t ptslen,
 	       char *err, size_t errlen);
+int write_file(const char *path, const char *text); /* whole text, or -1 */
 void setup_cgroup(void);
 uint64_t oom_kills(void);
 void child_main(const struct stdio *s) __attribute__((noreturn));

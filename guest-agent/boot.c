@@ -215,6 +215,12 @@ int main(void)
 	boot_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
 	mkdir("/tmp", 01777);
 	ensure_stdio();
+	/* as Debian's systemd sizes a 64-bit host (what a process container
+	 * sees): PIDs up to 4194304, and threads bounded by memory and the
+	 * container's pids limit rather than by the kernel's 1/8-of-RAM guess */
+	if (write_file("/proc/sys/kernel/pid_max", "4194304") < 0 ||
+	    write_file("/proc/sys/kernel/threads-max", "4194304") < 0)
+		con("cannot raise pid_max/threads-max: %s", strerror(errno));
 	self_pidns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
 
 	signal(SIGPIPE, SIG_IGN);

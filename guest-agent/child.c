@@ -147,7 +147,7 @@ int errpipe_w = -1;
 #define CGROUP "/sys/fs/cgroup/vmrt"
 static int cgroup_ok;
 
-static int write_file(const char *path, const char *text)
+int write_file(const char *path, const char *text)
 {
 	int fd = open(path, O_WRONLY | O_CLOEXEC);
 	ssize_t n;

@@ -346,47 +346,37 @@ def test_a_container_cannot_reach_the_hosts_loopback(vmrt: Vmrt, mode: str) -> N
 
 # --- part 2: anti-spoofing -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_container_sends_only_from_its_own_mac_and_address(vmrt: Vmrt, mode: str) -> None:
-    """Frames from the attacker's netns with another source address, another MAC, a forged ARP
-    reply (claiming the gateway to a neighbour, a neighbour to the host), a VLAN tag or IPv6 do
-    not reach the other container or the host; a frame from its own MAC and address does."""
-    victim = detach(vmrt, "process", "sleep", "120")
-    attacker = detach(vmrt, mode, "sleep", "120")
-    v, a = settings(vmrt, victim), settings(vmrt, attacker)
-    gw, gmac = v["Gateway"], gateway_mac(vmrt)
-    veth = f"v{attacker[:10]}0"
-    assert f"ep_{veth}" in endpoint_rules(nft_table(vmrt.root))
-    # the host knows the victim's MAC (a neighbour entry the forged ARP would overwrite)
-    subprocess.run(["busybox", "ping", "-c1", "-W5", v["IPAddress"]], check=True, capture_output=True)
-    time.sleep(1.2)  # past the neighbour entry's locktime: an ARP reply may now replace it
-    spare = str(ipaddress.IPv4Address(gw) + 200)
-
+def spoofs(v: dict, a: dict, gw: str, gmac: str, spare: str) -> list[bytes]:  # type: ignore[type-arg]
+    """The attacker's ``a`` frames toward the victim ``v`` and the host: one legitimate, the rest with
+    another source address or MAC, a VLAN tag, IPv6, or a forged ARP reply."""
     def to_victim(src_mac: str, src_ip: str, tag: bytes) -> bytes:
         return ether(v["MacAddress"], src_mac, 0x0800, udp4(src_ip, v["IPAddress"], 40000, 40001, tag))
 
-    cap = Capture("eth0", 4.0, netns=v["SandboxKey"])
-    send_frames(a["SandboxKey"],
-                to_victim(a["MacAddress"], a["IPAddress"], b"vmrt-legit"),
-                to_victim(a["MacAddress"], spare, b"vmrt-spoof-ip"),
-                to_victim(a["MacAddress"], gw, b"vmrt-spoof-gw"),
-                to_victim("02:56:de:ad:be:ef", a["IPAddress"], b"vmrt-spoof-mac"),
-                to_victim(v["MacAddress"], a["IPAddress"], b"vmrt-spoof-victim-mac"),
-                # 802.1Q tag 5 around a spoofed packet
-                ether(v["MacAddress"], a["MacAddress"], 0x8100, struct.pack("!H", 5) + struct.pack("!H", 0x0800)
-                      + udp4(spare, v["IPAddress"], 40000, 40001, b"vmrt-spoof-vlan")),
-                # IPv6 from its own MAC (no IPv6 for containers yet)
-                ether(v["MacAddress"], a["MacAddress"], 0x86DD, struct.pack("!IHBB16s16s", 6 << 28, 14, 17, 64,
-                      ipaddress.IPv6Address("fe80::1").packed, ipaddress.IPv6Address("fe80::2").packed)
-                      + struct.pack("!HHHH", 1, 2, 14, 0) + b"vmrt-v6"),
-                # "the gateway is at my MAC", to the victim; "the victim is at my MAC", to the host
-                ether(v["MacAddress"], a["MacAddress"], 0x0806, arp(2, a["MacAddress"], gw, v["MacAddress"],
-                                                                   v["IPAddress"])),
-                ether(gmac, a["MacAddress"], 0x0806, arp(2, a["MacAddress"], v["IPAddress"], gmac, gw)),
-                # ARP with its own MAC in the frame but another's in the ARP sender field
-                ether(v["MacAddress"], a["MacAddress"], 0x0806, arp(2, "02:56:de:ad:be:ef", a["IPAddress"],
-                                                                   v["MacAddress"], v["IPAddress"])))
-    frames = cap.frames()
+    return [to_victim(a["MacAddress"], a["IPAddress"], b"vmrt-legit"),
+            to_victim(a["MacAddress"], spare, b"vmrt-spoof-ip"),
+            to_victim(a["MacAddress"], gw, b"vmrt-spoof-gw"),
+            to_victim("02:56:de:ad:be:ef", a["IPAddress"], b"vmrt-spoof-mac"),
+            to_victim(v["MacAddress"], a["IPAddress"], b"vmrt-spoof-victim-mac"),
+            # 802.1Q tag 5 around a spoofed packet
+            ether(v["MacAddress"], a["MacAddress"], 0x8100, struct.pack("!H", 5) + struct.pack("!H", 0x0800)
+                  + udp4(spare, v["IPAddress"], 40000, 40001, b"vmrt-spoof-vlan")),
+            # IPv6 from its own MAC (the default network has no IPv6)
+            ether(v["MacAddress"], a["MacAddress"], 0x86DD, struct.pack("!IHBB16s16s", 6 << 28, 14, 17, 64,
+                  ipaddress.IPv6Address("fe80::1").packed, ipaddress.IPv6Address("fe80::2").packed)
+                  + struct.pack("!HHHH", 1, 2, 14, 0) + b"vmrt-v6"),
+            # "the gateway is at my MAC", to the victim; "the victim is at my MAC", to the host
+            ether(v["MacAddress"], a["MacAddress"], 0x0806, arp(2, a["MacAddress"], gw, v["MacAddress"],
+                                                               v["IPAddress"])),
+            ether(gmac, a["MacAddress"], 0x0806, arp(2, a["MacAddress"], v["IPAddress"], gmac, gw)),
+            # ARP with its own MAC in the frame but another's in the ARP sender field
+            ether(v["MacAddress"], a["MacAddress"], 0x0806, arp(2, "02:56:de:ad:be:ef", a["IPAddress"],
+                                                               v["MacAddress"], v["IPAddress"]))]
+
+
+def assert_only_legit_arrived(vmrt: Vmrt, frames: list[bytes], v: dict, a: dict, gw: str,  # type: ignore[type-arg]
+                              gmac: str) -> None:
+    """Of spoofs(), the victim saw only the legitimate frame; neither it nor the host learnt a
+    forged neighbour."""
     tags = [t for t in (b"vmrt-legit", b"vmrt-spoof-ip", b"vmrt-spoof-gw", b"vmrt-spoof-mac", b"vmrt-spoof-victim-mac",
                         b"vmrt-spoof-vlan", b"vmrt-v6") if any(t in f for f in frames)]
     assert tags == [b"vmrt-legit"], tags
@@ -398,6 +388,29 @@ def test_a_container_sends_only_from_its_own_mac_and_address(vmrt: Vmrt, mode: s
     r = subprocess.run(["nsenter", f"--net={v['SandboxKey']}", "ip", "neigh", "show", gw],
                        capture_output=True, text=True)
     assert a["MacAddress"] not in r.stdout
+
+
+def host_knows_victim(v: dict) -> None:  # type: ignore[type-arg]
+    """The host learns the victim's MAC (a neighbour entry the forged ARP would overwrite)."""
+    subprocess.run(["busybox", "ping", "-c1", "-W5", v["IPAddress"]], check=True, capture_output=True)
+    time.sleep(1.2)  # past the neighbour entry's locktime: an ARP reply may now replace it
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_container_sends_only_from_its_own_mac_and_address(vmrt: Vmrt, mode: str) -> None:
+    """Frames from the attacker's netns with another source address, another MAC, a forged ARP
+    reply (claiming the gateway to a neighbour, a neighbour to the host), a VLAN tag or IPv6 do
+    not reach the other container or the host; a frame from its own MAC and address does."""
+    victim = detach(vmrt, "process", "sleep", "120")
+    attacker = detach(vmrt, mode, "sleep", "120")
+    v, a = settings(vmrt, victim), settings(vmrt, attacker)
+    gw, gmac = v["Gateway"], gateway_mac(vmrt)
+    veth = f"v{attacker[:10]}0"
+    assert f"ep_{veth}" in endpoint_rules(nft_table(vmrt.root))
+    host_knows_victim(v)
+    cap = Capture("eth0", 4.0, netns=v["SandboxKey"])
+    send_frames(a["SandboxKey"], *spoofs(v, a, gw, gmac, str(ipaddress.IPv4Address(gw) + 200)))
+    assert_only_legit_arrived(vmrt, cap.frames(), v, a, gw, gmac)
     rm(vmrt, attacker)
     assert f"ep_{veth}" not in endpoint_rules(nft_table(vmrt.root))  # its chain went with it
     rm(vmrt, victim)
@@ -405,26 +418,37 @@ def test_a_container_sends_only_from_its_own_mac_and_address(vmrt: Vmrt, mode: s
 
 
 # the attacker inside a VM: root in the guest with NET_RAW (Docker's default capabilities). The
-# guest kernel has no AF_PACKET (no raw frames, no ARP of its own making without a kernel exploit:
-# that case is the netns injection of the tests above); a raw IPv4 socket with IP_HDRINCL sends
-# packets with any source address. busybox has no tool for it: a static helper, mounted in.
+# guest kernel has AF_PACKET, as the host's: it forges whole frames (another MAC, ARP replies, VLAN
+# tags, IPv6) and, through a raw IPv4 socket with IP_HDRINCL, packets with any source address.
+# busybox has no tool for either: a static helper, mounted in. `sendraw ip HEX...` sends IPv4
+# packets, `sendraw frame HEX...` Ethernet frames out of eth0; each three times.
 SENDRAW_C = r"""
 #include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 int main(int argc, char **argv) {
-    int fd = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);  /* IP_HDRINCL: the packet's own header */
+    if (argc < 2) return 2;
+    int frames = strcmp(argv[1], "frame") == 0;
+    /* IP_HDRINCL: the packet's own header; AF_PACKET: the frame's own */
+    int fd = frames ? socket(AF_PACKET, SOCK_RAW, 0) : socket(AF_INET, SOCK_RAW, IPPROTO_RAW);
     if (fd < 0) { perror("socket"); return 1; }
     for (int round = 0; round < 3; round++, usleep(100000))
-        for (int i = 1; i < argc; i++) {
+        for (int i = 2; i < argc; i++) {
             unsigned char pkt[1500]; size_t n = strlen(argv[i]) / 2;
             for (size_t j = 0; j < n && j < sizeof pkt; j++) sscanf(argv[i] + 2 * j, "%2hhx", &pkt[j]);
             struct sockaddr_in to = { .sin_family = AF_INET };
+            struct sockaddr_ll ll = { .sll_family = AF_PACKET, .sll_ifindex = (int)if_nametoindex("eth0"),
+                                      .sll_halen = 6 };
             memcpy(&to.sin_addr, pkt + 16, 4);
-            if (sendto(fd, pkt, n, 0, (struct sockaddr *)&to, sizeof to) < 0) { perror("sendto"); return 1; }
+            memcpy(ll.sll_addr, pkt, 6);
+            ssize_t r = frames ? sendto(fd, pkt, n, 0, (struct sockaddr *)&ll, sizeof ll)
+                               : sendto(fd, pkt, n, 0, (struct sockaddr *)&to, sizeof to);
+            if (r < 0) { perror("sendto"); return 1; }
         }
     return 0;
 }
@@ -444,14 +468,13 @@ def sendraw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_vm_guest_sending_from_forged_addresses_reaches_nothing(vmrt: Vmrt, sendraw: Path) -> None:
     """The guest is the attacker: packets root in the VM sends with another source address (a spare
     one of the subnet, the neighbour's, the gateway's) reach neither the host nor the neighbour;
-    from its own address they do (the probe works). Its kernel has no AF_PACKET to forge frames."""
+    from its own address they do (the probe works). Frames its kernel forges with AF_PACKET
+    (another MAC, forged ARP, a VLAN tag, IPv6) are stopped as a process container's are."""
     victim = detach(vmrt, "process", "sleep", "120")
     vm = detach(vmrt, "vm", "sleep", "120", opts=("-v", f"{sendraw}:/probe:ro"))
     v, a = settings(vmrt, victim), settings(vmrt, vm)
-    gw, me = v["Gateway"], a["IPAddress"]
+    gw, me, gmac = v["Gateway"], a["IPAddress"], gateway_mac(vmrt)
     spare = str(ipaddress.IPv4Address(gw) + 201)
-    r = vmrt("exec", vm, "sh", "-c", "cat /proc/net/packet")
-    assert r.returncode != 0, "the guest kernel has AF_PACKET: forge frames from the guest too"
     on_gw = udp_server(gw)
     try:
         port = on_gw.getsockname()[1]
@@ -461,7 +484,7 @@ def test_a_vm_guest_sending_from_forged_addresses_reaches_nothing(vmrt: Vmrt, se
                    udp4(gw, v["IPAddress"], 40000, 40001, b"vmrt-spoof-gw"),
                    udp4(spare, v["IPAddress"], 40000, 40001, b"vmrt-spoof-spare")]
         cap = Capture("eth0", 6.0, netns=v["SandboxKey"])
-        r = vmrt("exec", vm, "/probe/sendraw", *(p.hex() for p in packets))
+        r = vmrt("exec", vm, "/probe/sendraw", "ip", *(p.hex() for p in packets))
         assert r.returncode == 0, r.stderr
         seen = cap.frames()
         assert received(on_gw) == [b"own-to-gateway"] * 3
@@ -470,6 +493,12 @@ def test_a_vm_guest_sending_from_forged_addresses_reaches_nothing(vmrt: Vmrt, se
     tags = (b"vmrt-legit", b"vmrt-spoof-gw", b"vmrt-spoof-spare")
     assert [t for t in tags if any(t in f for f in seen)] == [b"vmrt-legit"]
     assert host_neighbour(spare, vmrt.bridge) in ("", f"{spare} FAILED", f"{spare} INCOMPLETE")
+    # whole frames, made by the guest's own kernel
+    host_knows_victim(v)
+    cap = Capture("eth0", 6.0, netns=v["SandboxKey"])
+    r = vmrt("exec", vm, "/probe/sendraw", "frame", *(f.hex() for f in spoofs(v, a, gw, gmac, spare)))
+    assert r.returncode == 0, r.stderr
+    assert_only_legit_arrived(vmrt, cap.frames(), v, a, gw, gmac)
     rm(vmrt, vm, victim)
     vmrt.assert_clean()
 

@@ -393,6 +393,24 @@ def test_workdir_through_leaked_fd_is_refused(vmrt: Vmrt) -> None:
     assert "chdir" in one_line_error(r.stderr)
 
 
+def test_the_guest_kernel_has_what_debian_software_expects(vmrt: Vmrt) -> None:
+    """Issue 16: IPv6 (at least ::1 on lo: Debian's nginx listens on [::]:80), AF_PACKET,
+    dnotify and fanotify, full-size tables (no BASE_SMALL) and a Debian host's pid_max and
+    threads-max (4194304, as systemd sets them), not 4096 and 1901."""
+    r = vmrt(*RUN, "busybox", "sh", "-c",
+             "cat /proc/net/if_inet6; test -e /proc/net/packet && echo packet; "
+             "test -e /proc/sys/fs/dir-notify-enable && echo dnotify; "
+             "test -d /proc/sys/fs/fanotify && echo fanotify; echo threads=$(cat /proc/sys/kernel/threads-max); "
+             "echo pid_max=$(cat /proc/sys/kernel/pid_max)")
+    out = r.stdout.decode()
+    assert any(line.startswith("00000000000000000000000000000001 ") and line.split()[-1] == "lo"
+               for line in out.splitlines()), out
+    for feature in ("packet", "dnotify", "fanotify"):
+        assert feature in out.splitlines(), out
+    assert int(out.rsplit("pid_max=", 1)[1]) == 4194304, out
+    assert int(out.split("threads=", 1)[1].split()[0]) == 4194304, out
+
+
 def test_docker_default_capabilities_and_no_new_privs(vmrt: Vmrt) -> None:
     r = vmrt(*RUN, "busybox", "grep", "-E", "^(CapBnd|CapEff|NoNewPrivs)", "/proc/self/status")
     fields = dict(line.split(":\t") for line in r.stdout.decode().splitlines())
