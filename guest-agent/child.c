@@ -16,10 +16,14 @@
 #include <string.h>
 #include <unistd.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/openat2.h>
+#include <linux/seccomp.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -303,6 +307,73 @@ static void child_exec(const struct vmrt_run *r)
 
 /* The container's capabilities and no_new_privs (from its RUN), then who's
  * groups, gid and uid. */
+/* The RUN's seccomp filter (the process-mode profile, compiled by the host),
+ * installed last before execve as runc does: what the container may call is
+ * the same in both isolations. Needs no_new_privs (set by apply_identity). */
+static void apply_seccomp(void)
+{
+	struct sock_fprog prog = { .len = (unsigned short)(run.seccomp_len / 8),
+				   .filter = (struct sock_filter *)(void *)run.seccomp };
+
+	if (run.seccomp_len && syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
+		child_fail(125, "cannot install the seccomp filter: %s", strerror(errno));
+}
+
+/* An O_PATH fd of an absolute path in the container's root (the child's "/"),
+ * following no symlink at all: the image cannot redirect a mask. */
+static int open_nofollow(const char *path)
+{
+	struct open_how how = { .flags = O_PATH | O_CLOEXEC,
+				.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS };
+	return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+}
+
+/* OCI maskedPaths and readonlyPaths, as runc applies them in process mode: a
+ * masked directory gets an empty read-only tmpfs, a masked file /dev/null
+ * bound over it; a read-only path is bound onto itself and remounted
+ * read-only, keeping its nosuid/nodev/noexec. Paths that do not exist are
+ * skipped (as runc); any other failure stops the start. */
+static void mask_paths(void)
+{
+	char fdpath[64];
+	struct stat st;
+
+	for (size_t k = 0; k < run.nmasked; k++) {
+		int fd = open_nofollow(run.masked[k]);
+		if (fd < 0 && errno == ENOENT)
+			continue;
+		if (fd < 0 || fstat(fd, &st) < 0)
+			child_fail(125, "cannot mask %s: %s", run.masked[k], strerror(errno));
+		snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
+		if (S_ISDIR(st.st_mode) ? mount("tmpfs", fdpath, "tmpfs", MS_RDONLY, "size=0") < 0
+					: mount("/dev/null", fdpath, NULL, MS_BIND, NULL) < 0)
+			child_fail(125, "cannot mask %s: %s", run.masked[k], strerror(errno));
+		close(fd);
+	}
+	for (size_t k = 0; k < run.nro_paths; k++) {
+		struct statvfs sv;
+		unsigned long keep;
+		int fd = open_nofollow(run.ro_paths[k]);
+
+		if (fd < 0 && errno == ENOENT)
+			continue;
+		snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
+		if (fd < 0 || mount(fdpath, fdpath, NULL, MS_BIND | MS_REC, NULL) < 0)
+			child_fail(125, "cannot make %s read-only: %s", run.ro_paths[k], strerror(errno));
+		close(fd);
+		/* the bind is on top now: open it again to remount that one */
+		fd = open_nofollow(run.ro_paths[k]);
+		if (fd < 0 || fstatvfs(fd, &sv) < 0)
+			child_fail(125, "cannot make %s read-only: %s", run.ro_paths[k], strerror(errno));
+		keep = (sv.f_flag & ST_NOSUID ? MS_NOSUID : 0) | (sv.f_flag & ST_NODEV ? MS_NODEV : 0) |
+		       (sv.f_flag & ST_NOEXEC ? MS_NOEXEC : 0);
+		snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
+		if (mount(NULL, fdpath, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL) < 0)
+			child_fail(125, "cannot make %s read-only: %s", run.ro_paths[k], strerror(errno));
+		close(fd);
+	}
+}
+
 static void apply_identity(const struct vmrt_run *who)
 {
 	gid_t groups[VMRT_MAX_GROUPS];
@@ -396,6 +467,7 @@ void child_main(const struct stdio *s)
 		if (chdir(run.cwd) < 0)
 			child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(errno));
 	}
+	mask_paths();
 	if (run.readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
 		child_fail(125, "cannot make the root read-only: %s", strerror(errno));
 
@@ -407,6 +479,7 @@ void child_main(const struct stdio *s)
 			if (fd != errpipe_w)
 				close(fd);
 	}
+	apply_seccomp();
 	child_exec(&run);
 }
 
@@ -429,6 +502,7 @@ void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns)
 			if (fd != errpipe_w)
 				close(fd);
 	}
+	apply_seccomp(); /* the container's filter: an exec gets what its main process got */
 	child_exec(r);
 }
 

@@ -26,6 +26,7 @@ from .errors import KernelError
 from .paths import source_root
 
 MONITOR = "vmrt-monitor"
+ENOSYS_PROBE = "vmrt-enosys"
 
 
 def _sources(name: str) -> list[Path]:
@@ -74,6 +75,11 @@ def monitor_key() -> str:
     return _key(b"monitorbuild 1\n", _sources("monitor") + proto + _common())
 
 
+def probes_key() -> str:
+    """probes/: the static programs `vmrt check isolation` runs inside containers."""
+    return _key(b"probebuild 1\n", _sources("probes"))
+
+
 def agent_dir(cfg: Config) -> Path:
     return cfg.cache / "agent" / cache_key()
 
@@ -91,6 +97,15 @@ def find(cfg: Config) -> Path:
     if not p.is_file():
         raise KernelError(f"guest agent not built: run `vmrt agent build` (looked for {p})")
     return p
+
+
+def probes_dir(cfg: Config) -> Path:
+    return cfg.cache / "probes" / probes_key()
+
+
+def enosys_probe(cfg: Config) -> Path:
+    """The built ENOSYS probe (probes/enosys.c), building it first if it is not there."""
+    return build_probes(cfg, progress=False) / ENOSYS_PROBE
 
 
 def monitor_binary(cfg: Config) -> Path | None:
@@ -143,8 +158,9 @@ def initramfs(agent_binary: bytes) -> bytes:
 
 
 def build(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
-    """The agent's initramfs (and the host monitor beside it, cached on its own key)."""
+    """The agent's initramfs (and the host monitor and the probes beside it, each cached on its own key)."""
     _build_monitor(cfg, force=force, progress=progress)
+    build_probes(cfg, force=force, progress=progress)
     out = agent_dir(cfg)
     if (out / "initramfs.cpio").is_file() and not force:
         if progress:
@@ -165,6 +181,16 @@ def _build_monitor(cfg: Config, *, force: bool, progress: bool) -> Path:
     if (out / MONITOR).is_file() and not force:
         return out
     tmp = _make("monitor", out, MONITOR, progress)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+def build_probes(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
+    out = probes_dir(cfg)
+    if (out / ENOSYS_PROBE).is_file() and not force:
+        return out
+    tmp = _make("probes", out, ENOSYS_PROBE, progress)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out

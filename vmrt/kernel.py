@@ -27,6 +27,8 @@ from .paths import source_root
 
 BUILDER_VERSION = "1"
 SOURCE_PACKAGE = "linux-source-6.1"
+# the release the built guest kernel reports (its seccomp profile's minKernel rules are resolved for it)
+RELEASE = SOURCE_PACKAGE.removeprefix("linux-source-")
 
 
 def fragments() -> list[Path]:

@@ -15,6 +15,8 @@ conditions for one container, the way moby's ``profiles/seccomp`` and containers
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import json
 import os
@@ -168,3 +170,111 @@ def default_profile(caps: list[str], arch: str | None = None, path: Path = DEFAU
     if syscalls:
         out["syscalls"] = syscalls
     return out
+
+
+# --- the profile as a BPF program, for a VM's agent to install (issue 16, part 2) -----------------
+#
+# The guest agent has no libseccomp: the host compiles the same OCI object runc would load into the
+# classic BPF program libseccomp generates for it (seccomp_export_bpf), with runc's translation rules,
+# and the agent installs those bytes with seccomp(SECCOMP_SET_MODE_FILTER) just before execve. The
+# library is the one runc links (Debian's libseccomp2), reached through ctypes.
+
+# libseccomp's action values (seccomp.h) and comparison operators (enum scmp_compare)
+_ACTIONS = {"SCMP_ACT_KILL": 0x00000000, "SCMP_ACT_KILL_THREAD": 0x00000000, "SCMP_ACT_KILL_PROCESS": 0x80000000,
+            "SCMP_ACT_TRAP": 0x00030000, "SCMP_ACT_ERRNO": 0x00050000, "SCMP_ACT_TRACE": 0x7FF00000,
+            "SCMP_ACT_LOG": 0x7FFC0000, "SCMP_ACT_ALLOW": 0x7FFF0000}
+_OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5,
+        "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
+EPERM = 1
+MAX_INSNS = 4096        # BPF_MAXINSNS: the kernel refuses a longer classic BPF program
+LIBRARY = "libseccomp.so.2"
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+@functools.cache
+def _libseccomp() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(LIBRARY, use_errno=True)
+    except OSError:
+        raise LaunchError(f"{LIBRARY} is missing; install the Debian package libseccomp2") from None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+    lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_arch_native.restype = ctypes.c_uint32
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def _action(name: str, errno_ret: int | None) -> int:
+    """libseccomp's value of an OCI action (runc's: SCMP_ACT_ERRNO without errnoRet is EPERM)."""
+    if name not in _ACTIONS:
+        raise LaunchError(f"seccomp: action {name!r} cannot be compiled for a VM's guest")
+    if name in ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"):
+        return _ACTIONS[name] | ((EPERM if errno_ret is None else errno_ret) & 0xFFFF)
+    return _ACTIONS[name]
+
+
+def compile_bpf(profile: dict[str, Any]) -> bytes:
+    """The classic BPF program (struct sock_filter[]) libseccomp makes of an OCI ``linux.seccomp``
+    object, for this host's architecture (the guest's). Raises LaunchError if it cannot be built."""
+    return _compile(json.dumps(profile, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _compile(text: str) -> bytes:
+    profile = json.loads(text)
+    lib = _libseccomp()
+    ctx = lib.seccomp_init(_action(profile["defaultAction"], profile.get("defaultErrnoRet")))
+    if not ctx:
+        raise LaunchError("seccomp: libseccomp could not start a filter")
+    try:
+        native = lib.seccomp_arch_native()
+        for arch in profile.get("architectures") or []:
+            token = lib.seccomp_arch_resolve_name(arch.removeprefix("SCMP_ARCH_").lower().encode())
+            # EEXIST: the native one, there from the start
+            if token and token != native and lib.seccomp_arch_add(ctx, token) not in (0, -errno.EEXIST):
+                raise LaunchError(f"seccomp: libseccomp cannot add architecture {arch}")
+        for rule in profile.get("syscalls") or []:
+            action = _action(rule["action"], rule.get("errnoRet"))
+            if action == _ACTIONS["SCMP_ACT_ALLOW"] and profile["defaultAction"] == "SCMP_ACT_ALLOW":
+                continue
+            conds = [_ArgCmp(a["index"], _OPS[a["op"]], a.get("value", 0), a.get("valueTwo", 0))
+                     for a in rule.get("args") or []]
+            # runc: conditions on distinct arguments are one rule (all must hold); several on the same
+            # argument are a rule each (any may)
+            groups = [conds] if len({c.arg for c in conds}) == len(conds) else [[c] for c in conds]
+            for name in rule["names"]:
+                nr = lib.seccomp_syscall_resolve_name(name.encode())
+                if nr < 0:      # not a syscall of this architecture (runc skips it too)
+                    continue
+                for group in groups:
+                    arr = (_ArgCmp * len(group))(*group)
+                    rc = lib.seccomp_rule_add_array(ctx, action, nr, len(group), arr)
+                    if rc < 0:
+                        raise LaunchError(f"seccomp: libseccomp refused the rule for {name}: "
+                                          f"{os.strerror(-rc)}")
+        fd = os.memfd_create("vmrt-seccomp", os.MFD_CLOEXEC)
+        try:
+            if lib.seccomp_export_bpf(ctx, fd) < 0:
+                raise LaunchError("seccomp: libseccomp could not export the filter")
+            os.lseek(fd, 0, os.SEEK_SET)
+            prog = b""
+            while chunk := os.read(fd, 65536):
+                prog += chunk
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+    if not prog or len(prog) % 8 or len(prog) // 8 > MAX_INSNS:
+        raise LaunchError(f"seccomp: the compiled filter has {len(prog) / 8:g} instructions (at most {MAX_INSNS})")
+    return prog
