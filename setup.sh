@@ -14,7 +14,7 @@ fi
 PACKAGES="qemu-system-x86 runc golang-github-containers-common linux-source-6.1 busybox-static \
   make gcc libc6-dev flex bison bc libelf-dev libssl-dev cpio xz-utils \
   python3 python3-venv clang libclang-rt-14-dev \
-  docker-registry skopeo zstd apache2-utils openssl nftables"
+  docker-registry skopeo zstd apache2-utils openssl nftables mmdebstrap"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
+import subprocess
+import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
+from support import Vmrt, one_line_error
 
+from vmrt import config
 from vmrt.errors import ImageError, UsageError
-from vmrt.images import reference, unpack
+from vmrt.images import bootstrap, reference, unpack
 from vmrt.images.recipe import build
 from vmrt.images.store import Store
 
@@ -249,3 +256,101 @@ def test_malformed_configs_are_refused(tmp_path: Path, config: dict, field: str)
     with pytest.raises(ImageError, match=f"malformed: {field} must"):
         _one_layer_image(store, b"x", config)
     assert store.images() == []
+
+
+# --- images/debian: debian:bookworm from Debian's archive (mmdebstrap, the host's apt sources) ---
+DEBIAN = REPO / "images" / "debian"
+MMDEBSTRAP_TIMEOUT = 900  # a first build downloads the archive's packages (~25-80 s here); then cached
+
+
+def _debian(v: Vmrt, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    r = v("image", "build", str(DEBIAN), timeout=MMDEBSTRAP_TIMEOUT, env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().strip() == "debian:bookworm"
+    return r
+
+
+@pytest.mark.parametrize("mode", ["process", pytest.param("vm", marks=pytest.mark.vm)])
+def test_debian_recipe_runs_in_both_modes(vmrt: Vmrt, mode: str) -> None:
+    _debian(vmrt)
+    r = vmrt("run", "--rm", f"--isolation={mode}", "debian:bookworm", "cat", "/etc/debian_version")
+    assert r.returncode == 0, r.stderr.decode()
+    assert re.fullmatch(r"12\.\d+\n", r.stdout.decode()), r.stdout
+    # Docker Hub's debian:bookworm config; its default command is bash
+    r = vmrt("run", "--rm", "-i", f"--isolation={mode}", "debian:bookworm", input=b"echo $BASH_VERSION $PATH\n")
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().split() == [r.stdout.decode().split()[0],
+                                         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    assert r.stdout.decode().startswith("5.2.")
+
+
+def test_debian_cache_hit_runs_no_mmdebstrap(vmrt: Vmrt, tmp_path: Path) -> None:
+    """A second build (another store) takes the cached rootfs: with no mmdebstrap on PATH it still
+    succeeds, leaves the cache entry as it was, and gives the same image."""
+    _debian(vmrt)
+    section = bootstrap.parse_section(tomllib.loads((DEBIAN / "recipe.toml").read_text())["mmdebstrap"], "debian")
+    entry = config.load().cache / "images" / bootstrap.cache_key(section, *bootstrap.sources(section)) / "rootfs.tar.gz"
+    before = entry.stat()
+    only_apt = tmp_path / "bin"  # apt-config (the host's sources) and nothing else
+    only_apt.mkdir()
+    (only_apt / "apt-config").symlink_to(shutil.which("apt-config") or "/usr/bin/apt-config")
+    other = Vmrt(tmp_path / "root", tmp_path / "run")
+    try:
+        r = _debian(other, env={"PATH": str(only_apt)})
+        assert f"[image] cached: {entry.parent}" in r.stderr.decode()
+        after = entry.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        ids = [v("image", "inspect", "--format", "{{.Id}}", "debian:bookworm").stdout for v in (vmrt, other)]
+        assert ids[0] == ids[1] and ids[0].startswith(b"sha256:")
+        layer = Store(other.root).get("debian:bookworm").layer_dirs()[0]
+        # what mmdebstrap copies from the build host, and /dev's nodes, are not in the image
+        assert not (layer / "etc" / "resolv.conf").exists() and not (layer / "etc" / "hostname").exists()
+        assert sorted(os.listdir(layer / "dev")) == ["pts", "shm"]  # directories only, no device node
+        assert os.readlink(layer / "bin") == "usr/bin"  # merged /usr by symlinks, as debootstrap makes it
+        packages = re.findall(r"^Package: (\S+)", (layer / "var/lib/dpkg/status").read_text(), re.MULTILINE)
+        assert "usrmerge" not in packages and "perl" not in packages and "apt" in packages
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("table,message", [
+    ('variant = "minbase"', "suite must be a release name"),
+    ('suite = "bookworm"\nvariant = "tiny"', "variant 'tiny' is not one of"),
+    ('suite = "bookworm"\ninclude = ["--essential-hook=x"]', "include: '--essential-hook=x' is not a valid name"),
+    ('suite = "bookworm"\ninclude = "nginx"', "include must be a list of strings"),
+    ('suite = "bookworm"\nhooks = ["nope"]', "no hook directory 'nope'"),
+    ('suite = "bookworm"\nmirror = "http://x"', "unknown key 'mirror'"),
+    ('suite = "bookworm"\nsource_date_epoch = -1', "source_date_epoch must be a non-negative integer"),
+    ('suite = "nosuchsuite"', "no apt source on this host serves 'nosuchsuite'"),
+])
+def test_bad_mmdebstrap_section_is_one_line(tmp_path: Path, table: str, message: str) -> None:
+    (tmp_path / "recipe.toml").write_text(f'name = "bad"\n[mmdebstrap]\n{table}\n')
+    r = subprocess.run([sys.executable, "-m", "vmrt", "image", "build", str(tmp_path)], capture_output=True,
+                       env=dict(os.environ, VMRT_ROOT=str(tmp_path / "root"), VMRT_RUN_ROOT=str(tmp_path / "run"),
+                                VMRT_CACHE=str(tmp_path / "cache")), timeout=60)
+    assert r.returncode == 125
+    line = one_line_error(r.stderr)
+    assert "[mmdebstrap]" in line or "apt source" in line
+    assert message in line, line
+    assert not (tmp_path / "cache" / "images").exists() or not list((tmp_path / "cache" / "images").glob("*/"))
+
+
+def test_apt_sources_of_the_suite_only(tmp_path: Path) -> None:
+    """The host's entries for the suite (and its -updates, -security), one-line and deb822; others
+    (deb-src, disabled, another suite: a third-party repository) are left out."""
+    (tmp_path / "sources.list").write_text(
+        "# comment\ndeb [arch=amd64] http://m.example/debian bookworm main contrib # trailing\n"
+        "deb-src http://m.example/debian bookworm main\ndeb http://other.example/apt cloud-sdk-bookworm main\n")
+    (tmp_path / "debian.sources").write_text(
+        "Types: deb deb-src\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates trixie\n"
+        "Components: main\nSigned-By:\n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n x\n\n"
+        "# a disabled one\nEnabled: no\nTypes: deb\nURIs: http://off.example\nSuites: bookworm\n"
+        "Components: main\n\nTypes: deb\nURIs: http://node.example\nSuites: nodistro\nComponents: main\n")
+    section = bootstrap.parse_section({"suite": "bookworm", "components": ["main"]}, "t")
+    one, deb822 = bootstrap.sources(section, [tmp_path / "sources.list", tmp_path / "debian.sources"])
+    assert one == "deb [arch=amd64] http://m.example/debian bookworm main\n"
+    assert deb822 == ("Types: deb\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates\n"
+                      "Components: main\nSigned-By: \n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n x\n")
+    other = bootstrap.parse_section({"suite": "bookworm", "variant": "apt"}, "t")
+    assert bootstrap.cache_key(section, one, deb822) != bootstrap.cache_key(other, one, deb822)
+    assert bootstrap.cache_key(section, one, deb822) != bootstrap.cache_key(section, one, deb822 + "\n")

@@ -283,4 +283,4 @@ def import_image(cfg: Config, source: str, ref: str | None, *, changes: tuple[st
 def build(cfg: Config, recipe: Path) -> str:
     """``vmrt image build``: an image from a recipe directory (see images/); its reference."""
     from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
-    return recipe_mod.build(recipe, Store(cfg.root))
+    return recipe_mod.build(recipe, Store(cfg.root), cfg.cache)

@@ -111,7 +111,7 @@ def setup(cfg: Config) -> Iterator[str]:
     agentbuild.build(cfg)
     store = Store(cfg.root)
     for r in sorted((source_root() / "images").glob("*/recipe.toml")):
-        yield f"[image] {recipe_mod.build(r.parent, store)}"
+        yield f"[image] {recipe_mod.build(r.parent, store, cfg.cache)}"
 
 
 # --- pool ------------------------------------------------------------------------------------

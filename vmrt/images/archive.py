@@ -595,7 +595,7 @@ class _Tee:
         return data
 
 
-def _import_layer(store: Store, raw: IO[bytes]) -> tuple[dict[str, Any], str]:
+def import_layer(store: Store, raw: IO[bytes]) -> tuple[dict[str, Any], str]:
     """Store a rootfs tar (plain, gzip or zstd) as a gzip layer blob; (descriptor, diff id)."""
     src = _peekable(raw)
     diff = hashlib.sha256()
@@ -625,7 +625,7 @@ def import_tarball(store: Store, source: Path | BinaryIO, ref: str | None, *, ch
     runtime = changes_config(changes)
     comment = message or f"Imported from {source if isinstance(source, Path) else '-'}"
     with store.writing(), contextlib.ExitStack() as stack:
-        desc, diff_id = _import_layer(store, _open_source(source, stack))
+        desc, diff_id = import_layer(store, _open_source(source, stack))
         created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         config = {"created": created, "comment": comment, "config": runtime,
                   "history": [{"created": created, "comment": comment}]}

@@ -5,10 +5,16 @@ A recipe names host files to copy, directories and files to create, and an
 symlink. The result is one deterministic gzip layer (fixed mtimes, sorted
 entries, numeric owners), an OCI config and manifest, stored as
 content-addressed blobs and tagged ``name:tag``.
+
+A recipe with an ``[mmdebstrap]`` table (suite, variant, include, components, hooks,
+source_date_epoch) starts from a Debian root file system that mmdebstrap builds from the
+host's apt sources, cached under ``<cache>/images/`` (images/bootstrap.py); the other tables, if
+any, become a second layer on top of it.
 """
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import io
 import subprocess
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
+from . import archive, bootstrap
 from . import store as st
 
 EPOCH = 0  # deterministic layers: every entry gets this mtime
@@ -93,8 +100,16 @@ def build_layer(recipe: dict[str, Any], base: Path) -> bytes:
     return buf.getvalue()
 
 
-def build(recipe_dir: Path, store: st.Store) -> str:
-    """Build the recipe in ``recipe_dir``; returns the image reference."""
+FILE_TABLES = ("dirs", "copy", "files", "applets")
+
+
+def _iso(epoch: int) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build(recipe_dir: Path, store: st.Store, cache: Path | None = None) -> str:
+    """Build the recipe in ``recipe_dir``; returns the image reference. ``cache`` (the config's) holds
+    the root file systems of ``[mmdebstrap]`` recipes."""
     path = recipe_dir / "recipe.toml" if recipe_dir.is_dir() else recipe_dir
     try:
         recipe = tomllib.loads(path.read_text())
@@ -102,14 +117,31 @@ def build(recipe_dir: Path, store: st.Store) -> str:
         raise ImageError(f"no recipe at {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ImageError(f"recipe {path}: {e}") from e
-    tar = build_layer(recipe, path.parent)
-    gz = gzip.compress(tar, compresslevel=6, mtime=EPOCH)
+    section = bootstrap.parse_section(recipe["mmdebstrap"], str(path)) if "mmdebstrap" in recipe else None
+    if not isinstance(recipe.get("name"), str):
+        raise ImageError(f"recipe {path}: needs name = \"...\"")
     ref = f"{recipe['name']}:{recipe.get('tag', 'latest')}"
+    created, history = "1970-01-01T00:00:00Z", []
+    layers: list[tuple[dict[str, Any], str]] = []
+    tarball: Path | None = None
+    if section is not None:
+        if cache is None:  # a caller that builds only file recipes
+            raise ImageError(f"recipe {path}: [mmdebstrap] needs a cache directory")
+        # built (or found in the cache) before the store's writer lock: mmdebstrap takes minutes
+        tarball, record = bootstrap.rootfs(cache, section)
+        if record.get("source_date_epoch") is not None:
+            created = _iso(record["source_date_epoch"])
+        history.append({"created": created, "created_by": " ".join(["mmdebstrap", *section.argv(), section.suite])})
     with store.writing():
-        layer_digest = store.put_blob(gz)
-        store.write_image(
-            [({"mediaType": st.MT_OCI_LAYER_GZIP, "digest": layer_digest, "size": len(gz)}, st.sha256(tar))],
-            {"created": "1970-01-01T00:00:00Z", "config": dict(recipe.get("config", {})),
-             "history": [{"created": "1970-01-01T00:00:00Z", "created_by": f"vmrt recipe {path.parent.name}"}]},
-            [ref])
+        if tarball is not None:
+            with open(tarball, "rb") as f:  # untrusted as any rootfs tarball: the store checks it on unpack
+                layers.append(archive.import_layer(store, f))
+        if section is None or any(t in recipe for t in FILE_TABLES):
+            tar = build_layer(recipe, path.parent)
+            gz = gzip.compress(tar, compresslevel=6, mtime=EPOCH)
+            layers.append(({"mediaType": st.MT_OCI_LAYER_GZIP, "digest": store.put_blob(gz), "size": len(gz)},
+                           st.sha256(tar)))
+            history.append({"created": created, "created_by": f"vmrt recipe {path.parent.name}"})
+        store.write_image(layers, {"created": created, "config": dict(recipe.get("config", {})),
+                                   "history": history}, [ref])
     return ref
