@@ -357,14 +357,15 @@ def test_intended_difference_kernel(vmrt: Vmrt) -> None:
     assert p == os.uname().release and v != p
 
 
-def test_intended_difference_syscall_filter_and_masks(vmrt: Vmrt) -> None:
-    """Process mode filters syscalls (seccomp) and masks /proc paths of the shared kernel;
-    in VM mode the container's kernel is the guest's own, so neither is applied there."""
+def test_same_syscall_filter_and_masks(vmrt: Vmrt) -> None:
+    """Both modes filter syscalls with the same seccomp profile and mask and make read-only the
+    same /proc paths (issue 16: in VM mode the agent installs what runc does; tests/test_policy.py
+    checks each path and syscall)."""
     script = "grep '^Seccomp:' /proc/self/status; grep -c ' /proc/' /proc/mounts"
     p = run(vmrt, "process", "--rm", "busybox", "sh", "-c", script).stdout.decode().split()
     v = run(vmrt, "vm", "--rm", "busybox", "sh", "-c", script).stdout.decode().split()
-    assert p[:2] == ["Seccomp:", "2"] and int(p[2]) >= 5
-    assert v == ["Seccomp:", "0", "0"]
+    assert p[:2] == v[:2] == ["Seccomp:", "2"], (p, v)
+    assert int(p[2]) >= 5 and int(v[2]) >= 5, (p, v)
 
 
 def test_intended_difference_cpu_count(vmrt: Vmrt) -> None:

@@ -40,6 +40,15 @@ def test_isolation_probes(vmrt: Vmrt) -> None:
     assert v["host_root"] == "<run root>/jail"
     for col in (p, v):
         assert "/vmrt" in col["host_cgroup"], col["host_cgroup"]
+    # what the kernel behind the container offers (issue 16, part 6): the same in both modes
+    for col in (p, v):
+        assert col["families"].split() == ["unix", "inet", "inet6", "packet", "netlink"], col["families"]
+        assert col["io_uring"] == "refused (ENOSYS)"
+        assert {"mnt", "pid", "net", "uts", "ipc"} <= set(col["namespaces"].split()), col["namespaces"]
+        assert int(col["enosys"].split()[2].rstrip(":")) > 300, col["enosys"]  # the profile's syscalls were asked
+    # the same ENOSYS answers: only calls x86_64 never implemented (epoll_ctl_old, ...), in both
+    assert p["enosys"] == v["enosys"], (p["enosys"], v["enosys"])
+    assert v["pid_max"] == "4194304 / 4194304", v["pid_max"]
     table = vmrt("check", "isolation", timeout=600)
     assert table.returncode == 0
     assert table.stdout.decode().splitlines()[0].split() == ["PROBE", "PROCESS", "VM"]

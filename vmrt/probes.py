@@ -10,11 +10,14 @@ kernel: there is nothing of the host to see). No probe attempts an escape.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import bundle, seccomp, syscalls
 from .errors import VmrtError
 
 MODES = ("process", "vm")
@@ -34,7 +37,15 @@ if d=$(dmesg 2>/dev/null); then echo "dmesg=$(echo "$d" | wc -l)"; else echo "dm
 echo "firmware=$(ls /sys/firmware 2>/dev/null | tr '\n' ' ')"
 echo "self_fd=$(for f in /proc/self/fd/*; do readlink $f; done 2>/dev/null | tr '\n' ' ')"
 echo "proc1_exe=$(readlink /proc/1/exe 2>&1)"
+echo "families=$(for f in unix:unix inet:tcp inet6:if_inet6 packet:packet netlink:netlink; do
+  [ -e /proc/net/${f#*:} ] && printf '%s ' ${f%%:*}; done)"
+echo "pid_max=$(cat /proc/sys/kernel/pid_max 2>/dev/null) / $(cat /proc/sys/kernel/threads-max 2>/dev/null)"
+echo "namespaces=$(ls /proc/self/ns 2>/dev/null | tr '\n' ' ')"
+echo "cgroups=$(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null || echo -)"
+if [ -x /.vmrt-probe/vmrt-enosys ]; then echo "enosys=$(/.vmrt-probe/vmrt-enosys $PROBE_NRS | tr '\n' ',')"; fi
 """
+# the ENOSYS probe's programs, bound read-only into the probe container
+PROBE_DIR = "/.vmrt-probe"
 PROBES = [
     ("kernel", "kernel release (uname -r)"),
     ("boot_id", "boot id"),
@@ -48,6 +59,14 @@ PROBES = [
     ("self_fd", "/proc/self/fd"),
     ("proc1_exe", "/proc/1/exe"),
     ("workdir_fd", "-w /proc/self/fd/N"),
+    # what the kernel behind the container offers programs (issue 16): where the modes differ, a
+    # program finds out here rather than by failing
+    ("families", "address families (/proc/net)"),
+    ("pid_max", "pid_max / threads-max"),
+    ("namespaces", "namespaces (/proc/self/ns)"),
+    ("cgroups", "cgroup controllers"),
+    ("io_uring", "io_uring_setup"),
+    ("enosys", "ENOSYS of the allowed syscalls"),
     # the host side: the process that runs the tenant's code there (process mode: the container's
     # init; VM mode: QEMU, which parses everything the guest does)
     ("host_proc", "host: its process"),
@@ -115,7 +134,29 @@ def classify(raw: dict[str, str], host: dict[str, Any], state_root: str) -> dict
     exe = raw.get("proc1_exe", "")
     out["proc1_exe"] = f"{exe} (container's)" if exe.startswith("/") and not exe.startswith(state_root) else exe
     out["workdir_fd"] = raw.get("workdir_fd", "")
+    for key in ("families", "pid_max", "namespaces", "cgroups"):
+        out[key] = " ".join(raw.get(key, "").split()) or "-"
+    out.update(enosys_rows(raw.get("enosys", "")))
     return out
+
+
+def probe_numbers() -> dict[int, str]:
+    """{number: name}: the syscalls the default profile allows outright, and io_uring_setup,
+    which it refuses: what the ENOSYS probe asks about."""
+    table = syscalls.numbers()
+    names = [*syscalls.allowed(seccomp.default_profile(list(bundle.DEFAULT_CAPS))), "io_uring_setup"]
+    return {table[n]: n for n in names}
+
+
+def enosys_rows(text: str) -> dict[str, str]:
+    """The probe's "NR ENOSYS|ok," answers as the io_uring and ENOSYS rows."""
+    if not text:
+        return {"io_uring": "not probed", "enosys": "not probed"}
+    names = probe_numbers()
+    answers = {names.get(int(nr), nr): v for nr, v in (a.split() for a in text.split(",") if a.strip())}
+    missing = sorted(n for n, v in answers.items() if v == "ENOSYS" and n != "io_uring_setup")
+    return {"io_uring": "refused (ENOSYS)" if answers.get("io_uring_setup") == "ENOSYS" else "allowed",
+            "enosys": f"{len(missing)} of {len(answers) - 1}" + (f": {' '.join(missing)}" if missing else "")}
 
 
 def host_side(pid: int, run_root: str, jail_uid_base: int) -> dict[str, str]:
@@ -157,11 +198,18 @@ def _host_probe(mode: str, image: str, env: dict[str, str] | None, run_root: str
 
 
 def run_probes(image: str, env: dict[str, str] | None, state_root: str, run_root: str = "/run/vmrt",
-               jail_uid_base: int = 1 << 30) -> dict[str, dict[str, str]]:
+               jail_uid_base: int = 1 << 30, probe: Path | None = None) -> dict[str, dict[str, str]]:
+    """Every probe in both modes; ``probe`` is the built ENOSYS probe (None: those rows say so)."""
     host = _host()
     result: dict[str, dict[str, str]] = {}
     for mode in MODES:
-        r = _vmrt(["run", "--rm", f"--isolation={mode}", image, "sh", "-c", SCRIPT], env)
+        with tempfile.TemporaryDirectory(prefix="vmrt-probe-") as d:
+            os.chmod(d, 0o755)    # the probe program only: no tenant data
+            mount: list[str] = []
+            if probe is not None:
+                shutil.copy2(probe, Path(d) / probe.name)
+                mount = ["-v", f"{d}:{PROBE_DIR}:ro", "-e", f"PROBE_NRS={' '.join(map(str, probe_numbers()))}"]
+            r = _vmrt(["run", "--rm", f"--isolation={mode}", *mount, image, "sh", "-c", SCRIPT], env)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
             raise VmrtError(f"probe run in {mode} mode failed ({r.returncode}): {last}")

@@ -81,7 +81,9 @@ def check_isolation(cfg: Config, image: str, *, fmt: str) -> str:
     from . import probes  # on use: not on `vmrt run`'s path
     if os.geteuid() != 0:
         raise UsageError("vmrt check isolation needs root (it runs containers)")
-    result = probes.run_probes(image, None, str(cfg.root), str(cfg.run_root), cfg.jail_uid_base)
+    from . import agentbuild  # on use: the VM's build modules are not on a process run's path
+    result = probes.run_probes(image, None, str(cfg.root), str(cfg.run_root), cfg.jail_uid_base,
+                               agentbuild.enosys_probe(cfg))
     return json.dumps(result, indent=1) if fmt == "json" else probes.table(result)
 
 
