@@ -2,7 +2,7 @@
  *
  * Boots the guest userspace, talks the agent protocol (docs/agent-protocol.md)
  * with the host over the virtio-serial port "org.vmrt.agent.0", sets up the
- * container root (virtio-fs image + overlayfs on tmpfs), runs the container
+ * container root (virtio-fs image + overlayfs on its disk), runs the container
  * process in new PID and mount namespaces, relays its stdio and reports its
  * exit, then powers the VM off.  While the container runs, the exec ports
  * "org.vmrt.exec.N" each carry one extra process at a time (EXEC), started in
@@ -109,6 +109,7 @@ void setup_network(void);
 int mkdir_p(const char *path, mode_t mode);
 int is_dir(const char *path);
 void setup_rootfs(void);
+void sync_upper(void); /* before the container's EXIT */
 void setup_container_mounts(void);
 
 /* ---------------------------------------------------------------- child.c */

@@ -1,6 +1,7 @@
 /* The container's filesystem (agent.h): the image over virtio-fs (or 9p)
- * under an overlayfs upper layer, its /sys, /dev, /dev/pts and /dev/shm,
- * and the volumes, at targets resolved inside the container root. */
+ * under an overlayfs upper layer (on the container's disk, or a tmpfs), its
+ * /sys, /dev, /dev/pts and /dev/shm, and the volumes, at targets resolved
+ * inside the container root. */
 #include "agent.h"
 
 #include <errno.h>
@@ -10,6 +11,8 @@
 #include <string.h>
 #include <unistd.h>
 #include <linux/openat2.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -18,6 +21,7 @@
 #define SHARE "/run/vmrt/share" /* the virtio-fs share: rootfs/ and volumes/ */
 #define LOWER SHARE "/rootfs"
 #define RWDIR "/run/vmrt/rw"
+#define DISK_WAIT_MS 5000 /* a swapped-in disk's new capacity reaches the guest by an interrupt */
 
 int mkdir_p(const char *path, mode_t mode)
 {
@@ -59,9 +63,71 @@ static void must_mount(const char *src, const char *dst, const char *type,
 		      src ? " " : "", src ? src : "", dst, strerror(errno));
 }
 
-/* The image (read-only over virtio-fs) under a tmpfs upper layer.  A
- * read-only root gets the same overlay, remounted read-only by the child once
- * mount points and the working directory exist (as runc does). */
+/* The writable layer's disk (UPPER_DISK): an ext4 file system the host made
+ * in a sparse file of the container's, kept across its restarts.  A VM from
+ * the pool or a snapshot booted with an empty placeholder there; the host
+ * swapped in the container's file and resized the device, which the guest
+ * learns by a config interrupt: wait until the kernel reports the capacity
+ * RUN gives, then drop whatever the page cache holds of the device from
+ * before (BLKFLSBUF), and mount it. */
+static void mount_disk(void)
+{
+	char dev[8 + VMRT_DISK_NAME_MAX];
+	uint64_t size = 0;
+	int64_t deadline = now_ms() + DISK_WAIT_MS;
+	int fd = -1;
+
+	snprintf(dev, sizeof dev, "/dev/%s", run.disk_dev);
+	for (;;) {
+		if (fd < 0)
+			fd = open(dev, O_RDONLY | O_CLOEXEC);
+		if (fd >= 0 && ioctl(fd, BLKGETSIZE64, &size) == 0 && size == run.disk_size)
+			break;
+		if (now_ms() > deadline) {
+			if (fd < 0)
+				fatal(125, "the writable layer's disk %s: %s", dev, strerror(errno));
+			fatal(125, "the writable layer's disk %s has %llu bytes, not %llu", dev,
+			      (unsigned long long)size, (unsigned long long)run.disk_size);
+		}
+		usleep(2000);
+	}
+	if (ioctl(fd, BLKFLSBUF, 0) < 0)
+		fatal(125, "cannot flush %s: %s", dev, strerror(errno));
+	close(fd);
+	must_mount(dev, RWDIR, "ext4", MS_NOSUID | MS_NODEV, "discard,noinit_itable");
+}
+
+/* Before EXIT: what the container wrote to its disk is on the host's file
+ * (the host ends the VM as soon as it has EXIT, and a guest's page cache dies
+ * with it; a process container's writes are in the host's page cache). */
+void sync_upper(void)
+{
+	int fd;
+
+	if (!run.disk_size || (fd = open(RWDIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+		return;
+	if (syncfs(fd) < 0)
+		con("syncing the writable layer: %s", strerror(errno));
+	close(fd);
+}
+
+/* A directory of the writable layer: made, or (a restarted container's disk)
+ * already there, but never a symlink or another file the disk's last user put
+ * in its place. */
+static void rw_subdir(const char *path)
+{
+	struct stat st;
+
+	if (mkdir(path, 0755) < 0 && errno != EEXIST)
+		fatal(125, "cannot create %s: %s", path, strerror(errno));
+	if (lstat(path, &st) < 0 || !S_ISDIR(st.st_mode))
+		fatal(125, "the writable layer's %s is not a directory", path);
+}
+
+/* The image (read-only over virtio-fs) under the writable layer: the
+ * container's disk (UPPER_DISK), else a tmpfs.  A read-only root gets the
+ * same overlay, remounted read-only by the child once mount points and the
+ * working directory exist (as runc does). */
 void setup_rootfs(void)
 {
 	char opts[512];
@@ -73,11 +139,18 @@ void setup_rootfs(void)
 		must_mount(run.rootfs, SHARE, "virtiofs", 0, NULL);
 	if (!is_dir(LOWER))
 		fatal(125, "the share has no rootfs directory");
-	must_mount("tmpfs", RWDIR, "tmpfs", 0, "mode=0755");
-	if (mkdir(RWDIR "/upper", 0755) < 0 || mkdir(RWDIR "/work", 0755) < 0)
-		fatal(125, "cannot create overlay directories: %s", strerror(errno));
-	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", LOWER, RWDIR,
-		 RWDIR);
+	if (run.disk_size)
+		mount_disk();
+	else
+		must_mount("tmpfs", RWDIR, "tmpfs", 0, "mode=0755");
+	rw_subdir(RWDIR "/upper");
+	rw_subdir(RWDIR "/work");
+	/* xino=on: the image (virtio-fs or 9p) and the writable layer are two file
+	 * systems; with the layer's id in the high inode bits, stat's st_ino and
+	 * readdir's d_ino agree for every entry, as on a host's same-fs overlay
+	 * (issue 16: tools match files by inode) */
+	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work,xino=on", LOWER,
+		 RWDIR, RWDIR);
 	must_mount("overlay", ROOT, "overlay", 0, opts);
 }
 

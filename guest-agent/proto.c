@@ -236,6 +236,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_SHARE_9P: return "SHARE_9P";
 	case VMRT_TAG_SEED: return "SEED";
 	case VMRT_TAG_NET: return "NET";
+	case VMRT_TAG_UPPER_DISK: return "UPPER_DISK";
 	default: return "?";
 	}
 }
@@ -276,6 +277,8 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->net_prefix = 0;
 	memset(out->net_mac, 0, sizeof out->net_mac);
 	out->net_mtu = 0;
+	out->disk_size = 0;
+	out->disk_dev[0] = '\0';
 
 	while (i < len) {
 		uint8_t tag;
@@ -455,6 +458,28 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			memcpy(&out->net_gw, v + 5, 4);
 			memcpy(out->net_mac, v + 9, 6);
 			out->net_mtu = vmrt_get16(v + 15);
+			break;
+		case VMRT_TAG_UPPER_DISK:
+			/* u64 capacity in bytes, then the device's name under /dev */
+			if (vlen < 9 || vlen > 8 + VMRT_DISK_NAME_MAX)
+				goto badsize;
+			if (out->disk_size) {
+				seterr(err, errlen, "more than one UPPER_DISK record");
+				return -1;
+			}
+			if (vmrt_get64(v) == 0 || vmrt_get64(v) % 512) {
+				seterr(err, errlen, "RUN UPPER_DISK capacity must be whole 512-byte sectors");
+				return -1;
+			}
+			for (uint32_t k = 8; k < vlen; k++) {
+				if (!((v[k] >= 'a' && v[k] <= 'z') || (v[k] >= '0' && v[k] <= '9'))) {
+					seterr(err, errlen, "RUN UPPER_DISK device name must be [a-z0-9]");
+					return -1;
+				}
+			}
+			out->disk_size = vmrt_get64(v);
+			memcpy(out->disk_dev, v + 8, vlen - 8);
+			out->disk_dev[vlen - 8] = '\0';
 			break;
 		case VMRT_TAG_TIME:
 			if (vlen != 8)

@@ -66,6 +66,7 @@ enum vmrt_tag {
 	VMRT_TAG_SHARE_9P = 22,     /* empty: the ROOTFS tag names a virtio-9p share, not virtio-fs */
 	VMRT_TAG_SEED = 23,         /* 16..256 bytes of host randomness: reseed the guest's RNG */
 	VMRT_TAG_NET = 24,          /* 18 bytes: eth0's IPv4 address, prefix, gateway, MAC, MTU */
+	VMRT_TAG_UPPER_DISK = 25,   /* u64 capacity, then a /dev name: the writable layer's block device */
 };
 
 enum vmrt_mount_flags {
@@ -86,6 +87,7 @@ enum vmrt_mount_flags {
 #define VMRT_SEED_MAX   256u
 #define VMRT_NET_LEN    18u /* u32 addr, u8 prefix, u32 gateway, 6 MAC, u16 MTU, u8 flags */
 #define VMRT_NET_MTU_MIN 68u /* IPv4's minimum */
+#define VMRT_DISK_NAME_MAX 31u /* UPPER_DISK's device name: 1..31 of [a-z0-9] */
 
 struct vmrt_mount {
 	const char *target; /* absolute, resolved inside the container root */
@@ -152,6 +154,8 @@ struct vmrt_run {
 	uint8_t net_prefix;  /* 1..32 */
 	uint8_t net_mac[6];  /* unicast */
 	uint16_t net_mtu;    /* 0: the default; else 68..65535 */
+	uint64_t disk_size;  /* UPPER_DISK: the device's capacity in bytes (0: no record) */
+	char disk_dev[VMRT_DISK_NAME_MAX + 1]; /* ... and its name under /dev, e.g. "vda" */
 	char strings[VMRT_MAX_PAYLOAD];
 };
 
@@ -162,8 +166,9 @@ struct vmrt_run {
  * CWD, too many ARG/ENV/GROUPS/MOUNT, no ARG, a MOUNT_* record before any
  * MOUNT, a relative MOUNT target, a bind without a relative, ".."-free
  * source, unknown mount flags, a second NET or one with a prefix outside
- * 1..32, a multicast MAC, an MTU below 68 or non-zero flags.  Unknown tags
- * are skipped. */
+ * 1..32, a multicast MAC, an MTU below 68 or non-zero flags, a second
+ * UPPER_DISK or one whose capacity is 0 or not whole 512-byte sectors or
+ * whose name is not 1..31 of [a-z0-9].  Unknown tags are skipped. */
 int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		   char *err, size_t errlen);
 

@@ -502,6 +502,7 @@ void supervise(void)
 				if (sess[k].fd >= 0 && (sess[k].pid > 0 || (sess[k].state == S_CLOSING && sess[k].wlen)))
 					busy = 1;
 			if (!busy || now >= MAIN->drain_deadline) {
+				sync_upper();
 				queue_exit(MAIN);
 				main_flush();
 				return;

@@ -270,3 +270,39 @@ def test_exec_client_skips_an_earlier_sessions_leftovers() -> None:
     finally:
         a.close()
         b.close()
+
+
+def _disk_payload(*values: bytes) -> bytes:
+    return struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + b"".join(
+        struct.pack(">BI", P.Tag.UPPER_DISK, len(v)) + v for v in values)
+
+
+@given(st.integers(1, (1 << 55) - 1), st.from_regex(r"[a-z0-9]{1,31}", fullmatch=True))
+def test_run_upper_disk_round_trip(sectors: int, name: str) -> None:
+    disk = P.DiskSpec(name, sectors * 512)
+    (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(P.encode_run(P.RunSpec(args=["sh"], upper_disk=disk))))
+    assert P.decode_run(fr.payload).upper_disk == disk
+    assert P.decode_run(P.encode_run(P.RunSpec(args=["sh"]))[8:]).upper_disk is None
+
+
+def test_upper_disk_wire_layout_and_checks() -> None:
+    # tag 25: u64 capacity (big-endian), then the name under /dev, as the agent parses it (proto.c)
+    assert P.Tag.UPPER_DISK == 25
+    frame = P.encode_run(P.RunSpec(args=["sh"], upper_disk=P.DiskSpec("vda", 64 << 20)))
+    assert frame.endswith(struct.pack(">BIQ", 25, 11, 64 << 20) + b"vda")
+    good = struct.pack(">Q", 1 << 30) + b"vda"
+    for size in (0, 511, (1 << 30) + 1):
+        with pytest.raises(ProtocolError, match="whole 512-byte sectors"):
+            P.decode_run(_disk_payload(struct.pack(">Q", size) + b"vda"))
+        with pytest.raises(ProtocolError, match="whole 512-byte sectors"):
+            P.encode_disk(P.DiskSpec("vda", size))
+    for name in (b"../sda", b"vda/", b"VDA", b"v\0a", b"\xff", b"a" * 32):
+        with pytest.raises(ProtocolError):
+            P.decode_run(_disk_payload(struct.pack(">Q", 1 << 30) + name))
+    for bad in (good[:8], b""):
+        with pytest.raises(ProtocolError, match="UPPER_DISK must be 9 to 39 bytes"):
+            P.decode_run(_disk_payload(bad))
+    with pytest.raises(ProtocolError, match="more than one UPPER_DISK record"):
+        P.decode_run(_disk_payload(good, good))
+    # an EXEC ignores it, as the other RUN-only tags
+    assert P.decode_exec(_disk_payload(good)) == P.ExecSpec(args=["sh"])

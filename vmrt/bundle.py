@@ -78,6 +78,7 @@ class RunOptions:
     pull: str = "missing"          # missing | always | never, as docker run --pull
     platform: str | None = None    # os/arch[/variant] for a pull; config's default otherwise
     net: NetRequest | None = None  # None: the default bridge network
+    storage_size: int | None = None  # --storage-opt size= (bytes): a VM's writable layer's disk
 
 
 def parse_pids(value: str) -> int | None:
@@ -296,7 +297,8 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         "mounts": [*DEFAULT_MOUNTS, *(m.oci() for m in opts.mounts)],
         "annotations": {"org.vmrt.isolation": isolation, "org.vmrt.image": opts.image,
                         "org.vmrt.stdin": "true" if opts.interactive else "false",
-                        "org.vmrt.network": _net_request(image_cfg, opts, isolation).to_json()},
+                        "org.vmrt.network": _net_request(image_cfg, opts, isolation).to_json(),
+                        **_storage(opts, isolation)},
         "linux": linux,
     }
 
@@ -313,6 +315,21 @@ def _net_request(image_cfg: dict[str, Any], opts: RunOptions, isolation: str) ->
     if req.aliases and req.network == "bridge":
         raise UsageError("network-scoped aliases are only supported for user-defined networks")
     return req
+
+
+STORAGE_SIZE = "org.vmrt.storage.size"  # annotation: --storage-opt size= in bytes (VM mode)
+
+
+def _storage(opts: RunOptions, isolation: str) -> dict[str, str]:
+    """``--storage-opt size=``: the size of a VM container's disk (vm/disk.py). A process
+    container's writable layer is a directory on the host's file system, which sets no size
+    (Docker's overlay2 needs xfs with project quotas for one): refused there."""
+    if opts.storage_size is None:
+        return {}
+    if isolation != "vm":
+        raise UsageError("--storage-opt size is supported for --isolation=vm only (a process container's "
+                         "writable layer is a directory on the host's file system)")
+    return {STORAGE_SIZE: str(opts.storage_size)}
 
 
 # the mounts every container gets; user mounts (volumes) follow them in config.json

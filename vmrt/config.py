@@ -53,6 +53,7 @@ class Config:
     kernel_source: Path = Path("/usr/src/linux-source-6.1.tar.xz")
     runtime: str = "auto"                    # process mode OCI runtime: auto, runc, crun or a path
     vm_host_overhead_mib: int = 256          # host cgroup memory for QEMU+virtiofsd beyond guest RAM
+    vm_storage_size: str = "10g"             # a VM container's disk without --storage-opt size= (0: a tmpfs in RAM)
     insecure_registries: str = ""            # comma-separated hosts pulled over plain HTTP
     platform: str = "linux/amd64"            # default platform picked from multi-arch images
     pool: str = "auto"                       # warm VM pool: auto (use it when `vmrt pool` runs) or off

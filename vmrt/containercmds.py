@@ -25,7 +25,7 @@ from typing import Any
 from . import config as config_mod
 from . import formatting, lifecycle, logfile, network
 from . import volumes as volumes_mod
-from .bundle import RunOptions, parse_cpus, parse_memory, parse_pids
+from .bundle import STORAGE_SIZE, RunOptions, parse_cpus, parse_memory, parse_pids
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .imagecmds import inspect_doc as image_doc
@@ -80,6 +80,7 @@ class RunArgs:
     runtime: str | None = None
     isolation: str = "default"
     read_only: bool = False
+    storage_opts: tuple[str, ...] = ()
     accel: str | None = None
     kernel: Path | None = None
     show_timings: bool = False
@@ -129,7 +130,7 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         pids_limit=parse_pids(a.pids_limit) if a.pids_limit else None, pull=a.pull_policy, platform=a.platform,
         mounts=[*map(volumes_mod.parse_volume, a.volumes), *map(volumes_mod.parse_mount, a.mounts),
                 *map(volumes_mod.parse_tmpfs, a.tmpfs)],
-        net=_net_request(a))
+        net=_net_request(a), storage_size=_storage_size(a.storage_opts))
     volumes_mod.check_unique(opts.mounts)
     # as Docker: parents before children, whatever the order on the command line
     opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
@@ -157,6 +158,15 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         if a.show_timings:
             timings.report()
     return status, None
+
+
+def _storage_size(opts: tuple[str, ...]) -> int | None:
+    """``--storage-opt size=SIZE``: the bytes of a VM container's disk (vm/disk.py)."""
+    if not opts:
+        return None
+    from .vm import disk as vmdisk  # on use: only a run with --storage-opt parses one
+    size = vmdisk.parse_storage_opts(opts).get("size")
+    return vmdisk.storage_size(size) if size is not None else None
 
 
 def _net_request(a: RunArgs) -> network.NetRequest:
@@ -406,6 +416,8 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                        "NanoCpus": int(quota * 10000) if quota else 0,
                        "PidsLimit": res.get("pids", {}).get("limit"),
                        "ReadonlyRootfs": bool(config.get("root", {}).get("readonly")),
+                       "StorageOpt": {"size": size} if (size := config.get("annotations", {}).get(STORAGE_SIZE))
+                       else None,
                        "NetworkMode": req.network, "PublishAllPorts": req.publish_all,
                        "PortBindings": _bindings(req), "Dns": req.dns, "DnsSearch": req.dns_search,
                        "DnsOptions": req.dns_options, "ExtraHosts": req.extra_hosts or None,

@@ -22,6 +22,10 @@ loaded the VM continues. The RUN it gets carries SHARE_9P and SEED (64 bytes fro
 and the agent reseeds the guest's RNG before anything reads from it and sets the
 clock and hostname, so clones differ (boot id, random numbers, time, hostname).
 Containers with bind volumes cold-boot (the 9p export is read-only).
+
+The snapshot's VM has the disk device every VM has (vm/disk.py), backed by an empty
+placeholder; a clone's QEMU opens the container's own disk there instead, and once the VM
+runs, ``block_resize`` tells the guest its capacity (the guest saw the placeholder's 0 bytes).
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ from .agent import protocol as P
 from .agent.hello import read_hello
 from .config import Config
 from .errors import LaunchError, ProtocolError, VmrtError
+from .vm import disk as vmdisk
 from .vm.qemu import QemuVM, VMSpec
 from .vm.shape import Shape, default_spec
 from .vm.virtiofsd import P9Proxy
 
 # 3: guest RAM in its own file, mapped private by the clones; 4: no free page reporting; 5: a NIC;
-# 6: built by a jailed QEMU (9p through the proxy helper)
-FORMAT = 6
+# 6: built by a jailed QEMU (9p through the proxy helper); 7: a disk (vm/disk.py: an empty placeholder)
+FORMAT = 7
 MIGRATE_TIMEOUT = 120.0
 
 
@@ -161,7 +166,7 @@ async def _pass_fd(vm: QemuVM, fd: int, name: str) -> None:
 async def restore(vm: QemuVM, snap: Snapshot, timeout: float) -> None:
     """Load the snapshot's device state into a QEMU started with ``-incoming defer``; once
     loaded, the VM continues (its RAM: jailed, its own copy of the snapshot's; else the
-    snapshot's file, mapped private)."""
+    snapshot's file, mapped private) and learns its disk's capacity."""
     assert vm.qmp is not None
     await vm.qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
     fd = os.open(snap.state, os.O_RDONLY | os.O_CLOEXEC)
@@ -182,6 +187,8 @@ async def restore(vm: QemuVM, snap: Snapshot, timeout: float) -> None:
     if status != "paused":
         raise LaunchError(f"restoring the snapshot failed (QEMU state {status})")
     await vm.qmp.execute("cont")
+    if vm.spec.disk_size:  # after cont: the config interrupt must reach a running guest
+        await vmdisk.resize(vm.qmp, vm.spec.disk_size)
 
 
 def build(cfg: Config, force: bool = False) -> Snapshot:
@@ -205,14 +212,15 @@ async def _build(cfg: Config, force: bool) -> Snapshot:
     if cfg.vmm_jail:  # the same devices as a clone's: a 9p share served by the proxy helper
         proxy = P9Proxy(cfg, tmp / "share", tmp / "virtiofsd.log")
         proxy.start()
-    vm = QemuVM(cfg, dataclasses.replace(spec, tap_fd=network.open_tap_detached()), tmp / "qemu.log",
-                fs_fd=proxy.qemu_fd if proxy is not None else None)
+    vm = QemuVM(cfg, dataclasses.replace(spec, tap_fd=network.open_tap_detached(), disk_fd=vmdisk.placeholder()),
+                tmp / "qemu.log", fs_fd=proxy.qemu_fd if proxy is not None else None)
     try:
         try:
             vm.launch()
         finally:
-            assert vm.spec.tap_fd is not None
+            assert vm.spec.tap_fd is not None and vm.spec.disk_fd is not None
             os.close(vm.spec.tap_fd)
+            os.close(vm.spec.disk_fd)
             if proxy is not None:
                 proxy.handed()
         await vm.connect_qmp()

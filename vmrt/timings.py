@@ -11,7 +11,7 @@ import sys
 import time
 
 PHASES = ("created", "network-ready", "pool-claim", "rootfs-ready", "vmm-spawned", "kernel-up", "agent-ready",
-          "process-started", "first-output", "exit", "teardown-done")
+          "disk-ready", "process-started", "first-output", "exit", "teardown-done")
 
 
 def _process_start_ns() -> int:

@@ -71,6 +71,7 @@ class Tag(enum.IntEnum):
     SHARE_9P = 22
     SEED = 23
     NET = 24
+    UPPER_DISK = 25     # u64 capacity, then a name under /dev: the writable layer's block device
 
 
 class MountFlag(enum.IntFlag):
@@ -144,6 +145,42 @@ def decode_net(v: bytes) -> NetSpec:
     _check_net(prefix, mac, mtu, flags)
     return NetSpec(str(ipaddress.IPv4Address(addr)), prefix,
                    str(ipaddress.IPv4Address(gw)) if gw != bytes(4) else None, mac.hex(":"), mtu)
+
+
+@dataclasses.dataclass
+class DiskSpec:
+    """The writable layer's block device in the guest (UPPER_DISK): its name under /dev and
+    the capacity the agent waits for before it mounts it (a swapped-in disk's new size
+    reaches the guest by an interrupt)."""
+
+    device: str                      # e.g. "vda": 1..31 of [a-z0-9]
+    size: int                        # bytes, whole 512-byte sectors
+
+
+_DISK_NAME = re.compile(r"[a-z0-9]{1,31}")
+
+
+def _check_disk(device: str, size: int) -> None:
+    """The agent's checks of an UPPER_DISK record (proto.c), with its messages."""
+    if not 0 < size < 1 << 64 or size % 512:
+        raise ProtocolError("UPPER_DISK capacity must be whole 512-byte sectors")
+    if not _DISK_NAME.fullmatch(device):
+        raise ProtocolError("UPPER_DISK device name must be [a-z0-9]")
+
+
+def encode_disk(disk: DiskSpec) -> bytes:
+    """UPPER_DISK's value: u64 capacity, then the device name (no NUL)."""
+    _check_disk(disk.device, disk.size)
+    return struct.pack(">Q", disk.size) + disk.device.encode()
+
+
+def decode_disk(v: bytes) -> DiskSpec:
+    if not 9 <= len(v) <= 8 + 31:
+        raise ProtocolError("UPPER_DISK must be 9 to 39 bytes")
+    (size,) = struct.unpack_from(">Q", v)
+    name = v[8:].decode("ascii", errors="replace")
+    _check_disk(name, size)
+    return DiskSpec(name, size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +366,7 @@ class RunSpec:
     share_9p: bool = False           # the ROOTFS tag is a virtio-9p share (a VM restored from a snapshot)
     seed: bytes = b""                # host randomness the agent reseeds the guest RNG with (16..256 bytes)
     net: NetSpec | None = None       # eth0's configuration; None: eth0 stays down (lo is always up)
+    upper_disk: DiskSpec | None = None  # the writable layer's disk; None: a tmpfs in guest RAM
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -394,6 +432,8 @@ def encode_run(spec: RunSpec) -> bytes:
         out += _rec(Tag.SEED, spec.seed)
     if spec.net is not None:
         out += _rec(Tag.NET, encode_net(spec.net))
+    if spec.upper_disk is not None:
+        out += _rec(Tag.UPPER_DISK, encode_disk(spec.upper_disk))
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -486,6 +526,10 @@ def decode_run(p: bytes) -> RunSpec:
             if spec.net is not None:
                 raise ProtocolError("more than one NET record")
             spec.net = decode_net(v)
+        elif tag == Tag.UPPER_DISK:
+            if spec.upper_disk is not None:
+                raise ProtocolError("more than one UPPER_DISK record")
+            spec.upper_disk = decode_disk(v)
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")

@@ -41,6 +41,8 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 @click.option("--isolation", default="default", show_default=True,
               help="vm (alias hyperv), process or default (config / $VMRT_ISOLATION).")
 @click.option("--read-only", is_flag=True, help="Mount the container's root filesystem read-only.")
+@click.option("--storage-opt", "storage_opts", multiple=True,
+              help="Storage driver option: size=SIZE, the VM's writable layer (default: the vm_storage_size setting).")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="VM accelerator (default: auto).")
 @click.option("--kernel", type=click.Path(path_type=Path), help="Guest kernel (vmlinux) to boot instead of vmrt's.")
 @click.option("--timings", "show_timings", is_flag=True, help="Print start-up phase timings to stderr.")

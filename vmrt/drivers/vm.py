@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import termios
 import time
@@ -38,6 +39,7 @@ from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..proc import write_all
 from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
 from ..vm import accel as accel_mod
+from ..vm import disk as vmdisk
 from ..vm import jail
 from ..vm.outcome import hung, virtiofsd_gone, vm_gone
 from ..vm.qemu import VMSpec
@@ -49,6 +51,7 @@ STDIN_HIGH, STDIN_LOW = 1 << 20, 256 << 10
 CONSOLE_LOG_MAX = 1 << 20
 KERNEL_UP_MARK = b"vmrt-agent: init"
 GUEST_OVERHEAD_MIB = 64    # guest kernel + agent beside a container's --memory
+SHUTDOWN_GRACE = 2.0       # after SHUTDOWN, the VM's time to power off by itself (monitor.c's GRACE_MS)
 HOST_PIDS_MAX = 512        # QEMU and virtiofsd threads of one VM, a bound against runaways
 
 
@@ -108,6 +111,11 @@ def guest_net(att: network.Attached | None) -> P.NetSpec | None:
                      mac=ep.mac, mtu=1500)
 
 
+def _wait_quietly(proc: vmsource.Watched, timeout: float) -> None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+
+
 class VMDriver:
     name = "vm"
 
@@ -143,6 +151,7 @@ class _Session:
         self.force_timer: asyncio.TimerHandle | None = None
         self.console_tail = bytearray()
         self.stop_signals = 0
+        self.shutdown_sent = False  # SHUTDOWN: the agent syncs the disk and powers off by itself
         self.vm: vmsource.RunningVM | None = None
         self.group: cgroups.HostGroup | None = None
         self.tty_restore: list[Any] | None = None
@@ -358,6 +367,7 @@ class _Session:
 
     def _force_kill(self, why: str) -> None:
         self._send(P.encode(P.Msg.SHUTDOWN))
+        self.shutdown_sent = True
         self._fail_futures(VmrtError(f"container killed: {why}", exit_code=137))
 
     def _on_winch(self) -> None:
@@ -465,8 +475,11 @@ class _Session:
         spec = VMSpec(kernel=kernel_path, initrd=initrd, virtiofs_socket=bdir / f"vfs-{ctx.container.id[:16]}.sock",
                       memory_mib=mem_mib, cpus=cpus, accel=acc, machine=cfg.machine,
                       name=f"vmrt-{ctx.container.id[:12]}", extra_cmdline=cfg.kernel_cmdline)
-        source = vmsource.choose(ctx, spec)
-        vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack))
+        disk = self._disk()
+        if disk is not None:
+            stack.callback(disk.abort)
+        source = vmsource.choose(ctx, spec, disk)
+        vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack, disk))
         stack.push_async_callback(self._teardown_vm)
         if vm.join_group:
             group.add(vm.pid)
@@ -495,6 +508,10 @@ class _Session:
         if vm.clone:  # its share is 9p, its RNG state is every clone's until reseeded
             rs.share_9p, rs.seed = True, os.urandom(64)
         rs.net = guest_net(ctx.net)
+        if disk is not None and vm.disk:  # formatted while the VM booted
+            await asyncio.to_thread(disk.ready)
+            t.mark("disk-ready")
+            rs.upper_disk = P.DiskSpec(vmdisk.DEVICE, disk.size)
         if ctx.net is not None:  # the VM's side of the network is joined before its process runs
             await asyncio.to_thread(ctx.net.wait)
         if ctx.handoff is not None:
@@ -516,6 +533,23 @@ class _Session:
         if ex.oom:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
+
+    def _disk(self) -> vmdisk.Disk | None:
+        """The container's writable layer: its disk (kept in its writable-layer dir until rm, of
+        its ``--storage-opt size=``, else ``vm_storage_size``), or None: a tmpfs in the guest,
+        bounded by its RAM (no such dir, or ``vm_storage_size`` 0; ``--timings`` says so)."""
+        ctx = self.ctx
+        if ctx.rw_dir is None:
+            ctx.timings.info["upper"] = "tmpfs (no writable-layer dir for a disk)"
+            return None
+        want = ctx.config.get("annotations", {}).get(bundle.STORAGE_SIZE)
+        if not want and vmdisk.parse_size(self.cfg.vm_storage_size) == 0:
+            ctx.timings.info["upper"] = "tmpfs (vm_storage_size 0)"
+            return None
+        size = int(want) if want else vmdisk.storage_size(self.cfg.vm_storage_size, "vm_storage_size")
+        disk = vmdisk.prepare(ctx.rw_dir, size)
+        ctx.timings.info["upper"] = f"disk {disk.size >> 20}m"
+        return disk
 
     async def _handoff(self, run_frame: bytes, stdin_open: bool) -> None:
         """Give the booted VM to the C monitor: it sends RUN and does the rest (never returns).
@@ -547,6 +581,8 @@ class _Session:
             self.force_timer.cancel()
         self._send(None)
         if self.vm is not None:
+            if self.shutdown_sent:  # as the C monitor: the agent's own power-off first (its disk synced)
+                await asyncio.to_thread(_wait_quietly, self.vm.qemu, SHUTDOWN_GRACE)
             await self.vm.shutdown()
         for task in self.tasks:
             task.cancel()

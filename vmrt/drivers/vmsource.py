@@ -6,7 +6,9 @@ factory): ``start`` readies the container's share, gets a VM running and returns
 source. :func:`choose` picks it: a pooled VM of the container's shape if the pool
 daemon has one (vmrt/pool/), else a verified snapshot of that shape
 (vmrt/snapshot.py), else a cold boot. The share is ``share/rootfs`` (the image,
-read-only) and ``share/volumes/N`` (bind volumes), sealed read-only at its top.
+read-only) and ``share/volumes/N`` (bind volumes), sealed read-only at its top. Every source
+gives the VM the container's disk, its writable layer (vm/disk.py): a cold boot and a restore
+on QEMU's command line, a pooled VM by the pool daemon's swap at the claim.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..agent import protocol as P
 from ..errors import LaunchError
 from ..pool import client as pool_client
 from ..pool import files
+from ..vm import disk as vmdisk
 from ..vm import jail
 from ..vm.qemu import EXEC_PORTS, QemuVM, VMSpec, exec_socket_name
 from ..vm.shape import Shape
@@ -70,6 +73,7 @@ class RunningVM:
     # the pool daemon reaps a pooled VM's processes and writes their exit statuses here
     status_files: tuple[Path, Path] | None = None
     join_group: bool = False            # an unjailed QEMU: joins the VM's cgroup once it runs
+    disk: bool = False                  # the container's disk is the VM's (else its placeholder)
 
     @property
     def pid(self) -> int:
@@ -91,6 +95,7 @@ class Launch:
     spec: VMSpec
     group: cgroups.HostGroup
     stack: contextlib.AsyncExitStack
+    disk: vmdisk.Disk | None = None     # the container's writable layer (None: a tmpfs in the guest)
 
 
 class VMSource(Protocol):
@@ -132,12 +137,22 @@ def _nic(ctx: RunContext, spec: VMSpec) -> VMSpec:
     return dataclasses.replace(spec, tap_fd=fd, mac=ep.mac if ep is not None else spec.mac)
 
 
+def _disk(launch: Launch, spec: VMSpec) -> VMSpec:
+    """The VM's disk: the container's (its fd, O_DIRECT where the host's file system can), else
+    an empty placeholder."""
+    if launch.disk is None:
+        return dataclasses.replace(spec, disk_fd=vmdisk.placeholder(), disk_direct=False, disk_size=0)
+    fd, direct = vmdisk.open_for_vmm(launch.disk.path)
+    return dataclasses.replace(spec, disk_fd=fd, disk_direct=direct, disk_size=launch.disk.size)
+
+
 def _launch(vm: QemuVM) -> None:
     try:
         vm.launch()
-    finally:  # QEMU holds the tap now: it goes when QEMU does
-        if vm.spec.tap_fd is not None:
-            os.close(vm.spec.tap_fd)
+    finally:  # QEMU holds the tap and the disk now: they go when QEMU does
+        for fd in (vm.spec.tap_fd, vm.spec.disk_fd):
+            if fd is not None:
+                os.close(fd)
 
 
 def _running(vm: QemuVM, launch: Launch, source: str, share_server: Watched | None,
@@ -145,7 +160,8 @@ def _running(vm: QemuVM, launch: Launch, source: str, share_server: Watched | No
     """A QEMU of ours, launched (a jailed one joined the VM's cgroup before it started)."""
     assert vm.proc is not None and vm.agent_sock is not None and vm.console_sock is not None
     return RunningVM(source, vm.proc, vm.agent_sock, vm.console_sock, launch.ctx.bundle_dir / "console.log",
-                     share_server, connect=connect, stop=vm.shutdown, join_group=not vm.jailed, **kw)
+                     share_server, connect=connect, stop=vm.shutdown, join_group=not vm.jailed,
+                     disk=launch.disk is not None, **kw)
 
 
 class ColdBoot:
@@ -170,7 +186,7 @@ class ColdBoot:
             vfs.start()
         stack.callback(vfs.stop)
         assert vfs.proc is not None
-        vm = QemuVM(cfg, _nic(ctx, launch.spec), logs / "qemu.log", group=launch.group)
+        vm = QemuVM(cfg, _disk(launch, _nic(ctx, launch.spec)), logs / "qemu.log", group=launch.group)
         _launch(vm)
         ctx.timings.mark("vmm-spawned")
         return _running(vm, launch, self.name, vfs.proc, vm.connect_qmp)
@@ -200,8 +216,8 @@ class SnapshotRestore:
             proxy = P9Proxy(cfg, share, logs / "virtiofsd.log", group=launch.group)
             proxy.start()
             stack.callback(proxy.stop)
-        vm = QemuVM(cfg, snapshot.restore_spec(_nic(ctx, launch.spec), self.snap, share), logs / "qemu.log",
-                    group=launch.group, fs_fd=proxy.qemu_fd if proxy is not None else None)
+        vm = QemuVM(cfg, snapshot.restore_spec(_disk(launch, _nic(ctx, launch.spec)), self.snap, share),
+                    logs / "qemu.log", group=launch.group, fs_fd=proxy.qemu_fd if proxy is not None else None)
         _launch(vm)
         if proxy is not None:
             proxy.handed()
@@ -266,7 +282,8 @@ class PoolClaim:
                 (ctx.bundle_dir / exec_socket_name(k)).unlink(missing_ok=True)
 
         return RunningVM(self.name, qemu, c.agent_sock, c.console_sock, c.dir / "console.log", vfs, stop=stop,
-                         hello=c.hello, status_files=(c.dir / "qemu.status", c.dir / "virtiofsd.status"))
+                         hello=c.hello, status_files=(c.dir / "qemu.status", c.dir / "virtiofsd.status"),
+                         disk=c.disk)
 
     def _kill(self, held: list[pool_client.PidProc]) -> None:
         """A claim that failed half-way: the VM's processes killed (those not yet held by a
@@ -312,11 +329,12 @@ def _snapshot(ctx: RunContext, shape: Shape) -> snapshot.Snapshot | None:
     return snap
 
 
-def choose(ctx: RunContext, spec: VMSpec) -> VMSource:
+def choose(ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None = None) -> VMSource:
     """A pooled VM of the container's shape, else a snapshot of it, else a cold boot
-    (``--timings`` shows which: its ``pool`` and ``snapshot`` fields)."""
+    (``--timings`` shows which: its ``pool`` and ``snapshot`` fields). A pooled VM gets the
+    container's ``disk`` in the claim (the daemon swaps it in)."""
     shape = Shape.of(spec)
-    claimed = pool_client.claim(ctx.cfg, shape, ctx.bundle_dir) if _poolable(ctx.config) else None
+    claimed = pool_client.claim(ctx.cfg, shape, ctx.bundle_dir, disk) if _poolable(ctx.config) else None
     ctx.timings.info["pool"] = claimed.id if claimed is not None else "none"
     if claimed is not None:
         ctx.timings.info["snapshot"] = "none"

@@ -20,6 +20,7 @@ from ..agent import protocol as P
 from ..config import Config
 from ..errors import ProtocolError, UsageError, VmrtError
 from ..proc import PidFd, connect_unix
+from ..vm.disk import Disk
 from ..vm.shape import Shape
 from .files import SOCK_NAME, clean_stale, daemon_pid, kill_marked, pool_dir, vm_marker_in
 
@@ -37,6 +38,7 @@ class Claimed:
     agent_sock: socket.socket
     console_sock: socket.socket
     hello: P.Hello
+    disk: bool = False    # the container's disk took the VM's placeholder's place
 
 
 def request(cfg: Config, req: dict[str, Any], timeout: float = 30.0) -> tuple[dict[str, Any], list[int]]:
@@ -68,13 +70,16 @@ def running(cfg: Config) -> bool:
     return (cfg.run_root / SOCK_NAME).exists()
 
 
-def claim(cfg: Config, shape: Shape, run_dir: Path) -> Claimed | None:
-    """A ready VM of ``shape`` moved into ``run_dir``, or None (no daemon, none ready, pool off)."""
+def claim(cfg: Config, shape: Shape, run_dir: Path, disk: Disk | None = None) -> Claimed | None:
+    """A ready VM of ``shape`` moved into ``run_dir``, with the container's ``disk`` in place of its
+    placeholder, or None (no daemon, none ready, pool off, the disk could not be swapped in)."""
     if cfg.pool == "off" or not running(cfg):
         return None
+    req: dict[str, Any] = {"op": "claim", "shape": dataclasses.asdict(shape), "run_dir": str(run_dir)}
+    if disk is not None:
+        req["disk"] = {"path": str(disk.path), "size": disk.size}
     try:
-        reply, fds = request(cfg, {"op": "claim", "shape": dataclasses.asdict(shape), "run_dir": str(run_dir)},
-                             timeout=CLAIM_TIMEOUT)
+        reply, fds = request(cfg, req, timeout=CLAIM_TIMEOUT)
     except (OSError, VmrtError):
         return None  # a daemon that is gone or stuck is a pool miss, not a failure
     try:
@@ -91,7 +96,7 @@ def claim(cfg: Config, shape: Shape, run_dir: Path) -> Claimed | None:
     agent, console = (socket.socket(fileno=fd) for fd in fds)
     for s in (agent, console):
         s.setblocking(False)
-    return Claimed(vm[0], run_dir / "vm", vm[1], vm[2], agent, console, hello)
+    return Claimed(vm[0], run_dir / "vm", vm[1], vm[2], agent, console, hello, disk=disk is not None)
 
 
 class PidProc:

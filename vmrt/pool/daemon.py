@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -17,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import cgroups, fsmode, network, rootfs
+from .. import cgroups, fsmode, layout, network, rootfs
 from ..agent import protocol as P
 from ..agent.hello import read_hello
 from ..config import Config
 from ..errors import UsageError, VmrtError
 from ..proc import start_ticks
+from ..vm import disk as vmdisk
 from ..vm import jail
 from ..vm.qemu import QemuVM
 from ..vm.shape import Shape, default_spec
@@ -172,11 +174,17 @@ class Daemon:
             # its NIC's tap waits in a namespace of its own; a claim moves it into the container's
             network.create_netns(vm.dir / "netns")
             tap = network.open_tap(vm.dir / "netns")
-            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap), logs / "qemu.log", group=group)
+            # its disk is an empty placeholder until a claim swaps the container's in (vm/disk.py),
+            # one of at most the default size (its jail's file size limit)
+            placeholder = vmdisk.placeholder()
+            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap, disk_fd=placeholder,
+                                                           disk_max=vmdisk.parse_size(self.cfg.vm_storage_size)),
+                             logs / "qemu.log", group=group)
             try:
                 vm.qemu.launch(die_with_parent=False)
             finally:
                 os.close(tap)
+                os.close(placeholder)
             assert vm.qemu.proc is not None and vm.qemu.pid is not None
             self._track(vm.qemu.proc, vm.dir / "qemu.status")
             if not vm.qemu.jailed:
@@ -255,7 +263,7 @@ class Daemon:
     async def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         op = req.get("op")
         if op == "claim":
-            return self._claim(req)
+            return await self._claim(req)
         if op == "fill":
             if req.get("size") is not None:
                 self.size = max(0, int(req["size"]))
@@ -279,23 +287,40 @@ class Daemon:
             return {"ok": True, **self._status()}, []
         return {"ok": False, "error": f"unknown request {op!r}"}, []
 
-    def _claim(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    async def _claim(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         try:
             shape = Shape(**req["shape"])
             run_dir = Path(req["run_dir"])
-        except (KeyError, TypeError) as e:
+            disk = req.get("disk")
+            disk_size = int(disk["size"]) if disk is not None else 0
+        except (KeyError, TypeError, ValueError) as e:
             return {"ok": False, "error": f"bad claim: {e}"}, []
         containers = (self.cfg.run_root / "containers").resolve()
         if run_dir.resolve().parent != containers or not run_dir.is_dir() or (run_dir / "vm").exists():
             return {"ok": False, "error": "a claim names a container's run dir"}, []
+        # only the container's own disk, where vmrt keeps it: <root>/rw/<the run dir's id>/disk.img
+        disk_path = layout.rw_dir(self.cfg, run_dir.name) / vmdisk.IMAGE_NAME
+        if disk is not None and (disk.get("path") != str(disk_path) or disk_size <= 0 or disk_size % 512):
+            return {"ok": False, "error": "a claim's disk is the container's disk.img"}, []
         vm = next((v for v in self.ready if v.shape == shape and v.qemu is not None
-                   and v.qemu.proc is not None and v.qemu.proc.poll() is None), None)
+                   and v.qemu.proc is not None and v.qemu.proc.poll() is None
+                   and disk_size <= v.qemu.spec.disk_max), None)
         if vm is None:
             return {"ok": False, "error": "no ready VM of that shape"}, []
         self.ready.remove(vm)
         assert vm.qemu is not None and vm.vfs is not None and vm.hello is not None
         if vm.console_task is not None:
             vm.console_task.cancel()
+        if disk is not None:
+            try:
+                await self._swap_disk(vm.qemu, disk_path, disk_size)
+            except Exception as e:  # QMP's own errors too: the VM is not handed out, the run cold-boots
+                if vm.qemu.qmp is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(vm.qemu.qmp.disconnect(), 2.0)
+                self._destroy(vm)
+                self.changed.set()  # refill
+                return {"ok": False, "error": f"the container's disk could not be swapped in: {e}"}, []
         target = run_dir / "vm"
         os.rename(vm.dir, target)  # from now on: the container's (the share's mount moves along)
         for pid, path in list(self.status_files.items()):
@@ -308,6 +333,27 @@ class Daemon:
         self.changed.set()  # refill
         return {"ok": True, "id": vm.id, "qemu": vm.qemu.pid, "virtiofsd": vm.vfs.pid,
                 "hello": vm.hello.record()}, fds
+
+    async def _swap_disk(self, qemu: QemuVM, path: Path, size: int) -> None:
+        """The container's disk in place of the VM's placeholder (vm/disk.py), over QMP, which
+        the daemon connects only now; the jailed QEMU's file size limit (the default disk size,
+        at least: it was set before its disk was known) lowered to this disk's where the host
+        lets us (CAP_SYS_RESOURCE)."""
+        await qemu.connect_qmp()
+        assert qemu.qmp is not None and qemu.pid is not None
+        if qemu.jailed:
+            limit = max(qemu.spec.memory_mib << 20, size)
+            with contextlib.suppress(PermissionError):
+                resource.prlimit(qemu.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        fd, direct = vmdisk.open_for_vmm(path)
+        try:
+            if os.fstat(fd).st_size != size:
+                raise VmrtError(f"{path} is not of {size} bytes")
+            await asyncio.wait_for(vmdisk.swap(qemu.qmp, fd, direct, size), 10.0)
+        finally:
+            os.close(fd)
+        await asyncio.wait_for(qemu.qmp.disconnect(), 2.0)
+        qemu.qmp = None
 
     def _status(self) -> dict[str, Any]:
         shape = self.ready[0].shape if self.ready else None

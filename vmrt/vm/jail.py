@@ -13,7 +13,8 @@ be host root. Between fork and exec, still root, the child:
    bound read-only as ``/kernel`` and ``/initrd``; a snapshot clone's RAM is copied (sparse)
    into ``/ram``, private to this VM; then ``chroot``s there. Nothing of vmrt's state, of
    other tenants or of the host's ``/proc`` is in it;
-3. sets bounded limits (open files, processes of its uid);
+3. sets bounded limits (open files, processes of its uid, and the size of any file it writes:
+   its RAM's or its disk's, so not even a compromised VMM grows the container's disk file);
 4. drops to a uid and gid of its own, ``jail_uid_base + its PID`` (a PID is unique among live
    processes, so no two VMMs share an identity; the range is reserved for vmrt), with no
    supplementary groups (the ``/dev/kvm`` group under KVM): a change of uid from 0 clears
@@ -67,6 +68,7 @@ class Jail:
     ram_copy: tuple[int, int] | None = None  # (fd, size): copied into /ram, private to this VM
     kvm: bool = False
     nofile: int = NOFILE
+    fsize: int | None = None                # RLIMIT_FSIZE: no file it writes grows past this
 
     def path(self, name: str) -> str:
         """The name QEMU uses for a file the jail holds."""
@@ -193,6 +195,8 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
             resource.setrlimit(resource.RLIMIT_NOFILE, (jail.nofile, jail.nofile))
             resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if jail.fsize is not None:  # its RAM (a memfd or file) and its disk are the largest
+                resource.setrlimit(resource.RLIMIT_FSIZE, (jail.fsize, jail.fsize))
             for cap in range(last_cap + 1):  # nothing to regain either (no_new_privs too)
                 _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "capability bounding set")
             os.setgroups(groups)

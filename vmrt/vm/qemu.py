@@ -29,6 +29,7 @@ from ..cgroups import HostGroup
 from ..config import Config
 from ..errors import LaunchError
 from ..proc import connect_unix
+from . import disk as disk_mod
 from . import jail as jail_mod
 from . import procs
 from .accel import Accel
@@ -49,9 +50,11 @@ def exec_socket_name(k: int) -> str:
     return f"exec-{k}.sock"
 
 
+# secretmem.enable=1: memfd_secret, which the seccomp profile allows, as on the newer host kernels that
+# turn it on by default (6.1's default is off: ENOSYS)
 KERNEL_CMDLINE = ("console=ttyS0 quiet reboot=t panic=-1 no_timer_check tsc=reliable "
                   "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1 "
-                  "random.trust_cpu=on rdinit=/init")
+                  "random.trust_cpu=on secretmem.enable=1 rdinit=/init")
 
 
 @dataclasses.dataclass
@@ -71,6 +74,10 @@ class VMSpec:
     ram_file: Path | None = None   # guest RAM in this file (a snapshot's), else a shared memfd
     tap_fd: int | None = None      # the VM's NIC (virtio-net) backed by this tap (vmrt/network/netns.py)
     mac: str = "02:56:00:00:00:01"  # the NIC's MAC at boot (the agent sets the container's own)
+    disk_fd: int | None = None     # the writable layer's disk (vm/disk.py): QEMU's fd of it ...
+    disk_direct: bool = False      # ... opened O_DIRECT (cache=none)
+    disk_size: int = 0             # ... of this many bytes (0: a placeholder)
+    disk_max: int = 0              # the most its disk may take (a pooled VM's: the claim's disk's)
 
     @property
     def vcpus(self) -> int:
@@ -149,6 +156,8 @@ class QemuVM:
             *self.exec_port_args(fds),
             *(["-netdev", f"tap,id=net0,fd={s.tap_fd},vhost=off",
                "-device", f"{net_dev},netdev=net0,mac={s.mac}"] if s.tap_fd is not None else []),
+            *(disk_mod.qemu_args(s.disk_fd, s.disk_direct, s.machine == "microvm") if s.disk_fd is not None
+              else []),
             *(["-incoming", s.incoming] if s.incoming else []),
         ]
 
@@ -204,7 +213,8 @@ class QemuVM:
         fsmode.make_dirs(mountpoint, fsmode.PRIVATE_DIR)
         j = jail_mod.Jail(mountpoint=mountpoint, uid_base=self.cfg.jail_uid_base,
                           cgroup_procs=self.group.procs_files() if self.group is not None else [],
-                          files={"kernel": s.kernel, "initrd": s.initrd}, kvm=s.accel.name == "kvm")
+                          files={"kernel": s.kernel, "initrd": s.initrd}, kvm=s.accel.name == "kvm",
+                          fsize=max(s.memory_mib << 20, s.disk_size, s.disk_max))
         if s.ram_file is not None and not s.incoming:  # the snapshot being built writes its RAM file
             j.rw_files["ram"] = s.ram_file
         return j
@@ -220,7 +230,7 @@ class QemuVM:
         ram = -1
         cmd: list[str] = []
         try:
-            tap = (self.spec.tap_fd,) if self.spec.tap_fd is not None else ()
+            tap = tuple(fd for fd in (self.spec.tap_fd, self.spec.disk_fd) if fd is not None)
             if self.jailed:
                 self._jail_channels(fds, held)
                 j = self.jail()

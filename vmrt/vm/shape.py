@@ -28,6 +28,7 @@ class Shape:
     accel: str
     cmdline: str
     nic: bool = True   # a virtio-net NIC backed by a tap (every vmrt VM has one)
+    disk: bool = True  # a virtio-blk disk, the writable layer (vm/disk.py; every vmrt VM has one)
 
     @classmethod
     def of(cls, spec: VMSpec) -> Shape:
