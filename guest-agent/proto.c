@@ -237,6 +237,9 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_SEED: return "SEED";
 	case VMRT_TAG_NET: return "NET";
 	case VMRT_TAG_UPPER_DISK: return "UPPER_DISK";
+	case VMRT_TAG_SECCOMP: return "SECCOMP";
+	case VMRT_TAG_MASKED: return "MASKED";
+	case VMRT_TAG_RO_PATH: return "RO_PATH";
 	default: return "?";
 	}
 }
@@ -279,6 +282,8 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->net_mtu = 0;
 	out->disk_size = 0;
 	out->disk_dev[0] = '\0';
+	out->seccomp_len = 0;
+	out->nmasked = out->nro_paths = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -309,6 +314,8 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		case VMRT_TAG_MOUNT:
 		case VMRT_TAG_MOUNT_SOURCE:
 		case VMRT_TAG_MOUNT_DATA:
+		case VMRT_TAG_MASKED:
+		case VMRT_TAG_RO_PATH:
 			if (vlen > VMRT_MAX_STRING) {
 				seterr(err, errlen, "RUN %s of %lu bytes exceeds %u",
 				       tag_name(tag), (unsigned long)vlen, VMRT_MAX_STRING);
@@ -536,6 +543,32 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 				out->mounts[out->nmounts - 1].flags = vmrt_get32(v);
 			}
 			break;
+		case VMRT_TAG_SECCOMP:
+			if (out->seccomp_len) {
+				seterr(err, errlen, "more than one SECCOMP record");
+				return -1;
+			}
+			if (vlen == 0 || vlen % 8 || vlen > VMRT_SECCOMP_MAX)
+				goto badsize;
+			memcpy(out->seccomp, v, vlen);
+			out->seccomp_len = vlen;
+			break;
+		case VMRT_TAG_MASKED:
+		case VMRT_TAG_RO_PATH: {
+			size_t *n = tag == VMRT_TAG_MASKED ? &out->nmasked : &out->nro_paths;
+			const char **list = tag == VMRT_TAG_MASKED ? out->masked : out->ro_paths;
+
+			if (*n >= VMRT_MAX_PATHS) {
+				seterr(err, errlen, "more than %u %s records", VMRT_MAX_PATHS, tag_name(tag));
+				return -1;
+			}
+			if (s[0] != '/' || (s[1] != '\0' && !relative_clean(s + 1))) {
+				seterr(err, errlen, "RUN %s must be an absolute path without \"..\"", tag_name(tag));
+				return -1;
+			}
+			list[(*n)++] = s;
+			break;
+		}
 		default:
 			break; /* unknown tags are skipped */
 		}

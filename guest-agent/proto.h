@@ -67,6 +67,10 @@ enum vmrt_tag {
 	VMRT_TAG_SEED = 23,         /* 16..256 bytes of host randomness: reseed the guest's RNG */
 	VMRT_TAG_NET = 24,          /* 18 bytes: eth0's IPv4 address, prefix, gateway, MAC, MTU */
 	VMRT_TAG_UPPER_DISK = 25,   /* u64 capacity, then a /dev name: the writable layer's block device */
+	/* 26..29 left for other records */
+	VMRT_TAG_SECCOMP = 30,      /* struct sock_filter[] (8..32768 bytes): installed before execve */
+	VMRT_TAG_MASKED = 31,       /* string: absolute path hidden from the container (OCI maskedPaths) */
+	VMRT_TAG_RO_PATH = 32,      /* string: absolute path made read-only (OCI readonlyPaths) */
 };
 
 enum vmrt_mount_flags {
@@ -88,6 +92,8 @@ enum vmrt_mount_flags {
 #define VMRT_NET_LEN    18u /* u32 addr, u8 prefix, u32 gateway, 6 MAC, u16 MTU, u8 flags */
 #define VMRT_NET_MTU_MIN 68u /* IPv4's minimum */
 #define VMRT_DISK_NAME_MAX 31u /* UPPER_DISK's device name: 1..31 of [a-z0-9] */
+#define VMRT_SECCOMP_MAX (4096u * 8u) /* BPF_MAXINSNS instructions of 8 bytes */
+#define VMRT_MAX_PATHS  64u          /* MASKED, and RO_PATH, records each */
 
 struct vmrt_mount {
 	const char *target; /* absolute, resolved inside the container root */
@@ -156,6 +162,12 @@ struct vmrt_run {
 	uint16_t net_mtu;    /* 0: the default; else 68..65535 */
 	uint64_t disk_size;  /* UPPER_DISK: the device's capacity in bytes (0: no record) */
 	char disk_dev[VMRT_DISK_NAME_MAX + 1]; /* ... and its name under /dev, e.g. "vda" */
+	size_t seccomp_len;  /* bytes of the SECCOMP filter (0: none), a multiple of 8 */
+	uint8_t seccomp[VMRT_SECCOMP_MAX];
+	const char *masked[VMRT_MAX_PATHS];
+	size_t nmasked;
+	const char *ro_paths[VMRT_MAX_PATHS];
+	size_t nro_paths;
 	char strings[VMRT_MAX_PAYLOAD];
 };
 
@@ -168,7 +180,10 @@ struct vmrt_run {
  * source, unknown mount flags, a second NET or one with a prefix outside
  * 1..32, a multicast MAC, an MTU below 68 or non-zero flags, a second
  * UPPER_DISK or one whose capacity is 0 or not whole 512-byte sectors or
- * whose name is not 1..31 of [a-z0-9].  Unknown tags are skipped. */
+ * whose name is not 1..31 of [a-z0-9], a second
+ * SECCOMP or one that is empty, not whole instructions or longer than
+ * BPF_MAXINSNS, too many MASKED/RO_PATH or one not absolute or with "..".
+ * Unknown tags are skipped. */
 int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		   char *err, size_t errlen);
 

@@ -10,11 +10,14 @@ same capabilities and the same masked and read-only paths as under runc.
 
 from __future__ import annotations
 
+import re
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ocibuild import Layer, OciLayout, busybox_layer
 from support import REPO, Vmrt
 
 from vmrt import agentbuild, bundle, config, probes, seccomp, syscalls
@@ -126,3 +129,55 @@ def test_masked_and_read_only_paths(vmrt: Vmrt, mode: str) -> None:
     if mode == "vm":  # the guest kernel has these: masked, not merely missing
         assert state["/proc/keys"][:2] == ["file", "0"], state["/proc/keys"]
         assert state["/proc/sys"][0] == "dir", state
+
+
+@pytest.fixture
+def probe_image(vmrt: Vmrt, tmp_path: Path) -> Iterator[str]:
+    """busybox with the inode probe in /probe: no bind mount needed (a VM restored from a snapshot
+    serves a container without volumes)."""
+    lay = OciLayout(tmp_path / "layout")
+    probe = Layer().add_dir("/probe").add_file(f"/probe/{agentbuild.INODES_PROBE}",
+                                               agentbuild.inodes_probe(config.load()).read_bytes(), mode=0o755)
+    lay.add_image([busybox_layer(), probe], {"Cmd": ["sh"]}, ref="vmrt-probe")
+    tar = tmp_path / "probe.tar"
+    with tarfile.open(tar, "w") as tf:
+        for p in sorted(lay.dir.rglob("*")):
+            tf.add(p, p.relative_to(lay.dir).as_posix(), recursive=False)
+    r = vmrt("load", "-i", str(tar))
+    assert r.returncode == 0, r.stderr
+    yield "vmrt-probe:latest"
+    vmrt("rmi", "vmrt-probe:latest")
+
+
+INODE_DIRS = ["/", "/tmp", "/tmp/d", "/etc", "/var", "/var/new", "/bin", "/probe"]
+INODE_SETUP = ("mkdir -p /tmp/d/sub && echo x > /tmp/d/f && echo y >> /etc/passwd && mkdir -p /var/new && "
+               "touch /var/new/g /bin/newfile")
+# mount points: readdir sees the directory under the mount, lstat the mounted root (any runtime)
+MOUNT_POINTS = {"/proc", "/dev", "/sys", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/vol"}
+
+
+@pytest.mark.parametrize("source", ["process", "vm", "vm-snapshot"])
+def test_readdir_and_stat_agree_on_inodes(vmrt: Vmrt, probe_image: str, tmp_path: Path, source: str,
+                                          request: pytest.FixtureRequest) -> None:
+    """Part 1: readdir's d_ino is lstat's st_ino for every entry of the container's filesystems -- the
+    image, files copied up from it, new files and directories, a volume -- in a cold VM and in one
+    restored from a snapshot (the image over 9p) as in process mode; only mount points differ, as
+    in any runtime (the overlay in the guest mounts with xino=on)."""
+    dirs, setup, opts = list(INODE_DIRS), INODE_SETUP, ["--timings"]
+    if source != "vm-snapshot":     # a bind volume (a VM with one boots cold today)
+        vol = tmp_path / "vol"
+        vol.mkdir()
+        (vol / "made-outside").write_text("x")
+        dirs, setup, opts = [*dirs, "/vol"], setup + " /vol/made-inside", [*opts, "-v", f"{vol}:/vol"]
+    else:
+        request.getfixturevalue("snap")
+    r = vmrt("run", "--rm", f"--isolation={source.split('-')[0]}", *opts, probe_image, "sh", "-c",
+             f"{setup} && /probe/vmrt-inodes {' '.join(dirs)}", timeout=300)
+    assert r.returncode == 0, r.stderr
+    restored = re.search(rb"snapshot=[0-9a-f]{16}", r.stderr) is not None
+    assert restored == (source == "vm-snapshot"), r.stderr  # the path under test was taken
+    out = r.stdout.decode()
+    differ = {line.split()[0] for line in out.splitlines() if not line.endswith(" differ")}
+    assert out.count(" differ\n") == len(dirs), out  # every directory was read
+    assert differ <= MOUNT_POINTS, out
+    assert {"/proc", "/dev", "/sys"} <= differ, out  # the probe sees the mounts (it works)

@@ -27,6 +27,7 @@ from .paths import source_root
 
 MONITOR = "vmrt-monitor"
 ENOSYS_PROBE = "vmrt-enosys"
+INODES_PROBE = "vmrt-inodes"
 
 
 def _sources(name: str) -> list[Path]:
@@ -106,6 +107,11 @@ def probes_dir(cfg: Config) -> Path:
 def enosys_probe(cfg: Config) -> Path:
     """The built ENOSYS probe (probes/enosys.c), building it first if it is not there."""
     return build_probes(cfg, progress=False) / ENOSYS_PROBE
+
+
+def inodes_probe(cfg: Config) -> Path:
+    """The built inode probe (probes/inodes.c): readdir's d_ino against lstat's st_ino."""
+    return build_probes(cfg, progress=False) / INODES_PROBE
 
 
 def monitor_binary(cfg: Config) -> Path | None:
@@ -188,7 +194,7 @@ def _build_monitor(cfg: Config, *, force: bool, progress: bool) -> Path:
 
 def build_probes(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
     out = probes_dir(cfg)
-    if (out / ENOSYS_PROBE).is_file() and not force:
+    if (out / ENOSYS_PROBE).is_file() and (out / INODES_PROBE).is_file() and not force:
         return out
     tmp = _make("probes", out, ENOSYS_PROBE, progress)
     shutil.rmtree(out, ignore_errors=True)

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, fsmode, safefs
+from . import cgroups, fsmode, kernel, safefs, seccomp
 from .errors import ImageError, UsageError
 from .network import NetRequest, image_exposed
 from .ocispec import Spec
@@ -274,10 +274,11 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         "maskedPaths": MASKED,
         "readonlyPaths": READONLY,
     }
+    # the same profile in both modes (issue 16): runc loads it, a VM's agent installs it compiled;
+    # its minKernel rules are resolved for the kernel the container runs on
+    linux["seccomp"] = seccomp.default_profile(caps, kernel=None if isolation == "process" else kernel.RELEASE)
     if isolation == "process":
-        from . import seccomp  # on use: process-mode configs only (VM runs never load the profile code)
         linux["cgroupsPath"] = cgroups.runtime_path(container_id)
-        linux["seccomp"] = seccomp.default_profile(caps)
     return {
         "ociVersion": "1.0.2",
         "process": {

@@ -72,6 +72,10 @@ class Tag(enum.IntEnum):
     SEED = 23
     NET = 24
     UPPER_DISK = 25     # u64 capacity, then a name under /dev: the writable layer's block device
+    # 26..29 left for other records
+    SECCOMP = 30        # struct sock_filter[]: the container's seccomp filter, installed before execve
+    MASKED = 31         # an absolute path hidden from the container (OCI maskedPaths)
+    RO_PATH = 32        # an absolute path made read-only (OCI readonlyPaths)
 
 
 class MountFlag(enum.IntFlag):
@@ -367,6 +371,9 @@ class RunSpec:
     seed: bytes = b""                # host randomness the agent reseeds the guest RNG with (16..256 bytes)
     net: NetSpec | None = None       # eth0's configuration; None: eth0 stays down (lo is always up)
     upper_disk: DiskSpec | None = None  # the writable layer's disk; None: a tmpfs in guest RAM
+    seccomp: bytes = b""             # classic BPF program (8-byte instructions); b"": no filter
+    masked: list[str] = dataclasses.field(default_factory=list)     # OCI maskedPaths
+    ro_paths: list[str] = dataclasses.field(default_factory=list)   # OCI readonlyPaths
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -397,6 +404,22 @@ def _process_records(spec: RunSpec | ExecSpec) -> bytearray:
     if spec.stdin:
         out += _rec(Tag.STDIN, b"")
     return out
+
+
+SECCOMP_MAX = 4096 * 8     # BPF_MAXINSNS instructions of 8 bytes
+MAX_PATHS = 64             # MASKED, and RO_PATH, records each
+
+
+def _check_seccomp(prog: bytes) -> None:
+    if not prog or len(prog) % 8 or len(prog) > SECCOMP_MAX:
+        raise ProtocolError(f"SECCOMP must be 1 to {SECCOMP_MAX // 8} instructions of 8 bytes")
+
+
+def _check_abs_path(path: str, tag: Tag) -> str:
+    parts = path.split("/")[1:]
+    if not path.startswith("/") or (path != "/" and any(p in ("", ".", "..") for p in parts)):
+        raise ProtocolError(f"{tag.name} path {path!r} must be absolute without \"..\"")
+    return path
 
 
 def encode_run(spec: RunSpec) -> bytes:
@@ -434,6 +457,15 @@ def encode_run(spec: RunSpec) -> bytes:
         out += _rec(Tag.NET, encode_net(spec.net))
     if spec.upper_disk is not None:
         out += _rec(Tag.UPPER_DISK, encode_disk(spec.upper_disk))
+    if spec.seccomp:
+        _check_seccomp(spec.seccomp)
+        out += _rec(Tag.SECCOMP, spec.seccomp)
+    for tag, paths in ((Tag.MASKED, spec.masked), (Tag.RO_PATH, spec.ro_paths)):
+        if len(paths) > MAX_PATHS:
+            raise ProtocolError(f"more than {MAX_PATHS} {tag.name} paths")
+        for path in paths:
+            _check_abs_path(path, tag)
+            out += _str(tag, path)
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -530,6 +562,16 @@ def decode_run(p: bytes) -> RunSpec:
             if spec.upper_disk is not None:
                 raise ProtocolError("more than one UPPER_DISK record")
             spec.upper_disk = decode_disk(v)
+        elif tag == Tag.SECCOMP:
+            if spec.seccomp:
+                raise ProtocolError("more than one SECCOMP record")
+            _check_seccomp(v)
+            spec.seccomp = bytes(v)
+        elif tag in (Tag.MASKED, Tag.RO_PATH):
+            paths = spec.masked if tag == Tag.MASKED else spec.ro_paths
+            if len(paths) >= MAX_PATHS:
+                raise ProtocolError(f"more than {MAX_PATHS} {Tag(tag).name} paths")
+            paths.append(_check_abs_path(_text(v, Tag(tag).name), Tag(tag)))
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")

@@ -33,7 +33,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, cgroups, fsmode, kernel, network
+from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, seccomp
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..proc import write_all
@@ -84,7 +84,8 @@ def guest_mounts(config: bundle.Spec) -> list[P.MountSpec]:
 def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
     """Translate the bundle's OCI config into the agent's RUN message."""
     proc = config["process"]
-    res = config.get("linux", {}).get("resources", {})
+    linux = config.get("linux", {})
+    res = linux.get("resources", {})
     user = proc.get("user", {})
     size = proc.get("consoleSize") or {}
     caps = proc.get("capabilities")
@@ -97,7 +98,9 @@ def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
         tty=(int(size.get("height", 24)), int(size.get("width", 80))) if proc.get("terminal") else None,
         stdin=stdin_open, time_ns=time.time_ns(),
         readonly=bool(config.get("root", {}).get("readonly")), mounts=guest_mounts(config),
-        memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0))
+        memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0),
+        seccomp=seccomp.compile_bpf(linux["seccomp"]) if linux.get("seccomp") else b"",
+        masked=list(linux.get("maskedPaths") or []), ro_paths=list(linux.get("readonlyPaths") or []))
 
 
 def guest_net(att: network.Attached | None) -> P.NetSpec | None:
