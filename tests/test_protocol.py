@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -306,3 +307,34 @@ def test_upper_disk_wire_layout_and_checks() -> None:
         P.decode_run(_disk_payload(good, good))
     # an EXEC ignores it, as the other RUN-only tags
     assert P.decode_exec(_disk_payload(good)) == P.ExecSpec(args=["sh"])
+
+
+def _payload(*records: tuple[int, bytes]) -> bytes:
+    return struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + b"".join(struct.pack(">BI", t, len(v)) + v for t, v in records)
+
+
+@given(st.binary(min_size=1, max_size=64).map(lambda b: b * 8),
+       st.lists(st.from_regex(r"(/[a-z_]{1,12}){1,3}", fullmatch=True), max_size=5),
+       st.lists(st.from_regex(r"(/[a-z_]{1,12}){1,3}", fullmatch=True), max_size=5))
+def test_run_seccomp_and_masks_round_trip(prog: bytes, masked: list[str], ro: list[str]) -> None:
+    spec = P.RunSpec(args=["sh"], seccomp=prog, masked=masked, ro_paths=ro)
+    (fr,) = list(P.FrameDecoder(P.FROM_HOST).feed(P.encode_run(spec)))
+    assert P.decode_run(fr.payload) == dataclasses.replace(spec, time_ns=None)
+
+
+def test_seccomp_and_mask_records_are_checked() -> None:
+    assert (P.Tag.SECCOMP, P.Tag.MASKED, P.Tag.RO_PATH) == (30, 31, 32)
+    for bad in (b"", b"\0" * 7, b"\0" * 9, b"\0" * (4097 * 8)):
+        with pytest.raises(ProtocolError, match="SECCOMP must be"):
+            P.decode_run(_payload((P.Tag.SECCOMP, bad)))
+    with pytest.raises(ProtocolError, match="more than one SECCOMP"):
+        P.decode_run(_payload((P.Tag.SECCOMP, b"\0" * 8), (P.Tag.SECCOMP, b"\0" * 8)))
+    for path in (b"proc/kcore", b"/proc/../etc", b"/proc//x", b"/proc/./x", b"/proc/x/", b"/p\0x"):
+        with pytest.raises(ProtocolError):
+            P.decode_run(_payload((P.Tag.MASKED, path)))
+        with pytest.raises(ProtocolError):
+            P.encode_run(P.RunSpec(args=["sh"], ro_paths=[path.decode()]))
+    with pytest.raises(ProtocolError, match="more than 64 MASKED"):
+        P.decode_run(_payload(*[(P.Tag.MASKED, f"/p{i}".encode()) for i in range(65)]))
+    # an EXEC ignores them: the container's filter and masks apply
+    assert P.decode_exec(_payload((P.Tag.SECCOMP, b"\0" * 8), (P.Tag.MASKED, b"/x"))) == P.ExecSpec(args=["sh"])

@@ -29,6 +29,8 @@ seeds = {
     "run_net": frame(0x41, rec(1, b"true") + rec(15, b"/etc/hosts") + rec(16, b"etc/hosts") + rec(17, bytes(4))
                      + rec(24, bytes([10, 0, 0, 2, 24, 10, 0, 0, 1, 0x02, 0x56, 0x4D, 0, 0, 2, 0x05, 0xDC, 0]))),
     "run_disk": frame(0x41, rec(1, b"true") + rec(25, struct.pack(">Q", 10 << 30) + b"vda")),
+    "run_policy": frame(0x41, rec(1, b"true") + rec(30, bytes(range(16))) + rec(31, b"/proc/kcore")
+                        + rec(31, b"/sys/firmware") + rec(32, b"/proc/sys")),
     "run_min_stdin": frame(0x41, rec(1, b"cat") + rec(9, b"")) + frame(0x42, b"hello\n")
     + frame(0x43) + frame(0x44, struct.pack(">I", 15)) + frame(0x45, struct.pack(">HH", 50, 132))
     + frame(0x48, struct.pack(">Q", 7)) + frame(0x46),
