@@ -162,7 +162,8 @@ def test_readdir_and_stat_agree_on_inodes(vmrt: Vmrt, probe_image: str, tmp_path
     """Part 1: readdir's d_ino is lstat's st_ino for every entry of the container's filesystems -- the
     image, files copied up from it, new files and directories, a volume -- in a cold VM and in one
     restored from a snapshot (the image over 9p) as in process mode; only mount points differ, as
-    in any runtime (the overlay in the guest mounts with xino=on)."""
+    in any runtime (the overlay in the guest mounts with xino=on). Part 2 in passing: the restored
+    VM's container has the seccomp filter too."""
     dirs, setup, opts = list(INODE_DIRS), INODE_SETUP, ["--timings"]
     if source != "vm-snapshot":     # a bind volume (a VM with one boots cold today)
         vol = tmp_path / "vol"
@@ -172,12 +173,13 @@ def test_readdir_and_stat_agree_on_inodes(vmrt: Vmrt, probe_image: str, tmp_path
     else:
         request.getfixturevalue("snap")
     r = vmrt("run", "--rm", f"--isolation={source.split('-')[0]}", *opts, probe_image, "sh", "-c",
-             f"{setup} && /probe/vmrt-inodes {' '.join(dirs)}", timeout=300)
+             f"{setup} && /probe/vmrt-inodes {' '.join(dirs)} && grep ^Seccomp: /proc/self/status", timeout=300)
     assert r.returncode == 0, r.stderr
     restored = re.search(rb"snapshot=[0-9a-f]{16}", r.stderr) is not None
     assert restored == (source == "vm-snapshot"), r.stderr  # the path under test was taken
     out = r.stdout.decode()
-    differ = {line.split()[0] for line in out.splitlines() if not line.endswith(" differ")}
+    assert out.endswith("Seccomp:\t2\n"), out  # a restored VM's container is filtered too
+    differ = {line.split()[0] for line in out.splitlines()[:-1] if not line.endswith(" differ")}
     assert out.count(" differ\n") == len(dirs), out  # every directory was read
     assert differ <= MOUNT_POINTS, out
     assert {"/proc", "/dev", "/sys"} <= differ, out  # the probe sees the mounts (it works)
