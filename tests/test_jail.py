@@ -69,17 +69,22 @@ def assert_jailed(v: Vmrt, cid: str, pid: int) -> None:
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     limits = Path(f"/proc/{pid}/limits").read_text()
     assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    # no file it writes grows past its RAM or its disk (vm/disk.py: the default 10 GiB here)
+    assert re.search(rf"Max file size\s+{10 << 30}\s+{10 << 30}\s+bytes", limits), limits
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     i = cmd.index(b"-sandbox")
     assert cmd[i + 1] == b"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     # nothing of vmrt's state reaches it by path: every file it has open is in its jail, a
-    # socket, a pipe, a tap, an anonymous file or its own log
+    # socket, a pipe, a tap, an anonymous file, its own log or its container's disk (an fd vmrt
+    # opened for it)
+    disk = str(v.root / "rw" / cid / "disk.img")
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        assert not target.startswith((str(v.root), "/var/lib/vmrt")) or target.endswith(".log"), target
+        assert not target.startswith((str(v.root), "/var/lib/vmrt")) or target.endswith(".log") or target == disk, \
+            target
     # it joined the container's own cgroup before it started, with the file server
     group = memory_cgroup(pid)
     assert group == f"/{CGROUP_PARENT}/{cid}-vmm", group

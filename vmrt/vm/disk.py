@@ -205,6 +205,7 @@ async def swap(qmp: Any, fd: int, direct: bool, size: int) -> None:
     await qmp.execute("blockdev-reopen", {"options": [{"driver": "raw", "node-name": NODE,
                                                        "file": f"{NODE}-file{SWAP_FDSET}", "discard": "unmap"}]})
     await qmp.execute("blockdev-del", {"node-name": f"{NODE}-file{BOOT_FDSET}"})
+    await qmp.execute("remove-fd", {"fdset-id": BOOT_FDSET})  # the placeholder's memfd: closed
     await resize(qmp, size)
 
 

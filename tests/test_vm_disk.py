@@ -1,0 +1,161 @@
+"""A VM container's writable layer is a disk (vmrt/vm/disk.py): bounded by its size, not the
+guest's RAM; kept across restarts, gone with the container; never read by the host.
+
+Real QEMU under TCG; writes are kept small where the point allows (zeros, one random MiB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from support import Vmrt, one_line_error
+
+pytestmark = pytest.mark.vm
+VM = ("--isolation=vm",)
+MIB = 1 << 20
+
+
+def disk_of(v: Vmrt, name: str) -> Path:
+    cid = v("inspect", "--format", "{{.Id}}", name).stdout.decode().strip()
+    assert cid, name
+    return v.root / "rw" / cid / "disk.img"
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_writes_past_the_guest_ram_and_reads_them_back(vmrt: Vmrt, tmp_path: Path) -> None:
+    # -m 64m: a guest of 128 MiB, whose old tmpfs layer held at most 64. 12 copies of 16 random
+    # MiB, each after its number (so no two blocks are alike), go to / and are read back: the
+    # checksum is the host's of the same stream (no pipes in the guest: they crawl under TCG)
+    seed = os.urandom(16 * MIB)
+    (tmp_path / "seed").write_bytes(seed)
+    want = hashlib.md5(b"".join(f"{i}\n".encode() + seed for i in range(12))).hexdigest()
+    script = ("i=0; while [ $i -lt 12 ]; do echo $i; cat /in/seed; i=$((i+1)); done > /big && "
+              "echo mine > /etc/hostname.new && rm /bin/uptime && "
+              "grep MemTotal /proc/meminfo && ls -l /big && md5sum /big")
+    r = vmrt("run", "--name", "big", *VM, "-m", "64m", "-v", f"{tmp_path}:/in:ro", "busybox", "sh", "-c", script,
+             timeout=600)
+    try:
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.decode().splitlines()
+        mem_kib = int(out[0].split()[1])
+        size = int(out[1].split()[4])
+        assert size > 192 * MIB > mem_kib * 1024, out
+        assert out[2].split()[0] == want, out  # read back from the disk as written
+        disk = disk_of(vmrt, "big")
+        assert allocated(disk) >= 192 * MIB  # on the host's disk, in the container's file
+        assert os.stat(disk).st_mode & 0o777 == 0o600 and os.stat(disk.parent).st_mode & 0o777 == 0o700
+        # the image is never written: a new container sees it as it was
+        r = vmrt("run", "--rm", *VM, "busybox", "sh", "-c",
+                 "test ! -e /etc/hostname.new && test ! -e /big && test -e /bin/uptime && echo pristine")
+        assert r.stdout.decode().strip() == "pristine", (r.stdout, r.stderr)
+    finally:
+        assert vmrt("rm", "-f", "big").returncode == 0
+    assert not disk.exists() and not disk.parent.exists()
+    vmrt.assert_clean()
+
+
+def test_storage_opt_size_bounds_the_layer(vmrt: Vmrt) -> None:
+    r = vmrt("run", "--name", "small", *VM, "--storage-opt", "size=64m", "busybox", "sh", "-c",
+             "df -k / | tail -1; dd if=/dev/zero of=/fill bs=1M count=100")
+    try:
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert b"No space left on device" in r.stderr
+        total_kib = int(r.stdout.split()[1])
+        assert 40 * 1024 < total_kib <= 64 * 1024  # ext4's own metadata and journal take the rest
+        disk = disk_of(vmrt, "small")
+        assert os.stat(disk).st_size == 64 * MIB and allocated(disk) <= 64 * MIB
+        host = json.loads(vmrt("inspect", "small").stdout)[0]["HostConfig"]
+        assert host["StorageOpt"] == {"size": str(64 * MIB)}
+    finally:
+        assert vmrt("rm", "small").returncode == 0
+    assert not disk.exists()
+    vmrt.assert_clean()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--isolation=process", "--storage-opt", "size=1g"), "supported for --isolation=vm only"),
+    (("--storage-opt", "dm.basesize=1g"), "unknown storage option 'dm.basesize'"),
+    (("--storage-opt", "size"), "invalid storage option"),
+    (("--storage-opt", "size=ten"), "invalid --storage-opt size 'ten'"),
+    (("--storage-opt", "size=8m"), "below the minimum of 16m"),
+])
+def test_bad_storage_opts_are_one_line(vmrt: Vmrt, args: tuple[str, ...], message: str) -> None:
+    r = vmrt("run", "--rm", *args, "busybox", "true")
+    assert r.returncode == 125
+    assert message in one_line_error(r.stderr)
+    assert not list((vmrt.root / "rw").glob("*/disk.img"))
+
+
+def test_the_layer_survives_restarts_and_goes_with_rm(vmrt: Vmrt) -> None:
+    """As Docker keeps a container's writable layer across its restarts (the old tmpfs lost it)."""
+    r = vmrt("run", "-d", "--name", "keep", *VM, "--storage-opt", "size=32m", "busybox", "sh", "-c",
+             "echo start >> /starts; sleep 600")
+    assert r.returncode == 0, r.stderr
+    try:
+        disk = disk_of(vmrt, "keep")
+        assert vmrt("exec", "keep", "sh", "-c", "echo before > /mark").returncode == 0
+        assert vmrt("restart", "-t", "1", "keep", timeout=300).returncode == 0
+        assert vmrt("stop", "-t", "1", "keep", timeout=300).returncode == 0
+        assert disk.exists()
+        assert vmrt("start", "keep", timeout=300).returncode == 0
+        r = vmrt("exec", "keep", "cat", "/mark", "/starts")
+        assert r.stdout.decode().split() == ["before", "start", "start", "start"], r.stderr
+    finally:
+        assert vmrt("rm", "-f", "keep", timeout=300).returncode == 0
+    assert not disk.exists()
+    vmrt.assert_clean()
+
+
+def test_garbage_on_the_raw_device_stays_in_the_guest(vmrt: Vmrt) -> None:
+    """The container (root, CAP_MKNOD) overwrites its own disk raw, superblock included: the host
+    never reads it, so nothing happens there; the next start fails in the guest with one line,
+    and rm takes the file as always."""
+    script = ("mknod /vdx b $(tr : ' ' < /sys/block/vda/dev) && "
+              "dd if=/dev/urandom of=/vdx bs=64k count=16 conv=fsync 2>/dev/null && echo wrote")
+    r = vmrt("run", "--name", "raw", *VM, "--storage-opt", "size=32m", "busybox", "sh", "-c", script)
+    try:
+        assert r.stdout.decode().split()[:1] == ["wrote"], (r.stdout, r.stderr)
+        disk = disk_of(vmrt, "raw")
+        assert os.stat(disk).st_size == 32 * MIB
+        assert not [ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if str(disk) in ln]
+        r = vmrt("start", "-a", "raw", timeout=300)
+        assert r.returncode == 125
+        assert "cannot mount ext4 /dev/vda" in one_line_error(r.stderr)
+    finally:
+        assert vmrt("rm", "-f", "raw", timeout=300).returncode == 0
+    assert not disk.exists()
+    vmrt.assert_clean()
+
+
+def test_a_restored_snapshot_gets_the_containers_disk(vmrt: Vmrt, snap: Path) -> None:
+    """The snapshot's VM booted with an empty placeholder: the clone's QEMU opens the container's
+    disk and block_resize tells the guest its capacity."""
+    r = vmrt("run", "--rm", "--timings", *VM, "--storage-opt", "size=48m", "busybox", "sh", "-c",
+             "cat /sys/block/vda/size; echo ok > /f; cat /f")
+    assert r.returncode == 0, r.stderr
+    assert f"snapshot={snap.name}".encode() in r.stderr and b"upper=disk 48m" in r.stderr
+    assert r.stdout.decode().split() == [str(48 * MIB // 512), "ok"]
+    vmrt.assert_clean()
+
+
+def test_a_pooled_vm_gets_the_containers_disk(vmrt: Vmrt) -> None:
+    """The pool daemon swaps the container's disk in at the claim (QMP blockdev-reopen)."""
+    assert vmrt("pool", "start", "--size", "1").returncode == 0
+    try:
+        assert vmrt("pool", "fill", "--wait", timeout=300).returncode == 0
+        r = vmrt("run", "--rm", "--timings", *VM, "--storage-opt", "size=40m", "busybox", "sh", "-c",
+                 "cat /sys/block/vda/size; df -k / | tail -1")
+        assert r.returncode == 0, r.stderr
+        assert b"pool-claim" in r.stderr and b"upper=disk 40m" in r.stderr
+        out = r.stdout.decode().split()
+        assert out[0] == str(40 * MIB // 512) and int(out[2]) < 40 * 1024
+    finally:
+        assert vmrt("pool", "stop").returncode == 0
+    vmrt.assert_clean()
