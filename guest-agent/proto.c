@@ -209,6 +209,22 @@ static int relative_clean(const char *s)
 	return c[-1] != '/';
 }
 
+/* n bytes of zero. */
+static int is_zero(const uint8_t *b, size_t n)
+{
+	for (size_t k = 0; k < n; k++)
+		if (b[k])
+			return 0;
+	return 1;
+}
+
+/* An IPv6 address (16 bytes) that is neither multicast (ff00::/8) nor the
+ * loopback ::1 (:: itself is checked by the caller where it is refused). */
+static int ipv6_unicast(const uint8_t *a)
+{
+	return a[0] != 0xff && !(is_zero(a, 15) && a[15] == 1);
+}
+
 static const char *tag_name(uint8_t t)
 {
 	switch (t) {
@@ -236,6 +252,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_SHARE_9P: return "SHARE_9P";
 	case VMRT_TAG_SEED: return "SEED";
 	case VMRT_TAG_NET: return "NET";
+	case VMRT_TAG_NET6: return "NET6";
 	case VMRT_TAG_UPPER_DISK: return "UPPER_DISK";
 	case VMRT_TAG_SECCOMP: return "SECCOMP";
 	case VMRT_TAG_MASKED: return "MASKED";
@@ -280,6 +297,10 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->net_prefix = 0;
 	memset(out->net_mac, 0, sizeof out->net_mac);
 	out->net_mtu = 0;
+	out->has_net6 = 0;
+	memset(out->net6_addr, 0, sizeof out->net6_addr);
+	memset(out->net6_gw, 0, sizeof out->net6_gw);
+	out->net6_prefix = 0;
 	out->disk_size = 0;
 	out->disk_dev[0] = '\0';
 	out->seccomp_len = 0;
@@ -466,6 +487,31 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			memcpy(out->net_mac, v + 9, 6);
 			out->net_mtu = vmrt_get16(v + 15);
 			break;
+		case VMRT_TAG_NET6:
+			/* 16 address, u8 prefix, 16 gateway (all zero: none) */
+			if (vlen != VMRT_NET6_LEN)
+				goto badsize;
+			if (out->has_net6) {
+				seterr(err, errlen, "more than one NET6 record");
+				return -1;
+			}
+			if (is_zero(v, 16) || !ipv6_unicast(v)) {
+				seterr(err, errlen, "RUN NET6 address must be unicast");
+				return -1;
+			}
+			if (v[16] < 1 || v[16] > 128) {
+				seterr(err, errlen, "RUN NET6 prefix must be 1..128");
+				return -1;
+			}
+			if (!is_zero(v + 17, 16) && !ipv6_unicast(v + 17)) {
+				seterr(err, errlen, "RUN NET6 gateway must be unicast");
+				return -1;
+			}
+			out->has_net6 = 1;
+			memcpy(out->net6_addr, v, 16);
+			out->net6_prefix = v[16];
+			memcpy(out->net6_gw, v + 17, 16);
+			break;
 		case VMRT_TAG_UPPER_DISK:
 			/* u64 capacity in bytes, then the device's name under /dev */
 			if (vlen < 9 || vlen > 8 + VMRT_DISK_NAME_MAX)
@@ -580,6 +626,10 @@ badsize:
 	}
 	if (out->argc == 0) {
 		seterr(err, errlen, "RUN without ARG");
+		return -1;
+	}
+	if (out->has_net6 && !out->has_net) {
+		seterr(err, errlen, "RUN NET6 without NET");
 		return -1;
 	}
 	for (size_t k = 0; k < out->nmounts; k++) {

@@ -67,7 +67,8 @@ enum vmrt_tag {
 	VMRT_TAG_SEED = 23,         /* 16..256 bytes of host randomness: reseed the guest's RNG */
 	VMRT_TAG_NET = 24,          /* 18 bytes: eth0's IPv4 address, prefix, gateway, MAC, MTU */
 	VMRT_TAG_UPPER_DISK = 25,   /* u64 capacity, then a /dev name: the writable layer's block device */
-	/* 26..29 left for other records */
+	VMRT_TAG_NET6 = 26,         /* 33 bytes: eth0's IPv6 address, prefix, gateway (needs NET) */
+	/* 27..29 left for other records */
 	VMRT_TAG_SECCOMP = 30,      /* struct sock_filter[] (8..32768 bytes): installed before execve */
 	VMRT_TAG_MASKED = 31,       /* string: absolute path hidden from the container (OCI maskedPaths) */
 	VMRT_TAG_RO_PATH = 32,      /* string: absolute path made read-only (OCI readonlyPaths) */
@@ -91,6 +92,7 @@ enum vmrt_mount_flags {
 #define VMRT_SEED_MAX   256u
 #define VMRT_NET_LEN    18u /* u32 addr, u8 prefix, u32 gateway, 6 MAC, u16 MTU, u8 flags */
 #define VMRT_NET_MTU_MIN 68u /* IPv4's minimum */
+#define VMRT_NET6_LEN   33u /* 16 address, u8 prefix, 16 gateway (all zero: none) */
 #define VMRT_DISK_NAME_MAX 31u /* UPPER_DISK's device name: 1..31 of [a-z0-9] */
 #define VMRT_SECCOMP_MAX (4096u * 8u) /* BPF_MAXINSNS instructions of 8 bytes */
 #define VMRT_MAX_PATHS  64u          /* MASKED, and RO_PATH, records each */
@@ -160,6 +162,9 @@ struct vmrt_run {
 	uint8_t net_prefix;  /* 1..32 */
 	uint8_t net_mac[6];  /* unicast */
 	uint16_t net_mtu;    /* 0: the default; else 68..65535 */
+	int has_net6;        /* NET6 record given (only with NET) */
+	uint8_t net6_addr[16], net6_gw[16]; /* unicast; gw all zero: no default route */
+	uint8_t net6_prefix; /* 1..128 */
 	uint64_t disk_size;  /* UPPER_DISK: the device's capacity in bytes (0: no record) */
 	char disk_dev[VMRT_DISK_NAME_MAX + 1]; /* ... and its name under /dev, e.g. "vda" */
 	size_t seccomp_len;  /* bytes of the SECCOMP filter (0: none), a multiple of 8 */
@@ -178,7 +183,9 @@ struct vmrt_run {
  * CWD, too many ARG/ENV/GROUPS/MOUNT, no ARG, a MOUNT_* record before any
  * MOUNT, a relative MOUNT target, a bind without a relative, ".."-free
  * source, unknown mount flags, a second NET or one with a prefix outside
- * 1..32, a multicast MAC, an MTU below 68 or non-zero flags, a second
+ * 1..32, a multicast MAC, an MTU below 68 or non-zero flags, a second NET6,
+ * one without NET, or one whose address is ::, ::1 or multicast, whose
+ * prefix is outside 1..128 or whose gateway is ::1 or multicast, a second
  * UPPER_DISK or one whose capacity is 0 or not whole 512-byte sectors or
  * whose name is not 1..31 of [a-z0-9], a second
  * SECCOMP or one that is empty, not whole instructions or longer than

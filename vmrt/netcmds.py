@@ -38,21 +38,22 @@ def _members(cfg: Config, store: network.Store, net: network.Network) -> dict[st
             with contextlib.suppress(StateError):
                 name = st.get(ep.container_id).name
                 prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+                ip6 = f"{ep.ip6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}" if ep.ip6 and net.ipv6 else ""
                 out[ep.container_id] = {"Name": name, "MacAddress": ep.mac, "IPv4Address": f"{ep.ip}/{prefix}",
-                                        "IPv6Address": ""}
+                                        "IPv6Address": ip6}
         return out
     finally:
         st.close()
 
 
-def create(cfg: Config, name: str, *, driver: str, subnet: str | None, gateway: str | None, internal: bool,
-           labels: tuple[str, ...]) -> str:
-    """``vmrt network create``: a user network (a bridge); its ID."""
+def create(cfg: Config, name: str, *, driver: str, subnets: tuple[str, ...], gateways: tuple[str, ...],
+           internal: bool, labels: tuple[str, ...], ipv6: bool = False) -> str:
+    """``vmrt network create``: a user network (a bridge; with ``ipv6`` an IPv6 subnet too); its ID."""
     if driver != "bridge":
         raise UsageError(f"network driver {driver!r} is not supported (only bridge)")
     with network.locked(cfg), network.Store(cfg) as store:
-        net = store.create(name, subnet, gateway, internal,
-                           dict(label.partition("=")[::2] for label in labels))
+        net = store.create(name, subnets, gateways, internal,
+                           dict(label.partition("=")[::2] for label in labels), ipv6=ipv6)
     return net.id
 
 
@@ -61,9 +62,11 @@ def ls(cfg: Config, *, quiet: bool, filters: tuple[str, ...], fmt: str | None, n
     with network.Store(cfg) as store:
         nets = store.networks()
     rows = [{"ID": n.id if no_trunc else n.id[:12], "Name": n.name, "Driver": "bridge", "Scope": "local",
-             "Internal": n.internal, "Subnet": n.subnet} for n in nets]
-    rows += [{"ID": "-", "Name": "host", "Driver": "host", "Scope": "local", "Internal": False, "Subnet": ""},
-             {"ID": "-", "Name": "none", "Driver": "null", "Scope": "local", "Internal": False, "Subnet": ""}]
+             "Internal": n.internal, "IPv6": n.ipv6, "Subnet": n.subnet} for n in nets]
+    rows += [{"ID": "-", "Name": "host", "Driver": "host", "Scope": "local", "Internal": False, "IPv6": False,
+              "Subnet": ""},
+             {"ID": "-", "Name": "none", "Driver": "null", "Scope": "local", "Internal": False, "IPv6": False,
+              "Subnet": ""}]
     for f in filters:
         key, sep, value = f.partition("=")
         if not sep or key not in ("name", "id", "driver"):

@@ -28,6 +28,10 @@ seeds = {
     "run_restored": frame(0x41, rec(1, b"true") + rec(11, b"rootfs") + rec(22, b"") + rec(23, bytes(range(64)))),
     "run_net": frame(0x41, rec(1, b"true") + rec(15, b"/etc/hosts") + rec(16, b"etc/hosts") + rec(17, bytes(4))
                      + rec(24, bytes([10, 0, 0, 2, 24, 10, 0, 0, 1, 0x02, 0x56, 0x4D, 0, 0, 2, 0x05, 0xDC, 0]))),
+    "run_net6": frame(0x41, rec(1, b"true") + rec(24, bytes([10, 0, 0, 2, 24, 10, 0, 0, 1, 0x02, 0x56, 0x4D, 0, 0, 2,
+                                                               0x05, 0xDC, 0]))
+                      + rec(26, bytes([0xFD, 0, 0, 1] + [0] * 11 + [2]) + bytes([64])
+                            + bytes([0xFD, 0, 0, 1] + [0] * 11 + [1]))),
     "run_disk": frame(0x41, rec(1, b"true") + rec(25, struct.pack(">Q", 10 << 30) + b"vda")),
     "run_policy": frame(0x41, rec(1, b"true") + rec(30, bytes(range(16))) + rec(31, b"/proc/kcore")
                         + rec(31, b"/sys/firmware") + rec(32, b"/proc/sys")),

@@ -72,7 +72,8 @@ class Tag(enum.IntEnum):
     SEED = 23
     NET = 24
     UPPER_DISK = 25     # u64 capacity, then a name under /dev: the writable layer's block device
-    # 26..29 left for other records
+    NET6 = 26           # eth0's IPv6 address, prefix and gateway (an --ipv6 network)
+    # 27..29 left for other records
     SECCOMP = 30        # struct sock_filter[]: the container's seccomp filter, installed before execve
     MASKED = 31         # an absolute path hidden from the container (OCI maskedPaths)
     RO_PATH = 32        # an absolute path made read-only (OCI readonlyPaths)
@@ -149,6 +150,57 @@ def decode_net(v: bytes) -> NetSpec:
     _check_net(prefix, mac, mtu, flags)
     return NetSpec(str(ipaddress.IPv4Address(addr)), prefix,
                    str(ipaddress.IPv4Address(gw)) if gw != bytes(4) else None, mac.hex(":"), mtu)
+
+
+@dataclasses.dataclass
+class Net6Spec:
+    """The guest's eth0 on an --ipv6 network (NET6, with NET): IPv6 address/prefix, default gateway
+    (None: no default route)."""
+
+    address: str                     # e.g. "fd00:1::2": unicast, not ::
+    prefix: int                      # 1..128
+    gateway: str | None              # unicast; None: no default route
+
+
+# NET6: 16 bytes address, u8 prefix, 16 bytes gateway (all zero: none)
+NET6_VALUE = struct.Struct(">16sB16s")
+
+
+def _ipv6(s: str, what: str) -> bytes:
+    try:
+        return ipaddress.IPv6Address(s).packed
+    except ValueError as e:
+        raise ProtocolError(f"NET6 {what} {s!r} is not an IPv6 address") from e
+
+
+def _check_net6(addr: bytes, prefix: int, gw: bytes) -> None:
+    """The agent's checks of a NET6 record (proto.c), with its messages."""
+    if addr == bytes(16) or addr[0] == 0xFF or addr == bytes(15) + b"\x01":
+        raise ProtocolError("NET6 address must be unicast")
+    if not 1 <= prefix <= 128:
+        raise ProtocolError("NET6 prefix must be 1..128")
+    if gw[0] == 0xFF or gw == bytes(15) + b"\x01":
+        raise ProtocolError("NET6 gateway must be unicast")
+
+
+def encode_net6(net: Net6Spec) -> bytes:
+    """The 33-byte NET6 value."""
+    addr = _ipv6(net.address, "address")
+    gw = _ipv6(net.gateway, "gateway") if net.gateway is not None else bytes(16)
+    if net.gateway is not None and gw == bytes(16):
+        raise ProtocolError("NET6 gateway must be unicast")
+    _check_net6(addr, net.prefix, gw)
+    return NET6_VALUE.pack(addr, net.prefix, gw)
+
+
+def decode_net6(v: bytes) -> Net6Spec:
+    """Inverse of encode_net6; the gateway :: decodes as None."""
+    if len(v) != NET6_VALUE.size:
+        raise ProtocolError(f"NET6 must be {NET6_VALUE.size} bytes")
+    addr, prefix, gw = NET6_VALUE.unpack(v)
+    _check_net6(addr, prefix, gw)
+    return Net6Spec(str(ipaddress.IPv6Address(addr)), prefix,
+                    str(ipaddress.IPv6Address(gw)) if gw != bytes(16) else None)
 
 
 @dataclasses.dataclass
@@ -370,6 +422,7 @@ class RunSpec:
     share_9p: bool = False           # the ROOTFS tag is a virtio-9p share (a VM restored from a snapshot)
     seed: bytes = b""                # host randomness the agent reseeds the guest RNG with (16..256 bytes)
     net: NetSpec | None = None       # eth0's configuration; None: eth0 stays down (lo is always up)
+    net6: Net6Spec | None = None     # eth0's IPv6 (needs net); None: IPv6 off on eth0 (lo keeps ::1)
     upper_disk: DiskSpec | None = None  # the writable layer's disk; None: a tmpfs in guest RAM
     seccomp: bytes = b""             # classic BPF program (8-byte instructions); b"": no filter
     masked: list[str] = dataclasses.field(default_factory=list)     # OCI maskedPaths
@@ -455,6 +508,10 @@ def encode_run(spec: RunSpec) -> bytes:
         out += _rec(Tag.SEED, spec.seed)
     if spec.net is not None:
         out += _rec(Tag.NET, encode_net(spec.net))
+    if spec.net6 is not None:
+        if spec.net is None:
+            raise ProtocolError("NET6 without NET")
+        out += _rec(Tag.NET6, encode_net6(spec.net6))
     if spec.upper_disk is not None:
         out += _rec(Tag.UPPER_DISK, encode_disk(spec.upper_disk))
     if spec.seccomp:
@@ -558,6 +615,12 @@ def decode_run(p: bytes) -> RunSpec:
             if spec.net is not None:
                 raise ProtocolError("more than one NET record")
             spec.net = decode_net(v)
+        elif tag == Tag.NET6:
+            if ln != NET6_VALUE.size:
+                raise ProtocolError(f"NET6 must be {NET6_VALUE.size} bytes")
+            if spec.net6 is not None:
+                raise ProtocolError("more than one NET6 record")
+            spec.net6 = decode_net6(v)
         elif tag == Tag.UPPER_DISK:
             if spec.upper_disk is not None:
                 raise ProtocolError("more than one UPPER_DISK record")
@@ -575,6 +638,8 @@ def decode_run(p: bytes) -> RunSpec:
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")
+    if spec.net6 is not None and spec.net is None:
+        raise ProtocolError("NET6 without NET")
     return spec
 
 

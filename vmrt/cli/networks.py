@@ -16,16 +16,20 @@ def network_group() -> None:
 @network_group.command("create")
 @click.argument("name")
 @click.option("-d", "--driver", default="bridge", show_default=True, help="Only bridge.")
-@click.option("--subnet", help="Subnet in CIDR form (default: a free /24 of the network pool).")
-@click.option("--gateway", help="The bridge's address (default: the subnet's first).")
+@click.option("--subnet", "subnets", multiple=True,
+              help="Subnet in CIDR form, one IPv4 and (with --ipv6) one IPv6 (default: a free /24 of the "
+                   "network pool; a random fd00::/8 /64).")
+@click.option("--gateway", "gateways", multiple=True,
+              help="The bridge's address in a subnet, one per family (default: the subnet's first).")
+@click.option("--ipv6", is_flag=True, help="Give the network and its containers IPv6 addresses too.")
 @click.option("--internal", is_flag=True, help="No traffic to or from outside the network.")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE metadata.")
 @click.pass_context
-def create(ctx: click.Context, name: str, driver: str, subnet: str | None, gateway: str | None, internal: bool,
-           labels: tuple[str, ...]) -> None:
+def create(ctx: click.Context, name: str, driver: str, subnets: tuple[str, ...], gateways: tuple[str, ...],
+           ipv6: bool, internal: bool, labels: tuple[str, ...]) -> None:
     """Create a user network (a bridge; its containers reach each other by name)."""
-    click.echo(netcmds.create(config_of(ctx), name, driver=driver, subnet=subnet, gateway=gateway, internal=internal,
-                              labels=labels))
+    click.echo(netcmds.create(config_of(ctx), name, driver=driver, subnets=subnets, gateways=gateways,
+                              internal=internal, labels=labels, ipv6=ipv6))
 
 
 @network_group.command("ls")

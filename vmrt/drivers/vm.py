@@ -114,6 +114,16 @@ def guest_net(att: network.Attached | None) -> P.NetSpec | None:
                      mac=ep.mac, mtu=1500)
 
 
+def guest_net6(att: network.Attached | None) -> P.Net6Spec | None:
+    """What the agent's NET6 record carries (None: IPv6 off on the VM's eth0, as on a process
+    container's on a network without IPv6)."""
+    ep = att.primary() if att is not None else None
+    if ep is None or att is None or not ep.ip6 or not att.networks[ep.network_id].ipv6:
+        return None
+    net = att.networks[ep.network_id]
+    return P.Net6Spec(address=ep.ip6, prefix=ipaddress.IPv6Network(net.subnet6).prefixlen, gateway=net.gateway6)
+
+
 def _wait_quietly(proc: vmsource.Watched, timeout: float) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
@@ -510,7 +520,7 @@ class _Session:
         rs = run_spec(ctx.config, stdin_open)
         if vm.clone:  # its share is 9p, its RNG state is every clone's until reseeded
             rs.share_9p, rs.seed = True, os.urandom(64)
-        rs.net = guest_net(ctx.net)
+        rs.net, rs.net6 = guest_net(ctx.net), guest_net6(ctx.net)
         if disk is not None and vm.disk:  # formatted while the VM booted
             await asyncio.to_thread(disk.ready)
             t.mark("disk-ready")

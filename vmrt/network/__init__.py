@@ -12,7 +12,9 @@ network namespace, bind-mounted at ``<run_root>/netns/<id>``:
   between the two (as Kata Containers does); the guest agent sets the address,
   route and MAC inside the VM (RUN's NET record).
 
-Addresses come from the network's subnet (the gateway is the bridge's own).
+Addresses come from the network's subnet (the gateway is the bridge's own); on an
+``--ipv6`` network also from its IPv6 subnet (VM mode: RUN's NET6 record), and on any
+other the container's eth0 has IPv6 off, as Docker's.
 Outbound NAT, published ports (DNAT, also from 127.0.0.1 through
 ``route_localnet``, guarded), forwarding (drop but for what vmrt publishes, what
 a container started and its own network) are nftables rules in a table of

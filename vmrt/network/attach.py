@@ -139,7 +139,18 @@ def _allocate(store: Store, net: Network, cid: str, name: str, index: int, req: 
     else:
         raise NetworkError(f"no free address left in network {net.name} ({net.subnet})")
     aliases = list(req.aliases) if net.user else []
-    return Endpoint(cid, net.id, ip, mac_for(ip), f"eth{index}", f"v{cid[:10]}{index}", aliases, name, ports)
+    return Endpoint(cid, net.id, ip, mac_for(ip), f"eth{index}", f"v{cid[:10]}{index}", aliases, name, ports,
+                    _allocate6(store, net) if net.ipv6 else "")
+
+
+def _allocate6(store: Store, net: Network) -> str:
+    """The first free IPv6 address of an --ipv6 network's subnet (as IPv4's: Docker's order)."""
+    used = {ipaddress.IPv6Address(net.gateway6)} | {ipaddress.IPv6Address(e.ip6)
+                                                    for e in store.live_endpoints(network_id=net.id) if e.ip6}
+    for host in ipaddress.IPv6Network(net.subnet6).hosts():
+        if host not in used:
+            return str(host)
+    raise NetworkError(f"no free IPv6 address left in network {net.name} ({net.subnet6})")
 
 
 def _resolve_ports(store: Store, req: NetRequest, config: Spec) -> list[PortMapping]:
@@ -323,17 +334,26 @@ def settings(cfg: Config, container_id: str, req: NetRequest) -> dict[str, Any]:
             continue
         nets[n.name] = {"NetworkID": n.id, "IPAddress": ep.ip, "Gateway": n.gateway,
                         "IPPrefixLen": ipaddress.IPv4Network(n.subnet).prefixlen, "MacAddress": ep.mac,
-                        "Aliases": ep.aliases or None}
+                        "Aliases": ep.aliases or None, **_v6_settings(n, ep)}
         for p in ep.ports:
             ports.setdefault(p.key(), []).append({"HostIp": p.host_ip or "0.0.0.0", "HostPort": str(p.host_port)})
     if not eps:
         for name in req.networks:
-            nets[name] = {"IPAddress": "", "Gateway": "", "MacAddress": ""}
+            nets[name] = {"IPAddress": "", "Gateway": "", "MacAddress": "", **_v6_settings(None, None)}
     first = eps[0] if eps else None
+    first_net = names.get(first.network_id) if first else None
     return {"Networks": nets, "Ports": ports, "IPAddress": first.ip if first else "",
-            "Gateway": names[first.network_id].gateway if first and first.network_id in names else "",
-            "MacAddress": first.mac if first else "",
-            "SandboxKey": str(netns_path(cfg, container_id)) if eps else ""}
+            "Gateway": first_net.gateway if first_net else "", "MacAddress": first.mac if first else "",
+            **_v6_settings(first_net, first), "SandboxKey": str(netns_path(cfg, container_id)) if eps else ""}
+
+
+def _v6_settings(net: Network | None, ep: Endpoint | None) -> dict[str, Any]:
+    """Docker's IPv6 members of NetworkSettings (and of each of its Networks): empty but on an
+    --ipv6 network."""
+    if net is None or ep is None or not (net.ipv6 and ep.ip6):
+        return {"GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "IPv6Gateway": ""}
+    return {"GlobalIPv6Address": ep.ip6, "GlobalIPv6PrefixLen": ipaddress.IPv6Network(net.subnet6).prefixlen,
+            "IPv6Gateway": net.gateway6}
 
 
 def port_lines(cfg: Config, container_id: str, which: str | None) -> list[str]:

@@ -22,6 +22,8 @@ from .nft import IfName
 from .parse import NetRequest
 from .store import Endpoint, Network, check_host_overlap
 
+IFA_F_NODAD = 0x02  # linux/if_addr.h: no duplicate address detection for this address
+
 
 def _iproute() -> Any:
     """pyroute2's IPRoute without its package __init__, which imports every netlink family it
@@ -95,11 +97,30 @@ def ensure_bridge(net: Network) -> bool:
                 ipr.addr("add", index=idx, address=net.gateway, prefixlen=subnet.prefixlen)
             except Exception as e:
                 raise _nl_error(f"cannot address bridge {net.bridge}", e) from None
+        if net.ipv6 and idx is not None:
+            _bridge_v6(ipr, idx, net)
         ipr.link("set", index=idx, state="up")
     # published ports reached from 127.0.0.1: DNAT'd loopback traffic may leave through the bridge
     # (and its replies come back); the guard chain keeps containers off the host's loopback
     _sysctl(f"net.ipv4.conf.{net.bridge}.route_localnet", "1")
     return True
+
+
+def _bridge_v6(ipr: Any, idx: int, net: Network) -> None:
+    """An --ipv6 network's bridge: IPv6 on (whatever the host's default), no router advertisement
+    taken from a container, and the IPv6 gateway address without duplicate address detection
+    (nothing else on the bridge may hold it: the anti-spoofing chains see to that). It goes with
+    the bridge (``network rm``)."""
+    subnet6 = ipaddress.IPv6Network(net.subnet6)
+    _ipv6_conf(net.bridge, "disable_ipv6", "0")
+    _ipv6_conf(net.bridge, "accept_ra", "0")
+    addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=socket.AF_INET6)}
+    if net.gateway6 not in addrs:
+        check_host_overlap(subnet6)
+        try:
+            ipr.addr("add", index=idx, address=net.gateway6, prefixlen=subnet6.prefixlen, flags=IFA_F_NODAD)
+        except Exception as e:
+            raise _nl_error(f"cannot give bridge {net.bridge} its IPv6 address", e) from None
 
 
 def delete_link(name: str) -> None:
@@ -122,6 +143,9 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
     VM mode needs no rule on the tap: it is in the container's namespace, and every frame the guest
     sends is redirected by tc to the veth, whose host end is checked."""
     prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+    v6 = None
+    if net.ipv6 and ep.ip6 and not vm:
+        v6 = (ep.ip6, ipaddress.IPv6Network(net.subnet6).prefixlen, net.gateway6 if default_route else None)
     tmp = "vp" + secrets.token_hex(6)
     if link_exists(ep.host_if):  # the same container's previous run, its namespace still being destroyed
         delete_link(ep.host_if)
@@ -136,21 +160,31 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
             raise _nl_error(f"cannot create veth {ep.host_if}", e) from None
         hidx = _link_index(ipr, ep.host_if)
         ipr.link("set", index=hidx, master=br, state="up")
-    in_netns(ns, _inside, tmp, ep, vm, prefix, net.gateway if default_route else None)
+    in_netns(ns, _inside, tmp, ep, vm, prefix, net.gateway if default_route else None, v6)
 
 
-def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None) -> None:
-    """The namespace's end of the veth (run inside the namespace)."""
+def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None,
+            v6: tuple[str, int, str | None] | None) -> None:
+    """The namespace's end of the veth (run inside the namespace). IPv6 on it as Docker's: off on a
+    network without IPv6 (only lo keeps ::1); on an --ipv6 one, the address (v6: address, prefix,
+    gateway or None) without duplicate address detection and a default route. In VM mode the
+    namespace's own interfaces only carry the guest's frames: IPv6 off on both."""
     with _iproute() as nsr:
         idx = _link_index(nsr, tmp)
         if idx is None:
             raise NetworkError(f"veth {tmp} did not reach the container's namespace")
         nsr.link("set", index=idx, ifname=ep.ifname, **({} if vm else {"address": ep.mac}))
+        # before it is up: no link-local address is made, or none probed for (DAD)
+        if v6:
+            _ipv6_conf(ep.ifname, "accept_dad", "0")
+        else:
+            _ipv6_conf(ep.ifname, "disable_ipv6", "1")
         nsr.link("set", index=idx, state="up")
         if vm:
             tap = _link_index(nsr, "tap0")
             if tap is None:
                 raise NetworkError("the VM's tap0 is missing in its namespace")
+            _ipv6_conf("tap0", "disable_ipv6", "1")
             nsr.link("set", index=tap, state="up")
             for a, b in ((idx, tap), (tap, idx)):  # every frame in on one goes out of the other
                 nsr.tc("add", "ingress", a, "ffff:")
@@ -161,6 +195,11 @@ def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None) 
         nsr.addr("add", index=idx, address=ep.ip, prefixlen=prefix)
         if gateway:
             nsr.route("add", dst="0.0.0.0/0", gateway=gateway)
+        if v6:
+            addr6, prefix6, gateway6 = v6
+            nsr.addr("add", index=idx, address=addr6, prefixlen=prefix6)  # accept_dad=0: no DAD (as the VM's)
+            if gateway6:
+                nsr.route("add", dst="::/0", gateway=gateway6, family=socket.AF_INET6)
 
 
 def adopt_tap(src_ns: Path, dst_ns: Path, name: str = "tap0") -> None:
@@ -178,8 +217,20 @@ def adopt_tap(src_ns: Path, dst_ns: Path, name: str = "tap0") -> None:
     remove_netns(src_ns)
 
 
+def _ipv6_conf(ifname: str, key: str, value: str) -> None:
+    """An interface's IPv6 setting (of the namespace the calling thread is in: /proc/sys/net is
+    per network namespace). The host without IPv6 (ipv6.disable=1) has none to set: an --ipv6
+    network is refused there, and nothing is to be turned off."""
+    IfName(ifname)  # part of a /proc/sys path
+    if not Path("/proc/sys/net/ipv6").is_dir():
+        if key == "disable_ipv6" and value == "1":
+            return
+        raise NetworkError("the host has IPv6 disabled (ipv6.disable=1): an --ipv6 network cannot work here")
+    _sysctl(f"net/ipv6/conf/{ifname}/{key}", value)
+
+
 def _sysctl(key: str, value: str) -> None:
-    p = Path("/proc/sys") / key.replace(".", "/")
+    p = Path("/proc/sys") / (key if "/" in key else key.replace(".", "/"))  # an interface name may hold "."
     try:
         if p.read_text().strip() != value:
             p.write_text(value)

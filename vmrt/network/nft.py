@@ -90,6 +90,20 @@ class Group(int):
 class Proto(_Checked):
     what = "protocol"
 
+
+class Raw(int):
+    """A raw payload value of ``bits`` bits (16, 48 or 128), written in hex: for the fields nft
+    1.0.6 (Debian 12) has no typed name for (an ND message's target, its link-layer option)."""
+
+    bits = 0
+
+    def __new__(cls, value: int, bits: int) -> Raw:
+        if type(value) is not int or bits not in (16, 48, 128) or not 0 <= value < 1 << bits:
+            raise NetworkError(f"invalid {bits}-bit value {value!r} for nftables")
+        obj = super().__new__(cls, value)
+        obj.bits = bits
+        return obj
+
 _ADDRESSES = (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
@@ -101,6 +115,8 @@ def _lit(v: object) -> str:
         return f'"{v}"' if v.quoted else str(v)
     if isinstance(v, Port) and 0 < v < 65536 or isinstance(v, Group) and 0 < v < 1 << 32:
         return str(int(v))
+    if isinstance(v, Raw) and v.bits in (16, 48, 128) and 0 <= v < 1 << v.bits:
+        return f"0x{int(v):0{v.bits // 4}x}"
     if type(v) in _ADDRESSES:  # an ipaddress object prints as an address, nothing else
         return str(v)
     if type(v) is tuple and v:  # an anonymous set of checked values
@@ -181,15 +197,44 @@ def _chain_name(ep: Endpoint) -> Ident:
     return Ident("ep_" + IfName(ep.host_if))
 
 
+def link_local(mac: str) -> ipaddress.IPv6Address:
+    """The EUI-64 link-local address the kernel gives an interface with this MAC (RFC 4291)."""
+    b = bytearray(bytes.fromhex(Mac(mac).replace(":", "")))
+    b[0] ^= 0x02
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + bytes(b[:3]) + b"\xff\xfe" + bytes(b[3:]))
+
+
 def _endpoint_rules(ep: Endpoint) -> list[str]:
     """Anti-spoofing for one host-side veth: frames from it carry the container's MAC; ARP and IPv4
-    carry its MAC and address; nothing else passes (no IPv6 until containers get addresses: as
-    Docker, which turns IPv6 off on the interfaces of a network without it)."""
+    carry its MAC and address. IPv6 only on an --ipv6 network (elsewhere the container's interface
+    has IPv6 off, as Docker's; nothing IPv6 passes): see _ipv6_rules. Nothing else passes."""
     mac, ip = Mac(ep.mac), ipaddress.IPv4Address(ep.ip)
     return [_nf("ether saddr != %s drop", mac),
             _nf("arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether %s arp saddr ip %s accept", mac, ip),
             _nf("ip saddr %s accept", ip),
+            *(_ipv6_rules(mac, ipaddress.IPv6Address(ep.ip6)) if ep.ip6 else []),
             "drop"]
+
+
+def _ipv6_rules(mac: Mac, ip6: ipaddress.IPv6Address) -> list[str]:
+    """IPv6 from a container on an --ipv6 network: from its own address or its own EUI-64 link-local
+    only (``::`` only for duplicate address detection of one of them); no router advertisement or
+    redirect at all; a neighbour solicitation or advertisement carries no extension header and no
+    option but a link-layer address option with its own MAC, and an advertisement is for one of its
+    own addresses. nft 1.0.6 has no name for the target and the option: raw payload offsets into
+    the ICMPv6 message (the target at bit 64, the option's type and length at 192, its MAC at 208)."""
+    own = (ip6, link_local(mac))
+    targets = tuple(Raw(int(a), 128) for a in own)
+    nd = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }"
+    return ["icmpv6 type { nd-router-advert, nd-redirect } drop",
+            _nf("ip6 saddr :: ip6 nexthdr ipv6-icmp icmpv6 type nd-neighbor-solicit @th,64,128 %s accept", targets),
+            _nf("ip6 saddr != %s drop", own),
+            _nf("icmpv6 type nd-neighbor-advert @th,64,128 != %s drop", targets),
+            nd + " ip6 nexthdr ipv6-icmp ip6 length 24 accept",
+            _nf(nd + " ip6 nexthdr ipv6-icmp ip6 length 32 @th,192,16 %s @th,208,48 %s accept",
+                (Raw(0x0101, 16), Raw(0x0201, 16)), Raw(int(mac.replace(":", ""), 16), 48)),
+            nd + " drop",
+            "ether type ip6 accept"]
 
 
 def _delete_tables(table: Ident) -> list[str]:
