@@ -305,6 +305,30 @@ def test_both_isolations_get_ipv6_and_reach_each_other(vmrt: Vmrt, net6: str) ->
     vmrt.assert_clean()
 
 
+def test_connect_to_an_ipv6_network_and_names(vmrt: Vmrt, net6: str) -> None:
+    """A process container on the default network connected to an --ipv6 one gets its IPv6 address
+    and default route on eth1 (the first network with IPv6 has it), eth0 keeps IPv6 off; the hosts
+    files list each one's IPv6 address beside its IPv4 one (Docker's own line, and vmrt's peers)."""
+    first = detach(vmrt, "process", "sleep", "120", opts=("--network", net6, "--name", "first6"))
+    late = detach(vmrt, "process", "sleep", "120", opts=("--name", "late6"))
+    assert vmrt("network", "connect", net6, late).returncode == 0
+    s1, s2 = settings(vmrt, first), settings(vmrt, late)
+    ip1, ip2 = s1["GlobalIPv6Address"], s2["Networks"][net6]["GlobalIPv6Address"]
+    assert s2["GlobalIPv6Address"] == "" and ip2 and ip2 != ip1  # its first network has none
+    out = sh(vmrt, late, "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6; ip -6 addr show dev eth1 scope global; "
+                         "ip -6 route show default; ping -6 -c1 -W5 first6 >/dev/null && echo by-name")
+    assert out.startswith("1\n") and f"inet6 {ip2}/64 scope global" in out, out
+    assert f"default via {GW6} dev eth1" in out and out.endswith("by-name\n"), out
+    hosts1, hosts2 = sh(vmrt, first, "cat /etc/hosts"), sh(vmrt, late, "cat /etc/hosts")
+    assert f"{ip1}\t{first[:12]}\n" in hosts1 and f"{ip2}\tlate6 {late[:12]}\n" in hosts1, hosts1
+    assert f"{ip1}\tfirst6 {first[:12]}\n" in hosts2, hosts2
+    assert vmrt("network", "disconnect", net6, late).returncode == 0
+    assert sh(vmrt, late, "ip -6 addr show scope global") == ""
+    assert ip2 not in sh(vmrt, first, "cat /etc/hosts")
+    rm(vmrt, first, late)
+    vmrt.assert_clean()
+
+
 # --- anti-spoofing -----------------------------------------------------------------------------------
 
 def ip6(src: str, dst: str, nh: int, body: bytes, hlim: int = 64) -> bytes:

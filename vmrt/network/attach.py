@@ -119,9 +119,10 @@ def plumb(cfg: Config, att: Attached, isolation: str) -> None:
     if not att.rules_done:  # before its veths exist: a veth of vmrt's without its chain sends nothing
         endpoint_rules(cfg, att.endpoints)
     group = port_group(cfg)
+    first6 = next((ep for ep in att.endpoints if ep.ip6), None)
     for i, ep in enumerate(att.endpoints):
         plumb_veth(att.networks[ep.network_id], ep, att.netns, isolation == "vm", default_route=i == 0,
-                   group=group)
+                   group=group, default_route6=ep is first6)
     if any(n.user for n in att.networks.values()):
         with locked(cfg), Store(cfg) as store:
             refresh_hosts(cfg, store)
@@ -295,7 +296,8 @@ def connect_live(cfg: Config, container_id: str, name: str, ref: str, aliases: l
         store.add_endpoint(ep)
         try:
             sync_rules(store)  # its anti-spoofing chain before its veth is on the bridge
-            plumb_veth(net, ep, ns, vm=False, default_route=not own, group=port_group(cfg))
+            plumb_veth(net, ep, ns, vm=False, default_route=not own, group=port_group(cfg),
+                       default_route6=not any(e.ip6 for e in own))
         except BaseException:
             store.drop_endpoints(container_id, net.id)
             delete_link(ep.host_if)

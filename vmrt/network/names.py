@@ -71,17 +71,18 @@ def hosts_file(hostname: str, own: list[Endpoint], peers: list[Endpoint], extra_
     for h in extra_hosts:
         name, _, ip = h.partition(":")
         out.append(f"{ip}\t{name}")
-    if own:
-        out.append(f"{own[0].ip}\t{hostname}")
+    if own:  # and its IPv6 address on an --ipv6 network, as Docker's
+        out += [f"{ip}\t{hostname}" for ip in (own[0].ip, next((e.ip6 for e in own if e.ip6), "")) if ip]
     elif not host_mode:
         out.append(f"127.0.1.1\t{hostname}")
     seen = set()
     for p in peers:
         names = [n for n in dict.fromkeys([p.name, *p.aliases, p.container_id[:12]]) if n]
-        line = f"{p.ip}\t{' '.join(names)}"
-        if line not in seen:
-            seen.add(line)
-            out.append(line)
+        for ip in (p.ip, p.ip6):
+            line = f"{ip}\t{' '.join(names)}"
+            if ip and line not in seen:
+                seen.add(line)
+                out.append(line)
     return "\n".join(out) + "\n"
 
 

@@ -136,16 +136,19 @@ def mac_for(ip: str) -> str:
     return "02:56:" + ":".join(f"{x:02x}" for x in b)
 
 
-def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bool, group: int) -> None:
+def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bool, group: int,
+               default_route6: bool | None = None) -> None:
     """veth: host end on the bridge, the other as ep.ifname in the namespace; process mode puts the
     address and route on it, VM mode redirects it to and from tap0 (the VM's NIC). The host end is
     made in ``group`` (port_group), so the bridge table guards it from its first frame.
     VM mode needs no rule on the tap: it is in the container's namespace, and every frame the guest
-    sends is redirected by tc to the veth, whose host end is checked."""
+    sends is redirected by tc to the veth, whose host end is checked. The IPv6 default route goes
+    with ``default_route6`` (None: as ``default_route``): the first network with IPv6 has it."""
     prefix = ipaddress.IPv4Network(net.subnet).prefixlen
     v6 = None
     if net.ipv6 and ep.ip6 and not vm:
-        v6 = (ep.ip6, ipaddress.IPv6Network(net.subnet6).prefixlen, net.gateway6 if default_route else None)
+        route6 = default_route if default_route6 is None else default_route6
+        v6 = (ep.ip6, ipaddress.IPv6Network(net.subnet6).prefixlen, net.gateway6 if route6 else None)
     tmp = "vp" + secrets.token_hex(6)
     if link_exists(ep.host_if):  # the same container's previous run, its namespace still being destroyed
         delete_link(ep.host_if)
