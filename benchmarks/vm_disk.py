@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A VM container's writable layer on its disk (issue 16) against the tmpfs it replaced.
 
-    python3 benchmarks/vm_disk.py [--runs 10] [--idle 2] [--write F]
+    python3 benchmarks/vm_disk.py [--runs 10] [--idle 3] [--settle 10] [--write F]
 
 A private vmrt root runs ``vmrt run --rm --isolation=vm --network none --timings busybox true``
 with the default disk (``vm_storage_size`` 10g: a new sparse file, mkfs.ext4 while the VM boots,
@@ -9,9 +9,9 @@ mounted by the agent) and with ``VMRT_VM_STORAGE_SIZE=0`` (the overlay's upper o
 guest RAM, as before; the VM still has the disk device, with its empty placeholder), runs
 interleaved, no snapshot or pool (every run boots), two warm-up runs of each discarded: wall
 time from the host, and the time from the agent's HELLO to the container's start (where the
-disk is waited for and mounted). Then ``--idle`` detached idle containers of each: PSS of
-QEMU and of everything in the container's VMM cgroup, and the blocks the disk file holds on
-the host. A benchmark, never a test.
+disk is waited for and mounted). Then ``--idle`` detached idle containers of each, ``--settle``
+seconds after they started: PSS of QEMU and of everything in the container's VMM cgroup, and
+the blocks the disk file holds on the host. A benchmark, never a test.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ VARIANTS = {"tmpfs (vm_storage_size 0)": "0", "disk (10g)": "10g"}
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--idle", type=int, default=2)
+    ap.add_argument("--idle", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds the idle containers settle first")
     ap.add_argument("--write", type=Path)
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="vmrt-disk-bench."))
@@ -71,7 +72,7 @@ def main() -> None:
         for name, e in envs.items():
             ids = [vmrt(e, "run", "-d", "--isolation=vm", "--network", "none", "busybox", "sleep", "600").stdout.strip()
                    for _ in range(a.idle)]
-            time.sleep(3)
+            time.sleep(a.settle)  # free page reporting hands the boot's freed pages back meanwhile
             for cid in ids:
                 pids = cgroups.members(f"{cgroups.PARENT}/{cid}-vmm")
                 vmm[name].append(sum(pss_kib(p) for p in pids))
@@ -84,10 +85,11 @@ def main() -> None:
         acc = accel.choose(env["VMRT_ACCEL"], user_kernel=False)
         lines = [f"### The writable layer on a disk vs the tmpfs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
                  f" — accel={acc.name} (host /dev/kvm: {acc.host_kind})", "",
-                 f"`python3 benchmarks/vm_disk.py --runs {a.runs} --idle {a.idle}`; {os.cpu_count()} cores, machine "
-                 f"{cfg.machine}, guest RAM {cfg.memory_mib} MiB, `--network none`, no snapshot or pool (every run "
-                 "boots, and `--rm` makes and formats a new disk each time); runs interleaved, 2 warm-up runs of "
-                 "each discarded. HELLO->start: `process-started` - `agent-ready` of `--timings`.", "",
+                 f"`python3 benchmarks/vm_disk.py --runs {a.runs} --idle {a.idle} --settle {a.settle:g}`; "
+                 f"{os.cpu_count()} cores, machine {cfg.machine}, guest RAM {cfg.memory_mib} MiB, `--network none`, "
+                 "no snapshot or pool (every run boots, and `--rm` makes and formats a new disk each time); runs "
+                 "interleaved, 2 warm-up runs of each discarded. HELLO->start: `process-started` - `agent-ready` "
+                 "of `--timings`.", "",
                  "| writable layer | start median ms | start p90 ms | HELLO->start median ms | idle QEMU PSS MiB | "
                  "idle VMM cgroup PSS MiB | disk blocks held MiB |", "|---|---|---|---|---|---|---|"]
         for name in VARIANTS:
