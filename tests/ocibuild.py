@@ -193,6 +193,13 @@ class OciLayout:
             return f"oci:{self.dir}:{ref}"
         return "dir:" + str(self.export_dir(ref, self.dir.with_name(f"{self.dir.name}.dir-{ref}")))
 
+    def tar(self, dest: Path) -> Path:
+        """The layout as one tar archive (what `vmrt load -i` and `docker load` take)."""
+        with tarfile.open(dest, "w") as tf:
+            for p in sorted(self.dir.rglob("*")):
+                tf.add(p, p.relative_to(self.dir).as_posix(), recursive=False)
+        return dest
+
     def descriptor(self, ref: str) -> dict[str, Any]:
         """index.json's entry for tag `ref`."""
         for m in self.index["manifests"]:

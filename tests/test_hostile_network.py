@@ -17,7 +17,6 @@ import os
 import socket
 import struct
 import subprocess
-import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -206,11 +205,7 @@ def evil_image(vmrt: Vmrt, tmp_path: Path) -> Iterator[str]:
     lay = OciLayout(tmp_path / "layout")
     lay.add_image([busybox_layer()], {"Cmd": ["sh"], "ExposedPorts": {"8080/tcp": {}, EVIL_KEY: {}}},
                   ref="nftevil")
-    tar = tmp_path / "evil.tar"
-    with tarfile.open(tar, "w") as tf:
-        for p in sorted(lay.dir.rglob("*")):
-            tf.add(p, p.relative_to(lay.dir).as_posix(), recursive=False)
-    r = vmrt("load", "-i", str(tar))
+    r = vmrt("load", "-i", str(lay.tar(tmp_path / "evil.tar")))
     assert r.returncode == 0, r.stderr
     yield "nftevil:latest"
     for t in (PWN, PWN + "b"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,11 +138,7 @@ def probe_image(vmrt: Vmrt, tmp_path: Path) -> Iterator[str]:
     probe = Layer().add_dir("/probe").add_file(f"/probe/{agentbuild.INODES_PROBE}",
                                                agentbuild.inodes_probe(config.load()).read_bytes(), mode=0o755)
     lay.add_image([busybox_layer(), probe], {"Cmd": ["sh"]}, ref="vmrt-probe")
-    tar = tmp_path / "probe.tar"
-    with tarfile.open(tar, "w") as tf:
-        for p in sorted(lay.dir.rglob("*")):
-            tf.add(p, p.relative_to(lay.dir).as_posix(), recursive=False)
-    r = vmrt("load", "-i", str(tar))
+    r = vmrt("load", "-i", str(lay.tar(tmp_path / "probe.tar")))
     assert r.returncode == 0, r.stderr
     yield "vmrt-probe:latest"
     vmrt("rmi", "vmrt-probe:latest")
