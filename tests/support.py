@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -200,6 +201,10 @@ class Vmrt:
         if rdir.exists():
             found += [f"runtime state {p}" for p in rdir.iterdir() if p.is_dir()]
         found += [f"cgroup {d}" for d in vmrt_cgroups() - self.cgroups_before]
+        rw = self.root / "rw"  # writable layers (a VM's disk.img too) whose container is gone
+        if rw.exists():
+            kept = self._container_ids()
+            found += [f"writable layer {p}" for p in rw.iterdir() if p.name not in kept]
         tmp = self.root / "tmp"  # the image store's downloads and unpacks in progress
         if tmp.exists():
             found += [f"store temp {p}" for p in tmp.iterdir()]
@@ -211,6 +216,17 @@ class Vmrt:
         found += [f"port rule {r}" for r in port_rules(nft_table(self.root))]
         found += [f"anti-spoofing rule {r}" for r in endpoint_rules(nft_table(self.root))]
         return found
+
+    def _container_ids(self) -> set[str]:
+        """The containers this vmrt has a record of (its state database, read-only)."""
+        db = self.root / "state.db"
+        if not db.exists():
+            return set()
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return {row[0] for row in con.execute("SELECT id FROM containers")}
+        finally:
+            con.close()
 
     def _ours(self, iface: str) -> bool:
         """Without a test slot every vmrt interface counts; with one, only those on this vmrt's
