@@ -7,9 +7,17 @@
  * mode, ptrace(TRACEME), personality) or ends it (exit) harms only that child;
  * a child that ends or is killed before it answers counts as "ok": the kernel
  * had the call. Zero arguments make no multiplexing call (futex, ...) pick an
- * unknown operation, which some answer with ENOSYS. A benign probe: it asks
- * the kernel what it has, nothing more. */
+ * unknown operation, which some answer with ENOSYS.
+ *
+ * What a zero-argument call can touch is the child's own: its descriptors 0-2
+ * are fresh pipes and nothing else is open but its answer pipe (moved high),
+ * so fchmod(0), ftruncate(0) and the like act on a pipe, never on the file the
+ * probe's stdin came from (in process mode that can be the host's /dev/null);
+ * pointers are NULL (EFAULT). What remains is the container's own state in its
+ * own namespaces (IPC_RMID of IPC id 0, an empty hostname): the probe runs in a
+ * throwaway container. */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +26,8 @@
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#define ANSWER_FD 64 /* where a child keeps its answer pipe: above 0-2 and the fds it closes */
 
 static char answer(long nr)
 {
@@ -35,13 +45,21 @@ static char answer(long nr)
 	}
 	if (pid == 0) {
 		struct itimerval t = { .it_value = { .tv_sec = 0, .tv_usec = 300000 } };
+		int out = fcntl(p[1], F_DUPFD, ANSWER_FD), z[2];
 
-		close(p[0]);
+		if (out != ANSWER_FD || pipe(z) < 0 || dup2(z[0], 0) < 0 || dup2(z[1], 1) < 0 ||
+		    dup2(z[1], 2) < 0)
+			_exit(1); /* no answer: "ok", never a call made with the caller's fds */
+		for (int fd = 3; fd < ANSWER_FD; fd++)
+			close(fd);
+		if (syscall(SYS_close_range, ANSWER_FD + 1, ~0U, 0) < 0)
+			for (int fd = ANSWER_FD + 1; fd < 1024; fd++)
+				close(fd);
 		signal(SIGALRM, SIG_DFL);
 		setitimer(ITIMER_REAL, &t, NULL);
 		long r = syscall(nr, 0L, 0L, 0L, 0L, 0L, 0L);
 		char a = (r == -1 && errno == ENOSYS) ? 'n' : 'y';
-		(void)!write(p[1], &a, 1);
+		(void)!write(out, &a, 1);
 		_exit(0);
 	}
 	close(p[1]);

@@ -58,9 +58,17 @@ def answers(vmrt_session: Vmrt, probe_dir: Path) -> Iterator[dict[str, dict[str,
 
 
 def test_the_probe_tells_a_missing_syscall_from_a_present_one(vmrt: Vmrt, probe_dir: Path) -> None:
-    """The probe works: getpid answers, a number past every syscall does not (both modes)."""
+    """The probe works: getpid answers, a number past every syscall does not (both modes); the
+    calls on descriptor 0 (fchmod, ftruncate, fchown) act on the child's own pipe, never on the
+    file the probe's stdin is (in process mode that could be the host's /dev/null)."""
     for mode in MODES:
         assert enosys(vmrt, mode, probe_dir, [syscalls.numbers()["getpid"], 4000]) == {39: "ok", 4000: "ENOSYS"}
+    nrs = " ".join(str(syscalls.numbers()[n]) for n in ("fchmod", "ftruncate", "fchown"))
+    for mode in MODES:
+        r = vmrt("run", "--rm", f"--isolation={mode}", "-v", f"{probe_dir}:/probe:ro", "busybox", "sh", "-c",
+                 f"echo data > /tmp/victim && chmod 644 /tmp/victim && /probe/vmrt-enosys {nrs} < /tmp/victim"
+                 " >/dev/null && stat -c '%a %s' /tmp/victim && cat /tmp/victim")
+        assert r.stdout.decode() == "644 5\ndata\n", r.stdout + r.stderr
 
 
 def test_what_the_profile_allows_exists_in_the_vm_as_in_process_mode(answers: dict[str, dict[str, str]]) -> None:
