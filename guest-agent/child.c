@@ -309,7 +309,11 @@ static void child_exec(const struct vmrt_run *r)
  * groups, gid and uid. */
 /* The RUN's seccomp filter (the process-mode profile, compiled by the host),
  * installed last before execve as runc does: what the container may call is
- * the same in both isolations. Needs no_new_privs (set by apply_identity). */
+ * the same in both isolations. Needs no_new_privs (set by apply_identity):
+ * vmrt's bundles always ask for it. A RUN without NO_NEW_PRIVS but with a
+ * filter fails here with EACCES, closed (the capabilities are already
+ * dropped); runc installs the filter before dropping them in that case, which
+ * the agent would have to do if such a run is ever wanted. */
 static void apply_seccomp(void)
 {
 	struct sock_fprog prog = { .len = (unsigned short)(run.seccomp_len / 8),

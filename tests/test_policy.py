@@ -19,7 +19,8 @@ import pytest
 from ocibuild import Layer, OciLayout, busybox_layer
 from support import REPO, Vmrt
 
-from vmrt import agentbuild, bundle, config, probes, seccomp, syscalls
+from vmrt import agentbuild, bundle, config, kernel, probes, seccomp, syscalls
+from vmrt.drivers import vm as vm_driver
 
 pytestmark = pytest.mark.vm
 MODES = ("process", "vm")
@@ -186,3 +187,26 @@ def test_readdir_and_stat_agree_on_inodes(vmrt: Vmrt, probe_image: str, tmp_path
     assert out.count(" differ\n") == len(dirs), out  # every directory was read
     assert differ <= MOUNT_POINTS, out
     assert {"/proc", "/dev", "/sys"} <= differ, out  # the probe sees the mounts (it works)
+
+
+def test_a_container_from_an_older_config_still_gets_the_filter() -> None:
+    """A VM container created before VM configs carried linux.seccomp (an older vmrt) is started
+    with the default profile: never without a filter."""
+    caps = list(bundle.DEFAULT_CAPS)
+    config = {"process": {"args": ["sh"], "capabilities": {"bounding": caps}}, "linux": {}}
+    spec = vm_driver.run_spec(config, stdin_open=False)  # type: ignore[arg-type]
+    assert spec.seccomp == seccomp.compile_bpf(seccomp.default_profile(caps, kernel=kernel.RELEASE))
+    assert len(spec.seccomp) > 8 * 100
+
+
+def test_hostile_probe_output_is_one_verdict_and_printed_inert() -> None:
+    """`vmrt check isolation` reads what the image's own sh printed: junk is a verdict, never a
+    traceback, and a terminal escape reaches the table escaped."""
+    assert probes.enosys_rows("39 ok,x y,") == {"io_uring": "unreadable probe output",
+                                                 "enosys": "unreadable probe output"}
+    assert probes.enosys_rows("99999 ok")["enosys"] == "unreadable probe output"
+    host = {"kernel": "k", "boot_id": "b", "uptime": 1.0, "pids": 3, "ifaces": set()}
+    out = probes.classify({"pids": "\x1b[2J", "families": "unix \x1b]0;pwned\x07"}, host, "/var/lib/vmrt")
+    assert out["pids"].startswith("0 seen")
+    table = probes.table({"process": out, "vm": out})
+    assert "\x1b" not in table and "\\x1b]0;pwned" in table

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import bundle, seccomp, syscalls
 from .errors import VmrtError
+from .formatting import inert
 
 MODES = ("process", "vm")
 # Syscalls the default seccomp profile allows that the guest kernel answers with ENOSYS where a
@@ -112,7 +113,7 @@ def classify(raw: dict[str, str], host: dict[str, Any], state_root: str) -> dict
         out["uptime"] = f"{up:.0f}s ({'host' if abs(up - host['uptime']) < 30 else 'own'})"
     except ValueError:
         out["uptime"] = "denied"
-    n = int(raw.get("pids") or 0)
+    n = int(raw["pids"]) if raw.get("pids", "").isdigit() else 0   # the container's output
     out["pids"] = (f"{n} seen ({'visible' if n >= host['pids'] // 2 else 'hidden'})" if same_kernel
                    else f"{n} seen (absent: other kernel)")
     leaks = state_root in raw.get("mounts", "")
@@ -153,7 +154,12 @@ def enosys_rows(text: str) -> dict[str, str]:
     if not text:
         return {"io_uring": "not probed", "enosys": "not probed"}
     names = probe_numbers()
-    answers = {names.get(int(nr), nr): v for nr, v in (a.split() for a in text.split(",") if a.strip())}
+    answers: dict[str, str] = {}
+    for item in filter(str.strip, text.split(",")):   # the container's output: parsed strictly
+        nr, _, verdict = item.strip().partition(" ")
+        if not nr.isdigit() or int(nr) not in names or verdict not in ("ENOSYS", "ok", "unknown"):
+            return {"io_uring": "unreadable probe output", "enosys": "unreadable probe output"}
+        answers[names[int(nr)]] = verdict
     missing = sorted(n for n, v in answers.items() if v == "ENOSYS" and n != "io_uring_setup")
     return {"io_uring": "refused (ENOSYS)" if answers.get("io_uring_setup") == "ENOSYS" else "allowed",
             "enosys": f"{len(missing)} of {len(answers) - 1}" + (f": {' '.join(missing)}" if missing else "")}
@@ -229,8 +235,10 @@ def run_probes(image: str, env: dict[str, str] | None, state_root: str, run_root
 
 def table(result: dict[str, dict[str, str]]) -> str:
     w0 = max(len(t) for _, t in PROBES)
-    w1 = max(len("process"), *(len(result["process"].get(k, "")) for k, _ in PROBES))
+    # every cell was read inside a container (the image's own sh): escaped before it is printed
+    cells = {mode: {k: inert(v) for k, v in result[mode].items()} for mode in MODES}
+    w1 = max(len("process"), *(len(cells["process"].get(k, "")) for k, _ in PROBES))
     lines = [f"{'PROBE':<{w0}}  {'PROCESS':<{w1}}  VM"]
     for key, title in PROBES:
-        lines.append(f"{title:<{w0}}  {result['process'].get(key, ''):<{w1}}  {result['vm'].get(key, '')}")
+        lines.append(f"{title:<{w0}}  {cells['process'].get(key, ''):<{w1}}  {cells['vm'].get(key, '')}")
     return "\n".join(lines)

@@ -81,6 +81,12 @@ def guest_mounts(config: bundle.Spec) -> list[P.MountSpec]:
     return out
 
 
+def _default_seccomp(caps: dict[str, list[str]] | None) -> dict[str, Any]:
+    """The default profile for a config written before VM configs carried one (a container
+    created by an older vmrt and started now): never a VM container without the filter."""
+    return seccomp.default_profile(list((caps or {}).get("bounding", bundle.DEFAULT_CAPS)), kernel=kernel.RELEASE)
+
+
 def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
     """Translate the bundle's OCI config into the agent's RUN message."""
     proc = config["process"]
@@ -99,7 +105,7 @@ def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
         stdin=stdin_open, time_ns=time.time_ns(),
         readonly=bool(config.get("root", {}).get("readonly")), mounts=guest_mounts(config),
         memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0),
-        seccomp=seccomp.compile_bpf(linux["seccomp"]) if linux.get("seccomp") else b"",
+        seccomp=seccomp.compile_bpf(linux.get("seccomp") or _default_seccomp(caps)),
         masked=list(linux.get("maskedPaths") or []), ro_paths=list(linux.get("readonlyPaths") or []))
 
 
