@@ -365,12 +365,27 @@ def ns(src: str, dst: str, target: str, mac: str | None) -> bytes:
     return icmp6(src, dst, 135, bytes(4) + ipaddress.IPv6Address(target).packed + (lladdr(1, mac) if mac else b""))
 
 
+def icmp6_behind_hbh(src: str, dst: str, kind: int, body: bytes) -> bytes:
+    """An ICMPv6 message behind a hop-by-hop options header (PadN only): the rules must see through it."""
+    msg = _l4(src, dst, 58, struct.pack("!BBH", kind, 0, 0) + body, 2)
+    return ip6(src, dst, 0, struct.pack("!BB", 58, 0) + bytes([1, 4, 0, 0, 0, 0]) + msg, hlim=255)
+
+
+def icmp6_fragments(src: str, dst: str, kind: int, body: bytes) -> list[bytes]:
+    """An ICMPv6 message split in two IPv6 fragments (the first 8 bytes, then the rest)."""
+    msg = _l4(src, dst, 58, struct.pack("!BBH", kind, 0, 0) + body, 2)
+    first = struct.pack("!BBHI", 58, 0, 0 << 3 | 1, 0x5EED) + msg[:8]
+    rest = struct.pack("!BBHI", 58, 0, 1 << 3, 0x5EED) + msg[8:]
+    return [ip6(src, dst, 44, first, hlim=255), ip6(src, dst, 44, rest, hlim=255)]
+
+
 def test_a_container_sends_ipv6_only_from_its_own_addresses(vmrt: Vmrt, net6: str) -> None:
     """From the attacker's namespace, to the victim's MAC: IPv6 from its own address and its own
     link-local arrives, and its own neighbour solicitations and advertisements; another source
     (the victim's, the gateway's, a spare one of the subnet, another link-local), an advertisement
-    for the victim's address or with another MAC, a router advertisement, a redirect, and
-    duplicate address detection for the victim's address do not."""
+    for the victim's address or with another MAC (also behind a hop-by-hop header), a router
+    advertisement (also in fragments), a redirect, and duplicate address detection for the
+    victim's address do not."""
     victim = detach(vmrt, "process", "sleep", "120", opts=("--network", net6))
     attacker = detach(vmrt, "process", "sleep", "120", opts=("--network", net6))
     v, a = settings(vmrt, victim), settings(vmrt, attacker)
@@ -400,6 +415,10 @@ def test_a_container_sends_ipv6_only_from_its_own_addresses(vmrt: Vmrt, net6: st
         "RA": icmp6(all_, "ff02::1", 134, ra),
         "redirect": icmp6(all_, vll, 137, redirect),
         "DAD for the victim's": ns("::", "ff02::1:ff00:0", vip, None),
+        "NA for the victim behind hop-by-hop": icmp6_behind_hbh(
+            aip, vip, 136, struct.pack("!I", 0x60000000) + ipaddress.IPv6Address(vip).packed + lladdr(2, amac)),
+        "RA in fragments (1st)": icmp6_fragments(all_, "ff02::1", 134, ra)[0],
+        "RA in fragments (2nd)": icmp6_fragments(all_, "ff02::1", 134, ra)[1],
     }
     frames = {k: ether(vmac, amac, 0x86DD, f) for k, f in {**legit, **forged}.items()}
     cap = Capture("eth0", 4.0, netns=v["SandboxKey"])
