@@ -354,3 +354,8 @@ def test_apt_sources_of_the_suite_only(tmp_path: Path) -> None:
     other = bootstrap.parse_section({"suite": "bookworm", "variant": "apt"}, "t")
     assert bootstrap.cache_key(section, one, deb822) != bootstrap.cache_key(other, one, deb822)
     assert bootstrap.cache_key(section, one, deb822) != bootstrap.cache_key(section, one, deb822 + "\n")
+    # credentials in a URI would be written into the image's sources: refused, with one line
+    (tmp_path / "secret.list").write_text("deb https://user:hunter2@m.example/debian bookworm main\n")
+    with pytest.raises(ImageError, match="carries credentials") as e:
+        bootstrap.sources(section, [tmp_path / "secret.list"])
+    assert "hunter2" not in str(e.value)

@@ -205,6 +205,9 @@ def sources(section: Section, files: list[Path] | None = None) -> tuple[str, str
         else:
             one += _one_line(text, section.suite, section.components)
     every = "\n".join([*one, *deb822])
+    if re.search(r"[a-z+]+://[^/\s@]*@", every):  # user:password@host: mmdebstrap writes it into the image
+        raise ImageError(f"an apt source for {section.suite!r} carries credentials in its URI; they would be "
+                         "written into the image: give them to apt in /etc/apt/auth.conf.d instead")
     if not re.search(rf"(^deb\s+(\[[^\]]*\]\s+)?\S+\s+|^Suites:(.*\s)?){re.escape(section.suite)}(\s|$)",
                      every, re.MULTILINE):
         raise ImageError(f"no apt source on this host serves {section.suite!r} "
