@@ -248,6 +248,16 @@ for d in ("/", "/etc", "/usr/bin", "/usr/lib/python3.11", "/w/d", "/tmp", "/vol"
     assert all(ln.endswith(" True []") for ln in lines[5:]) and len(lines) == 10, out
 
 
+def test_strace_ptrace(vmrt: Vmrt) -> None:
+    """strace (ptrace) of a small program: the same system calls with the same results in both
+    modes (pointers aside)."""
+    script = "strace -qq -e trace=execve,openat,fstat,read,close,exit_group cat /etc/debian_version"
+    rc, out, err = both(vmrt, script, lambda s: re.sub(r"0x[0-9a-f]+", "0xP", s))
+    assert rc == 0 and re.fullmatch(r"12\.\d+\n", out), (out, err)
+    assert 'execve("/usr/bin/cat", ["cat", "/etc/debian_version"], 0xP /* ' in err
+    assert 'openat(AT_FDCWD, "/etc/debian_version", O_RDONLY) = 3' in err and "exit_group(0)" in err
+
+
 # CPython's own regression tests (Debian's libpython3.11-testsuite): the os, the file system, sockets
 # (TCP, UDP, UDP-Lite, Unix, v4 and v6, ancillary data, sendfile), threads' locks, select and epoll,
 # signals and timers, subprocesses (sessions, process groups, signals, stop/continue, fds), fcntl,
