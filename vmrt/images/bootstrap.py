@@ -297,9 +297,10 @@ def _build(section: Section, one_line: str, deb822: str, tmp: Path, logpath: Pat
         finally:
             proc.stdout.close()  # a writer still running ends on EPIPE
             rc = proc.wait()
-    if rc != 0:
-        tail = logpath.read_text(errors="replace").strip().splitlines()[-1:]
-        raise ImageError(f"mmdebstrap failed (exit {rc}): {tail[0] if tail else '?'} (see {logpath})")
+    if rc != 0:  # apt's first error says why ("E: Unable to locate package x"); the last, only that it failed
+        lines = logpath.read_text(errors="replace").strip().splitlines()
+        why = next((ln for ln in lines if ln.startswith("E: ")), lines[-1] if lines else "?")
+        raise ImageError(f"mmdebstrap failed (exit {rc}): {why[:300]} (see {logpath})")
     if bad is not None:
         raise bad
     return {"suite": section.suite, "variant": section.variant, "include": list(section.include),
