@@ -22,6 +22,8 @@ from .nft import IfName
 from .parse import NetRequest
 from .store import Endpoint, Network, check_host_overlap
 
+RTPROT_BOOT = 3  # rtnetlink: a route set up at boot (what ip route add and the kernel default to)
+
 IFA_F_NODAD = 0x02  # linux/if_addr.h: no duplicate address detection for this address
 
 
@@ -195,14 +197,16 @@ def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None,
                        keys=["0x0/0x0+0"], target=0x1,
                        action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": b})
             return
-        nsr.addr("add", index=idx, address=ep.ip, prefixlen=prefix)
+        # as Docker's and the VM's eth0: the subnet's broadcast address, a default route of proto boot
+        brd = str(ipaddress.IPv4Network(f"{ep.ip}/{prefix}", strict=False).broadcast_address)
+        nsr.addr("add", index=idx, address=ep.ip, prefixlen=prefix, broadcast=brd)
         if gateway:
-            nsr.route("add", dst="0.0.0.0/0", gateway=gateway)
+            nsr.route("add", dst="0.0.0.0/0", gateway=gateway, proto=RTPROT_BOOT)
         if v6:
             addr6, prefix6, gateway6 = v6
             nsr.addr("add", index=idx, address=addr6, prefixlen=prefix6)  # accept_dad=0: no DAD (as the VM's)
             if gateway6:
-                nsr.route("add", dst="::/0", gateway=gateway6, family=socket.AF_INET6)
+                nsr.route("add", dst="::/0", gateway=gateway6, family=socket.AF_INET6, proto=RTPROT_BOOT)
 
 
 def adopt_tap(src_ns: Path, dst_ns: Path, name: str = "tap0") -> None:
