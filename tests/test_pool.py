@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from support import Vmrt
 
+from vmrt.pool.files import SOCK_NAME
+from vmrt.proc import connect_unix
+
 pytestmark = pytest.mark.vm
 
 
@@ -153,6 +156,28 @@ def test_a_dead_daemon_means_cold_boots_and_stop_cleans_up(vmrt: Vmrt) -> None:
         vmrt("pool", "stop")  # kills the orphaned VM, removes its dir and cgroup
     vmrt.assert_clean()
     assert not [p for p in (vmrt.run_root / "pool").iterdir() if p.name != "daemon.log"]
+
+
+def test_a_claim_whose_client_is_gone_leaves_no_vm(pooled: Vmrt) -> None:
+    """A client that gave up on its claim (timed out: it cold-boots) gets no VM left running in its
+    run dir: the daemon's reply fails, and it kills and removes the VM it had moved there."""
+    with connect_unix(pooled.run_root, SOCK_NAME, 30) as s:
+        s.sendall(b'{"op": "status"}\n')
+        status = json.loads(s.makefile("rb").readline())
+    qemu = status["vms"][0]["qemu"]
+    run_dir = pooled.run_root / "containers" / ("f" * 64)
+    run_dir.mkdir(parents=True)
+    try:
+        s = connect_unix(pooled.run_root, SOCK_NAME, 30)
+        s.sendall(json.dumps({"op": "claim", "shape": status["shape"], "run_dir": str(run_dir)}).encode() + b"\n")
+        s.close()  # gone before the daemon answers
+        deadline = time.monotonic() + 30
+        while (os.path.exists(f"/proc/{qemu}") or (run_dir / "vm").exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{qemu}") and not (run_dir / "vm").exists()
+        assert "not taken: destroyed" in (pooled.run_root / "pool" / "daemon.log").read_text()
+    finally:
+        run_dir.rmdir()
 
 
 def test_an_idle_vm_that_dies_is_replaced(pooled: Vmrt) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from support import Vmrt, one_line_error
+from support import Vmrt, one_line_error, vmm_pids
 
 pytestmark = pytest.mark.vm
 VM = ("--isolation=vm",)
@@ -85,12 +87,16 @@ def test_storage_opt_size_bounds_the_layer(vmrt: Vmrt) -> None:
     (("--storage-opt", "size"), "invalid storage option"),
     (("--storage-opt", "size=ten"), "invalid --storage-opt size 'ten'"),
     (("--storage-opt", "size=8m"), "below the minimum of 16m"),
+    (("--storage-opt", "size=9000p"), "above the maximum of 16t"),   # once an OverflowError
+    (("--storage-opt", "size=8000p"), "above the maximum of 16t"),   # once EFBIG at start
+    (("--storage-opt", "size=16385g"), "above the maximum of 16t"),
 ])
 def test_bad_storage_opts_are_one_line(vmrt: Vmrt, args: tuple[str, ...], message: str) -> None:
-    r = vmrt("run", "--rm", *args, "busybox", "true")
-    assert r.returncode == 125
-    assert message in one_line_error(r.stderr)
-    assert not list((vmrt.root / "rw").glob("*/disk.img"))
+    for cmd in ("run", "create"):
+        r = vmrt(cmd, "--rm", *args, "busybox", "true")
+        assert r.returncode == 125
+        assert message in one_line_error(r.stderr)
+    assert not list((vmrt.root / "rw").glob("*/disk.img*"))
 
 
 def test_the_layer_survives_restarts_and_goes_with_rm(vmrt: Vmrt) -> None:
@@ -105,11 +111,43 @@ def test_the_layer_survives_restarts_and_goes_with_rm(vmrt: Vmrt) -> None:
         assert vmrt("stop", "-t", "1", "keep", timeout=300).returncode == 0
         assert disk.exists()
         assert vmrt("start", "keep", timeout=300).returncode == 0
+        # an I/O error (a full host file system) is the guest's EIO, never a paused VM
+        cmds = [Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") for p in vmm_pids(vmrt.run_root)]
+        devs = [a for c in cmds for a in c if a.startswith(b"virtio-blk")]
+        assert len(devs) == 1 and devs[0].endswith(b",werror=report,rerror=report"), devs
         r = vmrt("exec", "keep", "cat", "/mark", "/starts")
         assert r.stdout.decode().split() == ["before", "start", "start", "start"], r.stderr
     finally:
         assert vmrt("rm", "-f", "keep", timeout=300).returncode == 0
     assert not disk.exists()
+    vmrt.assert_clean()
+
+
+def test_a_start_killed_during_mkfs_leaves_no_half_formatted_disk(vmrt: Vmrt, tmp_path: Path) -> None:
+    """mkfs works on disk.img.tmp, renamed disk.img once it succeeded: a start killed meanwhile
+    (SIGKILL: no cleanup) leaves no disk.img that would pass as formatted and fail every start."""
+    (tmp_path / "mkfs.ext4").write_text("#!/bin/sh\necho $$ > \"$0.started\"; exec sleep 60\n")
+    (tmp_path / "mkfs.ext4").chmod(0o755)
+    assert vmrt("create", "--name", "cut", *VM, "--storage-opt", "size=32m", "busybox", "echo", "up").returncode == 0
+    try:
+        p = vmrt.popen("start", "-a", "cut", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+        started, pid = tmp_path / "mkfs.ext4.started", ""
+        deadline = time.monotonic() + 120
+        while not pid.endswith("\n") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pid = started.read_text() if started.exists() else ""
+        assert int(pid) > 1
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        os.kill(int(pid), signal.SIGKILL)  # the stand-in mkfs
+        disk = disk_of(vmrt, "cut")
+        assert not disk.exists() and disk.with_name("disk.img.tmp").exists()
+        r = vmrt("start", "-a", "cut", timeout=300)  # the real mkfs, on a new file
+        assert r.returncode == 0 and r.stdout == b"up\n", r.stderr
+        assert disk.exists() and not disk.with_name("disk.img.tmp").exists()
+    finally:
+        assert vmrt("rm", "-f", "cut", timeout=300).returncode == 0
+    assert not disk.parent.exists()
     vmrt.assert_clean()
 
 

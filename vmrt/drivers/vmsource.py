@@ -142,7 +142,7 @@ def _disk(launch: Launch, spec: VMSpec) -> VMSpec:
     an empty placeholder."""
     if launch.disk is None:
         return dataclasses.replace(spec, disk_fd=vmdisk.placeholder(), disk_direct=False, disk_size=0)
-    fd, direct = vmdisk.open_for_vmm(launch.disk.path)
+    fd, direct = vmdisk.open_for_vmm(launch.disk.file)
     return dataclasses.replace(spec, disk_fd=fd, disk_direct=direct, disk_size=launch.disk.size)
 
 

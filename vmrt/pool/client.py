@@ -22,9 +22,7 @@ from ..errors import ProtocolError, UsageError, VmrtError
 from ..proc import PidFd, connect_unix
 from ..vm.disk import Disk
 from ..vm.shape import Shape
-from .files import SOCK_NAME, clean_stale, daemon_pid, kill_marked, pool_dir, vm_marker_in
-
-CLAIM_TIMEOUT = 5.0
+from .files import CLAIM_TIMEOUT, SOCK_NAME, clean_stale, daemon_pid, kill_marked, pool_dir, vm_marker_in
 
 
 @dataclasses.dataclass
@@ -77,7 +75,7 @@ def claim(cfg: Config, shape: Shape, run_dir: Path, disk: Disk | None = None) ->
         return None
     req: dict[str, Any] = {"op": "claim", "shape": dataclasses.asdict(shape), "run_dir": str(run_dir)}
     if disk is not None:
-        req["disk"] = {"path": str(disk.path), "size": disk.size}
+        req["disk"] = {"path": str(disk.file), "size": disk.size}  # disk.img.tmp while mkfs runs
     try:
         reply, fds = request(cfg, req, timeout=CLAIM_TIMEOUT)
     except (OSError, VmrtError):

@@ -29,10 +29,13 @@ from ..vm import jail
 from ..vm.qemu import QemuVM
 from ..vm.shape import Shape, default_spec
 from ..vm.virtiofsd import Virtiofsd
-from .files import SOCK_NAME, clean_stale, pool_dir, remove_vm_dir
+from .files import CLAIM_TIMEOUT, SOCK_NAME, clean_stale, pool_dir, remove_vm_dir
 
 HOST_PIDS_MAX = 64  # QEMU's and virtiofsd's threads (as the driver's cgroup for a cold VM)
 CONSOLE_LOG_MAX = 1 << 20
+# the disk swap of a claim, all of it (QMP connect, the swap, the disconnect): 2 s below the
+# client's wait, left for the request, the rename and the reply on a loaded host
+SWAP_BUDGET = CLAIM_TIMEOUT - 2.0
 
 
 @dataclasses.dataclass
@@ -247,23 +250,35 @@ class Daemon:
                         return
                     data += chunk
                 req = json.loads(data)
-                reply, fds = await self._handle(req)
+                reply, fds, claimed = await self._handle(req)
             except (OSError, ValueError, TimeoutError) as e:
-                reply, fds = {"ok": False, "error": str(e)}, []
+                reply, fds, claimed = {"ok": False, "error": str(e)}, [], None
             msg = json.dumps(reply).encode() + b"\n"
             conn.setblocking(True)
+            sent = False
             with contextlib.suppress(OSError):
                 if fds:
                     conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
                 else:
                     conn.sendall(msg)
+                sent = True
             for fd in fds:
                 os.close(fd)
+            if claimed is not None and not sent:
+                # the client gave up (it cold-boots): the VM moved into its run dir has nobody
+                # to stop it; killed and removed there, with the container's disk's fd
+                print(f"vmrt pool: claimed VM {claimed.id} not taken: destroyed", file=sys.stderr, flush=True)
+                self._destroy(claimed)
 
-    async def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    async def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int], PoolVM | None]:
+        """A request's reply, the fds that go with it and, for a claim, the VM handed out."""
         op = req.get("op")
         if op == "claim":
             return await self._claim(req)
+        reply, fds = await self._request(op, req)
+        return reply, fds, None
+
+    async def _request(self, op: Any, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         if op == "fill":
             if req.get("size") is not None:
                 self.size = max(0, int(req["size"]))
@@ -287,52 +302,57 @@ class Daemon:
             return {"ok": True, **self._status()}, []
         return {"ok": False, "error": f"unknown request {op!r}"}, []
 
-    async def _claim(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    async def _claim(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int], PoolVM | None]:
         try:
             shape = Shape(**req["shape"])
             run_dir = Path(req["run_dir"])
             disk = req.get("disk")
             disk_size = int(disk["size"]) if disk is not None else 0
         except (KeyError, TypeError, ValueError) as e:
-            return {"ok": False, "error": f"bad claim: {e}"}, []
+            return {"ok": False, "error": f"bad claim: {e}"}, [], None
         containers = (self.cfg.run_root / "containers").resolve()
         if run_dir.resolve().parent != containers or not run_dir.is_dir() or (run_dir / "vm").exists():
-            return {"ok": False, "error": "a claim names a container's run dir"}, []
+            return {"ok": False, "error": "a claim names a container's run dir"}, [], None
         # only the container's own disk, where vmrt keeps it: <root>/rw/<the run dir's id>/disk.img
-        disk_path = layout.rw_dir(self.cfg, run_dir.name) / vmdisk.IMAGE_NAME
-        if disk is not None and (disk.get("path") != str(disk_path) or disk_size <= 0 or disk_size % 512):
-            return {"ok": False, "error": "a claim's disk is the container's disk.img"}, []
+        # (disk.img.tmp while its mkfs runs)
+        rw = layout.rw_dir(self.cfg, run_dir.name)
+        disk_path = Path(str(disk.get("path"))) if disk is not None else rw / vmdisk.IMAGE_NAME
+        if disk is not None and (disk_path not in (rw / vmdisk.IMAGE_NAME, rw / vmdisk.TMP_NAME)
+                                 or disk_size <= 0 or disk_size % 512):
+            return {"ok": False, "error": "a claim's disk is the container's disk.img"}, [], None
         vm = next((v for v in self.ready if v.shape == shape and v.qemu is not None
                    and v.qemu.proc is not None and v.qemu.proc.poll() is None
                    and disk_size <= v.qemu.spec.disk_max), None)
         if vm is None:
-            return {"ok": False, "error": "no ready VM of that shape"}, []
+            return {"ok": False, "error": "no ready VM of that shape"}, [], None
         self.ready.remove(vm)
         assert vm.qemu is not None and vm.vfs is not None and vm.hello is not None
         if vm.console_task is not None:
             vm.console_task.cancel()
         if disk is not None:
             try:
-                await self._swap_disk(vm.qemu, disk_path, disk_size)
+                await asyncio.wait_for(self._swap_disk(vm.qemu, disk_path, disk_size), SWAP_BUDGET)
             except Exception as e:  # QMP's own errors too: the VM is not handed out, the run cold-boots
+                self._destroy(vm)  # QEMU killed first: its QMP connection ends with it
                 if vm.qemu.qmp is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(vm.qemu.qmp.disconnect(), 2.0)
-                self._destroy(vm)
+                        await asyncio.wait_for(vm.qemu.qmp.disconnect(), 1.0)
                 self.changed.set()  # refill
-                return {"ok": False, "error": f"the container's disk could not be swapped in: {e}"}, []
+                err = str(e) or type(e).__name__
+                return {"ok": False, "error": f"the container's disk could not be swapped in: {err}"}, [], None
         target = run_dir / "vm"
         os.rename(vm.dir, target)  # from now on: the container's (the share's mount moves along)
         for pid, path in list(self.status_files.items()):
             if path.parent == vm.dir:
                 self.status_files[pid] = target / path.name
+        vm.dir = target
         assert vm.qemu.agent_sock is not None and vm.qemu.console_sock is not None
         fds = [os.dup(vm.qemu.agent_sock.fileno()), os.dup(vm.qemu.console_sock.fileno())]
         vm.qemu.close_channels()
         self.served += 1
         self.changed.set()  # refill
         return {"ok": True, "id": vm.id, "qemu": vm.qemu.pid, "virtiofsd": vm.vfs.pid,
-                "hello": vm.hello.record()}, fds
+                "hello": vm.hello.record()}, fds, vm
 
     async def _swap_disk(self, qemu: QemuVM, path: Path, size: int) -> None:
         """The container's disk in place of the VM's placeholder (vm/disk.py), over QMP, which
@@ -349,10 +369,10 @@ class Daemon:
         try:
             if os.fstat(fd).st_size != size:
                 raise VmrtError(f"{path} is not of {size} bytes")
-            await asyncio.wait_for(vmdisk.swap(qemu.qmp, fd, direct, size), 10.0)
+            await vmdisk.swap(qemu.qmp, fd, direct, size)
         finally:
             os.close(fd)
-        await asyncio.wait_for(qemu.qmp.disconnect(), 2.0)
+        await qemu.qmp.disconnect()  # all of it within the claim's SWAP_BUDGET
         qemu.qmp = None
 
     def _status(self) -> dict[str, Any]:

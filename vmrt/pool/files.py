@@ -18,6 +18,9 @@ from ..config import Config
 from ..proc import kill_if_ours, start_ticks
 
 SOCK_NAME = "pool.sock"
+# how long `vmrt run` waits for a claim's reply before it cold-boots; the daemon's part of a claim
+# stays well below it (daemon.SWAP_BUDGET), so a VM it hands out has a client waiting for it
+CLAIM_TIMEOUT = 5.0
 
 
 def pool_dir(cfg: Config) -> Path:

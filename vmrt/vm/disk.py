@@ -39,9 +39,13 @@ from .. import fsmode
 from ..errors import LaunchError, UsageError
 
 IMAGE_NAME = "disk.img"
+TMP_NAME = IMAGE_NAME + ".tmp"  # a new disk until mkfs made it one (Disk.ready)
 DEVICE = "vda"                  # the guest's name for it: the VM's one virtio-blk device
 NODE = "vmrt-disk"              # its format node (raw); the file node under it is NODE-file<set>
 MIN_SIZE = 16 << 20             # ext4 with a journal and room for an overlay's dirs
+# the largest file ext4 holds with 4 KiB blocks ((2^32 - 1) blocks: 16 TiB less one block), so a
+# size that passes fits a host's ext4, xfs, btrfs or tmpfs; ftruncate's EFBIG is still caught
+MAX_SIZE = (1 << 44) - 4096
 ALIGN = 4096                    # sizes are cut to whole 4 KiB blocks (never above the limit)
 BOOT_FDSET = 1                  # -add-fd's set on the command line; a swapped-in file gets SWAP_FDSET
 SWAP_FDSET = 2
@@ -86,6 +90,8 @@ def storage_size(value: str, what: str = "--storage-opt size") -> int:
         raise UsageError(f"invalid {what} {value!r} (e.g. 10G, 512m)") from None
     if n < MIN_SIZE:
         raise UsageError(f"{what} {value!r} is below the minimum of {MIN_SIZE >> 20}m")
+    if n > MAX_SIZE:
+        raise UsageError(f"{what} {value!r} is above the maximum of 16t less 4k (ext4's largest file)")
     return n
 
 
@@ -97,8 +103,16 @@ class Disk:
     size: int
     mkfs: subprocess.Popen[bytes] | None = None   # a new disk being formatted (wait: ready())
 
+    @property
+    def file(self) -> Path:
+        """Where the file is now: a new disk is :data:`TMP_NAME` until :meth:`ready`."""
+        return _tmp(self.path) if self.mkfs is not None else self.path
+
     def ready(self) -> None:
-        """Wait for a new disk's mkfs (done before RUN: the guest reads it only at its mount)."""
+        """Wait for a new disk's mkfs (done before RUN: the guest reads it only at its mount),
+        then give it its name: only a formatted file is ever ``disk.img``, so a start cut off
+        during mkfs leaves no half-formatted disk that later starts would take (the fd QEMU
+        holds stays valid across the rename)."""
         if self.mkfs is None:
             return
         proc, self.mkfs = self.mkfs, None
@@ -114,6 +128,11 @@ class Disk:
             raise LaunchError(f"formatting the container's disk failed (mkfs.ext4 exit {proc.returncode})",
                               command=list(map(str, proc.args)) if isinstance(proc.args, list) else [],
                               output=err.decode(errors="replace"))
+        try:
+            os.rename(_tmp(self.path), self.path)
+        except OSError as e:
+            self._discard()
+            raise LaunchError(f"cannot name the container's disk {self.path}: {e.strerror}") from None
 
     def abort(self) -> None:
         """A run that failed before the disk was ready: a half-formatted file is not kept."""
@@ -125,36 +144,51 @@ class Disk:
 
     def _discard(self) -> None:
         with contextlib.suppress(OSError):
-            self.path.unlink()
+            _tmp(self.path).unlink()
+
+
+def _tmp(path: Path) -> Path:
+    """Where a new disk is made and formatted before it gets its name (:meth:`Disk.ready`)."""
+    return path.with_name(TMP_NAME)
 
 
 def prepare(rw_dir: Path, size: int, mkfs: str = "mkfs.ext4") -> Disk:
     """The container's disk: the one it had (a restart: stat only, the content is the guest's),
-    else a new sparse file of ``size`` bytes whose formatting starts now (:meth:`Disk.ready`)."""
+    else a new sparse file of ``size`` bytes whose formatting starts now (:meth:`Disk.ready`),
+    made as ``disk.img.tmp`` (a leftover of a start cut off is replaced)."""
     fsmode.private_dir(rw_dir.parent)
     fsmode.private_dir(rw_dir)
     path = rw_dir / IMAGE_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
         st = os.stat(path, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < MIN_SIZE or st.st_size % 512:
-            raise LaunchError(f"the container's disk {path} is not a disk vmrt made") from None
-        return Disk(path, st.st_size)
+    except FileNotFoundError:
+        pass
     except OSError as e:
-        raise LaunchError(f"cannot create the container's disk {path}: {e.strerror}") from None
+        raise LaunchError(f"the container's disk {path}: {e.strerror}") from None
+    else:
+        if not stat.S_ISREG(st.st_mode) or st.st_size < MIN_SIZE or st.st_size % 512:
+            raise LaunchError(f"the container's disk {path} is not a disk vmrt made")
+        return Disk(path, st.st_size)
+    tmp = _tmp(path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise LaunchError(f"cannot create the container's disk {tmp}: {e.strerror}") from None
     try:
         os.ftruncate(fd, size)
-    except OSError as e:
+    except (OSError, OverflowError) as e:  # EFBIG past the host file system's largest file
+        tmp.unlink()
+        raise LaunchError(f"cannot create a disk of {size} bytes in {rw_dir}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    finally:
         os.close(fd)
-        path.unlink()
-        raise LaunchError(f"cannot create a disk of {size} bytes in {rw_dir}: {e.strerror}") from None
-    os.close(fd)
     try:  # the host formats its own empty file; from the guest's first start on it never reads it
-        proc = subprocess.Popen([mkfs, *MKFS_OPTS, str(path)], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([mkfs, *MKFS_OPTS, str(tmp)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     except OSError as e:
-        path.unlink()
+        tmp.unlink()
         raise LaunchError(f"cannot run {mkfs}: {e.strerror} (Debian package e2fsprogs)") from None
     return Disk(path, size, proc)
 
@@ -185,7 +219,10 @@ def qemu_args(fd: int, direct: bool, microvm: bool) -> list[str]:
     return ["-add-fd", f"fd={fd},set={BOOT_FDSET}",
             "-blockdev", _file_node(BOOT_FDSET, direct),
             "-blockdev", f"driver=raw,node-name={NODE},file={NODE}-file{BOOT_FDSET},discard=unmap",
-            "-device", f"{dev},drive={NODE},id={NODE}"]
+            # an I/O error reaches the guest as EIO: QEMU's default (werror=enospc) would pause the
+            # VM when the host's file system is full (sparse files overcommit it), freezing every
+            # tenant whose next write needs a block there
+            "-device", f"{dev},drive={NODE},id={NODE},werror=report,rerror=report"]
 
 
 def _file_node(fdset: int, direct: bool) -> str:
