@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,9 +169,10 @@ def test_a_claim_whose_client_is_gone_leaves_no_vm(pooled: Vmrt) -> None:
     run_dir = pooled.run_root / "containers" / ("f" * 64)
     run_dir.mkdir(parents=True)
     try:
-        s = connect_unix(pooled.run_root, SOCK_NAME, 30)
-        s.sendall(json.dumps({"op": "claim", "shape": status["shape"], "run_dir": str(run_dir)}).encode() + b"\n")
-        s.close()  # gone before the daemon answers
+        with connect_unix(pooled.run_root, SOCK_NAME, 30) as s:
+            s.shutdown(socket.SHUT_RD)  # gone before the daemon answers: its reply fails (EPIPE)
+            s.sendall(json.dumps({"op": "claim", "shape": status["shape"], "run_dir": str(run_dir)}).encode() + b"\n")
+            s.recv(1)  # the daemon's end closes once it is done
         deadline = time.monotonic() + 30
         while (os.path.exists(f"/proc/{qemu}") or (run_dir / "vm").exists()) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -2,8 +2,9 @@
 
 Kept until ``vmrt rm``: ``<root>/containers/<id>/`` (:func:`container_dir`) holds its
 config, the monitor's meta (:data:`META_NAME`, written by :func:`write_meta`), its json-file
-log (:data:`LOG_NAME`, rotated beside it) and the VMM/console logs; a process-mode
-container's writable layer is ``<root>/rw/<id>/`` (:func:`rw_dir`). While it runs, its run
+log (:data:`LOG_NAME`, rotated beside it) and the VMM/console logs; a container's writable
+layer is ``<root>/rw/<id>/`` (:func:`rw_dir`: a process container's upper dir, a VM
+container's ``disk.img``, vm/disk.py). While it runs, its run
 dir holds the attach socket (:data:`ATTACH_NAME`).
 """
 
@@ -27,7 +28,8 @@ def container_dir(cfg: Config, container_id: str) -> Path:
 
 
 def rw_dir(cfg: Config, container_id: str) -> Path:
-    """A process-mode container's writable layer (on disk, like Docker's)."""
+    """A container's writable layer (on disk, like Docker's): a process container's upper and
+    work dirs, a VM container's disk image (vm/disk.py)."""
     return cfg.root / "rw" / container_id
 
 

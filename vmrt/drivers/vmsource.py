@@ -126,33 +126,32 @@ def share_volumes(config: bundle.Spec, share: Path, stack: contextlib.AsyncExitS
         stack.callback(rootfs.umount, target)
 
 
-def _nic(ctx: RunContext, spec: VMSpec) -> VMSpec:
-    """The VM's NIC: a tap in the container's network namespace, joined to its veth."""
+def _nic(ctx: RunContext, spec: VMSpec, fds: contextlib.ExitStack) -> VMSpec:
+    """The VM's NIC: a tap in the container's network namespace, joined to its veth (its fd
+    closed by ``fds``, whatever comes after)."""
     net = ctx.net
     if net is None or net.netns is None:  # no namespace of its own: an unconnected NIC (same shape)
-        return dataclasses.replace(spec, tap_fd=network.open_tap_detached())
-    fd = network.open_tap(net.netns)
+        return dataclasses.replace(spec, tap_fd=_held(fds, network.open_tap_detached()))
+    fd = _held(fds, network.open_tap(net.netns))
     net.plumb_in_background(ctx.cfg, "vm")  # veth + tc while QEMU boots; waited for before RUN
     ep = net.primary()
     return dataclasses.replace(spec, tap_fd=fd, mac=ep.mac if ep is not None else spec.mac)
 
 
-def _disk(launch: Launch, spec: VMSpec) -> VMSpec:
+def _disk(launch: Launch, spec: VMSpec, fds: contextlib.ExitStack) -> VMSpec:
     """The VM's disk: the container's (its fd, O_DIRECT where the host's file system can), else
-    an empty placeholder."""
+    an empty placeholder (the fd closed by ``fds``)."""
     if launch.disk is None:
-        return dataclasses.replace(spec, disk_fd=vmdisk.placeholder(), disk_direct=False, disk_size=0)
+        return dataclasses.replace(spec, disk_fd=_held(fds, vmdisk.placeholder()), disk_direct=False, disk_size=0)
     fd, direct = vmdisk.open_for_vmm(launch.disk.file)
-    return dataclasses.replace(spec, disk_fd=fd, disk_direct=direct, disk_size=launch.disk.size)
+    return dataclasses.replace(spec, disk_fd=_held(fds, fd), disk_direct=direct, disk_size=launch.disk.size)
 
 
-def _launch(vm: QemuVM) -> None:
-    try:
-        vm.launch()
-    finally:  # QEMU holds the tap and the disk now: they go when QEMU does
-        for fd in (vm.spec.tap_fd, vm.spec.disk_fd):
-            if fd is not None:
-                os.close(fd)
+def _held(fds: contextlib.ExitStack, fd: int) -> int:
+    """``fd``, closed when ``fds`` closes: after QEMU's launch (QEMU holds the tap and the disk
+    then; they go when QEMU does) or on any error before it."""
+    fds.callback(os.close, fd)
+    return fd
 
 
 def _running(vm: QemuVM, launch: Launch, source: str, share_server: Watched | None,
@@ -186,8 +185,9 @@ class ColdBoot:
             vfs.start()
         stack.callback(vfs.stop)
         assert vfs.proc is not None
-        vm = QemuVM(cfg, _disk(launch, _nic(ctx, launch.spec)), logs / "qemu.log", group=launch.group)
-        _launch(vm)
+        with contextlib.ExitStack() as fds:
+            vm = QemuVM(cfg, _disk(launch, _nic(ctx, launch.spec, fds), fds), logs / "qemu.log", group=launch.group)
+            vm.launch()
         ctx.timings.mark("vmm-spawned")
         return _running(vm, launch, self.name, vfs.proc, vm.connect_qmp)
 
@@ -216,9 +216,10 @@ class SnapshotRestore:
             proxy = P9Proxy(cfg, share, logs / "virtiofsd.log", group=launch.group)
             proxy.start()
             stack.callback(proxy.stop)
-        vm = QemuVM(cfg, snapshot.restore_spec(_disk(launch, _nic(ctx, launch.spec)), self.snap, share),
-                    logs / "qemu.log", group=launch.group, fs_fd=proxy.qemu_fd if proxy is not None else None)
-        _launch(vm)
+        with contextlib.ExitStack() as fds:
+            vm = QemuVM(cfg, snapshot.restore_spec(_disk(launch, _nic(ctx, launch.spec, fds), fds), self.snap, share),
+                        logs / "qemu.log", group=launch.group, fs_fd=proxy.qemu_fd if proxy is not None else None)
+            vm.launch()
         if proxy is not None:
             proxy.handed()
         ctx.timings.mark("vmm-spawned")

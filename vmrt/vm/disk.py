@@ -11,9 +11,11 @@ the agent mounts it and keeps the overlay's upper and work dirs there (RUN's UPP
 
 From the moment a guest runs with it, the file's content is the guest's: hostile. The host
 never mounts, reads or parses it again; it only stats it (its size), hands QEMU an fd of it
-and deletes it. Its size bounds what it takes of the host's disk: QEMU refuses a guest
-request past the device's end, and a jailed QEMU's ``RLIMIT_FSIZE`` is that size (or its
-RAM's, the larger), so not even a compromised VMM grows it (vm/jail.py). Freed blocks go
+and deletes it. Its size bounds what the guest takes of the host's disk: QEMU refuses a
+guest request past the device's end. A compromised VMM is bounded by its jail's
+``RLIMIT_FSIZE``, that size or its RAM's, the larger (vm/jail.py): a disk smaller than the
+RAM can grow to the RAM's size. A full host file system is the guest's EIO
+(``werror=report``), never a paused VM. Freed blocks go
 back to the host: the guest mounts it with ``discard``, and QEMU punches holes for them.
 
 Every vmrt VM has the disk device, so that a pooled VM or a snapshot's (booted before the

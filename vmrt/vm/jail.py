@@ -14,7 +14,8 @@ be host root. Between fork and exec, still root, the child:
    into ``/ram``, private to this VM; then ``chroot``s there. Nothing of vmrt's state, of
    other tenants or of the host's ``/proc`` is in it;
 3. sets bounded limits (open files, processes of its uid, and the size of any file it writes:
-   its RAM's or its disk's, so not even a compromised VMM grows the container's disk file);
+   its RAM's or its disk's, the larger: a compromised VMM grows the container's disk file to
+   at most that, its RAM's size where the disk is smaller);
 4. drops to a uid and gid of its own, ``jail_uid_base + its PID`` (a PID is unique among live
    processes, so no two VMMs share an identity; the range is reserved for vmrt), with no
    supplementary groups (the ``/dev/kvm`` group under KVM): a change of uid from 0 clears
