@@ -140,9 +140,6 @@ def _device(text: str) -> str:
     return text.replace(" link-netnsid 0", "")
 
 
-@pytest.mark.xfail(strict=True, reason="not yet the same (reported, issue 16): process mode adds eth0's address "
-                   "without a broadcast address and the default route with proto static (vmrt/network/netlink.py; "
-                   "Docker and VM mode: brd .255, proto boot); the guest kernel has sit0 (CONFIG_IPV6_SIT=y)")
 def test_ip_addresses_links_and_routes(vmrt: Vmrt) -> None:
     """``ip`` shows the same addresses, links and routes in both modes, but for the device type."""
     rc, out, err = both(vmrt, IP_SHOW, _device)
