@@ -472,8 +472,7 @@ void child_main(const struct stdio *s)
 			child_fail(125, "cannot chdir to %s: %s", run.cwd, strerror(errno));
 	}
 	mask_paths();
-	/* a remount sets every flag: the root's nodev (mounts.c) kept */
-	if (run.readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV, NULL) < 0)
+	if (run.readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
 		child_fail(125, "cannot make the root read-only: %s", strerror(errno));
 
 	apply_identity(&run);

@@ -136,7 +136,7 @@ void setup_rootfs(void)
 		must_mount(run.rootfs, SHARE, "9p", MS_NOSUID | MS_NODEV,
 			   "trans=virtio,version=9p2000.L,cache=loose,msize=512000");
 	else
-		must_mount(run.rootfs, SHARE, "virtiofs", MS_NODEV, NULL); /* volumes' binds inherit it */
+		must_mount(run.rootfs, SHARE, "virtiofs", 0, NULL);
 	if (!is_dir(LOWER))
 		fatal(125, "the share has no rootfs directory");
 	if (run.disk_size)
@@ -151,29 +151,16 @@ void setup_rootfs(void)
 	 * (issue 16: tools match files by inode) */
 	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work,xino=on", LOWER,
 		 RWDIR, RWDIR);
-	/* nodev: a node in the image or one the container makes does not open
-	 * (the default ones are binds from the agent's /dev: bind_node) */
-	must_mount("overlay", ROOT, "overlay", MS_NODEV, opts);
+	must_mount("overlay", ROOT, "overlay", 0, opts);
 }
 
-/* A default device node: the agent's own devtmpfs node bound onto an empty
- * file in the container's nodev /dev.  The bind keeps the devtmpfs mount's
- * flags, so this node opens while any node the container makes with mknod
- * (its root, /dev and tmpfs are nodev) fails with EACCES: what the device
- * cgroup does in process mode, done as runc does in a user namespace. */
-static void bind_node(const char *name)
+static void make_node(const char *name, unsigned maj, unsigned min)
 {
-	char src[64], path[PATH_MAX];
-	int fd;
+	char path[PATH_MAX];
 
-	snprintf(src, sizeof src, "/dev/%s", name);
 	snprintf(path, sizeof path, ROOT "/dev/%s", name);
-	fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0666);
-	if (fd < 0)
+	if (mknod(path, S_IFCHR | 0666, makedev(maj, min)) < 0 || chmod(path, 0666) < 0)
 		fatal(125, "cannot create /dev/%s: %s", name, strerror(errno));
-	close(fd);
-	if (mount(src, path, NULL, MS_BIND, NULL) < 0)
-		fatal(125, "cannot bind %s on /dev/%s: %s", src, name, strerror(errno));
 }
 
 static void make_link(const char *target, const char *name)
@@ -280,10 +267,8 @@ static int make_target(int rootfd, const char *target, int want_file)
 
 static unsigned long mount_flags(uint32_t f)
 {
-	/* always nodev: no device node of a volume opens (as the device cgroup
-	 * in process mode) */
-	return (f & VMRT_MNT_RO ? MS_RDONLY : 0) | (f & VMRT_MNT_NOSUID ? MS_NOSUID : 0) | MS_NODEV |
-	       (f & VMRT_MNT_NOEXEC ? MS_NOEXEC : 0);
+	return (f & VMRT_MNT_RO ? MS_RDONLY : 0) | (f & VMRT_MNT_NOSUID ? MS_NOSUID : 0) |
+	       (f & VMRT_MNT_NODEV ? MS_NODEV : 0) | (f & VMRT_MNT_NOEXEC ? MS_NOEXEC : 0);
 }
 
 /* Volumes: binds of share/<source> and tmpfs mounts, at targets resolved in
@@ -320,8 +305,7 @@ static void setup_user_mounts(void)
 		if (!tmpfs && (m->flags & VMRT_MNT_RO)) {
 			fd = open_in_root(rootfd, m->target, O_PATH);
 			snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
-			/* a remount sets every flag: nodev (from the share) kept */
-			if (fd < 0 || mount(NULL, fdpath, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV, NULL) < 0)
+			if (fd < 0 || mount(NULL, fdpath, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
 				fatal(125, "cannot make volume %s read-only: %s", m->target, strerror(errno));
 			close(fd);
 		}
@@ -339,13 +323,13 @@ void setup_container_mounts(void)
 	if (mkdir(ROOT "/proc", 0555) < 0 && !is_dir(ROOT "/proc"))
 		fatal(125, "cannot create mount point /proc: %s", strerror(errno));
 	must_mount("sysfs", ROOT "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL);
-	must_mount("tmpfs", ROOT "/dev", "tmpfs", MS_NOSUID | MS_NODEV | MS_STRICTATIME, "mode=0755,size=65536k");
-	bind_node("null");
-	bind_node("zero");
-	bind_node("full");
-	bind_node("random");
-	bind_node("urandom");
-	bind_node("tty");
+	must_mount("tmpfs", ROOT "/dev", "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=0755,size=65536k");
+	make_node("null", 1, 3);
+	make_node("zero", 1, 5);
+	make_node("full", 1, 7);
+	make_node("random", 1, 8);
+	make_node("urandom", 1, 9);
+	make_node("tty", 5, 0);
 	make_link("/proc/self/fd", "fd");
 	make_link("/proc/self/fd/0", "stdin");
 	make_link("/proc/self/fd/1", "stdout");

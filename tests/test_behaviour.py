@@ -150,30 +150,6 @@ def test_tty(vmrt: Vmrt) -> None:
     assert r.stdout == b"not-a-tty\n"
 
 
-def test_default_device_nodes(vmrt: Vmrt) -> None:
-    """Docker's default nodes work alike (in VM mode binds of the agent's own, in a nodev /dev)."""
-    script = ("echo to-tty > /dev/tty; echo x > /dev/null && echo null; head -c 3 /dev/zero | od -An -tx1; "
-              "head -c 16 /dev/urandom | wc -c; head -c 1 /dev/random | wc -c; "
-              "echo x 2>/dev/null > /dev/full || echo full-refused; ls -l /dev/null /dev/tty | cut -c1-10")
-    r = both(vmrt, "-t", "busybox", "sh", "-c", script)
-    assert r.stdout == (b"to-tty\r\nnull\r\n 00 00 00\r\n16\r\n1\r\nfull-refused\r\n"
-                        b"crw-rw-rw-\r\ncrw-rw-rw-\r\n"), r.stdout
-
-
-def test_intended_difference_mknod(vmrt: Vmrt) -> None:
-    """Root may mknod (CAP_MKNOD) in both modes, but such a node does not open: process mode's
-    device cgroup says EPERM, VM mode's nodev mounts say EACCES (docs/ISOLATION.md)."""
-    script = "mknod /loop b 7 0 && mknod /null2 c 1 3 && echo made; head -c 1 /loop; echo x > /null2"
-    got = {m: run(vmrt, m, "--rm", "busybox", "sh", "-c", script) for m in MODES}
-    for m, r in got.items():
-        assert r.stdout == b"made\n", (m, r.stderr)
-    assert b"head: /loop: Operation not permitted" in got["process"].stderr
-    assert b"head: /loop: Permission denied" in got["vm"].stderr
-    # a node of a device in the default set: the cgroup lets it open, nodev does not
-    assert got["process"].returncode == 0
-    assert got["vm"].returncode == 1 and b"can't create /null2: Permission denied" in got["vm"].stderr
-
-
 def test_privileges(vmrt: Vmrt) -> None:
     """Docker's default capability set and no_new_privs, identically."""
     r = both(vmrt, "busybox", "sh", "-c", "grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status")

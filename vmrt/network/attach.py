@@ -326,7 +326,8 @@ def disconnect_live(cfg: Config, container_id: str, ref: str) -> None:
 def settings(cfg: Config, container_id: str, req: NetRequest) -> dict[str, Any]:
     """``inspect``'s NetworkSettings: addresses while it runs, ports as published."""
     with Store(cfg) as store:
-        eps = store.live_endpoints(container_id=container_id)
+        # eth0 first: the top-level fields are its network's (the store keeps no order of its own)
+        eps = sorted(store.live_endpoints(container_id=container_id), key=lambda e: (len(e.ifname), e.ifname))
         names = {n.id: n for n in store.networks()}
     nets: dict[str, Any] = {}
     ports: dict[str, Any] = {}
