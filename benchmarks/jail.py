@@ -62,6 +62,16 @@ def report(lines: list[str], write: Path | None) -> None:
             f.write("\n" + text)
 
 
+def clear_root(env: dict[str, str], base: Path) -> None:
+    """A benchmark's private vmrt gone: its containers removed, its state root unmounted, ``base``
+    deleted (the ``finally`` of every benchmark that makes one under ``base/root``)."""
+    ps = subprocess.run([*VMRT, "ps", "-aq"], env=env, capture_output=True, text=True)
+    if ps.stdout.split():
+        subprocess.run([*VMRT, "rm", "-f", *ps.stdout.split()], env=env, capture_output=True)
+    subprocess.run(["umount", "-R", "-l", str(base / "root")], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def pss_kib(pid: int) -> int:
     try:
         for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():

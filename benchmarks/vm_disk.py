@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from jail import pct, pss_kib, report, vmrt  # noqa: E402  (benchmarks/jail.py: the same helpers)
+from jail import clear_root, pct, pss_kib, report, vmrt  # noqa: E402  (benchmarks/jail.py: the same helpers)
 
 from vmrt import cgroups  # noqa: E402
 from vmrt import config as config_mod  # noqa: E402
@@ -99,12 +97,7 @@ def main() -> None:
                          f"{statistics.median(held[name]) / (1 << 20):.1f} |")
         report(lines, a.write)
     finally:
-        ps = subprocess.run([sys.executable, "-m", "vmrt", "ps", "-aq"], env=env, capture_output=True, text=True)
-        if ps.stdout.split():
-            subprocess.run([sys.executable, "-m", "vmrt", "rm", "-f", *ps.stdout.split()], env=env,
-                           capture_output=True)
-        subprocess.run(["umount", "-R", "-l", str(base / "root")], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        clear_root(env, base)
 
 
 if __name__ == "__main__":
