@@ -12,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PACKAGES="qemu-system-x86 e2fsprogs runc golang-github-containers-common linux-source-6.1 busybox-static \
-  make gcc libc6-dev linux-libc-dev libseccomp2 flex bison bc libelf-dev libssl-dev cpio xz-utils \
+  make gcc libc6-dev linux-libc-dev libseccomp2 flex bison bc patch libelf-dev libssl-dev cpio xz-utils \
   python3 python3-venv clang libclang-rt-14-dev \
   docker-registry skopeo zstd apache2-utils openssl nftables mmdebstrap"
 missing=""

@@ -99,12 +99,13 @@ static void mount_disk(void)
 
 /* Before EXIT: what the container wrote to its disk is on the host's file
  * (the host ends the VM as soon as it has EXIT, and a guest's page cache dies
- * with it; a process container's writes are in the host's page cache). */
+ * with it; a process container's writes are in the host's page cache).  Not
+ * for a disk the host discards at exit (DISK_SCRATCH: `run --rm`). */
 void sync_upper(void)
 {
 	int fd;
 
-	if (!run.disk_size || (fd = open(RWDIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+	if (!run.disk_size || run.disk_scratch || (fd = open(RWDIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
 		return;
 	if (syncfs(fd) < 0)
 		con("syncing the writable layer: %s", strerror(errno));

@@ -254,6 +254,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_NET: return "NET";
 	case VMRT_TAG_NET6: return "NET6";
 	case VMRT_TAG_UPPER_DISK: return "UPPER_DISK";
+	case VMRT_TAG_DISK_SCRATCH: return "DISK_SCRATCH";
 	case VMRT_TAG_SECCOMP: return "SECCOMP";
 	case VMRT_TAG_MASKED: return "MASKED";
 	case VMRT_TAG_RO_PATH: return "RO_PATH";
@@ -291,6 +292,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->memory_max = out->pids_max = 0;
 	out->detach = 0;
 	out->share_9p = 0;
+	out->disk_scratch = 0;
 	out->seed_len = 0;
 	out->has_net = 0;
 	out->net_addr = out->net_gw = 0;
@@ -449,6 +451,11 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			if (vlen != 0)
 				goto badsize;
 			out->share_9p = 1;
+			break;
+		case VMRT_TAG_DISK_SCRATCH:
+			if (vlen != 0)
+				goto badsize;
+			out->disk_scratch = 1;
 			break;
 		case VMRT_TAG_SEED:
 			if (vlen < VMRT_SEED_MIN || vlen > VMRT_SEED_MAX)
@@ -630,6 +637,10 @@ badsize:
 	}
 	if (out->has_net6 && !out->has_net) {
 		seterr(err, errlen, "RUN NET6 without NET");
+		return -1;
+	}
+	if (out->disk_scratch && !out->disk_size) {
+		seterr(err, errlen, "RUN DISK_SCRATCH without UPPER_DISK");
 		return -1;
 	}
 	for (size_t k = 0; k < out->nmounts; k++) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -29,14 +30,33 @@ def test_kernel_cache_key_follows_the_config(tmp_path: Path, monkeypatch: pytest
     v = kernel.source_version()
     k1 = kernel.cache_key(v)
     frags = tmp_path / "kernels"
-    frags.mkdir()
-    shutil.copy(REPO / "kernels" / "vmrt.config", frags / "vmrt.config")
+    shutil.copytree(REPO / "kernels", frags)
     monkeypatch.setenv("VMRT_SOURCE_DIR", str(tmp_path))
     assert kernel.cache_key(v) == k1
     with open(frags / "vmrt.config", "a") as f:
         f.write("CONFIG_IKCONFIG=y\n")
     assert kernel.cache_key(v) != k1
     assert kernel.cache_key(v + "+1") != kernel.cache_key(v)
+
+
+def test_kernel_cache_key_follows_the_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = kernel.source_version()
+    k1 = kernel.cache_key(v)
+    shutil.copytree(REPO / "kernels", tmp_path / "kernels")
+    monkeypatch.setenv("VMRT_SOURCE_DIR", str(tmp_path))
+    assert kernel.cache_key(v) == k1 and kernel.patches()
+    patch = kernel.patches()[0]
+    patch.write_text(patch.read_text().replace("quarter of a second", "quarter second"))
+    assert kernel.cache_key(v) != k1
+    patch.unlink()
+    assert kernel.cache_key(v) != k1
+
+
+def test_built_kernel_carries_the_patches(built: None) -> None:
+    """The lapic_timer_period= parameter the host passes under TCG is in the kernel it boots."""
+    d = kernel.kernel_dir(config.load())
+    assert b"lapic_timer_period" in (d / "vmlinux").read_bytes()
+    assert [p.name for p in kernel.patches()] == json.loads((d / "build.json").read_text())["patches"]
 
 
 def test_agent_and_monitor_keys_follow_the_shared_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

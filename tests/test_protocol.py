@@ -309,6 +309,22 @@ def test_upper_disk_wire_layout_and_checks() -> None:
     assert P.decode_exec(_disk_payload(good)) == P.ExecSpec(args=["sh"])
 
 
+def test_disk_scratch_needs_the_disk_and_is_empty() -> None:
+    """DISK_SCRATCH (tag 27, run --rm): the agent skips its sync before EXIT; checked as proto.c does."""
+    assert P.Tag.DISK_SCRATCH == 27
+    disk = P.DiskSpec("vda", 64 << 20)
+    frame = P.encode_run(P.RunSpec(args=["sh"], upper_disk=disk, disk_scratch=True))
+    assert frame.endswith(struct.pack(">BI", 27, 0))
+    assert P.decode_run(frame[8:]).disk_scratch and not P.decode_run(P.encode_run(
+        P.RunSpec(args=["sh"], upper_disk=disk))[8:]).disk_scratch
+    with pytest.raises(ProtocolError, match="DISK_SCRATCH without UPPER_DISK"):
+        P.encode_run(P.RunSpec(args=["sh"], disk_scratch=True))
+    with pytest.raises(ProtocolError, match="DISK_SCRATCH without UPPER_DISK"):
+        P.decode_run(_payload((P.Tag.DISK_SCRATCH, b"")))
+    with pytest.raises(ProtocolError, match="DISK_SCRATCH must be empty"):
+        P.decode_run(_disk_payload(struct.pack(">Q", 1 << 30) + b"vda") + struct.pack(">BI", 27, 1) + b"x")
+
+
 def _payload(*records: tuple[int, bytes]) -> bytes:
     return struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + b"".join(struct.pack(">BI", t, len(v)) + v for t, v in records)
 

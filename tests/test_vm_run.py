@@ -411,6 +411,31 @@ def test_the_guest_kernel_has_what_debian_software_expects(vmrt: Vmrt) -> None:
     assert int(out.split("threads=", 1)[1].split()[0]) == 4194304, out
 
 
+def test_the_guest_takes_the_apic_timer_rate_from_the_host(vmrt: Vmrt) -> None:
+    """Under TCG the host passes lapic_timer_period= (the project's kernel patch): the guest skips
+    its ~250 ms calibration of the APIC timer against the PIT, and its timers keep real time."""
+    if vmrt.env["VMRT_ACCEL"] != "tcg":
+        pytest.skip("the parameter is for TCG guests (KVM offers the TSC deadline timer)")
+    r = vmrt("run", "-d", "--isolation=vm", "--network", "none", "busybox", "sleep", "600",
+             env={"VMRT_KERNEL_CMDLINE": "loglevel=7 apic=verbose"})
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    try:
+        console = vmrt.run_root / "containers" / cid / "console.log"
+        deadline = time.monotonic() + 30
+        while "lapic timer already calibrated" not in (text := console.read_text(errors="replace")):
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.2)
+        assert "lapic timer already calibrated 10000000" in text and "calibrating APIC timer" not in text
+        t0 = time.monotonic()
+        r = vmrt("exec", cid, "sleep", "2")
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert 2.0 <= elapsed < 6.0, elapsed
+    finally:
+        vmrt("rm", "-f", cid)
+
+
 def test_docker_default_capabilities_and_no_new_privs(vmrt: Vmrt) -> None:
     r = vmrt(*RUN, "busybox", "grep", "-E", "^(CapBnd|CapEff|NoNewPrivs)", "/proc/self/status")
     fields = dict(line.split(":\t") for line in r.stdout.decode().splitlines())

@@ -1,11 +1,12 @@
 """Build and locate the trimmed guest kernel.
 
-``make tinyconfig`` on Debian's linux-source-6.1, plus the fragments in
+``make tinyconfig`` on Debian's linux-source-6.1, with the project's patches
+in ``kernels/patches/*.patch`` applied, plus the fragments in
 ``kernels/*.config``, merged with the kernel's own ``merge_config.sh``. Every
 option a fragment sets is checked in the final .config. The result is cached
 under ``<cache>/kernels/<key>/`` where ``key`` hashes the fragments, the
-source package version and this builder's version, so a kernel is built once
-per config.
+patches, the source package version and this builder's version, so a kernel
+is built once per config.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def fragments() -> list[Path]:
     return frags
 
 
+def patches() -> list[Path]:
+    """The project's kernel patches, applied in name order (``patch -p1``)."""
+    return sorted((source_root() / "kernels" / "patches").glob("*.patch"))
+
+
+def patches_key() -> str:
+    h = hashlib.sha256()
+    for p in patches():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def source_version() -> str:
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
@@ -53,6 +66,8 @@ def cache_key(version: str) -> str:
     h.update(f"builder {BUILDER_VERSION}\n{SOURCE_PACKAGE} {version}\n".encode())
     for f in fragments():
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    if patches():
+        h.update(b"patches " + patches_key().encode())
     return h.hexdigest()[:16]
 
 
@@ -123,7 +138,8 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
     tarball = cfg.kernel_source
     if not tarball.is_file():
         raise KernelError(f"kernel source {tarball} missing (apt-get install {SOURCE_PACKAGE})")
-    src = cfg.cache / "src" / f"{SOURCE_PACKAGE}_{version}"
+    # one source tree per patch set: an unpatched tree is never patched in place
+    src = cfg.cache / "src" / (f"{SOURCE_PACKAGE}_{version}" + (f"+{patches_key()}" if patches() else ""))
     if not (src / "Makefile").is_file():
         if progress:
             print(f"[kernel] extracting {tarball}", file=sys.stderr, flush=True)
@@ -131,6 +147,12 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp), "--strip-components=1"], check=True)
+        for p in patches():
+            r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(p)], cwd=tmp,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise KernelError(f"kernel patch {p.name} does not apply to {SOURCE_PACKAGE} {version}: "
+                                  f"{(r.stdout + r.stderr).strip().splitlines()[-1:]}")
         os.rename(tmp, src)
     out.parent.mkdir(parents=True, exist_ok=True)
     jobs = jobs or (os.cpu_count() or 1) + 1
@@ -157,8 +179,8 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
     for n in ("vmlinux", "bzImage"):  # no tenant data: readable where a jailed VMM gets them bound in
         os.chmod(tmp_out / n, fsmode.PUBLIC_FILE)
     (tmp_out / "build.json").write_text(json.dumps(
-        {"key": out.name, "source": f"{SOURCE_PACKAGE} {version}",
-         "fragments": [f.name for f in fragments()], "built": int(time.time())}, indent=1))
+        {"key": out.name, "source": f"{SOURCE_PACKAGE} {version}", "fragments": [f.name for f in fragments()],
+         "patches": [p.name for p in patches()], "built": int(time.time())}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp_out, out)
     if progress:

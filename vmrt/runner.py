@@ -104,8 +104,9 @@ def _check_networks(cfg: Config, opts: RunOptions) -> None:
 
 def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: Spec,
             driver: Driver, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
-            handoff: HandOver | None = None, tee: Tee | None = None) -> int:
+            handoff: HandOver | None = None, tee: Tee | None = None, scratch: bool = False) -> int:
     """Run a created (or exited) container once, attached to ``stdio``; returns its exit status.
+    ``scratch``: the caller discards the container when this run ends (``run --rm``).
 
     The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record
     ends EXITED with the status whatever happens.
@@ -127,7 +128,7 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid(),
                          owner_ticks=start_ticks(os.getpid()), oom_killed=False)
         ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, *stdio, log_dir=log_dir,
-                         rw_dir=rw_dir(cfg, c.id), handoff=handoff, tee=tee, net=net)
+                         rw_dir=rw_dir(cfg, c.id), handoff=handoff, tee=tee, net=net, scratch=scratch)
         status = driver.run(ctx)
         return status
     except VmrtError as e:
@@ -212,7 +213,7 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
             write_meta(cfg, c.id, meta)
         try:
             if opts.rm:
-                return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=None)
+                return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=None, scratch=True)
             return execute_logged(cfg, state, c, image, layers, config, driver, timings)
         finally:
             if opts.rm:

@@ -73,6 +73,7 @@ class Tag(enum.IntEnum):
     NET = 24
     UPPER_DISK = 25     # u64 capacity, then a name under /dev: the writable layer's block device
     NET6 = 26           # eth0's IPv6 address, prefix and gateway (an --ipv6 network)
+    DISK_SCRATCH = 27   # empty, with UPPER_DISK: the host discards the disk at exit (the agent skips its sync)
     # 27..29 left for other records
     SECCOMP = 30        # struct sock_filter[]: the container's seccomp filter, installed before execve
     MASKED = 31         # an absolute path hidden from the container (OCI maskedPaths)
@@ -424,6 +425,7 @@ class RunSpec:
     net: NetSpec | None = None       # eth0's configuration; None: eth0 stays down (lo is always up)
     net6: Net6Spec | None = None     # eth0's IPv6 (needs net); None: IPv6 off on eth0 (lo keeps ::1)
     upper_disk: DiskSpec | None = None  # the writable layer's disk; None: a tmpfs in guest RAM
+    disk_scratch: bool = False       # the disk is discarded at exit (run --rm): no sync before EXIT
     seccomp: bytes = b""             # classic BPF program (8-byte instructions); b"": no filter
     masked: list[str] = dataclasses.field(default_factory=list)     # OCI maskedPaths
     ro_paths: list[str] = dataclasses.field(default_factory=list)   # OCI readonlyPaths
@@ -514,6 +516,10 @@ def encode_run(spec: RunSpec) -> bytes:
         out += _rec(Tag.NET6, encode_net6(spec.net6))
     if spec.upper_disk is not None:
         out += _rec(Tag.UPPER_DISK, encode_disk(spec.upper_disk))
+    if spec.disk_scratch:
+        if spec.upper_disk is None:
+            raise ProtocolError("DISK_SCRATCH without UPPER_DISK")
+        out += _rec(Tag.DISK_SCRATCH, b"")
     if spec.seccomp:
         _check_seccomp(spec.seccomp)
         out += _rec(Tag.SECCOMP, spec.seccomp)
@@ -625,6 +631,10 @@ def decode_run(p: bytes) -> RunSpec:
             if spec.upper_disk is not None:
                 raise ProtocolError("more than one UPPER_DISK record")
             spec.upper_disk = decode_disk(v)
+        elif tag == Tag.DISK_SCRATCH:
+            if ln:
+                raise ProtocolError("DISK_SCRATCH must be empty")
+            spec.disk_scratch = True
         elif tag == Tag.SECCOMP:
             if spec.seccomp:
                 raise ProtocolError("more than one SECCOMP record")
@@ -640,6 +650,8 @@ def decode_run(p: bytes) -> RunSpec:
         raise ProtocolError("RUN without ARG")
     if spec.net6 is not None and spec.net is None:
         raise ProtocolError("NET6 without NET")
+    if spec.disk_scratch and spec.upper_disk is None:
+        raise ProtocolError("DISK_SCRATCH without UPPER_DISK")
     return spec
 
 

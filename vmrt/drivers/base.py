@@ -47,6 +47,7 @@ class RunContext:
     stderr_fd: int = 2
     log_dir: Path | None = None  # where console/VMM logs are kept after the run
     rw_dir: Path | None = None   # the container's writable layer (process mode), kept until rm
+    scratch: bool = False        # run --rm: the writable layer is discarded when this run ends
     # detached runs: once the process runs (VM: once the agent is ready), the driver hands
     # the container over (its fds and PIDs) to the small C monitor; this call never returns
     handoff: HandOver | None = None

@@ -531,6 +531,7 @@ class _Session:
             await asyncio.to_thread(disk.ready)
             t.mark("disk-ready")
             rs.upper_disk = P.DiskSpec(vmdisk.DEVICE, disk.size)
+            rs.disk_scratch = ctx.scratch  # run --rm: nothing reads the disk after exit, no sync
         if ctx.net is not None:  # the VM's side of the network is joined before its process runs
             await asyncio.to_thread(ctx.net.wait)
         if ctx.handoff is not None:
