@@ -141,6 +141,9 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
     # one source tree per patch set: an unpatched tree is never patched in place
     src = cfg.cache / "src" / (f"{SOURCE_PACKAGE}_{version}" + (f"+{patches_key()}" if patches() else ""))
     if not (src / "Makefile").is_file():
+        for old in src.parent.glob(f"{SOURCE_PACKAGE}_*"):  # another version's or patch set's: 1.6 GB each
+            if old != src:
+                shutil.rmtree(old, ignore_errors=True)
         if progress:
             print(f"[kernel] extracting {tarball}", file=sys.stderr, flush=True)
         tmp = src.with_name(src.name + ".tmp")
