@@ -260,7 +260,9 @@ def _compile(text: str) -> bytes:
                 for group in groups:
                     arr = (_ArgCmp * len(group))(*group)
                     rc = lib.seccomp_rule_add_array(ctx, action, nr, len(group), arr)
-                    if rc < 0:
+                    # EEXIST: the same rule again (the profile lists socket's arg-2 rule twice for
+                    # a container without CAP_AUDIT_WRITE): the filter already has it
+                    if rc < 0 and rc != -errno.EEXIST:
                         raise LaunchError(f"seccomp: libseccomp refused the rule for {name}: "
                                           f"{os.strerror(-rc)}")
         fd = os.memfd_create("vmrt-seccomp", os.MFD_CLOEXEC)
