@@ -144,7 +144,10 @@ class Vmrt:
         self.env = dict(os.environ, VMRT_ROOT=str(root), VMRT_RUN_ROOT=str(run_root),
                         VMRT_ACCEL=os.environ.get("VMRT_TEST_ACCEL", "tcg"), PYTHONUNBUFFERED="1",
                         VMRT_NETWORK_BRIDGE=self.bridge, VMRT_NETWORK_SUBNET=self.subnet,
-                        VMRT_NETWORK_POOL="10.201.0.0/16")
+                        VMRT_NETWORK_POOL="10.201.0.0/16",
+                        # no background snapshot builds (a VM booting beside each test's own): the
+                        # tests that want them set auto (tests/test_snapshot.py)
+                        VMRT_SNAPSHOT="manual")
         self.env.pop("VMRT_ISOLATION", None)
         made.append(self)
 

@@ -7,6 +7,9 @@ it built (they live in the test's state root).
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import re
 import time
 from pathlib import Path
@@ -92,4 +95,87 @@ def test_corrupt_or_mismatched_snapshot_means_a_cold_boot(vmrt: Vmrt, snap: Path
     assert r.returncode == 0 and restored_from(r.stderr) is None
     r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "true", env={"VMRT_SNAPSHOT": "off"})
     assert r.returncode == 0 and restored_from(r.stderr) is None
+    vmrt.assert_clean()
+
+
+def _wait_for_builders(vmrt: Vmrt, timeout: float = 300) -> None:
+    """Until no background build holds its lock (the builder's flock on ``<key>.building``)."""
+    deadline = time.monotonic() + timeout
+    for lock in (vmrt.root / "snapshots").glob("*.building"):
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the background snapshot build did not end"
+                    time.sleep(0.5)
+        finally:
+            os.close(fd)
+
+
+def test_a_run_without_a_snapshot_builds_one_for_the_next(vmrt: Vmrt) -> None:
+    """Issue 17: the cache is always there. With snapshot = auto a VM run that finds no snapshot
+    of its shape cold-boots and starts one build in the background; the next run restores it.
+    The build prunes snapshots that no run can restore (another kernel) and dead builds' dirs."""
+    auto = {"VMRT_SNAPSHOT": "auto"}
+    snaps = vmrt.root / "snapshots"
+    stale = snaps / "0123456789abcdef"  # a snapshot of a kernel that is gone
+    stale.mkdir(parents=True)
+    (stale / "meta.json").write_text(json.dumps({"format": 7, "shape": {
+        "memory_mib": 256, "vcpus": 1, "machine": "microvm", "kernel": "/nonexistent/vmlinux",
+        "initrd": "/nonexistent/initrd", "accel": "tcg", "cmdline": "", "nic": True, "disk": True}}))
+    dead = snaps / "fedcba9876543210.tmp999999999"  # a build that died (no such pid)
+    dead.mkdir()
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "echo", "first", env=auto)
+    assert r.returncode == 0 and r.stdout == b"first\n", r.stderr
+    assert b"snapshot=none:missing,building" in r.stderr, r.stderr
+    _wait_for_builders(vmrt)
+    keys = vmrt("snapshot", "ls", "--format", "{{.Key}}").stdout.decode().split()
+    assert len(keys) == 1, (keys, (snaps / "build.log").read_text())
+    assert not stale.exists() and not dead.exists()
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "echo", "second", env=auto)
+    assert r.returncode == 0 and r.stdout == b"second\n", r.stderr
+    assert restored_from(r.stderr) == keys[0], r.stderr
+    # manual restores what is there and builds nothing; off restores nothing
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "-m", "200m", "busybox", "true")
+    assert r.returncode == 0 and b"snapshot=none:missing " in r.stderr, r.stderr
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "true", env={"VMRT_SNAPSHOT": "off"})
+    assert r.returncode == 0 and b"snapshot=none:off " in r.stderr, r.stderr
+    assert not list(snaps.glob("*.tmp*"))
+    assert vmrt("snapshot", "rm").returncode == 0
+    assert not list(snaps.iterdir())
+    vmrt.assert_clean()
+
+
+def test_other_memory_and_cpus_get_their_own_snapshot(vmrt: Vmrt, tmp_path: Path) -> None:
+    """A -m/--cpus shape is built in the background too, and restored from then on; a bind
+    volume still cold-boots, and says why (--timings)."""
+    auto = {"VMRT_SNAPSHOT": "auto"}
+    args = ("run", "--rm", "--timings", "--isolation=vm", "-m", "200m", "busybox", "sh", "-c",
+            "grep MemTotal /proc/meminfo")
+    r = vmrt(*args, env=auto)
+    assert r.returncode == 0 and b"snapshot=none:missing,building" in r.stderr, r.stderr
+    cold = r.stdout
+    _wait_for_builders(vmrt)
+    r = vmrt(*args, env=auto)
+    assert r.returncode == 0 and restored_from(r.stderr) is not None, r.stderr
+    assert r.stdout == cold  # the same guest memory as the cold boot's
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "-v", f"{tmp_path}:/data", "busybox", "true", env=auto)
+    assert r.returncode == 0 and b"snapshot=none:bind-volume " in r.stderr, r.stderr
+    assert vmrt("snapshot", "rm").returncode == 0
+    vmrt.assert_clean()
+
+
+def test_a_kernel_of_the_users_is_not_built_and_bad_settings_are_refused(vmrt: Vmrt, tmp_path: Path) -> None:
+    from vmrt import config, kernel
+    kpath = tmp_path / "vmlinux"  # the user's own kernel (a copy of the project's)
+    kpath.write_bytes(kernel.find(config.load())[0].read_bytes())
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "--kernel", str(kpath), "busybox", "true",
+             env={"VMRT_SNAPSHOT": "auto"})
+    assert r.returncode == 0 and b"snapshot=none:missing,not-buildable" in r.stderr, r.stderr
+    assert not list((vmrt.root / "snapshots").glob("*.building"))
+    r = vmrt("run", "--rm", "--isolation=vm", "busybox", "true", env={"VMRT_SNAPSHOT": "sometimes"})
+    assert r.returncode == 125 and b"snapshot 'sometimes': use auto, manual or off" in r.stderr, r.stderr
     vmrt.assert_clean()

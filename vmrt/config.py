@@ -58,7 +58,9 @@ class Config:
     platform: str = "linux/amd64"            # default platform picked from multi-arch images
     pool: str = "auto"                       # warm VM pool: auto (use it when `vmrt pool` runs) or off
     pool_size: int = 2                       # ready VMs the pool daemon keeps (`vmrt pool start --size`)
-    snapshot: str = "auto"                   # restore VMs from `vmrt snapshot build`'s state: auto or off
+    # VM starts restore a snapshot of their shape: auto (and a run that finds none builds it in the
+    # background), manual (only what `vmrt snapshot build` made) or off (every VM boots)
+    snapshot: str = "auto"
     network_subnet: str = "10.66.0.0/16"     # the default `bridge` network's addresses
     network_bridge: str = "vmrt0"            # ... and its bridge (made on first use, kept, as docker0)
     network_pool: str = "10.67.0.0/16"       # user networks get a /24 of this unless --subnet is given
@@ -149,6 +151,8 @@ def load(env: dict[str, str] | None = None) -> Config:
                 raise UsageError(f"VMRT_TIMEOUT_{t.name.upper()}: {e}") from e
     iso = normalize_isolation(cfg.isolation)
     cfg.isolation = iso or "vm"
+    if cfg.snapshot not in ("auto", "manual", "off"):
+        raise UsageError(f"snapshot {cfg.snapshot!r}: use auto, manual or off")
     check_paths(cfg)
     return cfg
 

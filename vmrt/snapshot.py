@@ -26,6 +26,16 @@ Containers with bind volumes cold-boot (the 9p export is read-only).
 The snapshot's VM has the disk device every VM has (vm/disk.py), backed by an empty
 placeholder; a clone's QEMU opens the container's own disk there instead, and once the VM
 runs, ``block_resize`` tells the guest its capacity (the guest saw the placeholder's 0 bytes).
+
+The cache is always there (issue 17): ``vmrt setup`` builds the default shape's snapshot, and
+with ``snapshot = "auto"`` (the default) a run that finds none for its shape cold-boots and
+starts ``vmrt snapshot build`` for that shape in the background (:func:`build_in_background`:
+one builder per shape, which holds an flock on ``<key>.building`` while it lives; its output in
+``build.log``), so the next run is restored. A shape is built when it is the default VM with
+other memory or vCPUs (``-m``, ``--cpus``); a ``--kernel`` of the user's or another command line
+is not. Each build prunes what no run can restore any more (:func:`prune`): snapshots whose
+kernel, initramfs, QEMU or format changed, and leftovers of builds that died.
+``snapshot = "manual"`` restores what ``vmrt snapshot build`` made and builds nothing itself.
 """
 
 from __future__ import annotations
@@ -34,16 +44,18 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import network
+from . import fsmode, network
 from .agent import protocol as P
 from .agent.hello import read_hello
 from .config import Config
@@ -191,13 +203,87 @@ async def restore(vm: QemuVM, snap: Snapshot, timeout: float) -> None:
         await vmdisk.resize(vm.qmp, vm.spec.disk_size)
 
 
-def build(cfg: Config, force: bool = False) -> Snapshot:
-    """``vmrt snapshot build``: the default shape's snapshot (cached: an existing valid one is kept)."""
-    return asyncio.run(_build(cfg, force))
+def build(cfg: Config, force: bool = False, *, memory_mib: int | None = None, cpus: int | None = None) -> Snapshot:
+    """``vmrt snapshot build``: the default shape's snapshot, or of the default VM with this memory
+    and these vCPUs (cached: an existing valid one is kept); then :func:`prune`."""
+    snap = asyncio.run(_build(cfg, force, memory_mib, cpus))
+    prune(cfg)
+    return snap
 
 
-async def _build(cfg: Config, force: bool) -> Snapshot:
+def _spec(cfg: Config, memory_mib: int | None, cpus: int | None) -> VMSpec:
     spec = default_spec(cfg, Path("unused.sock"), "vmrt-snapshot")
+    return dataclasses.replace(spec, memory_mib=memory_mib or spec.memory_mib, cpus=cpus or spec.cpus)
+
+
+def buildable(cfg: Config, shape: Shape) -> bool:
+    """Whether ``vmrt snapshot build`` can make ``shape``'s snapshot: the default VM, maybe with
+    other memory or vCPUs (not a kernel of the user's, another machine or command line)."""
+    default = Shape.of(_spec(cfg, None, None))
+    return dataclasses.replace(default, memory_mib=shape.memory_mib, vcpus=shape.vcpus) == shape
+
+
+def build_in_background(cfg: Config, shape: Shape) -> str:
+    """Start ``vmrt snapshot build`` for ``shape`` on its own (a new session, no terminal, output
+    to ``build.log``) unless one is building it; a word for ``--timings``: ``building`` (started
+    now), ``being-built`` (another run started it) or ``not-buildable``."""
+    if not buildable(cfg, shape):
+        return "not-buildable"
+    d = fsmode.private_dir(snapshots_dir(cfg))
+    fd = os.open(d / f"{key(cfg, shape)}.building", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 fsmode.PRIVATE_FILE)
+    try:
+        try:  # held by the builder while it lives (the fd is its): none else starts another
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "being-built"
+        with open(d / "build.log", "ab", opener=fsmode.opener) as log:
+            subprocess.Popen([sys.executable, "-m", "vmrt", "snapshot", "build", "--memory", str(shape.memory_mib),
+                              "--cpus", str(shape.vcpus)], stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=subprocess.STDOUT, pass_fds=(fd,), start_new_session=True, cwd="/")
+        return "building"
+    finally:
+        os.close(fd)
+
+
+def prune(cfg: Config) -> int:
+    """Remove what no run can restore: snapshots of another format, kernel, initramfs or QEMU
+    (their key is not the one their shape has now), builds that died, unheld build locks.
+    Returns how many snapshots went."""
+    d = snapshots_dir(cfg)
+    n = 0
+    for sub in sorted(d.iterdir()) if d.is_dir() else []:
+        if sub.name.endswith(".building"):
+            with contextlib.suppress(OSError):
+                fd = os.open(sub, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no builder holds it
+                    sub.unlink()
+                except BlockingIOError:
+                    pass
+                finally:
+                    os.close(fd)
+            continue
+        if not sub.is_dir() or sub.is_symlink():
+            continue
+        if ".tmp" in sub.name:  # <key>.tmp<pid>: a build's, removed once its builder is gone
+            pid = sub.name.rsplit(".tmp", 1)[1]
+            if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+                shutil.rmtree(sub, ignore_errors=True)
+            continue
+        try:
+            meta = json.loads((sub / "meta.json").read_text())
+            stale = meta.get("format") != FORMAT or key(cfg, Shape(**meta["shape"])) != sub.name
+        except (OSError, ValueError, TypeError, KeyError):
+            stale = True  # unreadable, or its kernel or initramfs is gone
+        if stale:
+            shutil.rmtree(sub, ignore_errors=True)
+            n += 1
+    return n
+
+
+async def _build(cfg: Config, force: bool, memory_mib: int | None, cpus: int | None) -> Snapshot:
+    spec = _spec(cfg, memory_mib, cpus)
     shape = Shape.of(spec)
     k = key(cfg, shape)
     out = snapshots_dir(cfg) / k
@@ -327,9 +413,13 @@ def listing(cfg: Config) -> list[Snapshot]:
 
 
 def remove_all(cfg: Config) -> int:
+    """``vmrt snapshot rm``: every snapshot, the last background build's log, and (:func:`prune`)
+    what dead builds left; a build that still runs keeps its lock and finishes."""
     n = 0
     for s in listing(cfg):
         shutil.rmtree(s.dir, ignore_errors=True)
         n += 1
+    (snapshots_dir(cfg) / "build.log").unlink(missing_ok=True)
+    prune(cfg)
     return n
 

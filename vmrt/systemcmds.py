@@ -111,6 +111,8 @@ def setup(cfg: Config) -> Iterator[str]:
     from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
     kernel_mod.build(cfg)
     agentbuild.build(cfg)
+    if cfg.snapshot != "off":  # the cache a default VM-mode run restores (issue 17)
+        yield f"[snapshot] {snapshot_build(cfg, force=False)}"
     store = Store(cfg.root)
     for r in sorted((source_root() / "images").glob("*/recipe.toml")):
         yield f"[image] {recipe_mod.build(r.parent, store, cfg.cache)}"
@@ -184,10 +186,10 @@ def _allocated(path: Path) -> int:
         return 0
 
 
-def snapshot_build(cfg: Config, *, force: bool) -> str:
+def snapshot_build(cfg: Config, *, force: bool, memory_mib: int | None = None, cpus: int | None = None) -> str:
     """``vmrt snapshot build``: the snapshot's directory and size."""
     from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
-    snap = snap_mod.build(cfg, force=force)
+    snap = snap_mod.build(cfg, force=force, memory_mib=memory_mib, cpus=cpus)
     return f"{snap.dir} ({(snap.meta['size'] + _allocated(snap.ram)) >> 20} MiB)"
 
 

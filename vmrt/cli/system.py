@@ -151,10 +151,13 @@ def snapshot() -> None:
 
 @snapshot.command("build")
 @click.option("--force", is_flag=True, help="Build again even if a valid snapshot exists.")
+@click.option("--memory", "memory_mib", type=click.IntRange(64, 1 << 20), metavar="MIB",
+              help="Guest memory in MiB (default: memory_mib; `run -m` shapes add the guest's overhead).")
+@click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs (default: the configured cpus).")
 @click.pass_context
-def snapshot_build(ctx: click.Context, force: bool) -> None:
+def snapshot_build(ctx: click.Context, force: bool, memory_mib: int | None, cpus: int | None) -> None:
     """Boot a VM of the default shape to its agent, save its state (cached by shape and QEMU version)."""
-    click.echo(systemcmds.snapshot_build(config_of(ctx), force=force))
+    click.echo(systemcmds.snapshot_build(config_of(ctx), force=force, memory_mib=memory_mib, cpus=cpus))
 
 
 @snapshot.command("ls")

@@ -313,21 +313,33 @@ def _poolable(config: bundle.Spec) -> bool:
     return not any(m["type"] == "bind" and "ro" in m.get("options", []) for m in bundle.user_mounts(config))
 
 
-def _snapshot(ctx: RunContext, shape: Shape) -> snapshot.Snapshot | None:
+def _snapshot(ctx: RunContext, shape: Shape) -> tuple[snapshot.Snapshot | None, str]:
     """A verified snapshot of this shape, for a container without bind volumes (the 9p
     export is read-only: vmrt's own /etc files are fine) and not on a user network (its
     hosts file changes; the clone's 9p mount caches loosely); a corrupt one is refused with
-    a notice: then a cold boot."""
+    a notice: then a cold boot. With none, why (``--timings``: ``snapshot=none:WHY``); a
+    missing one is built in the background (``snapshot = "auto"``) for the next run."""
+    cfg = ctx.cfg
+    if cfg.snapshot == "off":
+        return None, "off"
     if any(m["type"] == "bind" and not m.get("org.vmrt.managed") for m in bundle.user_mounts(ctx.config)):
-        return None
+        return None, "bind-volume"
     net = ctx.net
     if net is not None and any(n.user for n in net.networks.values()):
-        return None  # names on a user network change while it runs: 9p's cache=loose would not see them
-    snap = snapshot.find(ctx.cfg, shape)
+        return None, "user-network"  # names there change while it runs: 9p's cache=loose would not see them
+    snap = snapshot.find(cfg, shape)
     if snap is not None and (why := snap.verify()) is not None:
         print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
-        return None
-    return snap
+        snap = None
+    if snap is not None:
+        return snap, snap.dir.name
+    if cfg.snapshot != "auto":
+        return None, "missing"
+    try:
+        return None, f"missing,{snapshot.build_in_background(cfg, shape)}"
+    except OSError as e:  # the run goes on (cold); the next one tries again
+        print(f"vmrt: notice: cannot start a snapshot build: {e.strerror}", file=sys.stderr, flush=True)
+        return None, "missing"
 
 
 def choose(ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None = None) -> VMSource:
@@ -340,6 +352,6 @@ def choose(ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None = None) -> VM
     if claimed is not None:
         ctx.timings.info["snapshot"] = "none"
         return PoolClaim(claimed)
-    snap = _snapshot(ctx, shape)
-    ctx.timings.info["snapshot"] = snap.dir.name if snap is not None else "none"
+    snap, why = _snapshot(ctx, shape)
+    ctx.timings.info["snapshot"] = why if snap is not None else f"none:{why}"
     return SnapshotRestore(snap) if snap is not None else ColdBoot()
