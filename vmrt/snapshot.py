@@ -248,7 +248,8 @@ def build_in_background(cfg: Config, shape: Shape) -> str:
 
 def prune(cfg: Config) -> int:
     """Remove what no run can restore: snapshots of another format, kernel, initramfs or QEMU
-    (their key is not the one their shape has now), builds that died, unheld build locks.
+    (their key is not the one their shape has now, or their shape is not the default VM's with
+    some memory and vCPUs), builds that died, unheld build locks.
     Returns how many snapshots went."""
     d = snapshots_dir(cfg)
     n = 0
@@ -273,8 +274,10 @@ def prune(cfg: Config) -> int:
             continue
         try:
             meta = json.loads((sub / "meta.json").read_text())
-            stale = meta.get("format") != FORMAT or key(cfg, Shape(**meta["shape"])) != sub.name
-        except (OSError, ValueError, TypeError, KeyError):
+            shape = Shape(**meta["shape"])
+            # not what this vmrt builds now (another kernel or agent build: never restored again)
+            stale = meta.get("format") != FORMAT or key(cfg, shape) != sub.name or not buildable(cfg, shape)
+        except (OSError, ValueError, TypeError, KeyError, VmrtError):
             stale = True  # unreadable, or its kernel or initramfs is gone
         if stale:
             shutil.rmtree(sub, ignore_errors=True)
