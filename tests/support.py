@@ -168,6 +168,26 @@ class Vmrt:
         env = {**self.env, **kw.pop("env", {})}  # type: ignore[dict-item]
         return track(subprocess.Popen(self.cmd(*args), env=env, **kw))  # type: ignore[call-overload]
 
+    def wait_for_snapshot_builds(self, timeout: float = 300) -> None:
+        """Until every background `vmrt snapshot build` of this vmrt (its state root in the
+        environment) has ended: one is started before the run that starts it returns."""
+        marker = f"VMRT_ROOT={self.root}".encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            builders = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"snapshot\0build\0" in cmd and marker in env:
+                    builders.append(pid)
+            if not builders:
+                return
+            assert time.monotonic() < deadline, f"the background snapshot build {builders} did not end"
+            time.sleep(0.5)
+
     # --- leak checks -----------------------------------------------------------
     def leftovers(self) -> list[str]:
         found = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -162,4 +163,23 @@ def test_bench_without_matplotlib(vmrt: Vmrt, tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["plots"] == [] and doc["results"]["cpu"]["process"]["cpu_loop_s"]["p50"] > 0
     assert not plots.exists()
+    vmrt.assert_clean()
+
+
+def test_bench_default_path_is_the_warm_snapshot_cache(vmrt: Vmrt, tmp_path: Path) -> None:
+    """Issue 17: vm-default is what a user gets with no extra command (no pool, VMRT_SNAPSHOT
+    unset: auto) once one run has warmed the cache: every measured start is a restore."""
+    out = tmp_path / "bench.json"
+    r = vmrt("bench", "--runs", "2", "--parallel", "1", "--modes", "process,vm-default", "--only", "start",
+             "--json", str(out), "--plots", str(tmp_path / "plots"), timeout=900)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    vmrt.wait_for_snapshot_builds()
+    doc = json.loads(out.read_text())
+    assert {k: v["status"] for k, v in doc["modes"].items()} == {"process": "ok", "vm-default": "ok"}
+    start = doc["results"]["start"]["vm-default"]
+    check_latency(start["serial"], 2)
+    assert start["served_from_pool"] == 2  # restored, not booted
+    assert start["setup"]["snapshot"] is True and "default" in start["setup"]["cache"]
+    assert re.search(r"^vm-default .*restored: 2/2 serial", r.stdout.decode(), re.M), r.stdout.decode()
+    assert vmrt("snapshot", "rm").returncode == 0
     vmrt.assert_clean()

@@ -7,9 +7,7 @@ it built (they live in the test's state root).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -98,23 +96,6 @@ def test_corrupt_or_mismatched_snapshot_means_a_cold_boot(vmrt: Vmrt, snap: Path
     vmrt.assert_clean()
 
 
-def _wait_for_builders(vmrt: Vmrt, timeout: float = 300) -> None:
-    """Until no background build holds its lock (the builder's flock on ``<key>.building``)."""
-    deadline = time.monotonic() + timeout
-    for lock in (vmrt.root / "snapshots").glob("*.building"):
-        fd = os.open(lock, os.O_RDONLY)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    assert time.monotonic() < deadline, "the background snapshot build did not end"
-                    time.sleep(0.5)
-        finally:
-            os.close(fd)
-
-
 def test_a_run_without_a_snapshot_builds_one_for_the_next(vmrt: Vmrt) -> None:
     """Issue 17: the cache is always there. With snapshot = auto a VM run that finds no snapshot
     of its shape cold-boots and starts one build in the background; the next run restores it.
@@ -131,7 +112,7 @@ def test_a_run_without_a_snapshot_builds_one_for_the_next(vmrt: Vmrt) -> None:
     r = vmrt("run", "--rm", "--timings", "--isolation=vm", "busybox", "echo", "first", env=auto)
     assert r.returncode == 0 and r.stdout == b"first\n", r.stderr
     assert b"snapshot=none:missing,building" in r.stderr, r.stderr
-    _wait_for_builders(vmrt)
+    vmrt.wait_for_snapshot_builds()
     keys = vmrt("snapshot", "ls", "--format", "{{.Key}}").stdout.decode().split()
     assert len(keys) == 1, (keys, (snaps / "build.log").read_text())
     assert not stale.exists() and not dead.exists()
@@ -158,7 +139,7 @@ def test_other_memory_and_cpus_get_their_own_snapshot(vmrt: Vmrt, tmp_path: Path
     r = vmrt(*args, env=auto)
     assert r.returncode == 0 and b"snapshot=none:missing,building" in r.stderr, r.stderr
     cold = r.stdout
-    _wait_for_builders(vmrt)
+    vmrt.wait_for_snapshot_builds()
     r = vmrt(*args, env=auto)
     assert r.returncode == 0 and restored_from(r.stderr) is not None, r.stderr
     assert r.stdout == cold  # the same guest memory as the cold boot's

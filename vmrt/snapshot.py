@@ -30,8 +30,9 @@ runs, ``block_resize`` tells the guest its capacity (the guest saw the placehold
 The cache is always there (issue 17): ``vmrt setup`` builds the default shape's snapshot, and
 with ``snapshot = "auto"`` (the default) a run that finds none for its shape cold-boots and
 starts ``vmrt snapshot build`` for that shape in the background (:func:`build_in_background`:
-one builder per shape, which holds an flock on ``<key>.building`` while it lives; its output in
-``build.log``), so the next run is restored. A shape is built when it is the default VM with
+its output in ``build.log``), so the next run is restored. Every build of a shape holds an flock
+on ``<key>.building`` while it builds: a second one waits and then keeps the first one's, and a
+run that finds the lock held starts none. A shape is built when it is the default VM with
 other memory or vCPUs (``-m``, ``--cpus``); a ``--kernel`` of the user's or another command line
 is not. Each build prunes what no run can restore any more (:func:`prune`): snapshots whose
 kernel, initramfs, QEMU or format changed, and leftovers of builds that died.
@@ -206,9 +207,20 @@ async def restore(vm: QemuVM, snap: Snapshot, timeout: float) -> None:
 def build(cfg: Config, force: bool = False, *, memory_mib: int | None = None, cpus: int | None = None) -> Snapshot:
     """``vmrt snapshot build``: the default shape's snapshot, or of the default VM with this memory
     and these vCPUs (cached: an existing valid one is kept); then :func:`prune`."""
-    snap = asyncio.run(_build(cfg, force, memory_mib, cpus))
+    spec = _spec(cfg, memory_mib, cpus)
+    fd = _lock_file(cfg, key(cfg, Shape.of(spec)))
+    try:  # one build of a shape at a time: a second one waits, then finds the first one's snapshot
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        snap = asyncio.run(_build(cfg, force, spec))
+    finally:
+        os.close(fd)
     prune(cfg)
     return snap
+
+
+def _lock_file(cfg: Config, k: str) -> int:
+    d = fsmode.private_dir(snapshots_dir(cfg))
+    return os.open(d / f"{k}.building", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, fsmode.PRIVATE_FILE)
 
 
 def _spec(cfg: Config, memory_mib: int | None, cpus: int | None) -> VMSpec:
@@ -229,18 +241,18 @@ def build_in_background(cfg: Config, shape: Shape) -> str:
     now), ``being-built`` (another run started it) or ``not-buildable``."""
     if not buildable(cfg, shape):
         return "not-buildable"
-    d = fsmode.private_dir(snapshots_dir(cfg))
-    fd = os.open(d / f"{key(cfg, shape)}.building", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 fsmode.PRIVATE_FILE)
+    fd = _lock_file(cfg, key(cfg, shape))
     try:
-        try:  # held by the builder while it lives (the fd is its): none else starts another
+        try:  # a builder holds it while it builds (build())
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return "being-built"
-        with open(d / "build.log", "ab", opener=fsmode.opener) as log:
+        # the builder takes the lock once this run lets it go; a second run that starts another
+        # in between has it wait, find this one's snapshot and end
+        with open(snapshots_dir(cfg) / "build.log", "ab", opener=fsmode.opener) as log:
             subprocess.Popen([sys.executable, "-m", "vmrt", "snapshot", "build", "--memory", str(shape.memory_mib),
                               "--cpus", str(shape.vcpus)], stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=subprocess.STDOUT, pass_fds=(fd,), start_new_session=True, cwd="/")
+                             stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
         return "building"
     finally:
         os.close(fd)
@@ -285,8 +297,7 @@ def prune(cfg: Config) -> int:
     return n
 
 
-async def _build(cfg: Config, force: bool, memory_mib: int | None, cpus: int | None) -> Snapshot:
-    spec = _spec(cfg, memory_mib, cpus)
+async def _build(cfg: Config, force: bool, spec: VMSpec) -> Snapshot:
     shape = Shape.of(spec)
     k = key(cfg, shape)
     out = snapshots_dir(cfg) / k

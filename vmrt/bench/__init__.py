@@ -7,6 +7,8 @@ the host with CLOCK_MONOTONIC (``time.perf_counter``). Modes:
   vm-cold      vmrt run --rm --isolation=vm IMAGE true, with VMRT_POOL=off
   vm-pool      the same with a warm pool (``vmrt pool start``; refilled between runs)
   vm-snapshot  the same restored from a snapshot (``vmrt snapshot build`` first; VMRT_POOL=off)
+  vm-default   what a user gets with no extra command and a warm cache: VMRT_POOL and VMRT_SNAPSHOT
+               unset (snapshot = auto), after one run that started the background snapshot build
   runc         runc run of a bundle with the config.json vmrt writes for the image
   podman       podman run --rm --network none IMAGE true (the image loaded from vmrt's store)
 
@@ -36,7 +38,7 @@ The package, from the top (no module imports one above it):
 
   command     `vmrt bench` itself: options, the run, the document written and shown
   metrics     the Bench: each metric over the modes, interleaved; the JSON document
-  modes       process, vm-cold, vm-pool, vm-snapshot, runc, podman behind one interface
+  modes       process, vm-cold, vm-pool, vm-snapshot, vm-default, runc, podman behind one interface
   report      the terminal tables and the markdown section; plots: the PNGs
   netclient   the net metric's client (throughput, HTTP latency), the same for every path
   procs       the child processes: timed, tracked, stopped on an interrupt

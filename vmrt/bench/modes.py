@@ -1,5 +1,5 @@
 """The ways of running a container that the bench compares: vmrt's modes (process, vm-cold,
-vm-pool, vm-snapshot) and the runc and podman baselines, each behind one small interface."""
+vm-pool, vm-snapshot, vm-default) and the runc and podman baselines, each behind one small interface."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .errors import BenchError
 from .procs import Procs
 from .sampling import with_descendants
 
-MODES = ("process", "vm-cold", "vm-pool", "vm-snapshot", "runc", "podman")
+MODES = ("process", "vm-cold", "vm-pool", "vm-snapshot", "vm-default", "runc", "podman")
 PODMAN_RUN = ["podman", "run", "--runtime", "/usr/sbin/runc", "--ulimit", "nofile=1024:1024",
               "--ulimit", "nproc=1024:1024", "--network", "none"]
 
@@ -106,14 +106,18 @@ class VmrtMode(Mode):
             self.env["VMRT_POOL"] = "off"
         elif name == "vm-pool":
             self.env.pop("VMRT_POOL", None)
+        elif name == "vm-default":  # what a user gets with no extra command: no pool, the snapshot cache
+            self.env.pop("VMRT_POOL", None)
+            self.env.pop("VMRT_SNAPSHOT", None)
 
     def setup(self) -> dict[str, Any]:
         if self.iso == "process":
             return {"isolation": "namespaces", "accelerator": "none (host kernel)", "runtime": self.b.runtime,
                     "network": self.b.network}
-        return {"isolation": "vm", **self.b.vm_setup, "pool": self.name == "vm-pool",
-                "snapshot": self.name == "vm-snapshot", "share": "9p" if self.name == "vm-snapshot" else "virtio-fs",
-                "network": self.b.network}
+        cached = self.name in ("vm-snapshot", "vm-default")
+        return {"isolation": "vm", **self.b.vm_setup, "pool": self.name == "vm-pool", "snapshot": cached,
+                **({"cache": "default (snapshot = auto, warmed by one run)"} if self.name == "vm-default" else {}),
+                "share": "9p" if cached else "virtio-fs", "network": self.b.network}
 
     def base(self) -> list[str]:
         return [*self.b.vmrt, "run", "--rm", f"--isolation={self.iso}", "--network", self.b.network]

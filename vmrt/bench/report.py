@@ -42,8 +42,8 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
             p = e.get("parallel", {})
             pool = e.get("served_from_pool")
             note = ""
-            if pool is not None and (name in ("vm-pool", "vm-snapshot") or pool):
-                note = f"{'restored' if name == 'vm-snapshot' else 'from pool'}: {pool}/{s['n']} serial"
+            if pool is not None and (name in ("vm-pool", "vm-snapshot", "vm-default") or pool):
+                note = f"{'from pool' if name == 'vm-pool' else 'restored'}: {pool}/{s['n']} serial"
                 if "served_from_pool" in p:
                     note += f", {p['served_from_pool']}/{p['n']} parallel"
             if isinstance(p, dict) and "error" in p:

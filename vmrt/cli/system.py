@@ -42,7 +42,7 @@ def check_isolation(ctx: click.Context, image: str, fmt: str) -> None:
               help="Concurrent starts per batch (1: no parallel part).")
 @click.option("--density-max", type=click.IntRange(min=1), default=30, show_default=True,
               help="Density: start idle containers until this many run (or memory/starts give out).")
-@click.option("--modes", default="process,vm-cold,vm-pool,vm-snapshot,runc,podman", show_default=True)
+@click.option("--modes", default="process,vm-cold,vm-pool,vm-snapshot,vm-default,runc,podman", show_default=True)
 @click.option("--only", default="start,exec,memory,density,io,cpu,net", show_default=True)
 @click.option("--network", default="none", show_default=True,
               help="The network of the vmrt modes' containers for start, exec, memory, density, io and cpu "
