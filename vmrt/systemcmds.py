@@ -68,6 +68,11 @@ def info(cfg: Config) -> list[str]:
         ("Kernel", kline),
         ("Kernel build id", kidline),
         ("Agent initramfs", initrd),
+        ("VM cache", f"snapshot={cfg.snapshot}, pool={cfg.pool}"),
+        ("Clone memory", "private: each clone copies the snapshot's RAM (jailed QEMU; no pages shared "
+                         "across containers)" if cfg.vmm_jail else
+                         "shared: clones map one RAM file copy-on-write (page cache shared across "
+                         "containers: a side channel; vmm_jail=false)"),
         ("State directory", str(cfg.root)),
         ("Run directory", str(cfg.run_root)),
         ("Cache directory", str(cfg.cache)),
