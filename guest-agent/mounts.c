@@ -136,9 +136,13 @@ void setup_rootfs(void)
 {
 	char opts[512];
 
-	if (run.share_9p) /* a VM restored from a snapshot: its share is virtio-9p */
+	/* a VM restored from a snapshot: its share is virtio-9p; cached loosely, unless files
+	 * there change while it runs (SHARE_FRESH: the names of a user network, rewritten in
+	 * place by the host): then every read() reaches the host and only mmaps are cached */
+	if (run.share_9p)
 		must_mount(run.rootfs, SHARE, "9p", MS_NOSUID | MS_NODEV,
-			   "trans=virtio,version=9p2000.L,cache=loose,msize=512000");
+			   run.share_fresh ? "trans=virtio,version=9p2000.L,cache=mmap,msize=512000"
+					   : "trans=virtio,version=9p2000.L,cache=loose,msize=512000");
 	else
 		must_mount(run.rootfs, SHARE, "virtiofs", 0, NULL);
 	if (!is_dir(LOWER))

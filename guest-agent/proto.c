@@ -255,6 +255,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_NET6: return "NET6";
 	case VMRT_TAG_UPPER_DISK: return "UPPER_DISK";
 	case VMRT_TAG_DISK_SCRATCH: return "DISK_SCRATCH";
+	case VMRT_TAG_SHARE_FRESH: return "SHARE_FRESH";
 	case VMRT_TAG_SECCOMP: return "SECCOMP";
 	case VMRT_TAG_MASKED: return "MASKED";
 	case VMRT_TAG_RO_PATH: return "RO_PATH";
@@ -293,6 +294,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->detach = 0;
 	out->share_9p = 0;
 	out->disk_scratch = 0;
+	out->share_fresh = 0;
 	out->seed_len = 0;
 	out->has_net = 0;
 	out->net_addr = out->net_gw = 0;
@@ -456,6 +458,11 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			if (vlen != 0)
 				goto badsize;
 			out->disk_scratch = 1;
+			break;
+		case VMRT_TAG_SHARE_FRESH:
+			if (vlen != 0)
+				goto badsize;
+			out->share_fresh = 1;
 			break;
 		case VMRT_TAG_SEED:
 			if (vlen < VMRT_SEED_MIN || vlen > VMRT_SEED_MAX)
@@ -641,6 +648,10 @@ badsize:
 	}
 	if (out->disk_scratch && !out->disk_size) {
 		seterr(err, errlen, "RUN DISK_SCRATCH without UPPER_DISK");
+		return -1;
+	}
+	if (out->share_fresh && !out->share_9p) {
+		seterr(err, errlen, "RUN SHARE_FRESH without SHARE_9P");
 		return -1;
 	}
 	for (size_t k = 0; k < out->nmounts; k++) {

@@ -69,7 +69,8 @@ enum vmrt_tag {
 	VMRT_TAG_UPPER_DISK = 25,   /* u64 capacity, then a /dev name: the writable layer's block device */
 	VMRT_TAG_NET6 = 26,         /* 33 bytes: eth0's IPv6 address, prefix, gateway (needs NET) */
 	VMRT_TAG_DISK_SCRATCH = 27, /* empty, with UPPER_DISK: the host discards the disk at exit (no sync) */
-	/* 28..29 left for other records */
+	VMRT_TAG_SHARE_FRESH = 28,  /* empty, with SHARE_9P: files there change (names): 9p cache=mmap */
+	/* 29 left for other records */
 	VMRT_TAG_SECCOMP = 30,      /* struct sock_filter[] (8..32768 bytes): installed before execve */
 	VMRT_TAG_MASKED = 31,       /* string: absolute path hidden from the container (OCI maskedPaths) */
 	VMRT_TAG_RO_PATH = 32,      /* string: absolute path made read-only (OCI readonlyPaths) */
@@ -169,6 +170,7 @@ struct vmrt_run {
 	uint64_t disk_size;  /* UPPER_DISK: the device's capacity in bytes (0: no record) */
 	char disk_dev[VMRT_DISK_NAME_MAX + 1]; /* ... and its name under /dev, e.g. "vda" */
 	int disk_scratch;    /* DISK_SCRATCH record given */
+	int share_fresh;     /* SHARE_FRESH record given */
 	size_t seccomp_len;  /* bytes of the SECCOMP filter (0: none), a multiple of 8 */
 	uint8_t seccomp[VMRT_SECCOMP_MAX];
 	const char *masked[VMRT_MAX_PATHS];

@@ -476,6 +476,30 @@ def test_a_running_vm_learns_names_that_come_and_go(vmrt: Vmrt) -> None:
     vmrt.assert_clean()
 
 
+@pytest.mark.vm
+def test_a_restored_vm_on_a_user_network_learns_names_too(vmrt: Vmrt, snap: Path) -> None:
+    """Issue 17: a container on a user network is served from the snapshot cache as well; its
+    clone mounts the 9p share uncached (SHARE_FRESH), so the names rewritten on the host while
+    it runs reach it, as through virtio-fs."""
+    netcreate(vmrt, "cachednet")
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "--network", "cachednet", "busybox", "true")
+    assert r.returncode == 0 and f"snapshot={snap.name}".encode() in r.stderr, r.stderr
+    vm = detach(vmrt, "vm", "sleep", "120", opts=("--network", "cachednet", "--name", "first"))
+    qemu = int(vmrt("inspect", "-f", "{{.State.Pid}}", vm).stdout)
+    assert b"-incoming" in Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")  # restored, not booted
+    later = detach(vmrt, "process", "sleep", "120", opts=("--network", "cachednet", "--name", "later"))
+    r = vmrt("exec", vm, "sh", "-c", "for i in $(seq 50); do grep -q later /etc/hosts && break; sleep 0.1; done; "
+             "ping -c1 -W5 later >/dev/null && echo reached")
+    assert r.stdout == b"reached\n", r.stderr
+    rm(vmrt, later)
+    r = vmrt("exec", vm, "sh", "-c", "for i in $(seq 50); do grep -q later /etc/hosts || break; sleep 0.1; done; "
+             "grep -c later /etc/hosts")
+    assert r.stdout == b"0\n", r.stderr
+    rm(vmrt, vm)
+    netrm(vmrt, "cachednet")
+    vmrt.assert_clean()
+
+
 def test_restarts_get_their_network_again(vmrt: Vmrt) -> None:
     """A restart policy brings the container back with its address and published port; after
     the last run nothing of its network is left."""

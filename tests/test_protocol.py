@@ -325,6 +325,21 @@ def test_disk_scratch_needs_the_disk_and_is_empty() -> None:
         P.decode_run(_disk_payload(struct.pack(">Q", 1 << 30) + b"vda") + struct.pack(">BI", 27, 1) + b"x")
 
 
+def test_share_fresh_needs_the_9p_share_and_is_empty() -> None:
+    """SHARE_FRESH (tag 28, a restored VM on a user network): 9p cache=mmap; checked as proto.c does."""
+    assert P.Tag.SHARE_FRESH == 28
+    frame = P.encode_run(P.RunSpec(args=["sh"], share_9p=True, share_fresh=True))
+    assert struct.pack(">BI", 28, 0) in frame
+    assert P.decode_run(frame[8:]).share_fresh
+    assert not P.decode_run(P.encode_run(P.RunSpec(args=["sh"], share_9p=True))[8:]).share_fresh
+    with pytest.raises(ProtocolError, match="SHARE_FRESH without SHARE_9P"):
+        P.encode_run(P.RunSpec(args=["sh"], share_fresh=True))
+    with pytest.raises(ProtocolError, match="SHARE_FRESH without SHARE_9P"):
+        P.decode_run(_payload((P.Tag.SHARE_FRESH, b"")))
+    with pytest.raises(ProtocolError, match="SHARE_FRESH must be empty"):
+        P.decode_run(_payload((P.Tag.SHARE_9P, b""), (P.Tag.SHARE_FRESH, b"x")))
+
+
 def _payload(*records: tuple[int, bytes]) -> bytes:
     return struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + b"".join(struct.pack(">BI", t, len(v)) + v for t, v in records)
 

@@ -34,6 +34,7 @@ seeds = {
                             + bytes([0xFD, 0, 0, 1] + [0] * 11 + [1]))),
     "run_disk": frame(0x41, rec(1, b"true") + rec(25, struct.pack(">Q", 10 << 30) + b"vda")),
     "run_disk_scratch": frame(0x41, rec(1, b"true") + rec(25, struct.pack(">Q", 10 << 30) + b"vda") + rec(27, b"")),
+    "run_restored_fresh": frame(0x41, rec(1, b"true") + rec(22, b"") + rec(28, b"")),
     "run_policy": frame(0x41, rec(1, b"true") + rec(30, bytes(range(16))) + rec(31, b"/proc/kcore")
                         + rec(31, b"/sys/firmware") + rec(32, b"/proc/sys")),
     "run_min_stdin": frame(0x41, rec(1, b"cat") + rec(9, b"")) + frame(0x42, b"hello\n")

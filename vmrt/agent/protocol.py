@@ -74,6 +74,7 @@ class Tag(enum.IntEnum):
     UPPER_DISK = 25     # u64 capacity, then a name under /dev: the writable layer's block device
     NET6 = 26           # eth0's IPv6 address, prefix and gateway (an --ipv6 network)
     DISK_SCRATCH = 27   # empty, with UPPER_DISK: the host discards the disk at exit (the agent skips its sync)
+    SHARE_FRESH = 28    # empty, with SHARE_9P: files there change while it runs (9p cache=mmap, not loose)
     # 27..29 left for other records
     SECCOMP = 30        # struct sock_filter[]: the container's seccomp filter, installed before execve
     MASKED = 31         # an absolute path hidden from the container (OCI maskedPaths)
@@ -426,6 +427,7 @@ class RunSpec:
     net6: Net6Spec | None = None     # eth0's IPv6 (needs net); None: IPv6 off on eth0 (lo keeps ::1)
     upper_disk: DiskSpec | None = None  # the writable layer's disk; None: a tmpfs in guest RAM
     disk_scratch: bool = False       # the disk is discarded at exit (run --rm): no sync before EXIT
+    share_fresh: bool = False        # with share_9p: files there change (user-network names): uncached reads
     seccomp: bytes = b""             # classic BPF program (8-byte instructions); b"": no filter
     masked: list[str] = dataclasses.field(default_factory=list)     # OCI maskedPaths
     ro_paths: list[str] = dataclasses.field(default_factory=list)   # OCI readonlyPaths
@@ -520,6 +522,10 @@ def encode_run(spec: RunSpec) -> bytes:
         if spec.upper_disk is None:
             raise ProtocolError("DISK_SCRATCH without UPPER_DISK")
         out += _rec(Tag.DISK_SCRATCH, b"")
+    if spec.share_fresh:
+        if not spec.share_9p:
+            raise ProtocolError("SHARE_FRESH without SHARE_9P")
+        out += _rec(Tag.SHARE_FRESH, b"")
     if spec.seccomp:
         _check_seccomp(spec.seccomp)
         out += _rec(Tag.SECCOMP, spec.seccomp)
@@ -631,10 +637,10 @@ def decode_run(p: bytes) -> RunSpec:
             if spec.upper_disk is not None:
                 raise ProtocolError("more than one UPPER_DISK record")
             spec.upper_disk = decode_disk(v)
-        elif tag == Tag.DISK_SCRATCH:
+        elif tag in (Tag.DISK_SCRATCH, Tag.SHARE_FRESH):
             if ln:
-                raise ProtocolError("DISK_SCRATCH must be empty")
-            spec.disk_scratch = True
+                raise ProtocolError(f"{Tag(tag).name} must be empty")
+            setattr(spec, "disk_scratch" if tag == Tag.DISK_SCRATCH else "share_fresh", True)
         elif tag == Tag.SECCOMP:
             if spec.seccomp:
                 raise ProtocolError("more than one SECCOMP record")
@@ -652,6 +658,8 @@ def decode_run(p: bytes) -> RunSpec:
         raise ProtocolError("NET6 without NET")
     if spec.disk_scratch and spec.upper_disk is None:
         raise ProtocolError("DISK_SCRATCH without UPPER_DISK")
+    if spec.share_fresh and not spec.share_9p:
+        raise ProtocolError("SHARE_FRESH without SHARE_9P")
     return spec
 
 

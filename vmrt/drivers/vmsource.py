@@ -315,18 +315,16 @@ def _poolable(config: bundle.Spec) -> bool:
 
 def _snapshot(ctx: RunContext, shape: Shape) -> tuple[snapshot.Snapshot | None, str]:
     """A verified snapshot of this shape, for a container without bind volumes (the 9p
-    export is read-only: vmrt's own /etc files are fine) and not on a user network (its
-    hosts file changes; the clone's 9p mount caches loosely); a corrupt one is refused with
-    a notice: then a cold boot. With none, why (``--timings``: ``snapshot=none:WHY``); a
-    missing one is built in the background (``snapshot = "auto"``) for the next run."""
+    export is read-only: vmrt's own /etc files are fine; on a user network, whose names
+    change while it runs, the clone mounts it uncached: RUN's SHARE_FRESH); a corrupt one is
+    refused with a notice: then a cold boot. With none, why (``--timings``:
+    ``snapshot=none:WHY``); a missing one is built in the background (``snapshot = "auto"``)
+    for the next run."""
     cfg = ctx.cfg
     if cfg.snapshot == "off":
         return None, "off"
     if any(m["type"] == "bind" and not m.get("org.vmrt.managed") for m in bundle.user_mounts(ctx.config)):
         return None, "bind-volume"
-    net = ctx.net
-    if net is not None and any(n.user for n in net.networks.values()):
-        return None, "user-network"  # names there change while it runs: 9p's cache=loose would not see them
     snap = snapshot.find(cfg, shape)
     if snap is not None and (why := snap.verify()) is not None:
         print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
