@@ -144,7 +144,7 @@ def test_other_memory_and_cpus_get_their_own_snapshot(vmrt: Vmrt, tmp_path: Path
     assert r.returncode == 0 and restored_from(r.stderr) is not None, r.stderr
     assert r.stdout == cold  # the same guest memory as the cold boot's
     r = vmrt("run", "--rm", "--timings", "--isolation=vm", "-v", f"{tmp_path}:/data", "busybox", "true", env=auto)
-    assert r.returncode == 0 and b"snapshot=none:bind-volume " in r.stderr, r.stderr
+    assert r.returncode == 0 and b"snapshot=none:writable-bind-volume " in r.stderr, r.stderr
     assert vmrt("snapshot", "rm").returncode == 0
     vmrt.assert_clean()
 
@@ -159,4 +159,24 @@ def test_a_kernel_of_the_users_is_not_built_and_bad_settings_are_refused(vmrt: V
     assert not list((vmrt.root / "snapshots").glob("*.building"))
     r = vmrt("run", "--rm", "--isolation=vm", "busybox", "true", env={"VMRT_SNAPSHOT": "sometimes"})
     assert r.returncode == 125 and b"snapshot 'sometimes': use auto, manual or off" in r.stderr, r.stderr
+    vmrt.assert_clean()
+
+
+def test_read_only_volumes_are_served_from_the_cache_and_stay_live(vmrt: Vmrt, snap: Path, tmp_path: Path) -> None:
+    """Issue 17: a read-only bind volume no longer means a cold boot; the clone reads it uncached
+    (SHARE_FRESH), so what the host changes there while the container runs is what it reads."""
+    (tmp_path / "conf").write_text("one\n")
+    r = vmrt("run", "-d", "--isolation=vm", "--name", "rovol", "-v", f"{tmp_path}:/data:ro", "busybox", "sleep", "120")
+    assert r.returncode == 0, r.stderr
+    try:
+        qemu = int(vmrt("inspect", "-f", "{{.State.Pid}}", "rovol").stdout)
+        assert b"-incoming" in Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")  # a clone
+        assert vmrt("exec", "rovol", "cat", "/data/conf").stdout == b"one\n"
+        with open(tmp_path / "conf", "r+") as f:  # in place, as an editor that keeps the inode
+            f.write("two\n")
+        assert vmrt("exec", "rovol", "cat", "/data/conf").stdout == b"two\n"
+        r = vmrt("exec", "rovol", "sh", "-c", "echo x > /data/new")
+        assert r.returncode != 0 and not (tmp_path / "new").exists()
+    finally:
+        vmrt("rm", "-f", "rovol")
     vmrt.assert_clean()

@@ -526,8 +526,7 @@ class _Session:
         rs = run_spec(ctx.config, stdin_open)
         if vm.clone:  # its share is 9p, its RNG state is every clone's until reseeded
             rs.share_9p, rs.seed = True, os.urandom(64)
-            # a user network's names are rewritten while it runs: 9p reads uncached there
-            rs.share_fresh = ctx.net is not None and any(n.user for n in ctx.net.networks.values())
+            rs.share_fresh = vmsource.fresh_share(ctx)  # names, volumes: 9p reads uncached there
         rs.net, rs.net6 = guest_net(ctx.net), guest_net6(ctx.net)
         if disk is not None and vm.disk:  # formatted while the VM booted
             await asyncio.to_thread(disk.ready)

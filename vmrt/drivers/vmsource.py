@@ -207,7 +207,7 @@ class SnapshotRestore:
         rootfs.share_top(share)
         rootfs.mount_readonly_overlay(ctx.layers, ctx.bundle_dir / "empty", share / "rootfs")
         stack.callback(rootfs.umount, share / "rootfs")
-        share_volumes(ctx.config, share, stack)  # only vmrt's /etc files: choose() checked
+        share_volumes(ctx.config, share, stack)  # vmrt's /etc files, read-only volumes: choose() checked
         rootfs.seal_share(share)
         ctx.timings.mark("rootfs-ready")
         logs = jail.vmm_log_dir(ctx.bundle_dir)
@@ -313,18 +313,28 @@ def _poolable(config: bundle.Spec) -> bool:
     return not any(m["type"] == "bind" and "ro" in m.get("options", []) for m in bundle.user_mounts(config))
 
 
+def _user_binds(ctx: RunContext) -> list[dict[str, Any]]:
+    return [m for m in bundle.user_mounts(ctx.config) if m["type"] == "bind" and not m.get("org.vmrt.managed")]
+
+
+def fresh_share(ctx: RunContext) -> bool:
+    """Whether files in a clone's share change while it runs: a user network's names (rewritten
+    in place), a bind volume's files (the host's): its 9p share is mounted uncached (SHARE_FRESH)."""
+    return bool(_user_binds(ctx)) or (ctx.net is not None and any(n.user for n in ctx.net.networks.values()))
+
+
 def _snapshot(ctx: RunContext, shape: Shape) -> tuple[snapshot.Snapshot | None, str]:
-    """A verified snapshot of this shape, for a container without bind volumes (the 9p
-    export is read-only: vmrt's own /etc files are fine; on a user network, whose names
-    change while it runs, the clone mounts it uncached: RUN's SHARE_FRESH); a corrupt one is
-    refused with a notice: then a cold boot. With none, why (``--timings``:
+    """A verified snapshot of this shape, for a container without writable bind volumes (the
+    9p export is read-only: vmrt's own /etc files and read-only volumes are fine; where files
+    there change while it runs, the clone mounts it uncached: :func:`fresh_share`); a corrupt
+    one is refused with a notice: then a cold boot. With none, why (``--timings``:
     ``snapshot=none:WHY``); a missing one is built in the background (``snapshot = "auto"``)
     for the next run."""
     cfg = ctx.cfg
     if cfg.snapshot == "off":
         return None, "off"
-    if any(m["type"] == "bind" and not m.get("org.vmrt.managed") for m in bundle.user_mounts(ctx.config)):
-        return None, "bind-volume"
+    if any("ro" not in m.get("options", []) for m in _user_binds(ctx)):
+        return None, "writable-bind-volume"
     snap = snapshot.find(cfg, shape)
     if snap is not None and (why := snap.verify()) is not None:
         print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
