@@ -183,3 +183,16 @@ def test_bench_default_path_is_the_warm_snapshot_cache(vmrt: Vmrt, tmp_path: Pat
     assert re.search(r"^vm-default .*restored: 2/2 serial", r.stdout.decode(), re.M), r.stdout.decode()
     assert vmrt("snapshot", "rm").returncode == 0
     vmrt.assert_clean()
+
+
+def test_bench_io_reports_first_warm_and_tmpfs_image_reads(vmrt: Vmrt, tmp_path: Path) -> None:
+    """Issue 17, part 5: an image file's first read, its warm reads and the same file read from
+    the container's tmpfs (the baseline), for each mode (process here: quick)."""
+    out = tmp_path / "bench.json"
+    r = vmrt("bench", "--runs", "1", "--modes", "process", "--only", "io", "--json", str(out),
+             "--plots", str(tmp_path / "plots"), timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    im = json.loads(out.read_text())["results"]["io"]["process"]["image_read"]
+    for key in ("first_mb_s", "mb_s", "tmpfs_mb_s"):
+        assert im[key]["p50"] > 0, (key, im)
+    assert "image first / tmpfs" in r.stdout.decode()

@@ -46,6 +46,8 @@ class Config:
     cpus: float = 1.0
     qemu: str = "qemu-system-x86_64"
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    # virtiofsd's cache policy (always, none, auto); vmrt's auto is virtiofsd's always for a cold VM
+    # whose share does not change while it runs (no bind volume, no user network), else auto
     virtiofs_cache: str = "auto"
     kernel: Path | None = None               # overrides the built kernel
     initrd: Path | None = None               # overrides the built agent initramfs

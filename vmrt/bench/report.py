@@ -92,17 +92,19 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
         for name, e in res["io"].items():
             st = _status(e)
             if st:
-                rows.append([name, *["-"] * 7, st])
+                rows.append([name, *["-"] * 8, st])
                 rows2.append([name, *["-"] * 5, st])
                 continue
             r, t, im, md = e["rootfs"], e["tmp"], e["image_read"], e["metadata"]
             rows.append([name, r["fs"], _f(r["write_mb_s"].get("p50")), _f(r["read_mb_s"].get("p50")),
                          t["fs"], _f(t["write_mb_s"].get("p50")), _f(t["read_mb_s"].get("p50")),
-                         f"{_f(im['mb_s'].get('p50'))} ({im['fs']})", ""])
+                         f"{_f(im['mb_s'].get('p50'))} ({im['fs']})",
+                         f"{_f(im.get('first_mb_s', {}).get('p50'))} / {_f(im.get('tmpfs_mb_s', {}).get('p50'))}", ""])
             rows2.append([name, r["fs"], _f(md["create_ops_s"].get("p50")), _f(md["stat_ops_s"].get("p50")),
                           _f(md["delete_ops_s"].get("p50")), _f(md["empty_loop_ms_per_1000"].get("p50"), 1), ""])
         out.append((f"Sequential I/O (MB/s, {IO_MIB} MiB dd, p50 of {REPS})",
-                    ["where", "/ fs", "/ write", "/ read", "/tmp fs", "/tmp write", "/tmp read", "image read", "note"],
+                    ["where", "/ fs", "/ write", "/ read", "/tmp fs", "/tmp write", "/tmp read", "image read (warm)",
+                     "image first / tmpfs", "note"],
                     rows))
         out.append((f"Small files ({META_FILES} files, ops/s, p50 of {REPS})",
                     ["where", "fs", "create", "stat", "delete", "loop ms/1000", "note"], rows2))

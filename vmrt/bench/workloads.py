@@ -31,9 +31,14 @@ for d in "$W" "$T"; do
   echo "@B read_$k"; dd if="$d/seq" of=/dev/null bs=1M 2>/dev/null; echo "@E read_$k"
   rm -f "$d/seq"
 done
+echo "@B image_first"; dd if="$IMG" of=/dev/null bs=1M 2>/dev/null; echo "@E image_first"
 echo "@B image_read"
 i=0; while [ $i -lt {IMAGE_READS} ]; do dd if="$IMG" bs=1M 2>/dev/null; i=$((i+1)); done >/dev/null
 echo "@E image_read"
+cp "$IMG" /dev/shm/bench-img && dd if=/dev/shm/bench-img of=/dev/null bs=1M 2>/dev/null
+echo "@B shm_read"
+i=0; while [ $i -lt {IMAGE_READS} ]; do dd if=/dev/shm/bench-img bs=1M 2>/dev/null; i=$((i+1)); done >/dev/null
+echo "@E shm_read"; rm -f /dev/shm/bench-img
 cd "$W"
 echo "@B loop_empty"; i=0; while [ $i -lt {META_FILES * STAT_PASSES} ]; do i=$((i+1)); done; echo "@E loop_empty"
 echo "@B create"; i=0; while [ $i -lt {META_FILES} ]; do : > f$i; i=$((i+1)); done; echo "@E create"

@@ -32,18 +32,20 @@ def fuse_opt(v: str) -> str:
 
 class Virtiofsd:
     """``group``: the VM's host cgroup, joined before virtiofsd starts, so it and its sandboxed
-    child are the container's from their first page."""
+    child are the container's from their first page. ``cache``: virtiofsd's cache policy
+    (default: ``virtiofs_cache``)."""
 
     def __init__(self, cfg: Config, source: Path, socket: Path, log: Path, die_with_parent: bool = True,
-                 group: HostGroup | None = None) -> None:
+                 group: HostGroup | None = None, cache: str | None = None) -> None:
         self.cfg, self.source, self.socket, self.log = cfg, source, socket, log
         self.die_with_parent, self.group = die_with_parent, group
+        self.cache = cache or cfg.virtiofs_cache
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def command(self) -> list[str]:
         return [self.cfg.virtiofsd, f"--socket-path={self.socket.name}",
-                "-o", f"source={fuse_opt(str(self.source))}", "-o", f"cache={self.cfg.virtiofs_cache}",
+                "-o", f"source={fuse_opt(str(self.source))}", "-o", f"cache={self.cache}",
                 "-o", "sandbox=namespace", "-o", f"modcaps={MODCAPS}", "--rlimit-nofile=0",  # set at spawn
                 "-o", "log_level=err", "-o", "no_posix_lock"]
 
