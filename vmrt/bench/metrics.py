@@ -539,8 +539,9 @@ class Bench:
                                                                 for r in reps], 2)},
             }
             if vm:
-                share = "9p cache=loose (a snapshot clone)" if img_fs == "9p" else \
-                    f"virtio-fs cache={self.cfg.virtiofs_cache}, no DAX"
+                vfs = ("always (vmrt's auto: nothing in the share changes)" if self.cfg.virtiofs_cache == "auto"
+                       else self.cfg.virtiofs_cache)
+                share = "9p cache=loose (a snapshot clone)" if img_fs == "9p" else f"virtio-fs cache={vfs}, no DAX"
                 entry["note"] = f"writable layer: overlayfs in the guest, upper: {upper}; image (lower) over {share}"
             self.results["io"][name] = entry
         self.workloads["io"] = {
