@@ -450,19 +450,16 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 				out->no_new_privs = 1;
 			break;
 		case VMRT_TAG_SHARE_9P:
-			if (vlen != 0)
-				goto badsize;
-			out->share_9p = 1;
-			break;
 		case VMRT_TAG_DISK_SCRATCH:
-			if (vlen != 0)
-				goto badsize;
-			out->disk_scratch = 1;
-			break;
 		case VMRT_TAG_SHARE_FRESH:
 			if (vlen != 0)
 				goto badsize;
-			out->share_fresh = 1;
+			if (tag == VMRT_TAG_SHARE_9P)
+				out->share_9p = 1;
+			else if (tag == VMRT_TAG_DISK_SCRATCH)
+				out->disk_scratch = 1;
+			else
+				out->share_fresh = 1;
 			break;
 		case VMRT_TAG_SEED:
 			if (vlen < VMRT_SEED_MIN || vlen > VMRT_SEED_MAX)

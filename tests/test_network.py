@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -463,7 +464,13 @@ def test_a_running_vm_learns_names_that_come_and_go(vmrt: Vmrt) -> None:
     /etc/hosts (rewritten on the host, read through virtio-fs) and no longer once it is gone."""
     netcreate(vmrt, "livenet")
     vm = detach(vmrt, "vm", "sleep", "120", opts=("--network", "livenet", "--name", "first"))
-    later = detach(vmrt, "process", "sleep", "120", opts=("--network", "livenet", "--name", "later"))
+    _names_come_and_go(vmrt, vm, "livenet")
+
+
+def _names_come_and_go(vmrt: Vmrt, vm: str, net: str) -> None:
+    """A container that joins ``net`` after ``vm`` is in its /etc/hosts and reachable by name, and
+    gone from there once removed; then ``vm`` and ``net`` go."""
+    later = detach(vmrt, "process", "sleep", "120", opts=("--network", net, "--name", "later"))
     r = vmrt("exec", vm, "sh", "-c", "for i in $(seq 50); do grep -q later /etc/hosts && break; sleep 0.1; done; "
              "ping -c1 -W5 later >/dev/null && echo reached")
     assert r.stdout == b"reached\n", r.stderr
@@ -472,7 +479,7 @@ def test_a_running_vm_learns_names_that_come_and_go(vmrt: Vmrt) -> None:
              "grep -c later /etc/hosts")
     assert r.stdout == b"0\n", r.stderr
     rm(vmrt, vm)
-    netrm(vmrt, "livenet")
+    netrm(vmrt, net)
     vmrt.assert_clean()
 
 
@@ -487,16 +494,23 @@ def test_a_restored_vm_on_a_user_network_learns_names_too(vmrt: Vmrt, snap: Path
     vm = detach(vmrt, "vm", "sleep", "120", opts=("--network", "cachednet", "--name", "first"))
     qemu = int(vmrt("inspect", "-f", "{{.State.Pid}}", vm).stdout)
     assert b"-incoming" in Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")  # restored, not booted
-    later = detach(vmrt, "process", "sleep", "120", opts=("--network", "cachednet", "--name", "later"))
-    r = vmrt("exec", vm, "sh", "-c", "for i in $(seq 50); do grep -q later /etc/hosts && break; sleep 0.1; done; "
-             "ping -c1 -W5 later >/dev/null && echo reached")
-    assert r.stdout == b"reached\n", r.stderr
-    rm(vmrt, later)
-    r = vmrt("exec", vm, "sh", "-c", "for i in $(seq 50); do grep -q later /etc/hosts || break; sleep 0.1; done; "
-             "grep -c later /etc/hosts")
-    assert r.stdout == b"0\n", r.stderr
-    rm(vmrt, vm)
-    netrm(vmrt, "cachednet")
+    _names_come_and_go(vmrt, vm, "cachednet")
+
+
+@pytest.mark.vm
+def test_a_restored_vm_publishes_ports_with_a_tmpfs_and_two_cpus(vmrt: Vmrt, snap: Path) -> None:
+    """Issue 17: published ports and --tmpfs are served from the cache (the default shape's
+    snapshot), and a --cpus 2 shape gets its own snapshot (built here, then restored)."""
+    cid = detach(vmrt, "vm", "sh", "-c", "grep -q ' /scratch tmpfs ' /proc/mounts && " + HTTPD.format(port=8080),
+                 opts=("-p", "127.0.0.1:18779:8080", "--tmpfs", "/scratch"))
+    qemu = int(vmrt("inspect", "-f", "{{.State.Pid}}", cid).stdout)
+    assert b"-incoming" in Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")  # restored
+    assert fetch("http://127.0.0.1:18779/") == f"hello-from-{cid[:12]}\n"
+    rm(vmrt, cid)
+    assert vmrt("snapshot", "build", "--cpus", "2", timeout=300).returncode == 0
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "--cpus", "2", "busybox", "nproc")
+    assert r.returncode == 0 and r.stdout == b"2\n", r.stderr
+    assert re.search(rb"snapshot=[0-9a-f]{16} ", r.stderr), r.stderr
     vmrt.assert_clean()
 
 

@@ -21,7 +21,8 @@ share (a read-only overlay of the image, nosuid, nodev), and once the state is
 loaded the VM continues. The RUN it gets carries SHARE_9P and SEED (64 bytes from the host),
 and the agent reseeds the guest's RNG before anything reads from it and sets the
 clock and hostname, so clones differ (boot id, random numbers, time, hostname).
-Containers with bind volumes cold-boot (the 9p export is read-only).
+Containers with writable bind volumes cold-boot (the 9p export is read-only); on a user network or with
+read-only volumes the clone mounts the share uncached (RUN SHARE_FRESH), so host-side changes are seen.
 
 The snapshot's VM has the disk device every VM has (vm/disk.py), backed by an empty
 placeholder; a clone's QEMU opens the container's own disk there instead, and once the VM
