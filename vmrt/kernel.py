@@ -45,9 +45,9 @@ def patches() -> list[Path]:
     return sorted((source_root() / "kernels" / "patches").glob("*.patch"))
 
 
-def patches_key() -> str:
+def patches_key(ps: list[Path]) -> str:
     h = hashlib.sha256()
-    for p in patches():
+    for p in ps:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:12]
 
@@ -66,8 +66,8 @@ def cache_key(version: str) -> str:
     h.update(f"builder {BUILDER_VERSION}\n{SOURCE_PACKAGE} {version}\n".encode())
     for f in fragments():
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    if patches():
-        h.update(b"patches " + patches_key().encode())
+    if ps := patches():  # read once: kernel.find hashes this on every VM start
+        h.update(b"patches " + patches_key(ps).encode())
     return h.hexdigest()[:16]
 
 
@@ -139,7 +139,8 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
     if not tarball.is_file():
         raise KernelError(f"kernel source {tarball} missing (apt-get install {SOURCE_PACKAGE})")
     # one source tree per patch set: an unpatched tree is never patched in place
-    src = cfg.cache / "src" / (f"{SOURCE_PACKAGE}_{version}" + (f"+{patches_key()}" if patches() else ""))
+    ps = patches()
+    src = cfg.cache / "src" / (f"{SOURCE_PACKAGE}_{version}" + (f"+{patches_key(ps)}" if ps else ""))
     if not (src / "Makefile").is_file():
         for old in src.parent.glob(f"{SOURCE_PACKAGE}_*"):  # another version's or patch set's: 1.6 GB each
             if old != src:
@@ -150,7 +151,7 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp), "--strip-components=1"], check=True)
-        for p in patches():
+        for p in ps:
             r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(p)], cwd=tmp,
                                capture_output=True, text=True)
             if r.returncode != 0:
@@ -183,7 +184,7 @@ def build(cfg: Config, *, force: bool = False, progress: bool = True, jobs: int 
         os.chmod(tmp_out / n, fsmode.PUBLIC_FILE)
     (tmp_out / "build.json").write_text(json.dumps(
         {"key": out.name, "source": f"{SOURCE_PACKAGE} {version}", "fragments": [f.name for f in fragments()],
-         "patches": [p.name for p in patches()], "built": int(time.time())}, indent=1))
+         "patches": [p.name for p in ps], "built": int(time.time())}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp_out, out)
     if progress:

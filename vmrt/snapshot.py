@@ -229,10 +229,11 @@ def _spec(cfg: Config, memory_mib: int | None, cpus: int | None) -> VMSpec:
     return dataclasses.replace(spec, memory_mib=memory_mib or spec.memory_mib, cpus=cpus or spec.cpus)
 
 
-def buildable(cfg: Config, shape: Shape) -> bool:
-    """Whether ``vmrt snapshot build`` can make ``shape``'s snapshot: the default VM, maybe with
-    other memory or vCPUs (not a kernel of the user's, another machine or command line)."""
-    default = Shape.of(_spec(cfg, None, None))
+def buildable(cfg: Config, shape: Shape, default: Shape | None = None) -> bool:
+    """Whether ``vmrt snapshot build`` can make ``shape``'s snapshot: the default VM (``default``,
+    else found now), maybe with other memory or vCPUs (not a kernel of the user's, another
+    machine or command line)."""
+    default = default or Shape.of(_spec(cfg, None, None))
     return dataclasses.replace(default, memory_mib=shape.memory_mib, vcpus=shape.vcpus) == shape
 
 
@@ -266,6 +267,7 @@ def prune(cfg: Config) -> int:
     Returns how many snapshots went."""
     d = snapshots_dir(cfg)
     n = 0
+    default: Shape | None = None  # the default VM's shape: found once, for every snapshot
     for sub in sorted(d.iterdir()) if d.is_dir() else []:
         if sub.name.endswith(".building"):
             with contextlib.suppress(OSError):
@@ -288,8 +290,10 @@ def prune(cfg: Config) -> int:
         try:
             meta = json.loads((sub / "meta.json").read_text())
             shape = Shape(**meta["shape"])
+            default = default or Shape.of(_spec(cfg, None, None))
             # not what this vmrt builds now (another kernel or agent build: never restored again)
-            stale = meta.get("format") != FORMAT or key(cfg, shape) != sub.name or not buildable(cfg, shape)
+            stale = (meta.get("format") != FORMAT or key(cfg, shape) != sub.name
+                     or not buildable(cfg, shape, default))
         except (OSError, ValueError, TypeError, KeyError, VmrtError):
             stale = True  # unreadable, or its kernel or initramfs is gone
         if stale:
