@@ -131,8 +131,8 @@ def test_a_run_without_a_snapshot_builds_one_for_the_next(vmrt: Vmrt) -> None:
 
 
 def test_other_memory_and_cpus_get_their_own_snapshot(vmrt: Vmrt, tmp_path: Path) -> None:
-    """A -m/--cpus shape is built in the background too, and restored from then on; a bind
-    volume still cold-boots, and says why (--timings)."""
+    """A -m/--cpus shape is built in the background too, and restored from then on, with a
+    writable bind volume too."""
     auto = {"VMRT_SNAPSHOT": "auto"}
     args = ("run", "--rm", "--timings", "--isolation=vm", "-m", "200m", "busybox", "sh", "-c",
             "grep MemTotal /proc/meminfo")
@@ -143,8 +143,10 @@ def test_other_memory_and_cpus_get_their_own_snapshot(vmrt: Vmrt, tmp_path: Path
     r = vmrt(*args, env=auto)
     assert r.returncode == 0 and restored_from(r.stderr) is not None, r.stderr
     assert r.stdout == cold  # the same guest memory as the cold boot's
-    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "-v", f"{tmp_path}:/data", "busybox", "true", env=auto)
-    assert r.returncode == 0 and b"snapshot=none:writable-bind-volume " in r.stderr, r.stderr
+    r = vmrt("run", "--rm", "--timings", "--isolation=vm", "-m", "200m", "-v", f"{tmp_path}:/data", "busybox",
+             "sh", "-c", "echo written > /data/out", env=auto)
+    assert r.returncode == 0 and restored_from(r.stderr) is not None, r.stderr
+    assert (tmp_path / "out").read_text() == "written\n"
     assert vmrt("snapshot", "rm").returncode == 0
     vmrt.assert_clean()
 
@@ -159,6 +161,37 @@ def test_a_kernel_of_the_users_is_not_built_and_bad_settings_are_refused(vmrt: V
     assert not list((vmrt.root / "snapshots").glob("*.building"))
     r = vmrt("run", "--rm", "--isolation=vm", "busybox", "true", env={"VMRT_SNAPSHOT": "sometimes"})
     assert r.returncode == 125 and b"snapshot 'sometimes': use auto, manual or off" in r.stderr, r.stderr
+    vmrt.assert_clean()
+
+
+def test_writable_volumes_are_served_from_the_cache(vmrt: Vmrt, snap: Path, tmp_path: Path) -> None:
+    """Issue 17: a writable bind volume restores from the cache too: what the guest writes is
+    the host's at once (as the guest's users), what the host writes the guest reads, and the
+    image beside it stays read-only."""
+    (tmp_path / "conf").write_text("one\n")
+    tmp_path.chmod(0o777)  # for the guest's user 1234
+    r = vmrt("run", "-d", "--isolation=vm", "--name", "rwvol", "-v", f"{tmp_path}:/data", "busybox", "sleep", "120")
+    assert r.returncode == 0, r.stderr
+    try:
+        qemu = int(vmrt("inspect", "-f", "{{.State.Pid}}", "rwvol").stdout)
+        assert b"-incoming" in Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")  # a clone
+        r = vmrt("exec", "-u", "1234:5678", "rwvol", "sh", "-c", "echo guest > /data/new && mkdir /data/sub")
+        assert r.returncode == 0, r.stderr
+        st = (tmp_path / "new").stat()
+        assert (tmp_path / "new").read_text() == "guest\n" and (st.st_uid, st.st_gid) == (1234, 5678)
+        assert (tmp_path / "sub").is_dir()
+        with open(tmp_path / "conf", "r+") as f:
+            f.write("two\n")
+        assert vmrt("exec", "rwvol", "cat", "/data/conf").stdout == b"two\n"
+        assert vmrt("exec", "rwvol", "sh", "-c", "echo x >> /data/conf && rm /data/new").returncode == 0
+        assert (tmp_path / "conf").read_text() == "two\nx\n" and not (tmp_path / "new").exists()
+        # the rest of the share stays read-only beneath the guest's own overlay
+        r = vmrt("exec", "rwvol", "sh", "-c", "echo x > /bin/busybox-new && echo ok")
+        assert r.stdout == b"ok\n"  # the container's writable layer (its disk) ...
+        layers = vmrt.root / "layers"
+        assert not list(layers.rglob("busybox-new"))  # ... not the image
+    finally:
+        vmrt("rm", "-f", "rwvol")
     vmrt.assert_clean()
 
 

@@ -280,3 +280,44 @@ def _compile(text: str) -> bytes:
     if not prog or len(prog) % 8 or len(prog) // 8 > MAX_INSNS:
         raise LaunchError(f"seccomp: the compiled filter has {len(prog) / 8:g} instructions (at most {MAX_INSNS})")
     return prog
+
+
+# --- the host's file servers (virtiofsd, virtfs-proxy-helper) -----------------------------------
+#
+# Both run as root on the host and write what a guest asks into the host's directories: a writable
+# bind volume. Whatever their own capability sets keep (the proxy helper keeps CAP_MKNOD and
+# CAP_FSETID, and no capability set stops an owner's chmod u+s), this filter, loaded before they
+# start, refuses the requests that would leave a privileged file on the host: setuid/setgid bits
+# (chmod, or a create with such a mode), device nodes, and extended attributes (file capabilities,
+# security.*). A VM's writable layer is its own disk: inside the container these work as usual.
+
+_S_IFMT, _S_IFCHR, _S_IFBLK, _S_ISUID, _S_ISGID = 0o170000, 0o020000, 0o060000, 0o4000, 0o2000
+
+
+def _masked(index: int, mask: int, value: int | None = None) -> dict[str, Any]:
+    """OCI's SCMP_CMP_MASKED_EQ: (arg & value) == valueTwo."""
+    return {"index": index, "op": "SCMP_CMP_MASKED_EQ", "value": mask, "valueTwo": mask if value is None else value}
+
+
+def file_server_profile() -> dict[str, Any]:
+    rules: list[dict[str, Any]] = []
+
+    def deny(names: list[str], *args: dict[str, Any], err: int = EPERM) -> None:
+        rules.append({"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": err, "args": list(args)})
+
+    for bit in (_S_ISUID, _S_ISGID):
+        deny(["chmod", "fchmod", "creat", "mknod"], _masked(1, bit))
+        deny(["fchmodat", "mknodat"], _masked(2, bit))
+        deny(["open"], _masked(1, os.O_CREAT), _masked(2, bit))
+        deny(["openat"], _masked(2, os.O_CREAT), _masked(3, bit))
+    for kind in (_S_IFCHR, _S_IFBLK):
+        deny(["mknod"], _masked(1, _S_IFMT, kind))
+        deny(["mknodat"], _masked(2, _S_IFMT, kind))
+    deny(["setxattr", "lsetxattr", "fsetxattr"], err=errno.EOPNOTSUPP)
+    deny(["openat2", "fchmodat2"], err=errno.ENOSYS)  # a mode the filter cannot see: the callers fall back
+    return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}
+
+
+def file_server_bpf() -> bytes:
+    """:func:`file_server_profile` compiled (cached): what ``procs.spawn(seccomp=...)`` loads."""
+    return compile_bpf(file_server_profile())

@@ -21,8 +21,10 @@ share (a read-only overlay of the image, nosuid, nodev), and once the state is
 loaded the VM continues. The RUN it gets carries SHARE_9P and SEED (64 bytes from the host),
 and the agent reseeds the guest's RNG before anything reads from it and sets the
 clock and hostname, so clones differ (boot id, random numbers, time, hostname).
-Containers with writable bind volumes cold-boot (the 9p export is read-only); on a user network or with
-read-only volumes the clone mounts the share uncached (RUN SHARE_FRESH), so host-side changes are seen.
+The export is read-only, unless a writable bind volume is in the share: then the proxy helper
+writes it (as the guest's users, under the file servers' seccomp filter), and what is read-only
+there is so by its mounts. With bind volumes or on a user network the clone mounts the share
+uncached (RUN SHARE_FRESH), so host-side changes are seen.
 
 The snapshot's VM has the disk device every VM has (vm/disk.py), backed by an empty
 placeholder; a clone's QEMU opens the container's own disk there instead, and once the VM
@@ -162,8 +164,9 @@ def find(cfg: Config, shape: Shape) -> Snapshot | None:
     return Snapshot(d, meta)
 
 
-def restore_spec(spec: VMSpec, snap: Snapshot, share: Path) -> VMSpec:
-    return dataclasses.replace(spec, share_9p=share, ram_file=snap.ram, incoming="defer")
+def restore_spec(spec: VMSpec, snap: Snapshot, share: Path, writable: bool = False) -> VMSpec:
+    """``writable``: a writable volume is in the share (its 9p export is not read-only then)."""
+    return dataclasses.replace(spec, share_9p=share, share_9p_writable=writable, ram_file=snap.ram, incoming="defer")
 
 
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}

@@ -199,8 +199,8 @@ class ColdBoot:
 
 
 class SnapshotRestore:
-    """Restore a snapshot of the container's shape: its share is a read-only 9p export (the
-    proxy helper's, jailed), its RUN carries SHARE_9P and a fresh seed."""
+    """Restore a snapshot of the container's shape: its share is a 9p export (the proxy
+    helper's, jailed or with a writable volume), its RUN carries SHARE_9P and a fresh seed."""
 
     name = "snapshot"
 
@@ -217,13 +217,18 @@ class SnapshotRestore:
         rootfs.seal_share(share)
         ctx.timings.mark("rootfs-ready")
         logs = jail.vmm_log_dir(ctx.bundle_dir)
+        writable = _writable_binds(ctx)
         proxy = None
-        if cfg.vmm_jail:  # the jailed QEMU cannot read the root-only share: a helper serves it
+        # the jailed QEMU cannot read the root-only share, and a writable volume's files are
+        # written as their guest owners: a helper serves it (what is read-only there is so by
+        # its mounts: the image's overlay, the share's top, each read-only volume's bind)
+        if cfg.vmm_jail or writable:
             proxy = P9Proxy(cfg, share, logs / "virtiofsd.log", group=launch.group)
             proxy.start()
             stack.callback(proxy.stop)
         with contextlib.ExitStack() as fds:
-            vm = QemuVM(cfg, snapshot.restore_spec(_disk(launch, _nic(ctx, launch.spec, fds), fds), self.snap, share),
+            spec = _disk(launch, _nic(ctx, launch.spec, fds), fds)
+            vm = QemuVM(cfg, snapshot.restore_spec(spec, self.snap, share, writable=writable),
                         logs / "qemu.log", group=launch.group, fs_fd=proxy.qemu_fd if proxy is not None else None)
             vm.launch()
         if proxy is not None:
@@ -323,6 +328,10 @@ def _user_binds(ctx: RunContext) -> list[dict[str, Any]]:
     return [m for m in bundle.user_mounts(ctx.config) if m["type"] == "bind" and not m.get("org.vmrt.managed")]
 
 
+def _writable_binds(ctx: RunContext) -> bool:
+    return any("ro" not in m.get("options", []) for m in _user_binds(ctx))
+
+
 def fresh_share(ctx: RunContext) -> bool:
     """Whether files in a clone's share change while it runs: a user network's names (rewritten
     in place), a bind volume's files (the host's): its 9p share is mounted uncached (SHARE_FRESH)."""
@@ -330,17 +339,13 @@ def fresh_share(ctx: RunContext) -> bool:
 
 
 def _snapshot(ctx: RunContext, shape: Shape) -> tuple[snapshot.Snapshot | None, str]:
-    """A verified snapshot of this shape, for a container without writable bind volumes (the
-    9p export is read-only: vmrt's own /etc files and read-only volumes are fine; where files
-    there change while it runs, the clone mounts it uncached: :func:`fresh_share`); a corrupt
-    one is refused with a notice: then a cold boot. With none, why (``--timings``:
-    ``snapshot=none:WHY``); a missing one is built in the background (``snapshot = "auto"``)
-    for the next run."""
+    """A verified snapshot of this shape (where files in the clone's share change while it
+    runs, it mounts it uncached: :func:`fresh_share`); a corrupt one is refused with a notice:
+    then a cold boot. With none, why (``--timings``: ``snapshot=none:WHY``); a missing one is
+    built in the background (``snapshot = "auto"``) for the next run."""
     cfg = ctx.cfg
     if cfg.snapshot == "off":
         return None, "off"
-    if any("ro" not in m.get("options", []) for m in _user_binds(ctx)):
-        return None, "writable-bind-volume"
     snap = snapshot.find(cfg, shape)
     if snap is not None and (why := snap.verify()) is not None:
         print(f"vmrt: notice: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)

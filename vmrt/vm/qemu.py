@@ -69,7 +69,8 @@ class VMSpec:
     name: str = "vmrt"
     rootfs_tag: str = "rootfs"
     extra_cmdline: str = ""
-    share_9p: Path | None = None   # share this dir over virtio-9p (read-only) instead of virtio-fs
+    share_9p: Path | None = None   # share this dir over virtio-9p instead of virtio-fs: read-only, ...
+    share_9p_writable: bool = False  # ... unless a writable volume is in it (its fsdev_fd's mounts say what is)
     incoming: str | None = None    # QEMU -incoming: "defer" to restore a snapshot's state
     ram_file: Path | None = None   # guest RAM in this file (a snapshot's), else a shared memfd
     tap_fd: int | None = None      # the VM's NIC (virtio-net) backed by this tap (vmrt/network/netns.py)
@@ -86,8 +87,9 @@ class VMSpec:
 
 class QemuVM:
     """One QEMU. Jailed (``cfg.vmm_jail``, the default: vm/jail.py) it gets every channel as an
-    inherited fd — ``fs_fd`` is the virtio-9p proxy helper's socket for a 9p share — and joins
-    ``group`` before it starts; unjailed it runs as root in the run directory, as before."""
+    inherited fd — ``fs_fd`` is the virtio-9p proxy helper's socket for a 9p share (unjailed
+    too, for a writable one) — and joins ``group`` before it starts; unjailed it runs as root
+    in the run directory, as before."""
 
     def __init__(self, cfg: Config, spec: VMSpec, stderr_log: Path, *, group: HostGroup | None = None,
                  fs_fd: int | None = None) -> None:
@@ -127,14 +129,16 @@ class QemuVM:
             cmdline += " " + s.extra_cmdline
         if self.jailed:  # every file and channel is in the jail or an inherited fd
             kernel, initrd = "/kernel", "/initrd"
-            fs9 = f"proxy,id=fs9,sock_fd={fds['fs']},readonly=on"
             vfs = f"socket,id=vfs,fd={fds['fs']}"
             sandbox = ["-sandbox", jail_mod.QEMU_SANDBOX]
         else:
             kernel, initrd = str(s.kernel), str(s.initrd)  # plain values (not QEMU option strings)
-            fs9 = f"local,id=fs9,path={opt_value(str(s.share_9p))},security_model=none,readonly=on"
             vfs = f"socket,id=vfs,path={opt_value(s.virtiofs_socket.name)}"
             sandbox = []
+        if "fs" in fds:  # the proxy helper's (vm/virtiofsd.py: P9Proxy)
+            fs9 = f"proxy,id=fs9,sock_fd={fds['fs']}" + ("" if s.share_9p_writable else ",readonly=on")
+        else:  # unjailed QEMU reads the share itself (a writable one always has the helper)
+            fs9 = f"local,id=fs9,path={opt_value(str(s.share_9p))},security_model=none,readonly=on"
         return [
             self.cfg.qemu, "-name", opt_value(s.name), *machine, *s.accel.qemu_args(self.cfg.tcg_tb_size_mib),
             "-m", mem, "-smp", str(s.vcpus),
@@ -237,6 +241,8 @@ class QemuVM:
                 if self.spec.ram_file is not None and self.spec.incoming:  # a clone: its own copy
                     ram = os.open(self.spec.ram_file, os.O_RDONLY | os.O_CLOEXEC)
                     j.ram_copy = (ram, os.fstat(ram).st_size)
+            elif self.fs_fd is not None:  # a writable 9p share's helper
+                fds["fs"] = self.fs_fd
             cmd = self.command(fds)
             self._cmd = cmd
             with open(self.stderr_log, "ab", opener=fsmode.opener) as err:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .. import fsmode
+from .. import fsmode, seccomp
 from ..cgroups import HostGroup
 from ..config import Config
 from ..errors import LaunchError
@@ -20,7 +20,9 @@ from . import procs
 
 # capabilities virtiofsd gives up (it keeps chown, dac_override, fowner, setgid, setuid to serve
 # the guest's files as their owners): no device nodes, no file capabilities, and writes clear
-# setuid/setgid bits (no fsetid) — a guest can never leave a privileged file on the host
+# setuid/setgid bits (no fsetid). An owner's chmod u+s needs none of these: the file servers'
+# seccomp filter (seccomp.file_server_profile) refuses that, so a guest never leaves a
+# privileged file on the host
 MODCAPS = "-mknod:-setfcap:-fsetid"
 NOFILE = 65536  # open files (one per inode the guest holds): bounded, not the 1M default
 
@@ -55,7 +57,7 @@ class Virtiofsd:
                 self.proc = procs.spawn(self.command, stdout=log.fileno(), stderr=log.fileno(),
                                         cwd=str(self.socket.parent), die_with_parent=self.die_with_parent,
                                         join=self.group.procs_files() if self.group is not None else (),
-                                        nofile=NOFILE)
+                                        nofile=NOFILE, seccomp=seccomp.file_server_bpf())
             except OSError as e:
                 raise LaunchError(f"cannot start virtiofsd: {e.strerror}", command=self.command) from e
         if not procs.wait_for_path(str(self.socket), self.proc, self.cfg.timeouts.virtiofsd_ready):
@@ -75,10 +77,12 @@ class Virtiofsd:
 
 
 class P9Proxy:
-    """The server of a jailed QEMU's 9p share (a snapshot clone's): QEMU's ``proxy`` fsdev asks
+    """The server of a snapshot clone's 9p share: QEMU's ``proxy`` fsdev asks
     ``virtfs-proxy-helper`` over a socketpair, and the helper — root with only the filesystem
-    capabilities, chrooted into the share, in the VM's cgroup — opens the root-only files QEMU
-    itself no longer can. Same interface as :class:`Virtiofsd` for the driver."""
+    capabilities, chrooted into the share, in the VM's cgroup, under the file servers' seccomp
+    filter — opens the root-only files a jailed QEMU itself no longer can, and writes a writable
+    volume's files as their guest owners (jailed or not). What is read-only in the share is so
+    by its mounts. Same interface as :class:`Virtiofsd` for the driver."""
 
     def __init__(self, cfg: Config, source: Path, log: Path, die_with_parent: bool = True,
                  group: HostGroup | None = None) -> None:
@@ -98,7 +102,8 @@ class P9Proxy:
             with open(self.log, "ab", opener=fsmode.opener) as log:
                 self.proc = procs.spawn(cmd, pass_fds=(theirs.fileno(),), stdout=log.fileno(), stderr=log.fileno(),
                                         die_with_parent=self.die_with_parent, nofile=NOFILE,
-                                        join=self.group.procs_files() if self.group is not None else ())
+                                        join=self.group.procs_files() if self.group is not None else (),
+                                        seccomp=seccomp.file_server_bpf())
         except OSError as e:
             ours.close()
             raise LaunchError(f"cannot start virtfs-proxy-helper: {e.strerror}", command=cmd) from e
