@@ -4,13 +4,15 @@
     python3 benchmarks/jail.py [--runs 20] [--idle 3] [--write docs/BENCHMARKS.md]
 
 A private vmrt root (its own store, snapshots, bridge-less runs with ``--network none``)
-runs ``vmrt run --rm --isolation=vm busybox true`` in four interleaved variants: cold boot
+runs ``vmrt run --rm --isolation=vm busybox true`` in five interleaved variants: cold boot
 (no snapshot, no pool) and cached (restored from the snapshot of its shape), each with
 ``VMRT_VMM_JAIL=1`` (the default) and ``=0`` (QEMU as root in the host's root, as before
-issue 14). Two warm-up runs of each are discarded; wall time is taken from the host with
-time.monotonic_ns(). Then ``--idle`` detached idle containers per variant: the PSS of every
-process in the container's VMM cgroup (QEMU, virtiofsd or the 9p proxy helper) from
-/proc/PID/smaps_rollup. A benchmark, never a test.
+issue 14); unjailed clones once with the snapshot's RAM pages shared
+(``VMRT_VM_MEMORY=shared``) and once with a private copy (``=private``), which is what a
+jailed clone always gets. Two warm-up runs of each are discarded; wall time is taken from
+the host with time.monotonic_ns(). Then ``--idle`` detached idle containers per variant:
+the PSS of every process in the container's VMM cgroup (QEMU, virtiofsd or the 9p proxy
+helper) from /proc/PID/smaps_rollup. A benchmark, never a test.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ VMRT = [sys.executable, "-m", "vmrt"]
 VARIANTS = {  # name -> environment
     "cold, jailed": {"VMRT_VMM_JAIL": "1", "VMRT_SNAPSHOT": "off"},
     "cold, unjailed": {"VMRT_VMM_JAIL": "0", "VMRT_SNAPSHOT": "off"},
-    "cached, jailed": {"VMRT_VMM_JAIL": "1"},
-    "cached, unjailed": {"VMRT_VMM_JAIL": "0"},
+    "cached, jailed": {"VMRT_VMM_JAIL": "1"},  # its RAM a private copy (the only mode jailed)
+    "cached, unjailed, shared RAM": {"VMRT_VMM_JAIL": "0", "VMRT_VM_MEMORY": "shared"},
+    "cached, unjailed, private RAM": {"VMRT_VMM_JAIL": "0", "VMRT_VM_MEMORY": "private"},
 }
 
 

@@ -349,9 +349,11 @@ def test_info_reports_accelerator_versions_and_kernel(vmrt: Vmrt) -> None:
     assert str(vmrt.root) in out
     # issue 17: the cache in use, and whether clones share memory (the jail: never)
     assert "VM cache:            snapshot=manual, pool=auto" in out  # the suite's setting (tests/support.py)
-    assert "Clone memory:        private" in out
+    assert "Clone memory:        private" in out and "(vm_memory=auto, jailed QEMU)" in out
     r = vmrt("info", env={"VMRT_VMM_JAIL": "0"})
     assert "Clone memory:        shared" in r.stdout.decode()
+    r = vmrt("info", env={"VMRT_VMM_JAIL": "0", "VMRT_VM_MEMORY": "private"})
+    assert "Clone memory:        private" in r.stdout.decode()
 
 
 def test_images_lists_busybox(vmrt: Vmrt) -> None:

@@ -79,6 +79,7 @@ class RunOptions:
     platform: str | None = None    # os/arch[/variant] for a pull; config's default otherwise
     net: NetRequest | None = None  # None: the default bridge network
     storage_size: int | None = None  # --storage-opt size= (bytes): a VM's writable layer's disk
+    vm_memory: str | None = None     # --vm-memory auto|shared|private (a snapshot clone's RAM)
 
 
 def parse_pids(value: str) -> int | None:
@@ -299,7 +300,7 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         "annotations": {"org.vmrt.isolation": isolation, "org.vmrt.image": opts.image,
                         "org.vmrt.stdin": "true" if opts.interactive else "false",
                         "org.vmrt.network": _net_request(image_cfg, opts, isolation).to_json(),
-                        **_storage(opts, isolation)},
+                        **_storage(opts, isolation), **_vm_memory(opts, isolation)},
         "linux": linux,
     }
 
@@ -331,6 +332,17 @@ def _storage(opts: RunOptions, isolation: str) -> dict[str, str]:
         raise UsageError("--storage-opt size is supported for --isolation=vm only (a process container's "
                          "writable layer is a directory on the host's file system)")
     return {STORAGE_SIZE: str(opts.storage_size)}
+
+
+VM_MEMORY = "org.vmrt.vm.memory"  # annotation: --vm-memory (VM mode)
+
+
+def _vm_memory(opts: RunOptions, isolation: str) -> dict[str, str]:
+    if opts.vm_memory is None:
+        return {}
+    if isolation != "vm":
+        raise UsageError("--vm-memory is supported for --isolation=vm only")
+    return {VM_MEMORY: opts.vm_memory}
 
 
 # the mounts every container gets; user mounts (volumes) follow them in config.json

@@ -63,6 +63,10 @@ class Config:
     # VM starts restore a snapshot of their shape: auto (and a run that finds none builds it in the
     # background), manual (only what `vmrt snapshot build` made) or off (every VM boots)
     snapshot: str = "auto"
+    # a snapshot clone's guest RAM: shared (clones map the snapshot's RAM file copy-on-write, one
+    # page cache for all: a cross-tenant side channel), private (each clone copies it) or auto
+    # (shared where the QEMU can map it so: unjailed; a jailed QEMU 7.2 cannot, so private)
+    vm_memory: str = "auto"
     network_subnet: str = "10.66.0.0/16"     # the default `bridge` network's addresses
     network_bridge: str = "vmrt0"            # ... and its bridge (made on first use, kept, as docker0)
     network_pool: str = "10.67.0.0/16"       # user networks get a /24 of this unless --subnet is given
@@ -155,8 +159,30 @@ def load(env: dict[str, str] | None = None) -> Config:
     cfg.isolation = iso or "vm"
     if cfg.snapshot not in ("auto", "manual", "off"):
         raise UsageError(f"snapshot {cfg.snapshot!r}: use auto, manual or off")
+    check_vm_memory(cfg, cfg.vm_memory, "vm_memory")
     check_paths(cfg)
     return cfg
+
+
+VM_MEMORY = ("auto", "shared", "private")
+
+
+def check_vm_memory(cfg: Config, value: str, what: str) -> None:
+    """``vm_memory`` (or ``--vm-memory``): one of :data:`VM_MEMORY`; ``shared`` only unjailed."""
+    if value not in VM_MEMORY:
+        raise UsageError(f"{what} {value!r}: use auto, shared or private")
+    if value == "shared" and cfg.vmm_jail:
+        raise UsageError(f"{what} shared needs vmm_jail = false: a jailed QEMU cannot map a snapshot's RAM file "
+                         "shared (QEMU 7.2 opens it read-write; its jail holds a private copy instead)")
+
+
+def vm_memory(cfg: Config, requested: str | None) -> str:
+    """What a snapshot clone gets: ``shared`` or ``private`` (``requested``: the run's
+    ``--vm-memory``, else the setting; auto is shared unjailed, private jailed)."""
+    want = requested or cfg.vm_memory
+    if want == "auto":
+        return "private" if cfg.vmm_jail else "shared"
+    return want
 
 
 # characters that would split or escape an option list these dirs' paths are put in: overlayfs's

@@ -25,12 +25,12 @@ from typing import Any
 from . import config as config_mod
 from . import formatting, lifecycle, logfile, network
 from . import volumes as volumes_mod
-from .bundle import STORAGE_SIZE, RunOptions, parse_cpus, parse_memory, parse_pids
+from .bundle import STORAGE_SIZE, VM_MEMORY, RunOptions, parse_cpus, parse_memory, parse_pids
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .imagecmds import inspect_doc as image_doc
 from .images.store import Store
-from .layout import LOG_NAME, META_NAME, Meta, container_dir
+from .layout import LOG_NAME, META_NAME, VM_INFO_NAME, Meta, container_dir
 from .netcmds import ports_text
 from .ocispec import Spec
 from .state import Container, State, Status
@@ -81,6 +81,7 @@ class RunArgs:
     isolation: str = "default"
     read_only: bool = False
     storage_opts: tuple[str, ...] = ()
+    vm_memory: str | None = None
     accel: str | None = None
     kernel: Path | None = None
     show_timings: bool = False
@@ -130,7 +131,9 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         pids_limit=parse_pids(a.pids_limit) if a.pids_limit else None, pull=a.pull_policy, platform=a.platform,
         mounts=[*map(volumes_mod.parse_volume, a.volumes), *map(volumes_mod.parse_mount, a.mounts),
                 *map(volumes_mod.parse_tmpfs, a.tmpfs)],
-        net=_net_request(a), storage_size=_storage_size(a.storage_opts))
+        net=_net_request(a), storage_size=_storage_size(a.storage_opts), vm_memory=a.vm_memory)
+    if a.vm_memory is not None:
+        config_mod.check_vm_memory(cfg, a.vm_memory, "--vm-memory")
     volumes_mod.check_unique(opts.mounts)
     # as Docker: parents before children, whatever the order on the command line
     opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
@@ -397,6 +400,10 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
     policy, _, count = str(meta.get("restart", "no")).partition(":")
     quota = res.get("cpu", {}).get("quota")
     req = network.request_of(config)
+    vm: dict[str, Any] | None = None  # a running VM's source and RAM mode (the VM driver wrote it)
+    if c.isolation == "vm" and running and c.run_dir:
+        with contextlib.suppress(OSError, ValueError):
+            vm = json.loads((Path(c.run_dir) / VM_INFO_NAME).read_text())
     return {
         "Id": c.id, "Created": _iso(c.created), "Path": c.command[0] if c.command else "",
         "Args": c.command[1:],
@@ -421,7 +428,9 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                        "NetworkMode": req.network, "PublishAllPorts": req.publish_all,
                        "PortBindings": _bindings(req), "Dns": req.dns, "DnsSearch": req.dns_search,
                        "DnsOptions": req.dns_options, "ExtraHosts": req.extra_hosts or None,
-                       "LogConfig": {"Type": "json-file", "Config": _log_config(cfg, meta)}},
+                       "LogConfig": {"Type": "json-file", "Config": _log_config(cfg, meta)},
+                       "VMMemory": config.get("annotations", {}).get(VM_MEMORY, "")},
+        "VM": vm,
         "NetworkSettings": network.settings(cfg, c.id, req) if running else
         {"Networks": {n: {"IPAddress": ""} for n in req.networks}, "Ports": {}, "IPAddress": "",
          "Gateway": "", "MacAddress": "", "SandboxKey": ""},

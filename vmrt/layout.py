@@ -19,6 +19,7 @@ from .config import Config
 
 LOG_NAME = "container.log"
 META_NAME = "monitor.json"
+VM_INFO_NAME = "vm.json"  # in a running VM container's run dir: its VM's source and RAM mode (inspect)
 ATTACH_NAME = "attach.sock"
 
 

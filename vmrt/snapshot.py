@@ -164,9 +164,11 @@ def find(cfg: Config, shape: Shape) -> Snapshot | None:
     return Snapshot(d, meta)
 
 
-def restore_spec(spec: VMSpec, snap: Snapshot, share: Path, writable: bool = False) -> VMSpec:
-    """``writable``: a writable volume is in the share (its 9p export is not read-only then)."""
-    return dataclasses.replace(spec, share_9p=share, share_9p_writable=writable, ram_file=snap.ram, incoming="defer")
+def restore_spec(spec: VMSpec, snap: Snapshot, share: Path, writable: bool = False, private: bool = True) -> VMSpec:
+    """``writable``: a writable volume is in the share (its 9p export is not read-only then);
+    ``private``: the clone copies the RAM file (else it maps it: pages shared with other clones)."""
+    return dataclasses.replace(spec, share_9p=share, share_9p_writable=writable, ram_file=snap.ram,
+                               ram_private=private, incoming="defer")
 
 
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}

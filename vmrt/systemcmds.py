@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import __version__, cgroups, formatting
+from . import config as config_mod
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .images.store import Store
@@ -32,6 +33,15 @@ def _runtime_line(cfg: Config) -> str:
     out = subprocess.run([rt, "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()
     cg = "v2" if cgroups.is_v2() else "v1"
     return f"{rt} ({out[0] if out else 'unknown version'}; setting {cfg.runtime}; cgroup {cg})"
+
+
+def _clone_memory_line(cfg: Config) -> str:
+    mode = config_mod.vm_memory(cfg, None)
+    why = f"vm_memory={cfg.vm_memory}" + (", jailed QEMU" if cfg.vmm_jail else ", vmm_jail=false")
+    if mode == "private":
+        return f"private: each clone copies the snapshot's RAM, no pages shared across containers ({why})"
+    return (f"shared: clones map one RAM file copy-on-write, its page cache shared across containers: "
+            f"a side channel ({why}; --vm-memory=private per run)")
 
 
 def info(cfg: Config) -> list[str]:
@@ -69,10 +79,7 @@ def info(cfg: Config) -> list[str]:
         ("Kernel build id", kidline),
         ("Agent initramfs", initrd),
         ("VM cache", f"snapshot={cfg.snapshot}, pool={cfg.pool}"),
-        ("Clone memory", "private: each clone copies the snapshot's RAM (jailed QEMU; no pages shared "
-                         "across containers)" if cfg.vmm_jail else
-                         "shared: clones map one RAM file copy-on-write (page cache shared across "
-                         "containers: a side channel; vmm_jail=false)"),
+        ("Clone memory", _clone_memory_line(cfg)),
         ("State directory", str(cfg.root)),
         ("Run directory", str(cfg.run_root)),
         ("Cache directory", str(cfg.cache)),

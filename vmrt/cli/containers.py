@@ -44,6 +44,9 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 @click.option("--storage-opt", "storage_opts", multiple=True,
               help="Storage driver option: size=SIZE, the VM's writable layer (default: the vm_storage_size setting).")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="VM accelerator (default: auto).")
+@click.option("--vm-memory", type=click.Choice(["auto", "shared", "private"]),
+              help="A VM restored from a snapshot: share the snapshot's RAM pages with other containers, or "
+                   "copy them (default: the vm_memory setting).")
 @click.option("--kernel", type=click.Path(path_type=Path), help="Guest kernel (vmlinux) to boot instead of vmrt's.")
 @click.option("--timings", "show_timings", is_flag=True, help="Print start-up phase timings to stderr.")
 @click.option("--pull", "pull_policy", default="missing", show_default=True,

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ from typing import Any
 from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, seccomp
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
+from ..layout import VM_INFO_NAME
 from ..proc import write_all
 from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
 from ..vm import accel as accel_mod
@@ -499,6 +501,10 @@ class _Session:
             stack.callback(disk.abort)
         source = vmsource.choose(ctx, spec, disk)
         vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack, disk))
+        # for `vmrt inspect`: where its VM came from, whether its RAM pages are shared
+        fsmode.write_private(bdir / VM_INFO_NAME, json.dumps(
+            {"Source": source.name, "Snapshot": source.snap.dir.name if isinstance(source, vmsource.SnapshotRestore)
+             else "", "Memory": source.memory}))
         stack.push_async_callback(self._teardown_vm)
         if vm.join_group:
             group.add(vm.pid)

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import bundle, cgroups, network, rootfs, snapshot
+from .. import bundle, cgroups, config, network, rootfs, snapshot
 from ..agent import protocol as P
 from ..errors import LaunchError
 from ..pool import client as pool_client
@@ -100,6 +100,7 @@ class Launch:
 
 class VMSource(Protocol):
     name: str
+    memory: str  # its guest RAM: private (its own), or shared (a snapshot's pages, with other clones)
 
     async def start(self, launch: Launch) -> RunningVM:
         """The share ready and the VM running (its HELLO may still be on its way)."""
@@ -167,6 +168,7 @@ class ColdBoot:
     """Boot a new VM: virtiofsd serves the share, QEMU boots the kernel and the agent."""
 
     name = "cold"
+    memory = "private"
 
     async def start(self, launch: Launch) -> RunningVM:
         ctx, cfg, stack = launch.ctx, launch.ctx.cfg, launch.stack
@@ -204,8 +206,8 @@ class SnapshotRestore:
 
     name = "snapshot"
 
-    def __init__(self, snap: snapshot.Snapshot) -> None:
-        self.snap = snap
+    def __init__(self, snap: snapshot.Snapshot, memory: str) -> None:
+        self.snap, self.memory = snap, memory
 
     async def start(self, launch: Launch) -> RunningVM:
         ctx, cfg, stack = launch.ctx, launch.ctx.cfg, launch.stack
@@ -228,7 +230,8 @@ class SnapshotRestore:
             stack.callback(proxy.stop)
         with contextlib.ExitStack() as fds:
             spec = _disk(launch, _nic(ctx, launch.spec, fds), fds)
-            vm = QemuVM(cfg, snapshot.restore_spec(spec, self.snap, share, writable=writable),
+            spec = snapshot.restore_spec(spec, self.snap, share, writable=writable, private=self.memory == "private")
+            vm = QemuVM(cfg, spec,
                         logs / "qemu.log", group=launch.group, fs_fd=proxy.qemu_fd if proxy is not None else None)
             vm.launch()
         if proxy is not None:
@@ -248,6 +251,7 @@ class PoolClaim:
     the pool daemon's children (watched through pidfds) and are killed, never reused."""
 
     name = "pool"
+    memory = "private"
 
     def __init__(self, claimed: pool_client.Claimed) -> None:
         self.claimed = claimed
@@ -373,4 +377,8 @@ def choose(ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None = None) -> VM
         return PoolClaim(claimed)
     snap, why = _snapshot(ctx, shape)
     ctx.timings.info["snapshot"] = why if snap is not None else f"none:{why}"
-    return SnapshotRestore(snap) if snap is not None else ColdBoot()
+    if snap is None:
+        return ColdBoot()
+    memory = config.vm_memory(ctx.cfg, ctx.config.get("annotations", {}).get(bundle.VM_MEMORY))
+    ctx.timings.info["memory"] = memory
+    return SnapshotRestore(snap, memory)

@@ -92,7 +92,7 @@ def _bind_ro(src: str, target: str, extra: int = MS_NOSUID | MS_NODEV) -> None:
     _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | extra)
 
 
-def _copy_sparse(src: int, dst: int, size: int) -> None:
+def copy_sparse(src: int, dst: int, size: int) -> None:
     """The data extents of src into dst (holes stay holes: only what the guest touched is copied)."""
     os.ftruncate(dst, size)
     off = 0
@@ -186,7 +186,7 @@ def _child(jail: Jail, die_with_parent: bool, groups: list[int]) -> Callable[[],
             if jail.ram_copy is not None:
                 fd = os.open("ram", os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
                 try:
-                    _copy_sparse(jail.ram_copy[0], fd, jail.ram_copy[1])
+                    copy_sparse(jail.ram_copy[0], fd, jail.ram_copy[1])
                     os.fchown(fd, uid, uid)
                 finally:
                     os.close(fd)

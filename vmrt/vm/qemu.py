@@ -73,6 +73,7 @@ class VMSpec:
     share_9p_writable: bool = False  # ... unless a writable volume is in it (its fsdev_fd's mounts say what is)
     incoming: str | None = None    # QEMU -incoming: "defer" to restore a snapshot's state
     ram_file: Path | None = None   # guest RAM in this file (a snapshot's), else a shared memfd
+    ram_private: bool = True       # a clone's: a copy of ram_file of its own (jailed: always), else mapped
     tap_fd: int | None = None      # the VM's NIC (virtio-net) backed by this tap (vmrt/network/netns.py)
     mac: str = "02:56:00:00:00:01"  # the NIC's MAC at boot (the agent sets the container's own)
     disk_fd: int | None = None     # the writable layer's disk (vm/disk.py): QEMU's fd of it ...
@@ -168,15 +169,18 @@ class QemuVM:
     def memory_backend(self, mem: str) -> str:
         """Guest RAM. vhost-user-fs needs RAM virtiofsd can map: a shared memfd. A snapshot's
         VM keeps its RAM in the snapshot's file: shared while it is built (the file is the
-        saved memory, ``x-ignore-shared`` leaves it out of the state stream), then mapped
-        private by every clone (copy-on-write: the file never changes): the page cache is
-        shared among them and only the pages a clone writes become its own."""
+        saved memory, ``x-ignore-shared`` leaves it out of the state stream). A clone with
+        ``ram_private`` (always, jailed) maps a copy of its own; else it maps the file private
+        (copy-on-write: the file never changes), so the page cache is shared among clones and
+        only the pages one writes become its own."""
         s = self.spec
         if s.ram_file is None:
             return f"memory-backend-memfd,id=mem,size={mem},share=on"
         if self.jailed:  # the jail's /ram: the snapshot's file while it is built, a clone's own copy
             return f"memory-backend-file,id=mem,size={mem},mem-path=/ram,share=on"
         path = opt_value(str(s.ram_file))
+        if s.incoming and s.ram_private:  # its own copy in its run dir
+            return f"memory-backend-file,id=mem,size={mem},mem-path={opt_value(str(self.ram_copy))},share=on"
         if s.incoming:
             return f"memory-backend-file,id=mem,size={mem},mem-path={path},share=off"
         return f"memory-backend-file,id=mem,size={mem},mem-path={path},share=on"
@@ -227,6 +231,23 @@ class QemuVM:
     def run_dir(self) -> Path:
         return self.spec.virtiofs_socket.parent
 
+    @property
+    def ram_copy(self) -> Path:
+        """An unjailed clone's private copy of the snapshot's RAM (a jailed one's is in its jail)."""
+        return self.run_dir / "ram"
+
+    def _copy_ram(self) -> None:
+        assert self.spec.ram_file is not None
+        src = os.open(self.spec.ram_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dst = os.open(self.ram_copy, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                jail_mod.copy_sparse(src, dst, os.fstat(src).st_size)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
     def launch(self, die_with_parent: bool = True) -> None:
         pairs = {k: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for k in ("console", "qmp", "agent")}
         fds = {k: b.fileno() for k, (_a, b) in pairs.items()}
@@ -241,8 +262,11 @@ class QemuVM:
                 if self.spec.ram_file is not None and self.spec.incoming:  # a clone: its own copy
                     ram = os.open(self.spec.ram_file, os.O_RDONLY | os.O_CLOEXEC)
                     j.ram_copy = (ram, os.fstat(ram).st_size)
-            elif self.fs_fd is not None:  # a writable 9p share's helper
-                fds["fs"] = self.fs_fd
+            else:
+                if self.fs_fd is not None:  # a writable 9p share's helper
+                    fds["fs"] = self.fs_fd
+                if self.spec.ram_file is not None and self.spec.incoming and self.spec.ram_private:
+                    self._copy_ram()
             cmd = self.command(fds)
             self._cmd = cmd
             with open(self.stderr_log, "ab", opener=fsmode.opener) as err:
