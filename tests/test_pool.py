@@ -110,6 +110,32 @@ def test_shape_mismatch_and_read_only_volumes_cold_boot(pooled: Vmrt, tmp_path: 
     assert r.returncode == 0 and served_by(r.stderr) is None
 
 
+def test_pooled_vms_are_restored_from_the_snapshot(vmrt: Vmrt, snap: Path, tmp_path: Path) -> None:
+    """Issue 17 part 1: with a snapshot of its shape, the pool restores its VMs (a 9p share the
+    proxy helper serves) rather than booting them. A restored VM's export is read-only, so a
+    run with a writable volume restores a VM of its own instead of taking it."""
+    assert vmrt("pool", "start", "--size", "1").returncode == 0
+    try:
+        assert vmrt("pool", "fill", "--wait", timeout=300).returncode == 0
+        r = vmrt("run", "-d", "--name", "pclone", "--isolation=vm", "busybox", "sleep", "600")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(vmrt("inspect", "pclone").stdout)[0]
+        assert doc["VM"] == {"Source": "pool", "Snapshot": snap.name, "Memory": "private"}, doc["VM"]
+        assert b"-incoming" in Path(f"/proc/{doc['State']['Pid']}/cmdline").read_bytes().split(b"\0")
+        r = vmrt("exec", "pclone", "sh", "-c", "echo in > /tmp/f && cat /tmp/f /etc/hostname")
+        assert r.stdout == f"in\n{doc['Config']['Hostname']}\n".encode(), r.stderr
+        assert vmrt("rm", "-f", "pclone").returncode == 0
+        assert vmrt("pool", "fill", "--wait", timeout=300).returncode == 0
+        r = vmrt("run", "--rm", "--timings", "--isolation=vm", "-v", f"{tmp_path}:/data", "busybox", "sh", "-c",
+                 "echo w > /data/f")
+        assert r.returncode == 0 and served_by(r.stderr) is None, r.stderr
+        assert f"snapshot={snap.name}".encode() in r.stderr and (tmp_path / "f").read_text() == "w\n"
+        assert pool_status(vmrt)["Served"] == 1
+    finally:
+        assert vmrt("pool", "stop").returncode == 0
+    vmrt.assert_clean()
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():

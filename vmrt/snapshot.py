@@ -267,10 +267,11 @@ def build_in_background(cfg: Config, shape: Shape) -> str:
 
 def prune(cfg: Config) -> int:
     """Remove what no run can restore: snapshots of another format, kernel, initramfs or QEMU
-    (their key is not the one their shape has now, or their shape is not the default VM's with
-    some memory and vCPUs), builds that died, unheld build locks.
+    (their key is not the one their shape has now, jailed or not, or their shape is not the
+    default VM's with some memory and vCPUs), builds that died, unheld build locks.
     Returns how many snapshots went."""
     d = snapshots_dir(cfg)
+    other = dataclasses.replace(cfg, vmm_jail=not cfg.vmm_jail)  # its snapshots are kept too
     n = 0
     default: Shape | None = None  # the default VM's shape: found once, for every snapshot
     for sub in sorted(d.iterdir()) if d.is_dir() else []:
@@ -297,7 +298,7 @@ def prune(cfg: Config) -> int:
             shape = Shape(**meta["shape"])
             default = default or Shape.of(_spec(cfg, None, None))
             # not what this vmrt builds now (another kernel or agent build: never restored again)
-            stale = (meta.get("format") != FORMAT or key(cfg, shape) != sub.name
+            stale = (meta.get("format") != FORMAT or sub.name not in (key(cfg, shape), key(other, shape))
                      or not buildable(cfg, shape, default))
         except (OSError, ValueError, TypeError, KeyError, VmrtError):
             stale = True  # unreadable, or its kernel or initramfs is gone

@@ -503,8 +503,7 @@ class _Session:
         vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack, disk))
         # for `vmrt inspect`: where its VM came from, whether its RAM pages are shared
         fsmode.write_private(bdir / VM_INFO_NAME, json.dumps(
-            {"Source": source.name, "Snapshot": source.snap.dir.name if isinstance(source, vmsource.SnapshotRestore)
-             else "", "Memory": source.memory}))
+            {"Source": source.name, "Snapshot": source.snapshot, "Memory": source.memory}))
         stack.push_async_callback(self._teardown_vm)
         if vm.join_group:
             group.add(vm.pid)

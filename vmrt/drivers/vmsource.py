@@ -101,6 +101,7 @@ class Launch:
 class VMSource(Protocol):
     name: str
     memory: str  # its guest RAM: private (its own), or shared (a snapshot's pages, with other clones)
+    snapshot: str  # the snapshot its VM was restored from ("": booted)
 
     async def start(self, launch: Launch) -> RunningVM:
         """The share ready and the VM running (its HELLO may still be on its way)."""
@@ -169,6 +170,7 @@ class ColdBoot:
 
     name = "cold"
     memory = "private"
+    snapshot = ""
 
     async def start(self, launch: Launch) -> RunningVM:
         ctx, cfg, stack = launch.ctx, launch.ctx.cfg, launch.stack
@@ -207,7 +209,7 @@ class SnapshotRestore:
     name = "snapshot"
 
     def __init__(self, snap: snapshot.Snapshot, memory: str) -> None:
-        self.snap, self.memory = snap, memory
+        self.snap, self.memory, self.snapshot = snap, memory, snap.dir.name
 
     async def start(self, launch: Launch) -> RunningVM:
         ctx, cfg, stack = launch.ctx, launch.ctx.cfg, launch.stack
@@ -251,10 +253,10 @@ class PoolClaim:
     the pool daemon's children (watched through pidfds) and are killed, never reused."""
 
     name = "pool"
-    memory = "private"
 
     def __init__(self, claimed: pool_client.Claimed) -> None:
         self.claimed = claimed
+        self.memory, self.snapshot = claimed.memory, claimed.snapshot
 
     async def start(self, launch: Launch) -> RunningVM:
         ctx, cfg, stack, c = launch.ctx, launch.ctx.cfg, launch.stack, self.claimed
@@ -299,7 +301,7 @@ class PoolClaim:
 
         return RunningVM(self.name, qemu, c.agent_sock, c.console_sock, c.dir / "console.log", vfs, stop=stop,
                          hello=c.hello, status_files=(c.dir / "qemu.status", c.dir / "virtiofsd.status"),
-                         disk=c.disk)
+                         disk=c.disk, clone=c.clone)
 
     def _kill(self, held: list[pool_client.PidProc]) -> None:
         """A claim that failed half-way: the VM's processes killed (those not yet held by a
@@ -370,15 +372,17 @@ def choose(ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None = None) -> VM
     (``--timings`` shows which: its ``pool`` and ``snapshot`` fields). A pooled VM gets the
     container's ``disk`` in the claim (the daemon swaps it in)."""
     shape = Shape.of(spec)
-    claimed = pool_client.claim(ctx.cfg, shape, ctx.bundle_dir, disk) if _poolable(ctx.config) else None
+    memory = config.vm_memory(ctx.cfg, ctx.config.get("annotations", {}).get(bundle.VM_MEMORY))
+    claimed = pool_client.claim(ctx.cfg, shape, ctx.bundle_dir, disk, memory=memory,
+                                writable=_writable_binds(ctx)) if _poolable(ctx.config) else None
     ctx.timings.info["pool"] = claimed.id if claimed is not None else "none"
     if claimed is not None:
         ctx.timings.info["snapshot"] = "none"
+        ctx.timings.info["memory"] = claimed.memory
         return PoolClaim(claimed)
     snap, why = _snapshot(ctx, shape)
     ctx.timings.info["snapshot"] = why if snap is not None else f"none:{why}"
     if snap is None:
         return ColdBoot()
-    memory = config.vm_memory(ctx.cfg, ctx.config.get("annotations", {}).get(bundle.VM_MEMORY))
     ctx.timings.info["memory"] = memory
     return SnapshotRestore(snap, memory)

@@ -4,7 +4,8 @@
 background; ``vmrt pool stop`` ends it and kills its idle VMs). It keeps ``pool_size``
 VMs of the default shape (memory, vCPUs, machine, kernel, initramfs, accelerator)
 booted up to the agent's HELLO, each with its own virtiofsd serving an empty share
-directory. ``vmrt run`` in VM mode asks it, over ``<run_root>/pool.sock``, for a VM of
+directory; or, where a valid snapshot of that shape exists, restored from it, each with
+its own 9p proxy helper (vmrt/snapshot.py). ``vmrt run`` in VM mode asks it, over ``<run_root>/pool.sock``, for a VM of
 the container's shape: the daemon moves that VM's directory into the container's run
 dir, passes the agent and console channels (SCM_RIGHTS) and forgets the VM. From
 then on the VM belongs to that one container and dies with it: a VM is never reused,

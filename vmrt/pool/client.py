@@ -37,6 +37,9 @@ class Claimed:
     console_sock: socket.socket
     hello: P.Hello
     disk: bool = False    # the container's disk took the VM's placeholder's place
+    clone: bool = False   # restored from a snapshot (its share is 9p), else booted ...
+    snapshot: str = ""    # ... this one
+    memory: str = "private"  # its RAM: its own, or shared (a snapshot's pages)
 
 
 def request(cfg: Config, req: dict[str, Any], timeout: float = 30.0) -> tuple[dict[str, Any], list[int]]:
@@ -68,12 +71,16 @@ def running(cfg: Config) -> bool:
     return (cfg.run_root / SOCK_NAME).exists()
 
 
-def claim(cfg: Config, shape: Shape, run_dir: Path, disk: Disk | None = None) -> Claimed | None:
+def claim(cfg: Config, shape: Shape, run_dir: Path, disk: Disk | None = None, *, memory: str = "private",
+          writable: bool = False) -> Claimed | None:
     """A ready VM of ``shape`` moved into ``run_dir``, with the container's ``disk`` in place of its
-    placeholder, or None (no daemon, none ready, pool off, the disk could not be swapped in)."""
+    placeholder, or None (no daemon, none ready, pool off, the disk could not be swapped in).
+    ``memory``: private (never a VM that shares a snapshot's pages) or shared (any);
+    ``writable``: a writable volume will be in its share (a VM restored from a snapshot cannot)."""
     if cfg.pool == "off" or not running(cfg):
         return None
-    req: dict[str, Any] = {"op": "claim", "shape": dataclasses.asdict(shape), "run_dir": str(run_dir)}
+    req: dict[str, Any] = {"op": "claim", "shape": dataclasses.asdict(shape), "run_dir": str(run_dir),
+                           "memory": memory, "writable": writable}
     if disk is not None:
         req["disk"] = {"path": str(disk.file), "size": disk.size}  # disk.img.tmp while mkfs runs
     try:
@@ -85,6 +92,8 @@ def claim(cfg: Config, shape: Shape, run_dir: Path, disk: Disk | None = None) ->
             raise ProtocolError("no VM")
         hello = P.Hello.from_record(reply.get("hello"))
         vm = (str(reply["id"]), int(reply["qemu"]), int(reply["virtiofsd"]))
+        clone, snap = bool(reply.get("clone")), str(reply.get("snapshot", ""))
+        mem = str(reply.get("memory", "private"))
     except (ProtocolError, KeyError, TypeError, ValueError):
         for fd in fds:
             os.close(fd)
@@ -94,7 +103,8 @@ def claim(cfg: Config, shape: Shape, run_dir: Path, disk: Disk | None = None) ->
     agent, console = (socket.socket(fileno=fd) for fd in fds)
     for s in (agent, console):
         s.setblocking(False)
-    return Claimed(vm[0], run_dir / "vm", vm[1], vm[2], agent, console, hello, disk=disk is not None)
+    return Claimed(vm[0], run_dir / "vm", vm[1], vm[2], agent, console, hello, disk=disk is not None, clone=clone,
+                   snapshot=snap, memory=mem)
 
 
 class PidProc:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import cgroups, fsmode, layout, network, rootfs
+from .. import cgroups, fsmode, layout, network, rootfs, snapshot
+from .. import config as config_mod
 from ..agent import protocol as P
 from ..agent.hello import read_hello
 from ..config import Config
@@ -28,7 +29,7 @@ from ..vm import disk as vmdisk
 from ..vm import jail
 from ..vm.qemu import QemuVM
 from ..vm.shape import Shape, default_spec
-from ..vm.virtiofsd import Virtiofsd
+from ..vm.virtiofsd import P9Proxy, Virtiofsd
 from .files import CLAIM_TIMEOUT, SOCK_NAME, clean_stale, pool_dir, remove_vm_dir
 
 HOST_PIDS_MAX = 64  # QEMU's and virtiofsd's threads (as the driver's cgroup for a cold VM)
@@ -44,10 +45,13 @@ class PoolVM:
     dir: Path
     shape: Shape
     qemu: QemuVM | None = None
-    vfs: Virtiofsd | None = None
+    vfs: Virtiofsd | P9Proxy | None = None  # a restored VM's share server is the 9p proxy helper
     hello: P.Hello | None = None
     booted: float = 0.0
     console_task: asyncio.Task[None] | None = None
+    clone: bool = False       # restored from the snapshot of its shape (else booted) ...
+    snapshot: str = ""        # ... this one
+    memory: str = "private"   # its RAM: its own, or the snapshot's pages shared with other clones
 
 
 class Daemon:
@@ -169,8 +173,15 @@ class Daemon:
             # virtiofsd and QEMU join the VM's cgroup before they start (a claim renames it the
             # container's: nothing is ever moved after it charged memory)
             logs = jail.vmm_log_dir(vm.dir)
-            vm.vfs = Virtiofsd(self.cfg, share, spec.virtiofs_socket, logs / "virtiofsd.log", die_with_parent=False,
-                               group=group)
+            # restored from the snapshot of its shape where there is a valid one (as a run
+            # without the pool would be), else booted
+            snap = self._snapshot(vm.shape)
+            if snap is not None:  # its share: a 9p export the proxy helper serves (jailed or not)
+                vm.clone, vm.snapshot, vm.memory = True, snap.dir.name, config_mod.vm_memory(self.cfg, None)
+                vm.vfs = P9Proxy(self.cfg, share, logs / "virtiofsd.log", die_with_parent=False, group=group)
+            else:
+                vm.vfs = Virtiofsd(self.cfg, share, spec.virtiofs_socket, logs / "virtiofsd.log",
+                                   die_with_parent=False, group=group)
             vm.vfs.start()
             assert vm.vfs.proc is not None and vm.vfs.pid is not None
             self._track(vm.vfs.proc, vm.dir / "virtiofsd.status")
@@ -180,14 +191,19 @@ class Daemon:
             # its disk is an empty placeholder until a claim swaps the container's in (vm/disk.py),
             # one of at most the default size (its jail's file size limit)
             placeholder = vmdisk.placeholder()
-            vm.qemu = QemuVM(self.cfg, dataclasses.replace(spec, tap_fd=tap, disk_fd=placeholder,
-                                                           disk_max=vmdisk.parse_size(self.cfg.vm_storage_size)),
-                             logs / "qemu.log", group=group)
+            spec = dataclasses.replace(spec, tap_fd=tap, disk_fd=placeholder,
+                                       disk_max=vmdisk.parse_size(self.cfg.vm_storage_size))
+            if snap is not None:
+                spec = snapshot.restore_spec(spec, snap, share, private=vm.memory == "private")
+            vm.qemu = QemuVM(self.cfg, spec, logs / "qemu.log", group=group,
+                             fs_fd=vm.vfs.qemu_fd if isinstance(vm.vfs, P9Proxy) else None)
             try:
                 vm.qemu.launch(die_with_parent=False)
             finally:
                 os.close(tap)
                 os.close(placeholder)
+                if isinstance(vm.vfs, P9Proxy):
+                    vm.vfs.handed()
             assert vm.qemu.proc is not None and vm.qemu.pid is not None
             self._track(vm.qemu.proc, vm.dir / "qemu.status")
             if not vm.qemu.jailed:
@@ -196,7 +212,12 @@ class Daemon:
                                                           "virtiofsd": vm.vfs.pid}))
             assert vm.qemu.console_sock is not None and vm.qemu.agent_sock is not None
             vm.console_task = asyncio.ensure_future(_log_console(vm.qemu.console_sock, vm.dir / "console.log"))
-            vm.hello = await asyncio.wait_for(read_hello(vm.qemu.agent_sock), self.cfg.timeouts.agent_ready)
+            if snap is not None:  # its QMP stays connected: the claim swaps the disk through it
+                await vm.qemu.connect_qmp()
+                await snapshot.restore(vm.qemu, snap, self.cfg.timeouts.agent_ready)
+                vm.hello = snap.hello
+            else:
+                vm.hello = await asyncio.wait_for(read_hello(vm.qemu.agent_sock), self.cfg.timeouts.agent_ready)
             vm.booted = time.time()
             self.ready.append(vm)
             return True
@@ -210,6 +231,14 @@ class Daemon:
             return False
         finally:
             self.booting -= 1
+
+    def _snapshot(self, shape: Shape) -> snapshot.Snapshot | None:
+        """A valid snapshot of the pool's shape (``snapshot`` not off), else None: a cold boot."""
+        snap = snapshot.find(self.cfg, shape)
+        if snap is not None and (why := snap.verify()) is not None:
+            print(f"vmrt pool: snapshot {snap.dir.name} refused ({why}): cold boot", file=sys.stderr, flush=True)
+            return None
+        return snap
 
     def _track(self, proc: Any, status_file: Path) -> None:
         self.children[proc.pid] = proc
@@ -320,9 +349,13 @@ class Daemon:
         if disk is not None and (disk_path not in (rw / vmdisk.IMAGE_NAME, rw / vmdisk.TMP_NAME)
                                  or disk_size <= 0 or disk_size % 512):
             return {"ok": False, "error": "a claim's disk is the container's disk.img"}, [], None
+        # a restored VM's 9p export is read-only (a writable volume's run restores its own VM);
+        # a run that asks for private memory never gets the snapshot's pages
+        writable, private = bool(req.get("writable")), req.get("memory") == "private"
         vm = next((v for v in self.ready if v.shape == shape and v.qemu is not None
                    and v.qemu.proc is not None and v.qemu.proc.poll() is None
-                   and disk_size <= v.qemu.spec.disk_max), None)
+                   and disk_size <= v.qemu.spec.disk_max and not (writable and v.clone)
+                   and not (private and v.memory != "private")), None)
         if vm is None:
             return {"ok": False, "error": "no ready VM of that shape"}, [], None
         self.ready.remove(vm)
@@ -352,14 +385,15 @@ class Daemon:
         self.served += 1
         self.changed.set()  # refill
         return {"ok": True, "id": vm.id, "qemu": vm.qemu.pid, "virtiofsd": vm.vfs.pid,
-                "hello": vm.hello.record()}, fds, vm
+                "hello": vm.hello.record(), "clone": vm.clone, "snapshot": vm.snapshot, "memory": vm.memory}, fds, vm
 
     async def _swap_disk(self, qemu: QemuVM, path: Path, size: int) -> None:
         """The container's disk in place of the VM's placeholder (vm/disk.py), over QMP, which
         the daemon connects only now; the jailed QEMU's file size limit (the default disk size,
         at least: it was set before its disk was known) lowered to this disk's where the host
-        lets us (CAP_SYS_RESOURCE)."""
-        await qemu.connect_qmp()
+        lets us (CAP_SYS_RESOURCE). A restored VM's QMP is still connected from its restore."""
+        if qemu.qmp is None:
+            await qemu.connect_qmp()
         assert qemu.qmp is not None and qemu.pid is not None
         if qemu.jailed:
             limit = max(qemu.spec.memory_mib << 20, size)
@@ -381,7 +415,8 @@ class Daemon:
                 "served": self.served, "last_error": self.last_error,
                 "shape": dataclasses.asdict(shape) if shape else None,
                 "vms": [{"id": v.id, "qemu": v.qemu.pid if v.qemu else None,
-                         "virtiofsd": v.vfs.pid if v.vfs else None, "since": v.booted} for v in self.ready]}
+                         "virtiofsd": v.vfs.pid if v.vfs else None, "since": v.booted,
+                         "snapshot": v.snapshot, "memory": v.memory} for v in self.ready]}
 
 
 async def _log_console(sock: socket.socket, path: Path) -> None:

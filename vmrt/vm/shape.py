@@ -1,8 +1,8 @@
 """A VM's shape: what it is booted with, the key of the warm pool and of snapshots.
 
 A container takes a pooled VM, or restores a snapshot, only of exactly its shape. Both
-the pool (vmrt/pool/) and the snapshots (vmrt/snapshot.py) use it; neither imports
-the other.
+the pool (vmrt/pool/) and the snapshots (vmrt/snapshot.py) use it; the pool restores its
+VMs from the snapshot of their shape where there is one.
 """
 
 from __future__ import annotations
