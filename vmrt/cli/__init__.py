@@ -10,10 +10,11 @@ the commands are in click-only modules per area (:mod:`.containers`, :mod:`.imag
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -55,14 +56,22 @@ networks.register(main)
 system.register(main)
 
 
+def _finish(code: int) -> NoReturn:
+    """A command that ran to its end: its objects are frozen first, so the interpreter's exit
+    does not walk them all in a last garbage collection (~15 ms of a `vmrt run` on a 2-core
+    host); atexit hooks, module teardown and the flush of stdout still run as usual."""
+    gc.freeze()
+    sys.exit(code)
+
+
 def entry() -> None:
     """Console script: one line on stderr and Docker's exit codes on failure."""
     fsmode.restrict_umask()  # every file and socket vmrt (and what it starts) makes: root's alone
     try:
         rv: Any = main.main(standalone_mode=False, prog_name="vmrt")
-        sys.exit(rv if isinstance(rv, int) else 0)
+        _finish(rv if isinstance(rv, int) else 0)
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        _finish(e.exit_code)
     except click.exceptions.Abort:
         click.echo("vmrt: aborted", err=True)
         sys.exit(130)
