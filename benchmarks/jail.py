@@ -42,6 +42,11 @@ VARIANTS = {  # name -> environment
     "cached, unjailed, shared RAM": {"VMRT_VMM_JAIL": "0", "VMRT_VM_MEMORY": "shared"},
     "cached, unjailed, private RAM": {"VMRT_VMM_JAIL": "0", "VMRT_VM_MEMORY": "private"},
 }
+BASELINE = {  # each variant's ratio is to the one that differs from it in one thing only
+    "cold, jailed": "cold, unjailed",
+    "cached, jailed": "cached, unjailed, private RAM",             # the jail
+    "cached, unjailed, private RAM": "cached, unjailed, shared RAM",  # the RAM copy
+}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -127,14 +132,15 @@ def main() -> None:
                  f"machine {cfg.machine}, guest RAM {cfg.memory_mib} MiB, kernel {build_id}, virtio-fs "
                  f"cache={cfg.virtiofs_cache}, `--network none`; runs interleaved, 2 warm-up runs of each "
                  "discarded; wall time of `vmrt run --rm --isolation=vm busybox true` from the host.", "",
-                 "| variant | median ms | p90 ms | p99 ms | vs unjailed (median) | idle VMM PSS MiB (median) |",
-                 "|---|---|---|---|---|---|"]
+                 "| variant | median ms | p90 ms | p99 ms | median vs | idle VMM PSS MiB (median) | PSS vs |",
+                 "|---|---|---|---|---|---|---|"]
         for name in VARIANTS:
-            xs = times[name]
-            other = name.replace("jailed", "unjailed") if "unjailed" not in name else name
-            ratio = statistics.median(xs) / statistics.median(times[other])
+            xs, ref = times[name], BASELINE.get(name)
+            ratio = f"{statistics.median(xs) / statistics.median(times[ref]):.3f}x {ref}" if ref else "-"
+            mib = statistics.median(memory[name]) / 1024
+            more = f"{mib - statistics.median(memory[ref]) / 1024:+.1f} MiB" if ref else "-"
             lines.append(f"| {name} | {statistics.median(xs):.0f} | {pct(xs, 90):.0f} | {pct(xs, 99):.0f} | "
-                         f"{ratio:.3f} | {statistics.median(memory[name]) / 1024:.1f} |")
+                         f"{ratio} | {mib:.1f} | {more} |")
         report(lines, a.write)
     finally:
         subprocess.run([*VMRT, "snapshot", "rm"], env=env, capture_output=True)
