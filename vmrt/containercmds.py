@@ -99,6 +99,9 @@ class RunArgs:
     dns_options: tuple[str, ...] = ()
     add_hosts: tuple[str, ...] = ()
     log_opts: tuple[str, ...] = ()
+    # removed once it exited by whoever waits for it (the API service: Docker's AutoRemove, whose
+    # exit code a waiter still reads), not by its monitor as --rm is
+    rm_deferred: bool = False
 
 
 def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | None]:
@@ -146,6 +149,10 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
     meta: Meta = {"accel": a.accel, "kernel": str(a.kernel) if a.kernel else None, "runtime": a.runtime,
                   "restart": a.restart, "rm": a.rm, "log": logfile.options(a.log_opts, cfg)}
+    if a.rm_deferred:
+        if a.restart != "no":
+            raise UsageError("conflicting options: cannot specify both a restart policy and AutoRemove")
+        meta["rm_deferred"] = True
     if create:  # `vmrt create`: the same flags, nothing started
         return 0, runner.create_detached(cfg, opts, iso, meta)
     if a.detach:
@@ -248,19 +255,32 @@ def _match(c: Container, filters: tuple[str, ...]) -> bool:
     return True
 
 
+def matching(cfg: Config, *, show_all: bool, filters: tuple[str, ...]) -> list[Container]:
+    """The containers ``ps`` shows: running ones, or all (``show_all`` or any filter), filtered."""
+    with _state(cfg) as st:
+        return [c for c in st.list() if (show_all or filters or c.status == Status.RUNNING) and _match(c, filters)]
+
+
+def removes_when_waited(cfg: Config, c: Container) -> bool:
+    """Whether a container is removed by its waiter once it exited (AutoRemove through the API)."""
+    try:
+        return bool(json.loads((container_dir(cfg, c.id) / META_NAME).read_text()).get("rm_deferred"))
+    except (OSError, ValueError):
+        return False
+
+
 def ps(cfg: Config, *, show_all: bool, quiet: bool, filters: tuple[str, ...], fmt: str | None,
        no_trunc: bool) -> list[str]:
     """``vmrt ps``'s lines."""
-    with _state(cfg) as st:
-        shown = [c for c in st.list() if (show_all or filters or c.status == Status.RUNNING) and _match(c, filters)]
-        ports = ports_text(cfg, [c.id for c in shown if c.status == Status.RUNNING])
-        rows = []
-        for c in shown:
-            row = ps_row(c)
-            row["Ports"] = ports.get(c.id, "")
-            if no_trunc:
-                row.update(ID=c.id, Command=" ".join(c.command))
-            rows.append(row)
+    shown = matching(cfg, show_all=show_all, filters=filters)
+    ports = ports_text(cfg, [c.id for c in shown if c.status == Status.RUNNING])
+    rows = []
+    for c in shown:
+        row = ps_row(c)
+        row["Ports"] = ports.get(c.id, "")
+        if no_trunc:
+            row.update(ID=c.id, Command=" ".join(c.command))
+        rows.append(row)
     if quiet:
         return [r["ID"] for r in rows]
     return formatting.emit(fmt, rows, PS_COLUMNS)
@@ -419,7 +439,8 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
         "Isolation": c.isolation,
         "HostConfig": {"Isolation": c.isolation, "RestartPolicy": {"Name": policy, "MaximumRetryCount":
                                                                    int(count) if count.isdigit() else 0},
-                       "AutoRemove": bool(meta.get("rm")), "Memory": res.get("memory", {}).get("limit", 0),
+                       "AutoRemove": bool(meta.get("rm") or meta.get("rm_deferred")),
+                       "Memory": res.get("memory", {}).get("limit", 0),
                        "NanoCpus": int(quota * 10000) if quota else 0,
                        "PidsLimit": res.get("pids", {}).get("limit"),
                        "ReadonlyRootfs": bool(config.get("root", {}).get("readonly")),

@@ -42,6 +42,7 @@ class Meta(TypedDict, total=False):
     runtime: str | None
     restart: str                # Docker's restart policy: no, on-failure[:N], always, unless-stopped
     rm: bool
+    rm_deferred: bool           # AutoRemove through the API: its waiter removes it (containercmds.RunArgs)
     log: dict[str, str]         # json-file's options (vmrt/logfile.py: max-size, max-file)
 
 

@@ -175,6 +175,14 @@ def parse_since(value: str, now: float | None = None) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
+def record_time(rec: dict[str, Any]) -> float | None:
+    """A json-file log record's time (Unix seconds), or None if it has none that parses."""
+    try:
+        return dt.datetime.fromisoformat(str(rec.get("time", "")).replace("Z", "+00:00")[:26] + "+00:00").timestamp()
+    except ValueError:
+        return None
+
+
 def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | None, timestamps: bool,
          since: float | None, stop: threading.Event | None = None,
          following: Callable[[], None] | None = None) -> None:
@@ -198,13 +206,8 @@ def logs(cfg: Config, state: State, c: Container, *, follow: bool, tail: int | N
         out.flush()
 
     def keep(rec: dict[str, Any]) -> bool:
-        if since is None:
-            return True
-        try:
-            t = dt.datetime.fromisoformat(rec.get("time", "").replace("Z", "+00:00")[:26] + "+00:00")
-        except ValueError:
-            return True
-        return t.timestamp() >= since
+        t = record_time(rec)
+        return since is None or t is None or t >= since
 
     # the rotated files oldest first, then the live one; None: all logged so far was read
     records = logfile.records(path, follow, done)

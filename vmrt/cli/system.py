@@ -182,6 +182,25 @@ def setup(ctx: click.Context) -> None:
     echo_lines(systemcmds.setup(config_of(ctx)), err=True)
 
 
+@click.group("system")
+def system_group() -> None:
+    """The Docker Engine API service, and what concerns the whole of vmrt."""
+
+
+@system_group.command("service")
+@click.option("--socket", "sock", type=click.Path(path_type=Path), default=None,
+              help="Unix socket to serve on (default /run/vmrt/docker.sock).")
+@click.option("-t", "--time", "idle", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Stop after this many seconds without a request (0: serve until stopped).")
+@click.option("--group", help="A group that may use the socket too (0660); default root only (0600).")
+@click.pass_context
+def service(ctx: click.Context, sock: Path | None, idle: float, group: str | None) -> None:
+    """Serve the Docker Engine API, so that `docker`, docker-compose and the Docker SDK drive vmrt
+    (DOCKER_HOST=unix://SOCKET)."""
+    from ..api import server  # on use: aiohttp is only the service's
+    ctx.exit(server.serve(config_of(ctx), sock or Path(server.DEFAULT_SOCKET), idle, group))
+
+
 def register(main: click.Group) -> None:
-    for cmd in (info, check, bench, kernel, agent, pool, snapshot, setup):
+    for cmd in (info, check, bench, kernel, agent, pool, snapshot, setup, system_group):
         main.add_command(cmd)

@@ -1,0 +1,142 @@
+"""What the service's parts share: the API versions, errors, a request, the routing table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..config import Config
+from ..errors import ImageError, StateError, UsageError, VmrtError
+
+MIN_API = (1, 24)
+MAX_API = (1, 43)
+MAX_BODY = 1 << 20  # a create's JSON: Docker's are a few KiB
+
+Handler = Callable[["Request"], Awaitable[web.StreamResponse]]
+
+
+def api_text(v: tuple[int, int]) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+class ApiError(Exception):
+    """An answer other than success: Docker's status code and ``{"message": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error_status(e: VmrtError) -> int:
+    """Docker's status code for a vmrt error: 404 for what does not exist, 409 for a conflict
+    with a container's state or name, 400 for a bad parameter, else 500."""
+    text = str(e)
+    if text.startswith(("No such container", "No such image", "No such network")) or (
+            isinstance(e, ImageError) and "No such image" in text):
+        return 404
+    if text.startswith("Conflict.") or "is not running" in text or "is running" in text or "already" in text:
+        return 409
+    if isinstance(e, UsageError):
+        return 400
+    if isinstance(e, StateError) and "cannot go from" in text:
+        return 409
+    return 500
+
+
+@dataclasses.dataclass
+class Request:
+    """What an endpoint gets: the aiohttp request, the path's groups, the API version asked for."""
+
+    http: web.Request
+    params: dict[str, str]
+    version: tuple[int, int]
+    cfg: Config
+
+    def query(self, name: str, default: str = "") -> str:
+        return self.http.query.get(name, default)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A boolean query parameter as Docker reads one: 1/true/True (and, as Go's
+        strconv.ParseBool, t/T/TRUE); 0/false/empty is false."""
+        v = self.http.query.get(name)
+        if v is None:
+            return default
+        if v in ("1", "t", "T", "true", "True", "TRUE"):
+            return True
+        if v in ("", "0", "f", "F", "false", "False", "FALSE"):
+            return False
+        raise ApiError(400, f"invalid value for {name}: {v!r}")
+
+    def int_query(self, name: str, default: int | None = None) -> int | None:
+        v = self.http.query.get(name)
+        if v is None or v == "":
+            return default
+        try:
+            return int(v)
+        except ValueError:
+            raise ApiError(400, f"invalid value for {name}: {v!r}") from None
+
+    async def json(self) -> Any:
+        """The request's JSON body (an empty body is null), at most :data:`MAX_BODY` bytes."""
+        body = await self.http.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
+        if not body.strip():
+            return None
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise ApiError(400, f"invalid JSON: {e}") from None
+
+
+class Routes:
+    def __init__(self) -> None:
+        self.table: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        self.table.append((method, re.compile(pattern + r"\Z"), handler))
+
+    def find(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | None:
+        """The endpoint of ``method path`` (HEAD is GET's), or None; 405 if only the method differs."""
+        other = False
+        for m, pat, handler in self.table:
+            if (match := pat.match(path)) is not None:
+                if m == method or (method == "HEAD" and m == "GET"):
+                    return handler, match.groupdict()
+                other = True
+        if other:
+            raise ApiError(405, f"method {method} not allowed on {path}")
+        return None
+
+
+_VERSIONED = re.compile(r"/v(\d{1,3})\.(\d{1,3})(/.*)\Z")
+
+
+def split_version(path: str) -> tuple[tuple[int, int], str]:
+    """Docker's ``/vX.Y/...``: the version asked for (none: the newest) and the path without it."""
+    m = _VERSIONED.match(path)
+    if m is None:
+        return MAX_API, path
+    v = (int(m.group(1)), int(m.group(2)))
+    if v > MAX_API:
+        raise ApiError(400, f"client version {api_text(v)} is too new. Maximum supported API version is "
+                            f"{api_text(MAX_API)}")
+    if v < MIN_API:
+        raise ApiError(400, f"client version {api_text(v)} is too old. Minimum supported API version is "
+                            f"{api_text(MIN_API)}, please upgrade your client to a newer version")
+    return v, m.group(3)
+
+
+def headers() -> dict[str, str]:
+    return {"Api-Version": api_text(MAX_API), "Docker-Experimental": "false", "Ostype": "linux",
+            "Server": f"vmrt/{__version__} (linux)"}
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"message": message}, status=status, headers=headers())

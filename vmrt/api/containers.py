@@ -1,0 +1,561 @@
+"""Container endpoints: create, start, stop, restart, kill, wait, logs, attach (output),
+list, inspect, delete.
+
+A create becomes ``vmrt create``'s arguments (:class:`containercmds.RunArgs`), so it is
+checked as the CLI checks it; what vmrt cannot honour (privileged, added capabilities,
+another runtime) is refused with 400 rather than ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+
+from .. import containercmds, lifecycle, logfile
+from ..config import Config
+from ..errors import StateError, VmrtError
+from ..layout import LOG_NAME, container_dir
+from ..state import Container, State, Status
+from .base import ApiError, Request, Routes
+
+STDOUT, STDERR = 1, 2
+POLL = 0.05
+
+
+def frame(stream: int, data: bytes) -> bytes:
+    """Docker's multiplexed stream frame: [stream, 0, 0, 0, size (big-endian u32)] + data."""
+    return struct.pack(">BxxxI", stream, len(data)) + data
+
+
+# --- create ------------------------------------------------------------------------------
+def _strings(v: Any, what: str) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return (v,)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ApiError(400, f"{what} must be a list of strings")
+    return tuple(v)
+
+
+def _isolation(value: Any) -> str:
+    """HostConfig.Isolation: hyperv and vm are a micro-VM, process is namespaces, empty or
+    default the configured default."""
+    v = (value or "default")
+    if not isinstance(v, str):
+        raise ApiError(400, "HostConfig.Isolation must be a string")
+    v = v.lower()
+    if v in ("hyperv", "vm"):
+        return "vm"
+    if v in ("process", "default"):
+        return v
+    raise ApiError(400, f"invalid isolation {value!r}: use hyperv (a micro-VM), process or default")
+
+
+def _publish(bindings: Any) -> tuple[str, ...]:
+    """PortBindings {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]} as ``-p`` arguments."""
+    if not bindings:
+        return ()
+    if not isinstance(bindings, dict):
+        raise ApiError(400, "HostConfig.PortBindings must be an object")
+    out = []
+    for port, binds in bindings.items():
+        for b in binds or [{}]:
+            if not isinstance(b, dict):
+                raise ApiError(400, "a port binding must be an object")
+            ip, host = b.get("HostIp") or "", b.get("HostPort") or ""
+            out.append(f"{ip}:{host}:{port}" if ip else f"{host}:{port}" if host else port)
+    return tuple(out)
+
+
+def _mounts(mounts: Any) -> tuple[str, ...]:
+    """HostConfig.Mounts (bind and tmpfs) as ``--mount`` arguments."""
+    out = []
+    for m in mounts or []:
+        if not isinstance(m, dict):
+            raise ApiError(400, "a mount must be an object")
+        kind = m.get("Type") or "volume"
+        if kind not in ("bind", "tmpfs"):
+            raise ApiError(400, f"mount type {kind!r} is not supported (bind or tmpfs)")
+        parts = [f"type={kind}", f"target={m.get('Target', '')}"]
+        if kind == "bind":
+            parts.append(f"source={m.get('Source', '')}")
+        if m.get("ReadOnly"):
+            parts.append("readonly")
+        if kind == "tmpfs" and (size := (m.get("TmpfsOptions") or {}).get("SizeBytes")):
+            parts.append(f"tmpfs-size={int(size)}")
+        out.append(",".join(parts))
+    return tuple(out)
+
+
+def _restart(policy: Any) -> str:
+    if not policy or not policy.get("Name"):
+        return "no"
+    name, count = policy["Name"], int(policy.get("MaximumRetryCount") or 0)
+    return f"{name}:{count}" if name == "on-failure" and count else str(name)
+
+
+def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
+    """A create's body as ``vmrt create``'s flags."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object (the container's config)")
+    image = body.get("Image")
+    if not image or not isinstance(image, str):
+        raise ApiError(400, "config: Image is required")
+    hc = body.get("HostConfig") or {}
+    if not isinstance(hc, dict):
+        raise ApiError(400, "HostConfig must be an object")
+    if hc.get("Privileged"):
+        raise ApiError(400, "privileged containers are not supported by vmrt (a tenant never gets the host's devices)")
+    for key in ("CapAdd", "Devices", "SecurityOpt", "VolumesFrom", "Links"):
+        if hc.get(key):
+            raise ApiError(400, f"HostConfig.{key} is not supported by vmrt")
+    if hc.get("Runtime") not in (None, "", "runc"):
+        raise ApiError(400, f"runtime {hc['Runtime']!r} is not supported (choose the isolation instead)")
+    entry = body.get("Entrypoint")
+    entrypoint = None
+    if isinstance(entry, list):
+        if len(entry) > 1:  # `docker run --entrypoint` gives one; the rest goes before Cmd
+            body = {**body, "Cmd": [*entry[1:], *(body.get("Cmd") or [])]}
+        entrypoint = entry[0] if entry else ""
+    elif isinstance(entry, str):
+        entrypoint = entry
+    elif entry is not None:
+        raise ApiError(400, "Entrypoint must be a string or a list")
+    cmd = body.get("Cmd")
+    nano = hc.get("NanoCpus") or 0
+    quota, period = hc.get("CpuQuota") or 0, hc.get("CpuPeriod") or 100000
+    cpus = str(nano / 1e9) if nano else str(quota / period) if quota else None
+    mem = hc.get("Memory") or 0
+    log = hc.get("LogConfig") or {}
+    if log.get("Type") not in (None, "", "json-file"):
+        raise ApiError(400, f"log driver {log['Type']!r} is not supported (json-file)")
+    network = hc.get("NetworkMode") or "default"
+    exposed = body.get("ExposedPorts") or {}
+    return containercmds.RunArgs(
+        image=image, command=_strings(cmd, "Cmd"), name=name or None, env=_strings(body.get("Env"), "Env"),
+        workdir=body.get("WorkingDir") or None, user=body.get("User") or None,
+        hostname=body.get("Hostname") or None, entrypoint=entrypoint,
+        interactive=bool(body.get("OpenStdin")), tty=bool(body.get("Tty")),
+        memory=str(mem) if mem else None, cpus=cpus,
+        pids_limit=str(hc["PidsLimit"]) if hc.get("PidsLimit") else None,
+        volumes=_strings(hc.get("Binds"), "HostConfig.Binds"), mounts=_mounts(hc.get("Mounts")),
+        tmpfs=tuple(f"{k}:{v}" if v else k for k, v in (hc.get("Tmpfs") or {}).items()),
+        isolation=_isolation(hc.get("Isolation")), read_only=bool(hc.get("ReadonlyRootfs")),
+        pull_policy="never",  # as Docker's daemon: a client pulls (POST /images/create) on a 404
+        restart=_restart(hc.get("RestartPolicy")), rm_deferred=bool(hc.get("AutoRemove")),
+        network="bridge" if network == "default" else network,
+        publish=_publish(hc.get("PortBindings")), publish_all=bool(hc.get("PublishAllPorts")),
+        expose=tuple(exposed), dns=_strings(hc.get("Dns"), "HostConfig.Dns"),
+        dns_search=_strings(hc.get("DnsSearch"), "HostConfig.DnsSearch"),
+        dns_options=_strings(hc.get("DnsOptions"), "HostConfig.DnsOptions"),
+        add_hosts=_strings(hc.get("ExtraHosts"), "HostConfig.ExtraHosts"),
+        log_opts=tuple(f"{k}={v}" for k, v in (log.get("Config") or {}).items()))
+
+
+async def create(req: Request) -> web.StreamResponse:
+    args = run_args(await req.json(), req.query("name"))
+    _status, cid = await asyncio.to_thread(containercmds.run, req.cfg, args, create=True)
+    return web.json_response({"Id": cid, "Warnings": []}, status=201)
+
+
+# --- one container -------------------------------------------------------------------------
+def _get(req: Request, ref: str | None = None) -> Container:
+    st = State(req.cfg.db_path)
+    try:
+        return st.get(ref or req.params["id"])
+    finally:
+        st.close()
+
+
+def _first_error(outcomes: Iterator[str | VmrtError]) -> None:
+    for o in outcomes:
+        if isinstance(o, VmrtError):
+            raise o
+
+
+async def start(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    if c.status == Status.RUNNING and lifecycle.owner_alive(c):
+        return web.Response(status=304)
+    await asyncio.to_thread(_first_error, containercmds.start(req.cfg, (c.id,)))
+    return web.Response(status=204)
+
+
+async def stop(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    if c.status != Status.RUNNING:
+        return web.Response(status=304)
+    t = req.int_query("t", 10)
+    await asyncio.to_thread(_first_error, containercmds.stop(req.cfg, (c.id,), timeout=float(t or 0)))
+    return web.Response(status=204)
+
+
+async def restart(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    t = req.int_query("t", 10)
+    await asyncio.to_thread(_first_error, containercmds.restart(req.cfg, (c.id,), timeout=float(t or 0)))
+    return web.Response(status=204)
+
+
+async def kill(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    if c.status != Status.RUNNING:
+        raise ApiError(409, f"Cannot kill container: {c.name}: container is not running")
+    sig = req.query("signal") or "KILL"
+    await asyncio.to_thread(_first_error, containercmds.kill(req.cfg, (c.id,), sig=sig))
+    return web.Response(status=204)
+
+
+async def remove(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    force = req.flag("force")
+    if c.status == Status.RUNNING and not force:
+        raise ApiError(409, f"You cannot remove a running container {c.id}. Stop the container before "
+                            "attempting removal or force remove")
+    await asyncio.to_thread(_first_error, containercmds.rm(req.cfg, (c.id,), force=force))
+    return web.Response(status=204)
+
+
+async def inspect(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    return web.json_response(await asyncio.to_thread(containercmds.inspect_doc, req.cfg, c))
+
+
+def _summary(req: Request, c: Container, doc: dict[str, Any]) -> dict[str, Any]:
+    ports = []
+    for port, binds in ((doc.get("NetworkSettings") or {}).get("Ports") or {}).items():
+        num, _, proto = port.partition("/")
+        for b in binds or [{}]:
+            p: dict[str, Any] = {"PrivatePort": int(num), "Type": proto or "tcp"}
+            if b.get("HostPort"):
+                p.update(IP=b.get("HostIp") or "0.0.0.0", PublicPort=int(b["HostPort"]))
+            ports.append(p)
+    return {"Id": c.id, "Names": ["/" + c.name], "Image": c.image, "ImageID": c.image_id,
+            "Command": " ".join(c.command), "Created": int(c.created), "Ports": ports, "Labels": {},
+            "State": c.status.value, "Status": containercmds.status_text(c),
+            "HostConfig": {"NetworkMode": doc["HostConfig"]["NetworkMode"], "Isolation": c.isolation},
+            "NetworkSettings": {"Networks": (doc.get("NetworkSettings") or {}).get("Networks") or {}},
+            "Mounts": doc.get("Mounts") or []}
+
+
+def _filters(text: str) -> tuple[str, ...]:
+    """Docker's ``filters`` ({"status": ["running"]}, or the old {"status": {"running": true}})
+    as vmrt's ``key=value``."""
+    if not text:
+        return ()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ApiError(400, f"invalid filters: {text!r}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "invalid filters: not an object")
+    out = []
+    for k, vs in obj.items():
+        values = list(vs) if isinstance(vs, (list, dict)) else None
+        if values is None or not all(isinstance(v, str) for v in values):
+            raise ApiError(400, f"invalid filter {k!r}")
+        out += [f"{k}={v}" for v in values]
+    return tuple(out)
+
+
+def _list(req: Request) -> list[dict[str, Any]]:
+    shown = containercmds.matching(req.cfg, show_all=req.flag("all"), filters=_filters(req.query("filters")))
+    limit = req.int_query("limit", -1)
+    if limit is not None and limit > 0:
+        shown = sorted(shown, key=lambda c: c.created, reverse=True)[:limit]
+    return [_summary(req, c, containercmds.inspect_doc(req.cfg, c)) for c in shown]
+
+
+async def list_containers(req: Request) -> web.StreamResponse:
+    return web.json_response(await asyncio.to_thread(_list, req))
+
+
+# --- wait --------------------------------------------------------------------------------
+def _wait(req: Request, c: Container, condition: str, cancel: threading.Event) -> int:
+    """The exit code once ``condition`` holds: not-running (now, or once it stops), next-exit
+    (an exit after this call), removed (gone; an AutoRemove container is removed here, once
+    its exit code is known)."""
+    asked = time.time()
+    st = State(req.cfg.db_path)
+    try:
+        while not cancel.is_set():
+            try:
+                cur = st.get(c.id)
+            except StateError:
+                return c.exit_code or 0  # removed by someone else: the last code seen
+            c = cur
+            stopped = cur.status != Status.RUNNING and not lifecycle.owner_alive(cur)
+            if cur.status == Status.RUNNING and not lifecycle.owner_alive(cur):
+                lifecycle.reconcile(req.cfg, st)  # its owner died: the record catches up
+                continue
+            exited_since = cur.finished is not None and cur.finished >= asked
+            if condition == "not-running" and stopped:
+                return cur.exit_code or 0
+            if condition in ("next-exit", "removed") and stopped and (exited_since or cur.status == Status.EXITED
+                                                                      and condition == "removed"):
+                if condition == "removed" and containercmds.removes_when_waited(req.cfg, cur):
+                    lifecycle.remove(req.cfg, cur.id, True)
+                    return cur.exit_code or 0
+                if condition == "next-exit":
+                    return cur.exit_code or 0
+            time.sleep(POLL)
+    finally:
+        st.close()
+    return 0
+
+
+async def wait(req: Request) -> web.StreamResponse:
+    condition = req.query("condition") or "not-running"
+    if condition not in ("not-running", "next-exit", "removed"):
+        raise ApiError(400, f"invalid condition {condition!r}: not-running, next-exit or removed")
+    c = await asyncio.to_thread(_get, req)
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(req.http)  # the headers now: a client starts the container once it has them
+    cancel = threading.Event()
+    try:
+        code = await asyncio.to_thread(_wait, req, c, condition, cancel)
+    finally:
+        cancel.set()
+    await resp.write(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
+    await resp.write_eof()
+    return resp
+
+
+# --- logs and attach ---------------------------------------------------------------------
+def _log_records(req: Request, c: Container, follow: bool, cancel: threading.Event,
+                 skip_old: bool = False) -> Iterator[dict[str, Any]]:
+    """The container's log records (from its json-file log); with ``follow``, until its owner is
+    gone or ``cancel`` is set; ``skip_old``: only what is logged from now on."""
+    st = State(req.cfg.db_path)
+
+    def done() -> bool:
+        if cancel.is_set():
+            return True
+        try:
+            return not lifecycle.owner_alive(st.get(c.id))
+        except StateError:
+            return True
+
+    try:
+        old = True
+        for rec in logfile.records(container_dir(req.cfg, c.id) / LOG_NAME, follow, done):
+            if rec is None:
+                old = False
+                continue
+            if old and skip_old:
+                continue
+            yield rec
+    finally:
+        st.close()
+
+
+async def _pump(req: Request, resp: web.StreamResponse, records: Iterator[dict[str, Any]],
+                cancel: threading.Event, *, tty: bool, stdout: bool, stderr: bool, timestamps: bool) -> None:
+    """Log records to the client: raw for a TTY container, else in Docker's frames."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=256)
+
+    def produce() -> None:
+        try:
+            for rec in records:
+                if cancel.is_set():
+                    break
+                asyncio.run_coroutine_threadsafe(q.put(rec), loop).result()
+        finally:
+            asyncio.run_coroutine_threadsafe(q.put(None), loop).result()
+
+    producer = loop.run_in_executor(None, produce)
+    try:
+        while (rec := await q.get()) is not None:
+            stream = STDERR if rec.get("stream") == "stderr" else STDOUT
+            if (stream == STDOUT and not stdout) or (stream == STDERR and not stderr):
+                continue
+            data = str(rec.get("log", "")).encode()
+            if timestamps:
+                data = str(rec.get("time", "")).encode() + b" " + data
+            await resp.write(data if tty else frame(stream, data))
+    finally:
+        cancel.set()
+        while not producer.done():  # let it finish its put (the queue may be full)
+            with _suppress_empty():
+                q.get_nowait()
+            await asyncio.sleep(0.01)
+
+
+class _suppress_empty:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is asyncio.QueueEmpty
+
+
+async def logs(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    stdout, stderr = req.flag("stdout"), req.flag("stderr")
+    if not (stdout or stderr):
+        raise ApiError(400, "you must choose at least one stream")
+    tail = req.query("tail") or "all"
+    if tail != "all" and not tail.isdigit():
+        raise ApiError(400, f"invalid tail {tail!r}: a number or all")
+    since = lifecycle.parse_since(req.query("since")) if req.query("since") not in ("", "0") else None
+    until = lifecycle.parse_since(req.query("until")) if req.query("until") not in ("", "0") else None
+    tty = bool(json.loads((container_dir(req.cfg, c.id) / "config.json").read_text())
+               .get("process", {}).get("terminal"))
+    cancel = threading.Event()
+    records = _select(_log_records(req, c, req.flag("follow"), cancel), tail, since, until)
+    resp = web.StreamResponse(headers={"Content-Type": "application/vnd.docker.raw-stream" if tty
+                                       else "application/vnd.docker.multiplexed-stream"})
+    await resp.prepare(req.http)
+    await _pump(req, resp, records, cancel, tty=tty, stdout=stdout, stderr=stderr, timestamps=req.flag("timestamps"))
+    await resp.write_eof()
+    return resp
+
+
+def _select(records: Iterator[dict[str, Any]], tail: str, since: float | None,
+            until: float | None) -> Iterator[dict[str, Any]]:
+    """since/until (record times) and the last ``tail`` records of what was logged so far."""
+    def when(rec: dict[str, Any]) -> float | None:
+        return lifecycle.record_time(rec)
+
+    kept: list[dict[str, Any]] = []
+    for rec in records:
+        t = when(rec)
+        if since is not None and t is not None and t < since:
+            continue
+        if until is not None and t is not None and t > until:
+            continue
+        if tail == "all":
+            yield rec
+        else:
+            kept.append(rec)
+            if len(kept) > int(tail):
+                kept.pop(0)
+    yield from kept
+
+
+class _HalfClosable(asyncio.Protocol):
+    """aiohttp's protocol, except that the client's EOF leaves the connection open for our
+    writes. A client with no stdin to send half-closes a hijacked connection (docker's
+    CloseWrite); asyncio closes a transport whose protocol's ``eof_received`` returns a falsy
+    value, as aiohttp's does."""
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self.inner = inner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        self.inner.eof_received()  # type: ignore[attr-defined]
+        return True
+
+
+async def attach(req: Request) -> web.StreamResponse:
+    """``docker attach`` / a foreground ``docker run``: the hijacked connection (``Upgrade:
+    tcp``, 101), then the container's output from now on (its log, followed) until it stops.
+    Its stdin is not forwarded yet: ``stdin=1`` is refused."""
+    c = await asyncio.to_thread(_get, req)
+    if req.flag("stdin"):
+        raise ApiError(400, "attaching stdin through the API is not supported yet (use `vmrt attach`)")
+    tty = bool(json.loads((container_dir(req.cfg, c.id) / "config.json").read_text())
+               .get("process", {}).get("terminal"))
+    upgrade = req.http.headers.get("Upgrade", "").lower() == "tcp"
+    if upgrade and req.http.transport is not None and req.http.protocol is not None:
+        req.http.transport.set_protocol(_HalfClosable(req.http.protocol))
+    resp = web.StreamResponse(status=101 if upgrade else 200, headers={
+        "Content-Type": "application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream",
+        **({"Upgrade": "tcp", "Connection": "Upgrade"} if upgrade else {})})
+    resp.force_close()  # the stream ends with the connection: the client reads until then
+    await resp.prepare(req.http)
+    cancel = threading.Event()
+    if req.flag("stream"):
+        records = _after_start(req, c, cancel)
+        await _pump(req, resp, records, cancel, tty=tty, stdout=req.flag("stdout"), stderr=req.flag("stderr"),
+                    timestamps=False)
+    await resp.write_eof()
+    return resp
+
+
+def _after_start(req: Request, c: Container, cancel: threading.Event) -> Iterator[dict[str, Any]]:
+    """What the container logs from now on: its log's records at this moment are skipped; a
+    container not running yet is waited for (a client attaches before it starts it), then its
+    log is followed until it stops."""
+    old = sum(1 for rec in _log_records(req, c, False, cancel) if rec)
+    st = State(req.cfg.db_path)
+    try:
+        while not cancel.is_set():
+            try:
+                cur = st.get(c.id)
+            except StateError:
+                return
+            if lifecycle.owner_alive(cur) or (cur.started or 0) > (c.started or 0):
+                break
+            time.sleep(POLL)
+    finally:
+        st.close()
+    for i, rec in enumerate(_log_records(req, c, True, cancel)):
+        if i >= old:
+            yield rec
+
+
+async def resize(req: Request) -> web.StreamResponse:
+    await asyncio.to_thread(_get, req)
+    return web.Response(status=200)
+
+
+REAP_EVERY, REAP_AFTER = 2.0, 5.0
+
+
+def _reap(cfg: Config) -> None:
+    """AutoRemove containers that exited with nobody waiting: removed (a waiter, polling every
+    50 ms, has read the exit code long before; Docker's daemon removes them at exit)."""
+    now = time.time()
+    for c in containercmds.matching(cfg, show_all=True, filters=("status=exited",)):
+        if (c.finished or now) <= now - REAP_AFTER and not lifecycle.owner_alive(c) \
+                and containercmds.removes_when_waited(cfg, c):
+            with contextlib.suppress(VmrtError):
+                lifecycle.remove(cfg, c.id, True)
+
+
+async def reaper(cfg: Config) -> None:
+    while True:
+        await asyncio.sleep(REAP_EVERY)
+        await asyncio.to_thread(_reap, cfg)
+
+
+def register(routes: Routes) -> None:
+    cid = "/containers/(?P<id>[^/]+)"
+    routes.add("GET", "/containers/json", list_containers)
+    routes.add("POST", "/containers/create", create)
+    routes.add("GET", cid + "/json", inspect)
+    routes.add("POST", cid + "/start", start)
+    routes.add("POST", cid + "/stop", stop)
+    routes.add("POST", cid + "/restart", restart)
+    routes.add("POST", cid + "/kill", kill)
+    routes.add("POST", cid + "/wait", wait)
+    routes.add("GET", cid + "/logs", logs)
+    routes.add("POST", cid + "/attach", attach)
+    routes.add("POST", cid + "/resize", resize)
+    routes.add("DELETE", cid, remove)

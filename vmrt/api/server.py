@@ -1,0 +1,160 @@
+"""The service's socket, routing, version negotiation and errors (aiohttp over a unix socket).
+
+Routing is a table of (method, pattern) here rather than aiohttp's router: every path may
+carry Docker's ``/vX.Y`` prefix, which is checked against the supported range before the
+endpoint runs (Docker's daemon answers 400 to a client that is too old or too new).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from ..config import Config
+from ..errors import UsageError, VmrtError
+from . import containers, images, system
+from .base import (
+    MAX_API,
+    MAX_BODY,
+    MIN_API,
+    ApiError,
+    Request,
+    Routes,
+    api_text,
+    error_response,
+    error_status,
+    headers,
+    split_version,
+)
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/vmrt/docker.sock"
+
+
+class Service:
+    """The running service: its routes, the requests in flight (for ``--time``), its stop."""
+
+    def __init__(self, cfg: Config, routes: Routes) -> None:
+        self.cfg, self.routes = cfg, routes
+        self.active = 0
+        self.last = time.monotonic()
+        self.stopping = asyncio.Event()
+
+    async def handle(self, http: web.Request) -> web.StreamResponse:
+        self.active += 1
+        try:
+            return await self._handle(http)
+        finally:
+            self.active -= 1
+            self.last = time.monotonic()
+
+    async def _handle(self, http: web.Request) -> web.StreamResponse:
+        try:
+            version, path = split_version(http.path)
+            found = self.routes.find(http.method, path)
+            if found is None:
+                raise ApiError(404, f"page not found: {http.method} {path}")
+            handler, params = found
+            resp = await handler(Request(http, params, version, self.cfg))
+        except ApiError as e:
+            return error_response(e.status, e.message)
+        except VmrtError as e:
+            return error_response(error_status(e), str(e))
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client went away: nothing to answer
+        except Exception as e:  # a bug: one line in the answer, the details in the log
+            LOG.error("%s %s: %s", http.method, http.path, e, exc_info=True)
+            return error_response(500, f"internal error: {type(e).__name__}: {e}")
+        if not resp.prepared:
+            for k, v in headers().items():
+                resp.headers.setdefault(k, v)
+        return resp
+
+    async def idle_watch(self, limit: float) -> None:
+        """``--time N``: stop once no request has been in flight for N seconds."""
+        while True:
+            await asyncio.sleep(min(limit, 1.0))
+            if self.active == 0 and time.monotonic() - self.last >= limit:
+                self.stopping.set()
+                return
+
+
+def _bind(path: Path, group: str | None) -> None:
+    """The socket's mode: root's, and a group's where one is named (0660), as docker.sock."""
+    gid = -1
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"group {group!r} does not exist") from None
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o660 if group else 0o600)
+
+
+async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: str | None,
+                 background: list[Callable[[Config], Awaitable[None]]]) -> None:
+    service = Service(cfg, routes)
+    app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
+    app.router.add_route("*", "/{tail:.*}", service.handle)
+    runner = web.AppRunner(app, handle_signals=False, access_log=logging.getLogger("vmrt.api.access") if os.environ.get("VMRT_API_LOG") else None)
+    await runner.setup()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.is_socket():
+        path.unlink()  # a dead service's: a live one would have answered (checked by the caller)
+    elif os.path.lexists(path):
+        raise UsageError(f"{path} exists and is not a socket")
+    site = web.UnixSite(runner, str(path))
+    await site.start()
+    try:
+        _bind(path, group)
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(s, service.stopping.set)
+        print(f"vmrt system service: API {api_text(MIN_API)}-{api_text(MAX_API)} on unix://{path}",
+              file=sys.stderr, flush=True)
+        tasks = [asyncio.ensure_future(job(cfg)) for job in background]
+        if idle > 0:
+            tasks.append(asyncio.ensure_future(service.idle_watch(idle)))
+        await service.stopping.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        await runner.cleanup()
+
+
+def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) -> int:
+    """``vmrt system service``: serve until SIGTERM/SIGINT (or ``idle`` seconds without a request)."""
+    routes = Routes()
+    for mod in (system, containers, images):
+        mod.register(routes)
+    if path.exists() and _answers(path):
+        raise UsageError(f"a service already answers on {path}")
+    asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper]))
+    return 0
+
+
+def _answers(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
