@@ -14,7 +14,7 @@ fi
 PACKAGES="qemu-system-x86 e2fsprogs runc golang-github-containers-common linux-source-6.1 busybox-static \
   make gcc libc6-dev linux-libc-dev libseccomp2 flex bison bc patch libelf-dev libssl-dev cpio xz-utils \
   python3 python3-venv clang libclang-rt-14-dev \
-  docker-registry skopeo zstd apache2-utils openssl nftables mmdebstrap"
+  docker-registry skopeo zstd apache2-utils openssl nftables mmdebstrap docker.io docker-compose"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -22,7 +22,20 @@ done
 if [ -n "$missing" ]; then
     echo "[setup] installing Debian packages:$missing" >&2
     apt-get update -q
+    # no service starts from these packages: Debian's dockerd, containerd and registry would
+    # answer on their default sockets and ports; vmrt's tests start their own, privately
+    # (policy-rc.d: Debian's way to keep invoke-rc.d and deb-systemd-invoke from starting them)
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        policy=1
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+    [ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then  # and none starts at boot
+        systemctl disable --now docker.service docker.socket containerd.service >/dev/null 2>&1 || true
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -84,9 +84,14 @@ class Request:
 
     async def json(self) -> Any:
         """The request's JSON body (an empty body is null), at most :data:`MAX_BODY` bytes."""
-        body = await self.http.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
-            raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
+        too_big = ApiError(413, f"request body larger than {MAX_BODY} bytes")
+        if (self.http.content_length or 0) > MAX_BODY:
+            raise too_big
+        body = b""
+        while chunk := await self.http.content.read(65536):
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise too_big
         if not body.strip():
             return None
         try:

@@ -28,6 +28,20 @@ from .base import ApiError, Request, Routes
 
 STDOUT, STDERR = 1, 2
 POLL = 0.05
+# the cancel events of the waits and streams in flight: each runs a thread, which the service's
+# stop ends through these (a thread left polling would keep the process from exiting)
+_cancels: set[threading.Event] = set()
+
+
+def _cancel_event() -> threading.Event:
+    e = threading.Event()
+    _cancels.add(e)
+    return e
+
+
+def cancel_all() -> None:
+    for e in list(_cancels):
+        e.set()
 
 
 def frame(stream: int, data: bytes) -> bytes:
@@ -320,11 +334,12 @@ async def wait(req: Request) -> web.StreamResponse:
     c = await asyncio.to_thread(_get, req)
     resp = web.StreamResponse(headers={"Content-Type": "application/json"})
     await resp.prepare(req.http)  # the headers now: a client starts the container once it has them
-    cancel = threading.Event()
+    cancel = _cancel_event()
     try:
         code = await asyncio.to_thread(_wait, req, c, condition, cancel)
     finally:
         cancel.set()
+        _cancels.discard(cancel)
     await resp.write(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
     await resp.write_eof()
     return resp
@@ -385,6 +400,7 @@ async def _pump(req: Request, resp: web.StreamResponse, records: Iterator[dict[s
             await resp.write(data if tty else frame(stream, data))
     finally:
         cancel.set()
+        _cancels.discard(cancel)
         while not producer.done():  # let it finish its put (the queue may be full)
             with _suppress_empty():
                 q.get_nowait()
@@ -411,7 +427,7 @@ async def logs(req: Request) -> web.StreamResponse:
     until = lifecycle.parse_since(req.query("until")) if req.query("until") not in ("", "0") else None
     tty = bool(json.loads((container_dir(req.cfg, c.id) / "config.json").read_text())
                .get("process", {}).get("terminal"))
-    cancel = threading.Event()
+    cancel = _cancel_event()
     records = _select(_log_records(req, c, req.flag("follow"), cancel), tail, since, until)
     resp = web.StreamResponse(headers={"Content-Type": "application/vnd.docker.raw-stream" if tty
                                        else "application/vnd.docker.multiplexed-stream"})
@@ -489,8 +505,8 @@ async def attach(req: Request) -> web.StreamResponse:
         **({"Upgrade": "tcp", "Connection": "Upgrade"} if upgrade else {})})
     resp.force_close()  # the stream ends with the connection: the client reads until then
     await resp.prepare(req.http)
-    cancel = threading.Event()
     if req.flag("stream"):
+        cancel = _cancel_event()
         records = _after_start(req, c, cancel)
         await _pump(req, resp, records, cancel, tty=tty, stdout=req.flag("stdout"), stderr=req.flag("stderr"),
                     timestamps=False)

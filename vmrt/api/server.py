@@ -72,8 +72,9 @@ class Service:
             return error_response(e.status, e.message)
         except VmrtError as e:
             return error_response(error_status(e), str(e))
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise  # the client went away: nothing to answer
+        except ConnectionResetError:  # the client went away mid-answer (a wait, a stream)
+            LOG.debug("%s %s: the client went away", http.method, http.path)
+            return web.Response(status=499)  # written nowhere: aiohttp drops it with the connection
         except Exception as e:  # a bug: one line in the answer, the details in the log
             LOG.error("%s %s: %s", http.method, http.path, e, exc_info=True)
             return error_response(500, f"internal error: {type(e).__name__}: {e}")
@@ -108,7 +109,8 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
     service = Service(cfg, routes)
     app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
     app.router.add_route("*", "/{tail:.*}", service.handle)
-    runner = web.AppRunner(app, handle_signals=False, access_log=logging.getLogger("vmrt.api.access") if os.environ.get("VMRT_API_LOG") else None)
+    access = logging.getLogger("vmrt.api.access") if os.environ.get("VMRT_API_LOG") else None  # with --debug
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, access_log=access)
     await runner.setup()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.is_socket():
@@ -128,6 +130,7 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
         if idle > 0:
             tasks.append(asyncio.ensure_future(service.idle_watch(idle)))
         await service.stopping.wait()
+        containers.cancel_all()  # the waits and streams in flight end (their clients see EOF)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

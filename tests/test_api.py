@@ -1,0 +1,205 @@
+"""The Docker Engine API (issue 18): `vmrt system service` on a private socket, driven by the
+real `docker` CLI (Debian's docker.io; no dockerd runs) and the Docker SDK for Python.
+
+Each test starts its own service on a socket under its tmp dir, for the test's private vmrt,
+and stops it with SIGTERM at its end: the service must exit 0 and remove its socket.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import Vmrt
+
+pytestmark = pytest.mark.vm
+DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker") or "docker"
+
+
+class Api:
+    """A running service and its clients."""
+
+    def __init__(self, v: Vmrt, sock: Path, home: Path, proc: subprocess.Popen[bytes]) -> None:
+        self.v, self.sock, self.home, self.proc = v, sock, home, proc
+
+    def docker(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.home), "DOCKER_CONFIG": str(self.home / ".docker")}
+        return subprocess.run([DOCKER, "-H", f"unix://{self.sock}", *args], capture_output=True, timeout=timeout,
+                              env=env, stdin=subprocess.DEVNULL)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        conn = UnixHTTP(self.sock)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=120)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(120)
+        self.sock.connect(self.path)
+
+
+@pytest.fixture
+def api(vmrt: Vmrt, tmp_path: Path) -> Iterator[Api]:
+    sock = tmp_path / "docker.sock"
+    proc = vmrt.popen("system", "service", "--socket", str(sock))
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the service did not come up"
+        time.sleep(0.05)
+    (tmp_path / "home").mkdir()
+    a = Api(vmrt, sock, tmp_path / "home", proc)
+    try:
+        yield a
+    finally:
+        for cid in vmrt("ps", "-aq").stdout.decode().split():
+            vmrt("rm", "-f", cid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert not sock.exists()  # the service removed its socket
+        assert b"Traceback" not in err, err
+
+
+def test_versions_are_negotiated_and_errors_are_dockers(api: Api) -> None:
+    status, headers, body = api.request("GET", "/_ping")
+    assert (status, body) == (200, b"OK") and headers["Api-Version"] == "1.43"
+    assert api.request("HEAD", "/_ping")[0] == 200
+    status, _, body = api.request("GET", "/v1.41/version")
+    assert status == 200 and json.loads(body)["MinAPIVersion"] == "1.24"
+    for path, want in (("/v1.12/version", b"is too old"), ("/v1.99/version", b"is too new")):
+        status, _, body = api.request("GET", path)
+        assert status == 400 and want in json.loads(body)["message"].encode(), body
+    status, _, body = api.request("GET", "/v1.43/no/such/thing")
+    assert status == 404 and "message" in json.loads(body)
+    assert api.request("DELETE", "/_ping")[0] == 405
+    # a container that is not there, a bad body, a huge body, what vmrt refuses, a missing image
+    status, _, body = api.request("GET", "/containers/nosuch/json")
+    assert status == 404 and json.loads(body)["message"] == "No such container: nosuch"
+    hdr = {"Content-Type": "application/json"}
+    for body, want in ((b"{not json", 400), (b"[1, 2]", 400), (b"{}", 400), (b"x" * (2 << 20), 413),
+                       (json.dumps({"Image": "busybox", "HostConfig": {"Privileged": True}}).encode(), 400),
+                       (json.dumps({"Image": "busybox", "HostConfig": {"Isolation": "hyperx"}}).encode(), 400),
+                       (json.dumps({"Image": "nosuchimage:1"}).encode(), 404)):
+        status, _, answer = api.request("POST", "/containers/create", body, hdr)
+        assert status == want and json.loads(answer)["message"], (body[:60], status, answer)
+    status, _, body = api.request("GET", "/containers/json?filters=%7Bbad")
+    assert status == 400, body
+    assert api.request("GET", "/containers/json?all=maybe")[0] == 400
+    # the service still answers, and created nothing
+    assert api.request("GET", "/_ping")[0] == 200
+    assert api.v("ps", "-aq").stdout == b""
+
+
+def test_docker_run_chooses_the_isolation(api: Api) -> None:
+    """`docker run --isolation=hyperv` boots a micro-VM (the guest's kernel answers), `process`
+    runs under runc (the host's); output, streams and the exit code come through."""
+    guest = api.v("run", "--rm", "--isolation=vm", "busybox", "uname", "-r").stdout
+    assert guest and guest.decode().strip() != platform.release()
+    r = api.docker("run", "--rm", "--isolation=hyperv", "busybox", "uname", "-r")
+    assert (r.returncode, r.stdout) == (0, guest), r.stderr
+    r = api.docker("run", "--rm", "--isolation=process", "busybox", "uname", "-r")
+    assert (r.returncode, r.stdout.decode().strip()) == (0, platform.release()), r.stderr
+    r = api.docker("run", "--rm", "--isolation=process", "busybox", "sh", "-c", "echo out; echo err >&2; exit 4")
+    assert (r.returncode, r.stdout, r.stderr) == (4, b"out\n", b"err\n")
+    assert api.v("ps", "-aq").stdout == b""  # --rm: removed once its exit code was read
+
+
+def test_detached_containers_are_vmrts_own(api: Api) -> None:
+    """One state: what docker starts `vmrt ps` shows, and the other way round; logs, inspect,
+    stop, start and rm work across both."""
+    r = api.docker("run", "-d", "--name", "web", "--isolation=process", "-e", "GREETING=hi", "busybox", "sh", "-c",
+                   'echo "$GREETING"; echo oops >&2; exec sleep 300')
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    assert api.v("ps", "-q", "--no-trunc").stdout.decode().split() == [cid]
+    r = api.v("run", "-d", "--name", "own", "--isolation=process", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    names = api.docker("ps", "--format", "{{.Names}}").stdout.decode().split()
+    assert sorted(names) == ["own", "web"]
+    deadline = time.monotonic() + 30
+    while b"hi" not in (r := api.docker("logs", "web")).stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (r.stdout, r.stderr) == (b"hi\n", b"oops\n"), r
+    doc = json.loads(api.docker("inspect", "web").stdout)[0]
+    assert doc["Id"] == cid and doc["State"]["Running"] and "GREETING=hi" in doc["Config"]["Env"]
+    r = api.docker("stop", "-t", "1", "web")
+    assert r.returncode == 0, r.stderr
+    assert api.v("inspect", "-f", "{{.State.Status}}", "web").stdout.strip() == b"exited"
+    assert api.docker("start", "web").returncode == 0
+    assert api.v("inspect", "-f", "{{.State.Status}}", "web").stdout.strip() == b"running"
+    r = api.docker("rm", "own")  # running: refused without -f, as Docker
+    assert r.returncode != 0 and b"cannot remove a running container" in r.stderr.lower(), r.stderr
+    assert api.docker("rm", "-f", "own", "web").returncode == 0
+    assert api.v("ps", "-aq").stdout == b""
+    api.v.assert_clean()
+
+
+def test_the_docker_sdk_drives_both_isolations(api: Api) -> None:
+    docker = pytest.importorskip("docker")
+    client = docker.DockerClient(base_url=f"unix://{api.sock}")
+    try:
+        assert client.ping()
+        assert client.containers.run("busybox", ["echo", "from-vm"], remove=True, isolation="hyperv") == b"from-vm\n"
+        c = client.containers.run("busybox", ["sleep", "300"], detach=True, name="sdk", isolation="process")
+        c.reload()
+        assert c.status == "running" and [x.name for x in client.containers.list()] == ["sdk"]
+        c.kill()
+        assert c.wait()["StatusCode"] == 137
+        c.remove()
+        assert any("busybox:latest" in i.tags for i in client.images.list())
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get("sdk")
+    finally:
+        client.close()
+    api.v.assert_clean()
+
+
+def test_clients_that_go_away_and_autoremove_leave_nothing(api: Api) -> None:
+    """A client that disconnects while it waits or attaches does not take the service down; the
+    service's stop leaves the containers it started running (their monitors own them); a
+    detached AutoRemove container is removed once it exited, with nobody waiting."""
+    r = api.docker("run", "-d", "--isolation=process", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    for path in (f"/containers/{cid}/wait", f"/containers/{cid}/attach?stream=1&stdout=1"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(api.sock))
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nUpgrade: tcp\r\nConnection: Upgrade\r\n\r\n".encode())
+        time.sleep(0.5)
+        s.close()
+    assert api.request("GET", "/_ping")[0] == 200
+    r = api.docker("run", "-d", "--rm", "--isolation=process", "busybox", "true")
+    assert r.returncode == 0, r.stderr
+    gone = r.stdout.decode().strip()
+    deadline = time.monotonic() + 30
+    while gone in api.v("ps", "-aq", "--no-trunc").stdout.decode() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert gone not in api.v("ps", "-aq", "--no-trunc").stdout.decode()
+    # the service ends; the container it started runs on
+    api.proc.send_signal(signal.SIGTERM)
+    api.proc.wait(30)
+    assert api.v("inspect", "-f", "{{.State.Status}}", cid).stdout.strip() == b"running"
+    assert api.v("rm", "-f", cid).returncode == 0
+    api.v.assert_clean()
