@@ -156,6 +156,31 @@ def test_detached_containers_are_vmrts_own(api: Api) -> None:
     api.v.assert_clean()
 
 
+@pytest.mark.parametrize("isolation", ["process", "hyperv"])
+def test_docker_exec_in_either_isolation(api: Api, isolation: str) -> None:
+    """`docker exec`: output on its streams, the exit code (from the exec's inspect), a
+    detached exec's effect; a TTY exec is refused in one line for now."""
+    r = api.docker("run", "-d", "--name", "ex", f"--isolation={isolation}", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    r = api.docker("exec", "ex", "sh", "-c", "echo in-exec; echo err >&2; exit 5")
+    assert (r.returncode, r.stdout, r.stderr) == (5, b"in-exec\n", b"err\n")
+    assert api.docker("exec", "-d", "ex", "sh", "-c", "echo left > /tmp/mark").returncode == 0
+    deadline = time.monotonic() + 30
+    while (r := api.docker("exec", "ex", "cat", "/tmp/mark")).stdout != b"left\n" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert r.stdout == b"left\n", r.stderr
+    r = api.docker("exec", "ex", "nosuchcommand")
+    assert r.returncode in (126, 127), r
+    status, _, body = api.request("POST", "/containers/ex/exec", json.dumps({"Cmd": ["sh"], "Tty": True}).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 400 and b"TTY" in body
+    assert api.docker("rm", "-f", "ex").returncode == 0
+    status, _, body = api.request("POST", "/containers/ex/exec", json.dumps({"Cmd": ["true"]}).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 404, body
+    api.v.assert_clean()
+
+
 def test_the_docker_sdk_drives_both_isolations(api: Api) -> None:
     docker = pytest.importorskip("docker")
     client = docker.DockerClient(base_url=f"unix://{api.sock}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +24,8 @@ from ..errors import StateError, VmrtError
 from ..layout import LOG_NAME, container_dir
 from ..state import Container, State, Status
 from .base import ApiError, Request, Routes
+from .streams import STDERR, STDOUT, frame, hijack
 
-STDOUT, STDERR = 1, 2
 POLL = 0.05
 # the cancel events of the waits and streams in flight: each runs a thread, which the service's
 # stop ends through these (a thread left polling would keep the process from exiting)
@@ -42,11 +41,6 @@ def _cancel_event() -> threading.Event:
 def cancel_all() -> None:
     for e in list(_cancels):
         e.set()
-
-
-def frame(stream: int, data: bytes) -> bytes:
-    """Docker's multiplexed stream frame: [stream, 0, 0, 0, size (big-endian u32)] + data."""
-    return struct.pack(">BxxxI", stream, len(data)) + data
 
 
 # --- create ------------------------------------------------------------------------------
@@ -459,35 +453,6 @@ def _select(records: Iterator[dict[str, Any]], tail: str, since: float | None,
     yield from kept
 
 
-class _HalfClosable(asyncio.Protocol):
-    """aiohttp's protocol, except that the client's EOF leaves the connection open for our
-    writes. A client with no stdin to send half-closes a hijacked connection (docker's
-    CloseWrite); asyncio closes a transport whose protocol's ``eof_received`` returns a falsy
-    value, as aiohttp's does."""
-
-    def __init__(self, inner: asyncio.BaseProtocol) -> None:
-        self.inner = inner
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inner.connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)  # type: ignore[attr-defined]
-
-    def eof_received(self) -> bool:
-        self.inner.eof_received()  # type: ignore[attr-defined]
-        return True
-
-
 async def attach(req: Request) -> web.StreamResponse:
     """``docker attach`` / a foreground ``docker run``: the hijacked connection (``Upgrade:
     tcp``, 101), then the container's output from now on (its log, followed) until it stops.
@@ -497,14 +462,7 @@ async def attach(req: Request) -> web.StreamResponse:
         raise ApiError(400, "attaching stdin through the API is not supported yet (use `vmrt attach`)")
     tty = bool(json.loads((container_dir(req.cfg, c.id) / "config.json").read_text())
                .get("process", {}).get("terminal"))
-    upgrade = req.http.headers.get("Upgrade", "").lower() == "tcp"
-    if upgrade and req.http.transport is not None and req.http.protocol is not None:
-        req.http.transport.set_protocol(_HalfClosable(req.http.protocol))
-    resp = web.StreamResponse(status=101 if upgrade else 200, headers={
-        "Content-Type": "application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream",
-        **({"Upgrade": "tcp", "Connection": "Upgrade"} if upgrade else {})})
-    resp.force_close()  # the stream ends with the connection: the client reads until then
-    await resp.prepare(req.http)
+    resp = await hijack(req, tty)
     if req.flag("stream"):
         cancel = _cancel_event()
         records = _after_start(req, c, cancel)
