@@ -181,6 +181,29 @@ def test_docker_exec_in_either_isolation(api: Api, isolation: str) -> None:
     api.v.assert_clean()
 
 
+def test_docker_volumes_are_vmrts_named_volumes(api: Api) -> None:
+    assert api.docker("volume", "create", "web-data").stdout == b"web-data\n"
+    r = api.docker("run", "--rm", "--isolation=hyperv", "-v", "web-data:/data", "busybox", "sh", "-c",
+                   "echo persisted > /data/f")
+    assert r.returncode == 0, r.stderr
+    r = api.docker("run", "--rm", "--isolation=process", "--mount", "type=volume,source=web-data,target=/data",
+                   "busybox", "cat", "/data/f")
+    assert (r.returncode, r.stdout) == (0, b"persisted\n"), r.stderr
+    assert api.v("volume", "ls", "-q").stdout == b"web-data\n"
+    doc = json.loads(api.docker("volume", "inspect", "web-data").stdout)[0]
+    assert doc["Mountpoint"].endswith("/volumes/web-data/_data")
+    r = api.docker("run", "-d", "--name", "holder", "--isolation=process", "-v", "web-data:/d", "busybox", "sleep",
+                   "300")
+    assert r.returncode == 0, r.stderr
+    r = api.docker("volume", "rm", "web-data")
+    assert r.returncode != 0 and b"in use" in r.stderr, r.stderr
+    assert api.docker("rm", "-f", "holder").returncode == 0
+    assert api.docker("volume", "rm", "web-data").returncode == 0
+    status, _, body = api.request("GET", "/volumes/web-data")
+    assert status == 404, body
+    api.v.assert_clean()
+
+
 def test_the_docker_sdk_drives_both_isolations(api: Api) -> None:
     docker = pytest.importorskip("docker")
     client = docker.DockerClient(base_url=f"unix://{api.sock}")

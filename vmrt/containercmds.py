@@ -138,6 +138,7 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
     if a.vm_memory is not None:
         config_mod.check_vm_memory(cfg, a.vm_memory, "--vm-memory")
     volumes_mod.check_unique(opts.mounts)
+    volumes_mod.resolve_named(cfg, opts.mounts)
     # as Docker: parents before children, whatever the order on the command line
     opts.mounts.sort(key=lambda m: len([p for p in m.target.split("/") if p]))
     if a.kernel is not None and not a.kernel.is_file():
@@ -460,7 +461,10 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                    "WorkingDir": proc.get("cwd", ""), "Tty": bool(proc.get("terminal")),
                    "OpenStdin": config.get("annotations", {}).get("org.vmrt.stdin") == "true",
                    "ExposedPorts": {e: {} for e in req.exposed}},
-        "Mounts": [{"Type": m.get("type"), "Source": m.get("source"), "Destination": m.get("destination"),
+        "Mounts": [{"Type": "volume" if m.get(volumes_mod.VOLUME_KEY) else m.get("type"),
+                    **({"Name": m[volumes_mod.VOLUME_KEY], "Driver": "local"} if m.get(volumes_mod.VOLUME_KEY)
+                       else {}),
+                    "Source": m.get("source"), "Destination": m.get("destination"),
                     "RW": "ro" not in m.get("options", [])} for m in config.get("mounts", [])
                    if m.get("type") in ("bind", "tmpfs") and m.get("destination") != "/dev"],
     }

@@ -1,4 +1,6 @@
-"""``-v``, ``--mount`` and ``--tmpfs``, parsed as Docker does, into OCI mounts.
+"""``-v``, ``--mount`` and ``--tmpfs``, parsed as Docker does, into OCI mounts; and named
+volumes (``-v NAME:/path``, ``vmrt volume``): directories of vmrt's own under
+``<root>/volumes/NAME/_data`` (Docker's layout), bound in as a bind volume is.
 
 Both drivers consume the resulting OCI ``mounts`` entries: runc mounts them
 itself (resolving each destination inside the container root, so a symlink
@@ -9,15 +11,22 @@ over virtio-fs and the agent mounts them, also resolving in the root.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import secrets
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from . import fsmode
-from .errors import UsageError
+from .config import Config
+from .errors import StateError, UsageError
 
 TMPFS_DEFAULTS = ["nosuid", "nodev", "noexec"]
+VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{1,127}")  # Docker's, with a length cap
+VOLUME_KEY = "org.vmrt.volume"  # in an OCI mount: the named volume it binds
 
 
 @dataclasses.dataclass
@@ -27,12 +36,14 @@ class Mount:
     source: str = ""
     readonly: bool = False
     options: list[str] = dataclasses.field(default_factory=list)  # tmpfs: size=, mode=
+    volume: str = ""    # a named volume's name (its source: resolve_named)
 
     def oci(self) -> dict[str, Any]:
         if self.type == "bind":
             return {"destination": self.target, "type": "bind", "source": self.source,
                     # rro: read-only recursively (a mount under the source too), as Docker 25+
-                    "options": ["rbind", "rprivate", *(["ro", "rro"] if self.readonly else [])]}
+                    "options": ["rbind", "rprivate", *(["ro", "rro"] if self.readonly else [])],
+                    **({VOLUME_KEY: self.volume} if self.volume else {})}
         return {"destination": self.target, "type": "tmpfs", "source": "tmpfs",
                 "options": [*TMPFS_DEFAULTS, *(["ro"] if self.readonly else []), *self.options]}
 
@@ -76,7 +87,16 @@ def parse_volume(spec: str) -> Mount:
         (src, tgt), ro = parts, False
     else:
         raise UsageError(f"invalid {what}: use HOST:CONTAINER[:ro]")
+    if not src.startswith("/"):
+        return Mount("bind", _target(tgt, what), "", ro, volume=_volume_name(src, what))
     return Mount("bind", _target(tgt, what), _source(src, what, create=True), ro)
+
+
+def _volume_name(name: str, what: str) -> str:
+    if not VOLUME_NAME.fullmatch(name):
+        raise UsageError(f"invalid {what}: {name!r} is neither an absolute host path nor a volume name "
+                         "([a-zA-Z0-9][a-zA-Z0-9_.-]+)")
+    return name
 
 
 _SIZE = re.compile(r"^(\d+)([kmg]?)$", re.I)
@@ -152,7 +172,77 @@ def parse_mount(spec: str) -> Mount:
         return Mount("bind", _target(tgt, what), _source(src, what, create=False), ro)
     if typ == "tmpfs":
         return Mount("tmpfs", _target(tgt, what), readonly=ro, options=_tmpfs_opts(list(kv.items()), what))
-    raise UsageError(f"invalid {what}: type {typ!r} is not supported (bind or tmpfs)")
+    if typ == "volume":  # no source: an anonymous volume, a name of its own
+        src = kv.pop("source", None) or kv.pop("src", None) or secrets.token_hex(32)
+        kv.pop("volume-nocopy", None)
+        if kv:
+            raise UsageError(f"invalid {what}: unknown option {sorted(kv)[0]!r}")
+        return Mount("bind", _target(tgt, what), "", ro, volume=_volume_name(src, what))
+    raise UsageError(f"invalid {what}: type {typ!r} is not supported (bind, volume or tmpfs)")
+
+
+# --- named volumes ------------------------------------------------------------------------
+def volumes_dir(cfg: Config) -> Path:
+    return cfg.root / "volumes"
+
+
+def volume_data(cfg: Config, name: str) -> Path:
+    return volumes_dir(cfg) / name / "_data"
+
+
+def create_volume(cfg: Config, name: str | None = None, labels: dict[str, str] | None = None) -> tuple[str, bool]:
+    """A named volume (a new random name if none is given): its name, and whether it is new.
+    Its ``_data`` is 0755 root's, as Docker's; ``labels`` are kept beside it."""
+    name = name or secrets.token_hex(32)
+    _volume_name(name, f"volume name {name!r}")
+    top = fsmode.private_dir(volumes_dir(cfg))
+    d = top / name
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        if not (d / "_data").is_dir() or d.is_symlink():
+            raise UsageError(f"volume {name}: its directory is damaged") from None
+        return name, False
+    (d / "_data").mkdir(mode=0o755)
+    os.chmod(d / "_data", 0o755)  # not under vmrt's umask: the container's users reach into it
+    fsmode.write_private(d / "volume.json", json.dumps({"Name": name, "Labels": labels or {},
+                                                        "CreatedAt": time.time()}))
+    return name, True
+
+
+def volume_doc(cfg: Config, name: str) -> dict[str, Any]:
+    """``docker volume inspect``'s shape."""
+    d = volumes_dir(cfg) / name
+    if not VOLUME_NAME.fullmatch(name) or not (d / "_data").is_dir() or d.is_symlink():
+        raise StateError(f"No such volume: {name}")
+    try:
+        meta = json.loads((d / "volume.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    created = meta.get("CreatedAt") or os.stat(d).st_mtime
+    return {"Name": name, "Driver": "local", "Mountpoint": str(d / "_data"), "Scope": "local",
+            "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+            "Labels": meta.get("Labels") or {}, "Options": {}}
+
+
+def list_volumes(cfg: Config) -> list[str]:
+    top = volumes_dir(cfg)
+    return sorted(p.name for p in top.iterdir() if VOLUME_NAME.fullmatch(p.name) and (p / "_data").is_dir()) \
+        if top.is_dir() else []
+
+
+def remove_volume(cfg: Config, name: str) -> None:
+    """The volume and all it holds (an fd-based walk: nothing the tenant left there is followed)."""
+    volume_doc(cfg, name)  # it exists
+    shutil.rmtree(volumes_dir(cfg) / name)
+
+
+def resolve_named(cfg: Config, mounts: list[Mount]) -> None:
+    """Each named volume's source: its ``_data``, the volume made if it is not there (as Docker)."""
+    for m in mounts:
+        if m.volume:
+            create_volume(cfg, m.volume)
+            m.source = str(volume_data(cfg, m.volume))
 
 
 def check_unique(mounts: list[Mount]) -> None:

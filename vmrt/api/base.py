@@ -37,10 +37,11 @@ def error_status(e: VmrtError) -> int:
     """Docker's status code for a vmrt error: 404 for what does not exist, 409 for a conflict
     with a container's state or name, 400 for a bad parameter, else 500."""
     text = str(e)
-    if text.startswith(("No such container", "No such image", "No such network")) or (
+    if text.startswith(("No such container", "No such image", "No such network", "No such volume")) or (
             isinstance(e, ImageError) and "No such image" in text):
         return 404
-    if text.startswith("Conflict.") or "is not running" in text or "is running" in text or "already" in text:
+    if text.startswith("Conflict.") or "is not running" in text or "is running" in text or "already" in text \
+            or "is in use" in text:
         return 409
     if isinstance(e, UsageError):
         return 400

@@ -85,16 +85,16 @@ def _publish(bindings: Any) -> tuple[str, ...]:
 
 
 def _mounts(mounts: Any) -> tuple[str, ...]:
-    """HostConfig.Mounts (bind and tmpfs) as ``--mount`` arguments."""
+    """HostConfig.Mounts (bind, volume and tmpfs) as ``--mount`` arguments."""
     out = []
     for m in mounts or []:
         if not isinstance(m, dict):
             raise ApiError(400, "a mount must be an object")
         kind = m.get("Type") or "volume"
-        if kind not in ("bind", "tmpfs"):
-            raise ApiError(400, f"mount type {kind!r} is not supported (bind or tmpfs)")
+        if kind not in ("bind", "volume", "tmpfs"):
+            raise ApiError(400, f"mount type {kind!r} is not supported (bind, volume or tmpfs)")
         parts = [f"type={kind}", f"target={m.get('Target', '')}"]
-        if kind == "bind":
+        if kind == "bind" or (kind == "volume" and m.get("Source")):
             parts.append(f"source={m.get('Source', '')}")
         if m.get("ReadOnly"):
             parts.append("readonly")

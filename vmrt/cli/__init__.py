@@ -22,7 +22,7 @@ from .. import __version__, fsmode
 from .. import config as config_mod
 from ..errors import VmrtError
 from ..formatting import inert
-from . import containers, images, networks, system
+from . import containers, images, networks, system, volumes
 
 LOG = logging.getLogger("vmrt")
 
@@ -54,6 +54,7 @@ containers.register(main)
 images.register(main)
 networks.register(main)
 system.register(main)
+volumes.register(main)
 
 
 def _finish(code: int) -> NoReturn:

@@ -103,7 +103,7 @@ def ps(ctx: click.Context, show_all: bool, quiet: bool, filters: tuple[str, ...]
 @click.command()
 @click.argument("containers", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True, help="Kill and remove a running container.")
-@click.option("-v", "--volumes", is_flag=True, help="Accepted for Docker compatibility (no anonymous volumes).")
+@click.option("-v", "--volumes", is_flag=True, help="Accepted for Docker compatibility (anonymous volumes stay: `vmrt volume prune`).")
 @click.pass_context
 def rm(ctx: click.Context, containers: tuple[str, ...], force: bool, volumes: bool) -> None:
     """Remove containers."""

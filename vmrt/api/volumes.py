@@ -1,0 +1,66 @@
+"""Volume endpoints: list, create, inspect, delete, prune (named volumes, vmrt/volumes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from .. import volumecmds
+from .. import volumes as volumes_mod
+from ..errors import VmrtError
+from .base import ApiError, Request, Routes
+
+
+def _list(req: Request) -> dict[str, Any]:
+    return {"Volumes": [volumes_mod.volume_doc(req.cfg, n) for n in volumes_mod.list_volumes(req.cfg)],
+            "Warnings": []}
+
+
+async def list_volumes(req: Request) -> web.StreamResponse:
+    return web.json_response(await asyncio.to_thread(_list, req))
+
+
+async def create(req: Request) -> web.StreamResponse:
+    body = await req.json() or {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if body.get("Driver") not in (None, "", "local"):
+        raise ApiError(400, f"volume driver {body['Driver']!r} is not supported (local)")
+    if body.get("DriverOpts"):
+        raise ApiError(400, "volume driver options are not supported")
+    labels = body.get("Labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise ApiError(400, "Labels must be an object of strings")
+    name = body.get("Name") or None
+    made, _ = await asyncio.to_thread(volumes_mod.create_volume, req.cfg, name, labels)
+    return web.json_response(await asyncio.to_thread(volumes_mod.volume_doc, req.cfg, made), status=201)
+
+
+async def inspect(req: Request) -> web.StreamResponse:
+    return web.json_response(await asyncio.to_thread(volumes_mod.volume_doc, req.cfg, req.params["name"]))
+
+
+def _remove(req: Request, name: str) -> None:
+    for out in volumecmds.rm(req.cfg, (name,), force=False):
+        if isinstance(out, VmrtError):
+            raise out
+
+
+async def remove(req: Request) -> web.StreamResponse:
+    await asyncio.to_thread(_remove, req, req.params["name"])
+    return web.Response(status=204)
+
+
+async def prune(req: Request) -> web.StreamResponse:
+    gone = await asyncio.to_thread(volumecmds.prune, req.cfg)
+    return web.json_response({"VolumesDeleted": gone, "SpaceReclaimed": 0})
+
+
+def register(routes: Routes) -> None:
+    routes.add("GET", "/volumes", list_volumes)
+    routes.add("POST", "/volumes/create", create)
+    routes.add("POST", "/volumes/prune", prune)
+    routes.add("GET", "/volumes/(?P<name>[^/]+)", inspect)
+    routes.add("DELETE", "/volumes/(?P<name>[^/]+)", remove)
