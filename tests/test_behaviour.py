@@ -72,9 +72,10 @@ def test_exec_errors(vmrt: Vmrt, cmd: str, code: int, text: str) -> None:
 
 @pytest.mark.parametrize("args,needle", [
     (("--memory", "lots"), "invalid memory size"),
-    (("-v", "relative:/x"), "named volumes are not supported"),
+    (("-v", "../relative:/x"), "neither an absolute host path nor a volume name"),
     (("-v", "/tmp:relative"), "must be absolute"),
-    (("--mount", "type=volume,target=/x"), "not supported"),
+    (("--mount", "type=image,target=/x"), "not supported"),
+    (("--mount", "type=bind,source=relative,target=/x"), "must be an absolute host path"),
     (("--mount", "type=bind,source=/no/such/dir,target=/x"), "does not exist"),
     (("--tmpfs", "/x:bogus"), "unknown option"),
     (("--pids-limit", "many"), "--pids-limit"),

@@ -61,7 +61,7 @@ def _target(t: str, what: str) -> str:
 
 def _source(s: str, what: str, create: bool) -> str:
     if not s.startswith("/"):
-        raise UsageError(f"invalid {what}: named volumes are not supported yet; give an absolute host path")
+        raise UsageError(f"invalid {what}: a bind source must be an absolute host path (a name: type=volume)")
     p = Path(os.path.normpath(s))
     if not p.exists():
         if not create:
