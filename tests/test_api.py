@@ -204,6 +204,30 @@ def test_docker_volumes_are_vmrts_named_volumes(api: Api) -> None:
     api.v.assert_clean()
 
 
+def test_networks_aliases_and_labels_through_docker(api: Api) -> None:
+    """A user network made through the API, a container found there by its alias from a VM, and
+    labels kept and filtered on (Compose finds its containers so)."""
+    assert api.docker("network", "create", "appnet").returncode == 0
+    assert "appnet" in api.v("network", "ls", "--format", "{{.Name}}").stdout.decode().split()
+    r = api.docker("run", "-d", "--name", "srv", "--network", "appnet", "--network-alias", "db", "-l", "app=web",
+                   "--isolation=process", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    r = api.docker("run", "--rm", "--network", "appnet", "--isolation=hyperv", "busybox", "sh", "-c",
+                   "ping -c1 -W5 db >/dev/null && echo reached")
+    assert (r.returncode, r.stdout) == (0, b"reached\n"), r.stderr
+    assert api.docker("ps", "-q", "--filter", "label=app=web").stdout.strip() == \
+        api.v("ps", "-q", "--filter", "label=app").stdout.strip() != b""
+    assert api.docker("ps", "-q", "--filter", "label=app=db").stdout == b""
+    doc = json.loads(api.docker("network", "inspect", "appnet").stdout)[0]
+    assert [c["Name"] for c in doc["Containers"].values()] == ["srv"]
+    r = api.docker("network", "rm", "appnet")  # a running container on it
+    assert r.returncode != 0, r.stderr
+    assert api.docker("rm", "-f", "srv").returncode == 0
+    assert api.docker("network", "rm", "appnet").returncode == 0
+    assert api.request("GET", "/networks/appnet")[0] == 404
+    api.v.assert_clean()
+
+
 def test_the_docker_sdk_drives_both_isolations(api: Api) -> None:
     docker = pytest.importorskip("docker")
     client = docker.DockerClient(base_url=f"unix://{api.sock}")

@@ -80,6 +80,7 @@ class RunOptions:
     net: NetRequest | None = None  # None: the default bridge network
     storage_size: int | None = None  # --storage-opt size= (bytes): a VM's writable layer's disk
     vm_memory: str | None = None     # --vm-memory auto|shared|private (a snapshot clone's RAM)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)  # --label (the image's first)
 
 
 def parse_pids(value: str) -> int | None:
@@ -300,7 +301,8 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         "annotations": {"org.vmrt.isolation": isolation, "org.vmrt.image": opts.image,
                         "org.vmrt.stdin": "true" if opts.interactive else "false",
                         "org.vmrt.network": _net_request(image_cfg, opts, isolation).to_json(),
-                        **_storage(opts, isolation), **_vm_memory(opts, isolation)},
+                        **_storage(opts, isolation), **_vm_memory(opts, isolation),
+                        LABELS: json.dumps({**(image_cfg.get("Labels") or {}), **opts.labels}, sort_keys=True)},
         "linux": linux,
     }
 
@@ -335,6 +337,15 @@ def _storage(opts: RunOptions, isolation: str) -> dict[str, str]:
 
 
 VM_MEMORY = "org.vmrt.vm.memory"  # annotation: --vm-memory (VM mode)
+LABELS = "org.vmrt.labels"  # annotation: the container's labels (the image's, then --label), a JSON object
+
+
+def labels_of(config: Spec) -> dict[str, str]:
+    try:
+        v = json.loads(config.get("annotations", {}).get(LABELS) or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else {}
 
 
 def _vm_memory(opts: RunOptions, isolation: str) -> dict[str, str]:

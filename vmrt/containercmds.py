@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import bundle, formatting, lifecycle, logfile, network
 from . import config as config_mod
-from . import formatting, lifecycle, logfile, network
 from . import volumes as volumes_mod
 from .bundle import STORAGE_SIZE, VM_MEMORY, RunOptions, parse_cpus, parse_memory, parse_pids
 from .config import Config
@@ -102,6 +102,7 @@ class RunArgs:
     # removed once it exited by whoever waits for it (the API service: Docker's AutoRemove, whose
     # exit code a waiter still reads), not by its monitor as --rm is
     rm_deferred: bool = False
+    labels: tuple[str, ...] = ()   # --label KEY=VALUE (or KEY: an empty value)
 
 
 def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | None]:
@@ -134,7 +135,8 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         pids_limit=parse_pids(a.pids_limit) if a.pids_limit else None, pull=a.pull_policy, platform=a.platform,
         mounts=[*map(volumes_mod.parse_volume, a.volumes), *map(volumes_mod.parse_mount, a.mounts),
                 *map(volumes_mod.parse_tmpfs, a.tmpfs)],
-        net=_net_request(a), storage_size=_storage_size(a.storage_opts), vm_memory=a.vm_memory)
+        net=_net_request(a), storage_size=_storage_size(a.storage_opts), vm_memory=a.vm_memory,
+        labels=parse_labels(a.labels))
     if a.vm_memory is not None:
         config_mod.check_vm_memory(cfg, a.vm_memory, "--vm-memory")
     volumes_mod.check_unique(opts.mounts)
@@ -169,6 +171,17 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         if a.show_timings:
             timings.report()
     return status, None
+
+
+def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``--label KEY=VALUE`` (``KEY`` alone: an empty value), as Docker; a key is non-empty text."""
+    out = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        if not k.strip() or "\0" in p:
+            raise UsageError(f"invalid label {p!r}: KEY=VALUE")
+        out[k] = v
+    return out
 
 
 def _storage_size(opts: tuple[str, ...]) -> int | None:
@@ -235,7 +248,18 @@ def ps_row(c: Container) -> dict[str, Any]:
             "Isolation": c.isolation, "Names": c.name, "ExitCode": c.exit_code, "Ports": ""}
 
 
-def _filter_value(c: Container, key: str, value: str) -> bool:
+def _labels(cfg: Config, c: Container) -> dict[str, str]:
+    try:
+        return bundle.labels_of(json.loads((container_dir(cfg, c.id) / "config.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _filter_value(cfg: Config, c: Container, key: str, value: str) -> bool:
+    if key == "label":  # label=KEY or label=KEY=VALUE
+        k, sep, v = value.partition("=")
+        labels = _labels(cfg, c)
+        return k in labels and (not sep or labels[k] == v)
     restarting = c.status == Status.EXITED and lifecycle.owner_alive(c)
     checks = {"id": lambda: c.id.startswith(value), "name": lambda: value in c.name,
               "status": lambda: c.status.value == value or (value == "restarting" and restarting),
@@ -246,12 +270,12 @@ def _filter_value(c: Container, key: str, value: str) -> bool:
     return checks[key]()
 
 
-def _match(c: Container, filters: tuple[str, ...]) -> bool:
+def _match(cfg: Config, c: Container, filters: tuple[str, ...]) -> bool:
     for f in filters:
         key, sep, value = f.partition("=")
         if not sep:
             raise UsageError(f"bad format of filter {f!r} (expected name=value)")
-        if not _filter_value(c, key, value):
+        if not _filter_value(cfg, c, key, value):
             return False
     return True
 
@@ -259,7 +283,8 @@ def _match(c: Container, filters: tuple[str, ...]) -> bool:
 def matching(cfg: Config, *, show_all: bool, filters: tuple[str, ...]) -> list[Container]:
     """The containers ``ps`` shows: running ones, or all (``show_all`` or any filter), filtered."""
     with _state(cfg) as st:
-        return [c for c in st.list() if (show_all or filters or c.status == Status.RUNNING) and _match(c, filters)]
+        return [c for c in st.list()
+                if (show_all or filters or c.status == Status.RUNNING) and _match(cfg, c, filters)]
 
 
 def removes_when_waited(cfg: Config, c: Container) -> bool:
@@ -460,7 +485,7 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                    "Env": proc.get("env", []), "Cmd": c.command, "Image": c.image,
                    "WorkingDir": proc.get("cwd", ""), "Tty": bool(proc.get("terminal")),
                    "OpenStdin": config.get("annotations", {}).get("org.vmrt.stdin") == "true",
-                   "ExposedPorts": {e: {} for e in req.exposed}},
+                   "ExposedPorts": {e: {} for e in req.exposed}, "Labels": bundle.labels_of(config)},
         "Mounts": [{"Type": "volume" if m.get(volumes_mod.VOLUME_KEY) else m.get("type"),
                     **({"Name": m[volumes_mod.VOLUME_KEY], "Driver": "local"} if m.get(volumes_mod.VOLUME_KEY)
                        else {}),

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import json
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import formatting, fsmode, lifecycle, network
 from .config import Config
@@ -76,6 +77,13 @@ def ls(cfg: Config, *, quiet: bool, filters: tuple[str, ...], fmt: str | None, n
     if quiet:
         return [str(r["ID"]) for r in rows]
     return formatting.emit(fmt, rows, NET_COLUMNS)
+
+
+def documents(cfg: Config, refs: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Docker's network documents: of ``refs`` (a missing one raises), else of every network."""
+    with network.Store(cfg) as store:
+        nets = [store.get(r) for r in refs] if refs is not None else store.networks()
+        return [n.inspect(_members(cfg, store, n)) for n in nets]
 
 
 def inspect(cfg: Config, refs: tuple[str, ...], *, fmt: str | None) -> Iterator[str | VmrtError]:

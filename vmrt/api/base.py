@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import Config
-from ..errors import ImageError, StateError, UsageError, VmrtError
+from ..errors import ImageError, NetworkError, StateError, UsageError, VmrtError
 
 MIN_API = (1, 24)
 MAX_API = (1, 43)
@@ -38,7 +38,8 @@ def error_status(e: VmrtError) -> int:
     with a container's state or name, 400 for a bad parameter, else 500."""
     text = str(e)
     if text.startswith(("No such container", "No such image", "No such network", "No such volume")) or (
-            isinstance(e, ImageError) and "No such image" in text):
+            isinstance(e, ImageError) and "No such image" in text) or (
+            isinstance(e, NetworkError) and text.endswith(" not found")):
         return 404
     if text.startswith("Conflict.") or "is not running" in text or "is running" in text or "already" in text \
             or "is in use" in text:

@@ -104,6 +104,14 @@ def _mounts(mounts: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _label_map(v: Any) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ApiError(400, "Labels must be an object of strings")
+    return dict(v)
+
+
 def _restart(policy: Any) -> str:
     if not policy or not policy.get("Name"):
         return "no"
@@ -147,6 +155,10 @@ def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
     if log.get("Type") not in (None, "", "json-file"):
         raise ApiError(400, f"log driver {log['Type']!r} is not supported (json-file)")
     network = hc.get("NetworkMode") or "default"
+    endpoints = (body.get("NetworkingConfig") or {}).get("EndpointsConfig") or {}
+    if not isinstance(endpoints, dict):
+        raise ApiError(400, "NetworkingConfig.EndpointsConfig must be an object")
+    aliases = [a for ep in endpoints.values() if isinstance(ep, dict) for a in (ep.get("Aliases") or [])]
     exposed = body.get("ExposedPorts") or {}
     return containercmds.RunArgs(
         image=image, command=_strings(cmd, "Cmd"), name=name or None, env=_strings(body.get("Env"), "Env"),
@@ -160,13 +172,14 @@ def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
         isolation=_isolation(hc.get("Isolation")), read_only=bool(hc.get("ReadonlyRootfs")),
         pull_policy="never",  # as Docker's daemon: a client pulls (POST /images/create) on a 404
         restart=_restart(hc.get("RestartPolicy")), rm_deferred=bool(hc.get("AutoRemove")),
-        network="bridge" if network == "default" else network,
+        network="bridge" if network == "default" else network, network_aliases=_strings(aliases, "Aliases"),
         publish=_publish(hc.get("PortBindings")), publish_all=bool(hc.get("PublishAllPorts")),
         expose=tuple(exposed), dns=_strings(hc.get("Dns"), "HostConfig.Dns"),
         dns_search=_strings(hc.get("DnsSearch"), "HostConfig.DnsSearch"),
         dns_options=_strings(hc.get("DnsOptions"), "HostConfig.DnsOptions"),
         add_hosts=_strings(hc.get("ExtraHosts"), "HostConfig.ExtraHosts"),
-        log_opts=tuple(f"{k}={v}" for k, v in (log.get("Config") or {}).items()))
+        log_opts=tuple(f"{k}={v}" for k, v in (log.get("Config") or {}).items()),
+        labels=tuple(f"{k}={v}" for k, v in _label_map(body.get("Labels")).items()))
 
 
 async def create(req: Request) -> web.StreamResponse:
@@ -248,7 +261,8 @@ def _summary(req: Request, c: Container, doc: dict[str, Any]) -> dict[str, Any]:
                 p.update(IP=b.get("HostIp") or "0.0.0.0", PublicPort=int(b["HostPort"]))
             ports.append(p)
     return {"Id": c.id, "Names": ["/" + c.name], "Image": c.image, "ImageID": c.image_id,
-            "Command": " ".join(c.command), "Created": int(c.created), "Ports": ports, "Labels": {},
+            "Command": " ".join(c.command), "Created": int(c.created), "Ports": ports,
+            "Labels": doc["Config"].get("Labels") or {},
             "State": c.status.value, "Status": containercmds.status_text(c),
             "HostConfig": {"NetworkMode": doc["HostConfig"]["NetworkMode"], "Isolation": c.isolation},
             "NetworkSettings": {"Networks": (doc.get("NetworkSettings") or {}).get("Networks") or {}},

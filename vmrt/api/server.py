@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import UsageError, VmrtError
-from . import containers, execs, images, system, volumes
+from . import containers, execs, images, networks, system, volumes
 from .base import (
     MAX_API,
     MAX_BODY,
@@ -143,7 +143,7 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
 def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) -> int:
     """``vmrt system service``: serve until SIGTERM/SIGINT (or ``idle`` seconds without a request)."""
     routes = Routes()
-    for mod in (system, containers, execs, images, volumes):
+    for mod in (system, containers, execs, images, networks, volumes):
         mod.register(routes)
     if path.exists() and _answers(path):
         raise UsageError(f"a service already answers on {path}")

@@ -67,6 +67,7 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 @click.option("--dns-search", multiple=True, help="Set a DNS search domain.")
 @click.option("--dns-option", "dns_options", multiple=True, help="Set a DNS option.")
 @click.option("--add-host", "add_hosts", multiple=True, help="Add a host-to-IP mapping (NAME:IP).")
+@click.option("-l", "--label", "labels", multiple=True, help="Set metadata on the container (KEY=VALUE).")
 @click.option("--log-opt", "log_opts", multiple=True,
               help="Log option (json-file): max-size=SIZE (10k, 10m, 1g), max-file=N (default: the settings).")
 @click.pass_context
@@ -89,7 +90,8 @@ create = click.Command("create", params=run.params, callback=run.callback, help=
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show all containers (default shows just running).")
 @click.option("-q", "--quiet", is_flag=True, help="Only display container IDs.")
 @click.option("-f", "--filter", "filters", multiple=True,
-              help="Filter: id=, name=, status=created|running|exited|restarting, isolation=, ancestor=, exited=N.")
+              help="Filter: id=, name=, status=created|running|exited|restarting, isolation=, ancestor=, exited=N, "
+                   "label=KEY[=VALUE].")
 @click.option("--format", "fmt", help="table, json, or a template such as '{{.Names}} {{.Status}}'.")
 @click.option("--no-trunc", is_flag=True, help="Do not truncate IDs and commands.")
 @click.pass_context
@@ -103,7 +105,8 @@ def ps(ctx: click.Context, show_all: bool, quiet: bool, filters: tuple[str, ...]
 @click.command()
 @click.argument("containers", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True, help="Kill and remove a running container.")
-@click.option("-v", "--volumes", is_flag=True, help="Accepted for Docker compatibility (anonymous volumes stay: `vmrt volume prune`).")
+@click.option("-v", "--volumes", is_flag=True,
+              help="Accepted for Docker compatibility (anonymous volumes stay: vmrt volume prune).")
 @click.pass_context
 def rm(ctx: click.Context, containers: tuple[str, ...], force: bool, volumes: bool) -> None:
     """Remove containers."""
