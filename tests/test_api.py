@@ -24,6 +24,25 @@ from support import Vmrt
 
 pytestmark = pytest.mark.vm
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker") or "docker"
+COMPOSE = "/usr/bin/docker-compose" if os.path.exists("/usr/bin/docker-compose") else shutil.which("docker-compose")
+COMPOSE_FILE = """
+version: "2.4"
+services:
+  web:
+    image: busybox
+    isolation: hyperv
+    command: ["sh", "-c", "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 80 -h /www"]
+    volumes:
+      - webdata:/data
+  client:
+    image: busybox
+    isolation: process
+    depends_on:
+      - web
+    command: ["sh", "-c", "until wget -q -O - http://web/; do sleep 0.5; done; exec sleep 300"]
+volumes:
+  webdata: {}
+"""
 
 
 class Api:
@@ -36,6 +55,12 @@ class Api:
         env = {"PATH": os.environ["PATH"], "HOME": str(self.home), "DOCKER_CONFIG": str(self.home / ".docker")}
         return subprocess.run([DOCKER, "-H", f"unix://{self.sock}", *args], capture_output=True, timeout=timeout,
                               env=env, stdin=subprocess.DEVNULL)
+
+    def compose(self, project_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+        assert COMPOSE, "docker-compose is missing (setup.sh installs Debian's)"
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.home), "DOCKER_HOST": f"unix://{self.sock}"}
+        return subprocess.run([COMPOSE, "--no-ansi", "-p", "demo", *args], capture_output=True, timeout=timeout,
+                              env=env, cwd=project_dir, stdin=subprocess.DEVNULL)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -225,6 +250,32 @@ def test_networks_aliases_and_labels_through_docker(api: Api) -> None:
     assert api.docker("rm", "-f", "srv").returncode == 0
     assert api.docker("network", "rm", "appnet").returncode == 0
     assert api.request("GET", "/networks/appnet")[0] == 404
+    api.v.assert_clean()
+
+
+def test_a_compose_project_with_a_vm_service(api: Api, tmp_path: Path) -> None:
+    """Debian's docker-compose against the service: a web server in a micro-VM on a named volume,
+    a client in process mode finding it by its service name on the project's network; logs,
+    exec, and `down -v` leave no container, network or volume behind."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "docker-compose.yml").write_text(COMPOSE_FILE)
+    r = api.compose(proj, "up", "-d")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while b"hello-from-web" not in (r := api.compose(proj, "logs", "--no-color", "client")).stdout:
+        assert time.monotonic() < deadline, (r.stdout, r.stderr)
+        time.sleep(1)
+    states = api.docker("ps", "--format", "{{.Names}} {{.State}}").stdout.decode().split("\n")
+    assert sorted(filter(None, states)) == ["demo_client_1 running", "demo_web_1 running"], states
+    guest = api.v("run", "--rm", "--isolation=vm", "busybox", "uname", "-r").stdout
+    r = api.compose(proj, "exec", "-T", "web", "uname", "-r")
+    assert (r.returncode, r.stdout) == (0, guest), r.stderr
+    assert "demo_webdata" in api.v("volume", "ls", "-q").stdout.decode().split()
+    r = api.compose(proj, "down", "-v")
+    assert r.returncode == 0, r.stderr
+    assert api.v("ps", "-aq").stdout == b"" and api.v("volume", "ls", "-q").stdout == b""
+    assert "demo_default" not in api.v("network", "ls", "--format", "{{.Name}}").stdout.decode().split()
     api.v.assert_clean()
 
 

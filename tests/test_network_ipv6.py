@@ -59,7 +59,7 @@ def sh(v: Vmrt, cid: str, script: str) -> str:
 def bridge_of(v: Vmrt, name: str) -> str:
     r = v("network", "inspect", name)
     assert r.returncode == 0, r.stderr
-    return str(json.loads(r.stdout)[0]["Options"]["com.docker.network.bridge.name"])
+    return str(json.loads(r.stdout)[0]["VmrtBridge"])
 
 
 # --- the NET6 record, both sides ------------------------------------------------------------------

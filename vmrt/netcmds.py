@@ -152,7 +152,10 @@ def connect(cfg: Config, net_ref: str, ref: str, *, aliases: tuple[str, ...]) ->
         req = network.request_of(json.loads((container_dir(cfg, c.id) / "config.json").read_text()))
     except (OSError, ValueError):
         raise StateError(f"container {c.name} has no kept configuration (was it run with --rm?)") from None
-    if req.network in ("host", "none"):
+    # none: a stopped container whose last network was disconnected joins this one as its first
+    # (Compose disconnects a new container and connects it again with its aliases)
+    rejoin = req.network == "none" and not req.extra_networks and not _running(c)
+    if req.network in ("host", "none") and not rejoin:
         raise UsageError(f"container {c.name} is on network {req.network}: it cannot join others")
     if net.name in req.networks:
         raise UsageError(f"container {c.name} is already connected to network {net.name}")
@@ -161,12 +164,15 @@ def connect(cfg: Config, net_ref: str, ref: str, *, aliases: tuple[str, ...]) ->
             raise UsageError(f"container {c.name} runs in a VM whose NICs are fixed at boot: stop it, "
                              "connect it, start it again")
         network.connect_live(cfg, c.id, c.name, net.name, list(aliases))
-    elif c.isolation == "vm":
+    elif c.isolation == "vm" and not rejoin:
         raise UsageError("a VM container joins one network (its NIC is fixed at boot): use "
                          "`vmrt network disconnect` first")
 
     def change(r: network.NetRequest) -> None:
-        r.extra_networks.append(net.name)
+        if rejoin:
+            r.network = net.name
+        else:
+            r.extra_networks.append(net.name)
         r.aliases = list(dict.fromkeys([*r.aliases, *aliases]))
     _update_request(cfg, c, change)
 
@@ -187,8 +193,8 @@ def disconnect(cfg: Config, net_ref: str, ref: str) -> None:
         rest = [n for n in r.networks if n != net.name]
         r.network = rest[0] if rest else "none"
         r.extra_networks = rest[1:]
-        if r.network == "none":
-            r.ports, r.publish_all, r.aliases = [], False, []
+        if r.network == "none":  # its ports stay: they apply again once it joins a network
+            r.aliases = []
     _update_request(cfg, c, change)
 
 

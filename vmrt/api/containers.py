@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from .base import ApiError, Request, Routes
 from .streams import STDERR, STDOUT, frame, hijack
 
 POLL = 0.05
+LOG = logging.getLogger(__name__)
 # the cancel events of the waits and streams in flight: each runs a thread, which the service's
 # stop ends through these (a thread left polling would keep the process from exiting)
 _cancels: set[threading.Event] = set()
@@ -183,7 +185,9 @@ def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
 
 
 async def create(req: Request) -> web.StreamResponse:
-    args = run_args(await req.json(), req.query("name"))
+    body = await req.json()
+    LOG.debug("create %s: %s", req.query("name"), json.dumps(body)[:4000])
+    args = run_args(body, req.query("name"))
     _status, cid = await asyncio.to_thread(containercmds.run, req.cfg, args, create=True)
     return web.json_response({"Id": cid, "Warnings": []}, status=201)
 

@@ -1,5 +1,6 @@
 """Exec endpoints: ``POST /containers/{id}/exec``, ``POST /exec/{id}/start``,
-``GET /exec/{id}/json``, ``POST /exec/{id}/resize``.
+``GET /exec/{id}/json``, ``POST /exec/{id}/resize``. No TTY yet, and the process's stdin is
+empty (what a client sends is not forwarded).
 
 An exec is ``vmrt exec`` (:func:`vmrt.execs.run_exec`: runc exec, or the guest agent's exec
 port in VM mode) with its stdout and stderr on pipes the service reads and frames. The
@@ -73,8 +74,9 @@ async def create(req: Request) -> web.StreamResponse:
         raise ApiError(400, "No exec command specified")
     if body.get("Privileged"):
         raise ApiError(400, "privileged execs are not supported by vmrt")
-    if body.get("Tty") or body.get("AttachStdin"):
-        raise ApiError(400, "an exec with a TTY or stdin is not supported through the API yet (use `vmrt exec -it`)")
+    if body.get("Tty"):
+        raise ApiError(400, "an exec with a TTY is not supported through the API yet (use `vmrt exec -it`)")
+    # AttachStdin (docker-compose exec sets it): the process's stdin is empty for now
     cid = await asyncio.to_thread(_running, req, req.params["id"])
     while len(_execs) >= MAX_EXECS:  # forget the oldest finished one
         old = next((k for k, e in _execs.items() if not e.running), None)

@@ -59,8 +59,11 @@ class Network:
             ipam.append({"Subnet": self.subnet6, "Gateway": self.gateway6})
         return {"Name": self.name, "Id": self.id, "Created": _iso(self.created), "Scope": "local",
                 "Driver": "bridge", "EnableIPv6": self.ipv6, "IPAM": {"Driver": "default", "Config": ipam},
-                "Internal": self.internal, "Options": {"com.docker.network.bridge.name": self.bridge},
-                "Labels": self.labels, "Containers": containers}
+                # as Docker: the default network names its bridge in Options, a user network made
+                # without options has none (Compose compares them with what it asked for)
+                "Internal": self.internal,
+                "Options": {"com.docker.network.bridge.name": self.bridge} if self.builtin else {},
+                "VmrtBridge": self.bridge, "Labels": self.labels, "Containers": containers}
 
 
 @dataclasses.dataclass
