@@ -279,6 +279,28 @@ def test_a_compose_project_with_a_vm_service(api: Api, tmp_path: Path) -> None:
     api.v.assert_clean()
 
 
+def test_stats_rename_images_and_prune_through_docker(api: Api) -> None:
+    r = api.docker("run", "-d", "--name", "busy", "--isolation=process", "busybox", "sh", "-c", "while :; do :; done")
+    assert r.returncode == 0, r.stderr
+    r = api.docker("stats", "--no-stream", "--format", "{{.Name}} {{.CPUPerc}} {{.PIDs}}")
+    name, cpu, pids = r.stdout.decode().split()
+    assert name == "busy" and float(cpu.rstrip("%")) > 10 and int(pids) >= 1, r
+    assert api.docker("rename", "busy", "spinner").returncode == 0
+    assert api.v("ps", "--format", "{{.Names}}").stdout == b"spinner\n"
+    assert api.docker("tag", "busybox", "mybox:v1").returncode == 0
+    assert api.docker("images", "-q", "mybox").stdout.strip() == api.docker("images", "-q", "busybox").stdout.strip()
+    assert b"mybox:v1" not in api.docker("images", "--filter", "reference=busybox").stdout
+    r = api.docker("rmi", "mybox:v1")
+    assert (r.returncode, r.stdout) == (0, b"Untagged: mybox:v1\n"), r.stderr
+    assert api.docker("rm", "-f", "spinner").returncode == 0
+    assert api.docker("run", "--isolation=process", "--name", "done", "busybox", "true").returncode == 0
+    r = api.docker("container", "prune", "-f")
+    assert r.returncode == 0 and api.v("ps", "-aq").stdout == b"", r
+    r = api.docker("search", "busybox")
+    assert r.returncode != 0 and b"not supported" in r.stderr
+    api.v.assert_clean()
+
+
 def test_the_docker_sdk_drives_both_isolations(api: Api) -> None:
     docker = pytest.importorskip("docker")
     client = docker.DockerClient(base_url=f"unix://{api.sock}")

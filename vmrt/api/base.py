@@ -147,3 +147,24 @@ def headers() -> dict[str, str]:
 
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"message": message}, status=status, headers=headers())
+
+
+def parse_filters(text: str) -> dict[str, list[str]]:
+    """Docker's ``filters`` query: ``{"status": ["running"]}``, or the older
+    ``{"status": {"running": true}}``; anything else is a 400."""
+    if not text:
+        return {}
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ApiError(400, f"invalid filters: {text[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "invalid filters: not an object")
+    out: dict[str, list[str]] = {}
+    for k, vs in obj.items():
+        values = list(vs) if isinstance(vs, (list, dict)) else None
+        if values is None or not all(isinstance(v, str) for v in values):
+            raise ApiError(400, f"invalid filter {k!r}")
+        out[k] = values
+    return out
+

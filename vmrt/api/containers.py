@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import StateError, VmrtError
 from ..layout import LOG_NAME, container_dir
 from ..state import Container, State, Status
-from .base import ApiError, Request, Routes
+from .base import ApiError, Request, Routes, parse_filters
 from .streams import STDERR, STDOUT, frame, hijack
 
 POLL = 0.05
@@ -274,23 +274,8 @@ def _summary(req: Request, c: Container, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _filters(text: str) -> tuple[str, ...]:
-    """Docker's ``filters`` ({"status": ["running"]}, or the old {"status": {"running": true}})
-    as vmrt's ``key=value``."""
-    if not text:
-        return ()
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise ApiError(400, f"invalid filters: {text!r}") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, "invalid filters: not an object")
-    out = []
-    for k, vs in obj.items():
-        values = list(vs) if isinstance(vs, (list, dict)) else None
-        if values is None or not all(isinstance(v, str) for v in values):
-            raise ApiError(400, f"invalid filter {k!r}")
-        out += [f"{k}={v}" for v in values]
-    return tuple(out)
+    """Docker's ``filters`` as vmrt's ``key=value``."""
+    return tuple(f"{k}={v}" for k, vs in parse_filters(text).items() for v in vs)
 
 
 def _list(req: Request) -> list[dict[str, Any]]:
@@ -517,6 +502,63 @@ async def resize(req: Request) -> web.StreamResponse:
     return web.Response(status=200)
 
 
+async def rename(req: Request) -> web.StreamResponse:
+    name = req.query("name")
+    if not name:
+        raise ApiError(400, "name is required")
+    await asyncio.to_thread(containercmds.rename, req.cfg, req.params["id"], name)
+    return web.Response(status=204)
+
+
+async def prune(req: Request) -> web.StreamResponse:
+    lines = await asyncio.to_thread(containercmds.prune, req.cfg)
+    ids = [ln for ln in lines if len(ln) == 64 and all(ch in "0123456789abcdef" for ch in ln)]
+    return web.json_response({"ContainersDeleted": ids, "SpaceReclaimed": 0})
+
+
+def _stats_doc(c: Container, row: dict[str, Any] | None) -> dict[str, Any]:
+    """Docker's stats document, enough for `docker stats` (it computes CPU % from the deltas:
+    here over one second of one CPU) and the SDK."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())
+    cpu = row["cpu"] if row else 0.0
+    mem, limit = (row.get("mem") or 0, row.get("limit") or 0) if row else (0, 0)
+    cpu_stats = {"cpu_usage": {"total_usage": int(cpu * 1e7), "usage_in_kernelmode": 0, "usage_in_usermode": 0},
+                 "system_cpu_usage": int(1e9), "online_cpus": 1, "throttling_data": {}}
+    pre = {"cpu_usage": {"total_usage": 0}, "system_cpu_usage": 0, "online_cpus": 1, "throttling_data": {}}
+    return {"read": now, "preread": now, "id": c.id, "name": "/" + c.name,
+            "pids_stats": {"current": row["pids"] if row else 0}, "cpu_stats": cpu_stats, "precpu_stats": pre,
+            "memory_stats": {"usage": mem, "limit": limit, "stats": {}}, "blkio_stats": {}, "networks": {}}
+
+
+def _measure(req: Request, c: Container) -> dict[str, Any]:
+    from .. import stats as stats_mod  # on use: the first stats request loads it
+    cur = _get(req, c.id)
+    rows = stats_mod.measure([cur], timeout=req.cfg.timeouts.probe_exec) if cur.status == Status.RUNNING else []
+    return _stats_doc(cur, rows[0] if rows else None)
+
+
+async def stats(req: Request) -> web.StreamResponse:
+    c = await asyncio.to_thread(_get, req)
+    if not req.flag("stream", True) or req.flag("one-shot"):
+        return web.json_response(await asyncio.to_thread(_measure, req, c))
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(req.http)
+    cancel = _cancel_event()
+    try:
+        while not cancel.is_set():
+            doc = await asyncio.to_thread(_measure, req, c)
+            await resp.write(json.dumps(doc).encode() + b"\n")
+            if doc["pids_stats"]["current"] == 0 and _get(req, c.id).status != Status.RUNNING:
+                break
+            await asyncio.sleep(0.5)
+    except StateError:
+        pass  # removed meanwhile: the stream ends
+    finally:
+        _cancels.discard(cancel)
+    await resp.write_eof()
+    return resp
+
+
 REAP_EVERY, REAP_AFTER = 2.0, 5.0
 
 
@@ -541,6 +583,7 @@ def register(routes: Routes) -> None:
     cid = "/containers/(?P<id>[^/]+)"
     routes.add("GET", "/containers/json", list_containers)
     routes.add("POST", "/containers/create", create)
+    routes.add("POST", "/containers/prune", prune)
     routes.add("GET", cid + "/json", inspect)
     routes.add("POST", cid + "/start", start)
     routes.add("POST", cid + "/stop", stop)
@@ -550,4 +593,6 @@ def register(routes: Routes) -> None:
     routes.add("GET", cid + "/logs", logs)
     routes.add("POST", cid + "/attach", attach)
     routes.add("POST", cid + "/resize", resize)
+    routes.add("POST", cid + "/rename", rename)
+    routes.add("GET", cid + "/stats", stats)
     routes.add("DELETE", cid, remove)

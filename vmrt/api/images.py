@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from typing import Any
 
@@ -12,7 +13,7 @@ from .. import imagecmds
 from ..errors import VmrtError
 from ..images import reference
 from ..images.store import Image, Store
-from .base import ApiError, Request, Routes
+from .base import ApiError, Request, Routes, parse_filters
 
 
 def _created(img: Image) -> int:
@@ -27,12 +28,31 @@ def _summary(img: Image) -> dict[str, Any]:
             "Labels": (img.runtime_config.get("Labels") or {}), "Containers": -1}
 
 
+def _matches(img: Image, want: str) -> bool:
+    """Docker's ``reference`` filter: a repository, with its tag if one is given."""
+    try:
+        w = reference.parse(want)
+    except VmrtError:
+        return False
+    has_tag = ":" in want.rpartition("/")[2]
+    return any((r := reference.parse(t)).name == w.name and (not has_tag or r.tag == w.tag) for t in img.tags)
+
+
 def _list(req: Request) -> list[dict[str, Any]]:
+    filters = parse_filters(req.query("filters"))
+    for key in filters:
+        if key not in ("reference", "dangling"):
+            raise ApiError(400, f"invalid filter {key!r}")
     store = Store(req.cfg.root)
     try:
-        return [_summary(i) for i in store.images()]
+        imgs = store.images()
     finally:
         store.close()
+    if refs := filters.get("reference"):
+        imgs = [i for i in imgs if any(_matches(i, r) for r in refs)]
+    if dangling := filters.get("dangling"):
+        imgs = [i for i in imgs if (not i.tags) == (dangling[0] in ("true", "1"))]
+    return [_summary(i) for i in imgs]
 
 
 async def list_images(req: Request) -> web.StreamResponse:
@@ -81,7 +101,71 @@ async def pull(req: Request) -> web.StreamResponse:
     return resp
 
 
+def _remove(req: Request, name: str) -> list[dict[str, str]]:
+    out = []
+    for line in imagecmds.rmi(req.cfg, (name,), force=req.flag("force")):
+        if isinstance(line, VmrtError):
+            raise line
+        kind, _, what = line.partition(": ")
+        out.append({kind: what})
+    return out
+
+
+async def remove(req: Request) -> web.StreamResponse:
+    return web.json_response(await asyncio.to_thread(_remove, req, req.params["name"]))
+
+
+async def tag(req: Request) -> web.StreamResponse:
+    repo, t = req.query("repo"), req.query("tag")
+    if not repo:
+        raise ApiError(400, "repo is required")
+    await asyncio.to_thread(imagecmds.tag, req.cfg, req.params["name"], f"{repo}:{t}" if t else repo)
+    return web.Response(status=201)
+
+
+def _history(req: Request, name: str) -> list[dict[str, Any]]:
+    store = Store(req.cfg.root)
+    try:
+        img = store.get(name)
+    finally:
+        store.close()
+    hist = img.config.get("history") or []
+    out = []
+    for i, h in enumerate(reversed(hist)):
+        out.append({"Id": img.id if i == 0 else "<missing>", "Created": _parse_time(h.get("created", "")),
+                    "CreatedBy": h.get("created_by", ""), "Tags": [reference.parse(t).familiar() for t in img.tags]
+                    if i == 0 else None, "Size": 0, "Comment": h.get("comment", "")})
+    return out
+
+
+def _parse_time(text: str) -> int:
+    try:
+        return int(dt.datetime.fromisoformat(text.replace("Z", "+00:00")[:26] + "+00:00").timestamp())
+    except ValueError:
+        return 0
+
+
+async def history(req: Request) -> web.StreamResponse:
+    return web.json_response(await asyncio.to_thread(_history, req, req.params["name"]))
+
+
+async def prune(req: Request) -> web.StreamResponse:
+    dangling = parse_filters(req.query("filters")).get("dangling") or ["true"]
+    lines = await asyncio.to_thread(imagecmds.prune, req.cfg, prune_all="false" in dangling)
+    deleted = [{"Deleted": ln.split(": ", 1)[1]} for ln in lines if ln.startswith("deleted: ")]
+    return web.json_response({"ImagesDeleted": deleted, "SpaceReclaimed": 0})
+
+
+async def search(req: Request) -> web.StreamResponse:
+    raise ApiError(501, "image search is not supported by vmrt (registries' v2 API has no search)")
+
+
 def register(routes: Routes) -> None:
     routes.add("GET", "/images/json", list_images)
     routes.add("POST", "/images/create", pull)
+    routes.add("POST", "/images/prune", prune)
+    routes.add("GET", "/images/search", search)
     routes.add("GET", "/images/(?P<name>.+)/json", inspect_image)
+    routes.add("GET", "/images/(?P<name>.+)/history", history)
+    routes.add("POST", "/images/(?P<name>.+)/tag", tag)
+    routes.add("DELETE", "/images/(?P<name>.+)", remove)

@@ -4,14 +4,13 @@ networks, vmrt/netcmds.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
 
 from .. import netcmds
 from ..errors import VmrtError
-from .base import ApiError, Request, Routes
+from .base import ApiError, Request, Routes, parse_filters
 
 
 def _body(v: Any) -> dict[str, Any]:
@@ -24,26 +23,17 @@ def _body(v: Any) -> dict[str, Any]:
 
 def _list(req: Request) -> list[dict[str, Any]]:
     docs = netcmds.documents(req.cfg)
-    text = req.query("filters")
-    if text:
-        try:
-            filters = json.loads(text)
-        except ValueError:
-            raise ApiError(400, f"invalid filters: {text!r}") from None
-        if not isinstance(filters, dict):
-            raise ApiError(400, "invalid filters: not an object")
-        for key, values in filters.items():
-            values = list(values)
-            if key == "name":
-                docs = [d for d in docs if any(v in d["Name"] for v in values)]
-            elif key == "id":
-                docs = [d for d in docs if any(d["Id"].startswith(v) for v in values)]
-            elif key == "label":
-                docs = [d for d in docs if all(_has_label(d, v) for v in values)]
-            elif key == "driver":
-                docs = [d for d in docs if d.get("Driver") in values]
-            else:
-                raise ApiError(400, f"invalid filter {key!r}")
+    for key, values in parse_filters(req.query("filters")).items():
+        if key == "name":
+            docs = [d for d in docs if any(v in d["Name"] for v in values)]
+        elif key == "id":
+            docs = [d for d in docs if any(d["Id"].startswith(v) for v in values)]
+        elif key == "label":
+            docs = [d for d in docs if all(_has_label(d, v) for v in values)]
+        elif key == "driver":
+            docs = [d for d in docs if d.get("Driver") in values]
+        else:
+            raise ApiError(400, f"invalid filter {key!r}")
     return docs
 
 
