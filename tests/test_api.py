@@ -301,6 +301,31 @@ def test_stats_rename_images_and_prune_through_docker(api: Api) -> None:
     api.v.assert_clean()
 
 
+def test_events_cover_the_api_and_the_cli(api: Api) -> None:
+    """`docker events`: what the API did and what vmrt's own CLI did (one state), with a --rm
+    container's die (its exit code) before its destroy; filters by event and label."""
+    t0 = int(time.time())
+    r = api.docker("run", "--rm", "--isolation=process", "--name", "evt", "-l", "team=a", "busybox", "sh", "-c",
+                   "exit 3")
+    assert r.returncode == 3, r.stderr
+    assert api.v("run", "-d", "--name", "clirun", "--isolation=process", "busybox", "sleep", "300").returncode == 0
+    assert api.docker("volume", "create", "evvol").returncode == 0
+    time.sleep(1.5)  # the service reads the state every half second
+    fmt = "{{.Type}} {{.Action}} {{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}"
+    r = api.docker("events", "--since", str(t0), "--until", str(int(time.time()) + 1), "--format", fmt)
+    lines = [ln.split() for ln in r.stdout.decode().splitlines()]
+    evt = [ln[1:] for ln in lines if ln[0] == "container" and ln[2] == "evt"]
+    assert [e[0] for e in evt] == ["create", "start", "die", "destroy"] and evt[2][2] == "3", lines
+    assert [ln[1] for ln in lines if ln[2:3] == ["clirun"]] == ["create", "start"], lines
+    assert ["volume", "create"] in [ln[:2] for ln in lines]
+    r = api.docker("events", "--since", str(t0), "--until", str(int(time.time()) + 1), "--filter", "event=die",
+                   "--filter", "label=team=a", "--format", fmt)
+    assert r.stdout.decode().split() == ["container", "die", "evt", "3"], r
+    assert api.request("GET", "/events?filters=%7B%22bogus%22%3A%5B%22x%22%5D%7D")[0] == 400
+    assert api.v("rm", "-f", "clirun").returncode == 0 and api.v("volume", "rm", "evvol").returncode == 0
+    api.v.assert_clean()
+
+
 def test_the_docker_sdk_drives_both_isolations(api: Api) -> None:
     docker = pytest.importorskip("docker")
     client = docker.DockerClient(base_url=f"unix://{api.sock}")

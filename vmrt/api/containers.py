@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +24,7 @@ from ..config import Config
 from ..errors import StateError, VmrtError
 from ..layout import LOG_NAME, container_dir
 from ..state import Container, State, Status
+from . import events
 from .base import ApiError, Request, Routes, parse_filters
 from .streams import STDERR, STDOUT, frame, hijack
 
@@ -189,6 +190,8 @@ async def create(req: Request) -> web.StreamResponse:
     LOG.debug("create %s: %s", req.query("name"), json.dumps(body)[:4000])
     args = run_args(body, req.query("name"))
     _status, cid = await asyncio.to_thread(containercmds.run, req.cfg, args, create=True)
+    if cid:
+        events.container_event(req.cfg, await asyncio.to_thread(_get, req, cid), "create")
     return web.json_response({"Id": cid, "Warnings": []}, status=201)
 
 
@@ -212,6 +215,11 @@ async def start(req: Request) -> web.StreamResponse:
     if c.status == Status.RUNNING and lifecycle.owner_alive(c):
         return web.Response(status=304)
     await asyncio.to_thread(_first_error, containercmds.start(req.cfg, (c.id,)))
+    with contextlib.suppress(StateError):  # (an AutoRemove one may be gone already)
+        cur = await asyncio.to_thread(_get, req, c.id)
+        events.container_event(req.cfg, cur, "start")
+        if cur.status != Status.RUNNING and cur.finished:
+            events.container_event(req.cfg, cur, "die")
     return web.Response(status=204)
 
 
@@ -247,6 +255,7 @@ async def remove(req: Request) -> web.StreamResponse:
         raise ApiError(409, f"You cannot remove a running container {c.id}. Stop the container before "
                             "attempting removal or force remove")
     await asyncio.to_thread(_first_error, containercmds.rm(req.cfg, (c.id,), force=force))
+    events.container_event(req.cfg, c, "destroy")
     return web.Response(status=204)
 
 
@@ -291,7 +300,8 @@ async def list_containers(req: Request) -> web.StreamResponse:
 
 
 # --- wait --------------------------------------------------------------------------------
-def _wait(req: Request, c: Container, condition: str, cancel: threading.Event) -> int:
+def _wait(req: Request, c: Container, condition: str, cancel: threading.Event,
+          died: Callable[[Container], None]) -> int:
     """The exit code once ``condition`` holds: not-running (now, or once it stops), next-exit
     (an exit after this call), removed (gone; an AutoRemove container is removed here, once
     its exit code is known)."""
@@ -314,6 +324,7 @@ def _wait(req: Request, c: Container, condition: str, cancel: threading.Event) -
             if condition in ("next-exit", "removed") and stopped and (exited_since or cur.status == Status.EXITED
                                                                       and condition == "removed"):
                 if condition == "removed" and containercmds.removes_when_waited(req.cfg, cur):
+                    died(cur)  # its die event, before it is gone (the watcher could miss it)
                     lifecycle.remove(req.cfg, cur.id, True)
                     return cur.exit_code or 0
                 if condition == "next-exit":
@@ -332,8 +343,14 @@ async def wait(req: Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/json"})
     await resp.prepare(req.http)  # the headers now: a client starts the container once it has them
     cancel = _cancel_event()
+    loop = asyncio.get_running_loop()
+
+    def died(cur: Container) -> None:
+        loop.call_soon_threadsafe(events.container_event, req.cfg, cur, "die")
+        loop.call_soon_threadsafe(events.container_event, req.cfg, cur, "destroy")
+
     try:
-        code = await asyncio.to_thread(_wait, req, c, condition, cancel)
+        code = await asyncio.to_thread(_wait, req, c, condition, cancel, died)
     finally:
         cancel.set()
         _cancels.discard(cancel)

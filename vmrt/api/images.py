@@ -14,6 +14,7 @@ from ..errors import VmrtError
 from ..images import reference
 from ..images.store import Image, Store
 from .base import ApiError, Request, Routes, parse_filters
+from .events import BUS
 
 
 def _created(img: Image) -> int:
@@ -97,6 +98,7 @@ async def pull(req: Request) -> web.StreamResponse:
         await line({"errorDetail": {"message": str(e)}, "error": str(e)})
     else:
         await line({"status": f"Status: Downloaded newer image for {parsed.familiar()}"})
+        BUS.publish("image", "pull", parsed.familiar(), name=parsed.familiar())
     await resp.write_eof()
     return resp
 

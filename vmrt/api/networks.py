@@ -11,6 +11,7 @@ from aiohttp import web
 from .. import netcmds
 from ..errors import VmrtError
 from .base import ApiError, Request, Routes, parse_filters
+from .events import BUS
 
 
 def _body(v: Any) -> dict[str, Any]:
@@ -70,6 +71,7 @@ async def create(req: Request) -> web.StreamResponse:
         gateways=tuple(c["Gateway"] for c in configs if isinstance(c, dict) and c.get("Gateway")),
         internal=bool(body.get("Internal")), labels=tuple(f"{k}={v}" for k, v in labels.items()),
         ipv6=bool(body.get("EnableIPv6")))
+    BUS.publish("network", "create", net_id, name=name, type="bridge")
     return web.json_response({"Id": net_id, "Warning": ""}, status=201)
 
 
@@ -81,6 +83,7 @@ def _first_error(items: Any) -> None:
 
 async def remove(req: Request) -> web.StreamResponse:
     await asyncio.to_thread(_first_error, netcmds.rm(req.cfg, (req.params["id"],)))
+    BUS.publish("network", "destroy", req.params["id"], name=req.params["id"], type="bridge")
     return web.Response(status=204)
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import UsageError, VmrtError
-from . import containers, execs, images, networks, system, volumes
+from . import containers, events, execs, images, networks, system, volumes
 from .base import (
     MAX_API,
     MAX_BODY,
@@ -131,6 +131,7 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
             tasks.append(asyncio.ensure_future(service.idle_watch(idle)))
         await service.stopping.wait()
         containers.cancel_all()  # the waits and streams in flight end (their clients see EOF)
+        events.BUS.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -143,11 +144,11 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
 def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) -> int:
     """``vmrt system service``: serve until SIGTERM/SIGINT (or ``idle`` seconds without a request)."""
     routes = Routes()
-    for mod in (system, containers, execs, images, networks, volumes):
+    for mod in (system, containers, events, execs, images, networks, volumes):
         mod.register(routes)
     if path.exists() and _answers(path):
         raise UsageError(f"a service already answers on {path}")
-    asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper]))
+    asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper, events.watch]))
     return 0
 
 

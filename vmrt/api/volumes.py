@@ -11,6 +11,7 @@ from .. import volumecmds
 from .. import volumes as volumes_mod
 from ..errors import VmrtError
 from .base import ApiError, Request, Routes
+from .events import BUS
 
 
 def _list(req: Request) -> dict[str, Any]:
@@ -34,7 +35,9 @@ async def create(req: Request) -> web.StreamResponse:
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise ApiError(400, "Labels must be an object of strings")
     name = body.get("Name") or None
-    made, _ = await asyncio.to_thread(volumes_mod.create_volume, req.cfg, name, labels)
+    made, new = await asyncio.to_thread(volumes_mod.create_volume, req.cfg, name, labels)
+    if new:
+        BUS.publish("volume", "create", made, driver="local")
     return web.json_response(await asyncio.to_thread(volumes_mod.volume_doc, req.cfg, made), status=201)
 
 
@@ -50,6 +53,7 @@ def _remove(req: Request, name: str) -> None:
 
 async def remove(req: Request) -> web.StreamResponse:
     await asyncio.to_thread(_remove, req, req.params["name"])
+    BUS.publish("volume", "destroy", req.params["name"], driver="local")
     return web.Response(status=204)
 
 
