@@ -28,7 +28,7 @@ from . import events
 from .base import ApiError, Request, Routes, parse_filters
 from .streams import STDERR, STDOUT, frame, hijack
 
-POLL = 0.05
+POLL = 0.02  # a wait, a followed log: how often the state and the log are read
 LOG = logging.getLogger(__name__)
 # the cancel events of the waits and streams in flight: each runs a thread, which the service's
 # stop ends through these (a thread left polling would keep the process from exiting)
@@ -376,7 +376,7 @@ def _log_records(req: Request, c: Container, follow: bool, cancel: threading.Eve
 
     try:
         old = True
-        for rec in logfile.records(container_dir(req.cfg, c.id) / LOG_NAME, follow, done):
+        for rec in logfile.records(container_dir(req.cfg, c.id) / LOG_NAME, follow, done, poll=POLL):
             if rec is None:
                 old = False
                 continue
