@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -168,3 +168,13 @@ def parse_filters(text: str) -> dict[str, list[str]]:
         out[k] = values
     return out
 
+
+def outcomes(items: Iterable[str | VmrtError]) -> list[str]:
+    """A command's lines over several objects (``rm a b``: a line or an error each), for one
+    object: its lines, or its first error raised."""
+    lines = []
+    for item in items:
+        if isinstance(item, VmrtError):
+            raise item
+        lines.append(item)
+    return lines

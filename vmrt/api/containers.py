@@ -25,7 +25,7 @@ from ..errors import StateError, VmrtError
 from ..layout import LOG_NAME, container_dir
 from ..state import Container, State, Status
 from . import events
-from .base import ApiError, Request, Routes, parse_filters
+from .base import ApiError, Request, Routes, outcomes, parse_filters
 from .streams import STDERR, STDOUT, frame, hijack
 
 POLL = 0.02  # a wait, a followed log: how often the state and the log are read
@@ -204,17 +204,11 @@ def _get(req: Request, ref: str | None = None) -> Container:
         st.close()
 
 
-def _first_error(outcomes: Iterator[str | VmrtError]) -> None:
-    for o in outcomes:
-        if isinstance(o, VmrtError):
-            raise o
-
-
 async def start(req: Request) -> web.StreamResponse:
     c = await asyncio.to_thread(_get, req)
     if c.status == Status.RUNNING and lifecycle.owner_alive(c):
         return web.Response(status=304)
-    await asyncio.to_thread(_first_error, containercmds.start(req.cfg, (c.id,)))
+    await asyncio.to_thread(outcomes, containercmds.start(req.cfg, (c.id,)))
     with contextlib.suppress(StateError):  # (an AutoRemove one may be gone already)
         cur = await asyncio.to_thread(_get, req, c.id)
         events.container_event(req.cfg, cur, "start")
@@ -228,14 +222,14 @@ async def stop(req: Request) -> web.StreamResponse:
     if c.status != Status.RUNNING:
         return web.Response(status=304)
     t = req.int_query("t", 10)
-    await asyncio.to_thread(_first_error, containercmds.stop(req.cfg, (c.id,), timeout=float(t or 0)))
+    await asyncio.to_thread(outcomes, containercmds.stop(req.cfg, (c.id,), timeout=float(t or 0)))
     return web.Response(status=204)
 
 
 async def restart(req: Request) -> web.StreamResponse:
     c = await asyncio.to_thread(_get, req)
     t = req.int_query("t", 10)
-    await asyncio.to_thread(_first_error, containercmds.restart(req.cfg, (c.id,), timeout=float(t or 0)))
+    await asyncio.to_thread(outcomes, containercmds.restart(req.cfg, (c.id,), timeout=float(t or 0)))
     return web.Response(status=204)
 
 
@@ -244,7 +238,7 @@ async def kill(req: Request) -> web.StreamResponse:
     if c.status != Status.RUNNING:
         raise ApiError(409, f"Cannot kill container: {c.name}: container is not running")
     sig = req.query("signal") or "KILL"
-    await asyncio.to_thread(_first_error, containercmds.kill(req.cfg, (c.id,), sig=sig))
+    await asyncio.to_thread(outcomes, containercmds.kill(req.cfg, (c.id,), sig=sig))
     return web.Response(status=204)
 
 
@@ -254,7 +248,7 @@ async def remove(req: Request) -> web.StreamResponse:
     if c.status == Status.RUNNING and not force:
         raise ApiError(409, f"You cannot remove a running container {c.id}. Stop the container before "
                             "attempting removal or force remove")
-    await asyncio.to_thread(_first_error, containercmds.rm(req.cfg, (c.id,), force=force))
+    await asyncio.to_thread(outcomes, containercmds.rm(req.cfg, (c.id,), force=force))
     events.container_event(req.cfg, c, "destroy")
     return web.Response(status=204)
 

@@ -13,7 +13,7 @@ from .. import imagecmds
 from ..errors import VmrtError
 from ..images import reference
 from ..images.store import Image, Store
-from .base import ApiError, Request, Routes, parse_filters
+from .base import ApiError, Request, Routes, outcomes, parse_filters
 from .events import BUS
 
 
@@ -104,13 +104,8 @@ async def pull(req: Request) -> web.StreamResponse:
 
 
 def _remove(req: Request, name: str) -> list[dict[str, str]]:
-    out = []
-    for line in imagecmds.rmi(req.cfg, (name,), force=req.flag("force")):
-        if isinstance(line, VmrtError):
-            raise line
-        kind, _, what = line.partition(": ")
-        out.append({kind: what})
-    return out
+    return [{kind: what} for line in outcomes(imagecmds.rmi(req.cfg, (name,), force=req.flag("force")))
+            for kind, _, what in [line.partition(": ")]]
 
 
 async def remove(req: Request) -> web.StreamResponse:

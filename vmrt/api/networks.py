@@ -9,8 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import netcmds
-from ..errors import VmrtError
-from .base import ApiError, Request, Routes, parse_filters
+from .base import ApiError, Request, Routes, outcomes, parse_filters
 from .events import BUS
 
 
@@ -75,33 +74,29 @@ async def create(req: Request) -> web.StreamResponse:
     return web.json_response({"Id": net_id, "Warning": ""}, status=201)
 
 
-def _first_error(items: Any) -> None:
-    for out in items:
-        if isinstance(out, VmrtError):
-            raise out
-
-
 async def remove(req: Request) -> web.StreamResponse:
-    await asyncio.to_thread(_first_error, netcmds.rm(req.cfg, (req.params["id"],)))
+    await asyncio.to_thread(outcomes, netcmds.rm(req.cfg, (req.params["id"],)))
     BUS.publish("network", "destroy", req.params["id"], name=req.params["id"], type="bridge")
     return web.Response(status=204)
 
 
-async def connect(req: Request) -> web.StreamResponse:
-    body = _body(await req.json())
+def _container(body: dict[str, Any]) -> str:
     container = body.get("Container")
     if not container or not isinstance(container, str):
         raise ApiError(400, "Container is required")
+    return container
+
+
+async def connect(req: Request) -> web.StreamResponse:
+    body = _body(await req.json())
+    container = _container(body)
     aliases = (body.get("EndpointConfig") or {}).get("Aliases") or []
     await asyncio.to_thread(netcmds.connect, req.cfg, req.params["id"], container, aliases=tuple(aliases))
     return web.Response(status=200)
 
 
 async def disconnect(req: Request) -> web.StreamResponse:
-    body = _body(await req.json())
-    container = body.get("Container")
-    if not container or not isinstance(container, str):
-        raise ApiError(400, "Container is required")
+    container = _container(_body(await req.json()))
     await asyncio.to_thread(netcmds.disconnect, req.cfg, req.params["id"], container)
     return web.Response(status=200)
 

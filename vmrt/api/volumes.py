@@ -9,8 +9,7 @@ from aiohttp import web
 
 from .. import volumecmds
 from .. import volumes as volumes_mod
-from ..errors import VmrtError
-from .base import ApiError, Request, Routes
+from .base import ApiError, Request, Routes, outcomes
 from .events import BUS
 
 
@@ -45,14 +44,8 @@ async def inspect(req: Request) -> web.StreamResponse:
     return web.json_response(await asyncio.to_thread(volumes_mod.volume_doc, req.cfg, req.params["name"]))
 
 
-def _remove(req: Request, name: str) -> None:
-    for out in volumecmds.rm(req.cfg, (name,), force=False):
-        if isinstance(out, VmrtError):
-            raise out
-
-
 async def remove(req: Request) -> web.StreamResponse:
-    await asyncio.to_thread(_remove, req, req.params["name"])
+    await asyncio.to_thread(outcomes, volumecmds.rm(req.cfg, (req.params["name"],), force=False))
     BUS.publish("volume", "destroy", req.params["name"], driver="local")
     return web.Response(status=204)
 
