@@ -1,5 +1,5 @@
 """Container endpoints: create, start, stop, restart, kill, wait, logs, attach (output),
-list, inspect, delete.
+list, inspect, delete, rename, stats, prune, resize.
 
 A create becomes ``vmrt create``'s arguments (:class:`containercmds.RunArgs`), so it is
 checked as the CLI checks it; what vmrt cannot honour (privileged, added capabilities,
