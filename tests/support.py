@@ -323,6 +323,10 @@ class Vmrt:
                 os.rmdir(d)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.remove_all()  # ps reconciles what killed owners left; rm removes it
+        # anti-spoofing chains a leak left (the leak failed its own test): with no container
+        # left, vmrt's bridge table goes, and the next start writes it again
+        if endpoint_rules(nft_table(self.root)):
+            subprocess.run(["nft", "delete", "table", "bridge", nft_table(self.root)], capture_output=True)
         self.settle(10)  # an orphan killed above is a zombie until init reaps it
 
     def _leftover_pids(self, cgroups: list[str]) -> list[int]:

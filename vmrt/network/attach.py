@@ -117,7 +117,14 @@ def plumb(cfg: Config, att: Attached, isolation: str) -> None:
         return
     assert att.netns is not None
     if not att.rules_done:  # before its veths exist: a veth of vmrt's without its chain sends nothing
-        endpoint_rules(cfg, att.endpoints)
+        # under the lock, and only while its endpoints are still recorded: a stop that detached the
+        # container meanwhile (a restart policy's back-off, a plumbing in the background) has
+        # dropped its chains already, and ones added after that would outlive it
+        with locked(cfg), Store(cfg) as store:
+            live = {ep.host_if for ep in store.live_endpoints(container_id=att.endpoints[0].container_id)}
+            if any(ep.host_if not in live for ep in att.endpoints):
+                raise NetworkError("the container was stopped while its network was being set up")
+            endpoint_rules(cfg, att.endpoints, store)
     group = port_group(cfg)
     first6 = next((ep for ep in att.endpoints if ep.ip6), None)
     for i, ep in enumerate(att.endpoints):

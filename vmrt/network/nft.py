@@ -324,11 +324,12 @@ def _ruleset(table: str, networks: list[Network], endpoints: list[Endpoint], gro
     return "\n".join([*_delete_tables(t), *inet, *bridge]) + "\n"
 
 
-def endpoint_rules(cfg: Config, eps: list[Endpoint]) -> None:
+def endpoint_rules(cfg: Config, eps: list[Endpoint], store: Store | None = None) -> None:
     """Add the anti-spoofing chains of a starting container's veths (idempotent: a chain a crash
     left is flushed first; a new chain costs ~0.5 ms, an existing one a kernel grace period). If
     the tables are gone (a firewall reload that flushed the ruleset: the bridge table is written
-    with the inet one, and the first command fails without it), everything is rewritten."""
+    with the inet one, and the first command fails without it), everything is rewritten
+    (from ``store``, when the caller holds the network lock with it open)."""
     if not eps:
         return
     t = Ident(table_name(cfg))
@@ -342,8 +343,11 @@ def endpoint_rules(cfg: Config, eps: list[Endpoint]) -> None:
         _nft("\n".join(script) + "\n")
     except NetworkError:
         LOG.info("vmrt's nftables tables are missing or damaged: rewriting them")
-        with locked(cfg), Store(cfg) as store:
+        if store is not None:
             sync_rules(store)
+            return
+        with locked(cfg), Store(cfg) as own:
+            sync_rules(own)
 
 
 def drop_endpoint_rules(cfg: Config, host_ifs: set[str]) -> None:
