@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,6 @@ from .base import ApiError, Request, Routes, outcomes, parse_filters
 from .streams import STDERR, STDOUT, frame, hijack
 
 POLL = 0.02  # a wait, a followed log: how often the state and the log are read
-LOG = logging.getLogger(__name__)
 # the cancel events of the waits and streams in flight: each runs a thread, which the service's
 # stop ends through these (a thread left polling would keep the process from exiting)
 _cancels: set[threading.Event] = set()
@@ -186,9 +184,7 @@ def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
 
 
 async def create(req: Request) -> web.StreamResponse:
-    body = await req.json()
-    LOG.debug("create %s: %s", req.query("name"), json.dumps(body)[:4000])
-    args = run_args(body, req.query("name"))
+    args = run_args(await req.json(), req.query("name"))
     _status, cid = await asyncio.to_thread(containercmds.run, req.cfg, args, create=True)
     if cid:
         events.container_event(req.cfg, await asyncio.to_thread(_get, req, cid), "create")
@@ -410,17 +406,9 @@ async def _pump(req: Request, resp: web.StreamResponse, records: Iterator[dict[s
         cancel.set()
         _cancels.discard(cancel)
         while not producer.done():  # let it finish its put (the queue may be full)
-            with _suppress_empty():
+            with contextlib.suppress(asyncio.QueueEmpty):
                 q.get_nowait()
             await asyncio.sleep(0.01)
-
-
-class _suppress_empty:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is asyncio.QueueEmpty
 
 
 async def logs(req: Request) -> web.StreamResponse:
