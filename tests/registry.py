@@ -89,6 +89,8 @@ class TokenServer:
         self.tokens_issued = 0
         self.requests: list[dict[str, Any]] = []  # one per /token request: user (None: anonymous), scopes
         self.refused = 0  # requests with wrong credentials
+        # OAuth2 refresh tokens (Docker's "identitytoken") and the user each stands for
+        self.refresh_tokens: dict[str, str] = {}
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -174,10 +176,15 @@ class TokenServer:
                     user, _, password = base64.b64decode(value).decode().partition(":")
                 self._serve(urllib.parse.parse_qs(url.query), user, password)
 
-            def do_POST(self) -> None:  # OAuth2 password grant, as some clients use it
+            def do_POST(self) -> None:  # OAuth2 password and refresh-token grants, as some clients use them
                 if urllib.parse.urlsplit(self.path).path != "/token":
                     return self._reply(404, {})
                 form = urllib.parse.parse_qs(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+                if form.get("grant_type") == ["refresh_token"]:
+                    user = server.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                    if user is None:
+                        return self._reply(401, {"error": "invalid_grant"})
+                    return self._serve(form, user, server.password)
                 if form.get("grant_type") != ["password"]:
                     return self._reply(400, {"error": "unsupported_grant_type"})
                 self._serve(form, form.get("username", [""])[0], form.get("password", [""])[0])

@@ -72,6 +72,7 @@ class Config:
     network_pool: str = "10.67.0.0/16"       # user networks get a /24 of this unless --subnet is given
     log_max_size: str = "20m"                # container logs: rotated at this size (--log-opt max-size)
     log_max_file: int = 5                    # ... keeping this many files (--log-opt max-file): bounded
+    api_max_load: int = 16 << 30             # the API's POST /images/load: the largest archive (bytes)
     vmm_jail: bool = True                    # QEMU unprivileged, sandboxed, chrooted (vm/jail.py); off: root
     jail_uid_base: int = 0x40000000          # a jailed QEMU's uid/gid: this + its PID (a reserved range)
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)

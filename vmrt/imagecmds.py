@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import formatting
 from .config import Config
@@ -49,11 +50,15 @@ def human_size(n: float) -> str:
 
 
 # --- pull / login / logout --------------------------------------------------------
-def pull(cfg: Config, ref: str, *, platform: str | None, insecure: tuple[str, ...], quiet: bool) -> str:
-    """``vmrt pull``: the line to print once the image is here (its reference, or its ID)."""
+def pull(cfg: Config, ref: str, *, platform: str | None, insecure: tuple[str, ...], quiet: bool,
+         creds: tuple[str, str] | None = None, identity_token: str = "", cancel: threading.Event | None = None) -> str:
+    """``vmrt pull``: the line to print once the image is here (its reference, or its ID).
+    ``creds``/``identity_token``: this pull's credentials instead of the stored ones (the API's
+    ``X-Registry-Auth``); ``cancel``: set to stop the pull."""
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
     img = registry.pull(Store(cfg.root), ref, platform=platform or cfg.platform,
-                        insecure_registries=cfg.insecure(insecure), quiet=quiet, auth_file=cfg.auth_file)
+                        insecure_registries=cfg.insecure(insecure), quiet=quiet, auth_file=cfg.auth_file,
+                        creds=creds, identity_token=identity_token, cancel=cancel)
     parsed = reference.parse(ref)
     return str(parsed) if parsed.tag or parsed.digest else img.id
 
@@ -249,11 +254,12 @@ def prune(cfg: Config, *, prune_all: bool) -> list[str]:
 
 
 # --- archives, builds ------------------------------------------------------------------------
-def load(cfg: Config, source: Path | None, *, quiet: bool) -> list[str]:
-    """``vmrt load``: images from a tar archive (``source``, or stdin); the lines to print."""
+def load(cfg: Config, source: Path | BinaryIO | None, *, quiet: bool) -> list[str]:
+    """``vmrt load``: images from a tar archive (``source``: a file, an open one, or stdin); the
+    lines to print."""
     if source is None and sys.stdin.isatty():
         raise UsageError("requested load from stdin, but stdin is empty (use -i FILE)")
-    if source is not None and not source.exists():
+    if isinstance(source, Path) and not source.exists():
         raise UsageError(f"open {source}: no such file or directory")
     from .images import archive  # on use: not on `vmrt run`'s path
     loaded = archive.load(Store(cfg.root), source if source is not None else sys.stdin.buffer)

@@ -17,12 +17,12 @@ Docker's ``index.json`` has not always been (some moby versions listed OCI manif
 carrying only their foreign layers).
 
 The archive is untrusted. It is never extracted: members are read by name from the
-tar (a stream or compressed archive is first spooled, decompressed, to an unnamed file
-in the store's ``tmp/``). A link member stands for the member it points to inside the
-archive, since Docker before 25 wrote a layer that occurs twice as a symlink to its
-first copy; links leaving the archive, and anything else that is not a regular file
-where a blob is expected, refuse the archive. JSON members are capped at 4 MiB. Every
-blob is verified: OCI blobs and ``blobs/sha256/<hex>`` files against their names,
+tar (one that cannot seek, a pipe, or a compressed one is first spooled, decompressed,
+to an unnamed file in the store's ``tmp/``). A link member stands for the member it
+points to inside the archive, since Docker before 25 wrote a layer that occurs twice as
+a symlink to its first copy; links leaving the archive, and anything else that is not a
+regular file where a blob is expected, refuse the archive. JSON members are capped at
+4 MiB. Every blob is verified: OCI blobs and ``blobs/sha256/<hex>`` files against their names,
 layers against the config's diff ids when the store unpacks them. All images are
 staged (blobs stored, layers unpacked) before the first one is committed, so a
 failure leaves no image visible; its blobs are left to garbage collection.
@@ -357,10 +357,21 @@ def _stage_oci(store: Store, arc: _Archive, platform: str) -> list[_Staged]:
     return list(staged.values())
 
 
+def _seekable(source: Path | BinaryIO) -> bool:
+    """A path, or an open file that can seek (the API's spooled upload; stdin from a file)."""
+    if isinstance(source, Path):
+        return True
+    try:
+        return bool(source.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _open_tar(store: Store, source: Path | BinaryIO, stack: contextlib.ExitStack) -> tarfile.TarFile:
-    """The archive as a seekable tar: a plain file as it is; a stream or compressed archive spooled."""
+    """The archive as a seekable tar: a plain file (or an open one that seeks) as it is; a pipe or a
+    compressed archive spooled."""
     f = _open_source(source, stack)
-    if not isinstance(source, Path) or _compressed(_head(f)):
+    if not _seekable(source) or _compressed(_head(f)):
         spool = stack.enter_context(tempfile.TemporaryFile(dir=store.tmp, prefix="load-"))
         _pump(decompressed(f), spool.write, "archive")
         spool.seek(0)

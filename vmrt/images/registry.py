@@ -205,17 +205,19 @@ class _Client:
 
     Auth follows the registry's ``WWW-Authenticate`` challenge (from the ``/v2/`` ping or
     any later 401): Basic with the stored credentials, or a Bearer token fetched from
-    the challenge's realm (with the credentials, if any, else anonymously), cached for
-    the pull's scope. A 401 later on (an expired token) fetches a fresh token once.
+    the challenge's realm (with the credentials, if any, else anonymously; with an
+    identity token, Docker's OAuth2 refresh-token grant), cached for the pull's scope.
+    A 401 later on (an expired token) fetches a fresh token once. ``abort`` (the
+    caller's, to cancel the pull; else the client's own) stops the downloads.
     """
 
     def __init__(self, host: str, repo: str | None, insecure: Collection[str], creds: tuple[str, str] | None,
-                 familiar_name: str = "") -> None:
-        self.host, self.repo, self.creds = host, repo, creds
+                 familiar_name: str = "", *, identity_token: str = "", abort: threading.Event | None = None) -> None:
+        self.host, self.repo, self.creds, self.identity_token = host, repo, creds, identity_token
         self.familiar_name = familiar_name or host
         self.root = f"{'http' if _is_insecure(host, insecure) else 'https'}://{host}/v2/"
         self.scope = f"repository:{repo}:pull" if repo else ""
-        self.abort = threading.Event()
+        self.abort = abort or threading.Event()
         self._scheme = ""
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -243,12 +245,16 @@ class _Client:
         return None
 
     def _send(self, url: str, headers: dict[str, str], authorization: str | None,
-              params: dict[str, str] | None = None) -> requests.Response:
+              params: dict[str, str] | None = None, form: dict[str, str] | None = None) -> requests.Response:
+        """A GET (a POST of ``form``, for a token) with the session's retries left to the caller."""
         host = url.split("/")[2]
         if authorization:
             headers = {**headers, "Authorization": authorization}
         try:
-            resp = self._session().get(url, params=params, headers=headers, stream=True, timeout=TIMEOUT)
+            if form is not None:
+                resp = self._session().post(url, data=form, headers=headers, stream=True, timeout=TIMEOUT)
+            else:
+                resp = self._session().get(url, params=params, headers=headers, stream=True, timeout=TIMEOUT)
         except requests.exceptions.SSLError as e:
             raise ImageError(f"cannot reach registry {host} over HTTPS: {_reason(e)} (a plain-HTTP registry "
                              f"must be listed as an insecure registry)") from e
@@ -298,13 +304,22 @@ class _Client:
         realm = challenge.get("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise ImageError(f"registry {self.host} sent a bearer challenge without a usable realm: {realm!r}")
-        if self.creds and realm.startswith("http://") and self.root.startswith("https://"):
+        if (self.creds or self.identity_token) and realm.startswith("http://") and self.root.startswith("https://"):
             raise ImageError(f"registry {self.host} asks for credentials to be sent to {realm} over plain "
                              "HTTP: refused")
-        params = {k: v for k, v in (("service", challenge.get("service", "")), ("scope", self.scope),
-                                    ("account", self.creds[0] if self.creds else "")) if v}
-        basic = "Basic " + base64.b64encode(":".join(self.creds).encode()).decode() if self.creds else None
-        resp = self._send(realm, {}, basic, params)
+        if self.identity_token:  # Docker's OAuth2 refresh-token grant (what `docker login` stores for some registries)
+            form = {k: v for k, v in (("grant_type", "refresh_token"), ("refresh_token", self.identity_token),
+                                      ("service", challenge.get("service", "")), ("scope", self.scope),
+                                      ("client_id", "vmrt")) if v}
+            resp = self._send(realm, {}, None, form=form)
+            if resp.status_code in (400, 401, 403):
+                resp.close()
+                raise ImageError(f"{self.host}: unauthorized: the identity token was refused")
+        else:
+            params = {k: v for k, v in (("service", challenge.get("service", "")), ("scope", self.scope),
+                                        ("account", self.creds[0] if self.creds else "")) if v}
+            basic = "Basic " + base64.b64encode(":".join(self.creds).encode()).decode() if self.creds else None
+            resp = self._send(realm, {}, basic, params)
         if resp.status_code in (401, 403) and self.creds:
             resp.close()
             raise ImageError(f"{self.host}: unauthorized: incorrect username or password")
@@ -546,6 +561,8 @@ class _Pull:
                 raise ImageError(f"{r.familiar()}: index entry {desc['digest']} is not an image manifest "
                                  f"of {desc['size']} bytes")
         layers, diff_ids = self._config(manifest)
+        if self.client.abort.is_set():  # cancelled by the caller
+            raise _Aborted()
         self.store.put_blob(manifest.data, manifest.digest)
         config_digest = manifest.body["config"]["digest"]
         present = [self.store.has_blob(d["digest"]) and self.store.has_layer(diff) for d, diff in
@@ -638,9 +655,13 @@ class _Pull:
 
 
 def pull(store: Store, ref: str, *, platform: str = "linux/amd64", insecure_registries: Collection[str] = (),
-         quiet: bool = False, auth_file: Path, out: TextIO = sys.stderr) -> Image:
+         quiet: bool = False, auth_file: Path, out: TextIO = sys.stderr, creds: tuple[str, str] | None = None,
+         identity_token: str = "", cancel: threading.Event | None = None) -> Image:
     """Pull ``ref`` (Docker's short names allowed) into ``store``; returns the committed image.
 
+    ``creds`` (user, password) or ``identity_token``, where given, are this pull's
+    credentials (the API's ``X-Registry-Auth``), used instead of those stored in
+    ``auth_file`` and kept nowhere. Setting ``cancel`` stops the pull (ImageError).
     The whole pull holds the store's writer lock, so garbage collection cannot take
     blobs that belong to no image yet.
     """
@@ -649,10 +670,15 @@ def pull(store: Store, ref: str, *, platform: str = "linux/amd64", insecure_regi
     if "@" not in ref and ":" not in ref.rpartition("/")[2] and not quiet:
         print("Using default tag: latest", file=out, flush=True)
     progress = _Progress(out, quiet)
-    client = _Client(r.api_host, r.path, insecure_registries, auth.get(auth_file, r.domain), r.familiar_name)
+    if creds is None and not identity_token:
+        creds = auth.get(auth_file, r.domain)
+    client = _Client(r.api_host, r.path, insecure_registries, creds, r.familiar_name, identity_token=identity_token,
+                     abort=cancel)
     try:
         with store.writing():
             return _Pull(store, client, r, want, progress).run()
+    except _Aborted as e:  # only the caller's cancel ends a pull so: a failed layer's own error is raised
+        raise ImageError(f"pull of {r.familiar()} cancelled") from e
     except _NET_ERRORS as e:  # a local failure (disk full), or a network one the code above did not wrap
         raise ImageError(f"pulling {r.familiar()}: {_reason(e)}") from e
     finally:
