@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -88,6 +89,11 @@ static int finish_argc;
 static const char *dead_arg = "0", *start_arg = "0";
 static double ping_s, dead_s, start_s;
 static int stdin_open;
+static int partial;    /* --partial: an unfinished line is logged as it comes (a terminal's prompt) */
+static int stdin_once;
+static int tty_mode;           /* process mode: out_s.fd is the terminal's master */
+static const char *resize_path; /* --resize: "ROWS COLS", read at SIGWINCH (vmrt's resize) */
+static void resize(void); /* the first attach client's EOF closes the container's stdin (Docker's StdinOnce) */
 
 static int sfd = -1, log_fd = -1, ready_fd = -1;
 static int64_t now;
@@ -310,6 +316,8 @@ static void stream_read(struct stream *s)
 
 	if (n > 0) {
 		stream_got(s, (size_t)n);
+		if (partial)
+			stream_flush(s);
 		return;
 	}
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
@@ -584,10 +592,13 @@ static void agent_frame(const struct vmrt_frame *f)
 		started = 1;
 		last_rx = last_ping = now;
 		ready_ok();
+		resize(); /* one asked for before the start (its signal came too early) */
 		break;
 	case VMRT_STDOUT:
 	case VMRT_STDERR:
 		stream_feed(f->type == VMRT_STDOUT ? &out_s : &err_s, p, f->len);
+		if (partial)
+			stream_flush(f->type == VMRT_STDOUT ? &out_s : &err_s);
 		break;
 	case VMRT_EXIT:
 		if (end.kind == E_QEMU_LOST) {
@@ -743,6 +754,33 @@ static int forwarded(int sig)
 	       sig == SIGUSR1 || sig == SIGUSR2;
 }
 
+/* SIGWINCH: vmrt wrote the terminal's new size to the --resize file (root's, in the run
+ * dir): the container's terminal takes it (process mode: our master; VM: the agent's). */
+static void resize(void)
+{
+	char buf[32] = "";
+	unsigned rows, cols;
+	uint8_t p[4];
+	ssize_t n;
+	int fd;
+
+	if (!resize_path || (fd = open(resize_path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+		return;
+	n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0 || sscanf(buf, "%u %u", &rows, &cols) != 2 || rows > 0xffff || cols > 0xffff)
+		return;
+	if (!vm && tty_mode && out_s.fd >= 0) {
+		struct winsize ws = { .ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols };
+
+		ioctl(out_s.fd, TIOCSWINSZ, &ws);
+	} else if (vm && started && end.kind == E_NONE) {
+		vmrt_put16(p, (uint16_t)rows);
+		vmrt_put16(p + 2, (uint16_t)cols);
+		agent_send(VMRT_RESIZE, p, sizeof p);
+	}
+}
+
 static void on_signal(int sig)
 {
 	int force = sig == FORCE_KILL ||
@@ -750,6 +788,8 @@ static void on_signal(int sig)
 
 	if (sig == SIGCHLD) {
 		reap();
+	} else if (sig == SIGWINCH) {
+		resize();
 	} else if (!vm) {
 		if (init_done)
 			return;
@@ -855,6 +895,20 @@ static void stdin_flush(void)
 	inq_off = inq_len = 0;
 }
 
+/* --stdin-once: the container's stdin ends (what was queued was written first: clients are
+ * read only with nothing queued), as Docker's StdinOnce after its attach's EOF. */
+static void stdin_close(void)
+{
+	stdin_once = 0;
+	if (!vm && stdin_fd >= 0) {
+		close(stdin_fd);
+		stdin_fd = -1;
+	} else if (vm && stdin_open) {
+		agent_send(VMRT_STDIN_CLOSE, NULL, 0);
+		stdin_open = 0;
+	}
+}
+
 static void client_read(int i)
 {
 	uint8_t *dst = scratch; /* no stdin any more: read and drop */
@@ -871,9 +925,11 @@ static void client_read(int i)
 	n = read(clients[i], dst, room);
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return;
-	if (n <= 0) { /* a client's EOF: the container's stdin stays open */
+	if (n <= 0) { /* a client's EOF: the container's stdin stays open, unless --stdin-once */
 		close(clients[i]);
 		clients[i] = -1;
+		if (stdin_once && n == 0)
+			stdin_close();
 	} else if (dst == inq) {
 		inq_len = (size_t)n;
 		stdin_flush();
@@ -1127,7 +1183,7 @@ enum {
 	O_MODE = 256, O_ID, O_LOG, O_ATTACH, O_INIT, O_STDOUT, O_STDERR, O_TTY, O_STDIN,
 	O_AGENT, O_CONSOLE, O_CONSOLE_LOG, O_QEMU, O_VIRTIOFSD, O_RUN_FRAME, O_READY,
 	O_STDIN_OPEN, O_PING, O_DEAD, O_START_TIMEOUT, O_ADOPTED, O_QEMU_STATUS,
-	O_VIRTIOFSD_STATUS, O_LOG_MAX_SIZE, O_LOG_MAX_FILE,
+	O_VIRTIOFSD_STATUS, O_LOG_MAX_SIZE, O_LOG_MAX_FILE, O_STDIN_ONCE, O_PARTIAL, O_RESIZE,
 };
 
 static const struct option options[] = {
@@ -1156,6 +1212,9 @@ static const struct option options[] = {
 	{ "virtiofsd-status", required_argument, NULL, O_VIRTIOFSD_STATUS },
 	{ "log-max-size", required_argument, NULL, O_LOG_MAX_SIZE },
 	{ "log-max-file", required_argument, NULL, O_LOG_MAX_FILE },
+	{ "stdin-once", no_argument, NULL, O_STDIN_ONCE },
+	{ "partial", no_argument, NULL, O_PARTIAL },
+	{ "resize", required_argument, NULL, O_RESIZE },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -1182,6 +1241,9 @@ int main(int argc, char **argv)
 		case O_CONSOLE_LOG: console_path = optarg; break;
 		case O_RUN_FRAME: run_frame = optarg; break;
 		case O_STDIN_OPEN: stdin_open = 1; break;
+		case O_STDIN_ONCE: stdin_once = 1; break;
+		case O_PARTIAL: partial = 1; break;
+		case O_RESIZE: resize_path = optarg; break;
 		case O_PING: ping_s = seconds(name, optarg); break;
 		case O_DEAD: dead_s = seconds(name, optarg); dead_arg = optarg; break;
 		case O_START_TIMEOUT: start_s = seconds(name, optarg); start_arg = optarg; break;
@@ -1240,6 +1302,7 @@ int main(int argc, char **argv)
 		sigaddset(&set, SIGUSR1);
 		sigaddset(&set, SIGUSR2);
 		sigaddset(&set, SIGCHLD);
+		sigaddset(&set, SIGWINCH);
 		sigaddset(&set, FORCE_KILL);
 		sigprocmask(SIG_BLOCK, &set, NULL);
 		signal(SIGPIPE, SIG_IGN);
@@ -1286,6 +1349,8 @@ int main(int argc, char **argv)
 		init_pid = (pid_t)num[O_INIT];
 		our_child("init", init_pid);
 		out_s.fd = (int)(num[O_TTY] >= 0 ? num[O_TTY] : num[O_STDOUT]);
+		tty_mode = num[O_TTY] >= 0;
+		resize(); /* one asked for before the hand-off (its signal came too early) */
 		err_s.fd = (int)num[O_STDERR];
 		stdin_fd = (int)num[O_STDIN];
 		if (stdin_fd >= 0 && stdin_fd == out_s.fd) /* the pty master for both: closed apart */

@@ -66,6 +66,7 @@ class RunOptions:
     user: str | None = None
     hostname: str | None = None
     interactive: bool = False
+    stdin_once: bool = False  # the first attach's EOF closes stdin (Docker's StdinOnce; the API's)
     tty: bool = False
     tty_size: tuple[int, int] = (24, 80)
     memory_bytes: int | None = None
@@ -300,6 +301,7 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
         "mounts": [*DEFAULT_MOUNTS, *(m.oci() for m in opts.mounts)],
         "annotations": {"org.vmrt.isolation": isolation, "org.vmrt.image": opts.image,
                         "org.vmrt.stdin": "true" if opts.interactive else "false",
+                        **({"org.vmrt.stdin-once": "true"} if opts.interactive and opts.stdin_once else {}),
                         "org.vmrt.network": _net_request(image_cfg, opts, isolation).to_json(),
                         **_storage(opts, isolation), **_vm_memory(opts, isolation),
                         LABELS: json.dumps({**(image_cfg.get("Labels") or {}), **opts.labels}, sort_keys=True)},

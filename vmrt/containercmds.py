@@ -70,6 +70,8 @@ class RunArgs:
     hostname: str | None = None
     entrypoint: str | None = None
     interactive: bool = False
+    stdin_once: bool = False  # the API's StdinOnce: the first attach's EOF closes the container's stdin
+    tty_size: tuple[int, int] | None = None  # rows, columns (else this terminal's, or 24x80)
     tty: bool = False
     memory: str | None = None
     cpus: str | None = None
@@ -120,16 +122,16 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         except UnicodeEncodeError:
             raise UsageError(f"argument is not valid UTF-8: {arg!r}") from None
     iso = config_mod.normalize_isolation(a.isolation) or cfg.isolation
-    if a.tty and a.interactive and not a.detach and not os.isatty(0):
+    if a.tty and a.interactive and not a.detach and not create and not os.isatty(0):
         raise UsageError("the input device is not a TTY")
-    size = (24, 80)
-    if a.tty and os.isatty(1):
+    size = a.tty_size or (24, 80)
+    if a.tty and a.tty_size is None and os.isatty(1):
         s = os.get_terminal_size(1)
         size = (s.lines, s.columns)
     opts = RunOptions(
         image=a.image, command=list(a.command), entrypoint=a.entrypoint, env=list(a.env),
         env_files=list(a.env_file), workdir=a.workdir, user=a.user, hostname=a.hostname,
-        interactive=a.interactive, tty=a.tty, tty_size=size,
+        interactive=a.interactive, stdin_once=a.stdin_once, tty=a.tty, tty_size=size,
         memory_bytes=parse_memory(a.memory) if a.memory else None,
         cpus=parse_cpus(a.cpus) if a.cpus else None, name=a.name, rm=a.rm, readonly=a.read_only,
         pids_limit=parse_pids(a.pids_limit) if a.pids_limit else None, pull=a.pull_policy, platform=a.platform,
@@ -485,6 +487,7 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                    "Env": proc.get("env", []), "Cmd": c.command, "Image": c.image,
                    "WorkingDir": proc.get("cwd", ""), "Tty": bool(proc.get("terminal")),
                    "OpenStdin": config.get("annotations", {}).get("org.vmrt.stdin") == "true",
+                   "StdinOnce": config.get("annotations", {}).get("org.vmrt.stdin-once") == "true",
                    "ExposedPorts": {e: {} for e in req.exposed}, "Labels": bundle.labels_of(config)},
         "Mounts": [{"Type": "volume" if m.get(volumes_mod.VOLUME_KEY) else m.get("type"),
                     **({"Name": m[volumes_mod.VOLUME_KEY], "Driver": "local"} if m.get(volumes_mod.VOLUME_KEY)

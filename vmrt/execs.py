@@ -43,6 +43,9 @@ class ExecOptions:
     tty: bool = False
     detach: bool = False
     stdio: tuple[int, int, int] = (0, 1, 2)  # where the process's stdin/stdout/stderr go
+    # a pipe whose bytes say that the terminal changed size (a caller off the main thread, which
+    # gets no SIGWINCH: the API service); the terminal is stdio's, its size read from stdout
+    winch: int | None = None
 
 
 @dataclasses.dataclass
@@ -90,14 +93,15 @@ def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
         # on use: a process exec never loads the VM exec client (nor vm.qemu behind it)
         from .agent.exec_client import exec_in_vm
         return exec_in_vm(Path(c.run_dir), eo.args, env=r.env, cwd=r.cwd, uid=r.uid, gid=r.gid, groups=r.groups,
-                          tty=_tty_size() if eo.tty else None, interactive=eo.interactive, detach=eo.detach,
-                          stdin_fd=eo.stdio[0], stdout_fd=eo.stdio[1], stderr_fd=eo.stdio[2])
+                          tty=_tty_size(eo.stdio[1]) if eo.tty else None, interactive=eo.interactive,
+                          detach=eo.detach, stdin_fd=eo.stdio[0], stdout_fd=eo.stdio[1], stderr_fd=eo.stdio[2],
+                          winch=eo.winch)
     return _runc_exec(cfg, c, eo, r)
 
 
-def _tty_size() -> tuple[int, int]:
+def _tty_size(fd: int) -> tuple[int, int]:
     try:
-        s = os.get_terminal_size(1)
+        s = os.get_terminal_size(fd)
         return s.lines, s.columns
     except OSError:
         return 24, 80
@@ -119,6 +123,8 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
         # private 077 is for vmrt's files, not the container's)
         proc = subprocess.Popen(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], umask=0o022)
         forwarding = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        if eo.tty and eo.winch is not None and not eo.detach:  # runc resizes from its own terminal
+            threading.Thread(target=_pass_winch, args=(os.dup(eo.winch), proc), daemon=True).start()
         old = {s: signal.signal(s, lambda signo, _f: _forward(proc, signo)) for s in FORWARDED} if forwarding else {}
         try:
             status = proc.wait()
@@ -133,6 +139,17 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
                 mapped = exec_error(err)
                 return mapped.exit_code if mapped is not None else 126
         return status if status >= 0 else 128 - status
+
+
+def _pass_winch(fd: int, proc: subprocess.Popen[bytes]) -> None:
+    """SIGWINCH to runc for each resize the pipe tells of, until its writer closes it."""
+    try:
+        while os.read(fd, 512):
+            _forward(proc, signal.SIGWINCH)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _forward(proc: subprocess.Popen[bytes], signo: int) -> None:

@@ -21,6 +21,7 @@ LOG_NAME = "container.log"
 META_NAME = "monitor.json"
 VM_INFO_NAME = "vm.json"  # in a running VM container's run dir: its VM's source and RAM mode (inspect)
 ATTACH_NAME = "attach.sock"
+TTY_SIZE_NAME = "tty-size"  # a run dir's: the terminal size its monitor applies at SIGWINCH
 
 
 def container_dir(cfg: Config, container_id: str) -> Path:

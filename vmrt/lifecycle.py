@@ -30,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, logfile, network, rootfs
+from . import cgroups, fsmode, logfile, network, rootfs
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
-from .layout import ATTACH_NAME, LOG_NAME, container_dir, rw_dir
+from .layout import ATTACH_NAME, LOG_NAME, TTY_SIZE_NAME, container_dir, rw_dir
 from .proc import connect_unix, kill_if_ours, start_ticks
 from .signals import FORCE_KILL
 from .state import Container, State, Status
@@ -93,6 +93,15 @@ def parse_signal(name: str) -> int:
 
 # what an owner passes on to its container (the drivers' FORWARDED); SIGKILL goes as FORCE_KILL
 PROXIED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+
+
+def resize(c: Container, rows: int, cols: int) -> None:
+    """A running detached container's terminal takes this size: written to its run dir's
+    TTY_SIZE_NAME, which its monitor reads at SIGWINCH (docker's resize)."""
+    if c.status != Status.RUNNING or not owner_alive(c) or not c.run_dir:
+        raise StateError(f"Container {c.id[:12]} is not running")
+    fsmode.write_private(Path(c.run_dir) / TTY_SIZE_NAME, f"{rows} {cols}\n")
+    os.kill(c.monitor_pid, signal.SIGWINCH)
 
 
 def send(cfg: Config, c: Container, signo: int) -> None:

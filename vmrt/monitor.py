@@ -112,9 +112,10 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
 
 
 # the signals the C monitor reads from its signalfd: blocked across the execve so that one
-# arriving meanwhile waits for it instead of killing the process
+# arriving meanwhile waits for it instead of killing the process (or, SIGWINCH: a resize, being
+# ignored)
 HANDOFF_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                   signal.SIGUSR2, signal.SIGCHLD, FORCE_KILL)
+                   signal.SIGUSR2, signal.SIGCHLD, signal.SIGWINCH, FORCE_KILL)
 
 
 

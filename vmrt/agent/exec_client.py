@@ -107,7 +107,7 @@ def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | 
                gid: int, groups: list[int], tty: tuple[int, int] | None, interactive: bool,
                stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2, detach: bool = False,
                start_timeout: float = START_TIMEOUT, timeout: float | None = None,
-               max_output: int | None = None, capture: bytearray | None = None) -> int:
+               max_output: int | None = None, capture: bytearray | None = None, winch: int | None = None) -> int:
     """Run args in the VM container whose run directory is bundle_dir; return its exit status.
 
     uid/gid/groups/env/cwd are used as given (the caller resolves names and the
@@ -117,6 +117,8 @@ def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | 
     For vmrt's own probes (``stats``, ``top``): ``timeout`` bounds the whole exec (a guest that
     never answers: AgentError; the agent kills the process when the port closes), ``max_output``
     the bytes of output read (more: VmrtError), and ``capture`` takes stdout instead of stdout_fd.
+    ``winch``: a pipe whose bytes say that the terminal (stdout_fd's) changed size, for a caller
+    off the main thread (no SIGWINCH there: the API service).
     Exec failures raise ContainerExecError (exit_code 126 not executable, 127
     not found); other failures AgentError/StateError/VmrtError.
     """
@@ -128,6 +130,7 @@ def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | 
         relay = _Relay(sock, spec, stdin_fd, stdout_fd, stderr_fd)
         relay.deadline = None if timeout is None else time.monotonic() + timeout
         relay.timeout, relay.max_output, relay.capture = timeout, max_output, capture
+        relay.winch = winch if spec.tty is not None else None
         return relay.run(frame, min(start_timeout, timeout) if timeout is not None else start_timeout)
 
 
@@ -148,6 +151,7 @@ class _Relay:
         self.max_output: int | None = None      # output bytes read at most (probes)
         self.capture: bytearray | None = None   # stdout collected here instead of stdout_fd
         self.output = 0
+        self.winch: int | None = None           # a resize pipe (see exec_in_vm)
 
     # --- signals -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -239,6 +243,8 @@ class _Relay:
             fds: dict[int, int] = {self.sock.fileno(): select.POLLIN | (select.POLLOUT if self.out else 0)}
             if wakeup is not None:
                 fds[wakeup] = select.POLLIN
+            if self.winch is not None:
+                fds[self.winch] = select.POLLIN
             if self.stdin_open and len(self.out) < OUT_HIGH:
                 fds[self.stdin_fd] = fds.get(self.stdin_fd, 0) | select.POLLIN
             for fd, ev in fds.items():
@@ -272,8 +278,22 @@ class _Relay:
                         status = self._receive()
                         if status is not None:
                             return status
+                elif fd == self.winch:
+                    self._winch()
                 elif fd == self.stdin_fd and self.stdin_open:
                     self._read_stdin()
+
+    def _winch(self) -> None:
+        try:
+            resized = os.read(self.winch, 512) if self.winch is not None else b""
+        except BlockingIOError:
+            return
+        except OSError:
+            resized = b""
+        if not resized:  # the caller is done with it
+            self.winch = None
+        elif self.started:  # else the start sends the size then
+            self._resize()
 
     def _send(self) -> None:
         try:

@@ -146,7 +146,10 @@ def headers() -> dict[str, str]:
 
 
 def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"message": message}, status=status, headers=headers())
+    """Docker's error body. Its Content-Type is exactly ``application/json`` (no charset): the
+    docker CLI reads the message only then, else it prints the raw body."""
+    return web.Response(body=json.dumps({"message": message}).encode(), status=status,
+                        content_type="application/json", headers=headers())
 
 
 def parse_filters(text: str) -> dict[str, list[str]]:
@@ -173,8 +176,13 @@ def outcomes(items: Iterable[str | VmrtError]) -> list[str]:
     """A command's lines over several objects (``rm a b``: a line or an error each), for one
     object: its lines, or its first error raised."""
     lines = []
-    for item in items:
-        if isinstance(item, VmrtError):
-            raise item
-        lines.append(item)
+    try:
+        for item in items:
+            if isinstance(item, VmrtError):
+                raise item
+            lines.append(item)
+    finally:  # a generator left at its error ends here, in this thread (its State is this thread's)
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
     return lines

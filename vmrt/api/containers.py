@@ -1,5 +1,5 @@
-"""Container endpoints: create, start, stop, restart, kill, wait, logs, attach (output),
-list, inspect, delete, rename, stats, prune, resize.
+"""Container endpoints: create, start, stop, restart, kill, wait, logs, attach (output and
+stdin), list, inspect, delete, rename, stats, prune, resize.
 
 A create becomes ``vmrt create``'s arguments (:class:`containercmds.RunArgs`), so it is
 checked as the CLI checks it; what vmrt cannot honour (privileged, added capabilities,
@@ -19,13 +19,15 @@ from typing import Any
 from aiohttp import web
 
 from .. import containercmds, lifecycle, logfile
+from .. import proc as proc_mod
 from ..config import Config
 from ..errors import StateError, VmrtError
-from ..layout import LOG_NAME, container_dir
+from ..layout import ATTACH_NAME, LOG_NAME, container_dir
 from ..state import Container, State, Status
 from . import events
 from .base import ApiError, Request, Routes, outcomes, parse_filters
-from .streams import STDERR, STDOUT, frame, hijack
+from .execs import size_query
+from .streams import STDERR, STDOUT, Stdin, frame, hijack
 
 POLL = 0.02  # a wait, a followed log: how often the state and the log are read
 # the cancel events of the waits and streams in flight: each runs a thread, which the service's
@@ -113,6 +115,16 @@ def _label_map(v: Any) -> dict[str, str]:
     return dict(v)
 
 
+def _console_size(v: Any) -> tuple[int, int] | None:
+    """HostConfig.ConsoleSize [rows, columns] (the docker CLI's terminal, API 1.42+); 0s: unset."""
+    if not v:
+        return None
+    if (not isinstance(v, list) or len(v) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 0xFFFF for n in v)):
+        raise ApiError(400, "HostConfig.ConsoleSize must be [rows, columns]")
+    return (v[0], v[1]) if all(v) else None
+
+
 def _restart(policy: Any) -> str:
     if not policy or not policy.get("Name"):
         return "no"
@@ -161,11 +173,15 @@ def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
         raise ApiError(400, "NetworkingConfig.EndpointsConfig must be an object")
     aliases = [a for ep in endpoints.values() if isinstance(ep, dict) for a in (ep.get("Aliases") or [])]
     exposed = body.get("ExposedPorts") or {}
+    env = _strings(body.get("Env"), "Env")
+    if body.get("Tty") and not any(v.startswith("TERM=") for v in env):
+        env = ("TERM=xterm", *env)  # as Docker's daemon gives a TTY
     return containercmds.RunArgs(
-        image=image, command=_strings(cmd, "Cmd"), name=name or None, env=_strings(body.get("Env"), "Env"),
+        image=image, command=_strings(cmd, "Cmd"), name=name or None, env=env,
         workdir=body.get("WorkingDir") or None, user=body.get("User") or None,
         hostname=body.get("Hostname") or None, entrypoint=entrypoint,
-        interactive=bool(body.get("OpenStdin")), tty=bool(body.get("Tty")),
+        interactive=bool(body.get("OpenStdin")), stdin_once=bool(body.get("StdinOnce")), tty=bool(body.get("Tty")),
+        tty_size=_console_size(hc.get("ConsoleSize")),
         memory=str(mem) if mem else None, cpus=cpus,
         pids_limit=str(hc["PidsLimit"]) if hc.get("PidsLimit") else None,
         volumes=_strings(hc.get("Binds"), "HostConfig.Binds"), mounts=_mounts(hc.get("Mounts")),
@@ -390,6 +406,9 @@ async def _pump(req: Request, resp: web.StreamResponse, records: Iterator[dict[s
                     break
                 asyncio.run_coroutine_threadsafe(q.put(rec), loop).result()
         finally:
+            close = getattr(records, "close", None)
+            if close is not None:  # a generator left half-way: its finally (a State's close) runs in this thread
+                close()
             asyncio.run_coroutine_threadsafe(q.put(None), loop).result()
 
     producer = loop.run_in_executor(None, produce)
@@ -458,20 +477,70 @@ def _select(records: Iterator[dict[str, Any]], tail: str, since: float | None,
 async def attach(req: Request) -> web.StreamResponse:
     """``docker attach`` / a foreground ``docker run``: the hijacked connection (``Upgrade:
     tcp``, 101), then the container's output from now on (its log, followed) until it stops.
-    Its stdin is not forwarded yet: ``stdin=1`` is refused."""
+    With ``stdin=1`` on a container created with OpenStdin, what the client sends goes to its
+    stdin through its monitor's attach socket (once it runs: a client attaches before it starts
+    it); the client's half-close is the end of it (the container's stdin closes if it was
+    created StdinOnce). On a TTY container, Ctrl-P Ctrl-Q detaches."""
     c = await asyncio.to_thread(_get, req)
-    if req.flag("stdin"):
-        raise ApiError(400, "attaching stdin through the API is not supported yet (use `vmrt attach`)")
-    tty = bool(json.loads((container_dir(req.cfg, c.id) / "config.json").read_text())
-               .get("process", {}).get("terminal"))
-    resp = await hijack(req, tty)
+    config = json.loads((container_dir(req.cfg, c.id) / "config.json").read_text())
+    tty = bool(config.get("process", {}).get("terminal"))
+    open_stdin = config.get("annotations", {}).get("org.vmrt.stdin") == "true"
+    resp, stdin = await hijack(req, tty, stdin=req.flag("stdin") and open_stdin)
+    tasks: list[asyncio.Future[Any]] = []
+    if stdin is not None:
+        tasks.append(asyncio.ensure_future(_attach_stdin(req, c, stdin, tty)))
     if req.flag("stream"):
         cancel = _cancel_event()
         records = _after_start(req, c, cancel)
-        await _pump(req, resp, records, cancel, tty=tty, stdout=req.flag("stdout"), stderr=req.flag("stderr"),
-                    timestamps=False)
-    await resp.write_eof()
+        tasks.append(asyncio.ensure_future(_pump(req, resp, records, cancel, tty=tty, stdout=req.flag("stdout"),
+                                                 stderr=req.flag("stderr"), timestamps=False)))
+    if tasks:  # the output ends, or the client detaches
+        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if tasks[0] in _done and stdin is not None and not tasks[0].result() and len(tasks) > 1:
+            await tasks[1]  # stdin ended without a detach: the output goes on to its end
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write_eof()
     return resp
+
+
+async def _attach_stdin(req: Request, c: Container, stdin: Stdin, tty: bool) -> bool:
+    """The client's bytes to the container's attach socket; True when the client detached
+    (Ctrl-P Ctrl-Q, on a TTY), False when its stdin ended (or the container did)."""
+    sock = None
+    while sock is None:  # the socket is there once the container runs (its monitor made it)
+        cur = await asyncio.to_thread(_get, req, c.id)
+        if cur.status == Status.RUNNING and cur.run_dir:
+            with contextlib.suppress(OSError):
+                sock = proc_mod.connect_unix(cur.run_dir, ATTACH_NAME)
+        if sock is None and (cur.started or 0) > (c.started or 0) and not lifecycle.owner_alive(cur):
+            return False  # it started and ended meanwhile
+        if sock is None:
+            await asyncio.sleep(POLL)
+    sock.setblocking(False)
+    _reader, writer = await asyncio.open_unix_connection(sock=sock)
+    prev = b""
+    try:
+        while data := await stdin.read():
+            if tty and lifecycle.DETACH_KEYS in prev[-1:] + data:
+                cut = (prev[-1:] + data).index(lifecycle.DETACH_KEYS) - len(prev[-1:])
+                if cut > 0:
+                    writer.write(data[:cut])
+                    await writer.drain()
+                return True
+            prev = data
+            writer.write(data)
+            await writer.drain()
+        with contextlib.suppress(OSError):
+            writer.write_eof()  # the monitor closes the container's stdin if it was created StdinOnce
+            await writer.drain()
+        return False
+    except OSError:
+        return False
+    finally:
+        writer.close()
 
 
 def _after_start(req: Request, c: Container, cancel: threading.Event) -> Iterator[dict[str, Any]]:
@@ -497,7 +566,10 @@ def _after_start(req: Request, c: Container, cancel: threading.Event) -> Iterato
 
 
 async def resize(req: Request) -> web.StreamResponse:
-    await asyncio.to_thread(_get, req)
+    """The container's terminal takes the client's size (its monitor applies it)."""
+    rows, cols = size_query(req)
+    c = await asyncio.to_thread(_get, req)
+    await asyncio.to_thread(lifecycle.resize, c, rows, cols)
     return web.Response(status=200)
 
 

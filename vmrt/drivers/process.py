@@ -35,6 +35,7 @@ from typing import Any
 
 from .. import cgroups, fsmode, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
+from ..layout import TTY_SIZE_NAME
 from ..proc import PidFd, write_all
 from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
 from .base import Handoff, RunContext
@@ -313,7 +314,11 @@ class _Session:
             self._thread(_pump, er_r, ctx.stderr_fd, self._first_output, False, self._tee("stderr"))
 
     def _handoff_args(self) -> Handoff:
-        return Handoff("process", dict(self.handoff_fds), {"--init": self.pid})
+        once = self.ctx.config.get("annotations", {}).get("org.vmrt.stdin-once") == "true"
+        return Handoff("process", dict(self.handoff_fds), {"--init": self.pid, "--stdin-once": once,
+                                                           "--partial": "--tty" in self.handoff_fds,
+                                                           "--resize": str(self.ctx.bundle_dir / TTY_SIZE_NAME)
+                                                           if "--tty" in self.handoff_fds else None})
 
     def _runtime_error(self) -> str | None:
         try:

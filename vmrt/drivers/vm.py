@@ -37,7 +37,7 @@ from typing import Any
 from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, seccomp
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
-from ..layout import VM_INFO_NAME
+from ..layout import TTY_SIZE_NAME, VM_INFO_NAME
 from ..proc import write_all
 from ..signals import FORCE_KILL, FORWARDED, STOP_SIGNALS
 from ..vm import accel as accel_mod
@@ -596,7 +596,11 @@ class _Session:
                     "--virtiofsd-status": str(vm.status_files[1])}
         opts |= {"--qemu": vm.pid, "--virtiofsd": vm.share_server.pid if vm.share_server is not None else None,
                  "--run-frame": str(b / "run.frame"), "--console-log": str(b / "console.log"),
-                 "--stdin-open": stdin_open, "--start-timeout": t.start, "--ping": t.agent_ping,
+                 "--stdin-open": stdin_open,
+                 "--stdin-once": self.ctx.config.get("annotations", {}).get("org.vmrt.stdin-once") == "true",
+                 "--partial": bool(self.ctx.config["process"].get("terminal")),  # a prompt is logged as it comes
+                 "--resize": str(b / TTY_SIZE_NAME) if self.ctx.config["process"].get("terminal") else None,
+                 "--start-timeout": t.start, "--ping": t.agent_ping,
                  "--dead": t.agent_dead}
         self.ctx.handoff(Handoff("vm", {"--agent": vm.agent_sock.fileno(), "--console": vm.console_sock.fileno()},
                                  opts))
