@@ -93,7 +93,12 @@ static int partial;    /* --partial: an unfinished line is logged as it comes (a
 static int stdin_once;
 static int tty_mode;           /* process mode: out_s.fd is the terminal's master */
 static const char *resize_path; /* --resize: "ROWS COLS", read at SIGWINCH (vmrt's resize) */
-static void resize(void); /* the first attach client's EOF closes the container's stdin (Docker's StdinOnce) */
+static void resize(void);
+/* --health SECONDS: that often once the container runs, the finish command with vmrt.health
+ * for vmrt.monitor and --health for --finish (vmrt's probe: it runs the check and records
+ * the outcome), one at a time */
+static int64_t health_ms, health_next = -1;
+static pid_t health_pid = -1; /* the first attach client's EOF closes the container's stdin (Docker's StdinOnce) */
 
 static int sfd = -1, log_fd = -1, ready_fd = -1;
 static int64_t now;
@@ -717,6 +722,11 @@ static void on_reaped(pid_t pid, int st)
 {
 	int code = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
 
+	if (pid == health_pid) {
+		health_pid = -1;
+		health_next = now + health_ms;
+		return;
+	}
 	if (!vm) {
 		if (pid != init_pid || init_done)
 			return;
@@ -953,10 +963,54 @@ static void deadline(int64_t *next, int64_t t)
 		*next = t;
 }
 
+/* The health probe: the finish command's argv (see health_ms), stdio on
+ * /dev/null but stderr (our log), none of our fds, our signals unblocked. */
+static void health_probe(void)
+{
+	char **av = calloc((size_t)finish_argc + 1, sizeof *av);
+	sigset_t none;
+	pid_t pid;
+
+	if (!av)
+		return;
+	for (int i = 0; i < finish_argc; i++)
+		av[i] = !strcmp(finish_argv[i], "--finish") ? "--health" :
+			!strcmp(finish_argv[i], "vmrt.monitor") ? "vmrt.health" : finish_argv[i];
+	pid = fork();
+	if (pid == 0) {
+		int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+		if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0)
+			_exit(125);
+		close_range(3, ~0u, 0);
+		signal(SIGPIPE, SIG_DFL);
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		execv(av[0], av);
+		_exit(127);
+	}
+	free(av);
+	if (pid < 0) {
+		say("cannot start the health probe: %s", strerror(errno));
+		health_next = now + health_ms;
+		return;
+	}
+	health_pid = pid;
+}
+
 /* Act on the clock; returns the poll timeout in ms (-1: none). */
 static int timers(void)
 {
 	int64_t next = -1;
+
+	if (health_ms > 0 && health_pid < 0 && (vm ? started && end.kind == E_NONE : !init_done)) {
+		if (health_next < 0)
+			health_next = now + health_ms; /* the first check one interval after the start */
+		if (now >= health_next)
+			health_probe();
+		else
+			deadline(&next, health_next);
+	}
 
 	if (!vm) {
 		if (init_done && ((out_s.fd < 0 && err_s.fd < 0) || now >= drain_deadline)) {
@@ -1183,7 +1237,7 @@ enum {
 	O_MODE = 256, O_ID, O_LOG, O_ATTACH, O_INIT, O_STDOUT, O_STDERR, O_TTY, O_STDIN,
 	O_AGENT, O_CONSOLE, O_CONSOLE_LOG, O_QEMU, O_VIRTIOFSD, O_RUN_FRAME, O_READY,
 	O_STDIN_OPEN, O_PING, O_DEAD, O_START_TIMEOUT, O_ADOPTED, O_QEMU_STATUS,
-	O_VIRTIOFSD_STATUS, O_LOG_MAX_SIZE, O_LOG_MAX_FILE, O_STDIN_ONCE, O_PARTIAL, O_RESIZE,
+	O_VIRTIOFSD_STATUS, O_LOG_MAX_SIZE, O_LOG_MAX_FILE, O_STDIN_ONCE, O_PARTIAL, O_RESIZE, O_HEALTH,
 };
 
 static const struct option options[] = {
@@ -1215,6 +1269,7 @@ static const struct option options[] = {
 	{ "stdin-once", no_argument, NULL, O_STDIN_ONCE },
 	{ "partial", no_argument, NULL, O_PARTIAL },
 	{ "resize", required_argument, NULL, O_RESIZE },
+	{ "health", required_argument, NULL, O_HEALTH },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -1244,6 +1299,11 @@ int main(int argc, char **argv)
 		case O_STDIN_ONCE: stdin_once = 1; break;
 		case O_PARTIAL: partial = 1; break;
 		case O_RESIZE: resize_path = optarg; break;
+		case O_HEALTH:
+			health_ms = (int64_t)(seconds(name, optarg) * 1000);
+			if (health_ms > 0 && health_ms < 100)
+				health_ms = 100; /* a probe is a new interpreter: not in a loop */
+			break;
 		case O_PING: ping_s = seconds(name, optarg); break;
 		case O_DEAD: dead_s = seconds(name, optarg); dead_arg = optarg; break;
 		case O_START_TIMEOUT: start_s = seconds(name, optarg); start_arg = optarg; break;

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, fsmode, kernel, safefs, seccomp
+from . import cgroups, fsmode, healthstate, kernel, safefs, seccomp
 from .errors import ImageError, UsageError
 from .network import NetRequest, image_exposed
 from .ocispec import Spec
@@ -67,6 +67,7 @@ class RunOptions:
     hostname: str | None = None
     interactive: bool = False
     stdin_once: bool = False  # the first attach's EOF closes stdin (Docker's StdinOnce; the API's)
+    healthcheck: dict[str, Any] | None = None  # the run's Healthcheck fields, over the image's
     tty: bool = False
     tty_size: tuple[int, int] = (24, 80)
     memory_bytes: int | None = None
@@ -304,6 +305,7 @@ def make_config(image_cfg: dict[str, Any], rootfs: Path | tuple[Path, Path], opt
                         **({"org.vmrt.stdin-once": "true"} if opts.interactive and opts.stdin_once else {}),
                         "org.vmrt.network": _net_request(image_cfg, opts, isolation).to_json(),
                         **_storage(opts, isolation), **_vm_memory(opts, isolation),
+                        **_health(image_cfg, opts),
                         LABELS: json.dumps({**(image_cfg.get("Labels") or {}), **opts.labels}, sort_keys=True)},
         "linux": linux,
     }
@@ -340,6 +342,11 @@ def _storage(opts: RunOptions, isolation: str) -> dict[str, str]:
 
 VM_MEMORY = "org.vmrt.vm.memory"  # annotation: --vm-memory (VM mode)
 LABELS = "org.vmrt.labels"  # annotation: the container's labels (the image's, then --label), a JSON object
+
+
+def _health(image_cfg: dict[str, Any], opts: RunOptions) -> dict[str, str]:
+    hc = healthstate.effective(image_cfg.get("Healthcheck"), opts.healthcheck)
+    return {healthstate.ANNOTATION: json.dumps(hc, sort_keys=True)} if hc else {}
 
 
 def labels_of(config: Spec) -> dict[str, str]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import bundle, formatting, lifecycle, logfile, network
+from . import bundle, formatting, healthstate, lifecycle, logfile, network
 from . import config as config_mod
 from . import volumes as volumes_mod
 from .bundle import STORAGE_SIZE, VM_MEMORY, RunOptions, parse_cpus, parse_memory, parse_pids
@@ -72,6 +72,13 @@ class RunArgs:
     interactive: bool = False
     stdin_once: bool = False  # the API's StdinOnce: the first attach's EOF closes the container's stdin
     tty_size: tuple[int, int] | None = None  # rows, columns (else this terminal's, or 24x80)
+    health_cmd: str | None = None
+    health_interval: str | None = None
+    health_timeout: str | None = None
+    health_retries: int | None = None
+    health_start_period: str | None = None
+    no_healthcheck: bool = False
+    healthcheck: Any = None  # the API's Config.Healthcheck (Docker's object), under the flags
     tty: bool = False
     memory: str | None = None
     cpus: str | None = None
@@ -138,6 +145,7 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         mounts=[*map(volumes_mod.parse_volume, a.volumes), *map(volumes_mod.parse_mount, a.mounts),
                 *map(volumes_mod.parse_tmpfs, a.tmpfs)],
         net=_net_request(a), storage_size=_storage_size(a.storage_opts), vm_memory=a.vm_memory,
+        healthcheck=_healthcheck(a),
         labels=parse_labels(a.labels))
     if a.vm_memory is not None:
         config_mod.check_vm_memory(cfg, a.vm_memory, "--vm-memory")
@@ -173,6 +181,30 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         if a.show_timings:
             timings.report()
     return status, None
+
+
+def _healthcheck(a: RunArgs) -> dict[str, Any] | None:
+    """The run's Healthcheck fields (``--health-*``, the API's object), checked; None: the image's."""
+    flags = (a.health_cmd, a.health_interval, a.health_timeout, a.health_retries, a.health_start_period)
+    if a.no_healthcheck:
+        if any(f is not None for f in flags):
+            raise UsageError("--no-healthcheck conflicts with --health-* options")
+        return {"Test": ["NONE"]}
+    hc = healthstate.check(a.healthcheck, "Healthcheck") if a.healthcheck is not None else {}
+    if a.health_cmd is not None:
+        if not a.health_cmd.strip():
+            raise UsageError("--health-cmd is empty")
+        hc["Test"] = ["CMD-SHELL", a.health_cmd]
+    for text, key, flag in ((a.health_interval, "Interval", "--health-interval"),
+                            (a.health_timeout, "Timeout", "--health-timeout"),
+                            (a.health_start_period, "StartPeriod", "--health-start-period")):
+        if text is not None:
+            hc[key] = healthstate.parse_duration(text, flag)
+    if a.health_retries is not None:
+        if a.health_retries < 0:
+            raise UsageError("--health-retries cannot be negative")
+        hc["Retries"] = a.health_retries
+    return healthstate.check(hc, "Healthcheck") if hc else None
 
 
 def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -233,7 +265,9 @@ def ago(ts: float | None) -> str:
 def status_text(c: Container) -> str:
     """Docker's STATUS column: Up 5 seconds, Exited (0) 2 minutes ago, Restarting (1) ..., Created."""
     if c.status == Status.RUNNING:
-        return f"Up {ago(c.started).removesuffix(' ago')}"
+        health = (healthstate.read(c.run_dir) or {}).get("Status")
+        shown = {"starting": " (health: starting)", "healthy": " (healthy)", "unhealthy": " (unhealthy)"}
+        return f"Up {ago(c.started).removesuffix(' ago')}{shown.get(health or '', '')}"
     if c.status == Status.CREATED:
         return "Created"
     oom = ", OOM killed" if c.oom_killed else ""
@@ -266,7 +300,9 @@ def _filter_value(cfg: Config, c: Container, key: str, value: str) -> bool:
     checks = {"id": lambda: c.id.startswith(value), "name": lambda: value in c.name,
               "status": lambda: c.status.value == value or (value == "restarting" and restarting),
               "isolation": lambda: c.isolation == value, "ancestor": lambda: c.image == value,
-              "exited": lambda: c.status == Status.EXITED and str(c.exit_code) == value}
+              "exited": lambda: c.status == Status.EXITED and str(c.exit_code) == value,
+              "health": lambda: ((healthstate.read(c.run_dir) if c.status == Status.RUNNING else None)
+                                 or {}).get("Status", "none") == value}
     if key not in checks:
         raise UsageError(f"invalid filter {key!r}")
     return checks[key]()
@@ -461,7 +497,9 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                   # the owner: the container's monitor (Podman's ConmonPid) or an attached `vmrt run`
                   "MonitorPid": c.monitor_pid if running or restarting else 0,
                   "ExitCode": c.exit_code or 0, "Error": "", "StartedAt": _iso(c.started),
-                  "FinishedAt": _iso(c.finished)},
+                  "FinishedAt": _iso(c.finished),
+                  **({"Health": healthstate.read(c.run_dir) or healthstate.starting()}
+                     if healthstate.of(config) else {})},
         "Image": c.image_id, "Name": "/" + c.name, "RestartCount": c.restart_count,
         "LogPath": str(cdir / LOG_NAME) if (cdir / LOG_NAME).exists() else "",
         "Isolation": c.isolation,
@@ -488,6 +526,7 @@ def inspect_doc(cfg: Config, c: Container) -> dict[str, Any]:
                    "WorkingDir": proc.get("cwd", ""), "Tty": bool(proc.get("terminal")),
                    "OpenStdin": config.get("annotations", {}).get("org.vmrt.stdin") == "true",
                    "StdinOnce": config.get("annotations", {}).get("org.vmrt.stdin-once") == "true",
+                   **({"Healthcheck": hc} if (hc := healthstate.of(config)) else {}),
                    "ExposedPorts": {e: {} for e in req.exposed}, "Labels": bundle.labels_of(config)},
         "Mounts": [{"Type": "volume" if m.get(volumes_mod.VOLUME_KEY) else m.get("type"),
                     **({"Name": m[volumes_mod.VOLUME_KEY], "Driver": "local"} if m.get(volumes_mod.VOLUME_KEY)

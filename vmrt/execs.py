@@ -19,12 +19,13 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from . import bundle
 from .config import Config
-from .errors import ContainerExecError, StateError, UsageError
+from .errors import AgentError, ContainerExecError, StateError, UsageError
 from .images.store import Store
 from .layout import container_dir
 from .lifecycle import owner_alive, reconcile
@@ -46,6 +47,7 @@ class ExecOptions:
     # a pipe whose bytes say that the terminal changed size (a caller off the main thread, which
     # gets no SIGWINCH: the API service); the terminal is stdio's, its size read from stdout
     winch: int | None = None
+    timeout: float | None = None  # seconds the exec may take (health checks): then TimeoutError
 
 
 @dataclasses.dataclass
@@ -92,10 +94,17 @@ def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
     if c.isolation == "vm":
         # on use: a process exec never loads the VM exec client (nor vm.qemu behind it)
         from .agent.exec_client import exec_in_vm
-        return exec_in_vm(Path(c.run_dir), eo.args, env=r.env, cwd=r.cwd, uid=r.uid, gid=r.gid, groups=r.groups,
-                          tty=_tty_size(eo.stdio[1]) if eo.tty else None, interactive=eo.interactive,
-                          detach=eo.detach, stdin_fd=eo.stdio[0], stdout_fd=eo.stdio[1], stderr_fd=eo.stdio[2],
-                          winch=eo.winch)
+        t0 = time.monotonic()
+        try:
+            return exec_in_vm(Path(c.run_dir), eo.args, env=r.env, cwd=r.cwd, uid=r.uid, gid=r.gid,
+                              groups=r.groups, tty=_tty_size(eo.stdio[1]) if eo.tty else None,
+                              interactive=eo.interactive, detach=eo.detach, stdin_fd=eo.stdio[0],
+                              stdout_fd=eo.stdio[1], stderr_fd=eo.stdio[2],
+                              winch=eo.winch, timeout=eo.timeout)
+        except AgentError:
+            if eo.timeout is not None and time.monotonic() - t0 >= eo.timeout:
+                raise TimeoutError(f"the exec took longer than {eo.timeout:g}s") from None
+            raise
     return _runc_exec(cfg, c, eo, r)
 
 
@@ -127,7 +136,11 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
             threading.Thread(target=_pass_winch, args=(os.dup(eo.winch), proc), daemon=True).start()
         old = {s: signal.signal(s, lambda signo, _f: _forward(proc, signo)) for s in FORWARDED} if forwarding else {}
         try:
-            status = proc.wait()
+            status = proc.wait(eo.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # runc: the process it started runs on (as under Docker)
+            proc.wait()
+            raise TimeoutError(f"the exec took longer than {eo.timeout:g}s") from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from . import cgroups, fsmode, logfile
+from . import cgroups, fsmode, healthstate, logfile
 from . import config as config_mod
 from .errors import StateError, UsageError, VmrtError
 from .formatting import inert
@@ -136,6 +136,8 @@ def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_di
             argv += [opt, str(value)]
     if "--stdin" in h.fds or h.options.get("--stdin-open"):
         argv += ["--attach", str(run_dir / ATTACH_NAME)]
+    if h.options.get("--health"):  # a new start: its health is starting again
+        healthstate.write(run_dir, healthstate.starting())
     return [*argv, "--", sys.executable, "-m", "vmrt.monitor", "--finish", container_id]
 
 

@@ -181,7 +181,7 @@ def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
         workdir=body.get("WorkingDir") or None, user=body.get("User") or None,
         hostname=body.get("Hostname") or None, entrypoint=entrypoint,
         interactive=bool(body.get("OpenStdin")), stdin_once=bool(body.get("StdinOnce")), tty=bool(body.get("Tty")),
-        tty_size=_console_size(hc.get("ConsoleSize")),
+        tty_size=_console_size(hc.get("ConsoleSize")), healthcheck=body.get("Healthcheck"),
         memory=str(mem) if mem else None, cpus=cpus,
         pids_limit=str(hc["PidsLimit"]) if hc.get("PidsLimit") else None,
         volumes=_strings(hc.get("Binds"), "HostConfig.Binds"), mounts=_mounts(hc.get("Mounts")),

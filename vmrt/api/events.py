@@ -2,7 +2,8 @@
 
 Container events come from the state every other vmrt process writes too: the service reads
 the containers every half second and turns what changed into Docker's actions (create,
-start, die with its exit code, rename, destroy), so a container the CLI starts, or one that
+start, die with its exit code, rename, destroy, ``health_status: healthy|unhealthy`` from the
+health probes' records), so a container the CLI starts, or one that
 exits on its own, is seen as one the API started. Volume, network and image events are the
 service's own, published by the endpoints that make them. The last :data:`HISTORY` events
 are kept for ``since``.
@@ -20,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import bundle
+from .. import bundle, healthstate
 from ..config import Config
 from ..layout import container_dir
 from ..state import State, Status
@@ -39,6 +40,7 @@ class _Seen:
     finished: float | None
     exit_code: int | None
     labels: dict[str, str]
+    health: str | None = None  # a running container's health status, if it has a check
 
 
 class Bus:
@@ -86,7 +88,9 @@ def _snapshot(cfg: Config, known: dict[str, _Seen]) -> dict[str, _Seen]:
     finally:
         st.close()
     return {c.id: _Seen(c.name, c.image, c.status, c.started, c.finished, c.exit_code,
-                        known[c.id].labels if c.id in known else _labels(cfg, c.id)) for c in cs}
+                        known[c.id].labels if c.id in known else _labels(cfg, c.id),
+                        (healthstate.read(c.run_dir) or {}).get("Status") if c.status == Status.RUNNING else None)
+            for c in cs}
 
 
 def tell(cid: str, action: str, key: object, attrs: dict[str, str]) -> None:
@@ -134,6 +138,8 @@ async def watch(cfg: Config) -> None:
                 BUS.publish("container", "rename", cid, oldName="/" + old.name, **attrs)
             if c.started:
                 tell(cid, "start", c.started, attrs)
+            if c.health in ("healthy", "unhealthy") and (old is None or old.health != c.health):
+                BUS.publish("container", f"health_status: {c.health}", cid, **attrs)
             if c.finished and c.status != Status.RUNNING:
                 tell(cid, "die", c.finished, {**attrs, "exitCode": str(c.exit_code if c.exit_code is not None else 0)})
         for cid, c in seen.items():

@@ -70,6 +70,12 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 @click.option("-l", "--label", "labels", multiple=True, help="Set metadata on the container (KEY=VALUE).")
 @click.option("--log-opt", "log_opts", multiple=True,
               help="Log option (json-file): max-size=SIZE (10k, 10m, 1g), max-file=N (default: the settings).")
+@click.option("--health-cmd", help="Command to run to check health (in the container's shell).")
+@click.option("--health-interval", help="Time between running the check (ms|s|m|h) (default 30s).")
+@click.option("--health-timeout", help="Maximum time to allow one check to run (ms|s|m|h) (default 30s).")
+@click.option("--health-retries", type=int, help="Consecutive failures needed to report unhealthy (default 3).")
+@click.option("--health-start-period", help="Start period: failures then do not count (ms|s|m|h) (default 0s).")
+@click.option("--no-healthcheck", is_flag=True, help="Disable any container-specified HEALTHCHECK.")
 @click.pass_context
 def run(ctx: click.Context, **flags: Any) -> None:
     """Run a command in a new container."""

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import cgroups, fsmode, rootfs
+from .. import cgroups, fsmode, healthstate, rootfs
 from ..errors import ContainerExecError, LaunchError, VmrtError
 from ..layout import TTY_SIZE_NAME
 from ..proc import PidFd, write_all
@@ -318,7 +318,8 @@ class _Session:
         return Handoff("process", dict(self.handoff_fds), {"--init": self.pid, "--stdin-once": once,
                                                            "--partial": "--tty" in self.handoff_fds,
                                                            "--resize": str(self.ctx.bundle_dir / TTY_SIZE_NAME)
-                                                           if "--tty" in self.handoff_fds else None})
+                                                           if "--tty" in self.handoff_fds else None,
+                                                           "--health": healthstate.interval_s(self.ctx.config)})
 
     def _runtime_error(self) -> str | None:
         try:

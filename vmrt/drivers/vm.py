@@ -34,7 +34,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from .. import agentbuild, bundle, cgroups, fsmode, kernel, network, seccomp
+from .. import agentbuild, bundle, cgroups, fsmode, healthstate, kernel, network, seccomp
 from ..agent import protocol as P
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..layout import TTY_SIZE_NAME, VM_INFO_NAME
@@ -600,6 +600,7 @@ class _Session:
                  "--stdin-once": self.ctx.config.get("annotations", {}).get("org.vmrt.stdin-once") == "true",
                  "--partial": bool(self.ctx.config["process"].get("terminal")),  # a prompt is logged as it comes
                  "--resize": str(b / TTY_SIZE_NAME) if self.ctx.config["process"].get("terminal") else None,
+                 "--health": healthstate.interval_s(self.ctx.config),
                  "--start-timeout": t.start, "--ping": t.agent_ping,
                  "--dead": t.agent_dead}
         self.ctx.handoff(Handoff("vm", {"--agent": vm.agent_sock.fileno(), "--console": vm.console_sock.fileno()},
