@@ -21,6 +21,7 @@ import struct
 import subprocess
 import termios
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,15 +37,23 @@ services:
   web:
     image: busybox
     isolation: hyperv
-    command: ["sh", "-c", "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 80 -h /www"]
+    command: ["sh", "-c", "echo hello-from-web > /data/index.html && exec httpd -f -p 80 -h /data"]
     volumes:
       - webdata:/data
+    ports:
+      - "127.0.0.1::80"
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 20s
+      retries: 60
   client:
     image: busybox
     isolation: process
     depends_on:
-      - web
-    command: ["sh", "-c", "until wget -q -O - http://web/; do sleep 0.5; done; exec sleep 300"]
+      web:
+        condition: service_healthy
+    command: ["sh", "-c", "wget -q -O - http://web/ && exec sleep 300"]
 volumes:
   webdata: {}
 """
@@ -335,8 +344,9 @@ def test_networks_aliases_and_labels_through_docker(api: Api) -> None:
 
 def test_a_compose_project_with_a_vm_service(api: Api, tmp_path: Path) -> None:
     """Debian's docker-compose against the service: a web server in a micro-VM on a named volume,
-    a client in process mode finding it by its service name on the project's network; logs,
-    exec, and `down -v` leave no container, network or volume behind."""
+    with a health check and a published port; a client in process mode, started once the server
+    is healthy (depends_on: service_healthy), finding it by its service name on the project's
+    network; logs, exec, and `down -v` leave no container, network or volume behind."""
     proj = tmp_path / "proj"
     proj.mkdir()
     (proj / "docker-compose.yml").write_text(COMPOSE_FILE)
@@ -348,6 +358,12 @@ def test_a_compose_project_with_a_vm_service(api: Api, tmp_path: Path) -> None:
         time.sleep(1)
     states = api.docker("ps", "--format", "{{.Names}} {{.State}}").stdout.decode().split("\n")
     assert sorted(filter(None, states)) == ["demo_client_1 running", "demo_web_1 running"], states
+    # the client started once the web server was healthy; the server's published port answers
+    assert b"(healthy)" in api.docker("ps", "--filter", "name=demo_web_1", "--format", "{{.Status}}").stdout
+    port = api.compose(proj, "port", "web", "80").stdout.decode().strip()
+    assert port.startswith("127.0.0.1:"), port
+    with urllib.request.urlopen(f"http://{port}/", timeout=30) as resp:
+        assert resp.read() == b"hello-from-web\n"
     guest = api.v("run", "--rm", "--isolation=vm", "busybox", "uname", "-r").stdout
     r = api.compose(proj, "exec", "-T", "web", "uname", "-r")
     assert (r.returncode, r.stdout) == (0, guest), r.stderr
@@ -383,13 +399,19 @@ def test_stats_rename_images_and_prune_through_docker(api: Api) -> None:
 
 def test_events_cover_the_api_and_the_cli(api: Api) -> None:
     """`docker events`: what the API did and what vmrt's own CLI did (one state), with a --rm
-    container's die (its exit code) before its destroy; filters by event and label."""
+    container's die (its exit code) before its destroy, a health check's status; filters by
+    event and label."""
     t0 = int(time.time())
     r = api.docker("run", "--rm", "--isolation=process", "--name", "evt", "-l", "team=a", "busybox", "sh", "-c",
                    "exit 3")
     assert r.returncode == 3, r.stderr
-    assert api.v("run", "-d", "--name", "clirun", "--isolation=process", "busybox", "sleep", "300").returncode == 0
+    assert api.v("run", "-d", "--name", "clirun", "--isolation=process", "--health-cmd", "true",
+                 "--health-interval", "300ms", "busybox", "sleep", "300").returncode == 0
     assert api.docker("volume", "create", "evvol").returncode == 0
+    deadline = time.monotonic() + 30
+    while b"healthy" not in api.docker("inspect", "-f", "{{.State.Health.Status}}", "clirun").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     time.sleep(1.5)  # the service reads the state every half second
     fmt = "{{.Type}} {{.Action}} {{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}"
     r = api.docker("events", "--since", str(t0), "--until", str(int(time.time()) + 1), "--format", fmt)
@@ -397,6 +419,7 @@ def test_events_cover_the_api_and_the_cli(api: Api) -> None:
     evt = [ln[1:] for ln in lines if ln[0] == "container" and ln[2] == "evt"]
     assert [e[0] for e in evt] == ["create", "start", "die", "destroy"] and evt[2][2] == "3", lines
     assert [ln[1] for ln in lines if ln[2:3] == ["clirun"]] == ["create", "start"], lines
+    assert ["container", "health_status:", "healthy", "clirun"] in [ln[:4] for ln in lines], lines
     assert ["volume", "create"] in [ln[:2] for ln in lines]
     r = api.docker("events", "--since", str(t0), "--until", str(int(time.time()) + 1), "--filter", "event=die",
                    "--filter", "label=team=a", "--format", fmt)
