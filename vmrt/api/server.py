@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import UsageError, VmrtError
-from . import containers, events, execs, images, networks, system, volumes
+from . import archive, containers, events, execs, images, networks, system, volumes
 from .base import (
     MAX_API,
     MAX_BODY,
@@ -144,7 +144,7 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
 def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) -> int:
     """``vmrt system service``: serve until SIGTERM/SIGINT (or ``idle`` seconds without a request)."""
     routes = Routes()
-    for mod in (system, containers, events, execs, images, networks, volumes):
+    for mod in (system, containers, archive, events, execs, images, networks, volumes):
         mod.register(routes)
     if path.exists() and _answers(path):
         raise UsageError(f"a service already answers on {path}")

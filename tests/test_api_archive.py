@@ -1,0 +1,251 @@
+"""The Docker Engine API's file copies, processes and changes, driven by the real docker CLI:
+`docker cp` both ways through GET/HEAD/PUT /containers/{id}/archive in either isolation,
+hostile archives both ways (an upload with names that lead out, a container whose `tar` lies),
+`docker top` (GET /containers/{id}/top) and `docker diff` (GET /containers/{id}/changes).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+from test_api import Api
+from test_api import api as api_service  # the fixture, registered here under this name
+
+from vmrt.api.archive import ADDED, DELETED, MODIFIED, layer_changes
+
+pytestmark = pytest.mark.vm
+assert api_service  # imported for pytest to find
+
+GO_DIR, GO_SYMLINK = 1 << 31, 1 << 27
+
+
+@pytest.fixture
+def api(api_service: Api) -> Api:
+    """test_api's service on a private socket, stopped (and checked) at the test's end."""
+    return api_service
+
+
+def _run(api: Api, name: str, isolation: str) -> str:
+    r = api.docker("run", "-d", "--name", name, f"--isolation={isolation}", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.decode().strip()
+
+
+def _sh(api: Api, name: str, script: str) -> str:
+    r = api.docker("exec", name, "sh", "-c", script)
+    assert r.returncode == 0, (script, r.stdout, r.stderr)
+    return r.stdout.decode()
+
+
+def _stat(api: Api, name: str, path: str) -> tuple[int, dict[str, object]]:
+    status, headers, _ = api.request("HEAD", f"/containers/{name}/archive?path={path}")
+    header = headers.get("X-Docker-Container-Path-Stat")
+    return status, json.loads(base64.b64decode(header)) if header else {}
+
+
+def _tar(*members: tuple[str, bytes, int, str]) -> bytes:
+    """A tar of (name, type, mode, linkname-or-content) members."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, mode, extra in members:
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode = kind, mode
+            if kind == tarfile.REGTYPE:
+                ti.size = len(extra)
+                tf.addfile(ti, io.BytesIO(extra.encode()))
+            else:
+                ti.linkname = extra
+                tf.addfile(ti)
+    return out.getvalue()
+
+
+def _copies_both_ways(api: Api, name: str, tmp_path: Path) -> None:
+    """`docker cp` of a file and a directory out of the container and into it: contents,
+    modes and symbolic links survive; a missing path fails in one line."""
+    _sh(api, name, "mkdir -p /data/sub && echo hello > /data/f && chmod 640 /data/f && echo deep > /data/sub/g "
+                   "&& chmod 750 /data/sub && ln -s f /data/link")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = api.docker("cp", f"{name}:/data/f", str(out / "f1"))
+    assert r.returncode == 0, r.stderr
+    assert (out / "f1").read_text() == "hello\n" and stat.S_IMODE((out / "f1").stat().st_mode) == 0o640
+    r = api.docker("cp", f"{name}:/data", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "data" / "sub" / "g").read_text() == "deep\n"
+    assert stat.S_IMODE((out / "data" / "sub").stat().st_mode) == 0o750
+    assert os.readlink(out / "data" / "link") == "f"
+    r = api.docker("cp", f"{name}:/data/.", str(out / "content"))  # a directory's content
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out / "content")) == ["f", "link", "sub"]
+    # into the container: a directory (into an existing one), a file under a new name
+    up = tmp_path / "up"
+    (up / "inner").mkdir(parents=True)
+    (up / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (up / "run.sh").chmod(0o755)
+    (up / "inner" / "secret").write_text("s3cret\n")
+    (up / "inner" / "secret").chmod(0o600)
+    r = api.docker("cp", str(up), f"{name}:/data/")
+    assert r.returncode == 0, r.stderr
+    assert _sh(api, name, "/data/up/run.sh; cat /data/up/inner/secret; stat -c '%a %n' /data/up/run.sh "
+                          "/data/up/inner/secret") == "ran\ns3cret\n755 /data/up/run.sh\n600 /data/up/inner/secret\n"
+    r = api.docker("cp", str(up / "run.sh"), f"{name}:/data/renamed")
+    assert r.returncode == 0, r.stderr
+    assert _sh(api, name, "cat /data/renamed") == "#!/bin/sh\necho ran\n"
+    # what is not there
+    r = api.docker("cp", f"{name}:/nope", str(out))
+    assert r.returncode != 0 and r.stderr == f"Error: No such container:path: {name}:/nope\n".encode(), r.stderr
+    status, _, body = api.request("GET", f"/containers/{name}/archive?path=/nope")
+    assert (status, json.loads(body)) == (404, {"message": f"Could not find the file /nope in container {name}"})
+    r = api.docker("cp", str(up / "run.sh"), f"{name}:/no/such/dir/x")
+    assert r.returncode != 0 and b"No such container:path: " + name.encode() + b":/no/such/dir" in r.stderr, r.stderr
+    # HEAD: the stat Docker's clients read
+    status, doc = _stat(api, name, "/data")
+    assert status == 200 and doc["name"] == "data" and int(str(doc["mode"])) & GO_DIR, doc
+    status, doc = _stat(api, name, "/data/link")
+    assert status == 200 and int(str(doc["mode"])) & GO_SYMLINK and doc["linkTarget"] == "f", doc
+    status, doc = _stat(api, name, "/data/f")
+    assert status == 200 and doc["size"] == 6 and int(str(doc["mode"])) & 0o777 == 0o640, doc
+    assert _stat(api, name, "/nope")[0] == 404
+    assert api.request("GET", f"/containers/{name}/archive")[0] == 400
+    assert api.request("GET", "/containers/nosuch/archive?path=/etc")[0] == 404
+
+
+def _top(api: Api, name: str) -> None:
+    r = api.docker("top", name)
+    assert r.returncode == 0 and b"sleep 300" in r.stdout and b"PID" in r.stdout.splitlines()[0], r
+    status, _, body = api.request("GET", f"/containers/{name}/top?ps_args=-o%20pid,args")
+    doc = json.loads(body)
+    assert status == 200 and doc["Titles"] == ["PID", "COMMAND"], doc
+    assert any(row[1] == "sleep 300" and row[0].isdigit() for row in doc["Processes"]), doc
+
+
+def test_docker_cp_top_and_diff_of_a_process_container(api: Api, tmp_path: Path) -> None:
+    _run(api, "files", "process")
+    r = api.docker("diff", "files")  # what the runtime made (/etc/hosts...) is no change of the container's
+    assert (r.returncode, r.stdout) == (0, b""), r
+    _copies_both_ways(api, "files", tmp_path)
+    r = api.docker("cp", "files:/", str(tmp_path / "root"))  # /proc and /sys are live: refused in one line
+    assert r.returncode != 0 and b"whole root of a container is not supported" in r.stderr, r.stderr
+    _top(api, "files")
+    # changes against the image: added, changed, deleted
+    _sh(api, "files", "echo more >> /etc/passwd; rm /etc/group; touch /tmp/new")
+    r = api.docker("diff", "files")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    for want in ("C /etc", "C /etc/passwd", "D /etc/group", "C /tmp", "A /tmp/new", "A /data", "A /data/f",
+                 "A /data/up/inner/secret"):
+        assert want in lines, (want, lines)
+    assert not [ln for ln in lines if ln.split()[1] in ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf")]
+    # stopped: no copies (they run inside it), but its changes are still there
+    assert api.docker("stop", "-t", "1", "files").returncode == 0
+    r = api.docker("cp", "files:/data/f", str(tmp_path / "late"))
+    assert r.returncode != 0 and b"is not running" in r.stderr, r.stderr
+    r = api.docker("top", "files")
+    assert r.returncode != 0 and b"is not running" in r.stderr, r.stderr
+    assert "A /tmp/new" in api.docker("diff", "files").stdout.decode().splitlines()
+    assert api.docker("rm", "files").returncode == 0
+    api.v.assert_clean()
+
+
+def test_docker_cp_and_top_of_a_vm_container(api: Api, tmp_path: Path) -> None:
+    """The same copies into and out of a micro-VM (tar runs in the guest); top lists the guest's
+    processes; its changes are not readable from the host: 501 in one line."""
+    _run(api, "vmfiles", "hyperv")
+    _copies_both_ways(api, "vmfiles", tmp_path)
+    _top(api, "vmfiles")
+    r = api.docker("diff", "vmfiles")
+    assert r.returncode != 0 and b"VM container" in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    assert api.docker("rm", "-f", "vmfiles").returncode == 0
+    api.v.assert_clean()
+
+
+def test_hostile_archives_are_refused_both_ways(api: Api, tmp_path: Path) -> None:
+    """Uploads whose members lead out (``..``, an absolute name, a file through a symbolic link
+    of the same archive, a device node) are refused with 400 and write nothing outside; a setuid
+    bit is dropped. Out of the container, a `tar` that lies (a file beyond a link to the host)
+    cuts the copy short: the client fails and nothing lands outside its destination."""
+    cid = _run(api, "hostile", "process")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    put = f"/containers/{cid}/archive?path=/tmp"
+    for body in (_tar(("../escape", tarfile.REGTYPE, 0o644, "x")),
+                 _tar(("/abs-escape", tarfile.REGTYPE, 0o644, "x")),
+                 _tar(("l", tarfile.SYMTYPE, 0o777, "/etc"), ("l/pwned", tarfile.REGTYPE, 0o644, "x")),
+                 _tar(("h", tarfile.SYMTYPE, 0o777, str(outside)), ("h/pwned", tarfile.REGTYPE, 0o644, "x")),
+                 _tar(("up", tarfile.SYMTYPE, 0o777, "../../../etc")),
+                 _tar(("hard", tarfile.LNKTYPE, 0o644, "../etc/passwd")),
+                 _tar(("mem", tarfile.CHRTYPE, 0o644, "")),
+                 b"this is not a tar archive" * 100):
+        status, _, answer = api.request("PUT", put, body, {"Content-Type": "application/x-tar"})
+        assert status == 400 and json.loads(answer)["message"], (body[:100], status, answer)
+    assert _sh(api, "hostile", "ls -a /tmp /etc; test ! -e /escape && test ! -e /abs-escape && echo none") \
+        .split()[-1] == "none"
+    assert "pwned" not in _sh(api, "hostile", "ls /etc /tmp") and not os.listdir(outside)
+    status, _, _ = api.request("PUT", put, _tar(("suid", tarfile.REGTYPE, 0o6755, "x")))
+    assert status == 200
+    assert api.request("PUT", put, b"")[0] == 200  # nothing to extract
+    assert _sh(api, "hostile", "stat -c %a /tmp/suid") == "755\n"
+    status, _, _ = api.request("PUT", f"/containers/{cid}/archive?path=/tmp/suid", _tar(("a", tarfile.REGTYPE,
+                                                                                             0o644, "x")))
+    assert status == 400  # the extraction point is a file
+    # a container whose tar writes a link to the host and a file through it
+    evil = _tar(("data", tarfile.DIRTYPE, 0o755, ""), ("data/l", tarfile.SYMTYPE, 0o777, str(outside)),
+                ("data/l/pwned", tarfile.REGTYPE, 0o644, "gotcha"))
+    (tmp_path / "evil.tar").write_bytes(evil)
+    assert api.docker("cp", str(tmp_path / "evil.tar"), "hostile:/evil.tar").returncode == 0
+    _sh(api, "hostile", "mkdir -p /data /usr/local/bin && printf '#!/bin/sh\\nexec cat /evil.tar\\n' "
+                        "> /usr/local/bin/tar && chmod 755 /usr/local/bin/tar")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    r = api.docker("cp", "hostile:/data", str(dest))
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert not os.listdir(outside) and not (dest / "data" / "pwned").exists()
+    r = api.docker("cp", "hostile:/etc", str(dest))  # its first member is not /etc: refused before any byte
+    assert r.returncode != 0 and b"wrote 'data' first" in r.stderr, r.stderr
+    assert not (dest / "etc").exists() and not os.listdir(outside)
+    assert api.docker("rm", "-f", "hostile").returncode == 0
+    api.v.assert_clean()
+
+
+def test_changes_read_the_writable_layer_without_following_it(tmp_path: Path) -> None:
+    """docker diff's walk over an overlay upper dir and its lower layers: a whiteout is a deletion,
+    an opaque directory hides what the layers had in it, a directory only copied up (/opt) is no
+    change unless something in it was added or deleted; a symbolic link (in the upper dir or a layer)
+    is never followed: a layer's `x -> /etc` does not make the upper `x/passwd` the host's."""
+    lower, top, upper = tmp_path / "lower", tmp_path / "top", tmp_path / "upper"
+    for d in ("etc", "opt/old", "same", "x"):
+        (lower / d).mkdir(parents=True)
+    for f in ("etc/passwd", "etc/group", "opt/old/a", "same/f"):
+        (lower / f).write_text("image\n")
+    (top / "etc").mkdir(parents=True)
+    (top / "etc" / "shadow").write_text("image\n")
+    (top / "x").symlink_to("/etc")  # the top layer turns x into a link to the host's /etc
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "passwd").write_text("changed\n")
+    os.mknod(upper / "etc" / "group", stat.S_IFCHR | 0o600, 0)  # a whiteout
+    (upper / "opt" / "old").mkdir(parents=True)
+    os.setxattr(upper / "opt" / "old", "trusted.overlay.opaque", b"y")
+    (upper / "opt" / "old" / "b").write_text("new\n")
+    (upper / "x").mkdir()
+    (upper / "x" / "passwd").write_text("mine\n")
+    (upper / "link").symlink_to("/etc")
+    for d in ("etc", "opt"):  # copied up: the lower's metadata
+        shutil.copystat(lower / d, upper / d)
+    shutil.copystat(top / "etc", upper / "etc")
+    fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (upper, top, lower)]
+    try:
+        found = list(layer_changes(fds[0], fds[1:]))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert found == [("/etc", MODIFIED), ("/etc/group", DELETED), ("/etc/passwd", MODIFIED), ("/link", ADDED),
+                     ("/opt/old", MODIFIED), ("/opt/old/a", DELETED), ("/opt/old/b", ADDED),
+                     ("/x", MODIFIED), ("/x/passwd", ADDED)], found
