@@ -476,3 +476,34 @@ def test_clients_that_go_away_and_autoremove_leave_nothing(api: Api) -> None:
     assert api.v("inspect", "-f", "{{.State.Status}}", cid).stdout.strip() == b"running"
     assert api.v("rm", "-f", cid).returncode == 0
     api.v.assert_clean()
+
+
+def test_vmrt_compose_starts_the_service_it_needs(vmrt: Vmrt, tmp_path: Path) -> None:
+    """`vmrt compose ARGS` is Debian's docker-compose against vmrt: with no service running, it
+    starts one on the default socket (<run root>/docker.sock) and leaves it serving."""
+    proj = tmp_path / "solo"
+    proj.mkdir()
+    (proj / "docker-compose.yml").write_text(
+        'version: "2.4"\nservices:\n  app:\n    image: busybox\n    isolation: process\n'
+        '    command: ["sleep", "300"]\n')
+    sock = vmrt.run_root / "docker.sock"
+    assert not sock.exists()
+    compose = ["compose", "--no-ansi", "-p", "solo", "-f", str(proj / "docker-compose.yml")]
+    try:
+        r = vmrt(*compose, "up", "-d")
+        assert r.returncode == 0, r.stderr
+        assert sock.is_socket()
+        assert vmrt("ps", "--format", "{{.Names}} {{.State}}").stdout == b"solo_app_1 running\n"
+        r = vmrt(*compose, "ps")
+        assert r.returncode == 0 and b"solo_app_1" in r.stdout and b"Up" in r.stdout, r
+        r = vmrt(*compose, "down")
+        assert r.returncode == 0, r.stderr
+        assert vmrt("ps", "-aq").stdout == b""
+    finally:
+        pid = int((vmrt.run_root / "api.pid").read_text())  # the service it started: stopped as its user would
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert not sock.exists() and not (vmrt.run_root / "api.pid").exists()
+    vmrt.assert_clean()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import __version__, cgroups, formatting
+from . import __version__, cgroups, formatting, fsmode
 from . import config as config_mod
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
@@ -221,3 +223,70 @@ def snapshot_rm(cfg: Config) -> str:
     """``vmrt snapshot rm``: every snapshot removed."""
     from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     return f"removed {snap_mod.remove_all(cfg)} snapshot(s)"
+
+
+# --- the API service and Compose ------------------------------------------------------------
+SERVICE_IDLE = 600  # seconds: a service `vmrt compose` started stops after so long without a request
+COMPOSE = "docker-compose"
+
+
+def api_socket(cfg: Config) -> Path:
+    """The API service's default socket: ``<run root>/docker.sock`` (/run/vmrt/docker.sock)."""
+    return cfg.run_root / "docker.sock"
+
+
+def socket_answers(path: Path) -> bool:
+    """Whether a service accepts connections on the unix socket ``path``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def ensure_service(cfg: Config, timeout: float = 30.0) -> Path:
+    """The socket of a running API service: the one answering on the default socket, else one
+    started now in the background (its own session; it stops after SERVICE_IDLE seconds without
+    a request; its output in ``<run root>/api.log``)."""
+    sock = api_socket(cfg)
+    if socket_answers(sock):
+        return sock
+    if os.geteuid() != 0:
+        raise UsageError("no vmrt API service answers on " + str(sock) + ", and starting one needs root")
+    cfg.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log = cfg.run_root / "api.log"
+    with open(log, "ab", opener=fsmode.opener) as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vmrt", "system", "service", "--socket", str(sock),
+                                 "--time", str(SERVICE_IDLE)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
+    fsmode.write_private(cfg.run_root / "api.pid", f"{proc.pid}\n")  # who started it, for its stop
+    deadline = time.monotonic() + timeout
+    while not socket_answers(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            tail = log.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
+            raise VmrtError(f"the API service did not start ({tail[-1] if tail else 'see ' + str(log)})")
+        time.sleep(0.05)
+    return sock
+
+
+def compose(cfg: Config, args: tuple[str, ...]) -> int:
+    """``vmrt compose ARGS``: Debian's docker-compose against vmrt's API service (started if none
+    answers). Returns only if docker-compose cannot be run (it replaces this process)."""
+    binary = shutil.which(COMPOSE)
+    if binary is None:
+        raise VmrtError(f"{COMPOSE} is not installed (setup.sh installs Debian's docker-compose)", exit_code=127)
+    sock = ensure_service(cfg)
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
+    for key in ("DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH"):  # vmrt's socket, nothing else
+        env.pop(key, None)
+    try:
+        os.execve(binary, [binary, *args], env)
+    except OSError as e:
+        raise VmrtError(f"cannot run {binary}: {e.strerror}", exit_code=126) from None

@@ -13,7 +13,6 @@ import grp
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .. import systemcmds
 from ..config import Config
 from ..errors import UsageError, VmrtError
 from . import archive, containers, events, execs, images, networks, system, volumes
@@ -39,8 +39,6 @@ from .base import (
 )
 
 LOG = logging.getLogger(__name__)
-
-DEFAULT_SOCKET = "/run/vmrt/docker.sock"
 
 
 class Service:
@@ -138,6 +136,10 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        pid_file = cfg.run_root / "api.pid"  # `vmrt compose` started this one: its record goes with it
+        with contextlib.suppress(OSError):
+            if pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink()
         await runner.cleanup()
 
 
@@ -146,19 +148,7 @@ def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) 
     routes = Routes()
     for mod in (system, containers, archive, events, execs, images, networks, volumes):
         mod.register(routes)
-    if path.exists() and _answers(path):
+    if path.exists() and systemcmds.socket_answers(path):
         raise UsageError(f"a service already answers on {path}")
     asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper, events.watch]))
     return 0
-
-
-def _answers(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()

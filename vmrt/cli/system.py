@@ -198,9 +198,20 @@ def service(ctx: click.Context, sock: Path | None, idle: float, group: str | Non
     """Serve the Docker Engine API, so that `docker`, docker-compose and the Docker SDK drive vmrt
     (DOCKER_HOST=unix://SOCKET)."""
     from ..api import server  # on use: aiohttp is only the service's
-    ctx.exit(server.serve(config_of(ctx), sock or Path(server.DEFAULT_SOCKET), idle, group))
+    cfg = config_of(ctx)
+    ctx.exit(server.serve(cfg, sock or systemcmds.api_socket(cfg), idle, group))
+
+
+@click.command("compose", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                            "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def compose(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Run docker-compose ARGS against vmrt (its API service, started if none runs): a Compose
+    file's services run as vmrt containers, each in the isolation its `isolation:` key names."""
+    ctx.exit(systemcmds.compose(config_of(ctx), args))
 
 
 def register(main: click.Group) -> None:
-    for cmd in (info, check, bench, kernel, agent, pool, snapshot, setup, system_group):
+    for cmd in (info, check, bench, kernel, agent, pool, snapshot, setup, system_group, compose):
         main.add_command(cmd)
