@@ -33,10 +33,12 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -80,6 +82,100 @@ def should_restart(policy: str, status: int, stopped: bool, restarts: int) -> bo
     return True  # always, unless-stopped (no daemon restarts here, so they behave alike)
 
 
+class ForkServer:
+    """A process that forks containers' monitors, for a long-lived caller (the API service): it
+    is forked from the caller before the caller starts any thread, with vmrt's modules already
+    loaded, so a monitor starts without a new interpreter (~100 ms less per start). Requests go
+    over a socket pair: the container's ID with the ready pipe and the log as fds; the answer is
+    the monitor's PID. The server ends when the caller closes its end (or dies)."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the server
+            ours.close()
+            code = 0
+            try:
+                _fork_monitors(theirs)
+            except BaseException:  # noqa: BLE001  # its end: nothing propagates into the caller's code
+                code = 1
+            os._exit(code)
+        theirs.close()
+        self.sock, self.pid, self.lock = ours, pid, threading.Lock()
+
+    def launch(self, container_id: str, ready_fd: int, log_fd: int) -> int:
+        """Fork container_id's monitor; its PID."""
+        with self.lock:
+            socket.send_fds(self.sock, [container_id.encode()], [ready_fd, log_fd])
+            reply = self.sock.recv(64)
+        if not reply.startswith(b"ok "):
+            raise VmrtError(f"cannot start the monitor of {container_id[:12]}: the fork server "
+                            f"{'failed' if reply else 'is gone'}")
+        return int(reply[3:])
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _fork_monitors(sock: socket.socket) -> None:
+    """The fork server's loop: a monitor per request, its children reaped as they end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's ^C: the caller's; EOF ends this
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sock.settimeout(5.0)
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 256, 2)
+        except TimeoutError:
+            continue
+        if not msg:
+            return
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _monitor_child(sock, msg.decode(), fds)
+        except OSError:
+            pid = -1
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.send(f"ok {pid}".encode() if pid > 0 else b"error")
+
+
+def _monitor_child(sock: socket.socket, container_id: str, fds: list[int]) -> NoReturn:
+    """A forked monitor: what ``python -m vmrt.monitor ID FD`` would be (its own session, stdio
+    on /dev/null and the container's monitor.log, default signals), then its code."""
+    code = 125
+    try:
+        sock.close()
+        os.setsid()
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(s, signal.SIG_DFL)
+        ready, log = fds
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        code = main([container_id, str(ready)])
+    except BaseException:  # noqa: BLE001  # a forked child never returns into the server's loop
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+FORK_SERVER: ForkServer | None = None  # a long-lived caller's (the API service's): spawn uses it
+
+
 def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
     """Start the monitor of a created (or exited) container and wait until its process started.
 
@@ -90,9 +186,12 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
     r, w = os.pipe()
     try:
         with open(cdir / "monitor.log", "ab", opener=fsmode.opener) as errlog:
-            proc = subprocess.Popen([sys.executable, "-m", "vmrt.monitor", container_id, str(w)], pass_fds=(w,),
-                                    stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                                    start_new_session=True, close_fds=True)
+            if FORK_SERVER is not None:
+                pid = FORK_SERVER.launch(container_id, w, errlog.fileno())
+            else:
+                pid = subprocess.Popen([sys.executable, "-m", "vmrt.monitor", container_id, str(w)], pass_fds=(w,),
+                                       stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                       start_new_session=True, close_fds=True).pid
     finally:
         os.close(w)
     with open(r, "rb") as f:
@@ -100,7 +199,7 @@ def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
         reply = f.readline(65536).decode(errors="replace").strip() if ready else ""
     if not ready:  # bounded: a start that hangs is killed, not waited for forever
         with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, FORCE_KILL)
+            os.kill(pid, FORCE_KILL)
         return False, 125, f"container {container_id[:12]} did not start within {READY_TIMEOUT:g}s (killed)"
     if reply == "ok":
         return True, 0, ""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .. import systemcmds
+from .. import monitor, systemcmds
 from ..config import Config
 from ..errors import UsageError, VmrtError
 from . import archive, containers, events, execs, images, networks, system, volumes
@@ -150,5 +150,11 @@ def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) 
         mod.register(routes)
     if path.exists() and systemcmds.socket_answers(path):
         raise UsageError(f"a service already answers on {path}")
-    asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper, events.watch]))
+    # containers' monitors are forked from a process made now, before the service has threads
+    monitor.FORK_SERVER = monitor.ForkServer()
+    try:
+        asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper, events.watch]))
+    finally:
+        monitor.FORK_SERVER.close()
+        monitor.FORK_SERVER = None
     return 0
