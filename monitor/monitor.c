@@ -98,6 +98,9 @@ static void resize(void);
  * for vmrt.monitor and --health for --finish (vmrt's probe: it runs the check and records
  * the outcome), one at a time */
 static int64_t health_ms, health_next = -1;
+/* --finisher PATH: a vmrt fork server's socket (the API service's): the finish command is
+ * asked of it (a forked process, no new interpreter); else, or if it does not answer, exec'd */
+static const char *finisher;
 static pid_t health_pid = -1; /* the first attach client's EOF closes the container's stdin (Docker's StdinOnce) */
 
 static int sfd = -1, log_fd = -1, ready_fd = -1;
@@ -348,6 +351,103 @@ static void ready_ok(void)
 	ready_fd = -1;
 }
 
+/* The finish command done by the --finisher server: it is sent our container's ID and the
+ * finish arguments (NUL-separated) with our stderr, fd 3 if it is the ready pipe, and one end
+ * of a socket pair whose EOF says it is done (what it writes first: its status, our exit
+ * status). Returns only if the server could not be asked. */
+static void finish_by_server(char **args, int with_ready)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char d[4096], buf[4096 + 64], code[16] = "";
+	int sock, pair[2], fds[3], dir, nfds = 0;
+	size_t len = 0;
+	const char *slash = strrchr(finisher, '/');
+
+	/* by a short /proc name of its directory: the path may be longer than sun_path */
+	if (!slash || !slash[1])
+		return;
+	snprintf(d, sizeof d, "%.*s", (int)(slash - finisher) + (slash == finisher), finisher);
+	dir = open(d, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		return;
+	if ((size_t)snprintf(sa.sun_path, sizeof sa.sun_path, "/proc/self/fd/%d/%s", dir, slash + 1) >=
+	    sizeof sa.sun_path) {
+		close(dir);
+		return;
+	}
+	for (int i = -1; i < 4; i++) { /* ID, HOW, VALUE, OOM, DETAIL */
+		const char *s = (i < 0 ? cid : args[i]) ? (i < 0 ? cid : args[i]) : "";
+		size_t n = strlen(s) + 1;
+
+		if (len + n > sizeof buf) {
+			close(dir);
+			return;
+		}
+		memcpy(buf + len, s, n);
+		len += n;
+	}
+	sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (sock < 0) {
+		close(dir);
+		return;
+	}
+	if (connect(sock, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		close(sock);
+		close(dir);
+		return;
+	}
+	close(dir);
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
+		close(sock);
+		return;
+	}
+	fds[nfds++] = pair[1];
+	fds[nfds++] = 2;
+	if (with_ready)
+		fds[nfds++] = 3;
+	{
+		union { char b[CMSG_SPACE(sizeof fds)]; struct cmsghdr align; } u;
+		struct iovec iov = { .iov_base = buf, .iov_len = len };
+		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b,
+				     .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds) };
+		struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+
+		memset(&u, 0, sizeof u);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+		memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+		if (sendmsg(sock, &mh, MSG_NOSIGNAL) != (ssize_t)len) {
+			close(sock);
+			close(pair[0]);
+			close(pair[1]);
+			return;
+		}
+	}
+	close(pair[1]);
+	/* the server's answer: "ok" once it forked the finish (else it could not: exec it) */
+	{
+		char ok[8] = "";
+
+		if (read(sock, ok, sizeof ok - 1) <= 0 || strcmp(ok, "ok")) {
+			close(sock);
+			close(pair[0]);
+			return;
+		}
+	}
+	close(sock);
+	{
+		size_t got = 0;
+		ssize_t n;
+
+		while ((n = read(pair[0], code + got, sizeof code - 1 - got)) > 0 ||
+		       (n < 0 && errno == EINTR))
+			if (n > 0)
+				got += (size_t)n;
+	}
+	_exit(code[0] ? (int)strtol(code, NULL, 10) & 0xff : 0);
+}
+
 static void finish(const char *how, const char *value, int oom, const char *detail)
 	__attribute__((noreturn));
 static void finish(const char *how, const char *value, int oom, const char *detail)
@@ -379,6 +479,8 @@ static void finish(const char *how, const char *value, int oom, const char *deta
 	while (sfd >= 0 && read(sfd, &si, sizeof si) == sizeof si)
 		;
 	close_range(ready_fd >= 0 ? 4 : 3, ~0u, 0);
+	if (finisher)
+		finish_by_server(av + finish_argc, ready_fd >= 0);
 	signal(SIGPIPE, SIG_DFL);
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
@@ -1237,7 +1339,7 @@ enum {
 	O_MODE = 256, O_ID, O_LOG, O_ATTACH, O_INIT, O_STDOUT, O_STDERR, O_TTY, O_STDIN,
 	O_AGENT, O_CONSOLE, O_CONSOLE_LOG, O_QEMU, O_VIRTIOFSD, O_RUN_FRAME, O_READY,
 	O_STDIN_OPEN, O_PING, O_DEAD, O_START_TIMEOUT, O_ADOPTED, O_QEMU_STATUS,
-	O_VIRTIOFSD_STATUS, O_LOG_MAX_SIZE, O_LOG_MAX_FILE, O_STDIN_ONCE, O_PARTIAL, O_RESIZE, O_HEALTH,
+	O_VIRTIOFSD_STATUS, O_LOG_MAX_SIZE, O_LOG_MAX_FILE, O_STDIN_ONCE, O_PARTIAL, O_RESIZE, O_HEALTH, O_FINISHER,
 };
 
 static const struct option options[] = {
@@ -1270,6 +1372,7 @@ static const struct option options[] = {
 	{ "partial", no_argument, NULL, O_PARTIAL },
 	{ "resize", required_argument, NULL, O_RESIZE },
 	{ "health", required_argument, NULL, O_HEALTH },
+	{ "finisher", required_argument, NULL, O_FINISHER },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -1299,6 +1402,7 @@ int main(int argc, char **argv)
 		case O_STDIN_ONCE: stdin_once = 1; break;
 		case O_PARTIAL: partial = 1; break;
 		case O_RESIZE: resize_path = optarg; break;
+		case O_FINISHER: finisher = optarg; break;
 		case O_HEALTH:
 			health_ms = (int64_t)(seconds(name, optarg) * 1000);
 			if (health_ms > 0 && health_ms < 100)

@@ -507,3 +507,25 @@ def test_vmrt_compose_starts_the_service_it_needs(vmrt: Vmrt, tmp_path: Path) ->
             time.sleep(0.1)
     assert not sock.exists() and not (vmrt.run_root / "api.pid").exists()
     vmrt.assert_clean()
+
+
+def test_restarts_and_failed_starts_through_the_service(api: Api) -> None:
+    """The service's containers end through its fork server (the C monitor asks it for the
+    finish): a restart policy still restarts, a start that fails still says why (Docker's
+    exit codes), and exits are recorded with their status."""
+    r = api.docker("run", "-d", "--name", "flaky", "--isolation=process", "--restart", "on-failure:2", "busybox",
+                   "sh", "-c", "exit 3")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while (api.docker("inspect", "-f", "{{.RestartCount}} {{.State.Status}}", "flaky").stdout.split()
+           != [b"2", b"exited"]):
+        assert time.monotonic() < deadline, api.docker("inspect", "flaky").stdout
+        time.sleep(0.2)
+    assert api.docker("wait", "flaky").stdout.strip() == b"3"
+    for isolation in ("process", "hyperv"):
+        r = api.docker("run", "--rm", f"--isolation={isolation}", "busybox", "nosuchcommand")
+        assert r.returncode == 127 and b"nosuchcommand" in r.stderr, r
+        r = api.docker("run", "--rm", f"--isolation={isolation}", "busybox", "sh", "-c", "echo out; exit 9")
+        assert (r.returncode, r.stdout) == (9, b"out\n"), r
+    assert api.docker("rm", "flaky").returncode == 0
+    api.v.assert_clean()

@@ -34,6 +34,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -87,16 +88,22 @@ class ForkServer:
     is forked from the caller before the caller starts any thread, with vmrt's modules already
     loaded, so a monitor starts without a new interpreter (~100 ms less per start). Requests go
     over a socket pair: the container's ID with the ready pipe and the log as fds; the answer is
-    the monitor's PID. The server ends when the caller closes its end (or dies)."""
+    the monitor's PID. The server ends when the caller closes its end (or dies).
 
-    def __init__(self) -> None:
+    It also finishes runs: the C monitors it started (and those of any vmrt) are given
+    ``--finisher`` = its listening socket (``finisher``, root's), over which a monitor whose
+    container ended asks for its finish command instead of exec'ing a new interpreter."""
+
+    def __init__(self, finisher: Path) -> None:
+        from . import agentbuild  # on use: only a fork server's children need the monitor's key
+        agentbuild.monitor_key()  # its compiler line cached now, not found again in each child
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the server
             ours.close()
             code = 0
             try:
-                _fork_monitors(theirs)
+                _fork_monitors(theirs, finisher)
             except BaseException:  # noqa: BLE001  # its end: nothing propagates into the caller's code
                 code = 1
             os._exit(code)
@@ -119,19 +126,47 @@ class ForkServer:
             os.waitpid(self.pid, 0)
 
 
-def _fork_monitors(sock: socket.socket) -> None:
-    """The fork server's loop: a monitor per request, its children reaped as they end."""
+def _fork_monitors(sock: socket.socket, finisher: Path) -> None:
+    """The fork server's loop: a monitor per request, a finish per C monitor's request, its
+    children reaped as they end."""
+    global FINISHER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's ^C: the caller's; EOF ends this
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sock.settimeout(5.0)
+    listener: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old = os.umask(0o177)
+    try:
+        finisher.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            finisher.unlink()  # a dead server's
+        listener.bind(str(finisher))
+        listener.listen(64)
+        FINISHER = finisher  # what the monitors forked from here are given
+    except OSError as e:  # monitors exec their finish command then
+        print(f"vmrt: the fork server cannot listen on {finisher}: {e.strerror}", file=sys.stderr)
+        listener.close()
+        listener = None
+    finally:
+        os.umask(old)
+    try:
+        _serve_forks(sock, listener)
+    finally:
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                finisher.unlink()
+            listener.close()
+
+
+def _serve_forks(sock: socket.socket, listener: socket.socket | None) -> None:
     while True:
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
-        try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 256, 2)
-        except TimeoutError:
+        ready, _, _ = select.select([sock, *([listener] if listener else [])], [], [], 5.0)
+        if listener is not None and listener in ready:
+            _finish_request(sock, listener)
+        if sock not in ready:
             continue
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 256, 2)
         if not msg:
             return
         try:
@@ -144,6 +179,61 @@ def _fork_monitors(sock: socket.socket) -> None:
             for fd in fds:
                 os.close(fd)
         sock.send(f"ok {pid}".encode() if pid > 0 else b"error")
+
+
+def _finish_request(sock: socket.socket, listener: socket.socket) -> None:
+    """A C monitor's ``--finisher`` request: its container's ID and finish arguments, with its
+    stderr, its ready pipe (if any) and the socket whose EOF tells it that the finish is done."""
+    conn, _ = listener.accept()
+    fds: list[int] = []
+    try:
+        conn.settimeout(5.0)
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        msg, fds, _flags, _addr = socket.recv_fds(conn, 8192, 3)
+        fields = msg.split(b"\0")
+        if uid != 0 or len(fields) != 6 or fields[5] or len(fds) not in (2, 3):
+            return
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            listener.close()
+            _finish_child(sock, [f.decode("utf-8", "surrogateescape") for f in fields[:5]], fds)
+        conn.send(b"ok")
+    except OSError:
+        return
+    finally:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+def _finish_child(sock: socket.socket, args: list[str], fds: list[int]) -> NoReturn:
+    """The finish command (``python -m vmrt.monitor --finish ...``) in a forked child; its
+    status to the waiting C monitor at its end (the socket closes with it, or with an exec: a
+    restart's new C monitor)."""
+    code = 125
+    done = fds[0]
+    try:
+        sock.close()
+        os.setsid()
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(s, signal.SIG_DFL)
+        os.set_inheritable(done, False)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fds[1], 1)
+        os.dup2(fds[1], 2)
+        os.close(null)
+        code = main(["--finish", *args, str(fds[2]) if len(fds) > 2 else "-1"])
+    except BaseException:  # noqa: BLE001  # a forked child never returns into the server's loop
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.write(done, str(code).encode())
+        os._exit(code)
 
 
 def _monitor_child(sock: socket.socket, container_id: str, fds: list[int]) -> NoReturn:
@@ -174,6 +264,7 @@ def _monitor_child(sock: socket.socket, container_id: str, fds: list[int]) -> No
 
 
 FORK_SERVER: ForkServer | None = None  # a long-lived caller's (the API service's): spawn uses it
+FINISHER: Path | None = None  # in the fork server and its children: the socket C monitors finish by
 
 
 def spawn(cfg: config_mod.Config, container_id: str) -> tuple[bool, int, str]:
@@ -235,6 +326,8 @@ def handoff_argv(binary: Path, cfg: config_mod.Config, container_id: str, run_di
             argv += [opt, str(value)]
     if "--stdin" in h.fds or h.options.get("--stdin-open"):
         argv += ["--attach", str(run_dir / ATTACH_NAME)]
+    if FINISHER is not None:
+        argv += ["--finisher", str(FINISHER)]
     if h.options.get("--health"):  # a new start: its health is starting again
         healthstate.write(run_dir, healthstate.starting())
     return [*argv, "--", sys.executable, "-m", "vmrt.monitor", "--finish", container_id]

@@ -17,8 +17,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from .. import monitor, systemcmds
 from ..config import Config
@@ -28,6 +30,7 @@ from .base import (
     MAX_API,
     MAX_BODY,
     MIN_API,
+    STOPPING,
     ApiError,
     Request,
     Routes,
@@ -90,6 +93,32 @@ class Service:
                 return
 
 
+class _Connection(web.RequestHandler):
+    """aiohttp's connection, except for a request it cannot parse (a request line or a header
+    too long, too many headers, bytes that are not HTTP): answered as the service's other
+    errors are, Docker's status (431 for headers too large, else 400) and one line of JSON,
+    and logged in one line, not with a traceback."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):  # a bug of ours: aiohttp's 500, with its traceback logged
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:  # (as aiohttp: too late for an answer)
+            raise ConnectionError("the answer was sent already")
+        if isinstance(exc, LineTooLong) or "Too many headers" in exc.message:
+            status, text = 431, f"request header fields too large (at most {self.max_field_size} bytes each, " \
+                                f"{self.max_headers} headers)"
+        else:
+            status = exc.code if 400 <= exc.code < 500 else 400
+            text = "bad request: " + (exc.message.strip().splitlines() or ["not HTTP"])[0].rstrip(":")[:200]
+        LOG.debug("a request that could not be read: %s", text)
+        resp = error_response(status, text)
+        resp.force_close()
+        return resp
+
+
 def _bind(path: Path, group: str | None) -> None:
     """The socket's mode: root's, and a group's where one is named (0660), as docker.sock."""
     gid = -1
@@ -105,21 +134,25 @@ def _bind(path: Path, group: str | None) -> None:
 async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: str | None,
                  background: list[Callable[[Config], Awaitable[None]]]) -> None:
     service = Service(cfg, routes)
-    app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16384})
+    STOPPING.clear()
+    app = web.Application(client_max_size=MAX_BODY)
     app.router.add_route("*", "/{tail:.*}", service.handle)
-    access = logging.getLogger("vmrt.api.access") if os.environ.get("VMRT_API_LOG") else None  # with --debug
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, access_log=access)
+    access: Any = logging.getLogger("vmrt.api.access") if os.environ.get("VMRT_API_LOG") else None  # with --debug
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
+    server = runner.server
+    assert server is not None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.is_socket():
         path.unlink()  # a dead service's: a live one would have answered (checked by the caller)
     elif os.path.lexists(path):
         raise UsageError(f"{path} exists and is not a socket")
-    site = web.UnixSite(runner, str(path))
-    await site.start()
+    loop = asyncio.get_running_loop()
+    # the listening socket is ours rather than a web.UnixSite's: its connections are _Connection's
+    listener = await loop.create_unix_server(
+        lambda: _Connection(server, loop=loop, max_field_size=16384, access_log=access), str(path))
     try:
         _bind(path, group)
-        loop = asyncio.get_running_loop()
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(s, service.stopping.set)
         print(f"vmrt system service: API {api_text(MIN_API)}-{api_text(MAX_API)} on unix://{path}",
@@ -128,12 +161,14 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
         if idle > 0:
             tasks.append(asyncio.ensure_future(service.idle_watch(idle)))
         await service.stopping.wait()
+        STOPPING.set()
         containers.cancel_all()  # the waits and streams in flight end (their clients see EOF)
         events.BUS.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        listener.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         pid_file = cfg.run_root / "api.pid"  # `vmrt compose` started this one: its record goes with it
@@ -151,7 +186,7 @@ def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) 
     if path.exists() and systemcmds.socket_answers(path):
         raise UsageError(f"a service already answers on {path}")
     # containers' monitors are forked from a process made now, before the service has threads
-    monitor.FORK_SERVER = monitor.ForkServer()
+    monitor.FORK_SERVER = monitor.ForkServer(cfg.run_root / "finisher.sock")
     try:
         asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper, events.watch]))
     finally:
