@@ -28,6 +28,8 @@ Without the built C monitor the Python monitor stays resident and does it all.
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import json
 import os
 import select
@@ -98,9 +100,12 @@ class ForkServer:
         from . import agentbuild  # on use: only a fork server's children need the monitor's key
         agentbuild.monitor_key()  # its compiler line cached now, not found again in each child
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        gc.freeze()  # what is loaded stays shared with the server: its collector does not write to it
         pid = os.fork()
         if pid == 0:  # the server
             ours.close()
+            for name in ("vmrt.runner", "vmrt.drivers.process"):  # what every child needs, loaded once here
+                importlib.import_module(name)
             code = 0
             try:
                 _fork_monitors(theirs, finisher)
@@ -132,18 +137,21 @@ def _fork_monitors(sock: socket.socket, finisher: Path) -> None:
     global FINISHER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's ^C: the caller's; EOF ends this
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    listener: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock_ = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener: socket.socket | None = sock_
+    bound = -1
     old = os.umask(0o177)
     try:
         finisher.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             finisher.unlink()  # a dead server's
-        listener.bind(str(finisher))
-        listener.listen(64)
+        sock_.bind(str(finisher))
+        bound = os.stat(finisher).st_ino
+        sock_.listen(64)
         FINISHER = finisher  # what the monitors forked from here are given
     except OSError as e:  # monitors exec their finish command then
         print(f"vmrt: the fork server cannot listen on {finisher}: {e.strerror}", file=sys.stderr)
-        listener.close()
+        sock_.close()
         listener = None
     finally:
         os.umask(old)
@@ -151,8 +159,9 @@ def _fork_monitors(sock: socket.socket, finisher: Path) -> None:
         _serve_forks(sock, listener)
     finally:
         if listener is not None:
-            with contextlib.suppress(OSError):
-                finisher.unlink()
+            with contextlib.suppress(OSError):  # ours still (another server may have taken the name)
+                if os.stat(finisher).st_ino == bound:
+                    finisher.unlink()
             listener.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import grp
 import logging
 import os
@@ -42,6 +43,9 @@ from .base import (
 )
 
 LOG = logging.getLogger(__name__)
+TRIM_AFTER = 5.0  # seconds without a request: the heap is trimmed
+_LIBC = ctypes.CDLL(None)
+M_ARENA_MAX = -8
 
 
 class Service:
@@ -83,6 +87,16 @@ class Service:
             for k, v in headers().items():
                 resp.headers.setdefault(k, v)
         return resp
+
+    async def trim(self) -> None:
+        """Idle memory back to the system: glibc keeps what requests freed (malloc_trim) once the
+        service has been quiet a while."""
+        trimmed = self.last
+        while True:
+            await asyncio.sleep(TRIM_AFTER)
+            if self.active == 0 and self.last != trimmed and time.monotonic() - self.last >= TRIM_AFTER:
+                trimmed = self.last
+                _LIBC.malloc_trim(0)
 
     async def idle_watch(self, limit: float) -> None:
         """``--time N``: stop once no request has been in flight for N seconds."""
@@ -158,6 +172,7 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
         print(f"vmrt system service: API {api_text(MIN_API)}-{api_text(MAX_API)} on unix://{path}",
               file=sys.stderr, flush=True)
         tasks = [asyncio.ensure_future(job(cfg)) for job in background]
+        tasks.append(asyncio.ensure_future(service.trim()))
         if idle > 0:
             tasks.append(asyncio.ensure_future(service.idle_watch(idle)))
         await service.stopping.wait()
@@ -178,18 +193,18 @@ async def _serve(cfg: Config, routes: Routes, path: Path, idle: float, group: st
         await runner.cleanup()
 
 
-def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None) -> int:
+def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None,
+          forks: monitor.ForkServer | None = None) -> int:
     """``vmrt system service``: serve until SIGTERM/SIGINT (or ``idle`` seconds without a request)."""
     routes = Routes()
     for mod in (system, containers, archive, events, execs, images, networks, volumes):
         mod.register(routes)
     if path.exists() and systemcmds.socket_answers(path):
         raise UsageError(f"a service already answers on {path}")
-    # containers' monitors are forked from a process made now, before the service has threads
-    monitor.FORK_SERVER = monitor.ForkServer(cfg.run_root / "finisher.sock")
+    monitor.FORK_SERVER = forks  # containers' monitors are forked from it (made before any thread)
+    _LIBC.mallopt(M_ARENA_MAX, 1)  # the worker threads share one heap (each would get its own arena)
     try:
         asyncio.run(_serve(cfg, routes, path, idle, group, [containers.reaper, events.watch]))
     finally:
-        monitor.FORK_SERVER.close()
         monitor.FORK_SERVER = None
     return 0

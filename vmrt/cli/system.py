@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .. import systemcmds
+from ..errors import UsageError
 from .common import config_of, echo_lines
 
 
@@ -197,9 +198,19 @@ def system_group() -> None:
 def service(ctx: click.Context, sock: Path | None, idle: float, group: str | None) -> None:
     """Serve the Docker Engine API, so that `docker`, docker-compose and the Docker SDK drive vmrt
     (DOCKER_HOST=unix://SOCKET)."""
-    from ..api import server  # on use: aiohttp is only the service's
+    from .. import monitor
     cfg = config_of(ctx)
-    ctx.exit(server.serve(cfg, sock or systemcmds.api_socket(cfg), idle, group))
+    path = sock or systemcmds.api_socket(cfg)
+    if path.exists() and systemcmds.socket_answers(path):
+        raise UsageError(f"a service already answers on {path}")
+    # containers' monitors are forked from a process made now: before the service has threads, and
+    # before aiohttp is loaded (the service's alone, not the fork server's)
+    forks = monitor.ForkServer(cfg.run_root / "finisher.sock")
+    try:
+        from ..api import server  # on use: aiohttp is only the service's
+        ctx.exit(server.serve(cfg, path, idle, group, forks))
+    finally:
+        forks.close()
 
 
 @click.command("compose", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
