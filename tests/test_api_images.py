@@ -243,6 +243,9 @@ def test_pull_uses_the_credentials_docker_sends(vmrt: Vmrt, monkeypatch: pytest.
             token.host: {"identitytoken": "refresh-Secret-83"}})
         r = pull(good, ref_b)
         assert r.returncode == 0 and f"Downloaded newer image for {ref_b}".encode() in r.stdout, r.stderr
+        # Docker's progress: each layer's messages, then the digest
+        assert b": Pulling fs layer" in r.stdout and b": Pull complete" in r.stdout, r.stdout
+        assert b"Digest: sha256:" in r.stdout, r.stdout
         r = pull(good, ref_t)
         assert r.returncode == 0, r.stderr
         assert token.token_server is not None and any(q["method"] == "POST" for q in token.token_server.requests)
@@ -265,6 +268,10 @@ def test_pull_uses_the_credentials_docker_sends(vmrt: Vmrt, monkeypatch: pytest.
         api.v("rmi", ref_b)
         status, _, body = api.request("POST", path, headers={"X-Registry-Auth": elsewhere})
         assert status == 200 and b"pull access denied" in body, body
+        status, _, body = api.request("POST", path, headers={"X-Registry-Auth": creds})  # the JSON stream itself
+        messages = [json.loads(line) for line in body.splitlines() if line.strip()]
+        assert status == 200 and messages[0]["status"] == "Pulling from private/app", messages
+        assert messages[-1]["status"] == f"Status: Downloaded newer image for {ref_b}", messages
     finally:
         api.v("rmi", ref_b, ref_t)
     # nothing kept: no login stored, the secrets in no file of vmrt's and not in the service's log
@@ -354,6 +361,14 @@ def test_a_client_leaving_mid_pull_cancels_it(vmrt: Vmrt, monkeypatch: pytest.Mo
             while proxy.sent < (256 << 10):  # the layer is coming
                 assert time.monotonic() < deadline, "the pull did not start downloading"
                 time.sleep(0.05)
+            while b'"Downloading"' not in got:  # Docker's progress: the bytes so far of the layer's total
+                data = s.recv(4096)
+                assert data, got
+                got += data
+            progress = [json.loads(line) for line in got.partition(b"\r\n\r\n")[2].splitlines()
+                        if line.startswith(b"{") and b'"Downloading"' in line]
+            detail = progress[0]["progressDetail"]
+            assert 0 < detail["current"] < detail["total"] and detail["total"] > (1 << 20), progress
             s.close()
             assert api.request("GET", "/_ping")[0] == 200
             deadline = time.monotonic() + 30

@@ -51,14 +51,17 @@ def human_size(n: float) -> str:
 
 # --- pull / login / logout --------------------------------------------------------
 def pull(cfg: Config, ref: str, *, platform: str | None, insecure: tuple[str, ...], quiet: bool,
-         creds: tuple[str, str] | None = None, identity_token: str = "", cancel: threading.Event | None = None) -> str:
+         creds: tuple[str, str] | None = None, identity_token: str = "", cancel: threading.Event | None = None,
+         progress: Callable[[dict[str, Any]], None] | None = None) -> str:
     """``vmrt pull``: the line to print once the image is here (its reference, or its ID).
     ``creds``/``identity_token``: this pull's credentials instead of the stored ones (the API's
-    ``X-Registry-Auth``); ``cancel``: set to stop the pull."""
+    ``X-Registry-Auth``); ``cancel``: set to stop the pull; ``progress``: Docker's JSON progress
+    messages go to it (the API's stream) instead of the output."""
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
     img = registry.pull(Store(cfg.root), ref, platform=platform or cfg.platform,
                         insecure_registries=cfg.insecure(insecure), quiet=quiet, auth_file=cfg.auth_file,
-                        creds=creds, identity_token=identity_token, cancel=cancel)
+                        creds=creds, identity_token=identity_token, cancel=cancel,
+                        progress=registry.JsonProgress(progress) if progress is not None else None)
     parsed = reference.parse(ref)
     return str(parsed) if parsed.tag or parsed.digest else img.id
 

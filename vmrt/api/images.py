@@ -29,7 +29,7 @@ from ..config import Config
 from ..errors import ImageError, VmrtError
 from ..images import archive, auth, reference
 from ..images.store import Image, Store
-from .base import ApiError, Request, Routes, headers, outcomes, parse_filters
+from .base import ApiError, Request, Routes, client_gone, headers, outcomes, parse_filters
 from .events import BUS
 
 LOG = logging.getLogger(__name__)
@@ -145,16 +145,11 @@ def registry_auth(header: str, domain: str) -> tuple[tuple[str, str] | None, str
     return None, ""
 
 
-def _gone(http: web.Request) -> bool:
-    """The client closed its connection."""
-    t = http.transport
-    return t is None or t.is_closing()
-
-
 async def pull(req: Request) -> web.StreamResponse:
-    """``docker pull``: Docker's JSON progress stream (a line as the pull starts, one at its
-    end); a failure after the stream began is its last line (``error``/``errorDetail``). A
-    client that goes away cancels its pull (nothing of it is kept)."""
+    """``docker pull``: Docker's JSON progress stream (Pulling from, each layer's Pulling fs layer,
+    Downloading with its bytes, Pull complete, the digest and the status); a failure after the
+    stream began is its last line (``error``/``errorDetail``). A client that goes away cancels its
+    pull (nothing of it is kept)."""
     image, tag = req.query("fromImage"), req.query("tag")
     if not image:
         raise ApiError(400, "fromImage is required (importing from a tar is not supported)")
@@ -170,15 +165,26 @@ async def pull(req: Request) -> web.StreamResponse:
     async def line(obj: dict[str, Any]) -> None:
         await resp.write(json.dumps(obj).encode() + b"\r\n")
 
-    await line({"status": f"Pulling from {parsed.familiar_name}", "id": parsed.tag or parsed.digest or "latest"})
     cancel = threading.Event()
+    loop = asyncio.get_running_loop()
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def progress(message: dict[str, Any]) -> None:  # in the pull's thread
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the service stopped
+            loop.call_soon_threadsafe(messages.put_nowait, message)
+
     job = asyncio.ensure_future(asyncio.to_thread(
         imagecmds.pull, req.cfg, ref, platform=req.query("platform") or None, insecure=(), quiet=True, creds=creds,
-        identity_token=token, cancel=cancel))
+        identity_token=token, cancel=cancel, progress=progress))
     try:
         while not job.done():
             await asyncio.wait({job}, timeout=POLL)
-            if not job.done() and _gone(req.http):
+            while not messages.empty() and not cancel.is_set():
+                try:
+                    await line(messages.get_nowait())
+                except ConnectionResetError:
+                    cancel.set()
+            if not job.done() and client_gone(req.http):
                 cancel.set()
     except asyncio.CancelledError:  # the service stops
         cancel.set()
@@ -188,12 +194,14 @@ async def pull(req: Request) -> web.StreamResponse:
             job.result()
         LOG.debug("pull of %s: the client went away; cancelled", parsed.familiar())
         return resp
+    await asyncio.sleep(0)  # the last messages the pull's thread queued
+    while not messages.empty():
+        await line(messages.get_nowait())
     try:
         job.result()
     except VmrtError as e:
         await line({"errorDetail": {"message": str(e)}, "error": str(e)})
     else:
-        await line({"status": f"Status: Downloaded newer image for {parsed.familiar()}"})
         BUS.publish("image", "pull", parsed.familiar(), name=parsed.familiar())
     await resp.write_eof()
     return resp
@@ -321,7 +329,7 @@ async def _save_response(req: Request, names: list[str]) -> web.StreamResponse:
     try:
         await asyncio.to_thread(_save, req.cfg, names, out)
     except VmrtError as e:
-        if not _gone(req.http):
+        if not client_gone(req.http):
             LOG.warning("saving %s: %s", ", ".join(names), e)
         # the client must see a broken transfer (no last chunk), never a short archive that looks whole
         if (t := req.http.transport) is not None:

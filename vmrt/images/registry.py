@@ -29,6 +29,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar
@@ -538,6 +539,57 @@ class _Progress:
 
 # --- pull ----------------------------------------------------------------------------------
 
+class JsonProgress(_Progress):
+    """Docker's JSON progress messages (the API's ``docker pull`` stream), each given to ``emit``
+    as an object: a layer's Pulling fs layer / Already exists, Downloading {current, total}
+    (at most every PERIOD seconds a layer), Pull complete; the pull's own lines as statuses."""
+
+    PERIOD = 0.2
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(sys.stderr, quiet=True)
+        self.emit = emit
+        self._sizes: dict[str, list[float]] = {}  # digest -> [received, total, last emitted]
+
+    def line(self, text: str) -> None:
+        ident, sep, status = text.partition(": Pulling from ")
+        self.emit({"status": f"Pulling from {status}", "id": ident} if sep else {"status": text})
+
+    def layers(self, layers: list[tuple[dict[str, Any], bool]]) -> None:
+        for desc, exists in {d["digest"]: (d, e) for d, e in layers}.values():
+            self.emit({"status": "Already exists" if exists else "Pulling fs layer", "progressDetail": {},
+                       "id": digest_hex(desc["digest"])[:12]})
+            if not exists:
+                self._sizes[desc["digest"]] = [0, float(desc["size"]), 0.0]
+
+    def advance(self, digest: str, n: int) -> None:
+        with self._lock:
+            s = self._sizes.get(digest)
+            if s is None:
+                return
+            s[0] += n
+            now = time.monotonic()
+            if now - s[2] < self.PERIOD and s[0] < s[1]:
+                return
+            s[2] = now
+        self.emit({"status": "Downloading", "progressDetail": {"current": int(s[0]), "total": int(s[1])},
+                   "id": digest_hex(digest)[:12]})
+
+    def retrying(self, digest: str, delay: float) -> None:
+        with self._lock:
+            if digest in self._sizes:
+                self._sizes[digest][0] = 0
+        self.emit({"status": f"Retrying in {delay:g} seconds", "progressDetail": {}, "id": digest_hex(digest)[:12]})
+
+    def done(self, digest: str) -> None:
+        with self._lock:
+            self._sizes.pop(digest, None)
+        self.emit({"status": "Pull complete", "progressDetail": {}, "id": digest_hex(digest)[:12]})
+
+    def close(self) -> None:
+        self._sizes.clear()
+
+
 class _Pull:
     """One pull: manifest, platform choice, config, layers, then the commit."""
 
@@ -656,20 +708,23 @@ class _Pull:
 
 def pull(store: Store, ref: str, *, platform: str = "linux/amd64", insecure_registries: Collection[str] = (),
          quiet: bool = False, auth_file: Path, out: TextIO = sys.stderr, creds: tuple[str, str] | None = None,
-         identity_token: str = "", cancel: threading.Event | None = None) -> Image:
+         identity_token: str = "", cancel: threading.Event | None = None,
+         progress: _Progress | None = None) -> Image:
     """Pull ``ref`` (Docker's short names allowed) into ``store``; returns the committed image.
 
     ``creds`` (user, password) or ``identity_token``, where given, are this pull's
     credentials (the API's ``X-Registry-Auth``), used instead of those stored in
     ``auth_file`` and kept nowhere. Setting ``cancel`` stops the pull (ImageError).
+    ``progress`` (a JsonProgress: the API's stream) replaces the output on ``out``.
     The whole pull holds the store's writer lock, so garbage collection cannot take
     blobs that belong to no image yet.
     """
     r = reference.parse(ref)
     want = parse_platform(platform)
-    if "@" not in ref and ":" not in ref.rpartition("/")[2] and not quiet:
+    if "@" not in ref and ":" not in ref.rpartition("/")[2] and not quiet and progress is None:
         print("Using default tag: latest", file=out, flush=True)
-    progress = _Progress(out, quiet)
+    if progress is None:
+        progress = _Progress(out, quiet)
     if creds is None and not identity_token:
         creds = auth.get(auth_file, r.domain)
     client = _Client(r.api_host, r.path, insecure_registries, creds, r.familiar_name, identity_token=identity_token,
