@@ -248,6 +248,14 @@ def test_pull_uses_the_credentials_docker_sends(vmrt: Vmrt, monkeypatch: pytest.
         assert b"Digest: sha256:" in r.stdout, r.stdout
         r = pull(good, ref_t)
         assert r.returncode == 0, r.stderr
+        # docker login: the registry is asked through the service; the CLI keeps what it was told
+        r = api.docker("login", "-u", basic.user, "--password-stdin", basic.host, input=b"not-it\n")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        r = api.docker("login", "-u", basic.user, "--password-stdin", basic.host, input=basic.password.encode())
+        assert r.returncode == 0 and b"Login Succeeded" in r.stdout, r.stderr
+        api.v("rmi", ref_b)
+        r = pull(None, ref_b)  # the CLI's own config now has the login
+        assert r.returncode == 0, r.stderr
         assert token.token_server is not None and any(q["method"] == "POST" for q in token.token_server.requests)
         bad_token = _docker_config(api.home, "badtoken", {token.host: {"identitytoken": "not-a-refresh-token"}})
         r = pull(bad_token, ref_t)

@@ -87,6 +87,13 @@ def login(cfg: Config, server: str, *, username: str | None, password: str | Non
     return "Login Succeeded"
 
 
+def check_login(cfg: Config, server: str, username: str, password: str) -> None:
+    """The API's ``docker login``: the registry takes these credentials (else ImageError);
+    nothing is stored (the client keeps its own)."""
+    from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
+    registry.check_login(server, username, password, insecure_registries=cfg.insecure(()))
+
+
 def logout(cfg: Config, server: str) -> str:
     """``vmrt logout``: the line to print."""
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up

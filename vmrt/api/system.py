@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import __version__, containercmds, volumecmds
+from .. import __version__, containercmds, imagecmds, volumecmds
 from .. import volumes as volumes_mod
 from ..config import Config
 from ..errors import VmrtError
@@ -242,7 +242,25 @@ async def disk_usage(req: Request) -> web.StreamResponse:
     return web.json_response(await asyncio.to_thread(_df, req.cfg, types))
 
 
+async def login(req: Request) -> web.StreamResponse:
+    """``docker login``: the registry is asked whether it takes the credentials; nothing is
+    stored here (the docker CLI keeps them and sends them with each pull: X-Registry-Auth)."""
+    body = await req.json()
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    user, password, server = body.get("username"), body.get("password"), body.get("serveraddress")
+    if not all(isinstance(v, str) and v for v in (user, password, server)):
+        raise ApiError(400, "username, password and serveraddress are required (identity tokens are not supported)")
+    try:
+        await asyncio.to_thread(imagecmds.check_login, req.cfg, str(server), str(user), str(password))
+    except VmrtError as e:
+        status = 401 if "unauthorized" in str(e) or "incorrect" in str(e) or "denied" in str(e) else 500
+        raise ApiError(status, str(e)) from None
+    return web.json_response({"Status": "Login Succeeded", "IdentityToken": ""})
+
+
 def register(routes: Routes) -> None:
+    routes.add("POST", "/auth", login)
     routes.add("GET", "/_ping", ping)
     routes.add("GET", "/version", version)
     routes.add("GET", "/info", info)

@@ -744,6 +744,12 @@ def pull(store: Store, ref: str, *, platform: str = "linux/amd64", insecure_regi
 def login(server: str, username: str, password: str, *, insecure_registries: Collection[str] = (),
           auth_file: Path) -> None:
     """Check the credentials against ``server``'s registry, and only then store them."""
+    check_login(server, username, password, insecure_registries=insecure_registries)
+    auth.save(auth_file, server, username, password)
+
+
+def check_login(server: str, username: str, password: str, *, insecure_registries: Collection[str] = ()) -> None:
+    """Whether ``server``'s registry takes the credentials (an ImageError if not); nothing stored."""
     if not username or not password:
         raise UsageError("login needs a username and a password")
     host = auth.server_host(server)
@@ -753,7 +759,6 @@ def login(server: str, username: str, password: str, *, insecure_registries: Col
         client.retry(lambda: client.get("", f"login to {api}").close())
     finally:
         client.close()
-    auth.save(auth_file, server, username, password)
 
 
 def logout(server: str, *, auth_file: Path) -> bool:
