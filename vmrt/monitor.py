@@ -220,48 +220,35 @@ def _finish_child(sock: socket.socket, args: list[str], fds: list[int]) -> NoRet
     """The finish command (``python -m vmrt.monitor --finish ...``) in a forked child; its
     status to the waiting C monitor at its end (the socket closes with it, or with an exec: a
     restart's new C monitor)."""
-    code = 125
-    done = fds[0]
-    try:
-        sock.close()
-        os.setsid()
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(s, signal.SIG_DFL)
-        os.set_inheritable(done, False)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fds[1], 1)
-        os.dup2(fds[1], 2)
-        os.close(null)
-        code = main(["--finish", *args, str(fds[2]) if len(fds) > 2 else "-1"])
-    except BaseException:  # noqa: BLE001  # a forked child never returns into the server's loop
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.write(done, str(code).encode())
-        os._exit(code)
+    _run_forked(sock, fds[1], ["--finish", *args, str(fds[2]) if len(fds) > 2 else "-1"], done=fds[0])
 
 
 def _monitor_child(sock: socket.socket, container_id: str, fds: list[int]) -> NoReturn:
-    """A forked monitor: what ``python -m vmrt.monitor ID FD`` would be (its own session, stdio
-    on /dev/null and the container's monitor.log, default signals), then its code."""
+    """A forked monitor: what ``python -m vmrt.monitor ID FD`` would be."""
+    ready, log = fds
+    _run_forked(sock, log, [container_id, str(ready)])
+
+
+def _run_forked(sock: socket.socket, log: int, argv: list[str], done: int | None = None) -> NoReturn:
+    """A child of the fork server as ``python -m vmrt.monitor ARGV`` would be (its own session,
+    stdin /dev/null, stdout and stderr on ``log``, default signals), then its status: the exit
+    code, written to ``done`` too if given."""
     code = 125
     try:
         sock.close()
         os.setsid()
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(s, signal.SIG_DFL)
-        ready, log = fds
+        if done is not None:
+            os.set_inheritable(done, False)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(null)
-        os.close(log)
-        code = main([container_id, str(ready)])
+        if log > 2:
+            os.close(log)
+        code = main(argv)
     except BaseException:  # noqa: BLE001  # a forked child never returns into the server's loop
         with contextlib.suppress(Exception):
             traceback.print_exc()
@@ -269,6 +256,8 @@ def _monitor_child(sock: socket.socket, container_id: str, fds: list[int]) -> No
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+            if done is not None:
+                os.write(done, str(code).encode())
         os._exit(code)
 
 
