@@ -3,7 +3,8 @@
  * attach client, signals, the clock and QEMU/virtiofsd ending.
  *
  * The input is a script.  Byte 0 sets the run up (stdin open, liveness
- * pings, a start timeout, a virtiofsd).  Then ops of [op][u16 length][bytes]:
+ * pings, a start timeout, a virtiofsd, stdin closed at a client's EOF, output
+ * logged as it comes).  Then ops of [op][u16 length][bytes]:
  *   0, 1  bytes from the agent (read by agent_read(), any chunking)
  *   2     bytes from an attach client (client_read())
  *   3     bytes on the guest console (console_read())
@@ -150,6 +151,13 @@ static void reset(uint8_t conf)
 	finish_argc = 3;
 	adopted = 0;
 	stdin_open = conf & 1;
+	stdin_once = (conf & 16) != 0; /* a client's EOF: STDIN_CLOSE, then no STDIN */
+	partial = (conf & 32) != 0;    /* each output frame logged as it comes */
+	tty_mode = 0;
+	resize_path = finisher = NULL;  /* neither opens nor connects anything here */
+	health_ms = 0;                  /* no probe is forked */
+	health_next = -1;
+	health_pid = -1;
 	now = 1000000;
 	dead_ms = (conf & 2) ? 20000 : 0;
 	ping_ms = 5000;
