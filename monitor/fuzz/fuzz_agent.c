@@ -28,6 +28,7 @@ static int mlog = -1, mconsole = -1;     /* memfds: the container log, the conso
 static int ag_peer = -1, cl_peer = -1, con_peer = -1; /* the guest's / client's ends */
 static uint8_t tobuf[2 * VMRT_FRAME_MAX]; /* what the agent received, not yet parsed */
 static size_t tolen, toframes;
+static int fz_stdin_ok; /* STDIN frames may come: stdin open at the start, no STDIN_CLOSE yet */
 static uint8_t dec[LOG_PIECE * 3 + 16];
 static char *fz_argv[] = { "/nonexistent/finish", "--finish", "fz", NULL };
 
@@ -84,7 +85,11 @@ static void agent_receives(void)
 				check(s == SIGTERM || s == SIGINT || s == SIGHUP || s == SIGQUIT ||
 				      s == SIGUSR1 || s == SIGUSR2);
 			}
-			check(f.type != VMRT_STDIN || stdin_open);
+			/* STDIN only with stdin open, and none after STDIN_CLOSE (in the stream's order:
+			 * the monitor may have closed it since the frame was queued) */
+			if (f.type == VMRT_STDIN_CLOSE)
+				fz_stdin_ok = 0;
+			check(f.type != VMRT_STDIN || fz_stdin_ok);
 			toframes++;
 			off += (size_t)k;
 		}
@@ -151,6 +156,7 @@ static void reset(uint8_t conf)
 	finish_argc = 3;
 	adopted = 0;
 	stdin_open = conf & 1;
+	fz_stdin_ok = stdin_open;
 	stdin_once = (conf & 16) != 0; /* a client's EOF: STDIN_CLOSE, then no STDIN */
 	partial = (conf & 32) != 0;    /* each output frame logged as it comes */
 	tty_mode = 0;
