@@ -162,6 +162,7 @@ def api(vmrt: Vmrt, tmp_path: Path) -> Iterator[Api]:
     finally:
         for cid in vmrt("ps", "-aq").stdout.decode().split():
             vmrt("rm", "-f", cid)
+        proc = a.proc  # (a test that killed the service started another: that one)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

@@ -42,7 +42,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -54,10 +54,9 @@ from ..images.store import Store
 from ..layout import rw_dir
 from ..lifecycle import owner_alive
 from ..state import Container, State, Status
-from .base import ApiError, Request, Routes
+from .base import ApiError, Request, Routes, in_thread
 
 LOG = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STAT_HEADER = "X-Docker-Container-Path-Stat"
 NAME_MAX = 4096          # a member's name or link target (PATH_MAX)
@@ -85,29 +84,6 @@ class Refused(VmrtError):
 
 
 # --- helpers -------------------------------------------------------------------------------
-def _spawn(fn: Callable[[], T]) -> asyncio.Future[T]:
-    """``fn()`` in a daemon thread of its own (an exec may block as long as the container's tar
-    wishes: the service's stop must not wait for it, as it would for asyncio.to_thread's)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def run() -> None:
-        try:
-            value: Any = fn()
-            ok = True
-        except Exception as e:
-            value, ok = e, False
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(settle, ok, value)
-
-    threading.Thread(target=run, daemon=True, name="vmrt-api-archive").start()
-    return fut
-
-
 def _container(cfg: Config, ref: str, *, running: bool) -> Container:
     st = State(cfg.db_path)
     try:
@@ -690,9 +666,9 @@ def changes(cfg: Config, c: Container) -> list[dict[str, Any]]:
 async def get_archive(req: Request) -> web.StreamResponse:
     raw, ref = req.query("path"), req.params["id"]
     _target(raw)
-    c = await _spawn(lambda: _container(req.cfg, ref, running=True))
+    c = await in_thread(lambda: _container(req.cfg, ref, running=True))
     if req.http.method == "HEAD":
-        doc = await _spawn(lambda: stat_path(req.cfg, c, raw, ref))
+        doc = await in_thread(lambda: stat_path(req.cfg, c, raw, ref))
         if doc is None:
             raise _not_found(raw, ref)
         return web.Response(status=200, headers={STAT_HEADER: _stat_header(doc)})
@@ -710,7 +686,7 @@ async def get_archive(req: Request) -> web.StreamResponse:
         asyncio.run_coroutine_threadsafe(resp.write(data), loop).result()
 
     try:
-        await _spawn(lambda: send_archive(req.cfg, c, raw, ref, start_sync, write_sync))
+        await in_thread(lambda: send_archive(req.cfg, c, raw, ref, start_sync, write_sync))
     except Exception as e:
         if not resp.prepared:
             raise
@@ -730,26 +706,26 @@ async def put_archive(req: Request) -> web.StreamResponse:
     _target(raw)
     copy_ids = req.flag("copyUIDGID")
     req.flag("noOverwriteDirNonDir")  # checked; tar in the container never replaces a directory with a file
-    c = await _spawn(lambda: _container(req.cfg, ref, running=True))
-    where = await _spawn(lambda: _extraction_dir(req.cfg, c, raw, ref))
+    c = await in_thread(lambda: _container(req.cfg, ref, running=True))
+    where = await in_thread(lambda: _extraction_dir(req.cfg, c, raw, ref))
     owner = None
     if copy_ids:
-        user = await _spawn(lambda: resolve(req.cfg, c, ExecOptions(["tar"])))
+        user = await in_thread(lambda: resolve(req.cfg, c, ExecOptions(["tar"])))
         owner = (user.uid, user.gid)
     loop = asyncio.get_running_loop()
 
     def read(n: int) -> bytes:
         return asyncio.run_coroutine_threadsafe(req.http.content.read(n), loop).result()
 
-    await _spawn(lambda: receive_archive(req.cfg, c, where, ref, read, owner))
+    await in_thread(lambda: receive_archive(req.cfg, c, where, ref, read, owner))
     return web.Response(status=200)
 
 
 async def top(req: Request) -> web.StreamResponse:
     from .. import stats  # on use: the first top request loads it
-    c = await _spawn(lambda: _container(req.cfg, req.params["id"], running=True))
+    c = await in_thread(lambda: _container(req.cfg, req.params["id"], running=True))
     args = req.query("ps_args").split()
-    titles, rows = await _spawn(lambda: stats.ps_table(c, args, timeout=req.cfg.timeouts.probe_exec))
+    titles, rows = await in_thread(lambda: stats.ps_table(c, args, timeout=req.cfg.timeouts.probe_exec))
     return web.json_response({"Titles": titles, "Processes": rows})
 
 

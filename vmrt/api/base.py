@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+import select
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -18,7 +22,10 @@ MIN_API = (1, 24)
 MAX_API = (1, 43)
 MAX_BODY = 1 << 20  # a create's JSON: Docker's are a few KiB
 
+GONE_POLL = 0.2  # a stream's client: how often it is checked for being gone
+STOPPING = threading.Event()  # the service stops: every request that lasts ends, as if its client had gone
 Handler = Callable[["Request"], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def api_text(v: tuple[int, int]) -> str:
@@ -100,6 +107,8 @@ class Request:
             return json.loads(body)
         except ValueError as e:
             raise ApiError(400, f"invalid JSON: {e}") from None
+        except RecursionError:  # arrays in arrays... deeper than Python's stack
+            raise ApiError(400, "invalid JSON: nested too deeply") from None
 
 
 class Routes:
@@ -186,3 +195,63 @@ def outcomes(items: Iterable[str | VmrtError]) -> list[str]:
         if close is not None:
             close()
     return lines
+
+
+# --- long requests ---------------------------------------------------------------------------
+def in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """``fn()`` in a daemon thread of its own, for what blocks as long as a container or a
+    client wishes (a wait, a followed log, an exec): asyncio.to_thread's few shared workers
+    would be taken by them, and the service would then answer nothing else; nor must the
+    service's stop wait for them."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            value: Any = fn()
+            ok = True
+        except Exception as e:
+            value, ok = e, False
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, daemon=True, name="vmrt-api").start()
+    return fut
+
+
+def client_gone(http: web.BaseRequest) -> bool:
+    """The client closed its connection. A hijacked one's EOF may be a half-close (the client
+    has no more stdin), which leaves it open: there, the unix socket's hang-up (POLLHUP: the
+    peer closed both ways) tells that the client is gone."""
+    t = http.transport
+    if t is None or t.is_closing():
+        return True
+    sock = t.get_extra_info("socket")
+    if sock is None:
+        return False
+    p = select.poll()
+    p.register(sock.fileno(), 0)  # POLLHUP and POLLERR are reported whatever is asked
+    return bool(p.poll(0))
+
+
+@contextlib.asynccontextmanager
+async def while_connected(http: web.BaseRequest, on_gone: Callable[[], None]) -> AsyncIterator[None]:
+    """For a request that lasts (a wait, a stream): ``on_gone()`` once its client is gone (or
+    the service stops), which ends it (nothing else tells: aiohttp cancels no handler, and a
+    quiet stream never writes to learn it)."""
+    async def watch() -> None:
+        while not (STOPPING.is_set() or client_gone(http)):
+            await asyncio.sleep(GONE_POLL)
+        on_gone()
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

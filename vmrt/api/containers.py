@@ -25,7 +25,7 @@ from ..errors import StateError, VmrtError
 from ..layout import ATTACH_NAME, LOG_NAME, container_dir
 from ..state import Container, State, Status
 from . import events
-from .base import ApiError, Request, Routes, outcomes, parse_filters
+from .base import ApiError, Request, Routes, in_thread, outcomes, parse_filters, while_connected
 from .execs import size_query
 from .streams import STDERR, STDOUT, Stdin, frame, hijack
 
@@ -79,10 +79,14 @@ def _publish(bindings: Any) -> tuple[str, ...]:
         raise ApiError(400, "HostConfig.PortBindings must be an object")
     out = []
     for port, binds in bindings.items():
+        if binds is not None and not isinstance(binds, list):
+            raise ApiError(400, "HostConfig.PortBindings: a port's bindings must be a list")
         for b in binds or [{}]:
             if not isinstance(b, dict):
                 raise ApiError(400, "a port binding must be an object")
             ip, host = b.get("HostIp") or "", b.get("HostPort") or ""
+            if not isinstance(ip, str) or not isinstance(host, str):
+                raise ApiError(400, "a port binding's HostIp and HostPort must be strings")
             out.append(f"{ip}:{host}:{port}" if ip else f"{host}:{port}" if host else port)
     return tuple(out)
 
@@ -102,7 +106,9 @@ def _mounts(mounts: Any) -> tuple[str, ...]:
         if m.get("ReadOnly"):
             parts.append("readonly")
         if kind == "tmpfs" and (size := (m.get("TmpfsOptions") or {}).get("SizeBytes")):
-            parts.append(f"tmpfs-size={int(size)}")
+            if not _KINDS["int"][0](size):
+                raise ApiError(400, "TmpfsOptions.SizeBytes must be an integer")
+            parts.append(f"tmpfs-size={size}")
         out.append(",".join(parts))
     return tuple(out)
 
@@ -128,20 +134,77 @@ def _console_size(v: Any) -> tuple[int, int] | None:
 def _restart(policy: Any) -> str:
     if not policy or not policy.get("Name"):
         return "no"
-    name, count = policy["Name"], int(policy.get("MaximumRetryCount") or 0)
+    name, count = policy["Name"], policy.get("MaximumRetryCount") or 0
     return f"{name}:{count}" if name == "on-failure" and count else str(name)
+
+
+# the types of the create's fields that vmrt reads, as Docker's daemon decodes them (Go's JSON:
+# a field of another type is a 400; null is its zero; fields it does not know are ignored)
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "a boolean"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and -1 << 63 <= v < 1 << 63,
+            "an integer (64 bits)"),
+    "obj": (lambda v: isinstance(v, dict), "an object"),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "cmd": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+            "a string or a list of strings"),
+    "objs": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list of objects"),
+    "strmap": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+               "an object of strings"),
+}
+_CONFIG = {"Hostname": "str", "User": "str", "WorkingDir": "str", "Image": "str", "Tty": "bool",
+           "OpenStdin": "bool", "StdinOnce": "bool", "Env": "strs", "Cmd": "cmd", "Entrypoint": "cmd",
+           "ExposedPorts": "obj", "Labels": "strmap", "Healthcheck": "obj", "HostConfig": "obj",
+           "NetworkingConfig": "obj"}
+_HOST_CONFIG = {"Binds": "strs", "NetworkMode": "str", "PortBindings": "obj", "RestartPolicy": "obj",
+                "AutoRemove": "bool", "Mounts": "objs", "Dns": "strs", "DnsOptions": "strs", "DnsSearch": "strs",
+                "ExtraHosts": "strs", "Privileged": "bool", "PublishAllPorts": "bool", "ReadonlyRootfs": "bool",
+                "Tmpfs": "strmap", "Isolation": "str", "Memory": "int", "NanoCpus": "int", "CpuQuota": "int",
+                "CpuPeriod": "int", "PidsLimit": "int", "LogConfig": "obj", "Runtime": "str"}
+_NESTED = {"RestartPolicy": {"Name": "str", "MaximumRetryCount": "int"},
+           "LogConfig": {"Type": "str", "Config": "strmap"}, "NetworkingConfig": {"EndpointsConfig": "obj"}}
+_MOUNT = {"Type": "str", "Source": "str", "Target": "str", "ReadOnly": "bool", "TmpfsOptions": "obj"}
+
+
+def _typed(obj: dict[str, Any], fields: dict[str, str], where: str = "") -> None:
+    """Each of ``fields`` in ``obj`` is null or of its kind, else a 400 naming it."""
+    for key, kind in fields.items():
+        v = obj.get(key)
+        test, what = _KINDS[kind]
+        if v is not None and not test(v):
+            raise ApiError(400, f"{where}{key} must be {what}")
+        if v is not None and key in _NESTED:
+            _typed(v, _NESTED[key], f"{where}{key}.")
+
+
+def _no_nul(body: Any) -> None:
+    """No string of the body holds a NUL (JSON may carry one; an argument, a path, an
+    environment cannot)."""
+    todo = [body]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str) and "\0" in v:
+            raise ApiError(400, f"invalid string {v[:100]!r}: it contains a NUL byte")
+        if isinstance(v, dict):
+            todo += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            todo += v
 
 
 def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
     """A create's body as ``vmrt create``'s flags."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object (the container's config)")
+    _typed(body, _CONFIG)
+    _no_nul(body)
     image = body.get("Image")
-    if not image or not isinstance(image, str):
+    if not image:
         raise ApiError(400, "config: Image is required")
     hc = body.get("HostConfig") or {}
-    if not isinstance(hc, dict):
-        raise ApiError(400, "HostConfig must be an object")
+    _typed(hc, _HOST_CONFIG, "HostConfig.")
+    for i, m in enumerate(hc.get("Mounts") or []):
+        _typed(m, _MOUNT, f"HostConfig.Mounts[{i}].")
     if hc.get("Privileged"):
         raise ApiError(400, "privileged containers are not supported by vmrt (a tenant never gets the host's devices)")
     for key in ("CapAdd", "Devices", "SecurityOpt", "VolumesFrom", "Links"):
@@ -171,7 +234,8 @@ def run_args(body: Any, name: str | None) -> containercmds.RunArgs:
     endpoints = (body.get("NetworkingConfig") or {}).get("EndpointsConfig") or {}
     if not isinstance(endpoints, dict):
         raise ApiError(400, "NetworkingConfig.EndpointsConfig must be an object")
-    aliases = [a for ep in endpoints.values() if isinstance(ep, dict) for a in (ep.get("Aliases") or [])]
+    aliases = [a for ep in endpoints.values() if isinstance(ep, dict)
+               for a in _strings(ep.get("Aliases") or [], "EndpointsConfig.Aliases")]
     exposed = body.get("ExposedPorts") or {}
     env = _strings(body.get("Env"), "Env")
     if body.get("Tty") and not any(v.startswith("TERM=") for v in env):
@@ -288,9 +352,16 @@ def _summary(req: Request, c: Container, doc: dict[str, Any]) -> dict[str, Any]:
             "Mounts": doc.get("Mounts") or []}
 
 
+STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
+
+
 def _filters(text: str) -> tuple[str, ...]:
     """Docker's ``filters`` as vmrt's ``key=value``."""
-    return tuple(f"{k}={v}" for k, vs in parse_filters(text).items() for v in vs)
+    filters = parse_filters(text)
+    for v in filters.get("status", []):
+        if v not in STATUSES:
+            raise ApiError(400, f"invalid filter 'status={v[:100]}'")
+    return tuple(f"{k}={v}" for k, vs in filters.items() for v in vs)
 
 
 def _list(req: Request) -> list[dict[str, Any]]:
@@ -307,10 +378,10 @@ async def list_containers(req: Request) -> web.StreamResponse:
 
 # --- wait --------------------------------------------------------------------------------
 def _wait(req: Request, c: Container, condition: str, cancel: threading.Event,
-          died: Callable[[Container], None]) -> int:
+          died: Callable[[Container], None]) -> int | None:
     """The exit code once ``condition`` holds: not-running (now, or once it stops), next-exit
     (an exit after this call), removed (gone; an AutoRemove container is removed here, once
-    its exit code is known)."""
+    its exit code is known); None if ``cancel`` came first."""
     asked = time.time()
     st = State(req.cfg.db_path)
     try:
@@ -338,7 +409,7 @@ def _wait(req: Request, c: Container, condition: str, cancel: threading.Event,
             time.sleep(POLL)
     finally:
         st.close()
-    return 0
+    return None
 
 
 async def wait(req: Request) -> web.StreamResponse:
@@ -356,11 +427,13 @@ async def wait(req: Request) -> web.StreamResponse:
         loop.call_soon_threadsafe(events.container_event, req.cfg, cur, "destroy")
 
     try:
-        code = await asyncio.to_thread(_wait, req, c, condition, cancel, died)
+        async with while_connected(req.http, cancel.set):
+            code = await in_thread(lambda: _wait(req, c, condition, cancel, died))
     finally:
         cancel.set()
         _cancels.discard(cancel)
-    await resp.write(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
+    if code is not None:  # else the client is gone, or the service stops: no exit code to tell
+        await resp.write(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
     await resp.write_eof()
     return resp
 
@@ -411,7 +484,7 @@ async def _pump(req: Request, resp: web.StreamResponse, records: Iterator[dict[s
                 close()
             asyncio.run_coroutine_threadsafe(q.put(None), loop).result()
 
-    producer = loop.run_in_executor(None, produce)
+    producer = in_thread(produce)
     try:
         while (rec := await q.get()) is not None:
             stream = STDERR if rec.get("stream") == "stderr" else STDOUT
@@ -447,7 +520,9 @@ async def logs(req: Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/vnd.docker.raw-stream" if tty
                                        else "application/vnd.docker.multiplexed-stream"})
     await resp.prepare(req.http)
-    await _pump(req, resp, records, cancel, tty=tty, stdout=stdout, stderr=stderr, timestamps=req.flag("timestamps"))
+    async with while_connected(req.http, cancel.set):
+        await _pump(req, resp, records, cancel, tty=tty, stdout=stdout, stderr=stderr,
+                    timestamps=req.flag("timestamps"))
     await resp.write_eof()
     return resp
 
@@ -487,17 +562,24 @@ async def attach(req: Request) -> web.StreamResponse:
     open_stdin = config.get("annotations", {}).get("org.vmrt.stdin") == "true"
     resp, stdin = await hijack(req, tty, stdin=req.flag("stdin") and open_stdin)
     tasks: list[asyncio.Future[Any]] = []
+    cancel = _cancel_event()
+    # where the output starts: before any stdin goes in (what it makes the container print is new)
+    old = await asyncio.to_thread(_logged, req, c, cancel) if req.flag("stream") else 0
     if stdin is not None:
         tasks.append(asyncio.ensure_future(_attach_stdin(req, c, stdin, tty)))
     if req.flag("stream"):
-        cancel = _cancel_event()
-        records = _after_start(req, c, cancel)
+        records = _after_start(req, c, cancel, old)
         tasks.append(asyncio.ensure_future(_pump(req, resp, records, cancel, tty=tty, stdout=req.flag("stdout"),
                                                  stderr=req.flag("stderr"), timestamps=False)))
-    if tasks:  # the output ends, or the client detaches
-        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if tasks[0] in _done and stdin is not None and not tasks[0].result() and len(tasks) > 1:
-            await tasks[1]  # stdin ended without a detach: the output goes on to its end
+    try:
+        async with while_connected(req.http, cancel.set):  # a client gone: its output ends
+            if tasks:  # the output ends, or the client detaches
+                _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if tasks[0] in _done and stdin is not None and not tasks[0].result() and len(tasks) > 1:
+                    await tasks[1]  # stdin ended without a detach: the output goes on to its end
+    finally:
+        cancel.set()
+        _cancels.discard(cancel)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -543,11 +625,15 @@ async def _attach_stdin(req: Request, c: Container, stdin: Stdin, tty: bool) -> 
         writer.close()
 
 
-def _after_start(req: Request, c: Container, cancel: threading.Event) -> Iterator[dict[str, Any]]:
-    """What the container logs from now on: its log's records at this moment are skipped; a
-    container not running yet is waited for (a client attaches before it starts it), then its
-    log is followed until it stops."""
-    old = sum(1 for rec in _log_records(req, c, False, cancel) if rec)
+def _logged(req: Request, c: Container, cancel: threading.Event) -> int:
+    """How many records the container's log holds now."""
+    return sum(1 for rec in _log_records(req, c, False, cancel) if rec)
+
+
+def _after_start(req: Request, c: Container, cancel: threading.Event, old: int) -> Iterator[dict[str, Any]]:
+    """What the container logs after its first ``old`` records; a container not running yet is
+    waited for (a client attaches before it starts it), then its log is followed until it
+    stops."""
     st = State(req.cfg.db_path)
     try:
         while not cancel.is_set():

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections import deque
 from typing import Any
@@ -25,7 +26,7 @@ from .. import bundle, healthstate
 from ..config import Config
 from ..layout import container_dir
 from ..state import State, Status
-from .base import ApiError, Request, Routes, parse_filters
+from .base import ApiError, Request, Routes, parse_filters, while_connected
 
 HISTORY = 1000
 POLL = 0.5
@@ -170,9 +171,12 @@ def _when(text: str, name: str) -> float | None:
     if not text:
         return None
     try:
-        return float(text)
+        t = float(text)
     except ValueError:
-        raise ApiError(400, f"invalid {name}: {text!r} (a Unix time)") from None
+        t = math.nan
+    if not math.isfinite(t):
+        raise ApiError(400, f"invalid {name}: {text[:100]!r} (a Unix time)")
+    return t
 
 
 async def events(req: Request) -> web.StreamResponse:
@@ -184,23 +188,15 @@ async def events(req: Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/json"})
     await resp.prepare(req.http)
     q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=HISTORY)
+
+    def gone() -> None:  # the client went away: the stream ends (else only an event written would tell)
+        with contextlib.suppress(asyncio.QueueFull):
+            q.put_nowait(END)
+
     BUS.subscribers.add(q)  # before the history is read: nothing falls between the two
     try:
-        if since is not None:
-            for ev in list(BUS.history):
-                if ev["timeNano"] / 1e9 >= since and (until is None or ev["timeNano"] / 1e9 <= until) \
-                        and _keep(ev, filters):
-                    await resp.write(json.dumps(ev).encode() + b"\n")
-        while until is None or time.time() < until:
-            try:
-                ev = await asyncio.wait_for(q.get(), None if until is None else max(0.0, until - time.time()))
-            except TimeoutError:
-                break
-            if ev is END:
-                break
-            if ev["timeNano"] / 1e9 < (since or 0) or not _keep(ev, filters):
-                continue
-            await resp.write(json.dumps(ev).encode() + b"\n")
+        async with while_connected(req.http, gone):
+            await _stream(resp, q, filters, since, until)
     except ConnectionResetError:
         pass
     finally:
@@ -208,6 +204,26 @@ async def events(req: Request) -> web.StreamResponse:
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp
+
+
+async def _stream(resp: web.StreamResponse, q: asyncio.Queue[dict[str, Any]], filters: dict[str, list[str]],
+                  since: float | None, until: float | None) -> None:
+    """The events kept since ``since``, then those published, until ``until`` (or END)."""
+    if since is not None:
+        for ev in list(BUS.history):
+            if ev["timeNano"] / 1e9 >= since and (until is None or ev["timeNano"] / 1e9 <= until) \
+                    and _keep(ev, filters):
+                await resp.write(json.dumps(ev).encode() + b"\n")
+    while until is None or time.time() < until:
+        try:
+            ev = await asyncio.wait_for(q.get(), None if until is None else max(0.0, until - time.time()))
+        except TimeoutError:
+            break
+        if ev is END:
+            break
+        if ev["timeNano"] / 1e9 < (since or 0) or not _keep(ev, filters):
+            continue
+        await resp.write(json.dumps(ev).encode() + b"\n")
 
 
 def register(routes: Routes) -> None:

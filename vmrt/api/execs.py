@@ -20,17 +20,19 @@ import dataclasses
 import fcntl
 import os
 import secrets
+import signal
 import struct
 import termios
 import threading
 import tty as tty_mod
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ..execs import ExecOptions, run_exec
 from ..state import State, Status
-from .base import ApiError, Request, Routes
+from .base import ApiError, Request, Routes, in_thread, while_connected
 from .streams import STDERR, STDOUT, Stdin, frame, hijack
 
 MAX_EXECS = 1024  # records kept (the oldest finished ones go first)
@@ -146,6 +148,25 @@ async def feed(stdin: Stdin, fd: int, close: bool) -> None:
         transport.close()
 
 
+def _hang_up(threads: list[int]) -> None:
+    """A terminal's hang-up for the processes the exec's thread started: SIGHUP (runc passes it
+    on to the exec's process, as a terminal's end would reach a shell; in VM mode there is
+    none: the agent has its stdin's end). By pidfd: a PID read is not one reused since."""
+    for tid in threads:
+        try:
+            pids = [int(p) for p in Path(f"/proc/self/task/{tid}/children").read_text().split()]
+        except OSError:  # the thread ended
+            continue
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pid)
+                try:
+                    if str(pid) in Path(f"/proc/self/task/{tid}/children").read_text().split():
+                        signal.pidfd_send_signal(fd, signal.SIGHUP)
+                finally:
+                    os.close(fd)
+
+
 def set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -191,8 +212,10 @@ async def start(req: Request) -> web.StreamResponse:
     eo = ExecOptions(e.cmd, e.env, e.user, e.workdir, interactive=stdin is not None, tty=e.tty, stdio=stdio,
                      winch=winch_r)
     done = threading.Event()
+    thread: list[int] = []  # the thread that runs the exec: what it starts (runc) is the exec's
 
     def run() -> int:
+        thread.append(threading.get_native_id())
         try:
             return run_exec(req.cfg, e.container, eo)
         finally:
@@ -200,8 +223,16 @@ async def start(req: Request) -> web.StreamResponse:
                 os.close(fd)
             done.set()
 
+    def hang_up() -> None:  # the client went away: the exec's terminal hangs up, its pipes close
+        e.master = None
+        for t in (*relays, *feeders):
+            t.cancel()
+        if e.tty:
+            _hang_up(thread)
+
     try:
-        e.exit_code = await asyncio.to_thread(run)
+        async with while_connected(req.http, hang_up) if resp is not None else contextlib.nullcontext():
+            e.exit_code = await in_thread(run)
     except Exception as err:  # the exec could not start (the container stopped): the client's stream says so
         e.exit_code = getattr(err, "exit_code", 126)
         if resp is not None:

@@ -65,6 +65,8 @@ def _list(req: Request) -> list[dict[str, Any]]:
     for key in filters:
         if key not in ("reference", "dangling"):
             raise ApiError(400, f"invalid filter {key!r}")
+    if len(set(filters.get("dangling", []))) > 1 or not set(filters.get("dangling", [])) <= {"true", "1", "false", "0"}:
+        raise ApiError(400, f"invalid filter 'dangling={'|'.join(filters['dangling'])}'")
     store = Store(req.cfg.root)
     try:
         imgs = store.images()

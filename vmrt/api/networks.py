@@ -58,16 +58,22 @@ async def create(req: Request) -> web.StreamResponse:
     if not name or not isinstance(name, str):
         raise ApiError(400, "Name is required")
     ipam = body.get("IPAM") or {}
+    if not isinstance(ipam, dict):
+        raise ApiError(400, "IPAM must be an object")
     configs = ipam.get("Config") or []
-    if not isinstance(configs, list):
-        raise ApiError(400, "IPAM.Config must be a list")
+    if not isinstance(configs, list) or not all(
+            isinstance(c, dict) and all(isinstance(c.get(k) or "", str) for k in ("Subnet", "Gateway", "IPRange"))
+            for c in configs):
+        raise ApiError(400, "IPAM.Config must be a list of objects (Subnet, Gateway: strings)")
     labels = body.get("Labels") or {}
     if not isinstance(labels, dict):
         raise ApiError(400, "Labels must be an object")
+    if body.get("Driver") is not None and not isinstance(body["Driver"], str):
+        raise ApiError(400, "Driver must be a string")
     net_id = await asyncio.to_thread(
         netcmds.create, req.cfg, name, driver=body.get("Driver") or "bridge",
-        subnets=tuple(c["Subnet"] for c in configs if isinstance(c, dict) and c.get("Subnet")),
-        gateways=tuple(c["Gateway"] for c in configs if isinstance(c, dict) and c.get("Gateway")),
+        subnets=tuple(c["Subnet"] for c in configs if c.get("Subnet")),
+        gateways=tuple(c["Gateway"] for c in configs if c.get("Gateway")),
         internal=bool(body.get("Internal")), labels=tuple(f"{k}={v}" for k, v in labels.items()),
         ipv6=bool(body.get("EnableIPv6")))
     BUS.publish("network", "create", net_id, name=name, type="bridge")

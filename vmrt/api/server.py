@@ -122,8 +122,7 @@ class _Connection(web.RequestHandler):
         if request.writer.output_size > 0:  # (as aiohttp: too late for an answer)
             raise ConnectionError("the answer was sent already")
         if isinstance(exc, LineTooLong) or "Too many headers" in exc.message:
-            status, text = 431, f"request header fields too large (at most {self.max_field_size} bytes each, " \
-                                f"{self.max_headers} headers)"
+            status, text = 431, "request header fields too large"
         else:
             status = exc.code if 400 <= exc.code < 500 else 400
             text = "bad request: " + (exc.message.strip().splitlines() or ["not HTTP"])[0].rstrip(":")[:200]

@@ -9,13 +9,31 @@ from aiohttp import web
 
 from .. import volumecmds
 from .. import volumes as volumes_mod
-from .base import ApiError, Request, Routes, outcomes
+from .base import ApiError, Request, Routes, outcomes, parse_filters
 from .events import BUS
 
 
 def _list(req: Request) -> dict[str, Any]:
-    return {"Volumes": [volumes_mod.volume_doc(req.cfg, n) for n in volumes_mod.list_volumes(req.cfg)],
-            "Warnings": []}
+    docs = [volumes_mod.volume_doc(req.cfg, n) for n in volumes_mod.list_volumes(req.cfg)]
+    for key, values in parse_filters(req.query("filters")).items():
+        if key == "name":
+            docs = [d for d in docs if any(v in d["Name"] for v in values)]
+        elif key == "driver":
+            docs = [d for d in docs if d["Driver"] in values]
+        elif key == "label":
+            docs = [d for d in docs if all(_has_label(d, v) for v in values)]
+        elif key == "dangling" and set(values) <= {"true", "1", "false", "0"} and len(set(values)) == 1:
+            used = volumecmds.users(req.cfg)
+            docs = [d for d in docs if (d["Name"] not in used) == (values[0] in ("true", "1"))]
+        else:
+            raise ApiError(400, f"invalid filter {key!r}")
+    return {"Volumes": docs, "Warnings": []}
+
+
+def _has_label(doc: dict[str, Any], want: str) -> bool:
+    k, sep, v = want.partition("=")
+    labels = doc.get("Labels") or {}
+    return k in labels and (not sep or labels[k] == v)
 
 
 async def list_volumes(req: Request) -> web.StreamResponse:
