@@ -477,3 +477,32 @@ def test_the_service_stops_cleanly_with_streams_open(api: Api) -> None:
     assert api.v("inspect", "-f", "{{.State.Status}}", "up").stdout.strip() == b"running"
     assert api.v("rm", "-f", "up").returncode == 0
     api.v.assert_clean()
+
+
+def test_a_vm_exec_terminal_hangs_up_with_its_client(api: Api) -> None:
+    """In a micro-VM too, an exec's terminal hangs up when its client goes: the shell gets SIGHUP
+    (the resize pipe's end reaches the guest agent as a signal), its exit code is 129."""
+    r = api.docker("run", "-d", "--isolation=hyperv", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    status, _, body = api.request("POST", f"/containers/{cid}/exec", json.dumps(
+        {"Cmd": ["sh"], "Tty": True, "AttachStdin": True, "AttachStdout": True, "AttachStderr": True}).encode(), JSON)
+    assert status == 201, body
+    eid = json.loads(body)["Id"]
+    s = _open(api, f"POST /exec/{eid}/start HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 12\n"
+                   "Upgrade: tcp\nConnection: Upgrade\n", b'{"Tty":true}')
+    assert b" 101 " in _head(s)
+    s.sendall(b"echo in-the-vm-$((6*7))\r")
+    out = b""
+    while b"in-the-vm-42" not in out:
+        chunk = s.recv(4096)
+        assert chunk, out
+        out += chunk
+    s.close()
+    deadline = time.monotonic() + 30
+    while (doc := json.loads(api.request("GET", f"/exec/{eid}/json")[2]))["Running"]:
+        assert time.monotonic() < deadline, "the VM exec's shell did not end when its terminal hung up"
+        time.sleep(0.2)
+    assert doc["ExitCode"] == 129, doc
+    assert api.docker("rm", "-f", cid).returncode == 0
+    api.v.assert_clean()

@@ -45,7 +45,8 @@ class ExecOptions:
     detach: bool = False
     stdio: tuple[int, int, int] = (0, 1, 2)  # where the process's stdin/stdout/stderr go
     # a pipe whose bytes say that the terminal changed size (a caller off the main thread, which
-    # gets no SIGWINCH: the API service); the terminal is stdio's, its size read from stdout
+    # gets no SIGWINCH: the API service), and whose end that it hung up (the process gets SIGHUP);
+    # the terminal is stdio's, its size read from stdout
     winch: int | None = None
     timeout: float | None = None  # seconds the exec may take (health checks): then TimeoutError
 
@@ -155,10 +156,12 @@ def _runc_exec(cfg: Config, c: Container, eo: ExecOptions, r: Resolved) -> int:
 
 
 def _pass_winch(fd: int, proc: subprocess.Popen[bytes]) -> None:
-    """SIGWINCH to runc for each resize the pipe tells of, until its writer closes it."""
+    """SIGWINCH to runc for each resize the pipe tells of; SIGHUP when its writer closes it (the
+    terminal hung up; runc passes both on to the process)."""
     try:
         while os.read(fd, 512):
             _forward(proc, signal.SIGWINCH)
+        _forward(proc, signal.SIGHUP)
     except OSError:
         pass
     finally:

@@ -118,7 +118,8 @@ def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | 
     never answers: AgentError; the agent kills the process when the port closes), ``max_output``
     the bytes of output read (more: VmrtError), and ``capture`` takes stdout instead of stdout_fd.
     ``winch``: a pipe whose bytes say that the terminal (stdout_fd's) changed size, for a caller
-    off the main thread (no SIGWINCH there: the API service).
+    off the main thread (no SIGWINCH there: the API service); its end is the terminal's hang-up
+    (the process gets SIGHUP).
     Exec failures raise ContainerExecError (exit_code 126 not executable, 127
     not found); other failures AgentError/StateError/VmrtError.
     """
@@ -290,8 +291,10 @@ class _Relay:
             return
         except OSError:
             resized = b""
-        if not resized:  # the caller is done with it
+        if not resized:  # the caller closed it: the terminal hung up
             self.winch = None
+            if self.started:
+                self.out += P.encode_signal(signal.SIGHUP)
         elif self.started:  # else the start sends the size then
             self._resize()
 

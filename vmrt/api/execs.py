@@ -20,12 +20,10 @@ import dataclasses
 import fcntl
 import os
 import secrets
-import signal
 import struct
 import termios
 import threading
 import tty as tty_mod
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -148,25 +146,6 @@ async def feed(stdin: Stdin, fd: int, close: bool) -> None:
         transport.close()
 
 
-def _hang_up(threads: list[int]) -> None:
-    """A terminal's hang-up for the processes the exec's thread started: SIGHUP (runc passes it
-    on to the exec's process, as a terminal's end would reach a shell; in VM mode there is
-    none: the agent has its stdin's end). By pidfd: a PID read is not one reused since."""
-    for tid in threads:
-        try:
-            pids = [int(p) for p in Path(f"/proc/self/task/{tid}/children").read_text().split()]
-        except OSError:  # the thread ended
-            continue
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                fd = os.pidfd_open(pid)
-                try:
-                    if str(pid) in Path(f"/proc/self/task/{tid}/children").read_text().split():
-                        signal.pidfd_send_signal(fd, signal.SIGHUP)
-                finally:
-                    os.close(fd)
-
-
 def set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -212,10 +191,8 @@ async def start(req: Request) -> web.StreamResponse:
     eo = ExecOptions(e.cmd, e.env, e.user, e.workdir, interactive=stdin is not None, tty=e.tty, stdio=stdio,
                      winch=winch_r)
     done = threading.Event()
-    thread: list[int] = []  # the thread that runs the exec: what it starts (runc) is the exec's
 
     def run() -> int:
-        thread.append(threading.get_native_id())
         try:
             return run_exec(req.cfg, e.container, eo)
         finally:
@@ -227,8 +204,9 @@ async def start(req: Request) -> web.StreamResponse:
         e.master = None
         for t in (*relays, *feeders):
             t.cancel()
-        if e.tty:
-            _hang_up(thread)
+        if e.winch is not None:  # the resize pipe's end is the terminal's hang-up (SIGHUP to the process)
+            os.close(e.winch)
+            e.winch = None
 
     try:
         async with while_connected(req.http, hang_up) if resp is not None else contextlib.nullcontext():
@@ -240,7 +218,8 @@ async def start(req: Request) -> web.StreamResponse:
                 await resp.write(f"{err}\n".encode() if e.tty else frame(STDERR, f"{err}\n".encode()))
     finally:
         e.running = False
-        os.close(e.winch)
+        if e.winch is not None:
+            os.close(e.winch)
         e.winch = e.master = None
         for t in feeders:  # the process is gone
             t.cancel()

@@ -198,7 +198,7 @@ def system_group() -> None:
 def service(ctx: click.Context, sock: Path | None, idle: float, group: str | None) -> None:
     """Serve the Docker Engine API, so that `docker`, docker-compose and the Docker SDK drive vmrt
     (DOCKER_HOST=unix://SOCKET)."""
-    from .. import monitor
+    from .. import monitor  # on use: the fork server is the service's alone
     cfg = config_of(ctx)
     path = sock or systemcmds.api_socket(cfg)
     if path.exists() and systemcmds.socket_answers(path):
