@@ -387,9 +387,12 @@ def test_stats_rename_images_and_prune_through_docker(api: Api) -> None:
     assert api.docker("tag", "busybox", "mybox:v1").returncode == 0
     assert api.docker("images", "-q", "mybox").stdout.strip() == api.docker("images", "-q", "busybox").stdout.strip()
     assert b"mybox:v1" not in api.docker("images", "--filter", "reference=busybox").stdout
+    r = api.docker("images", "mybox", "--format", "{{.Repository}}:{{.Tag}}")  # its matching tags only
+    assert r.stdout == b"mybox:v1\n", r
     r = api.docker("rmi", "mybox:v1")
     assert (r.returncode, r.stdout) == (0, b"Untagged: mybox:v1\n"), r.stderr
-    assert api.docker("rm", "-f", "spinner").returncode == 0
+    r = api.docker("kill", "spinner")  # returns once it is stopped: a remove right after it works
+    assert r.returncode == 0 and api.docker("rm", "spinner").returncode == 0, r
     assert api.docker("run", "--isolation=process", "--name", "done", "busybox", "true").returncode == 0
     r = api.docker("container", "prune", "-f")
     assert r.returncode == 0 and api.v("ps", "-aq").stdout == b"", r

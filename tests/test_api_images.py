@@ -248,6 +248,16 @@ def test_pull_uses_the_credentials_docker_sends(vmrt: Vmrt, monkeypatch: pytest.
         assert b"Digest: sha256:" in r.stdout, r.stdout
         r = pull(good, ref_t)
         assert r.returncode == 0, r.stderr
+        # the repository's last tag removed, its digest reference goes too (the image stays, tagged otherwise)
+        assert api.docker("tag", ref_t, "keep/app:1").returncode == 0
+        r = api.docker("rmi", ref_t)
+        assert r.returncode == 0 and b"@sha256:" in r.stdout and b"Deleted" not in r.stdout, r
+        r = api.docker("images", "--format", "{{.Repository}}")
+        assert token.host.encode() not in r.stdout, r
+        assert token.host.encode() not in api.docker("inspect", "-f", "{{.RepoDigests}}", "keep/app:1").stdout
+        assert api.docker("rmi", "keep/app:1").returncode == 0
+        r = pull(good, ref_t)
+        assert r.returncode == 0, r.stderr
         # docker login: the registry is asked through the service; the CLI keeps what it was told
         r = api.docker("login", "-u", basic.user, "--password-stdin", basic.host, input=b"not-it\n")
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -211,6 +211,11 @@ def _remove_one(store: Store, ref: str, force: bool) -> tuple[list[str], str | N
         out.append(f"Untagged: {reference.parse(t).familiar()}")
     # a container made from it keeps it (untagged) until the container goes; checked again under the lock
     if not last or users or not store.delete_if_unused(image_id):
+        left = {reference.parse(t).name for t in img.tags if t not in untag}
+        for repo in dict.fromkeys(reference.parse(t).name for t in untag):
+            if repo not in left:  # its repository's last tag of the image: its digests go too (Docker)
+                out += [f"Untagged: {reference.parse(rd).familiar()}"
+                        for rd in store.forget_repo_digests(image_id, repo)]
         return out, None
     out += [f"Untagged: {reference.parse(rd).familiar()}" for rd in img.repo_digests]
     return [*out, f"Deleted: {image_id}"], image_id

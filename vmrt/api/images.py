@@ -50,14 +50,14 @@ def image_summary(img: Image) -> dict[str, Any]:
             "Labels": (img.runtime_config.get("Labels") or {}), "Containers": -1}
 
 
-def _matches(img: Image, want: str) -> bool:
+def _tag_matches(tag: str, want: str) -> bool:
     """Docker's ``reference`` filter: a repository, with its tag if one is given."""
     try:
         w = reference.parse(want)
     except VmrtError:
         return False
-    has_tag = ":" in want.rpartition("/")[2]
-    return any((r := reference.parse(t)).name == w.name and (not has_tag or r.tag == w.tag) for t in img.tags)
+    r = reference.parse(tag)
+    return r.name == w.name and (":" not in want.rpartition("/")[2] or r.tag == w.tag)
 
 
 def _list(req: Request) -> list[dict[str, Any]]:
@@ -72,11 +72,18 @@ def _list(req: Request) -> list[dict[str, Any]]:
         imgs = store.images()
     finally:
         store.close()
-    if refs := filters.get("reference"):
-        imgs = [i for i in imgs if any(_matches(i, r) for r in refs)]
     if dangling := filters.get("dangling"):
         imgs = [i for i in imgs if (not i.tags) == (dangling[0] in ("true", "1"))]
-    return [image_summary(i) for i in imgs]
+    out = []
+    for i in imgs:
+        summary = image_summary(i)
+        if refs := filters.get("reference"):  # as Docker: the images that match, with only their matching tags
+            tags = [t for t in i.tags if any(_tag_matches(t, r) for r in refs)]
+            if not tags:
+                continue
+            summary["RepoTags"] = [reference.parse(t).familiar() for t in tags]
+        out.append(summary)
+    return out
 
 
 async def list_images(req: Request) -> web.StreamResponse:

@@ -561,6 +561,20 @@ class Store:
                        "ON CONFLICT(name) DO UPDATE SET image_id=excluded.image_id", (str(name), image_id))
         return image_id
 
+    def forget_repo_digests(self, image_id: str, repository: str) -> list[str]:
+        """Drop ``image_id``'s digest references of ``repository`` (Docker does once the
+        repository's last tag of the image is removed); the ones dropped."""
+        with self._tx() as db:
+            row = db.execute("SELECT repo_digests FROM images WHERE id=?", (image_id,)).fetchone()
+            if row is None:
+                return []
+            rds = json.loads(row[0])
+            gone = [rd for rd in rds if reference.parse(rd).name == repository]
+            if gone:
+                db.execute("UPDATE images SET repo_digests=? WHERE id=?",
+                           (json.dumps([rd for rd in rds if rd not in gone]), image_id))
+        return gone
+
     def untag(self, ref: str) -> bool:
         name = str(reference.parse(ref))
         with self._tx() as db:
