@@ -215,6 +215,7 @@ def test_hostile_archives_are_refused_both_ways(api: Api, tmp_path: Path) -> Non
     api.v.assert_clean()
 
 
+@pytest.mark.root  # a whiteout (a character device) and a trusted.* xattr need root
 def test_changes_read_the_writable_layer_without_following_it(tmp_path: Path) -> None:
     """docker diff's walk over an overlay upper dir and its lower layers: a whiteout is a deletion,
     an opaque directory hides what the layers had in it, a directory only copied up (/opt) is no
