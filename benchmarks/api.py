@@ -53,6 +53,12 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return dt
 
 
+def memory(pid: int) -> dict[str, float]:
+    """MiB of PSS: the service's, and its fork server's (its child)."""
+    children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return {"service": pss_kib(pid) / 1024, "fork server": sum(pss_kib(p) for p in children) / 1024}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
@@ -78,6 +84,8 @@ def main() -> None:
                 raise SystemExit("the service did not start")
             time.sleep(0.05)
         denv = {"PATH": os.environ["PATH"], "HOME": str(base), "DOCKER_HOST": f"unix://{sock}"}
+        time.sleep(2)
+        fresh = memory(service.pid)
         variants: dict[str, tuple[list[str], dict[str, str]]] = {
             "runc": ([runc, "--root", str(base / "runc-state"), "run", "--bundle", str(b), "ID"], env),
             "vmrt process": ([sys.executable, "-m", "vmrt", "run", "--rm", "--isolation=process", "--network",
@@ -96,9 +104,8 @@ def main() -> None:
                 dt = timed(cmd, e)
                 if i >= 2:
                     times[name].append(dt)
-        time.sleep(7)  # the service trims its heap after 5 quiet seconds
-        server = [int(p) for p in Path(f"/proc/{service.pid}/task/{service.pid}/children").read_text().split()]
-        pss = {"service": pss_kib(service.pid) / 1024, "fork server": sum(pss_kib(p) for p in server) / 1024}
+        time.sleep(12)  # the service trims its heap after 5 to 10 quiet seconds
+        pss = memory(service.pid)
         acc = accel.choose(os.environ.get("VMRT_ACCEL", "auto"), user_kernel=False)
         med = {k: statistics.median(v) for k, v in times.items()}
         lines = [f"### Starts through the Docker API, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — "
@@ -111,7 +118,9 @@ def main() -> None:
             lines.append(f"| {name} | {med[name]:.0f} | {pct(xs, 90):.0f} | {med[name] / med['runc']:.2f}x | "
                          f"{med[name] / med['docker process']:.2f}x |")
         lines += ["", f"Idle service after the runs: {pss['service']:.1f} MiB PSS, its fork server "
-                      f"{pss['fork server']:.1f} MiB: {pss['service'] + pss['fork server']:.1f} MiB in all.", "",
+                      f"{pss['fork server']:.1f} MiB: {pss['service'] + pss['fork server']:.1f} MiB in all "
+                      f"(just started: {fresh['service']:.1f} + {fresh['fork server']:.1f} = "
+                      f"{fresh['service'] + fresh['fork server']:.1f} MiB).", "",
                   "Targets: docker process <= 2x runc: "
                   f"{'met' if med['docker process'] <= 2 * med['runc'] else 'missed'} "
                   f"({med['docker process'] / med['runc']:.2f}x); faster than vmrt process: "
