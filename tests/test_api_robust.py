@@ -180,6 +180,30 @@ def _vmm_running(v: Vmrt) -> bool:
 
 
 # --- 1. the service killed in the middle of requests ----------------------------------------
+def _terminal_exec_hangs_up(api: Api, cid: str) -> None:
+    """An exec of a shell with a terminal whose client goes while it runs: the shell gets SIGHUP,
+    as at a terminal's end (exit code 129)."""
+    status, _, body = api.request("POST", f"/containers/{cid}/exec", json.dumps(
+        {"Cmd": ["sh"], "Tty": True, "AttachStdin": True, "AttachStdout": True, "AttachStderr": True}).encode(), JSON)
+    assert status == 201, body
+    eid = json.loads(body)["Id"]
+    s = _open(api, f"POST /exec/{eid}/start HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 12\n"
+                   "Upgrade: tcp\nConnection: Upgrade\n", b'{"Tty":true}')
+    assert b" 101 " in _head(s)
+    s.sendall(b"echo in-the-exec-$((6*7))\r")
+    out = b""
+    while b"in-the-exec-42" not in out:
+        chunk = s.recv(4096)
+        assert chunk, out
+        out += chunk
+    s.close()
+    deadline = time.monotonic() + 30
+    while (doc := json.loads(api.request("GET", f"/exec/{eid}/json")[2]))["Running"]:
+        assert time.monotonic() < deadline, "the exec's shell did not end when its terminal hung up"
+        time.sleep(0.2)
+    assert doc["ExitCode"] == 129, doc
+
+
 def test_a_killed_service_leaves_its_containers_to_their_monitors(api: Api) -> None:
     """SIGKILL of the service while a `docker run` is between its create and its start (the
     container created, its attach and its wait open) and while another container's long wait
@@ -384,25 +408,7 @@ def _go_away(api: Api, cid: str) -> None:
         client.kill()
         client.wait()
     # an exec with a terminal, gone while its shell runs
-    status, _, body = api.request("POST", f"/containers/{cid}/exec", json.dumps(
-        {"Cmd": ["sh"], "Tty": True, "AttachStdin": True, "AttachStdout": True, "AttachStderr": True}).encode(), JSON)
-    assert status == 201, body
-    eid = json.loads(body)["Id"]
-    s = _open(api, f"POST /exec/{eid}/start HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 12\n"
-                   "Upgrade: tcp\nConnection: Upgrade\n", b'{"Tty":true}')
-    assert b" 101 " in _head(s)
-    s.sendall(b"echo in-the-exec-$((6*7))\r")
-    out = b""
-    while b"in-the-exec-42" not in out:
-        chunk = s.recv(4096)
-        assert chunk, out
-        out += chunk
-    s.close()
-    deadline = time.monotonic() + 15
-    while (doc := json.loads(api.request("GET", f"/exec/{eid}/json")[2]))["Running"]:
-        assert time.monotonic() < deadline, "the exec's shell did not end when its terminal hung up"
-        time.sleep(0.2)
-    assert doc["ExitCode"] == 129, doc  # SIGHUP, as at a terminal's end
+    _terminal_exec_hangs_up(api, cid)
 
 
 def test_clients_that_go_away_mid_stream(api: Api) -> None:
@@ -485,24 +491,6 @@ def test_a_vm_exec_terminal_hangs_up_with_its_client(api: Api) -> None:
     r = api.docker("run", "-d", "--isolation=hyperv", "busybox", "sleep", "300")
     assert r.returncode == 0, r.stderr
     cid = r.stdout.decode().strip()
-    status, _, body = api.request("POST", f"/containers/{cid}/exec", json.dumps(
-        {"Cmd": ["sh"], "Tty": True, "AttachStdin": True, "AttachStdout": True, "AttachStderr": True}).encode(), JSON)
-    assert status == 201, body
-    eid = json.loads(body)["Id"]
-    s = _open(api, f"POST /exec/{eid}/start HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 12\n"
-                   "Upgrade: tcp\nConnection: Upgrade\n", b'{"Tty":true}')
-    assert b" 101 " in _head(s)
-    s.sendall(b"echo in-the-vm-$((6*7))\r")
-    out = b""
-    while b"in-the-vm-42" not in out:
-        chunk = s.recv(4096)
-        assert chunk, out
-        out += chunk
-    s.close()
-    deadline = time.monotonic() + 30
-    while (doc := json.loads(api.request("GET", f"/exec/{eid}/json")[2]))["Running"]:
-        assert time.monotonic() < deadline, "the VM exec's shell did not end when its terminal hung up"
-        time.sleep(0.2)
-    assert doc["ExitCode"] == 129, doc
+    _terminal_exec_hangs_up(api, cid)
     assert api.docker("rm", "-f", cid).returncode == 0
     api.v.assert_clean()
