@@ -351,33 +351,53 @@ static void ready_ok(void)
 	ready_fd = -1;
 }
 
+/* A unix socket address for path, which may be longer than sun_path: a short /proc name of
+ * its directory, opened O_PATH (chdir is not ours to change). Returns that directory's fd (the
+ * caller closes it; *name is path's last part), or -1 with errno set. */
+static int unix_addr(const char *path, struct sockaddr_un *sa, const char **name)
+{
+	char dir[4096];
+	const char *slash = strrchr(path, '/');
+	int fd;
+
+	*name = slash ? slash + 1 : path;
+	snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) + (slash == path) : 1,
+		 slash ? path : ".");
+	fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	*sa = (struct sockaddr_un){ .sun_family = AF_UNIX };
+	if ((size_t)snprintf(sa->sun_path, sizeof sa->sun_path, "/proc/self/fd/%d/%s", fd, *name) >=
+	    sizeof sa->sun_path) {
+		close(fd);
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	return fd;
+}
+
 /* The finish command done by the --finisher server: it is sent our container's ID and the
  * finish arguments (NUL-separated) with our stderr, fd 3 if it is the ready pipe, and one end
  * of a socket pair whose EOF says it is done (what it writes first: its status, our exit
  * status). Returns only if the server could not be asked. */
 static void finish_by_server(char **args, int with_ready)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	char d[4096], buf[4096 + 64], code[16] = "";
+	struct sockaddr_un sa;
+	char buf[4096 + 64], code[16] = "";
 	int sock, pair[2], fds[3], dir, nfds = 0;
 	size_t len = 0;
-	const char *slash = strrchr(finisher, '/');
+	const char *name;
 
-	/* by a short /proc name of its directory: the path may be longer than sun_path */
-	if (!slash || !slash[1])
-		return;
-	snprintf(d, sizeof d, "%.*s", (int)(slash - finisher) + (slash == finisher), finisher);
-	dir = open(d, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	dir = unix_addr(finisher, &sa, &name);
 	if (dir < 0)
 		return;
-	if ((size_t)snprintf(sa.sun_path, sizeof sa.sun_path, "/proc/self/fd/%d/%s", dir, slash + 1) >=
-	    sizeof sa.sun_path) {
-		close(dir);
-		return;
-	}
 	for (int i = -1; i < 4; i++) { /* ID, HOW, VALUE, OOM, DETAIL */
-		const char *s = (i < 0 ? cid : args[i]) ? (i < 0 ? cid : args[i]) : "";
-		size_t n = strlen(s) + 1;
+		const char *s = i < 0 ? cid : args[i];
+		size_t n;
+
+		if (!s)
+			s = "";
+		n = strlen(s) + 1;
 
 		if (len + n > sizeof buf) {
 			close(dir);
@@ -938,23 +958,11 @@ static void signals_read(void)
 
 static void attach_listen(const char *path)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	char dir[4096];
-	const char *slash = strrchr(path, '/');
+	struct sockaddr_un sa;
 
-	/* The path may be longer than sun_path: bind by a short /proc name of its
-	 * directory instead (chdir is not ours to change). */
-	attach_name = slash ? slash + 1 : path;
-	snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) + (slash == path) : 1,
-		 slash ? path : ".");
-	attach_dir = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	attach_dir = unix_addr(path, &sa, &attach_name);
 	if (attach_dir < 0) {
-		say("cannot open %s: %s", dir, strerror(errno));
-		return;
-	}
-	if ((size_t)snprintf(sa.sun_path, sizeof sa.sun_path, "/proc/self/fd/%d/%s",
-			     attach_dir, attach_name) >= sizeof sa.sun_path) {
-		say("attach socket name %s is too long", attach_name);
+		say("cannot listen on %s: %s", path, strerror(errno));
 		return;
 	}
 	unlinkat(attach_dir, attach_name, 0);

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .images.store import Store
 from .paths import source_root
+from .proc import connect_unix
 
 
 # --- info, check ---------------------------------------------------------------------------
@@ -237,15 +237,11 @@ def api_socket(cfg: Config) -> Path:
 
 def socket_answers(path: Path) -> bool:
     """Whether a service accepts connections on the unix socket ``path``."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.settimeout(1.0)
-        s.connect(str(path))
-        return True
-    except OSError:
+        connect_unix(path.parent, path.name, timeout=1.0).close()
+    except (OSError, ValueError):  # ValueError: no file name in it
         return False
-    finally:
-        s.close()
+    return True
 
 
 def ensure_service(cfg: Config, timeout: float = 30.0) -> Path:
