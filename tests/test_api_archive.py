@@ -1,5 +1,6 @@
 """The Docker Engine API's file copies, processes and changes, driven by the real docker CLI:
-`docker cp` both ways through GET/HEAD/PUT /containers/{id}/archive in either isolation,
+`docker cp` both ways through GET/HEAD/PUT /containers/{id}/archive in either isolation, of
+running, created and stopped containers,
 hostile archives both ways (an upload with names that lead out, a container whose `tar` lies),
 `docker top` (GET /containers/{id}/top) and `docker diff` (GET /containers/{id}/changes).
 """
@@ -144,10 +145,10 @@ def test_docker_cp_top_and_diff_of_a_process_container(api: Api, tmp_path: Path)
                  "A /data/up/inner/secret"):
         assert want in lines, (want, lines)
     assert not [ln for ln in lines if ln.split()[1] in ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf")]
-    # stopped: no copies (they run inside it), but its changes are still there
+    # stopped: its files are still copied (a tool run over them), its changes still there
     assert api.docker("stop", "-t", "1", "files").returncode == 0
     r = api.docker("cp", "files:/data/f", str(tmp_path / "late"))
-    assert r.returncode != 0 and b"is not running" in r.stderr, r.stderr
+    assert r.returncode == 0 and (tmp_path / "late").read_text() == "hello\n", r.stderr
     r = api.docker("top", "files")
     assert r.returncode != 0 and b"is not running" in r.stderr, r.stderr
     assert "A /tmp/new" in api.docker("diff", "files").stdout.decode().splitlines()
@@ -167,11 +168,43 @@ def test_docker_cp_and_top_of_a_vm_container(api: Api, tmp_path: Path) -> None:
     api.v.assert_clean()
 
 
+@pytest.mark.parametrize("isolation", ["process", "hyperv"])
+def test_docker_cp_into_a_created_and_out_of_a_stopped_container(api: Api, tmp_path: Path, isolation: str) -> None:
+    """As Docker allows: a file copied into a container before its first start is what it reads;
+    what it wrote is copied out once it stopped; the copies leave its record as it was (Exited,
+    its status and finish time) and it starts again afterwards."""
+    name = f"offline-{isolation}"
+    r = api.docker("create", "--name", name, f"--isolation={isolation}", "busybox", "sh", "-c",
+                   "cat /tmp/in/f; echo made > /tmp/made; exit 3")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "f").write_text("copied before the start\n")
+    r = api.docker("cp", str(tmp_path / "in"), f"{name}:/tmp/")
+    assert r.returncode == 0, r.stderr
+    assert api.docker("inspect", "-f", "{{.State.Status}}", name).stdout == b"created\n"
+    r = api.docker("start", "-a", name)
+    assert (r.returncode, r.stdout) == (3, b"copied before the start\n"), r
+    before = api.docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}} {{.State.FinishedAt}}", name).stdout
+    assert before.startswith(b"exited 3 "), before
+    r = api.docker("cp", f"{name}:/tmp/made", str(tmp_path / "made"))
+    assert r.returncode == 0 and (tmp_path / "made").read_text() == "made\n", r.stderr
+    status, doc = _stat(api, name, "/tmp/in/f")
+    assert status == 200 and doc["size"] == 24, doc
+    assert _stat(api, name, "/tmp/nope")[0] == 404
+    after = api.docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}} {{.State.FinishedAt}}", name).stdout
+    assert after == before
+    r = api.docker("start", "-a", name)  # the copies hold nothing of it
+    assert (r.returncode, r.stdout) == (3, b"copied before the start\n"), r
+    assert api.docker("rm", name).returncode == 0
+    api.v.assert_clean()
+
+
 def test_hostile_archives_are_refused_both_ways(api: Api, tmp_path: Path) -> None:
     """Uploads whose members lead out (``..``, an absolute name, a file through a symbolic link
     of the same archive, a device node) are refused with 400 and write nothing outside; a setuid
     bit is dropped. Out of the container, a `tar` that lies (a file beyond a link to the host)
-    cuts the copy short: the client fails and nothing lands outside its destination."""
+    cuts the copy short: the client fails and nothing lands outside its destination, whether the
+    container runs or is stopped."""
     cid = _run(api, "hostile", "process")
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -211,6 +244,11 @@ def test_hostile_archives_are_refused_both_ways(api: Api, tmp_path: Path) -> Non
     r = api.docker("cp", "hostile:/etc", str(dest))  # its first member is not /etc: refused before any byte
     assert r.returncode != 0 and b"wrote 'data' first" in r.stderr, r.stderr
     assert not (dest / "etc").exists() and not os.listdir(outside)
+    # stopped, its lying tar runs in a tool run over its files: checked the same way
+    assert api.docker("stop", "-t", "1", "hostile").returncode == 0
+    r = api.docker("cp", "hostile:/data", str(dest))
+    assert r.returncode != 0 and b"Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert not os.listdir(outside) and not (dest / "data" / "pwned").exists()
     assert api.docker("rm", "-f", "hostile").returncode == 0
     api.v.assert_clean()
 

@@ -1,4 +1,4 @@
-"""exec, inspect, rename, top, stats, cp and container prune on running containers, both modes."""
+"""exec, inspect, rename, top, stats, cp and container prune, both modes (cp of stopped ones too)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,23 @@ def test_cp_both_ways(running, tmp_path: Path) -> None:  # type: ignore[no-untyp
     assert out(v("exec", cid, "cat", "/data/up", "/data/renamed")) == "up\nup\n"
     r = v("cp", f"{cid}:/nope", str(tmp_path))
     assert r.returncode == 125 and len(r.stderr.decode().strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cp_to_a_created_and_from_a_stopped_container(vmrt: Vmrt, tmp_path: Path, mode: str) -> None:
+    """`vmrt cp` works whether the container runs or not (a tool run over its files, in its
+    isolation); the container's record stays as it was."""
+    cid = out(vmrt("create", f"--isolation={mode}", "busybox", "sh", "-c", "cat /tmp/in; echo out > /tmp/out")).strip()
+    (tmp_path / "in").write_text("in\n")
+    assert out(vmrt("cp", str(tmp_path / "in"), f"{cid}:/tmp/in")) == ""
+    assert out(vmrt("inspect", "--format", "{{.State.Status}}", cid)) == "created\n"
+    r = vmrt("start", "-a", cid)
+    assert (r.returncode, r.stdout) == (0, b"in\n"), r.stderr
+    assert out(vmrt("cp", f"{cid}:/tmp/out", str(tmp_path / "got"))) == ""
+    assert (tmp_path / "got").read_text() == "out\n"
+    assert out(vmrt("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", cid)) == "exited 0\n"
+    assert vmrt("rm", cid).returncode == 0
+    vmrt.assert_clean()
 
 
 def test_container_prune_removes_only_stopped(vmrt: Vmrt) -> None:

@@ -1,12 +1,14 @@
-"""``vmrt cp``: files between the host and a running container, both directions.
+"""``vmrt cp``: files between the host and a container, both directions.
 
 The copy runs ``tar`` inside the container through ``vmrt exec`` (runc exec, or
 the guest agent in VM mode: a VM's writable layer lives in the guest, out of
-the host's reach), like ``kubectl cp``; so the image needs a ``tar`` (busybox has
-one). On the host, archives are read with tarfile's ``data`` filter (no absolute
-names, no ``..``, no links out of the destination, no device nodes, no setuid
-bits) and written with Python's tarfile. Docker's naming rules apply: copying to
-an existing directory puts the source inside it; otherwise the copy takes the
+the host's reach), like ``kubectl cp``; a container that is not running gets
+a short tool run of ``tar`` over its files instead, in its isolation
+(vmrt/offline.py). So the image needs a ``tar`` (busybox has one). On the
+host, archives are read with tarfile's ``data`` filter (no absolute names, no
+``..``, no links out of the destination, no device nodes, no setuid bits)
+and written with Python's tarfile. Docker's naming rules apply: copying to an
+existing directory puts the source inside it; otherwise the copy takes the
 destination's name.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from . import fsmode
 from .config import Config
 from .errors import UsageError, VmrtError
-from .execs import ExecOptions, run_exec
+from .execs import run_tool
 
 
 def split(arg: str) -> tuple[str | None, str]:
@@ -34,9 +36,10 @@ def split(arg: str) -> tuple[str | None, str]:
 
 
 def _exec(cfg: Config, ref: str, args: list[str], stdin: int | None, stdout: int) -> int:
+    """``args`` in the container as its root (as Docker's copies), running or not."""
     with open(os.devnull, "wb") as err:
-        return run_exec(cfg, ref, ExecOptions(args, user="0:0", interactive=stdin is not None,  # root, as Docker
-                                              stdio=(stdin if stdin is not None else 0, stdout, err.fileno())))
+        return run_tool(cfg, ref, args, (stdin if stdin is not None else stdout, stdout, err.fileno()),
+                        stdin=stdin is not None)
 
 
 def _strict(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:

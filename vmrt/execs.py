@@ -109,6 +109,22 @@ def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
     return _runc_exec(cfg, c, eo, r)
 
 
+def run_tool(cfg: Config, ref: str, args: list[str], stdio: tuple[int, int, int], *, stdin: bool) -> int:
+    """``args`` in container ``ref`` as its root, whether it runs or not (``docker cp``): an exec
+    while it runs, else a tool run over its files in its isolation (:mod:`vmrt.offline`)."""
+    state = State(cfg.db_path)
+    try:
+        reconcile(cfg, state)
+        c = state.get(ref)
+    finally:
+        state.close()
+    if c.status == Status.RUNNING and owner_alive(c):
+        return run_exec(cfg, c.id, ExecOptions(args, user="0:0", interactive=stdin,
+                                               stdio=(stdio[0] if stdin else stdio[1], stdio[1], stdio[2])))
+    from .offline import run_offline  # on use: copies to running containers never load the drivers
+    return run_offline(cfg, c, args, stdio, stdin=stdin)
+
+
 def _tty_size(fd: int) -> tuple[int, int]:
     try:
         s = os.get_terminal_size(fd)

@@ -12,12 +12,13 @@ setuid/setgid bit, no extended attribute, and no member header larger than
 :data:`HEADER_MAX`. Nothing is buffered whole: out, the container's tar is parsed as it is
 read and written to the client as it goes; in, the request body is read as the container's
 tar consumes it. The stat Docker sends in ``X-Docker-Container-Path-Stat`` is the first
-member's header (size 0 for a directory, where Docker gives lstat's). A stopped container
-cannot be copied from or to (409): its file system is only ever read from inside it. Nor can
-the whole root (``path=/``: 400), whose /proc and /sys are live file systems there. What an
-upload may replace is tar's to say (``noOverwriteDirNonDir`` is accepted, not enforced):
-busybox's tar refuses a directory over a file and a file over a directory; GNU tar replaces
-a file with a directory. Docker's CLI refuses both at the top level itself.
+member's header (size 0 for a directory, where Docker gives lstat's). A created or stopped
+container is copied from and to as Docker allows, by a short tool run of its tar over its
+files in its isolation (vmrt/offline.py: runc, or a VM booted for it), its record untouched.
+The whole root cannot be copied (``path=/``: 400): its /proc and /sys are live file systems
+there. What an upload may replace is tar's to say (``noOverwriteDirNonDir`` is accepted, not
+enforced): busybox's tar refuses a directory over a file and a file over a directory; GNU tar
+replaces a file with a directory. Docker's CLI refuses both at the top level itself.
 
 ``changes`` (``docker diff``) reads a process container's writable layer, the overlay's
 upper dir, from the host, beside the image's layers: every directory is opened relative to
@@ -48,7 +49,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import ContainerExecError, VmrtError
-from ..execs import ExecOptions, resolve, run_exec
+from ..execs import ExecOptions, resolve, run_tool
 from ..formatting import inert
 from ..images.store import Store
 from ..layout import rw_dir
@@ -102,10 +103,10 @@ def _read_capped(fd: int, into: bytearray, limit: int) -> None:
 
 
 def _exec_tar(cfg: Config, cid: str, args: list[str], stdin: int | None, stdout: int, stderr: int) -> int:
-    """``tar ARGS`` in the container as its root (as Docker's copies): its exit status."""
-    eo = ExecOptions(["tar", *args], user="0:0", interactive=stdin is not None,
-                     stdio=(stdin if stdin is not None else stdout, stdout, stderr))
-    return run_exec(cfg, cid, eo)
+    """``tar ARGS`` in the container as its root (as Docker's copies), running or not: its
+    exit status."""
+    return run_tool(cfg, cid, ["tar", *args], (stdin if stdin is not None else stdout, stdout, stderr),
+                    stdin=stdin is not None)
 
 
 class _Tar:
@@ -666,7 +667,7 @@ def changes(cfg: Config, c: Container) -> list[dict[str, Any]]:
 async def get_archive(req: Request) -> web.StreamResponse:
     raw, ref = req.query("path"), req.params["id"]
     _target(raw)
-    c = await in_thread(lambda: _container(req.cfg, ref, running=True))
+    c = await in_thread(lambda: _container(req.cfg, ref, running=False))
     if req.http.method == "HEAD":
         doc = await in_thread(lambda: stat_path(req.cfg, c, raw, ref))
         if doc is None:
@@ -706,7 +707,7 @@ async def put_archive(req: Request) -> web.StreamResponse:
     _target(raw)
     copy_ids = req.flag("copyUIDGID")
     req.flag("noOverwriteDirNonDir")  # checked; tar in the container never replaces a directory with a file
-    c = await in_thread(lambda: _container(req.cfg, ref, running=True))
+    c = await in_thread(lambda: _container(req.cfg, ref, running=False))
     where = await in_thread(lambda: _extraction_dir(req.cfg, c, raw, ref))
     owner = None
     if copy_ids:

@@ -35,7 +35,7 @@ HandOver = Callable[[Handoff], NoReturn]  # the caller's: this process becomes t
 @dataclasses.dataclass
 class RunContext:
     cfg: Config
-    state: State
+    state: State | None          # None: a tool run over the container (offline.py), its record untouched
     container: Container
     image: Image
     layers: list[Path]          # the image's unpacked layers, lowest first

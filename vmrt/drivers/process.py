@@ -302,7 +302,7 @@ class _Session:
         os.chmod(pid_file, fsmode.PRIVATE_FILE)  # the runtime wrote it under umask 022
         self.pid = int(pid_file.read_text().strip())
         self.pidfd = PidFd(self.pid)
-        if self.ctx.state is not None:
+        if ctx.state is not None:
             ctx.state.set_fields(ctx.container, pids={"init": self.pid})
         if ctx.handoff is not None:
             return

@@ -299,7 +299,7 @@ class _Session:
 
     def _vm_gone(self, status: int) -> AgentError:
         host_oom = self.group is not None and self.group.oom_kills() > 0
-        if host_oom:
+        if host_oom and self.ctx.state is not None:
             self.ctx.state.set_fields(self.ctx.container, oom_killed=True)
         return vm_gone(status, bytes(self.console_tail), host_oom)
 
@@ -508,7 +508,8 @@ class _Session:
         if vm.join_group:
             group.add(vm.pid)
         server = vm.share_server
-        ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, **({"virtiofsd": server.pid} if server else {})})
+        if ctx.state is not None:
+            ctx.state.set_fields(ctx.container, pids={"qemu": vm.pid, **({"virtiofsd": server.pid} if server else {})})
 
         self._spawn(self._read_console(vm.console_sock, vm.console_log))
         self._spawn(self._read_agent(vm.agent_sock))
@@ -556,7 +557,7 @@ class _Session:
             self._start_stdin()
         ex: P.Exit = await self.exited
         t.mark("exit")
-        if ex.oom:
+        if ex.oom and ctx.state is not None:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
 
