@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +113,40 @@ def test_cp_to_a_created_and_from_a_stopped_container(vmrt: Vmrt, tmp_path: Path
     assert out(vmrt("cp", f"{cid}:/tmp/out", str(tmp_path / "got"))) == ""
     assert (tmp_path / "got").read_text() == "out\n"
     assert out(vmrt("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", cid)) == "exited 0\n"
+    assert vmrt("rm", cid).returncode == 0
+    vmrt.assert_clean()
+
+
+def test_a_container_being_copied_is_neither_removed_nor_started(vmrt: Vmrt, tmp_path: Path) -> None:
+    """While a copy's tool run holds a stopped container (here: its tar still reads the upload),
+    `rm` and `start` refuse it in one line; once the copy ended both work."""
+    cid = out(vmrt("create", "--isolation=process", "busybox", "cat", "/tmp/up")).strip()
+    r, w = os.pipe()
+    code = ("import sys; from vmrt import config, execs; sys.exit(execs.run_tool(config.load(), sys.argv[1], "
+            "['tar', 'xf', '-', '-C', '/tmp'], (0, 1, 2), stdin=True))")
+    copy = subprocess.Popen([sys.executable, "-c", code, cid], stdin=r, env=vmrt.env)
+    os.close(r)
+    try:
+        marker = vmrt.run_root / "containers" / cid / "tool.pid"
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+        r1 = vmrt("rm", "-f", cid)
+        assert r1.returncode != 0 and b"in use by a copy" in r1.stderr and len(r1.stderr.splitlines()) == 1, r1
+        r2 = vmrt("start", "-a", cid)
+        assert r2.returncode != 0 and b"already running or being started" in r2.stderr, r2
+        data = io.BytesIO()
+        with tarfile.open(fileobj=data, mode="w") as tf:
+            info = tarfile.TarInfo("up")
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"up\n"))
+        os.write(w, data.getvalue())
+    finally:
+        os.close(w)
+        assert copy.wait(60) == 0
+    r3 = vmrt("start", "-a", cid)
+    assert (r3.returncode, r3.stdout) == (0, b"up\n"), r3
     assert vmrt("rm", cid).returncode == 0
     vmrt.assert_clean()
 

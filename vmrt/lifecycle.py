@@ -348,11 +348,25 @@ def cleanup(cfg: Config, c: Container) -> None:
         remove_run_dir(Path(c.run_dir))
 
 
+TOOL_PID_NAME = "tool.pid"  # a run dir's, while a tool run (vmrt/offline.py) holds it: "PID TICKS"
+
+
+def tool_running(cfg: Config, container_id: str) -> bool:
+    """Whether a tool run (a copy of a container that is not running) holds its run dir now."""
+    try:
+        pid, ticks = (int(f) for f in (cfg.run_root / "containers" / container_id / TOOL_PID_NAME).read_text().split())
+    except (OSError, ValueError):
+        return False
+    return start_ticks(pid) == ticks
+
+
 def remove(cfg: Config, ref: str, force: bool) -> str:
     """``docker rm [-f]``: a running container is killed first (with -f); then nothing of it is left."""
     state = State(cfg.db_path)
     try:
         c = state.get(ref)
+        if tool_running(cfg, c.id):
+            raise StateError(f"cannot remove container {c.name}: it is in use by a copy to or from it")
         if owner_alive(c):  # running, or its monitor waits to restart it
             if not force:
                 raise UsageError(f"cannot remove running container {c.name}: stop it first or use -f")

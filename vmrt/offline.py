@@ -10,7 +10,8 @@ tool as its process, as root with only the capabilities a copy needs
 restart policy. The container's record is not touched: it stays Created or Exited with its
 status. While the tool runs it holds the container's run dir, as a start does: a start
 meanwhile fails as "already running or being started", and a tool run never starts over a
-running (or restarting) container.
+running (or restarting) container, and ``rm`` refuses the container meanwhile (its run dir's
+``tool.pid``).
 
 The run is a child process (``python -m vmrt.offline REQUEST``), since the drivers take
 signals and a subreaper role that belong to a main thread of their own (the API service
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import bundle
+from . import bundle, fsmode
 from . import config as config_mod
 from .config import Config
 from .drivers.base import RunContext
@@ -35,8 +37,9 @@ from .errors import StateError, VmrtError
 from .formatting import inert
 from .images.store import Store
 from .layout import META_NAME, container_dir, rw_dir
-from .lifecycle import owner_alive, remove_run_dir
+from .lifecycle import TOOL_PID_NAME, owner_alive, remove_run_dir
 from .ocispec import Spec
+from .proc import start_ticks
 from .state import Container, State, Status
 from .timings import Timings
 
@@ -106,6 +109,8 @@ def _run(request: dict[str, Any]) -> int:
     except FileExistsError:
         raise StateError(f"container {c.id[:12]} is running or being started") from None
     try:
+        # rm refuses the container while this names a live process
+        fsmode.write_private(run_dir / TOOL_PID_NAME, f"{os.getpid()} {start_ticks(os.getpid())}\n")
         bundle.write(run_dir, spec)
         ctx = RunContext(cfg, None, c, image, image.layer_dirs(), run_dir, spec, Timings(),
                          rw_dir=rw_dir(cfg, c.id))
