@@ -95,6 +95,7 @@ def test_kill_with_a_signal_and_by_default(vmrt: Vmrt, mode: str) -> None:
     a = detach(vmrt, mode, "sh", "-c", "sleep 100")
     b = detach(vmrt, mode, "sh", "-c", "trap 'exit 7' USR1; while true; do sleep 0.1; done")
     assert vmrt("kill", a).returncode == 0
+    assert status_of(vmrt, a).startswith("Exited (137)")  # a SIGKILL is seen through, as Docker's
     assert vmrt("kill", "-s", "USR1", b).returncode == 0
     assert vmrt("wait", a, b).stdout.split() == [b"137", b"7"]
     r = vmrt("kill", a)

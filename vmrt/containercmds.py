@@ -36,6 +36,8 @@ from .ocispec import Spec
 from .state import Container, State, Status
 from .timings import Timings
 
+KILL_WAIT = 10.0  # seconds a kill with SIGKILL waits for the container to be seen stopped
+
 PS_COLUMNS = [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
               ("CREATED", "RunningFor", 0), ("STATUS", "Status", 0), ("PORTS", "Ports", 0),
               ("ISOLATION", "Isolation", 0), ("NAMES", "Names", 0)]
@@ -386,6 +388,8 @@ def kill(cfg: Config, refs: tuple[str, ...], *, sig: str) -> Outcomes:
         lifecycle.send(cfg, c, signo)
         if signo in (9, 15, 2):  # a kill by hand: no restart policy brings it back
             st.set_fields(c, stop_requested=True)
+        if signo == 9:  # as Docker's: a SIGKILL is seen through (bounded), so that ps shows it stopped
+            lifecycle.wait_exit(st, c, KILL_WAIT)
         return c.name
     return _each(cfg, refs, act)
 

@@ -30,7 +30,6 @@ from .execs import size_query
 from .streams import STDERR, STDOUT, Stdin, frame, hijack
 
 POLL = 0.02  # a wait, a followed log: how often the state and the log are read
-KILL_WAIT = 10.0  # seconds a kill with SIGKILL waits for the container to be seen stopped
 # the cancel events of the waits and streams in flight: each runs a thread, which the service's
 # stop ends through these (a thread left polling would keep the process from exiting)
 _cancels: set[threading.Event] = set()
@@ -315,11 +314,7 @@ async def kill(req: Request) -> web.StreamResponse:
     if c.status != Status.RUNNING:
         raise ApiError(409, f"Cannot kill container: {c.name}: container is not running")
     sig = req.query("signal") or "KILL"
-    await asyncio.to_thread(outcomes, containercmds.kill(req.cfg, (c.id,), sig=sig))
-    if sig.upper().removeprefix("SIG") in ("KILL", "9"):  # as Docker's: a SIGKILL is seen through
-        deadline = time.monotonic() + KILL_WAIT
-        while time.monotonic() < deadline and (await asyncio.to_thread(_get, req)).status == Status.RUNNING:
-            await asyncio.sleep(POLL)
+    await asyncio.to_thread(outcomes, containercmds.kill(req.cfg, (c.id,), sig=sig))  # SIGKILL: waited for
     return web.Response(status=204)
 
 
