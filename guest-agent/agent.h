@@ -17,6 +17,8 @@
  *   child.c    a container process: stdio, cgroup, what its child does up to
  *              exec (the main one and each exec process)
  *   session.c  the main loop: the sessions' frames, output, stdin, EXIT
+ *   walk.c     WALK_UPPER: a process that lists the writable layer's upper
+ *              dir on its stdout instead of exec'ing (`docker diff`)
  * The frame and RUN parsers are proto.c's; clock_ns, now_ms and the console
  * line's format are common/util.c's (shared with the host monitor). */
 #ifndef VMRT_AGENT_H
@@ -35,6 +37,7 @@
 
 #define NEXEC 4 /* exec ports org.vmrt.exec.0 .. 3 (the host's EXEC_PORTS) */
 #define ROOT "/run/vmrt/root" /* the container root (mounts.c), moved over "/" by the child */
+#define RWDIR "/run/vmrt/rw"  /* the writable layer (mounts.c): the overlay's upper/ and work/ */
 
 #define OUT_CHUNK (16 * 1024)
 #define STDIN_QCAP (4 * VMRT_FRAME_MAX)
@@ -126,6 +129,10 @@ uint64_t oom_kills(void);
 void child_main(const struct stdio *s) __attribute__((noreturn));
 void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns) __attribute__((noreturn));
 int read_errpipe(int fd, uint32_t *code, char *msg, size_t msglen);
+
+/* ---------------------------------------------------------------- walk.c */
+
+void walk_upper(void) __attribute__((noreturn)); /* in the child, its stdout the stream */
 
 /* ---------------------------------------------------------------- session.c */
 

@@ -1,7 +1,8 @@
 /* A container process (agent.h): its stdio (pipes or a terminal), the
  * container's cgroup and OOM count, and what its forked child does up to
  * exec: the main process enters the container root, an exec process the
- * container's mounts; both take the RUN's identity and search PATH. */
+ * container's mounts; both take the RUN's identity and search PATH (or,
+ * with WALK_UPPER, walk the writable layer instead: walk.c). */
 #include "agent.h"
 
 #include <errno.h>
@@ -435,11 +436,47 @@ static void child_enter(const struct stdio *s, int tty)
 		child_fail(125, "cannot set the controlling terminal: %s", strerror(errno));
 }
 
+/* WALK_UPPER (walk.c): instead of the container's root and identity, the
+ * process stays in the agent's mount namespace, where the writable layer's
+ * upper dir is, and keeps only what reading all of it takes:
+ * CAP_DAC_READ_SEARCH (every directory) and CAP_SYS_ADMIN (the trusted.*
+ * xattr that marks an opaque directory), no_new_privs, and no fd of the
+ * agent's: the error pipe's end goes too, its EOF the agent's STARTED. */
+static void walk_enter(void) __attribute__((noreturn));
+static void walk_enter(void)
+{
+	const uint64_t keep = 1ULL << CAP_DAC_READ_SEARCH | 1ULL << CAP_SYS_ADMIN;
+	struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct data[2];
+
+	if (chdir("/") < 0)
+		child_fail(125, "walk: chdir /: %s", strerror(errno));
+	for (int c = 0; c < 64; c++)
+		if (!(keep & (1ULL << c)) && prctl(PR_CAPBSET_READ, c, 0, 0, 0) >= 0 &&
+		    prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0)
+			child_fail(125, "walk: cannot drop capability %d: %s", c, strerror(errno));
+	memset(data, 0, sizeof data);
+	data[0].effective = data[0].permitted = (uint32_t)keep;
+	data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
+	(void)prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+	if (syscall(SYS_capset, &hdr, data) < 0)
+		child_fail(125, "walk: cannot set capabilities: %s", strerror(errno));
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		child_fail(125, "walk: cannot set no_new_privs: %s", strerror(errno));
+	if (syscall(SYS_close_range, 3u, ~0u, 0u) < 0)
+		for (int fd = 3; fd < 4096; fd++)
+			close(fd);
+	errpipe_w = -1;
+	walk_upper();
+}
+
 void child_main(const struct stdio *s)
 {
 	char text[512];
 
 	child_enter(s, run.tty);
+	if (run.walk)
+		walk_enter();
 
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
 		child_fail(125, "cannot make mounts private: %s", strerror(errno));
@@ -496,6 +533,8 @@ void child_main(const struct stdio *s)
 void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns)
 {
 	child_enter(s, r->tty);
+	if (r->walk)
+		walk_enter();
 	/* setns(CLONE_NEWNS) sets root and cwd to the namespace's root, looking
 	 * down the mounts on it: the container root */
 	if (setns(mntns, CLONE_NEWNS) < 0 || chdir("/") < 0)

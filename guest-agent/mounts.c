@@ -20,7 +20,6 @@
 
 #define SHARE "/run/vmrt/share" /* the virtio-fs share: rootfs/ and volumes/ */
 #define LOWER SHARE "/rootfs"
-#define RWDIR "/run/vmrt/rw"
 #define DISK_WAIT_MS 5000 /* a swapped-in disk's new capacity reaches the guest by an interrupt */
 
 int mkdir_p(const char *path, mode_t mode)

@@ -259,6 +259,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_SECCOMP: return "SECCOMP";
 	case VMRT_TAG_MASKED: return "MASKED";
 	case VMRT_TAG_RO_PATH: return "RO_PATH";
+	case VMRT_TAG_WALK_UPPER: return "WALK_UPPER";
 	default: return "?";
 	}
 }
@@ -309,6 +310,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->disk_dev[0] = '\0';
 	out->seccomp_len = 0;
 	out->nmasked = out->nro_paths = 0;
+	out->walk = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -442,10 +444,13 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			break;
 		case VMRT_TAG_NO_NEW_PRIVS:
 		case VMRT_TAG_DETACH:
+		case VMRT_TAG_WALK_UPPER:
 			if (vlen != 0)
 				goto badsize;
 			if (tag == VMRT_TAG_DETACH)
 				out->detach = 1;
+			else if (tag == VMRT_TAG_WALK_UPPER)
+				out->walk = 1;
 			else
 				out->no_new_privs = 1;
 			break;
@@ -645,6 +650,10 @@ badsize:
 	}
 	if (out->disk_scratch && !out->disk_size) {
 		seterr(err, errlen, "RUN DISK_SCRATCH without UPPER_DISK");
+		return -1;
+	}
+	if (out->walk && (out->tty || out->detach)) {
+		seterr(err, errlen, "RUN WALK_UPPER with TTY or DETACH");
 		return -1;
 	}
 	if (out->share_fresh && !out->share_9p) {

@@ -74,6 +74,7 @@ enum vmrt_tag {
 	VMRT_TAG_SECCOMP = 30,      /* struct sock_filter[] (8..32768 bytes): installed before execve */
 	VMRT_TAG_MASKED = 31,       /* string: absolute path hidden from the container (OCI maskedPaths) */
 	VMRT_TAG_RO_PATH = 32,      /* string: absolute path made read-only (OCI readonlyPaths) */
+	VMRT_TAG_WALK_UPPER = 33,   /* empty: the process walks the writable layer (walk.c) instead of exec'ing ARG */
 };
 
 enum vmrt_mount_flags {
@@ -177,6 +178,7 @@ struct vmrt_run {
 	size_t nmasked;
 	const char *ro_paths[VMRT_MAX_PATHS];
 	size_t nro_paths;
+	int walk;            /* WALK_UPPER record given (never with TTY or DETACH) */
 	char strings[VMRT_MAX_PAYLOAD];
 };
 
@@ -193,7 +195,8 @@ struct vmrt_run {
  * UPPER_DISK or one whose capacity is 0 or not whole 512-byte sectors or
  * whose name is not 1..31 of [a-z0-9], a second
  * SECCOMP or one that is empty, not whole instructions or longer than
- * BPF_MAXINSNS, too many MASKED/RO_PATH or one not absolute or with "..".
+ * BPF_MAXINSNS, too many MASKED/RO_PATH or one not absolute or with "..",
+ * a non-empty WALK_UPPER or one with TTY or DETACH.
  * Unknown tags are skipped. */
 int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		   char *err, size_t errlen);

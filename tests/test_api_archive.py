@@ -2,7 +2,9 @@
 `docker cp` both ways through GET/HEAD/PUT /containers/{id}/archive in either isolation, of
 running, created and stopped containers,
 hostile archives both ways (an upload with names that lead out, a container whose `tar` lies),
-`docker top` (GET /containers/{id}/top) and `docker diff` (GET /containers/{id}/changes).
+`docker top` (GET /containers/{id}/top) and `docker diff` (GET /containers/{id}/changes) in
+either isolation (a VM container's writable layer as its guest agent lists it, and that list
+played by an attacker).
 """
 
 from __future__ import annotations
@@ -13,19 +15,28 @@ import json
 import os
 import shutil
 import stat
+import struct
+import subprocess
 import tarfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_api import Api
 from test_api import api as api_service  # the fixture, registered here under this name
 
-from vmrt.api.archive import ADDED, DELETED, MODIFIED, layer_changes
+from vmrt.agent import walk
+from vmrt.api.archive import ADDED, DELETED, MODIFIED, FdUpper, TreeUpper, layer_changes
+from vmrt.errors import ProtocolError
 
 pytestmark = pytest.mark.vm
 assert api_service  # imported for pytest to find
 
 GO_DIR, GO_SYMLINK = 1 << 31, 1 << 27
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -158,13 +169,69 @@ def test_docker_cp_top_and_diff_of_a_process_container(api: Api, tmp_path: Path)
 
 def test_docker_cp_and_top_of_a_vm_container(api: Api, tmp_path: Path) -> None:
     """The same copies into and out of a micro-VM (tar runs in the guest); top lists the guest's
-    processes; its changes are not readable from the host: 501 in one line."""
+    processes."""
     _run(api, "vmfiles", "hyperv")
     _copies_both_ways(api, "vmfiles", tmp_path)
     _top(api, "vmfiles")
-    r = api.docker("diff", "vmfiles")
-    assert r.returncode != 0 and b"VM container" in r.stderr and b"Traceback" not in r.stderr, r.stderr
     assert api.docker("rm", "-f", "vmfiles").returncode == 0
+    api.v.assert_clean()
+
+
+# what the diff tests do in a container: a file changed, one deleted from an image directory,
+# files added (in a new directory and an image one), a directory's mode changed, a link added,
+# and a whole image directory removed and made again (opaque: what the image had there is gone)
+DIFF_SCRIPT = ("set -e; echo more >> /etc/passwd; rm /etc/group; chmod 750 /root; touch /tmp/new; "
+               "mkdir -p /data/sub; echo deep > /data/sub/f; ln -s /etc /data/link; "
+               "rm -rf /home; mkdir /home; echo mine > /home/mine")
+DIFF_WANT = ["A /data", "A /data/link", "A /data/sub", "A /data/sub/f", "C /etc", "D /etc/group", "C /etc/passwd",
+             "C /home", "D /home/vmrt", "A /home/mine", "C /root", "C /tmp", "A /tmp/new"]
+
+
+def _diff(api: Api, name: str) -> list[str]:
+    r = api.docker("diff", name, timeout=300)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, (name, r.stderr)
+    return r.stdout.decode().splitlines()
+
+
+def test_docker_diff_of_a_vm_container_is_the_process_containers(api: Api) -> None:
+    """`docker diff` of a micro-VM: the guest agent lists the writable layer on its disk (the host
+    never reads it), running (an exec) and stopped (a VM booted for the walk); what it reports
+    for the same changes is what a process container reports: additions, a modified file and
+    mode, a whiteout, an opaque directory hiding what the image had in it. A created container
+    that never ran has no changes, and no VM is booted for it."""
+    for name, isolation in (("diff-proc", "process"), ("diff-vm", "hyperv")):
+        _run(api, name, isolation)
+        assert _diff(api, name) == [], name  # what the runtime made (/etc/hosts...) is no change
+        _sh(api, name, DIFF_SCRIPT)
+    proc, vm = _diff(api, "diff-proc"), _diff(api, "diff-vm")
+    assert sorted(vm) == sorted(DIFF_WANT), f"{vm} {proc}"  # nothing the runtime made (/etc/hosts, /dev...)
+    assert vm == proc
+    for name in ("diff-proc", "diff-vm"):
+        assert api.docker("stop", "-t", "1", name).returncode == 0
+    assert _diff(api, "diff-vm") == vm == _diff(api, "diff-proc")
+    assert api.docker("inspect", "-f", "{{.State.Status}}", "diff-vm").stdout == b"exited\n"
+    r = api.docker("create", "--name", "diff-new", "--isolation=hyperv", "busybox", "true")
+    assert r.returncode == 0, r.stderr
+    t0 = time.monotonic()
+    assert _diff(api, "diff-new") == []
+    assert time.monotonic() - t0 < 10  # nothing booted (a TCG boot takes longer)
+    for name in ("diff-proc", "diff-vm", "diff-new"):
+        assert api.docker("rm", name).returncode == 0
+    api.v.assert_clean()
+
+
+def test_docker_diff_of_a_layer_deeper_than_the_bound_is_one_line(api: Api) -> None:
+    """A container that nests directories past the walk's bound (512): its diff fails in one line
+    naming the bound, in either isolation (in a VM the guest's walk stops there and says so),
+    and the service goes on."""
+    for name, isolation in (("deep-proc", "process"), ("deep-vm", "hyperv")):
+        _run(api, name, isolation)
+        _sh(api, name, "mkdir -p /deep/" + "a/" * 600)
+        r = api.docker("diff", name, timeout=300)
+        err = r.stderr.decode()
+        assert r.returncode != 0 and "deeper than 512" in err and len(err.splitlines()) == 1, (name, err)
+        assert "Traceback" not in err and len(err) < 1000, err
+        assert api.docker("rm", "-f", name).returncode == 0
     api.v.assert_clean()
 
 
@@ -281,10 +348,141 @@ def test_changes_read_the_writable_layer_without_following_it(tmp_path: Path) ->
     shutil.copystat(top / "etc", upper / "etc")
     fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (upper, top, lower)]
     try:
-        found = list(layer_changes(fds[0], fds[1:]))
+        found = list(layer_changes(FdUpper(fds[0]), fds[1:]))
+        # the same upper dir as a VM's guest agent lists it (guest-agent/walk.c, built here and run
+        # where the agent finds its writable layer: /run/vmrt/rw, in a mount namespace of its own)
+        listed = list(layer_changes(TreeUpper(_agent_walk(tmp_path, upper.parent)), fds[1:]))
     finally:
         for fd in fds:
             os.close(fd)
     assert found == [("/etc", MODIFIED), ("/etc/group", DELETED), ("/etc/passwd", MODIFIED), ("/link", ADDED),
                      ("/opt/old", MODIFIED), ("/opt/old/a", DELETED), ("/opt/old/b", ADDED),
                      ("/x", MODIFIED), ("/x/passwd", ADDED)], found
+    assert listed == found
+
+
+def _agent_walk(tmp_path: Path, rw: Path) -> walk.Node:
+    """The agent's walk (guest-agent/walk.c) of ``rw``/upper, parsed."""
+    main = tmp_path / "walk_main.c"
+    main.write_text('#include "agent.h"\nint main(void) { walk_upper(); }\n')
+    exe = tmp_path / "walk"
+    src = REPO / "guest-agent"
+    r = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{src}",
+                        f"-I{REPO / 'common'}", "-o", str(exe), str(main), str(src / "walk.c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r2 = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /run && mkdir -p /run/vmrt/rw && '
+                         'mount --bind "$0" /run/vmrt/rw && exec "$1"', str(rw), str(exe)], capture_output=True)
+    assert r2.returncode == 0, r2.stderr
+    parser = walk.WalkParser()
+    parser.feed(r2.stdout)
+    return parser.close()
+
+
+# --- the walk stream, played by an attacker (a guest writes it) ----------------------------------
+def _rec(path: bytes, kind: bytes = b"f", *, flags: int = 0, mode: int = 0o644, size: int = 0,
+         mtime: int = 0, dev: tuple[int, int] = (0, 0), plen: int | None = None) -> bytes:
+    return walk.RECORD.pack(len(path) if plen is None else plen, kind[0], flags, mode, size, mtime, *dev) + path
+
+
+def _end(count: int) -> bytes:
+    return walk.RECORD.pack(0, 0, 0, 0, 0, 0, 0, 0)[:8] + struct.pack(">Q", count) + bytes(16)
+
+
+def _parse(*chunks: bytes) -> walk.Node:
+    p = walk.WalkParser()
+    for c in chunks:
+        p.feed(c)
+    return p.close()
+
+
+def _refused(stream: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError) as e:
+        _parse(stream)
+    msg = str(e.value)
+    assert msg.startswith(walk.WHAT) and why in msg and "\n" not in msg and len(msg) < 400, msg
+
+
+def test_the_walk_stream_is_parsed_strictly() -> None:
+    """What a guest's walk may say: a tree, checked entry by entry. Anything malformed or out of
+    bounds is refused in one line: a long path or name, a `..`, `.` or empty component, an
+    absolute path, a NUL, an unknown type or flag, mode bits past 07777, a size past 2^63 - 1,
+    a device number on a file, an entry before its directory or twice, a stream cut short
+    (inside a record or before its end record), a wrong count at the end, bytes after it."""
+    good = [_rec(b"etc", b"d", mode=0o755, size=4096, mtime=-5), _rec(b"etc/group", b"c", dev=(0, 0)),
+            _rec(b"etc/disk", b"b", dev=(8, 1)), _rec(b"opt", b"d", flags=walk.OPAQUE),
+            _rec(b"etc/l\xffink", b"l", mode=0o777, size=4, mtime=2**63 - 1)]
+    root = _parse(walk.MAGIC + b"".join(good) + _end(len(good)))
+    assert root.children is not None and set(root.children) == {b"etc", b"opt"}
+    etc = root.children[b"etc"]
+    assert etc.children is not None and etc.st_mode == stat.S_IFDIR | 0o755 and etc.st_mtime_ns == -5
+    assert etc.children[b"disk"].st_rdev == os.makedev(8, 1) and etc.children[b"group"].st_rdev == 0
+    assert root.children[b"opt"].opaque and stat.S_ISLNK(etc.children[b"l\xffink"].st_mode)
+    one = _parse(walk.MAGIC, *(bytes([b]) for b in good[0] + _end(1)))  # a byte at a time
+    assert one.children is not None and list(one.children) == [b"etc"]
+    head, d = walk.MAGIC, _rec(b"d", b"d")
+    for stream, why in [
+            (head + _rec(b"a" * 4097) + _end(1), "a path of 4097 bytes"),
+            (head + _rec(b"", plen=65535), "a path of 65535 bytes"),  # refused from its header
+            (head + _rec(b"x" * 256) + _end(1), "a name longer than 255 bytes"),
+            (head + d + _rec(b"d/../../etc/passwd") + _end(2), "'..'"),
+            (head + _rec(b"..") + _end(1), "'..'"),
+            (head + d + _rec(b"d/./x") + _end(2), "'.'"),
+            (head + d + _rec(b"d//x") + _end(2), "empty"),
+            (head + _rec(b"/etc/passwd") + _end(1), "an absolute path"),
+            (head + _rec(b"etc\0passwd") + _end(1), "a NUL byte"),
+            (head + _rec(b"a/" * 513 + b"a") + _end(1), "deeper than 512"),
+            (head + _rec(b"x", b"?") + _end(1), "an unknown type"),
+            (head + _rec(b"x", flags=2) + _end(1), "flags 0x02"),
+            (head + _rec(b"x", flags=walk.OPAQUE) + _end(1), "flags 0x01"),
+            (head + _rec(b"x", mode=0o10644) + _end(1), "mode bits"),
+            (head + _rec(b"x", size=2**64 - 1) + _end(1), "a size of 18446744073709551615"),
+            (head + _rec(b"x", dev=(1, 3)) + _end(1), "a device number"),
+            (head + _rec(b"nodir/x") + _end(1), "before its directory"),
+            (head + _rec(b"f") + _rec(b"f/x") + _end(2), "before its directory"),
+            (head + _rec(b"x") + _rec(b"x", b"d") + _end(2), "listed twice"),
+            (head + _rec(b"x")[:20], "inside a record"),
+            (head + _rec(b"x")[:-1], "inside a record"),
+            (head + _rec(b"x"), "before its end record"),
+            (head + _rec(b"x") + _end(7), "a bad end record"),
+            (head + _end(0) + b"more", "bytes after the end record"),
+            (b"VMRTWLK2" + _end(0), "no magic"),
+            (b"", "no walk stream"),
+            (b"VMRT", "no walk stream")]:
+        _refused(stream, why)
+
+
+def test_a_walk_stream_past_its_bounds_is_refused_without_reading_on() -> None:
+    """More entries than :data:`walk.ENTRIES_MAX`, or more bytes than :data:`walk.BYTES_MAX`:
+    refused when the bound is crossed, without reading the rest of an endless stream."""
+    def endless(record: Callable[[int], bytes], chunk: int) -> Iterator[bytes]:
+        yield walk.MAGIC
+        n, buf = 0, bytearray()
+        while True:
+            while len(buf) < chunk:
+                n += 1
+                buf += record(n)
+            yield bytes(buf)
+            buf.clear()
+
+    for record, why in [(lambda n: _rec(b"f%d" % n), f"entry {walk.ENTRIES_MAX + 1}: more than"),
+                        (lambda n: _rec(b"d%d" % n, b"d") + _rec(b"d%d/" % n + b"x" * 250), "more than 64 MiB")]:
+        p, read = walk.WalkParser(), 0
+        with pytest.raises(ProtocolError) as e:
+            for c in endless(record, 1 << 20):
+                read += len(c)
+                p.feed(c)
+        assert why in str(e.value) and read <= walk.BYTES_MAX + (2 << 20), (str(e.value), read)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64) | st.sampled_from([walk.MAGIC, _rec(b"a", b"d"), _rec(b"a/b"), _end(1),
+                                                            _end(2), _rec(b"a/b", plen=4)]), max_size=12))
+def test_any_walk_stream_is_a_tree_or_one_refusal(chunks: list[bytes]) -> None:
+    """Whatever bytes a guest writes, the parser gives a tree or a ProtocolError, nothing else."""
+    try:
+        root = _parse(*chunks)
+    except ProtocolError as e:
+        assert "\n" not in str(e)
+        return
+    assert root.children is not None

@@ -125,6 +125,29 @@ def run_tool(cfg: Config, ref: str, args: list[str], stdio: tuple[int, int, int]
     return run_offline(cfg, c, args, stdio, stdin=stdin)
 
 
+def walk_upper(cfg: Config, ref: str, stdio: tuple[int, int, int]) -> int:
+    """The guest agent's walk of VM container ``ref``'s writable layer (WALK_UPPER, for
+    ``docker diff``; vmrt/agent/walk.py) onto stdio's stdout, its errors onto its stderr: an
+    exec while the container runs, else a VM booted for it over its disk (:mod:`vmrt.offline`);
+    the walk's exit status."""
+    from .agent.walk import WALK_ANNOTATION, WALK_ARG, WALK_TIMEOUT  # on use: only a diff of a VM container needs it
+    state = State(cfg.db_path)
+    try:
+        reconcile(cfg, state)
+        c = state.get(ref)
+    finally:
+        state.close()
+    if c.isolation != "vm":
+        raise UsageError(f"container {c.id[:12]} is no VM container: its writable layer is read on the host")
+    if c.status == Status.RUNNING and owner_alive(c):
+        from .agent.exec_client import exec_in_vm  # on use, as run_exec's
+        return exec_in_vm(Path(c.run_dir), [WALK_ARG], env=[], cwd="/", uid=0, gid=0, groups=[], tty=None,
+                          interactive=False, stdin_fd=stdio[0], stdout_fd=stdio[1], stderr_fd=stdio[2],
+                          walk=True, timeout=WALK_TIMEOUT)
+    from .offline import run_offline  # on use, as run_tool's: execs never load the drivers
+    return run_offline(cfg, c, [WALK_ARG], stdio, stdin=False, annotations={WALK_ANNOTATION: "true"})
+
+
 def _tty_size(fd: int) -> tuple[int, int]:
     try:
         s = os.get_terminal_size(fd)

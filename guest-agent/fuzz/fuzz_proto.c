@@ -62,6 +62,7 @@ static void check_run(const uint8_t *p, size_t n)
 	(void)strlen(run.hostname);
 	(void)strlen(run.rootfs);
 	check(run.detach == 0 || run.detach == 1);
+	check(run.walk == 0 || (run.walk == 1 && !run.tty && !run.detach));
 	check(run.nmounts <= VMRT_MAX_MOUNTS);
 	for (size_t i = 0; i < run.nmounts; i++) {
 		const struct vmrt_mount *m = &run.mounts[i];

@@ -44,6 +44,7 @@ seeds = {
                          + rec(3, b"/tmp") + rec(5, struct.pack(">I", 1000)) + rec(9, b"") + rec(21, b"")
                          + rec(4, b"ignored"))
     + frame(0x42, b"in") + frame(0x43) + frame(0x44, struct.pack(">I", 2)),
+    "exec_walk": frame(0x47, rec(1, b"vmrt-walk-upper") + rec(33, b"")) + frame(0x41, rec(1, b"x") + rec(33, b"")),
     "agent_stream": frame(0x01, struct.pack(">HHQQ", 3, 0, 1, 2) + b"vmrt-agent 0.3.0")
     + frame(0x02, struct.pack(">I", 42)) + frame(0x07, struct.pack(">Q", 7)) + frame(0x03, b"out") + frame(0x04, b"err")
     + frame(0x05, struct.pack(">III", 143, 15, 0)) + frame(0x06, struct.pack(">I", 127) + b"x"),

@@ -107,7 +107,8 @@ def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | 
                gid: int, groups: list[int], tty: tuple[int, int] | None, interactive: bool,
                stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2, detach: bool = False,
                start_timeout: float = START_TIMEOUT, timeout: float | None = None,
-               max_output: int | None = None, capture: bytearray | None = None, winch: int | None = None) -> int:
+               max_output: int | None = None, capture: bytearray | None = None, winch: int | None = None,
+               walk: bool = False) -> int:
     """Run args in the VM container whose run directory is bundle_dir; return its exit status.
 
     uid/gid/groups/env/cwd are used as given (the caller resolves names and the
@@ -120,12 +121,14 @@ def exec_in_vm(bundle_dir: Path, args: list[str], *, env: list[str], cwd: str | 
     ``winch``: a pipe whose bytes say that the terminal (stdout_fd's) changed size, for a caller
     off the main thread (no SIGWINCH there: the API service); its end is the terminal's hang-up
     (the process gets SIGHUP).
+    ``walk``: the process walks the container's writable layer instead of exec'ing ``args``
+    (WALK_UPPER: its stdout is the walk stream, vmrt/agent/walk.py; no terminal, not detached).
     Exec failures raise ContainerExecError (exit_code 126 not executable, 127
     not found); other failures AgentError/StateError/VmrtError.
     """
     spec = P.ExecSpec(args=list(args), env=list(env), cwd=cwd or "/", uid=uid, gid=gid,
                       groups=list(groups), tty=None if detach else tty,
-                      stdin=interactive and not detach, detach=detach)
+                      stdin=interactive and not detach, detach=detach, walk=walk)
     frame = P.encode_exec(spec)
     with _port(Path(bundle_dir)) as sock:
         relay = _Relay(sock, spec, stdin_fd, stdout_fd, stderr_fd)

@@ -75,10 +75,11 @@ class Tag(enum.IntEnum):
     NET6 = 26           # eth0's IPv6 address, prefix and gateway (an --ipv6 network)
     DISK_SCRATCH = 27   # empty, with UPPER_DISK: the host discards the disk at exit (the agent skips its sync)
     SHARE_FRESH = 28    # empty, with SHARE_9P: files there change while it runs (9p cache=mmap, not loose)
-    # 27..29 left for other records
+    # 29 left for other records
     SECCOMP = 30        # struct sock_filter[]: the container's seccomp filter, installed before execve
     MASKED = 31         # an absolute path hidden from the container (OCI maskedPaths)
     RO_PATH = 32        # an absolute path made read-only (OCI readonlyPaths)
+    WALK_UPPER = 33     # empty: the process walks the writable layer (vmrt/agent/walk.py) instead of exec'ing ARG
 
 
 class MountFlag(enum.IntFlag):
@@ -431,6 +432,7 @@ class RunSpec:
     seccomp: bytes = b""             # classic BPF program (8-byte instructions); b"": no filter
     masked: list[str] = dataclasses.field(default_factory=list)     # OCI maskedPaths
     ro_paths: list[str] = dataclasses.field(default_factory=list)   # OCI readonlyPaths
+    walk: bool = False               # WALK_UPPER: list the writable layer instead of exec'ing args (docker diff)
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -445,7 +447,9 @@ def _str(tag: Tag, s: str) -> bytes:
 
 
 def _process_records(spec: RunSpec | ExecSpec) -> bytearray:
-    """The records RUN and EXEC share: argv, environment, directory, user, terminal, stdin."""
+    """The records RUN and EXEC share: argv, environment, directory, user, terminal, stdin, walk."""
+    if spec.walk and (spec.tty is not None or getattr(spec, "detach", False)):
+        raise ProtocolError("WALK_UPPER with TTY or DETACH")
     out = bytearray()
     for a in spec.args:
         out += _str(Tag.ARG, a)
@@ -460,6 +464,8 @@ def _process_records(spec: RunSpec | ExecSpec) -> bytearray:
         out += _rec(Tag.TTY, struct.pack(">HH", *spec.tty))
     if spec.stdin:
         out += _rec(Tag.STDIN, b"")
+    if spec.walk:
+        out += _rec(Tag.WALK_UPPER, b"")
     return out
 
 
@@ -646,6 +652,10 @@ def decode_run(p: bytes) -> RunSpec:
                 raise ProtocolError("more than one SECCOMP record")
             _check_seccomp(v)
             spec.seccomp = bytes(v)
+        elif tag == Tag.WALK_UPPER:
+            if ln:
+                raise ProtocolError("WALK_UPPER must be empty")
+            spec.walk = True
         elif tag in (Tag.MASKED, Tag.RO_PATH):
             paths = spec.masked if tag == Tag.MASKED else spec.ro_paths
             if len(paths) >= MAX_PATHS:
@@ -660,6 +670,8 @@ def decode_run(p: bytes) -> RunSpec:
         raise ProtocolError("DISK_SCRATCH without UPPER_DISK")
     if spec.share_fresh and not spec.share_9p:
         raise ProtocolError("SHARE_FRESH without SHARE_9P")
+    if spec.walk and spec.tty is not None:
+        raise ProtocolError("WALK_UPPER with TTY or DETACH")
     return spec
 
 
@@ -681,6 +693,7 @@ class ExecSpec:
     tty: tuple[int, int] | None = None   # rows, cols
     stdin: bool = False
     detach: bool = False
+    walk: bool = False               # WALK_UPPER: list the writable layer instead of exec'ing args (docker diff)
 
 
 def encode_exec(spec: ExecSpec) -> bytes:
@@ -718,10 +731,12 @@ def decode_exec(p: bytes) -> ExecSpec:
             if len(v) != 4:
                 raise ProtocolError("TTY must be 4 bytes")
             spec.tty = struct.unpack(">HH", v)
-        elif tag in (Tag.STDIN, Tag.DETACH):
+        elif tag in (Tag.STDIN, Tag.DETACH, Tag.WALK_UPPER):
             if v:
                 raise ProtocolError(f"{Tag(tag).name} must be empty")
-            setattr(spec, "stdin" if tag == Tag.STDIN else "detach", True)
+            setattr(spec, {Tag.STDIN: "stdin", Tag.DETACH: "detach"}.get(Tag(tag), "walk"), True)
     if not spec.args:
         raise ProtocolError("EXEC without ARG")
+    if spec.walk and (spec.tty is not None or spec.detach):
+        raise ProtocolError("WALK_UPPER with TTY or DETACH")
     return spec

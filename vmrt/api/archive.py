@@ -25,7 +25,12 @@ upper dir, from the host, beside the image's layers: every directory is opened r
 its parent with ``O_NOFOLLOW | O_DIRECTORY`` and every entry is lstat'ed through that fd, so
 a symbolic link the container left is never followed; a whiteout (a character device 0:0) is
 a deletion, an opaque directory (``trusted.overlay.opaque``) hides the layers below it. A VM
-container's writable layer is an ext4 image only its guest reads (vm/disk.py): 501.
+container's writable layer is an ext4 image only its guest reads (vm/disk.py): its guest agent
+lists the upper dir (WALK_UPPER: an exec while it runs, else a VM booted for the walk by a tool
+run; one created and never started has no disk: no changes, nothing booted), and the service
+parses that list as a guest's hostile bytes, bounded (vmrt/agent/walk.py), into a tree that
+the same comparison reads (:class:`UpperDir`: :class:`FdUpper` on the host, :class:`TreeUpper`
+of the walk), so both isolations report the same changes for the same writes.
 """
 
 from __future__ import annotations
@@ -43,18 +48,20 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from ..agent import walk
 from ..config import Config
 from ..errors import ContainerExecError, VmrtError
-from ..execs import ExecOptions, resolve, run_tool
+from ..execs import ExecOptions, resolve, run_tool, walk_upper
 from ..formatting import inert
 from ..images.store import Store
 from ..layout import rw_dir
 from ..lifecycle import owner_alive
 from ..state import Container, State, Status
+from ..vm import disk as vmdisk
 from .base import ApiError, Request, Routes, in_thread
 
 LOG = logging.getLogger(__name__)
@@ -499,7 +506,78 @@ def receive_archive(cfg: Config, c: Container, where: str, ref: str, read: Calla
 
 
 # --- changes ---------------------------------------------------------------------------------
-def _is_whiteout(st: os.stat_result) -> bool:
+class _Stat(Protocol):
+    """What the comparison reads of an entry: lstat's, or the guest's walk's (agent/walk.py)."""
+
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
+
+
+class UpperDir(Protocol):
+    """A directory of a writable layer, as :func:`layer_changes` reads it: a process
+    container's upper dir on the host (:class:`FdUpper`), or a VM container's as its guest
+    listed it (:class:`TreeUpper`)."""
+
+    def entries(self) -> list[tuple[str, _Stat]]:
+        """Its entries, sorted by name."""
+    def subdir(self, name: str) -> UpperDir | None:
+        """Its entry ``name`` as a directory (None: it is none), closed by the caller."""
+    def opaque(self) -> bool:
+        """Whether it hides what the layers below have there (``trusted.overlay.opaque``)."""
+    def close(self) -> None: ...
+
+
+class FdUpper:
+    """A directory of a writable layer on the host, by its fd (the caller's: not closed
+    here; a :meth:`subdir`'s is its own, closed by :meth:`close`)."""
+
+    def __init__(self, fd: int, *, owned: bool = False) -> None:
+        self.fd, self._owned = fd, owned
+
+    def entries(self) -> list[tuple[str, _Stat]]:
+        return list(_entries(self.fd))
+
+    def subdir(self, name: str) -> FdUpper | None:
+        sub = _open_dir(name, self.fd)
+        return FdUpper(sub, owned=True) if sub is not None else None
+
+    def opaque(self) -> bool:
+        return _opaque(self.fd)
+
+    def close(self) -> None:
+        if self._owned:
+            os.close(self.fd)
+            self._owned = False
+
+
+class TreeUpper:
+    """A directory of a VM container's writable layer, as its guest's walk listed it."""
+
+    def __init__(self, node: walk.Node) -> None:
+        self.node = node
+
+    def entries(self) -> list[tuple[str, _Stat]]:
+        return sorted(((os.fsdecode(n), c) for n, c in (self.node.children or {}).items()),
+                      key=lambda entry: entry[0])
+
+    def subdir(self, name: str) -> TreeUpper | None:
+        child = (self.node.children or {}).get(os.fsencode(name))
+        return TreeUpper(child) if child is not None and child.children is not None else None
+
+    def opaque(self) -> bool:
+        return self.node.opaque
+
+    def close(self) -> None:
+        pass
+
+
+def _is_whiteout(st: _Stat) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
@@ -555,7 +633,7 @@ def _lower_dirs(name: str, lowers: list[int]) -> list[int]:
     return out
 
 
-def _same_dir(a: os.stat_result, b: os.stat_result, mtime: bool = True) -> bool:
+def _same_dir(a: _Stat, b: _Stat, mtime: bool = True) -> bool:
     """Docker's test for a directory that was only copied up: same size, mode and mtime."""
     if a.st_size != b.st_size or a.st_mode != b.st_mode:
         return False
@@ -571,25 +649,25 @@ def _entries(fd: int) -> list[tuple[str, os.stat_result]]:
     return sorted(found, key=lambda entry: entry[0])
 
 
-def layer_changes(upper: int, lowers: list[int]) -> Iterator[tuple[str, int]]:
-    """(path, kind) for each change of the writable layer ``upper`` (a directory fd) over the
-    layers ``lowers`` (directory fds, top first), as Docker's overlay driver reports them: a
-    directory that was only copied up is no change of its own, but the parent of an added or
-    deleted entry is a modified one."""
+def layer_changes(upper: UpperDir, lowers: list[int]) -> Iterator[tuple[str, int]]:
+    """(path, kind) for each change of the writable layer ``upper`` over the layers ``lowers``
+    (directory fds, top first), as Docker's overlay driver reports them: a directory that was
+    only copied up is no change of its own, but the parent of an added or deleted entry is a
+    modified one."""
     changed: set[str] = set()
     lazy: set[str] = set()  # the init paths' directories: modified once something else in them is
 
-    def walk(fd: int, below: list[int], path: str, depth: int) -> Iterator[tuple[str, int]]:
+    def walk_dir(d: UpperDir, below: list[int], path: str, depth: int) -> Iterator[tuple[str, int]]:
         if depth > DEPTH_MAX:
             raise VmrtError(f"the container's writable layer is deeper than {DEPTH_MAX} directories at {path[:200]}")
-        for name, st in _entries(fd):
+        for name, st in d.entries():
             p = f"{path}/{name}" if path != "/" else f"/{name}"
             if p in INIT_PATHS:
                 continue
             old = _lower(name, below)
-            sub = _open_dir(name, fd) if stat.S_ISDIR(st.st_mode) else None
+            sub = d.subdir(name) if stat.S_ISDIR(st.st_mode) else None
             try:
-                opaque = sub is not None and _opaque(sub)
+                opaque = sub is not None and sub.opaque()
                 if _is_whiteout(st):
                     kind: int | None = DELETED
                 elif old is None:
@@ -612,16 +690,16 @@ def layer_changes(upper: int, lowers: list[int]) -> Iterator[tuple[str, int]]:
                     subs = [] if opaque or old is None else _lower_dirs(name, below)
                     try:
                         if opaque:  # what the layers had there is gone
-                            yield from _hidden(name, below, p, {n for n, _ in _entries(sub)})
-                        yield from walk(sub, subs, p, depth + 1)
+                            yield from _hidden(name, below, p, {n for n, _ in sub.entries()})
+                        yield from walk_dir(sub, subs, p, depth + 1)
                     finally:
-                        for d in subs:
-                            os.close(d)
+                        for fd in subs:
+                            os.close(fd)
             finally:
                 if sub is not None:
-                    os.close(sub)
+                    sub.close()
 
-    yield from walk(upper, lowers, "/", 0)
+    yield from walk_dir(upper, lowers, "/", 0)
 
 
 def _hidden(name: str, below: list[int], path: str, kept: set[str]) -> Iterator[tuple[str, int]]:
@@ -641,14 +719,71 @@ def _hidden(name: str, below: list[int], path: str, kept: set[str]) -> Iterator[
             os.close(d)
 
 
-def changes(cfg: Config, c: Container) -> list[dict[str, Any]]:
-    if c.isolation == "vm":
-        raise ApiError(501, "changes of a VM container are not available: its writable layer is a disk image "
-                            "that only its guest reads (the host never parses it)")
+def guest_upper(cfg: Config, c: Container) -> walk.Node | None:
+    """A VM container's writable layer as its guest agent lists it (the host never reads the
+    disk): by an exec while the container runs, else by a VM booted for the walk
+    (:func:`vmrt.execs.walk_upper`); None when it has none yet (created, never started: no
+    disk). What the guest writes is parsed as it comes, bounded (:class:`walk.WalkParser`);
+    a failure is one VmrtError line."""
+    running = c.status == Status.RUNNING and owner_alive(c)
+    if not running and not (rw_dir(cfg, c.id) / vmdisk.IMAGE_NAME).is_file():
+        return None
+    what = f"cannot list the changes of {c.name}"
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    err = bytearray()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["status"] = walk_upper(cfg, c.id, (out_w, out_w, err_w))
+        except Exception as e:
+            result["error"] = e
+        finally:  # our copies: EOF once the guest's walk (or the tool run) has ended
+            os.close(out_w)
+            os.close(err_w)
+
+    reader = threading.Thread(target=_read_capped, args=(err_r, err, ERR_MAX), daemon=True)
+    reader.start()
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    parser = walk.WalkParser()
     try:
-        upper = os.open(rw_dir(cfg, c.id) / "upper", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return []  # never started: nothing written yet
+        # closed on a refusal too: the walk's next write fails, which ends it (and its VM)
+        with open(out_r, "rb", buffering=0) as f:
+            while chunk := f.read(BUF):
+                parser.feed(chunk)
+    except VmrtError as e:
+        raise VmrtError(f"{what}: {e}") from None
+    finally:
+        runner.join(JOIN_TIMEOUT)
+        reader.join(1.0)
+    if (failed := result.get("error")) is not None:
+        raise VmrtError(f"{what}: {failed}") from failed
+    if "status" not in result:
+        raise VmrtError(f"{what}: the walk in its VM did not end")
+    if result["status"] != 0:
+        said = "; ".join(inert(ln).strip() for ln in bytes(err).splitlines() if ln.strip())[:500]
+        raise VmrtError(f"{what}: the walk in its VM failed (exit {result['status']})" + (f": {said}" if said else ""))
+    try:
+        return parser.close()
+    except VmrtError as e:
+        raise VmrtError(f"{what}: {e}") from None
+
+
+def changes(cfg: Config, c: Container) -> list[dict[str, Any]]:
+    upper: UpperDir
+    if c.isolation == "vm":
+        tree = guest_upper(cfg, c)
+        if tree is None:
+            return []  # never started: nothing written yet
+        upper = TreeUpper(tree)
+    else:
+        try:
+            fd = os.open(rw_dir(cfg, c.id) / "upper", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []  # never started: nothing written yet
+        upper = FdUpper(fd, owned=True)
     lowers: list[int] = []
     try:
         for layer in reversed(Store(cfg.root).get(c.image_id).layer_dirs()):
@@ -659,7 +794,8 @@ def changes(cfg: Config, c: Container) -> list[dict[str, Any]]:
         # the names are the container's: bytes that are not UTF-8 are shown as \xNN
         return [{"Path": inert(os.fsencode(p)), "Kind": k} for p, k in found.items()]
     finally:
-        for fd in (upper, *lowers):
+        upper.close()
+        for fd in lowers:
             os.close(fd)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from .. import agentbuild, bundle, cgroups, fsmode, healthstate, kernel, network, seccomp
 from ..agent import protocol as P
+from ..agent.walk import WALK_ANNOTATION
 from ..errors import AgentError, ContainerExecError, LaunchError, VmrtError
 from ..layout import TTY_SIZE_NAME, VM_INFO_NAME
 from ..proc import write_all
@@ -108,7 +109,8 @@ def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
         readonly=bool(config.get("root", {}).get("readonly")), mounts=guest_mounts(config),
         memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0),
         seccomp=seccomp.compile_bpf(linux.get("seccomp") or _default_seccomp(caps)),
-        masked=list(linux.get("maskedPaths") or []), ro_paths=list(linux.get("readonlyPaths") or []))
+        masked=list(linux.get("maskedPaths") or []), ro_paths=list(linux.get("readonlyPaths") or []),
+        walk=config.get("annotations", {}).get(WALK_ANNOTATION) == "true")  # a tool run's (offline.py)
 
 
 def guest_net(att: network.Attached | None) -> P.NetSpec | None:
