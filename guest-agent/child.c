@@ -312,17 +312,22 @@ static void child_exec(const struct vmrt_run *r)
 /* The container's capabilities and no_new_privs (from its RUN), then who's
  * groups, gid and uid. */
 /* The RUN's seccomp filter (the process-mode profile, compiled by the host),
- * installed last before execve as runc does: what the container may call is
- * the same in both isolations. Needs no_new_privs (set by apply_identity):
- * vmrt's bundles always ask for it. A RUN without NO_NEW_PRIVS but with a
- * filter fails here with EACCES, closed (the capabilities are already
- * dropped); runc installs the filter before dropping them in that case, which
- * the agent would have to do if such a run is ever wanted. */
+ * as runc installs it: what the container may call is the same in both
+ * isolations. With no_new_privs (vmrt's own bundles always ask for it) it is
+ * installed last before execve. Without (an OCI engine's bundle, as podman's
+ * by default) installing one needs CAP_SYS_ADMIN, so, as runc, it goes in
+ * before the capabilities are dropped (apply_identity), and the identity
+ * calls after it are the profile's to allow. Once per process. */
+static int seccomp_done;
+
 static void apply_seccomp(void)
 {
 	struct sock_fprog prog = { .len = (unsigned short)(run.seccomp_len / 8),
 				   .filter = (struct sock_filter *)(void *)run.seccomp };
 
+	if (seccomp_done)
+		return;
+	seccomp_done = 1;
 	if (run.seccomp_len && syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
 		child_fail(125, "cannot install the seccomp filter: %s", strerror(errno));
 }
@@ -386,6 +391,8 @@ static void apply_identity(const struct vmrt_run *who)
 {
 	gid_t groups[VMRT_MAX_GROUPS];
 
+	if (!run.no_new_privs)
+		apply_seccomp(); /* while CAP_SYS_ADMIN is still held (see apply_seccomp) */
 	if (run.has_caps) { /* bounding set first: dropping needs CAP_SETPCAP */
 		for (int c = 0; c < 64; c++)
 			if (!(run.caps & (1ULL << c)) && prctl(PR_CAPBSET_READ, c, 0, 0, 0) >= 0 &&

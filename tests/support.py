@@ -224,6 +224,9 @@ class Vmrt:
         if rdir.exists():
             found += [f"runtime state {p}" for p in rdir.iterdir() if p.is_dir()]
         found += [f"cgroup {d}" for d in vmrt_cgroups() - self.cgroups_before]
+        odir = self.root / "oci"  # vmrt-runtime's VM containers' writable layers (vmrt/ocivm.py)
+        if odir.exists():
+            found += [f"OCI writable layer {p}" for p in odir.iterdir()]
         rw = self.root / "rw"  # writable layers (a VM's disk.img too) whose container is gone
         if rw.exists():
             kept = self._container_ids()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal, NoReturn, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 from ..config import Config
 from ..images.store import Image
@@ -32,12 +32,19 @@ class Handoff:
 HandOver = Callable[[Handoff], NoReturn]  # the caller's: this process becomes the C monitor
 
 
+class Recorder(Protocol):
+    """Where a run records its container's PIDs and OOM kill: vmrt's state, or an OCI
+    container's own record (vmrt/ocivm.py)."""
+
+    def set_fields(self, c: Container, **fields: Any) -> None: ...
+
+
 @dataclasses.dataclass
 class RunContext:
     cfg: Config
-    state: State | None          # None: a tool run over the container (offline.py), its record untouched
+    state: State | Recorder | None  # None: a tool run over the container (offline.py), its record untouched
     container: Container
-    image: Image
+    image: Image | None             # None: an OCI engine's bundle (its rootfs is the one layer)
     layers: list[Path]          # the image's unpacked layers, lowest first
     bundle_dir: Path            # per-container runtime dir holding config.json
     config: Spec                # the bundle's OCI config
@@ -54,6 +61,9 @@ class RunContext:
     # attached runs of kept containers: what goes to stdout/stderr is also logged here
     tee: Tee | None = None
     net: Attached | None = None  # the container's namespace, endpoints and managed /etc files
+    # VM mode: awaited once the VM is ready, before its process starts (an OCI create's holder
+    # waits there for `start`); what it raises ends the run
+    gate: Callable[[], Awaitable[None]] | None = None
 
 
 class Driver(Protocol):

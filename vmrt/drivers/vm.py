@@ -30,7 +30,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -543,6 +543,8 @@ class _Session:
             rs.disk_scratch = ctx.scratch  # run --rm: nothing reads the disk after exit, no sync
         if ctx.net is not None:  # the VM's side of the network is joined before its process runs
             await asyncio.to_thread(ctx.net.wait)
+        if ctx.gate is not None:
+            await self._gated(ctx.gate)
         if ctx.handoff is not None:
             await self._handoff(P.encode_run(rs), stdin_open)
         self._send(P.encode_run(rs))
@@ -562,6 +564,18 @@ class _Session:
         if ex.oom and ctx.state is not None:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
+
+    async def _gated(self, gate: Callable[[], Awaitable[None]]) -> None:
+        """Wait for ``gate`` (an OCI start), or for what ends the run first (a signal, the VM's
+        death: they fail ``started``)."""
+        waiting: asyncio.Future[None] = asyncio.ensure_future(gate())
+        started: asyncio.Future[Any] = self.started
+        await asyncio.wait([waiting, started], return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            self.started.result()  # its error
+        waiting.result()
 
     def _disk(self) -> vmdisk.Disk | None:
         """The container's writable layer: its disk (kept in its writable-layer dir until rm, of

@@ -215,7 +215,7 @@ class SnapshotRestore:
         ctx, cfg, stack = launch.ctx, launch.ctx.cfg, launch.stack
         share = ctx.bundle_dir / "share"
         rootfs.share_top(share)
-        rootfs.mount_readonly_overlay(ctx.layers, ctx.bundle_dir / "empty", share / "rootfs")
+        share_rootfs(ctx, share / "rootfs")
         stack.callback(rootfs.umount, share / "rootfs")
         share_volumes(ctx.config, share, stack)  # vmrt's /etc files, read-only volumes: choose() checked
         rootfs.seal_share(share)
@@ -273,7 +273,7 @@ class PoolClaim:
             share = c.dir / "share"
             # an overlay without upper dir: read-only also in virtiofsd's namespace, where it propagates
             rootfs.seal_share(share, readonly=False)  # the guest runs nothing of the tenant's yet
-            rootfs.mount_readonly_overlay(ctx.layers, ctx.bundle_dir / "empty", share / "rootfs")
+            share_rootfs(ctx, share / "rootfs")
             stack.callback(rootfs.umount, share / "rootfs")
             share_volumes(ctx.config, share, stack)
             rootfs.seal_share(share)
@@ -367,6 +367,18 @@ def _snapshot(ctx: RunContext, shape: Shape) -> tuple[snapshot.Snapshot | None, 
         return None, "missing"
 
 
+def share_rootfs(ctx: RunContext, target: Path) -> None:
+    """The image at ``target`` read-only, for a VM that was booted before (a snapshot's clone, a
+    pooled VM): an overlay without an upper dir, read-only in every mount namespace it propagates
+    to. An OCI engine's rootfs (no image: ``ctx.image`` None) is often an overlay mount itself,
+    whose merged directories carry xattrs a second overlay cannot pass on to the guest's copy-up
+    (EOPNOTSUPP): it is bound read-only, as a cold boot shares every one-layer image."""
+    if ctx.image is None:
+        rootfs.mount_readonly(ctx.layers, target)
+    else:
+        rootfs.mount_readonly_overlay(ctx.layers, ctx.bundle_dir / "empty", target)
+
+
 def choose(ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None = None) -> VMSource:
     """A pooled VM of the container's shape, else a snapshot of it, else a cold boot
     (``--timings`` shows which: its ``pool`` and ``snapshot`` fields). A pooled VM gets the
@@ -380,7 +392,9 @@ def choose(ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None = None) -> VM
         ctx.timings.info["snapshot"] = "none"
         ctx.timings.info["memory"] = claimed.memory
         return PoolClaim(claimed)
-    snap, why = _snapshot(ctx, shape)
+    # an OCI engine's rootfs (often an overlay mount) through a clone's 9p share fails the
+    # guest's copy-ups (EOPNOTSUPP): virtio-fs only, a pooled VM or a cold boot
+    snap, why = _snapshot(ctx, shape) if ctx.image is not None else (None, "oci-bundle")
     ctx.timings.info["snapshot"] = why if snap is not None else f"none:{why}"
     if snap is None:
         return ColdBoot()
