@@ -14,7 +14,8 @@ fi
 PACKAGES="qemu-system-x86 e2fsprogs runc golang-github-containers-common linux-source-6.1 busybox-static \
   make gcc libc6-dev linux-libc-dev libseccomp2 flex bison bc patch libelf-dev libssl-dev cpio xz-utils \
   python3 python3-venv clang libclang-rt-14-dev \
-  docker-registry skopeo zstd apache2-utils openssl nftables mmdebstrap docker.io docker-compose"
+  docker-registry skopeo zstd apache2-utils openssl nftables mmdebstrap docker.io docker-compose \
+  podman conmon"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -34,7 +35,8 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
     [ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then  # and none starts at boot
-        systemctl disable --now docker.service docker.socket containerd.service >/dev/null 2>&1 || true
+        systemctl disable --now docker.service docker.socket containerd.service podman.service podman.socket \
+            >/dev/null 2>&1 || true
     fi
 fi
 
@@ -46,6 +48,7 @@ fi
 # would otherwise make every start recompile every module
 .venv/bin/python -m compileall -q vmrt .venv/lib/python3*/site-packages >/dev/null || true
 ln -sf "$PWD/.venv/bin/vmrt" /usr/local/bin/vmrt
+ln -sf "$PWD/.venv/bin/vmrt-runtime" /usr/local/bin/vmrt-runtime  # the OCI runtime engines are given
 
 vmrt setup
 vmrt info

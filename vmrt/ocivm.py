@@ -69,6 +69,8 @@ from .timings import Timings
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 HOST_MOUNTS = {"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2"}  # the agent makes the guest's own
 GUEST_DIRS = {"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"}
+TMPFS_FLAGS = {"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec"}
+TMPFS_DATA = {"mode", "size", "uid", "gid", "nr_inodes", "nr_blocks", "huge", "mpol"}
 READY_TIMEOUT = 300.0  # a create's VM boot (TCG, a cold boot with its snapshot built meanwhile)
 HOOK_TIMEOUT = 60.0
 
@@ -150,9 +152,9 @@ def vm_config(spec: dict[str, Any], bundle: str) -> dict[str, Any]:
                 raise Failure(f"mount source {src} does not exist")
             mounts.append({"destination": dest, "type": "bind", "source": str(src),
                            "options": ["rbind", *(["ro"] if "ro" in opts else [])]})
-        elif kind == "tmpfs":
+        elif kind == "tmpfs":  # the flags the agent sets and tmpfs's own data; not atime or propagation
             mounts.append({"destination": dest, "type": "tmpfs", "source": "tmpfs",
-                           "options": [o for o in opts if o not in ("rprivate", "private", "rslave")]})
+                           "options": [o for o in opts if o in TMPFS_FLAGS or o.split("=", 1)[0] in TMPFS_DATA]})
         else:
             raise Failure(f"mount {dest}: type {kind!r} cannot be given to a VM (bind and tmpfs can)")
     notes = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()
@@ -163,8 +165,29 @@ def vm_config(spec: dict[str, Any], bundle: str) -> dict[str, Any]:
     return {"ociVersion": spec["ociVersion"], "process": proc,
             "root": {"path": "rootfs", "readonly": bool((spec.get("root") or {}).get("readonly"))},
             "hostname": spec.get("hostname") or "", "mounts": mounts, "annotations": notes,
-            "linux": {"resources": linux.get("resources") or {}, "seccomp": linux.get("seccomp"),
+            "linux": {"resources": vm_resources(linux.get("resources") or {}), "seccomp": linux.get("seccomp"),
                       "maskedPaths": linux.get("maskedPaths") or [], "readonlyPaths": linux.get("readonlyPaths") or []}}
+
+
+def vm_resources(res: dict[str, Any]) -> dict[str, Any]:
+    """The limits a VM takes from ``linux.resources``: memory (the guest's RAM and its cgroup),
+    a CPU quota (its vCPUs and host quota) and a PIDs limit; shares, cpusets, block I/O and the
+    rest are the host's business (left to the engine's cgroup of the holder)."""
+    out: dict[str, Any] = {}
+    try:
+        mem = int((res.get("memory") or {}).get("limit") or 0)
+        cpu = res.get("cpu") or {}
+        quota, period = int(cpu.get("quota") or 0), int(cpu.get("period") or 0)
+        pids = int((res.get("pids") or {}).get("limit") or 0)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise Failure(f"linux.resources: {e}") from None
+    if mem > 0:
+        out["memory"] = {"limit": mem}
+    if quota > 0 and period > 0:
+        out["cpu"] = {"quota": quota, "period": period}
+    if pids > 0:
+        out["pids"] = {"limit": pids}
+    return out
 
 
 def netns_path(spec: dict[str, Any]) -> str | None:
@@ -315,10 +338,13 @@ def create(g: Globals, args: list[str], bundle: str, *, run: bool) -> int:
             os.kill(holder.pid, FORCE_KILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             holder.wait(30)
+        said = ""
+        with contextlib.suppress(OSError):
+            said = " | ".join((d / "holder.log").read_text(errors="replace").strip().splitlines()[-3:])[:500]
         _remove(g, cid, d)
         raise Failure(reply.removeprefix("error ") if reply.startswith("error ") else
                       f"the VM did not get ready within {READY_TIMEOUT:g}s" if not ready else
-                      "the container's holder ended before the VM was ready (see the engine's log)")
+                      "the container's holder ended before the VM was ready" + (f": {said}" if said else ""))
     rec = read_record(d)
     try:
         st = state_doc(rec) | {"status": "creating"}  # as runc gives them
@@ -761,6 +787,9 @@ def holder(root: str, cid: str, ready_fd: int, console: str | None, here: bool) 
         tell(f"error {e}")
         print(f"vmrt-runtime holder: {e}", file=sys.stderr)
         return e.exit_code if isinstance(e, VmrtError) else 125
+    except Exception as e:  # noqa: BLE001  # one line for the engine; the traceback in holder.log
+        tell(f"error the container's holder failed: {type(e).__name__}: {e}")
+        raise
 
 
 def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, int, int], tell: Any) -> int:
