@@ -170,16 +170,22 @@ def test_podman_it_under_a_terminal(podman: Podman, mode: str) -> None:
 
 # --- containerd ------------------------------------------------------------------------------
 class Containerd:
-    def __init__(self, rt: Runtime, tmp: Path) -> None:
+    """containerd on private paths; ``plugins``: its config's plugin sections (None: no CRI)."""
+
+    def __init__(self, rt: Runtime, tmp: Path, plugins: str | None = None) -> None:
         self.rt, self.dir = rt, tmp / "ctrd"
         self.dir.mkdir()
         self.sock = self.dir / "c.sock"
         self.ns = f"vmrt-test{SLOT or ''}"
+        cri = ('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n' if plugins is None else
+               '[plugins."io.containerd.grpc.v1.cri"]\n  disable_tcp_service = true\n'
+               '  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
+               f'  [plugins."io.containerd.grpc.v1.cri".cni]\n    conf_dir = "{self.dir}/cni"\n'
+               f'    bin_dir = "{self.dir}/cni-bin"\n{plugins}\n')
         (self.dir / "config.toml").write_text(
             f'version = 2\nroot = "{self.dir}/root"\nstate = "{self.dir}/state"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
             f'[grpc]\n  address = "{self.sock}"\n[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
-            '[debug]\n  address = ""\n[metrics]\n  address = ""\n')
+            f'[debug]\n  address = ""\n[metrics]\n  address = ""\n{cri}')
         self.log = open(self.dir / "containerd.log", "wb")  # noqa: SIM115  # closed in stop()
         self.proc = track(subprocess.Popen(["containerd", "--config", str(self.dir / "config.toml")],
                                            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL))
@@ -303,3 +309,27 @@ def test_dockerd_with_vmrt_as_a_runtime(dockerd: Dockerd, runtime: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         assert not list((dockerd.dir / "exec" / "runtime-runc").rglob("vmrt.json"))
     dockerd.rt.v.assert_clean()
+
+
+def test_the_documented_containerd_config_loads_and_runs_both_isolations(vmrt: Vmrt, tmp_path: Path) -> None:
+    """docs/KUBERNETES.md's runtime handler, as written there, in a containerd of the test's own:
+    its CRI plugin loads it, and containers run through the handler's shim and BinaryName (here
+    the test's wrapper of it) with the isolation annotation, in both isolations."""
+    doc = (Path(__file__).parents[1] / "docs" / "KUBERNETES.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    binary = "/usr/local/bin/vmrt-runtime"
+    assert f'BinaryName = "{binary}"' in block and 'runtimes.vmrt]' in block
+    rt = Runtime(vmrt, tmp_path)
+    c = Containerd(rt, tmp_path, plugins=block.replace(binary, str(rt.wrapper)))
+    try:
+        plugins = c.ctr("plugins", "ls").stdout.decode().splitlines()
+        assert any(" cri " in f" {ln} " and ln.split()[-1] == "ok" for ln in plugins), plugins
+        r = c.ctr("images", "import", str(_image_tar(vmrt, tmp_path)))
+        assert r.returncode == 0, r.stderr
+        for mode in MODES:
+            r = c.ctr("run", "--rm", "--runc-binary", str(rt.wrapper), "--annotation", f"io.vmrt.isolation={mode}",
+                      IMAGE, f"k8s-{mode}", "uname", "-r")
+            assert r.returncode == 0 and _kernel(r.stdout) == (mode == "process"), (mode, r)
+    finally:
+        c.stop()
+    vmrt.assert_clean()
