@@ -23,6 +23,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
@@ -387,9 +388,24 @@ static void mask_paths(void)
 	}
 }
 
+/* The process's rlimits (OCI process.rlimits), as runc sets them: before the
+ * identity changes, while raising a hard limit is still allowed. */
+static void apply_rlimits(const struct vmrt_run *who)
+{
+	for (size_t k = 0; k < who->nrlimits; k++) {
+		struct rlimit rl = { .rlim_cur = who->rlimits[k].soft, .rlim_max = who->rlimits[k].hard };
+
+		if (setrlimit((int)who->rlimits[k].resource, &rl) < 0)
+			child_fail(125, "cannot set rlimit %lu: %s", (unsigned long)who->rlimits[k].resource,
+				   strerror(errno));
+	}
+}
+
 static void apply_identity(const struct vmrt_run *who)
 {
 	gid_t groups[VMRT_MAX_GROUPS];
+
+	apply_rlimits(who);
 
 	if (!run.no_new_privs)
 		apply_seccomp(); /* while CAP_SYS_ADMIN is still held (see apply_seccomp) */

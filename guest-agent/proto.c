@@ -258,6 +258,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_SHARE_FRESH: return "SHARE_FRESH";
 	case VMRT_TAG_SECCOMP: return "SECCOMP";
 	case VMRT_TAG_MASKED: return "MASKED";
+	case VMRT_TAG_RLIMIT: return "RLIMIT";
 	case VMRT_TAG_RO_PATH: return "RO_PATH";
 	case VMRT_TAG_WALK_UPPER: return "WALK_UPPER";
 	default: return "?";
@@ -311,6 +312,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->seccomp_len = 0;
 	out->nmasked = out->nro_paths = 0;
 	out->walk = 0;
+	out->nrlimits = 0;
 
 	while (i < len) {
 		uint8_t tag;
@@ -615,6 +617,32 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 			memcpy(out->seccomp, v, vlen);
 			out->seccomp_len = vlen;
 			break;
+		case VMRT_TAG_RLIMIT: {
+			uint32_t res;
+			uint64_t soft, hard;
+
+			if (vlen != 20)
+				goto badsize;
+			res = vmrt_get32(v);
+			soft = vmrt_get64(v + 4);
+			hard = vmrt_get64(v + 12);
+			if (res >= VMRT_MAX_RLIMITS || soft > hard) {
+				seterr(err, errlen, "RUN RLIMIT %lu: an unknown resource or a soft limit above the hard one",
+				       (unsigned long)res);
+				return -1;
+			}
+			for (size_t k = 0; k < out->nrlimits; k++) {
+				if (out->rlimits[k].resource == res) {
+					seterr(err, errlen, "RUN RLIMIT %lu given twice", (unsigned long)res);
+					return -1;
+				}
+			}
+			out->rlimits[out->nrlimits].resource = res;
+			out->rlimits[out->nrlimits].soft = soft;
+			out->rlimits[out->nrlimits].hard = hard;
+			out->nrlimits++;
+			break;
+		}
 		case VMRT_TAG_MASKED:
 		case VMRT_TAG_RO_PATH: {
 			size_t *n = tag == VMRT_TAG_MASKED ? &out->nmasked : &out->nro_paths;

@@ -75,6 +75,7 @@ enum vmrt_tag {
 	VMRT_TAG_MASKED = 31,       /* string: absolute path hidden from the container (OCI maskedPaths) */
 	VMRT_TAG_RO_PATH = 32,      /* string: absolute path made read-only (OCI readonlyPaths) */
 	VMRT_TAG_WALK_UPPER = 33,   /* empty: the process walks the writable layer (walk.c) instead of exec'ing ARG */
+	VMRT_TAG_RLIMIT = 34,       /* u32 resource, u64 soft, u64 hard: an OCI process.rlimits entry */
 };
 
 enum vmrt_mount_flags {
@@ -99,6 +100,7 @@ enum vmrt_mount_flags {
 #define VMRT_DISK_NAME_MAX 31u /* UPPER_DISK's device name: 1..31 of [a-z0-9] */
 #define VMRT_SECCOMP_MAX (4096u * 8u) /* BPF_MAXINSNS instructions of 8 bytes */
 #define VMRT_MAX_PATHS  64u          /* MASKED, and RO_PATH, records each */
+#define VMRT_MAX_RLIMITS 16u         /* RLIMIT records (one per resource, RLIMIT_NLIMITS) */
 
 struct vmrt_mount {
 	const char *target; /* absolute, resolved inside the container root */
@@ -179,6 +181,8 @@ struct vmrt_run {
 	const char *ro_paths[VMRT_MAX_PATHS];
 	size_t nro_paths;
 	int walk;            /* WALK_UPPER record given (never with TTY or DETACH) */
+	struct { uint32_t resource; uint64_t soft, hard; } rlimits[VMRT_MAX_RLIMITS];
+	size_t nrlimits;
 	char strings[VMRT_MAX_PAYLOAD];
 };
 
@@ -196,7 +200,9 @@ struct vmrt_run {
  * whose name is not 1..31 of [a-z0-9], a second
  * SECCOMP or one that is empty, not whole instructions or longer than
  * BPF_MAXINSNS, too many MASKED/RO_PATH or one not absolute or with "..",
- * a non-empty WALK_UPPER or one with TTY or DETACH.
+ * a non-empty WALK_UPPER or one with TTY or DETACH, an RLIMIT that is not
+ * 20 bytes, names a resource outside 0..15, a second time, or a soft limit
+ * above its hard one.
  * Unknown tags are skipped. */
 int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		   char *err, size_t errlen);

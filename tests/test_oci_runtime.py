@@ -271,6 +271,26 @@ def test_exec_with_args_and_a_process_file(rt: Runtime, mode: str) -> None:
     rt.v.assert_clean()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_process_user_env_cwd_rlimits_and_capabilities(rt: Runtime, mode: str) -> None:
+    """What the spec's process says reaches the process in either isolation."""
+    b = rt.bundle("b", mode, ["sh", "-c", "id -u; id -g; echo $GREETING; pwd; ulimit -n; ulimit -Hn; "
+                                         "grep CapEff /proc/self/status"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["process"].update(user={"uid": 1000, "gid": 1001}, cwd="/tmp",
+                           env=["PATH=/bin", "GREETING=hello there"],
+                           rlimits=[{"type": "RLIMIT_NOFILE", "soft": 256, "hard": 512}],
+                           capabilities={k: ["CAP_CHOWN", "CAP_KILL"] for k in ("bounding", "effective", "permitted")})
+    (b / "config.json").write_text(json.dumps(spec))
+    r = rt("run", "--bundle", str(b), "p1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[:6] == ["1000", "1001", "hello there", "/tmp", "256", "512"], lines
+    assert lines[6].split() == ["CapEff:", "0000000000000000"], lines  # a non-root user's effective set
+    rt.gone("p1")
+    rt.v.assert_clean()
+
+
 def test_isolation_by_annotation_flag_and_default(rt: Runtime) -> None:
     """The annotation decides; without it, --isolation; without both, vmrt's default."""
     host = os.uname().release.encode()

@@ -80,6 +80,7 @@ class Tag(enum.IntEnum):
     MASKED = 31         # an absolute path hidden from the container (OCI maskedPaths)
     RO_PATH = 32        # an absolute path made read-only (OCI readonlyPaths)
     WALK_UPPER = 33     # empty: the process walks the writable layer (vmrt/agent/walk.py) instead of exec'ing ARG
+    RLIMIT = 34         # u32 resource, u64 soft, u64 hard: one OCI process.rlimits entry (RUN)
 
 
 class MountFlag(enum.IntFlag):
@@ -433,6 +434,7 @@ class RunSpec:
     masked: list[str] = dataclasses.field(default_factory=list)     # OCI maskedPaths
     ro_paths: list[str] = dataclasses.field(default_factory=list)   # OCI readonlyPaths
     walk: bool = False               # WALK_UPPER: list the writable layer instead of exec'ing args (docker diff)
+    rlimits: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (resource, soft, hard)
 
 
 def _rec(tag: Tag, value: bytes) -> bytes:
@@ -471,6 +473,13 @@ def _process_records(spec: RunSpec | ExecSpec) -> bytearray:
 
 SECCOMP_MAX = 4096 * 8     # BPF_MAXINSNS instructions of 8 bytes
 MAX_PATHS = 64             # MASKED, and RO_PATH, records each
+RLIMIT_RESOURCES = 16      # RLIMIT_NLIMITS: resources 0..15, one record each at most
+
+
+def _check_rlimit(resource: int, soft: int, hard: int, seen: set[int]) -> None:
+    if not 0 <= resource < RLIMIT_RESOURCES or resource in seen or not 0 <= soft <= hard < 1 << 64:
+        raise ProtocolError(f"RLIMIT {resource}: an unknown or repeated resource, or soft {soft} above hard {hard}")
+    seen.add(resource)
 
 
 def _check_seccomp(prog: bytes) -> None:
@@ -541,6 +550,10 @@ def encode_run(spec: RunSpec) -> bytes:
         for path in paths:
             _check_abs_path(path, tag)
             out += _str(tag, path)
+    seen: set[int] = set()
+    for resource, soft, hard in spec.rlimits:
+        _check_rlimit(resource, soft, hard, seen)
+        out += _rec(Tag.RLIMIT, struct.pack(">IQQ", resource, soft, hard))
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -661,6 +674,12 @@ def decode_run(p: bytes) -> RunSpec:
             if len(paths) >= MAX_PATHS:
                 raise ProtocolError(f"more than {MAX_PATHS} {Tag(tag).name} paths")
             paths.append(_check_abs_path(_text(v, Tag(tag).name), Tag(tag)))
+        elif tag == Tag.RLIMIT:
+            if ln != 20:
+                raise ProtocolError("RLIMIT must be 20 bytes")
+            resource, soft, hard = struct.unpack(">IQQ", v)
+            _check_rlimit(resource, soft, hard, {r for r, _, _ in spec.rlimits})
+            spec.rlimits.append((resource, soft, hard))
         # unknown tags are skipped, as the spec requires
     if not spec.args:
         raise ProtocolError("RUN without ARG")

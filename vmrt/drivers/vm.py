@@ -110,7 +110,22 @@ def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
         memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0),
         seccomp=seccomp.compile_bpf(linux.get("seccomp") or _default_seccomp(caps)),
         masked=list(linux.get("maskedPaths") or []), ro_paths=list(linux.get("readonlyPaths") or []),
-        walk=config.get("annotations", {}).get(WALK_ANNOTATION) == "true")  # a tool run's (offline.py)
+        walk=config.get("annotations", {}).get(WALK_ANNOTATION) == "true",  # a tool run's (offline.py)
+        rlimits=guest_rlimits(proc.get("rlimits") or []))
+
+
+def guest_rlimits(rlimits: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """OCI ``process.rlimits`` as the agent's (resource, soft, hard): the guest's resource numbers
+    are the host's (same architecture); RLIM_INFINITY stays all ones."""
+    import resource  # on use: only a run with rlimits maps their names
+    out = []
+    for r in rlimits:
+        name = str(r.get("type", ""))
+        number = getattr(resource, name, None) if name.startswith("RLIMIT_") else None
+        if not isinstance(number, int):
+            raise LaunchError(f"unknown rlimit {name!r}")
+        out.append((number, int(r.get("soft", 0)), int(r.get("hard", 0))))
+    return out
 
 
 def guest_net(att: network.Attached | None) -> P.NetSpec | None:
