@@ -4,10 +4,12 @@ checked as every runtime needs it."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (mypy reads it by name)
+
+if TYPE_CHECKING:  # the runtime's entry point stays lean (vmrt/ociruntime.py)
+    from typing import Any
 
 DEFAULT_ROOT = "/run/vmrt-runtime"
 MARK = "vmrt.json"  # ROOT/ID/MARK: a VM container's record (runc keeps ROOT/ID/state.json)
@@ -36,6 +38,8 @@ class Failure(Exception):
 def load_spec(bundle: str) -> dict[str, Any]:
     """The bundle's config.json, checked as far as every runtime needs it (both isolations):
     JSON, a known field set, runtime-spec 1.x, a process with args, a rootfs directory."""
+    import json  # on use (as re): only create and run read a bundle
+    import re
     path = os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:

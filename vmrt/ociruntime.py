@@ -18,15 +18,16 @@ Errors are one line on stderr and, when the engine passed ``--log``, one record 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-import time
-from collections.abc import Sequence
-from typing import Any, NoReturn
 
 from .ocibundle import MARK, Failure, Globals, load_spec
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (mypy reads it by name)
+
+if TYPE_CHECKING:  # the entry point imports only os and sys: engines call it 3+ times per container
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
 
 ANNOTATION = "io.vmrt.isolation"
 ISOLATIONS = {"vm": "vm", "hyperv": "vm", "process": "process"}
@@ -51,6 +52,8 @@ def log_error(g: Globals, message: str) -> None:
     print(f"vmrt-runtime: {message}", file=sys.stderr, flush=True)
     if not g.log:
         return
+    import json  # on use (as time): only a failure logs
+    import time
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
     if g.log_format == "json":
         line = json.dumps({"level": "error", "msg": message, "time": stamp})
@@ -141,8 +144,25 @@ def option(args: Sequence[str], *names: str) -> str | None:
     return None
 
 
+def _which(name: str) -> str | None:
+    """shutil.which, without importing shutil (and what it imports) on every call."""
+    for d in os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
+        path = os.path.join(d or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
+def full_python() -> None:
+    """The interpreter's site-packages, for what needs more than the standard library (the VM
+    side, vmrt's configuration): the installed launcher starts Python without them (-S), lean."""
+    if "site" not in sys.modules:
+        import site  # on use: see above
+        site.main()
+
+
 def runc_binary() -> str:
-    found = os.environ.get("VMRT_OCI_RUNC") or shutil.which("runc") or shutil.which("crun")
+    found = os.environ.get("VMRT_OCI_RUNC") or _which("runc") or _which("crun")
     if not found:
         raise Failure("no runc or crun on PATH: process containers need one")
     return found
@@ -169,6 +189,7 @@ def isolation_of(g: Globals, spec: dict[str, Any]) -> str:
         return ISOLATIONS[asked]
     if g.isolation is not None:
         return g.isolation
+    full_python()
     from . import config  # on use: only a create without either reads vmrt's configuration
     return config.load().isolation
 
@@ -187,16 +208,20 @@ def run(g: Globals, rest: list[str]) -> int:
         bundle = option(args, "--bundle", "-b") or os.getcwd()
         if isolation_of(g, load_spec(bundle)) == "process":
             exec_runc(g, rest)
+        full_python()
         from . import ocivm  # on use: process containers never load the VM side
         return ocivm.command(g, cmd, args, bundle)
     if cmd in ID_COMMANDS and is_vm(g, container_id(args)):
+        full_python()
         from . import ocivm  # on use (as below): process containers never load the VM side
         return ocivm.command(g, cmd, args, None)
     if cmd == "list" and os.path.isdir(g.root) and any(
             os.path.isfile(os.path.join(g.root, n, MARK)) for n in os.listdir(g.root)):
+        full_python()
         from . import ocivm  # on use: only a root with VM containers lists them
         return ocivm.list_all(g, args, runc_binary())
     if cmd == "features":
+        full_python()
         from . import ocivm  # on use: features adds the isolation annotation to runc's
         return ocivm.features(runc_binary())
     exec_runc(g, rest)
