@@ -793,11 +793,14 @@ def holder(root: str, cid: str, ready_fd: int, console: str | None, here: bool) 
 
 
 def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, int, int], tell: Any) -> int:
+    from . import network  # on use, as the next: only a holder takes an engine's interface
     from .drivers.base import RunContext  # on use (as the next): only a holder runs a VM
     from .drivers.vm import VMDriver
     cfg = load_config()
     spec = load_spec(rec["bundle"])
     config = vm_config(spec, rec["bundle"])
+    # the engine's namespace (the spec names it): the VM takes its interface (None: no network)
+    net = network.join_engine(rec.get("netns"))
     vmid = rec["vmid"]
     run_dir = cfg.run_root / "containers" / vmid
     fsmode.private_dir(run_dir.parent)
@@ -851,7 +854,7 @@ def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, i
     config["process"].pop("consoleSize", None)
     vbundle.write(run_dir, config)  # type: ignore[arg-type]
     ctx = RunContext(cfg, _Record(d), c, None, [Path(rec["rootfs"])], run_dir, config,  # type: ignore[arg-type]
-                     timings, *stdio, rw_dir=layer_dir, gate=gate)
+                     timings, *stdio, rw_dir=layer_dir, gate=gate, net=net)
     driver = VMDriver(accel=None, kernel_path=None, notice=False)
     status = 125
     try:
@@ -867,6 +870,8 @@ def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, i
         tell(f"error {e}")
         print(f"vmrt-runtime holder: {e}", file=sys.stderr)
     finally:
+        if net is not None:  # the VM is gone: the interface as the engine made it
+            net.release()
         ctl.close()
         with contextlib.suppress(FileNotFoundError):
             (d / "ctl.sock").unlink()

@@ -135,8 +135,8 @@ def guest_net(att: network.Attached | None) -> P.NetSpec | None:
     if ep is None or att is None:
         return None
     net = att.networks[ep.network_id]
-    return P.NetSpec(address=ep.ip, prefix=ipaddress.IPv4Network(net.subnet).prefixlen, gateway=net.gateway,
-                     mac=ep.mac, mtu=1500)
+    return P.NetSpec(address=ep.ip, prefix=ipaddress.IPv4Network(net.subnet).prefixlen,
+                     gateway=net.gateway or None, mac=ep.mac, mtu=att.mtu)
 
 
 def guest_net6(att: network.Attached | None) -> P.Net6Spec | None:
@@ -146,7 +146,8 @@ def guest_net6(att: network.Attached | None) -> P.Net6Spec | None:
     if ep is None or att is None or not ep.ip6 or not att.networks[ep.network_id].ipv6:
         return None
     net = att.networks[ep.network_id]
-    return P.Net6Spec(address=ep.ip6, prefix=ipaddress.IPv6Network(net.subnet6).prefixlen, gateway=net.gateway6)
+    return P.Net6Spec(address=ep.ip6, prefix=ipaddress.IPv6Network(net.subnet6).prefixlen,
+                      gateway=net.gateway6 or None)
 
 
 def _wait_quietly(proc: vmsource.Watched, timeout: float) -> None:

@@ -38,7 +38,9 @@ The modules, each importing only those above it in this list:
 * ``nft``: the nftables tables, written from typed, checked values;
 * ``netlink``: bridges, veths, addresses, routes and tc with pyroute2 (imported on first use);
 * ``names``: the managed /etc files;
-* ``attach``: a container's network at its start and stop, live connect/disconnect, inspect and port.
+* ``attach``: a container's network at its start and stop, live connect/disconnect, inspect and port;
+* ``foreign``: an OCI engine's namespace (the spec names it: podman, CNI, Kubernetes) whose interface a VM
+  container takes (vmrt-runtime).
 
 Callers use this package's names (``from vmrt import network; network.attach(...)``).
 """
@@ -57,6 +59,7 @@ from .attach import (
     remove_network,
     settings,
 )
+from .foreign import Foreign, join_engine, open_netns
 from .names import files_dir, hosts_file, refresh_hosts, resolv_conf
 from .netlink import adopt_tap, delete_link, ensure_bridge, mac_for, plumb_veth, preload
 from .netns import create_netns, in_netns, netns_path, open_tap, open_tap_detached, remove_netns
@@ -98,4 +101,6 @@ __all__ = [
     # a container's network (attach)
     "Attached", "attach", "connect_live", "detach", "disconnect_live", "plumb", "port_lines", "remove_network",
     "settings",
+    # an OCI engine's namespace (foreign)
+    "Foreign", "join_engine", "open_netns",
 ]

@@ -28,12 +28,13 @@ from .store import Endpoint, Network, Store, locked
 
 @dataclasses.dataclass
 class Attached:
-    mode: str                  # none | host | bridge
+    mode: str                  # none | host | bridge; engine: an OCI engine's namespace (foreign.py)
     netns: Path | None
     endpoints: list[Endpoint]
     files: dict[str, Path]     # container path -> host file (bind-mounted)
     networks: dict[str, Network] = dataclasses.field(default_factory=dict)  # by id, those of endpoints
     rules_done: bool = False   # attach rewrote the tables (with this container's chains)
+    mtu: int = 1500            # the VM's eth0 (an engine's interface may have another: foreign.py)
     _thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
     _error: BaseException | None = dataclasses.field(default=None, repr=False)
 
@@ -48,11 +49,14 @@ class Attached:
             try:
                 if pool_netns is not None and self.netns is not None:
                     adopt_tap(pool_netns, self.netns)
-                plumb(cfg, self, isolation)
+                self._plumb(cfg, isolation)
             except BaseException as e:  # noqa: B036 - raised again by wait()
                 self._error = e
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
+
+    def _plumb(self, cfg: Config, isolation: str) -> None:
+        plumb(cfg, self, isolation)
 
     def wait(self, quiet: bool = False) -> None:
         if self._thread is not None:

@@ -27,7 +27,7 @@ RTPROT_BOOT = 3  # rtnetlink: a route set up at boot (what ip route add and the 
 IFA_F_NODAD = 0x02  # linux/if_addr.h: no duplicate address detection for this address
 
 
-def _iproute() -> Any:
+def iproute() -> Any:
     """pyroute2's IPRoute without its package __init__, which imports every netlink family it
     has (~100 ms): vmrt needs rtnetlink only, and this is on the container start path.
     Its ``netns=`` argument is not used: it forks a child that pyroute2 ends with SIGTERM, which
@@ -37,7 +37,7 @@ def _iproute() -> Any:
 
 
 def _iproute_class() -> Any:
-    """pyroute2's IPRoute class, imported on first use (see :func:`_iproute`)."""
+    """pyroute2's IPRoute class, imported on first use (see :func:`iproute`)."""
     import importlib.util  # on use, with pyroute2: ~0.7 ms that a run without a bridge never needs
     with _import_lock:
         if "pyroute2" not in sys.modules:
@@ -70,7 +70,7 @@ def _nl_error(what: str, e: Exception) -> NetworkError:
     return NetworkError(f"{what}: {e.args[-1] if e.args else e}")
 
 
-def _link_index(ipr: Any, name: str) -> int | None:
+def link_index(ipr: Any, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
 
@@ -83,16 +83,16 @@ def ensure_bridge(net: Network) -> bool:
         return False  # set up already (the common case: no netlink round trips)
     _sysctl("net.ipv4.ip_forward", "1")
     subnet = ipaddress.IPv4Network(net.subnet)
-    with _iproute() as ipr:
-        idx = _link_index(ipr, net.bridge)
+    with iproute() as ipr:
+        idx = link_index(ipr, net.bridge)
         if idx is None:
             check_host_overlap(subnet)
             try:
                 ipr.link("add", ifname=net.bridge, kind="bridge")
             except Exception as e:  # NetlinkError; a concurrent creator is fine
-                if _link_index(ipr, net.bridge) is None:
+                if link_index(ipr, net.bridge) is None:
                     raise _nl_error(f"cannot create bridge {net.bridge}", e) from None
-            idx = _link_index(ipr, net.bridge)
+            idx = link_index(ipr, net.bridge)
         addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
         if net.gateway not in addrs:
             try:
@@ -114,8 +114,8 @@ def _bridge_v6(ipr: Any, idx: int, net: Network) -> None:
     (nothing else on the bridge may hold it: the anti-spoofing chains see to that). It goes with
     the bridge (``network rm``)."""
     subnet6 = ipaddress.IPv6Network(net.subnet6)
-    _ipv6_conf(net.bridge, "disable_ipv6", "0")
-    _ipv6_conf(net.bridge, "accept_ra", "0")
+    ipv6_conf(net.bridge, "disable_ipv6", "0")
+    ipv6_conf(net.bridge, "accept_ra", "0")
     addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=socket.AF_INET6)}
     if net.gateway6 not in addrs:
         check_host_overlap(subnet6)
@@ -126,8 +126,8 @@ def _bridge_v6(ipr: Any, idx: int, net: Network) -> None:
 
 
 def delete_link(name: str) -> None:
-    with contextlib.suppress(Exception), _iproute() as ipr:
-        idx = _link_index(ipr, name)
+    with contextlib.suppress(Exception), iproute() as ipr:
+        idx = link_index(ipr, name)
         if idx is not None:
             ipr.link("del", index=idx)
 
@@ -154,8 +154,8 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
     tmp = "vp" + secrets.token_hex(6)
     if link_exists(ep.host_if):  # the same container's previous run, its namespace still being destroyed
         delete_link(ep.host_if)
-    with _iproute() as ipr:
-        br = _link_index(ipr, net.bridge)
+    with iproute() as ipr:
+        br = link_index(ipr, net.bridge)
         if br is None:
             raise NetworkError(f"bridge {net.bridge} of network {net.name} is gone")
         try:
@@ -163,7 +163,7 @@ def plumb_veth(net: Network, ep: Endpoint, ns: Path, vm: bool, default_route: bo
                      peer={"ifname": tmp, "net_ns_fd": str(ns)})
         except Exception as e:
             raise _nl_error(f"cannot create veth {ep.host_if}", e) from None
-        hidx = _link_index(ipr, ep.host_if)
+        hidx = link_index(ipr, ep.host_if)
         ipr.link("set", index=hidx, master=br, state="up")
     in_netns(ns, _inside, tmp, ep, vm, prefix, net.gateway if default_route else None, v6)
 
@@ -174,28 +174,24 @@ def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None,
     network without IPv6 (only lo keeps ::1); on an --ipv6 one, the address (v6: address, prefix,
     gateway or None) without duplicate address detection and a default route. In VM mode the
     namespace's own interfaces only carry the guest's frames: IPv6 off on both."""
-    with _iproute() as nsr:
-        idx = _link_index(nsr, tmp)
+    with iproute() as nsr:
+        idx = link_index(nsr, tmp)
         if idx is None:
             raise NetworkError(f"veth {tmp} did not reach the container's namespace")
         nsr.link("set", index=idx, ifname=ep.ifname, **({} if vm else {"address": ep.mac}))
         # before it is up: no link-local address is made, or none probed for (DAD)
         if v6:
-            _ipv6_conf(ep.ifname, "accept_dad", "0")
+            ipv6_conf(ep.ifname, "accept_dad", "0")
         else:
-            _ipv6_conf(ep.ifname, "disable_ipv6", "1")
+            ipv6_conf(ep.ifname, "disable_ipv6", "1")
         nsr.link("set", index=idx, state="up")
         if vm:
-            tap = _link_index(nsr, "tap0")
+            tap = link_index(nsr, "tap0")
             if tap is None:
                 raise NetworkError("the VM's tap0 is missing in its namespace")
-            _ipv6_conf("tap0", "disable_ipv6", "1")
+            ipv6_conf("tap0", "disable_ipv6", "1")
             nsr.link("set", index=tap, state="up")
-            for a, b in ((idx, tap), (tap, idx)):  # every frame in on one goes out of the other
-                nsr.tc("add", "ingress", a, "ffff:")
-                nsr.tc("add-filter", "u32", a, parent=0xFFFF0000, protocol=0x0003,  # ETH_P_ALL, match all
-                       keys=["0x0/0x0+0"], target=0x1,
-                       action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": b})
+            redirect_both(nsr, idx, tap)
             return
         # as Docker's and the VM's eth0: the subnet's broadcast address, a default route of proto boot
         brd = str(ipaddress.IPv4Network(f"{ep.ip}/{prefix}", strict=False).broadcast_address)
@@ -209,11 +205,22 @@ def _inside(tmp: str, ep: Endpoint, vm: bool, prefix: int, gateway: str | None,
                 nsr.route("add", dst="::/0", gateway=gateway6, family=socket.AF_INET6, proto=RTPROT_BOOT)
 
 
+def redirect_both(nsr: Any, a: int, b: int) -> None:
+    """Every frame that comes in on interface ``a`` goes out of ``b`` and the other way round:
+    an ingress qdisc on each with a match-all u32 filter whose action is a mirred redirect (as
+    Kata Containers' tcfilter). The namespace's own stack never sees those frames."""
+    for src, dst in ((a, b), (b, a)):
+        nsr.tc("add", "ingress", src, "ffff:")
+        nsr.tc("add-filter", "u32", src, parent=0xFFFF0000, protocol=0x0003,  # ETH_P_ALL, match all
+               keys=["0x0/0x0+0"], target=0x1,
+               action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": dst})
+
+
 def adopt_tap(src_ns: Path, dst_ns: Path, name: str = "tap0") -> None:
     """Move a pooled VM's tap from the namespace it was booted in into the container's."""
     def move() -> None:
-        with _iproute() as ipr:
-            idx = _link_index(ipr, name)
+        with iproute() as ipr:
+            idx = link_index(ipr, name)
             if idx is None:
                 raise NetworkError(f"the pooled VM's {name} is missing")
             try:
@@ -224,7 +231,7 @@ def adopt_tap(src_ns: Path, dst_ns: Path, name: str = "tap0") -> None:
     remove_netns(src_ns)
 
 
-def _ipv6_conf(ifname: str, key: str, value: str) -> None:
+def ipv6_conf(ifname: str, key: str, value: str) -> None:
     """An interface's IPv6 setting (of the namespace the calling thread is in: /proc/sys/net is
     per network namespace). The host without IPv6 (ipv6.disable=1) has none to set: an --ipv6
     network is refused there, and nothing is to be turned off."""
