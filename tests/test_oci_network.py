@@ -115,9 +115,10 @@ def rt(vmrt: Vmrt, tmp_path: Path) -> Iterator[Runtime]:
         runtime("delete", "--force", entry["id"])
 
 
-def _bundle(rt: Runtime, name: str, mode: str, netns: str, script: str) -> Path:
+def _bundle(rt: Runtime, name: str, mode: str, netns: str, script: str, notes: dict[str, str] | None = None) -> Path:
     b = rt.bundle(name, mode, ["sh", "-c", script])
     spec = json.loads((b / "config.json").read_text())
+    spec["annotations"].update(notes or {})
     spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
     spec["linux"]["namespaces"].append({"type": "network", "path": netns})
     (b / "config.json").write_text(json.dumps(spec))
@@ -255,6 +256,24 @@ def test_the_namespace_gives_up_its_addresses_while_the_vm_runs(rt: Runtime, eng
     rt.gone("g2")
     assert rt("delete", "--force", "g1").returncode == 0
     rt.gone("g1")
+    _namespace_as_made(ns)
+    rt.v.assert_clean()
+
+
+@pytest.mark.vm
+def test_a_pods_sandbox_vm_leaves_the_interface_to_the_pods_container(rt: Runtime, engine_ns: EngineNs) -> None:
+    """Kubernetes: the pod's sandbox ("pause") container comes first, in the pod's namespace, and
+    gets the pod's annotations (a VM too); CRI marks it. Its VM takes no interface, the pod's
+    container's VM does."""
+    ns = engine_ns
+    pause = _bundle(rt, "pause", "vm", ns.path, "sleep 300", {"io.kubernetes.cri.container-type": "sandbox"})
+    r = rt("create", "--bundle", str(pause), "pause")
+    assert r.returncode == 0, r.stderr
+    assert rt("start", "pause").returncode == 0
+    assert "tap0" not in ns.ip("-o", "link") and f"inet {NET4}.2/24" in ns.ip("-o", "addr", "show", "dev", "eth0")
+    _serve_and_check(rt, ns, "vm", "app")
+    assert rt("delete", "--force", "pause").returncode == 0
+    rt.gone("pause")
     _namespace_as_made(ns)
     rt.v.assert_clean()
 

@@ -800,7 +800,7 @@ def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, i
     spec = load_spec(rec["bundle"])
     config = vm_config(spec, rec["bundle"])
     # the engine's namespace (the spec names it): the VM takes its interface (None: no network)
-    net = network.join_engine(rec.get("netns"))
+    net = network.join_engine(rec.get("netns"), spec.get("annotations") or {})
     vmid = rec["vmid"]
     run_dir = cfg.run_root / "containers" / vmid
     fsmode.private_dir(run_dir.parent)

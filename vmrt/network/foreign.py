@@ -21,7 +21,9 @@ What cannot work is refused in one line: more than one interface (a VM's NIC is 
 boot), an interface that is not Ethernet, one without an IPv4 address or with several, a
 gateway that is not on the interface's subnet (a /32 with an on-link route, as Calico's), an
 interface another VM already redirects. A namespace with only ``lo`` (``--network none``) gives
-a VM without network, as without a namespace.
+a VM without network, as without a namespace; so does a Kubernetes pod's sandbox ("pause")
+container run as a VM: the pod's interface is left to the pod's container (one per pod: the
+next VM in that namespace is refused, its interface being taken).
 
 The path is the spec's, so it is trusted for nothing: it is opened with ``O_PATH`` (nothing is
 read or run by opening it), must be a namespace file (``fstatfs``: ``NSFS_MAGIC``) of a network
@@ -63,6 +65,7 @@ RTPROT_KERNEL, RTPROT_RA = 2, 9  # routes the kernel (or a router advertisement)
 IFA_F_TEMPORARY = 0x01      # an IPv6 privacy address (IFA_F_SECONDARY for IPv4)
 IFA_F_NODAD = 0x02
 TAP = "tap0"
+SANDBOX_NOTES = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")  # containerd, CRI-O
 IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 NETWORK_ID = "engine"       # the one network of a Foreign: the engine's, which vmrt does not know
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -208,12 +211,19 @@ def open_netns(path: str) -> int:
     return fd
 
 
-def join_engine(path: str | None) -> Foreign | None:
+def pod_sandbox(annotations: dict[str, Any]) -> bool:
+    """A Kubernetes pod's sandbox ("pause") container, as CRI's runtimes mark it: it only holds
+    the pod's namespaces, and the pod's interface is for the container that serves."""
+    return any(annotations.get(k) == "sandbox" for k in SANDBOX_NOTES)
+
+
+def join_engine(path: str | None, annotations: dict[str, Any] | None = None) -> Foreign | None:
     """The engine's namespace at ``path`` (the spec's), read: its interface's MAC, MTU,
-    addresses and routes. None: no path, or a namespace with no interface but ``lo`` (a VM
-    without network). Nothing in the namespace changes until the VM's tap is there
-    (:meth:`Foreign.plumb_in_background`)."""
-    if not path:
+    addresses and routes. None: no path, a namespace with no interface but ``lo`` (a VM
+    without network), or a pod's sandbox container (``annotations``: its VM leaves the pod's
+    interface to the pod's container). Nothing in the namespace changes until the VM's tap is
+    there (:meth:`Foreign.plumb_in_background`)."""
+    if not path or pod_sandbox(annotations or {}):
         return None
     fd = open_netns(path)
     try:
