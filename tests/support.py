@@ -224,9 +224,6 @@ class Vmrt:
         if rdir.exists():
             found += [f"runtime state {p}" for p in rdir.iterdir() if p.is_dir()]
         found += [f"cgroup {d}" for d in vmrt_cgroups() - self.cgroups_before]
-        odir = self.root / "oci"  # vmrt-runtime's VM containers' writable layers (vmrt/ocivm.py)
-        if odir.exists():
-            found += [f"OCI writable layer {p}" for p in odir.iterdir()]
         rw = self.root / "rw"  # writable layers (a VM's disk.img too) whose container is gone
         if rw.exists():
             kept = self._container_ids()
@@ -251,6 +248,8 @@ class Vmrt:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
             return {row[0] for row in con.execute("SELECT id FROM containers")}
+        except sqlite3.OperationalError:  # no such table: only images (or vmrt-runtime) used it so far
+            return set()
         finally:
             con.close()
 

@@ -339,12 +339,9 @@ def test_namespace_paths_a_bundle_cannot_use(rt: Runtime, tmp_path: Path) -> Non
 
 @pytest.mark.vm
 def test_a_pooled_vm_takes_the_engines_interface(rt: Runtime, engine_ns: EngineNs) -> None:
-    """A pooled VM (its tap made in the pool's namespace) is moved into the engine's: the same.
-    (``vm_storage_size`` 0: the container has no disk of its own for the pool daemon to swap in,
-    so the claim does not depend on where a runtime container's disk lives.)"""
+    """A pooled VM (its tap made in the pool's namespace) is moved into the engine's: the same,
+    with the container's disk (where vmrt keeps every container's) swapped in."""
     v = rt.v
-    text = rt.wrapper.read_text()
-    rt.wrapper.write_text(text.replace("exec ", "export VMRT_VM_STORAGE_SIZE=0\nexec ", 1))
     assert v("pool", "start", "--size", "1").returncode == 0
     try:
         assert v("pool", "fill", "--wait", timeout=300).returncode == 0

@@ -181,7 +181,9 @@ def test_kill_of_a_created_container_and_delete_force_of_a_running_one(rt: Runti
     assert rt("create", "--bundle", str(b), "k2").returncode == 0
     assert rt("start", "k2").returncode == 0
     assert _wait(lambda: (b / "out" / "ran").exists())
-    assert rt("delete", "--force", "k2").returncode == 0
+    pid = rt.state("k2")["pid"]
+    assert rt("delete", "-f", "k2").returncode == 0  # -f: delete's --force (ps's --format)
+    assert not _alive(pid)
     rt.gone("k1")
     rt.gone("k2")
     rt.v.assert_clean()

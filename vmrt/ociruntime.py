@@ -35,14 +35,27 @@ ISOLATIONS = {"vm": "vm", "hyperv": "vm", "process": "process"}
 GLOBAL_VALUES = {"--root", "--log", "--log-format", "--criu", "--rootless", "--isolation"}
 GLOBAL_BOOLS = {"--debug", "--systemd-cgroup"}
 # every flag of runc's commands that takes a value (the container's ID is the first other word)
-VALUE_FLAGS = {"--bundle", "-b", "--console-socket", "--pid-file", "--cwd", "--env", "-e", "--user", "-u",
-               "--additional-gids", "-g", "--process", "-p", "--process-label", "--apparmor", "--cap", "-c",
-               "--preserve-fds", "--cgroup", "--format", "-f", "--resources", "-r", "--blkio-weight",
-               "--cpu-period", "--cpu-quota", "--cpu-rt-period", "--cpu-rt-runtime", "--cpu-share",
-               "--cpuset-cpus", "--cpuset-mems", "--kernel-memory", "--kernel-memory-tcp", "--memory",
-               "--memory-reservation", "--memory-swap", "--pids-limit", "--l3-cache-schema", "--mem-bw-schema",
-               "--interval", "--image-path", "--work-path", "--parent-path", "--page-server", "--manage-cgroups-mode",
-               "--empty-ns", "--status-fd", "--lazy-pages", "--auto-dedup", "--detach-keys"}
+# the flags of runc's commands that take a value (the container's ID is the first other word);
+# per command: `-f` is ps's --format but delete's --force
+_UPDATE = ("--resources", "-r", "--blkio-weight", "--cpu-period", "--cpu-quota", "--cpu-rt-period",
+           "--cpu-rt-runtime", "--cpu-share", "--cpuset-cpus", "--cpuset-mems", "--kernel-memory",
+           "--kernel-memory-tcp", "--memory", "--memory-reservation", "--memory-swap", "--pids-limit",
+           "--l3-cache-schema", "--mem-bw-schema")
+_CRIU = ("--image-path", "--work-path", "--parent-path", "--page-server", "--manage-cgroups-mode", "--empty-ns",
+         "--status-fd", "--lazy-pages", "--bundle", "-b", "--console-socket", "--pid-file")
+VALUE_FLAGS: dict[str, frozenset[str]] = {
+    "create": frozenset({"--bundle", "-b", "--console-socket", "--pid-file", "--preserve-fds"}),
+    "run": frozenset({"--bundle", "-b", "--console-socket", "--pid-file", "--preserve-fds"}),
+    "exec": frozenset({"--console-socket", "--cwd", "--env", "-e", "--user", "-u", "--additional-gids", "-g",
+                       "--process", "-p", "--pid-file", "--process-label", "--apparmor", "--cap", "-c",
+                       "--preserve-fds", "--cgroup"}),
+    "ps": frozenset({"--format", "-f"}),
+    "list": frozenset({"--format", "-f"}),
+    "update": frozenset(_UPDATE),
+    "events": frozenset({"--interval"}),
+    "checkpoint": frozenset(_CRIU),
+    "restore": frozenset(_CRIU),
+}
 ID_COMMANDS = {"start", "state", "kill", "delete", "exec", "pause", "resume", "ps", "update", "events",
                "checkpoint", "restore"}
 
@@ -115,15 +128,16 @@ def parse_globals(argv: Sequence[str]) -> tuple[Globals, list[str]]:
     return g, list(argv[i:])
 
 
-def container_id(args: Sequence[str]) -> str | None:
-    """The container's ID among a command's arguments: the first word that is no flag's value."""
+def container_id(cmd: str, args: Sequence[str]) -> str | None:
+    """The container's ID among ``cmd``'s arguments: the first word that is no flag's value."""
+    values = VALUE_FLAGS.get(cmd, frozenset())
     i = 0
     while i < len(args):
         a = args[i]
         if a == "--":
             return args[i + 1] if i + 1 < len(args) else None
         if a.startswith("-") and a != "-":
-            if "=" not in a and a in VALUE_FLAGS:
+            if "=" not in a and a in values:
                 i += 1
         else:
             return a
@@ -131,15 +145,16 @@ def container_id(args: Sequence[str]) -> str | None:
     return None
 
 
-def option(args: Sequence[str], *names: str) -> str | None:
-    """The value of a command's flag (``--bundle B``, ``--bundle=B``, ``-b B``), or None."""
+def option(cmd: str, args: Sequence[str], *names: str) -> str | None:
+    """The value of ``cmd``'s flag (``--bundle B``, ``--bundle=B``, ``-b B``), or None."""
+    values = VALUE_FLAGS.get(cmd, frozenset())
     for i, a in enumerate(args):
         name, eq, value = a.partition("=")
         if name in names:
             if eq:
                 return value
             return args[i + 1] if i + 1 < len(args) else None
-        if a == "--" or not a.startswith("-") and (i == 0 or args[i - 1] not in VALUE_FLAGS):
+        if a == "--" or not a.startswith("-") and (i == 0 or args[i - 1] not in values):
             break
     return None
 
@@ -205,13 +220,13 @@ def run(g: Globals, rest: list[str]) -> int:
         exec_runc(g, rest or ["--help"])
     cmd, args = rest[0], rest[1:]
     if cmd in ("create", "run"):
-        bundle = option(args, "--bundle", "-b") or os.getcwd()
+        bundle = option(cmd, args, "--bundle", "-b") or os.getcwd()
         if isolation_of(g, load_spec(bundle)) == "process":
             exec_runc(g, rest)
         full_python()
         from . import ocivm  # on use: process containers never load the VM side
         return ocivm.command(g, cmd, args, bundle)
-    if cmd in ID_COMMANDS and is_vm(g, container_id(args)):
+    if cmd in ID_COMMANDS and is_vm(g, container_id(cmd, args)):
         full_python()
         from . import ocivm  # on use (as below): process containers never load the VM side
         return ocivm.command(g, cmd, args, None)

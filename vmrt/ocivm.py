@@ -18,7 +18,7 @@ annotations, the status the holder reached and, once it ended, the exit status; 
 holder's PID with its start time (a reused PID is never taken for it). ``state`` answers
 from it: a holder that is gone means ``stopped``. The VM's run dir is vmrt's
 ``<run_root>/containers/<vmid>`` (``vmid``: a hash of root and ID, so that socket paths stay
-short whatever the engine's root) and its writable layer ``<root>/oci/<vmid>``; neither is
+short whatever the engine's root) and its writable layer ``<root>/rw/<vmid>``; neither is
 in vmrt's container list.
 
 **Hooks** run on the host where the spec puts them in time, with the state on stdin, as
@@ -59,6 +59,7 @@ from . import cgroups, fsmode
 from .config import Config
 from .config import load as load_config
 from .errors import VmrtError
+from .layout import rw_dir
 from .lifecycle import parse_signal, remove_run_dir
 from .ocibundle import MARK, SPEC_MAX, Failure, Globals, load_spec
 from .proc import connect_unix, kill_if_ours, start_ticks
@@ -494,7 +495,7 @@ def _remove(g: Globals, cid: str, d: Path, rec: dict[str, Any] | None = None) ->
     cgroups.remove_tree(f"{cgroups.PARENT}/{vmid}-vmm")  # kills what is left in it (QEMU, virtiofsd)
     with contextlib.suppress(VmrtError):
         remove_run_dir(cfg.run_root / "containers" / vmid)
-    shutil.rmtree(cfg.root / "oci" / vmid, ignore_errors=True)
+    shutil.rmtree(rw_dir(cfg, vmid), ignore_errors=True)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -805,7 +806,7 @@ def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, i
     run_dir = cfg.run_root / "containers" / vmid
     fsmode.private_dir(run_dir.parent)
     run_dir.mkdir(mode=0o700)
-    layer_dir = cfg.root / "oci" / vmid
+    layer_dir = rw_dir(cfg, vmid)  # where vmrt keeps a container's disk: the warm pool swaps in only those
     fsmode.private_dir(layer_dir.parent)
     c = Container(id=vmid, name=cid, image=rec["rootfs"], isolation="vm", status=Status.CREATED,
                   created=time.time(), command=list(config["process"]["args"]), run_dir=str(run_dir))
@@ -856,6 +857,9 @@ def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, i
     ctx = RunContext(cfg, _Record(d), c, None, [Path(rec["rootfs"])], run_dir, config,  # type: ignore[arg-type]
                      timings, *stdio, rw_dir=layer_dir, gate=gate, net=net)
     driver = VMDriver(accel=None, kernel_path=None, notice=False)
+    timings.on_mark["agent-ready"] = lambda: print(  # where its VM came from, for holder.log's reader
+        "vmrt-runtime holder: VM ready: " + " ".join(f"{k}={v}" for k, v in timings.info.items()), file=sys.stderr,
+        flush=True)
     status = 125
     try:
         status = driver.run(ctx)
@@ -870,6 +874,7 @@ def _hold(root: str, cid: str, d: Path, rec: dict[str, Any], stdio: tuple[int, i
         tell(f"error {e}")
         print(f"vmrt-runtime holder: {e}", file=sys.stderr)
     finally:
+        timings.report(sys.stderr)  # holder.log: where the time went (create, the gate, start)
         if net is not None:  # the VM is gone: the interface as the engine made it
             net.release()
         ctl.close()
