@@ -359,9 +359,11 @@ def test_a_pooled_vm_takes_the_engines_interface(rt: Runtime, engine_ns: EngineN
 def test_podman_with_a_cni_bridge_network(rt: Runtime, tmp_path: Path, mode: str) -> None:
     """podman makes the namespace (CNI's bridge plugin: a veth on a bridge of the test's own,
     host-local addresses) and names it in the spec; the host reaches the container's server at the
-    address podman gave it, and podman's teardown (CNI DEL) finds its interface as it left it."""
+    address podman gave it and at the port it published on 127.0.0.1 (CNI's portmap plugin), and
+    podman's teardown (CNI DEL) finds its interface as it left it."""
     if not shutil.which("podman") or not Path("/usr/lib/cni/bridge").exists():
-        pytest.skip("podman with the CNI plugins is set-up's")
+        pytest.fail("podman and the CNI plugins are set-up's (setup.sh installs them)")
+    chains_before = _cni_chains()
     name, bridge, net = f"vmrtoci{N}", f"vmrtoci{N}", f"10.250.{40 + N}"
     d = Path(tempfile.mkdtemp(prefix="vmrt-pn-"))  # podman refuses a long run root
     cni = d / "cni"
@@ -370,7 +372,9 @@ def test_podman_with_a_cni_bridge_network(rt: Runtime, tmp_path: Path, mode: str
         "cniVersion": "0.4.0", "name": name,
         "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
                      "ipam": {"type": "host-local", "routes": [{"dst": "0.0.0.0/0"}],
-                              "ranges": [[{"subnet": f"{net}.0/24", "gateway": f"{net}.1"}]]}}]}))
+                              "ranges": [[{"subnet": f"{net}.0/24", "gateway": f"{net}.1"}]]}},
+                    {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    published = 18600 + N
     conf = d / "containers.conf"
     conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
                     '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
@@ -385,13 +389,15 @@ def test_podman_with_a_cni_bridge_network(rt: Runtime, tmp_path: Path, mode: str
     rootfs = rt.bundle("pm", mode, ["true"]) / "rootfs"
     try:
         r = podman("run", "-d", "--name", "web", "--network", name, "--annotation", f"io.vmrt.isolation={mode}",
-                   "--rootfs", str(rootfs), "sh", "-c", "mkdir -p /tmp/www; echo hello-from-podman > "
+                   "-p", f"127.0.0.1:{published}:{PORT}", "--rootfs", str(rootfs), "sh", "-c",
+                   "mkdir -p /tmp/www; echo hello-from-podman > "
                    f"/tmp/www/index.html; exec busybox httpd -f -p {PORT} -h /tmp/www")
         assert r.returncode == 0, r.stderr
         ip = podman("inspect", "web", "--format", f"{{{{.NetworkSettings.Networks.{name}.IPAddress}}}}")
         addr = ip.stdout.decode().strip()
         assert addr.startswith(f"{net}."), ip
         assert _get(f"http://{addr}:{PORT}/") == b"hello-from-podman\n"
+        assert _get(f"http://127.0.0.1:{published}/") == b"hello-from-podman\n"
         assert podman("stop", "-t", "5", "web").returncode == 0
         r = podman("rm", "web")
         assert r.returncode == 0, r.stderr
@@ -402,4 +408,36 @@ def test_podman_with_a_cni_bridge_network(rt: Runtime, tmp_path: Path, mode: str
         shutil.rmtree(d, ignore_errors=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         shutil.rmtree(Path("/var/lib/cni/networks", name), ignore_errors=True)
+        _drop_cni_chains(_cni_chains() - chains_before)
+    assert not _cni_chains() - chains_before
     rt.v.assert_clean()
+
+
+# the chains CNI's portmap and firewall plugins add to iptables once and leave (their scaffolding,
+# empty once every mapping is gone), with the rules that jump to them
+_CNI_JUMPS = {
+    ("filter", "CNI-FORWARD"): [["FORWARD", "-m", "comment", "--comment", "CNI firewall plugin rules"]],
+    ("nat", "CNI-HOSTPORT-DNAT"): [["PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL"],
+                                   ["OUTPUT", "-m", "addrtype", "--dst-type", "LOCAL"]],
+    ("nat", "CNI-HOSTPORT-MASQ"): [["POSTROUTING", "-m", "comment", "--comment", "CNI portfwd requiring masquerade"]],
+}
+
+
+def _cni_chains() -> set[tuple[str, str]]:
+    found = set()
+    for table in ("filter", "nat"):
+        out = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout
+        found |= {(table, ln[1:].split()[0]) for ln in out.splitlines() if ln.startswith(":CNI-")}
+    return found
+
+
+def _drop_cni_chains(chains: set[tuple[str, str]]) -> None:
+    """The CNI chains this test made, gone: the jumps to them, then each chain emptied and deleted."""
+    for (table, chain), jumps in _CNI_JUMPS.items():
+        if (table, chain) in chains:
+            for jump in jumps:
+                subprocess.run(["iptables", "-t", table, "-D", *jump, "-j", chain], capture_output=True)
+    for table, chain in sorted(chains):
+        subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True)
+    for table, chain in sorted(chains, key=lambda c: c[1] != "CNI-FORWARD"):  # it jumps to CNI-ADMIN
+        subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True)
