@@ -139,6 +139,7 @@ def test_the_lifecycle_as_the_spec_says(rt: Runtime, mode: str) -> None:
     assert r.returncode == 0, r.stderr
     assert _wait(lambda: (b / "out" / "hostname").exists() and (b / "out" / "hostname").read_text() == "oci-test\n")
     assert rt.state("c1")["status"] == "running"
+    assert b"c1" not in rt.v("ps", "-a").stdout and pid_file.read_text() not in rt.v("ps", "-a").stdout.decode()
     r = rt("start", "c1")  # only a created container starts
     assert r.returncode != 0 and r.stderr.strip(), r
     r = rt("delete", "c1")  # a running one is not deleted without --force
