@@ -35,22 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from coldstart import runc_bundle  # noqa: E402  (same directory)
-from jail import clear_root, pct, pss_kib, report, vmrt  # noqa: E402
+from jail import clear_root, pct, pss_kib, report, timed, vmrt  # noqa: E402
 
 from vmrt import config as config_mod  # noqa: E402
 from vmrt.drivers.process import choose_runtime  # noqa: E402
 from vmrt.vm import accel  # noqa: E402
 
 DOCKER = "/usr/bin/docker"
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    t = time.monotonic_ns()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
-    dt = (time.monotonic_ns() - t) / 1e6
-    if r.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
-    return dt
 
 
 def memory(pid: int) -> dict[str, float]:

@@ -150,3 +150,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    """Milliseconds ``cmd`` took, wall time; a failure ends the benchmark with its stderr."""
+    t = time.monotonic_ns()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    dt = (time.monotonic_ns() - t) / 1e6
+    if r.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
+    return dt

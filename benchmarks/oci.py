@@ -32,20 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jail import clear_root, pct, pss_kib, report, vmrt  # noqa: E402
+from jail import clear_root, pct, pss_kib, report, timed, vmrt  # noqa: E402
 
 from vmrt.vm import accel  # noqa: E402
 
 IMAGE = "docker.io/library/busybox:latest"
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    t = time.monotonic_ns()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
-    dt = (time.monotonic_ns() - t) / 1e6
-    if r.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
-    return dt
 
 
 def main() -> None:

@@ -109,15 +109,20 @@ def run_exec(cfg: Config, ref: str, eo: ExecOptions) -> int:
     return _runc_exec(cfg, c, eo, r)
 
 
-def run_tool(cfg: Config, ref: str, args: list[str], stdio: tuple[int, int, int], *, stdin: bool) -> int:
-    """``args`` in container ``ref`` as its root, whether it runs or not (``docker cp``): an exec
-    while it runs, else a tool run over its files in its isolation (:mod:`vmrt.offline`)."""
+def _current(cfg: Config, ref: str) -> Container:
+    """Container ``ref``'s record as it is now (stale owners reconciled first)."""
     state = State(cfg.db_path)
     try:
         reconcile(cfg, state)
-        c = state.get(ref)
+        return state.get(ref)
     finally:
         state.close()
+
+
+def run_tool(cfg: Config, ref: str, args: list[str], stdio: tuple[int, int, int], *, stdin: bool) -> int:
+    """``args`` in container ``ref`` as its root, whether it runs or not (``docker cp``): an exec
+    while it runs, else a tool run over its files in its isolation (:mod:`vmrt.offline`)."""
+    c = _current(cfg, ref)
     if c.status == Status.RUNNING and owner_alive(c):
         return run_exec(cfg, c.id, ExecOptions(args, user="0:0", interactive=stdin,
                                                stdio=(stdio[0] if stdin else stdio[1], stdio[1], stdio[2])))
@@ -131,12 +136,7 @@ def walk_upper(cfg: Config, ref: str, stdio: tuple[int, int, int]) -> int:
     exec while the container runs, else a VM booted for it over its disk (:mod:`vmrt.offline`);
     the walk's exit status."""
     from .agent.walk import WALK_ANNOTATION, WALK_ARG, WALK_TIMEOUT  # on use: only a diff of a VM container needs it
-    state = State(cfg.db_path)
-    try:
-        reconcile(cfg, state)
-        c = state.get(ref)
-    finally:
-        state.close()
+    c = _current(cfg, ref)
     if c.isolation != "vm":
         raise UsageError(f"container {c.id[:12]} is no VM container: its writable layer is read on the host")
     if c.status == Status.RUNNING and owner_alive(c):

@@ -507,26 +507,25 @@ def _stop_vm(rec: dict[str, Any], signo: int) -> None:
             kill_if_ours(int(pid), signo, ticks=int(ticks[name]))
 
 
-def pause(g: Globals, args: list[str]) -> int:
+def _pause(g: Globals, args: list[str], *, stop: bool) -> int:
+    """``pause`` (stop: the VM's processes stopped) or ``resume`` (continued)."""
+    what, before, after = ("pause", "running", "paused") if stop else ("resume", "paused", "running")
     _, rest = _positional(args, set(), set())
-    cid, d = _one_id(g, rest, "pause")
+    cid, d = _one_id(g, rest, what)
     rec = read_record(d)
-    if status_of(rec) != "running":
-        raise Failure(f"container {cid} is not running")
-    _stop_vm(rec, signal.SIGSTOP)
-    update_record(d, status="paused")
+    if status_of(rec) != before:
+        raise Failure(f"container {cid} is not {before}")
+    _stop_vm(rec, signal.SIGSTOP if stop else signal.SIGCONT)
+    update_record(d, status=after)
     return 0
+
+
+def pause(g: Globals, args: list[str]) -> int:
+    return _pause(g, args, stop=True)
 
 
 def resume(g: Globals, args: list[str]) -> int:
-    _, rest = _positional(args, set(), set())
-    cid, d = _one_id(g, rest, "resume")
-    rec = read_record(d)
-    if status_of(rec) != "paused":
-        raise Failure(f"container {cid} is not paused")
-    _stop_vm(rec, signal.SIGCONT)
-    update_record(d, status="running")
-    return 0
+    return _pause(g, args, stop=False)
 
 
 def ps(g: Globals, args: list[str]) -> int:

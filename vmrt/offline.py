@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from . import bundle, fsmode
@@ -35,8 +34,7 @@ from .config import Config
 from .drivers.base import RunContext
 from .errors import StateError, VmrtError
 from .formatting import inert
-from .images.store import Store
-from .layout import META_NAME, container_dir, rw_dir
+from .layout import rw_dir
 from .lifecycle import TOOL_PID_NAME, owner_alive, remove_run_dir
 from .ocispec import Spec
 from .proc import start_ticks
@@ -79,7 +77,7 @@ def tool_config(config: Spec, argv: list[str], *, stdin: bool, annotations: dict
 
 
 def _run(request: dict[str, Any]) -> int:
-    from .runner import make_driver  # on use: the run's own process only
+    from .runner import kept  # on use: the run's own process only
     cfg = config_mod.load()
     state = State(cfg.db_path)
     try:
@@ -88,16 +86,7 @@ def _run(request: dict[str, Any]) -> int:
         state.close()
     if c.status == Status.RUNNING or owner_alive(c):
         raise StateError(f"container {c.id[:12]} is running or restarting")
-    cdir = container_dir(cfg, c.id)
-    try:
-        meta: dict[str, Any] = json.loads((cdir / META_NAME).read_text()) if (cdir / META_NAME).exists() else {}
-        saved = json.loads((cdir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise StateError(f"container {c.id[:12]}: its configuration is unreadable: {e}") from e
-    image = Store(cfg.root).get(c.image_id)
-    driver = make_driver(c.isolation, accel=meta.get("accel"),
-                         kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
-                         runtime=meta.get("runtime") or cfg.runtime)
+    saved, image, driver = kept(cfg, c)
     if hasattr(driver, "notice"):
         driver.notice = False  # the TCG notice is no tool's output
     spec = tool_config(saved, [str(a) for a in request["argv"]], stdin=bool(request["stdin"]),

@@ -176,6 +176,21 @@ def create_detached(cfg: Config, opts: RunOptions, isolation: str, meta: Meta) -
         state.close()
 
 
+def kept(cfg: Config, c: Container) -> tuple[Spec, Image, Driver]:
+    """How a kept container runs again: its saved OCI config, its image, and the driver its
+    meta names (accelerator, kernel, runtime; vmrt's defaults where it has none)."""
+    cdir = container_dir(cfg, c.id)
+    try:
+        meta = json.loads((cdir / META_NAME).read_text()) if (cdir / META_NAME).exists() else {}
+        config = json.loads((cdir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StateError(f"container {c.name} cannot be run again: its configuration is unreadable: {e}") from e
+    driver = make_driver(c.isolation, accel=meta.get("accel"),
+                         kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
+                         runtime=meta.get("runtime") or cfg.runtime)
+    return config, Store(cfg.root).get(c.image_id), driver
+
+
 def start_attached(cfg: Config, container_id: str) -> int:
     """``vmrt start -a``: run a created or exited container again, attached to this terminal."""
     state = State(cfg.db_path)
@@ -183,16 +198,7 @@ def start_attached(cfg: Config, container_id: str) -> int:
         c = state.get(container_id)
         if owner_alive(c):
             raise UsageError(f"container {c.name} is already running")
-        cdir = container_dir(cfg, c.id)
-        try:
-            meta = json.loads((cdir / META_NAME).read_text())
-            config = json.loads((cdir / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise StateError(f"container {c.name} cannot be started again: {e}") from e
-        image = Store(cfg.root).get(c.image_id)
-        driver = make_driver(c.isolation, accel=meta.get("accel"),
-                             kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
-                             runtime=meta.get("runtime") or cfg.runtime)
+        config, image, driver = kept(cfg, c)
         state.set_fields(c, stop_requested=False, restart_count=0)
         return execute_logged(cfg, state, c, image, image.layer_dirs(), config, driver, Timings())
     finally:
