@@ -120,6 +120,8 @@ def holder_alive(rec: dict[str, Any]) -> bool:
 
 
 def status_of(rec: dict[str, Any]) -> str:
+    if rec.get("status") == "creating" and not int(rec.get("pid") or 0):
+        return "creating"  # create has not started the holder yet
     if not holder_alive(rec):
         return "stopped"
     return str(rec.get("status") or "creating")
