@@ -421,18 +421,22 @@ def state(g: Globals, args: list[str]) -> int:
     return 0
 
 
+def _to_holder(rec: dict[str, Any], signo: int) -> bool:
+    """``signo`` to the container's holder while it is the recorded one (never PID 0, a reused
+    PID, or a process of someone else's): whether it was sent."""
+    pid, ticks = int(rec.get("pid") or 0), int(rec.get("ticks") or 0)
+    return pid > 0 and ticks > 0 and kill_if_ours(pid, signo, ticks=ticks)
+
+
 def _signal(rec: dict[str, Any], signo: int) -> None:
-    pid = int(rec["pid"])
     if signo == signal.SIGKILL:
         signo = FORCE_KILL
     elif signo not in FORWARDED and signo != FORCE_KILL:
         name = signal.Signals(signo).name if signo in signal.Signals._value2member_map_ else str(signo)
         raise Failure(f"signal {name} cannot be sent to a VM container (KILL, "
                       f"{', '.join(signal.Signals(s).name for s in FORWARDED)} can)")
-    try:
-        os.kill(pid, signo)
-    except ProcessLookupError:
-        raise Failure("container not running") from None
+    if not _to_holder(rec, signo):
+        raise Failure("container not running")
 
 
 def kill(g: Globals, args: list[str]) -> int:
@@ -473,11 +477,8 @@ def delete(g: Globals, args: list[str]) -> int:
     if status != "stopped":  # forced, or created (as runc: a created container is killed)
         if status == "paused":
             _stop_vm(rec, signal.SIGCONT)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(rec["pid"]), FORCE_KILL)
-        if not _wait_gone(rec, 60.0):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(rec["pid"]), signal.SIGKILL)
+        if _to_holder(rec, FORCE_KILL) and not _wait_gone(rec, 60.0):
+            _to_holder(rec, signal.SIGKILL)
             _wait_gone(rec, 10.0)
     spec: dict[str, Any] | None = None
     with contextlib.suppress(Failure):
