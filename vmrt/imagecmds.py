@@ -1,4 +1,4 @@
-"""What the image verbs do: pull, images, rmi, tag, image inspect/prune/build, load, save,
+"""What the image verbs do: pull, push, images, rmi, tag, image inspect/prune/build, load, save,
 import, login, logout.
 
 The CLI (:mod:`vmrt.cli.images`) has them both at the top level (``vmrt pull``) and under
@@ -9,6 +9,7 @@ Output follows Docker's wording so scripts written for it keep working.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -60,10 +61,33 @@ def pull(cfg: Config, ref: str, *, platform: str | None, insecure: tuple[str, ..
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
     img = registry.pull(Store(cfg.root), ref, platform=platform or cfg.platform,
                         insecure_registries=cfg.insecure(insecure), quiet=quiet, auth_file=cfg.auth_file,
-                        creds=creds, identity_token=identity_token, cancel=cancel,
+                        creds=creds, identity_token=identity_token, cancel=cancel, mirrors=cfg.mirror_table(),
                         progress=registry.JsonProgress(progress) if progress is not None else None)
     parsed = reference.parse(ref)
     return str(parsed) if parsed.tag or parsed.digest else img.id
+
+
+def push(cfg: Config, ref: str, *, insecure: tuple[str, ...], quiet: bool, creds: tuple[str, str] | None = None,
+         identity_token: str = "", cancel: threading.Event | None = None,
+         progress: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """``vmrt push``: Docker's lines on stdout; returns what is left to print (with ``quiet``, the
+    reference pushed, as ``docker push -q``; else nothing). ``creds``/``identity_token``: this
+    push's credentials instead of the stored ones (the API's ``X-Registry-Auth``); ``progress``:
+    Docker's JSON progress messages go to it (the API's stream) instead of the output. Blobs
+    larger than ``$VMRT_PUSH_CHUNK_SIZE`` bytes (default 16 MiB) go in chunks of that size."""
+    from .images import push as pusher  # on use: requests and urllib3 cost over 100 ms at start-up
+    try:
+        chunk = int(os.environ.get("VMRT_PUSH_CHUNK_SIZE") or 0)
+    except ValueError:
+        raise UsageError("VMRT_PUSH_CHUNK_SIZE: not a number of bytes") from None
+    store = Store(cfg.root)
+    try:
+        digest, _ = pusher.push(store, ref, insecure_registries=cfg.insecure(insecure), quiet=quiet,
+                                auth_file=cfg.auth_file, out=sys.stdout, creds=creds, identity_token=identity_token,
+                                chunk_size=chunk, cancel=cancel, emit=progress)
+    finally:
+        store.close()
+    return reference.parse(ref).familiar() if quiet else ""
 
 
 def login(cfg: Config, server: str, *, username: str | None, password: str | None, password_stdin: bool,

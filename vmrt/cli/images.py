@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .. import imagecmds
+from ..errors import ImageError
 from .common import config_of, echo_lines, report
 
 
@@ -35,6 +36,23 @@ def image_build(ctx: click.Context, recipe: Path) -> None:
 def pull(ctx: click.Context, ref: str, platform: str | None, insecure: tuple[str, ...], quiet: bool) -> None:
     """Download an image from a registry."""
     click.echo(imagecmds.pull(config_of(ctx), ref, platform=platform, insecure=insecure, quiet=quiet))
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Talk plain HTTP to this registry (repeatable; also config insecure_registries).")
+@click.option("-q", "--quiet", is_flag=True, help="Suppress verbose output; print the reference pushed.")
+@click.pass_context
+def push(ctx: click.Context, ref: str, insecure: tuple[str, ...], quiet: bool) -> None:
+    """Upload an image to a registry (REF: NAME[:TAG] or NAME@DIGEST)."""
+    try:
+        line = imagecmds.push(config_of(ctx), ref, insecure=insecure, quiet=quiet)
+    except ImageError as e:  # as `docker push`: one line, exit 1
+        e.exit_code = 1
+        raise
+    if line:
+        click.echo(line)
 
 
 def _ask(prompt: str, hide_input: bool) -> str:
@@ -152,8 +170,9 @@ def import_(ctx: click.Context, source: str, ref: str | None, changes: tuple[str
 
 
 def register(main: click.Group) -> None:
-    for cmd, top, sub in ((pull, "pull", "pull"), (images, "images", "ls"), (rmi, "rmi", "rm"), (tag, "tag", "tag"),
-                          (load, "load", "load"), (save, "save", "save"), (import_, "import", "import")):
+    for cmd, top, sub in ((pull, "pull", "pull"), (push, "push", "push"), (images, "images", "ls"),
+                          (rmi, "rmi", "rm"), (tag, "tag", "tag"), (load, "load", "load"),
+                          (save, "save", "save"), (import_, "import", "import")):
         main.add_command(cmd, top)
         image.add_command(cmd, sub)
     main.add_command(login)

@@ -764,3 +764,14 @@ def check_login(server: str, username: str, password: str, *, insecure_registrie
 def logout(server: str, *, auth_file: Path) -> bool:
     """Forget the credentials for ``server``; False if there were none."""
     return auth.erase(auth_file, server)
+
+
+# --- what the upload side (vmrt/images/push.py) shares with pulls ------------------------------
+# public names for the pull client's machinery, so a push authenticates, retries, words errors
+# and bounds what it reads exactly as a pull does
+Client = _Client
+Transient = _Transient
+Aborted = _Aborted
+NET_ERRORS = _NET_ERRORS
+reason = _reason
+error_detail = _error_detail
