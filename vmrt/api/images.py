@@ -1,11 +1,13 @@
-"""Image endpoints: list, inspect, pull (``POST /images/create``, with ``X-Registry-Auth``),
+"""Image endpoints: list, inspect, pull (``POST /images/create``) and push (``POST
+/images/{name}/push``), both with ``X-Registry-Auth``,
 load (``POST /images/load``), save (``GET /images/{name}/get``, ``GET /images/get``), tag,
 history, delete, prune.
 
 A load's body is streamed to an unnamed file in the store's ``tmp/`` (gone with its last fd,
 whatever happens), at most ``api_max_load`` bytes (413 beyond), and read from there by
 the archive loader, which never extracts it. A save streams the archive as it is written.
-A pull's credentials come from the request only, for that pull: never stored, never logged.
+A pull's or push's credentials come from the request only, for it alone: never stored, never
+logged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import IO, Any, BinaryIO, cast
 
 from aiohttp import web
@@ -214,6 +217,76 @@ async def pull(req: Request) -> web.StreamResponse:
         BUS.publish("image", "pull", parsed.familiar(), name=parsed.familiar())
     await resp.write_eof()
     return resp
+
+
+# --- push ------------------------------------------------------------------------------------
+async def push(req: Request) -> web.StreamResponse:
+    """``docker push``: Docker's JSON progress stream (The push refers to repository, each layer's
+    Preparing, Pushing with its bytes, Pushed / Layer already exists / Mounted from, the digest
+    line, then ``aux`` {Tag, Digest, Size}); a failure after the stream began is its last line.
+    ``X-Registry-Auth`` gives this push's credentials; a client that goes away cancels it."""
+    name, tag = req.params["name"], req.query("tag")
+    ref = name if not tag or "@" in name else f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
+    try:
+        parsed = reference.parse(ref)
+    except VmrtError as e:
+        raise ApiError(400, str(e)) from None
+    creds, token = registry_auth(req.http.headers.get("X-Registry-Auth", ""), parsed.domain)
+    await asyncio.to_thread(_check_saved, req.cfg, [str(parsed)])  # a 404 before the stream starts
+    resp = web.StreamResponse(headers={**headers(), "Content-Type": "application/json"})
+    await resp.prepare(req.http)
+    if await _stream_job(req, resp, f"push of {parsed.familiar()}", lambda cancel, progress: imagecmds.push(
+            req.cfg, ref, insecure=(), quiet=True, creds=creds, identity_token=token, cancel=cancel,
+            progress=progress)):
+        BUS.publish("image", "push", parsed.familiar(), name=parsed.familiar())
+    return resp
+
+
+async def _stream_job(req: Request, resp: web.StreamResponse, what: str,
+                      run: Callable[[threading.Event, Callable[[dict[str, Any]], None]], object]) -> bool:
+    """Run ``run(cancel, progress)`` in a thread, its progress messages streamed as JSON lines;
+    its VmrtError the last line. False if it failed or the client went away (it is cancelled)."""
+    async def line(obj: dict[str, Any]) -> None:
+        await resp.write(json.dumps(obj).encode() + b"\r\n")
+
+    cancel = threading.Event()
+    loop = asyncio.get_running_loop()
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def progress(message: dict[str, Any]) -> None:  # in the job's thread
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the service stopped
+            loop.call_soon_threadsafe(messages.put_nowait, message)
+
+    job = asyncio.ensure_future(asyncio.to_thread(run, cancel, progress))
+    try:
+        while not job.done():
+            await asyncio.wait({job}, timeout=POLL)
+            while not messages.empty() and not cancel.is_set():
+                try:
+                    await line(messages.get_nowait())
+                except ConnectionResetError:
+                    cancel.set()
+            if not job.done() and client_gone(req.http):
+                cancel.set()
+    except asyncio.CancelledError:  # the service stops
+        cancel.set()
+        raise
+    if cancel.is_set():
+        with contextlib.suppress(VmrtError):
+            job.result()
+        LOG.debug("%s: the client went away; cancelled", what)
+        return False
+    await asyncio.sleep(0)  # the last messages the job's thread queued
+    while not messages.empty():
+        await line(messages.get_nowait())
+    try:
+        job.result()
+    except VmrtError as e:
+        await line({"errorDetail": {"message": str(e)}, "error": str(e)})
+        await resp.write_eof()
+        return False
+    await resp.write_eof()
+    return True
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -428,4 +501,5 @@ def register(routes: Routes) -> None:
     routes.add("GET", "/images/(?P<name>.+)/history", history)
     routes.add("GET", "/images/(?P<name>.+)/get", save_one)
     routes.add("POST", "/images/(?P<name>.+)/tag", tag)
+    routes.add("POST", "/images/(?P<name>.+)/push", push)
     routes.add("DELETE", "/images/(?P<name>.+)", remove)
