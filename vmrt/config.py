@@ -57,6 +57,11 @@ class Config:
     vm_host_overhead_mib: int = 256          # host cgroup memory for QEMU+virtiofsd beyond guest RAM
     vm_storage_size: str = "10g"             # a VM container's disk without --storage-opt size= (0: a tmpfs in RAM)
     insecure_registries: str = ""            # comma-separated hosts pulled over plain HTTP
+    # comma-separated mirror URLs tried in order for Docker Hub pulls (daemon.json registry-mirrors);
+    # both checked by vmrt/images/mirrors.py where they are used (a pull, info)
+    registry_mirrors: str = ""
+    # any registry's mirrors, a TOML table: [mirrors] "registry.example:5000" = ["http://127.0.0.1:5001"]
+    mirrors: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     platform: str = "linux/amd64"            # default platform picked from multi-arch images
     pool: str = "auto"                       # warm VM pool: auto (use it when `vmrt pool` runs) or off
     pool_size: int = 2                       # ready VMs the pool daemon keeps (`vmrt pool start --size`)
@@ -109,6 +114,12 @@ def _apply(cfg: Config, key: str, value: object) -> None:
                 raise UsageError(f"config: unknown timeout {k!r}")
             setattr(cfg.timeouts, k, float(v))
         return
+    if key == "mirrors":
+        if not isinstance(value, dict) or not all(isinstance(v, list) and all(isinstance(u, str) for u in v)
+                                                  for v in value.values()):
+            raise UsageError('config: [mirrors] must be a table of URL lists: "host:port" = ["https://..."]')
+        cfg.mirrors = {str(k): list(v) for k, v in value.items()}
+        return
     field_types = {f.name: f.type for f in dataclasses.fields(Config)}
     if key not in field_types:
         raise UsageError(f"config: unknown setting {key!r}")
@@ -141,7 +152,7 @@ def load(env: dict[str, str] | None = None) -> Config:
         for k, v in data.items():
             _apply(cfg, k, v)
     for f in dataclasses.fields(Config):
-        if f.name == "timeouts":
+        if f.name in ("timeouts", "mirrors"):  # tables: the file only
             continue
         v = env.get("VMRT_" + f.name.upper())
         if v is not None:

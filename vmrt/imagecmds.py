@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 from . import formatting
 from .config import Config
 from .errors import ImageError, UsageError, VmrtError
-from .images import reference
+from .images import mirrors, reference
 from .images.store import Image, Store
 
 IMAGE_COLUMNS = [("REPOSITORY", "Repository", 0), ("TAG", "Tag", 0), ("IMAGE ID", "ID", 0),
@@ -61,7 +61,7 @@ def pull(cfg: Config, ref: str, *, platform: str | None, insecure: tuple[str, ..
     from .images import registry  # on use: requests and urllib3 cost over 100 ms at start-up
     img = registry.pull(Store(cfg.root), ref, platform=platform or cfg.platform,
                         insecure_registries=cfg.insecure(insecure), quiet=quiet, auth_file=cfg.auth_file,
-                        creds=creds, identity_token=identity_token, cancel=cancel, mirrors=cfg.mirror_table(),
+                        creds=creds, identity_token=identity_token, cancel=cancel, mirrors=mirrors.from_config(cfg),
                         progress=registry.JsonProgress(progress) if progress is not None else None)
     parsed = reference.parse(ref)
     return str(parsed) if parsed.tag or parsed.digest else img.id

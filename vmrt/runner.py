@@ -18,7 +18,7 @@ from .config import Config
 from .drivers.base import Driver, HandOver, RunContext, Tee
 from .errors import ImageError, StateError, UsageError, VmrtError
 from .formatting import inert
-from .images import reference
+from .images import mirrors, reference
 from .images.store import Image, Store
 from .layout import LOG_NAME, META_NAME, Meta, container_dir, rw_dir, write_meta
 from .lifecycle import owner_alive, remove_run_dir
@@ -59,7 +59,7 @@ def find_image(cfg: Config, store: Store, ref: str, pull: str = "missing", platf
         print(inert(missing), file=sys.stderr)
     try:
         image = registry.pull(store, ref, platform=platform or cfg.platform, insecure_registries=cfg.insecure(),
-                              quiet=not tty, auth_file=cfg.auth_file)
+                              quiet=not tty, auth_file=cfg.auth_file, mirrors=mirrors.from_config(cfg))
     except VmrtError as e:
         raise ImageError(f"{missing}, and pulling it failed: {e}") from e
     if not tty:

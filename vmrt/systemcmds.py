@@ -20,6 +20,7 @@ from . import __version__, cgroups, formatting, fsmode
 from . import config as config_mod
 from .config import Config
 from .errors import StateError, UsageError, VmrtError
+from .images import mirrors
 from .images.store import Store
 from .paths import source_root
 from .proc import connect_unix
@@ -85,6 +86,8 @@ def info(cfg: Config) -> list[str]:
         ("State directory", str(cfg.root)),
         ("Run directory", str(cfg.run_root)),
         ("Cache directory", str(cfg.cache)),
+        ("Registry mirrors", "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in mirrors.from_config(cfg).items())
+         or "none"),
         ("Timeouts (s)", ", ".join(f"{k}={v:g}" for k, v in vars(cfg.timeouts).items())),
     ]
     return [f"{k + ':':<20} {v}" for k, v in rows]

@@ -19,6 +19,7 @@ from .. import __version__, containercmds, imagecmds, volumecmds
 from .. import volumes as volumes_mod
 from ..config import Config
 from ..errors import VmrtError
+from ..images import mirrors
 from ..images.store import Store
 from ..layout import rw_dir
 from ..state import Container, State, Status
@@ -75,8 +76,7 @@ def _info(req: Request) -> dict[str, Any]:
         "CgroupDriver": "cgroupfs", "CgroupVersion": "2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers")
         else "1", "KernelVersion": _kernel(), "OperatingSystem": _os_name(), "OSType": "linux",
         "Architecture": platform.machine(), "NCPU": os.cpu_count() or 1, "MemTotal": mem,
-        "IndexServerAddress": "https://index.docker.io/v1/", "RegistryConfig": {
-            "InsecureRegistryCIDRs": [], "IndexConfigs": {}, "Mirrors": []},
+        "IndexServerAddress": "https://index.docker.io/v1/", "RegistryConfig": _registry_config(cfg),
         "DockerRootDir": str(cfg.root), "Name": socket.gethostname(), "Labels": [],
         "ExperimentalBuild": False, "ServerVersion": __version__,
         # vmrt's own: the default isolation of a container that asks for none (Docker's
@@ -87,6 +87,17 @@ def _info(req: Request) -> dict[str, Any]:
         "LiveRestoreEnabled": True, "SecurityOptions": ["name=seccomp,profile=builtin", "name=cgroupns"],
         "Warnings": [],
     }
+
+
+def _registry_config(cfg: Config) -> dict[str, Any]:
+    """Docker's RegistryConfig: Mirrors are Docker Hub's (URLs ending in "/", as Docker shows them);
+    IndexConfigs has docker.io and each registry with mirrors of its own."""
+    table = {k: [f"{m}/" for m in v] for k, v in mirrors.from_config(cfg).items()}
+    insecure = set(cfg.insecure())
+    indexes = {name: {"Name": name, "Mirrors": table.get(name, []), "Official": name == "docker.io",
+                      "Secure": name not in insecure and name.rpartition(":")[0] not in insecure}
+               for name in ["docker.io", *table]}
+    return {"InsecureRegistryCIDRs": [], "IndexConfigs": indexes, "Mirrors": table.get("docker.io", [])}
 
 
 def _os_name() -> str:

@@ -15,6 +15,11 @@ three layers at a time, so a pull costs about as much as the download itself.
 Transient failures (connection errors, timeouts, 5xx, 429) are retried with
 exponential back-off; a layer restarts from its first byte, since the
 unpacker cannot resume mid-stream.
+
+A registry's mirrors (vmrt/images/mirrors.py) are tried first, in order, each as a
+whole pull checked exactly as the origin's is; any failure of one (unreachable, 5xx,
+no such manifest, a digest that does not match) moves on to the next with a notice,
+and last to the origin. A mirror gets only the credentials stored for its own host.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import re
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, TypeVar
 
@@ -40,6 +46,7 @@ import urllib3
 from ..errors import ImageError, UsageError
 from ..formatting import inert
 from . import auth, reference
+from . import mirrors as mirrors_mod
 from .store import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -61,6 +68,9 @@ PARALLEL = 3                # layers downloaded at once, as Docker does
 ATTEMPTS = 5
 BACKOFF = 0.2               # seconds before the first retry, doubling after each
 TIMEOUT = (10, 60)          # connect, read (between bytes)
+MIRROR_ATTEMPTS = 2         # a mirror's requests: the next mirror, or the origin, is the retry
+
+LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -211,6 +221,8 @@ class _Client:
     A 401 later on (an expired token) fetches a fresh token once. ``abort`` (the
     caller's, to cancel the pull; else the client's own) stops the downloads.
     """
+
+    attempts: int | None = None  # tries per request; None: ATTEMPTS
 
     def __init__(self, host: str, repo: str | None, insecure: Collection[str], creds: tuple[str, str] | None,
                  familiar_name: str = "", *, identity_token: str = "", abort: threading.Event | None = None) -> None:
@@ -363,13 +375,13 @@ class _Client:
 
     def retry(self, fn: Callable[[], T], on_retry: Callable[[float], None] = lambda delay: None) -> T:
         """``fn()``, run again after a transient failure, waiting BACKOFF seconds, doubled each time."""
-        attempt = 1
+        attempt, attempts = 1, self.attempts or ATTEMPTS
         while True:
             try:
                 return fn()
             except _Transient as e:
-                if attempt == ATTEMPTS:
-                    raise ImageError(f"{e} (gave up after {ATTEMPTS} attempts)") from e
+                if attempt >= attempts:
+                    raise ImageError(f"{e} (gave up after {attempts} attempts)") from e
                 delay = BACKOFF * 2 ** (attempt - 1)
                 on_retry(delay)
                 if self.abort.wait(delay):
@@ -706,16 +718,64 @@ class _Pull:
                 raise
 
 
+class _MirrorClient(_Client):
+    """A mirror of the pull's registry: its own URL (plain HTTP only where it says ``http://``),
+    the credentials stored for its own host (never the origin's) and MIRROR_ATTEMPTS a request."""
+
+    attempts = MIRROR_ATTEMPTS
+
+    def __init__(self, mirror: mirrors_mod.Mirror, repo: str, creds: tuple[str, str] | None, familiar_name: str,
+                 abort: threading.Event) -> None:
+        super().__init__(mirror.host, repo, (), creds, familiar_name, abort=abort)
+        self.root = mirror.api_root
+
+
+class _Linked(threading.Event):
+    """One mirror's abort: set by its own failed layer (which must not cancel the pull's next
+    source), or set because the caller's ``cancel`` is."""
+
+    def __init__(self, parent: threading.Event | None) -> None:
+        super().__init__()
+        self.parent = parent
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.parent is not None and self.parent.is_set())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            super().wait(left)
+        return True
+
+
+def _pull_from(store: Store, client: _Client, r: reference.Reference, want: Platform,
+               progress: _Progress) -> Image:
+    try:
+        with store.writing():
+            return _Pull(store, client, r, want, progress).run()
+    except _Aborted as e:  # only the caller's cancel ends a pull so: a failed layer's own error is raised
+        raise ImageError(f"pull of {r.familiar()} cancelled") from e
+    except _NET_ERRORS as e:  # a local failure (disk full), or a network one the code above did not wrap
+        raise ImageError(f"pulling {r.familiar()}: {_reason(e)}") from e
+    finally:
+        client.close()
+
+
 def pull(store: Store, ref: str, *, platform: str = "linux/amd64", insecure_registries: Collection[str] = (),
          quiet: bool = False, auth_file: Path, out: TextIO = sys.stderr, creds: tuple[str, str] | None = None,
          identity_token: str = "", cancel: threading.Event | None = None,
-         progress: _Progress | None = None) -> Image:
+         progress: _Progress | None = None,
+         mirrors: Mapping[str, Sequence[mirrors_mod.Mirror]] | None = None) -> Image:
     """Pull ``ref`` (Docker's short names allowed) into ``store``; returns the committed image.
 
     ``creds`` (user, password) or ``identity_token``, where given, are this pull's
     credentials (the API's ``X-Registry-Auth``), used instead of those stored in
     ``auth_file`` and kept nowhere. Setting ``cancel`` stops the pull (ImageError).
     ``progress`` (a JsonProgress: the API's stream) replaces the output on ``out``.
+    ``mirrors`` ({registry: its mirrors}, mirrors.from_config()) are tried before the registry.
     The whole pull holds the store's writer lock, so garbage collection cannot take
     blobs that belong to no image yet.
     """
@@ -725,20 +785,30 @@ def pull(store: Store, ref: str, *, platform: str = "linux/amd64", insecure_regi
         print("Using default tag: latest", file=out, flush=True)
     if progress is None:
         progress = _Progress(out, quiet)
-    if creds is None and not identity_token:
-        creds = auth.get(auth_file, r.domain)
-    client = _Client(r.api_host, r.path, insecure_registries, creds, r.familiar_name, identity_token=identity_token,
-                     abort=cancel)
     try:
-        with store.writing():
-            return _Pull(store, client, r, want, progress).run()
-    except _Aborted as e:  # only the caller's cancel ends a pull so: a failed layer's own error is raised
-        raise ImageError(f"pull of {r.familiar()} cancelled") from e
-    except _NET_ERRORS as e:  # a local failure (disk full), or a network one the code above did not wrap
-        raise ImageError(f"pulling {r.familiar()}: {_reason(e)}") from e
+        sources = mirrors_mod.for_domain(mirrors or {}, r.domain)
+        for n, mirror in enumerate(sources):
+            mirror_client = _MirrorClient(mirror, r.path, auth.get(auth_file, mirror.host), r.familiar_name,
+                                          _Linked(cancel))
+            try:
+                return _pull_from(store, mirror_client, r, want, progress)
+            except ImageError as e:
+                if cancel is not None and cancel.is_set():
+                    raise
+                progress.close()
+                then = f"mirror {sources[n + 1]}" if n + 1 < len(sources) else r.api_host
+                notice = f"Mirror {mirror} failed, pulling from {then} instead: {e}"
+                if progress.quiet and not isinstance(progress, JsonProgress):
+                    LOG.warning("%s", inert(notice))
+                else:
+                    progress.line(notice)
+        if creds is None and not identity_token:
+            creds = auth.get(auth_file, r.domain)
+        client = _Client(r.api_host, r.path, insecure_registries, creds, r.familiar_name,
+                         identity_token=identity_token, abort=cancel)
+        return _pull_from(store, client, r, want, progress)
     finally:
         progress.close()
-        client.close()
 
 
 def login(server: str, username: str, password: str, *, insecure_registries: Collection[str] = (),
