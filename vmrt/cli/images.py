@@ -3,6 +3,7 @@ level (``vmrt pull``) and under ``vmrt image`` (``vmrt image pull``), as Docker 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,47 @@ def image() -> None:
 def image_build(ctx: click.Context, recipe: Path) -> None:
     """Build an image from a recipe directory (see images/)."""
     click.echo(imagecmds.build(config_of(ctx), recipe))
+
+
+@click.command("build")
+@click.argument("context")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]", help="Tag the result (repeatable).")
+@click.option("-f", "--file", "dockerfile", metavar="PATH",
+              help="The Dockerfile (default CONTEXT/Dockerfile; - for stdin).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="Set a build-time ARG.")
+@click.option("--target", help="Build up to this stage.")
+@click.option("--no-cache", is_flag=True, help="Do not use the build cache.")
+@click.option("--pull", is_flag=True, help="Always pull the base images.")
+@click.option("--isolation", default="process", type=click.Choice(["process", "vm"]),
+              help="Where RUN steps run (vm: not yet).")
+@click.option("--network", help="The network of RUN steps (default: the default bridge; none).")
+@click.option("--platform", help="The platform of base images (os/arch[/variant]).")
+@click.option("-q", "--quiet", is_flag=True, help="Only print the image ID.")
+@click.option("--iidfile", type=click.Path(dir_okay=False, path_type=Path), help="Write the image ID to this file.")
+@click.pass_context
+def build(ctx: click.Context, context: str, tags: tuple[str, ...], dockerfile: str | None,
+          build_args: tuple[str, ...], target: str | None, no_cache: bool, pull: bool, isolation: str,
+          network: str | None, platform: str | None, quiet: bool, iidfile: Path | None) -> None:
+    """Build an image from a Dockerfile (CONTEXT: a directory, or - for a tar archive on stdin)."""
+    from .. import build as build_mod  # on use: the Dockerfile parser loads only for a build
+    args = {}
+    for a in build_args:
+        k, eq, v = a.partition("=")
+        if eq:
+            args[k] = v
+        elif k in os.environ:  # docker: --build-arg NAME takes the value from the environment
+            args[k] = os.environ[k]
+    opts = build_mod.Options(None if context == "-" else Path(context), dockerfile=dockerfile, tags=list(tags),
+                             build_args=args, target=target, no_cache=no_cache, pull=pull, isolation=isolation,
+                             network=network, quiet=quiet, iidfile=iidfile, platform=platform)
+    image_id = build_mod.build(config_of(ctx), opts, (lambda _: None) if quiet else _progress)
+    if quiet:
+        click.echo(image_id)
+
+
+def _progress(line: str) -> None:
+    click.echo(line)
+    sys.stdout.flush()
 
 
 @click.command()
@@ -175,6 +217,7 @@ def register(main: click.Group) -> None:
                           (save, "save", "save"), (import_, "import", "import")):
         main.add_command(cmd, top)
         image.add_command(cmd, sub)
+    main.add_command(build)
     main.add_command(login)
     main.add_command(logout)
     image.add_command(image_inspect)

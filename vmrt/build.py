@@ -1,0 +1,811 @@
+"""``vmrt build``: an image from a Dockerfile, as Docker's classic builder makes it.
+
+Each instruction is a step on a *state*: the stage's layers and image config, committed to
+the store as an (untagged) image, so that a RUN step runs in an ordinary vmrt container made
+from it (process isolation: :mod:`vmrt.runner`, the build's network). What the step leaves in
+its writable layer becomes the next layer (:mod:`vmrt.images.buildlayer`: the layer is
+untrusted and read without following anything in it). The step images a build made are
+forgotten when it ends (its result stays); their blobs stay until the next collection
+(``vmrt image prune``, ``rmi``), and with them the build cache.
+
+The cache (``<root>/builder/cache``) maps a step's key (the parent state's image ID, the
+instruction as expanded, the build args a RUN sees, and for COPY/ADD the digest of what is
+copied: names, types, modes, owners, link targets, contents) to the layer the step made
+and its time, so a cached rebuild makes the very same image IDs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import bundle, fsmode, network, rootfs, runner, safefs
+from .config import Config
+from .errors import UsageError, VmrtError
+from .formatting import inert
+from .images import buildlayer, reference
+from .images import dockerfile as df
+from .images.store import Store
+from .layout import rw_dir
+from .state import State
+from .timings import Timings
+
+LOG = logging.getLogger(__name__)
+Layer = tuple[dict[str, Any], str]  # (descriptor, diff id)
+CONFIG_ONLY = {"ENV", "ARG", "LABEL", "USER", "EXPOSE", "CMD", "ENTRYPOINT", "VOLUME", "SHELL", "STOPSIGNAL",
+               "HEALTHCHECK", "ONBUILD", "MAINTAINER"}
+DEFAULT_SHELL = ["/bin/sh", "-c"]
+VM_REFUSAL = "RUN steps in VM isolation need the guest to stream the writable layer: not built yet"
+
+
+class BuildError(VmrtError):
+    """A failed build step (docker build's exit status 1)."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, exit_code=1)
+
+
+@dataclasses.dataclass
+class Options:
+    context: Path | None                 # None: a tar archive on stdin
+    dockerfile: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    build_args: dict[str, str] = dataclasses.field(default_factory=dict)
+    target: str | None = None
+    no_cache: bool = False
+    pull: bool = False
+    isolation: str = "process"
+    network: str | None = None
+    quiet: bool = False
+    iidfile: Path | None = None
+    platform: str | None = None
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str | None
+    layers: list[Layer]
+    config: dict[str, Any]          # the image config without rootfs
+    image_id: str = ""
+    args: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    cmd_set: bool = False
+
+    @property
+    def run(self) -> dict[str, Any]:
+        return dict(self.config.setdefault("config", {}))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _short(image_id: str) -> str:
+    return image_id.partition(":")[2][:12]
+
+
+class Builder:
+    def __init__(self, cfg: Config, opts: Options, out: Callable[[str], None]) -> None:
+        self.cfg, self.opts, self.say = cfg, opts, out
+        self.store = Store(cfg.root)
+        self.cache_dir = cfg.root / "builder" / "cache"
+        self.made: list[str] = []       # step images this build added to the store
+        self.stages: list[Stage] = []
+        self.escape = "\\"
+        self.where = "Dockerfile"
+        self.used_args: set[str] = set()
+        self.meta_args: dict[str, str | None] = {}
+        self.step = 0
+        self.total = 0
+        self._state: State | None = None
+        self.ignore = df.Ignore()
+        self.ctx_fd = -1
+
+    # --- the build ---------------------------------------------------------------------
+    def build(self, context: Path, text: str) -> str:
+        self.escape = _escape_directive(text)
+        instructions = df.parse(text, self.where)
+        if not instructions or instructions[0].cmd not in ("FROM", "ARG"):
+            line = instructions[0].line if instructions else 1
+            raise UsageError(f"{self.where}:{line}: the first instruction must be FROM (or ARG before FROM)")
+        if self.opts.isolation == "vm" and any(i.cmd == "RUN" for i in instructions):
+            raise UsageError(VM_REFUSAL)
+        stages = self._split(instructions)
+        if self.opts.target is not None:
+            names = [s[0].value[2].lower() if len(s[0].value) > 2 else None for s in stages[1:]]
+            if self.opts.target.lower() not in names:
+                raise UsageError(f"failed to reach build target {self.opts.target} in Dockerfile")
+            stages = stages[:1 + names.index(self.opts.target.lower()) + 1]
+        self.total = sum(len(s) for s in stages)
+        ignore_file = context / ".dockerignore"
+        if ignore_file.is_file() and not ignore_file.is_symlink():
+            self.ignore = df.Ignore(ignore_file.read_text(errors="replace"))
+        self.ctx_fd = os.open(context, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for ins in stages[0]:  # the ARGs before the first FROM
+                self._meta_arg(ins)
+            for body in stages[1:]:
+                self._stage(body)
+        finally:
+            os.close(self.ctx_fd)
+            if self._state is not None:
+                self._state.close()
+        unused = sorted(set(self.opts.build_args) - self.used_args)
+        if unused:
+            self.say(f"[Warning] One or more build-args [{' '.join(unused)}] were not consumed")
+        return self.stages[-1].image_id
+
+    def _split(self, instructions: list[df.Instruction]) -> list[list[df.Instruction]]:
+        out: list[list[df.Instruction]] = [[]]
+        for ins in instructions:
+            if ins.cmd == "FROM":
+                out.append([ins])
+            elif len(out) == 1 and ins.cmd != "ARG":
+                raise UsageError(f"{self.where}:{ins.line}: {ins.cmd} before the first FROM")
+            else:
+                out[-1].append(ins)
+        return out
+
+    def _header(self, ins: df.Instruction) -> None:
+        self.step += 1
+        self.say(f"Step {self.step}/{self.total} : {ins.original.rstrip()}")
+
+    def _meta_arg(self, ins: df.Instruction) -> None:
+        self._header(ins)
+        for name, default in _arg_decls(ins, {k: v for k, v in self.meta_args.items() if v is not None}):
+            self.meta_args[name] = self.opts.build_args.get(name, default)
+            if name in self.opts.build_args:
+                self.used_args.add(name)
+
+    def _fail(self, ins: df.Instruction, e: Exception) -> BuildError:
+        return BuildError(f"{self.where}:{ins.line}: {ins.cmd}: {e}")
+
+    def _stage(self, body: list[df.Instruction]) -> None:
+        frm = body[0]
+        self._header(frm)
+        try:
+            stage = self._from(frm)
+        except VmrtError as e:
+            raise self._fail(frm, e) from e
+        self.stages.append(stage)
+        self.say(f" ---> {_short(stage.image_id)}" if stage.image_id else " ---> scratch")
+        triggers = list(stage.run.get("OnBuild") or [])
+        if triggers:
+            stage.config["config"]["OnBuild"] = None
+            self.say(f"# Executing {len(triggers)} build trigger{'s' if len(triggers) > 1 else ''}")
+            for text in triggers:
+                for ins in df.parse(text, f"{self.where}:{frm.line}: ONBUILD"):
+                    if ins.cmd == "RUN" and self.opts.isolation == "vm":
+                        raise UsageError(VM_REFUSAL)
+                    self._do(stage, dataclasses.replace(ins, line=frm.line), header=False)
+        for ins in body[1:]:
+            self._header(ins)
+            self._do(stage, ins)
+
+    def _do(self, stage: Stage, ins: df.Instruction, *, header: bool = True) -> None:
+        try:
+            getattr(self, f"_i_{ins.cmd.lower()}", self._unknown)(stage, ins)
+        except BuildError:
+            raise
+        except VmrtError as e:
+            raise self._fail(ins, e) from e
+
+    def _unknown(self, stage: Stage, ins: df.Instruction) -> None:
+        raise UsageError(f"unknown instruction: {ins.cmd}")
+
+    # --- FROM -----------------------------------------------------------------------------
+    def _from(self, ins: df.Instruction) -> Stage:
+        ins.check_flags({"platform"}, self.where)
+        env = {k: v for k, v in self.meta_args.items() if v is not None}
+        vals = [df.word(v, env, self.escape) for v in ins.value]
+        if len(vals) not in (1, 3) or (len(vals) == 3 and vals[1].upper() != "AS"):
+            raise UsageError("FROM requires either one or three arguments (FROM IMAGE [AS NAME])")
+        base, name = vals[0], (vals[2].lower() if len(vals) == 3 else None)
+        if name is not None and not re.fullmatch(r"[a-z][a-z0-9-_.]*", name):
+            raise UsageError(f"invalid name for build stage: {name!r}, name can't start with a number "
+                             "or contain symbols")
+        prev = self._stage_named(base)
+        if prev is not None:
+            return Stage(name, list(prev.layers), copy.deepcopy(prev.config), prev.image_id)
+        if base == "":
+            raise UsageError("FROM needs an image")
+        if base.lower() == "scratch":
+            cfg: dict[str, Any] = {"architecture": "amd64", "os": "linux", "config": {}, "history": []}
+            return Stage(name, [], cfg, "")
+        platform = ins.flag("platform")
+        if platform:
+            platform = df.word(platform, env, self.escape)
+        img = runner.find_image(self.cfg, self.store, base, "always" if self.opts.pull else "missing",
+                                platform or self.opts.platform)
+        config = {k: copy.deepcopy(v) for k, v in img.config.items() if k != "rootfs"}
+        config.setdefault("config", {})
+        config["config"] = dict(config["config"] or {})
+        config["history"] = list(config.get("history") or [])
+        return Stage(name, list(zip(img.layers, img.diff_ids, strict=True)), config, img.id)
+
+    def _stage_named(self, ref: str) -> Stage | None:
+        for s in self.stages:
+            if s.name is not None and s.name == ref.lower():
+                return s
+        return None
+
+    # --- state and cache -------------------------------------------------------------------
+    def _env(self, stage: Stage) -> dict[str, str]:
+        """What a word is expanded with: the args in scope, then the stage's Env over them."""
+        env = {k: v for k, v in stage.args.items() if v is not None}
+        for e in stage.run.get("Env") or []:
+            k, _, v = str(e).partition("=")
+            env[k] = v
+        return env
+
+    def _key(self, stage: Stage, what: str) -> str:
+        return hashlib.sha256(f"{stage.image_id}\n{json.dumps(stage.layers and stage.layers[-1][1])}\n{what}"
+                              .encode()).hexdigest()
+
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        if self.opts.no_cache:
+            return None
+        try:
+            entry = json.loads((self.cache_dir / key).read_text())
+        except (OSError, ValueError):
+            return None
+        layer = entry.get("layer")
+        if layer is not None and not self.store.has_blob(layer[0]["digest"]):
+            return None  # collected since (image prune): build it again
+        return entry if isinstance(entry, dict) else None
+
+    def _remember(self, key: str, entry: dict[str, Any]) -> None:
+        fsmode.private_dir(self.cache_dir.parent)
+        fsmode.private_dir(self.cache_dir)
+        fsmode.write_private(self.cache_dir / key, json.dumps(entry))
+
+    def _commit(self, stage: Stage, created_by: str, layer: Layer | None, created: str,
+                config: dict[str, Any] | None = None) -> None:
+        """The stage's next state: ``config`` (the runtime config) and ``layer`` over the parent."""
+        if config is not None:
+            stage.config["config"] = config
+        stage.config["created"] = created
+        entry: dict[str, Any] = {"created": created, "created_by": created_by}
+        if layer is None:
+            entry["empty_layer"] = True
+        else:
+            stage.layers.append(layer)
+        stage.config["history"] = [*stage.config.get("history", []), entry]
+        before = set(self._ids())
+        img = self.store.write_image(list(stage.layers), dict(stage.config))
+        if img.id not in before:
+            self.made.append(img.id)
+        stage.image_id = img.id
+
+    def _ids(self) -> Iterator[str]:
+        for (i,) in self.store.db.execute("SELECT id FROM images"):
+            yield str(i)
+
+    def _config_step(self, stage: Stage, ins: df.Instruction, config: dict[str, Any], what: str) -> None:
+        key = self._key(stage, "config\n" + what + "\n" + json.dumps(config, sort_keys=True))
+        entry = self._cached(key)
+        if entry is not None:
+            self.say(" ---> Using cache")
+        else:
+            entry = {"created": _now(), "layer": None}
+            self._remember(key, entry)
+        self._commit(stage, what, None, entry["created"], config)
+        self.say(f" ---> {_short(stage.image_id)}")
+
+    def _layer_step(self, stage: Stage, what: str, content: str, make: Callable[[], Layer | None],
+                    config: dict[str, Any] | None = None) -> None:
+        key = self._key(stage, "layer\n" + what + "\n" + content)
+        entry = self._cached(key)
+        if entry is not None:
+            self.say(" ---> Using cache")
+            layer = entry["layer"]
+        else:
+            made = make()
+            layer = list(made) if made is not None else None
+            entry = {"created": _now(), "layer": layer}
+            self._remember(key, entry)
+        self._commit(stage, what, (layer[0], layer[1]) if layer else None, entry["created"], config)
+        self.say(f" ---> {_short(stage.image_id)}")
+
+    # --- config-only instructions ------------------------------------------------------------
+    def _i_arg(self, stage: Stage, ins: df.Instruction) -> None:
+        for name, default in _arg_decls(ins, self._env(stage)):
+            if name in self.opts.build_args:
+                self.used_args.add(name)
+                stage.args[name] = self.opts.build_args[name]
+            elif default is None and name in self.meta_args:
+                stage.args[name] = self.meta_args[name]
+            else:
+                stage.args[name] = default
+        self._config_step(stage, ins, stage.run, f"ARG {' '.join(ins.value)}")
+
+    def _i_env(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        env = list(run.get("Env") or [])
+        pairs = df.pairs(ins.value, self._env(stage), "ENV")
+        for k, v in pairs:
+            if not k:
+                raise UsageError("ENV names can not be blank")
+            env = [e for e in env if str(e).partition("=")[0] != k] + [f"{k}={v}"]
+        run["Env"] = env
+        self._config_step(stage, ins, run, "ENV " + " ".join(f"{k}={v}" for k, v in pairs))
+
+    def _i_label(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        labels = dict(run.get("Labels") or {})
+        for k, v in df.pairs(ins.value, self._env(stage), "LABEL"):
+            labels[k] = v
+        run["Labels"] = labels
+        self._config_step(stage, ins, run, "LABEL " + " ".join(ins.value))
+
+    def _i_maintainer(self, stage: Stage, ins: df.Instruction) -> None:
+        stage.config["author"] = " ".join(ins.value)
+        self._config_step(stage, ins, stage.run, "MAINTAINER " + " ".join(ins.value))
+
+    def _one_word(self, stage: Stage, ins: df.Instruction) -> str:
+        if len(ins.value) != 1:
+            raise UsageError(f"{ins.cmd} requires exactly one argument")
+        return df.word(ins.value[0], self._env(stage), self.escape)
+
+    def _i_user(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        run["User"] = self._one_word(stage, ins)
+        self._config_step(stage, ins, run, f"USER {run['User']}")
+
+    def _i_stopsignal(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        sig = self._one_word(stage, ins)
+        if not re.fullmatch(r"(SIG)?[A-Z0-9+-]+|[0-9]+", sig.upper()):
+            raise UsageError(f"invalid signal: {sig}")
+        run["StopSignal"] = sig
+        self._config_step(stage, ins, run, f"STOPSIGNAL {sig}")
+
+    def _i_expose(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        ports = dict(run.get("ExposedPorts") or {})
+        env = self._env(stage)
+        for raw in ins.value:
+            for p in df.words(raw, env, self.escape):
+                num, _, proto = p.partition("/")
+                proto = (proto or "tcp").lower()
+                lo, _, hi = num.partition("-")
+                if proto not in ("tcp", "udp", "sctp") or not lo.isdigit() or (hi and not hi.isdigit()):
+                    raise UsageError(f"invalid containerPort: {p}")
+                for n in range(int(lo), int(hi or lo) + 1):
+                    if not 0 < n < 65536:
+                        raise UsageError(f"invalid containerPort: {p}")
+                    ports[f"{n}/{proto}"] = {}
+        run["ExposedPorts"] = ports
+        self._config_step(stage, ins, run, "EXPOSE " + " ".join(sorted(ports)))
+
+    def _i_volume(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        vols = dict(run.get("Volumes") or {})
+        env = self._env(stage)
+        for raw in ins.value:
+            for v in ([raw] if ins.json else df.words(raw, env, self.escape)):
+                if not v.strip():
+                    raise UsageError("VOLUME specified can not be an empty string")
+                vols[v] = {}
+        run["Volumes"] = vols
+        self._config_step(stage, ins, run, "VOLUME " + json.dumps(sorted(vols)))
+
+    def _i_shell(self, stage: Stage, ins: df.Instruction) -> None:
+        if not ins.json or not ins.value:
+            raise UsageError("SHELL requires the arguments to be in JSON form")
+        run = stage.run
+        run["Shell"] = list(ins.value)
+        self._config_step(stage, ins, run, f"SHELL {json.dumps(list(ins.value))}")
+
+    def _shell(self, stage: Stage) -> list[str]:
+        return list(stage.run.get("Shell") or DEFAULT_SHELL)
+
+    def _command(self, stage: Stage, ins: df.Instruction) -> list[str]:
+        if ins.json:
+            return list(ins.value)
+        return [*self._shell(stage), " ".join(ins.value)]
+
+    def _i_cmd(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        run["Cmd"] = self._command(stage, ins)
+        stage.cmd_set = True
+        self._config_step(stage, ins, run, f"CMD {json.dumps(run['Cmd'])}")
+
+    def _i_entrypoint(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        run["Entrypoint"] = self._command(stage, ins) if ins.value else None
+        if not stage.cmd_set:  # a CMD from the base image does not go with a new ENTRYPOINT (Docker)
+            run["Cmd"] = None
+        self._config_step(stage, ins, run, f"ENTRYPOINT {json.dumps(run['Entrypoint'])}")
+
+    def _i_healthcheck(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        if not ins.value:
+            raise UsageError("HEALTHCHECK requires an argument")
+        kind = ins.value[0].upper()
+        if kind == "NONE":
+            if len(ins.value) > 1 or ins.flags:
+                raise UsageError("HEALTHCHECK NONE takes no arguments")
+            hc: dict[str, Any] = {"Test": ["NONE"]}
+        elif kind == "CMD":
+            ins.check_flags({"interval", "timeout", "start-period", "start-interval", "retries"}, self.where)
+            rest = list(ins.value[1:])
+            if not rest:
+                raise UsageError("Missing command after HEALTHCHECK CMD")
+            hc = {"Test": ["CMD", *rest] if ins.json else ["CMD-SHELL", " ".join(rest)]}
+            for flag, field in (("interval", "Interval"), ("timeout", "Timeout"), ("start-period", "StartPeriod"),
+                                ("start-interval", "StartInterval")):
+                val = ins.flag(flag)
+                if val is not None:
+                    hc[field] = _duration_ns(val, flag)
+            retries = ins.flag("retries")
+            if retries is not None:
+                if not retries.isdigit() or int(retries) < 1:
+                    raise UsageError(f"--retries must be at least 1 (not {retries})")
+                hc["Retries"] = int(retries)
+        else:
+            raise UsageError(f"Unknown type {kind!r} in HEALTHCHECK (try CMD)")
+        run["Healthcheck"] = hc
+        self._config_step(stage, ins, run, f"HEALTHCHECK {json.dumps(hc, sort_keys=True)}")
+
+    def _i_onbuild(self, stage: Stage, ins: df.Instruction) -> None:
+        if ins.sub is None:
+            raise UsageError("ONBUILD requires an instruction")
+        if ins.sub.cmd in ("ONBUILD", "FROM", "MAINTAINER"):
+            raise UsageError(f"{ins.sub.cmd} isn't allowed as an ONBUILD trigger")
+        run = stage.run
+        run["OnBuild"] = [*(run.get("OnBuild") or []), ins.sub.original.rstrip("\n")]
+        self._config_step(stage, ins, run, f"ONBUILD {ins.sub.original}")
+
+    def _i_workdir(self, stage: Stage, ins: df.Instruction) -> None:
+        run = stage.run
+        path = self._one_word(stage, ins)
+        cur = run.get("WorkingDir") or "/"
+        run["WorkingDir"] = os.path.normpath(path if path.startswith("/") else os.path.join(cur, path))
+        wd = run["WorkingDir"]
+        if wd == "/" or self._is_dir(stage, wd):
+            self._config_step(stage, ins, run, f"WORKDIR {wd}")
+            return
+
+        def make() -> Layer:
+            layer = buildlayer.LayerTar(self.store.tmp)
+            try:
+                buildlayer.parents(layer, wd + "/x", 0, 0)
+                return layer.store(self.store)
+            finally:
+                layer.close()
+        self._layer_step(stage, f"WORKDIR {wd}", "", make, run)
+
+    # --- RUN --------------------------------------------------------------------------------
+    def _i_run(self, stage: Stage, ins: df.Instruction) -> None:
+        ins.check_flags({"network"}, self.where)
+        if ins.json:
+            args = list(ins.value)
+        else:
+            text = " ".join(ins.value)
+            if ins.heredocs and re.fullmatch(r"<<-?[\"']?(\w+)[\"']?", text.strip()):
+                text = ins.heredocs[0].content
+            elif ins.heredocs:
+                text = text + "\n" + "".join(f"{h.content}{h.name}\n" for h in ins.heredocs)
+            args = [*self._shell(stage), text]
+        if not args:
+            raise UsageError("RUN needs a command")
+        env_names = {str(e).partition("=")[0] for e in stage.run.get("Env") or []}
+        build_env = [f"{k}={v}" for k, v in sorted(stage.args.items()) if v is not None and k not in env_names]
+        what = "RUN " + (f"|{len(build_env)} {' '.join(build_env)} " if build_env else "") + " ".join(args)
+        if not stage.layers:
+            raise UsageError("RUN in a stage with no layers (FROM scratch): there is no shell to run")
+        network_name = ins.flag("network") or self.opts.network
+
+        def make() -> Layer:
+            return self._run(stage, args, build_env, network_name)
+        self._layer_step(stage, what, "", make)
+
+    def _run(self, stage: Stage, args: list[str], build_env: list[str], network_name: str | None) -> Layer:
+        if self._state is None:
+            self._state = State(self.cfg.db_path)
+        state = self._state
+        net = network.NetRequest(network=network_name) if network_name and network_name != "default" else None
+        opts = bundle.RunOptions(image=stage.image_id, command=args, entrypoint="", env=build_env, rm=True,
+                                 pull="never", net=net)
+        c, image, layers, spec = runner.create(self.cfg, opts, "process", state, persist=False)
+        try:
+            self.say(f" ---> Running in {c.id[:12]}")
+            driver = runner.make_driver("process", accel=None, kernel=None, runtime=self.cfg.runtime)
+            with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
+                out = null_out.fileno() if self.opts.quiet else sys.stdout.fileno()
+                err = null_out.fileno() if self.opts.quiet else sys.stderr.fileno()
+                sys.stdout.flush()
+                status = runner.execute(self.cfg, state, c, image, layers, spec, driver, Timings(), log_dir=None,
+                                        stdio=(null_in.fileno(), out, err), scratch=True)
+            if status != 0:
+                raise BuildError(f"The command '{' '.join(args)}' returned a non-zero code: {status}")
+            layer = buildlayer.LayerTar(self.store.tmp)
+            try:
+                buildlayer.from_upper(rw_dir(self.cfg, c.id) / "upper", layer,
+                                      lambda m: self.say(inert(f"[Warning] {m}")))
+                stored = layer.store(self.store)
+            finally:
+                layer.close()
+            self.say(f" ---> Removed intermediate container {c.id[:12]}")
+            return stored
+        finally:
+            runner.discard(self.cfg, state, c)
+
+    # --- COPY / ADD ----------------------------------------------------------------------------
+    def _i_copy(self, stage: Stage, ins: df.Instruction) -> None:
+        self._copy(stage, ins, add=False)
+
+    def _i_add(self, stage: Stage, ins: df.Instruction) -> None:
+        self._copy(stage, ins, add=True)
+
+    def _copy(self, stage: Stage, ins: df.Instruction, *, add: bool) -> None:
+        ins.check_flags({"from", "chown", "chmod", "link"} if not add else {"chown", "chmod", "link", "checksum"},
+                        self.where)
+        if len(ins.value) < 2:
+            raise UsageError(f"{ins.cmd} requires at least two arguments, but only one was provided. "
+                             "Destination could not be determined")
+        env = self._env(stage)
+        srcs = [df.word(s, env, self.escape) if not s.startswith("<<") else s for s in ins.value[:-1]]
+        dest = df.word(ins.value[-1], env, self.escape)
+        if not dest.startswith("/"):
+            dest = os.path.join(stage.run.get("WorkingDir") or "/", dest) + ("/" if dest.endswith("/") else "")
+        chown, chmod = ins.flag("chown"), ins.flag("chmod")
+        uid, gid = self._chown(stage, df.word(chown, env, self.escape)) if chown else (0, 0)
+        mode = None
+        if chmod:
+            if not re.fullmatch(r"[0-7]{3,4}", chmod):
+                raise UsageError(f"invalid chmod parameter: {chmod!r} (an octal mode)")
+            mode = int(chmod, 8)
+        from_ref = ins.flag("from")
+        if any(re.match(r"https?://", s) for s in srcs):
+            raise UsageError("ADD of a URL is not supported yet (download it and COPY it)")
+        with self._source_root(stage, from_ref) as (root_fd, keep, owner):
+            heredocs = {f"<<{h.name}": h for h in ins.heredocs}
+            matched: list[str] = []
+            for s in srcs:
+                if s.startswith("<<"):
+                    matched.append(s)
+                    continue
+                found = buildlayer.glob(root_fd, s, keep) if df.has_glob(s) else (
+                    [os.path.normpath("/" + s).strip("/")] if keep(os.path.normpath("/" + s).strip("/")) else [])
+                if not found and not df.has_glob(s):
+                    raise UsageError(f"failed to compute cache key: \"/{s.strip('/')}\" not found: "
+                                     "not found in build context or excluded by .dockerignore")
+                if not found:
+                    raise UsageError(f"no source files were specified (nothing matches {s!r})")
+                matched += found
+            into_dir = dest.endswith("/") or self._is_dir(stage, dest)
+            if len(matched) > 1 and not dest.endswith("/"):
+                raise UsageError(f"When using {ins.cmd} with more than one source file, the destination must be "
+                                 "a directory and end with a /")
+            layer = buildlayer.LayerTar(self.store.tmp)
+            try:
+                notice: Callable[[str], None] = lambda m: self.say(inert(f"[Warning] {m}"))  # noqa: E731
+                ou, og = (uid, gid) if chown or owner is None else (None, None)
+                for rel in matched:
+                    if rel in heredocs:
+                        name = dest.rstrip("/") + "/" + heredocs[rel].name if into_dir else dest
+                        self._parents(stage, layer, name)
+                        ti = tarfile.TarInfo(name.strip("/"))
+                        ti.mode, ti.uid, ti.gid = mode if mode is not None else 0o644, uid, gid
+                        layer.add_data(ti, heredocs[rel].content.encode())
+                        continue
+                    if add and from_ref is None and buildlayer.is_archive(root_fd, rel):
+                        self._parents(stage, layer, dest.rstrip("/") + "/x")
+                        buildlayer.extract_archive(root_fd, rel, dest, layer)
+                        continue
+                    found_st = safefs.stat_in_root(root_fd, rel or ".")
+                    is_dir = found_st is not None and (found_st.st_mode & 0o170000) == 0o040000
+                    self._parents(stage, layer, dest.rstrip("/") + "/x" if into_dir and not is_dir else dest)
+                    buildlayer.copy_source(root_fd, rel, dest, layer, into_dir=into_dir, uid=ou, gid=og,
+                                           chmod=mode, keep=keep, notice=notice,
+                                           dest_exists=is_dir and self._is_dir(stage, dest))
+            except BaseException:
+                layer.close()
+                raise
+        what = f"{ins.cmd} " + " ".join(f for f in ins.flags) + (" " if ins.flags else "") + \
+            " ".join(srcs) + f" {dest}"
+        digest = layer.meta.hexdigest()
+
+        def make() -> Layer:
+            try:
+                return layer.store(self.store)
+            finally:
+                layer.close()
+        try:
+            self._layer_step(stage, what, digest, make)
+        finally:
+            layer.close()
+
+    def _parents(self, stage: Stage, layer: buildlayer.LayerTar, path: str) -> None:
+        parts = [p for p in path.split("/") if p][:-1]
+        for k in range(1, len(parts) + 1):
+            d = "/" + "/".join(parts[:k])
+            if d.strip("/") in layer.names or self._is_dir(stage, d):
+                continue
+            ti = tarfile.TarInfo(d.strip("/"))
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
+            layer.add(ti)
+
+    def _layer_dirs(self, stage: Stage) -> list[Path]:
+        return [self.store.unpacked_layer(d, i) for d, i in stage.layers]
+
+    def _is_dir(self, stage: Stage, path: str) -> bool:
+        """Whether ``path`` is a directory in the stage's image (the topmost layer that has it
+        decides; each resolved inside its own layer)."""
+        for layer in reversed(self._layer_dirs(stage)):
+            s = safefs.stat_in_root(layer, path)
+            if s is not None:
+                return (s.st_mode & 0o170000) == 0o040000
+        return False
+
+    def _chown(self, stage: Stage, spec: str) -> tuple[int, int]:
+        """``--chown=user[:group]``: names from the stage's /etc/passwd and /etc/group; without a
+        group the GID is the UID (as Docker documents)."""
+        user, _, group = spec.partition(":")
+        dirs = self._layer_dirs(stage)
+        lookup = rootfs.LayeredRoot(dirs) if dirs else None
+        roots = (lookup.pick("/etc/passwd"), lookup.pick("/etc/group")) if lookup else None
+
+        def need_roots() -> tuple[Path, Path]:
+            if roots is None:
+                raise UsageError(f"unable to convert uid/gid chown string {spec!r}: no /etc/passwd or /etc/group")
+            return roots
+        uid = int(user) if user.isdigit() else bundle.resolve_user(need_roots(), user).uid
+        if group:
+            gid = int(group) if group.isdigit() else bundle.resolve_user(need_roots(), f"0:{group}").gid
+        else:
+            gid = uid
+        if uid > 0xFFFFFFFE or gid > 0xFFFFFFFE:
+            raise UsageError(f"--chown {spec!r} is out of range")
+        return uid, gid
+
+    @contextlib.contextmanager
+    def _source_root(self, stage: Stage, from_ref: str | None
+                     ) -> Iterator[tuple[int, Callable[[str], bool], str | None]]:
+        """Where COPY reads: the context (``.dockerignore`` applies), or an earlier stage's or an
+        image's root, mounted read-only here for the step. The third item: None for the context
+        (files become root's or --chown's), the stage otherwise (owners kept)."""
+        if from_ref is None:
+            yield self.ctx_fd, lambda rel: not self.ignore.excluded(rel), None
+            return
+        src: Stage | None
+        if from_ref.isdigit() and int(from_ref) < len(self.stages) - 1:
+            src = self.stages[int(from_ref)]
+        else:
+            src = self._stage_named(from_ref)
+        if src is not None:
+            dirs = self._layer_dirs(src)
+        else:
+            img = runner.find_image(self.cfg, self.store, from_ref, "missing", self.opts.platform)
+            dirs = img.layer_dirs()
+        if not dirs:
+            raise UsageError(f"--from={from_ref}: the stage has no files")
+        target = self.cfg.run_root / "builds" / secrets.token_hex(8)
+        fsmode.private_dir(target.parent)
+        rootfs.mount_readonly(dirs, target)
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                yield fd, lambda rel: True, from_ref
+            finally:
+                os.close(fd)
+        finally:
+            rootfs.umount(target)
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+    # --- the end ----------------------------------------------------------------------------------
+    def forget_steps(self, keep: str | None) -> None:
+        """The step images this build added, but for its result (and any tagged since)."""
+        for image_id in self.made:
+            if image_id == keep:
+                continue
+            with contextlib.suppress(VmrtError):
+                if not self.store.get(image_id).tags:
+                    self.store.delete_if_unused(image_id)
+
+
+def _arg_decls(ins: df.Instruction, env: dict[str, str]) -> list[tuple[str, str | None]]:
+    out = []
+    for v in ins.value:
+        name, eq, default = v.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UsageError(f"{ins.line}: invalid ARG name {name!r}")
+        out.append((name, df.word(default, env) if eq else None))
+    return out
+
+
+def _escape_directive(text: str) -> str:
+    for line in text.splitlines():
+        m = re.fullmatch(r"\s*#\s*(\w+)\s*=\s*(\S*)\s*", line)
+        if not m:
+            break
+        if m[1].lower() == "escape" and m[2] in ("\\", "`"):
+            return m[2]
+    return "\\"
+
+
+_DUR = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+
+
+def _duration_ns(text: str, flag: str) -> int:
+    units = {"ns": 1, "us": 1000, "µs": 1000, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+    pos, total = 0, 0.0
+    for m in _DUR.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m[1]) * units[m[2]]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise UsageError(f"invalid duration for --{flag}: {text!r}")
+    return int(total)
+
+
+# --- the command ---------------------------------------------------------------------------------
+def _stdin_context(tmp: Path) -> Path:
+    """``vmrt build -``: the context as a tar archive on stdin, unpacked privately (tarfile's
+    data filter: no absolute names, no ``..``, no links out, no devices)."""
+    ctx = tmp / "context"
+    ctx.mkdir(mode=0o700)
+    try:
+        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") as tf:
+            tf.extractall(ctx, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise UsageError(f"the build context on stdin is not a tar archive: {e}") from e
+    return ctx
+
+
+def build(cfg: Config, opts: Options, out: Callable[[str], None]) -> str:
+    """``vmrt build``: the image's ID (printed by the caller; the progress went to ``out``)."""
+    if opts.isolation not in ("process", "vm"):
+        raise UsageError(f"invalid --isolation {opts.isolation!r}: use process or vm")
+    for t in opts.tags:
+        if reference.parse(t).digest:
+            raise UsageError(f"invalid tag {t!r}: a tag cannot hold a digest")
+    tags = [str(reference.parse(t)) for t in opts.tags]
+    with tempfile.TemporaryDirectory(prefix="vmrt-build-") as tmpd:
+        context = opts.context if opts.context is not None else _stdin_context(Path(tmpd))
+        if not context.is_dir():
+            raise UsageError(f"unable to prepare context: path {str(context)!r} not found")
+        dfile = opts.dockerfile
+        if dfile == "-":
+            text = sys.stdin.read()
+        else:
+            path = Path(dfile) if dfile else context / "Dockerfile"
+            if dfile and not path.is_absolute() and not path.exists() and (context / dfile).exists():
+                path = context / dfile
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise UsageError(f"unable to read the Dockerfile {str(path)!r}: {e.strerror}") from e
+        b = Builder(cfg, opts, out)
+        b.where = Path(dfile).name if dfile and dfile != "-" else "Dockerfile"
+        result = None
+        try:
+            with b.store.writing():  # no collection while the build's layers belong to no image yet
+                result = b.build(context, text)
+                for t in tags:
+                    b.store.tag(t, result)
+        finally:
+            b.forget_steps(result)
+    out(f"Successfully built {_short(result)}")
+    for t in opts.tags:
+        out(f"Successfully tagged {reference.parse(t).familiar()}")
+    if opts.iidfile is not None:
+        opts.iidfile.write_text(result)
+    return result

@@ -1,0 +1,419 @@
+"""The layers a Dockerfile build makes: a RUN step's writable layer, and what COPY/ADD copy.
+
+A RUN step's overlay upper dir was written by the build's own (untrusted) code. It is read
+through directory fds opened ``O_NOFOLLOW``: a symbolic link is stored as a link and never
+followed, a file is opened ``O_NOFOLLOW|O_NONBLOCK`` and stored only if the opened fd is a
+regular file, a FIFO is stored as a FIFO (never opened). Overlay whiteouts (0:0 character
+devices) become ``.wh.NAME``, opaque directories ``.wh..wh..opq``, hard links stay links; other
+device nodes and sockets are left out with a notice.
+
+COPY and ADD read a source tree (the build context, or an earlier stage's root mounted
+read-only) the same way below the source path, which itself is resolved inside its root
+(``RESOLVE_IN_ROOT``: a link never leads out).
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .. import safefs
+from ..errors import ImageError, UsageError
+from . import store as st
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+CHUNK = 1 << 20
+# what the runtime bind-mounts over (it creates an empty file to mount on where the image has
+# none): never the step's own content, as Docker leaves them out
+MOUNTPOINTS = {"etc/hostname", "etc/hosts", "etc/resolv.conf"}
+
+
+class LayerTar:
+    """A layer tar being written to a temporary file; :meth:`store` gzips it into the store.
+    ``digest`` hashes what the entries are (names, types, modes, owners, link targets, file
+    contents; not times): the build cache's key of a COPY."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=tmp_dir, prefix="build-layer-")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+        self.meta = hashlib.sha256()
+        self.names: set[str] = set()
+        self.count = 0
+
+    def close(self) -> None:
+        self.tar.close()
+        self.file.close()
+
+    def _note(self, ti: tarfile.TarInfo, content: str = "") -> None:
+        self.meta.update(repr((ti.name, ti.type, ti.mode, ti.uid, ti.gid, ti.linkname, ti.size,
+                               content)).encode() + b"\n")
+        self.names.add(ti.name)
+        self.count += 1
+
+    def add(self, ti: tarfile.TarInfo, fd: int | None = None) -> None:
+        """An entry; a regular file's content read from ``fd`` (``ti.size`` bytes: the fstat)."""
+        ti.uname = ti.gname = ""
+        if fd is None:
+            self.tar.addfile(ti)
+            self._note(ti)
+            return
+        h = hashlib.sha256()
+        with os.fdopen(os.dup(fd), "rb") as f:
+            reader = _Hashing(f, h, ti.size)
+            self.tar.addfile(ti, reader)
+        self._note(ti, h.hexdigest())
+
+    def add_data(self, ti: tarfile.TarInfo, data: bytes) -> None:
+        ti.uname = ti.gname = ""
+        ti.size = len(data)
+        self.tar.addfile(ti, io.BytesIO(data))
+        self._note(ti, hashlib.sha256(data).hexdigest())
+
+    def store(self, store: st.Store) -> tuple[dict[str, Any], str]:
+        """The layer gzipped into the store: (its descriptor, its diff id)."""
+        self.tar.close()
+        self.file.seek(0)
+        h = hashlib.sha256()
+        with store.blob_writer() as bw:
+            with gzip.GzipFile(fileobj=_Sink(bw), mode="wb", mtime=0, compresslevel=6) as gz:
+                while chunk := self.file.read(CHUNK):
+                    h.update(chunk)
+                    gz.write(chunk)
+        return {"mediaType": st.MT_OCI_LAYER_GZIP, "digest": bw.digest, "size": bw.size}, "sha256:" + h.hexdigest()
+
+
+class _Sink:
+    """A blob writer as a file gzip writes to."""
+
+    def __init__(self, w: st.BlobWriter) -> None:
+        self.w = w
+
+    def write(self, data: bytes) -> int:
+        return self.w.write(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class _Hashing:
+    """A file read for tarfile (at most ``size`` bytes: a file that grew adds nothing, one that
+    shrank is padded by tarfile's own check failing: an error)."""
+
+    def __init__(self, f: IO[bytes], h: Any, size: int) -> None:
+        self.f, self.h, self.left = f, h, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        b = self.f.read(n)
+        self.left -= len(b)
+        self.h.update(b)
+        return b
+
+
+def _info(name: str, s: os.stat_result, *, uid: int | None = None, gid: int | None = None,
+          mode: int | None = None) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.mode = stat.S_IMODE(s.st_mode) if mode is None else mode
+    ti.uid = s.st_uid if uid is None else uid
+    ti.gid = s.st_gid if gid is None else gid
+    ti.mtime = int(s.st_mtime)
+    return ti
+
+
+def _entries(dfd: int) -> list[tuple[str, os.stat_result]]:
+    out = []
+    for name in sorted(os.listdir(dfd)):
+        try:
+            out.append((name, os.stat(name, dir_fd=dfd, follow_symlinks=False)))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _open_dir(name: str, dfd: int) -> int:
+    return os.open(name, DIR_FLAGS, dir_fd=dfd)
+
+
+# --- a RUN step's writable layer ---------------------------------------------------------------
+def from_upper(upper: Path, layer: LayerTar, notice: Callable[[str], None]) -> None:
+    """The overlay upper dir ``upper`` (untrusted) as layer entries."""
+    try:
+        top = os.open(upper, DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    try:
+        links: dict[tuple[int, int], str] = {}
+        _walk_upper(top, "", layer, links, notice)
+    finally:
+        os.close(top)
+
+
+def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, int], str],
+                notice: Callable[[str], None]) -> None:
+    if prefix and _xattr(dfd, "trusted.overlay.opaque") == b"y":
+        layer.add_data(_plain(prefix + OPAQUE), b"")
+    for name, s in _entries(dfd):
+        path = prefix + name
+        if stat.S_ISCHR(s.st_mode) and s.st_rdev == 0:  # an overlay whiteout: the lower path is deleted
+            layer.add_data(_plain(prefix + WHITEOUT + name), b"")
+        elif stat.S_ISDIR(s.st_mode):
+            sub = _open_dir(name, dfd)
+            try:
+                if _xattr(sub, "trusted.overlay.redirect") is not None:
+                    raise ImageError(f"the build step renamed the directory /{path} of a lower layer: "
+                                     "overlayfs redirect_dir is not supported in builds")
+                ds = os.fstat(sub)
+                ti = _info(path, ds)
+                ti.type = tarfile.DIRTYPE
+                layer.add(ti)
+                _walk_upper(sub, path + "/", layer, links, notice)
+            finally:
+                os.close(sub)
+        elif stat.S_ISLNK(s.st_mode):
+            ti = _info(path, s)
+            ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
+            layer.add(ti)
+        elif stat.S_ISREG(s.st_mode):
+            if path in MOUNTPOINTS and s.st_size == 0:
+                continue
+            _add_file(dfd, name, path, s, layer, links, notice)
+        elif stat.S_ISFIFO(s.st_mode):
+            ti = _info(path, s)
+            ti.type = tarfile.FIFOTYPE
+            layer.add(ti)
+        else:
+            what = "socket" if stat.S_ISSOCK(s.st_mode) else "device node"
+            notice(f"skipping the {what} /{path} the step left: a build layer holds no {what}s")
+
+
+def _add_file(dfd: int, name: str, path: str, s: os.stat_result, layer: LayerTar,
+              links: dict[tuple[int, int], str], notice: Callable[[str], None], **owner: int | None) -> None:
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):
+            notice(f"skipping /{path}: it changed while it was read")
+            return
+        raise
+    try:
+        fs = os.fstat(fd)
+        if not stat.S_ISREG(fs.st_mode):
+            notice(f"skipping /{path}: not a regular file when opened")
+            return
+        key = (fs.st_dev, fs.st_ino)
+        ti = _info(path, fs, **owner)
+        if fs.st_nlink > 1 and key in links:
+            ti.type, ti.linkname = tarfile.LNKTYPE, links[key]
+            layer.add(ti)
+            return
+        if fs.st_nlink > 1:
+            links[key] = path
+        ti.size = fs.st_size
+        layer.add(ti, fd)
+    finally:
+        os.close(fd)
+
+
+def _plain(name: str) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.mode, ti.mtime = 0o644, 0
+    return ti
+
+
+def _xattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError:
+        return None
+
+
+# --- COPY / ADD sources -----------------------------------------------------------------------
+def glob(root_fd: int, pattern: str, keep: Callable[[str], bool]) -> list[str]:
+    """The paths (relative, ``/``-separated) that ``pattern`` matches under ``root_fd``, a
+    component at a time as Go's filepath.Glob; ``keep`` filters (``.dockerignore``)."""
+    parts = [p for p in os.path.normpath("/" + pattern).split("/") if p]
+    found = [""]
+    for i, part in enumerate(parts):
+        nxt = []
+        for base in found:
+            if not any(c in part for c in "*?["):
+                cand = [part]
+            else:
+                try:
+                    dfd = safefs.open_in_root(root_fd, base or ".", os.O_RDONLY | os.O_DIRECTORY)
+                except OSError:
+                    continue
+                try:
+                    cand = sorted(n for n in os.listdir(dfd) if fnmatch.fnmatchcase(n, part))
+                finally:
+                    os.close(dfd)
+            for c in cand:
+                rel = f"{base}/{c}" if base else c
+                if i == len(parts) - 1 and (safefs.stat_in_root(root_fd, rel, follow=False) is None or not keep(rel)):
+                    continue
+                nxt.append(rel)
+        found = nxt
+    return found
+
+
+def copy_source(root_fd: int, rel: str, dest: str, layer: LayerTar, *, into_dir: bool, uid: int | None,
+                gid: int | None, chmod: int | None, keep: Callable[[str], bool],
+                notice: Callable[[str], None], dest_exists: bool = False) -> None:
+    """``rel`` (a file, link or directory under ``root_fd``) copied to ``dest`` (absolute):
+    a directory's contents go into ``dest``; a file becomes ``dest`` or, with ``into_dir``,
+    ``dest/NAME``. ``uid``/``gid`` None keep the source's owner (an earlier stage's files).
+    ``dest_exists``: a directory ``dest`` already in the image keeps its own metadata."""
+    dest_rel = dest.strip("/")
+    try:
+        s = safefs.stat_in_root(root_fd, rel or ".", follow=True)
+    except OSError as e:
+        raise UsageError(f"{rel}: {e.strerror}") from e
+    if s is None:
+        raise UsageError(f"{rel}: no such file or directory")
+    if stat.S_ISDIR(s.st_mode):
+        dfd = safefs.open_in_root(root_fd, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if dest_rel and dest_rel not in layer.names and not dest_exists:
+                ti = _info(dest_rel, os.fstat(dfd), uid=uid, gid=gid, mode=chmod)
+                ti.type = tarfile.DIRTYPE
+                layer.add(ti)
+            _copy_tree(dfd, rel, dest_rel + "/" if dest_rel else "", layer, uid, gid, chmod, keep, {}, notice)
+        finally:
+            os.close(dfd)
+        return
+    name = rel.rsplit("/", 1)[-1]
+    target = f"{dest_rel}/{name}" if into_dir else dest_rel
+    if not target:
+        raise UsageError(f"cannot copy {rel} onto /")
+    parent, _, base = rel.rpartition("/")
+    pfd = safefs.open_in_root(root_fd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ls = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+        _copy_entry(pfd, base, ls, target.lstrip("/"), layer, uid, gid, chmod, {}, notice)
+    finally:
+        os.close(pfd)
+
+
+def _copy_tree(dfd: int, src_prefix: str, prefix: str, layer: LayerTar, uid: int | None, gid: int | None,
+               chmod: int | None, keep: Callable[[str], bool], links: dict[tuple[int, int], str],
+               notice: Callable[[str], None]) -> None:
+    for name, s in _entries(dfd):
+        src = f"{src_prefix}/{name}" if src_prefix else name
+        if not keep(src):
+            continue
+        path = prefix + name
+        if stat.S_ISDIR(s.st_mode):
+            sub = _open_dir(name, dfd)
+            try:
+                ti = _info(path, os.fstat(sub), uid=uid, gid=gid, mode=chmod)
+                ti.type = tarfile.DIRTYPE
+                layer.add(ti)
+                _copy_tree(sub, src, path + "/", layer, uid, gid, chmod, keep, links, notice)
+            finally:
+                os.close(sub)
+        else:
+            _copy_entry(dfd, name, s, path, layer, uid, gid, chmod, links, notice)
+
+
+def _copy_entry(dfd: int, name: str, s: os.stat_result, path: str, layer: LayerTar, uid: int | None,
+                gid: int | None, chmod: int | None, links: dict[tuple[int, int], str],
+                notice: Callable[[str], None]) -> None:
+    if stat.S_ISLNK(s.st_mode):
+        ti = _info(path, s, uid=uid, gid=gid)
+        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
+        layer.add(ti)
+    elif stat.S_ISREG(s.st_mode):
+        _add_file(dfd, name, path, s, layer, links, notice, uid=uid, gid=gid, mode=chmod)
+    elif stat.S_ISFIFO(s.st_mode):
+        ti = _info(path, s, uid=uid, gid=gid, mode=chmod)
+        ti.type = tarfile.FIFOTYPE
+        layer.add(ti)
+    else:
+        notice(f"skipping /{path}: a device node or socket is not copied")
+
+
+def parents(layer: LayerTar, dest: str, uid: int, gid: int) -> None:
+    """The directories above ``dest`` (absolute), as COPY creates missing ones (0755)."""
+    parts = [p for p in dest.split("/") if p]
+    for k in range(1, len(parts)):
+        name = "/".join(parts[:k])
+        if name in layer.names:
+            continue
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = tarfile.DIRTYPE, 0o755, uid, gid, 0
+        layer.add(ti)
+
+
+# --- ADD of a local archive ---------------------------------------------------------------------
+def is_archive(root_fd: int, rel: str) -> bool:
+    fd = safefs.open_regular(root_fd, rel)
+    if fd is None:
+        return False
+    try:
+        with os.fdopen(fd, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+        return True
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+def extract_archive(root_fd: int, rel: str, dest: str, layer: LayerTar) -> None:
+    """ADD's local tar archive (gzip, bzip2, xz or plain), its entries moved under ``dest``:
+    names are cleaned (no ``..`` above ``dest``), hard links must point inside it; devices
+    are left out. Owners are the archive's, as Docker keeps them."""
+    fd = safefs.open_regular(root_fd, rel)
+    if fd is None:
+        raise UsageError(f"{rel}: not a regular file")
+    base = dest.strip("/")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:*") as tf:
+                for ti in tf:
+                    name = _clean(ti.name)
+                    if name is None or ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+                        continue
+                    out = tarfile.TarInfo(f"{base}/{name}" if base else name)
+                    out.type, out.mode, out.uid, out.gid, out.mtime = ti.type, ti.mode, ti.uid, ti.gid, int(ti.mtime)
+                    if ti.issym():
+                        out.linkname = ti.linkname
+                    if ti.islnk():
+                        target = _clean(ti.linkname)
+                        if target is None:
+                            continue
+                        out.linkname = f"{base}/{target}" if base else target
+                    if ti.isreg():
+                        src = tf.extractfile(ti)
+                        layer.add_data(out, src.read() if src is not None else b"")
+                    elif ti.isdir() or ti.issym() or ti.islnk() or ti.isfifo():
+                        layer.add(out)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise UsageError(f"{rel}: cannot extract the archive: {e}") from e
+
+
+def _clean(name: str) -> str | None:
+    parts: list[str] = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                continue
+            parts.pop()
+            continue
+        parts.append(p)
+    return "/".join(parts) or None
