@@ -78,10 +78,10 @@ def _remove_test_bridges() -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _unmount_test_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """At the end of the session: the nosuid,nodev,noexec binds vmrt made of each private state
-    root (vmrt/safefs.py: inert_mount, once per root, kept as long as the host runs) go."""
+    root (vmrt/safefs.py: inert_mount, once per root, kept as long as the host runs) go, also those
+    of the stores tests open directly (Store(tmp_path / ...)), which would keep the next run with
+    the same --basetemp from clearing it."""
     yield
-    if not made:  # no private vmrt, no bind
-        return
     base = str(tmp_path_factory.getbasetemp()) + "/"
     for _ in range(5):  # a stacked mount needs one umount each
         points = [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()]

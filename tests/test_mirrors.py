@@ -10,6 +10,7 @@ import hashlib
 import io
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -173,6 +174,47 @@ def test_lying_mirror_fails_over_with_a_notice(origin: Registry, tmp_path: Path,
            f"{layer['digest']}" in out
     assert store.has_blob(layer["digest"])
     assert "sha256:" + hashlib.sha256(store.read_blob(layer["digest"])).hexdigest() == layer["digest"]
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """A mirror whose backend is down: 503 to everything."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.mark.root
+def test_hanging_and_5xx_mirrors_give_way(origin: Registry, tmp_path: Path, fast: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror that takes the connection and never answers (a timeout), then one answering 503:
+    each gets MIRROR_ATTEMPTS tries, then the origin serves the pull."""
+    monkeypatch.setattr(client, "TIMEOUT", (2, 0.3))
+    push([origin], tmp_path, "slow-mirrors", "origin")
+    with socket.socket() as hang:
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(8)  # connections complete in the backlog; nothing is ever read or sent
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            slow = f"http://127.0.0.1:{hang.getsockname()[1]}"
+            broken = f"http://127.0.0.1:{server.server_address[1]}"
+            started = time.monotonic()
+            image, out = pull(Store(tmp_path / "store"), f"{origin.host}/slow-mirrors", tmp_path,
+                              insecure_registries=[origin.host], mirrors=table(origin.host, slow, broken))
+            assert time.monotonic() - started < 10
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert served_by(image) == "origin"
+    assert f"Mirror {slow} failed, pulling from mirror {broken} instead: cannot reach registry " \
+           f"{slow[7:]}: timed out (gave up after 2 attempts)" in out
+    assert f"Mirror {broken} failed, pulling from {origin.host} instead: registry {broken[7:]} answered " \
+           "503 Service Unavailable (gave up after 2 attempts)" in out
 
 
 class _Recorder(BaseHTTPRequestHandler):
