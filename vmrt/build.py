@@ -198,8 +198,10 @@ class Builder:
     def _do(self, stage: Stage, ins: df.Instruction, *, header: bool = True) -> None:
         try:
             getattr(self, f"_i_{ins.cmd.lower()}", self._unknown)(stage, ins)
-        except BuildError:
-            raise
+        except BuildError as e:
+            if str(e).startswith(f"{self.where}:"):
+                raise
+            raise BuildError(f"{self.where}:{ins.line}: {e}") from e
         except VmrtError as e:
             raise self._fail(ins, e) from e
 
@@ -580,8 +582,9 @@ class Builder:
                 if s.startswith("<<"):
                     matched.append(s)
                     continue
+                plain = os.path.normpath("/" + s).strip("/")
                 found = buildlayer.glob(root_fd, s, keep) if df.has_glob(s) else (
-                    [os.path.normpath("/" + s).strip("/")] if keep(os.path.normpath("/" + s).strip("/")) else [])
+                    [plain] if keep(plain) and safefs.stat_in_root(root_fd, plain or ".") is not None else [])
                 if not found and not df.has_glob(s):
                     raise UsageError(f"failed to compute cache key: \"/{s.strip('/')}\" not found: "
                                      "not found in build context or excluded by .dockerignore")
