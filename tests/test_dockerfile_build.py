@@ -214,3 +214,54 @@ def test_whiteout_and_opaque_dir(vmrt: Vmrt, tmp_path: Path) -> None:
 def test_vm_isolation_refuses_run_steps(vmrt: Vmrt, tmp_path: Path) -> None:
     r = vmrt("build", "--isolation", "vm", str(_context(tmp_path, "FROM busybox\nRUN true\n")), timeout=60)
     assert r.returncode == 125 and b"not built yet" in r.stderr
+
+
+def test_onbuild_add_archive_target_and_stdin_context(vmrt: Vmrt, tmp_path: Path) -> None:
+    """ONBUILD triggers run when the image is a base; ADD unpacks a local tar; ARG scoping; SHELL,
+    STOPSIGNAL, VOLUME; --target; a context as a tar on stdin; -q and --iidfile."""
+    base = _context(tmp_path / "base", "FROM busybox\nONBUILD COPY a.txt /from-trigger\nSTOPSIGNAL SIGINT\n"
+                                       "VOLUME /data\n")
+    _build(vmrt, "-t", "onbase:1", str(base))
+    ctx = tmp_path / "child"
+    ctx.mkdir()
+    (ctx / "a.txt").write_text("triggered\n")
+    with tarfile.open(ctx / "payload.tar.gz", "w:gz") as tf:
+        data = b"inside the archive\n"
+        ti = tarfile.TarInfo("pkg/file")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+        evil = tarfile.TarInfo("../../escape")
+        evil.size = 1
+        tf.addfile(evil, io.BytesIO(b"x"))
+    (ctx / "Dockerfile").write_text(
+        "ARG GLOBAL=g\nFROM onbase:1 AS one\nARG GLOBAL\nADD payload.tar.gz /opt/\n"
+        "SHELL [\"/bin/sh\", \"-e\", \"-c\"]\nRUN echo \"$GLOBAL\" > /global\n"
+        "FROM busybox AS two\nRUN echo \"[$GLOBAL]\" > /global\n")
+    iid = tmp_path / "iid"
+    r = vmrt("build", "-q", "--target", "one", "--iidfile", str(iid), "-t", "child:1", str(ctx), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == iid.read_text() and iid.read_text().startswith("sha256:")
+    r = vmrt("run", "--rm", "--isolation", "process", "child:1", "sh", "-c",
+             "cat /from-trigger /opt/pkg/file /global; ls /opt")
+    assert r.stdout.decode().split("\n")[:4] == ["triggered", "inside the archive", "g", "escape"], r.stderr
+    cfg = json.loads(vmrt("image", "inspect", "-f", "{{json .Config}}", "child:1").stdout)
+    assert cfg["StopSignal"] == "SIGINT" and cfg["Volumes"] == {"/data": {}} and not cfg.get("OnBuild")
+    assert cfg["Shell"] == ["/bin/sh", "-e", "-c"]
+    base_cfg = json.loads(vmrt("image", "inspect", "-f", "{{json .Config}}", "onbase:1").stdout)
+    assert base_cfg["OnBuild"] == ["COPY a.txt /from-trigger"]
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name in ("Dockerfile", "a.txt", "payload.tar.gz"):
+            tf.add(ctx / name, name)
+    r = vmrt("build", "-t", "stdin:1", "-", input=buf.getvalue(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = vmrt("run", "--rm", "--isolation", "process", "stdin:1", "cat", "/global")
+    assert r.stdout.decode() == "[]\n"  # a global ARG is not seen in a stage that does not declare it
+
+
+def test_run_network_none(vmrt: Vmrt, tmp_path: Path) -> None:
+    ctx = _context(tmp_path, "FROM busybox\nRUN ls /sys/class/net > /nets\n")
+    _build(vmrt, "--network", "none", "-t", "nonet:1", str(ctx))
+    r = vmrt("run", "--rm", "--isolation", "process", "nonet:1", "cat", "/nets")
+    assert r.stdout.decode().split() == ["lo"], r.stderr
