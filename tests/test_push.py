@@ -17,7 +17,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ocibuild import OciLayout, big_layer
@@ -25,6 +27,8 @@ from registry import Registry
 from support import Vmrt, one_line_error
 from test_api import DOCKER, Api, api  # api: the fixture, registered here
 
+from vmrt.errors import ImageError
+from vmrt.images import auth, push
 from vmrt.images import registry as client
 from vmrt.images.store import Store
 
@@ -261,3 +265,96 @@ def test_docker_push_through_the_api(vmrt: Vmrt, monkeypatch: pytest.MonkeyPatch
     status, _, _ = api_.request("POST", f"/images/{reg.host}/api/nothere/push?tag=2")
     assert status == 404
     assert not os.path.exists(vmrt.root / "auth.json")
+
+
+# --- a hostile registry --------------------------------------------------------------------------
+
+class Hostile:
+    """A registry that asks for Basic credentials, then lies: upload Locations on another origin
+    (`location`), blob and manifest digests it did not get (`claim`), and a huge error body."""
+
+    def __init__(self) -> None:
+        self.location, self.claim = "", ""
+        self.seen: list[tuple[str, str, str]] = []  # method, path, Authorization
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+                self.send_response(code)
+                for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def handle_one(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                auth = self.headers.get("Authorization", "")
+                stub.seen.append((self.command, self.path, auth))
+                if not auth:
+                    return self.reply(401, b"{}", {"WWW-Authenticate": 'Basic realm="hostile"'})
+                path = self.path.partition("?")[0]
+                if self.command == "HEAD":
+                    return self.reply(404)
+                if self.command == "POST":
+                    return self.reply(202, b"", {"Location": stub.location or "/v2/evil/blobs/uploads/u1"})
+                if self.command == "PUT" and stub.claim:
+                    return self.reply(201, b"", {"Docker-Content-Digest": stub.claim})
+                if self.command == "PUT" and "/manifests/" in path:
+                    return self.reply(400, b'{"errors":[{"code":"DENIED","message":"' + b"x" * (8 << 20) + b'"}]}')
+                if self.command == "PUT":
+                    return self.reply(201)
+                return self.reply(200, b"{}")
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = handle_one
+
+        return Handler
+
+
+def test_a_hostile_registry_gets_no_credentials_elsewhere_and_its_lies_fail_the_push(
+        vmrt: Vmrt, tmp_path: Path) -> None:
+    """Upload Locations on another origin over plain HTTP are refused (and nothing, credentials
+    least of all, is sent there); a blob or manifest digest the registry claims but was not sent
+    fails the push; a huge error body is read only to a bound."""
+    hostile, elsewhere = Hostile(), Hostile()
+    auth.save(tmp_path / "auth.json", hostile.host, "user", "Secret-Hostile-3")
+    store = Store(vmrt.root)
+
+    def attempt() -> str:
+        store.tag(f"{hostile.host}/evil:1", "busybox")
+        with pytest.raises(ImageError) as e:
+            push.push(store, f"{hostile.host}/evil:1", insecure_registries=[hostile.host],
+                      auth_file=tmp_path / "auth.json", out=io.StringIO())
+        return str(e.value)
+    try:
+        hostile.location = f"http://{elsewhere.host}/v2/evil/blobs/uploads/u1"
+        assert "refused" in attempt()
+        assert elsewhere.seen == []
+        assert any(a.startswith("Basic ") for _, _, a in hostile.seen)  # the registry itself got them
+        hostile.location = ""
+        hostile.claim = "sha256:" + "0" * 64
+        assert f"as {hostile.claim}" in attempt()
+        hostile.claim = ""
+        message = attempt()
+        assert "manifest 1: registry" in message and len(message) < (128 << 10), message[:300]
+    finally:
+        store.close()
+        hostile.close()
+        elsewhere.close()
