@@ -265,3 +265,22 @@ def test_run_network_none(vmrt: Vmrt, tmp_path: Path) -> None:
     _build(vmrt, "--network", "none", "-t", "nonet:1", str(ctx))
     r = vmrt("run", "--rm", "--isolation", "process", "nonet:1", "cat", "/nets")
     assert r.stdout.decode().split() == ["lo"], r.stderr
+
+
+def test_copy_follows_a_source_link_only_inside_its_root(vmrt: Vmrt, tmp_path: Path) -> None:
+    """A link as COPY's source resolves inside the context or the stage (RESOLVE_IN_ROOT), as
+    buildkit follows it: never to the host's file of that name."""
+    ctx = _context(tmp_path, "FROM busybox AS one\nRUN echo inner > /inner && ln -s /inner /link"
+                             " && ln -s /etc/shadow /leak\nFROM busybox\nCOPY --from=one /link /copied\n")
+    _build(vmrt, "-t", "links:1", str(ctx))
+    r = vmrt("run", "--rm", "--isolation", "process", "links:1", "cat", "/copied")
+    assert r.stdout.decode() == "inner\n", r.stderr
+    (ctx / "Dockerfile").write_text("FROM busybox AS one\nRUN ln -s /etc/shadow /leak\n"
+                                    "FROM busybox\nCOPY --from=one /leak /x\n")
+    r = vmrt("build", str(ctx), timeout=300)
+    assert r.returncode == 1 and b"not found" in r.stderr  # the image has no /etc/shadow; the host's stays out
+    os.symlink("/etc/shadow", ctx / "hostlink")
+    (ctx / "Dockerfile").write_text("FROM busybox\nCOPY hostlink /x\n")
+    r = vmrt("build", str(ctx), timeout=300)
+    assert r.returncode == 1 and b"not found" in r.stderr
+    vmrt.assert_clean()

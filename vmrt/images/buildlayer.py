@@ -299,6 +299,18 @@ def copy_source(root_fd: int, rel: str, dest: str, layer: LayerTar, *, into_dir:
     if not target:
         raise UsageError(f"cannot copy {rel} onto /")
     parent, _, base = rel.rpartition("/")
+    if stat.S_ISREG(s.st_mode):  # the source path itself is followed, inside its root (as buildkit)
+        fd = safefs.open_regular(root_fd, rel)
+        if fd is None:
+            raise UsageError(f"{rel}: not a regular file")
+        try:
+            fs = os.fstat(fd)
+            ti = _info(target.lstrip("/"), fs, uid=uid, gid=gid, mode=chmod)
+            ti.size = fs.st_size
+            layer.add(ti, fd)
+        finally:
+            os.close(fd)
+        return
     pfd = safefs.open_in_root(root_fd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         ls = os.stat(base, dir_fd=pfd, follow_symlinks=False)
