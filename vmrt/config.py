@@ -62,6 +62,7 @@ class Config:
     registry_mirrors: str = ""
     # any registry's mirrors, a TOML table: [mirrors] "registry.example:5000" = ["http://127.0.0.1:5001"]
     mirrors: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    push_chunk_size: int = 0                 # a push sends blobs larger than this in PATCH chunks of it (0: 16 MiB)
     platform: str = "linux/amd64"            # default platform picked from multi-arch images
     pool: str = "auto"                       # warm VM pool: auto (use it when `vmrt pool` runs) or off
     pool_size: int = 2                       # ready VMs the pool daemon keeps (`vmrt pool start --size`)

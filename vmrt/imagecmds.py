@@ -9,7 +9,6 @@ Output follows Docker's wording so scripts written for it keep working.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -74,17 +73,13 @@ def push(cfg: Config, ref: str, *, insecure: tuple[str, ...], quiet: bool, creds
     reference pushed, as ``docker push -q``; else nothing). ``creds``/``identity_token``: this
     push's credentials instead of the stored ones (the API's ``X-Registry-Auth``); ``progress``:
     Docker's JSON progress messages go to it (the API's stream) instead of the output. Blobs
-    larger than ``$VMRT_PUSH_CHUNK_SIZE`` bytes (default 16 MiB) go in chunks of that size."""
+    larger than the ``push_chunk_size`` setting (default 16 MiB) go in chunks of that size."""
     from .images import push as pusher  # on use: requests and urllib3 cost over 100 ms at start-up
-    try:
-        chunk = int(os.environ.get("VMRT_PUSH_CHUNK_SIZE") or 0)
-    except ValueError:
-        raise UsageError("VMRT_PUSH_CHUNK_SIZE: not a number of bytes") from None
     store = Store(cfg.root)
     try:
         digest, _ = pusher.push(store, ref, insecure_registries=cfg.insecure(insecure), quiet=quiet,
                                 auth_file=cfg.auth_file, out=sys.stdout, creds=creds, identity_token=identity_token,
-                                chunk_size=chunk, cancel=cancel, emit=progress)
+                                chunk_size=cfg.push_chunk_size, cancel=cancel, emit=progress)
     finally:
         store.close()
     return reference.parse(ref).familiar() if quiet else ""
