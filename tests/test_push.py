@@ -113,6 +113,10 @@ def test_push_and_pull_back_with_each_auth_mode(vmrt: Vmrt, regs: dict[str, Regi
     assert resp.status_code == 200 and len(resp.content) == size
     rds = json.loads(vmrt("image", "inspect", "-f", "{{json .RepoDigests}}", "busybox").stdout)
     assert f"{reg.host}/{mode}/busybox@{digest}" in rds
+    if mode == "none":  # by digest: the manifest PUT by its digest, no tag
+        r = vmrt("push", f"{reg.host}/bydigest/busybox@{digest}", env=_env(reg, tmp_path))
+        assert r.returncode == 0 and f"{digest}: digest: {digest} size: {size}\n" in r.stdout.decode(), r
+        assert _pull_back(reg, tmp_path, f"bydigest/busybox@{digest}")[0] == digest
     if mode == "token":
         assert reg.token_server is not None
         assert any(f"repository:{mode}/busybox:pull,push" in q["scopes"] for q in reg.token_server.requests)

@@ -160,6 +160,8 @@ _RANGE = re.compile(r"^(?:bytes=)?0-([0-9]{1,19})$")
 
 
 class _Push:
+    """One push: each blob there (skipped, mounted or uploaded), then the manifest."""
+
     def __init__(self, store: Store, client: _PushClient, image: Image, progress: _Progress, chunk: int,
                  mount_from: list[str]) -> None:
         self.store, self.client, self.image, self.progress = store, client, image, progress
