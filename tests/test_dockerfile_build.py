@@ -284,3 +284,10 @@ def test_copy_follows_a_source_link_only_inside_its_root(vmrt: Vmrt, tmp_path: P
     r = vmrt("build", str(ctx), timeout=300)
     assert r.returncode == 1 and b"not found" in r.stderr
     vmrt.assert_clean()
+
+
+def test_a_too_deep_step_layer_fails_cleanly(vmrt: Vmrt, tmp_path: Path) -> None:
+    ctx = _context(tmp_path, "FROM busybox\nRUN i=0; while [ $i -lt 300 ]; do mkdir d; cd d; i=$((i+1)); done\n")
+    r = vmrt("build", str(ctx), timeout=300)
+    assert r.returncode == 1 and b"deeper than 256 levels" in r.stderr and b"Traceback" not in r.stderr
+    vmrt.assert_clean()

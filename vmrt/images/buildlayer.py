@@ -39,6 +39,7 @@ CHUNK = 1 << 20
 # what the runtime bind-mounts over (it creates an empty file to mount on where the image has
 # none): never the step's own content, as Docker leaves them out
 MOUNTPOINTS = {"etc/hostname", "etc/hosts", "etc/resolv.conf"}
+MAX_DEPTH = 256  # directory levels a build layer may have (each level holds an fd and a frame)
 
 
 class LayerTar:
@@ -157,12 +158,15 @@ def from_upper(upper: Path, layer: LayerTar, notice: Callable[[str], None]) -> N
     try:
         links: dict[tuple[int, int], str] = {}
         _walk_upper(top, "", layer, links, notice)
+    except OSError as e:
+        raise ImageError(f"cannot read the step's writable layer: {e}") from e
     finally:
         os.close(top)
 
 
 def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, int], str],
                 notice: Callable[[str], None]) -> None:
+    _check_depth(prefix)
     if prefix and _xattr(dfd, "trusted.overlay.opaque") == b"y":
         layer.add_data(_plain(prefix + OPAQUE), b"")
     for name, s in _entries(dfd):
@@ -225,6 +229,11 @@ def _add_file(dfd: int, name: str, path: str, s: os.stat_result, layer: LayerTar
         layer.add(ti, fd)
     finally:
         os.close(fd)
+
+
+def _check_depth(prefix: str) -> None:
+    if prefix.count("/") > MAX_DEPTH:
+        raise ImageError(f"directory tree deeper than {MAX_DEPTH} levels at /{prefix[:200]}...: refused")
 
 
 def _plain(name: str) -> tarfile.TarInfo:
@@ -322,6 +331,7 @@ def copy_source(root_fd: int, rel: str, dest: str, layer: LayerTar, *, into_dir:
 def _copy_tree(dfd: int, src_prefix: str, prefix: str, layer: LayerTar, uid: int | None, gid: int | None,
                chmod: int | None, keep: Callable[[str], bool], links: dict[tuple[int, int], str],
                notice: Callable[[str], None]) -> None:
+    _check_depth(prefix)
     for name, s in _entries(dfd):
         src = f"{src_prefix}/{name}" if src_prefix else name
         if not keep(src):
