@@ -173,49 +173,9 @@ async def pull(req: Request) -> web.StreamResponse:
     creds, token = registry_auth(req.http.headers.get("X-Registry-Auth", ""), parsed.domain)
     resp = web.StreamResponse(headers={**headers(), "Content-Type": "application/json"})
     await resp.prepare(req.http)
-
-    async def line(obj: dict[str, Any]) -> None:
-        await resp.write(json.dumps(obj).encode() + b"\r\n")
-
-    cancel = threading.Event()
-    loop = asyncio.get_running_loop()
-    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    def progress(message: dict[str, Any]) -> None:  # in the pull's thread
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the service stopped
-            loop.call_soon_threadsafe(messages.put_nowait, message)
-
-    job = asyncio.ensure_future(asyncio.to_thread(
-        imagecmds.pull, req.cfg, ref, platform=req.query("platform") or None, insecure=(), quiet=True, creds=creds,
+    await _stream_job(req, resp, "pull", parsed.familiar(), lambda cancel, progress: imagecmds.pull(
+        req.cfg, ref, platform=req.query("platform") or None, insecure=(), quiet=True, creds=creds,
         identity_token=token, cancel=cancel, progress=progress))
-    try:
-        while not job.done():
-            await asyncio.wait({job}, timeout=POLL)
-            while not messages.empty() and not cancel.is_set():
-                try:
-                    await line(messages.get_nowait())
-                except ConnectionResetError:
-                    cancel.set()
-            if not job.done() and client_gone(req.http):
-                cancel.set()
-    except asyncio.CancelledError:  # the service stops
-        cancel.set()
-        raise
-    if cancel.is_set():
-        with contextlib.suppress(VmrtError):
-            job.result()
-        LOG.debug("pull of %s: the client went away; cancelled", parsed.familiar())
-        return resp
-    await asyncio.sleep(0)  # the last messages the pull's thread queued
-    while not messages.empty():
-        await line(messages.get_nowait())
-    try:
-        job.result()
-    except VmrtError as e:
-        await line({"errorDetail": {"message": str(e)}, "error": str(e)})
-    else:
-        BUS.publish("image", "pull", parsed.familiar(), name=parsed.familiar())
-    await resp.write_eof()
     return resp
 
 
@@ -235,17 +195,16 @@ async def push(req: Request) -> web.StreamResponse:
     await asyncio.to_thread(_check_saved, req.cfg, [str(parsed)])  # a 404 before the stream starts
     resp = web.StreamResponse(headers={**headers(), "Content-Type": "application/json"})
     await resp.prepare(req.http)
-    if await _stream_job(req, resp, f"push of {parsed.familiar()}", lambda cancel, progress: imagecmds.push(
-            req.cfg, ref, insecure=(), quiet=True, creds=creds, identity_token=token, cancel=cancel,
-            progress=progress)):
-        BUS.publish("image", "push", parsed.familiar(), name=parsed.familiar())
+    await _stream_job(req, resp, "push", parsed.familiar(), lambda cancel, progress: imagecmds.push(
+        req.cfg, ref, insecure=(), quiet=True, creds=creds, identity_token=token, cancel=cancel, progress=progress))
     return resp
 
 
-async def _stream_job(req: Request, resp: web.StreamResponse, what: str,
-                      run: Callable[[threading.Event, Callable[[dict[str, Any]], None]], object]) -> bool:
-    """Run ``run(cancel, progress)`` in a thread, its progress messages streamed as JSON lines;
-    its VmrtError the last line. False if it failed or the client went away (it is cancelled)."""
+async def _stream_job(req: Request, resp: web.StreamResponse, action: str, name: str,
+                      run: Callable[[threading.Event, Callable[[dict[str, Any]], None]], object]) -> None:
+    """A pull's or push's stream: ``run(cancel, progress)`` in a thread, its progress messages
+    streamed as JSON lines, its VmrtError the last line; the image event ``action`` for ``name``
+    once it succeeded. A client that goes away cancels it."""
     async def line(obj: dict[str, Any]) -> None:
         await resp.write(json.dumps(obj).encode() + b"\r\n")
 
@@ -274,8 +233,8 @@ async def _stream_job(req: Request, resp: web.StreamResponse, what: str,
     if cancel.is_set():
         with contextlib.suppress(VmrtError):
             job.result()
-        LOG.debug("%s: the client went away; cancelled", what)
-        return False
+        LOG.debug("%s of %s: the client went away; cancelled", action, name)
+        return
     await asyncio.sleep(0)  # the last messages the job's thread queued
     while not messages.empty():
         await line(messages.get_nowait())
@@ -283,10 +242,9 @@ async def _stream_job(req: Request, resp: web.StreamResponse, what: str,
         job.result()
     except VmrtError as e:
         await line({"errorDetail": {"message": str(e)}, "error": str(e)})
-        await resp.write_eof()
-        return False
+    else:
+        BUS.publish("image", action, name, name=name)
     await resp.write_eof()
-    return True
 
 
 # --- load ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -137,10 +138,18 @@ class _PushClient(Client):
 class _Progress:
     """Docker's push output: plain lines on ``out``, nothing (quiet), or JSON messages to ``emit``."""
 
+    PERIOD = 0.2  # a layer's Pushing {current, total} at most this often (seconds), and at its end
+
     def __init__(self, out: TextIO, quiet: bool, emit: Emit | None) -> None:
         self.out, self.quiet, self.emit = out, quiet, emit
+        self._last = 0.0
 
     def status(self, text: str, ident: str = "", detail: dict[str, int] | None = None) -> None:
+        if detail is not None:
+            now = time.monotonic()
+            if now - self._last < self.PERIOD and detail["current"] < detail["total"]:
+                return
+            self._last = now
         if self.emit is not None:
             msg: dict[str, Any] = {"status": text}
             if ident:
