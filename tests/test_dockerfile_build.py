@@ -234,7 +234,7 @@ def test_onbuild_add_archive_target_and_stdin_context(vmrt: Vmrt, tmp_path: Path
         evil.size = 1
         tf.addfile(evil, io.BytesIO(b"x"))
     (ctx / "Dockerfile").write_text(
-        "ARG GLOBAL=g\nFROM onbase:1 AS one\nARG GLOBAL\nADD payload.tar.gz /opt/\n"
+        "ARG GLOBAL=g\nFROM onbase:1 AS one\nARG GLOBAL\nADD --chown=7:8 payload.tar.gz /opt/\n"
         "SHELL [\"/bin/sh\", \"-e\", \"-c\"]\nRUN echo \"$GLOBAL\" > /global\n"
         "FROM busybox AS two\nRUN echo \"[$GLOBAL]\" > /global\n")
     iid = tmp_path / "iid"
@@ -244,6 +244,8 @@ def test_onbuild_add_archive_target_and_stdin_context(vmrt: Vmrt, tmp_path: Path
     r = vmrt("run", "--rm", "--isolation", "process", "child:1", "sh", "-c",
              "cat /from-trigger /opt/pkg/file /global; ls /opt")
     assert r.stdout.decode().split("\n")[:4] == ["triggered", "inside the archive", "g", "escape"], r.stderr
+    r = vmrt("run", "--rm", "--isolation", "process", "child:1", "stat", "-c", "%u:%g", "/opt/pkg/file")
+    assert r.stdout.decode() == "7:8\n", r.stderr
     cfg = json.loads(vmrt("image", "inspect", "-f", "{{json .Config}}", "child:1").stdout)
     assert cfg["StopSignal"] == "SIGINT" and cfg["Volumes"] == {"/data": {}} and not cfg.get("OnBuild")
     assert cfg["Shell"] == ["/bin/sh", "-e", "-c"]

@@ -609,7 +609,7 @@ class Builder:
                         continue
                     if add and from_ref is None and buildlayer.is_archive(root_fd, rel):
                         self._parents(stage, layer, dest.rstrip("/") + "/x")
-                        buildlayer.extract_archive(root_fd, rel, dest, layer)
+                        buildlayer.extract_archive(root_fd, rel, dest, layer, *((uid, gid) if chown else (None, None)))
                         continue
                     found_st = safefs.stat_in_root(root_fd, rel or ".")
                     is_dir = found_st is not None and (found_st.st_mode & 0o170000) == 0o040000

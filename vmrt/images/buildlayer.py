@@ -394,10 +394,11 @@ def is_archive(root_fd: int, rel: str) -> bool:
     return len(head) == 512 and head[257:262] == b"ustar"
 
 
-def extract_archive(root_fd: int, rel: str, dest: str, layer: LayerTar) -> None:
+def extract_archive(root_fd: int, rel: str, dest: str, layer: LayerTar, uid: int | None = None,
+                    gid: int | None = None) -> None:
     """ADD's local tar archive (gzip, bzip2, xz or plain), its entries moved under ``dest``:
     names are cleaned (no ``..`` above ``dest``), hard links must point inside it; devices
-    are left out. Owners are the archive's, as Docker keeps them."""
+    are left out. Owners are the archive's, as Docker keeps them, unless ``uid``/``gid`` (--chown)."""
     fd = safefs.open_regular(root_fd, rel)
     if fd is None:
         raise UsageError(f"{rel}: not a regular file")
@@ -410,7 +411,9 @@ def extract_archive(root_fd: int, rel: str, dest: str, layer: LayerTar) -> None:
                     if name is None or ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
                         continue
                     out = tarfile.TarInfo(f"{base}/{name}" if base else name)
-                    out.type, out.mode, out.uid, out.gid, out.mtime = ti.type, ti.mode, ti.uid, ti.gid, int(ti.mtime)
+                    out.type, out.mode, out.mtime = ti.type, ti.mode, int(ti.mtime)
+                    out.uid = ti.uid if uid is None else uid
+                    out.gid = ti.gid if gid is None else gid
                     if ti.issym():
                         out.linkname = ti.linkname
                     if ti.islnk():
