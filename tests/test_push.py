@@ -147,10 +147,11 @@ def test_chunked_upload(vmrt: Vmrt, tmp_path: Path) -> None:
 
 
 def test_push_killed_midway_then_resumed(vmrt: Vmrt, tmp_path: Path) -> None:
-    """`vmrt push` SIGKILLed after its first layer, in its second's chunked upload: run again, the
-    first layer is there and the second's upload session goes on from where the registry has it."""
+    """`vmrt push` SIGKILLed after its small layer, in its big one's chunked upload: run again, the
+    small layer is there and the big one's upload session goes on from where the registry has it."""
     layout = OciLayout(tmp_path / "layout")
-    layout.add_image([big_layer(3 << 20, 1, "a.bin"), big_layer(3 << 20, 2, "b.bin")], {"Cmd": ["/x"]})
+    # a small first layer, done while the big second one is still going up (they go in parallel)
+    layout.add_image([big_layer(128 << 10, 1, "a.bin"), big_layer(4 << 20, 2, "b.bin")], {"Cmd": ["/x"]})
     with Registry(tmp_path / "src") as src, Registry(tmp_path / "dst") as dst:
         src.push(layout.ref("latest"), "two")
         env = _env(src, tmp_path, VMRT_INSECURE_REGISTRIES=f"{src.host},{dst.host}", VMRT_PUSH_CHUNK_SIZE="16384")
@@ -204,7 +205,7 @@ def test_push_killed_midway_then_resumed(vmrt: Vmrt, tmp_path: Path) -> None:
         assert out.count(": Layer already exists\n") == 1 and out.count(": Pushed\n") == 1, out
         log = dst.log.read_text()
         assert re.search(r'"GET /v2/two/blobs/uploads/[0-9a-f-]+\?', log), "the session was not asked where it stood"
-        left = ((3 << 20) + 4096 - done) // 16384 + 2  # the blob is a little over 3 MiB (its tar and gzip)
+        left = ((4 << 20) + 4096 - done) // 16384 + 2  # the blob is a little over 4 MiB (its tar and gzip)
         assert 0 < log.count('"PATCH /v2/two/blobs/uploads/') - before <= left, "not resumed"
         m = DIGEST_LINE.search(out)
         assert m

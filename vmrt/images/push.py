@@ -2,8 +2,8 @@
 
 The store keeps every image's blobs as they came (a pulled image's compressed layers, its
 config and its manifest, byte for byte), so a push sends those blobs and that manifest: a
-pulled image pushes with the digests it was pulled with. Per blob, in manifest order (the
-layers, then the config):
+pulled image pushes with the digests it was pulled with. Per blob (the layers PARALLEL at a
+time, then the config):
 
 1. ``HEAD /v2/<name>/blobs/<digest>``: there already (an earlier push, or one that died
    midway): "Layer already exists".
@@ -25,6 +25,7 @@ the manifest must be the one sent. Every local blob is checked against its diges
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -43,9 +44,10 @@ import requests
 from ..errors import ImageError
 from ..formatting import inert
 from . import auth, reference
-from .registry import ATTEMPTS, NET_ERRORS, TIMEOUT, Aborted, Client, Transient, error_detail, parse_challenges, reason
+from .registry import NET_ERRORS, TIMEOUT, Aborted, Client, Transient, error_detail, parse_challenges, reason
 from .store import MT_OCI_MANIFEST, Image, Store, digest_hex
 
+PARALLEL = 3                # blobs sent at once (Docker sends 5)
 DEFAULT_CHUNK = 16 << 20    # blobs larger than this go in PATCH chunks of this size (config push_chunk_size)
 READ = 1 << 20
 MAX_LOCATION = 8192
@@ -59,8 +61,9 @@ class _PushClient(Client):
 
     def __init__(self, host: str, repo: str, insecure: Collection[str], creds: tuple[str, str] | None,
                  familiar_name: str, *, identity_token: str, mount_from: list[str],
-                 abort: threading.Event | None) -> None:
-        super().__init__(host, repo, insecure, creds, familiar_name, identity_token=identity_token, abort=abort)
+                 cancel: threading.Event | None) -> None:
+        super().__init__(host, repo, insecure, creds, familiar_name, identity_token=identity_token)
+        self.cancel = cancel  # the caller's; self.abort (the client's own) is set by a failed upload
         self.scope = " ".join([f"repository:{repo}:pull,push", *(f"repository:{m}:pull" for m in mount_from)])
         self.origin = urllib.parse.urlsplit(self.root)[:2]
 
@@ -90,7 +93,7 @@ class _PushClient(Client):
                  body: Callable[[], Any] | None, params: dict[str, str] | None) -> requests.Response:
         host = urllib.parse.urlsplit(url).netloc
         h = {**(headers or {}), **({"Authorization": authorization} if authorization else {})}
-        if self.abort.is_set():
+        if self.abort.is_set() or (self.cancel is not None and self.cancel.is_set()):
             raise Aborted()
         try:
             resp = self._session().request(method, url, params=params, headers=h, data=body() if body else None,
@@ -142,14 +145,14 @@ class _Progress:
 
     def __init__(self, out: TextIO, quiet: bool, emit: Emit | None) -> None:
         self.out, self.quiet, self.emit = out, quiet, emit
-        self._last = 0.0
+        self._last: dict[str, float] = {}
 
     def status(self, text: str, ident: str = "", detail: dict[str, int] | None = None) -> None:
         if detail is not None:
             now = time.monotonic()
-            if now - self._last < self.PERIOD and detail["current"] < detail["total"]:
+            if now - self._last.get(ident, 0.0) < self.PERIOD and detail["current"] < detail["total"]:
                 return
-            self._last = now
+            self._last[ident] = now
         if self.emit is not None:
             msg: dict[str, Any] = {"status": text}
             if ident:
@@ -176,6 +179,24 @@ class _Push:
         self.store, self.client, self.image, self.progress = store, client, image, progress
         self.chunk, self.mount_from = chunk, mount_from
         self.repo = client.repo or ""
+
+    def layers(self, todo: list[tuple[dict[str, Any], str]]) -> None:
+        """Each (descriptor, ident) there, PARALLEL at a time; the first failure stops the others."""
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL, thread_name_prefix="push") as pool:
+            futures = [pool.submit(self.blob, desc, ident) for desc, ident in todo]
+            try:
+                done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C: stop every upload before the pool waits for them
+                self.client.abort.set()
+                for f in futures:
+                    f.cancel()
+                raise
+            errors = [e for f in done if (e := f.exception()) is not None]
+            if errors:  # the others stop at their next request; the first failure is the push's
+                self.client.abort.set()
+                for f in futures:
+                    f.cancel()
+                raise errors[0]
 
     def blob(self, desc: dict[str, Any], ident: str) -> None:
         """One blob there (retried whole after a transient failure); ``ident`` ('' for the config,
@@ -339,11 +360,15 @@ def push(store: Store, ref: str, *, insecure_registries: Collection[str] = (), q
         image = store.get(str(r))
     except ImageError:
         raise ImageError(f"An image does not exist locally with the tag: {r.familiar()}") from None
+    target = r.digest or r.tag or "latest"
+    if r.digest and r.digest != image.manifest_digest:  # e.g. the digest of the index it was pulled from
+        raise ImageError(f"{r.familiar()}: the image's manifest is {image.manifest_digest}, not {r.digest}: "
+                         f"push it by a tag")
     if creds is None and not identity_token:
         creds = auth.get(auth_file, r.domain)
     mount_from = _mount_sources(image, r)
     client = _PushClient(r.api_host, r.path, insecure_registries, creds, r.familiar_name,
-                         identity_token=identity_token, mount_from=mount_from, abort=cancel)
+                         identity_token=identity_token, mount_from=mount_from, cancel=cancel)
     progress = _Progress(out, quiet, emit)
     job = _Push(store, client, image, progress, chunk_size if chunk_size > 0 else DEFAULT_CHUNK, mount_from)
     try:
@@ -354,13 +379,9 @@ def push(store: Store, ref: str, *, insecure_registries: Collection[str] = (), q
                           .values())
             for _, diff_id in layers:
                 progress.status("Preparing", digest_hex(diff_id)[:12])
-            for desc, diff_id in layers:
-                job.blob(desc, digest_hex(diff_id)[:12])
+            job.layers([(desc, digest_hex(diff_id)[:12]) for desc, diff_id in layers])
             config = image.manifest.get("config") or {}
             job.blob({"digest": image.id, "size": int(config.get("size") or len(store.read_blob(image.id)))}, "")
-            target = r.digest or r.tag or "latest"
-            if r.digest and r.digest != image.manifest_digest:
-                raise ImageError(f"{r.familiar()}: the image's manifest is {image.manifest_digest}, not {r.digest}")
             digest, size = client.retry(lambda: job.manifest(target))
             progress.status(f"{target}: digest: {digest} size: {size}")
             progress.aux(target, digest, size)
@@ -368,7 +389,7 @@ def push(store: Store, ref: str, *, insecure_registries: Collection[str] = (), q
             return digest, size
     except Aborted as e:
         raise ImageError(f"push of {r.familiar()} cancelled") from e
-    except NET_ERRORS as e:
-        raise ImageError(f"pushing {r.familiar()}: {reason(e)} (gave up; {ATTEMPTS} attempts at most)") from e
+    except NET_ERRORS as e:  # a local failure (a blob unreadable), or a network one not wrapped above
+        raise ImageError(f"pushing {r.familiar()}: {reason(e)}") from e
     finally:
         client.close()
