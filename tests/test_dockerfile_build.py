@@ -10,14 +10,19 @@ import gzip
 import io
 import json
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 from support import Vmrt, one_line_error
+from test_api import DOCKER
+from test_api import api as api_for_build  # the service fixture, registered here under this name
 
 from vmrt.images import dockerfile as df
 from vmrt.images.store import Store
+
+assert api_for_build  # imported for pytest to find
 
 DOCKERFILE = """\
 ARG BASE=busybox
@@ -293,3 +298,25 @@ def test_a_too_deep_step_layer_fails_cleanly(vmrt: Vmrt, tmp_path: Path) -> None
     r = vmrt("build", str(ctx), timeout=300)
     assert r.returncode == 1 and b"deeper than 256 levels" in r.stderr and b"Traceback" not in r.stderr
     vmrt.assert_clean()
+
+
+@pytest.mark.vm
+def test_docker_build_through_the_api(request: pytest.FixtureRequest, vmrt: Vmrt, tmp_path: Path) -> None:
+    """`DOCKER_BUILDKIT=0 docker build` against the service (POST /build): the classic output, the
+    tag, build args; a failing RUN is the CLI's error and leaves nothing."""
+    api = request.getfixturevalue("api_for_build")
+    ctx = _context(tmp_path, "FROM busybox\nARG WHO=nobody\nCOPY a.txt /a.txt\nRUN echo \"hi $WHO\" > /who\n"
+                             "CMD [\"cat\", \"/who\", \"/a.txt\"]\n")
+    env = {**api.env(), "DOCKER_BUILDKIT": "0"}
+    r = subprocess.run([DOCKER, "-H", f"unix://{api.sock}", "build", "-t", "viaapi:1", "--build-arg", "WHO=api",
+                        str(ctx)], capture_output=True, env=env, timeout=300)
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode() + out
+    assert "Step 4/5 : RUN" in out and "Successfully tagged viaapi:1" in out
+    r = vmrt("run", "--rm", "--isolation", "process", "viaapi:1")
+    assert r.stdout.decode() == "hi api\nalpha\n", r.stderr
+    (ctx / "Dockerfile").write_text("FROM busybox\nRUN exit 7\n")
+    r = subprocess.run([DOCKER, "-H", f"unix://{api.sock}", "build", str(ctx)], capture_output=True, env=env,
+                       timeout=300)
+    assert r.returncode != 0 and b"returned a non-zero code: 7" in r.stderr, r.stderr
+    assert vmrt("ps", "-aq").stdout.decode().split() == []

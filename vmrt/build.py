@@ -781,6 +781,8 @@ def build(cfg: Config, opts: Options, out: Callable[[str], None]) -> str:
         if reference.parse(t).digest:
             raise UsageError(f"invalid tag {t!r}: a tag cannot hold a digest")
     tags = [str(reference.parse(t)) for t in opts.tags]
+    if opts.context is None and opts.dockerfile == "-":
+        raise UsageError("invalid argument: can't use stdin for both build context and dockerfile")
     with tempfile.TemporaryDirectory(prefix="vmrt-build-") as tmpd:
         context = opts.context if opts.context is not None else _stdin_context(Path(tmpd))
         if not context.is_dir():

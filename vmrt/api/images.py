@@ -173,7 +173,7 @@ async def pull(req: Request) -> web.StreamResponse:
     creds, token = registry_auth(req.http.headers.get("X-Registry-Auth", ""), parsed.domain)
     resp = web.StreamResponse(headers={**headers(), "Content-Type": "application/json"})
     await resp.prepare(req.http)
-    await _stream_job(req, resp, "pull", parsed.familiar(), lambda cancel, progress: imagecmds.pull(
+    await stream_job(req, resp, "pull", parsed.familiar(), lambda cancel, progress: imagecmds.pull(
         req.cfg, ref, platform=req.query("platform") or None, insecure=(), quiet=True, creds=creds,
         identity_token=token, cancel=cancel, progress=progress))
     return resp
@@ -195,12 +195,12 @@ async def push(req: Request) -> web.StreamResponse:
     await asyncio.to_thread(_check_saved, req.cfg, [str(parsed)])  # a 404 before the stream starts
     resp = web.StreamResponse(headers={**headers(), "Content-Type": "application/json"})
     await resp.prepare(req.http)
-    await _stream_job(req, resp, "push", parsed.familiar(), lambda cancel, progress: imagecmds.push(
+    await stream_job(req, resp, "push", parsed.familiar(), lambda cancel, progress: imagecmds.push(
         req.cfg, ref, insecure=(), quiet=True, creds=creds, identity_token=token, cancel=cancel, progress=progress))
     return resp
 
 
-async def _stream_job(req: Request, resp: web.StreamResponse, action: str, name: str,
+async def stream_job(req: Request, resp: web.StreamResponse, action: str, name: str,
                       run: Callable[[threading.Event, Callable[[dict[str, Any]], None]], object]) -> None:
     """A pull's or push's stream: ``run(cancel, progress)`` in a thread, its progress messages
     streamed as JSON lines, its VmrtError the last line; the image event ``action`` for ``name``
@@ -248,14 +248,14 @@ async def _stream_job(req: Request, resp: web.StreamResponse, action: str, name:
 
 
 # --- load ------------------------------------------------------------------------------------
-def _spool_file(cfg: Config) -> IO[bytes]:
+def spool_file(cfg: Config) -> IO[bytes]:
     """An unnamed file in the store's private ``tmp/`` (O_TMPFILE): nothing to clean up, ever."""
     store = Store(cfg.root)
     store.init()
     return tempfile.TemporaryFile(dir=store.tmp, prefix="api-load-")
 
 
-async def _receive(req: Request, f: IO[bytes], limit: int) -> int:
+async def receive(req: Request, f: IO[bytes], limit: int) -> int:
     """The request's body into ``f``, at most ``limit`` bytes (413 beyond); its size."""
     too_big = ApiError(413, f"the archive is larger than the {limit} bytes this service accepts "
                             "(the api_max_load setting)")
@@ -292,9 +292,9 @@ async def load(req: Request) -> web.StreamResponse:
     Docker's JSON stream of ``Loaded image: ...`` lines. Nothing is answered before the archive
     is in, so a failure is an HTTP error (400 for a bad archive, 413 for one too large)."""
     req.flag("quiet")  # checked: the answer is the same lines either way (there is no progress to show)
-    f = await asyncio.to_thread(_spool_file, req.cfg)
+    f = await asyncio.to_thread(spool_file, req.cfg)
     try:
-        size = await _receive(req, f, req.cfg.api_max_load)
+        size = await receive(req, f, req.cfg.api_max_load)
         if size == 0:
             raise ApiError(400, "the request has no body: send the archive (a tar) to load")
         lines = await asyncio.to_thread(_load, req.cfg, f)

@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from .. import monitor, systemcmds
 from ..config import Config
 from ..errors import UsageError, VmrtError
-from . import archive, containers, events, execs, images, networks, system, volumes
+from . import archive, build, containers, events, execs, images, networks, system, volumes
 from .base import (
     MAX_API,
     MAX_BODY,
@@ -196,7 +196,7 @@ def serve(cfg: Config, path: Path, idle: float = 0.0, group: str | None = None,
           forks: monitor.ForkServer | None = None) -> int:
     """``vmrt system service``: serve until SIGTERM/SIGINT (or ``idle`` seconds without a request)."""
     routes = Routes()
-    for mod in (system, containers, archive, events, execs, images, networks, volumes):
+    for mod in (system, containers, archive, events, execs, images, build, networks, volumes):
         mod.register(routes)
     if path.exists() and systemcmds.socket_answers(path):
         raise UsageError(f"a service already answers on {path}")
