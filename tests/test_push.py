@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -134,6 +135,20 @@ def test_cross_repository_mount(vmrt: Vmrt, regs: dict[str, Registry], tmp_path:
     assert any("repository:mount/src:pull" in q["scopes"] and "repository:mount/dst:pull,push" in q["scopes"]
                for q in reg.token_server.requests)
     assert _pull_back(reg, tmp_path, "mount/dst:1")[0] == digest
+
+
+def test_a_refused_mount_falls_back_to_an_upload(vmrt: Vmrt, tmp_path: Path) -> None:
+    """The registry no longer has the layer in the source repository: the mount is answered with an
+    upload session (202), and the layer goes up through it."""
+    with Registry(tmp_path / "reg") as reg:
+        _, digest, _ = _push(vmrt, reg, tmp_path, f"{reg.host}/gone/src:1")
+        shutil.rmtree(reg.storage / "docker/registry/v2/repositories/gone/src/_layers")
+        out, again, _ = _push(vmrt, reg, tmp_path, f"{reg.host}/gone/dst:1")
+        assert again == digest and ": Pushed\n" in out and "Mounted" not in out, out
+        log = reg.log.read_text()
+        assert re.search(r'"POST /v2/gone/dst/blobs/uploads/\?mount=sha256%3A[0-9a-f]{64}&from=gone%2Fsrc '
+                         r'HTTP/1.1" 202', log), log[-3000:]
+        assert _pull_back(reg, tmp_path, "gone/dst:1")[0] == digest
 
 
 def test_chunked_upload(vmrt: Vmrt, tmp_path: Path) -> None:

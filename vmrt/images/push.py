@@ -218,8 +218,11 @@ class _Push:
         session = ""
         for src in self.mount_from:
             url = f"{self.repo}/blobs/uploads/"
-            resp = self.client.call("POST", url, f"mount of {digest}", (201, 202),
-                                    params={"mount": digest, "from": src})
+            try:
+                resp = self.client.call("POST", url, f"mount of {digest}", (201, 202),
+                                        params={"mount": digest, "from": src})
+            except ImageError:  # e.g. no pull access to the source (a 401): upload it instead
+                continue
             if resp.status_code == 201:
                 resp.close()
                 self._say(f"Mounted from {src}", ident)
