@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -378,3 +379,42 @@ def test_a_hostile_registry_gets_no_credentials_elsewhere_and_its_lies_fail_the_
         store.close()
         hostile.close()
         elsewhere.close()
+
+
+def test_a_client_leaving_mid_push_cancels_it(vmrt: Vmrt, monkeypatch: pytest.MonkeyPatch,
+                                              request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A client that closes its connection while its push sends chunks: the uploads stop, no
+    manifest is put, and the service answers on (a later push of it goes through)."""
+    layout = OciLayout(tmp_path / "layout")
+    layout.add_image([big_layer(4 << 20, 9)], {"Cmd": ["/x"]}, ref="1")
+    with Registry(tmp_path / "src") as src, Registry(tmp_path / "dst") as dst:
+        src.push(layout.ref("1"), "big", "1")
+        monkeypatch.setitem(vmrt.env, "VMRT_INSECURE_REGISTRIES", f"{src.host},{dst.host}")
+        monkeypatch.setitem(vmrt.env, "VMRT_PUSH_CHUNK_SIZE", "16384")
+        api_: Api = request.getfixturevalue("api")
+        assert api_.docker("pull", f"{src.host}/big:1").returncode == 0
+        assert api_.docker("tag", f"{src.host}/big:1", f"{dst.host}/big:1").returncode == 0
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect(str(api_.sock))
+        s.sendall(f"POST /v1.43/images/{dst.host}/big/push?tag=1 HTTP/1.1\r\nHost: x\r\n"
+                  "Content-Length: 0\r\n\r\n".encode())
+        got = b""
+        while b'"Pushing"' not in got:  # Docker's progress: the bytes so far of the layer's total
+            data = s.recv(4096)
+            assert data, got
+            got += data
+        s.close()
+
+        def patches() -> int:
+            return dst.log.read_text().count('"PATCH /v2/big/blobs/uploads/')
+        time.sleep(1)
+        before = patches()
+        time.sleep(1)
+        assert patches() == before, "the upload went on after the client left"
+        assert before < (4 << 20) // 16384
+        assert "/v2/big/manifests/1" not in dst.log.read_text()
+        assert api_.request("GET", "/_ping")[0] == 200
+        r = api_.docker("push", f"{dst.host}/big:1")
+        assert r.returncode == 0 and b"1: digest: sha256:" in r.stdout, r
+        assert api_.v("rmi", f"{dst.host}/big:1", f"{src.host}/big:1").returncode == 0
