@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,21 @@ def test_docker_build_through_the_api(request: pytest.FixtureRequest, vmrt: Vmrt
                        timeout=300)
     assert r.returncode != 0 and b"returned a non-zero code: 7" in r.stderr, r.stderr
     assert vmrt("ps", "-aq").stdout.decode().split() == []
+
+
+def test_concurrent_builds_do_not_wait_for_each_other(vmrt: Vmrt, tmp_path: Path) -> None:
+    slow = _context(tmp_path / "slow", "FROM busybox\nRUN echo started && sleep 8\n")
+    quick = _context(tmp_path / "quick", "FROM busybox\nENV Q=1\nRUN echo quick > /q\n")
+    p = vmrt.popen("build", "--no-cache", "-t", "slow:1", str(slow))
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.startswith(b"started"):
+            break
+    t0 = time.monotonic()
+    _build(vmrt, "--no-cache", "-t", "quick:1", str(quick))
+    assert time.monotonic() - t0 < 6  # not held up until the slow build ends
+    assert p.wait(60) == 0
+    assert vmrt("run", "--rm", "--isolation", "process", "quick:1", "cat", "/q").stdout == b"quick\n"
+    vmrt("image", "prune", "-f")  # the quick build's step images, left while the slow one held the store
+    assert "<none>" not in vmrt("images").stdout.decode()
+    vmrt.assert_clean()

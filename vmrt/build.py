@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -714,7 +715,18 @@ class Builder:
 
     # --- the end ----------------------------------------------------------------------------------
     def forget_steps(self, keep: str | None) -> None:
-        """The step images this build added, but for its result (and any tagged since)."""
+        """The step images this build added, but for its result (and any tagged since). Not
+        while another build or pull holds the store (forgetting waits for the store's exclusive
+        lock): then they stay as dangling images, for ``vmrt image prune``."""
+        if not self.made or self.made == [keep]:
+            return
+        with open(self.store.root / "gc.lock", "a", opener=fsmode.opener) as lk:
+            try:
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                LOG.info("the store is busy: this build's %d step images stay until an image prune", len(self.made))
+                return
+            fcntl.flock(lk, fcntl.LOCK_UN)
         for image_id in self.made:
             if image_id == keep:
                 continue
