@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import Vmrt, one_line_error
 from test_api import DOCKER
 from test_api import api as api_for_build  # the service fixture, registered here under this name
@@ -95,6 +97,20 @@ def test_word_lexer_as_buildkit() -> None:
     assert df.words('a "b c" d\\ e', env) == ["a", "b c", "d e"]
     with pytest.raises(df.UsageError):
         df.word('"open', env)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="ab $\\'\"{}:-+_?*[]!/\n\t", max_size=40))
+def test_lexer_and_ignore_take_any_text(text: str) -> None:
+    """Words and patterns from a Dockerfile, .dockerignore or an image's ONBUILD: a UsageError
+    at worst, never another exception."""
+    try:
+        assert isinstance(df.word(text, {"a": "x"}), str)
+        assert all(isinstance(w, str) for w in df.words(text, {}))
+    except df.UsageError:
+        pass
+    ig = df.Ignore(text)
+    ig.excluded("a/b c")
 
 
 def test_dockerignore_patterns_and_exceptions() -> None:
