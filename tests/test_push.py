@@ -109,6 +109,9 @@ def test_push_and_pull_back_with_each_auth_mode(vmrt: Vmrt, regs: dict[str, Regi
     assert again == digest and ": Layer already exists\n" in out and "Pushed" not in out, out
     r = vmrt("push", "-q", ref, env=_env(reg, tmp_path))
     assert (r.returncode, r.stdout.decode()) == (0, f"{ref}\n"), r.stderr
+    assert vmrt("tag", "busybox", f"{reg.host}/{mode}/busybox").returncode == 0
+    r = vmrt("push", f"{reg.host}/{mode}/busybox", env=_env(reg, tmp_path))
+    assert r.returncode == 0 and r.stdout.decode().startswith("Using default tag: latest\n"), r
     resp = reg.session().get(f"{reg.url}/v2/{mode}/busybox/manifests/{digest}",
                              headers={"Accept": "application/vnd.oci.image.manifest.v1+json, "
                                                 "application/vnd.docker.distribution.manifest.v2+json"}, timeout=10)

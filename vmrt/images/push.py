@@ -359,6 +359,8 @@ def push(store: Store, ref: str, *, insecure_registries: Collection[str] = (), q
     Blobs larger than ``chunk_size`` (0: DEFAULT_CHUNK) go in chunks of that size.
     """
     r = reference.parse(ref)
+    if "@" not in ref and ":" not in ref.rpartition("/")[2] and not quiet and emit is None:
+        print("Using default tag: latest", file=out, flush=True)
     try:
         image = store.get(str(r))
     except ImageError:
