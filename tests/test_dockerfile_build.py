@@ -337,6 +337,9 @@ def test_docker_build_through_the_api(request: pytest.FixtureRequest, vmrt: Vmrt
                        timeout=300)
     assert r.returncode != 0 and b"returned a non-zero code: 7" in r.stderr, r.stderr
     assert vmrt("ps", "-aq").stdout.decode().split() == []
+    r = subprocess.run([DOCKER, "-H", f"unix://{api.sock}", "builder", "prune", "-f"], capture_output=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and b"Total reclaimed space" in r.stdout, r.stderr
 
 
 def test_concurrent_builds_do_not_wait_for_each_other(vmrt: Vmrt, tmp_path: Path) -> None:
@@ -355,3 +358,16 @@ def test_concurrent_builds_do_not_wait_for_each_other(vmrt: Vmrt, tmp_path: Path
     vmrt("image", "prune", "-f")  # the quick build's step images, left while the slow one held the store
     assert "<none>" not in vmrt("images").stdout.decode()
     vmrt.assert_clean()
+
+
+def test_builder_prune_drops_the_cache_of_removed_images(vmrt: Vmrt, tmp_path: Path) -> None:
+    ctx = _context(tmp_path, "FROM busybox\nRUN head -c 300000 /dev/urandom > /blob\n")
+    _build(vmrt, "-t", "pruned:1", str(ctx))
+    assert vmrt("rmi", "pruned:1").returncode == 0
+    r = vmrt("builder", "prune", "-f")
+    assert r.returncode == 0 and "Deleted build cache objects:" in r.stdout.decode(), r.stderr
+    assert "Total reclaimed space: " in r.stdout.decode()
+    assert "Using cache" not in _build(vmrt, "-t", "pruned:1", str(ctx))
+    assert "Using cache" in _build(vmrt, "-t", "pruned:1", str(ctx))
+    r = vmrt("builder", "prune", "-f", "--all")
+    assert "Using cache" not in _build(vmrt, "-t", "pruned:1", str(ctx))

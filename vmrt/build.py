@@ -771,6 +771,26 @@ def _duration_ns(text: str, flag: str) -> int:
     return int(total)
 
 
+# --- the cache ----------------------------------------------------------------------------------
+def prune_cache(cfg: Config, *, prune_all: bool) -> tuple[list[str], int]:
+    """``vmrt builder prune``: layers only the cache holds are collected (as ``image prune``
+    collects), and the entries that named them go; with ``prune_all`` every entry goes. The
+    entries removed and the bytes freed."""
+    store = Store(cfg.root)
+    freed = store.collect()
+    cache = cfg.root / "builder" / "cache"
+    gone = []
+    for p in sorted(cache.iterdir()) if cache.is_dir() else ():
+        try:
+            layer = json.loads(p.read_text()).get("layer")
+        except (OSError, ValueError, AttributeError):
+            layer = None
+        if prune_all or (layer is not None and not store.has_blob(str(layer[0].get("digest")))):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone, freed
+
+
 # --- the command ---------------------------------------------------------------------------------
 def _stdin_context(tmp: Path) -> Path:
     """``vmrt build -``: the context as a tar archive on stdin, unpacked privately (tarfile's

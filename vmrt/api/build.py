@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from aiohttp import web
 
+from .. import build as build_mod
 from ..errors import VmrtError
 from .base import ApiError, Request, Routes, headers
 from .images import receive, spool_file, stream_job
@@ -124,5 +125,12 @@ async def build(req: Request) -> web.StreamResponse:
         await asyncio.to_thread(f.close)
 
 
+async def prune(req: Request) -> web.StreamResponse:
+    """``docker builder prune``: {CachesDeleted, SpaceReclaimed}."""
+    gone, freed = await asyncio.to_thread(build_mod.prune_cache, req.cfg, prune_all=req.flag("all"))
+    return web.json_response({"CachesDeleted": gone, "SpaceReclaimed": freed}, headers=headers())
+
+
 def register(routes: Routes) -> None:
     routes.add("POST", "/build", build)
+    routes.add("POST", "/build/prune", prune)

@@ -63,6 +63,30 @@ def build(ctx: click.Context, context: str, tags: tuple[str, ...], dockerfile: s
         click.echo(image_id)
 
 
+@click.group()
+def builder() -> None:
+    """Manage the build cache."""
+
+
+@builder.command("prune")
+@click.option("-a", "--all", "prune_all", is_flag=True, help="Remove the whole build cache, not just the "
+              "layers no image holds.")
+@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
+@click.pass_context
+def builder_prune(ctx: click.Context, prune_all: bool, force: bool) -> None:
+    """Remove build cache (the layers of build steps that no image holds)."""
+    from .. import build as build_mod  # on use, as build's
+    if not force and sys.stdin.isatty():
+        if not click.confirm("WARNING! This will remove all dangling build cache.\nAre you sure you want to continue?"):
+            return
+    gone, freed = build_mod.prune_cache(config_of(ctx), prune_all=prune_all)
+    if gone:
+        click.echo("Deleted build cache objects:")
+        echo_lines(gone)
+        click.echo("")
+    click.echo(f"Total reclaimed space: {imagecmds.human_size(freed)}")
+
+
 def _progress(line: str) -> None:
     click.echo(line)
     sys.stdout.flush()
@@ -218,6 +242,7 @@ def register(main: click.Group) -> None:
         main.add_command(cmd, top)
         image.add_command(cmd, sub)
     main.add_command(build)
+    main.add_command(builder)
     main.add_command(login)
     main.add_command(logout)
     image.add_command(image_inspect)
