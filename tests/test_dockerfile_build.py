@@ -13,6 +13,7 @@ import os
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,21 @@ from vmrt.images import dockerfile as df
 from vmrt.images.store import Store
 
 assert api_for_build  # imported for pytest to find
+
+MADE = ("built:1", "cached:1", "cached:2", "cached:3", "ignored:1", "hostile:1", "wh:1", "onbase:1", "child:1",
+        "stdin:1", "nonet:1", "links:1", "slow:1", "quick:1", "pruned:1", "viaapi:1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_what_the_module_built(vmrt_session: Vmrt) -> Iterator[None]:
+    """The session's store shared with later modules: the images built here and the build cache go."""
+    yield
+    tags = set(vmrt_session("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.decode().split())
+    mine = [t for t in MADE if t in tags]
+    if mine:
+        vmrt_session("rmi", "-f", *mine)
+    vmrt_session("builder", "prune", "-a", "-f")
+
 
 DOCKERFILE = """\
 ARG BASE=busybox
@@ -337,6 +353,9 @@ def test_docker_build_through_the_api(request: pytest.FixtureRequest, vmrt: Vmrt
                        timeout=300)
     assert r.returncode != 0 and b"returned a non-zero code: 7" in r.stderr, r.stderr
     assert vmrt("ps", "-aq").stdout.decode().split() == []
+    r = api.docker("system", "df")
+    cache_row = next(ln for ln in r.stdout.decode().splitlines() if ln.startswith("Build Cache"))
+    assert cache_row.split()[2] != "0", r.stdout.decode()  # TOTAL: the steps' layers
     r = subprocess.run([DOCKER, "-H", f"unix://{api.sock}", "builder", "prune", "-f"], capture_output=True, env=env,
                        timeout=120)
     assert r.returncode == 0 and b"Total reclaimed space" in r.stdout, r.stderr

@@ -791,6 +791,28 @@ def prune_cache(cfg: Config, *, prune_all: bool) -> tuple[list[str], int]:
     return gone, freed
 
 
+def cache_records(cfg: Config) -> list[dict[str, Any]]:
+    """The build cache as ``docker system df`` lists it (``BuildCache``): one record per step that
+    made a layer still stored; ``Shared`` when an image holds that layer too."""
+    store = Store(cfg.root)
+    cache = cfg.root / "builder" / "cache"
+    held = {d["digest"] for img in store.images() for d in img.layers} if cache.is_dir() else set()
+    out = []
+    for p in sorted(cache.iterdir()) if cache.is_dir() else ():
+        try:
+            entry = json.loads(p.read_text())
+            desc = entry["layer"][0] if entry.get("layer") else None
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
+        if not isinstance(desc, dict) or not store.has_blob(str(desc.get("digest"))):
+            continue
+        when = str(entry.get("created", ""))
+        out.append({"ID": p.name[:25], "Parents": [], "Type": "regular", "Description": "a build step's layer",
+                    "InUse": False, "Shared": desc["digest"] in held, "Size": int(desc.get("size") or 0),
+                    "CreatedAt": when, "LastUsedAt": when, "UsageCount": 1})
+    return out
+
+
 # --- the command ---------------------------------------------------------------------------------
 def _stdin_context(tmp: Path) -> Path:
     """``vmrt build -``: the context as a tar archive on stdin, unpacked privately (tarfile's

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import __version__, containercmds, imagecmds, volumecmds
+from .. import __version__, build, containercmds, imagecmds, volumecmds
 from .. import volumes as volumes_mod
 from ..config import Config
 from ..errors import VmrtError
@@ -239,13 +239,13 @@ def _df(cfg: Config, types: set[str]) -> dict[str, Any]:
                                                   "RefCount": len(refs.get(name, []))}})
         out["Volumes"] = vols
     if "build-cache" in types:
-        out["BuildCache"] = []
+        out["BuildCache"] = build.cache_records(cfg)
     return out
 
 
 async def disk_usage(req: Request) -> web.StreamResponse:
     """``docker system df``: images (their layers' sizes, shared ones, the containers using them),
-    containers (their writable layers), volumes (their data, their containers), no build cache;
+    containers (their writable layers), volumes (their data, their containers), the build cache;
     ``type`` (API 1.42) picks some."""
     types = set(req.http.query.getall("type", [])) or set(DF_TYPES)
     if unknown := types - set(DF_TYPES):
