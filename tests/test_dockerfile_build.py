@@ -28,7 +28,7 @@ from vmrt.images.store import Store
 
 assert api_for_build  # imported for pytest to find
 
-MADE = ("built:1", "cached:1", "cached:2", "cached:3", "ignored:1", "hostile:1", "wh:1", "onbase:1", "child:1",
+MADE = ("url:1", "built:1", "cached:1", "cached:2", "cached:3", "ignored:1", "hostile:1", "wh:1", "onbase:1", "child:1",
         "stdin:1", "nonet:1", "links:1", "slow:1", "quick:1", "pruned:1", "viaapi:1")
 
 
@@ -390,3 +390,41 @@ def test_builder_prune_drops_the_cache_of_removed_images(vmrt: Vmrt, tmp_path: P
     assert "Using cache" in _build(vmrt, "-t", "pruned:1", str(ctx))
     r = vmrt("builder", "prune", "-f", "--all")
     assert "Using cache" not in _build(vmrt, "-t", "pruned:1", str(ctx))
+
+
+def test_add_of_a_url_with_and_without_checksum(vmrt: Vmrt, tmp_path: Path) -> None:
+    import hashlib
+    import http.server
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "data.txt").write_bytes(b"downloaded\n")
+    digest = "sha256:" + hashlib.sha256(b"downloaded\n").hexdigest()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, directory=str(served), **kw)  # type: ignore[arg-type]
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/data.txt"
+        ctx = _context(tmp_path, f"FROM busybox\nADD --checksum={digest} {url} /dl/\nADD {url} /named\n")
+        _build(vmrt, "-t", "url:1", str(ctx))
+        r = vmrt("run", "--rm", "--isolation", "process", "url:1", "sh", "-c",
+                 "cat /dl/data.txt /named; stat -c %a /named")
+        assert r.stdout.decode() == "downloaded\ndownloaded\n600\n", r.stderr
+        bad = "sha256:" + "0" * 64
+        (ctx / "Dockerfile").write_text(f"FROM busybox\nADD --checksum={bad} {url} /x\n")
+        r = vmrt("build", str(ctx), timeout=120)
+        assert r.returncode == 1 and b"Dockerfile:2: ADD: digest mismatch" in r.stderr, r.stderr
+        (ctx / "Dockerfile").write_text(f"FROM busybox\nCOPY {url} /x\n")
+        assert vmrt("build", str(ctx), timeout=120).returncode == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    vmrt.assert_clean()

@@ -574,8 +574,12 @@ class Builder:
                 raise UsageError(f"invalid chmod parameter: {chmod!r} (an octal mode)")
             mode = int(chmod, 8)
         from_ref = ins.flag("from")
-        if any(re.match(r"https?://", s) for s in srcs):
-            raise UsageError("ADD of a URL is not supported yet (download it and COPY it)")
+        urls = [s for s in srcs if re.match(r"https?://", s)]
+        if urls and not add:
+            raise UsageError(f"source can't be a URL for COPY: {urls[0]}")
+        if urls:
+            self._add_urls(stage, ins, srcs, dest, uid, gid, mode)
+            return
         with self._source_root(stage, from_ref) as (root_fd, keep, owner):
             heredocs = {f"<<{h.name}": h for h in ins.heredocs}
             matched: list[str] = []
@@ -632,6 +636,37 @@ class Builder:
                 layer.close()
         try:
             self._layer_step(stage, what, digest, make)
+        finally:
+            layer.close()
+
+    def _add_urls(self, stage: Stage, ins: df.Instruction, srcs: list[str], dest: str, uid: int, gid: int,
+                  mode: int | None) -> None:
+        """ADD URL... DEST: each downloaded (by the host, as Docker's daemon does) into the layer."""
+        if len(srcs) > 1 and not dest.endswith("/"):
+            raise UsageError("When using ADD with more than one source file, the destination must be a directory "
+                             "and end with a /")
+        if any(not re.match(r"https?://", s) for s in srcs):
+            raise UsageError("ADD of URLs and local files together is not supported")
+        checksum = ins.flag("checksum")
+        if checksum is not None and len(srcs) > 1:
+            raise UsageError("--checksum needs exactly one URL")
+        into_dir = dest.endswith("/") or self._is_dir(stage, dest)
+        layer = buildlayer.LayerTar(self.store.tmp)
+        try:
+            for url in srcs:
+                target = (dest.rstrip("/") + "/" + buildlayer.url_name(url)) if into_dir else dest
+                self._parents(stage, layer, target)
+                buildlayer.download(url, target.strip("/"), layer, uid=uid, gid=gid, mode=mode, checksum=checksum,
+                                    tmp_dir=self.store.tmp)
+        except BaseException:
+            layer.close()
+            raise
+        what = "ADD " + " ".join(ins.flags) + (" " if ins.flags else "") + " ".join(srcs) + f" {dest}"
+
+        def make() -> Layer:
+            return layer.store(self.store)
+        try:
+            self._layer_step(stage, what, layer.meta.hexdigest(), make)
         finally:
             layer.close()
 

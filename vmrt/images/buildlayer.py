@@ -14,18 +14,22 @@ read-only) the same way below the source path, which itself is resolved inside i
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import errno
 import fnmatch
 import gzip
 import hashlib
 import io
 import os
+import re
 import stat
 import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import unquote, urlsplit
 
 from .. import safefs
 from ..errors import ImageError, UsageError
@@ -442,3 +446,50 @@ def _clean(name: str) -> str | None:
             continue
         parts.append(p)
     return "/".join(parts) or None
+
+
+# --- ADD of a URL ------------------------------------------------------------------------------------
+MAX_DOWNLOAD = 8 << 30  # bytes an ADD may download
+
+
+def download(url: str, name: str, layer: LayerTar, *, uid: int, gid: int, mode: int | None,
+             checksum: str | None, tmp_dir: Path) -> None:
+    """ADD's URL (http or https) as the file ``name`` (relative): mode 0600 unless ``--chmod``,
+    its time the Last-Modified header's; at most :data:`MAX_DOWNLOAD` bytes; with ``checksum``
+    (``sha256:HEX``) the content must hash to it."""
+    import requests  # on use: only an ADD of a URL needs it
+
+    if checksum is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+        raise UsageError(f"invalid --checksum {checksum!r}: use sha256:<64 hex digits>")
+    h = hashlib.sha256()
+    try:
+        with requests.get(url, stream=True, timeout=(30, 120)) as r, \
+                tempfile.TemporaryFile(dir=tmp_dir, prefix="build-download-") as f:
+            if r.status_code != 200:
+                raise UsageError(f"failed to GET {url} with status {r.status_code} {r.reason}")
+            size = 0
+            for chunk in r.iter_content(CHUNK):
+                size += len(chunk)
+                if size > MAX_DOWNLOAD:
+                    raise UsageError(f"{url}: larger than {MAX_DOWNLOAD} bytes: refused")
+                h.update(chunk)
+                f.write(chunk)
+            if checksum is not None and "sha256:" + h.hexdigest() != checksum:
+                raise UsageError(f"digest mismatch for {url}: expected {checksum}, got sha256:{h.hexdigest()}")
+            when = 0
+            with contextlib.suppress(TypeError, ValueError):
+                when = int(email.utils.parsedate_to_datetime(r.headers.get("Last-Modified", "")).timestamp())
+            f.seek(0)
+            ti = tarfile.TarInfo(name)
+            ti.mode, ti.uid, ti.gid, ti.mtime, ti.size = 0o600 if mode is None else mode, uid, gid, when, size
+            layer.add(ti, f.fileno())
+    except requests.RequestException as e:
+        raise UsageError(f"failed to GET {url}: {e}") from e
+
+
+def url_name(url: str) -> str:
+    """The file name an ADD of ``url`` into a directory gets: its path's last component."""
+    name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise UsageError(f"cannot determine a file name from the URL {url!r}: give one in the destination")
+    return name
