@@ -189,14 +189,16 @@ class Builder:
             self.say(f"# Executing {len(triggers)} build trigger{'s' if len(triggers) > 1 else ''}")
             for text in triggers:
                 for ins in df.parse(text, f"{self.where}:{frm.line}: ONBUILD"):
+                    if ins.cmd in ("ONBUILD", "FROM", "MAINTAINER"):  # the image's text: as Docker refuses it
+                        raise BuildError(f"{self.where}:{frm.line}: {ins.cmd} isn't allowed as an ONBUILD trigger")
                     if ins.cmd == "RUN" and self.opts.isolation == "vm":
                         raise UsageError(VM_REFUSAL)
-                    self._do(stage, dataclasses.replace(ins, line=frm.line), header=False)
+                    self._do(stage, dataclasses.replace(ins, line=frm.line))
         for ins in body[1:]:
             self._header(ins)
             self._do(stage, ins)
 
-    def _do(self, stage: Stage, ins: df.Instruction, *, header: bool = True) -> None:
+    def _do(self, stage: Stage, ins: df.Instruction) -> None:
         try:
             getattr(self, f"_i_{ins.cmd.lower()}", self._unknown)(stage, ins)
         except BuildError as e:
@@ -265,10 +267,13 @@ class Builder:
             entry = json.loads((self.cache_dir / key).read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(entry, dict) or not isinstance(entry.get("created"), str):
+            return None
         layer = entry.get("layer")
-        if layer is not None and not self.store.has_blob(layer[0]["digest"]):
+        if layer is not None and not (isinstance(layer, list) and len(layer) == 2 and isinstance(layer[0], dict)
+                                      and self.store.has_blob(str(layer[0].get("digest")))):
             return None  # collected since (image prune): build it again
-        return entry if isinstance(entry, dict) else None
+        return entry
 
     def _remember(self, key: str, entry: dict[str, Any]) -> None:
         fsmode.private_dir(self.cache_dir.parent)
