@@ -173,8 +173,7 @@ class Containerd:
     """containerd on private paths; ``plugins``: its config's plugin sections (None: no CRI)."""
 
     def __init__(self, rt: Runtime, tmp: Path, plugins: str | None = None) -> None:
-        self.rt, self.dir = rt, tmp / "ctrd"
-        self.dir.mkdir()
+        self.rt, self.dir = rt, Path(tempfile.mkdtemp(prefix="vmrt-cd-"))  # short socket paths (removed in stop)
         self.sock = self.dir / "c.sock"
         self.ns = f"vmrt-test{SLOT or ''}"
         cri = ('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n' if plugins is None else
@@ -207,6 +206,7 @@ class Containerd:
         _stop(self.proc)
         self.log.close()
         _umount_under(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(Path("/run/containerd/runc") / self.ns, ignore_errors=True)
 
 
@@ -247,8 +247,9 @@ def test_containerd_runc_shim_runs_either_isolation(containerd: Containerd, mode
 # --- dockerd ---------------------------------------------------------------------------------
 class Dockerd:
     def __init__(self, rt: Runtime, tmp: Path) -> None:
-        self.rt, self.dir = rt, tmp / "dockerd"
-        self.dir.mkdir()
+        # a short dir of its own (removed in stop): its containerd's debug socket path must stay
+        # under 104 bytes, which a pytest basetemp need not
+        self.rt, self.dir = rt, Path(tempfile.mkdtemp(prefix="vmrt-dk-"))
         self.sock = self.dir / "docker.sock"
         wrapper = str(rt.wrapper)
         (self.dir / "daemon.json").write_text(json.dumps({
@@ -278,6 +279,7 @@ class Dockerd:
         _stop(self.proc, 60)
         self.log.close()
         _umount_under(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
