@@ -361,6 +361,25 @@ def test_docker_build_through_the_api(request: pytest.FixtureRequest, vmrt: Vmrt
     assert r.returncode == 0 and b"Total reclaimed space" in r.stdout, r.stderr
 
 
+def test_compose_build_through_the_api(request: pytest.FixtureRequest, vmrt: Vmrt, tmp_path: Path) -> None:
+    """Debian's docker-compose `build:` against the service (the Docker SDK's POST /build): the
+    service's image is built, tagged as its `image:` and run by `up`; `down` leaves nothing."""
+    api = request.getfixturevalue("api_for_build")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "Dockerfile").write_text("FROM busybox\nRUN echo built-by-compose > /msg\nCMD [\"cat\", \"/msg\"]\n")
+    (proj / "docker-compose.yml").write_text('version: "2.4"\nservices:\n  app:\n    build: .\n'
+                                             '    image: composebuilt:1\n    isolation: process\n'
+                                             '    network_mode: none\n')
+    r = api.compose(proj, "build")
+    assert r.returncode == 0 and b"Successfully tagged composebuilt:1" in r.stdout, r.stdout + r.stderr
+    r = api.compose(proj, "up", "--abort-on-container-exit")
+    assert r.returncode == 0 and b"built-by-compose" in r.stdout, r.stdout + r.stderr
+    assert api.compose(proj, "down").returncode == 0
+    assert vmrt("ps", "-aq").stdout.decode().split() == []
+    assert vmrt("rmi", "composebuilt:1").returncode == 0
+
+
 def test_concurrent_builds_do_not_wait_for_each_other(vmrt: Vmrt, tmp_path: Path) -> None:
     slow = _context(tmp_path / "slow", "FROM busybox\nRUN echo started && sleep 8\n")
     quick = _context(tmp_path / "quick", "FROM busybox\nENV Q=1\nRUN echo quick > /q\n")
