@@ -496,3 +496,41 @@ class SkopeoError(RuntimeError):
 def _stop_all() -> None:
     for reg in list(_live):
         reg.close()
+
+
+# --- a stub server of a test's own ----------------------------------------------------------------
+
+class StubServer:
+    """An HTTP/1.1 server on 127.0.0.1 (a free port) for a test's own registry stub: subclasses
+    set their state, then call ``super().__init__()``, and return their handler class from
+    ``_handler()`` (a ``StubHandler``); ``close()`` stops it."""
+
+    def __init__(self) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """Quiet, keep-alive, and ``reply`` (no body to a HEAD)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)

@@ -18,8 +18,9 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import SLOT, Vmrt, track
@@ -212,14 +213,19 @@ class Containerd:
 
 @pytest.fixture
 def containerd(vmrt: Vmrt, tmp_path: Path) -> Iterator[Containerd]:
-    rt = Runtime(vmrt, tmp_path)
-    c = Containerd(rt, tmp_path)
+    c = Containerd(Runtime(vmrt, tmp_path), tmp_path)
+    yield from _with_busybox(c, lambda tar: c.ctr("images", "import", tar), vmrt, tmp_path)
+
+
+def _with_busybox(engine: Containerd | Dockerd, load: Callable[[str], subprocess.CompletedProcess[bytes]],
+                  vmrt: Vmrt, tmp: Path) -> Iterator[Any]:
+    """A started engine with vmrt's busybox loaded (``load`` of its saved tar), stopped after."""
     try:
-        r = c.ctr("images", "import", str(_image_tar(vmrt, tmp_path)))
+        r = load(str(_image_tar(vmrt, tmp)))
         assert r.returncode == 0, r.stderr
-        yield c
+        yield engine
     finally:
-        c.stop()
+        engine.stop()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -284,14 +290,8 @@ class Dockerd:
 
 @pytest.fixture
 def dockerd(vmrt: Vmrt, tmp_path: Path) -> Iterator[Dockerd]:
-    rt = Runtime(vmrt, tmp_path)
-    d = Dockerd(rt, tmp_path)
-    try:
-        r = d.docker("load", "-i", str(_image_tar(vmrt, tmp_path)))
-        assert r.returncode == 0, r.stderr
-        yield d
-    finally:
-        d.stop()
+    d = Dockerd(Runtime(vmrt, tmp_path), tmp_path)
+    yield from _with_busybox(d, lambda tar: d.docker("load", "-i", tar), vmrt, tmp_path)
 
 
 @pytest.mark.parametrize("runtime", ["vmrt", "vmrt-vm"])

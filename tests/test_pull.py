@@ -19,13 +19,13 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ocibuild import Layer, OciLayout, big_layer
-from registry import Registry, free_port
+from registry import Registry, StubHandler, StubServer, free_port
 
 from vmrt.errors import ImageError, UsageError
 from vmrt.images import auth
@@ -445,7 +445,7 @@ def test_parse_challenges_and_platforms() -> None:
 
 # --- scripted misbehaviour ------------------------------------------------------------------
 
-class Stub:
+class Stub(StubServer):
     """A registry serving an OciLayout's blobs and tags, scripted to misbehave.
 
     `fail`: statuses answered (in order) before serving anything; `tokens`: require bearer
@@ -462,30 +462,12 @@ class Stub:
         self.valid: set[str] = set()
         self.issued = 0
         self.log: list[str] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-                self.send_response(code)
-                for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
+        class Handler(StubHandler):
 
             def do_GET(self) -> None:
                 stub.log.append(self.path)

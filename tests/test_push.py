@@ -19,13 +19,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 import pytest
 from ocibuild import OciLayout, big_layer
-from registry import Registry
+from registry import Registry, StubHandler, StubServer
 from support import Vmrt, one_line_error
 from test_api import DOCKER, Api, api  # api: the fixture, registered here
 
@@ -293,38 +292,19 @@ def test_docker_push_through_the_api(vmrt: Vmrt, monkeypatch: pytest.MonkeyPatch
 
 # --- a hostile registry --------------------------------------------------------------------------
 
-class Hostile:
+class Hostile(StubServer):
     """A registry that asks for Basic credentials, then lies: upload Locations on another origin
     (`location`), blob and manifest digests it did not get (`claim`), and a huge error body."""
 
     def __init__(self) -> None:
         self.location, self.claim = "", ""
         self.seen: list[tuple[str, str, str]] = []  # method, path, Authorization
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-                self.send_response(code)
-                for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+        class Handler(StubHandler):
 
             def handle_one(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
