@@ -15,7 +15,8 @@ PACKAGES="qemu-system-x86 e2fsprogs runc golang-github-containers-common linux-s
   make gcc libc6-dev linux-libc-dev libseccomp2 flex bison bc patch libelf-dev libssl-dev cpio xz-utils \
   python3 python3-venv clang libclang-rt-14-dev \
   docker-registry skopeo zstd apache2-utils openssl nftables mmdebstrap docker.io docker-compose \
-  podman conmon"
+  podman conmon buildah \
+  openssh-server openssh-client libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -43,7 +44,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat  # a .pth, no import hook
+.venv/bin/pip install -q -e '.[test,bench,libvirt]' --config-settings editable_mode=compat  # a .pth, no import hook
 # byte-compile now: vmrt is a CLI started once per container, and PYTHONDONTWRITEBYTECODE
 # would otherwise make every start recompile every module
 .venv/bin/python -m compileall -q vmrt .venv/lib/python3*/site-packages >/dev/null || true
