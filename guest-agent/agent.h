@@ -132,7 +132,7 @@ int read_errpipe(int fd, uint32_t *code, char *msg, size_t msglen);
 
 /* ---------------------------------------------------------------- walk.c */
 
-void walk_upper(void) __attribute__((noreturn)); /* in the child, its stdout the stream */
+void walk_upper(int content) __attribute__((noreturn)); /* in the child, its stdout the stream (WALK_CONTENT: VMRTWLK2) */
 
 /* ---------------------------------------------------------------- session.c */
 

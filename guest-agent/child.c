@@ -465,8 +465,8 @@ static void child_enter(const struct stdio *s, int tty)
  * CAP_DAC_READ_SEARCH (every directory) and CAP_SYS_ADMIN (the trusted.*
  * xattr that marks an opaque directory), no_new_privs, and no fd of the
  * agent's: the error pipe's end goes too, its EOF the agent's STARTED. */
-static void walk_enter(void) __attribute__((noreturn));
-static void walk_enter(void)
+static void walk_enter(int content) __attribute__((noreturn));
+static void walk_enter(int content)
 {
 	const uint64_t keep = 1ULL << CAP_DAC_READ_SEARCH | 1ULL << CAP_SYS_ADMIN;
 	struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
@@ -490,7 +490,7 @@ static void walk_enter(void)
 		for (int fd = 3; fd < 4096; fd++)
 			close(fd);
 	errpipe_w = -1;
-	walk_upper();
+	walk_upper(content);
 }
 
 void child_main(const struct stdio *s)
@@ -499,7 +499,7 @@ void child_main(const struct stdio *s)
 
 	child_enter(s, run.tty);
 	if (run.walk)
-		walk_enter();
+		walk_enter(run.walk_content);
 
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
 		child_fail(125, "cannot make mounts private: %s", strerror(errno));
@@ -557,7 +557,7 @@ void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns)
 {
 	child_enter(s, r->tty);
 	if (r->walk)
-		walk_enter();
+		walk_enter(r->walk_content);
 	/* setns(CLONE_NEWNS) sets root and cwd to the namespace's root, looking
 	 * down the mounts on it: the container root */
 	if (setns(mntns, CLONE_NEWNS) < 0 || chdir("/") < 0)

@@ -261,6 +261,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_RLIMIT: return "RLIMIT";
 	case VMRT_TAG_RO_PATH: return "RO_PATH";
 	case VMRT_TAG_WALK_UPPER: return "WALK_UPPER";
+	case VMRT_TAG_WALK_CONTENT: return "WALK_CONTENT";
 	default: return "?";
 	}
 }
@@ -312,6 +313,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->seccomp_len = 0;
 	out->nmasked = out->nro_paths = 0;
 	out->walk = 0;
+	out->walk_content = 0;
 	out->nrlimits = 0;
 
 	while (i < len) {
@@ -447,12 +449,15 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		case VMRT_TAG_NO_NEW_PRIVS:
 		case VMRT_TAG_DETACH:
 		case VMRT_TAG_WALK_UPPER:
+		case VMRT_TAG_WALK_CONTENT:
 			if (vlen != 0)
 				goto badsize;
 			if (tag == VMRT_TAG_DETACH)
 				out->detach = 1;
 			else if (tag == VMRT_TAG_WALK_UPPER)
 				out->walk = 1;
+			else if (tag == VMRT_TAG_WALK_CONTENT)
+				out->walk_content = 1;
 			else
 				out->no_new_privs = 1;
 			break;
@@ -682,6 +687,10 @@ badsize:
 	}
 	if (out->walk && (out->tty || out->detach)) {
 		seterr(err, errlen, "RUN WALK_UPPER with TTY or DETACH");
+		return -1;
+	}
+	if (out->walk_content && !out->walk) {
+		seterr(err, errlen, "RUN WALK_CONTENT without WALK_UPPER");
 		return -1;
 	}
 	if (out->share_fresh && !out->share_9p) {

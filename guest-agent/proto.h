@@ -76,6 +76,7 @@ enum vmrt_tag {
 	VMRT_TAG_RO_PATH = 32,      /* string: absolute path made read-only (OCI readonlyPaths) */
 	VMRT_TAG_WALK_UPPER = 33,   /* empty: the process walks the writable layer (walk.c) instead of exec'ing ARG */
 	VMRT_TAG_RLIMIT = 34,       /* u32 resource, u64 soft, u64 hard: an OCI process.rlimits entry */
+	VMRT_TAG_WALK_CONTENT = 35, /* empty, with WALK_UPPER: the walk carries contents too (VMRTWLK2, a build step's layer) */
 };
 
 enum vmrt_mount_flags {
@@ -181,6 +182,7 @@ struct vmrt_run {
 	const char *ro_paths[VMRT_MAX_PATHS];
 	size_t nro_paths;
 	int walk;            /* WALK_UPPER record given (never with TTY or DETACH) */
+	int walk_content;    /* WALK_CONTENT record given (only with WALK_UPPER) */
 	struct { uint32_t resource; uint64_t soft, hard; } rlimits[VMRT_MAX_RLIMITS];
 	size_t nrlimits;
 	char strings[VMRT_MAX_PAYLOAD];
@@ -200,7 +202,8 @@ struct vmrt_run {
  * whose name is not 1..31 of [a-z0-9], a second
  * SECCOMP or one that is empty, not whole instructions or longer than
  * BPF_MAXINSNS, too many MASKED/RO_PATH or one not absolute or with "..",
- * a non-empty WALK_UPPER or one with TTY or DETACH, an RLIMIT that is not
+ * a non-empty WALK_UPPER or one with TTY or DETACH, a non-empty
+ * WALK_CONTENT or one without WALK_UPPER, an RLIMIT that is not
  * 20 bytes, names a resource outside 0..15, a second time, or a soft limit
  * above its hard one.
  * Unknown tags are skipped. */

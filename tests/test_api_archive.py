@@ -364,7 +364,7 @@ def test_changes_read_the_writable_layer_without_following_it(tmp_path: Path) ->
 def _agent_walk(tmp_path: Path, rw: Path) -> walk.Node:
     """The agent's walk (guest-agent/walk.c) of ``rw``/upper, parsed."""
     main = tmp_path / "walk_main.c"
-    main.write_text('#include "agent.h"\nint main(void) { walk_upper(); }\n')
+    main.write_text('#include "agent.h"\nint main(void) { walk_upper(0); }\n')
     exe = tmp_path / "walk"
     src = REPO / "guest-agent"
     r = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{src}",

@@ -249,11 +249,6 @@ def test_whiteout_and_opaque_dir(vmrt: Vmrt, tmp_path: Path) -> None:
     assert r.stdout.decode().split() == ["n", "gone"], r.stderr
 
 
-def test_vm_isolation_refuses_run_steps(vmrt: Vmrt, tmp_path: Path) -> None:
-    r = vmrt("build", "--isolation", "vm", str(_context(tmp_path, "FROM busybox\nRUN true\n")), timeout=60)
-    assert r.returncode == 125 and b"not built yet" in r.stderr
-
-
 def test_onbuild_add_archive_target_and_stdin_context(vmrt: Vmrt, tmp_path: Path) -> None:
     """ONBUILD triggers run when the image is a base; ADD unpacks a local tar; ARG scoping; SHELL,
     STOPSIGNAL, VOLUME; --target; a context as a tar on stdin; -q and --iidfile."""

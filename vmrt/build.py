@@ -30,27 +30,34 @@ import secrets
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import bundle, fsmode, network, rootfs, runner, safefs
+from . import bundle, fsmode, network, offline, rootfs, runner, safefs
+from .agent import walk
 from .config import Config
+from .drivers.base import RunContext
 from .errors import UsageError, VmrtError
 from .formatting import inert
 from .images import buildlayer, reference
 from .images import dockerfile as df
-from .images.store import Store
+from .images.store import Image, Store
 from .layout import rw_dir
-from .state import State
+from .lifecycle import remove_run_dir
+from .ocispec import Spec
+from .state import Container, State
 from .timings import Timings
+from .vm import disk as vmdisk
 
 LOG = logging.getLogger(__name__)
 Layer = tuple[dict[str, Any], str]  # (descriptor, diff id)
 CONFIG_ONLY = {"ENV", "ARG", "LABEL", "USER", "EXPOSE", "CMD", "ENTRYPOINT", "VOLUME", "SHELL", "STOPSIGNAL",
                "HEALTHCHECK", "ONBUILD", "MAINTAINER"}
 DEFAULT_SHELL = ["/bin/sh", "-c"]
-VM_REFUSAL = "RUN steps in VM isolation need the guest to stream the writable layer: not built yet"
+NO_DISK = ("RUN steps in VM isolation need the writable layer on a disk (it outlives the step's VM): "
+           "vm_storage_size is 0")
 
 
 class BuildError(VmrtError):
@@ -122,8 +129,9 @@ class Builder:
         if not instructions or instructions[0].cmd not in ("FROM", "ARG"):
             line = instructions[0].line if instructions else 1
             raise UsageError(f"{self.where}:{line}: the first instruction must be FROM (or ARG before FROM)")
-        if self.opts.isolation == "vm" and any(i.cmd == "RUN" for i in instructions):
-            raise UsageError(VM_REFUSAL)
+        if self.opts.isolation == "vm" and vmdisk.parse_size(self.cfg.vm_storage_size) == 0:
+            if any(i.cmd == "RUN" for i in instructions):
+                raise UsageError(NO_DISK)
         stages = self._split(instructions)
         if self.opts.target is not None:
             names = [s[0].value[2].lower() if len(s[0].value) > 2 else None for s in stages[1:]]
@@ -191,8 +199,9 @@ class Builder:
                 for ins in df.parse(text, f"{self.where}:{frm.line}: ONBUILD"):
                     if ins.cmd in ("ONBUILD", "FROM", "MAINTAINER"):  # the image's text: as Docker refuses it
                         raise BuildError(f"{self.where}:{frm.line}: {ins.cmd} isn't allowed as an ONBUILD trigger")
-                    if ins.cmd == "RUN" and self.opts.isolation == "vm":
-                        raise UsageError(VM_REFUSAL)
+                    if ins.cmd == "RUN" and self.opts.isolation == "vm" and \
+                            vmdisk.parse_size(self.cfg.vm_storage_size) == 0:
+                        raise UsageError(NO_DISK)
                     self._do(stage, dataclasses.replace(ins, line=frm.line))
         for ins in body[1:]:
             self._header(ins)
@@ -526,25 +535,30 @@ class Builder:
         if self._state is None:
             self._state = State(self.cfg.db_path)
         state = self._state
+        isolation = self.opts.isolation
         net = network.NetRequest(network=network_name) if network_name and network_name != "default" else None
         opts = bundle.RunOptions(image=stage.image_id, command=args, entrypoint="", env=build_env, rm=True,
                                  pull="never", net=net)
-        c, image, layers, spec = runner.create(self.cfg, opts, "process", state, persist=False)
+        c, image, layers, spec = runner.create(self.cfg, opts, isolation, state, persist=False)
         try:
             self.say(f" ---> Running in {c.id[:12]}")
-            driver = runner.make_driver("process", accel=None, kernel=None, runtime=self.cfg.runtime)
+            driver = runner.make_driver(isolation, accel=None, kernel=None, runtime=self.cfg.runtime)
             with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
                 out = null_out.fileno() if self.opts.quiet else sys.stdout.fileno()
                 err = null_out.fileno() if self.opts.quiet else sys.stderr.fileno()
                 sys.stdout.flush()
+                # a VM step's disk is read again after its VM: synced at exit (no scratch)
                 status = runner.execute(self.cfg, state, c, image, layers, spec, driver, Timings(), log_dir=None,
-                                        stdio=(null_in.fileno(), out, err), scratch=True)
+                                        stdio=(null_in.fileno(), out, err), scratch=isolation == "process")
             if status != 0:
                 raise BuildError(f"The command '{' '.join(args)}' returned a non-zero code: {status}")
             layer = buildlayer.LayerTar(self.store.tmp)
             try:
-                buildlayer.from_upper(rw_dir(self.cfg, c.id) / "upper", layer,
-                                      lambda m: self.say(inert(f"[Warning] {m}")))
+                notice: Callable[[str], None] = lambda m: self.say(inert(f"[Warning] {m}"))  # noqa: E731
+                if isolation == "vm":
+                    self._walk_vm(c, image, layers, spec, layer, notice)
+                else:
+                    buildlayer.from_upper(rw_dir(self.cfg, c.id) / "upper", layer, notice)
                 stored = layer.store(self.store)
             finally:
                 layer.close()
@@ -552,6 +566,59 @@ class Builder:
             return stored
         finally:
             runner.discard(self.cfg, state, c)
+
+    def _walk_vm(self, c: Container, image: Image, layers: list[Path], spec: Spec, layer: buildlayer.LayerTar,
+                 notice: Callable[[str], None]) -> None:
+        """A VM step's writable layer into ``layer``: the host never reads the step's disk (a
+        hostile ext4 image); a VM booted over it (a tool run, as ``docker diff`` of a stopped
+        VM container: no network, no identity but root's, only the capabilities reading takes)
+        has its guest agent stream the upper dir with contents (WALK_CONTENT), read here as it
+        comes by :class:`walk.ContentParser` (bounded by what the disk holds) in a thread."""
+        want = spec.get("annotations", {}).get(bundle.STORAGE_SIZE)
+        disk = int(want) if want else vmdisk.storage_size(self.cfg.vm_storage_size, "vm_storage_size")
+        tool = offline.tool_config(spec, [walk.WALK_ARG], stdin=False, annotations={walk.WALK_ANNOTATION: "content"})
+        driver = runner.make_driver("vm", accel=None, kernel=None)
+        if hasattr(driver, "notice"):
+            driver.notice = False  # said once, by the step's own run
+        run_dir = self.cfg.run_root / "containers" / c.id
+        fsmode.private_dir(run_dir.parent)
+        run_dir.mkdir(mode=fsmode.PRIVATE_DIR)
+        failed: list[BaseException] = []
+
+        def read(fd: int) -> None:
+            try:
+                with os.fdopen(fd, "rb", buffering=0) as f:
+                    for e in walk.ContentParser(f.read, disk + walk.META_BYTES).entries():
+                        buildlayer.add_upper(layer, e.path, e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime_ns // 10**9,
+                                             rdev=e.rdev, opaque=e.opaque, link=e.link, hardlink=e.hardlink,
+                                             xattrs=e.xattrs, size=e.size, data=e.data, notice=notice)
+            except BaseException as ex:  # noqa: BLE001 - handed to the build's thread, raised there
+                failed.append(ex)
+        r, w = os.pipe()
+        reader = threading.Thread(target=read, args=(r,), name="walk-reader", daemon=True)
+        reader.start()
+        try:
+            with open(os.devnull, "rb") as null_in:
+                bundle.write(run_dir, tool)
+                ctx = RunContext(self.cfg, None, c, image, layers, run_dir, tool, Timings(), null_in.fileno(), w,
+                                 sys.stderr.fileno(), rw_dir=rw_dir(self.cfg, c.id))
+                try:
+                    status = driver.run(ctx)
+                except VmrtError:
+                    if failed:  # the parser stopped first (its end closed: the walk's writes failed)
+                        status = -1
+                    else:
+                        raise
+        finally:
+            os.close(w)
+            reader.join()
+            remove_run_dir(run_dir)
+        if failed:
+            if isinstance(failed[0], VmrtError | OSError | tarfile.TarError):
+                raise BuildError(f"the step's layer: {failed[0]}") from failed[0]
+            raise failed[0]
+        if status != 0:
+            raise BuildError(f"the guest's walk of the step's writable layer failed (status {status})")
 
     # --- COPY / ADD ----------------------------------------------------------------------------
     def _i_copy(self, stage: Stage, ins: df.Instruction) -> None:

@@ -81,6 +81,7 @@ class Tag(enum.IntEnum):
     RO_PATH = 32        # an absolute path made read-only (OCI readonlyPaths)
     WALK_UPPER = 33     # empty: the process walks the writable layer (vmrt/agent/walk.py) instead of exec'ing ARG
     RLIMIT = 34         # u32 resource, u64 soft, u64 hard: one OCI process.rlimits entry (RUN)
+    WALK_CONTENT = 35   # empty, with WALK_UPPER: the walk carries contents too (VMRTWLK2: a build step's layer)
 
 
 class MountFlag(enum.IntFlag):
@@ -434,6 +435,7 @@ class RunSpec:
     masked: list[str] = dataclasses.field(default_factory=list)     # OCI maskedPaths
     ro_paths: list[str] = dataclasses.field(default_factory=list)   # OCI readonlyPaths
     walk: bool = False               # WALK_UPPER: list the writable layer instead of exec'ing args (docker diff)
+    walk_content: bool = False       # WALK_CONTENT: with walk, the contents too (a build step's layer)
     rlimits: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (resource, soft, hard)
 
 
@@ -554,6 +556,10 @@ def encode_run(spec: RunSpec) -> bytes:
     for resource, soft, hard in spec.rlimits:
         _check_rlimit(resource, soft, hard, seen)
         out += _rec(Tag.RLIMIT, struct.pack(">IQQ", resource, soft, hard))
+    if spec.walk_content:
+        if not spec.walk:
+            raise ProtocolError("WALK_CONTENT without WALK_UPPER")
+        out += _rec(Tag.WALK_CONTENT, b"")
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -665,10 +671,10 @@ def decode_run(p: bytes) -> RunSpec:
                 raise ProtocolError("more than one SECCOMP record")
             _check_seccomp(v)
             spec.seccomp = bytes(v)
-        elif tag == Tag.WALK_UPPER:
+        elif tag in (Tag.WALK_UPPER, Tag.WALK_CONTENT):
             if ln:
-                raise ProtocolError("WALK_UPPER must be empty")
-            spec.walk = True
+                raise ProtocolError(f"{Tag(tag).name} must be empty")
+            setattr(spec, "walk" if tag == Tag.WALK_UPPER else "walk_content", True)
         elif tag in (Tag.MASKED, Tag.RO_PATH):
             paths = spec.masked if tag == Tag.MASKED else spec.ro_paths
             if len(paths) >= MAX_PATHS:
@@ -691,6 +697,8 @@ def decode_run(p: bytes) -> RunSpec:
         raise ProtocolError("SHARE_FRESH without SHARE_9P")
     if spec.walk and spec.tty is not None:
         raise ProtocolError("WALK_UPPER with TTY or DETACH")
+    if spec.walk_content and not spec.walk:
+        raise ProtocolError("WALK_CONTENT without WALK_UPPER")
     return spec
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Callable, Iterator
 
 from ..errors import ProtocolError
 from ..formatting import inert
@@ -162,3 +163,212 @@ class WalkParser:
 def _show(path: bytes) -> str:
     """A guest's path for a message: its first 100 bytes, terminal controls escaped."""
     return inert(path[:100]) + ("..." if len(path) > 100 else "")
+
+
+# --- VMRTWLK2: the walk with contents (WALK_CONTENT, a build's RUN step) -----------------------
+MAGIC2 = b"VMRTWLK2"
+# RECORD's fields, then u32 uid, u32 gid, u32 the xattr block's length; then the path, the xattr
+# block, and ``size`` bytes: a regular file's content, a link's target, a hard link's first path
+RECORD2 = struct.Struct(">HBBIQqIIIII")
+REDIRECT = 2                # flags: a directory with trusted.overlay.redirect (a renamed lower dir)
+HARDLINK = ord("h")         # the type of a second name of a regular file listed before
+XATTRS_MAX = 256 << 10      # bytes of one entry's xattr block (the agent's bound)
+XATTR_VALUE_MAX = 65536     # bytes of one xattr's value (the kernel's XATTR_SIZE_MAX)
+LINK_MAX = 4096             # bytes of a link's target
+ID_MAX = 0xFFFFFFFE         # a uid or gid (all ones is "no id", never an owner)
+META_BYTES = 64 << 20       # what a content walk may send beyond its files' bytes
+CHUNK = 1 << 16
+
+
+def xattr_kept(name: bytes | str) -> bool:
+    """The xattrs a build layer carries: ``user.*`` and file capabilities (what the safe unpacker
+    applies, vmrt/images/unpack.py); never ``trusted.*`` (overlayfs's own) or ``security.selinux``."""
+    n = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+    return n.startswith(b"user.") or n == b"security.capability"
+
+
+class ContentEntry:
+    """One entry of a content walk. ``data`` (a regular file's): a reader of exactly ``size``
+    bytes, to be read before the next entry is asked for (what is left is skipped)."""
+
+    __slots__ = ("path", "mode", "uid", "gid", "mtime_ns", "rdev", "opaque", "link", "hardlink", "xattrs",
+                 "size", "data")
+
+    def __init__(self, path: str, mode: int, uid: int, gid: int, mtime_ns: int, rdev: int, opaque: bool,
+                 link: str, hardlink: bool, xattrs: dict[str, bytes], size: int, data: _Data | None) -> None:
+        self.path, self.mode, self.uid, self.gid, self.mtime_ns = path, mode, uid, gid, mtime_ns
+        self.rdev, self.opaque, self.link, self.hardlink, self.xattrs = rdev, opaque, link, hardlink, xattrs
+        self.size, self.data = size, data
+
+
+class _Data:
+    """A regular file's content in the stream: at most its declared size, never past it."""
+
+    def __init__(self, parser: ContentParser, size: int) -> None:
+        self.parser, self.left = parser, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        if n <= 0:
+            return b""
+        b = self.parser._exact(n)
+        self.left -= len(b)
+        return b
+
+    def drain(self) -> None:
+        while self.left:
+            self.read(CHUNK)
+
+
+class ContentParser:
+    """Pull decoder of one VMRTWLK2 stream, read with ``read(n)`` (up to n bytes, b"" at its end),
+    as hostile as :class:`WalkParser`'s (the same path, count and type rules) and more: at most
+    ``max_bytes`` in all (a file's size is checked against what is left from its header, before
+    its bytes are read), a link's target of 1-4096 bytes without NUL, a hard link to a regular
+    file listed before, xattrs only ``user.*`` and ``security.capability``, each once, on files
+    and directories, the block exactly filled; owners at most 2^32 - 2; nothing after the end."""
+
+    def __init__(self, read: Callable[[int], bytes], max_bytes: int) -> None:
+        self._read, self.max_bytes = read, max_bytes
+        self.total = 0
+        self.count = 0
+        self._at = 0
+        self._dirs: set[bytes] = {b""}
+        self._seen: set[bytes] = set()
+        self._files: set[bytes] = set()
+
+    def _bad(self, why: str) -> ProtocolError:
+        return ProtocolError(f"{WHAT}: " + (f"entry {self._at}: " if self._at else "") + why)
+
+    def _exact(self, n: int) -> bytes:
+        if self.total + n > self.max_bytes:
+            raise self._bad(f"more than {self.max_bytes} bytes")
+        parts, got = [], 0
+        while got < n:
+            b = self._read(min(n - got, 1 << 20))
+            if not b:
+                raise self._bad("the stream ended inside a record (cut short)" if self.total + got
+                                else "no walk stream (empty or cut short)")
+            if len(b) > n - got:
+                raise self._bad("the reader gave more than asked")
+            parts.append(b)
+            got += len(b)
+        self.total += n
+        return b"".join(parts)
+
+    def entries(self) -> Iterator[ContentEntry]:
+        """Each entry in the stream's order; ProtocolError (one line) at the first fault."""
+        if self._exact(len(MAGIC2)) != MAGIC2:
+            raise self._bad("not a content walk stream (no magic)")
+        while True:
+            head = self._exact(RECORD2.size)
+            plen, kind, flags, mode, size, mtime, major, minor, uid, gid, xlen = RECORD2.unpack(head)
+            if plen == 0:
+                if (kind, flags, mode, mtime, major, minor, uid, gid, xlen) != (0,) * 9 or size != self.count:
+                    raise self._bad(f"a bad end record (it counts {size} entries, {self.count} came)")
+                if self._read(1):
+                    raise self._bad("bytes after the end record")
+                self._dirs.clear()
+                self._seen.clear()
+                self._files.clear()
+                return
+            self._at = self.count + 1
+            if self._at > ENTRIES_MAX:
+                raise self._bad(f"more than {ENTRIES_MAX} entries")
+            if plen > PATH_MAX:
+                raise self._bad(f"a path of {plen} bytes (at most {PATH_MAX})")
+            if xlen > XATTRS_MAX:
+                raise self._bad(f"an xattr block of {xlen} bytes (at most {XATTRS_MAX})")
+            raw = self._exact(plen)
+            entry = self._entry(raw, kind, flags, mode, size, mtime, major, minor, uid, gid, xlen)
+            yield entry
+            if entry.data is not None:
+                entry.data.drain()
+            self.count, self._at = self._at, 0
+
+    def _entry(self, raw: bytes, kind: int, flags: int, mode: int, size: int, mtime: int, major: int,
+               minor: int, uid: int, gid: int, xlen: int) -> ContentEntry:
+        _check_path(raw, self._bad)
+        show = _show(raw)
+        if kind != HARDLINK and kind not in TYPES:
+            raise self._bad(f"an unknown type 0x{kind:02x} for {show}")
+        ftype = stat.S_IFREG if kind == HARDLINK else TYPES[kind]
+        if flags & ~(OPAQUE | REDIRECT) or (flags and ftype != stat.S_IFDIR):
+            raise self._bad(f"flags 0x{flags:02x} on {show}")
+        if flags & REDIRECT:
+            raise self._bad(f"the build step renamed the directory /{show} of a lower layer: "
+                            "overlayfs redirect_dir is not supported in builds")
+        if mode & ~0o7777:
+            raise self._bad(f"mode bits 0o{mode:o} for {show}")
+        if uid > ID_MAX or gid > ID_MAX:
+            raise self._bad(f"an owner {uid}:{gid} for {show}")
+        device = ftype in (stat.S_IFCHR, stat.S_IFBLK)
+        if (major or minor) and not device:
+            raise self._bad(f"a device number on {show}, no device")
+        if xlen and (ftype not in (stat.S_IFREG, stat.S_IFDIR) or kind == HARDLINK):
+            raise self._bad(f"xattrs on {show}, neither a file nor a directory")
+        if kind == HARDLINK or ftype == stat.S_IFLNK:
+            if not 0 < size <= LINK_MAX:
+                raise self._bad(f"a link target of {size} bytes for {show}")
+        elif ftype != stat.S_IFREG and size:
+            raise self._bad(f"a size of {size} bytes for {show}, no regular file")
+        elif size > self.max_bytes - self.total:
+            raise self._bad(f"a file of {size} bytes for {show}: more than the stream may hold")
+        parent, _, _ = raw.rpartition(b"/")
+        if parent not in self._dirs:
+            raise self._bad(f"{show} comes before its directory")
+        if raw in self._seen:
+            raise self._bad(f"{show} listed twice")
+        xattrs = self._xattrs(self._exact(xlen), show) if xlen else {}
+        link = ""
+        if kind == HARDLINK or ftype == stat.S_IFLNK:
+            target = self._exact(size)
+            if b"\0" in target:
+                raise self._bad(f"a link target with a NUL byte for {show}")
+            if kind == HARDLINK:
+                if target not in self._files or target == raw:
+                    raise self._bad(f"a hard link {show} to what is no regular file listed before")
+                ftype = stat.S_IFREG
+            link = os.fsdecode(target)
+        self._seen.add(raw)
+        if ftype == stat.S_IFDIR:
+            self._dirs.add(raw)
+        elif ftype == stat.S_IFREG and kind != HARDLINK:
+            self._files.add(raw)
+        data = _Data(self, size) if ftype == stat.S_IFREG and kind != HARDLINK else None
+        return ContentEntry(os.fsdecode(raw), ftype | mode, uid, gid, mtime, os.makedev(major, minor) if device else 0,
+                            bool(flags & OPAQUE), link, kind == HARDLINK, xattrs, size if data is not None else 0, data)
+
+    def _xattrs(self, block: bytes, show: str) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        off = 0
+        while off < len(block):
+            if len(block) - off < 5:
+                raise self._bad(f"a cut xattr record on {show}")
+            nlen, vlen = block[off], struct.unpack_from(">I", block, off + 1)[0]
+            off += 5
+            if nlen == 0 or vlen > XATTR_VALUE_MAX or len(block) - off < nlen + vlen:
+                raise self._bad(f"a bad xattr record on {show}")
+            name = bytes(block[off:off + nlen])
+            if b"\0" in name or not xattr_kept(name):
+                raise self._bad(f"the xattr {_show(name)} on {show}: only user.* and security.capability")
+            key = name.decode("utf-8", "surrogateescape")
+            if key in out:
+                raise self._bad(f"the xattr {_show(name)} twice on {show}")
+            out[key] = bytes(block[off + nlen:off + nlen + vlen])
+            off += nlen + vlen
+        return out
+
+
+def _check_path(path: bytes, bad: Callable[[str], ProtocolError]) -> None:
+    if b"\0" in path:
+        raise bad("a path with a NUL byte")
+    if path.startswith(b"/"):
+        raise bad("an absolute path")
+    parts = path.split(b"/")
+    if b".." in parts or b"." in parts or b"" in parts:
+        raise bad(f"a path with an empty, '.' or '..' component: {_show(path)}")
+    if len(parts) > DEPTH_MAX:
+        raise bad(f"a path deeper than {DEPTH_MAX} components")
+    if any(len(p) > NAME_MAX for p in parts):
+        raise bad(f"a name longer than {NAME_MAX} bytes")

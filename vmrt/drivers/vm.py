@@ -110,7 +110,8 @@ def run_spec(config: bundle.Spec, stdin_open: bool) -> P.RunSpec:
         memory_max=int(res.get("memory", {}).get("limit") or 0), pids_max=int(res.get("pids", {}).get("limit") or 0),
         seccomp=seccomp.compile_bpf(linux.get("seccomp") or _default_seccomp(caps)),
         masked=list(linux.get("maskedPaths") or []), ro_paths=list(linux.get("readonlyPaths") or []),
-        walk=config.get("annotations", {}).get(WALK_ANNOTATION) == "true",  # a tool run's (offline.py)
+        walk=config.get("annotations", {}).get(WALK_ANNOTATION) in ("true", "content"),  # a tool run's (offline.py)
+        walk_content=config.get("annotations", {}).get(WALK_ANNOTATION) == "content",  # a build step's (build.py)
         rlimits=guest_rlimits(proc.get("rlimits") or []))
 
 

@@ -5,7 +5,13 @@ through directory fds opened ``O_NOFOLLOW``: a symbolic link is stored as a link
 followed, a file is opened ``O_NOFOLLOW|O_NONBLOCK`` and stored only if the opened fd is a
 regular file, a FIFO is stored as a FIFO (never opened). Overlay whiteouts (0:0 character
 devices) become ``.wh.NAME``, opaque directories ``.wh..wh..opq``, hard links stay links; other
-device nodes and sockets are left out with a notice.
+device nodes and sockets are left out with a notice; ``user.*`` and ``security.capability``
+xattrs of files and directories go into the tar as PAX ``SCHILY.xattr.*`` records (what the
+safe unpacker applies again, vmrt/images/unpack.py).
+
+A VM step's writable layer is not read here at all: its guest walks it and streams the entries
+(vmrt/agent/walk.py, ``ContentParser``), and :func:`add_upper` turns each into layer entries by
+the same rules as :func:`from_upper`.
 
 COPY and ADD read a source tree (the build context, or an earlier stage's root mounted
 read-only) the same way below the source path, which itself is resolved inside its root
@@ -39,6 +45,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+XATTR_PREFIX = "SCHILY.xattr."
 CHUNK = 1 << 20
 # what the runtime bind-mounts over (it creates an empty file to mount on where the image has
 # none): never the step's own content, as Docker leaves them out
@@ -53,7 +60,7 @@ class LayerTar:
 
     def __init__(self, tmp_dir: Path) -> None:
         self.file: IO[bytes] = tempfile.TemporaryFile(dir=tmp_dir, prefix="build-layer-")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self.meta = hashlib.sha256()
         self.names: set[str] = set()
         self.count = 0
@@ -63,8 +70,10 @@ class LayerTar:
         self.file.close()
 
     def _note(self, ti: tarfile.TarInfo, content: str = "") -> None:
-        self.meta.update(repr((ti.name, ti.type, ti.mode, ti.uid, ti.gid, ti.linkname, ti.size,
-                               content)).encode() + b"\n")
+        fields: tuple[Any, ...] = (ti.name, ti.type, ti.mode, ti.uid, ti.gid, ti.linkname, ti.size, content)
+        if ti.pax_headers:
+            fields += (sorted(ti.pax_headers.items()),)
+        self.meta.update(repr(fields).encode() + b"\n")
         self.names.add(ti.name)
         self.count += 1
 
@@ -79,6 +88,13 @@ class LayerTar:
         with os.fdopen(os.dup(fd), "rb") as f:
             reader = _Hashing(f, h, ti.size)
             self.tar.addfile(ti, reader)
+        self._note(ti, h.hexdigest())
+
+    def add_stream(self, ti: tarfile.TarInfo, reader: Any) -> None:
+        """A regular file's ``ti.size`` bytes read from ``reader`` (``read(n)``)."""
+        ti.uname = ti.gname = ""
+        h = hashlib.sha256()
+        self.tar.addfile(ti, _Hashing(reader, h, ti.size))
         self._note(ti, h.hexdigest())
 
     def add_data(self, ti: tarfile.TarInfo, data: bytes) -> None:
@@ -186,6 +202,7 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
                 ds = os.fstat(sub)
                 ti = _info(path, ds)
                 ti.type = tarfile.DIRTYPE
+                set_xattrs(ti, _kept_xattrs(sub))
                 layer.add(ti)
                 _walk_upper(sub, path + "/", layer, links, notice)
             finally:
@@ -197,7 +214,7 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
         elif stat.S_ISREG(s.st_mode):
             if path in MOUNTPOINTS and s.st_size == 0:
                 continue
-            _add_file(dfd, name, path, s, layer, links, notice)
+            _add_file(dfd, name, path, s, layer, links, notice, xattrs=True)
         elif stat.S_ISFIFO(s.st_mode):
             ti = _info(path, s)
             ti.type = tarfile.FIFOTYPE
@@ -208,7 +225,8 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
 
 
 def _add_file(dfd: int, name: str, path: str, s: os.stat_result, layer: LayerTar,
-              links: dict[tuple[int, int], str], notice: Callable[[str], None], **owner: int | None) -> None:
+              links: dict[tuple[int, int], str], notice: Callable[[str], None], xattrs: bool = False,
+              **owner: int | None) -> None:
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
     except OSError as e:
@@ -230,6 +248,8 @@ def _add_file(dfd: int, name: str, path: str, s: os.stat_result, layer: LayerTar
         if fs.st_nlink > 1:
             links[key] = path
         ti.size = fs.st_size
+        if xattrs:
+            set_xattrs(ti, _kept_xattrs(fd))
         layer.add(ti, fd)
     finally:
         os.close(fd)
@@ -244,6 +264,79 @@ def _plain(name: str) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.mode, ti.mtime = 0o644, 0
     return ti
+
+
+def _kept_xattrs(fd: int) -> dict[str, bytes]:
+    """The xattrs of ``fd`` a layer carries: ``user.*`` and ``security.capability``."""
+    out: dict[str, bytes] = {}
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return out
+    for n in sorted(names):
+        if n.startswith("user.") or n == "security.capability":
+            v = _xattr(fd, n)
+            if v is not None:
+                out[n] = v
+    return out
+
+
+def set_xattrs(ti: tarfile.TarInfo, xattrs: dict[str, bytes]) -> None:
+    """``xattrs`` as the entry's PAX ``SCHILY.xattr.NAME`` records (a binary value, a file
+    capability, kept byte for byte: tarfile writes it back with surrogateescape)."""
+    if not xattrs:
+        return
+    pax = dict(ti.pax_headers)
+    for n, v in sorted(xattrs.items()):
+        pax[XATTR_PREFIX + n] = v.decode("utf-8", "surrogateescape")
+    ti.pax_headers = pax
+
+
+# --- a VM step's writable layer, as its guest streamed it -------------------------------------
+# what the guest agent itself writes into a VM container's root before its process runs (the
+# managed names, vmrt's and Docker's bind mounts in process mode): never a step's content
+VM_WRITTEN = frozenset(MOUNTPOINTS)
+
+
+def add_upper(layer: LayerTar, path: str, mode: int, *, uid: int, gid: int, mtime: int, rdev: int = 0,
+              opaque: bool = False, link: str = "", hardlink: bool = False, xattrs: dict[str, bytes] | None = None,
+              size: int = 0, data: IO[bytes] | Any = None, notice: Callable[[str], None]) -> None:
+    """One entry of a writable layer as the guest listed it (already checked: a relative path of
+    clean components, its directory listed before it) into the layer, by :func:`from_upper`'s
+    rules: a 0:0 character device is a whiteout, an opaque directory gets its marker, a hard
+    link names the path listed first, other devices and sockets are left out with a notice,
+    and what the agent wrote itself (:data:`VM_WRITTEN`) is no content. ``data``: a regular
+    file's ``size`` bytes (a reader)."""
+    prefix, _, name = path.rpartition("/")
+    prefix = prefix + "/" if prefix else ""
+    ti = tarfile.TarInfo(path)
+    ti.mode, ti.uid, ti.gid, ti.mtime = stat.S_IMODE(mode), uid, gid, max(0, min(mtime, 1 << 33))
+    if stat.S_ISCHR(mode) and rdev == 0:
+        layer.add_data(_plain(prefix + WHITEOUT + name), b"")
+    elif stat.S_ISDIR(mode):
+        ti.type = tarfile.DIRTYPE
+        set_xattrs(ti, xattrs or {})
+        layer.add(ti)
+        if opaque:
+            layer.add_data(_plain(path + "/" + OPAQUE), b"")
+    elif hardlink:
+        ti.type, ti.linkname = tarfile.LNKTYPE, link
+        layer.add(ti)
+    elif stat.S_ISLNK(mode):
+        ti.type, ti.linkname = tarfile.SYMTYPE, link
+        layer.add(ti)
+    elif stat.S_ISREG(mode):
+        if path in VM_WRITTEN:
+            return
+        ti.size = size
+        set_xattrs(ti, xattrs or {})
+        layer.add_stream(ti, data)
+    elif stat.S_ISFIFO(mode):
+        ti.type = tarfile.FIFOTYPE
+        layer.add(ti)
+    else:
+        what = "socket" if stat.S_ISSOCK(mode) else "device node"
+        notice(f"skipping the {what} /{path} the step left: a build layer holds no {what}s")
 
 
 def _xattr(fd: int, name: str) -> bytes | None:
