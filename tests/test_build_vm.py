@@ -347,11 +347,14 @@ def test_vm_steps_create_modify_and_delete_with_env_user_and_workdir(vmrt: Vmrt,
     assert ".wh.del" in second and "d/.wh..wh..opq" in second and "d/n" in second
     first = _layer(vmrt, "vmb:1", -3)
     assert "etc/hostname" not in first and "etc/hosts" not in first and "etc/resolv.conf" not in first
-    assert first["w/hard"].islnk() and first["w/sym"].issym() and first["w/sym"].linkname == "/etc/passwd"
-    assert first["w/f"].mode == 0o4755
+    assert first["w/sym"].issym() and first["w/sym"].linkname == "/etc/passwd"
+    linked = [n for n in ("w/f", "w/hard") if first[n].islnk()]  # the name the walk met second
+    assert len(linked) == 1 and first[linked[0]].linkname == ({"w/f", "w/hard"} - set(linked)).pop()
+    assert first["w/f"].mode == first["w/hard"].mode == 0o4755
     assert _in_both(vmrt, "vmb:1", "cat /w/f; ls /d; test -e /del || echo gone; cat /tmp/uid /tmp/pwd; "
                                    "cat /w/hard; readlink /w/sym") == ["hi-vm", "more", "n", "gone", "1000", "/w",
-                                                                       "hi-vm", "more", "/etc/passwd"]
+                                                                       "hi-vm", "/etc/passwd"]
+    # (the second step's append copied f up alone: overlayfs breaks the link, as under Docker)
     vmrt.assert_clean()
 
 
@@ -373,8 +376,8 @@ def test_a_failing_vm_step_names_the_line_and_leaves_nothing(vmrt: Vmrt, tmp_pat
     before = vmrt("images", "-q").stdout.decode().split()
     r = vmrt("build", "--isolation", "vm", "-t", "vmb:broken", str(ctx), timeout=900)
     assert r.returncode == 1, r.stderr
-    assert one_line_error(r.stderr.replace(b"vmrt: notice:", b"notice:").split(b"\n", 1)[-1]
-                          if r.stderr.startswith(b"vmrt: notice:") else r.stderr) == \
+    errors = b"".join(ln for ln in r.stderr.splitlines(keepends=True) if not ln.startswith(b"vmrt: notice:"))
+    assert one_line_error(errors) == \
         "vmrt: Dockerfile:4: The command '/bin/sh -c echo failing; exit 3' returned a non-zero code: 3"
     assert vmrt("images", "-q").stdout.decode().split() == before
     assert vmrt("ps", "-aq").stdout.decode().split() == []
