@@ -41,6 +41,15 @@ def ago(when: dt.datetime | None) -> str:
     return "N/A" if when is None else formatting.ago((dt.datetime.now(dt.UTC) - when).total_seconds())
 
 
+def summary(img: Image) -> dict[str, Any]:
+    """An image as Docker's API lists it (``GET /images/json``; ``system df``'s images too)."""
+    when = created_at(img)
+    return {"Id": img.id, "ParentId": "", "RepoTags": [reference.parse(t).familiar() for t in img.tags],
+            "RepoDigests": [reference.parse(d).familiar() for d in img.repo_digests],
+            "Created": int(when.timestamp()) if when else 0, "Size": img.size, "SharedSize": -1,
+            "VirtualSize": img.size, "Labels": (img.runtime_config.get("Labels") or {}), "Containers": -1}
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:

@@ -1,5 +1,6 @@
 """What the commands about vmrt itself and this host do: info, check isolation, kernel and
-agent builds, setup, and the VM sources' commands (the warm pool, snapshots).
+agent builds, setup, the VM sources' commands (the warm pool, snapshots), and disk usage (the
+CLI's and the API's ``system df``).
 
 The CLI (:mod:`vmrt.cli.system`) prints what these return. The modules they drive (the
 builds, the pool, snapshots, probes) are imported on use: none is on `vmrt run`'s path.
@@ -7,14 +8,19 @@ builds, the pool, snapshots, probes) are imported on use: none is on `vmrt run`'
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from . import __version__, cgroups, formatting, fsmode
 from . import config as config_mod
@@ -22,8 +28,10 @@ from .config import Config
 from .errors import StateError, UsageError, VmrtError
 from .images import mirrors
 from .images.store import Store
+from .layout import rw_dir
 from .paths import source_root
 from .proc import connect_unix
+from .state import Container, State
 
 
 # --- info, check ---------------------------------------------------------------------------
@@ -101,7 +109,29 @@ def check_isolation(cfg: Config, image: str, *, fmt: str) -> str:
     from . import agentbuild  # on use: the VM's build modules are not on a process run's path
     result = probes.run_probes(image, None, str(cfg.root), str(cfg.run_root), cfg.jail_uid_base,
                                agentbuild.enosys_probe(cfg))
+    result["process"]["vm_driver"] = "-"
+    result["vm"]["vm_driver"] = vm_driver_line(cfg)
     return json.dumps(result, indent=1) if fmt == "json" else probes.table(result)
+
+
+def _qemu_driver_only(cfg: Config, what: str) -> None:
+    if cfg.vm_driver == "libvirt":
+        raise UsageError(f"{what}: qemu driver only (vm_driver is libvirt, which creates every VM itself); "
+                         "set VMRT_VM_DRIVER=qemu for it")
+
+
+def vm_driver_line(cfg: Config) -> str:
+    """Who runs VM containers here, and what confines their QEMU."""
+    if cfg.vm_driver != "libvirt":
+        return ("qemu (vmrt's own QEMU: " + ("jailed: a uid of its own, chroot, namespaces, seccomp, no caps)"
+                                              if cfg.vmm_jail else "unjailed, root)"))
+    from .drivers import libvirt  # on use: only a libvirt host loads libvirt-python
+    try:
+        ver, models = libvirt.version(cfg.libvirt_uri)
+    except VmrtError as e:
+        return f"libvirt ({cfg.libvirt_uri}): {e}"
+    return (f"libvirt {ver} ({cfg.libvirt_uri}): security drivers {models}; QEMU as a uid of its own "
+            "(static DAC label, relabel=yes), QEMU -sandbox per qemu.conf")
 
 
 # --- builds ----------------------------------------------------------------------------------
@@ -128,7 +158,7 @@ def setup(cfg: Config) -> Iterator[str]:
     from .images import recipe as recipe_mod  # on use: not on `vmrt run`'s path
     kernel_mod.build(cfg)
     agentbuild.build(cfg)
-    if cfg.snapshot != "off":  # the cache a default VM-mode run restores (issue 17)
+    if cfg.snapshot != "off" and cfg.vm_driver == "qemu":  # the cache a default VM-mode run restores (issue 17)
         yield f"[snapshot] {snapshot_build(cfg, force=False)}"
     store = Store(cfg.root)
     for r in sorted((source_root() / "images").glob("*/recipe.toml")):
@@ -157,6 +187,7 @@ def pool_status(cfg: Config, *, fmt: str | None) -> list[str]:
 def pool_start(cfg: Config, *, size: int | None) -> str:
     """``vmrt pool start``: the daemon started in the background, keeping ``size`` VMs booted."""
     from .pool import client as pool_mod  # on use: the pool's modules are not on a process run's path
+    _qemu_driver_only(cfg, "the warm VM pool")
     pid = pool_mod.start(cfg, cfg.pool_size if size is None else size)
     return f"pool daemon started (pid {pid}, size {cfg.pool_size if size is None else size})"
 
@@ -206,6 +237,7 @@ def _allocated(path: Path) -> int:
 def snapshot_build(cfg: Config, *, force: bool, memory_mib: int | None = None, cpus: int | None = None) -> str:
     """``vmrt snapshot build``: the snapshot's directory and size."""
     from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
+    _qemu_driver_only(cfg, "VM snapshots")
     snap = snap_mod.build(cfg, force=force, memory_mib=memory_mib, cpus=cpus)
     return f"{snap.dir} ({(snap.meta['size'] + _allocated(snap.ram)) >> 20} MiB)"
 
@@ -226,6 +258,239 @@ def snapshot_rm(cfg: Config) -> str:
     """``vmrt snapshot rm``: every snapshot removed."""
     from . import snapshot as snap_mod  # on use: the snapshot modules are not on a process run's path
     return f"removed {snap_mod.remove_all(cfg)} snapshot(s)"
+
+
+# --- disk usage (docker system df) -----------------------------------------------------------
+DF_TYPES = ("container", "image", "volume", "build-cache")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _scan(fd: int, seen: set[tuple[int, int]]) -> tuple[list[str], int]:
+    """One directory (an fd): its subdirectories' names, and the bytes of its regular files (a
+    hard link's once; a sparse file's allocated blocks: a VM's disk image)."""
+    size, subdirs = 0, []
+    with os.scandir(fd) as it:
+        for e in it:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:  # gone meanwhile
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(e.name)
+            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                size += min(st.st_size, st.st_blocks * 512)
+    return subdirs, size
+
+
+def tree_size(path: Path) -> int:
+    """The bytes a tenant's tree holds (a container's writable layer, a volume's data), or -1 if
+    it cannot be read. Walked by directory fds opened O_NOFOLLOW, one level at a time, so a link
+    the tenant puts anywhere in it (now or while it is walked) is never followed."""
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return -1
+    if stat.S_ISREG(top.st_mode):
+        return min(top.st_size, top.st_blocks * 512)
+    if not stat.S_ISDIR(top.st_mode):
+        return 0
+    seen: set[tuple[int, int]] = set()
+    frames: list[tuple[int, list[str]]] = []  # the open directories, outermost first; their subdirs left
+    total = 0
+
+    def enter(fd: int) -> None:
+        nonlocal total
+        frames.append((fd, []))
+        subdirs, size = _scan(fd, seen)
+        frames[-1] = (fd, subdirs)
+        total += size
+
+    try:
+        enter(os.open(path, _DIR_FLAGS))
+        while frames:
+            fd, subdirs = frames[-1]
+            if not subdirs:
+                os.close(fd)
+                frames.pop()
+                continue
+            try:
+                child = os.open(subdirs.pop(), _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # changed meanwhile
+                    continue
+                raise
+            enter(child)
+    except OSError:  # unreadable, or deeper than this process has fds
+        return -1
+    finally:
+        for fd, _ in frames:
+            os.close(fd)
+    return total
+
+
+def _df_images(cfg: Config, users: collections.Counter[str]) -> tuple[int, list[dict[str, Any]]]:
+    """(LayersSize, the images with SharedSize and Containers): a layer two images hold is shared."""
+    from . import imagecmds  # on use: not on `vmrt run`'s path
+    store = Store(cfg.root)
+    try:
+        imgs = store.images()
+        holders = collections.Counter(d for i in imgs for d in set(i.diff_ids))
+        sizes = {d: store.layer_size(d) for d in holders}
+    finally:
+        store.close()
+    out = []
+    for img in imgs:
+        shared = sum(sizes[d] for d in set(img.diff_ids) if holders[d] > 1)
+        out.append({**imagecmds.summary(img), "SharedSize": shared, "Containers": users[img.id]})
+    return sum(sizes.values()), out
+
+
+def _df_container(cfg: Config, c: Container, image_sizes: dict[str, int]) -> dict[str, Any]:
+    from . import containercmds  # on use: not on `vmrt run`'s path
+    doc = containercmds.inspect_doc(cfg, c)
+    rw = tree_size(rw_dir(cfg, c.id))
+    return {"Id": c.id, "Names": ["/" + c.name], "Image": c.image, "ImageID": c.image_id,
+            "Command": " ".join(c.command), "Created": int(c.created), "Ports": [],
+            "SizeRw": rw, "SizeRootFs": rw + image_sizes.get(c.image_id, 0) if rw >= 0 else -1,
+            "Labels": doc["Config"].get("Labels") or {}, "State": c.status.value,
+            "Status": containercmds.status_text(c),
+            "HostConfig": {"NetworkMode": doc["HostConfig"]["NetworkMode"], "Isolation": c.isolation},
+            "NetworkSettings": {"Networks": {}}, "Mounts": doc.get("Mounts") or []}
+
+
+def disk_usage(cfg: Config, types: set[str] | None = None) -> dict[str, Any]:
+    """Docker's ``GET /system/df`` document (the API's, and `vmrt system df`'s): images (their
+    layers' sizes, shared ones, the containers using them), containers (their writable layers),
+    volumes (their data, their containers), the build cache; ``types`` (of DF_TYPES) picks some."""
+    from . import build, volumecmds  # on use: not on `vmrt run`'s path
+    from . import volumes as volumes_mod
+    types = set(DF_TYPES) if types is None else types
+    if unknown := types - set(DF_TYPES):
+        raise UsageError(f"unknown type {sorted(unknown)[0]!r} (use {', '.join(DF_TYPES)})")
+    st = State(cfg.db_path)
+    try:
+        cs = st.list()
+    finally:
+        st.close()
+    out: dict[str, Any] = {}
+    users = collections.Counter(c.image_id for c in cs)
+    layers, imgs = _df_images(cfg, users) if types & {"image", "container"} else (0, [])
+    if "image" in types:
+        out.update(LayersSize=layers, Images=imgs)
+    if "container" in types:
+        sizes = {i["Id"]: i["Size"] for i in imgs}
+        out["Containers"] = [_df_container(cfg, c, sizes) for c in cs]
+    if "volume" in types:
+        refs = volumecmds.users(cfg)
+        vols = []
+        for name in volumes_mod.list_volumes(cfg):
+            with contextlib.suppress(VmrtError):  # removed meanwhile
+                doc = volumes_mod.volume_doc(cfg, name)
+                vols.append({**doc, "UsageData": {"Size": tree_size(volumes_mod.volume_data(cfg, name)),
+                                                  "RefCount": len(refs.get(name, []))}})
+        out["Volumes"] = vols
+    if "build-cache" in types:
+        out["BuildCache"] = build.cache_records(cfg)
+    return out
+
+
+def _size(n: float) -> str:
+    """Docker's sizes (go-units HumanSize): decimal units, 4 significant digits."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _part(part: int, whole: int) -> str:
+    return f"{_size(part)} ({part * 100 // whole}%)" if whole > 0 else _size(part)
+
+
+DF_COLUMNS = [("TYPE", "Type", 0), ("TOTAL", "TotalCount", 0), ("ACTIVE", "Active", 0), ("SIZE", "Size", 0),
+              ("RECLAIMABLE", "Reclaimable", 0)]
+_ACTIVE_STATES = ("running", "paused", "restarting")
+
+
+def df_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """``docker system df``'s summary rows (its columns, its sums) of a disk_usage document."""
+    imgs, cs, vols, cache = doc["Images"], doc["Containers"], doc["Volumes"], doc["BuildCache"]
+    layers = int(doc["LayersSize"])
+    used = sum(i["Size"] - i["SharedSize"] for i in imgs if i["Containers"] > 0 and i["Size"] >= 0 <= i["SharedSize"])
+    c_size = sum(c["SizeRw"] for c in cs if c["SizeRw"] > 0)
+    c_free = sum(c["SizeRw"] for c in cs if c["SizeRw"] > 0 and c["State"] not in _ACTIVE_STATES)
+    v_size = sum(v["UsageData"]["Size"] for v in vols if v["UsageData"]["Size"] > 0)
+    v_free = sum(v["UsageData"]["Size"] for v in vols if v["UsageData"]["Size"] > 0 and not v["UsageData"]["RefCount"])
+    rows = [("Images", len(imgs), sum(1 for i in imgs if i["Containers"] > 0), _size(layers),
+             _part(max(0, layers - used), layers)),
+            ("Containers", len(cs), sum(1 for c in cs if c["State"] in _ACTIVE_STATES), _size(c_size),
+             _part(c_free, c_size)),
+            ("Local Volumes", len(vols), sum(1 for v in vols if v["UsageData"]["RefCount"] > 0), _size(v_size),
+             _part(v_free, v_size)),
+            ("Build Cache", len(cache), sum(1 for b in cache if b["InUse"]),
+             _size(sum(b["Size"] for b in cache if not b["Shared"])),
+             _size(sum(b["Size"] for b in cache if not b["Shared"] and not b["InUse"])))]
+    return [{"Type": t, "TotalCount": str(n), "Active": str(a), "Size": sz, "Reclaimable": r}
+            for t, n, a, sz, r in rows]
+
+
+def _df_verbose(doc: dict[str, Any]) -> list[str]:
+    """``docker system df -v``: a table per type."""
+    from . import imagecmds  # on use: not on `vmrt run`'s path
+    now = time.time()
+    irows = []
+    for i in doc["Images"]:
+        for tag in i["RepoTags"] or ["<none>:<none>"]:
+            repo, _, t = tag.rpartition(":")
+            irows.append({"Repository": repo, "Tag": t, "ID": imagecmds.short_id(i["Id"]),
+                          "CreatedSince": formatting.ago(now - i["Created"]) if i["Created"] else "N/A",
+                          "Size": _size(i["Size"]), "SharedSize": _size(i["SharedSize"]),
+                          "UniqueSize": _size(i["Size"] - i["SharedSize"]), "Containers": str(i["Containers"])})
+    crows = [{"ID": c["Id"][:12], "Image": c["Image"], "Command": json.dumps(c["Command"][:20]
+                                                                             + ("…" if len(c["Command"]) > 20 else "")),
+              "LocalVolumes": str(sum(1 for m in c["Mounts"] if m.get("Type") == "volume")),
+              "Size": _size(c["SizeRw"]) if c["SizeRw"] >= 0 else "N/A",
+              "CreatedSince": formatting.ago(now - c["Created"]), "Status": c["Status"],
+              "Names": ",".join(n.lstrip("/") for n in c["Names"])} for c in doc["Containers"]]
+    vrows = [{"Name": v["Name"], "Links": str(v["UsageData"]["RefCount"]),
+              "Size": _size(v["UsageData"]["Size"]) if v["UsageData"]["Size"] >= 0 else "N/A"} for v in doc["Volumes"]]
+    brows = [{"ID": b["ID"][:12], "CacheType": b["Type"], "Size": _size(b["Size"]), "CreatedSince": b["CreatedAt"],
+              "LastUsedSince": b["LastUsedAt"], "UsageCount": str(b["UsageCount"]), "Shared": str(b["Shared"]).lower()}
+             for b in doc["BuildCache"]]
+    cache_total = sum(b["Size"] for b in doc["BuildCache"] if not b["Shared"])
+    return ["Images space usage:", "",
+            *formatting.emit(None, irows, [("REPOSITORY", "Repository", 0), ("TAG", "Tag", 0), ("IMAGE ID", "ID", 0),
+                                           ("CREATED", "CreatedSince", 0), ("SIZE", "Size", 0),
+                                           ("SHARED SIZE", "SharedSize", 0), ("UNIQUE SIZE", "UniqueSize", 0),
+                                           ("CONTAINERS", "Containers", 0)]),
+            "", "Containers space usage:", "",
+            *formatting.emit(None, crows, [("CONTAINER ID", "ID", 0), ("IMAGE", "Image", 0), ("COMMAND", "Command", 0),
+                                           ("LOCAL VOLUMES", "LocalVolumes", 0), ("SIZE", "Size", 0),
+                                           ("CREATED", "CreatedSince", 0), ("STATUS", "Status", 0),
+                                           ("NAMES", "Names", 0)]),
+            "", "Local Volumes space usage:", "",
+            *formatting.emit(None, vrows, [("VOLUME NAME", "Name", 0), ("LINKS", "Links", 0), ("SIZE", "Size", 0)]),
+            "", f"Build cache usage: {_size(cache_total)}", "",
+            *formatting.emit(None, brows, [("CACHE ID", "ID", 0), ("CACHE TYPE", "CacheType", 0), ("SIZE", "Size", 0),
+                                           ("CREATED", "CreatedSince", 0), ("LAST USED", "LastUsedSince", 0),
+                                           ("USAGE", "UsageCount", 0), ("SHARED", "Shared", 0)])]
+
+
+def df(cfg: Config, *, verbose: bool, fmt: str | None) -> list[str]:
+    """``vmrt system df``: Docker's table (TYPE TOTAL ACTIVE SIZE RECLAIMABLE), a JSON line a type
+    (``--format json``) or a template's; ``-v``: a table per type (with ``--format json``: the
+    whole document, as the API's ``/system/df``)."""
+    doc = disk_usage(cfg)
+    if verbose:
+        if fmt == "json":
+            return [json.dumps(doc, separators=(",", ":"))]
+        if fmt not in (None, "", "table"):
+            raise UsageError("--format with -v takes json or table only")
+        return _df_verbose(doc)
+    return formatting.emit(fmt, df_rows(doc), DF_COLUMNS)
 
 
 # --- the API service and Compose ------------------------------------------------------------

@@ -41,16 +41,9 @@ SPOOL_WRITE = 4 << 20    # a load's body is written to its file this many bytes 
 POLL = 0.25              # how often a pull looks whether its client is still there (seconds)
 
 
-def _created(img: Image) -> int:
-    when = imagecmds.created_at(img)
-    return int(when.timestamp()) if when else 0
-
-
 def image_summary(img: Image) -> dict[str, Any]:
-    return {"Id": img.id, "ParentId": "", "RepoTags": [reference.parse(t).familiar() for t in img.tags],
-            "RepoDigests": [reference.parse(d).familiar() for d in img.repo_digests], "Created": _created(img),
-            "Size": img.size, "SharedSize": -1, "VirtualSize": img.size,
-            "Labels": (img.runtime_config.get("Labels") or {}), "Containers": -1}
+    """An image as ``GET /images/json`` lists it (:func:`vmrt.imagecmds.summary`: system df's too)."""
+    return imagecmds.summary(img)
 
 
 def _tag_matches(tag: str, want: str) -> bool:

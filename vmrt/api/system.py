@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import errno
 import os
 import platform
 import socket
-import stat
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .. import __version__, build, containercmds, imagecmds, volumecmds
-from .. import volumes as volumes_mod
+from .. import __version__, imagecmds, systemcmds
 from ..config import Config
 from ..errors import VmrtError
 from ..images import mirrors
 from ..images.store import Store
-from ..layout import rw_dir
-from ..state import Container, State, Status
+from ..state import State, Status
 from .base import MAX_API, MIN_API, ApiError, Request, Routes, api_text, headers
-from .images import image_summary
 
 
 async def ping(req: Request) -> web.StreamResponse:
@@ -115,132 +107,9 @@ async def info(req: Request) -> web.StreamResponse:
 
 
 # --- disk usage ------------------------------------------------------------------------------
-DF_TYPES = ("container", "image", "volume", "build-cache")
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _scan(fd: int, seen: set[tuple[int, int]]) -> tuple[list[str], int]:
-    """One directory (an fd): its subdirectories' names, and the bytes of its regular files (a
-    hard link's once; a sparse file's allocated blocks: a VM's disk image)."""
-    size, subdirs = 0, []
-    with os.scandir(fd) as it:
-        for e in it:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:  # gone meanwhile
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                subdirs.append(e.name)
-            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                size += min(st.st_size, st.st_blocks * 512)
-    return subdirs, size
-
-
-def tree_size(path: Path) -> int:
-    """The bytes a tenant's tree holds (a container's writable layer, a volume's data), or -1 if
-    it cannot be read. Walked by directory fds opened O_NOFOLLOW, one level at a time, so a link
-    the tenant puts anywhere in it (now or while it is walked) is never followed."""
-    try:
-        top = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    except OSError:
-        return -1
-    if stat.S_ISREG(top.st_mode):
-        return min(top.st_size, top.st_blocks * 512)
-    if not stat.S_ISDIR(top.st_mode):
-        return 0
-    seen: set[tuple[int, int]] = set()
-    frames: list[tuple[int, list[str]]] = []  # the open directories, outermost first; their subdirs left
-    total = 0
-
-    def enter(fd: int) -> None:
-        nonlocal total
-        frames.append((fd, []))
-        subdirs, size = _scan(fd, seen)
-        frames[-1] = (fd, subdirs)
-        total += size
-
-    try:
-        enter(os.open(path, _DIR_FLAGS))
-        while frames:
-            fd, subdirs = frames[-1]
-            if not subdirs:
-                os.close(fd)
-                frames.pop()
-                continue
-            try:
-                child = os.open(subdirs.pop(), _DIR_FLAGS, dir_fd=fd)
-            except OSError as e:
-                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # changed meanwhile
-                    continue
-                raise
-            enter(child)
-    except OSError:  # unreadable, or deeper than this process has fds
-        return -1
-    finally:
-        for fd, _ in frames:
-            os.close(fd)
-    return total
-
-
-def _df_images(cfg: Config, users: collections.Counter[str]) -> tuple[int, list[dict[str, Any]]]:
-    """(LayersSize, the images with SharedSize and Containers): a layer two images hold is shared."""
-    store = Store(cfg.root)
-    try:
-        imgs = store.images()
-        holders = collections.Counter(d for i in imgs for d in set(i.diff_ids))
-        sizes = {d: store.layer_size(d) for d in holders}
-    finally:
-        store.close()
-    out = []
-    for img in imgs:
-        shared = sum(sizes[d] for d in set(img.diff_ids) if holders[d] > 1)
-        out.append({**image_summary(img), "SharedSize": shared, "Containers": users[img.id]})
-    return sum(sizes.values()), out
-
-
-def _df_container(cfg: Config, c: Container, image_sizes: dict[str, int]) -> dict[str, Any]:
-    doc = containercmds.inspect_doc(cfg, c)
-    rw = tree_size(rw_dir(cfg, c.id))
-    return {"Id": c.id, "Names": ["/" + c.name], "Image": c.image, "ImageID": c.image_id,
-            "Command": " ".join(c.command), "Created": int(c.created), "Ports": [],
-            "SizeRw": rw, "SizeRootFs": rw + image_sizes.get(c.image_id, 0) if rw >= 0 else -1,
-            "Labels": doc["Config"].get("Labels") or {}, "State": c.status.value,
-            "Status": containercmds.status_text(c),
-            "HostConfig": {"NetworkMode": doc["HostConfig"]["NetworkMode"], "Isolation": c.isolation},
-            "NetworkSettings": {"Networks": {}}, "Mounts": doc.get("Mounts") or []}
-
-
-def _df(cfg: Config, types: set[str]) -> dict[str, Any]:
-    st = State(cfg.db_path)
-    try:
-        cs = st.list()
-    finally:
-        st.close()
-    out: dict[str, Any] = {}
-    users = collections.Counter(c.image_id for c in cs)
-    layers, imgs = _df_images(cfg, users) if types & {"image", "container"} else (0, [])
-    if "image" in types:
-        out.update(LayersSize=layers, Images=imgs)
-    if "container" in types:
-        sizes = {i["Id"]: i["Size"] for i in imgs}
-        out["Containers"] = [_df_container(cfg, c, sizes) for c in cs]
-    if "volume" in types:
-        refs = volumecmds.users(cfg)
-        vols = []
-        for name in volumes_mod.list_volumes(cfg):
-            with contextlib.suppress(VmrtError):  # removed meanwhile
-                doc = volumes_mod.volume_doc(cfg, name)
-                vols.append({**doc, "UsageData": {"Size": tree_size(volumes_mod.volume_data(cfg, name)),
-                                                  "RefCount": len(refs.get(name, []))}})
-        out["Volumes"] = vols
-    if "build-cache" in types:
-        out["BuildCache"] = build.cache_records(cfg)
-    return out
+# computed by the commands layer (the CLI's `vmrt system df` too)
+DF_TYPES = systemcmds.DF_TYPES
+tree_size = systemcmds.tree_size
 
 
 async def disk_usage(req: Request) -> web.StreamResponse:
@@ -250,7 +119,7 @@ async def disk_usage(req: Request) -> web.StreamResponse:
     types = set(req.http.query.getall("type", [])) or set(DF_TYPES)
     if unknown := types - set(DF_TYPES):
         raise ApiError(400, f"unknown type {sorted(unknown)[0]!r} (use {', '.join(DF_TYPES)})")
-    return web.json_response(await asyncio.to_thread(_df, req.cfg, types))
+    return web.json_response(await asyncio.to_thread(systemcmds.disk_usage, req.cfg, types))
 
 
 async def login(req: Request) -> web.StreamResponse:

@@ -213,6 +213,15 @@ def service(ctx: click.Context, sock: Path | None, idle: float, group: str | Non
         forks.close()
 
 
+@system_group.command("df")
+@click.option("-v", "--verbose", is_flag=True, help="A table per type: each image, container, volume, cache entry.")
+@click.option("--format", "fmt", help="json (a line per type), or a Go-template-like format, e.g. '{{.Size}}'.")
+@click.pass_context
+def system_df(ctx: click.Context, verbose: bool, fmt: str | None) -> None:
+    """Show vmrt's disk usage: images, containers, local volumes, the build cache."""
+    echo_lines(systemcmds.df(config_of(ctx), verbose=verbose, fmt=fmt))
+
+
 @click.command("compose", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                             "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
