@@ -442,3 +442,24 @@ def test_add_of_a_url_with_and_without_checksum(vmrt: Vmrt, tmp_path: Path) -> N
         srv.shutdown()
         srv.server_close()
     vmrt.assert_clean()
+
+
+def test_copy_keeps_the_images_parent_directories(vmrt: Vmrt, tmp_path: Path) -> None:
+    """COPY under directories the image has (/tmp 1777, /home/vmrt vmrt's, a RUN-made 0750 one):
+    the layer carries each parent as the image has it (a parent left out would be unpacked 0700
+    root's over the image's, and a non-root user could not enter it: examples/tomcat's USER)."""
+    ctx = _context(tmp_path, "FROM busybox\nRUN mkdir -p /srv/www && chown vmrt:vmrt /srv/www && chmod 750 /srv/www\n"
+                             "COPY a.txt /tmp/deep/\nCOPY a.txt /home/vmrt/x/\nCOPY a.txt /srv/www/site/\n")
+    _build(vmrt, "-t", "parents:1", str(ctx))
+    try:
+        entries = _layer_entries(vmrt, "parents:1", -1)
+        assert (entries["srv/www"].mode, entries["srv/www"].uid, entries["srv/www"].gid) == (0o750, 1000, 1000)
+        assert (entries["srv"].mode, entries["srv"].uid) == (0o755, 0)
+        r = vmrt("run", "--rm", "--isolation", "process", "-u", "vmrt", "parents:1", "sh", "-c",
+                 "stat -c '%a %U %n' /tmp /home/vmrt /srv/www; cat /srv/www/site/a.txt /home/vmrt/x/a.txt; "
+                 "touch /tmp/ok && echo writable")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().splitlines() == ["1777 root /tmp", "755 vmrt /home/vmrt", "750 vmrt /srv/www",
+                                                  "alpha", "alpha", "writable"], r.stdout
+    finally:
+        vmrt("rmi", "-f", "parents:1")

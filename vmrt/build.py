@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import sys
 import tarfile
 import tempfile
@@ -743,26 +744,40 @@ class Builder:
             layer.close()
 
     def _parents(self, stage: Stage, layer: buildlayer.LayerTar, path: str) -> None:
+        """The directories above ``path`` in the layer: missing ones made 0755 root's; those the
+        image has, with its mode, owner and time (as Docker's layers carry them: a layer that
+        left one out would leave its unpacked directory's mode over the image's), except where
+        the image's is a link (resolved by the image)."""
         parts = [p for p in path.split("/") if p][:-1]
         for k in range(1, len(parts) + 1):
             d = "/" + "/".join(parts[:k])
-            if d.strip("/") in layer.names or self._is_dir(stage, d):
+            if d.strip("/") in layer.names:
                 continue
             ti = tarfile.TarInfo(d.strip("/"))
             ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
+            if self._is_dir(stage, d):
+                st = self._image_stat(stage, d, follow=False)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    continue
+                ti.mode, ti.uid, ti.gid, ti.mtime = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, int(st.st_mtime)
             layer.add(ti)
 
     def _layer_dirs(self, stage: Stage) -> list[Path]:
         return [self.store.unpacked_layer(d, i) for d, i in stage.layers]
 
-    def _is_dir(self, stage: Stage, path: str) -> bool:
-        """Whether ``path`` is a directory in the stage's image (the topmost layer that has it
-        decides; each resolved inside its own layer)."""
+    def _image_stat(self, stage: Stage, path: str, *, follow: bool = True) -> os.stat_result | None:
+        """``path`` in the stage's image: the topmost layer that has it decides (each resolved
+        inside its own layer)."""
         for layer in reversed(self._layer_dirs(stage)):
-            s = safefs.stat_in_root(layer, path)
+            s = safefs.stat_in_root(layer, path, follow=follow)
             if s is not None:
-                return (s.st_mode & 0o170000) == 0o040000
-        return False
+                return s
+        return None
+
+    def _is_dir(self, stage: Stage, path: str) -> bool:
+        """Whether ``path`` is a directory in the stage's image."""
+        s = self._image_stat(stage, path)
+        return s is not None and stat.S_ISDIR(s.st_mode)
 
     def _chown(self, stage: Stage, spec: str) -> tuple[int, int]:
         """``--chown=user[:group]``: names from the stage's /etc/passwd and /etc/group; without a
