@@ -656,10 +656,10 @@ def top(cfg: Config, ref: str, ps_args: tuple[str, ...]) -> int:
     return stats_mod.top(c, list(ps_args), timeout=cfg.timeouts.probe_exec)
 
 
-def cp(cfg: Config, src: str, dest: str) -> None:
-    """``vmrt cp``: CONTAINER:PATH HOSTPATH or the reverse."""
+def cp(cfg: Config, src: str, dest: str, *, source_name: str | None = None) -> None:
+    """``vmrt cp``: CONTAINER:PATH HOSTPATH or the reverse (``-``: a tar stream, as Docker's)."""
     from .cp import copy  # on use: not on `vmrt run`'s path
-    copy(cfg, src, dest)
+    copy(cfg, src, dest, source_name=source_name)
 
 
 def attach(cfg: Config, ref: str, *, sig_proxy: bool, no_stdin: bool) -> int:

@@ -19,7 +19,9 @@ import posixpath
 import tarfile
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from . import fsmode
 from .config import Config
@@ -59,27 +61,75 @@ def _strict(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     return m
 
 
-def copy(cfg: Config, src: str, dest: str) -> None:
+def copy(cfg: Config, src: str, dest: str, *, source_name: str | None = None) -> None:
+    """``src`` -> ``dest``, one of them ``CONTAINER:PATH``. As Docker, ``-`` for the host side is a
+    tar stream: ``cp - CONTAINER:DIR`` unpacks the tar on stdin into DIR (a directory), ``cp
+    CONTAINER:PATH -`` writes a tar of PATH to stdout. ``source_name`` (a remote client's
+    ``cp LOCAL CONTAINER:PATH``, vmrt/remote): stdin's tar holds one tree named so, copied with
+    the naming rules of ``cp LOCAL CONTAINER:PATH`` as if LOCAL were here."""
     (sref, spath), (dref, dpath) = split(src), split(dest)
     if (sref is None) == (dref is None):
         raise UsageError("copying between containers or between host paths is not supported: "
                          "give exactly one CONTAINER:PATH")
-    if sref is not None:
+    if source_name is not None and (src != "-" or source_name in ("", ".", "..") or "/" in source_name
+                                    or "\0" in source_name):
+        raise UsageError("--source-name goes with - as the source, and is one file name")
+    if src == "-":
+        assert dref is not None
+        _stream_to_container(cfg, dref, dpath, source_name)
+    elif dest == "-":
+        assert sref is not None
+        _stream_from_container(cfg, sref, spath)
+    elif sref is not None:
         _from_container(cfg, sref, spath, Path(dpath))
     else:
         assert dref is not None
         _to_container(cfg, Path(spath), dref, dpath)
 
 
-def _from_container(cfg: Config, ref: str, path: str, dest: Path) -> None:
-    if not path.startswith("/"):
-        path = "/" + path
-    parent, base = posixpath.split(posixpath.normpath(path))
-    if not base:
-        parent, base = "/", "."
+def source_base(path: str) -> tuple[str, str]:
+    """A container path -> (its parent, its name): what ``tar -C parent name`` archives."""
+    parent, base = posixpath.split(posixpath.normpath(path if path.startswith("/") else "/" + path))
+    return (parent, base) if base else ("/", ".")
+
+
+def host_target(dest: Path, base: str) -> tuple[Path, str]:
+    """Docker's naming for a copy out to ``dest``: into it if it is a directory, else as it."""
     target_dir, name = (dest, base) if dest.is_dir() else (dest.parent, dest.name)
     if not target_dir.is_dir():
         raise UsageError(f"destination directory {target_dir} does not exist")
+    return target_dir, name
+
+
+def unpack_to_host(stream: BinaryIO, base: str, dest: Path, done: Callable[[BaseException | None], None]) -> None:
+    """The archive of a container's ``base`` (hostile: :func:`_strict`) put at ``dest`` with
+    Docker's naming; ``done(error)`` is called once the stream has ended (with the tar error, if
+    any): it raises when the producer failed, before anything is moved into place."""
+    target_dir, name = host_target(dest, base)
+    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".vmrt-cp-") as tmp:
+        error: BaseException | None = None
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tf:
+                tf.extractall(tmp, filter=_strict)
+        except (tarfile.TarError, OSError) as e:
+            error = e
+        done(error)
+        if error is not None:
+            raise VmrtError(f"cannot copy {base}: {error}") from error
+        got = Path(tmp) / base
+        if not got.exists() and not got.is_symlink():
+            raise VmrtError(f"cannot copy {base}: the archive did not hold it")
+        final = target_dir / (name if base != "." else dest.name)
+        if final.is_dir() and not final.is_symlink() and got.is_dir():
+            for child in got.iterdir():
+                os.replace(child, final / child.name)
+        else:
+            os.replace(got, final)
+
+
+def _from_container(cfg: Config, ref: str, path: str, dest: Path) -> None:
+    parent, base = source_base(path)
+    host_target(dest, base)  # before anything runs in the container
     r, w = os.pipe()
     result: dict[str, object] = {}
 
@@ -93,28 +143,85 @@ def _from_container(cfg: Config, ref: str, path: str, dest: Path) -> None:
             os.close(w)  # the end of the archive for the reader
     t = threading.Thread(target=produce)
     t.start()
-    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".vmrt-cp-") as tmp:
-        try:
-            with open(r, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-                tf.extractall(tmp, filter=_strict)
-        except (tarfile.TarError, OSError) as e:
-            t.join()
-            if result.get("status"):
-                raise VmrtError(f"cannot copy {ref}:{path}: no such file or directory in the container") from None
-            raise VmrtError(f"cannot copy {ref}:{path}: {e}") from e
-        finally:
-            t.join()
+
+    def done(error: BaseException | None) -> None:
+        t.join()
         if "error" in result:
             raise VmrtError(str(result["error"]))
         if result.get("status"):
             raise VmrtError(f"cannot copy {ref}:{path}: no such file or directory in the container")
-        got = Path(tmp) / base
-        final = target_dir / (name if base != "." else dest.name)
-        if final.is_dir() and not final.is_symlink() and got.is_dir():
-            for child in got.iterdir():
-                os.replace(child, final / child.name)
-        else:
-            os.replace(got, final)
+        if error is not None:
+            raise VmrtError(f"cannot copy {ref}:{path}: {error}") from error
+    try:
+        with open(r, "rb") as f:
+            unpack_to_host(f, base, dest, done)
+    finally:
+        t.join()
+
+
+def _stream_from_container(cfg: Config, ref: str, path: str) -> None:
+    """``cp CONTAINER:PATH -``: the tar of PATH on stdout, as the container's tar writes it."""
+    parent, base = source_base(path)
+    member = f"./{base}" if base.startswith("-") else base
+    if _exec(cfg, ref, ["tar", "cf", "-", "-C", parent, member], None, 1) != 0:
+        raise VmrtError(f"cannot copy {ref}:{path}: no such file or directory in the container")
+
+
+def _renamed(source: BinaryIO, old: str, new: str, out: int) -> None:
+    """stdin's tar of one tree ``old`` re-written into ``out`` as ``new`` (every member checked to
+    be under ``old``; nothing else gets through)."""
+    with open(out, "wb") as f, tarfile.open(fileobj=source, mode="r|") as tin, \
+            tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin:
+            name = m.name.rstrip("/")
+            if name != old and not name.startswith(old + "/"):
+                raise tarfile.TarError(f"member {m.name!r} is not under {old!r}")
+            m.name = new + name[len(old):]
+            if m.islnk():
+                if m.linkname != old and not m.linkname.startswith(old + "/"):
+                    raise tarfile.TarError(f"hard link {m.name!r} leads out of {old!r}")
+                m.linkname = new + m.linkname[len(old):]
+            tout.addfile(m, tin.extractfile(m) if m.isreg() else None)
+
+
+def _stream_to_container(cfg: Config, ref: str, path: str, source_name: str | None) -> None:
+    """``cp - CONTAINER:DIR``: stdin's tar unpacked into DIR by the container's tar (as Docker,
+    DIR must be a directory); with ``source_name``, ``cp SOURCE CONTAINER:PATH``'s naming."""
+    if not path.startswith("/"):
+        path = "/" + path
+    with open(os.devnull, "wb") as null:
+        is_dir = _exec(cfg, ref, ["test", "-d", path], None, null.fileno()) == 0
+    if source_name is None:
+        if not is_dir:
+            raise UsageError(f"destination {ref}:{path} must be a directory")
+        with open(os.devnull, "wb") as null:
+            status = _exec(cfg, ref, ["tar", "xf", "-", "-C", path], 0, null.fileno())
+        if status != 0:
+            raise VmrtError(f"cannot copy to {ref}:{path}: tar in the container failed (exit {status})")
+        return
+    where, name = (path, source_name) if is_dir else posixpath.split(posixpath.normpath(path))
+    r, w = os.pipe()
+    failed: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with open(0, "rb", closefd=False) as src:
+                _renamed(src, source_name, name, w)
+        except (OSError, tarfile.TarError) as e:
+            failed.append(e)
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    try:
+        with open(os.devnull, "wb") as null:
+            status = _exec(cfg, ref, ["tar", "xf", "-", "-C", where or "/"], r, null.fileno())
+    finally:
+        os.close(r)
+        t.join(timeout=5)
+    if failed:
+        raise VmrtError(f"cannot copy to {ref}:{path}: the archive on stdin: {failed[0]}")
+    if status != 0:
+        raise VmrtError(f"cannot copy to {ref}:{path}: tar in the container failed (exit {status}); "
+                        "does the directory exist and does the image have tar?")
 
 
 def _to_container(cfg: Config, src: Path, ref: str, path: str) -> None:

@@ -22,7 +22,9 @@ from .. import __version__, fsmode
 from .. import config as config_mod
 from ..errors import VmrtError
 from ..formatting import inert
-from . import containers, images, networks, system, volumes
+from ..remote import routing as remote_routing
+from ..remote import session as remote_session
+from . import containers, contexts, images, networks, system, volumes
 
 LOG = logging.getLogger("vmrt")
 
@@ -36,9 +38,12 @@ class _InertFormatter(logging.Formatter):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Log debug details to stderr.")
+@click.option("-H", "--host", metavar="ssh://[user@]host[:port]",
+              help="Run the command on this remote host over SSH (env VMRT_HOST).")
+@click.option("-c", "--context", metavar="NAME", help="Run the command on this context's host (vmrt context).")
 @click.version_option(__version__, prog_name="vmrt")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, host: str | None, context: str | None) -> None:
     """Containers with a per-run choice of isolation: Linux namespaces or a micro-VM."""
     handler = logging.StreamHandler()
     handler.setFormatter(_InertFormatter("vmrt: %(name)s: %(message)s"))
@@ -51,6 +56,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 containers.register(main)
+contexts.register(main)
 images.register(main)
 networks.register(main)
 system.register(main)
@@ -69,7 +75,15 @@ def entry() -> None:
     """Console script: one line on stderr and Docker's exit codes on failure."""
     fsmode.restrict_umask()  # every file and socket vmrt (and what it starts) makes: root's alone
     try:
-        rv: Any = main.main(standalone_mode=False, prog_name="vmrt")
+        # -H / --context / VMRT_HOST / a context: the command runs on a remote host (vmrt/remote);
+        # a remote session's own command (another vmrt's -H) runs here, its parent watching the link
+        route = remote_routing.route(sys.argv[1:], os.environ)
+        if route.session is not None:
+            remote_session.serve(route.session)
+        elif route.target is not None:
+            from . import remote  # imported on use: a remote host only (paramiko comes with it)
+            _finish(remote.run(main, route))
+        rv: Any = main.main(args=route.argv, standalone_mode=False, prog_name="vmrt")
         _finish(rv if isinstance(rv, int) else 0)
     except click.exceptions.Exit as e:
         _finish(e.exit_code)

@@ -252,10 +252,13 @@ def top(ctx: click.Context, container: str, ps_args: tuple[str, ...]) -> None:
 @click.command()
 @click.argument("src")
 @click.argument("dest")
+@click.option("--source-name", hidden=True,  # a remote client's `cp LOCAL C:PATH` (vmrt/remote)
+              help="With - as SRC: stdin's tar holds one tree of this name, copied as `cp NAME C:PATH` would.")
 @click.pass_context
-def cp(ctx: click.Context, src: str, dest: str) -> None:
-    """Copy files between a running container and the host: CONTAINER:PATH HOSTPATH or the reverse."""
-    containercmds.cp(config_of(ctx), src, dest)
+def cp(ctx: click.Context, src: str, dest: str, source_name: str | None) -> None:
+    """Copy files between a container and the host: CONTAINER:PATH HOSTPATH or the reverse;
+    - as HOSTPATH is a tar stream (stdin's unpacked into a directory, or a tar on stdout)."""
+    containercmds.cp(config_of(ctx), src, dest, source_name=source_name)
 
 
 @click.command()

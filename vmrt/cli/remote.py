@@ -1,0 +1,122 @@
+"""A command for a remote host (``vmrt -H ssh://...``, ``VMRT_HOST``, a context): what it needs
+from this side, read with the commands' own click definitions, then :mod:`vmrt.remote.client`.
+
+Local files are read and written here, never named to the remote: ``cp LOCAL C:PATH`` sends a tar
+made here (the remote's ``cp --source-name NAME - C:PATH``), ``cp C:PATH LOCAL`` unpacks here
+the remote's ``cp C:PATH -`` (vmrt/cp.py's checks), ``load -i FILE`` and ``import FILE`` feed
+FILE as the remote's stdin, ``save -o FILE`` writes its stdout to FILE. stdin is forwarded only to
+the commands that read it (-i, load, attach, login, ``cp -``): as Docker's client, a script's
+stdin is not swallowed by ``vmrt -H ... ps``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..remote.client import Plan
+from ..remote.client import run as run_remote
+from ..remote.routing import Route
+
+
+def _leaf(main: click.Group, argv: list[str]) -> tuple[list[str], click.Command, list[str]] | None:
+    """(the command's path, the command, its arguments), or None when click cannot tell."""
+    ctx = click.Context(main, info_name="vmrt", resilient_parsing=True)
+    cmd: click.Command = main
+    path: list[str] = []
+    rest = list(argv)
+    while isinstance(cmd, click.Group):
+        if not rest or rest[0].startswith("-"):
+            return None
+        sub = cmd.get_command(ctx, rest[0])
+        if sub is None:
+            return None
+        path.append(rest.pop(0))
+        cmd = sub
+    return path, cmd, rest
+
+
+def plan(main: click.Group, route: Route) -> Plan:
+    argv = route.argv
+    p = Plan(argv=list(argv), globals_=route.globals_)
+    leaf = _leaf(main, argv)
+    if leaf is None:
+        return p
+    path, cmd, rest = leaf
+    if "--help" in rest or "-h" in rest:
+        return p
+    try:
+        params = cmd.make_context(path[-1], list(rest), resilient_parsing=True).params
+    except click.ClickException:  # the remote vmrt says what is wrong, with its exit status
+        return p
+    name = cmd.name or path[-1]
+    tty_here = os.isatty(0) and os.isatty(1)
+    if name in ("run", "exec"):
+        attached = not params.get("detach")
+        p.stdin = bool(params.get("interactive")) and attached
+        p.tty = bool(params.get("tty")) and attached
+    elif name == "attach":
+        p.stdin = not params.get("no_stdin")
+        p.tty = tty_here
+    elif name == "login":
+        p.stdin = True
+        p.tty = tty_here and not params.get("password_stdin")
+    elif "prune" in name and not params.get("force") and tty_here:
+        p.stdin = p.tty = True  # the remote asks, on a terminal
+    elif name == "load":
+        source = params.get("source")
+        if source is not None:
+            p.stdin_file = Path(source)
+            p.argv = [*path, *(["-q"] if params.get("quiet") else [])]
+        else:
+            p.stdin = True
+    elif name == "save":
+        output = params.get("output")
+        if output is not None:
+            p.stdout_file = Path(output)
+            if not p.stdout_file.parent.is_dir():
+                raise UsageError(f"cannot write {output}: its directory does not exist")
+        elif os.isatty(1):
+            raise UsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
+        p.argv = [*path, *params.get("refs", ())]
+    elif name == "import":
+        source = params.get("source")
+        if source and source != "-" and not source.startswith(("http://", "https://")):
+            p.stdin_file = Path(source)
+            args = [f"--change={c}" for c in params.get("changes", ())]
+            if params.get("message"):
+                args.append(f"--message={params['message']}")
+            p.argv = [*path, *args, "-", *([params["ref"]] if params.get("ref") else [])]
+        elif source == "-":
+            p.stdin = True
+    elif name == "cp":
+        _cp(p, path, params)
+    return p
+
+
+def _cp(p: Plan, path: list[str], params: dict[str, object]) -> None:
+    from ..cp import source_base, split  # imported on use: cp alone
+    src, dest = str(params.get("src") or ""), str(params.get("dest") or "")
+    (sref, spath), (dref, _) = split(src), split(dest)
+    if src == "-":
+        p.stdin = True
+    elif sref is None and dref is not None:
+        local = Path(src)
+        if not os.path.lexists(local):
+            raise UsageError(f"could not find the file {src} in the host")
+        name = os.path.basename(os.path.normpath(os.path.abspath(src)))
+        if not name:
+            raise UsageError("cannot copy / to a remote container")
+        p.stdin_tar = (local, name)
+        p.argv = [*path, "--source-name", name, "-", dest]
+    elif sref is not None and dref is None and dest != "-":
+        p.extract = (source_base(spath)[1], Path(dest))
+        p.argv = [*path, src, "-"]
+
+
+def run(main: click.Group, route: Route) -> int:
+    assert route.target is not None
+    return run_remote(route.target, plan(main, route), source=route.source)

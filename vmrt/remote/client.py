@@ -1,0 +1,433 @@
+"""The local end of ``vmrt -H ssh://...``: the remote ``vmrt`` over an SSH exec channel (paramiko).
+
+Trust: the host key must be in ``~/.ssh/known_hosts`` or ``/etc/ssh/ssh_known_hosts`` (an unknown
+host is refused with how to accept it; a changed key is refused loudly), authentication is by key
+alone (the ssh-agent, then ``~/.ssh/id_*`` without a passphrase): vmrt never asks for a password,
+as ssh's BatchMode. The remote command is the one string that goes to a shell (the remote user's
+login shell runs it): every argument is quoted with :func:`shlex.join`.
+
+Failures of the connection itself (cannot connect, host key, authentication, a connection lost
+mid-run) are :class:`RemoteError`, exit status 255 as ssh's; the remote command's own status is
+passed on as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shlex
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import VmrtError
+from ..signals import FORWARDED
+from .session import frame
+from .target import SESSION_FLAG, SIGNAL_FLAG, SshTarget
+
+CONNECT_TIMEOUT = float(os.environ.get("VMRT_SSH_TIMEOUT", "15") or 15)
+CHUNK = 32 * 1024
+
+
+class RemoteError(VmrtError):
+    """The SSH connection failed or was lost (ssh's exit status)."""
+
+    exit_code = 255
+
+
+@dataclass
+class Plan:
+    """What one remote command needs from this side (vmrt/cli/remote.py makes it)."""
+
+    argv: list[str]
+    stdin: bool = False  # forward this stdin (run/exec -i, load, attach, ...)
+    stdin_file: Path | None = None  # this file is the remote command's stdin (load -i, import FILE)
+    stdin_tar: tuple[Path, str] | None = None  # a tar of this local path, named so (cp LOCAL C:PATH)
+    stdout_file: Path | None = None  # the remote command's stdout goes to this file (save -o)
+    extract: tuple[str, Path] | None = None  # its stdout is a tar of NAME to put at PATH (cp C:PATH LOCAL)
+    tty: bool = False  # a pty on the remote side (-t)
+    globals_: list[str] = field(default_factory=list)  # the main group's flags (--debug)
+
+
+def _home() -> Path:
+    return Path(os.environ.get("HOME") or os.path.expanduser("~"))
+
+
+def known_hosts_files() -> list[Path]:
+    return [_home() / ".ssh" / "known_hosts", Path("/etc/ssh/ssh_known_hosts")]
+
+
+def _fingerprint(key: Any) -> str:
+    import base64  # imported on use: only for messages
+    import hashlib  # imported on use: only for messages
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
+
+
+def add_known_host(target: SshTarget, key: Any) -> Path:
+    """Append ``key`` for ``target`` to ~/.ssh/known_hosts (made 0700/0600 if missing)."""
+    d = _home() / ".ssh"
+    d.mkdir(mode=0o700, exist_ok=True)
+    path = d / "known_hosts"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{target.known_hosts_name()} {key.get_name()} {key.get_base64()}\n")
+    return path
+
+
+def _connect(target: SshTarget, *, accept_new: bool = False) -> Any:
+    """A connected, authenticated paramiko SSHClient; RemoteError with a clear line otherwise."""
+    import paramiko  # imported on use: ~0.2 s, only for a remote host
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            if accept_new:
+                path = add_known_host(target, key)
+                print(f"vmrt: added {target.known_hosts_name()} ({_fingerprint(key)}) to {path}", file=sys.stderr)
+                return
+            port = f"-p {target.port} " if target.port != 22 else ""
+            raise RemoteError(
+                f"{target.url()}: the host key of {target.known_hosts_name()} is not known ({_fingerprint(key)}); "
+                f"check that fingerprint with the host's administrator, then add it: "
+                f"ssh-keyscan {port}{target.host} >> ~/.ssh/known_hosts, "
+                f"or: vmrt context create NAME --host {target.url()} --accept-host-key")
+
+    client = paramiko.SSHClient()
+    for f in known_hosts_files():
+        if f.is_file():
+            try:
+                client.load_system_host_keys(str(f))
+            except (OSError, paramiko.SSHException) as e:
+                raise RemoteError(f"cannot read {f}: {e}") from e
+    client.set_missing_host_key_policy(Policy())
+    user = target.user or getpass.getuser()
+    try:
+        client.connect(target.host, port=target.port, username=user, timeout=CONNECT_TIMEOUT,
+                       banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT, channel_timeout=CONNECT_TIMEOUT,
+                       allow_agent=True, look_for_keys=True, password=None, passphrase=None)
+    except RemoteError:
+        client.close()
+        raise
+    except paramiko.BadHostKeyException as e:
+        client.close()
+        raise RemoteError(
+            f"WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED for {target.known_hosts_name()}: it offered "
+            f"{_fingerprint(e.key)}, known_hosts has {_fingerprint(e.expected_key)}; someone could be "
+            f"intercepting the connection; refusing to connect (if the host's key really changed, remove the "
+            f"old one: ssh-keygen -R '{target.known_hosts_name()}')") from None
+    except paramiko.AuthenticationException as e:
+        client.close()
+        raise RemoteError(f"{target.url()}: permission denied for {user} (publickey): no key from the ssh-agent or "
+                          f"~/.ssh/id_* was accepted; vmrt never asks for a password ({e})") from None
+    except (paramiko.SSHException, EOFError) as e:
+        client.close()
+        raise RemoteError(f"cannot connect to {target.url()}: {e or type(e).__name__}") from None
+    except OSError as e:
+        client.close()
+        raise RemoteError(f"cannot connect to {target.url()}: {e.strerror or e}") from None
+    transport = client.get_transport()
+    if transport is not None:
+        transport.set_keepalive(15)
+    return client
+
+
+def check_host(target: SshTarget, *, accept_new: bool) -> None:
+    """Connect once (``vmrt context create --accept-host-key``): the host key learned if asked."""
+    _connect(target, accept_new=accept_new).close()
+
+
+def remote_command(plan: Plan, token: str) -> str:
+    mode = f"pty:{token}" if plan.tty else "framed"
+    return shlex.join(["vmrt", f"{SESSION_FLAG}={mode}", *plan.globals_, *plan.argv])
+
+
+def _window() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(0 if os.isatty(0) else 1)
+        return size.columns, size.lines
+    except OSError:
+        return 80, 24
+
+
+@contextlib.contextmanager
+def _raw(enabled: bool) -> Iterator[None]:
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _Sender:
+    """Frames (or raw bytes, with a pty) on the channel, one at a time."""
+
+    def __init__(self, chan: Any, framed: bool, token: str) -> None:
+        self.chan, self.framed, self.token = chan, framed, token
+        self.lock = threading.Lock()
+
+    def data(self, chunk: bytes) -> None:
+        with self.lock:
+            self.chan.sendall(frame(b"D", chunk) if self.framed else chunk)
+
+    def end(self) -> None:
+        with self.lock:
+            if self.framed:
+                self.chan.sendall(frame(b"E"))
+            else:
+                self.chan.shutdown_write()
+
+    def signal(self, signo: int) -> None:
+        name = signal.Signals(signo).name[3:]
+        if self.framed:
+            with self.lock:
+                self.chan.sendall(frame(b"S", name.encode()))
+            return
+        # a pty (Ctrl-C itself goes as its byte): a second channel runs the remote signaller
+        threading.Thread(target=self._signal_channel, args=(name,), daemon=True).start()
+
+    def _signal_channel(self, name: str) -> None:
+        try:
+            chan = self.chan.get_transport().open_session(timeout=CONNECT_TIMEOUT)
+            chan.exec_command(shlex.join(["vmrt", f"{SIGNAL_FLAG}={self.token}:{name}"]))
+            chan.recv_exit_status()
+            chan.close()
+        except Exception:  # the connection is going: the main loop reports it
+            pass
+
+
+def _pump(source: BinaryIO | None, sender: _Sender, failed: list[BaseException]) -> None:
+    try:
+        if source is not None:
+            while True:
+                chunk = source.read1(CHUNK) if hasattr(source, "read1") else source.read(CHUNK)
+                if not chunk:
+                    break
+                sender.data(chunk)
+        sender.end()
+    except (OSError, EOFError) as e:  # the channel went (reported by the main loop) or the source failed
+        failed.append(e)
+
+
+@contextlib.contextmanager
+def _stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
+    if plan.stdin_file is not None:
+        try:
+            f = open(plan.stdin_file, "rb")
+        except OSError as e:
+            raise VmrtError(f"cannot open {plan.stdin_file}: {e.strerror}") from e
+        with f:
+            yield f
+    elif plan.stdin_tar is not None:
+        import tarfile  # imported on use: cp alone
+        path, name = plan.stdin_tar
+        r, w = os.pipe()
+        errors: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with open(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+                    tf.add(path, arcname=name)
+            except (OSError, tarfile.TarError) as e:
+                errors.append(e)
+        t = threading.Thread(target=produce, daemon=True)
+        t.start()
+        with open(r, "rb") as f:
+            yield f
+        t.join(timeout=5)
+        if errors:
+            raise VmrtError(f"cannot copy {path}: {errors[0]}")
+    elif plan.stdin:
+        yield open(0, "rb", buffering=0, closefd=False)
+    else:
+        yield None
+
+
+class _Output:
+    """Where the remote stdout goes: ours, a file (save -o: in place only when all went well), or
+    a tar unpacked here (cp C:PATH LOCAL, vmrt/cp.py's checks)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.fd = 1
+        self.tmp: Path | None = None
+        self.thread: threading.Thread | None = None
+        self.status: list[int] = []
+        self.done = threading.Event()
+        self.error: list[BaseException] = []
+        self.broken = False
+        if plan.stdout_file is not None:
+            out = plan.stdout_file
+            self.tmp = out.with_name(f".{out.name}.vmrt-{os.getpid()}")
+            try:
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except OSError as e:
+                raise VmrtError(f"cannot write {out}: {e.strerror}") from e
+        elif plan.extract is not None:
+            from ..cp import host_target  # imported on use: cp alone
+            base, dest = plan.extract
+            host_target(dest, base)
+            r, self.fd = os.pipe()
+            self.thread = threading.Thread(target=self._unpack, args=(r, base, dest), daemon=True)
+            self.thread.start()
+
+    def _unpack(self, r: int, base: str, dest: Path) -> None:
+        from ..cp import unpack_to_host  # imported on use: cp alone
+
+        def done(error: BaseException | None) -> None:
+            self.done.wait()
+            if self.status and self.status[0] != 0:  # the remote said why on stderr
+                raise _Quiet()
+            if error is not None:
+                raise VmrtError(f"cannot copy {base}: {error}")
+        try:
+            with open(r, "rb") as f:
+                unpack_to_host(f, base, dest, done)
+        except _Quiet:
+            pass
+        except (VmrtError, OSError) as e:
+            self.error.append(e)
+            with contextlib.suppress(OSError):  # let a blocked writer go
+                while os.read(r, CHUNK):
+                    pass
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            _write_all(self.fd, data)
+        except BrokenPipeError:
+            self.broken = True
+
+    def finish(self, status: int | None) -> None:
+        if self.fd != 1:
+            os.close(self.fd)
+        self.status.append(255 if status is None else status)
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.tmp is not None and self.plan.stdout_file is not None:
+            if status == 0:
+                os.replace(self.tmp, self.plan.stdout_file)
+            else:
+                self.tmp.unlink(missing_ok=True)
+        if self.error and status == 0:
+            raise self.error[0] if isinstance(self.error[0], VmrtError) else VmrtError(str(self.error[0]))
+
+
+class _Quiet(Exception):
+    pass
+
+
+def run(target: SshTarget, plan: Plan, *, source: str = "-H") -> int:
+    """Run ``plan`` on ``target``; the remote command's exit status."""
+    started = time.monotonic()
+    client = _connect(target)
+    try:
+        return _session(client, target, plan)
+    finally:
+        client.close()
+        if os.environ.get("VMRT_REMOTE_TIMINGS"):
+            print(f"vmrt: remote: {time.monotonic() - started:.3f}s on {target.url()} ({source})", file=sys.stderr)
+
+
+def _session(client: Any, target: SshTarget, plan: Plan) -> int:
+    transport = client.get_transport()
+    framed = not plan.tty
+    token = os.urandom(16).hex()
+    try:
+        chan = transport.open_session(timeout=CONNECT_TIMEOUT)
+        if plan.tty:
+            cols, rows = _window()
+            chan.get_pty(term=os.environ.get("TERM", "xterm"), width=cols, height=rows)
+        chan.exec_command(remote_command(plan, token))
+    except Exception as e:  # paramiko's SSHException, or the transport gone: one line
+        raise RemoteError(f"{target.url()}: cannot start the remote command: {e}") from None
+    output = _Output(plan)
+    sender = _Sender(chan, framed, token)
+    pending: list[int] = []
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    handled = [*FORWARDED, signal.SIGWINCH] if plan.tty else list(FORWARDED)
+    old_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    old = {s: signal.signal(s, lambda signo, _f: pending.append(signo)) for s in handled}
+    status: int | None = None
+    try:
+        with _raw(plan.tty), _stdin_source(plan) as src:
+            failed: list[BaseException] = []
+            pump = threading.Thread(target=_pump, args=(src, sender, failed), daemon=True)
+            pump.start()
+            status = _relay(chan, output, sender, pending, wake_r)
+            if plan.stdin_tar is not None or plan.stdin_file is not None:
+                pump.join(timeout=5)
+    finally:
+        signal.set_wakeup_fd(old_wake)
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(wake_r)
+        os.close(wake_w)
+        output_status = status
+        try:
+            output.finish(output_status)
+        finally:
+            chan.close()
+    if status is None:
+        raise RemoteError(f"lost the connection to {target.url()}: the remote command's end is unknown "
+                          "(the remote vmrt stops it: SIGHUP, then SIGTERM)")
+    return status
+
+
+def _relay(chan: Any, output: _Output, sender: _Sender, pending: list[int], wake_r: int) -> int | None:
+    """Output to its places and signals to the remote until the command's exit status comes (None:
+    the channel closed without one, the connection is gone)."""
+    import selectors  # imported on use: the relay alone
+    sel = selectors.DefaultSelector()
+    sel.register(chan, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    try:
+        while True:
+            sel.select(timeout=1.0)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 256):
+                    pass
+            while pending:
+                signo = pending.pop(0)
+                try:
+                    if signo == signal.SIGWINCH:
+                        chan.resize_pty(*_window())
+                    else:
+                        sender.signal(signo)
+                except Exception:  # paramiko's or the socket's: the connection is going, reported below
+                    pass
+            while chan.recv_ready():
+                output.write(chan.recv(CHUNK))
+            while chan.recv_stderr_ready():
+                _write_all(2, chan.recv_stderr(CHUNK))
+            if chan.exit_status_ready() and (chan.eof_received or chan.closed) \
+                    and not chan.recv_ready() and not chan.recv_stderr_ready():
+                got = chan.exit_status
+                return None if got < 0 else int(got)
+            if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                return None
+    finally:
+        sel.close()
+

@@ -1,0 +1,225 @@
+"""The remote end of ``vmrt -H ssh://...``: ``vmrt --remote-session=MODE ARGV...`` on the remote host.
+
+``pty:TOKEN``: nothing to do here. The command runs on the pty sshd made; Ctrl-C is a byte the
+container's terminal turns into SIGINT, and when the connection goes, sshd closes the pty's master
+and the kernel sends SIGHUP to the session (vmrt run forwards it to the container). Other signals
+(SIGTERM to the local vmrt) come through a second exec channel on the same connection: ``vmrt
+--remote-signal=TOKEN:TERM`` finds the process of this user whose first argument is
+``--remote-session=pty:TOKEN`` (TOKEN: 128 random bits the client chose) and signals it. OpenSSH's
+own "signal" channel request is not used: Debian's sshd 9.2 refuses it ("session signalling
+requires privilege separation") for the sessions here.
+
+``framed``: without a pty nothing tells a command that its client went away until it writes (a
+``vmrt run`` of a quiet container would wait forever), and OpenSSH's "signal" channel request does
+not reach a command in every setup. So the client sends its stdin as frames on the channel's
+stdin, and this process forks: the child runs the command (its stdin a pipe, its stdout and
+stderr sshd's own), the parent reads the frames:
+
+    frame = type (1 byte) + length (4 bytes, big-endian, at most MAX_FRAME) + payload
+    D  stdin data, written to the command's stdin (at most MAX_BUFFER queued)
+    E  the end of stdin (the pipe is closed once what is queued is written)
+    S  a signal (its name: INT, TERM, HUP, QUIT, USR1, USR2) sent to the command
+
+The client never ends the channel's stdin while it waits for the command, so the end of the
+frames (EOF), like a hang-up of the stdout sshd reads, means the connection is gone: the command
+gets SIGHUP (as on a terminal's hang-up; vmrt run passes it to the container), SIGTERM
+``TERM_AFTER`` seconds later (a stop signal: the container is killed after its grace time and
+``--rm`` removes it), and SIGKILL after ``KILL_AFTER`` as a last resort. The parent exits with the
+command's status (128+N for signal N), which sshd sends as the channel's exit status.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import struct
+import sys
+import time
+
+from ..signals import FORWARDED
+
+MAX_FRAME = 1 << 20
+MAX_BUFFER = 1 << 20
+TERM_AFTER = 2.0
+KILL_AFTER = 60.0
+HEADER = struct.Struct(">cI")
+SIGNALS = {signal.Signals(s).name[3:]: s for s in FORWARDED}
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def serve(mode: str) -> None:
+    """Returns in the process that runs the command; in framed mode the parent relays the frames
+    and exits with the command's status (it never returns)."""
+    if mode.startswith("signal:"):
+        _, token, name = mode.split(":")
+        os._exit(0 if signal_session(token, name) else 1)
+    if mode != "framed":
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # until each side has its handlers
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(r, 0)
+        os.close(r)
+        os.close(w)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return
+    os.close(r)
+    for s in FORWARDED:  # sshd's signal request reaches the whole group: the command gets its own
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
+        code = _relay(pid, w)
+    except BaseException:  # never let the relay's failure leave the command without its parent
+        os.kill(pid, signal.SIGHUP)
+        code = 255
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def signal_session(token: str, name: str) -> bool:
+    """``--remote-signal``: SIGname to this user's processes serving ``pty:token``; whether any."""
+    sig = SIGNALS.get(name)
+    if sig is None:
+        return False
+    wanted = f"--remote-session=pty:{token}".encode()
+    sent = False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read(4096).split(b"\0")
+        except OSError:
+            continue
+        if wanted in args[:4]:
+            try:
+                os.kill(int(entry), sig)
+                sent = True
+            except ProcessLookupError:
+                pass
+    return sent
+
+
+class _Relay:
+    def __init__(self, pid: int, stdin_w: int) -> None:
+        self.pid = pid
+        self.w: int | None = stdin_w
+        self.queued = bytearray()
+        self.frames = bytearray()
+        self.ended = False  # E seen
+        self.hung_at: float | None = None
+        self.termed = False
+
+    def feed(self, data: bytes) -> None:
+        self.frames += data
+        while len(self.frames) >= HEADER.size:
+            kind, n = HEADER.unpack_from(self.frames)
+            if n > MAX_FRAME:
+                raise ValueError(f"frame of {n} bytes")
+            if len(self.frames) < HEADER.size + n:
+                return
+            payload = bytes(self.frames[HEADER.size:HEADER.size + n])
+            del self.frames[:HEADER.size + n]
+            if kind == b"D":
+                if not self.ended and self.w is not None:
+                    self.queued += payload
+            elif kind == b"E":
+                self.ended = True
+            elif kind == b"S":
+                sig = SIGNALS.get(payload.decode("ascii", "replace"))
+                if sig is None:
+                    raise ValueError(f"signal {payload[:16]!r}")
+                os.kill(self.pid, sig)
+            else:
+                raise ValueError(f"frame type {kind!r}")
+
+    def write(self) -> None:
+        assert self.w is not None
+        try:
+            n = os.write(self.w, self.queued)
+            del self.queued[:n]
+        except BlockingIOError:
+            pass
+        except OSError as e:  # the command closed its stdin: what is left has no reader
+            if e.errno != errno.EPIPE:
+                raise
+            self.queued.clear()
+            self.close_stdin()
+
+    def close_stdin(self) -> None:
+        if self.w is not None:
+            os.close(self.w)
+            self.w = None
+
+    def hang_up(self) -> None:
+        if self.hung_at is None:
+            self.hung_at = time.monotonic()
+            self.close_stdin()
+            os.kill(self.pid, signal.SIGHUP)
+
+    def escalate(self) -> None:
+        if self.hung_at is None:
+            return
+        waited = time.monotonic() - self.hung_at
+        if waited >= TERM_AFTER and not self.termed:
+            self.termed = True
+            os.kill(self.pid, signal.SIGTERM)
+        if waited >= KILL_AFTER:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _status(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _relay(pid: int, stdin_w: int) -> int:
+    relay = _Relay(pid, stdin_w)
+    os.set_blocking(stdin_w, False)
+    pidfd = os.pidfd_open(pid)
+    reading = True
+    while True:
+        if relay.ended and not relay.queued:
+            relay.close_stdin()
+        poll = select.poll()
+        poll.register(pidfd, select.POLLIN)
+        if reading:
+            poll.register(0, select.POLLIN if len(relay.queued) < MAX_BUFFER else 0)
+            poll.register(1, 0)  # sshd's end of our stdout: POLLERR/POLLHUP once it is gone
+        if relay.w is not None and relay.queued:
+            poll.register(relay.w, select.POLLOUT)
+        events = dict(poll.poll(None if relay.hung_at is None else 500))
+        if pidfd in events:
+            os.close(pidfd)
+            return _status(pid)
+        if reading and events.get(1, 0) & (select.POLLERR | select.POLLHUP):
+            reading = False
+            relay.hang_up()
+        if reading and 0 in events:
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            try:
+                if not data:
+                    raise EOFError
+                relay.feed(data)
+            except EOFError:
+                reading = False
+                relay.hang_up()
+            except ValueError as e:
+                print(f"vmrt: remote session: a bad frame from the client ({e}): stopping", file=sys.stderr)
+                reading = False
+                relay.hang_up()
+        if relay.w is not None and relay.queued and relay.w in events:
+            relay.write()
+        relay.escalate()
