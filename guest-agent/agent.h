@@ -129,6 +129,7 @@ uint64_t oom_kills(void);
 void child_main(const struct stdio *s) __attribute__((noreturn));
 void exec_child_main(const struct stdio *s, const struct vmrt_run *r, int mntns) __attribute__((noreturn));
 int read_errpipe(int fd, uint32_t *code, char *msg, size_t msglen);
+pid_t walk_spawn(struct stdio *s); /* WALK_AFTER's walk, its stdio pipes in s; -1 on failure */
 
 /* ---------------------------------------------------------------- walk.c */
 

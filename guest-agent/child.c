@@ -493,6 +493,35 @@ static void walk_enter(int content)
 	walk_upper(content);
 }
 
+/* WALK_AFTER: the writable layer's walk with contents (VMRTWLK2), a child of
+ * the agent's once the container's process has exited (its PID namespace, and
+ * every process of the container with it, is gone: nothing changes the layer
+ * meanwhile).  In the container's cgroup, with walk_enter's capabilities; its
+ * stdout and stderr are pipes whose read ends go to s, as a container
+ * process's.  Its pid, or -1. */
+pid_t walk_spawn(struct stdio *s)
+{
+	static const struct vmrt_run plain; /* no terminal, no stdin */
+	char msg[256], pts[8];
+	pid_t pid;
+
+	if (stdio_open(s, &plain, 0, pts, sizeof pts, msg, sizeof msg) < 0) {
+		con("walk: %s", msg);
+		return -1;
+	}
+	pid = fork();
+	if (pid == 0) {
+		child_enter(s, 0);
+		walk_enter(1);
+	}
+	stdio_close_child(s);
+	if (pid < 0) {
+		con("walk: fork: %s", strerror(errno));
+		stdio_close(s);
+	}
+	return pid;
+}
+
 void child_main(const struct stdio *s)
 {
 	char text[512];

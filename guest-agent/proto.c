@@ -262,6 +262,7 @@ static const char *tag_name(uint8_t t)
 	case VMRT_TAG_RO_PATH: return "RO_PATH";
 	case VMRT_TAG_WALK_UPPER: return "WALK_UPPER";
 	case VMRT_TAG_WALK_CONTENT: return "WALK_CONTENT";
+	case VMRT_TAG_WALK_AFTER: return "WALK_AFTER";
 	default: return "?";
 	}
 }
@@ -314,6 +315,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 	out->nmasked = out->nro_paths = 0;
 	out->walk = 0;
 	out->walk_content = 0;
+	out->walk_after = 0;
 	out->nrlimits = 0;
 
 	while (i < len) {
@@ -450,6 +452,7 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 		case VMRT_TAG_DETACH:
 		case VMRT_TAG_WALK_UPPER:
 		case VMRT_TAG_WALK_CONTENT:
+		case VMRT_TAG_WALK_AFTER:
 			if (vlen != 0)
 				goto badsize;
 			if (tag == VMRT_TAG_DETACH)
@@ -458,6 +461,8 @@ int vmrt_run_parse(const uint8_t *p, size_t len, struct vmrt_run *out,
 				out->walk = 1;
 			else if (tag == VMRT_TAG_WALK_CONTENT)
 				out->walk_content = 1;
+			else if (tag == VMRT_TAG_WALK_AFTER)
+				out->walk_after = 1;
 			else
 				out->no_new_privs = 1;
 			break;
@@ -691,6 +696,10 @@ badsize:
 	}
 	if (out->walk_content && !out->walk) {
 		seterr(err, errlen, "RUN WALK_CONTENT without WALK_UPPER");
+		return -1;
+	}
+	if (out->walk_after && (out->walk || out->tty)) {
+		seterr(err, errlen, "RUN WALK_AFTER with WALK_UPPER or TTY");
 		return -1;
 	}
 	if (out->share_fresh && !out->share_9p) {

@@ -77,6 +77,7 @@ enum vmrt_tag {
 	VMRT_TAG_WALK_UPPER = 33,   /* empty: the process walks the writable layer (walk.c) instead of exec'ing ARG */
 	VMRT_TAG_RLIMIT = 34,       /* u32 resource, u64 soft, u64 hard: an OCI process.rlimits entry */
 	VMRT_TAG_WALK_CONTENT = 35, /* empty, with WALK_UPPER: the walk carries contents too (VMRTWLK2, a build step's layer) */
+	VMRT_TAG_WALK_AFTER = 36,   /* empty, RUN: after the process exits 0, EXIT, the VMRTWLK2 walk as STDOUT, a second EXIT */
 };
 
 enum vmrt_mount_flags {
@@ -183,6 +184,7 @@ struct vmrt_run {
 	size_t nro_paths;
 	int walk;            /* WALK_UPPER record given (never with TTY or DETACH) */
 	int walk_content;    /* WALK_CONTENT record given (only with WALK_UPPER) */
+	int walk_after;      /* WALK_AFTER record given (never with WALK_UPPER or TTY) */
 	struct { uint32_t resource; uint64_t soft, hard; } rlimits[VMRT_MAX_RLIMITS];
 	size_t nrlimits;
 	char strings[VMRT_MAX_PAYLOAD];
@@ -203,7 +205,8 @@ struct vmrt_run {
  * SECCOMP or one that is empty, not whole instructions or longer than
  * BPF_MAXINSNS, too many MASKED/RO_PATH or one not absolute or with "..",
  * a non-empty WALK_UPPER or one with TTY or DETACH, a non-empty
- * WALK_CONTENT or one without WALK_UPPER, an RLIMIT that is not
+ * WALK_CONTENT or one without WALK_UPPER, a non-empty WALK_AFTER or one
+ * with WALK_UPPER or TTY, an RLIMIT that is not
  * 20 bytes, names a resource outside 0..15, a second time, or a soft limit
  * above its hard one.
  * Unknown tags are skipped. */

@@ -24,6 +24,7 @@
 
 struct session sess[1 + NEXEC];
 int sfd = -1;
+static int walking; /* WALK_AFTER: the walk runs (MAIN's process is the walk's) */
 int self_pidns = -1;
 static struct vmrt_run xrun; /* an EXEC being started */
 static pid_t detached[MAX_DETACHED];
@@ -502,8 +503,26 @@ void supervise(void)
 				if (sess[k].fd >= 0 && (sess[k].pid > 0 || (sess[k].state == S_CLOSING && sess[k].wlen)))
 					busy = 1;
 			if (!busy || now >= MAIN->drain_deadline) {
+				int ok = WIFEXITED(MAIN->status) && WEXITSTATUS(MAIN->status) == 0;
+
 				sync_upper();
 				queue_exit(MAIN);
+				if (run.walk_after && ok && !walking) {
+					/* the step's layer: its walk's stream and EXIT follow */
+					pid_t pid;
+
+					walking = 1;
+					child = -1; /* no EXEC from now on: the container is gone */
+					stdio_close(&MAIN->s);
+					pid = walk_spawn(&MAIN->s);
+					if (pid > 0) {
+						MAIN->pid = pid;
+						MAIN->exited = MAIN->status = 0;
+						continue;
+					}
+					MAIN->status = 125 << 8;
+					queue_exit(MAIN);
+				}
 				main_flush();
 				return;
 			}

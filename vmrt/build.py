@@ -36,19 +36,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import bundle, fsmode, network, offline, rootfs, runner, safefs
+from . import bundle, fsmode, network, rootfs, runner, safefs
 from .agent import walk
 from .config import Config
-from .drivers.base import RunContext
 from .errors import UsageError, VmrtError
 from .formatting import inert
 from .images import buildlayer, reference
 from .images import dockerfile as df
-from .images.store import Image, Store
+from .images.store import Store
 from .layout import rw_dir
-from .lifecycle import remove_run_dir
 from .ocispec import Spec
-from .state import Container, State
+from .state import State
 from .timings import Timings
 from .vm import disk as vmdisk
 
@@ -541,50 +539,41 @@ class Builder:
         opts = bundle.RunOptions(image=stage.image_id, command=args, entrypoint="", env=build_env, rm=True,
                                  pull="never", net=net)
         c, image, layers, spec = runner.create(self.cfg, opts, isolation, state, persist=False)
+        layer = buildlayer.LayerTar(self.store.tmp)
         try:
             self.say(f" ---> Running in {c.id[:12]}")
             driver = runner.make_driver(isolation, accel=None, kernel=None, runtime=self.cfg.runtime)
-            with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
+            notice: Callable[[str], None] = lambda m: self.say(inert(f"[Warning] {m}"))  # noqa: E731
+            with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out, \
+                    self._guest_walk(spec, layer, notice) if isolation == "vm" else _no_walk() as walk_fd:
                 out = null_out.fileno() if self.opts.quiet else sys.stdout.fileno()
                 err = null_out.fileno() if self.opts.quiet else sys.stderr.fileno()
                 sys.stdout.flush()
-                # a VM step's disk is read again after its VM: synced at exit (no scratch)
                 status = runner.execute(self.cfg, state, c, image, layers, spec, driver, Timings(), log_dir=None,
-                                        stdio=(null_in.fileno(), out, err), scratch=isolation == "process")
-            if status != 0:
-                raise BuildError(f"The command '{' '.join(args)}' returned a non-zero code: {status}")
-            layer = buildlayer.LayerTar(self.store.tmp)
-            try:
-                notice: Callable[[str], None] = lambda m: self.say(inert(f"[Warning] {m}"))  # noqa: E731
-                if isolation == "vm":
-                    self._walk_vm(c, image, layers, spec, layer, notice)
-                else:
-                    buildlayer.from_upper(rw_dir(self.cfg, c.id) / "upper", layer, notice)
-                stored = layer.store(self.store)
-            finally:
-                layer.close()
+                                        stdio=(null_in.fileno(), out, err), scratch=True, walk_fd=walk_fd)
+                if status != 0:
+                    raise BuildError(f"The command '{' '.join(args)}' returned a non-zero code: {status}")
+            if isolation == "process":
+                buildlayer.from_upper(rw_dir(self.cfg, c.id) / "upper", layer, notice)
+            stored = layer.store(self.store)
             self.say(f" ---> Removed intermediate container {c.id[:12]}")
             return stored
         finally:
+            layer.close()
             runner.discard(self.cfg, state, c)
 
-    def _walk_vm(self, c: Container, image: Image, layers: list[Path], spec: Spec, layer: buildlayer.LayerTar,
-                 notice: Callable[[str], None]) -> None:
-        """A VM step's writable layer into ``layer``: the host never reads the step's disk (a
-        hostile ext4 image); a VM booted over it (a tool run, as ``docker diff`` of a stopped
-        VM container: no network, no identity but root's, only the capabilities reading takes)
-        has its guest agent stream the upper dir with contents (WALK_CONTENT), read here as it
-        comes by :class:`walk.ContentParser` (bounded by what the disk holds) in a thread."""
+    @contextlib.contextmanager
+    def _guest_walk(self, spec: Spec, layer: buildlayer.LayerTar, notice: Callable[[str], None]) -> Iterator[int]:
+        """A VM step's writable layer into ``layer``. The host never reads the step's disk (a hostile
+        ext4 image): once the step's process has exited 0 (its PID namespace, and every process of
+        the step with it, gone), the guest agent walks the upper dir with contents (WALK_AFTER) and
+        its stream comes to the fd this yields, read as it comes by :class:`walk.ContentParser`
+        (bounded by what the disk holds) in a thread. What the parser refuses ends the read: the
+        driver's next write fails and the run with it; the parser's error is the step's."""
         want = spec.get("annotations", {}).get(bundle.STORAGE_SIZE)
         disk = int(want) if want else vmdisk.storage_size(self.cfg.vm_storage_size, "vm_storage_size")
-        tool = offline.tool_config(spec, [walk.WALK_ARG], stdin=False, annotations={walk.WALK_ANNOTATION: "content"})
-        driver = runner.make_driver("vm", accel=None, kernel=None)
-        if hasattr(driver, "notice"):
-            driver.notice = False  # said once, by the step's own run
-        run_dir = self.cfg.run_root / "containers" / c.id
-        fsmode.private_dir(run_dir.parent)
-        run_dir.mkdir(mode=fsmode.PRIVATE_DIR)
         failed: list[BaseException] = []
+        done = threading.Event()
 
         def read(fd: int) -> None:
             try:
@@ -593,33 +582,32 @@ class Builder:
                         buildlayer.add_upper(layer, e.path, e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime_ns // 10**9,
                                              rdev=e.rdev, opaque=e.opaque, link=e.link, hardlink=e.hardlink,
                                              xattrs=e.xattrs, size=e.size, data=e.data, notice=notice)
+                    done.set()
             except BaseException as ex:  # noqa: BLE001 - handed to the build's thread, raised there
                 failed.append(ex)
-        r, w = os.pipe()
-        reader = threading.Thread(target=read, args=(r,), name="walk-reader", daemon=True)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        reader = threading.Thread(target=read, args=(r,), name="layer-walk", daemon=True)
         reader.start()
         try:
-            with open(os.devnull, "rb") as null_in:
-                bundle.write(run_dir, tool)
-                ctx = RunContext(self.cfg, None, c, image, layers, run_dir, tool, Timings(), null_in.fileno(), w,
-                                 sys.stderr.fileno(), rw_dir=rw_dir(self.cfg, c.id))
-                try:
-                    status = driver.run(ctx)
-                except VmrtError:
-                    if failed:  # the parser stopped first (its end closed: the walk's writes failed)
-                        status = -1
-                    else:
-                        raise
-        finally:
-            os.close(w)
+            yield w
+        except BuildError:
+            raise  # the step's own failure: no walk came
+        except VmrtError:
+            os.close(w)  # the parser's end first: its error (if it stopped the run) is the one to tell
+            w = -1
             reader.join()
-            remove_run_dir(run_dir)
+            if not failed:
+                raise
+        finally:
+            if w >= 0:
+                os.close(w)
+            reader.join()
         if failed:
             if isinstance(failed[0], VmrtError | OSError | tarfile.TarError):
                 raise BuildError(f"the step's layer: {failed[0]}") from failed[0]
             raise failed[0]
-        if status != 0:
-            raise BuildError(f"the guest's walk of the step's writable layer failed (status {status})")
+        if not done.is_set():
+            raise BuildError("the step's layer: the guest sent no walk")
 
     # --- COPY / ADD ----------------------------------------------------------------------------
     def _i_copy(self, stage: Stage, ins: df.Instruction) -> None:
@@ -855,6 +843,11 @@ class Builder:
             with contextlib.suppress(VmrtError):
                 if not self.store.get(image_id).tags:
                     self.store.delete_if_unused(image_id)
+
+
+@contextlib.contextmanager
+def _no_walk() -> Iterator[None]:
+    yield None
 
 
 def _arg_decls(ins: df.Instruction, env: dict[str, str]) -> list[tuple[str, str | None]]:

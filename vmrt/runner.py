@@ -104,9 +104,11 @@ def _check_networks(cfg: Config, opts: RunOptions) -> None:
 
 def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[Path], config: Spec,
             driver: Driver, timings: Timings, *, log_dir: Path | None, stdio: tuple[int, int, int] = (0, 1, 2),
-            handoff: HandOver | None = None, tee: Tee | None = None, scratch: bool = False) -> int:
+            handoff: HandOver | None = None, tee: Tee | None = None, scratch: bool = False,
+            walk_fd: int | None = None) -> int:
     """Run a created (or exited) container once, attached to ``stdio``; returns its exit status.
-    ``scratch``: the caller discards the container when this run ends (``run --rm``).
+    ``scratch``: the caller discards the container when this run ends (``run --rm``). ``walk_fd``
+    (VM mode, a build step): where its writable layer's walk goes once it exits 0.
 
     The bundle lives in ``<run_root>/containers/<id>`` for the run only; the record
     ends EXITED with the status whatever happens.
@@ -128,7 +130,8 @@ def execute(cfg: Config, state: State, c: Container, image: Image, layers: list[
         state.transition(c, Status.RUNNING, started=time.time(), monitor_pid=os.getpid(),
                          owner_ticks=start_ticks(os.getpid()), oom_killed=False)
         ctx = RunContext(cfg, state, c, image, layers, run_dir, config, timings, *stdio, log_dir=log_dir,
-                         rw_dir=rw_dir(cfg, c.id), handoff=handoff, tee=tee, net=net, scratch=scratch)
+                         rw_dir=rw_dir(cfg, c.id), handoff=handoff, tee=tee, net=net, scratch=scratch,
+                         walk_fd=walk_fd)
         status = driver.run(ctx)
         return status
     except VmrtError as e:

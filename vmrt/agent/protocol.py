@@ -82,6 +82,7 @@ class Tag(enum.IntEnum):
     WALK_UPPER = 33     # empty: the process walks the writable layer (vmrt/agent/walk.py) instead of exec'ing ARG
     RLIMIT = 34         # u32 resource, u64 soft, u64 hard: one OCI process.rlimits entry (RUN)
     WALK_CONTENT = 35   # empty, with WALK_UPPER: the walk carries contents too (VMRTWLK2: a build step's layer)
+    WALK_AFTER = 36     # empty, RUN: after the process exits 0: its EXIT, the VMRTWLK2 walk as STDOUT, a second EXIT
 
 
 class MountFlag(enum.IntFlag):
@@ -436,6 +437,7 @@ class RunSpec:
     ro_paths: list[str] = dataclasses.field(default_factory=list)   # OCI readonlyPaths
     walk: bool = False               # WALK_UPPER: list the writable layer instead of exec'ing args (docker diff)
     walk_content: bool = False       # WALK_CONTENT: with walk, the contents too (a build step's layer)
+    walk_after: bool = False         # WALK_AFTER: the layer's content walk after the process exits 0 (a build step)
     rlimits: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (resource, soft, hard)
 
 
@@ -560,6 +562,10 @@ def encode_run(spec: RunSpec) -> bytes:
         if not spec.walk:
             raise ProtocolError("WALK_CONTENT without WALK_UPPER")
         out += _rec(Tag.WALK_CONTENT, b"")
+    if spec.walk_after:
+        if spec.walk or spec.tty is not None:
+            raise ProtocolError("WALK_AFTER with WALK_UPPER or TTY")
+        out += _rec(Tag.WALK_AFTER, b"")
     if len(out) > MAX_PAYLOAD:
         raise ProtocolError(
             f"container spec is {len(out)} bytes; the agent protocol allows {MAX_PAYLOAD}")
@@ -671,10 +677,10 @@ def decode_run(p: bytes) -> RunSpec:
                 raise ProtocolError("more than one SECCOMP record")
             _check_seccomp(v)
             spec.seccomp = bytes(v)
-        elif tag in (Tag.WALK_UPPER, Tag.WALK_CONTENT):
+        elif tag in (Tag.WALK_UPPER, Tag.WALK_CONTENT, Tag.WALK_AFTER):
             if ln:
                 raise ProtocolError(f"{Tag(tag).name} must be empty")
-            setattr(spec, "walk" if tag == Tag.WALK_UPPER else "walk_content", True)
+            setattr(spec, {Tag.WALK_UPPER: "walk", Tag.WALK_CONTENT: "walk_content"}.get(Tag(tag), "walk_after"), True)
         elif tag in (Tag.MASKED, Tag.RO_PATH):
             paths = spec.masked if tag == Tag.MASKED else spec.ro_paths
             if len(paths) >= MAX_PATHS:
@@ -699,6 +705,8 @@ def decode_run(p: bytes) -> RunSpec:
         raise ProtocolError("WALK_UPPER with TTY or DETACH")
     if spec.walk_content and not spec.walk:
         raise ProtocolError("WALK_CONTENT without WALK_UPPER")
+    if spec.walk_after and (spec.walk or spec.tty is not None):
+        raise ProtocolError("WALK_AFTER with WALK_UPPER or TTY")
     return spec
 
 

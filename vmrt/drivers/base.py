@@ -64,6 +64,9 @@ class RunContext:
     # VM mode: awaited once the VM is ready, before its process starts (an OCI create's holder
     # waits there for `start`); what it raises ends the run
     gate: Callable[[], Awaitable[None]] | None = None
+    # VM mode, a build's RUN step: once its process exits 0, the guest agent's walk of its writable
+    # layer with contents (WALK_AFTER, vmrt/agent/walk.py ContentParser) is written here
+    walk_fd: int | None = None
 
 
 class Driver(Protocol):

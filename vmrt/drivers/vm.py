@@ -178,6 +178,9 @@ class _Session:
         self.hello: asyncio.Future[P.Hello]
         self.started: asyncio.Future[int]
         self.exited: asyncio.Future[P.Exit]
+        # WALK_AFTER (a build step): the second EXIT, the walk's; after the first, STDOUT is the walk
+        self.walked: asyncio.Future[P.Exit] | None = None
+        self.out_fd = ctx.stdout_fd
         # frames to the agent: control (RUN, SIGNAL, RESIZE, SHUTDOWN) go before stdin data,
         # and stdin is read only while less than STDIN_HIGH bytes wait to be sent
         self.ctlq: collections.deque[bytes | None] = collections.deque()
@@ -208,7 +211,8 @@ class _Session:
         return t
 
     def _fail_futures(self, exc: BaseException) -> None:
-        for f in (self.hello, self.started, self.exited):
+        futures: list[asyncio.Future[Any]] = [self.hello, self.started, self.exited]
+        for f in (*futures, *([self.walked] if self.walked else [])):
             if not f.done():
                 f.set_exception(exc)
                 f.exception()  # mark retrieved
@@ -225,8 +229,8 @@ class _Session:
                     if fr.type in (P.Msg.STDOUT, P.Msg.STDERR):
                         # a slow reader of our stdout must not stall signals and timeouts
                         self.ctx.timings.mark("first-output")
-                        fd = self.ctx.stdout_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
-                        if self.ctx.tee is not None:
+                        fd = self.out_fd if fr.type == P.Msg.STDOUT else self.ctx.stderr_fd
+                        if self.ctx.tee is not None and fd != self.ctx.walk_fd:
                             self.ctx.tee("stdout" if fr.type == P.Msg.STDOUT else "stderr", fr.payload)
                         self.writing_output = True
                         try:
@@ -260,6 +264,10 @@ class _Session:
             ex = P.decode_exit(fr.payload)
             if not self.exited.done():
                 self.exited.set_result(ex)
+                if self.walked is not None and ex.status == 0 and self.ctx.walk_fd is not None:
+                    self.out_fd = self.ctx.walk_fd  # what follows is the layer's walk (WALK_AFTER)
+            elif self.walked is not None and not self.walked.done() and self.out_fd == self.ctx.walk_fd:
+                self.walked.set_result(ex)
         elif fr.type == P.Msg.PONG:
             P.decode_cookie(fr.payload)  # life is any frame (last_rx); the cookie is not matched
 
@@ -461,6 +469,8 @@ class _Session:
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
         self.hello, self.started, self.exited = (self.loop.create_future() for _ in range(3))
+        if self.ctx.walk_fd is not None:
+            self.walked = self.loop.create_future()
         ctx = self.ctx
         for s in (*FORWARDED, FORCE_KILL):
             self.loop.add_signal_handler(s, self._on_signal, s)
@@ -553,6 +563,7 @@ class _Session:
             rs.share_9p, rs.seed = True, os.urandom(64)
             rs.share_fresh = vmsource.fresh_share(ctx)  # names, volumes: 9p reads uncached there
         rs.net, rs.net6 = guest_net(ctx.net), guest_net6(ctx.net)
+        rs.walk_after = ctx.walk_fd is not None
         if disk is not None and vm.disk:  # formatted while the VM booted
             await asyncio.to_thread(disk.ready)
             t.mark("disk-ready")
@@ -578,6 +589,11 @@ class _Session:
             self._start_stdin()
         ex: P.Exit = await self.exited
         t.mark("exit")
+        if self.walked is not None and ex.status == 0:
+            walked: P.Exit = await self.walked
+            t.mark("walked")
+            if walked.status != 0:
+                raise AgentError(f"the guest's walk of the writable layer failed (status {walked.status})")
         if ex.oom and ctx.state is not None:
             ctx.state.set_fields(ctx.container, oom_killed=True)
         return ex.status
