@@ -27,6 +27,7 @@ from support import Vmrt, one_line_error
 from test_api import DOCKER
 from test_api import api as api_for_build  # the service fixture, registered here under this name
 
+from vmrt.agent import protocol as P
 from vmrt.agent import walk
 from vmrt.errors import ProtocolError
 from vmrt.images import buildlayer, unpack
@@ -174,6 +175,63 @@ def test_a_stream_entry_becomes_layer_entries_as_a_process_steps_would(tmp_path:
     assert members["etc/hl"].islnk() and members["etc/hl"].linkname == "etc/new"
     assert members["etc/new"].pax_headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == CAP
     assert len(notes) == 2 and "/dev1" in notes[0] and "/sock" in notes[1]
+
+
+# --- the RUN tags, both sides ----------------------------------------------------------------------
+HARNESS = r"""
+#include <stdio.h>
+#include "proto.h"
+static struct vmrt_run run;
+static uint8_t buf[VMRT_MAX_PAYLOAD + 1];
+int main(void)
+{
+	char err[256];
+	size_t n = fread(buf, 1, sizeof buf, stdin);
+	if (vmrt_run_parse(buf, n, &run, err, sizeof err) < 0)
+		printf("error %s\n", err);
+	else
+		printf("walk=%d content=%d after=%d\n", run.walk, run.walk_content, run.walk_after);
+	return 0;
+}
+"""
+
+
+def test_walk_tags_are_checked_alike_by_host_and_agent(tmp_path: Path) -> None:
+    """WALK_CONTENT (35) only with WALK_UPPER; WALK_AFTER (36, a build step) never with WALK_UPPER or
+    a terminal; both empty: the host's encoder and decoder and the agent's parser (proto.c) agree."""
+    (tmp_path / "h.c").write_text(HARNESS)
+    subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-I", str(REPO / "guest-agent"), "-o", str(tmp_path / "parse"),
+                    str(tmp_path / "h.c"), str(REPO / "guest-agent/proto.c")], check=True)
+
+    def agent(payload: bytes) -> str:
+        return subprocess.run([str(tmp_path / "parse")], input=payload, capture_output=True,
+                              check=True).stdout.decode().strip()
+
+    def raw(*records: tuple[int, bytes]) -> bytes:
+        return struct.pack(">BI", P.Tag.ARG, 2) + b"sh" + b"".join(struct.pack(">BI", t, len(v)) + v
+                                                                   for t, v in records)
+    assert (P.Tag.WALK_CONTENT, P.Tag.WALK_AFTER) == (35, 36)
+    after = P.encode_run(P.RunSpec(args=["sh"], walk_after=True))[8:]
+    assert P.decode_run(after).walk_after and agent(after) == "walk=0 content=0 after=1"
+    content = P.encode_run(P.RunSpec(args=["x"], walk=True, walk_content=True))[8:]
+    back = P.decode_run(content)
+    assert back.walk and back.walk_content and agent(content) == "walk=1 content=1 after=0"
+    for bad, host, agent_words in [
+            (raw((P.Tag.WALK_CONTENT, b"")), "WALK_CONTENT without WALK_UPPER", "WALK_CONTENT without WALK_UPPER"),
+            (raw((P.Tag.WALK_AFTER, b""), (P.Tag.WALK_UPPER, b"")), "WALK_AFTER with", "WALK_AFTER with"),
+            (raw((P.Tag.WALK_AFTER, b""), (P.Tag.TTY, struct.pack(">HH", 24, 80))), "WALK_AFTER with",
+             "WALK_AFTER with"),
+            (raw((P.Tag.WALK_AFTER, b"x")), "WALK_AFTER must be empty", "error"),
+            (raw((P.Tag.WALK_CONTENT, b"x"), (P.Tag.WALK_UPPER, b"")), "WALK_CONTENT must be empty", "error")]:
+        with pytest.raises(ProtocolError) as e:
+            P.decode_run(bad)
+        assert host in str(e.value)
+        said = agent(bad)
+        assert said.startswith("error") and agent_words in said, said
+    with pytest.raises(ProtocolError):
+        P.encode_run(P.RunSpec(args=["sh"], walk_after=True, tty=(24, 80)))
+    with pytest.raises(ProtocolError):
+        P.encode_run(P.RunSpec(args=["sh"], walk_content=True))
 
 
 # --- the agent's content walk, run over a real directory ------------------------------------------
