@@ -429,6 +429,23 @@ def test_vm_step_cache_hits(vmrt: Vmrt, tmp_path: Path) -> None:
 
 
 @pytest.mark.vm
+def test_a_vm_step_on_a_guest_tmpfs(vmrt: Vmrt, tmp_path: Path) -> None:
+    """vm_storage_size 0: the step's writable layer is a tmpfs in the guest's RAM; the walk comes
+    before the VM stops, so the layer is there all the same."""
+    ctx = _ctx(tmp_path, "FROM busybox\nRUN echo ram > /on-tmpfs\n")
+    r = vmrt("build", "--isolation", "vm", "-q", str(ctx), env={"VMRT_VM_STORAGE_SIZE": "0"}, timeout=900)
+    assert r.returncode == 0, r.stderr
+    image = r.stdout.decode().split()[-1]
+    try:
+        assert "on-tmpfs" in _layer(vmrt, image, -1)
+        r = vmrt("run", "--rm", "--isolation", "process", image, "cat", "/on-tmpfs", timeout=120)
+        assert r.stdout == b"ram\n", r.stderr
+    finally:
+        vmrt("rmi", image)
+    vmrt.assert_clean()
+
+
+@pytest.mark.vm
 def test_a_failing_vm_step_names_the_line_and_leaves_nothing(vmrt: Vmrt, tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, "FROM busybox\nRUN echo ok > /ok\n\nRUN echo failing; exit 3\n")
     before = vmrt("images", "-q").stdout.decode().split()

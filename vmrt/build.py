@@ -55,8 +55,6 @@ Layer = tuple[dict[str, Any], str]  # (descriptor, diff id)
 CONFIG_ONLY = {"ENV", "ARG", "LABEL", "USER", "EXPOSE", "CMD", "ENTRYPOINT", "VOLUME", "SHELL", "STOPSIGNAL",
                "HEALTHCHECK", "ONBUILD", "MAINTAINER"}
 DEFAULT_SHELL = ["/bin/sh", "-c"]
-NO_DISK = ("RUN steps in VM isolation need the writable layer on a disk (it outlives the step's VM): "
-           "vm_storage_size is 0")
 
 
 class BuildError(VmrtError):
@@ -128,9 +126,6 @@ class Builder:
         if not instructions or instructions[0].cmd not in ("FROM", "ARG"):
             line = instructions[0].line if instructions else 1
             raise UsageError(f"{self.where}:{line}: the first instruction must be FROM (or ARG before FROM)")
-        if self.opts.isolation == "vm" and vmdisk.parse_size(self.cfg.vm_storage_size) == 0:
-            if any(i.cmd == "RUN" for i in instructions):
-                raise UsageError(NO_DISK)
         stages = self._split(instructions)
         if self.opts.target is not None:
             names = [s[0].value[2].lower() if len(s[0].value) > 2 else None for s in stages[1:]]
@@ -198,9 +193,6 @@ class Builder:
                 for ins in df.parse(text, f"{self.where}:{frm.line}: ONBUILD"):
                     if ins.cmd in ("ONBUILD", "FROM", "MAINTAINER"):  # the image's text: as Docker refuses it
                         raise BuildError(f"{self.where}:{frm.line}: {ins.cmd} isn't allowed as an ONBUILD trigger")
-                    if ins.cmd == "RUN" and self.opts.isolation == "vm" and \
-                            vmdisk.parse_size(self.cfg.vm_storage_size) == 0:
-                        raise UsageError(NO_DISK)
                     self._do(stage, dataclasses.replace(ins, line=frm.line))
         for ins in body[1:]:
             self._header(ins)
@@ -568,10 +560,15 @@ class Builder:
         ext4 image): once the step's process has exited 0 (its PID namespace, and every process of
         the step with it, gone), the guest agent walks the upper dir with contents (WALK_AFTER) and
         its stream comes to the fd this yields, read as it comes by :class:`walk.ContentParser`
-        (bounded by what the disk holds) in a thread. What the parser refuses ends the read: the
+        (bounded by what the disk, or the guest's RAM, holds) in a thread. What the parser refuses ends the read: the
         driver's next write fails and the run with it; the parser's error is the step's."""
         want = spec.get("annotations", {}).get(bundle.STORAGE_SIZE)
-        disk = int(want) if want else vmdisk.storage_size(self.cfg.vm_storage_size, "vm_storage_size")
+        if want:
+            disk = int(want)
+        elif vmdisk.parse_size(self.cfg.vm_storage_size):
+            disk = vmdisk.storage_size(self.cfg.vm_storage_size, "vm_storage_size")
+        else:  # the writable layer is a tmpfs in the guest's RAM
+            disk = self.cfg.memory_mib << 20
         failed: list[BaseException] = []
         done = threading.Event()
 
