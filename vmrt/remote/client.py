@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .. import fsmode
 from ..errors import VmrtError
 from ..signals import FORWARDED
 from .session import frame
@@ -123,12 +124,12 @@ def _connect(target: SshTarget, *, accept_new: bool = False) -> Any:
             f"{_fingerprint(e.key)}, known_hosts has {_fingerprint(e.expected_key)}; someone could be "
             f"intercepting the connection; refusing to connect (if the host's key really changed, remove the "
             f"old one: ssh-keygen -R '{target.known_hosts_name()}')") from None
-    except paramiko.AuthenticationException as e:
-        client.close()
-        raise RemoteError(f"{target.url()}: permission denied for {user} (publickey): no key from the ssh-agent or "
-                          f"~/.ssh/id_* was accepted; vmrt never asks for a password ({e})") from None
     except (paramiko.SSHException, EOFError) as e:
         client.close()
+        # paramiko's AuthenticationException, or "No authentication methods available" (no key at all)
+        if isinstance(e, paramiko.AuthenticationException) or "authentication" in str(e).lower():
+            raise RemoteError(f"{target.url()}: permission denied for {user} (publickey): no key from the ssh-agent "
+                              f"or ~/.ssh/id_* was accepted; vmrt never asks for a password ({e})") from None
         raise RemoteError(f"cannot connect to {target.url()}: {e or type(e).__name__}") from None
     except OSError as e:
         client.close()
@@ -278,7 +279,8 @@ class _Output:
             out = plan.stdout_file
             self.tmp = out.with_name(f".{out.name}.vmrt-{os.getpid()}")
             try:
-                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                os.fchmod(self.fd, 0o666 & ~fsmode.caller_umask())  # the user's umask, not vmrt's 077
             except OSError as e:
                 raise VmrtError(f"cannot write {out}: {e.strerror}") from e
         elif plan.extract is not None:

@@ -1,0 +1,443 @@
+"""vmrt -H ssh://... against a real sshd (issue 21 parts 3-4).
+
+The fixture starts Debian's OpenSSH server (/usr/sbin/sshd -D -e -f CONFIG) on a free loopback
+port with its own generated host key, sshd_config, PidFile and AuthorizedKeysFile in the test's
+temp dir (root login by key only, no PAM), and ``SetEnv`` of the private vmrt's environment, so
+the remote ``vmrt`` works in the test's own state root. The client side is the real CLI with a
+HOME of its own (a generated key, a known_hosts the test writes, no ssh-agent, no VMRT_* of its
+own). sshd and its per-connection children are stopped after. sshd needs /run/sshd (its
+privilege separation dir): made if missing, as Debian's unit does.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import Vmrt, one_line_error, track
+
+from vmrt.errors import UsageError
+from vmrt.remote import contexts
+from vmrt.remote.routing import route
+from vmrt.remote.target import SshTarget, parse_host
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+# --- parsing and routing: no sshd, no root --------------------------------------------------------
+
+@pytest.mark.parametrize("url, want", [
+    ("ssh://h", SshTarget("h", 22, None)),
+    ("ssh://u@h.example:2222", SshTarget("h.example", 2222, "u")),
+    ("ssh://root@127.0.0.1:22/", SshTarget("127.0.0.1", 22, "root")),
+    ("ssh://[::1]:2200", SshTarget("::1", 2200, None)),
+])
+def test_parse_host(url: str, want: SshTarget) -> None:
+    assert parse_host(url) == want
+    assert parse_host(want.url()) == want
+
+
+@pytest.mark.parametrize("url", [
+    "h", "tcp://h:2375", "unix:///run/vmrt.sock", "ssh://", "ssh://-oProxyCommand=x", "ssh://h:0", "ssh://h:65536",
+    "ssh://h:22x", "ssh://u;id@h", "ssh://h/path", "ssh://[::1", "ssh://[nothost]:22", "ssh://h h", "ssh://-u@h",
+    "ssh://h:-1", "ssh://$(id)", "ssh://h\n", "ssh://" + "a" * 300,
+])
+def test_parse_host_refuses(url: str) -> None:
+    with pytest.raises(UsageError):
+        parse_host(url)
+
+
+def test_route_precedence(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    assert route(["ps"], env).target is None
+    r = route(["--debug", "-H", "ssh://a", "ps", "-a"], env)
+    assert r.target == SshTarget("a") and r.argv == ["ps", "-a"] and r.globals_ == ["--debug"]
+    assert route(["--host=ssh://b:2", "ps"], {**env, "VMRT_HOST": "ssh://c"}).target == SshTarget("b", 2)
+    assert route(["ps"], {**env, "VMRT_HOST": "ssh://c"}).target == SshTarget("c")
+    contexts.create("far", "ssh://u@far:2022", "d", env)
+    assert route(["--context", "far", "ps"], env).target == SshTarget("far", 2022, "u")
+    assert route(["ps"], {**env, "VMRT_CONTEXT": "far"}).target == SshTarget("far", 2022, "u")
+    contexts.use("far", env)
+    assert route(["ps"], env).target == SshTarget("far", 2022, "u")
+    assert route(["ps"], {**env, "VMRT_HOST": "ssh://c"}).target == SshTarget("c")  # VMRT_HOST wins
+    assert route(["-c", "default", "ps"], env).target is None
+    assert route(["context", "ls"], env).target is None  # contexts are managed here
+    assert route(["ps", "-H", "ssh://x"], env).target == SshTarget("far", 2022, "u")  # after the command: its own
+    with pytest.raises(UsageError):
+        route(["-H", "ssh://a", "-c", "far", "ps"], env)
+    with pytest.raises(UsageError):
+        route(["--remote-session=pty:; rm -rf /", "ps"], env)
+    d = contexts.store_dir(env)
+    assert d.stat().st_mode & 0o777 == 0o700 and (d / "far.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_context_files_are_data(tmp_path: Path) -> None:
+    """A planted link or junk in the context store is an error, never followed."""
+    env = {"HOME": str(tmp_path)}
+    d = contexts.store_dir(env)
+    d.mkdir(parents=True)
+    (tmp_path / "elsewhere.json").write_text('{"Name": "x", "Host": "ssh://evil"}')
+    (d / "x.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(Exception, match="x.json"):
+        contexts.load("x", env)
+    (d / "y.json").write_text('{"Name": "y", "Host": "ssh://-oProxyCommand=sh"}')
+    with pytest.raises(UsageError):
+        contexts.load("y", env)
+    with pytest.raises(UsageError):
+        contexts.load("../../etc/passwd", env)
+
+
+# --- a real sshd ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+class Sshd:
+    def __init__(self, base: Path, v: Vmrt) -> None:
+        self.base, self.port = base, _free_port()
+        self.url = f"ssh://root@127.0.0.1:{self.port}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", base / "host_key"], check=True)
+        self.home = base / "home"
+        (self.home / ".ssh").mkdir(parents=True, mode=0o700)
+        key = self.home / ".ssh" / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+        (base / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+        self.host_key_line = f"[127.0.0.1]:{self.port} " + " ".join((base / "host_key.pub").read_text().split()[:2])
+        self.trust()
+        env = {k: val for k, val in v.env.items() if k.startswith("VMRT_")}
+        env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        (base / "sshd_config").write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {base / 'host_key'}",
+            f"PidFile {base / 'sshd.pid'}", f"AuthorizedKeysFile {base / 'authorized_keys'}",
+            "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "UsePAM no", "StrictModes no", "PrintMotd no", "LogLevel VERBOSE",
+            "SetEnv " + " ".join(f"{k}={val}" for k, val in sorted(env.items())), ""]))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.log = open(base / "sshd.log", "wb")
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", base / "sshd_config"], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, (base / "sshd.log").read_text()
+                time.sleep(0.05)
+
+    def trust(self, line: str | None = None) -> None:
+        (self.home / ".ssh" / "known_hosts").write_text((line or self.host_key_line) + "\n")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: val for k, val in os.environ.items()
+               if not k.startswith(("VMRT_", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME"))}
+        return {**env, "HOME": str(self.home), "PYTHONUNBUFFERED": "1", **extra}
+
+    def cmd(self, *args: str, host: bool = True) -> list[str]:
+        return [sys.executable, "-m", "vmrt", *(["-H", self.url] if host else []), *args]
+
+    def __call__(self, *args: str, input: bytes | None = None, host: bool = True, timeout: float = 180,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.cmd(*args, host=host), input=input, capture_output=True, timeout=timeout,
+                              env=self.env(**(env or {})), stdin=None if input is not None else subprocess.DEVNULL)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        return track(subprocess.Popen(self.cmd(*args), env=self.env(), **kw))  # type: ignore[call-overload]
+
+    def connections(self) -> list[int]:
+        """sshd's per-connection children (each the privileged monitor of one client)."""
+        return _children(self.proc.pid)
+
+    def close(self) -> None:
+        kids = self.connections()
+        self.proc.terminate()
+        self.proc.wait(10)
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(vmrt_session: Vmrt, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    if not SSHD.exists():
+        pytest.skip("openssh-server is not installed (setup.sh installs it)")
+    s = Sshd(tmp_path_factory.mktemp("sshd"), vmrt_session)
+    yield s
+    s.close()
+    deadline = time.monotonic() + 10
+    while [p for p in s.connections()] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _sessions(), "remote sessions left running"
+
+
+def _sessions() -> list[int]:
+    """vmrt processes serving a remote session (their first argument says so)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.startswith(b"--remote-session") for a in args[:4]):
+                out.append(int(entry))
+    return out
+
+
+def _read_until(f: object, want: bytes, timeout: float = 60) -> bytes:
+    """Read a pipe (a Popen's stdout) or a pty master fd until ``want`` shows up."""
+    fd = f if isinstance(f, int) else f.fileno()  # type: ignore[attr-defined]
+    got = b""
+    deadline = time.monotonic() + timeout
+    while want not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {want!r} in {got!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # a pty master whose other side is closed
+                chunk = b""
+            assert chunk, f"EOF before {want!r}: {got!r}"
+            got += chunk
+    return got
+
+
+def test_run_exit_codes_and_streams(vmrt: Vmrt, sshd: Sshd) -> None:
+    r = sshd("run", "--rm", "--isolation=process", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    r = sshd("run", "--rm", "--isolation=process", "busybox", "true")
+    assert r.returncode == 0, r.stderr
+    r = sshd("run", "--rm", "--isolation=process", "busybox", "no-such-command")
+    assert r.returncode == 127 and "no-such-command" in one_line_error(r.stderr)
+    r = sshd("run", "--no-such-flag", "busybox")
+    assert r.returncode == 125 and "--no-such-flag" in one_line_error(r.stderr)
+    # an argument the remote shell would split or expand arrives as it is
+    tricky = "a b;$(echo no)'\"`x`*\\"
+    r = sshd("run", "--rm", "--isolation=process", "busybox", "echo", tricky)
+    assert r.returncode == 0 and r.stdout == tricky.encode() + b"\n", r.stderr
+    # it ran in the private vmrt the remote session's environment names: nothing left there
+    assert vmrt("ps", "-aq").stdout == b""
+
+
+def test_stdin_piped(vmrt: Vmrt, sshd: Sshd) -> None:
+    data = os.urandom(300_000)  # several frames
+    r = sshd("run", "--rm", "-i", "--isolation=process", "busybox", "md5sum", input=data)
+    assert r.returncode == 0, r.stderr
+    import hashlib
+    assert r.stdout.split()[0].decode() == hashlib.md5(data).hexdigest()
+    # without -i the container's stdin is empty, as Docker's
+    r = sshd("run", "--rm", "--isolation=process", "busybox", "wc", "-c", input=b"not for it")
+    assert r.returncode == 0 and r.stdout.split()[0] == b"0", r.stderr
+
+
+def _winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def test_tty_window_size_and_ctrl_c(vmrt: Vmrt, sshd: Sshd) -> None:
+    master, slave = os.openpty()
+    _winsize(slave, 33, 101)
+
+    def controlling_tty() -> None:  # the pty is the local vmrt's terminal: SIGWINCH comes to it
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    script = ("stty size; echo ready; read x; stty size; trap 'echo got INT; exit 7' INT; echo armed; "
+              "while :; do sleep 0.2; done")
+    p = track(subprocess.Popen(sshd.cmd("run", "-it", "--rm", "--isolation=process", "busybox", "sh", "-c", script),
+                               stdin=slave, stdout=slave, stderr=slave, env=sshd.env(TERM="xterm"),
+                               start_new_session=True, preexec_fn=controlling_tty))
+    os.close(slave)
+    try:
+        got = _read_until(master, b"ready")
+        assert b"33 101" in got
+        _winsize(master, 40, 120)  # the terminal resized: SIGWINCH to the local vmrt
+        time.sleep(1.0)
+        os.write(master, b"go\r")
+        got = _read_until(master, b"armed")
+        assert b"40 120" in got
+        os.write(master, b"\x03")  # Ctrl-C: the byte, the container's terminal makes it SIGINT
+        got = _read_until(master, b"got INT")
+        assert p.wait(60) == 7
+    finally:
+        os.close(master)
+
+
+def test_signals_reach_the_container(vmrt: Vmrt, sshd: Sshd) -> None:
+    for sig, code in ((signal.SIGTERM, 42), (signal.SIGINT, 43)):
+        name = signal.Signals(sig).name[3:]
+        p = sshd.popen("run", "--rm", "--isolation=process", "busybox", "sh", "-c",
+                       f"trap 'echo got {name}; exit {code}' {name}; echo ready; sleep 100 & wait")
+        _read_until(p.stdout, b"ready")
+        p.send_signal(sig)  # to the local vmrt
+        assert p.wait(60) == code
+        assert p.stdout is not None and b"got " + name.encode() in p.stdout.read()
+
+
+def test_cp_both_ways(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "f").write_bytes(b"nested\n")
+    (tmp_path / "one.txt").write_bytes(b"one\n")
+    r = sshd("run", "-d", "--name", "rcp", "--isolation=process", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    try:
+        # LOCAL -> container: the local file is read here (the remote host has no such path)
+        assert sshd("cp", str(tmp_path / "one.txt"), "rcp:/tmp/").returncode == 0
+        assert sshd("cp", str(tmp_path / "one.txt"), "rcp:/tmp/renamed").returncode == 0
+        assert sshd("cp", str(local), "rcp:/tmp/").returncode == 0
+        r = vmrt("exec", "rcp", "cat", "/tmp/one.txt", "/tmp/renamed", "/tmp/local/sub/f")
+        assert r.stdout == b"one\none\nnested\n", r.stderr
+        r = sshd("cp", str(tmp_path / "missing"), "rcp:/tmp/")
+        assert r.returncode == 125 and "could not find" in one_line_error(r.stderr)
+        # container -> LOCAL
+        out = tmp_path / "out"
+        out.mkdir()
+        assert sshd("cp", "rcp:/tmp/one.txt", str(out)).returncode == 0
+        assert sshd("cp", "rcp:/tmp/local", str(out / "tree")).returncode == 0
+        assert (out / "one.txt").read_bytes() == b"one\n"
+        assert (out / "tree" / "sub" / "f").read_bytes() == b"nested\n"
+        r = sshd("cp", "rcp:/no/such", str(out))
+        assert r.returncode != 0 and "no such file" in one_line_error(r.stderr)
+        assert sorted(p.name for p in out.iterdir()) == ["one.txt", "tree"]  # no temporary left
+        # a tar stream, as Docker's cp -
+        r = sshd("cp", "rcp:/tmp/one.txt", "-")
+        assert r.returncode == 0 and b"one\n" in r.stdout
+    finally:
+        assert vmrt("rm", "-f", "rcp").returncode == 0
+
+
+def test_save_and_load_through_the_remote(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    tar = tmp_path / "busybox.tar"
+    r = sshd("save", "-o", str(tar), "busybox")
+    assert r.returncode == 0, r.stderr
+    piped = sshd("save", "busybox")
+    assert piped.returncode == 0 and piped.stdout == tar.read_bytes()
+    assert vmrt("tag", "busybox", "remote-test:one").returncode == 0
+    r = sshd("save", "-o", str(tmp_path / "x.tar"), "remote-test:one")
+    assert r.returncode == 0
+    assert vmrt("rmi", "remote-test:one").returncode == 0
+    r = sshd("load", "-i", str(tmp_path / "x.tar"))
+    assert r.returncode == 0 and b"remote-test:one" in r.stdout, r.stderr
+    assert vmrt("rmi", "remote-test:one").returncode == 0
+    r = sshd("load", input=(tmp_path / "x.tar").read_bytes())
+    assert r.returncode == 0 and b"remote-test:one" in r.stdout, r.stderr
+    assert vmrt("rmi", "remote-test:one").returncode == 0
+    r = sshd("save", "-o", str(tmp_path / "none.tar"), "no-such-image")
+    assert r.returncode == 125 and not (tmp_path / "none.tar").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_contexts_and_vmrt_host(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    cfg = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    r = sshd("context", "create", "far", "--host", sshd.url, "--description", "the test's sshd", host=False, env=cfg)
+    assert r.returncode == 0, r.stderr
+    r = sshd("context", "ls", host=False, env=cfg)
+    assert b"far" in r.stdout and sshd.url.encode() in r.stdout and b"default *" in r.stdout
+    marker = str(vmrt.root).encode()
+    # through the context: `info` names the remote's (the private vmrt's) state root
+    assert marker in sshd("--context", "far", "info", host=False, env=cfg).stdout
+    assert sshd("context", "use", "far", host=False, env=cfg).returncode == 0
+    assert marker in sshd("info", host=False, env=cfg).stdout
+    r = sshd("context", "rm", "far", host=False, env=cfg)
+    assert r.returncode == 125 and "in use" in one_line_error(r.stderr)
+    assert sshd("context", "use", "default", host=False, env=cfg).returncode == 0
+    assert marker not in sshd("info", host=False, env=cfg).stdout
+    assert sshd("context", "rm", "far", host=False, env=cfg).returncode == 0
+    assert b"far" not in sshd("context", "ls", host=False, env=cfg).stdout
+    # VMRT_HOST
+    assert marker in sshd("info", host=False, env={**cfg, "VMRT_HOST": sshd.url}).stdout
+    r = sshd("info", host=False, env={**cfg, "VMRT_HOST": "tcp://127.0.0.1:2375"})
+    assert r.returncode == 125 and "ssh://" in one_line_error(r.stderr)
+
+
+def test_host_keys(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    try:
+        # a changed key: refused loudly
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "other"], check=True)
+        other = " ".join((tmp_path / "other.pub").read_text().split()[:2])
+        sshd.trust(f"[127.0.0.1]:{sshd.port} {other}")
+        r = sshd("ps")
+        assert r.returncode == 255 and "CHANGED" in one_line_error(r.stderr)
+        cfg = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+        r = sshd("context", "create", "x", "--host", sshd.url, "--accept-host-key", host=False, env=cfg)
+        assert r.returncode == 255 and "CHANGED" in one_line_error(r.stderr)
+        # an unknown host: refused, with how to accept it
+        sshd.trust("# nothing known")
+        r = sshd("ps")
+        line = one_line_error(r.stderr)
+        assert r.returncode == 255 and "not known" in line and "ssh-keyscan" in line and "SHA256:" in line
+        # accepted on request: the key learned, then used
+        r = sshd("context", "create", "x", "--host", sshd.url, "--accept-host-key", host=False, env=cfg)
+        assert r.returncode == 0, r.stderr
+        assert sshd.host_key_line.split()[2] in (sshd.home / ".ssh" / "known_hosts").read_text()
+        assert sshd("ps").returncode == 0
+        # no key the server takes: refused, never a password prompt
+        key = sshd.home / ".ssh" / "id_ed25519"
+        key.rename(tmp_path / "key")
+        try:
+            r = sshd("ps")
+            assert r.returncode == 255 and "permission denied" in one_line_error(r.stderr)
+        finally:
+            (tmp_path / "key").rename(key)
+        # nothing listening
+        r = subprocess.run([sys.executable, "-m", "vmrt", "-H", f"ssh://127.0.0.1:{_free_port()}", "ps"],
+                           capture_output=True, env=sshd.env(), timeout=60)
+        assert r.returncode == 255 and "cannot connect" in one_line_error(r.stderr)
+    finally:
+        sshd.trust()
+
+
+def test_dropped_connection(vmrt: Vmrt, sshd: Sshd) -> None:
+    before = set(sshd.connections())
+    p = sshd.popen("run", "--rm", "--name", "dropped", "--isolation=process", "busybox", "sh", "-c",
+                   "echo ready; sleep 300")
+    _read_until(p.stdout, b"ready")
+    ours = set(sshd.connections()) - before
+    assert ours
+    for pid in ours:  # the connection goes (sshd's per-connection process killed)
+        os.kill(pid, signal.SIGKILL)
+    assert p.wait(60) == 255
+    assert p.stderr is not None
+    assert "lost the connection" in one_line_error(p.stderr.read())
+    # the remote vmrt sees the end of its session: the container is stopped and --rm removes it
+    deadline = time.monotonic() + 60
+    while b"dropped" in vmrt("ps", "-a", "--format", "{{.Names}}").stdout or _sessions():
+        assert time.monotonic() < deadline, "the remote container is still there"
+        time.sleep(0.5)
+
+
+def test_vm_isolation(vmrt: Vmrt, sshd: Sshd) -> None:
+    r = sshd("run", "--rm", "--isolation=vm", "busybox", "sh", "-c", "echo in a vm; exit 5", timeout=300)
+    assert (r.returncode, r.stdout) == (5, b"in a vm\n"), r.stderr
