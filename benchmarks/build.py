@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`vmrt build` beside Debian's `buildah bud` (issue 20's targets).
 
-    python3 benchmarks/build.py [--runs 5] [--mib 10] [--write docs/BENCHMARKS.md]
+    python3 benchmarks/build.py [--runs 5] [--mib 10] [--snapshot auto|manual|off] [--write docs/BENCHMARKS.md]
 
 One script, one context: a 3-step Dockerfile (FROM busybox, COPY a directory of MIB MiB of
 incompressible files, RUN a shell loop of 1000 appends). A private vmrt (its own root and run
@@ -108,13 +108,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--mib", type=int, default=10)
+    ap.add_argument("--snapshot", choices=("auto", "manual", "off"), default="auto",
+                    help="vmrt's snapshot setting (auto: its default; manual: every VM cold-boots, as in the tests)")
     ap.add_argument("--write", type=Path, help="append the result to this markdown file")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="vmrt-build-bench-"))
     v = None
     try:
         v = private_vmrt(base)
-        v.env.pop("VMRT_SNAPSHOT", None)  # vmrt's default (auto: VMs restore a snapshot), not the tests' manual
+        v.env["VMRT_SNAPSHOT"] = args.snapshot  # default auto (VMs restore a snapshot), not the tests' manual
         ctx = context(base, args.mib)
         bopts = buildah_store(base, v)
         vm_cmd = v.cmd("build", "--isolation", "vm", "--network", "none", "--no-cache", "-q", str(ctx))
@@ -144,7 +146,7 @@ def main() -> None:
         lines = [
             f"### Issue 20: `vmrt build` vs `buildah bud`, {when} — accel={accel}",
             "",
-            f"Command: `python3 benchmarks/build.py --runs {args.runs} --mib {args.mib}`; "
+            f"Command: `python3 benchmarks/build.py --runs {args.runs} --mib {args.mib} --snapshot {args.snapshot}`; "
             f"{os.cpu_count()} host cores, {platform.release()}, {buildah_v}, buildah storage "
             f"`{bopts[bopts.index('--storage-driver') + 1]}`; the context: {args.mib} MiB in {args.mib * 10} files; "
             f"{args.runs} interleaved rounds after a warm-up; every RUN with `--network none`.",
