@@ -16,6 +16,11 @@ builds is a tree of :class:`Node` (the root: the upper dir), which the compariso
 image's layers reads as it reads a process container's upper dir (vmrt/api/archive.py).
 
 Pure decoding, no I/O: Hypothesis and hostile streams drive it in tests/test_api_archive.py.
+
+:class:`ContentParser` reads the walk with contents (VMRTWLK2: WALK_CONTENT, and WALK_AFTER's
+walk of a ``vmrt build --isolation vm`` step's layer in the step's own VM): the same rules and
+more (file contents bounded from their headers, link targets, hard links, owners, xattrs), pulled
+from a pipe as the stream comes; tests/test_build_vm.py plays the attacker against it.
 """
 
 from __future__ import annotations
