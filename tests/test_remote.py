@@ -126,6 +126,8 @@ class Sshd:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", base / "host_key"], check=True)
         self.home = base / "home"
         (self.home / ".ssh").mkdir(parents=True, mode=0o700)
+        self.runtime = base / "run"  # XDG_RUNTIME_DIR: the connection masters' sockets
+        self.runtime.mkdir(mode=0o700)
         key = self.home / ".ssh" / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
         (base / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
@@ -158,7 +160,7 @@ class Sshd:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: val for k, val in os.environ.items()
                if not k.startswith(("VMRT_", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME"))}
-        return {**env, "HOME": str(self.home), "PYTHONUNBUFFERED": "1", **extra}
+        return {**env, "HOME": str(self.home), "XDG_RUNTIME_DIR": str(self.runtime), "PYTHONUNBUFFERED": "1", **extra}
 
     def cmd(self, *args: str, host: bool = True) -> list[str]:
         return [sys.executable, "-m", "vmrt", *(["-H", self.url] if host else []), *args]
@@ -177,6 +179,11 @@ class Sshd:
     def connections(self) -> list[int]:
         """sshd's per-connection children (each the privileged monitor of one client)."""
         return _children(self.proc.pid)
+
+    def masters(self) -> list[int]:
+        """The connection masters of this sshd's clients (vmrt/remote/mux.py)."""
+        return [pid for pid, args in _processes() if b"vmrt.remote.mux" in args[:3]
+                and any(a.endswith(f":{self.port}".encode()) for a in args)]
 
     def close(self) -> None:
         kids = self.connections()
@@ -198,23 +205,27 @@ def sshd(vmrt_session: Vmrt, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     yield s
     s.close()
     deadline = time.monotonic() + 10
-    while [p for p in s.connections()] and time.monotonic() < deadline:
+    while (s.masters() or _sessions()) and time.monotonic() < deadline:
         time.sleep(0.1)
+    left = s.masters()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "connection masters outlived their connection"
     assert not _sessions(), "remote sessions left running"
+
+
+def _processes() -> Iterator[tuple[int, list[bytes]]]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
 
 
 def _sessions() -> list[int]:
     """vmrt processes serving a remote session (their first argument says so)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(a.startswith(b"--remote-session") for a in args[:4]):
-                out.append(int(entry))
-    return out
+    return [pid for pid, args in _processes() if any(a.startswith(b"--remote-session") for a in args[:4])]
 
 
 def _read_until(f: object, want: bytes, timeout: float = 60) -> bytes:
@@ -406,8 +417,8 @@ def test_host_keys(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
         # no key the server takes: refused, never a password prompt
         key = sshd.home / ".ssh" / "id_ed25519"
         key.rename(tmp_path / "key")
-        try:
-            r = sshd("ps")
+        try:  # (a connection master authenticated once, as ssh's ControlMaster: none for this one)
+            r = sshd("ps", env={"VMRT_SSH_PERSIST": "0"})
             assert r.returncode == 255 and "permission denied" in one_line_error(r.stderr)
         finally:
             (tmp_path / "key").rename(key)
@@ -419,14 +430,16 @@ def test_host_keys(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
         sshd.trust()
 
 
-def test_dropped_connection(vmrt: Vmrt, sshd: Sshd) -> None:
-    before = set(sshd.connections())
-    p = sshd.popen("run", "--rm", "--name", "dropped", "--isolation=process", "busybox", "sh", "-c",
-                   "echo ready; sleep 300")
+@pytest.mark.parametrize("persist", ["60", "0"], ids=["master", "own-connection"])
+def test_dropped_connection(vmrt: Vmrt, sshd: Sshd, persist: str) -> None:
+    p = track(subprocess.Popen(sshd.cmd("run", "--rm", "--name", "dropped", "--isolation=process", "busybox", "sh",
+                                        "-c", "echo ready; sleep 300"),
+                               env=sshd.env(VMRT_SSH_PERSIST=persist), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     _read_until(p.stdout, b"ready")
-    ours = set(sshd.connections()) - before
-    assert ours
-    for pid in ours:  # the connection goes (sshd's per-connection process killed)
+    conns = sshd.connections()
+    assert conns
+    for pid in conns:  # the connection goes (sshd's per-connection processes killed)
         os.kill(pid, signal.SIGKILL)
     assert p.wait(60) == 255
     assert p.stderr is not None
@@ -436,6 +449,35 @@ def test_dropped_connection(vmrt: Vmrt, sshd: Sshd) -> None:
     while b"dropped" in vmrt("ps", "-a", "--format", "{{.Names}}").stdout or _sessions():
         assert time.monotonic() < deadline, "the remote container is still there"
         time.sleep(0.5)
+
+
+def test_connection_reuse(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    """One connection master per host and user: later commands reuse its connection."""
+    assert sshd("ps").returncode == 0
+    assert len(sshd.masters()) == 1
+    conns = sshd.connections()
+    for _ in range(2):
+        r = sshd("run", "--rm", "--isolation=process", "busybox", "sh", "-c", "exit 6")
+        assert r.returncode == 6, r.stderr
+    assert sshd.connections() == conns and len(sshd.masters()) == 1
+    d = sshd.runtime / "vmrt"
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o077 == 0 for p in d.iterdir())
+    # a socket dir that is not safely ours is not used: the command makes its own connection
+    for hostile in ("mode", "link"):
+        runtime = tmp_path / hostile
+        runtime.mkdir()
+        if hostile == "mode":
+            (runtime / "vmrt").mkdir(mode=0o777)
+            os.chmod(runtime / "vmrt", 0o777)
+        else:
+            (tmp_path / "elsewhere").mkdir(mode=0o700)
+            (runtime / "vmrt").symlink_to(tmp_path / "elsewhere")
+        r = sshd("ps", env={"XDG_RUNTIME_DIR": str(runtime)})
+        assert r.returncode == 0, r.stderr
+        assert not list((tmp_path / "elsewhere").iterdir()) if hostile == "link" else \
+            not list((runtime / "vmrt").iterdir())
+    assert len(sshd.masters()) == 1
 
 
 def test_vm_isolation(vmrt: Vmrt, sshd: Sshd) -> None:

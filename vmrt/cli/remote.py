@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
+from ..remote import client, mux
 from ..remote.client import Plan
-from ..remote.client import run as run_remote
 from ..remote.routing import Route
 
 
@@ -118,5 +118,13 @@ def _cp(p: Plan, path: list[str], params: dict[str, object]) -> None:
 
 
 def run(main: click.Group, route: Route) -> int:
+    """Through the user's connection master for the host when one runs or can start (started
+    with the first command; VMRT_SSH_PERSIST=0: none), else on a connection of its own."""
     assert route.target is not None
-    return run_remote(route.target, plan(main, route), source=route.source)
+    p = plan(main, route)
+    persist = client.persist_seconds()
+    if persist > 0:
+        status = mux.run(route.target, p, persist)
+        if status is not None:
+            return status
+    return client.run(route.target, p)

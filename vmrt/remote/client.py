@@ -21,12 +21,11 @@ import signal
 import sys
 import termios
 import threading
-import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeAlias
 
 from .. import fsmode
 from ..errors import VmrtError
@@ -84,7 +83,7 @@ def add_known_host(target: SshTarget, key: Any) -> Path:
     return path
 
 
-def _connect(target: SshTarget, *, accept_new: bool = False) -> Any:
+def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
     """A connected, authenticated paramiko SSHClient; RemoteError with a clear line otherwise."""
     import paramiko  # imported on use: ~0.2 s, only for a remote host
 
@@ -142,7 +141,7 @@ def _connect(target: SshTarget, *, accept_new: bool = False) -> Any:
 
 def check_host(target: SshTarget, *, accept_new: bool) -> None:
     """Connect once (``vmrt context create --accept-host-key``): the host key learned if asked."""
-    _connect(target, accept_new=accept_new).close()
+    connect(target, accept_new=accept_new).close()
 
 
 def remote_command(plan: Plan, token: str) -> str:
@@ -150,7 +149,7 @@ def remote_command(plan: Plan, token: str) -> str:
     return shlex.join(["vmrt", f"{SESSION_FLAG}={mode}", *plan.globals_, *plan.argv])
 
 
-def _window() -> tuple[int, int]:
+def window() -> tuple[int, int]:
     try:
         size = os.get_terminal_size(0 if os.isatty(0) else 1)
         return size.columns, size.lines
@@ -159,7 +158,7 @@ def _window() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _raw(enabled: bool) -> Iterator[None]:
+def raw(enabled: bool) -> Iterator[None]:
     if not enabled or not os.isatty(0):
         yield
         return
@@ -196,8 +195,7 @@ class _Sender:
             else:
                 self.chan.shutdown_write()
 
-    def signal(self, signo: int) -> None:
-        name = signal.Signals(signo).name[3:]
+    def signal(self, name: str) -> None:
         if self.framed:
             with self.lock:
                 self.chan.sendall(frame(b"S", name.encode()))
@@ -215,21 +213,27 @@ class _Sender:
             pass
 
 
-def _pump(source: BinaryIO | None, sender: _Sender, failed: list[BaseException]) -> None:
+def _pump(source: BinaryIO | None, sender: _Sender, failed: list[BaseException], stop: threading.Event) -> None:
+    """``source`` to the remote until its end (then the end of stdin), or until ``stop``."""
+    import select  # imported on use: the relay alone
     try:
         if source is not None:
-            while True:
-                chunk = source.read1(CHUNK) if hasattr(source, "read1") else source.read(CHUNK)
+            fd = source.fileno()
+            while not stop.is_set():
+                if not select.select([fd], [], [], 0.5)[0]:
+                    continue
+                chunk = os.read(fd, CHUNK)
                 if not chunk:
                     break
                 sender.data(chunk)
-        sender.end()
+        if not stop.is_set():
+            sender.end()
     except (OSError, EOFError) as e:  # the channel went (reported by the main loop) or the source failed
         failed.append(e)
 
 
 @contextlib.contextmanager
-def _stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
+def stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
     if plan.stdin_file is not None:
         try:
             f = open(plan.stdin_file, "rb")
@@ -262,7 +266,7 @@ def _stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
         yield None
 
 
-class _Output:
+class Output:
     """Where the remote stdout goes: ours, a file (save -o: in place only when all went well), or
     a tar unpacked here (cp C:PATH LOCAL, vmrt/cp.py's checks)."""
 
@@ -274,7 +278,6 @@ class _Output:
         self.status: list[int] = []
         self.done = threading.Event()
         self.error: list[BaseException] = []
-        self.broken = False
         if plan.stdout_file is not None:
             out = plan.stdout_file
             self.tmp = out.with_name(f".{out.name}.vmrt-{os.getpid()}")
@@ -311,14 +314,6 @@ class _Output:
                 while os.read(r, CHUNK):
                     pass
 
-    def write(self, data: bytes) -> None:
-        if self.broken:
-            return
-        try:
-            _write_all(self.fd, data)
-        except BrokenPipeError:
-            self.broken = True
-
     def finish(self, status: int | None) -> None:
         if self.fd != 1:
             os.close(self.fd)
@@ -339,91 +334,142 @@ class _Quiet(Exception):
     pass
 
 
-def run(target: SshTarget, plan: Plan, *, source: str = "-H") -> int:
-    """Run ``plan`` on ``target``; the remote command's exit status."""
-    started = time.monotonic()
-    client = _connect(target)
+def persist_seconds() -> float:
+    """VMRT_SSH_PERSIST: how long a connection master outlives its last command (0: none)."""
+    text = os.environ.get("VMRT_SSH_PERSIST", "")
+    try:
+        value = float(text) if text else 60.0
+    except ValueError:
+        raise VmrtError(f"VMRT_SSH_PERSIST={text!r}: expected seconds (0: no connection reuse)") from None
+    return max(0.0, min(value, 24 * 3600.0))
+
+
+def run(target: SshTarget, plan: Plan) -> int:
+    """Run ``plan`` on ``target`` on a connection of its own; the remote command's exit status
+    (vmrt/remote/mux.py runs it through a connection master instead, when it can)."""
+    client = connect(target)
     try:
         return _session(client, target, plan)
     finally:
         client.close()
-        if os.environ.get("VMRT_REMOTE_TIMINGS"):
-            print(f"vmrt: remote: {time.monotonic() - started:.3f}s on {target.url()} ({source})", file=sys.stderr)
+
+
+def start_channel(transport: Any, command: str, *, tty: bool, size: tuple[int, int], term: str) -> Any:
+    """An exec channel running ``command`` (with a pty of ``size`` for -t)."""
+    chan = transport.open_session(timeout=CONNECT_TIMEOUT)
+    if tty:
+        chan.get_pty(term=term, width=size[0], height=size[1])
+    chan.exec_command(command)
+    return chan
+
+
+class ClientGone(Exception):
+    """The local vmrt a master serves went away (its control socket closed)."""
+
+
+Control: TypeAlias = Callable[[], "list[tuple[str, Any]] | None"]  # the control events, None: the client left
 
 
 def _session(client: Any, target: SshTarget, plan: Plan) -> int:
-    transport = client.get_transport()
-    framed = not plan.tty
     token = os.urandom(16).hex()
     try:
-        chan = transport.open_session(timeout=CONNECT_TIMEOUT)
-        if plan.tty:
-            cols, rows = _window()
-            chan.get_pty(term=os.environ.get("TERM", "xterm"), width=cols, height=rows)
-        chan.exec_command(remote_command(plan, token))
+        chan = start_channel(client.get_transport(), remote_command(plan, token), tty=plan.tty, size=window(),
+                             term=os.environ.get("TERM", "xterm"))
     except Exception as e:  # paramiko's SSHException, or the transport gone: one line
         raise RemoteError(f"{target.url()}: cannot start the remote command: {e}") from None
-    output = _Output(plan)
-    sender = _Sender(chan, framed, token)
+    output = Output(plan)
+    status: int | None = None
+    try:
+        with signals(plan.tty) as (wake_r, read_control), raw(plan.tty), stdin_source(plan) as src:
+            status = relay(chan, framed=not plan.tty, token=token, src=src, out_fd=output.fd, err_fd=2,
+                           control_fd=wake_r, read_control=read_control)
+    finally:
+        try:
+            output.finish(status)
+        finally:
+            chan.close()
+    if status is None:
+        raise lost(target)
+    return status
+
+
+def lost(target: SshTarget) -> RemoteError:
+    return RemoteError(f"lost the connection to {target.url()}: the remote command's end is unknown "
+                       "(the remote vmrt stops it: SIGHUP, then SIGTERM)")
+
+
+@contextlib.contextmanager
+def signals(tty: bool) -> Iterator[tuple[int, Control]]:
+    """The signals this vmrt gets, as control events for :func:`relay` (a wakeup fd and a reader)."""
     pending: list[int] = []
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
-    handled = [*FORWARDED, signal.SIGWINCH] if plan.tty else list(FORWARDED)
+    handled = [*FORWARDED, signal.SIGWINCH] if tty else list(FORWARDED)
     old_wake = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     old = {s: signal.signal(s, lambda signo, _f: pending.append(signo)) for s in handled}
-    status: int | None = None
+
+    def read() -> list[tuple[str, Any]]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(wake_r, 256):
+                pass
+        events: list[tuple[str, Any]] = []
+        while pending:
+            signo = pending.pop(0)
+            events.append(("winch", window()) if signo == signal.SIGWINCH else
+                          ("signal", signal.Signals(signo).name[3:]))
+        return events
     try:
-        with _raw(plan.tty), _stdin_source(plan) as src:
-            failed: list[BaseException] = []
-            pump = threading.Thread(target=_pump, args=(src, sender, failed), daemon=True)
-            pump.start()
-            status = _relay(chan, output, sender, pending, wake_r)
-            if plan.stdin_tar is not None or plan.stdin_file is not None:
-                pump.join(timeout=5)
+        yield wake_r, read
     finally:
         signal.set_wakeup_fd(old_wake)
         for s, h in old.items():
             signal.signal(s, h)
         os.close(wake_r)
         os.close(wake_w)
-        output_status = status
-        try:
-            output.finish(output_status)
-        finally:
-            chan.close()
-    if status is None:
-        raise RemoteError(f"lost the connection to {target.url()}: the remote command's end is unknown "
-                          "(the remote vmrt stops it: SIGHUP, then SIGTERM)")
-    return status
 
 
-def _relay(chan: Any, output: _Output, sender: _Sender, pending: list[int], wake_r: int) -> int | None:
-    """Output to its places and signals to the remote until the command's exit status comes (None:
-    the channel closed without one, the connection is gone)."""
+def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: int, err_fd: int,
+          control_fd: int, read_control: Control) -> int | None:
+    """stdin (``src``) to the channel, its stdout and stderr to ``out_fd`` and ``err_fd``, and the
+    control events (signals, window sizes) to the remote, until the command's exit status comes
+    (None: the channel closed without one, the connection is gone). :class:`ClientGone` when
+    ``read_control`` says its side went away."""
     import selectors  # imported on use: the relay alone
+    sender = _Sender(chan, framed, token)
+    failed: list[BaseException] = []
+    stop = threading.Event()
+    pump = threading.Thread(target=_pump, args=(src, sender, failed, stop), daemon=True)
+    pump.start()
     sel = selectors.DefaultSelector()
     sel.register(chan, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
+    sel.register(control_fd, selectors.EVENT_READ)
+    out_ok = True
     try:
         while True:
-            sel.select(timeout=1.0)
-            with contextlib.suppress(BlockingIOError):
-                while os.read(wake_r, 256):
-                    pass
-            while pending:
-                signo = pending.pop(0)
-                try:
-                    if signo == signal.SIGWINCH:
-                        chan.resize_pty(*_window())
-                    else:
-                        sender.signal(signo)
-                except Exception:  # paramiko's or the socket's: the connection is going, reported below
-                    pass
+            ready = {key.fd for key, _ in sel.select(timeout=1.0)}
+            if control_fd in ready:
+                events = read_control()
+                if events is None:
+                    raise ClientGone()
+                for kind, value in events:
+                    try:
+                        if kind == "winch":
+                            chan.resize_pty(int(value[0]), int(value[1]))
+                        elif kind == "signal":
+                            sender.signal(str(value))
+                    except Exception:  # paramiko's or the socket's: the connection is going, seen below
+                        pass
             while chan.recv_ready():
-                output.write(chan.recv(CHUNK))
+                data = chan.recv(CHUNK)
+                if out_ok:
+                    try:
+                        _write_all(out_fd, data)
+                    except BrokenPipeError:  # our reader left: the rest is dropped, as ssh does
+                        out_ok = False
             while chan.recv_stderr_ready():
-                _write_all(2, chan.recv_stderr(CHUNK))
+                with contextlib.suppress(BrokenPipeError):
+                    _write_all(err_fd, chan.recv_stderr(CHUNK))
             if chan.exit_status_ready() and (chan.eof_received or chan.closed) \
                     and not chan.recv_ready() and not chan.recv_stderr_ready():
                 got = chan.exit_status
@@ -431,5 +477,5 @@ def _relay(chan: Any, output: _Output, sender: _Sender, pending: list[int], wake
             if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
                 return None
     finally:
+        stop.set()
         sel.close()
-
