@@ -430,10 +430,13 @@ def test_host_keys(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
         sshd.trust()
 
 
-@pytest.mark.parametrize("persist", ["60", "0"], ids=["master", "own-connection"])
-def test_dropped_connection(vmrt: Vmrt, sshd: Sshd, persist: str) -> None:
-    p = track(subprocess.Popen(sshd.cmd("run", "--rm", "--name", "dropped", "--isolation=process", "busybox", "sh",
-                                        "-c", "echo ready; sleep 300"),
+@pytest.mark.parametrize("persist, tty", [("60", False), ("0", False), ("60", True)],
+                         ids=["master", "own-connection", "master-tty"])
+def test_dropped_connection(vmrt: Vmrt, sshd: Sshd, persist: str, tty: bool) -> None:
+    """(-t: sshd's pty hangs up, and the container's PID 1, a shell, ignores the SIGHUP: the remote
+    session goes on to SIGTERM and the container's stop grace)"""
+    p = track(subprocess.Popen(sshd.cmd("run", "--rm", *(["-t"] if tty else []), "--name", "dropped",
+                                        "--isolation=process", "busybox", "sh", "-c", "echo ready; sleep 300"),
                                env=sshd.env(VMRT_SSH_PERSIST=persist), stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     _read_until(p.stdout, b"ready")

@@ -21,6 +21,7 @@ import signal
 import sys
 import termios
 import threading
+import time
 import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -475,6 +476,13 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
                 got = chan.exit_status
                 return None if got < 0 else int(got)
             if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                time.sleep(0.3)  # paramiko closes the channels of a dead transport just before it says so
+                if chan.get_transport() is not None and chan.get_transport().is_active():
+                    # the connection holds: the remote command ended without a status (sshd sends
+                    # exit-signal, which paramiko does not pass on, for a command a signal killed)
+                    with contextlib.suppress(OSError):
+                        _write_all(err_fd, b"vmrt: the remote command ended without an exit status (killed?)\n")
+                    return 255
                 return None
     finally:
         stop.set()

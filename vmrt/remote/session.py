@@ -1,8 +1,10 @@
 """The remote end of ``vmrt -H ssh://...``: ``vmrt --remote-session=MODE ARGV...`` on the remote host.
 
-``pty:TOKEN``: nothing to do here. The command runs on the pty sshd made; Ctrl-C is a byte the
-container's terminal turns into SIGINT, and when the connection goes, sshd closes the pty's master
-and the kernel sends SIGHUP to the session (vmrt run forwards it to the container). Other signals
+``pty:TOKEN``: the command runs on the pty sshd made; Ctrl-C is a byte the container's terminal
+turns into SIGINT, and when the connection goes, sshd closes the pty's master: the kernel sends
+SIGHUP (vmrt run forwards it to the container), and the parent below sees the hang-up on the pty
+and goes on as in framed mode (SIGTERM, then SIGKILL), since a container's PID 1 may ignore
+SIGHUP. Other signals
 (SIGTERM to the local vmrt) come through a second exec channel on the same connection: ``vmrt
 --remote-signal=TOKEN:TERM`` finds the process of this user whose first argument is
 ``--remote-session=pty:TOKEN`` (TOKEN: 128 random bits the client chose) and signals it. OpenSSH's
@@ -53,28 +55,29 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
 
 
 def serve(mode: str) -> None:
-    """Returns in the process that runs the command; in framed mode the parent relays the frames
-    and exits with the command's status (it never returns)."""
+    """Returns in the process that runs the command; the parent (framed: relaying the frames;
+    pty: watching for the hang-up) exits with the command's status (it never returns)."""
     if mode.startswith("signal:"):
         _, token, name = mode.split(":")
         os._exit(0 if signal_session(token, name) else 1)
-    if mode != "framed":
-        return
+    framed = mode == "framed"
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # until each side has its handlers
-    r, w = os.pipe()
+    r, w = os.pipe() if framed else (-1, -1)
     pid = os.fork()
     if pid == 0:
-        os.dup2(r, 0)
-        os.close(r)
-        os.close(w)
+        if framed:
+            os.dup2(r, 0)
+            os.close(r)
+            os.close(w)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return
-    os.close(r)
-    for s in FORWARDED:  # sshd's signal request reaches the whole group: the command gets its own
+    if framed:
+        os.close(r)
+    for s in FORWARDED:  # what reaches the whole group (a terminal's signals) the command gets itself
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
-        code = _relay(pid, w)
+        code = _relay(pid, w if framed else None)
     except BaseException:  # never let the relay's failure leave the command without its parent
         os.kill(pid, signal.SIGHUP)
         code = 255
@@ -109,7 +112,7 @@ def signal_session(token: str, name: str) -> bool:
 
 
 class _Relay:
-    def __init__(self, pid: int, stdin_w: int) -> None:
+    def __init__(self, pid: int, stdin_w: int | None) -> None:
         self.pid = pid
         self.w: int | None = stdin_w
         self.queued = bytearray()
@@ -182,18 +185,23 @@ def _status(pid: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _relay(pid: int, stdin_w: int) -> int:
+def _relay(pid: int, stdin_w: int | None) -> int:
+    """Frames to the command (``stdin_w``: its stdin; None with a pty: no frames, only the watch of
+    the hang-up) until it exits; its status."""
     relay = _Relay(pid, stdin_w)
-    os.set_blocking(stdin_w, False)
+    if stdin_w is not None:
+        os.set_blocking(stdin_w, False)
     pidfd = os.pidfd_open(pid)
     reading = True
+    framed = stdin_w is not None
     while True:
         if relay.ended and not relay.queued:
             relay.close_stdin()
         poll = select.poll()
         poll.register(pidfd, select.POLLIN)
         if reading:
-            poll.register(0, select.POLLIN if len(relay.queued) < MAX_BUFFER else 0)
+            if framed:
+                poll.register(0, select.POLLIN if len(relay.queued) < MAX_BUFFER else 0)
             poll.register(1, 0)  # sshd's end of our stdout: POLLERR/POLLHUP once it is gone
         if relay.w is not None and relay.queued:
             poll.register(relay.w, select.POLLOUT)
@@ -204,7 +212,7 @@ def _relay(pid: int, stdin_w: int) -> int:
         if reading and events.get(1, 0) & (select.POLLERR | select.POLLHUP):
             reading = False
             relay.hang_up()
-        if reading and 0 in events:
+        if reading and framed and 0 in events:
             try:
                 data = os.read(0, 65536)
             except OSError:
