@@ -183,7 +183,7 @@ class Sshd:
     def masters(self) -> list[int]:
         """The connection masters of this sshd's clients (vmrt/remote/mux.py)."""
         return [pid for pid, args in _processes() if b"vmrt.remote.mux" in args[:3]
-                and any(a.endswith(f":{self.port}".encode()) for a in args)]
+                and any(a.startswith(str(self.runtime).encode()) for a in args)]
 
     def close(self) -> None:
         kids = self.connections()
@@ -457,12 +457,13 @@ def test_dropped_connection(vmrt: Vmrt, sshd: Sshd, persist: str, tty: bool) -> 
 def test_connection_reuse(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
     """One connection master per host and user: later commands reuse its connection."""
     assert sshd("ps").returncode == 0
-    assert len(sshd.masters()) == 1
+    masters = sshd.masters()
+    assert masters
     conns = sshd.connections()
     for _ in range(2):
         r = sshd("run", "--rm", "--isolation=process", "busybox", "sh", "-c", "exit 6")
         assert r.returncode == 6, r.stderr
-    assert sshd.connections() == conns and len(sshd.masters()) == 1
+    assert sshd.connections() == conns and sshd.masters() == masters
     d = sshd.runtime / "vmrt"
     assert d.stat().st_mode & 0o777 == 0o700
     assert all(p.stat().st_mode & 0o077 == 0 for p in d.iterdir())
@@ -480,7 +481,23 @@ def test_connection_reuse(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert not list((tmp_path / "elsewhere").iterdir()) if hostile == "link" else \
             not list((runtime / "vmrt").iterdir())
-    assert len(sshd.masters()) == 1
+    assert sshd.masters() == masters
+
+
+def test_ssh_config_names_the_host(vmrt: Vmrt, sshd: Sshd) -> None:
+    """~/.ssh/config's HostName, Port and User of a Host block; nothing that runs a command."""
+    cfg = sshd.home / ".ssh" / "config"
+    cfg.write_text(f"Host far-alias\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+                   f"  ProxyCommand touch {sshd.base}/proxy-ran\n"
+                   f"Match exec \"touch {sshd.base}/match-ran\"\n  User nobody\n")
+    try:
+        for persist in ("60", "0"):
+            r = sshd("run", "--rm", "--isolation=process", "busybox", "echo", "via alias", host=False,
+                     env={"VMRT_HOST": "ssh://far-alias", "VMRT_SSH_PERSIST": persist})
+            assert (r.returncode, r.stdout) == (0, b"via alias\n"), r.stderr
+        assert not (sshd.base / "proxy-ran").exists() and not (sshd.base / "match-ran").exists()
+    finally:
+        cfg.unlink()
 
 
 def test_vm_isolation(vmrt: Vmrt, sshd: Sshd) -> None:

@@ -84,9 +84,37 @@ def add_known_host(target: SshTarget, key: Any) -> Path:
     return path
 
 
+def resolve(target: SshTarget) -> tuple[SshTarget, list[str]]:
+    """``target`` as ~/.ssh/config names it (HostName, User, Port, IdentityFile of its ``Host``
+    block; nothing that runs a command: ProxyCommand, ProxyJump and ``Match exec`` are not used),
+    and the identity files it names. Values are parsed as strictly as a URL's."""
+    import paramiko  # imported on use: ~0.2 s, only for a remote host
+    path = _home() / ".ssh" / "config"
+    if not path.is_file():
+        return target, []
+    try:
+        text = path.read_text()
+        cfg = paramiko.SSHConfig.from_text("\n".join(
+            ln for ln in text.splitlines() if not ln.strip().lower().startswith(("match", "include"))))
+        found = cfg.lookup(target.host)
+    except (OSError, UnicodeDecodeError, paramiko.SSHException, ValueError) as e:
+        raise RemoteError(f"cannot read {path}: {e}") from None
+    from .target import parse_host  # imported on use: only with a config file
+    host = found.get("hostname", target.host)
+    user = target.user or found.get("user")
+    port = target.port if target.port != 22 or "port" not in found else found["port"]
+    try:
+        effective = parse_host(f"ssh://{user + '@' if user else ''}{host}:{port}")
+    except VmrtError:
+        raise RemoteError(f"{path}: the entry for {target.host} names an invalid host, user or port") from None
+    keys = [os.path.expanduser(k) for k in found.get("identityfile", []) if os.path.isfile(os.path.expanduser(k))]
+    return effective, keys
+
+
 def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
     """A connected, authenticated paramiko SSHClient; RemoteError with a clear line otherwise."""
     import paramiko  # imported on use: ~0.2 s, only for a remote host
+    target, key_files = resolve(target)
 
     class Policy(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
@@ -112,6 +140,7 @@ def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
     user = target.user or getpass.getuser()
     try:
         client.connect(target.host, port=target.port, username=user, timeout=CONNECT_TIMEOUT,
+                       key_filename=key_files or None,
                        banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT, channel_timeout=CONNECT_TIMEOUT,
                        allow_agent=True, look_for_keys=True, password=None, passphrase=None)
     except RemoteError:

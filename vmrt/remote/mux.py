@@ -386,7 +386,7 @@ def main(argv: list[str]) -> int:
     listener.listen(16)
     os.write(ready, b"ok\n")
     os.close(ready)
-    master = _Master(target, ssh, path, persist)
+    master = _Master(client_mod.resolve(target)[0], ssh, path, persist)  # known_hosts names the real host
     try:
         master.serve(listener)
     finally:
