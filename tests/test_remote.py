@@ -345,6 +345,9 @@ def test_cp_both_ways(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
         # a tar stream, as Docker's cp -
         r = sshd("cp", "rcp:/tmp/one.txt", "-")
         assert r.returncode == 0 and b"one\n" in r.stdout
+        # exec -i: stdin through to a running container
+        r = sshd("exec", "-i", "rcp", "sh", "-c", "cat > /tmp/piped; wc -c < /tmp/piped", input=b"x" * 70000)
+        assert r.returncode == 0 and r.stdout.strip() == b"70000", r.stderr
     finally:
         assert vmrt("rm", "-f", "rcp").returncode == 0
 
