@@ -503,6 +503,32 @@ def test_ssh_config_names_the_host(vmrt: Vmrt, sshd: Sshd) -> None:
         cfg.unlink()
 
 
+@pytest.mark.parametrize("junk", [b"D\xff\xff\xff\xff", b"X\x00\x00\x00\x00", b"S\x00\x00\x00\x04KILL"],
+                         ids=["oversized", "unknown-type", "signal-not-forwarded"])
+def test_bad_frames_stop_the_session(vmrt: Vmrt, sshd: Sshd, junk: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remote session's parent parses the client's frames with bounds: junk is one line and the
+    end of the command (as a hang-up), never a signal it does not forward or a huge buffer."""
+    from vmrt.remote import client
+    monkeypatch.setenv("HOME", str(sshd.home))
+    ssh = client.connect(parse_host(sshd.url))
+    try:
+        chan = ssh.get_transport().open_session()
+        chan.exec_command("vmrt --remote-session=framed run --rm --isolation=process busybox sh -c "
+                          "'trap \"echo got HUP; exit 9\" HUP; echo ready; sleep 100 & wait'")
+        got = b""
+        deadline = time.monotonic() + 60
+        while b"ready" not in got and time.monotonic() < deadline:
+            got += chan.recv(4096)
+        chan.sendall(junk)
+        assert chan.recv_exit_status() == 9
+        err = b""
+        while chan.recv_stderr_ready():
+            err += chan.recv_stderr(4096)
+        assert b"bad frame" in err
+    finally:
+        ssh.close()
+
+
 def test_vm_isolation(vmrt: Vmrt, sshd: Sshd) -> None:
     r = sshd("run", "--rm", "--isolation=vm", "busybox", "sh", "-c", "echo in a vm; exit 5", timeout=300)
     assert (r.returncode, r.stdout) == (5, b"in a vm\n"), r.stderr
