@@ -433,6 +433,26 @@ def test_host_keys(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
         sshd.trust()
 
 
+@pytest.mark.parametrize("answer", [b"no", b"yes"])
+def test_unknown_host_asks_on_a_terminal(vmrt: Vmrt, sshd: Sshd, answer: bytes) -> None:
+    """As ssh: on a terminal an unknown host's fingerprint is shown and "yes" accepts it."""
+    master, slave = os.openpty()
+    sshd.trust("# nothing known")
+    try:
+        p = track(subprocess.Popen(sshd.cmd("ps", "-q"), stdin=slave, stdout=slave, stderr=slave, env=sshd.env(),
+                                   start_new_session=True))
+        os.close(slave)
+        got = _read_until(master, b"(yes/no)?")
+        assert b"SHA256:" in got and f"[127.0.0.1]:{sshd.port}".encode() in got
+        os.write(master, answer + b"\n")
+        assert p.wait(60) == (0 if answer == b"yes" else 255)
+        known = (sshd.home / ".ssh" / "known_hosts").read_text()
+        assert (sshd.host_key_line.split()[2] in known) == (answer == b"yes")
+    finally:
+        os.close(master)
+        sshd.trust()
+
+
 @pytest.mark.parametrize("persist, tty", [("60", False), ("0", False), ("60", True)],
                          ids=["master", "own-connection", "master-tty"])
 def test_dropped_connection(vmrt: Vmrt, sshd: Sshd, persist: str, tty: bool) -> None:

@@ -44,6 +44,27 @@ class RemoteError(VmrtError):
     exit_code = 255
 
 
+class UnknownHostError(RemoteError):
+    """The host's key is in no known_hosts file (and nobody accepted it)."""
+
+
+def _ask(target: SshTarget, key: Any) -> bool:
+    """On a terminal (stdin and stderr), as ssh does: show the fingerprint, accept on "yes"."""
+    if not (os.isatty(0) and os.isatty(2)):
+        return False
+    sys.stderr.write(f"The authenticity of host '{target.known_hosts_name()}' can't be established.\n"
+                     f"{key.get_name()} key fingerprint is {_fingerprint(key).split()[1]}.\n"
+                     "Are you sure you want to continue connecting (yes/no)? ")
+    sys.stderr.flush()
+    for _ in range(3):
+        answer = sys.stdin.readline(64).strip().lower()
+        if answer in ("yes", "no", ""):
+            return answer == "yes"
+        sys.stderr.write("Please type 'yes' or 'no': ")
+        sys.stderr.flush()
+    return False
+
+
 @dataclass
 class Plan:
     """What one remote command needs from this side (vmrt/cli/remote.py makes it)."""
@@ -118,12 +139,12 @@ def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
 
     class Policy(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-            if accept_new:
+            if accept_new or _ask(target, key):
                 path = add_known_host(target, key)
                 print(f"vmrt: added {target.known_hosts_name()} ({_fingerprint(key)}) to {path}", file=sys.stderr)
                 return
             port = f"-p {target.port} " if target.port != 22 else ""
-            raise RemoteError(
+            raise UnknownHostError(
                 f"{target.url()}: the host key of {target.known_hosts_name()} is not known ({_fingerprint(key)}); "
                 f"check that fingerprint with the host's administrator, then add it: "
                 f"ssh-keyscan {port}{target.host} >> ~/.ssh/known_hosts, "

@@ -200,6 +200,10 @@ def _start_master(path: Path, target: SshTarget, persist: float) -> socket.socke
                     break
                 line += chunk
         text = line.decode(errors="replace").strip()
+        if text.startswith("unknown "):
+            if os.isatty(0) and os.isatty(2):
+                return None  # the command connects on its own and asks, as ssh does
+            raise client_mod.UnknownHostError(text[len("unknown "):])
         if text.startswith("error "):
             raise RemoteError(text[len("error "):])
         return _connect(path) if text == "ok" else None
@@ -374,7 +378,8 @@ def main(argv: list[str]) -> int:
     try:
         ssh = client_mod.connect(target)
     except RemoteError as e:
-        os.write(ready, f"error {e}\n".encode())
+        kind = "unknown" if isinstance(e, client_mod.UnknownHostError) else "error"
+        os.write(ready, f"{kind} {e}\n".encode())
         return 255
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
