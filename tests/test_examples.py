@@ -165,8 +165,9 @@ def test_tomcat_user_writes_its_logs_work_and_conf_dirs(vmrt: Vmrt, examples: No
 
 @pytest.mark.vm
 @pytest.mark.xfail(strict=True, reason="a VM restored from a snapshot (its 9p share) cannot copy up a directory "
-                                       "an apt RUN layer made: EOPNOTSUPP (as touch /etc/ssl/x after apt-get "
-                                       "install ca-certificates); a cold-booted VM (virtio-fs) can")
+                                       "that is opaque in an image layer (trusted.overlay.opaque: apt's RUN "
+                                       "makes them, as does RUN rm -rf D && mkdir D): EOPNOTSUPP; a cold-booted "
+                                       "VM (virtio-fs) can")
 def test_tomcat_user_writes_its_dirs_in_a_restored_vm(vmrt: Vmrt, examples: None, snap: Path) -> None:
     """The same in a VM restored from the default shape's snapshot (the default for a VM run)."""
     r = vmrt("run", "--rm", "--timings", "--isolation=vm", TOMCAT, "sh", "-c", WRITES)
