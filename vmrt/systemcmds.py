@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime as dt
 import errno
 import json
 import os
@@ -457,9 +458,15 @@ def _df_verbose(doc: dict[str, Any]) -> list[str]:
               "Names": ",".join(n.lstrip("/") for n in c["Names"])} for c in doc["Containers"]]
     vrows = [{"Name": v["Name"], "Links": str(v["UsageData"]["RefCount"]),
               "Size": _size(v["UsageData"]["Size"]) if v["UsageData"]["Size"] >= 0 else "N/A"} for v in doc["Volumes"]]
-    brows = [{"ID": b["ID"][:12], "CacheType": b["Type"], "Size": _size(b["Size"]), "CreatedSince": b["CreatedAt"],
-              "LastUsedSince": b["LastUsedAt"], "UsageCount": str(b["UsageCount"]), "Shared": str(b["Shared"]).lower()}
-             for b in doc["BuildCache"]]
+    def since(when: str) -> str:
+        try:
+            t = dt.datetime.fromisoformat(when)
+        except ValueError:
+            return "N/A"
+        return formatting.ago(now - (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())
+    brows = [{"ID": b["ID"][:12], "CacheType": b["Type"], "Size": _size(b["Size"]),
+              "CreatedSince": since(b["CreatedAt"]), "LastUsedSince": since(b["LastUsedAt"]),
+              "UsageCount": str(b["UsageCount"]), "Shared": str(b["Shared"]).lower()} for b in doc["BuildCache"]]
     cache_total = sum(b["Size"] for b in doc["BuildCache"] if not b["Shared"])
     return ["Images space usage:", "",
             *formatting.emit(None, irows, [("REPOSITORY", "Repository", 0), ("TAG", "Tag", 0), ("IMAGE ID", "ID", 0),
