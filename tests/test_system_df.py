@@ -5,6 +5,7 @@ GET /system/df serves too: tests/test_api_images.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from support import Vmrt, one_line_error
 
@@ -75,3 +76,25 @@ def test_system_df_counts_images_containers_volumes(vmrt: Vmrt) -> None:
         vmrt("rm", "-f", "dfcli-c")
         vmrt("volume", "rm", "-f", "dfcli")
     vmrt.assert_clean()
+
+
+def test_system_df_counts_the_build_cache(vmrt: Vmrt, tmp_path: Path) -> None:
+    """A build's RUN step leaves a cache entry with its layer: one more in Build Cache, shared
+    (the image holds its layer, so not counted in SIZE); `-v` lists it; `builder prune -a` and
+    the image's removal take it away again."""
+    before = int(_rows(vmrt)["Build Cache"]["TotalCount"])
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN head -c 50000 /dev/urandom > /blob\n")
+    r = vmrt("build", "-q", "--isolation=process", "-t", "dfcache:1", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    try:
+        cache = _rows(vmrt)["Build Cache"]
+        assert int(cache["TotalCount"]) == before + 1 and cache["Active"] == "0", cache
+        doc = json.loads(vmrt("system", "df", "-v", "--format", "json").stdout)
+        entry = [b for b in doc["BuildCache"] if b["Size"] >= 50000]
+        assert len(entry) == 1 and entry[0]["Shared"] is True, doc["BuildCache"]
+        text = vmrt("system", "df", "-v").stdout.decode()
+        assert any(ln.startswith(entry[0]["ID"][:12]) and ln.split()[-1] == "true" for ln in text.splitlines()), text
+    finally:
+        vmrt("rmi", "-f", "dfcache:1")
+    assert vmrt("builder", "prune", "-a", "-f").returncode == 0
+    assert _rows(vmrt)["Build Cache"]["TotalCount"] == "0"
