@@ -226,4 +226,6 @@ def test_mariadb_serves_a_client_and_keeps_its_data_on_a_volume(vmrt: Vmrt, exam
     finally:  # what a failure left (the fixture removes the containers and the network too)
         vmrt.remove_all()
         vmrt("volume", "rm", "-f", vol)
+    assert vol not in vmrt("volume", "ls", "-q").stdout.decode().split()
+    assert net not in vmrt("network", "ls", "--format", "{{.Name}}").stdout.decode().split()
     vmrt.assert_clean()
