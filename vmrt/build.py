@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import stat
 import sys
 import tarfile
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bundle, fsmode, network, rootfs, runner, safefs
+from . import volumes as volumes_mod
 from .agent import walk
 from .config import Config
 from .errors import UsageError, VmrtError
@@ -125,7 +127,7 @@ class Builder:
         instructions = df.parse(text, self.where)
         if not instructions or instructions[0].cmd not in ("FROM", "ARG"):
             line = instructions[0].line if instructions else 1
-            raise UsageError(f"{self.where}:{line}: the first instruction must be FROM (or ARG before FROM)")
+            raise df.DockerfileError(f"{self.where}:{line}: the first instruction must be FROM (or ARG before FROM)")
         stages = self._split(instructions)
         if self.opts.target is not None:
             names = [s[0].value[2].lower() if len(s[0].value) > 2 else None for s in stages[1:]]
@@ -139,7 +141,10 @@ class Builder:
         self.ctx_fd = os.open(context, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for ins in stages[0]:  # the ARGs before the first FROM
-                self._meta_arg(ins)
+                try:
+                    self._meta_arg(ins)
+                except VmrtError as e:
+                    raise self._fail(ins, e) from e
             for body in stages[1:]:
                 self._stage(body)
         finally:
@@ -157,7 +162,7 @@ class Builder:
             if ins.cmd == "FROM":
                 out.append([ins])
             elif len(out) == 1 and ins.cmd != "ARG":
-                raise UsageError(f"{self.where}:{ins.line}: {ins.cmd} before the first FROM")
+                raise df.DockerfileError(f"{self.where}:{ins.line}: {ins.cmd} before the first FROM")
             else:
                 out[-1].append(ins)
         return out
@@ -174,7 +179,12 @@ class Builder:
                 self.used_args.add(name)
 
     def _fail(self, ins: df.Instruction, e: Exception) -> BuildError:
-        return BuildError(f"{self.where}:{ins.line}: {ins.cmd}: {e}")
+        msg = str(e)
+        if len(msg) > 1000:  # an echoed command may be long: the line says where
+            msg = msg[:1000] + "..."
+        if msg.startswith(f"{self.where}:"):
+            return BuildError(msg)
+        return BuildError(f"{self.where}:{ins.line}: {ins.cmd}: {msg}")
 
     def _stage(self, body: list[df.Instruction]) -> None:
         frm = body[0]
@@ -204,7 +214,7 @@ class Builder:
         except BuildError as e:
             if str(e).startswith(f"{self.where}:"):
                 raise
-            raise BuildError(f"{self.where}:{ins.line}: {e}") from e
+            raise BuildError(f"{self.where}:{ins.line}: {str(e)[:1000]}") from e
         except VmrtError as e:
             raise self._fail(ins, e) from e
 
@@ -322,6 +332,11 @@ class Builder:
             layer = entry["layer"]
         else:
             made = make()
+            if made is not None and made[1] in {d for _, d in stage.layers}:
+                # a layer the stage already has (a step that changed nothing, twice within a second:
+                # the same bytes): an overlay cannot stack one dir twice. Below the top it is not
+                # quite a no-op (it would apply again over what came between): a rare approximation
+                made = None
             layer = list(made) if made is not None else None
             entry = {"created": _now(), "layer": layer}
             self._remember(key, entry)
@@ -499,7 +514,8 @@ class Builder:
 
     # --- RUN --------------------------------------------------------------------------------
     def _i_run(self, stage: Stage, ins: df.Instruction) -> None:
-        ins.check_flags({"network"}, self.where)
+        ins.check_flags({"network", "mount"}, self.where)
+        mounts = df.run_mounts(ins.flags, self._env(stage), stage.run.get("WorkingDir") or "/", self.escape)
         if ins.json:
             args = list(ins.value)
         else:
@@ -517,27 +533,167 @@ class Builder:
         if not stage.layers:
             raise UsageError("RUN in a stage with no layers (FROM scratch): there is no shell to run")
         network_name = ins.flag("network") or self.opts.network
+        content = "\n".join(self._mount_key(stage, m) for m in mounts)
 
         def make() -> Layer:
-            return self._run(stage, args, build_env, network_name)
-        self._layer_step(stage, what, "", make)
+            with contextlib.ExitStack() as stack:
+                host_mounts = [self._mount(stage, m, stack) for m in mounts]
+                return self._run(stage, args, build_env, network_name, host_mounts, self._stubs(stage, mounts))
+        self._layer_step(stage, what, content, make)
 
-    def _run(self, stage: Stage, args: list[str], build_env: list[str], network_name: str | None) -> Layer:
+    # --- RUN --mount ---------------------------------------------------------------------------
+    def _mount_key(self, stage: Stage, m: df.RunMount) -> str:
+        """What the step's cache key holds of a mount: its options, and for a bind what it shows
+        (the context's content there, as COPY's key; a stage's or image's ID)."""
+        if m.type != "bind":
+            return m.key()
+        if m.from_ is None:
+            digest, _ = buildlayer.tree_digest(self.ctx_fd, _rel(m.source), lambda rel: not self.ignore.excluded(rel))
+            return f"{m.key()} {digest}"
+        src = self._from_stage(m.from_)
+        if src is not None:
+            return f"{m.key()} {src.image_id} {json.dumps([d for _, d in src.layers])}"
+        img = runner.find_image(self.cfg, self.store, m.from_, "missing", self.opts.platform)
+        return f"{m.key()} {img.id}"
+
+    def _stubs(self, stage: Stage, mounts: list[df.RunMount]) -> set[str]:
+        """The mount points a step's mounts make where the image has nothing (the target and its
+        missing parents): left out of the layer when the step left them empty (as buildkit)."""
+        out = set()
+        for m in mounts:
+            parts = [p for p in m.target.split("/") if p]
+            for k in range(1, len(parts) + 1):
+                rel = "/".join(parts[:k])
+                if self._image_stat(stage, rel, follow=False) is None:
+                    out.add(rel)
+        return out
+
+    def _staging(self, stack: contextlib.ExitStack) -> Path:
+        """A private dir for one mount's host side, removed (once nothing is mounted in it) at the end."""
+        base = fsmode.private_dir(self.cfg.run_root / "builds")
+        path = base / ("mnt-" + secrets.token_hex(8))
+        path.mkdir(mode=0o700)
+
+        def remove() -> None:
+            if rootfs.mounts_under(path):
+                LOG.warning("%s: still mounted, left in place", path)
+                return
+            shutil.rmtree(path, ignore_errors=True)
+        stack.callback(remove)
+        return path
+
+    def _mount(self, stage: Stage, m: df.RunMount, stack: contextlib.ExitStack) -> volumes_mod.Mount:
+        if m.type == "tmpfs":  # exec allowed, as buildkit's; nosuid and nodev kept
+            return volumes_mod.Mount("tmpfs", m.target, options=["exec", *([f"size={m.size}"] if m.size else [])])
+        if m.type == "cache":
+            return volumes_mod.Mount("bind", m.target, source=str(self._cache_dir(m, stack)), readonly=m.readonly)
+        return volumes_mod.Mount("bind", m.target, source=str(self._bind_source(stage, m, stack)),
+                                 readonly=m.readonly)
+
+    def _cache_dir(self, m: df.RunMount, stack: contextlib.ExitStack) -> Path:
+        """``type=cache``: ``<root>/builder/mounts/<sha256 of the id>`` (root's 0700 parent; never in
+        a layer), locked for the step as ``sharing`` says: shared (a shared lock), locked (an
+        exclusive one, waited for), private (exclusive if free, else a fresh dir for this step)."""
+        base = fsmode.private_dir(self.cfg.root / "builder" / "mounts")
+        name = hashlib.sha256(m.id.encode()).hexdigest()[:32]
+        lock = stack.enter_context(open(base / f"{name}.lock", "a", opener=fsmode.opener))
+        path = base / name
+        if m.sharing == "private":
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                path = self._staging(stack) / "cache"
+        else:
+            fcntl.flock(lock, fcntl.LOCK_EX if m.sharing == "locked" else fcntl.LOCK_SH)
+        try:
+            os.mkdir(path, 0o700)
+            os.chown(path, m.uid, m.gid)
+            os.chmod(path, m.mode)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise BuildError(f"the cache mount {path} is not a directory")
+        return path
+
+    def _bind_source(self, stage: Stage, m: df.RunMount, stack: contextlib.ExitStack) -> Path:
+        """``type=bind``: ``source`` resolved inside the context (``.dockerignore`` applies) or
+        ``from``'s root (mounted read-only for the step), never by a link out of it; bound
+        read-only from the opened fd (no path is looked up again); with ``rw`` an overlay over it
+        whose writes are dropped after the step."""
+        root_fd, keep, _ = stack.enter_context(self._source_root(stage, m.from_))
+        rel = _rel(m.source)
+        if not keep(rel):
+            raise UsageError(f"--mount: source {m.source!r}: excluded by .dockerignore")
+        try:
+            fd = safefs.open_in_root(root_fd, rel or ".", os.O_PATH)
+        except OSError as e:
+            raise UsageError(f"--mount: source {m.source!r}: {e.strerror}") from None
+        stack.callback(os.close, fd)
+        st = os.fstat(fd)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise UsageError(f"--mount: source {m.source!r} is not a file or directory")
+        work = self._staging(stack)
+        src = Path(f"/proc/self/fd/{fd}")
+        if m.from_ is None and stat.S_ISDIR(st.st_mode) and buildlayer.tree_digest(root_fd, rel, keep)[1]:
+            src = self._filtered_copy(root_fd, rel, keep, work)  # what .dockerignore leaves of it
+        if m.readonly or stat.S_ISDIR(st.st_mode):
+            target = work / "src"
+            target.mkdir() if stat.S_ISDIR(st.st_mode) else target.touch(0o600)
+            rootfs.bind(src, target, readonly=True)
+            stack.callback(rootfs.umount, target)
+            if m.readonly:
+                return target
+            upper, wdir, merged = work / "upper", work / "work", work / "merged"
+            for d in (upper, wdir):
+                d.mkdir(mode=0o700)
+            os.chown(upper, st.st_uid, st.st_gid)  # the merged root is the upper's: the source's own
+            os.chmod(upper, stat.S_IMODE(st.st_mode))
+            rootfs.mount_overlay([target], upper, wdir, merged)
+            stack.callback(rootfs.umount, merged)
+            return merged
+        copy = work / "file"  # a writable file: a copy the step may change
+        with open(src, "rb") as fin, open(copy, "wb", opener=fsmode.opener) as fout:
+            while chunk := fin.read(buildlayer.CHUNK):
+                fout.write(chunk)
+        return copy
+
+    def _filtered_copy(self, root_fd: int, rel: str, keep: Callable[[str], bool], work: Path) -> Path:
+        layer = buildlayer.LayerTar(self.store.tmp)
+        try:
+            buildlayer.copy_source(root_fd, rel, "/", layer, into_dir=False, uid=0, gid=0, chmod=None, keep=keep,
+                                   notice=lambda m: self.say(inert(f"[Warning] {m}")))
+            layer.tar.close()
+            layer.file.seek(0)
+            out = work / "filtered"
+            out.mkdir(mode=0o755)
+            try:  # the tar filter: links are kept as links (to anywhere: the step's view); the walk that
+                # wrote the tar never descends a link, so no entry is extracted through one
+                with tarfile.open(fileobj=layer.file, mode="r:") as tf:
+                    tf.extractall(out, filter="tar")
+            except (tarfile.TarError, OSError) as e:
+                raise BuildError(f"--mount: source /{rel}: {str(e)[:300]}") from e
+            return out
+        finally:
+            layer.close()
+
+    def _run(self, stage: Stage, args: list[str], build_env: list[str], network_name: str | None,
+             mounts: list[volumes_mod.Mount] | None = None, stubs: set[str] | None = None) -> Layer:
         if self._state is None:
             self._state = State(self.cfg.db_path)
         state = self._state
         isolation = self.opts.isolation
         net = network.NetRequest(network=network_name) if network_name and network_name != "default" else None
         opts = bundle.RunOptions(image=stage.image_id, command=args, entrypoint="", env=build_env, rm=True,
-                                 pull="never", net=net)
+                                 pull="never", net=net, mounts=list(mounts or []))
         c, image, layers, spec = runner.create(self.cfg, opts, isolation, state, persist=False)
         layer = buildlayer.LayerTar(self.store.tmp)
+        stubs = stubs or set()
         try:
             self.say(f" ---> Running in {c.id[:12]}")
             driver = runner.make_driver(isolation, accel=None, kernel=None, runtime=self.cfg.runtime)
             notice: Callable[[str], None] = lambda m: self.say(inert(f"[Warning] {m}"))  # noqa: E731
             with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out, \
-                    self._guest_walk(spec, layer, notice) if isolation == "vm" else _no_walk() as walk_fd:
+                    self._guest_walk(spec, layer, notice, stubs) if isolation == "vm" else _no_walk() as walk_fd:
                 out = null_out.fileno() if self.opts.quiet else sys.stdout.fileno()
                 err = null_out.fileno() if self.opts.quiet else sys.stderr.fileno()
                 sys.stdout.flush()
@@ -546,7 +702,7 @@ class Builder:
                 if status != 0:
                     raise BuildError(f"The command '{' '.join(args)}' returned a non-zero code: {status}")
             if isolation == "process":
-                buildlayer.from_upper(rw_dir(self.cfg, c.id) / "upper", layer, notice)
+                buildlayer.from_upper(rw_dir(self.cfg, c.id) / "upper", layer, notice, stubs)
             stored = layer.store(self.store)
             self.say(f" ---> Removed intermediate container {c.id[:12]}")
             return stored
@@ -555,7 +711,8 @@ class Builder:
             runner.discard(self.cfg, state, c)
 
     @contextlib.contextmanager
-    def _guest_walk(self, spec: Spec, layer: buildlayer.LayerTar, notice: Callable[[str], None]) -> Iterator[int]:
+    def _guest_walk(self, spec: Spec, layer: buildlayer.LayerTar, notice: Callable[[str], None],
+                    stubs: set[str]) -> Iterator[int]:
         """A VM step's writable layer into ``layer``. The host never reads the step's disk (a hostile
         ext4 image): once the step's process has exited 0 (its PID namespace, and every process of
         the step with it, gone), the guest agent walks the upper dir with contents (WALK_AFTER) and
@@ -575,10 +732,21 @@ class Builder:
         def read(fd: int) -> None:
             try:
                 with os.fdopen(fd, "rb", buffering=0) as f:
-                    for e in walk.ContentParser(f.read, disk + walk.META_BYTES).entries():
+                    def add(e: walk.ContentEntry) -> None:
                         buildlayer.add_upper(layer, e.path, e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime_ns // 10**9,
                                              rdev=e.rdev, opaque=e.opaque, link=e.link, hardlink=e.hardlink,
                                              xattrs=e.xattrs, size=e.size, data=e.data, notice=notice)
+                    pending: list[walk.ContentEntry] = []  # mount stubs, kept only if something under them is
+                    for e in walk.ContentParser(f.read, disk + walk.META_BYTES).entries():
+                        while pending and not e.path.startswith(pending[-1].path + "/"):
+                            pending.pop()
+                        if e.path in stubs and (stat.S_ISDIR(e.mode) or (stat.S_ISREG(e.mode) and e.size == 0)):
+                            pending.append(e)
+                            continue
+                        for p in pending:
+                            add(p)
+                        pending.clear()
+                        add(e)
                     done.set()
             except BaseException as ex:  # noqa: BLE001 - handed to the build's thread, raised there
                 failed.append(ex)
@@ -785,6 +953,14 @@ class Builder:
             raise UsageError(f"--chown {spec!r} is out of range")
         return uid, gid
 
+    def _from_stage(self, ref: str) -> Stage | None:
+        """``--from=``'s stage: an earlier one by index or name; None: an image's reference."""
+        if ref.isdigit():
+            if int(ref) >= len(self.stages) - 1:
+                raise UsageError(f"invalid from flag value {ref}: there is no stage {ref} before this one")
+            return self.stages[int(ref)]
+        return self._stage_named(ref)
+
     @contextlib.contextmanager
     def _source_root(self, stage: Stage, from_ref: str | None
                      ) -> Iterator[tuple[int, Callable[[str], bool], str | None]]:
@@ -794,11 +970,7 @@ class Builder:
         if from_ref is None:
             yield self.ctx_fd, lambda rel: not self.ignore.excluded(rel), None
             return
-        src: Stage | None
-        if from_ref.isdigit() and int(from_ref) < len(self.stages) - 1:
-            src = self.stages[int(from_ref)]
-        else:
-            src = self._stage_named(from_ref)
+        src = self._from_stage(from_ref)
         if src is not None:
             dirs = self._layer_dirs(src)
         else:
@@ -847,12 +1019,16 @@ def _no_walk() -> Iterator[None]:
     yield None
 
 
+def _rel(path: str) -> str:
+    return os.path.normpath("/" + path).strip("/")
+
+
 def _arg_decls(ins: df.Instruction, env: dict[str, str]) -> list[tuple[str, str | None]]:
     out = []
     for v in ins.value:
         name, eq, default = v.partition("=")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise UsageError(f"{ins.line}: invalid ARG name {name!r}")
+            raise UsageError(f"invalid ARG name {name[:100]!r}")
         out.append((name, df.word(default, env) if eq else None))
     return out
 
@@ -926,16 +1102,63 @@ def cache_records(cfg: Config) -> list[dict[str, Any]]:
 
 
 # --- the command ---------------------------------------------------------------------------------
-def _stdin_context(tmp: Path) -> Path:
-    """``vmrt build -``: the context as a tar archive on stdin, unpacked privately (tarfile's
-    data filter: no absolute names, no ``..``, no links out, no devices)."""
+class _ContextTar(tarfile.TarFile):
+    """A context archive read as a stream (never whole in memory), its files written sparse:
+    a run of zeros becomes a hole, so a big sparse file (a disk image) costs no disk either;
+    its members' sizes together at most ``limit`` bytes."""
+
+    limit = 0
+    total = 0
+    _zeros = bytes(buildlayer.CHUNK)
+
+    def next(self) -> tarfile.TarInfo | None:
+        ti = super().next()
+        if ti is not None:
+            self.total += max(ti.size, 0)
+            if self.total > self.limit:
+                raise ContextTooLarge(f"the build context is larger than build_context_max ({self.limit} bytes)")
+        return ti
+
+    def makefile(self, tarinfo: tarfile.TarInfo,
+                 targetpath: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> None:
+        if tarinfo.sparse is not None:
+            super().makefile(tarinfo, targetpath)
+            return
+        source = self.fileobj
+        assert source is not None
+        source.seek(tarinfo.offset_data)
+        with open(targetpath, "wb", buffering=0) as target:
+            left = tarinfo.size
+            while left:
+                chunk = source.read(min(left, buildlayer.CHUNK))
+                if not chunk:
+                    raise tarfile.ReadError("unexpected end of data")
+                if chunk == self._zeros[:len(chunk)]:
+                    target.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    target.write(chunk)
+                left -= len(chunk)
+            target.truncate(tarinfo.size)
+
+
+class ContextTooLarge(UsageError):
+    """A context over ``build_context_max`` (docker build's failures exit 1)."""
+
+    exit_code = 1
+
+
+def _stdin_context(tmp: Path, limit: int) -> Path:
+    """``vmrt build -``: the context as a tar archive on stdin, unpacked privately as it comes
+    (tarfile's data filter: no absolute names, no ``..``, no links out, no devices)."""
     ctx = tmp / "context"
     ctx.mkdir(mode=0o700)
     try:
-        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") as tf:
+        with _ContextTar.open(fileobj=sys.stdin.buffer, mode="r|*") as tf:
+            assert isinstance(tf, _ContextTar)
+            tf.limit = limit
             tf.extractall(ctx, filter="data")
     except (tarfile.TarError, OSError) as e:
-        raise UsageError(f"the build context on stdin is not a tar archive: {e}") from e
+        raise UsageError(f"the build context on stdin is not a tar archive: {str(e)[:300]}") from e
     return ctx
 
 
@@ -950,22 +1173,25 @@ def build(cfg: Config, opts: Options, out: Callable[[str], None]) -> str:
     if opts.context is None and opts.dockerfile == "-":
         raise UsageError("invalid argument: can't use stdin for both build context and dockerfile")
     with tempfile.TemporaryDirectory(prefix="vmrt-build-") as tmpd:
-        context = opts.context if opts.context is not None else _stdin_context(Path(tmpd))
+        context = opts.context if opts.context is not None else _stdin_context(Path(tmpd), cfg.build_context_max)
         if not context.is_dir():
             raise UsageError(f"unable to prepare context: path {str(context)!r} not found")
         dfile = opts.dockerfile
+        where = Path(dfile).name if dfile and dfile != "-" else "Dockerfile"
         if dfile == "-":
-            text = sys.stdin.read()
+            text = df.decode(sys.stdin.buffer.read(df.MAX_BYTES + 1), where)
         else:
             path = Path(dfile) if dfile else context / "Dockerfile"
             if dfile and not path.is_absolute() and not path.exists() and (context / dfile).exists():
                 path = context / dfile
             try:
-                text = path.read_text()
+                with open(path, "rb") as f:
+                    data = f.read(df.MAX_BYTES + 1)
             except OSError as e:
                 raise UsageError(f"unable to read the Dockerfile {str(path)!r}: {e.strerror}") from e
+            text = df.decode(data, where)
         b = Builder(cfg, opts, out)
-        b.where = Path(dfile).name if dfile and dfile != "-" else "Dockerfile"
+        b.where = where
         result = None
         try:
             with b.store.writing():  # no collection while the build's layers belong to no image yet

@@ -79,6 +79,7 @@ class Config:
     log_max_size: str = "20m"                # container logs: rotated at this size (--log-opt max-size)
     log_max_file: int = 5                    # ... keeping this many files (--log-opt max-file): bounded
     api_max_load: int = 16 << 30             # the API's POST /images/load: the largest archive (bytes)
+    build_context_max: int = 16 << 30        # vmrt build - / POST /build: the context archive's files' sizes together
     vmm_jail: bool = True                    # QEMU unprivileged, sandboxed, chrooted (vm/jail.py); off: root
     jail_uid_base: int = 0x40000000          # a jailed QEMU's uid/gid: this + its PID (a reserved range)
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)

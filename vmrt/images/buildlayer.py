@@ -169,15 +169,16 @@ def _open_dir(name: str, dfd: int) -> int:
 
 
 # --- a RUN step's writable layer ---------------------------------------------------------------
-def from_upper(upper: Path, layer: LayerTar, notice: Callable[[str], None]) -> None:
-    """The overlay upper dir ``upper`` (untrusted) as layer entries."""
+def from_upper(upper: Path, layer: LayerTar, notice: Callable[[str], None], stubs: set[str] | None = None) -> None:
+    """The overlay upper dir ``upper`` (untrusted) as layer entries; ``stubs`` (relative paths):
+    mount points the step's mounts made, left out where the step left them empty."""
     try:
         top = os.open(upper, DIR_FLAGS)
     except FileNotFoundError:
         return
     try:
         links: dict[tuple[int, int], str] = {}
-        _walk_upper(top, "", layer, links, notice)
+        _walk_upper(top, "", layer, links, notice, stubs or set())
     except OSError as e:
         raise ImageError(f"cannot read the step's writable layer: {e}") from e
     finally:
@@ -185,7 +186,7 @@ def from_upper(upper: Path, layer: LayerTar, notice: Callable[[str], None]) -> N
 
 
 def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, int], str],
-                notice: Callable[[str], None]) -> None:
+                notice: Callable[[str], None], stubs: set[str]) -> None:
     _check_depth(prefix)
     if prefix and _xattr(dfd, "trusted.overlay.opaque") == b"y":
         layer.add_data(_plain(prefix + OPAQUE), b"")
@@ -196,6 +197,8 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
         elif stat.S_ISDIR(s.st_mode):
             sub = _open_dir(name, dfd)
             try:
+                if path in stubs and _only_stubs(sub, path + "/", stubs):
+                    continue
                 if _xattr(sub, "trusted.overlay.redirect") is not None:
                     raise ImageError(f"the build step renamed the directory /{path} of a lower layer: "
                                      "overlayfs redirect_dir is not supported in builds")
@@ -204,7 +207,7 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
                 ti.type = tarfile.DIRTYPE
                 set_xattrs(ti, _kept_xattrs(sub))
                 layer.add(ti)
-                _walk_upper(sub, path + "/", layer, links, notice)
+                _walk_upper(sub, path + "/", layer, links, notice, stubs)
             finally:
                 os.close(sub)
         elif stat.S_ISLNK(s.st_mode):
@@ -212,7 +215,7 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
             ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
             layer.add(ti)
         elif stat.S_ISREG(s.st_mode):
-            if path in MOUNTPOINTS and s.st_size == 0:
+            if (path in MOUNTPOINTS or path in stubs) and s.st_size == 0:
                 continue
             _add_file(dfd, name, path, s, layer, links, notice, xattrs=True)
         elif stat.S_ISFIFO(s.st_mode):
@@ -222,6 +225,28 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
         else:
             what = "socket" if stat.S_ISSOCK(s.st_mode) else "device node"
             notice(f"skipping the {what} /{path} the step left: a build layer holds no {what}s")
+
+
+def _only_stubs(dfd: int, prefix: str, stubs: set[str]) -> bool:
+    """Whether the directory holds nothing but empty mount stubs (and is no opaque one)."""
+    _check_depth(prefix)
+    if _xattr(dfd, "trusted.overlay.opaque") == b"y":
+        return False
+    for name, s in _entries(dfd):
+        path = prefix + name
+        if path not in stubs:
+            return False
+        if stat.S_ISREG(s.st_mode) and s.st_size == 0:
+            continue
+        if not stat.S_ISDIR(s.st_mode):
+            return False
+        sub = _open_dir(name, dfd)
+        try:
+            if not _only_stubs(sub, path + "/", stubs):
+                return False
+        finally:
+            os.close(sub)
+    return True
 
 
 def _add_file(dfd: int, name: str, path: str, s: os.stat_result, layer: LayerTar,
@@ -373,6 +398,76 @@ def glob(root_fd: int, pattern: str, keep: Callable[[str], bool]) -> list[str]:
                 nxt.append(rel)
         found = nxt
     return found
+
+
+def tree_digest(root_fd: int, rel: str, keep: Callable[[str], bool]) -> tuple[str, bool]:
+    """What ``rel`` under ``root_fd`` holds (resolved inside it), hashed as COPY's cache key
+    hashes (names, types, modes, owners, link targets, contents; not times) without writing a
+    layer: a ``RUN --mount=type=bind`` step's key. And whether ``keep`` left anything out."""
+    h = hashlib.sha256()
+    left_out = [False]
+    try:
+        fd = safefs.open_in_root(root_fd, rel or ".", os.O_PATH)
+    except OSError as e:
+        raise UsageError(f"--mount: source /{rel}: {e.strerror}") from None
+    try:
+        s = os.fstat(fd)
+        if stat.S_ISDIR(s.st_mode):
+            dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _digest_tree(dfd, rel, "", h, keep, left_out)
+            finally:
+                os.close(dfd)
+        elif stat.S_ISREG(s.st_mode):
+            rfd = safefs.open_regular(root_fd, rel)
+            if rfd is None:
+                raise UsageError(f"--mount: source /{rel}: not a regular file")
+            try:
+                _digest_file(rfd, h)
+            finally:
+                os.close(rfd)
+        else:
+            raise UsageError(f"--mount: source /{rel} is not a file or directory")
+    finally:
+        os.close(fd)
+    return h.hexdigest(), left_out[0]
+
+
+def _digest_file(fd: int, h: Any) -> None:
+    while chunk := os.read(fd, CHUNK):
+        h.update(chunk)
+
+
+def _digest_tree(dfd: int, src_prefix: str, prefix: str, h: Any, keep: Callable[[str], bool],
+                 left_out: list[bool]) -> None:
+    _check_depth(prefix)
+    for name, s in _entries(dfd):
+        src = f"{src_prefix}/{name}" if src_prefix else name
+        if not keep(src):
+            left_out[0] = True
+            continue
+        path = prefix + name
+        link = os.readlink(name, dir_fd=dfd) if stat.S_ISLNK(s.st_mode) else ""
+        h.update(repr((path, stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode), s.st_uid, s.st_gid, link,
+                       s.st_size if stat.S_ISREG(s.st_mode) else 0)).encode() + b"\n")
+        if stat.S_ISDIR(s.st_mode):
+            sub = _open_dir(name, dfd)
+            try:
+                _digest_tree(sub, src, path + "/", h, keep, left_out)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(s.st_mode):
+            try:
+                fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):
+                    continue
+                raise
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    _digest_file(fd, h)
+            finally:
+                os.close(fd)
 
 
 def copy_source(root_fd: int, rel: str, dest: str, layer: LayerTar, *, into_dir: bool, uid: int | None,

@@ -19,7 +19,10 @@ from ..errors import UsageError
 
 
 class DockerfileError(UsageError):
-    """A Dockerfile that cannot be built: the message names its line (``Dockerfile:7: ...``)."""
+    """A Dockerfile that cannot be built: the message names its line (``Dockerfile:7: ...``);
+    exit status 1, as docker build's failures."""
+
+    exit_code = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +65,21 @@ def parse(text: str, where: str = "Dockerfile") -> list[Instruction]:
     try:
         cmds = parser.parse_string(text)
     except parser.GoParseError as e:
-        raise DockerfileError(f"{where}: {e}") from e
+        msg = str(e)
+        if "no instructions" in msg:
+            raise DockerfileError(f"{where}:1: the file has no instructions") from None
+        raise DockerfileError(f"{where}:{_error_line(text, msg)}: {msg[:300]}") from None
     out = []
     for c in cmds:
         ins = _instruction(c)
+        if not ins.cmd or ins.cmd == "NONE":
+            raise DockerfileError(f"{where}:{ins.line}: an instruction without a name")
         out.append(ins)
     return out
 
 
 def _instruction(c: object) -> Instruction:
-    cmd = str(getattr(c, "cmd")).upper()  # noqa: B009
+    cmd = str(getattr(c, "cmd") or "").upper()  # noqa: B009
     sub_cmd = getattr(c, "sub_cmd")  # noqa: B009
     docs = tuple(Heredoc(h.name, h.content) for h in getattr(c, "heredocs"))  # noqa: B009
     base = Instruction(cmd, tuple(getattr(c, "value")), tuple(getattr(c, "flags")),  # noqa: B009
@@ -289,3 +297,158 @@ def _glob_regex(pattern: str) -> str:
 
 def has_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
+
+
+# --- RUN --mount ---------------------------------------------------------------------------------
+MOUNT_TYPES = ("bind", "cache", "tmpfs")
+SHARING = ("shared", "private", "locked")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMount:
+    """One ``RUN --mount=...`` (buildkit's syntax: comma-separated ``key=value`` fields)."""
+    type: str                    # bind | cache | tmpfs
+    target: str                  # absolute (a relative one is the workdir's)
+    source: str = ""             # bind: the path in its root (the context, or ``from``'s root)
+    from_: str | None = None     # bind: a stage or image
+    readonly: bool = True        # bind: unless rw; cache: unless ro
+    id: str = ""                 # cache: its identity (default: the target)
+    sharing: str = "shared"      # cache
+    mode: int = 0o755            # cache: the directory's when made
+    uid: int = 0
+    gid: int = 0
+    size: int = 0                # tmpfs: bytes (0: the kernel's default)
+
+    def key(self) -> str:
+        """What the step's cache key holds of it."""
+        return repr(dataclasses.astuple(self))
+
+
+_BOOL = {"": True, "true": True, "1": True, "false": False, "0": False}
+
+
+def run_mounts(flags: tuple[str, ...], env: Mapping[str, str], workdir: str, escape: str = "\\"
+               ) -> list[RunMount]:
+    """The ``--mount`` flags of a RUN, parsed strictly (a UsageError names what is wrong)."""
+    out = []
+    for f in flags:
+        key, _, val = f.removeprefix("--").partition("=")
+        if key.lower() == "mount":
+            out.append(_run_mount(val, env, workdir, escape))
+    targets = [m.target for m in out]
+    dup = next((t for t in targets if targets.count(t) > 1), None)
+    if dup is not None:
+        raise UsageError(f"--mount: {dup} is the target of two mounts")
+    return out
+
+
+def _run_mount(spec: str, env: Mapping[str, str], workdir: str, escape: str) -> RunMount:
+    if len(spec) > 8192:
+        raise UsageError("--mount: longer than 8192 characters")
+    fields: dict[str, str] = {}
+    for raw in spec.split(","):
+        k, eq, v = raw.partition("=")
+        k = k.strip().lower()
+        if not k:
+            raise UsageError(f"--mount: an empty field in {spec[:200]!r}")
+        k = {"dst": "target", "destination": "target", "src": "source", "readonly": "ro",
+             "readwrite": "rw"}.get(k, k)
+        if k in fields:
+            raise UsageError(f"--mount: {k} given twice")
+        fields[k] = word(v, env, escape) if eq else ""
+    kind = fields.pop("type", "bind")
+    if kind not in MOUNT_TYPES:
+        raise UsageError(f"--mount: unsupported mount type {kind[:40]!r} (bind, cache or tmpfs)")
+    allowed = {"bind": {"target", "source", "from", "ro", "rw"},
+               "cache": {"target", "id", "sharing", "mode", "uid", "gid", "ro", "rw"},
+               "tmpfs": {"target", "size"}}[kind]
+    bad = sorted(set(fields) - allowed)
+    if bad:
+        raise UsageError(f"--mount: unknown option {bad[0][:40]!r} for type={kind} "
+                         f"({', '.join(sorted(allowed))})")
+    target = fields.get("target", "")
+    if not target:
+        raise UsageError(f"--mount: type={kind} needs a target")
+    if "\0" in target or len(target) > 4096:
+        raise UsageError("--mount: a bad target")
+    target = os.path.normpath(os.path.join(workdir or "/", target))
+    if target == "/":
+        raise UsageError("--mount: the target cannot be /")
+    flags = {}
+    for b in ("ro", "rw"):
+        if b in fields:
+            if fields[b].lower() not in _BOOL:
+                raise UsageError(f"--mount: {b}={fields[b][:40]!r} is not a boolean")
+            flags[b] = _BOOL[fields[b].lower()]
+    readonly = flags.get("ro", not flags["rw"] if "rw" in flags else kind == "bind")
+    if kind == "tmpfs":
+        return RunMount("tmpfs", target, readonly=False, size=_size(fields.get("size", "0")))
+    if kind == "bind":
+        frm = fields.get("from") or None
+        return RunMount("bind", target, source=fields.get("source", "") or "/", from_=frm, readonly=readonly)
+    sharing = fields.get("sharing", "shared")
+    if sharing not in SHARING:
+        raise UsageError(f"--mount: sharing={sharing[:40]!r} (shared, private or locked)")
+    mode = fields.get("mode", "0755")
+    if not re.fullmatch(r"[0-7]{1,4}", mode):
+        raise UsageError(f"--mount: mode={mode[:40]!r} is not an octal mode")
+    ids = []
+    for name in ("uid", "gid"):
+        v = fields.get(name, "0")
+        if not v.isdigit() or int(v) > 0xFFFFFFFE:
+            raise UsageError(f"--mount: {name}={v[:40]!r} is not a number")
+        ids.append(int(v))
+    cache_id = fields.get("id") or target
+    if len(cache_id) > 1024 or "\0" in cache_id:
+        raise UsageError("--mount: a bad cache id")
+    return RunMount("cache", target, readonly=readonly, id=cache_id, sharing=sharing, mode=int(mode, 8),
+                    uid=ids[0], gid=ids[1])
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"(\d{1,15})([kmg]?)b?", text.strip().lower())
+    if not m:
+        raise UsageError(f"--mount: size={text[:40]!r} (bytes, or with k, m or g)")
+    return int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[m[2]]
+
+
+# --- the text ------------------------------------------------------------------------------------
+MAX_BYTES = 16 << 20  # a Dockerfile's (buildkit refuses lines over 64 KiB; this bounds the rest)
+
+
+def decode(data: bytes, where: str) -> str:
+    """A Dockerfile's bytes as text: UTF-8 (a BOM dropped) without NUL bytes, at most
+    ``MAX_BYTES``; otherwise a DockerfileError naming the line."""
+    if len(data) > MAX_BYTES:
+        raise DockerfileError(f"{where}: larger than {MAX_BYTES >> 20} MiB")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DockerfileError(f"{where}:{_line_at(data, nul)}: a NUL byte (not a text file)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+        raise DockerfileError(f"{where}:{_line_at(data, bad)}: not UTF-8 text (byte 0x{data[bad]:02x})") from None
+    return text.removeprefix("\ufeff")
+
+
+def _line_at(data: bytes, offset: int) -> int:
+    return data.count(NL, 0, offset) + 1
+
+
+NL = b"\n"
+
+
+def _error_line(text: str, msg: str) -> int:
+    """Where the parser's line-less error is."""
+    lines = text.splitlines()
+    if "max allowed size" in msg:
+        return next((i + 1 for i, ln in enumerate(lines) if len(ln.encode()) > 65535), 1)
+    if "escape token" in msg:
+        return next((i + 1 for i, ln in enumerate(lines) if re.match(r"\s*#\s*escape\s*=", ln, re.I)), 1)
+    if "heredoc" in msg:
+        for i, ln in enumerate(lines):
+            for m in re.finditer(r"<<-?[\"']?(\w+)[\"']?", ln):
+                if not any(rest.strip() == m[1] for rest in lines[i + 1:]):
+                    return i + 1
+    return 1
