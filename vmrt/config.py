@@ -82,6 +82,13 @@ class Config:
     build_context_max: int = 16 << 30        # vmrt build - / POST /build: the context archive's files' sizes together
     vmm_jail: bool = True                    # QEMU unprivileged, sandboxed, chrooted (vm/jail.py); off: root
     jail_uid_base: int = 0x40000000          # a jailed QEMU's uid/gid: this + its PID (a reserved range)
+    # who runs a container's VM: qemu (vmrt's own QEMU, jailed) or libvirt (a transient libvirt
+    # domain through libvirt_uri: vmrt/drivers/libvirt.py); `vmrt run --vm-driver`, VMRT_VM_DRIVER
+    vm_driver: str = "qemu"
+    libvirt_uri: str = "qemu:///system"
+    # the libvirt driver's per-domain dirs (kernel, initrd, disk link, channel sockets), each owned
+    # by its domain's own QEMU uid; this dir is root's, searchable only (0711), on root's file system
+    libvirt_dir: Path = Path("/var/lib/vmrt-libvirt")
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 
     @property
@@ -174,11 +181,19 @@ def load(env: dict[str, str] | None = None) -> Config:
     if cfg.snapshot not in ("auto", "manual", "off"):
         raise UsageError(f"snapshot {cfg.snapshot!r}: use auto, manual or off")
     check_vm_memory(cfg, cfg.vm_memory, "vm_memory")
+    check_vm_driver(cfg.vm_driver, "vm_driver")
     check_paths(cfg)
     return cfg
 
 
 VM_MEMORY = ("auto", "shared", "private")
+VM_DRIVERS = ("qemu", "libvirt")
+
+
+def check_vm_driver(value: str, what: str) -> None:
+    """``vm_driver`` (or ``--vm-driver``): one of :data:`VM_DRIVERS`."""
+    if value not in VM_DRIVERS:
+        raise UsageError(f"{what} {value!r}: use qemu or libvirt")
 
 
 def check_vm_memory(cfg: Config, value: str, what: str) -> None:

@@ -94,6 +94,7 @@ class RunArgs:
     storage_opts: tuple[str, ...] = ()
     vm_memory: str | None = None
     accel: str | None = None
+    vm_driver: str | None = None   # --vm-driver: qemu or libvirt (None: the vm_driver setting)
     kernel: Path | None = None
     show_timings: bool = False
     pull_policy: str = "missing"
@@ -163,7 +164,9 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
     if a.restart != "no" and not a.detach and not create:
         raise UsageError("--restart needs -d (a restart policy is applied by the container's monitor)")
     meta: Meta = {"accel": a.accel, "kernel": str(a.kernel) if a.kernel else None, "runtime": a.runtime,
-                  "restart": a.restart, "rm": a.rm, "log": logfile.options(a.log_opts, cfg)}
+                  "restart": a.restart, "rm": a.rm, "log": logfile.options(a.log_opts, cfg),
+                  "vm_driver": a.vm_driver or cfg.vm_driver}
+    config_mod.check_vm_driver(meta["vm_driver"], "--vm-driver")
     if a.rm_deferred:
         if a.restart != "no":
             raise UsageError("conflicting options: cannot specify both a restart policy and AutoRemove")

@@ -41,6 +41,7 @@ class Meta(TypedDict, total=False):
     accel: str | None
     kernel: str | None
     runtime: str | None
+    vm_driver: str              # VM mode: qemu or libvirt (drivers/libvirt.py); absent: qemu
     restart: str                # Docker's restart policy: no, on-failure[:N], always, unless-stopped
     rm: bool
     rm_deferred: bool           # AutoRemove through the API: its waiter removes it (containercmds.RunArgs)

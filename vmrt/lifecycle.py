@@ -318,6 +318,14 @@ def _kill_recorded(c: Container) -> None:
             time.sleep(0.02)
 
 
+def _reap_libvirt(cfg: Config, container_id: str) -> None:
+    """A libvirt VM's leftovers (its domain, dir, tap), where a crashed owner left any."""
+    if not (cfg.libvirt_dir / container_id[:16]).exists():
+        return
+    from .drivers import libvirt  # on use: only where a libvirt domain's dir is left
+    libvirt.reap(cfg, container_id)
+
+
 def _delete_runtime_container(cfg: Config, container_id: str) -> None:
     from .drivers.process import choose_runtime  # on use: VM runs never load the process driver
     subprocess.run([choose_runtime(cfg.runtime), "--root", str(cfg.run_root / "runtime"), "delete", "--force",
@@ -342,6 +350,7 @@ def cleanup(cfg: Config, c: Container) -> None:
         _delete_runtime_container(cfg, c.id)
     else:
         _kill_recorded(c)
+        _reap_libvirt(cfg, c.id)
         cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
     network.detach(cfg, c.id)
     if c.run_dir:
@@ -384,6 +393,7 @@ def remove(cfg: Config, ref: str, force: bool) -> str:
             if c.run_dir:
                 remove_run_dir(Path(c.run_dir))
         if c.isolation == "vm":
+            _reap_libvirt(cfg, c.id)
             cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
         shutil.rmtree(container_dir(cfg, c.id), ignore_errors=True)
         shutil.rmtree(rw_dir(cfg, c.id), ignore_errors=True)

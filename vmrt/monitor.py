@@ -473,7 +473,7 @@ def _monitor(container_id: str, notify: Ready, finished: tuple[int, bool] | None
     layers = image.layer_dirs()
     driver = make_driver(c.isolation, accel=meta.get("accel"),
                          kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
-                         runtime=meta.get("runtime") or cfg.runtime)
+                         runtime=meta.get("runtime") or cfg.runtime, vm_driver=meta.get("vm_driver", "qemu"))
     # escalation is `vmrt stop`'s job (its -t): the driver's own grace timer would cut it short
     cfg.timeouts.stop_grace = 10.0 ** 9
     logs = LogWriter(cdir / LOG_NAME, logfile.limits_of(meta.get("log"), cfg))

@@ -76,6 +76,7 @@ PROBES = [
     ("host_seccomp", "host: seccomp, no_new_privs"),
     ("host_root", "host: its root directory"),
     ("host_cgroup", "host: its memory cgroup"),
+    ("vm_driver", "host: VM driver, confinement"),
 ]
 
 

@@ -32,9 +32,13 @@ from .timings import Timings
 LOG = logging.getLogger(__name__)
 
 
-def make_driver(isolation: str, *, accel: str | None, kernel: Path | None, runtime: str = "auto") -> Driver:
+def make_driver(isolation: str, *, accel: str | None, kernel: Path | None, runtime: str = "auto",
+                vm_driver: str = "qemu") -> Driver:
     """The driver of an isolation mode (imported on use: a process run never loads the VM
-    driver's modules, nor a VM run runc's)."""
+    driver's modules, nor a VM run runc's); VM mode's through libvirt with ``vm_driver`` libvirt."""
+    if isolation == "vm" and vm_driver == "libvirt":
+        from .drivers.libvirt import LibvirtDriver  # on use: only a libvirt run loads libvirt-python
+        return LibvirtDriver(accel=accel, kernel_path=kernel)
     if isolation == "vm":
         from .drivers.vm import VMDriver  # on use: a process run never loads QEMU, pool and agent modules
         return VMDriver(accel=accel, kernel_path=kernel)
@@ -190,7 +194,7 @@ def kept(cfg: Config, c: Container) -> tuple[Spec, Image, Driver]:
         raise StateError(f"container {c.name} cannot be run again: its configuration is unreadable: {e}") from e
     driver = make_driver(c.isolation, accel=meta.get("accel"),
                          kernel=Path(meta["kernel"]) if meta.get("kernel") else None,
-                         runtime=meta.get("runtime") or cfg.runtime)
+                         runtime=meta.get("runtime") or cfg.runtime, vm_driver=meta.get("vm_driver", "qemu"))
     return config, Store(cfg.root).get(c.image_id), driver
 
 
@@ -213,7 +217,8 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
         meta: Meta | None = None) -> int:
     """``vmrt run`` attached: create, execute once, and with --rm forget it."""
     timings = timings or Timings()
-    driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime)
+    driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime,
+                         vm_driver=(meta or {}).get("vm_driver", cfg.vm_driver))
     state = State(cfg.db_path)
     try:
         c, image, layers, config = create(cfg, opts, isolation, state, persist=not opts.rm)

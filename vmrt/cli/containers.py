@@ -44,6 +44,8 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 @click.option("--storage-opt", "storage_opts", multiple=True,
               help="Storage driver option: size=SIZE, the VM's writable layer (default: the vm_storage_size setting).")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="VM accelerator (default: auto).")
+@click.option("--vm-driver", type=click.Choice(["qemu", "libvirt"]),
+              help="Who runs the VM: vmrt's own QEMU, or a libvirt domain (default: the vm_driver setting).")
 @click.option("--vm-memory", type=click.Choice(["auto", "shared", "private"]),
               help="A VM restored from a snapshot: share the snapshot's RAM pages with other containers, or "
                    "copy them (default: the vm_memory setting).")

@@ -51,6 +51,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import json
 import logging
 import os
 import select
@@ -312,8 +313,6 @@ def clean_dir(path: Path) -> None:
 def _qemu_pid(dom: Any) -> int:
     """The domain's QEMU process: the thread group of a vCPU thread QMP names (libvirt has no
     call for the PID itself)."""
-    import json
-
     import libvirt_qemu  # on use: with the libvirt binding (the monitor-command call)
     out = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-cpus-fast"}', 0))
     tid = int(out["return"][0]["thread-id"])

@@ -168,6 +168,11 @@ class VMDriver:
     def run(self, ctx: RunContext) -> int:
         return asyncio.run(_Session(ctx, self).run())
 
+    def source(self, ctx: RunContext, spec: VMSpec, disk: vmdisk.Disk | None) -> vmsource.VMSource:
+        """Where the VM comes from: a pooled VM, a snapshot or a cold boot of vmrt's own QEMU
+        (the libvirt driver, drivers/libvirt.py, has libvirt create it)."""
+        return vmsource.choose(ctx, spec, disk)
+
 
 class _Session:
     def __init__(self, ctx: RunContext, drv: VMDriver) -> None:
@@ -528,7 +533,7 @@ class _Session:
         disk = self._disk()
         if disk is not None:
             stack.callback(disk.abort)
-        source = vmsource.choose(ctx, spec, disk)
+        source = self.drv.source(ctx, spec, disk)
         vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack, disk))
         # for `vmrt inspect`: where its VM came from, whether its RAM pages are shared
         fsmode.write_private(bdir / VM_INFO_NAME, json.dumps(
@@ -573,7 +578,7 @@ class _Session:
             await asyncio.to_thread(ctx.net.wait)
         if ctx.gate is not None:
             await self._gated(ctx.gate)
-        if ctx.handoff is not None:
+        if ctx.handoff is not None and vm.handoff:
             await self._handoff(P.encode_run(rs), stdin_open)
         self._send(P.encode_run(rs))
         await self._wait(self.started, cfg.timeouts.start, "the container process to start")

@@ -74,6 +74,7 @@ class RunningVM:
     status_files: tuple[Path, Path] | None = None
     join_group: bool = False            # an unjailed QEMU: joins the VM's cgroup once it runs
     disk: bool = False                  # the container's disk is the VM's (else its placeholder)
+    handoff: bool = True                # a detached run's C monitor may own it (not a libvirt domain's)
 
     @property
     def pid(self) -> int:
