@@ -260,6 +260,9 @@ def test_detached_domain_is_listed_with_its_metadata_and_confined(vmrt: Vmrt, li
         assert json.loads(st.stdout.decode().splitlines()[0])["Name"] == "lv1"
         s = vmrt("stop", "-t", "2", "lv1", timeout=120)
         assert s.returncode == 0, s.stderr
+        deadline = time.monotonic() + 15  # libvirt forgets a transient domain once its QEMU is reaped
+        while name in _virsh_list(libvirtd).split() and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert name not in _virsh_list(libvirtd).split()
     finally:
         assert vmrt("rm", "-f", "lv1", timeout=120).returncode == 0
@@ -291,7 +294,11 @@ def test_a_crashed_owner_leaves_a_domain_that_rm_reconciles(vmrt: Vmrt, libvirtd
     assert f"vmrt-{cid[:12]}" in _virsh_list(libvirtd).split()
     r = vmrt("rm", "-f", "lv3", timeout=120)
     assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 15
+    while f"vmrt-{cid[:12]}" in _virsh_list(libvirtd).split() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert f"vmrt-{cid[:12]}" not in _virsh_list(libvirtd).split()
+    assert not (Path(vmrt.env["VMRT_LIBVIRT_DIR"]) / cid[:16]).exists()
 
 
 def test_pool_and_snapshots_say_qemu_driver_only(vmrt: Vmrt) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from .. import __version__, kernel
 from ..config import Config
 from ..drivers.process import choose_runtime
+from ..errors import VmrtError
 from ..vm import accel as accel_mod
 from ..vm import disk as vmdisk
 from .errors import BenchError
@@ -69,7 +70,7 @@ def served(timings: str) -> bool:
 APPLIES = {
     "start": set(MODES),
     "exec": {"process", "vm-cold", "vm-snapshot", "vm-default", "runc", "podman"},
-    "memory": {"process", "vm-cold", "vm-snapshot", "vm-default", "runc", "podman"},
+    "memory": {"process", "vm-cold", "vm-snapshot", "vm-default", "vm-q35", "vm-libvirt", "runc", "podman"},
     "density": {"process", "vm-cold", "vm-snapshot", "vm-default"},
     "io": {"process", "vm-cold", "vm-default", "runc", "podman"},  # vm-default: the image over 9p
     "cpu": {"process", "vm-cold", "runc", "podman"},
@@ -149,7 +150,14 @@ class Bench:
             self.modes[name] = self.make_mode(name)
 
     def make_mode(self, name: str) -> Mode:
-        if name in ("process", "vm-cold"):
+        if name in ("process", "vm-cold", "vm-q35"):
+            return VmrtMode(self, name)
+        if name == "vm-libvirt":
+            from ..drivers import libvirt  # on use: only this mode loads libvirt-python
+            try:
+                libvirt.version(self.cfg.libvirt_uri)
+            except VmrtError as e:
+                return Skipped(self, name, str(e))
             return VmrtMode(self, name)
         if name == "vm-pool":
             if "start" not in self.only:

@@ -21,7 +21,7 @@ from .errors import BenchError
 from .procs import Procs
 from .sampling import with_descendants
 
-MODES = ("process", "vm-cold", "vm-pool", "vm-snapshot", "vm-default", "runc", "podman")
+MODES = ("process", "vm-cold", "vm-pool", "vm-snapshot", "vm-default", "vm-q35", "vm-libvirt", "runc", "podman")
 PODMAN_RUN = ["podman", "run", "--runtime", "/usr/sbin/runc", "--ulimit", "nofile=1024:1024",
               "--ulimit", "nproc=1024:1024", "--network", "none"]
 
@@ -109,12 +109,19 @@ class VmrtMode(Mode):
         elif name == "vm-default":  # what a user gets with no extra command: no pool, the snapshot cache
             self.env.pop("VMRT_POOL", None)
             self.env.pop("VMRT_SNAPSHOT", None)
+        elif name in ("vm-q35", "vm-libvirt"):  # cold boots on q35: vmrt's QEMU, and a libvirt domain
+            self.env.update(VMRT_POOL="off", VMRT_SNAPSHOT="off", VMRT_MACHINE="q35",
+                            VMRT_VM_DRIVER="libvirt" if name == "vm-libvirt" else "qemu")
 
     def setup(self) -> dict[str, Any]:
         if self.iso == "process":
             return {"isolation": "namespaces", "accelerator": "none (host kernel)", "runtime": self.b.runtime,
                     "network": self.b.network}
         cached = self.name in ("vm-snapshot", "vm-default")
+        if self.name in ("vm-q35", "vm-libvirt"):
+            return {"isolation": "vm", **self.b.vm_setup, "machine": "q35", "pool": False, "snapshot": False,
+                    "share": "virtio-fs", "network": self.b.network,
+                    "vm_driver": f"libvirt ({self.b.cfg.libvirt_uri})" if self.name == "vm-libvirt" else "qemu"}
         return {"isolation": "vm", **self.b.vm_setup, "pool": self.name == "vm-pool", "snapshot": cached,
                 **({"cache": "default (snapshot = auto, warmed by one run)"} if self.name == "vm-default" else {}),
                 "share": "9p" if cached else "virtio-fs", "network": self.b.network}
@@ -141,8 +148,10 @@ class VmrtMode(Mode):
         return [*self.b.vmrt, "exec", handle, "true"]
 
     def host_pids(self, handle: str, table: dict[int, tuple[int, str]]) -> set[int]:
-        r = self.b.procs.run([*self.b.vmrt, "inspect", "-f", "{{.State.MonitorPid}}", handle], env=self.env)
-        roots = {int(r.out.strip())} if r.rc == 0 and r.out.strip().isdigit() else set()
+        # the monitor (and what it runs), and the VM's QEMU: a libvirt domain's is libvirtd's child
+        r = self.b.procs.run([*self.b.vmrt, "inspect", "-f", "{{.State.MonitorPid}} {{.State.Pid}}", handle],
+                             env=self.env)
+        roots = {int(x) for x in r.out.split() if x.isdigit() and x != "0"} if r.rc == 0 else set()
         for rel in (cgroups.runtime_path(handle), f"/{cgroups.PARENT}/{handle}-vmm"):
             roots |= set(cgroup_procs(rel))
         if not roots:
