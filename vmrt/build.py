@@ -548,6 +548,8 @@ class Builder:
         if m.type != "bind":
             return m.key()
         if m.from_ is None:
+            if self.ignore.excluded(_rel(m.source)):
+                raise UsageError(f"--mount: source {m.source!r}: excluded by .dockerignore")
             digest, _ = buildlayer.tree_digest(self.ctx_fd, _rel(m.source), lambda rel: not self.ignore.excluded(rel))
             return f"{m.key()} {digest}"
         src = self._from_stage(m.from_)
@@ -1076,7 +1078,30 @@ def prune_cache(cfg: Config, *, prune_all: bool) -> tuple[list[str], int]:
         if prune_all or (layer is not None and not store.has_blob(str(layer[0].get("digest")))):
             p.unlink(missing_ok=True)
             gone.append(p.name)
+    mounts = cfg.root / "builder" / "mounts"  # RUN --mount=type=cache dirs: all, but those a build holds
+    for lock_path in sorted(mounts.glob("*.lock")) if mounts.is_dir() else ():
+        with open(lock_path, "a", opener=fsmode.opener) as lk:
+            try:
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            d = lock_path.with_suffix("")
+            if d.is_dir() and not d.is_symlink():
+                freed += _du(d)
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append("cache-mount:" + d.name)
+            lock_path.unlink(missing_ok=True)
     return gone, freed
+
+
+def _du(path: Path) -> int:
+    """Bytes a directory tree holds (never following a link)."""
+    total = 0
+    for top, dirs, files in os.walk(path):
+        for n in files + dirs:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, n)).st_blocks * 512
+    return total
 
 
 def cache_records(cfg: Config) -> list[dict[str, Any]]:
