@@ -431,10 +431,15 @@ class LibvirtBoot:
         os.chmod(cfg.libvirt_dir, 0o711)
         ddir = domain_dir(cfg, cid)
         clean_dir(ddir)
+        # root's, searchable by the domain's group alone: its QEMU reaches what libvirt labels for it
+        # but can neither add nor replace a name here (a symlink in an exec port's place would send
+        # `vmrt exec`, which connects through the run dir's link, to a socket of QEMU's choosing)
         ddir.mkdir(mode=0o700)
         stack.callback(clean_dir, ddir)
-        os.chown(ddir, uid, uid)
-        spec = dataclasses.replace(launch.spec, machine=MACHINE, virtiofs_socket=ddir / "vfs.sock")
+        os.chown(ddir, 0, uid)
+        os.chmod(ddir, 0o710)
+        # virtiofsd names its pid file after the socket: unique per container
+        spec = dataclasses.replace(launch.spec, machine=MACHINE, virtiofs_socket=ddir / f"vfs-{cid[:16]}.sock")
         ctx.timings.info["machine"] = f"{MACHINE} (libvirt)"
         _copy_private(spec.kernel, ddir / "kernel", uid)
         _copy_private(spec.initrd, ddir / "initrd", uid)
