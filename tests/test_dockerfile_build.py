@@ -209,6 +209,60 @@ def test_failing_run_names_the_line_and_leaves_nothing(vmrt: Vmrt, tmp_path: Pat
     vmrt.assert_clean()
 
 
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("unknown instruction", b"FROM busybox\nFROBNICATE x\n",
+     "Dockerfile:2: FROBNICATE: unknown instruction: FROBNICATE"),
+    ("no FROM", b"RUN true\n", "Dockerfile:1: the first instruction must be FROM"),
+    ("instruction before FROM", b"ARG A=1\nENV B=2\nFROM busybox\n", "Dockerfile:2: ENV before the first FROM"),
+    ("FROM without an image", b"FROM\n", "Dockerfile:1: FROM: FROM requires either one or three arguments"),
+    ("bad stage name", b"FROM busybox AS 1st\n", "Dockerfile:1: FROM: invalid name for build stage: '1st'"),
+    ("bad ARG name", b"ARG 1x=2\nFROM busybox\n", "Dockerfile:1: ARG: invalid ARG name '1x'"),
+    ("bad ARG in a stage", b"FROM busybox\nARG a-b\n", "Dockerfile:2: ARG: invalid ARG name 'a-b'"),
+    ("bad substitution", b"FROM busybox\nENV A=${B\n", "Dockerfile:2: ENV: missing '}' in substitution"),
+    ("unterminated heredoc", b"FROM busybox\nRUN true\nRUN <<EOF\necho\n", "Dockerfile:3: unterminated heredoc"),
+    ("bad escape directive", b"# escape=x\nFROM busybox\n", "Dockerfile:1: invalid escape token 'x'"),
+    ("SHELL's JSON form broken", b'FROM busybox\nSHELL ["/bin/sh", \n',
+     "Dockerfile:2: SHELL: SHELL requires the arguments to be in JSON form"),
+    ("COPY --from an unknown stage", b"FROM busybox\nCOPY --from=127.0.0.1:9/nostage /a /b\n",  # loopback only
+     "Dockerfile:2: COPY: Unable to find image '127.0.0.1:9/nostage"),
+    ("COPY --from a later stage index", b"FROM busybox\nCOPY --from=1 /a /b\nFROM busybox\n",
+     "Dockerfile:2: COPY: invalid from flag value 1"),
+    ("unknown flag", b"FROM busybox\nCOPY --bogus=1 a /b\n", "Dockerfile:2: unknown flag: --bogus for COPY"),
+    ("ONBUILD ONBUILD", b"FROM busybox\nONBUILD ONBUILD RUN true\n", "Dockerfile:2: ONBUILD: ONBUILD isn't allowed"),
+    ("empty file", b"", "Dockerfile:1: the file has no instructions"),
+    ("only comments", b"# nothing\n\n   \n# here\n", "Dockerfile:1: the file has no instructions"),
+    ("a line continuation alone", b"\\\n", "Dockerfile:1: an instruction without a name"),
+    ("binary junk with NUL", b"FROM busybox\n\x7fELF\x02\x01\x01\x00\x00\xff", "Dockerfile:2: a NUL byte"),
+    ("binary junk, not UTF-8", b"FROM busybox\nRUN \xff\xfe\xfd\n", "Dockerfile:2: not UTF-8 text (byte 0xff)"),
+    ("a 10 MB line", b"FROM busybox\nRUN " + b"x" * (10 << 20) + b"\n",
+     "Dockerfile:2: dockerfile line greater than max allowed size of 65535"),
+    ("over 16 MiB", b"FROM busybox\n" + b"# c\n" * (4 << 20) + b"RUN true\n", "Dockerfile: larger than 16 MiB"),
+    ("a deep continuation", b"FROM busybox\nFROBNICATE \\\n" + b"a \\\n" * 100_000 + b"b\n",
+     "Dockerfile:2: FROBNICATE: unknown instruction: FROBNICATE"),
+]
+
+
+@pytest.mark.parametrize(("dockerfile", "error"), [(d, e) for _, d, e in MALFORMED], ids=[n for n, _, _ in MALFORMED])
+def test_malformed_dockerfiles_fail_in_one_line_naming_it(vmrt: Vmrt, tmp_path: Path, dockerfile: bytes,
+                                                          error: str) -> None:
+    """Each malformed Dockerfile: exit 1 (docker build's), one line naming the line (no
+    traceback, no echo of a huge line), nothing left behind; the same from ``-f -``."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_bytes(dockerfile)
+    before = vmrt("images", "-q").stdout
+    for args, stdin in (([str(ctx)], None), (["-f", "-", str(ctx)], dockerfile)):
+        r = vmrt("build", "-t", "malformed:1", *args, input=stdin, timeout=120)
+        assert r.returncode == 1, (args, r.stderr[:2000])
+        line = one_line_error(r.stderr)
+        assert line.startswith(f"vmrt: {error}"), line[:2000]
+        assert len(line) < 1200, len(line)
+    assert vmrt("images", "-q").stdout == before
+    assert vmrt("ps", "-aq").stdout == b""
+    assert not list((vmrt.run_root / "builds").iterdir()) if (vmrt.run_root / "builds").is_dir() else True
+    vmrt.assert_clean()
+
+
 def test_dockerignore_keeps_files_out(vmrt: Vmrt, tmp_path: Path) -> None:
     ctx = _context(tmp_path, "FROM busybox\nCOPY . /ctx/\n")
     (ctx / "secret.log").write_text("s\n")
