@@ -1178,9 +1178,9 @@ def _stdin_context(tmp: Path, limit: int) -> Path:
     ctx = tmp / "context"
     ctx.mkdir(mode=0o700)
     try:
-        with _ContextTar.open(fileobj=sys.stdin.buffer, mode="r|*") as tf:
-            assert isinstance(tf, _ContextTar)
-            tf.limit = limit
+        # the limit is the class's: opening a stream reads (and counts) the first member already
+        limited: type[_ContextTar] = type("_LimitedContextTar", (_ContextTar,), {"limit": limit})
+        with limited.open(fileobj=sys.stdin.buffer, mode="r|*") as tf:
             tf.extractall(ctx, filter="data")
     except (tarfile.TarError, OSError) as e:
         raise UsageError(f"the build context on stdin is not a tar archive: {str(e)[:300]}") from e
