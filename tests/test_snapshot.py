@@ -8,6 +8,7 @@ it built (they live in the test's state root).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -267,3 +268,24 @@ def test_an_unjailed_clone_maps_the_snapshots_ram_or_a_copy_as_asked(vmrt: Vmrt)
     finally:
         assert vmrt("snapshot", "rm", env=unjailed).returncode == 0
     vmrt.assert_clean()
+
+
+def test_a_directory_opaque_in_a_layer_is_copied_up_through_9p(vmrt: Vmrt, snap: Path, tmp_path: Path) -> None:
+    """A directory made over a whiteout in a build step is opaque in its layer (as apt's new
+    directories are in Docker's and vmrt's builds). The host's overlay counts its hidden
+    trusted.overlay.opaque in listxattr's size but lists nothing; 9p handed the guest a zero-filled
+    list and the copy-up failed (EOPNOTSUPP). The file servers read no xattrs now: it is written."""
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN rm -rf /home/vmrt && mkdir -p /home/vmrt/sub\n")
+    r = vmrt("build", "-q", "--isolation=process", "-t", "opaque:1", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    try:
+        assert [p for p in vmrt.root.glob("layers/*/rootfs/home/vmrt") if "trusted.overlay.opaque" in
+                os.listxattr(p)], "the step's layer has no opaque directory"
+        for mode in ("vm", "process"):
+            r = vmrt("run", "--rm", "--timings", f"--isolation={mode}", "opaque:1", "sh", "-c",
+                     "touch /home/vmrt/f /home/vmrt/sub/g && ls /home/vmrt")
+            assert mode == "process" or restored_from(r.stderr) == snap.name, r.stderr
+            assert (r.returncode, r.stdout.split()) == (0, [b"f", b"sub"]), (mode, r.stderr)
+    finally:
+        vmrt("rmi", "-f", "opaque:1")
+        vmrt("builder", "prune", "-a", "-f")

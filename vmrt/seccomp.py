@@ -314,6 +314,12 @@ def file_server_profile() -> dict[str, Any]:
         deny(["mknod"], _masked(1, _S_IFMT, kind))
         deny(["mknodat"], _masked(2, _S_IFMT, kind))
     deny(["setxattr", "lsetxattr", "fsetxattr"], err=errno.EOPNOTSUPP)
+    # nor read: a guest sees no xattr through either server (virtiofsd runs without -o xattr).
+    # A clone's 9p helper asking the host's overlay got an inconsistent list: for a directory
+    # that is opaque in a layer, overlayfs counts its hidden trusted.overlay.opaque when asked
+    # for the size (23) and lists nothing after; QEMU hands the guest that size zero-filled, an
+    # empty name, and the guest's copy-up of the directory failed (EOPNOTSUPP)
+    deny(["getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr"], err=errno.EOPNOTSUPP)
     deny(["openat2", "fchmodat2"], err=errno.ENOSYS)  # a mode the filter cannot see: the callers fall back
     return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}
 
