@@ -120,7 +120,7 @@ def _children(pid: int) -> list[int]:
 
 
 class Sshd:
-    def __init__(self, base: Path, v: Vmrt) -> None:
+    def __init__(self, base: Path, v: Vmrt, path: str | None = None) -> None:
         self.base, self.port = base, _free_port()
         self.url = f"ssh://root@127.0.0.1:{self.port}"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", base / "host_key"], check=True)
@@ -135,6 +135,8 @@ class Sshd:
         self.trust()
         env = {k: val for k, val in v.env.items() if k.startswith("VMRT_")}
         env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        if path is not None:  # the remote shell's PATH (a host without vmrt, or with another one)
+            env["PATH"] = path
         (base / "sshd_config").write_text("\n".join([
             f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {base / 'host_key'}",
             f"PidFile {base / 'sshd.pid'}", f"AuthorizedKeysFile {base / 'authorized_keys'}",
@@ -552,3 +554,204 @@ def test_bad_frames_stop_the_session(vmrt: Vmrt, sshd: Sshd, junk: bytes, monkey
 def test_vm_isolation(vmrt: Vmrt, sshd: Sshd) -> None:
     r = sshd("run", "--rm", "--isolation=vm", "busybox", "sh", "-c", "echo in a vm; exit 5", timeout=300)
     assert (r.returncode, r.stdout) == (5, b"in a vm\n"), r.stderr
+
+
+# --- local files: build contexts, --env-file (issue 21 part 3) ------------------------------------
+
+def _context(tmp_path: Path) -> Path:
+    """A build context with files .dockerignore keeps out (one let back in by an exception), a link
+    inside it and a link out of it, and a secret outside it."""
+    ctx = tmp_path / "ctx"
+    for rel, data in (("a.txt", "a\n"), ("sub/b.txt", "b\n"), ("secret.txt", "s3cr3t value\n"), ("logs/x.log", "x\n"),
+                      ("logs/keep.txt", "keep\n")):
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(data)
+    (ctx / "Dockerfile").write_text("FROM busybox\nCOPY . /ctx/\n")
+    (ctx / ".dockerignore").write_text("secret.txt\nlogs\n!logs/keep.txt\n")
+    (ctx / "link").symlink_to("a.txt")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "key").write_text("not for the remote\n")
+    return ctx
+
+
+def test_build_context_tar_is_made_here(tmp_path: Path) -> None:
+    """The tar of a local context: what .dockerignore excludes never goes, a link goes as a link
+    (one out of the context is never followed: what it names is not read), the Dockerfile goes
+    under a name of its own that the sent .dockerignore keeps from COPY."""
+    import io
+    import tarfile
+
+    from vmrt.images.dockerfile import Ignore
+    from vmrt.remote import localfiles
+    ctx = _context(tmp_path)
+    (ctx / "out").symlink_to("../outside")
+    (ctx / "keyfile").symlink_to(tmp_path / "outside" / "key")
+    os.mkfifo(ctx / "fifo")  # never opened (a reader would block)
+    made = localfiles.build_context(str(ctx), None)
+    buf = io.BytesIO()
+    made.write(buf)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        data = {n: tf.extractfile(m).read() for n, m in members.items() if m.isfile()}  # type: ignore[union-attr]
+    hidden = made.dockerfile_name
+    assert hidden.startswith(".vmrt-dockerfile-") and hidden.endswith("/Dockerfile")
+    assert sorted(members) == sorted(["Dockerfile", "a.txt", "sub", "sub/b.txt", "logs/keep.txt", "link", "out",
+                                      "keyfile", ".dockerignore", hidden])
+    assert members["out"].issym() and members["out"].linkname == "../outside"
+    assert members["keyfile"].issym()
+    assert all(b"not for the remote" not in d and b"s3cr3t" not in d for d in data.values())
+    assert data[hidden] == (ctx / "Dockerfile").read_bytes()
+    assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+    sent = Ignore(data[".dockerignore"].decode())
+    assert sent.excluded(hidden) and sent.excluded("secret.txt") and not sent.excluded("logs/keep.txt")
+    # unreadable: one line before anything is sent (root reads all: a directory it cannot enter
+    # is a file where a directory was)
+    with pytest.raises(UsageError, match="unable to prepare context"):
+        localfiles.build_context(str(tmp_path / "nope"), None)
+    with pytest.raises(UsageError, match="unable to read the Dockerfile"):
+        localfiles.build_context(str(ctx), str(tmp_path / "no.Dockerfile"))
+
+
+def test_remote_argv_names_no_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What goes to the remote for build CONTEXT, --iidfile and --env-file: no local path."""
+    from vmrt.cli import main
+    from vmrt.cli.remote import plan
+    ctx = _context(tmp_path)
+    envf = tmp_path / "env"
+    envf.write_text("A=1\n# a comment\n  FROM_HERE  \nC=x y\n")
+    monkeypatch.setenv("FROM_HERE", "local value")
+    monkeypatch.setenv("ARG_HERE", "arg value")
+    monkeypatch.delenv("UNSET_HERE", raising=False)
+
+    def sent(*argv: str) -> list[str]:
+        return plan(main, route(["-H", "ssh://h", *argv], os.environ)).argv
+    got = sent("build", "-t", "x:1", "--iidfile", str(tmp_path / "iid"), "--build-arg", "ARG_HERE",
+               "--build-arg", "UNSET_HERE", "-f", str(tmp_path / "ctx" / "Dockerfile"), str(ctx))
+    assert got[-1] == "-" and not any(str(tmp_path) in a for a in got), got
+    assert "--build-arg=ARG_HERE=arg value" in got and not any("UNSET_HERE" in a for a in got)
+    assert any(a.startswith("--file=.vmrt-dockerfile-") for a in got)
+    assert sent("build", "-") == ["build", "-"]  # a tar on stdin: as it is
+    got = sent("run", "--rm", "-it", "--env-file", str(envf), "-e", "B=2", "-e", "UNSET_HERE", "busybox", "env")
+    assert got == ["run", "--rm", "--env=A=1", "--env=FROM_HERE=local value", "--env=C=x y", "--env=B=2",
+                   "--interactive", "--tty", "busybox", "env"]
+    assert sent("create", "--name", "n", "-e", "A=1", "busybox") == ["create", "--name", "n", "-e", "A=1", "busybox"]
+    envf.write_text("=nokey\n")
+    with pytest.raises(UsageError, match="invalid environment variable"):
+        sent("run", "--env-file", str(envf), "busybox")
+    with pytest.raises(UsageError, match="--env-file"):
+        sent("create", "--env-file", str(tmp_path / "missing"), "busybox")
+
+
+def test_build_with_a_local_context(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    iid = tmp_path / "iid"
+    try:
+        r = sshd("build", "-t", "remote-built:1", "--iidfile", str(iid), str(ctx))
+        assert r.returncode == 0, r.stderr
+        assert b"Step 2/2 : COPY . /ctx/" in r.stdout and b"Successfully tagged remote-built:1" in r.stdout
+        want = vmrt("image", "inspect", "--format", "{{.Id}}", "remote-built:1").stdout.decode().strip()
+        assert want.startswith("sha256:") and iid.read_text() == want
+        # the image holds what a local build of the same context holds
+        assert vmrt("build", "-q", "-t", "remote-built:local", str(ctx)).returncode == 0
+        trees = [vmrt("run", "--rm", "--isolation=process", ref, "sh", "-c",
+                      "cd /ctx && find . | sort && readlink link && cat a.txt").stdout.decode().split()
+                 for ref in ("remote-built:1", "remote-built:local")]
+        assert trees[0] == trees[1] and {"./a.txt", "./sub/b.txt", "./.dockerignore"} <= set(trees[0]), trees
+        assert not {"./secret.txt", "./logs/x.log"} & set(trees[0])
+        assert not any("vmrt-dockerfile" in t for t in trees[0])
+        # -f outside the context, -q: the ID on stdout and in the local iidfile
+        outside = tmp_path / "elsewhere" / "Build.file"
+        outside.parent.mkdir()
+        outside.write_text("FROM busybox\nCOPY a.txt /from-outside\n")
+        r = sshd("build", "-q", "-f", str(outside), "-t", "remote-built:2", "--iidfile", str(iid), str(ctx))
+        assert r.returncode == 0 and r.stdout.decode().strip() == iid.read_text(), r.stderr
+        # -f -: the Dockerfile from stdin, the context from here
+        r = sshd("build", "-f", "-", "-t", "remote-built:3", str(ctx), input=b"FROM busybox\nCOPY sub /s\n")
+        assert r.returncode == 0, r.stderr
+        assert vmrt("run", "--rm", "--isolation=process", "remote-built:3", "cat", "/s/b.txt").stdout == b"b\n"
+        # a tar on stdin goes as it is
+        import io
+        import tarfile
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            tf.add(ctx / "Dockerfile", "Dockerfile")
+            tf.add(ctx / "a.txt", "a.txt")
+        r = sshd("build", "-t", "remote-built:4", "-", input=buf.getvalue())
+        assert r.returncode == 0, r.stderr
+        # failures: one line and the status of a local build, the Dockerfile named as the user named it
+        bad = tmp_path / "bad.Dockerfile"
+        bad.write_text("FROM busybox\nNOSUCH x\n")
+        r = sshd("build", "-f", str(bad), str(ctx))
+        assert r.returncode == vmrt("build", "-f", str(bad), str(ctx)).returncode != 0
+        assert "bad.Dockerfile:2" in one_line_error(r.stderr)
+        r = sshd("build", str(tmp_path / "nope"))
+        assert r.returncode == 125 and "unable to prepare context" in one_line_error(r.stderr)
+        r = sshd("build", "--iidfile", str(tmp_path / "no" / "dir"), str(ctx))
+        assert r.returncode == 125 and "does not exist" in one_line_error(r.stderr)
+    finally:
+        for n in ("1", "2", "3", "4", "local"):
+            vmrt("rmi", f"remote-built:{n}")
+
+
+def test_env_file_is_read_here(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    """--env-file names a LOCAL file, its KEY-alone lines (and -e KEY) take this side's values."""
+    envf = tmp_path / "env"
+    envf.write_text("A=1\n# a comment\nFROM_HERE\nC=x y\n")
+    r = sshd("run", "--rm", "--isolation=process", "--env-file", str(envf), "-e", "ALSO_HERE", "busybox", "env",
+             env={"FROM_HERE": "local", "ALSO_HERE": "too"})
+    assert r.returncode == 0, r.stderr
+    env = r.stdout.decode().splitlines()
+    assert {"A=1", "FROM_HERE=local", "C=x y", "ALSO_HERE=too"} <= set(env), env
+    r = sshd("run", "--rm", "--env-file", str(tmp_path / "missing"), "busybox", "true")
+    assert r.returncode == 125 and "--env-file" in one_line_error(r.stderr)
+
+
+# --- a host without vmrt, or with one too old ----------------------------------------------------
+
+def _old_vmrt(base: Path) -> Path | None:
+    """A ``vmrt`` from before the remote session protocol (git archive of the commit before it)."""
+    repo = Path(__file__).resolve().parent.parent
+    old = base / "old"
+    old.mkdir()
+    before = "e5591ac56dfd58d47c88a7c30a60554fda549c4f"  # the commit before vmrt -H
+    r = subprocess.run(["git", "-C", repo, "archive", "-o", base / "old.tar", before, "vmrt"], capture_output=True)
+    if r.returncode != 0:
+        return None
+    subprocess.run(["tar", "-x", "-C", old, "-f", base / "old.tar"], check=True)
+    bindir = base / "oldbin"
+    bindir.mkdir()
+    (bindir / "vmrt").write_text(f"#!/bin/sh\nPYTHONPATH={old} exec {sys.executable} -m vmrt \"$@\"\n")
+    (bindir / "vmrt").chmod(0o755)
+    return bindir
+
+
+@pytest.mark.parametrize("remote", ["missing", "old"])
+def test_remote_without_vmrt(vmrt: Vmrt, tmp_path: Path, remote: str) -> None:
+    """No vmrt on the remote PATH, or one that predates the session protocol: one line, exit 125,
+    never the shell's "command not found" and 127 (which a container could have given)."""
+    if not SSHD.exists():
+        pytest.skip("openssh-server is not installed (setup.sh installs it)")
+    path = "/usr/bin:/bin"
+    if remote == "old":
+        bindir = _old_vmrt(tmp_path)
+        if bindir is None:
+            pytest.skip("not a git checkout: no old vmrt to install")
+        path = f"{bindir}:{path}"
+    (tmp_path / "sshd").mkdir()
+    s = Sshd(tmp_path / "sshd", vmrt, path=path)
+    try:
+        for persist, tty in (("0", False), ("60", False), ("0", True)):
+            r = s("run", "--rm", *(["-t"] if tty else []), "busybox", "true", env={"VMRT_SSH_PERSIST": persist})
+            line = one_line_error(r.stderr)
+            assert r.returncode == 125 and r.stdout == b"", (persist, tty, r)
+            if remote == "missing":
+                assert "vmrt is not installed on 127.0.0.1" in line and "not found" not in line
+            else:
+                assert "did not start a remote session" in line and "too old" in line
+    finally:
+        s.close()
+        deadline = time.monotonic() + 10
+        while s.masters() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not s.masters()

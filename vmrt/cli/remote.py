@@ -6,7 +6,9 @@ made here (the remote's ``cp --source-name NAME - C:PATH``), ``cp C:PATH LOCAL``
 the remote's ``cp C:PATH -`` (vmrt/cp.py's checks), ``load -i FILE`` and ``import FILE`` feed
 FILE as the remote's stdin, ``save -o FILE`` writes its stdout to FILE. stdin is forwarded only to
 the commands that read it (-i, load, attach, login, ``cp -``): as Docker's client, a script's
-stdin is not swallowed by ``vmrt -H ... ps``.
+stdin is not swallowed by ``vmrt -H ... ps``. ``build CONTEXT`` sends a tar of the local context
+made here (the remote's ``build -f NAME -``; vmrt/remote/localfiles.py), ``--iidfile`` is written
+here; ``run``/``create --env-file`` is read here, its lines sent as ``-e`` pairs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..remote import client, mux
+from ..remote import client, localfiles, mux
 from ..remote.client import Plan
 from ..remote.routing import Route
 
@@ -94,7 +96,53 @@ def plan(main: click.Group, route: Route) -> Plan:
             p.stdin = True
     elif name == "cp":
         _cp(p, path, params)
+    elif name == "build" and path[-1] == "build" and params.get("context"):
+        _build(p, cmd, path, params)
+    if name in ("run", "create"):
+        _env(p, cmd, path, params)
     return p
+
+
+def _seq(value: object) -> tuple[object, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else ()
+
+
+def _env(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]) -> None:
+    """``--env-file`` read here; ``-e KEY`` takes this host's value (as a local run would)."""
+    files = tuple(Path(str(f)) for f in _seq(params.get("env_file")))
+    env = tuple(str(e) for e in _seq(params.get("env")))
+    if not files and all("=" in e for e in env):
+        return
+    pairs = localfiles.env_pairs(files, env, os.environ)
+    p.argv = [*path, *localfiles.argv_of(cmd, {**params, "env_file": (), "env": tuple(pairs)})]
+
+
+def _build(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]) -> None:
+    """``build CONTEXT``: the local context as the remote's stdin; ``--iidfile`` written here."""
+    iidfile = params.get("iidfile")
+    if iidfile is not None:
+        p.iidfile = Path(str(iidfile))
+        p.keep_tail = True
+        if not p.iidfile.parent.is_dir():
+            raise UsageError(f"cannot write {iidfile}: its directory does not exist")
+    args: dict[str, object] = {**params, "iidfile": None}
+    build_args = []
+    for a in _seq(params.get("build_args")):
+        k, eq, _ = str(a).partition("=")
+        if eq:
+            build_args.append(str(a))
+        elif k in os.environ:  # as a local build: NAME alone takes this host's value
+            build_args.append(f"{k}={os.environ[k]}")
+    args["build_args"] = tuple(build_args)
+    context = str(params["context"])
+    if context == "-":  # a tar (or the remote's reading of stdin): passed on
+        p.stdin = True
+    else:
+        dockerfile = params.get("dockerfile")
+        ctx = localfiles.build_context(context, None if dockerfile is None else str(dockerfile))
+        p.stdin_producer = ctx.write
+        args.update(context="-", dockerfile=ctx.dockerfile_name)
+    p.argv = [*path, *localfiles.argv_of(cmd, args)]
 
 
 def _cp(p: Plan, path: list[str], params: dict[str, object]) -> None:
@@ -122,9 +170,33 @@ def run(main: click.Group, route: Route) -> int:
     with the first command; VMRT_SSH_PERSIST=0: none), else on a connection of its own."""
     assert route.target is not None
     p = plan(main, route)
+    status = _run(route, p)
+    if status == 0 and p.iidfile is not None:
+        _write_iidfile(route, p)
+    return status
+
+
+def _run(route: Route, p: Plan) -> int:
+    assert route.target is not None
     persist = client.persist_seconds()
     if persist > 0:
         status = mux.run(route.target, p, persist)
         if status is not None:
             return status
     return client.run(route.target, p)
+
+
+def _write_iidfile(route: Route, p: Plan) -> None:
+    """The ID the remote build printed (-q: whole; else the short one, asked for whole)."""
+    assert p.iidfile is not None
+    got = localfiles.image_id(p.tail)
+    if got is not None and not got.startswith("sha256:"):
+        import tempfile  # imported on use: build --iidfile alone
+        with tempfile.TemporaryDirectory(prefix="vmrt-iid-") as d:
+            out = Path(d) / "id"
+            ask = Plan(argv=["image", "inspect", "--format", "{{.Id}}", got], globals_=p.globals_, stdout_file=out)
+            got = localfiles.full_id(out.read_bytes(), got) if _run(route, ask) == 0 and out.exists() else None
+    if got is None:
+        raise UsageError(f"the image was built, but its ID could not be read from the remote's output: "
+                         f"{p.iidfile} not written")
+    p.iidfile.write_text(got)

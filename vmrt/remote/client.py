@@ -31,11 +31,12 @@ from typing import Any, BinaryIO, TypeAlias
 from .. import fsmode
 from ..errors import VmrtError
 from ..signals import FORWARDED
-from .session import frame
+from .session import HELLO, frame
 from .target import SESSION_FLAG, SIGNAL_FLAG, SshTarget
 
 CONNECT_TIMEOUT = float(os.environ.get("VMRT_SSH_TIMEOUT", "15") or 15)
 CHUNK = 32 * 1024
+TAIL = 4096
 
 
 class RemoteError(VmrtError):
@@ -46,6 +47,60 @@ class RemoteError(VmrtError):
 
 class UnknownHostError(RemoteError):
     """The host's key is in no known_hosts file (and nobody accepted it)."""
+
+
+class NoSession(Exception):
+    """The remote command ended without the session's hello: no vmrt there (the shell's 127), or
+    one that does not speak the protocol. ``status``: its exit status; ``line``: its last line."""
+
+    def __init__(self, status: int, line: str) -> None:
+        super().__init__(status, line)
+        self.status, self.line = status, line
+
+
+def no_session(target: SshTarget, status: int, line: str) -> VmrtError:
+    """The one line for :class:`NoSession` (exit 125: vmrt's own failure, not the container's)."""
+    from ..formatting import inert  # imported on use: a failure only
+    host = target.host
+    if status == 127:
+        return VmrtError(f"vmrt is not installed on {host} (the remote shell found no vmrt on the PATH of "
+                         f"{target.user or getpass.getuser()}): install it there, or link it into /usr/local/bin")
+    said = f": {inert(line[:200])}" if line else ""
+    return VmrtError(f"the vmrt on {host} did not start a remote session (exit {status}): too old for vmrt -H "
+                     f"(it must be the same version as this one), or broken{said}")
+
+
+HOLD_MAX = 1 << 16
+
+
+class _Greeting:
+    """The remote session's :data:`~.session.HELLO`: the stream it comes on (stderr; with a pty,
+    the pty's one) is held back until it does. What came before it (a login shell's words) is
+    passed on, the hello itself dropped; past HOLD_MAX bytes without it, the stream flows as it
+    is and nothing is concluded."""
+
+    def __init__(self) -> None:
+        self.waiting = True
+        self.held = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.waiting:
+            return data
+        self.held += data
+        i = self.held.find(HELLO)
+        if i >= 0:
+            out = bytes(self.held[:i] + self.held[i + len(HELLO):])
+        elif len(self.held) > HOLD_MAX:
+            out = bytes(self.held)
+        else:
+            return b""
+        self.waiting = False
+        self.held.clear()
+        return out
+
+    def last_line(self) -> str:
+        lines = [ln for ln in bytes(self.held).decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else ""
 
 
 def _ask(target: SshTarget, key: Any) -> bool:
@@ -73,8 +128,12 @@ class Plan:
     stdin: bool = False  # forward this stdin (run/exec -i, load, attach, ...)
     stdin_file: Path | None = None  # this file is the remote command's stdin (load -i, import FILE)
     stdin_tar: tuple[Path, str] | None = None  # a tar of this local path, named so (cp LOCAL C:PATH)
+    stdin_producer: Callable[[BinaryIO], None] | None = None  # writes the remote's stdin (build CONTEXT)
     stdout_file: Path | None = None  # the remote command's stdout goes to this file (save -o)
     extract: tuple[str, Path] | None = None  # its stdout is a tar of NAME to put at PATH (cp C:PATH LOCAL)
+    keep_tail: bool = False  # stdout passed on, its last TAIL bytes kept in ``tail`` (build --iidfile)
+    tail: bytes = b""
+    iidfile: Path | None = None  # build --iidfile: written here (vmrt/cli/remote.py)
     tty: bool = False  # a pty on the remote side (-t)
     globals_: list[str] = field(default_factory=list)  # the main group's flags (--debug)
 
@@ -292,17 +351,27 @@ def stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
             raise VmrtError(f"cannot open {plan.stdin_file}: {e.strerror}") from e
         with f:
             yield f
-    elif plan.stdin_tar is not None:
-        import tarfile  # imported on use: cp alone
-        path, name = plan.stdin_tar
+    elif plan.stdin_tar is not None or plan.stdin_producer is not None:
+        import tarfile  # imported on use: cp and build alone
         r, w = os.pipe()
         errors: list[BaseException] = []
+        write: Callable[[BinaryIO], None]
+        if plan.stdin_tar is not None:
+            path, name = plan.stdin_tar
+
+            def write_tar(f: BinaryIO) -> None:
+                with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+                    tf.add(path, arcname=name)
+            write, what = write_tar, f"copy {path}"
+        else:
+            assert plan.stdin_producer is not None
+            write, what = plan.stdin_producer, "send the build context"
 
         def produce() -> None:
             try:
-                with open(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-                    tf.add(path, arcname=name)
-            except (OSError, tarfile.TarError) as e:
+                with open(w, "wb") as f:
+                    write(f)
+            except (OSError, tarfile.TarError, VmrtError) as e:
                 errors.append(e)
         t = threading.Thread(target=produce, daemon=True)
         t.start()
@@ -310,7 +379,8 @@ def stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
             yield f
         t.join(timeout=5)
         if errors:
-            raise VmrtError(f"cannot copy {path}: {errors[0]}")
+            err = errors[0]
+            raise VmrtError(f"cannot {what}: {err.strerror if isinstance(err, OSError) and err.strerror else err}")
     elif plan.stdin:
         yield open(0, "rb", buffering=0, closefd=False)
     else:
@@ -329,7 +399,12 @@ class Output:
         self.status: list[int] = []
         self.done = threading.Event()
         self.error: list[BaseException] = []
-        if plan.stdout_file is not None:
+        self.tail = b""
+        if plan.keep_tail:
+            r, self.fd = os.pipe()
+            self.thread = threading.Thread(target=self._tee, args=(r,), daemon=True)
+            self.thread.start()
+        elif plan.stdout_file is not None:
             out = plan.stdout_file
             self.tmp = out.with_name(f".{out.name}.vmrt-{os.getpid()}")
             try:
@@ -344,6 +419,17 @@ class Output:
             r, self.fd = os.pipe()
             self.thread = threading.Thread(target=self._unpack, args=(r, base, dest), daemon=True)
             self.thread.start()
+
+    def _tee(self, r: int) -> None:
+        ok = True
+        with open(r, "rb", buffering=0) as f:
+            while chunk := f.read(CHUNK):
+                self.tail = (self.tail + chunk)[-TAIL:]
+                if ok:
+                    try:
+                        _write_all(1, chunk)
+                    except BrokenPipeError:  # our reader left: the rest is dropped, as ssh does
+                        ok = False
 
     def _unpack(self, r: int, base: str, dest: Path) -> None:
         from ..cp import unpack_to_host  # imported on use: cp alone
@@ -372,6 +458,7 @@ class Output:
         self.done.set()
         if self.thread is not None:
             self.thread.join()
+        self.plan.tail = self.tail
         if self.tmp is not None and self.plan.stdout_file is not None:
             if status == 0:
                 os.replace(self.tmp, self.plan.stdout_file)
@@ -434,6 +521,8 @@ def _session(client: Any, target: SshTarget, plan: Plan) -> int:
         with signals(plan.tty) as (wake_r, read_control), raw(plan.tty), stdin_source(plan) as src:
             status = relay(chan, framed=not plan.tty, token=token, src=src, out_fd=output.fd, err_fd=2,
                            control_fd=wake_r, read_control=read_control)
+    except NoSession as e:
+        raise no_session(target, e.status, e.line) from None
     finally:
         try:
             output.finish(status)
@@ -496,6 +585,8 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
     sel.register(chan, selectors.EVENT_READ)
     sel.register(control_fd, selectors.EVENT_READ)
     out_ok = True
+    greeting = _Greeting()
+    hello_out = not framed  # with a pty, stderr comes on the stdout stream
     try:
         while True:
             ready = {key.fd for key, _ in sel.select(timeout=1.0)}
@@ -513,17 +604,24 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
                         pass
             while chan.recv_ready():
                 data = chan.recv(CHUNK)
-                if out_ok:
+                if hello_out:
+                    data = greeting.feed(data)
+                if out_ok and data:
                     try:
                         _write_all(out_fd, data)
                     except BrokenPipeError:  # our reader left: the rest is dropped, as ssh does
                         out_ok = False
             while chan.recv_stderr_ready():
+                data = chan.recv_stderr(CHUNK)
+                if not hello_out:
+                    data = greeting.feed(data)
                 with contextlib.suppress(BrokenPipeError):
-                    _write_all(err_fd, chan.recv_stderr(CHUNK))
+                    _write_all(err_fd, data)
             if chan.exit_status_ready() and (chan.eof_received or chan.closed) \
                     and not chan.recv_ready() and not chan.recv_stderr_ready():
                 got = chan.exit_status
+                if got >= 0 and greeting.waiting:
+                    raise NoSession(int(got), greeting.last_line())
                 return None if got < 0 else int(got)
             if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
                 time.sleep(0.3)  # paramiko closes the channels of a dead transport just before it says so

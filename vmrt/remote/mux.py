@@ -16,7 +16,8 @@ command keeps its terminal (raw mode), its signals and window changes, which it 
     client -> master   {"command", "tty", "size", "term", "token", "stdin"} + 3 fds
     master -> client   {"ok": true} or {"error": "..."}
     client -> master   {"signal": "TERM"} / {"winch": [cols, rows]} lines
-    master -> client   {"exit": N}, or {"lost": true} (the connection went: exit 255)
+    master -> client   {"exit": N}, {"lost": true} (the connection went: exit 255), or
+                       {"nosession": [N, "its last line"]} (no vmrt there, or one too old)
 
 A client that goes away closes its channel (the remote session stops the command, as when a
 connection drops). The master exits ``VMRT_SSH_PERSIST`` seconds (default 60; 0: no master)
@@ -240,6 +241,9 @@ def _wait(sock: socket.socket, lines: _Lines, wake_r: int, read_signals: Any, ta
                 return int(doc["exit"])
             if doc.get("lost"):
                 raise client_mod.lost(target)
+            got = doc.get("nosession")
+            if isinstance(got, list) and len(got) == 2 and type(got[0]) is int and isinstance(got[1], str):
+                raise client_mod.no_session(target, got[0], got[1])
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
             for kind, value in read_signals():
@@ -356,6 +360,9 @@ class _Master:
             status = client_mod.relay(chan, framed=not req["tty"], token=req["token"], src=src, out_fd=fds[1],
                                       err_fd=fds[2], control_fd=conn.fileno(), read_control=control)
         except client_mod.ClientGone:
+            return
+        except client_mod.NoSession as e:
+            _send(conn, {"nosession": [e.status, e.line[:1000]]})
             return
         finally:
             chan.close()

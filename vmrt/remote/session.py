@@ -28,6 +28,11 @@ gets SIGHUP (as on a terminal's hang-up; vmrt run passes it to the container), S
 ``TERM_AFTER`` seconds later (a stop signal: the container is killed after its grace time and
 ``--rm`` removes it), and SIGKILL after ``KILL_AFTER`` as a last resort. The parent exits with the
 command's status (128+N for signal N), which sshd sends as the channel's exit status.
+
+Both modes first write :data:`HELLO` to stderr (with a pty: the pty): the client holds that stream
+back until it comes, so a host whose shell finds no ``vmrt`` ("command not found", 127), or whose
+``vmrt`` predates the session protocol (it refuses ``--remote-session``), is one clear line on the
+client instead of the remote shell's words and a status a container could have given.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ TERM_AFTER = 2.0
 KILL_AFTER = 60.0
 HEADER = struct.Struct(">cI")
 SIGNALS = {signal.Signals(s).name[3:]: s for s in FORWARDED}
+HELLO = b"\0vmrt-session:1\0"  # no newline: a pty's ONLCR leaves it as it is
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
@@ -61,6 +67,10 @@ def serve(mode: str) -> None:
         _, token, name = mode.split(":")
         os._exit(0 if signal_session(token, name) else 1)
     framed = mode == "framed"
+    try:
+        os.write(2, HELLO)
+    except OSError:  # no stderr: nobody reads it either
+        pass
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # until each side has its handlers
     r, w = os.pipe() if framed else (-1, -1)
     pid = os.fork()
