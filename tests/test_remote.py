@@ -685,6 +685,13 @@ def test_build_with_a_local_context(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> N
         r = sshd("build", "-f", str(bad), str(ctx))
         assert r.returncode == vmrt("build", "-f", str(bad), str(ctx)).returncode != 0
         assert "bad.Dockerfile:2" in one_line_error(r.stderr)
+        big = tmp_path / "big"  # more than the pipe and the channel's window hold
+        big.mkdir()
+        (big / "Dockerfile").write_text("FROM busybox\n")
+        (big / "blob").write_bytes(os.urandom(8 << 20))
+        r = sshd("build", "-t", "Bad:Tag!", str(big))  # refused before the context is read: no second line
+        assert r.returncode == vmrt("build", "-t", "Bad:Tag!", str(ctx)).returncode != 0
+        assert "Bad:Tag!" in one_line_error(r.stderr)
         r = sshd("build", str(tmp_path / "nope"))
         assert r.returncode == 125 and "unable to prepare context" in one_line_error(r.stderr)
         r = sshd("build", "--iidfile", str(tmp_path / "no" / "dir"), str(ctx))

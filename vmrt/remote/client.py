@@ -371,6 +371,8 @@ def stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
             try:
                 with open(w, "wb") as f:
                     write(f)
+            except BrokenPipeError:  # the remote command stopped reading: its status says why
+                pass
             except (OSError, tarfile.TarError, VmrtError) as e:
                 errors.append(e)
         t = threading.Thread(target=produce, daemon=True)
