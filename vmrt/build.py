@@ -1141,7 +1141,8 @@ class _ContextTar(tarfile.TarFile):
         if ti is not None:
             self.total += max(ti.size, 0)
             if self.total > self.limit:
-                raise ContextTooLarge(f"the build context is larger than build_context_max ({self.limit} bytes)")
+                raise ContextTooLarge(f"the build context is larger than build_context_max "
+                                      f"({self.limit / (1 << 30):.1f} GiB, {self.limit} bytes)")
         return ti
 
     def makefile(self, tarinfo: tarfile.TarInfo,
@@ -1181,10 +1182,20 @@ def _stdin_context(tmp: Path, limit: int) -> Path:
         # the limit is the class's: opening a stream reads (and counts) the first member already
         limited: type[_ContextTar] = type("_LimitedContextTar", (_ContextTar,), {"limit": limit})
         with limited.open(fileobj=sys.stdin.buffer, mode="r|*") as tf:
-            tf.extractall(ctx, filter="data")
+            tf.extractall(ctx, filter=_context_filter)
     except (tarfile.TarError, OSError) as e:
         raise UsageError(f"the build context on stdin is not a tar archive: {str(e)[:300]}") from e
     return ctx
+
+
+def _context_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's data filter, but a directory keeps its mode (less setuid/setgid/sticky and
+    group/other write, as the filter treats files): the data filter leaves it to the umask
+    (vmrt's 077), and COPY of a directory would make it 0700 in the image."""
+    new = tarfile.data_filter(member, dest)
+    if new is not None and new.isdir():
+        new = new.replace(mode=member.mode & 0o755, deep=False)
+    return new
 
 
 def build(cfg: Config, opts: Options, out: Callable[[str], None]) -> str:
