@@ -36,7 +36,7 @@ from vmrt.images.store import Store
 assert api_for_build  # imported for pytest to find
 
 REPO = Path(__file__).resolve().parent.parent
-MADE = ("vmb:1", "vmb:2", "vmb:api", "vmb:cached")
+MADE = ("vmb:1", "vmb:2", "vmb:api", "vmb:cached", "vmb:onbase", "vmb:onchild")
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service+ep, v2
 
 
@@ -425,6 +425,27 @@ def test_vm_step_cache_hits(vmrt: Vmrt, tmp_path: Path) -> None:
     assert "Running in" in first and "Running in" not in again and again.count("Using cache") == 2
     assert again.split("Successfully built ")[1].split()[0] == first.split("Successfully built ")[1].split()[0]
     assert _in_both(vmrt, "vmb:cached", "cat /b") == ["alpha"]
+    vmrt.assert_clean()
+
+
+@pytest.mark.vm
+@pytest.mark.usefixtures("_forget_what_the_module_built")
+def test_an_onbuild_run_triggered_in_a_vm_step(vmrt: Vmrt, tmp_path: Path) -> None:
+    """A base image's ONBUILD COPY and RUN (stored by a process build) fire in a child built with
+    --isolation=vm: the trigger's RUN runs in the guest (its kernel), with the copied file; the
+    child's OnBuild list is empty."""
+    base = _ctx(tmp_path / "base", "FROM busybox\nONBUILD COPY a.txt /from-child.txt\n"
+                                   "ONBUILD RUN cat /from-child.txt > /triggered && uname -r >> /triggered\n")
+    r = vmrt("build", "--isolation", "process", "-t", "vmb:onbase", str(base), timeout=300)
+    assert r.returncode == 0, r.stderr
+    child = _ctx(tmp_path / "child", "FROM vmb:onbase\nRUN echo child >> /triggered\n")
+    out = _build(vmrt, "-t", "vmb:onchild", str(child))
+    assert "# Executing 2 build triggers" in out and out.count("Running in") == 2, out
+    r = vmrt("run", "--rm", "--isolation", "process", "vmb:onchild", "cat", "/triggered", timeout=120)
+    lines = r.stdout.decode().split("\n")
+    assert lines[0] == "alpha" and lines[2] == "child" and lines[1] not in ("", os.uname().release), lines
+    r = vmrt("image", "inspect", "--format", "{{json .Config.OnBuild}}", "vmb:onchild")
+    assert r.stdout.strip() in (b"null", b"[]"), r.stdout
     vmrt.assert_clean()
 
 
