@@ -6,6 +6,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -40,6 +41,19 @@ def _entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.
     ti = tarfile.TarInfo(name)
     ti.type, ti.linkname, ti.mode = kind, link, 0o755 if kind == tarfile.DIRTYPE else 0o644
     return ti
+
+
+def test_parents_a_layer_leaves_out_are_0755(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    dest.mkdir()
+    old = os.umask(0o077)  # vmrt's own umask
+    try:
+        unpack.extract(_tar([_entry("usr/lib/x/f")], {"usr/lib/x/f": b"x"}), dest)
+    finally:
+        os.umask(old)
+    for d in ("usr", "usr/lib", "usr/lib/x"):
+        assert stat.S_IMODE((dest / d).stat().st_mode) == 0o755, d
+    assert (dest / "usr/lib/x/f").read_bytes() == b"x"
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/evil"])

@@ -133,6 +133,21 @@ def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
     return out
 
 
+def _make_parents(root: str, path: str) -> None:
+    """Create the directories up to ``path`` (inside ``root``) that the layer left out.
+
+    Mode 0755, as containerd and Docker make them, never vmrt's umask: in an overlay the
+    topmost layer holding a directory gives its mode, so a 0700 parent made here would
+    hide the lower layers' ``/usr`` or ``/var/lib`` from the image's non-root users.
+    """
+    if path == root or os.path.isdir(path):
+        return
+    _make_parents(root, os.path.dirname(path))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o755)
+        os.chmod(path, 0o755)  # mkdir's mode passes through the umask
+
+
 def extract(fileobj: IO[bytes], dest: Path) -> None:
     """Extract the (possibly compressed) layer tar in ``fileobj`` into ``dest``."""
     root = str(dest)
@@ -149,7 +164,7 @@ def extract(fileobj: IO[bytes], dest: Path) -> None:
                 continue
             parent_rel, base = posixpath.split(name)
             parent = resolve_in_root(root, parent_rel, strict=True)
-            os.makedirs(parent, exist_ok=True)
+            _make_parents(root, parent)
             if not os.path.isdir(parent):
                 raise ImageError(f"layer entry {name!r}: parent is not a directory")
             path = os.path.join(parent, base)
