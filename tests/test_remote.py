@@ -120,7 +120,7 @@ def _children(pid: int) -> list[int]:
 
 
 class Sshd:
-    def __init__(self, base: Path, v: Vmrt, path: str | None = None) -> None:
+    def __init__(self, base: Path, v: Vmrt, path: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.base, self.port = base, _free_port()
         self.url = f"ssh://root@127.0.0.1:{self.port}"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", base / "host_key"], check=True)
@@ -142,7 +142,7 @@ class Sshd:
             f"PidFile {base / 'sshd.pid'}", f"AuthorizedKeysFile {base / 'authorized_keys'}",
             "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "UsePAM no", "StrictModes no", "PrintMotd no", "LogLevel VERBOSE",
-            "SetEnv " + " ".join(f"{k}={val}" for k, val in sorted(env.items())), ""]))
+            "SetEnv " + " ".join(f"{k}={val}" for k, val in sorted(env.items())), *extra, ""]))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.log = open(base / "sshd.log", "wb")
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", base / "sshd_config"], stdout=self.log,
@@ -762,3 +762,48 @@ def test_remote_without_vmrt(vmrt: Vmrt, tmp_path: Path, remote: str) -> None:
         while s.masters() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not s.masters()
+
+
+def test_proxy_jump(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    """~/.ssh/config's ProxyJump (ssh -J): the target reached over the jump host's direct-tcpip
+    channel, each host's key checked against known_hosts, each connection authenticated."""
+    (tmp_path / "jump").mkdir()
+    jump = Sshd(tmp_path / "jump", vmrt, extra=(f"PermitOpen 127.0.0.1:{sshd.port}", "ForceCommand /bin/false"))
+    cfg = sshd.home / ".ssh" / "config"
+    masters = set(sshd.masters())
+    try:
+        (jump.base / "authorized_keys").write_text((sshd.home / ".ssh" / "id_ed25519.pub").read_text())
+        cfg.write_text(f"Host behind\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n  ProxyJump jumpbox\n"
+                       f"Host elsewhere\n  HostName 127.0.0.1\n  Port {_free_port()}\n  User root\n"
+                       f"  ProxyJump root@127.0.0.1:{jump.port}\n"
+                       f"Host jumpbox\n  HostName 127.0.0.1\n  Port {jump.port}\n  User root\n")
+        behind = {"VMRT_HOST": "ssh://behind"}
+        # the jump host's key is not known: refused, naming it
+        r = sshd("ps", host=False, env={**behind, "VMRT_SSH_PERSIST": "0"})
+        line = one_line_error(r.stderr)
+        assert r.returncode == 255 and "the jump host" in line and "not known" in line, line
+        sshd.trust(f"{sshd.host_key_line}\n{jump.host_key_line}")
+        for persist in ("0", "60"):
+            r = sshd("run", "--rm", "--isolation=process", "busybox", "echo", "behind", host=False,
+                     env={**behind, "VMRT_SSH_PERSIST": persist})
+            assert (r.returncode, r.stdout) == (0, b"behind\n"), r.stderr
+        assert jump.connections()  # the master's way in: a connection of the jump host's
+        # the target's key changed: refused loudly, through the jump host too
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "other"], check=True)
+        other = " ".join((tmp_path / "other.pub").read_text().split()[:2])
+        sshd.trust(f"[127.0.0.1]:{sshd.port} {other}\n{jump.host_key_line}")
+        r = sshd("ps", host=False, env={**behind, "VMRT_SSH_PERSIST": "0"})
+        assert r.returncode == 255 and "CHANGED" in one_line_error(r.stderr)
+        sshd.trust(f"{sshd.host_key_line}\n{jump.host_key_line}")
+        # where the jump host does not forward: one line
+        r = sshd("ps", host=False, env={"VMRT_HOST": "ssh://elsewhere", "VMRT_SSH_PERSIST": "0"})
+        line = one_line_error(r.stderr)
+        assert r.returncode == 255 and "through the jump host" in line, line
+    finally:
+        cfg.unlink(missing_ok=True)
+        sshd.trust()
+        jump.close()
+        deadline = time.monotonic() + 10
+        while set(sshd.masters()) - masters and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not set(sshd.masters()) - masters, "the master through the jump host outlived it"

@@ -164,14 +164,24 @@ def add_known_host(target: SshTarget, key: Any) -> Path:
     return path
 
 
+MAX_JUMPS = 4
+
+
 def resolve(target: SshTarget) -> tuple[SshTarget, list[str]]:
     """``target`` as ~/.ssh/config names it (HostName, User, Port, IdentityFile of its ``Host``
-    block; nothing that runs a command: ProxyCommand, ProxyJump and ``Match exec`` are not used),
-    and the identity files it names. Values are parsed as strictly as a URL's."""
+    block; nothing that runs a command: ProxyCommand and ``Match exec`` are not used), and the
+    identity files it names. Values are parsed as strictly as a URL's."""
+    effective, keys, _ = _lookup(target)
+    return effective, keys
+
+
+def _lookup(target: SshTarget) -> tuple[SshTarget, list[str], list[SshTarget]]:
+    """:func:`resolve`, and the jump hosts of its ``ProxyJump`` (``[user@]host[:port]``, comma
+    separated, at most MAX_JUMPS; each parsed as a URL's host, then looked up itself)."""
     import paramiko  # imported on use: ~0.2 s, only for a remote host
     path = _home() / ".ssh" / "config"
     if not path.is_file():
-        return target, []
+        return target, [], []
     try:
         text = path.read_text()
         cfg = paramiko.SSHConfig.from_text("\n".join(
@@ -188,13 +198,63 @@ def resolve(target: SshTarget) -> tuple[SshTarget, list[str]]:
     except VmrtError:
         raise RemoteError(f"{path}: the entry for {target.host} names an invalid host, user or port") from None
     keys = [os.path.expanduser(k) for k in found.get("identityfile", []) if os.path.isfile(os.path.expanduser(k))]
-    return effective, keys
+    jumps: list[SshTarget] = []
+    jump = str(found.get("proxyjump", "")).strip()
+    if jump and jump.lower() != "none":
+        hops = jump.split(",")
+        if len(hops) > MAX_JUMPS:
+            raise RemoteError(f"{path}: the ProxyJump of {target.host} has more than {MAX_JUMPS} hosts")
+        for hop in hops:
+            try:
+                jumps.append(parse_host(f"ssh://{hop.strip()}"))
+            except VmrtError:
+                raise RemoteError(f"{path}: the ProxyJump of {target.host} names an invalid host: "
+                                  f"{hop.strip()[:100]!r} (expected [user@]host[:port])") from None
+    return effective, keys, jumps
 
 
 def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
-    """A connected, authenticated paramiko SSHClient; RemoteError with a clear line otherwise."""
+    """A connected, authenticated paramiko SSHClient; RemoteError with a clear line otherwise.
+    Through the ProxyJump hosts of ~/.ssh/config, if any (ssh -J): each its own connection, host
+    key and authentication, the next one over its ``direct-tcpip`` channel."""
+    import logging  # imported on use: paramiko's own lines (a refused channel) are said once, by vmrt
+    quiet = logging.getLogger("paramiko")
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
+    effective, key_files, jumps = _lookup(target)
+    hops = [(*resolve(j), j) for j in jumps]
+    opened: list[Any] = []
+    sock = None
+    try:
+        for i, (hop, hop_keys, _) in enumerate(hops):
+            client = _connect_one(hop, hop_keys, accept_new=accept_new, sock=sock, role="the jump host")
+            opened.append(client)
+            nxt = hops[i + 1][0] if i + 1 < len(hops) else effective
+            try:
+                sock = client.get_transport().open_channel("direct-tcpip", (nxt.host, nxt.port), ("127.0.0.1", 0),
+                                                           timeout=CONNECT_TIMEOUT)
+            except Exception as e:  # paramiko's ChannelException (refused, prohibited) or SSHException
+                raise RemoteError(f"cannot connect to {nxt.url()} through the jump host {hop.url()}: "
+                                  f"{getattr(e, 'text', '') or e or type(e).__name__}") from None
+        final = _connect_one(effective, key_files, accept_new=accept_new, sock=sock, role="")
+    except BaseException:
+        for c in reversed(opened):
+            c.close()
+        raise
+    if opened:
+        close = final.close
+
+        def close_all() -> None:
+            close()
+            for c in reversed(opened):
+                c.close()
+        final.close = close_all
+    return final
+
+
+def _connect_one(target: SshTarget, key_files: list[str], *, accept_new: bool, sock: Any, role: str) -> Any:
     import paramiko  # imported on use: ~0.2 s, only for a remote host
-    target, key_files = resolve(target)
+    who = f"{role} {target.url()}" if role else target.url()
 
     class Policy(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
@@ -204,7 +264,7 @@ def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
                 return
             port = f"-p {target.port} " if target.port != 22 else ""
             raise UnknownHostError(
-                f"{target.url()}: the host key of {target.known_hosts_name()} is not known ({_fingerprint(key)}); "
+                f"{who}: the host key of {target.known_hosts_name()} is not known ({_fingerprint(key)}); "
                 f"check that fingerprint with the host's administrator, then add it: "
                 f"ssh-keyscan {port}{target.host} >> ~/.ssh/known_hosts, "
                 f"or: vmrt context create NAME --host {target.url()} --accept-host-key")
@@ -220,7 +280,7 @@ def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
     user = target.user or getpass.getuser()
     try:
         client.connect(target.host, port=target.port, username=user, timeout=CONNECT_TIMEOUT,
-                       key_filename=key_files or None,
+                       key_filename=key_files or None, sock=sock,
                        banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT, channel_timeout=CONNECT_TIMEOUT,
                        allow_agent=True, look_for_keys=True, password=None, passphrase=None)
     except RemoteError:
@@ -229,7 +289,8 @@ def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
     except paramiko.BadHostKeyException as e:
         client.close()
         raise RemoteError(
-            f"WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED for {target.known_hosts_name()}: it offered "
+            f"WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED for {target.known_hosts_name()}"
+            f"{' (' + role + ')' if role else ''}: it offered "
             f"{_fingerprint(e.key)}, known_hosts has {_fingerprint(e.expected_key)}; someone could be "
             f"intercepting the connection; refusing to connect (if the host's key really changed, remove the "
             f"old one: ssh-keygen -R '{target.known_hosts_name()}')") from None
@@ -237,12 +298,12 @@ def connect(target: SshTarget, *, accept_new: bool = False) -> Any:
         client.close()
         # paramiko's AuthenticationException, or "No authentication methods available" (no key at all)
         if isinstance(e, paramiko.AuthenticationException) or "authentication" in str(e).lower():
-            raise RemoteError(f"{target.url()}: permission denied for {user} (publickey): no key from the ssh-agent "
+            raise RemoteError(f"{who}: permission denied for {user} (publickey): no key from the ssh-agent "
                               f"or ~/.ssh/id_* was accepted; vmrt never asks for a password ({e})") from None
-        raise RemoteError(f"cannot connect to {target.url()}: {e or type(e).__name__}") from None
+        raise RemoteError(f"cannot connect to {who}: {e or type(e).__name__}") from None
     except OSError as e:
         client.close()
-        raise RemoteError(f"cannot connect to {target.url()}: {e.strerror or e}") from None
+        raise RemoteError(f"cannot connect to {who}: {e.strerror or e}") from None
     transport = client.get_transport()
     if transport is not None:
         transport.set_keepalive(15)
