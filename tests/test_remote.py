@@ -636,6 +636,8 @@ def test_remote_argv_names_no_local_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert got == ["run", "--rm", "--env=A=1", "--env=FROM_HERE=local value", "--env=C=x y", "--env=B=2",
                    "--interactive", "--tty", "busybox", "env"]
     assert sent("create", "--name", "n", "-e", "A=1", "busybox") == ["create", "--name", "n", "-e", "A=1", "busybox"]
+    assert sent("exec", "-i", "-e", "FROM_HERE", "-e", "UNSET_HERE", "c1", "sh", "-c", "echo $FROM_HERE") == \
+        ["exec", "--interactive", "--env=FROM_HERE=local value", "c1", "sh", "-c", "echo $FROM_HERE"]
     envf.write_text("=nokey\n")
     with pytest.raises(UsageError, match="invalid environment variable"):
         sent("run", "--env-file", str(envf), "busybox")
@@ -677,8 +679,10 @@ def test_build_with_a_local_context(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> N
         with tarfile.open(fileobj=buf, mode="w") as tf:
             tf.add(ctx / "Dockerfile", "Dockerfile")
             tf.add(ctx / "a.txt", "a.txt")
-        r = sshd("build", "-t", "remote-built:4", "-", input=buf.getvalue())
+        r = sshd("build", "-t", "remote-built:4", "--iidfile", str(iid), "-", input=buf.getvalue())
         assert r.returncode == 0, r.stderr
+        want = vmrt("image", "inspect", "--format", "{{.Id}}", "remote-built:4").stdout.decode().strip()
+        assert iid.read_text() == want
         # failures: one line and the status of a local build, the Dockerfile named as the user named it
         bad = tmp_path / "bad.Dockerfile"
         bad.write_text("FROM busybox\nNOSUCH x\n")

@@ -8,7 +8,8 @@ FILE as the remote's stdin, ``save -o FILE`` writes its stdout to FILE. stdin is
 the commands that read it (-i, load, attach, login, ``cp -``): as Docker's client, a script's
 stdin is not swallowed by ``vmrt -H ... ps``. ``build CONTEXT`` sends a tar of the local context
 made here (the remote's ``build -f NAME -``; vmrt/remote/localfiles.py), ``--iidfile`` is written
-here; ``run``/``create --env-file`` is read here, its lines sent as ``-e`` pairs.
+here; ``run``/``create --env-file`` is read here, its lines sent as ``-e`` pairs (and ``-e KEY``
+of run, create and exec takes this side's value).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def plan(main: click.Group, route: Route) -> Plan:
         _cp(p, path, params)
     elif name == "build" and path[-1] == "build" and params.get("context"):
         _build(p, cmd, path, params)
-    if name in ("run", "create"):
+    if name in ("run", "create", "exec"):
         _env(p, cmd, path, params)
     return p
 
@@ -108,7 +109,8 @@ def _seq(value: object) -> tuple[object, ...]:
 
 
 def _env(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]) -> None:
-    """``--env-file`` read here; ``-e KEY`` takes this host's value (as a local run would)."""
+    """``--env-file`` read here; ``-e KEY`` takes this host's value (as a local run would), never
+    the remote session's."""
     files = tuple(Path(str(f)) for f in _seq(params.get("env_file")))
     env = tuple(str(e) for e in _seq(params.get("env")))
     if not files and all("=" in e for e in env):
