@@ -175,6 +175,19 @@ def test_mounts_in_a_vm_step(vmrt: Vmrt, tmp_path: Path) -> None:
     """The same mounts reach a VM step as virtio-fs shares and a guest tmpfs: the cache's file is
     on the host after the step, the context is read-only and filtered, the tmpfs is the guest's;
     no mount point and no cache content is in the layer."""
+    _vm_mounts(vmrt, tmp_path, [])
+
+
+@pytest.mark.vm
+@pytest.mark.usefixtures("_forget")
+def test_mounts_in_a_vm_step_restored_from_a_snapshot(vmrt: Vmrt, snap: Path, tmp_path: Path) -> None:
+    """As above, the step's VM restored from the default shape's snapshot (the default path of a
+    VM build, where a snapshot of the step's shape exists; the clone's share is 9p): the cache's
+    write reaches the host through the clone's volume share too."""
+    _vm_mounts(vmrt, tmp_path, [], env={"VMRT_SNAPSHOT": "manual"})
+
+
+def _vm_mounts(vmrt: Vmrt, tmp_path: Path, args: list[str], env: dict[str, str] | None = None) -> None:
     ctx = tmp_path / "ctx"
     (ctx / "sub").mkdir(parents=True)
     (ctx / "sub" / "f").write_text("sub file\n")
@@ -186,7 +199,7 @@ def test_mounts_in_a_vm_step(vmrt: Vmrt, tmp_path: Path) -> None:
         "uname -r > /c/kernel; cat /c/kernel > /kernel; ls /ctx > /ctx-ls; "
         "(touch /ctx/new 2>/dev/null && echo writable || echo read-only) > /ctx-ro; "
         "grep ' /t ' /proc/mounts | cut -d' ' -f3 > /t-type\n")
-    r = vmrt("build", "--isolation", "vm", "-t", "mnt:vm", str(ctx), timeout=900)
+    r = vmrt("build", "--isolation", "vm", *args, "-t", "mnt:vm", str(ctx), env=env, timeout=900)
     assert r.returncode == 0, r.stderr.decode() + r.stdout.decode()
     out = vmrt("run", "--rm", "--isolation", "process", "mnt:vm", "sh", "-c",
                "cat /ctx-ls /ctx-ro /t-type; ls /c /ctx /t 2>&1 | grep -c 'No such file'", timeout=120)

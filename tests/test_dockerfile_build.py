@@ -348,6 +348,21 @@ def test_huge_contexts_stream_in_bounded_memory(request: pytest.FixtureRequest, 
     vmrt.assert_clean()
 
 
+def test_the_syntax_directive_is_ignored_with_a_notice(vmrt: Vmrt, tmp_path: Path) -> None:
+    """``# syntax=`` names a frontend image: never pulled or run, a notice says so; the other
+    directive beside it (escape) still applies."""
+    ctx = _context(tmp_path, "# syntax=docker/dockerfile:1.7\n# escape=`\nFROM busybox\nRUN echo one `\n two > /x\n")
+    out = _build(vmrt, str(ctx))
+    assert out.splitlines()[0] == ("[Warning] Dockerfile:1: the syntax directive (docker/dockerfile:1.7) is ignored: "
+                                   "vmrt builds with its own Dockerfile parser"), out
+    image = out.split("Successfully built ")[1].split()[0]
+    try:
+        assert vmrt("run", "--rm", image, "cat", "/x").stdout == b"one two\n"
+    finally:
+        vmrt("rmi", image)
+    vmrt.assert_clean()
+
+
 def test_dockerignore_keeps_files_out(vmrt: Vmrt, tmp_path: Path) -> None:
     ctx = _context(tmp_path, "FROM busybox\nCOPY . /ctx/\n")
     (ctx / "secret.log").write_text("s\n")

@@ -125,6 +125,10 @@ class Builder:
     def build(self, context: Path, text: str) -> str:
         self.escape = _escape_directive(text)
         instructions = df.parse(text, self.where)
+        syntax = _directives(text).get("syntax")
+        if syntax is not None:  # a frontend image is never pulled or run: vmrt's own parser builds
+            self.say(inert(f"[Warning] {self.where}:1: the syntax directive ({syntax[:200]}) is ignored: "
+                           "vmrt builds with its own Dockerfile parser"))
         if not instructions or instructions[0].cmd not in ("FROM", "ARG"):
             line = instructions[0].line if instructions else 1
             raise df.DockerfileError(f"{self.where}:{line}: the first instruction must be FROM (or ARG before FROM)")
@@ -1035,14 +1039,20 @@ def _arg_decls(ins: df.Instruction, env: dict[str, str]) -> list[tuple[str, str 
     return out
 
 
-def _escape_directive(text: str) -> str:
+def _directives(text: str) -> dict[str, str]:
+    """The parser directives (``# name=value`` lines before anything else), names lower case."""
+    out: dict[str, str] = {}
     for line in text.splitlines():
         m = re.fullmatch(r"\s*#\s*(\w+)\s*=\s*(\S*)\s*", line)
         if not m:
             break
-        if m[1].lower() == "escape" and m[2] in ("\\", "`"):
-            return m[2]
-    return "\\"
+        out.setdefault(m[1].lower(), m[2])
+    return out
+
+
+def _escape_directive(text: str) -> str:
+    esc = _directives(text).get("escape")
+    return esc if esc in ("\\", "`") else "\\"
 
 
 _DUR = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
