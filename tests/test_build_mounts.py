@@ -138,9 +138,12 @@ def test_cache_bind_and_tmpfs_mounts_in_process_steps(vmrt: Vmrt, tmp_path: Path
     out = vmrt("run", "--rm", "mnt:1", "cat", "/st-seen", timeout=120)
     assert out.stdout == b"changed\nnew\n"
     assert not list((vmrt.run_root / "builds").iterdir())
+    df_rows = vmrt("system", "df", "-v").stdout.decode().splitlines()
+    assert any(row.split()[:2] == [cache_dir.name[:12], "exec.cachemount"] for row in df_rows), df_rows
     r = vmrt("builder", "prune", "-a", "-f")
     assert r.returncode == 0 and b"cache-mount:" in r.stdout, r.stdout
     assert not cache_dir.exists()
+    assert "exec.cachemount" not in vmrt("system", "df", "-v").stdout.decode()
     vmrt.assert_clean()
 
 

@@ -1133,6 +1133,14 @@ def cache_records(cfg: Config) -> list[dict[str, Any]]:
         out.append({"ID": p.name[:25], "Parents": [], "Type": "regular", "Description": "a build step's layer",
                     "InUse": False, "Shared": desc["digest"] in held, "Size": int(desc.get("size") or 0),
                     "CreatedAt": when, "LastUsedAt": when, "UsageCount": 1})
+    mounts = cfg.root / "builder" / "mounts"
+    for d in sorted(mounts.iterdir()) if mounts.is_dir() else ():
+        if d.suffix == ".lock" or d.is_symlink() or not d.is_dir():
+            continue
+        when = dt.datetime.fromtimestamp(d.stat().st_mtime, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        out.append({"ID": d.name[:25], "Parents": [], "Type": "exec.cachemount",
+                    "Description": "a RUN --mount=type=cache dir", "InUse": False, "Shared": False,
+                    "Size": _du(d), "CreatedAt": when, "LastUsedAt": when, "UsageCount": 1})
     return out
 
 
