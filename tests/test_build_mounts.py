@@ -9,11 +9,14 @@ is played by an attacker without root.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
+import hashlib
 import io
 import os
 import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,11 +150,50 @@ def test_cache_bind_and_tmpfs_mounts_in_process_steps(vmrt: Vmrt, tmp_path: Path
     vmrt.assert_clean()
 
 
+@pytest.mark.usefixtures("_forget")
+def test_cache_sharing_modes_follow_the_lock(vmrt: Vmrt, tmp_path: Path) -> None:
+    """While something holds the cache's lock exclusively (as a ``locked`` step would): a
+    ``private`` step gets a fresh directory of its own at once, a ``locked`` one waits for it and
+    then sees the shared content."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+
+    def dockerfile(sharing: str, cmd: str) -> Path:
+        (ctx / "Dockerfile").write_text(f"FROM busybox\nRUN --mount=type=cache,target=/c,id=shr,sharing={sharing} "
+                                        f"{cmd}\n")
+        return ctx
+    r = vmrt("build", "-q", str(dockerfile("shared", "echo > /c/mark")), timeout=300)
+    assert r.returncode == 0, r.stderr
+    made = [r.stdout.decode().split()[-1]]
+    mounts = vmrt.root / "builder" / "mounts"
+    name = hashlib.sha256(b"shr").hexdigest()[:32]
+    try:
+        with open(mounts / f"{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            r = vmrt("build", "-q", str(dockerfile("private", "ls /c > /seen; touch /c/p")), timeout=300)
+            assert r.returncode == 0, r.stderr
+            made.append(r.stdout.decode().split()[-1])
+            assert not (mounts / name / "p").exists()  # it wrote elsewhere
+            waiting = vmrt.popen("build", "-q", str(dockerfile("locked", "ls /c > /seen")))
+            time.sleep(3)
+            assert waiting.poll() is None, waiting.communicate()
+        out, err = waiting.communicate(timeout=300)
+        assert waiting.returncode == 0, err
+        made.append(out.decode().split()[-1])
+        assert vmrt("run", "--rm", made[1], "cat", "/seen").stdout == b""
+        assert vmrt("run", "--rm", made[2], "cat", "/seen").stdout == b"mark\n"
+        assert not list((vmrt.run_root / "builds").iterdir())  # the private dir went with its step
+    finally:
+        vmrt("rmi", *made)
+    vmrt.assert_clean()
+
+
 @pytest.mark.parametrize(("line", "why"), [
     ("RUN --mount=type=secret,id=x true", "Dockerfile:2: RUN: --mount: unsupported mount type 'secret'"),
     ("RUN --mount=type=cache,target=/x,sharing=no true", "Dockerfile:2: RUN: --mount: sharing='no'"),
     ("RUN --mount=target=/x,source=missing true", "Dockerfile:2: RUN: --mount: source /missing: No such file"),
     ("RUN --mount=target=/x,source=secret.txt true", "excluded by .dockerignore"),
+    ("RUN --mount=target=/x,source=../../../../etc true", "--mount: source /etc: No such file"),  # in the context
     ("RUN --mount=target=/x,from=127.0.0.1:9/nostage,source=/ true", "Dockerfile:2: RUN:"),  # loopback only
     ("RUN --mount=target=/x,from=5 true", "invalid from flag value 5"),
     ("RUN --bogus=1 true", "Dockerfile:2: unknown flag: --bogus for RUN"),
