@@ -12,6 +12,7 @@ privilege separation dir): made if missing, as Debian's unit does.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import signal
@@ -638,6 +639,10 @@ def test_remote_argv_names_no_local_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert sent("create", "--name", "n", "-e", "A=1", "busybox") == ["create", "--name", "n", "-e", "A=1", "busybox"]
     assert sent("exec", "-i", "-e", "FROM_HERE", "-e", "UNSET_HERE", "c1", "sh", "-c", "echo $FROM_HERE") == \
         ["exec", "--interactive", "--env=FROM_HERE=local value", "c1", "sh", "-c", "echo $FROM_HERE"]
+    labels = tmp_path / "labels"
+    labels.write_text("a=1\n# no\nb\n")
+    assert sent("create", "--label-file", str(labels), "-l", "c=3", "busybox") == \
+        ["create", "--label=a=1", "--label=b", "--label=c=3", "busybox"]
     envf.write_text("=nokey\n")
     with pytest.raises(UsageError, match="invalid environment variable"):
         sent("run", "--env-file", str(envf), "busybox")
@@ -705,8 +710,9 @@ def test_build_with_a_local_context(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> N
             vmrt("rmi", f"remote-built:{n}")
 
 
-def test_env_file_is_read_here(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
-    """--env-file names a LOCAL file, its KEY-alone lines (and -e KEY) take this side's values."""
+def test_env_and_label_files_are_read_here(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    """--env-file names a LOCAL file, its KEY-alone lines (and -e KEY) take this side's values;
+    --label-file names a LOCAL file too."""
     envf = tmp_path / "env"
     envf.write_text("A=1\n# a comment\nFROM_HERE\nC=x y\n")
     r = sshd("run", "--rm", "--isolation=process", "--env-file", str(envf), "-e", "ALSO_HERE", "busybox", "env",
@@ -716,6 +722,20 @@ def test_env_file_is_read_here(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
     assert {"A=1", "FROM_HERE=local", "C=x y", "ALSO_HERE=too"} <= set(env), env
     r = sshd("run", "--rm", "--env-file", str(tmp_path / "missing"), "busybox", "true")
     assert r.returncode == 125 and "--env-file" in one_line_error(r.stderr)
+    # --label-file: read here, its lines sent as --label (the given ones win); as a local create
+    labels = tmp_path / "labels"
+    labels.write_text("# labels\na=1\nb=from file\nempty\n")
+    try:
+        r = sshd("create", "--name", "rlabels", "--label-file", str(labels), "-l", "b=given", "busybox")
+        assert r.returncode == 0, r.stderr
+        r = vmrt("create", "--name", "llabels", "--label-file", str(labels), "-l", "b=given", "busybox")
+        assert r.returncode == 0, r.stderr
+        got = [vmrt("inspect", "--format", "{{json .Config.Labels}}", n).stdout for n in ("rlabels", "llabels")]
+        assert got[0] == got[1] and json.loads(got[0]) == {"a": "1", "b": "given", "empty": ""}, got
+    finally:
+        vmrt("rm", "-f", "rlabels", "llabels")
+    r = sshd("create", "--label-file", str(tmp_path / "missing"), "busybox")
+    assert r.returncode == 125 and "--label-file" in one_line_error(r.stderr)
 
 
 # --- a host without vmrt, or with one too old ----------------------------------------------------

@@ -115,6 +115,7 @@ class RunArgs:
     # exit code a waiter still reads), not by its monitor as --rm is
     rm_deferred: bool = False
     labels: tuple[str, ...] = ()   # --label KEY=VALUE (or KEY: an empty value)
+    label_file: tuple[Path, ...] = ()  # --label-file: lines as --label's, read before them
 
 
 def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | None]:
@@ -149,7 +150,7 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
                 *map(volumes_mod.parse_tmpfs, a.tmpfs)],
         net=_net_request(a), storage_size=_storage_size(a.storage_opts), vm_memory=a.vm_memory,
         healthcheck=_healthcheck(a),
-        labels=parse_labels(a.labels))
+        labels=parse_labels((*label_lines(a.label_file), *a.labels)))
     if a.vm_memory is not None:
         config_mod.check_vm_memory(cfg, a.vm_memory, "--vm-memory")
     volumes_mod.check_unique(opts.mounts)
@@ -210,6 +211,19 @@ def _healthcheck(a: RunArgs) -> dict[str, Any] | None:
             raise UsageError("--health-retries cannot be negative")
         hc["Retries"] = a.health_retries
     return healthstate.check(hc, "Healthcheck") if hc else None
+
+
+def label_lines(files: tuple[Path, ...]) -> list[str]:
+    """``--label-file``: its lines as ``--label`` values (blank and ``#`` lines skipped, as an
+    env file's; Docker's format)."""
+    out: list[str] = []
+    for f in files:
+        try:
+            text = f.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--label-file {f}: {getattr(e, 'strerror', None) or e}") from None
+        out += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return out
 
 
 def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:

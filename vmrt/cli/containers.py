@@ -70,6 +70,8 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 @click.option("--dns-option", "dns_options", multiple=True, help="Set a DNS option.")
 @click.option("--add-host", "add_hosts", multiple=True, help="Add a host-to-IP mapping (NAME:IP).")
 @click.option("-l", "--label", "labels", multiple=True, help="Set metadata on the container (KEY=VALUE).")
+@click.option("--label-file", multiple=True, type=click.Path(path_type=Path),
+              help="Read a file of labels (KEY=VALUE lines; # comments).")
 @click.option("--log-opt", "log_opts", multiple=True,
               help="Log option (json-file): max-size=SIZE (10k, 10m, 1g), max-file=N (default: the settings).")
 @click.option("--health-cmd", help="Command to run to check health (in the container's shell).")

@@ -109,14 +109,18 @@ def _seq(value: object) -> tuple[object, ...]:
 
 
 def _env(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]) -> None:
-    """``--env-file`` read here; ``-e KEY`` takes this host's value (as a local run would), never
-    the remote session's."""
+    """``--env-file`` and ``--label-file`` read here; ``-e KEY`` takes this host's value (as a
+    local run would), never the remote session's."""
     files = tuple(Path(str(f)) for f in _seq(params.get("env_file")))
     env = tuple(str(e) for e in _seq(params.get("env")))
-    if not files and all("=" in e for e in env):
+    label_files = tuple(Path(str(f)) for f in _seq(params.get("label_file")))
+    if not files and not label_files and all("=" in e for e in env):
         return
-    pairs = localfiles.env_pairs(files, env, os.environ)
-    p.argv = [*path, *localfiles.argv_of(cmd, {**params, "env_file": (), "env": tuple(pairs)})]
+    changed = {**params, "env_file": (), "env": tuple(localfiles.env_pairs(files, env, os.environ))}
+    if label_files:  # --label-file read here, its lines sent as --label, before the given ones
+        from ..containercmds import label_lines  # imported on use: --label-file alone
+        changed.update(label_file=(), labels=(*label_lines(label_files), *_seq(params.get("labels"))))
+    p.argv = [*path, *localfiles.argv_of(cmd, changed)]
 
 
 def _build(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]) -> None:
