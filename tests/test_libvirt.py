@@ -327,3 +327,50 @@ def test_qemu_driver_flag_beside_libvirt_default(vmrt: Vmrt, libvirtd: Libvirtd)
     r = vmrt("run", "--rm", "--isolation=vm", "--vm-driver", "qemu", "busybox", "sh", "-c", "echo q")
     assert r.returncode == 0 and r.stdout == b"q\n", r.stderr
     assert not libvirtd.domains()
+
+
+def test_check_isolation_names_the_driver_and_its_confinement(vmrt: Vmrt, libvirtd: Libvirtd) -> None:
+    """`vmrt check isolation`'s driver row (the probes' containers are the other tests' business:
+    tests/test_check_isolation.py): libvirt's version, URI and the daemon's security drivers."""
+    from vmrt import config, systemcmds
+    line = systemcmds.vm_driver_line(config.load(vmrt.env))
+    assert line.startswith("libvirt 9.") and libvirtd.uri in line, line
+    assert "dac" in line.split("security drivers ")[1], line
+    assert systemcmds.vm_driver_line(config.load({**vmrt.env, "VMRT_VM_DRIVER": "qemu"})).startswith("qemu")
+
+
+def test_vm_driver_flag_is_kept_for_start(vmrt: Vmrt, libvirtd: Libvirtd) -> None:
+    """`--vm-driver libvirt` over a qemu default: the container's domain, and again at `vmrt start`
+    (the driver is in its meta, not taken from the setting of the day)."""
+    env = {"VMRT_VM_DRIVER": "qemu"}
+    r = vmrt("run", "-d", "--isolation=vm", "--vm-driver", "libvirt", "--name", "lv4", "busybox", "sleep", "300",
+             env=env)
+    assert r.returncode == 0, r.stderr
+    name = f"vmrt-{r.stdout.decode().strip()[:12]}"
+    try:
+        assert name in _virsh_list(libvirtd).split()
+        assert vmrt("stop", "-t", "1", "lv4", env=env, timeout=120).returncode == 0
+        deadline = time.monotonic() + 15
+        while name in _virsh_list(libvirtd).split() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        s = vmrt("start", "lv4", env=env, timeout=120)
+        assert s.returncode == 0, s.stderr
+        assert name in _virsh_list(libvirtd).split()
+    finally:
+        assert vmrt("rm", "-f", "lv4", env=env, timeout=120).returncode == 0
+
+
+def test_bench_measures_libvirt_beside_the_qemu_driver(vmrt: Vmrt, tmp_path: Path) -> None:
+    """`vmrt bench --modes vm-q35,vm-libvirt`: start and idle memory of both drivers on q35."""
+    out = tmp_path / "b.json"
+    r = vmrt("bench", "--runs", "1", "--parallel", "1", "--idle", "1", "--modes", "vm-q35,vm-libvirt",
+             "--only", "start,memory", "--json", str(out), "--plots", str(tmp_path / "p"), timeout=600)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert {k: v["status"] for k, v in doc["modes"].items()} == {"vm-q35": "ok", "vm-libvirt": "ok"}
+    start = doc["results"]["start"]
+    assert start["vm-libvirt"]["setup"]["vm_driver"].startswith("libvirt (")
+    assert start["vm-q35"]["setup"]["vm_driver"] == "qemu" and start["vm-q35"]["setup"]["machine"] == "q35"
+    assert all(start[m]["serial"]["p50"] > 0 for m in ("vm-q35", "vm-libvirt"))
+    mem = doc["results"]["memory"]
+    assert "qemu-system-x86" in json.dumps(mem["vm-libvirt"])  # its QEMU counted (libvirtd's child)

@@ -110,8 +110,9 @@ class VmrtMode(Mode):
             self.env.pop("VMRT_POOL", None)
             self.env.pop("VMRT_SNAPSHOT", None)
         elif name in ("vm-q35", "vm-libvirt"):  # cold boots on q35: vmrt's QEMU, and a libvirt domain
-            self.env.update(VMRT_POOL="off", VMRT_SNAPSHOT="off", VMRT_MACHINE="q35",
-                            VMRT_VM_DRIVER="libvirt" if name == "vm-libvirt" else "qemu")
+            self.env.update(VMRT_POOL="off", VMRT_SNAPSHOT="off", VMRT_MACHINE="q35")
+        if self.iso == "vm":  # every VM mode but vm-libvirt is vmrt's own QEMU, whatever vm_driver says
+            self.env["VMRT_VM_DRIVER"] = "libvirt" if name == "vm-libvirt" else "qemu"
 
     def setup(self) -> dict[str, Any]:
         if self.iso == "process":

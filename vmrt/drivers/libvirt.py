@@ -276,10 +276,25 @@ def _move_tap(name: str, netns: Path) -> None:
             raise LaunchError(f"cannot move tap {name} into the container's namespace: {e}") from None
 
 
+def _forget_labels(path: Path) -> None:
+    """libvirt's record of a file's owner before it relabelled it (``remember_owner``: trusted
+    xattrs with a use count), left on the disk when its domain's daemon died before restoring it:
+    a later domain would be refused the file ("already in use")."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith("trusted.libvirt.security."):
+            with contextlib.suppress(OSError):
+                os.removexattr(path, n, follow_symlinks=False)
+
+
 def _place_disk(src: Path, target: Path) -> bool:
     """The container's disk at ``target``: a hard link (same inode: libvirt's chown to the
     domain's uid, and back, reaches the file), or a bind mount on another file system. True
     if it is a mount."""
+    _forget_labels(src)
     try:
         os.link(src, target, follow_symlinks=False)
         return False
@@ -363,6 +378,20 @@ def destroy(dom: Any, graceful: bool) -> None:
         LOG.debug("destroying domain: %s", e.get_error_message())
 
 
+def _wait_forgotten(conn: Any, name: str, timeout: float) -> None:
+    """Until libvirt has forgotten the transient domain: its QEMU is gone first, then libvirt
+    restores the files' owners (the disk's among them) and drops it; the domain's dir may go only
+    after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if _lookup(conn, name) is None:
+                return
+        except VmrtError:
+            return
+        time.sleep(0.02)
+
+
 def _lookup(conn: Any, name: str) -> Any | None:
     lv = _module()
     try:
@@ -398,6 +427,7 @@ def reap(cfg: Config, container_id: str) -> None:
             dom = _lookup(conn, domain_name(container_id))
             if dom is not None and _is_ours(dom, container_id):
                 destroy(dom, graceful=False)
+                _wait_forgotten(conn, domain_name(container_id), cfg.timeouts.shutdown)
         finally:
             conn.close()
     clean_dir(ddir)
@@ -426,6 +456,7 @@ class LibvirtBoot:
         old = _lookup(conn, name)
         if old is not None and _is_ours(old, cid):  # a crashed vmrt's, of this container
             destroy(old, graceful=False)
+            await asyncio.to_thread(_wait_forgotten, conn, name, cfg.timeouts.shutdown)
         uid = qemu_uid(cfg)
         fsmode.make_dirs(cfg.libvirt_dir, 0o711)
         os.chmod(cfg.libvirt_dir, 0o711)
@@ -509,6 +540,7 @@ class LibvirtBoot:
             dom.resume()
         except BaseException:
             destroy(dom, graceful=False)
+            _wait_forgotten(conn, name, cfg.timeouts.shutdown)
             for s in socks:
                 s.close()
             if proc is not None:
@@ -527,6 +559,7 @@ class LibvirtBoot:
                     await asyncio.to_thread(domproc.wait, cfg.timeouts.shutdown)
                 if domproc.poll() is None:
                     await asyncio.to_thread(destroy, dom, False)
+            await asyncio.to_thread(_wait_forgotten, conn, name, cfg.timeouts.shutdown)
             domproc.close()
             console.close()
             agent.close()
