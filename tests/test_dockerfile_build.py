@@ -363,6 +363,30 @@ def test_the_syntax_directive_is_ignored_with_a_notice(vmrt: Vmrt, tmp_path: Pat
     vmrt.assert_clean()
 
 
+def test_a_layer_the_stage_already_has_is_stacked_again(vmrt: Vmrt, tmp_path: Path) -> None:
+    """COPY a; RUN rm a; COPY a makes the very bytes of the first COPY's layer (and two steps
+    that change nothing within a second, the same empty layer): overlayfs refuses one lower dir
+    twice (the build once failed at the next RUN: 'conflicting lowerdir'), and dropping the layer
+    would leave /a deleted. It is stored again with a PAX global header in front: the same files,
+    another diff ID, so /a is back."""
+    ctx = _context(tmp_path, "FROM busybox\nCOPY a.txt /a\nRUN rm /a\nCOPY a.txt /a\nRUN true\nRUN true\n"
+                             "RUN cat /a > /seen\n")
+    out = _build(vmrt, "--no-cache", str(ctx))
+    image = out.split("Successfully built ")[1].split()[0]
+    try:
+        store = Store(vmrt.root)
+        try:
+            diff_ids = store.get(image).diff_ids
+        finally:
+            store.close()
+        assert len(diff_ids) == len(set(diff_ids)) == 7, diff_ids  # busybox + six steps' layers
+        r = vmrt("run", "--rm", image, "sh", "-c", "cat /a /seen")
+        assert r.stdout == b"alpha\nalpha\n", r.stderr
+    finally:
+        vmrt("rmi", image)
+    vmrt.assert_clean()
+
+
 def test_dockerignore_keeps_files_out(vmrt: Vmrt, tmp_path: Path) -> None:
     ctx = _context(tmp_path, "FROM busybox\nCOPY . /ctx/\n")
     (ctx / "secret.log").write_text("s\n")

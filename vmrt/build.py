@@ -337,10 +337,10 @@ class Builder:
         else:
             made = make()
             if made is not None and made[1] in {d for _, d in stage.layers}:
-                # a layer the stage already has (a step that changed nothing, twice within a second:
-                # the same bytes): an overlay cannot stack one dir twice. Below the top it is not
-                # quite a no-op (it would apply again over what came between): a rare approximation
-                made = None
+                # the very bytes of a layer the stage has (COPY a; RUN rm a; COPY a, or two steps
+                # that changed nothing within a second): an overlay cannot stack one dir twice, and
+                # dropping it would lose what it applies again: the same files, another diff ID
+                made = buildlayer.distinct(self.store, made, f"{self.where} step {self.step}")
             layer = list(made) if made is not None else None
             entry = {"created": _now(), "layer": layer}
             self._remember(key, entry)

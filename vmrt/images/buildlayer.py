@@ -116,6 +116,22 @@ class LayerTar:
         return {"mediaType": st.MT_OCI_LAYER_GZIP, "digest": bw.digest, "size": bw.size}, "sha256:" + h.hexdigest()
 
 
+def distinct(store: st.Store, layer: tuple[dict[str, Any], str], note: str) -> tuple[dict[str, Any], str]:
+    """``layer`` again with a PAX global header (a ``comment``) in front: the same entries,
+    another diff ID, for a stage that has the very same layer below (overlayfs refuses a lower
+    dir twice; each diff ID is one unpacked dir)."""
+    desc, _ = layer
+    head = tarfile.TarInfo.create_pax_global_header({"comment": f"vmrt: {note}"[:200]})
+    h = hashlib.sha256(head)
+    with gzip.open(store.blob_path(desc["digest"]), "rb") as src, store.blob_writer() as bw:
+        with gzip.GzipFile(fileobj=_Sink(bw), mode="wb", mtime=0, compresslevel=6) as gz:
+            gz.write(head)
+            while chunk := src.read(CHUNK):
+                h.update(chunk)
+                gz.write(chunk)
+    return {"mediaType": st.MT_OCI_LAYER_GZIP, "digest": bw.digest, "size": bw.size}, "sha256:" + h.hexdigest()
+
+
 class _Sink:
     """A blob writer as a file gzip writes to."""
 
