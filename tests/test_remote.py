@@ -643,6 +643,7 @@ def test_remote_argv_names_no_local_file(tmp_path: Path, monkeypatch: pytest.Mon
     labels.write_text("a=1\n# no\nb\n")
     assert sent("create", "--label-file", str(labels), "-l", "c=3", "busybox") == \
         ["create", "--label=a=1", "--label=b", "--label=c=3", "busybox"]
+    assert sent("create", "--cidfile", str(tmp_path / "cid"), "busybox") == ["create", "busybox"]
     envf.write_text("=nokey\n")
     with pytest.raises(UsageError, match="invalid environment variable"):
         sent("run", "--env-file", str(envf), "busybox")
@@ -831,3 +832,31 @@ def test_proxy_jump(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
         while set(sshd.masters()) - masters and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not set(sshd.masters()) - masters, "the master through the jump host outlived it"
+
+
+def test_cidfile(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    """--cidfile, as Docker's: the new container's ID written there, refused if it exists, removed
+    if no container came to be; through vmrt -H written here (create, run -d)."""
+    made: list[str] = []
+    try:
+        for n, (run, args) in enumerate(((vmrt, ["create"]), (sshd, ["create"]), (vmrt, ["run", "-d"]),
+                                         (sshd, ["run", "-d"]))):
+            f = tmp_path / f"cid{n}"
+            r = run(*args, "--cidfile", str(f), "--isolation=process", "busybox", "sleep", "30")
+            assert r.returncode == 0, r.stderr
+            made.append(r.stdout.decode().strip())
+            assert f.read_text() == made[-1] and len(made[-1]) == 64
+            r = run(*args, "--cidfile", str(f), "busybox", "true")  # it exists: refused, nothing made
+            assert r.returncode == 125 and "container ID file found" in one_line_error(r.stderr)
+        f = tmp_path / "attached"
+        r = vmrt("run", "--rm", "--cidfile", str(f), "--isolation=process", "busybox", "true")
+        assert r.returncode == 0 and len(f.read_text()) == 64, r.stderr
+        for run in (vmrt, sshd):  # no container: no file left
+            f = tmp_path / "none"
+            r = run("create", "--cidfile", str(f), "--pull=never", "no-such-image:1")
+            assert r.returncode == 125 and not f.exists(), r.stderr
+        r = sshd("run", "--rm", "--cidfile", str(tmp_path / "x"), "busybox", "true")
+        assert r.returncode == 125 and "needs -d" in one_line_error(r.stderr) and not (tmp_path / "x").exists()
+    finally:
+        if made:
+            vmrt("rm", "-f", *made)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import bundle, formatting, healthstate, lifecycle, logfile, network
+from . import bundle, formatting, fsmode, healthstate, lifecycle, logfile, network
 from . import config as config_mod
 from . import volumes as volumes_mod
 from .bundle import STORAGE_SIZE, VM_MEMORY, RunOptions, parse_cpus, parse_memory, parse_pids
@@ -116,6 +116,7 @@ class RunArgs:
     rm_deferred: bool = False
     labels: tuple[str, ...] = ()   # --label KEY=VALUE (or KEY: an empty value)
     label_file: tuple[Path, ...] = ()  # --label-file: lines as --label's, read before them
+    cidfile: Path | None = None  # --cidfile: the new container's ID written there (it must not exist)
 
 
 def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | None]:
@@ -172,21 +173,56 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         if a.restart != "no":
             raise UsageError("conflicting options: cannot specify both a restart policy and AutoRemove")
         meta["rm_deferred"] = True
-    if create:  # `vmrt create`: the same flags, nothing started
-        return 0, runner.create_detached(cfg, opts, iso, meta)
-    if a.detach:
-        from .agentbuild import monitor_binary  # on use: -d only (a process run never loads it)
-        if a.interactive and monitor_binary(cfg) is None:
-            raise UsageError("-d with -i needs the C monitor (its attach socket): run `vmrt agent build`")
-        return 0, _start_detached(cfg, runner.create_detached(cfg, opts, iso, meta))
-    timings = Timings()  # its zero is this process's start, whenever it is made
-    try:
-        status = runner.run(cfg, opts, iso, accel=a.accel, kernel=a.kernel, timings=timings, runtime=a.runtime,
-                            meta=meta)
-    finally:
-        if a.show_timings:
-            timings.report()
-    return status, None
+    with CidFile(a.cidfile) as cid:
+        if create:  # `vmrt create`: the same flags, nothing started
+            return 0, cid.write(runner.create_detached(cfg, opts, iso, meta))
+        if a.detach:
+            from .agentbuild import monitor_binary  # on use: -d only (a process run never loads it)
+            if a.interactive and monitor_binary(cfg) is None:
+                raise UsageError("-d with -i needs the C monitor (its attach socket): run `vmrt agent build`")
+            return 0, _start_detached(cfg, cid.write(runner.create_detached(cfg, opts, iso, meta)))
+        timings = Timings()  # its zero is this process's start, whenever it is made
+        try:
+            status = runner.run(cfg, opts, iso, accel=a.accel, kernel=a.kernel, timings=timings,
+                                runtime=a.runtime, meta=meta, on_created=cid.write)
+        finally:
+            if a.show_timings:
+                timings.report()
+        return status, None
+
+
+class CidFile:
+    """``--cidfile PATH``, as Docker's: refused if PATH exists, made (the caller's umask) before
+    the container, its ID written once it exists, removed again if none came to be."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.fd, self.written = path, -1, False
+        if path is None:
+            return
+        if os.path.lexists(path):
+            raise UsageError(f"container ID file found, make sure the other container isn't running or delete {path}")
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.fchmod(self.fd, 0o666 & ~fsmode.caller_umask())  # the user's file, as save -o's
+        except OSError as e:
+            raise UsageError(f"failed to create the container ID file {path}: {e.strerror}") from None
+
+    def write(self, cid: str) -> str:
+        if self.fd >= 0 and not self.written:
+            os.write(self.fd, cid.encode())
+            self.written = True
+        return cid
+
+    def __enter__(self) -> CidFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            if not self.written and self.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
 
 
 def _healthcheck(a: RunArgs) -> dict[str, Any] | None:

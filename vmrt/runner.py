@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import bundle, fsmode, network
@@ -214,8 +215,9 @@ def start_attached(cfg: Config, container_id: str) -> int:
 
 def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = None,
         kernel: Path | None = None, timings: Timings | None = None, runtime: str | None = None,
-        meta: Meta | None = None) -> int:
-    """``vmrt run`` attached: create, execute once, and with --rm forget it."""
+        meta: Meta | None = None, on_created: Callable[[str], object] | None = None) -> int:
+    """``vmrt run`` attached: create, execute once, and with --rm forget it. ``on_created``: told
+    the container's ID once it exists (``--cidfile``)."""
     timings = timings or Timings()
     driver = make_driver(isolation, accel=accel, kernel=kernel, runtime=runtime or cfg.runtime,
                          vm_driver=(meta or {}).get("vm_driver", cfg.vm_driver))
@@ -226,6 +228,8 @@ def run(cfg: Config, opts: RunOptions, isolation: str, *, accel: str | None = No
         if meta is not None and not opts.rm:  # how `vmrt start` runs it again
             write_meta(cfg, c.id, meta)
         try:
+            if on_created is not None:
+                on_created(c.id)
             if opts.rm:
                 return execute(cfg, state, c, image, layers, config, driver, timings, log_dir=None, scratch=True)
             return execute_logged(cfg, state, c, image, layers, config, driver, timings)

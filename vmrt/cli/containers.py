@@ -72,6 +72,8 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
 @click.option("-l", "--label", "labels", multiple=True, help="Set metadata on the container (KEY=VALUE).")
 @click.option("--label-file", multiple=True, type=click.Path(path_type=Path),
               help="Read a file of labels (KEY=VALUE lines; # comments).")
+@click.option("--cidfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the container ID to the file (which must not exist).")
 @click.option("--log-opt", "log_opts", multiple=True,
               help="Log option (json-file): max-size=SIZE (10k, 10m, 1g), max-file=N (default: the settings).")
 @click.option("--health-cmd", help="Command to run to check health (in the container's shell).")

@@ -8,8 +8,9 @@ FILE as the remote's stdin, ``save -o FILE`` writes its stdout to FILE. stdin is
 the commands that read it (-i, load, attach, login, ``cp -``): as Docker's client, a script's
 stdin is not swallowed by ``vmrt -H ... ps``. ``build CONTEXT`` sends a tar of the local context
 made here (the remote's ``build -f NAME -``; vmrt/remote/localfiles.py), ``--iidfile`` is written
-here; ``run``/``create --env-file`` is read here, its lines sent as ``-e`` pairs (and ``-e KEY``
-of run, create and exec takes this side's value).
+here; ``run -d``/``create --cidfile`` is written here; ``run``/``create --env-file`` and
+``--label-file`` are read here, sent as ``-e`` and ``--label`` pairs (and ``-e KEY`` of run,
+create and exec takes this side's value).
 """
 
 from __future__ import annotations
@@ -114,9 +115,16 @@ def _env(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]
     files = tuple(Path(str(f)) for f in _seq(params.get("env_file")))
     env = tuple(str(e) for e in _seq(params.get("env")))
     label_files = tuple(Path(str(f)) for f in _seq(params.get("label_file")))
-    if not files and not label_files and all("=" in e for e in env):
+    cidfile = params.get("cidfile")
+    if not files and not label_files and cidfile is None and all("=" in e for e in env):
         return
     changed = {**params, "env_file": (), "env": tuple(localfiles.env_pairs(files, env, os.environ))}
+    if cidfile is not None:  # written here with the ID the remote prints (create, run -d)
+        if path[-1] == "run" and not params.get("detach"):
+            raise UsageError("--cidfile through vmrt -H needs -d (an attached remote run prints no container ID): "
+                             "use run -d, or create and then start -a")
+        p.cidfile, p.keep_tail = Path(str(cidfile)), True
+        changed["cidfile"] = None
     if label_files:  # --label-file read here, its lines sent as --label, before the given ones
         from ..containercmds import label_lines  # imported on use: --label-file alone
         changed.update(label_file=(), labels=(*label_lines(label_files), *_seq(params.get("labels"))))
@@ -176,6 +184,17 @@ def run(main: click.Group, route: Route) -> int:
     with the first command; VMRT_SSH_PERSIST=0: none), else on a connection of its own."""
     assert route.target is not None
     p = plan(main, route)
+    if p.cidfile is not None:
+        from ..containercmds import CidFile  # imported on use: --cidfile alone
+        with CidFile(p.cidfile) as cid:  # refused if it exists, before anything runs
+            status = _run(route, p)
+            got = localfiles.container_id(p.tail) if status == 0 else None
+            if got is not None:
+                cid.write(got)
+            elif status == 0:
+                raise UsageError(f"the container was made, but its ID could not be read from the remote's output: "
+                                 f"{p.cidfile} not written")
+        return status
     status = _run(route, p)
     if status == 0 and p.iidfile is not None:
         _write_iidfile(route, p)

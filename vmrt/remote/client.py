@@ -134,6 +134,7 @@ class Plan:
     keep_tail: bool = False  # stdout passed on, its last TAIL bytes kept in ``tail`` (build --iidfile)
     tail: bytes = b""
     iidfile: Path | None = None  # build --iidfile: written here (vmrt/cli/remote.py)
+    cidfile: Path | None = None  # run -d / create --cidfile: written here
     tty: bool = False  # a pty on the remote side (-t)
     globals_: list[str] = field(default_factory=list)  # the main group's flags (--debug)
 

@@ -35,6 +35,7 @@ MAX_DOCKERFILE = 16 << 20
 MAX_IGNORE = 1 << 20
 _ID = re.compile(r"sha256:[0-9a-f]{64}")
 _BUILT = re.compile(r"Successfully built ([0-9a-f]{12})")
+_CID = re.compile(r"[0-9a-f]{64}")
 
 
 def argv_of(cmd: click.Command, params: Mapping[str, Any]) -> list[str]:
@@ -250,3 +251,9 @@ def image_id(stdout_tail: bytes) -> str | None:
 def full_id(text: bytes, short: str) -> str | None:
     line = text.decode(errors="replace").strip()
     return line if _ID.fullmatch(line) and line[len("sha256:"):].startswith(short) else None
+
+
+def container_id(stdout_tail: bytes) -> str | None:
+    """The new container's ID: the last line of a remote ``create`` or ``run -d``."""
+    lines = stdout_tail.decode(errors="replace").split()
+    return lines[-1] if lines and _CID.fullmatch(lines[-1]) else None
