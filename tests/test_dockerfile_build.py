@@ -296,6 +296,16 @@ def _tar_to(v: Vmrt, ctx: Path, *args: str, sparse: bool = False,
     return out
 
 
+def test_an_oversized_dockerignore_is_one_line(vmrt: Vmrt, tmp_path: Path) -> None:
+    """.dockerignore is read bounded, as the Dockerfile (16 MiB): a 20 MiB one is one line, exit 1."""
+    ctx = _context(tmp_path, "FROM busybox\n")
+    with open(ctx / ".dockerignore", "wb") as f:
+        f.truncate(20 << 20)
+    r = vmrt("build", str(ctx), timeout=120)
+    assert r.returncode == 1 and one_line_error(r.stderr) == "vmrt: .dockerignore: larger than 16 MiB"
+    vmrt.assert_clean()
+
+
 def test_huge_contexts_stream_in_bounded_memory(request: pytest.FixtureRequest, vmrt: Vmrt, tmp_path: Path) -> None:
     """20,000 small files and a 4 GiB sparse file, as a directory, as a tar on stdin and through
     POST /build: each build succeeds with its peak resident memory under 300 MiB (the context is

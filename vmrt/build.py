@@ -139,9 +139,13 @@ class Builder:
                 raise UsageError(f"failed to reach build target {self.opts.target} in Dockerfile")
             stages = stages[:1 + names.index(self.opts.target.lower()) + 1]
         self.total = sum(len(s) for s in stages)
-        ignore_file = context / ".dockerignore"
-        if ignore_file.is_file() and not ignore_file.is_symlink():
-            self.ignore = df.Ignore(ignore_file.read_text(errors="replace"))
+        if not (context / ".dockerignore").is_symlink():
+            try:  # bounded as the Dockerfile is: nothing of a context is held whole
+                data = safefs.read_regular(context, ".dockerignore", df.MAX_BYTES)
+            except safefs.FileTooLarge:
+                raise df.DockerfileError(f".dockerignore: larger than {df.MAX_BYTES >> 20} MiB") from None
+            if data is not None:
+                self.ignore = df.Ignore(data.decode(errors="replace"))
         self.ctx_fd = os.open(context, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for ins in stages[0]:  # the ARGs before the first FROM
