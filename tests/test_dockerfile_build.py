@@ -296,6 +296,24 @@ def _tar_to(v: Vmrt, ctx: Path, *args: str, sparse: bool = False,
     return out
 
 
+def test_a_stdin_context_whose_first_member_is_a_file(vmrt: Vmrt, tmp_path: Path) -> None:
+    """``tar -c Dockerfile a.txt | vmrt build -``: the first member (a file with a size) is read
+    when the stream opens, and counts against build_context_max as the others (it once met a
+    limit of 0); over the limit, one line."""
+    ctx = _context(tmp_path, "FROM busybox\nCOPY a.txt /a\n")
+    tar = subprocess.run(["tar", "-C", str(ctx), "-c", "Dockerfile", "a.txt"], capture_output=True, check=True).stdout
+    r = vmrt("build", "-q", "-", input=tar, timeout=120)
+    assert r.returncode == 0, r.stderr
+    image = r.stdout.decode().split()[-1]
+    try:
+        assert vmrt("run", "--rm", image, "cat", "/a").stdout == b"alpha\n"
+    finally:
+        vmrt("rmi", image)
+    r = vmrt("build", "-q", "-", input=tar, env={"VMRT_BUILD_CONTEXT_MAX": "10"}, timeout=120)
+    assert r.returncode == 1 and "larger than build_context_max" in one_line_error(r.stderr)
+    vmrt.assert_clean()
+
+
 def test_an_oversized_dockerignore_is_one_line(vmrt: Vmrt, tmp_path: Path) -> None:
     """.dockerignore is read bounded, as the Dockerfile (16 MiB): a 20 MiB one is one line, exit 1."""
     ctx = _context(tmp_path, "FROM busybox\n")
