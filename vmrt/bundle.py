@@ -127,6 +127,17 @@ def _read_env_file(path: Path) -> list[str]:
     return out
 
 
+def read_env_file(path: Path) -> list[str]:
+    """``--env-file``'s items, as :func:`merge_env` reads them (vmrt -H reads a local one)."""
+    return _read_env_file(path)
+
+
+def env_item_ok(item: str) -> bool:
+    """An ``-e``/``--env-file`` item as :func:`merge_env` takes it: a key, no NUL."""
+    k, _, v = item.partition("=")
+    return bool(k) and bool(_ENV_KEY.match(k)) and "\0" not in v
+
+
 def merge_env(image_env: list[str], opts: RunOptions) -> list[str]:
     env: dict[str, str] = {}
     for e in image_env:

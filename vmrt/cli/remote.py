@@ -16,7 +16,9 @@ create and exec takes this side's value).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -105,6 +107,34 @@ def plan(main: click.Group, route: Route) -> Plan:
     return p
 
 
+def _argv_of(cmd: click.Command, params: Mapping[str, Any]) -> list[str]:
+    """The arguments that make ``params`` for ``cmd`` again (options first, as ``--name=value``;
+    only those not at their default), so that one can be changed and the rest kept as given."""
+    ctx = click.Context(cmd, info_name=cmd.name, resilient_parsing=True)
+    opts: list[str] = []
+    args: list[str] = []
+    for p in cmd.params:
+        value = params.get(p.name) if p.name else None
+        if isinstance(p, click.Argument):
+            if p.nargs == -1:
+                args += [str(v) for v in value or ()]
+            elif value is not None:
+                args.append(str(value))
+            continue
+        if not isinstance(p, click.Option) or value is None:
+            continue
+        flag = max(p.opts, key=len)
+        default = p.get_default(ctx)
+        if p.is_flag:
+            if value is True and not default:
+                opts.append(flag)
+        elif p.multiple:
+            opts += [f"{flag}={v}" for v in value]
+        elif value != default:
+            opts.append(f"{flag}={value}")
+    return [*opts, *args]
+
+
 def _seq(value: object) -> tuple[object, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else ()
 
@@ -128,7 +158,7 @@ def _env(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]
     if label_files:  # --label-file read here, its lines sent as --label, before the given ones
         from ..containercmds import label_lines  # imported on use: --label-file alone
         changed.update(label_file=(), labels=(*label_lines(label_files), *_seq(params.get("labels"))))
-    p.argv = [*path, *localfiles.argv_of(cmd, changed)]
+    p.argv = [*path, *_argv_of(cmd, changed)]
 
 
 def _build(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]) -> None:
@@ -156,7 +186,7 @@ def _build(p: Plan, cmd: click.Command, path: list[str], params: dict[str, objec
         ctx = localfiles.build_context(context, None if dockerfile is None else str(dockerfile))
         p.stdin_producer = ctx.write
         args.update(context="-", dockerfile=ctx.dockerfile_name)
-    p.argv = [*path, *localfiles.argv_of(cmd, args)]
+    p.argv = [*path, *_argv_of(cmd, args)]
 
 
 def _cp(p: Plan, path: list[str], params: dict[str, object]) -> None:

@@ -1,6 +1,6 @@
 """What a remote command needs from LOCAL files, read here and never named to the remote host:
 ``build CONTEXT`` (a tar of the local context, made here), ``run``/``create --env-file`` (its
-lines become ``-e`` pairs) and the argv that carries them.
+lines become ``-e`` pairs); vmrt/cli/remote.py makes the argv that carries them.
 
 The build context is walked as Docker's client walks it: ``.dockerignore`` (vmrt's own matcher,
 :class:`vmrt.images.dockerfile.Ignore`) decides what goes, so an excluded file never leaves this
@@ -24,9 +24,7 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import click
+from typing import BinaryIO
 
 from ..errors import UsageError, VmrtError
 from ..images.dockerfile import Ignore
@@ -38,45 +36,17 @@ _BUILT = re.compile(r"Successfully built ([0-9a-f]{12})")
 _CID = re.compile(r"[0-9a-f]{64}")
 
 
-def argv_of(cmd: click.Command, params: Mapping[str, Any]) -> list[str]:
-    """The arguments that make ``params`` for ``cmd`` again (options first, as ``--name=value``;
-    only those not at their default), so that one can be changed and the rest kept as given."""
-    ctx = click.Context(cmd, info_name=cmd.name, resilient_parsing=True)
-    opts: list[str] = []
-    args: list[str] = []
-    for p in cmd.params:
-        value = params.get(p.name) if p.name else None
-        if isinstance(p, click.Argument):
-            if p.nargs == -1:
-                args += [str(v) for v in value or ()]
-            elif value is not None:
-                args.append(str(value))
-            continue
-        if not isinstance(p, click.Option) or value is None:
-            continue
-        flag = max(p.opts, key=len)
-        default = p.get_default(ctx)
-        if p.is_flag:
-            if value is True and not default:
-                opts.append(flag)
-        elif p.multiple:
-            opts += [f"{flag}={v}" for v in value]
-        elif value != default:
-            opts.append(f"{flag}={value}")
-    return [*opts, *args]
-
-
 # --- run / create: --env-file ---------------------------------------------------------------------
 
 def env_pairs(env_files: tuple[Path, ...], env: tuple[str, ...], environ: Mapping[str, str]) -> list[str]:
     """``--env-file`` lines, then ``-e`` items, as ``KEY=VALUE`` (vmrt's local parser: a ``KEY``
     alone takes this process's value, or is left out when unset here, as a local ``vmrt run``
     does; never the remote host's environment)."""
-    from ..bundle import _ENV_KEY, _read_env_file  # imported on use: --env-file alone
+    from ..bundle import env_item_ok, read_env_file  # imported on use: --env-file alone
     out: list[str] = []
-    for item in [*(x for f in env_files for x in _read_env_file(f)), *env]:
+    for item in [*(x for f in env_files for x in read_env_file(f)), *env]:
         k, sep, v = item.partition("=")
-        if not k or not _ENV_KEY.match(k) or "\0" in v:
+        if not env_item_ok(item):
             raise UsageError(f"invalid environment variable: {item!r}")
         if sep:
             out.append(item)
