@@ -6,7 +6,9 @@ temp dir (root login by key only, no PAM), and ``SetEnv`` of the private vmrt's 
 the remote ``vmrt`` works in the test's own state root. The client side is the real CLI with a
 HOME of its own (a generated key, a known_hosts the test writes, no ssh-agent, no VMRT_* of its
 own). sshd and its per-connection children are stopped after. sshd needs /run/sshd (its
-privilege separation dir): made if missing, as Debian's unit does.
+privilege separation dir): made if missing, as Debian's unit does. A few tests start a second
+sshd of the same kind for themselves: one whose PATH has no vmrt (or a vmrt from before the
+session protocol), and one as a ProxyJump host (PermitOpen to the first, ForceCommand /bin/false).
 """
 
 from __future__ import annotations
