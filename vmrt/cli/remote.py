@@ -126,8 +126,12 @@ def _argv_of(cmd: click.Command, params: Mapping[str, Any]) -> list[str]:
         flag = max(p.opts, key=len)
         default = p.get_default(ctx)
         if p.is_flag:
-            if value is True and not default:
+            if bool(value) == bool(default):
+                continue
+            if value is True:
                 opts.append(flag)
+            elif p.secondary_opts:  # --no-x against a default of True
+                opts.append(max(p.secondary_opts, key=len))
         elif p.multiple:
             opts += [f"{flag}={v}" for v in value]
         elif value != default:
