@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from .. import safefs
 from ..errors import UsageError, VmrtError
-from ..images.dockerfile import Ignore
+from ..images.dockerfile import MAX_BYTES, Ignore
 
-MAX_DOCKERFILE = 16 << 20
-MAX_IGNORE = 1 << 20
+MAX_DOCKERFILE = MAX_IGNORE = MAX_BYTES  # as a local build reads them
 _ID = re.compile(r"sha256:[0-9a-f]{64}")
 _BUILT = re.compile(r"Successfully built ([0-9a-f]{12})")
 _CID = re.compile(r"[0-9a-f]{64}")
@@ -190,13 +190,12 @@ def build_context(context: str, dockerfile: str | None, stdin: BinaryIO | None =
             raise UsageError(f"the Dockerfile {str(path)!r} is over {MAX_DOCKERFILE >> 20} MiB")
         name = path.name
     ignore_text = ""
-    ignore_file = root / ".dockerignore"
-    if ignore_file.is_file() and not ignore_file.is_symlink():  # as vmrt/build.py reads it
-        with open(ignore_file, "rb") as f:
-            raw = f.read(MAX_IGNORE + 1)
-        if len(raw) > MAX_IGNORE:
-            raise UsageError(f"{ignore_file} is over {MAX_IGNORE >> 20} MiB")
-        ignore_text = raw.decode(errors="replace")
+    if not (root / ".dockerignore").is_symlink():  # as vmrt/build.py reads it
+        try:
+            raw = safefs.read_regular(root, ".dockerignore", MAX_IGNORE)
+        except safefs.FileTooLarge:
+            raise UsageError(f".dockerignore: larger than {MAX_IGNORE >> 20} MiB") from None
+        ignore_text = raw.decode(errors="replace") if raw is not None else ""
     ignore = Ignore(ignore_text)
     entries = _walk(root, ignore)
     hidden = f".vmrt-dockerfile-{secrets.token_hex(8)}"
