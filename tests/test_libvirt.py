@@ -187,30 +187,45 @@ def vmrt(lv_session: Vmrt, libvirtd: Libvirtd, owned_processes: Started,
 
 # --- the behaviour suite's VM cases, through libvirt -------------------------------------------
 from test_behaviour import (  # noqa: E402 - after the fixture that overrides conftest's `vmrt`
+    test_bad_input_is_125_in_both,
+    test_cpus_bound_the_host_side,
     test_env,
     test_exec_errors,
     test_exit_codes,
     test_hostname,
     test_image_is_never_modified,
+    test_intended_difference_cpu_count,
+    test_intended_difference_kernel,
     test_intended_difference_writable_layer,
     test_memory_limit_oom_137_and_flag,
+    test_pids_limit,
+    test_privileges,
     test_read_only_root,
     test_rm_and_exited_record,
+    test_same_syscall_filter_and_masks,
     test_signal_is_forwarded_to_the_container,
     test_stdin_with_and_without_i,
     test_stdout_and_stderr_are_separate,
+    test_symlinked_mount_target_stays_inside,
     test_tmpfs,
     test_tty,
     test_unhandled_stop_is_killed_after_grace_137,
     test_user,
+    test_volume_directory_created_and_mount_option,
     test_volumes_rw_and_ro,
     test_workdir,
+    test_workdir_cannot_be_a_leaked_fd,
 )
 
-BEHAVIOUR = [test_exit_codes, test_exec_errors, test_stdout_and_stderr_are_separate, test_stdin_with_and_without_i,
-             test_env, test_user, test_workdir, test_hostname, test_tty, test_signal_is_forwarded_to_the_container,
+# every case of tests/test_behaviour.py, each of its VM runs through libvirt
+BEHAVIOUR = [test_exit_codes, test_exec_errors, test_bad_input_is_125_in_both, test_stdout_and_stderr_are_separate,
+             test_stdin_with_and_without_i, test_env, test_user, test_workdir, test_workdir_cannot_be_a_leaked_fd,
+             test_hostname, test_tty, test_privileges, test_signal_is_forwarded_to_the_container,
              test_unhandled_stop_is_killed_after_grace_137, test_rm_and_exited_record, test_image_is_never_modified,
-             test_volumes_rw_and_ro, test_tmpfs, test_read_only_root, test_memory_limit_oom_137_and_flag,
+             test_volumes_rw_and_ro, test_volume_directory_created_and_mount_option,
+             test_symlinked_mount_target_stays_inside, test_tmpfs, test_read_only_root,
+             test_memory_limit_oom_137_and_flag, test_pids_limit, test_cpus_bound_the_host_side,
+             test_intended_difference_kernel, test_same_syscall_filter_and_masks, test_intended_difference_cpu_count,
              test_intended_difference_writable_layer]
 
 
