@@ -857,8 +857,35 @@ def test_cidfile(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
             f = tmp_path / "none"
             r = run("create", "--cidfile", str(f), "--pull=never", "no-such-image:1")
             assert r.returncode == 125 and not f.exists(), r.stderr
-        r = sshd("run", "--rm", "--cidfile", str(tmp_path / "x"), "busybox", "true")
-        assert r.returncode == 125 and "needs -d" in one_line_error(r.stderr) and not (tmp_path / "x").exists()
+        # an attached remote run prints no ID: the remote marks it on stderr with the client's token,
+        # the client takes the mark out and writes the file at once (with a master, without, with -t)
+        for n, (persist, tty) in enumerate((("60", False), ("0", False), ("0", True))):
+            f = tmp_path / f"attached{n}"
+            p = track(subprocess.Popen(sshd.cmd("run", "--rm", *(["-t"] if tty else []), "--cidfile", str(f),
+                                                "--isolation=process", "busybox", "sh", "-c",
+                                                "echo ready; echo err >&2; sleep 60"),
+                                       env=sshd.env(VMRT_SSH_PERSIST=persist), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            first = _read_until(p.stdout, b"ready")
+            deadline = time.monotonic() + 30
+            while not (f.exists() and len(f.read_text()) == 64):
+                assert time.monotonic() < deadline and p.poll() is None, "no cidfile while the run runs"
+                time.sleep(0.1)
+            cid = f.read_text()  # the running container's
+            assert vmrt("inspect", "--format", "{{.Id}}", cid).stdout.decode().strip() == cid
+            vmrt("kill", cid)  # (its status not asserted: the --rm run may remove it before kill looks again)
+            out, err = p.communicate(timeout=60)
+            out = first + out
+            assert p.returncode != 0
+            assert b"vmrt-cid" not in out + err and (b"err" in (out if tty else err)), (out, err)
+        # a container that writes a marker of its own (it cannot know the token): passed on as it
+        # wrote it, the file still gets the real ID
+        f = tmp_path / "forged"
+        fake = "\\000vmrt-cid:" + "0" * 32 + ":" + "0" * 64 + "\\000"
+        r = sshd("run", "--rm", "--cidfile", str(f), "--isolation=process", "busybox", "sh", "-c",
+                 f"printf '{fake}' >&2")
+        assert r.returncode == 0 and r.stderr == b"\0vmrt-cid:" + b"0" * 32 + b":" + b"0" * 64 + b"\0", r.stderr
+        assert len(f.read_text()) == 64 and f.read_text() != "0" * 64
     finally:
         if made:
             vmrt("rm", "-f", *made)

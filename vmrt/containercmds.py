@@ -117,6 +117,7 @@ class RunArgs:
     labels: tuple[str, ...] = ()   # --label KEY=VALUE (or KEY: an empty value)
     label_file: tuple[Path, ...] = ()  # --label-file: lines as --label's, read before them
     cidfile: Path | None = None  # --cidfile: the new container's ID written there (it must not exist)
+    cid_marker: str | None = None  # (hidden) vmrt -H's attached run --cidfile: the ID on stderr, marked
 
 
 def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | None]:
@@ -173,6 +174,14 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         if a.restart != "no":
             raise UsageError("conflicting options: cannot specify both a restart policy and AutoRemove")
         meta["rm_deferred"] = True
+    if a.cid_marker is not None and not (len(a.cid_marker) == 32 and all(ch in "0123456789abcdef"
+                                                                         for ch in a.cid_marker)):
+        raise UsageError("invalid --cid-marker: 32 hex digits (vmrt -H's own)")
+
+    def created(cid_: str) -> None:
+        cid.write(cid_)
+        if a.cid_marker is not None:  # for the client of vmrt -H, whose marker token it is
+            os.write(2, f"\0vmrt-cid:{a.cid_marker}:{cid_}\0".encode())
     with CidFile(a.cidfile) as cid:
         if create:  # `vmrt create`: the same flags, nothing started
             return 0, cid.write(runner.create_detached(cfg, opts, iso, meta))
@@ -184,7 +193,7 @@ def run(cfg: Config, a: RunArgs, *, create: bool = False) -> tuple[int, str | No
         timings = Timings()  # its zero is this process's start, whenever it is made
         try:
             status = runner.run(cfg, opts, iso, accel=a.accel, kernel=a.kernel, timings=timings,
-                                runtime=a.runtime, meta=meta, on_created=cid.write)
+                                runtime=a.runtime, meta=meta, on_created=created)
         finally:
             if a.show_timings:
                 timings.report()

@@ -74,6 +74,8 @@ GRACE = click.option("-t", "--time", "timeout", default=10.0, show_default=True,
               help="Read a file of labels (KEY=VALUE lines; # comments).")
 @click.option("--cidfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the container ID to the file (which must not exist).")
+@click.option("--cid-marker", hidden=True,  # vmrt -H's attached run --cidfile (vmrt/remote/client.py)
+              help="Write the new container's ID to stderr, marked with this token.")
 @click.option("--log-opt", "log_opts", multiple=True,
               help="Log option (json-file): max-size=SIZE (10k, 10m, 1g), max-file=N (default: the settings).")
 @click.option("--health-cmd", help="Command to run to check health (in the container's shell).")

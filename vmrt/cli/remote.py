@@ -153,12 +153,14 @@ def _env(p: Plan, cmd: click.Command, path: list[str], params: dict[str, object]
     if not files and not label_files and cidfile is None and all("=" in e for e in env):
         return
     changed = {**params, "env_file": (), "env": tuple(localfiles.env_pairs(files, env, os.environ))}
-    if cidfile is not None:  # written here with the ID the remote prints (create, run -d)
-        if path[-1] == "run" and not params.get("detach"):
-            raise UsageError("--cidfile through vmrt -H needs -d (an attached remote run prints no container ID): "
-                             "use run -d, or create and then start -a")
-        p.cidfile, p.keep_tail = Path(str(cidfile)), True
+    if cidfile is not None:  # written here with the ID the remote prints (create, run -d) or marks
+        p.cidfile = Path(str(cidfile))
         changed["cidfile"] = None
+        if path[-1] == "run" and not params.get("detach"):  # an attached run prints no ID: a marked one
+            p.cid = client.CidWatch(os.urandom(16).hex(), lambda _: None)
+            changed["cid_marker"] = p.cid.token
+        else:
+            p.keep_tail = True
     if label_files:  # --label-file read here, its lines sent as --label, before the given ones
         from ..containercmds import label_lines  # imported on use: --label-file alone
         changed.update(label_file=(), labels=(*label_lines(label_files), *_seq(params.get("labels"))))
@@ -221,6 +223,9 @@ def run(main: click.Group, route: Route) -> int:
     if p.cidfile is not None:
         from ..containercmds import CidFile  # imported on use: --cidfile alone
         with CidFile(p.cidfile) as cid:  # refused if it exists, before anything runs
+            if p.cid is not None:  # written as soon as the remote marks the ID
+                p.cid.found = cid.write
+                return _run(route, p)
             status = _run(route, p)
             got = localfiles.container_id(p.tail) if status == 0 else None
             if got is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import re
 import shlex
 import signal
 import sys
@@ -73,19 +74,30 @@ def no_session(target: SshTarget, status: int, line: str) -> VmrtError:
 HOLD_MAX = 1 << 16
 
 
+@dataclass
+class CidWatch:
+    """The cid marker an attached ``run --cidfile`` asked the remote for (vmrt/cli/remote.py)."""
+
+    token: str
+    found: Callable[[str], object]
+    done: bool = False
+
+
 class _Greeting:
     """The remote session's :data:`~.session.HELLO`: the stream it comes on (stderr; with a pty,
     the pty's one) is held back until it does. What came before it (a login shell's words) is
     passed on, the hello itself dropped; past HOLD_MAX bytes without it, the stream flows as it
     is and nothing is concluded."""
 
-    def __init__(self) -> None:
+    def __init__(self, cid: CidWatch | None = None) -> None:
         self.waiting = True
         self.held = bytearray()
+        self.cid = cid
+        self.tail = b""  # the end of what came after the hello that may begin the cid marker
 
     def feed(self, data: bytes) -> bytes:
         if not self.waiting:
-            return data
+            return self._cid(data)
         self.held += data
         i = self.held.find(HELLO)
         if i >= 0:
@@ -96,6 +108,37 @@ class _Greeting:
             return b""
         self.waiting = False
         self.held.clear()
+        return self._cid(out)
+
+    def _cid(self, data: bytes) -> bytes:
+        """With ``--cid-marker`` (an attached ``run --cidfile``): the remote's
+        ``\\0vmrt-cid:TOKEN:ID\\0`` taken out of the stream and its ID told, once; TOKEN is
+        the client's secret (a container cannot write a marker that passes)."""
+        if self.cid is None or self.cid.done:
+            return data
+        data = self.tail + data
+        self.tail = b""
+        head = b"\0vmrt-cid:" + self.cid.token.encode() + b":"
+        i = data.find(head)
+        if i >= 0:
+            end = i + len(head) + 65
+            if len(data) < end:  # the rest of it is still on its way
+                self.tail = data[i:]
+                return data[:i]
+            cid = data[i + len(head):end - 1]
+            if data[end - 1:end] == b"\0" and re.fullmatch(rb"[0-9a-f]{64}", cid):
+                self.cid.done = True
+                self.cid.found(cid.decode())
+                return data[:i] + data[end:]
+            return data
+        j = data.rfind(b"\0", max(0, len(data) - len(head) + 1))
+        if j >= 0 and head.startswith(data[j:]):
+            self.tail = data[j:]
+            return data[:j]
+        return data
+
+    def flush(self) -> bytes:
+        out, self.tail = self.tail, b""
         return out
 
     def last_line(self) -> str:
@@ -135,6 +178,7 @@ class Plan:
     tail: bytes = b""
     iidfile: Path | None = None  # build --iidfile: written here (vmrt/cli/remote.py)
     cidfile: Path | None = None  # run -d / create --cidfile: written here
+    cid: CidWatch | None = None  # an attached run --cidfile: the remote's marker, its ID told
     tty: bool = False  # a pty on the remote side (-t)
     globals_: list[str] = field(default_factory=list)  # the main group's flags (--debug)
 
@@ -584,7 +628,7 @@ def _session(client: Any, target: SshTarget, plan: Plan) -> int:
     try:
         with signals(plan.tty) as (wake_r, read_control), raw(plan.tty), stdin_source(plan) as src:
             status = relay(chan, framed=not plan.tty, token=token, src=src, out_fd=output.fd, err_fd=2,
-                           control_fd=wake_r, read_control=read_control)
+                           control_fd=wake_r, read_control=read_control, cid=plan.cid)
     except NoSession as e:
         raise no_session(target, e.status, e.line) from None
     finally:
@@ -634,7 +678,7 @@ def signals(tty: bool) -> Iterator[tuple[int, Control]]:
 
 
 def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: int, err_fd: int,
-          control_fd: int, read_control: Control) -> int | None:
+          control_fd: int, read_control: Control, cid: CidWatch | None = None) -> int | None:
     """stdin (``src``) to the channel, its stdout and stderr to ``out_fd`` and ``err_fd``, and the
     control events (signals, window sizes) to the remote, until the command's exit status comes
     (None: the channel closed without one, the connection is gone). :class:`ClientGone` when
@@ -649,7 +693,7 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
     sel.register(chan, selectors.EVENT_READ)
     sel.register(control_fd, selectors.EVENT_READ)
     out_ok = True
-    greeting = _Greeting()
+    greeting = _Greeting(cid)
     hello_out = not framed  # with a pty, stderr comes on the stdout stream
     try:
         while True:
@@ -686,6 +730,8 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
                 got = chan.exit_status
                 if got >= 0 and greeting.waiting:
                     raise NoSession(int(got), greeting.last_line())
+                with contextlib.suppress(OSError):  # what was held as a marker's possible start
+                    _write_all(out_fd if hello_out else err_fd, greeting.flush())
                 return None if got < 0 else int(got)
             if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
                 time.sleep(0.3)  # paramiko closes the channels of a dead transport just before it says so

@@ -16,6 +16,7 @@ command keeps its terminal (raw mode), its signals and window changes, which it 
     client -> master   {"command", "tty", "size", "term", "token", "stdin"} + 3 fds
     master -> client   {"ok": true} or {"error": "..."}
     client -> master   {"signal": "TERM"} / {"winch": [cols, rows]} lines
+    master -> client   {"cid": ID} (an attached run --cidfile: the remote's marker, "cid_token")
     master -> client   {"exit": N}, {"lost": true} (the connection went: exit 255), or
                        {"nosession": [N, "its last line"]} (no vmrt there, or one too old)
 
@@ -34,6 +35,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import select
 import socket
 import stat
@@ -221,22 +223,27 @@ def _session(sock: socket.socket, lines: _Lines, target: SshTarget, plan: Plan) 
                 client_mod.stdin_source(plan) as src, open(os.devnull, "rb") as null:
             request = {"command": client_mod.remote_command(plan, token), "tty": plan.tty,
                        "size": list(client_mod.window()), "term": os.environ.get("TERM", "xterm"), "token": token,
-                       "stdin": src is not None}
+                       "stdin": src is not None, "cid_token": plan.cid.token if plan.cid else None}
             _send(sock, request, [src.fileno() if src is not None else null.fileno(), output.fd, 2])
             reply = lines.one(client_mod.CONNECT_TIMEOUT)
             if reply is None:
                 raise client_mod.lost(target)
             if not reply.get("ok"):
                 raise RemoteError(f"{target.url()}: {str(reply.get('error', 'the connection master failed'))[:500]}")
-            status = _wait(sock, lines, wake_r, read_signals, target)
+            status = _wait(sock, lines, wake_r, read_signals, target, plan.cid)
     finally:
         output.finish(status)
     return status
 
 
-def _wait(sock: socket.socket, lines: _Lines, wake_r: int, read_signals: Any, target: SshTarget) -> int:
+def _wait(sock: socket.socket, lines: _Lines, wake_r: int, read_signals: Any, target: SshTarget,
+          cid: client_mod.CidWatch | None) -> int:
     while True:
         for doc in lines.take():
+            got = doc.get("cid")
+            if cid is not None and not cid.done and isinstance(got, str) and re.fullmatch(r"[0-9a-f]{64}", got):
+                cid.done = True
+                cid.found(got)
             if isinstance(doc.get("exit"), int) and not isinstance(doc["exit"], bool):
                 return int(doc["exit"])
             if doc.get("lost"):
@@ -357,8 +364,10 @@ class _Master:
                     out.append(("winch", tuple(doc["winch"])))
             return out
         try:
+            watch = None if req.get("cid_token") is None else \
+                client_mod.CidWatch(req["cid_token"], lambda got: _send(conn, {"cid": got}))
             status = client_mod.relay(chan, framed=not req["tty"], token=req["token"], src=src, out_fd=fds[1],
-                                      err_fd=fds[2], control_fd=conn.fileno(), read_control=control)
+                                      err_fd=fds[2], control_fd=conn.fileno(), read_control=control, cid=watch)
         except client_mod.ClientGone:
             return
         except client_mod.NoSession as e:
@@ -375,6 +384,8 @@ def _valid(req: dict[str, Any]) -> bool:
             and isinstance(req.get("stdin"), bool) and isinstance(req.get("term"), str)
             and len(req["term"]) < 64 and req["term"].isprintable()
             and isinstance(req.get("token"), str) and len(req["token"]) == 32
+            and (req.get("cid_token") is None
+                 or isinstance(req["cid_token"], str) and re.fullmatch(r"[0-9a-f]{32}", req["cid_token"]) is not None)
             and isinstance(size, list) and len(size) == 2
             and all(isinstance(n, int) and 0 < n < 10000 for n in size))
 
