@@ -106,6 +106,19 @@ def test_kill_with_a_signal_and_by_default(vmrt: Vmrt, mode: str) -> None:
     vmrt.assert_clean()
 
 
+def test_kill_of_an_rm_container_it_removes_meanwhile(vmrt: Vmrt) -> None:
+    # the SIGKILL is seen through while --rm removes the container: that is its end, not an error
+    for _ in range(3):
+        cid = detach(vmrt, "process", "sleep", "100", opts=("--rm",))
+        r = vmrt("kill", cid)
+        assert r.returncode == 0 and r.stderr == b"", r.stderr
+        deadline = time.monotonic() + 30
+        while ps(vmrt, "--filter", f"id={cid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ps(vmrt, "--filter", f"id={cid}") == []
+    vmrt.assert_clean()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_rm_force_of_a_running_container(vmrt: Vmrt, mode: str) -> None:
     cid = detach(vmrt, mode, "sleep", "100")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -127,7 +128,10 @@ def wait_exit(state: State, c: Container, timeout: float | None) -> Container:
     """Poll until the container is not running and its owner is gone (or ``timeout``)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        c = state.get(c.id)
+        try:
+            c = state.get(c.id)
+        except StateError:  # removed meanwhile (run --rm, rm -f): stopped for good
+            return dataclasses.replace(c, status=Status.EXITED)
         if c.status != Status.RUNNING and not owner_alive(c):
             return c
         if c.status == Status.RUNNING and not owner_alive(c):
