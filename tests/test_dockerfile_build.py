@@ -314,6 +314,44 @@ def test_a_stdin_context_whose_first_member_is_a_file(vmrt: Vmrt, tmp_path: Path
     vmrt.assert_clean()
 
 
+def _tar_of(entries: list[tuple[str, bytes, str]]) -> bytes:
+    """A tar of (name, data, symlink target) entries: a link where a target is given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data, target in entries:
+            ti = tarfile.TarInfo(name)
+            if target:
+                ti.type, ti.linkname = tarfile.SYMTYPE, target
+                tf.addfile(ti)
+            else:
+                ti.size, ti.mode = len(data), 0o644
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_stdin_context_keeps_links_as_links_and_writes_through_none(vmrt: Vmrt, tmp_path: Path) -> None:
+    """``build -``: links in the context tar stay links wherever they point (as a directory
+    context's, as docker sends them), COPY never follows one out of the context, and an entry
+    that would be written through a link is refused in one line, with nothing written outside."""
+    tar = _tar_of([("Dockerfile", b"FROM busybox\nCOPY . /ctx\n", ""), ("a.txt", b"alpha\n", ""),
+                   ("rel", b"", "a.txt"), ("hostlink", b"", "/etc/shadow")])
+    r = vmrt("build", "-q", "-", input=tar, timeout=120)
+    assert r.returncode == 0, r.stderr
+    image = r.stdout.decode().split()[-1]
+    try:
+        r = vmrt("run", "--rm", image, "sh", "-c", "readlink /ctx/hostlink; readlink /ctx/rel; cat /ctx/rel")
+        assert r.stdout == b"/etc/shadow\na.txt\nalpha\n", r.stderr
+    finally:
+        vmrt("rmi", image)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tar = _tar_of([("Dockerfile", b"FROM busybox\n", ""), ("out", b"", str(outside)), ("out/planted", b"x", "")])
+    r = vmrt("build", "-q", "-", input=tar, timeout=120)
+    assert r.returncode != 0 and "unsafe entry" in one_line_error(r.stderr)
+    assert list(outside.iterdir()) == []
+    vmrt.assert_clean()
+
+
 def test_an_oversized_dockerignore_is_one_line(vmrt: Vmrt, tmp_path: Path) -> None:
     """.dockerignore is read bounded, as the Dockerfile (16 MiB): a 20 MiB one is one line, exit 1."""
     ctx = _context(tmp_path, "FROM busybox\n")

@@ -1205,6 +1205,8 @@ def _stdin_context(tmp: Path, limit: int) -> Path:
         limited: type[_ContextTar] = type("_LimitedContextTar", (_ContextTar,), {"limit": limit})
         with limited.open(fileobj=sys.stdin.buffer, mode="r|*") as tf:
             tf.extractall(ctx, filter=_context_filter)
+    except tarfile.FilterError as e:
+        raise UsageError(f"the build context on stdin has an unsafe entry: {str(e)[:300]}") from e
     except (tarfile.TarError, OSError) as e:
         raise UsageError(f"the build context on stdin is not a tar archive: {str(e)[:300]}") from e
     return ctx
@@ -1213,7 +1215,15 @@ def _stdin_context(tmp: Path, limit: int) -> Path:
 def _context_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     """tarfile's data filter, but a directory keeps its mode (less setuid/setgid/sticky and
     group/other write, as the filter treats files): the data filter leaves it to the umask
-    (vmrt's 077), and COPY of a directory would make it 0700 in the image."""
+    (vmrt's 077), and COPY of a directory would make it 0700 in the image.
+
+    A symbolic link keeps its target, wherever it points, as in a directory context (docker's
+    CLI sends links as links): the build never follows one out of the context (COPY resolves
+    in its root), and the data filter's realpath check still refuses any later entry, or hard
+    link, that would be written or linked through it."""
+    if member.issym():
+        checked = tarfile.data_filter(member.replace(linkname=".", deep=False), dest)
+        return None if checked is None else checked.replace(linkname=member.linkname, deep=False)
     new = tarfile.data_filter(member, dest)
     if new is not None and new.isdir():
         new = new.replace(mode=member.mode & 0o755, deep=False)
