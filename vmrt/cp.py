@@ -200,16 +200,25 @@ def _stream_to_container(cfg: Config, ref: str, path: str, source_name: str | No
             raise VmrtError(f"cannot copy to {ref}:{path}: tar in the container failed (exit {status})")
         return
     where, name = (path, source_name) if is_dir else posixpath.split(posixpath.normpath(path))
+
+    def produce(w: int) -> None:
+        with open(0, "rb", closefd=False) as src:
+            _renamed(src, source_name, name, w)
+    _untar_in(cfg, ref, path, where, produce, f"cannot copy to {ref}:{path}: the archive on stdin")
+
+
+def _untar_in(cfg: Config, ref: str, path: str, where: str, produce: Callable[[int], None], failing: str) -> None:
+    """The container's tar unpacks into ``where`` what ``produce`` writes (a tar) to the pipe it is
+    given; ``failing`` begins the line when ``produce`` fails."""
     r, w = os.pipe()
     failed: list[BaseException] = []
 
-    def produce() -> None:
+    def run() -> None:
         try:
-            with open(0, "rb", closefd=False) as src:
-                _renamed(src, source_name, name, w)
-        except (OSError, tarfile.TarError) as e:
+            produce(w)
+        except (OSError, tarfile.TarError) as e:  # unreadable source, or the container's tar gave up
             failed.append(e)
-    t = threading.Thread(target=produce, daemon=True)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     try:
         with open(os.devnull, "wb") as null:
@@ -218,7 +227,7 @@ def _stream_to_container(cfg: Config, ref: str, path: str, source_name: str | No
         os.close(r)
         t.join(timeout=5)
     if failed:
-        raise VmrtError(f"cannot copy to {ref}:{path}: the archive on stdin: {failed[0]}")
+        raise VmrtError(f"{failing}: {failed[0]}")
     if status != 0:
         raise VmrtError(f"cannot copy to {ref}:{path}: tar in the container failed (exit {status}); "
                         "does the directory exist and does the image have tar?")
@@ -232,26 +241,8 @@ def _to_container(cfg: Config, src: Path, ref: str, path: str) -> None:
     with open(os.devnull, "wb") as null:
         is_dir = _exec(cfg, ref, ["test", "-d", path], None, null.fileno()) == 0
     where, name = (path, src.name) if is_dir else posixpath.split(posixpath.normpath(path))
-    r, w = os.pipe()
 
-    failed: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with open(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-                tf.add(src, arcname=name)
-        except (OSError, tarfile.TarError) as e:  # unreadable source, or the container's tar gave up
-            failed.append(e)
-    t = threading.Thread(target=produce, daemon=True)
-    t.start()
-    try:
-        with open(os.devnull, "wb") as null:
-            status = _exec(cfg, ref, ["tar", "xf", "-", "-C", where or "/"], r, null.fileno())
-    finally:
-        os.close(r)
-        t.join(timeout=5)
-    if failed:
-        raise VmrtError(f"cannot copy {src} to {ref}:{path}: {failed[0]}")
-    if status != 0:
-        raise VmrtError(f"cannot copy to {ref}:{path}: tar in the container failed (exit {status}); "
-                        "does the directory exist and does the image have tar?")
+    def produce(w: int) -> None:
+        with open(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+            tf.add(src, arcname=name)
+    _untar_in(cfg, ref, path, where, produce, f"cannot copy {src} to {ref}:{path}")
