@@ -14,8 +14,8 @@ The domain (:func:`domain_xml`):
   kernel has none); under TCG ``<tcg><tb-cache>`` as the QEMU driver's ``tb-size``. No
   ``<qemu:commandline>`` passthrough: every device is libvirt's own.
 * RAM ``<memoryBacking>`` memfd, shared (vhost-user-fs maps it), ``<vcpu>``, ``--cpus`` as
-  ``<cputune>`` global period/quota, and ``<memtune><hard_limit>`` of RAM +
-  ``vm_host_overhead_mib`` (the QEMU driver's host cgroup limit).
+  ``<cputune>`` global period/quota (no ``<memtune><hard_limit>``: libvirt would raise QEMU's
+  RLIMIT_MEMLOCK to it, which needs CAP_SYS_RESOURCE; the guest's cgroup enforces ``--memory``).
 * the share (rootfs + volumes, as a cold boot's) served by vmrt's own virtiofsd (sandboxed,
   seccomp-filtered, in the container's host cgroup: vm/virtiofsd.py), given to libvirt as an
   external vhost-user socket (``<filesystem><driver type='virtiofs'/><source socket=...>``).
@@ -152,7 +152,6 @@ class Domain:
     cmdline: str
     tb_cache_mib: int = 0
     cpu_quota: tuple[int, int] | None = None   # (period, quota) of the whole domain, microseconds
-    hard_limit_mib: int = 0
     disk: bool = False
     disk_cache: str = "none"
     tap: str | None = None
@@ -174,15 +173,12 @@ def domain_xml(d: Domain) -> str:
     _sub(dom, "uuid", str(uuid.UUID(d.container_id[:32])))
     meta = _sub(dom, "metadata")
     ET.register_namespace("vmrt", NAMESPACE)
-    c = ET.SubElement(meta, f"{{{NAMESPACE}}}container", {"id": d.container_id, "name": d.container_name})
-    c.text = None
+    ET.SubElement(meta, f"{{{NAMESPACE}}}container", {"id": d.container_id, "name": d.container_name})
     _sub(dom, "memory", str(s.memory_mib), unit="MiB")
     mb = _sub(dom, "memoryBacking")
     _sub(mb, "source", type="memfd")
     _sub(mb, "access", mode="shared")
-    if d.hard_limit_mib:
-        mt = _sub(dom, "memtune")
-        _sub(mt, "hard_limit", str(d.hard_limit_mib), unit="MiB")
+    # no <memtune><hard_limit>: libvirt would raise QEMU's RLIMIT_MEMLOCK to it (CAP_SYS_RESOURCE)
     _sub(dom, "vcpu", str(s.vcpus))
     if d.cpu_quota is not None:
         ct = _sub(dom, "cputune")
@@ -342,8 +338,8 @@ class DomainProc:
     (libvirt, not vmrt, is its parent: its exit status is libvirt's, reported as 0); ``kill``
     destroys the domain."""
 
-    def __init__(self, conn: Any, dom: Any, pid: int) -> None:
-        self.conn, self.dom, self.pid = conn, dom, pid
+    def __init__(self, dom: Any, pid: int) -> None:
+        self.dom, self.pid = dom, pid
         self.pidfd = os.pidfd_open(pid)
 
     def poll(self) -> int | None:
@@ -527,7 +523,7 @@ class LibvirtBoot:
         proc: DomainProc | None = None
         socks: list[socket.socket] = []
         try:
-            proc = DomainProc(conn, dom, await asyncio.to_thread(_qemu_pid, dom))
+            proc = DomainProc(dom, await asyncio.to_thread(_qemu_pid, dom))
             if tap is not None and net is not None and net.netns is not None:
                 await asyncio.to_thread(_move_tap, tap, net.netns)
                 net.plumb_in_background(cfg, "vm")
