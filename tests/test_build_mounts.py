@@ -112,7 +112,7 @@ def test_cache_bind_and_tmpfs_mounts_in_process_steps(vmrt: Vmrt, tmp_path: Path
         "RUN --mount=target=/ctx --mount=target=/e,source=etclink ls /ctx/sub > /ctx-ls; cat /ctx/sub/out > /out 2>&1; "
         "(touch /ctx/new 2>/dev/null && echo writable || echo read-only) > /ctx-ro; ls /e > /esc\n"
         "RUN --mount=target=/st,from=first,source=/app,rw echo changed > /st/f && echo new > /st/g && "
-        "cat /st/f /st/g > /st-seen\n"
+        "cat /st/f /st/g > /st-seen && grep ' /st ' /proc/self/mountinfo | grep -o 'upperdir=[^,]*' > /st-upper\n"
         "RUN --mount=type=tmpfs,target=/scratch/t,size=1m echo hi > /scratch/t/x && "
         "grep ' /scratch/t ' /proc/mounts | cut -d' ' -f3 > /tmpfs-type\n")
     r = vmrt("build", "-t", "mnt:1", str(ctx), timeout=600)
@@ -138,14 +138,19 @@ def test_cache_bind_and_tmpfs_mounts_in_process_steps(vmrt: Vmrt, tmp_path: Path
     assert r.returncode == 0, r.stderr
     assert (cache_dir / "log").read_text() == "run1\nrun1\n"
     # first stage's files untouched by the rw bind
-    out = vmrt("run", "--rm", "mnt:1", "cat", "/st-seen", timeout=120)
-    assert out.stdout == b"changed\nnew\n"
-    assert not list((vmrt.run_root / "builds").iterdir())
+    out = vmrt("run", "--rm", "mnt:1", "cat", "/st-seen", "/st-upper", timeout=120)
+    staging = vmrt.root / "builder" / "staging"
+    assert out.stdout.decode().startswith(f"changed\nnew\nupperdir={staging}/mnt-"), out.stdout  # disk, not RAM
+    assert not list((vmrt.run_root / "builds").iterdir()) and not list(staging.iterdir())
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o700 and staging.stat().st_uid == 0
+    lock = cache_dir.with_suffix(".lock")
+    lock_ino = lock.stat().st_ino
     df_rows = vmrt("system", "df", "-v").stdout.decode().splitlines()
     assert any(row.split()[:2] == [cache_dir.name[:12], "exec.cachemount"] for row in df_rows), df_rows
     r = vmrt("builder", "prune", "-a", "-f")
     assert r.returncode == 0 and b"cache-mount:" in r.stdout, r.stdout
     assert not cache_dir.exists()
+    assert lock.stat().st_ino == lock_ino  # never unlinked: a build waiting on it locks the same file as the next
     assert "exec.cachemount" not in vmrt("system", "df", "-v").stdout.decode()
     vmrt.assert_clean()
 
@@ -182,7 +187,7 @@ def test_cache_sharing_modes_follow_the_lock(vmrt: Vmrt, tmp_path: Path) -> None
         made.append(out.decode().split()[-1])
         assert vmrt("run", "--rm", made[1], "cat", "/seen").stdout == b""
         assert vmrt("run", "--rm", made[2], "cat", "/seen").stdout == b"mark\n"
-        assert not list((vmrt.run_root / "builds").iterdir())  # the private dir went with its step
+        assert not list((vmrt.root / "builder" / "staging").iterdir())  # the private dir went with its step
     finally:
         vmrt("rmi", *made)
     vmrt.assert_clean()
@@ -210,6 +215,8 @@ def test_bad_mounts_are_one_line_naming_the_dockerfile_line(vmrt: Vmrt, tmp_path
     assert why in one_line_error(r.stderr)
     assert vmrt("images", "-q").stdout == before
     assert not list((vmrt.run_root / "builds").iterdir()) if (vmrt.run_root / "builds").is_dir() else True
+    staging = vmrt.root / "builder" / "staging"
+    assert not list(staging.iterdir()) if staging.is_dir() else True
     vmrt.assert_clean()
 
 

@@ -17,8 +17,10 @@ import stat
 import struct
 import subprocess
 import tarfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -29,7 +31,8 @@ from test_api import api as api_for_build  # the service fixture, registered her
 
 from vmrt.agent import protocol as P
 from vmrt.agent import walk
-from vmrt.errors import ProtocolError
+from vmrt.build import Builder, BuildError
+from vmrt.errors import LaunchError, ProtocolError
 from vmrt.images import buildlayer, unpack
 from vmrt.images.store import Store
 
@@ -339,6 +342,166 @@ def test_process_step_xattrs_reach_the_layer_and_the_unpacked_image(tmp_path: Pa
     assert os.getxattr(dest / "bin" / "tool", "user.origin") == b"step"
     assert os.getxattr(dest / "bin", "user.dir") == b"d"
     assert "trusted.evil" not in os.listxattr(dest / "bin" / "tool")
+
+
+# --- review findings: host memory, xattr names, links to what is left out, the run's own error ----------
+class _Lazy:
+    """A stream made as it is read (a guest's): ``read(n)`` as a pipe's."""
+
+    def __init__(self, parts: Iterator[bytes]) -> None:
+        self.parts, self.buf = parts, b""
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            nxt = next(self.parts, None)
+            if nxt is None:
+                break
+            self.buf += nxt
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def _long_paths(count: int) -> Iterator[bytes]:
+    """A chain of 14 directories of 200-byte names, then ``count`` files of 3 KB paths in it."""
+    deep = b""
+    yield walk.MAGIC2
+    for _ in range(14):
+        deep = (deep + b"/" if deep else b"") + b"d" * 200
+        yield _rec(deep, b"d", mode=0o755)
+    for i in range(count):
+        yield _rec(deep + b"/" + b"%05d" % i + b"x" * 240, b"f", b"")
+    yield _end(14 + count)
+
+
+def test_a_walk_of_many_long_paths_keeps_no_path_in_host_memory(tmp_path: Path) -> None:
+    """A guest listing 5,000 files of 3 KB paths (15 MB of names) through the parser into a
+    LayerTar: the host keeps no TarInfo (tarfile's members list stays empty) and no path (the
+    parser's and the layer's sets hold 16-byte digests): the peak stays far below the names' size."""
+    layer = buildlayer.LayerTar(tmp_path)
+    tracemalloc.start()
+    try:
+        for e in walk.ContentParser(_Lazy(_long_paths(5000)).read, 1 << 30).entries():
+            buildlayer.add_upper(layer, e.path, e.mode, uid=e.uid, gid=e.gid, mtime=0, size=e.size, data=e.data,
+                                 notice=lambda m: None)
+            assert layer.tar.members == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        layer.close()
+    assert layer.count == 5014 and all(len(k) == 16 for k in layer.names)
+    assert peak < 6 << 20, peak  # the names alone are 15 MB
+    assert layer.has("d" * 200) and not layer.has("d" * 199)
+
+
+def test_metadata_has_a_budget_of_its_own() -> None:
+    """Paths, xattr blocks and link targets count against ``meta_max`` whatever room the files'
+    budget leaves: refused in one line as soon as they cross it, from the record's header."""
+    with pytest.raises(ProtocolError) as e:
+        for _ in walk.ContentParser(_Lazy(_long_paths(5000)).read, 1 << 30, meta_max=1 << 20).entries():
+            pass
+    msg = str(e.value)
+    assert msg.startswith(walk.WHAT) and "more than 1048576 bytes of paths, xattrs and link targets" in msg, msg
+    assert "\n" not in msg and ": entry " in msg
+    links = walk.MAGIC2 + b"".join(_rec(b"l%d" % i, b"l", b"t" * 4000) for i in range(20)) + _end(20)
+    # 80 KB of link targets against 64 KiB (the files' budget is 1 GiB); the default budget takes them
+    with pytest.raises(ProtocolError, match="of paths, xattrs and link targets"):
+        for _ in walk.ContentParser(io.BytesIO(links).read, 1 << 30, meta_max=64 << 10).entries():
+            pass
+    assert len(_read_all(links)) == 20
+
+
+def test_xattr_names_a_pax_record_cannot_carry_are_left_out_with_a_notice(tmp_path: Path) -> None:
+    """``user.\\xff`` (not UTF-8: tarfile raised UnicodeEncodeError) and ``user.a=b`` (``=`` ends a PAX
+    keyword: it came back as ``user.a``) are left out of the layer with a notice, in a VM step's
+    stream and in a process step's upper dir; the other xattrs stay, byte for byte."""
+    stream = walk.MAGIC2 + _rec(b"f", b"f", b"x", xattrs=_xa(b"user.\xff", b"1") + _xa(b"user.a=b", b"2") +
+                                _xa(b"user.ok", b"3")) + _end(1)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "f").write_bytes(b"x")
+    for name, value in ((b"user.\xff", b"1"), (b"user.a=b", b"2"), (b"user.ok", b"3")):
+        os.setxattr(upper / "f", name, value)
+    for how in ("vm", "process"):
+        layer = buildlayer.LayerTar(tmp_path)
+        notes: list[str] = []
+        try:
+            if how == "vm":
+                for e in walk.ContentParser(io.BytesIO(stream).read, 1 << 20).entries():
+                    buildlayer.add_upper(layer, e.path, e.mode, uid=0, gid=0, mtime=0, xattrs=e.xattrs, size=e.size,
+                                         data=e.data, notice=notes.append)
+            else:
+                buildlayer.from_upper(upper, layer, notes.append)
+            layer.tar.close()
+            layer.file.seek(0)
+            data = layer.file.read()
+        finally:
+            layer.close()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            pax = tf.getmember("f").pax_headers
+        assert {k: v for k, v in pax.items() if k.startswith("SCHILY")} == {"SCHILY.xattr.user.ok": "3"}, how
+        assert len(notes) == 2 and all("skipping the xattr" in n and "/f" in n for n in notes), notes
+        dest = tmp_path / f"unpacked-{how}"
+        dest.mkdir()
+        unpack.extract(io.BytesIO(data), dest)
+        assert os.listxattr(dest / "f") == ["user.ok"]
+
+
+def test_a_hard_link_to_what_the_layer_leaves_out_is_left_out_too(tmp_path: Path) -> None:
+    """A hard link to /etc/hosts (the agent's own, never content) or to an empty mount stub would
+    name nothing in the layer (unpack fails); a hard link named /etc/hostname would bring the
+    managed file in: each is left out with a notice, and the layer unpacks."""
+    stream = walk.MAGIC2 + b"".join([
+        _rec(b"etc", b"d", mode=0o755), _rec(b"etc/hosts", b"f", b"10.0.0.1 evil\n"), _rec(b"a", b"f", b"A\n"),
+        _rec(b"stub", b"f", b""), _rec(b"to-hosts", b"h", b"etc/hosts"), _rec(b"etc/hostname", b"h", b"a"),
+        _rec(b"to-stub", b"h", b"stub"), _rec(b"to-a", b"h", b"a")]) + _end(8)
+    layer = buildlayer.LayerTar(tmp_path)
+    notes: list[str] = []
+    skipped = {"stub"}  # what the build's stub filter left out (vmrt/build.py _guest_walk)
+    try:
+        for e in walk.ContentParser(io.BytesIO(stream).read, 1 << 20).entries():
+            if e.path == "stub":
+                continue
+            buildlayer.add_upper(layer, e.path, e.mode, uid=0, gid=0, mtime=0, link=e.link, hardlink=e.hardlink,
+                                 size=e.size, data=e.data, notice=notes.append, skipped=skipped)
+        layer.tar.close()
+        layer.file.seek(0)
+        data = layer.file.read()
+    finally:
+        layer.close()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        names = tf.getnames()
+    assert names == ["etc", "a", "to-a"], names
+    assert len(notes) == 3 and "/to-hosts" in notes[0] and "/etc/hostname" in notes[1] and "/to-stub" in notes[2]
+    dest = tmp_path / "unpacked"
+    dest.mkdir()
+    unpack.extract(io.BytesIO(data), dest)
+    assert (dest / "to-a").read_bytes() == b"A\n" and os.stat(dest / "to-a").st_nlink == 2
+
+
+def test_the_runs_own_error_wins_over_a_walk_that_never_came(tmp_path: Path) -> None:
+    """Builder._guest_walk: a run that fails before the guest's walk comes (a boot timeout, the VM's
+    death) is reported as itself, not as 'no walk stream'; a walk with bad content that stopped
+    the run is reported as the layer's fault; a run that ended well without a walk is one line."""
+    fake = SimpleNamespace(cfg=SimpleNamespace(vm_storage_size="0", memory_mib=64))
+
+    def walked(payload: bytes, error: Exception | None) -> None:
+        layer = buildlayer.LayerTar(tmp_path)
+        try:
+            with Builder._guest_walk(fake, {}, layer, lambda m: None, set()) as w:  # type: ignore[arg-type]
+                if payload:
+                    os.write(w, payload)
+                if error is not None:
+                    raise error
+        finally:
+            layer.close()
+    with pytest.raises(LaunchError, match="^the VM did not boot in 60 s$"):
+        walked(b"", LaunchError("the VM did not boot in 60 s"))
+    with pytest.raises(LaunchError, match="^the VM died$"):
+        walked(walk.MAGIC2 + _rec(b"a", b"f", b"ab"), LaunchError("the VM died"))  # cut inside its walk
+    with pytest.raises(BuildError, match="^the step's layer: .*not a content walk stream"):
+        walked(b"VMRTWLK9" + bytes(100), LaunchError("cannot write the walk: Broken pipe"))
+    with pytest.raises(BuildError, match="^the step's layer: .*no walk stream"):
+        walked(b"", None)
 
 
 # --- builds in VMs -------------------------------------------------------------------------------------

@@ -579,8 +579,11 @@ class Builder:
         return out
 
     def _staging(self, stack: contextlib.ExitStack) -> Path:
-        """A private dir for one mount's host side, removed (once nothing is mounted in it) at the end."""
-        base = fsmode.private_dir(self.cfg.run_root / "builds")
+        """A private dir for one mount's host side, removed (once nothing is mounted in it) at the end:
+        under ``<root>/builder/staging`` (root's, 0700), on the state root's disk, never in the
+        run root (a tmpfs: what a step writes into a rw bind, a writable file's copy, a
+        filtered context or a private cache would be host RAM)."""
+        base = fsmode.private_dir(self.cfg.root / "builder" / "staging")
         path = base / ("mnt-" + secrets.token_hex(8))
         path.mkdir(mode=0o700)
 
@@ -728,7 +731,8 @@ class Builder:
         the step with it, gone), the guest agent walks the upper dir with contents (WALK_AFTER) and
         its stream comes to the fd this yields, read as it comes by :class:`walk.ContentParser`
         (bounded by what the disk, or the guest's RAM, holds) in a thread. What the parser refuses ends the read: the
-        driver's next write fails and the run with it; the parser's error is the step's."""
+        driver's next write fails and the run with it; the parser's error is the step's, unless the
+        stream was only cut short (the VM died or never booted): then the run's own error is."""
         want = spec.get("annotations", {}).get(bundle.STORAGE_SIZE)
         if want:
             disk = int(want)
@@ -738,18 +742,24 @@ class Builder:
             disk = self.cfg.memory_mib << 20
         failed: list[BaseException] = []
         done = threading.Event()
+        r, w = os.pipe2(os.O_CLOEXEC)
+        stream = os.fdopen(r, "rb", buffering=0)
+        parser = walk.ContentParser(stream.read, disk + walk.META_BYTES)
 
-        def read(fd: int) -> None:
+        def read() -> None:
             try:
-                with os.fdopen(fd, "rb", buffering=0) as f:
+                with stream:
+                    skipped: set[str] = set()  # files left out: a hard link to one is too
+
                     def add(e: walk.ContentEntry) -> None:
                         buildlayer.add_upper(layer, e.path, e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime_ns // 10**9,
                                              rdev=e.rdev, opaque=e.opaque, link=e.link, hardlink=e.hardlink,
-                                             xattrs=e.xattrs, size=e.size, data=e.data, notice=notice)
+                                             xattrs=e.xattrs, size=e.size, data=e.data, notice=notice,
+                                             skipped=skipped)
                     pending: list[walk.ContentEntry] = []  # mount stubs, kept only if something under them is
-                    for e in walk.ContentParser(f.read, disk + walk.META_BYTES).entries():
+                    for e in parser.entries():
                         while pending and not e.path.startswith(pending[-1].path + "/"):
-                            pending.pop()
+                            skipped.add(pending.pop().path)
                         if e.path in stubs and (stat.S_ISDIR(e.mode) or (stat.S_ISREG(e.mode) and e.size == 0)):
                             pending.append(e)
                             continue
@@ -760,8 +770,7 @@ class Builder:
                     done.set()
             except BaseException as ex:  # noqa: BLE001 - handed to the build's thread, raised there
                 failed.append(ex)
-        r, w = os.pipe2(os.O_CLOEXEC)
-        reader = threading.Thread(target=read, args=(r,), name="layer-walk", daemon=True)
+        reader = threading.Thread(target=read, name="layer-walk", daemon=True)
         reader.start()
         try:
             yield w
@@ -771,8 +780,8 @@ class Builder:
             os.close(w)  # the parser's end first: its error (if it stopped the run) is the one to tell
             w = -1
             reader.join()
-            if not failed:
-                raise
+            if not failed or parser.cut_short:
+                raise  # the run failed before its walk came, or inside it (boot, the VM's death): its error
         finally:
             if w >= 0:
                 os.close(w)
@@ -914,7 +923,7 @@ class Builder:
         parts = [p for p in path.split("/") if p][:-1]
         for k in range(1, len(parts) + 1):
             d = "/" + "/".join(parts[:k])
-            if d.strip("/") in layer.names:
+            if layer.has(d.strip("/")):
                 continue
             ti = tarfile.TarInfo(d.strip("/"))
             ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
@@ -1104,7 +1113,8 @@ def prune_cache(cfg: Config, *, prune_all: bool) -> tuple[list[str], int]:
                 freed += _du(d)
                 shutil.rmtree(d, ignore_errors=True)
                 gone.append("cache-mount:" + d.name)
-            lock_path.unlink(missing_ok=True)
+            # the lock file stays: unlinked, a build waiting on it would then hold a lock on a
+            # name-less inode while the next one locks a new file of the same name
     return gone, freed
 
 

@@ -25,6 +25,7 @@ from a pipe as the stream comes; tests/test_build_vm.py plays the attacker again
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import struct
@@ -181,7 +182,8 @@ XATTRS_MAX = 256 << 10      # bytes of one entry's xattr block (the agent's boun
 XATTR_VALUE_MAX = 65536     # bytes of one xattr's value (the kernel's XATTR_SIZE_MAX)
 LINK_MAX = 4096             # bytes of a link's target
 ID_MAX = 0xFFFFFFFE         # a uid or gid (all ones is "no id", never an owner)
-META_BYTES = 64 << 20       # what a content walk may send beyond its files' bytes
+META_BYTES = 64 << 20       # what a content walk may send beyond its files' bytes, and its own
+# budget of paths, xattr blocks and link targets (each entry's becomes a tar header on the host)
 CHUNK = 1 << 16
 
 
@@ -231,16 +233,19 @@ class ContentParser:
     ``max_bytes`` in all (a file's size is checked against what is left from its header, before
     its bytes are read), a link's target of 1-4096 bytes without NUL, a hard link to a regular
     file listed before, xattrs only ``user.*`` and ``security.capability``, each once, on files
-    and directories, the block exactly filled; owners at most 2^32 - 2; nothing after the end."""
+    and directories, the block exactly filled; owners at most 2^32 - 2; nothing after the end.
+    Metadata (paths, xattr blocks, link targets) has a budget of its own, ``meta_max`` bytes;
+    the paths listed are remembered as 16-byte digests only. ``cut_short``: the stream ended
+    early (no bad content: the run's own error, if it has one, is the one to tell)."""
 
-    def __init__(self, read: Callable[[int], bytes], max_bytes: int) -> None:
-        self._read, self.max_bytes = read, max_bytes
+    def __init__(self, read: Callable[[int], bytes], max_bytes: int, meta_max: int = META_BYTES) -> None:
+        self._read, self.max_bytes, self.meta_max = read, max_bytes, meta_max
         self.total = 0
+        self.meta = 0
         self.count = 0
+        self.cut_short = False
         self._at = 0
-        self._dirs: set[bytes] = {b""}
-        self._seen: set[bytes] = set()
-        self._files: set[bytes] = set()
+        self._seen: dict[bytes, int] = {_key(b""): _DIR}  # path digest -> _DIR, _FILE or _OTHER
 
     def _bad(self, why: str) -> ProtocolError:
         return ProtocolError(f"{WHAT}: " + (f"entry {self._at}: " if self._at else "") + why)
@@ -252,6 +257,7 @@ class ContentParser:
         while got < n:
             b = self._read(min(n - got, 1 << 20))
             if not b:
+                self.cut_short = True
                 raise self._bad("the stream ended inside a record (cut short)" if self.total + got
                                 else "no walk stream (empty or cut short)")
             if len(b) > n - got:
@@ -273,9 +279,7 @@ class ContentParser:
                     raise self._bad(f"a bad end record (it counts {size} entries, {self.count} came)")
                 if self._read(1):
                     raise self._bad("bytes after the end record")
-                self._dirs.clear()
                 self._seen.clear()
-                self._files.clear()
                 return
             self._at = self.count + 1
             if self._at > ENTRIES_MAX:
@@ -284,6 +288,9 @@ class ContentParser:
                 raise self._bad(f"a path of {plen} bytes (at most {PATH_MAX})")
             if xlen > XATTRS_MAX:
                 raise self._bad(f"an xattr block of {xlen} bytes (at most {XATTRS_MAX})")
+            self.meta += plen + xlen + (min(size, LINK_MAX) if kind in (HARDLINK, ord("l")) else 0)
+            if self.meta > self.meta_max:
+                raise self._bad(f"more than {self.meta_max} bytes of paths, xattrs and link targets")
             raw = self._exact(plen)
             entry = self._entry(raw, kind, flags, mode, size, mtime, major, minor, uid, gid, xlen)
             yield entry
@@ -320,9 +327,10 @@ class ContentParser:
         elif size > self.max_bytes - self.total:
             raise self._bad(f"a file of {size} bytes for {show}: more than the stream may hold")
         parent, _, _ = raw.rpartition(b"/")
-        if parent not in self._dirs:
+        if self._seen.get(_key(parent)) != _DIR:
             raise self._bad(f"{show} comes before its directory")
-        if raw in self._seen:
+        key = _key(raw)
+        if key in self._seen:
             raise self._bad(f"{show} listed twice")
         xattrs = self._xattrs(self._exact(xlen), show) if xlen else {}
         link = ""
@@ -331,15 +339,12 @@ class ContentParser:
             if b"\0" in target:
                 raise self._bad(f"a link target with a NUL byte for {show}")
             if kind == HARDLINK:
-                if target not in self._files or target == raw:
+                if self._seen.get(_key(target)) != _FILE or target == raw:
                     raise self._bad(f"a hard link {show} to what is no regular file listed before")
                 ftype = stat.S_IFREG
             link = os.fsdecode(target)
-        self._seen.add(raw)
-        if ftype == stat.S_IFDIR:
-            self._dirs.add(raw)
-        elif ftype == stat.S_IFREG and kind != HARDLINK:
-            self._files.add(raw)
+        self._seen[key] = (_DIR if ftype == stat.S_IFDIR else _FILE if ftype == stat.S_IFREG and kind != HARDLINK
+                           else _OTHER)
         data = _Data(self, size) if ftype == stat.S_IFREG and kind != HARDLINK else None
         return ContentEntry(os.fsdecode(raw), ftype | mode, uid, gid, mtime, os.makedev(major, minor) if device else 0,
                             bool(flags & OPAQUE), link, kind == HARDLINK, xattrs, size if data is not None else 0, data)
@@ -363,6 +368,14 @@ class ContentParser:
             out[key] = bytes(block[off + nlen:off + nlen + vlen])
             off += nlen + vlen
         return out
+
+
+_OTHER, _DIR, _FILE = 0, 1, 2
+
+
+def _key(path: bytes) -> bytes:
+    """What the parser keeps of a path it has seen: 16 bytes, whatever the path's length."""
+    return hashlib.blake2b(path, digest_size=16).digest()
 
 
 def _check_path(path: bytes, bad: Callable[[str], ProtocolError]) -> None:

@@ -56,14 +56,20 @@ MAX_DEPTH = 256  # directory levels a build layer may have (each level holds an 
 class LayerTar:
     """A layer tar being written to a temporary file; :meth:`store` gzips it into the store.
     ``digest`` hashes what the entries are (names, types, modes, owners, link targets, file
-    contents; not times): the build cache's key of a COPY."""
+    contents; not times): the build cache's key of a COPY. Nothing per entry stays in memory
+    but a 16-byte digest of its name (:meth:`has`): tarfile's own list of members is emptied
+    after each entry (a step's layer may list hundreds of thousands)."""
 
     def __init__(self, tmp_dir: Path) -> None:
         self.file: IO[bytes] = tempfile.TemporaryFile(dir=tmp_dir, prefix="build-layer-")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self.meta = hashlib.sha256()
-        self.names: set[str] = set()
+        self.names: set[bytes] = set()
         self.count = 0
+
+    def has(self, name: str) -> bool:
+        """Whether an entry named ``name`` is in the layer."""
+        return _name_key(name) in self.names
 
     def close(self) -> None:
         self.tar.close()
@@ -74,8 +80,9 @@ class LayerTar:
         if ti.pax_headers:
             fields += (sorted(ti.pax_headers.items()),)
         self.meta.update(repr(fields).encode() + b"\n")
-        self.names.add(ti.name)
+        self.names.add(_name_key(ti.name))
         self.count += 1
+        self.tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every TarInfo written (as unpack.extract)
 
     def add(self, ti: tarfile.TarInfo, fd: int | None = None) -> None:
         """An entry; a regular file's content read from ``fd`` (``ti.size`` bytes: the fstat)."""
@@ -130,6 +137,10 @@ def distinct(store: st.Store, layer: tuple[dict[str, Any], str], note: str) -> t
                 h.update(chunk)
                 gz.write(chunk)
     return {"mediaType": st.MT_OCI_LAYER_GZIP, "digest": bw.digest, "size": bw.size}, "sha256:" + h.hexdigest()
+
+
+def _name_key(name: str) -> bytes:
+    return hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
 class _Sink:
@@ -221,7 +232,7 @@ def _walk_upper(dfd: int, prefix: str, layer: LayerTar, links: dict[tuple[int, i
                 ds = os.fstat(sub)
                 ti = _info(path, ds)
                 ti.type = tarfile.DIRTYPE
-                set_xattrs(ti, _kept_xattrs(sub))
+                set_xattrs(ti, _kept_xattrs(sub), notice)
                 layer.add(ti)
                 _walk_upper(sub, path + "/", layer, links, notice, stubs)
             finally:
@@ -290,7 +301,7 @@ def _add_file(dfd: int, name: str, path: str, s: os.stat_result, layer: LayerTar
             links[key] = path
         ti.size = fs.st_size
         if xattrs:
-            set_xattrs(ti, _kept_xattrs(fd))
+            set_xattrs(ti, _kept_xattrs(fd), notice)
         layer.add(ti, fd)
     finally:
         os.close(fd)
@@ -322,13 +333,29 @@ def _kept_xattrs(fd: int) -> dict[str, bytes]:
     return out
 
 
-def set_xattrs(ti: tarfile.TarInfo, xattrs: dict[str, bytes]) -> None:
+def xattr_name_ok(name: str) -> bool:
+    """Whether a PAX record can carry the xattr name: UTF-8 (tarfile encodes keywords strictly:
+    ``user.\\xff`` raised UnicodeEncodeError) without ``=`` (it ends a PAX keyword: the name
+    would come back cut there, the rest in its value)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "=" not in name
+
+
+def set_xattrs(ti: tarfile.TarInfo, xattrs: dict[str, bytes], notice: Callable[[str], None]) -> None:
     """``xattrs`` as the entry's PAX ``SCHILY.xattr.NAME`` records (a binary value, a file
-    capability, kept byte for byte: tarfile writes it back with surrogateescape)."""
+    capability, kept byte for byte: tarfile writes it back with surrogateescape); a name a PAX
+    record cannot carry (:func:`xattr_name_ok`) is left out with a notice."""
     if not xattrs:
         return
     pax = dict(ti.pax_headers)
     for n, v in sorted(xattrs.items()):
+        if not xattr_name_ok(n):
+            notice(f"skipping the xattr {n.encode('utf-8', 'surrogateescape')[:100]!r} of /{ti.name[:200]}: "
+                   "a layer carries only UTF-8 xattr names without '='")
+            continue
         pax[XATTR_PREFIX + n] = v.decode("utf-8", "surrogateescape")
     ti.pax_headers = pax
 
@@ -341,13 +368,17 @@ VM_WRITTEN = frozenset(MOUNTPOINTS)
 
 def add_upper(layer: LayerTar, path: str, mode: int, *, uid: int, gid: int, mtime: int, rdev: int = 0,
               opaque: bool = False, link: str = "", hardlink: bool = False, xattrs: dict[str, bytes] | None = None,
-              size: int = 0, data: IO[bytes] | Any = None, notice: Callable[[str], None]) -> None:
+              size: int = 0, data: IO[bytes] | Any = None, notice: Callable[[str], None],
+              skipped: set[str] | None = None) -> None:
     """One entry of a writable layer as the guest listed it (already checked: a relative path of
     clean components, its directory listed before it) into the layer, by :func:`from_upper`'s
     rules: a 0:0 character device is a whiteout, an opaque directory gets its marker, a hard
     link names the path listed first, other devices and sockets are left out with a notice,
-    and what the agent wrote itself (:data:`VM_WRITTEN`) is no content. ``data``: a regular
-    file's ``size`` bytes (a reader)."""
+    and what the agent wrote itself (:data:`VM_WRITTEN`) is no content, nor a hard link of that
+    name. ``data``: a regular file's ``size`` bytes (a reader). ``skipped``: the regular files
+    left out so far (the caller's too: empty mount stubs), added to here; a hard link to one is
+    left out with a notice (its target is in no layer)."""
+    skipped = set() if skipped is None else skipped
     prefix, _, name = path.rpartition("/")
     prefix = prefix + "/" if prefix else ""
     ti = tarfile.TarInfo(path)
@@ -356,11 +387,16 @@ def add_upper(layer: LayerTar, path: str, mode: int, *, uid: int, gid: int, mtim
         layer.add_data(_plain(prefix + WHITEOUT + name), b"")
     elif stat.S_ISDIR(mode):
         ti.type = tarfile.DIRTYPE
-        set_xattrs(ti, xattrs or {})
+        set_xattrs(ti, xattrs or {}, notice)
         layer.add(ti)
         if opaque:
             layer.add_data(_plain(path + "/" + OPAQUE), b"")
     elif hardlink:
+        if path in VM_WRITTEN or link in skipped:
+            notice(f"skipping the hard link /{path} to /{link}: " +
+                   ("a name the runtime writes" if path in VM_WRITTEN else "its target is not in the layer"))
+            skipped.add(path)
+            return
         ti.type, ti.linkname = tarfile.LNKTYPE, link
         layer.add(ti)
     elif stat.S_ISLNK(mode):
@@ -368,9 +404,10 @@ def add_upper(layer: LayerTar, path: str, mode: int, *, uid: int, gid: int, mtim
         layer.add(ti)
     elif stat.S_ISREG(mode):
         if path in VM_WRITTEN:
+            skipped.add(path)
             return
         ti.size = size
-        set_xattrs(ti, xattrs or {})
+        set_xattrs(ti, xattrs or {}, notice)
         layer.add_stream(ti, data)
     elif stat.S_ISFIFO(mode):
         ti.type = tarfile.FIFOTYPE
@@ -503,7 +540,7 @@ def copy_source(root_fd: int, rel: str, dest: str, layer: LayerTar, *, into_dir:
     if stat.S_ISDIR(s.st_mode):
         dfd = safefs.open_in_root(root_fd, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if dest_rel and dest_rel not in layer.names and not dest_exists:
+            if dest_rel and not layer.has(dest_rel) and not dest_exists:
                 ti = _info(dest_rel, os.fstat(dfd), uid=uid, gid=gid, mode=chmod)
                 ti.type = tarfile.DIRTYPE
                 layer.add(ti)
@@ -580,7 +617,7 @@ def parents(layer: LayerTar, dest: str, uid: int, gid: int) -> None:
     parts = [p for p in dest.split("/") if p]
     for k in range(1, len(parts)):
         name = "/".join(parts[:k])
-        if name in layer.names:
+        if layer.has(name):
             continue
         ti = tarfile.TarInfo(name)
         ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = tarfile.DIRTYPE, 0o755, uid, gid, 0
