@@ -100,6 +100,65 @@ def test_cp_both_ways(running, tmp_path: Path) -> None:  # type: ignore[no-untyp
     assert r.returncode == 125 and len(r.stderr.decode().strip().splitlines()) == 1
 
 
+def _tar(*entries: tuple[str, bytes, str]) -> bytes:
+    """(name, kind, data or link target): kind b"d" dir, b"l" symlink, b"h" hard link, b"f" file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, kind, data in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mode = 0o755
+            if kind in (b"l", b"h"):
+                ti.type, ti.linkname = tarfile.SYMTYPE if kind == b"l" else tarfile.LNKTYPE, data
+                tf.addfile(ti)
+            elif kind == b"d":
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            else:
+                ti.size = len(data.encode())
+                tf.addfile(ti, io.BytesIO(data.encode()))
+    return buf.getvalue()
+
+
+def test_cp_out_keeps_links_and_writes_through_none(vmrt: Vmrt, tmp_path: Path) -> None:
+    """`cp C:DIR HOST` copies links as links (absolute ones too, as Debian's /etc/localtime), as
+    docker cp does; a lying tar in the container that writes through a link, sets a mode through
+    one, or hard-links through one is refused in one line, nothing lands outside, and the copy
+    ends at once though the tar still writes (it once waited forever on the full pipe)."""
+    cid = out(vmrt("run", "-d", "--isolation=process", "busybox", "sh", "-c",
+                   "mkdir /data && echo hi > /data/f && ln -s /usr/share/zoneinfo/UTC /data/localtime && "
+                   "ln -s f /data/rel && sleep 300")).strip()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    assert out(vmrt("cp", f"{cid}:/data", str(dest))) == ""
+    assert os.readlink(dest / "data" / "localtime") == "/usr/share/zoneinfo/UTC"
+    assert (dest / "data" / "rel").read_text() == "hi\n"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    filler = "x" * (1 << 20)  # after the refused entry: more than a pipe holds
+    lies = {
+        "write": _tar(("data", b"d", ""), ("data/l", b"l", str(outside)), ("data/l/pwned", b"f", "gotcha"),
+                      ("data/big", b"f", filler)),
+        "mode": _tar(("data", b"d", ""), ("data/l", b"l", str(outside)), ("data/l", b"d", ""),
+                     ("data/big", b"f", filler)),
+        "link": _tar(("data", b"d", ""), ("data/l", b"l", str(outside)), ("data/h", b"h", "data/l/x"),
+                     ("data/big", b"f", filler)),
+    }
+    (outside / "x").write_text("secret")
+    for kind, lie in lies.items():
+        (tmp_path / "lie.tar").write_bytes(lie)
+        assert vmrt("cp", str(tmp_path / "lie.tar"), f"{cid}:/lie.tar").returncode == 0
+        assert vmrt("exec", cid, "sh", "-c", "mkdir -p /usr/local/bin && printf '#!/bin/sh\\nexec cat /lie.tar\\n' "
+                    "> /usr/local/bin/tar && chmod 755 /usr/local/bin/tar").returncode == 0
+        got = tmp_path / f"got-{kind}"
+        got.mkdir()
+        r = vmrt("cp", f"{cid}:/data", str(got), timeout=60)
+        assert r.returncode != 0 and len(r.stderr.decode().strip().splitlines()) == 1, (kind, r.stderr)
+        assert b"Traceback" not in r.stderr and sorted(os.listdir(outside)) == ["x"], kind
+        assert os.listdir(got) == [], kind
+    assert vmrt("rm", "-f", cid).returncode == 0
+    vmrt.assert_clean()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cp_to_a_created_and_from_a_stopped_container(vmrt: Vmrt, tmp_path: Path, mode: str) -> None:
     """`vmrt cp` works whether the container runs or not (a tool run over its files, in its

@@ -14,8 +14,10 @@ destination's name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import stat
 import tarfile
 import tempfile
 import threading
@@ -45,20 +47,45 @@ def _exec(cfg: Config, ref: str, args: list[str], stdin: int | None, stdout: int
 
 
 def _strict(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    """tarfile's ``data`` filter, after refusing every link that could lead out at all.
-
-    The archive comes from inside the container, so it is hostile; the data filter
-    of older Python releases has known bypasses through chains of links
-    (CVE-2025-4517 and relatives), so absolute or ``..`` link targets and over-long
-    names are refused before it sees them.
+    """tarfile's ``data`` filter, except that a symbolic link keeps its target, as ``docker cp``
+    copies links (Debian's ``/etc/localtime`` is absolute): the archive comes from inside the
+    container, so it is hostile, and instead nothing may be written, linked or have its mode set
+    *through* a link: every name's path up to it (and the name itself, unless the entry is a link
+    that replaces it) is checked with lstat in the private directory it is extracted to. That holds
+    without the data filter's realpath checks, which older Python releases let chains of links
+    get past (CVE-2025-4517 and relatives); over-long names and targets are refused as well.
     """
-    if len(member.name) > 1024 or (member.islnk() or member.issym()) and (
-            member.linkname.startswith("/") or ".." in member.linkname.split("/") or len(member.linkname) > 1024):
-        raise tarfile.FilterError(f"refusing {member.name!r} -> {member.linkname!r} from the container")
-    m = tarfile.data_filter(member, dest)
-    if m is not None and m.isdir() and m.mode is None:  # the data filter leaves dirs to the umask:
+    if len(member.name) > 1024 or len(member.linkname) > 1024:
+        raise tarfile.FilterError(f"refusing {member.name[:80]!r}: a name or link over 1024 bytes")
+    if member.issym():
+        m = tarfile.data_filter(member.replace(linkname=".", deep=False), dest)
+        m = None if m is None else m.replace(linkname=member.linkname, deep=False)
+    else:
+        m = tarfile.data_filter(member, dest)
+    if m is None:
+        return None
+    _through_no_link(dest, m.name, last=not m.issym())
+    if m.islnk():
+        _through_no_link(dest, m.linkname, last=False)
+    if m.isdir() and m.mode is None:  # the data filter leaves dirs to the umask:
         m = m.replace(mode=0o777 & ~fsmode.caller_umask(), deep=False)  # the user's, not vmrt's 077
     return m
+
+
+def _through_no_link(dest: str, name: str, *, last: bool) -> None:
+    """Refuse ``name`` if a component already extracted under ``dest`` on its way (with ``last``:
+    or at its end) is a symbolic link."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    path = dest
+    for i, part in enumerate(parts if last else parts[:-1]):
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return  # the rest is still to be made, as directories
+        if stat.S_ISLNK(st.st_mode):
+            raise tarfile.FilterError(f"refusing {name!r} from the container: it goes through the link "
+                                      f"{'/'.join(parts[:i + 1])!r}")
 
 
 def copy(cfg: Config, src: str, dest: str, *, source_name: str | None = None) -> None:
@@ -113,6 +140,10 @@ def unpack_to_host(stream: BinaryIO, base: str, dest: Path, done: Callable[[Base
                 tf.extractall(tmp, filter=_strict)
         except (tarfile.TarError, OSError) as e:
             error = e
+        if error is None:  # the archive's end padding, or what a lying tar writes after it: its writer
+            with contextlib.suppress(OSError):  # must finish before ``done`` waits for it
+                while stream.read(1 << 16):
+                    pass
         done(error)
         if error is not None:
             raise VmrtError(f"cannot copy {base}: {error}") from error
@@ -144,16 +175,22 @@ def _from_container(cfg: Config, ref: str, path: str, dest: Path) -> None:
     t = threading.Thread(target=produce)
     t.start()
 
-    def done(error: BaseException | None) -> None:
-        t.join()
-        if "error" in result:
-            raise VmrtError(str(result["error"]))
-        if result.get("status"):
-            raise VmrtError(f"cannot copy {ref}:{path}: no such file or directory in the container")
-        if error is not None:
-            raise VmrtError(f"cannot copy {ref}:{path}: {error}") from error
     try:
         with open(r, "rb") as f:
+            def done(error: BaseException | None) -> None:
+                closed = False
+                if error is not None:  # refused: a container's tar still writing stops on a broken pipe
+                    t.join(timeout=1.0)
+                    if t.is_alive():
+                        f.close()
+                        closed = True
+                t.join()
+                if "error" in result:
+                    raise VmrtError(str(result["error"]))
+                if result.get("status") and not closed:
+                    raise VmrtError(f"cannot copy {ref}:{path}: no such file or directory in the container")
+                if error is not None:
+                    raise VmrtError(f"cannot copy {ref}:{path}: {error}") from error
             unpack_to_host(f, base, dest, done)
     finally:
         t.join()

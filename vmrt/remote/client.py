@@ -543,6 +543,10 @@ class Output:
         from ..cp import unpack_to_host  # imported on use: cp alone
 
         def done(error: BaseException | None) -> None:
+            if error is not None:  # refused: the relay must not block on a full pipe while we wait
+                with contextlib.suppress(OSError):
+                    while os.read(r, CHUNK):
+                        pass
             self.done.wait()
             if self.status and self.status[0] != 0:  # the remote said why on stderr
                 raise _Quiet()
