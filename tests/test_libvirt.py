@@ -156,7 +156,8 @@ def libvirtd() -> Iterator[Libvirtd]:
         left = d.domains() if d.proc.poll() is None else []
         d.stop()
         pid = d.proc.pid
-        lv_left = list((d.lvdir / "d").iterdir()) if (d.lvdir / "d").exists() else []
+        # the domains' dirs (the uids allocation's record, UIDS_NAME, stays as a lock file would)
+        lv_left = [p for p in (d.lvdir / "d").iterdir() if p.name != "uids"] if (d.lvdir / "d").exists() else []
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(d.lvdir, ignore_errors=True)
         assert not lv_left, f"domain dirs left: {lv_left}"
@@ -314,6 +315,132 @@ def test_a_crashed_owner_leaves_a_domain_that_rm_reconciles(vmrt: Vmrt, libvirtd
         time.sleep(0.2)
     assert f"vmrt-{cid[:12]}" not in _virsh_list(libvirtd).split()
     assert not (Path(vmrt.env["VMRT_LIBVIRT_DIR"]) / cid[:16]).exists()
+
+
+def test_label_uid_reads_only_a_numeric_dac_label() -> None:
+    """The uids of other domains (any libvirt user's XML) are read strictly: the DAC label's user
+    as digits, anything else is no uid."""
+    from vmrt.drivers.libvirt import label_uid
+    dac = "<domain><seclabel type='static' model='dac'><label>{}</label></seclabel></domain>"
+    assert label_uid(dac.format("+1078000001:+1078000001")) == 1078000001
+    assert label_uid(dac.format("107:108")) == 107
+    for bad in ("libvirt-qemu:kvm", "+-1:+1", "", "+99999999999:+1", "+1e3:+1"):
+        assert label_uid(dac.format(bad)) is None, bad
+    assert label_uid("<domain><seclabel model='apparmor'><label>+5:+5</label></seclabel></domain>") is None
+    assert label_uid("<domain") is None and label_uid("<domain/>") is None
+
+
+def _attached_then_owner_killed(vmrt: Vmrt, name: str) -> str:
+    """An attached VM run whose vmrt is SIGKILLed once its command runs: its domain stays. Its ID."""
+    p = vmrt.popen("run", "--isolation=vm", "--name", name, "busybox", "sh", "-c", "echo ready; sleep 300")
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == b"ready"
+    cid = vmrt("ps", "-q", "--no-trunc", "--filter", f"name={name}").stdout.decode().strip()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return cid
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    """A process's real uid and gid."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return (int(next(ln for ln in status if ln.startswith("Uid:")).split()[1]),
+            int(next(ln for ln in status if ln.startswith("Gid:")).split()[1]))
+
+
+def _running_as(uid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, StopIteration):
+                if _ids(int(d.name))[0] == uid:
+                    pids.append(int(d.name))
+    return pids
+
+
+def test_a_killed_owners_domain_keeps_its_uid_and_a_new_domain_gets_another(vmrt: Vmrt, libvirtd: Libvirtd) -> None:
+    """The attacker's setup: A's vmrt is SIGKILLed, A's domain (QEMU as uid U) runs on; a new
+    container B must not get U (its QEMU could then open A's disk, 0600 U's while A runs, or signal
+    A's QEMU). The uid was the starting vmrt's PID, which a later vmrt can have. Here the collision
+    is forced without PID luck: the allocation's record is set so that B's first candidate slot is
+    A's, and A's dir (the record that would catch it first) is regrouped to root for the while, so
+    only libvirt's live label of A says U is taken; the next candidate is the uid of a process that
+    runs (any QEMU libvirt no longer lists), the next the group of a domain dir left in
+    libvirt_dir. B gets the slot after those three, A keeps U, and rm reconciles A."""
+    from vmrt import config
+    from vmrt.drivers.libvirt import UID_OFFSET, UID_SLOTS, UIDS_NAME, label_uid
+
+    lvdir = Path(vmrt.env["VMRT_LIBVIRT_DIR"])
+    base = config.load(vmrt.env).jail_uid_base + UID_OFFSET
+    cid_a = _attached_then_owner_killed(vmrt, "lv5")
+    name_a = f"vmrt-{cid_a[:12]}"
+    dir_a = lvdir / cid_a[:16]
+    ua = label_uid(_domain_xml(libvirtd, name_a))
+    assert ua is not None and base <= ua < base + UID_SLOTS - 4
+    assert _running_as(ua), "A's QEMU does not run as its label's uid"
+    assert dir_a.stat().st_gid == ua
+    fake = lvdir / ("f" * 16)
+    sleeper: subprocess.Popen[bytes] | None = None
+    try:
+        (lvdir / UIDS_NAME).write_text(f"{(ua - base - 1) % UID_SLOTS}\n")
+        os.chown(dir_a, 0, 0)
+        sleeper = subprocess.Popen(["setpriv", f"--reuid={ua + 1}", f"--regid={ua + 1}", "--clear-groups",
+                                    "sleep", "300"])
+        deadline = time.monotonic() + 10
+        while _ids(sleeper.pid)[0] != ua + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        fake.mkdir(mode=0o700)
+        os.chown(fake, 0, ua + 2)
+        r = vmrt("run", "-d", "--isolation=vm", "--name", "lv6", "busybox", "sleep", "300", timeout=180)
+        assert r.returncode == 0, r.stderr
+        cid_b = r.stdout.decode().strip()
+        os.chown(dir_a, 0, ua)
+        ub = label_uid(_domain_xml(libvirtd, f"vmrt-{cid_b[:12]}"))
+        assert ub == ua + 3, (ua, ub)
+        assert (lvdir / cid_b[:16]).stat().st_gid == ub
+        pid_b = int(vmrt("inspect", "--format", "{{.State.Pid}}", "lv6").stdout.decode().strip() or 0)
+        assert _ids(pid_b) == (ub, ub)
+        assert label_uid(_domain_xml(libvirtd, name_a)) == ua and _running_as(ua)  # A's, untouched
+    finally:
+        with contextlib.suppress(OSError):
+            os.chown(dir_a, 0, ua)
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        with contextlib.suppress(OSError):
+            fake.rmdir()
+        assert vmrt("rm", "-f", "lv6", timeout=120).returncode == 0
+        assert vmrt("rm", "-f", "lv5", timeout=120).returncode == 0
+    assert not dir_a.exists() and name_a not in _virsh_list(libvirtd).split()
+    assert not _running_as(ua)
+
+
+def test_a_reap_that_cannot_see_the_domain_gone_keeps_its_dir_for_the_next_rm(
+        vmrt: Vmrt, libvirtd: Libvirtd, tmp_path: Path) -> None:
+    """A domain's dir is what makes rm, prune and start reap it again (lifecycle reaps only where it
+    is), so it may go only once libvirt says the domain is gone. libvirt is made unreachable for
+    the first rm (this daemon will not be made to refuse a destroy: it SIGKILLs QEMU and forgets
+    the domain): that rm cannot know, fails in one line (exit 1) naming the domain, and keeps the
+    dir and the container's record; the next rm, libvirt reachable again, destroys what is left
+    and removes both. Before, the first rm removed the dir and the record, and a domain still
+    running then was never reaped."""
+    cid = _attached_then_owner_killed(vmrt, "lv7")
+    ddir = Path(vmrt.env["VMRT_LIBVIRT_DIR"]) / cid[:16]
+    assert ddir.is_dir()
+    r = vmrt("rm", "-f", "lv7", env={"VMRT_LIBVIRT_URI": f"qemu+unix:///system?socket={tmp_path}/none"},
+             timeout=120)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.decode().strip().splitlines()[-1]
+    assert "cannot connect to libvirt" in last and f"vmrt-{cid[:12]}" in last and "kept" in last, last
+    assert "Traceback" not in r.stderr.decode()
+    assert ddir.is_dir()
+    assert vmrt("ps", "-aq", "--no-trunc", "--filter", "name=lv7").stdout.decode().strip() == cid
+    r = vmrt("rm", "-f", "lv7", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not ddir.exists()
+    assert f"vmrt-{cid[:12]}" not in _virsh_list(libvirtd).split()
+    assert not vmrt("ps", "-aq", "--filter", "name=lv7").stdout.strip()
 
 
 def test_pool_and_snapshots_say_qemu_driver_only(vmrt: Vmrt) -> None:

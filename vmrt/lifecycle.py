@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ from .layout import ATTACH_NAME, LOG_NAME, TTY_SIZE_NAME, container_dir, rw_dir
 from .proc import connect_unix, kill_if_ours, start_ticks
 from .signals import FORCE_KILL
 from .state import Container, State, Status
+
+LOG = logging.getLogger(__name__)
 
 OWNER_LOST_STATUS = 255  # as Docker records a container whose shim vanished
 
@@ -323,7 +326,8 @@ def _kill_recorded(c: Container) -> None:
 
 
 def _reap_libvirt(cfg: Config, container_id: str) -> None:
-    """A libvirt VM's leftovers (its domain, dir, tap), where a crashed owner left any."""
+    """A libvirt VM's leftovers (its domain, dir, tap), where a crashed owner left any. Raises
+    VmrtError while the domain may still run: its dir stays, so the next call tries again."""
     if not (cfg.libvirt_dir / container_id[:16]).exists():
         return
     from .drivers import libvirt  # on use: only where a libvirt domain's dir is left
@@ -354,7 +358,10 @@ def cleanup(cfg: Config, c: Container) -> None:
         _delete_runtime_container(cfg, c.id)
     else:
         _kill_recorded(c)
-        _reap_libvirt(cfg, c.id)
+        try:
+            _reap_libvirt(cfg, c.id)
+        except VmrtError as e:  # rm (and prune) reap again and fail while it stays
+            LOG.warning("%s", e)
         cgroups.remove_tree(f"{cgroups.PARENT}/{c.id}-vmm")
     network.detach(cfg, c.id)
     if c.run_dir:

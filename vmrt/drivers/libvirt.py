@@ -29,9 +29,12 @@ The domain (:func:`domain_xml`):
   namespace as its ``tap0`` (the open queue follows it), plumbed there as the QEMU driver's.
 
 Confinement: libvirt's DAC driver runs the domain's QEMU under a uid/gid of its own,
-``jail_uid_base + 0x400000 + <this process's PID>`` (``<seclabel type='static' model='dac'>``,
-``relabel='yes'``: libvirt chowns the files it gives QEMU to it and back afterwards), not
-root and not shared with another container's QEMU, as the QEMU driver's jail does; whatever
+``jail_uid_base + 0x400000 + <slot>`` (``<seclabel type='static' model='dac'>``, ``relabel='yes'``:
+libvirt chowns the files it gives QEMU to it and back afterwards), not root and not shared with
+another container's QEMU, as the QEMU driver's jail does. The slot is allocated under a lock
+(:func:`_reserve`): one that no live domain's label, no domain dir left in ``libvirt_dir`` and no
+running process holds, recorded by the domain's dir (its group) until libvirt has forgotten the
+domain, so a domain whose vmrt was SIGKILLed keeps its uid to itself; whatever
 other security driver the daemon has (AppArmor, SELinux) keeps its dynamic label, and QEMU its
 ``-sandbox`` filter (qemu.conf ``seccomp_sandbox``). That QEMU reaches nothing of root's: its
 files are in ``libvirt_dir/<id16>/`` (0700, its uid's; ``libvirt_dir`` is root's, 0711): a copy of
@@ -41,7 +44,9 @@ another file system), the virtiofsd socket (chowned to it) and the channel socke
 Not here: the warm pool and snapshots (qemu driver only: a run says ``pool=none (libvirt)``),
 the C monitor (a detached container's Python monitor stays its owner: libvirt, not vmrt, is
 QEMU's parent). A domain a crashed vmrt left is destroyed by :func:`reap` (the next start of
-the container, ``vmrt rm``, ``system prune`` through lifecycle's cleanup).
+the container, ``vmrt rm``, ``system prune`` through lifecycle's cleanup). A domain's dir goes only
+once libvirt says the domain is gone: while it may still run (libvirt unreachable, a destroy that
+failed or not yet done) the dir stays, and with it what makes rm, prune and start try again.
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ from .vm import VMDriver
 LOG = logging.getLogger(__name__)
 NAMESPACE = "https://vmrt.dev/xmlns/libvirt/1"  # the domain's <metadata> element
 UID_OFFSET = 0x400000      # above the jail's jail_uid_base + PID range (pid_max <= 2^22)
+UID_SLOTS = 0x400000       # the domains' uids: jail_uid_base + UID_OFFSET + [0, UID_SLOTS)
+UIDS_NAME = "uids"         # in libvirt_dir: the allocation's lock and the last slot given (decimal)
 MACHINE = "q35"
 CHANNEL_WAIT = 10.0        # the domain's channel sockets, after its creation (libvirt made them)
 TAP_PREFIX = "vlv"         # the host-side name of a domain's tap before it moves into the container's netns
@@ -131,10 +138,90 @@ def version(uri: str) -> tuple[str, str]:
         conn.close()
 
 
-def qemu_uid(cfg: Config) -> int:
-    """This domain's QEMU uid and gid: its own (the PID of the process that starts it is unique
-    among the running ones)."""
-    return cfg.jail_uid_base + UID_OFFSET + os.getpid()
+def label_uid(xml: str) -> int | None:
+    """The uid of a domain's static DAC label (``+U:+G`` or ``U:G``), None if it has none."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for sec in root.iterfind("seclabel"):
+        if sec.get("model") != "dac":
+            continue
+        label = sec.findtext("label") or ""
+        user = label.split(":", 1)[0].removeprefix("+")
+        if user.isdigit() and len(user) <= 10:
+            return int(user)
+    return None
+
+
+def _proc_ids() -> set[int]:
+    """Every uid and gid (real, effective, saved, fs) a running process has."""
+    ids: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "status").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith(("Uid:", "Gid:")):
+                ids.update(int(f) for f in line.split()[1:] if f.isdigit())
+    return ids
+
+
+def _taken_uids(cfg: Config, conn: Any) -> set[int]:
+    """The uids a new domain may not have: every active domain's DAC label (any libvirt user's),
+    the group of every domain dir in libvirt_dir (a domain not yet forgotten: its dir stays until
+    it is), and every uid and gid a process runs with (a QEMU libvirt no longer lists, anyone)."""
+    lv = _module()
+    taken = _proc_ids()
+    try:
+        doms = conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    except lv.libvirtError as e:
+        raise LaunchError(f"libvirt: cannot list the domains: {e.get_error_message()}") from None
+    for dom in doms:
+        try:
+            uid = label_uid(dom.XMLDesc(0))
+        except lv.libvirtError:  # gone meanwhile
+            continue
+        if uid is not None:
+            taken.add(uid)
+    for entry in os.scandir(cfg.libvirt_dir):
+        if entry.is_dir(follow_symlinks=False):
+            taken.add(entry.stat(follow_symlinks=False).st_gid)
+    return taken
+
+
+def _reserve(cfg: Config, conn: Any, ddir: Path) -> int:
+    """A uid for a new domain, and its dir ``ddir`` made (root's, group that uid, 0710) while the
+    allocation's lock is held: the dir is the uid's record until the domain is gone. The slots are
+    handed out round-robin from the one after the last given; one that is taken is skipped."""
+    fd = os.open(cfg.libvirt_dir / UIDS_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 16, 0).strip()
+        last = int(raw) if raw.isdigit() and int(raw) < UID_SLOTS else UID_SLOTS - 1
+        taken = _taken_uids(cfg, conn)
+        base = cfg.jail_uid_base + UID_OFFSET
+        for i in range(1, UID_SLOTS + 1):
+            slot = (last + i) % UID_SLOTS
+            if base + slot not in taken:
+                break
+        else:
+            raise LaunchError("no uid is free for a libvirt domain")
+        uid = base + slot
+        # root's, searchable by the domain's group alone: its QEMU reaches what libvirt labels for it
+        # but can neither add nor replace a name here (a symlink in an exec port's place would send
+        # `vmrt exec`, which connects through the run dir's link, to a socket of QEMU's choosing)
+        ddir.mkdir(mode=0o700)
+        os.chown(ddir, 0, uid)
+        os.chmod(ddir, 0o710)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{slot}\n".encode(), 0)
+        return uid
+    finally:
+        os.close(fd)
 
 
 # --- the domain's description ----------------------------------------------------------------
@@ -375,9 +462,9 @@ def destroy(dom: Any, graceful: bool) -> None:
 
 
 def _wait_forgotten(conn: Any, name: str, timeout: float) -> None:
-    """Until libvirt has forgotten the transient domain: its QEMU is gone first, then libvirt
-    restores the files' owners (the disk's among them) and drops it; the domain's dir may go only
-    after that."""
+    """Until libvirt has forgotten the transient domain (or ``timeout``): its QEMU is gone first,
+    then libvirt restores the files' owners (the disk's among them) and drops it; the domain's dir
+    may go only after that (:func:`_still_there`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -386,6 +473,53 @@ def _wait_forgotten(conn: Any, name: str, timeout: float) -> None:
         except VmrtError:
             return
         time.sleep(0.02)
+
+
+def _still_there(conn: Any, container_id: str) -> bool:
+    """Whether the container's domain may still be in libvirt (one of another libvirt user that has
+    its name is not). Raises VmrtError where libvirt cannot say."""
+    lv = _module()
+    dom = _lookup(conn, domain_name(container_id))
+    if dom is None:
+        return False
+    try:
+        root = ET.fromstring(dom.XMLDesc(0))
+    except lv.libvirtError as e:
+        if e.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+            return False
+        raise LaunchError(f"libvirt: {e.get_error_message()}") from None
+    except ET.ParseError:
+        return True
+    c = root.find(f"metadata/{{{NAMESPACE}}}container")
+    return c is not None and c.get("id") == container_id
+
+
+def _destroy_left(cfg: Config, conn: Any, container_id: str) -> None:
+    """The container's domain destroyed and forgotten by libvirt (only one whose metadata names
+    the container); raises VmrtError if it is still there after the shutdown timeout."""
+    name = domain_name(container_id)
+    dom = _lookup(conn, name)
+    if dom is not None and _is_ours(dom, container_id):
+        destroy(dom, graceful=False)
+        _wait_forgotten(conn, name, cfg.timeouts.shutdown)
+    if _still_there(conn, container_id):
+        raise LaunchError(f"libvirt has not destroyed the container's domain {name} yet: "
+                          f"its dir {domain_dir(cfg, container_id)} is kept (try again)")
+
+
+def _release_dir(conn: Any, container_id: str, ddir: Path) -> None:
+    """(The start's teardown, last.) The domain's dir removed once libvirt has forgotten the domain;
+    while it may still run, kept: lifecycle's reap (rm, prune) and the next start try again."""
+    try:
+        there = _still_there(conn, container_id)
+    except VmrtError as e:
+        LOG.warning("%s: its dir %s is kept", e, ddir)
+        return
+    if there:
+        LOG.warning("libvirt has not destroyed domain %s: its dir %s is kept (vmrt rm tries again)",
+                    domain_name(container_id), ddir)
+        return
+    clean_dir(ddir)
 
 
 def _lookup(conn: Any, name: str) -> Any | None:
@@ -410,20 +544,22 @@ def _is_ours(dom: Any, container_id: str) -> bool:
 
 def reap(cfg: Config, container_id: str) -> None:
     """What a crashed vmrt left of a container's libvirt VM: its domain destroyed (only one whose
-    metadata names the container), its dir and a tap still in the host's namespace removed."""
+    metadata names the container), its dir and a tap still in the host's namespace removed. The
+    dir goes only once libvirt says the domain is gone: where it cannot (unreachable, the domain
+    still there) the dir stays and VmrtError is raised, so that a later rm, prune or start (each
+    reaps while the dir is there) tries again."""
     ddir = domain_dir(cfg, container_id)
     if not ddir.exists() and not Path("/sys/class/net", tap_name(container_id)).exists():
         return
     try:
         conn = connect(cfg.libvirt_uri)
     except VmrtError as e:
-        LOG.debug("reap: %s", e)
+        if ddir.exists():
+            raise VmrtError(f"{e}: the container's domain {domain_name(container_id)} may still run; "
+                            f"its dir {ddir} is kept (try again)") from None
     else:
         try:
-            dom = _lookup(conn, domain_name(container_id))
-            if dom is not None and _is_ours(dom, container_id):
-                destroy(dom, graceful=False)
-                _wait_forgotten(conn, domain_name(container_id), cfg.timeouts.shutdown)
+            _destroy_left(cfg, conn, container_id)
         finally:
             conn.close()
     clean_dir(ddir)
@@ -449,22 +585,14 @@ class LibvirtBoot:
         name = domain_name(cid)
         conn = await asyncio.to_thread(connect, cfg.libvirt_uri)
         stack.callback(conn.close)
-        old = _lookup(conn, name)
-        if old is not None and _is_ours(old, cid):  # a crashed vmrt's, of this container
-            destroy(old, graceful=False)
-            await asyncio.to_thread(_wait_forgotten, conn, name, cfg.timeouts.shutdown)
-        uid = qemu_uid(cfg)
+        # a crashed vmrt's domain of this container: gone before its dir is
+        await asyncio.to_thread(_destroy_left, cfg, conn, cid)
         fsmode.make_dirs(cfg.libvirt_dir, 0o711)
         os.chmod(cfg.libvirt_dir, 0o711)
         ddir = domain_dir(cfg, cid)
         clean_dir(ddir)
-        # root's, searchable by the domain's group alone: its QEMU reaches what libvirt labels for it
-        # but can neither add nor replace a name here (a symlink in an exec port's place would send
-        # `vmrt exec`, which connects through the run dir's link, to a socket of QEMU's choosing)
-        ddir.mkdir(mode=0o700)
-        stack.callback(clean_dir, ddir)
-        os.chown(ddir, 0, uid)
-        os.chmod(ddir, 0o710)
+        uid = await asyncio.to_thread(_reserve, cfg, conn, ddir)
+        stack.callback(_release_dir, conn, cid, ddir)
         # virtiofsd names its pid file after the socket: unique per container
         spec = dataclasses.replace(launch.spec, machine=MACHINE, virtiofs_socket=ddir / f"vfs-{cid[:16]}.sock")
         ctx.timings.info["machine"] = f"{MACHINE} (libvirt)"

@@ -535,10 +535,10 @@ class _Session:
             stack.callback(disk.abort)
         source = self.drv.source(ctx, spec, disk)
         vm = self.vm = await source.start(vmsource.Launch(ctx, spec, group, stack, disk))
+        stack.push_async_callback(self._teardown_vm)  # at once: whatever fails next, the VM goes
         # for `vmrt inspect`: where its VM came from, whether its RAM pages are shared
         fsmode.write_private(bdir / VM_INFO_NAME, json.dumps(
             {"Source": source.name, "Snapshot": source.snapshot, "Memory": source.memory}))
-        stack.push_async_callback(self._teardown_vm)
         if vm.join_group:
             group.add(vm.pid)
         server = vm.share_server
