@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from support import Vmrt, one_line_error, track
 
-from vmrt.errors import UsageError
+from vmrt.errors import UsageError, VmrtError
 from vmrt.remote import contexts
 from vmrt.remote.routing import route
 from vmrt.remote.target import SshTarget, parse_host
@@ -99,6 +99,73 @@ def test_context_files_are_data(tmp_path: Path) -> None:
         contexts.load("y", env)
     with pytest.raises(UsageError):
         contexts.load("../../etc/passwd", env)
+
+
+def test_internal_children_never_route(tmp_path: Path) -> None:
+    """vmrt's own children (vmrt.proc.vmrt_here: a service's builds, the pool daemon, the snapshot
+    builder, probes) run here whatever VMRT_HOST or the current context says."""
+    from vmrt.proc import HERE, vmrt_here
+    env = {"HOME": str(tmp_path), "VMRT_HOST": "ssh://far"}
+    contexts.create("far", "ssh://u@far:2022", "d", env)
+    contexts.use("far", env)
+    argv = vmrt_here("build", "-q", "-")
+    assert argv[3] == HERE
+    r = route(argv[3:], env)
+    assert r.target is None and r.session is None and r.argv == ["build", "-q", "-"]
+    assert route(["build", "-q", "-"], env).target == SshTarget("far")
+
+
+def test_ssh_config_match_blocks_are_dropped_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Match block's options (up to the next Host or Match) never reach the block before it or
+    every host; Include lines are not read."""
+    from vmrt.remote import client
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(
+        "Host a\n  HostName 127.0.0.2\n"
+        "Match exec \"touch /tmp/x\"\n  User nobody\n  Port 2222\n  IdentityFile /etc/hostname\n"
+        "Match = all\n  ProxyJump evil\n"
+        "Include /etc/passwd\n"
+        "Host b\n  User bee\n"
+        "Host *\n  Port 2200\n")
+    assert client.resolve(SshTarget("a")) == (SshTarget("127.0.0.2", 2200, None), [])
+    assert client._lookup(SshTarget("a"))[2] == []
+    assert client.resolve(SshTarget("b"))[0] == SshTarget("b", 2200, "bee")
+    # an IPv6 HostName (bracketed for the URL parser)
+    (tmp_path / ".ssh" / "config").write_text("Host six\n  HostName ::1\n  Port 2201\n")
+    assert client.resolve(SshTarget("six"))[0] == SshTarget("::1", 2201, None)
+
+
+def test_the_remote_command_line_holds_no_argument() -> None:
+    """What sshd runs (and every user of the remote host reads in /proc/PID/cmdline) is fixed
+    tokens; the arguments are the session's first frame, bounded."""
+    from vmrt.remote import client, session
+    token = "ab" * 16
+    plan = client.Plan(argv=["run", "--env=SECRET=hunter2", "busybox", "a b;$(x)"], globals_=["--debug"])
+    assert client.remote_command(False, token) == f"vmrt --remote-session=framed:{token}"
+    assert client.remote_command(True, token) == f"vmrt --remote-session=pty:{token}"
+    with pytest.raises(ValueError):
+        client.remote_command(False, "; rm -rf /")
+    r, w = os.pipe()
+    os.write(w, client.first_frame(plan) + b"D\0\0\0\1x")
+    assert session.read_argv(r) == ["--debug", *plan.argv]
+    assert os.read(r, 100) == b"D\0\0\0\1x"  # nothing past the frame read
+    os.close(w)
+    os.close(r)
+    for bad in (session.frame(b"D", b"run"), session.HEADER.pack(b"A", session.MAX_ARGV + 1), b"A\0"):
+        r, w = os.pipe()
+        os.write(w, bad)
+        os.close(w)
+        with pytest.raises(UsageError):
+            session.read_argv(r)
+        os.close(r)
+    with pytest.raises(VmrtError, match="NUL"):
+        client.first_frame(client.Plan(argv=["run", "a\0b"]))
+    with pytest.raises(VmrtError):
+        client.first_frame(client.Plan(argv=["x" * (session.MAX_ARGV + 1)]))
+    assert route([f"--remote-session=framed:{token}"], {}).session == f"framed:{token}"
+    with pytest.raises(UsageError):
+        route(["--remote-session=framed", "run", "x"], {})
 
 
 # --- a real sshd ---------------------------------------------------------------------------------
@@ -528,20 +595,29 @@ def test_ssh_config_names_the_host(vmrt: Vmrt, sshd: Sshd) -> None:
         cfg.unlink()
 
 
-@pytest.mark.parametrize("junk", [b"D\xff\xff\xff\xff", b"X\x00\x00\x00\x00", b"S\x00\x00\x00\x04KILL"],
-                         ids=["oversized", "unknown-type", "signal-not-forwarded"])
-def test_bad_frames_stop_the_session(vmrt: Vmrt, sshd: Sshd, junk: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("junk, said", [
+    (b"D\xff\xff\xff\xff", b"bad frame"), (b"X\x00\x00\x00\x00", b"bad frame"),
+    (b"S\x00\x00\x00\x04KILL", b"bad frame"), (b"P\x00\x00\x00\x030.2", b"no word from the client")],
+    ids=["oversized", "unknown-type", "signal-not-forwarded", "ping-then-silence"])
+def test_bad_frames_stop_the_session(vmrt: Vmrt, sshd: Sshd, junk: bytes, said: bytes,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The remote session's parent parses the client's frames with bounds: junk is one line and the
-    end of the command (as a hang-up), never a signal it does not forward or a huge buffer."""
-    from vmrt.remote import client
+    end of the command (as a hang-up), never a signal it does not forward or a huge buffer. A
+    client that said it pings and then falls silent for 3 intervals (a connection dropped without
+    a FIN) is a hang-up too."""
+    from vmrt.remote import client, session
     monkeypatch.setenv("HOME", str(sshd.home))
     ssh = client.connect(parse_host(sshd.url))
     try:
         chan = ssh.get_transport().open_session()
-        chan.exec_command("vmrt --remote-session=framed run --rm --isolation=process busybox sh -c "
-                          "'trap \"echo got HUP; exit 9\" HUP; echo ready; sleep 100 & wait'")
-        got = b""
+        chan.exec_command(client.remote_command(False, os.urandom(16).hex()))
+        err = b""
         deadline = time.monotonic() + 60
+        while session.HELLO not in err and time.monotonic() < deadline:
+            err += chan.recv_stderr(4096)
+        chan.sendall(session.argv_frame(["run", "--rm", "--isolation=process", "busybox", "sh", "-c",
+                                         'trap "echo got HUP; exit 9" HUP; echo ready; sleep 100 & wait']))
+        got = b""
         while b"ready" not in got and time.monotonic() < deadline:
             got += chan.recv(4096)
         chan.sendall(junk)
@@ -549,7 +625,7 @@ def test_bad_frames_stop_the_session(vmrt: Vmrt, sshd: Sshd, junk: bytes, monkey
         err = b""
         while chan.recv_stderr_ready():
             err += chan.recv_stderr(4096)
-        assert b"bad frame" in err
+        assert said in err
     finally:
         ssh.close()
 
@@ -889,3 +965,126 @@ def test_cidfile(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
     finally:
         if made:
             vmrt("rm", "-f", *made)
+
+
+# --- review findings: secrets off the remote command line, signals out of band, stdin ends ---------
+
+def _cmdlines_with(needles: list[bytes]) -> list[tuple[int, list[bytes]]]:
+    return [(pid, args) for pid, args in _processes() if any(n in a for a in args for n in needles)]
+
+
+@pytest.mark.parametrize("persist, tty", [("60", False), ("0", False), ("60", True)],
+                         ids=["master", "own-connection", "master-tty"])
+def test_secrets_are_on_no_command_line(vmrt: Vmrt, sshd: Sshd, tmp_path: Path, persist: str, tty: bool) -> None:
+    """-e NAME (this side's value) and --env-file values reach the container and no process's
+    argv on the remote host (sshd's is local here: all of /proc is scanned while it runs); a
+    SIGTERM to the local vmrt reaches the container (out of band, framed or pty)."""
+    a, b = os.urandom(12).hex(), os.urandom(12).hex()
+    envf = tmp_path / "env"
+    envf.write_text(f"SB={b}\n")
+    p = track(subprocess.Popen(
+        sshd.cmd("run", "--rm", *(["-t"] if tty else []), "-e", "SA", "--env-file", str(envf), "--isolation=process",
+                 "busybox", "sh", "-c", 'trap "exit 3" TERM; echo "$SA $SB"; echo ready; sleep 100 & wait'),
+        env=sshd.env(VMRT_SSH_PERSIST=persist, SA=a), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE))
+    got = _read_until(p.stdout, b"ready")
+    assert f"{a} {b}".encode() in got
+    assert _sessions(), "no remote session seen"
+    assert _cmdlines_with([a.encode(), b.encode()]) == []
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 3
+
+
+def test_build_arg_is_on_no_command_line(vmrt: Vmrt, sshd: Sshd, tmp_path: Path) -> None:
+    secret = os.urandom(12).hex()
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f'FROM busybox\nARG BA\nRUN sleep 3 && test "$BA" = "{secret}"\n')
+    p = track(subprocess.Popen(sshd.cmd("build", "-q", "-t", "remote-ba:1", "--build-arg", "BA", str(ctx)),
+                               env=sshd.env(BA=secret), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE))
+    try:
+        seen = []
+        while p.poll() is None:
+            seen += _cmdlines_with([secret.encode()])
+            time.sleep(0.1)
+        out, err = p.communicate()
+        assert p.returncode == 0, err  # the RUN saw the value
+        assert seen == []
+    finally:
+        vmrt("rmi", "remote-ba:1")
+
+
+def test_signal_does_not_wait_behind_stdin(vmrt: Vmrt, sshd: Sshd) -> None:
+    """producer | vmrt -H run -i IMG a-command-that-never-reads: the session's stdin queue and the
+    channel's window fill; SIGTERM still stops it promptly."""
+    import threading
+    p = track(subprocess.Popen(
+        sshd.cmd("run", "--rm", "-i", "--isolation=process", "busybox", "sh", "-c",
+                 'trap "exit 4" TERM; echo ready; sleep 100 & wait'),
+        env=sshd.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    assert p.stdin is not None
+
+    def produce() -> None:
+        chunk = b"x" * 65536
+        try:
+            for _ in range(200):  # 12.5 MiB, far past what the session queues
+                p.stdin.write(chunk)  # type: ignore[union-attr]
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    _read_until(p.stdout, b"ready")
+    time.sleep(3)  # the queues fill
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 4
+    assert time.monotonic() - t0 < 30
+    p.stdin.close()
+    t.join(10)
+
+
+def test_sequential_stdin_through_the_master(vmrt: Vmrt, sshd: Sshd) -> None:
+    """Each command through the connection master gets exactly its own stdin (no pump of an
+    earlier command left reading a later one's)."""
+    for data in (b"first\n" * 1000, b"second\n" * 3, b""):
+        r = sshd("run", "--rm", "-i", "--isolation=process", "busybox", "cat", input=data)
+        assert (r.returncode, r.stdout) == (0, data), r.stderr
+    assert sshd.masters()
+
+
+def test_service_builds_stay_local(vmrt: Vmrt, tmp_path: Path) -> None:
+    """With VMRT_HOST and a remote context in the service's environment, `vmrt system service`'s
+    builds (its own `python -m vmrt build` children) still run on this host."""
+    import io
+    import tarfile
+
+    from test_api import Api
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "VMRT_HOST": "ssh://127.0.0.1:1", "VMRT_SSH_TIMEOUT": "2"}
+    contexts.create("far", "ssh://127.0.0.1:1", "", env)
+    contexts.use("far", env)
+    sock = tmp_path / "docker.sock"
+    proc = vmrt.popen("-c", "default", "system", "service", "--socket", str(sock), env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the service did not come up"
+            time.sleep(0.05)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            df = b"FROM busybox\nLABEL built=here\n"
+            info = tarfile.TarInfo("Dockerfile")
+            info.size = len(df)
+            tf.addfile(info, io.BytesIO(df))
+        api = Api(vmrt, sock, home, proc)
+        status, _, out = api.request("POST", "/build?q=1&t=local-built:1", buf.getvalue(),
+                                     {"Content-Type": "application/x-tar"})
+        assert status == 200 and b"errorDetail" not in out, out
+        r = vmrt("image", "inspect", "--format", "{{json .Config.Labels}}", "local-built:1")
+        assert r.returncode == 0 and json.loads(r.stdout) == {"built": "here"}, r
+    finally:
+        vmrt("rmi", "local-built:1")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from . import bundle, seccomp, syscalls
 from .errors import VmrtError
 from .formatting import inert
+from .proc import vmrt_here
 
 MODES = ("process", "vm")
 # Syscalls the default seccomp profile allows that the guest kernel answers with ENOSYS where a
@@ -98,7 +98,7 @@ def _host() -> dict[str, Any]:
 
 
 def _vmrt(args: list[str], env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmrt", *args], capture_output=True, text=True,
+    return subprocess.run(vmrt_here(*args), capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, env=env, timeout=300)
 
 

@@ -7,6 +7,9 @@ unlike its PID, the fd never comes to name another process. :func:`kill_if_ours`
 signals a recorded PID only while it still is the process recorded.
 :func:`write_all` writes a whole buffer to an fd, blocking or not;
 :func:`connect_unix` reaches a unix socket whose path is longer than ``sun_path``.
+:func:`vmrt_here` is the argv of vmrt's own children (a service's builds, the pool daemon, the
+snapshot builder, probes): they run on this host whatever ``VMRT_HOST`` or the current context
+says (vmrt/remote/routing.py never routes an argv that starts with :data:`HERE`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,17 @@ import os
 import select
 import signal
 import socket
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
+
+HERE = "--internal-here"
+
+
+def vmrt_here(*args: str) -> list[str]:
+    """``python -m vmrt ARGS`` for a child of vmrt's own: never routed to a remote host."""
+    return [sys.executable, "-m", "vmrt", HERE, *args]
 
 
 def start_ticks(pid: int) -> int:

@@ -54,7 +54,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from .agent import protocol as P
 from .agent.hello import read_hello
 from .config import Config
 from .errors import LaunchError, ProtocolError, VmrtError
+from .proc import vmrt_here
 from .vm import disk as vmdisk
 from .vm.qemu import QemuVM, VMSpec
 from .vm.shape import Shape, default_spec
@@ -257,8 +257,8 @@ def build_in_background(cfg: Config, shape: Shape) -> str:
         # the builder takes the lock once this run lets it go; a second run that starts another
         # in between has it wait, find this one's snapshot and end
         with open(snapshots_dir(cfg) / "build.log", "ab", opener=fsmode.opener) as log:
-            subprocess.Popen([sys.executable, "-m", "vmrt", "snapshot", "build", "--memory", str(shape.memory_mib),
-                              "--cpus", str(shape.vcpus)], stdin=subprocess.DEVNULL, stdout=log,
+            subprocess.Popen(vmrt_here("snapshot", "build", "--memory", str(shape.memory_mib),
+                                        "--cpus", str(shape.vcpus)), stdin=subprocess.DEVNULL, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
         return "building"
     finally:

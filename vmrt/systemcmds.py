@@ -17,7 +17,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from .images import mirrors
 from .images.store import Store
 from .layout import rw_dir
 from .paths import source_root
-from .proc import connect_unix
+from .proc import connect_unix, vmrt_here
 from .state import Container, State
 
 
@@ -531,8 +530,8 @@ def ensure_service(cfg: Config, timeout: float = 30.0) -> Path:
     cfg.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = cfg.run_root / "api.log"
     with open(log, "ab", opener=fsmode.opener) as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vmrt", "system", "service", "--socket", str(sock),
-                                 "--time", str(SERVICE_IDLE)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        proc = subprocess.Popen(vmrt_here("system", "service", "--socket", str(sock), "--time", str(SERVICE_IDLE)),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, close_fds=True)
     fsmode.write_private(cfg.run_root / "api.pid", f"{proc.pid}\n")  # who started it, for its stop
     deadline = time.monotonic() + timeout

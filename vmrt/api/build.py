@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from aiohttp import web
 
 from .. import build as build_mod
 from ..errors import VmrtError
+from ..proc import vmrt_here
 from .base import ApiError, Request, Routes, headers
 from .images import receive, spool_file, stream_job
 
@@ -74,7 +74,7 @@ def _args(req: Request, iidfile: Path) -> list[str]:
 def _build(args: list[str], context: IO[bytes], iidfile: Path, cancel: threading.Event,
            progress: Callable[[dict[str, Any]], None]) -> str:
     """``vmrt ARGS`` with ``context`` on stdin, its output lines as progress; the image ID."""
-    proc = subprocess.Popen([sys.executable, "-m", "vmrt", *args], stdin=context, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(vmrt_here(*args), stdin=context, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def interrupt() -> None:

@@ -78,8 +78,8 @@ def entry() -> None:
         # -H / --context / VMRT_HOST / a context: the command runs on a remote host (vmrt/remote);
         # a remote session's own command (another vmrt's -H) runs here, its parent watching the link
         route = remote_routing.route(sys.argv[1:], os.environ)
-        if route.session is not None:
-            remote_session.serve(route.session)
+        if route.session is not None:  # its arguments come from the client, as data (never argv)
+            route.argv = remote_session.serve(route.session, route.argv)
         elif route.target is not None:
             from . import remote  # imported on use: a remote host only (paramiko comes with it)
             _finish(remote.run(main, route))

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from .. import fsmode
 from ..agent import protocol as P
 from ..config import Config
 from ..errors import ProtocolError, UsageError, VmrtError
-from ..proc import PidFd, connect_unix
+from ..proc import PidFd, connect_unix, vmrt_here
 from ..vm.disk import Disk
 from ..vm.shape import Shape
 from .files import CLAIM_TIMEOUT, SOCK_NAME, clean_stale, daemon_pid, kill_marked, pool_dir, vm_marker_in
@@ -153,7 +152,7 @@ def start(cfg: Config, size: int, timeout: float = 30.0) -> int:
         raise UsageError(f"the pool daemon already runs (pid {pid}): `vmrt pool fill N` changes its size")
     fsmode.private_dir(pool_dir(cfg))
     with open(pool_dir(cfg) / "daemon.log", "ab", opener=fsmode.opener) as log:
-        proc = subprocess.Popen([sys.executable, "-m", "vmrt", "pool", "serve", "--size", str(size)],
+        proc = subprocess.Popen(vmrt_here("pool", "serve", "--size", str(size)),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -3,8 +3,10 @@
 Trust: the host key must be in ``~/.ssh/known_hosts`` or ``/etc/ssh/ssh_known_hosts`` (an unknown
 host is refused with how to accept it; a changed key is refused loudly), authentication is by key
 alone (the ssh-agent, then ``~/.ssh/id_*`` without a passphrase): vmrt never asks for a password,
-as ssh's BatchMode. The remote command is the one string that goes to a shell (the remote user's
-login shell runs it): every argument is quoted with :func:`shlex.join`.
+as ssh's BatchMode. The remote command line (the one string that goes to the remote user's login
+shell) holds fixed tokens alone, ``vmrt --remote-session=MODE:TOKEN``: the command's arguments
+(environment values, build args) go as data once the session greets (vmrt/remote/session.py),
+never where the remote host's other users read them (/proc/PID/cmdline).
 
 Failures of the connection itself (cannot connect, host key, authentication, a connection lost
 mid-run) are :class:`RemoteError`, exit status 255 as ssh's; the remote command's own status is
@@ -17,7 +19,6 @@ import contextlib
 import getpass
 import os
 import re
-import shlex
 import signal
 import sys
 import termios
@@ -32,10 +33,21 @@ from typing import Any, BinaryIO, TypeAlias
 from .. import fsmode
 from ..errors import VmrtError
 from ..signals import FORWARDED
-from .session import HELLO, frame
+from .session import HELLO, argv_frame, frame
 from .target import SESSION_FLAG, SIGNAL_FLAG, SshTarget
 
 CONNECT_TIMEOUT = float(os.environ.get("VMRT_SSH_TIMEOUT", "15") or 15)
+USER_TIMEOUT_MS = 45_000  # TCP_USER_TIMEOUT: unacknowledged data this long, and the connection is gone
+
+
+def ping_every() -> float:
+    """VMRT_SSH_PING: seconds between the framed session's pings (its silence for 3 of them: a
+    hang-up on the remote side)."""
+    try:
+        value = float(os.environ.get("VMRT_SSH_PING", "") or 15)
+    except ValueError:
+        value = 15.0
+    return max(0.05, min(value, 3600.0))
 CHUNK = 32 * 1024
 TAIL = 4096
 
@@ -91,6 +103,7 @@ class _Greeting:
 
     def __init__(self, cid: CidWatch | None = None) -> None:
         self.waiting = True
+        self.greeted = False  # the hello itself came
         self.held = bytearray()
         self.cid = cid
         self.tail = b""  # the end of what came after the hello that may begin the cid marker
@@ -102,6 +115,7 @@ class _Greeting:
         i = self.held.find(HELLO)
         if i >= 0:
             out = bytes(self.held[:i] + self.held[i + len(HELLO):])
+            self.greeted = True
         elif len(self.held) > HOLD_MAX:
             out = bytes(self.held)
         else:
@@ -220,6 +234,23 @@ def resolve(target: SshTarget) -> tuple[SshTarget, list[str]]:
     return effective, keys
 
 
+def _without_match(text: str) -> str:
+    """~/.ssh/config without its ``Match`` blocks (each up to the next ``Host`` or ``Match``:
+    dropping the line alone would give its options to the block before it, or to every host)
+    and ``Include`` lines: vmrt neither runs ``Match exec`` nor reads other files."""
+    kept: list[str] = []
+    skipping = False
+    for line in text.splitlines():
+        word = re.split(r"[\s=]", line.strip(), maxsplit=1)[0].lower()
+        if word == "match":
+            skipping = True
+        elif word == "host":
+            skipping = False
+        if not skipping and word != "include":
+            kept.append(line)
+    return "\n".join(kept)
+
+
 def _lookup(target: SshTarget) -> tuple[SshTarget, list[str], list[SshTarget]]:
     """:func:`resolve`, and the jump hosts of its ``ProxyJump`` (``[user@]host[:port]``, comma
     separated, at most MAX_JUMPS; each parsed as a URL's host, then looked up itself)."""
@@ -229,8 +260,7 @@ def _lookup(target: SshTarget) -> tuple[SshTarget, list[str], list[SshTarget]]:
         return target, [], []
     try:
         text = path.read_text()
-        cfg = paramiko.SSHConfig.from_text("\n".join(
-            ln for ln in text.splitlines() if not ln.strip().lower().startswith(("match", "include"))))
+        cfg = paramiko.SSHConfig.from_text(_without_match(text))
         found = cfg.lookup(target.host)
     except (OSError, UnicodeDecodeError, paramiko.SSHException, ValueError) as e:
         raise RemoteError(f"cannot read {path}: {e}") from None
@@ -239,7 +269,8 @@ def _lookup(target: SshTarget) -> tuple[SshTarget, list[str], list[SshTarget]]:
     user = target.user or found.get("user")
     port = target.port if target.port != 22 or "port" not in found else found["port"]
     try:
-        effective = parse_host(f"ssh://{user + '@' if user else ''}{host}:{port}")
+        bracketed = f"[{host}]" if ":" in str(host) else host  # an IPv6 address
+        effective = parse_host(f"ssh://{user + '@' if user else ''}{bracketed}:{port}")
     except VmrtError:
         raise RemoteError(f"{path}: the entry for {target.host} names an invalid host, user or port") from None
     keys = [os.path.expanduser(k) for k in found.get("identityfile", []) if os.path.isfile(os.path.expanduser(k))]
@@ -360,17 +391,29 @@ def check_host(target: SshTarget, *, accept_new: bool) -> None:
     connect(target, accept_new=accept_new).close()
 
 
-def remote_command(plan: Plan, token: str) -> str:
-    mode = f"pty:{token}" if plan.tty else "framed"
-    return shlex.join(["vmrt", f"{SESSION_FLAG}={mode}", *plan.globals_, *plan.argv])
+def remote_command(tty: bool, token: str) -> str:
+    """The command line sshd runs: fixed tokens alone (the arguments go as :func:`first_frame`)."""
+    if not re.fullmatch(r"[0-9a-f]{32}", token):
+        raise ValueError("bad session token")
+    return f"vmrt {SESSION_FLAG}={'pty' if tty else 'framed'}:{token}"
+
+
+def first_frame(plan: Plan) -> bytes:
+    """The remote command's arguments, as the session's ``A`` frame."""
+    try:
+        return argv_frame([*plan.globals_, *plan.argv])
+    except ValueError as e:
+        raise VmrtError(f"cannot send the command to the remote host: {e}") from None
 
 
 def window() -> tuple[int, int]:
     try:
         size = os.get_terminal_size(0 if os.isatty(0) else 1)
-        return size.columns, size.lines
+        if size.columns > 0 and size.lines > 0:
+            return min(size.columns, 9999), min(size.lines, 9999)
     except OSError:
-        return 80, 24
+        pass
+    return 80, 24
 
 
 @contextlib.contextmanager
@@ -394,15 +437,30 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class _Sender:
-    """Frames (or raw bytes, with a pty) on the channel, one at a time."""
+    """Frames (or raw bytes, with a pty) on the channel, one at a time. Signals never wait behind
+    data: they go on a channel of their own."""
 
     def __init__(self, chan: Any, framed: bool, token: str) -> None:
         self.chan, self.framed, self.token = chan, framed, token
         self.lock = threading.Lock()
 
+    def raw(self, data: bytes) -> None:
+        with self.lock:
+            self.chan.sendall(data)
+
     def data(self, chunk: bytes) -> None:
         with self.lock:
             self.chan.sendall(frame(b"D", chunk) if self.framed else chunk)
+
+    def ping(self, every: float) -> bool:
+        """A ping frame, unless data is on its way (that says as much); whether sent."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self.chan.sendall(frame(b"P", f"{every:g}".encode()))
+        finally:
+            self.lock.release()
+        return True
 
     def end(self) -> None:
         with self.lock:
@@ -412,31 +470,33 @@ class _Sender:
                 self.chan.shutdown_write()
 
     def signal(self, name: str) -> None:
-        if self.framed:
-            with self.lock:
-                self.chan.sendall(frame(b"S", name.encode()))
-            return
-        # a pty (Ctrl-C itself goes as its byte): a second channel runs the remote signaller
+        # a second channel runs the remote signaller (with a pty, Ctrl-C itself goes as its byte)
         threading.Thread(target=self._signal_channel, args=(name,), daemon=True).start()
 
     def _signal_channel(self, name: str) -> None:
         try:
             chan = self.chan.get_transport().open_session(timeout=CONNECT_TIMEOUT)
-            chan.exec_command(shlex.join(["vmrt", f"{SIGNAL_FLAG}={self.token}:{name}"]))
+            if re.fullmatch(r"[A-Z0-9]{1,8}", name):
+                chan.exec_command(f"vmrt {SIGNAL_FLAG}={self.token}:{name}")
             chan.recv_exit_status()
             chan.close()
         except Exception:  # the connection is going: the main loop reports it
             pass
 
 
-def _pump(source: BinaryIO | None, sender: _Sender, failed: list[BaseException], stop: threading.Event) -> None:
-    """``source`` to the remote until its end (then the end of stdin), or until ``stop``."""
+def _pump(source: BinaryIO | None, sender: _Sender, failed: list[BaseException], stop: threading.Event,
+          go: threading.Event, wake: int) -> None:
+    """``source`` to the remote until its end (then the end of stdin), or until ``stop`` (``wake``
+    readable then); nothing before ``go`` (the arguments sent)."""
     import select  # imported on use: the relay alone
     try:
+        while not go.wait(0.5):
+            if stop.is_set():
+                return
         if source is not None:
             fd = source.fileno()
             while not stop.is_set():
-                if not select.select([fd], [], [], 0.5)[0]:
+                if not select.select([fd, wake], [], [], 0.5)[0] or stop.is_set():
                     continue
                 chunk = os.read(fd, CHUNK)
                 if not chunk:
@@ -606,6 +666,7 @@ def run(target: SshTarget, plan: Plan) -> int:
 
 def start_channel(transport: Any, command: str, *, tty: bool, size: tuple[int, int], term: str) -> Any:
     """An exec channel running ``command`` (with a pty of ``size`` for -t)."""
+    _tcp_options(transport)
     chan = transport.open_session(timeout=CONNECT_TIMEOUT)
     if tty:
         chan.get_pty(term=term, width=size[0], height=size[1])
@@ -620,10 +681,23 @@ class ClientGone(Exception):
 Control: TypeAlias = Callable[[], "list[tuple[str, Any]] | None"]  # the control events, None: the client left
 
 
+def _tcp_options(transport: Any) -> None:
+    """Keepalives and TCP_USER_TIMEOUT on the connection's socket (a direct one: through a jump
+    host it is a channel), so a dropped connection is noticed within USER_TIMEOUT_MS."""
+    import socket  # imported on use: the relay alone
+    sock = getattr(transport, "sock", None)
+    if not isinstance(sock, socket.socket):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
 def _session(client: Any, target: SshTarget, plan: Plan) -> int:
     token = os.urandom(16).hex()
+    first = first_frame(plan)
     try:
-        chan = start_channel(client.get_transport(), remote_command(plan, token), tty=plan.tty, size=window(),
+        chan = start_channel(client.get_transport(), remote_command(plan.tty, token), tty=plan.tty, size=window(),
                              term=os.environ.get("TERM", "xterm"))
     except Exception as e:  # paramiko's SSHException, or the transport gone: one line
         raise RemoteError(f"{target.url()}: cannot start the remote command: {e}") from None
@@ -631,8 +705,8 @@ def _session(client: Any, target: SshTarget, plan: Plan) -> int:
     status: int | None = None
     try:
         with signals(plan.tty) as (wake_r, read_control), raw(plan.tty), stdin_source(plan) as src:
-            status = relay(chan, framed=not plan.tty, token=token, src=src, out_fd=output.fd, err_fd=2,
-                           control_fd=wake_r, read_control=read_control, cid=plan.cid)
+            status = relay(chan, framed=not plan.tty, token=token, first=first, src=src, out_fd=output.fd,
+                           err_fd=2, control_fd=wake_r, read_control=read_control, cid=plan.cid)
     except NoSession as e:
         raise no_session(target, e.status, e.line) from None
     finally:
@@ -681,18 +755,22 @@ def signals(tty: bool) -> Iterator[tuple[int, Control]]:
         os.close(wake_w)
 
 
-def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: int, err_fd: int,
+def relay(chan: Any, *, framed: bool, token: str, first: bytes, src: BinaryIO | None, out_fd: int, err_fd: int,
           control_fd: int, read_control: Control, cid: CidWatch | None = None) -> int | None:
-    """stdin (``src``) to the channel, its stdout and stderr to ``out_fd`` and ``err_fd``, and the
-    control events (signals, window sizes) to the remote, until the command's exit status comes
-    (None: the channel closed without one, the connection is gone). :class:`ClientGone` when
-    ``read_control`` says its side went away."""
+    """``first`` (the command's arguments) once the session greets, then stdin (``src``) to the
+    channel, its stdout and stderr to ``out_fd`` and ``err_fd``, and the control events (signals,
+    window sizes) to the remote, until the command's exit status comes (None: the channel closed
+    without one, the connection is gone). :class:`ClientGone` when ``read_control`` says its side
+    went away. The stdin pump has ended when this returns (``src`` may be closed then)."""
     import selectors  # imported on use: the relay alone
     sender = _Sender(chan, framed, token)
     failed: list[BaseException] = []
-    stop = threading.Event()
-    pump = threading.Thread(target=_pump, args=(src, sender, failed, stop), daemon=True)
+    stop, go = threading.Event(), threading.Event()
+    wake_r, wake_w = os.pipe()
+    pump = threading.Thread(target=_pump, args=(src, sender, failed, stop, go, wake_r), daemon=True)
     pump.start()
+    every = ping_every()
+    next_ping = time.monotonic() + every
     sel = selectors.DefaultSelector()
     sel.register(chan, selectors.EVENT_READ)
     sel.register(control_fd, selectors.EVENT_READ)
@@ -701,7 +779,11 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
     hello_out = not framed  # with a pty, stderr comes on the stdout stream
     try:
         while True:
-            ready = {key.fd for key, _ in sel.select(timeout=1.0)}
+            ready = {key.fd for key, _ in sel.select(timeout=min(1.0, every))}
+            if framed and go.is_set() and time.monotonic() >= next_ping:
+                with contextlib.suppress(Exception):  # the connection is going: seen below
+                    if sender.ping(every):
+                        next_ping = time.monotonic() + every
             if control_fd in ready:
                 events = read_control()
                 if events is None:
@@ -729,6 +811,10 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
                     data = greeting.feed(data)
                 with contextlib.suppress(BrokenPipeError):
                     _write_all(err_fd, data)
+            if greeting.greeted and not go.is_set():  # the session waits for its arguments
+                with contextlib.suppress(Exception):  # the connection is going: seen below
+                    sender.raw(first)
+                go.set()
             if chan.exit_status_ready() and (chan.eof_received or chan.closed) \
                     and not chan.recv_ready() and not chan.recv_stderr_ready():
                 got = chan.exit_status
@@ -748,4 +834,11 @@ def relay(chan: Any, *, framed: bool, token: str, src: BinaryIO | None, out_fd: 
                 return None
     finally:
         stop.set()
+        os.write(wake_w, b"x")
+        pump.join(0.5)
+        if pump.is_alive():  # blocked sending to a remote that reads no more: closing ends that
+            chan.close()
+            pump.join(5)
+        os.close(wake_r)
+        os.close(wake_w)
         sel.close()

@@ -13,8 +13,10 @@ command keeps its terminal (raw mode), its signals and window changes, which it 
     client -> master   {"v": 1}
     master -> client   {"ready": true}, or {"stale": true} (known_hosts no longer vouches for the
                        connection's host key: the master exits, the client connects on its own)
-    client -> master   {"command", "tty", "size", "term", "token", "stdin"} + 3 fds
-    master -> client   {"ok": true} or {"error": "..."}
+    client -> master   {"argv", "tty", "size", "term", "token", "stdin"} + 3 fds (at most
+                       MAX_REQUEST bytes: the arguments, sent as the session's data)
+    master -> client   {"ok": true} or {"error": "..."} (a "bad request" the master could not
+                       take: the client connects on its own instead)
     client -> master   {"signal": "TERM"} / {"winch": [cols, rows]} lines
     master -> client   {"cid": ID} (an attached run --cidfile: the remote's marker, "cid_token")
     master -> client   {"exit": N}, {"lost": true} (the connection went: exit 255), or
@@ -51,13 +53,22 @@ from .client import Plan, RemoteError
 from .target import SshTarget, parse_host
 
 MAX_LINE = 1 << 16
+MAX_REQUEST = 3 << 20  # the arguments (session.MAX_ARGV), as JSON's escapes may grow them
+
+
+class _Fallback(Exception):
+    """The master could not take this request: the command connects on its own."""
 
 
 def socket_dir() -> Path | None:
     """The user's own directory for master sockets, or None when it is not safely ours."""
     uid = os.getuid()
     base = os.environ.get("XDG_RUNTIME_DIR", "")
-    d = Path(base) / "vmrt" if base.startswith("/") and os.path.isdir(base) else Path(f"/tmp/vmrt-ssh-{uid}")
+    try:  # the runtime dir must be ours: another user's could swap our dir for theirs after the check
+        ours = base.startswith("/") and os.lstat(base).st_uid == uid and stat.S_ISDIR(os.lstat(base).st_mode)
+    except OSError:
+        ours = False
+    d = Path(base) / "vmrt" if ours else Path(f"/tmp/vmrt-ssh-{uid}")
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:
@@ -164,7 +175,10 @@ def run(target: SshTarget, plan: Plan, persist: float) -> int | None:
             return None
         if not reply or not reply.get("ready"):
             return None
-        return _session(sock, lines, target, plan)
+        try:
+            return _session(sock, lines, target, plan)
+        except _Fallback:
+            return None
 
 
 def _start_master(path: Path, target: SshTarget, persist: float) -> socket.socket | None:
@@ -221,13 +235,15 @@ def _session(sock: socket.socket, lines: _Lines, target: SshTarget, plan: Plan) 
     try:
         with client_mod.signals(plan.tty) as (wake_r, read_signals), client_mod.raw(plan.tty), \
                 client_mod.stdin_source(plan) as src, open(os.devnull, "rb") as null:
-            request = {"command": client_mod.remote_command(plan, token), "tty": plan.tty,
+            request = {"argv": [*plan.globals_, *plan.argv], "tty": plan.tty,
                        "size": list(client_mod.window()), "term": os.environ.get("TERM", "xterm"), "token": token,
                        "stdin": src is not None, "cid_token": plan.cid.token if plan.cid else None}
             _send(sock, request, [src.fileno() if src is not None else null.fileno(), output.fd, 2])
             reply = lines.one(client_mod.CONNECT_TIMEOUT)
             if reply is None:
                 raise client_mod.lost(target)
+            if reply.get("error") == "bad request":  # one this master cannot take (too big, too old)
+                raise _Fallback()
             if not reply.get("ok"):
                 raise RemoteError(f"{target.url()}: {str(reply.get('error', 'the connection master failed'))[:500]}")
             status = _wait(sock, lines, wake_r, read_signals, target, plan.cid)
@@ -332,18 +348,25 @@ class _Master:
         _send(conn, {"ready": True})
         conn.settimeout(30)
         msg, anc, _flags, _addr = conn.recvmsg(MAX_LINE, socket.CMSG_SPACE(3 * 4))
-        conn.settimeout(None)
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")
                 got.frombytes(data[:len(data) - len(data) % 4])
                 fds.extend(got)
-        req = json.loads(msg.split(b"\n")[0]) if msg.endswith(b"\n") else None
+        while msg and not msg.endswith(b"\n") and len(msg) <= MAX_REQUEST:  # the rest of a long one
+            more = conn.recv(MAX_LINE)
+            if not more:
+                break
+            msg += more
+        conn.settimeout(None)
+        req = json.loads(msg) if msg.endswith(b"\n") and msg.count(b"\n") == 1 else None
         if not isinstance(req, dict) or len(fds) != 3 or not _valid(req):
             _send(conn, {"error": "bad request"})
             return
         try:
-            chan = client_mod.start_channel(self.ssh.get_transport(), req["command"], tty=req["tty"],
+            first = client_mod.first_frame(Plan(argv=req["argv"]))
+            command = client_mod.remote_command(req["tty"], req["token"])
+            chan = client_mod.start_channel(self.ssh.get_transport(), command, tty=req["tty"],
                                             size=(req["size"][0], req["size"][1]), term=req["term"])
         except Exception as e:
             _send(conn, {"error": f"cannot start the remote command: {e}"})
@@ -366,7 +389,8 @@ class _Master:
         try:
             watch = None if req.get("cid_token") is None else \
                 client_mod.CidWatch(req["cid_token"], lambda got: _send(conn, {"cid": got}))
-            status = client_mod.relay(chan, framed=not req["tty"], token=req["token"], src=src, out_fd=fds[1],
+            status = client_mod.relay(chan, framed=not req["tty"], token=req["token"], first=first, src=src,
+                                      out_fd=fds[1],
                                       err_fd=fds[2], control_fd=conn.fileno(), read_control=control, cid=watch)
         except client_mod.ClientGone:
             return
@@ -380,10 +404,12 @@ class _Master:
 
 def _valid(req: dict[str, Any]) -> bool:
     size = req.get("size")
-    return (isinstance(req.get("command"), str) and isinstance(req.get("tty"), bool)
+    argv = req.get("argv")
+    return (isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+            and isinstance(req.get("tty"), bool)
             and isinstance(req.get("stdin"), bool) and isinstance(req.get("term"), str)
             and len(req["term"]) < 64 and req["term"].isprintable()
-            and isinstance(req.get("token"), str) and len(req["token"]) == 32
+            and isinstance(req.get("token"), str) and re.fullmatch(r"[0-9a-f]{32}", req["token"]) is not None
             and (req.get("cid_token") is None
                  or isinstance(req["cid_token"], str) and re.fullmatch(r"[0-9a-f]{32}", req["cid_token"]) is not None)
             and isinstance(size, list) and len(size) == 2
@@ -393,6 +419,7 @@ def _valid(req: dict[str, Any]) -> bool:
 def main(argv: list[str]) -> int:
     path, url, persist, ready = Path(argv[0]), argv[1], float(argv[2]), int(argv[3])
     target = parse_host(url)
+    os.chdir("/")  # it outlives the command: no directory of the caller's held busy
     try:
         ssh = client_mod.connect(target)
     except RemoteError as e:

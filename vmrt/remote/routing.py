@@ -10,10 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from ..proc import HERE
 from . import contexts
 from .target import SESSION_FLAG, SIGNAL_FLAG, SshTarget, parse_host
 
-_SESSION = re.compile(r"--remote-session=(framed|pty:[0-9a-f]{32})|--remote-signal=([0-9a-f]{32}:[A-Z0-9]{1,8})")
+_SESSION = re.compile(r"--remote-session=((?:framed|pty):[0-9a-f]{32})|--remote-signal=([0-9a-f]{32}:[A-Z0-9]{1,8})")
 
 
 @dataclass
@@ -42,8 +43,11 @@ def route(argv: list[str], environ: Mapping[str, str]) -> Route:
 
     Precedence as Docker's: ``-H`` and ``--context`` (not both), then ``VMRT_HOST``, then
     ``VMRT_CONTEXT``, then the context ``vmrt context use`` chose; ``vmrt context ...`` itself and
-    a remote session's own command always run here.
+    a remote session's own command and vmrt's own children (:data:`~vmrt.proc.HERE` first:
+    a service's builds, the pool daemon, the snapshot builder) always run here.
     """
+    if argv[:1] == [HERE]:
+        return Route(None, argv[1:])
     if argv and argv[0].startswith((SESSION_FLAG, SIGNAL_FLAG)):
         m = _SESSION.fullmatch(argv[0])
         if m is None:

@@ -4,12 +4,20 @@
 turns into SIGINT, and when the connection goes, sshd closes the pty's master: the kernel sends
 SIGHUP (vmrt run forwards it to the container), and the parent below sees the hang-up on the pty
 and goes on as in framed mode (SIGTERM, then SIGKILL), since a container's PID 1 may ignore
-SIGHUP. Other signals
-(SIGTERM to the local vmrt) come through a second exec channel on the same connection: ``vmrt
---remote-signal=TOKEN:TERM`` finds the process of this user whose first argument is
-``--remote-session=pty:TOKEN`` (TOKEN: 128 random bits the client chose) and signals it. OpenSSH's
-own "signal" channel request is not used: Debian's sshd 9.2 refuses it ("session signalling
-requires privilege separation") for the sessions here.
+SIGHUP. Signals (SIGTERM to the local vmrt), in both modes, come through a second exec channel
+on the same connection: ``vmrt --remote-signal=TOKEN:TERM`` finds the process of this user whose
+first argument is ``--remote-session=MODE:TOKEN`` (TOKEN: 128 random bits the client chose) and
+signals it: out of band, never queued behind stdin data. OpenSSH's own "signal" channel request is
+not used: Debian's sshd 9.2 refuses it ("session signalling requires privilege separation") for
+the sessions here.
+
+The command line sshd runs holds only fixed tokens (``vmrt --remote-session=MODE:TOKEN``): the
+command's arguments (an ``--env`` value, a ``--build-arg`` secret) would be readable there by
+every user of the remote host (/proc/PID/cmdline, audit logs), and a login shell that is not
+POSIX's (fish) would split them its own way. They come as data instead, once the client has seen
+the hello: an ``A`` frame (below) on stdin, the arguments NUL-separated (at most MAX_ARGV bytes);
+with a pty, the terminal is put in raw mode without echo before the hello and restored once the
+frame is read, so no byte of it is echoed or taken as a control character.
 
 ``framed``: without a pty nothing tells a command that its client went away until it writes (a
 ``vmrt run`` of a quiet container would wait forever), and OpenSSH's "signal" channel request does
@@ -18,9 +26,14 @@ stdin, and this process forks: the child runs the command (its stdin a pipe, its
 stderr sshd's own), the parent reads the frames:
 
     frame = type (1 byte) + length (4 bytes, big-endian, at most MAX_FRAME) + payload
+    A  the command's arguments (first, once; NUL-separated)
     D  stdin data, written to the command's stdin (at most MAX_BUFFER queued)
     E  the end of stdin (the pipe is closed once what is queued is written)
-    S  a signal (its name: INT, TERM, HUP, QUIT, USR1, USR2) sent to the command
+    S  a signal (its name: INT, TERM, HUP, QUIT, USR1, USR2) sent to the command (older
+       clients; signals now come on their own channel)
+    P  a ping: the client's every N seconds (its payload: N, ASCII); once one came, 3 N seconds
+       without a frame while the session reads them is a hang-up (a connection that dropped
+       without a FIN or RST, behind TCP's own timeouts)
 
 The client never ends the channel's stdin while it waits for the command, so the end of the
 frames (EOF), like a hang-up of the stdout sshd reads, means the connection is gone: the command
@@ -43,8 +56,11 @@ import select
 import signal
 import struct
 import sys
+import termios
 import time
+import tty
 
+from ..errors import UsageError
 from ..signals import FORWARDED
 
 MAX_FRAME = 1 << 20
@@ -53,24 +69,74 @@ TERM_AFTER = 2.0
 KILL_AFTER = 60.0
 HEADER = struct.Struct(">cI")
 SIGNALS = {signal.Signals(s).name[3:]: s for s in FORWARDED}
-HELLO = b"\0vmrt-session:1\0"  # no newline: a pty's ONLCR leaves it as it is
+HELLO = b"\0vmrt-session:2\0"  # no newline: a pty's ONLCR leaves it as it is
+MAX_ARGV = 1 << 20
+MAX_ARGS = 1 << 16
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, len(payload)) + payload
 
 
-def serve(mode: str) -> None:
-    """Returns in the process that runs the command; the parent (framed: relaying the frames;
-    pty: watching for the hang-up) exits with the command's status (it never returns)."""
+def argv_frame(argv: list[str]) -> bytes:
+    """The ``A`` frame of ``argv`` (what :func:`read_argv` reads); ValueError past the bounds."""
+    data = [os.fsencode(a) for a in argv]
+    if any(b"\0" in a for a in data):
+        raise ValueError("an argument holds a NUL byte")
+    payload = b"\0".join(data)
+    if len(payload) > MAX_ARGV or len(data) > MAX_ARGS:
+        raise ValueError(f"the arguments are over {MAX_ARGV} bytes or {MAX_ARGS} in number")
+    return frame(b"A", payload)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        try:
+            chunk = os.read(fd, n - len(got))
+        except OSError:  # a pty hung up: EIO
+            chunk = b""
+        if not chunk:
+            raise UsageError("remote session: the client went away before sending the command")
+        got += chunk
+    return bytes(got)
+
+
+def read_argv(fd: int) -> list[str]:
+    """The client's ``A`` frame from ``fd`` (read to its last byte, nothing past it)."""
+    kind, n = HEADER.unpack(_read_exactly(fd, HEADER.size))
+    if kind != b"A" or n > MAX_ARGV:
+        raise UsageError(f"remote session: expected the command's arguments, got a frame {kind!r} of {n} bytes")
+    payload = _read_exactly(fd, n)
+    args = [os.fsdecode(a) for a in payload.split(b"\0")] if payload else []
+    if len(args) > MAX_ARGS:
+        raise UsageError("remote session: too many arguments")
+    return args
+
+
+def serve(mode: str, rest: list[str] | None = None) -> list[str]:
+    """Returns (the command's arguments, read from the client) in the process that runs the
+    command; the parent (framed: relaying the frames; pty: watching for the hang-up) exits with
+    the command's status (it never returns)."""
     if mode.startswith("signal:"):
         _, token, name = mode.split(":")
         os._exit(0 if signal_session(token, name) else 1)
-    framed = mode == "framed"
+    if rest:
+        raise UsageError("remote session: the command's arguments come as data, not on the command line")
+    framed = mode.startswith("framed:")
+    saved = None
+    if not framed and os.isatty(0):  # no echo, no line editing, no signal characters for the frame
+        saved = termios.tcgetattr(0)
+        tty.setraw(0, termios.TCSANOW)
     try:
-        os.write(2, HELLO)
-    except OSError:  # no stderr: nobody reads it either
-        pass
+        try:
+            os.write(2, HELLO)
+        except OSError:  # no stderr: nobody reads it either
+            pass
+        argv = read_argv(0)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSANOW, saved)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # until each side has its handlers
     r, w = os.pipe() if framed else (-1, -1)
     pid = os.fork()
@@ -80,7 +146,7 @@ def serve(mode: str) -> None:
             os.close(r)
             os.close(w)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return
+        return argv
     if framed:
         os.close(r)
     for s in FORWARDED:  # what reaches the whole group (a terminal's signals) the command gets itself
@@ -96,11 +162,12 @@ def serve(mode: str) -> None:
 
 
 def signal_session(token: str, name: str) -> bool:
-    """``--remote-signal``: SIGname to this user's processes serving ``pty:token``; whether any."""
+    """``--remote-signal``: SIGname to this user's processes serving ``pty:token`` or
+    ``framed:token``; whether any."""
     sig = SIGNALS.get(name)
     if sig is None:
         return False
-    wanted = f"--remote-session=pty:{token}".encode()
+    wanted = {f"--remote-session={m}:{token}".encode() for m in ("pty", "framed")}
     sent = False
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -112,7 +179,7 @@ def signal_session(token: str, name: str) -> bool:
                 args = f.read(4096).split(b"\0")
         except OSError:
             continue
-        if wanted in args[:4]:
+        if wanted.intersection(args[:4]):
             try:
                 os.kill(int(entry), sig)
                 sent = True
@@ -130,6 +197,8 @@ class _Relay:
         self.ended = False  # E seen
         self.hung_at: float | None = None
         self.termed = False
+        self.ping_every: float | None = None  # the client's ping interval, once it said it
+        self.seen = time.monotonic()
 
     def feed(self, data: bytes) -> None:
         self.frames += data
@@ -146,6 +215,14 @@ class _Relay:
                     self.queued += payload
             elif kind == b"E":
                 self.ended = True
+            elif kind == b"P":
+                try:
+                    every = float(payload.decode("ascii"))
+                except (UnicodeDecodeError, ValueError):
+                    raise ValueError(f"ping {payload[:16]!r}") from None
+                if not 0.05 <= every <= 3600:
+                    raise ValueError(f"ping every {every} s")
+                self.ping_every = every
             elif kind == b"S":
                 sig = SIGNALS.get(payload.decode("ascii", "replace"))
                 if sig is None:
@@ -215,7 +292,13 @@ def _relay(pid: int, stdin_w: int | None) -> int:
             poll.register(1, 0)  # sshd's end of our stdout: POLLERR/POLLHUP once it is gone
         if relay.w is not None and relay.queued:
             poll.register(relay.w, select.POLLOUT)
-        events = dict(poll.poll(None if relay.hung_at is None else 500))
+        listening = reading and framed and len(relay.queued) < MAX_BUFFER
+        if not listening:  # frames not read now: their silence says nothing
+            relay.seen = time.monotonic()
+        timeout = None if relay.hung_at is None else 500
+        if listening and relay.ping_every is not None:
+            timeout = min(timeout or 10**9, int(relay.ping_every * 1000))
+        events = dict(poll.poll(timeout))
         if pidfd in events:
             os.close(pidfd)
             return _status(pid)
@@ -227,6 +310,7 @@ def _relay(pid: int, stdin_w: int | None) -> int:
                 data = os.read(0, 65536)
             except OSError:
                 data = b""
+            relay.seen = time.monotonic()
             try:
                 if not data:
                     raise EOFError
@@ -238,6 +322,10 @@ def _relay(pid: int, stdin_w: int | None) -> int:
                 print(f"vmrt: remote session: a bad frame from the client ({e}): stopping", file=sys.stderr)
                 reading = False
                 relay.hang_up()
+        if reading and relay.ping_every is not None and time.monotonic() - relay.seen > 3 * relay.ping_every:
+            print("vmrt: remote session: no word from the client: the connection is taken as gone", file=sys.stderr)
+            reading = False
+            relay.hang_up()
         if relay.w is not None and relay.queued and relay.w in events:
             relay.write()
         relay.escalate()
