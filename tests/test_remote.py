@@ -168,6 +168,45 @@ def test_the_remote_command_line_holds_no_argument() -> None:
         route(["--remote-session=framed", "run", "x"], {})
 
 
+def test_cp_tar_is_made_without_following_links(tmp_path: Path) -> None:
+    """cp LOCAL C:PATH's tar: links go as links, fifos are left out, and a file swapped for a link
+    between its lstat and its open is refused, never read through."""
+    import io
+    import tarfile
+
+    from vmrt.remote import localfiles
+    secret = tmp_path / "secret"
+    secret.write_text("not to be sent")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("data")
+    (src / "out").symlink_to(secret)
+    os.mkfifo(src / "fifo")
+    buf = io.BytesIO()
+    localfiles.copy_tar(src, "src", buf)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        got = {m.name: m for m in tf.getmembers()}
+        assert set(got) == {"src", "src/sub", "src/sub/f", "src/out"}
+        assert got["src/out"].issym() and got["src/out"].linkname == str(secret)
+        assert tf.extractfile("src/sub/f").read() == b"data"  # type: ignore[union-attr]
+    assert b"not to be sent" not in buf.getvalue()
+    buf = io.BytesIO()
+    localfiles.copy_tar(src / "out", "out", buf)  # a link named itself: sent as the link
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        assert [m.name for m in tf.getmembers() if m.issym()] == ["out"]
+    # the race: lstat saw a file, a link to the secret is there by the open
+    victim = src / "sub" / "f"
+    st = os.lstat(victim)
+    victim.unlink()
+    victim.symlink_to(secret)
+    dfd = os.open(src / "sub", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(), mode="w|") as tf, pytest.raises(OSError):
+            localfiles._add(tf, dfd, "f", st, "src/sub/f")  # O_NOFOLLOW: ELOOP
+    finally:
+        os.close(dfd)
+
+
 # --- a real sshd ---------------------------------------------------------------------------------
 
 def _free_port() -> int:

@@ -526,8 +526,8 @@ def stdin_source(plan: Plan) -> Iterator[BinaryIO | None]:
             path, name = plan.stdin_tar
 
             def write_tar(f: BinaryIO) -> None:
-                with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-                    tf.add(path, arcname=name)
+                from .localfiles import copy_tar  # imported on use: cp alone
+                copy_tar(path, name, f)
             write, what = write_tar, f"copy {path}"
         else:
             assert plan.stdin_producer is not None

@@ -99,8 +99,9 @@ def _open_at(root_fd: int, rel: str, flags: int) -> int:
         os.close(fd)
 
 
-def _add(tf: tarfile.TarFile, root_fd: int, rel: str, st: os.stat_result) -> None:
-    info = tarfile.TarInfo(rel)
+def _add(tf: tarfile.TarFile, root_fd: int, rel: str, st: os.stat_result, arcname: str | None = None,
+         what: str = "the build context") -> None:
+    info = tarfile.TarInfo(rel if arcname is None else arcname)
     info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
     if stat.S_ISDIR(st.st_mode):
         info.type = tarfile.DIRTYPE
@@ -118,9 +119,54 @@ def _add(tf: tarfile.TarFile, root_fd: int, rel: str, st: os.stat_result) -> Non
         with open(fd, "rb") as f:
             now = os.fstat(fd)
             if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                raise VmrtError(f"the build context changed while it was sent: {rel}")
+                raise VmrtError(f"{what} changed while it was sent: {rel}")
             info.size = now.st_size
             tf.addfile(info, f)
+
+
+def copy_tar(path: Path, name: str, out: BinaryIO) -> None:
+    """``cp LOCAL C:PATH``: a tar (PAX) of ``path`` named ``name`` to ``out``, made as the build
+    context's: a link sent as a link, every entry opened relative to its directory's fd with
+    O_NOFOLLOW and checked to be what lstat saw (a link swapped in meanwhile is refused, never
+    read through); sockets, fifos and devices below a directory are left out."""
+    full = os.path.normpath(os.path.abspath(path))
+    parent, leaf = os.path.dirname(full), os.path.basename(full)
+    pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.stat(leaf, dir_fd=pfd, follow_symlinks=False)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise VmrtError(f"{path} is not a regular file, a directory or a link")
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+            _add(tf, pfd, leaf, st, name, what=str(path))
+            if stat.S_ISDIR(st.st_mode):
+                dfd = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                try:
+                    now = os.fstat(dfd)
+                    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                        raise VmrtError(f"{path} changed while it was sent")
+                    _tree(tf, dfd, "", name, str(path))
+                finally:
+                    os.close(dfd)
+    finally:
+        os.close(pfd)
+
+
+def _tree(tf: tarfile.TarFile, dir_fd: int, prefix: str, name: str, what: str) -> None:
+    for entry in sorted(os.listdir(dir_fd)):
+        st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+        rel = f"{prefix}{entry}"
+        if stat.S_ISDIR(st.st_mode):
+            _add(tf, dir_fd, entry, st, f"{name}/{rel}", what)
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                now = os.fstat(fd)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    raise VmrtError(f"{what} changed while it was sent: {rel}")
+                _tree(tf, fd, rel + "/", name, what)
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            _add(tf, dir_fd, entry, st, f"{name}/{rel}", what)
 
 
 def _walk(root: Path, ignore: Ignore) -> list[tuple[str, os.stat_result]]:
