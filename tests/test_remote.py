@@ -207,6 +207,19 @@ def test_cp_tar_is_made_without_following_links(tmp_path: Path) -> None:
         os.close(dfd)
 
 
+def test_known_hosts_markers(tmp_path: Path) -> None:
+    """@cert-authority and @revoked lines (paramiko raises on them) and an undecodable key are
+    taken out; @revoked keys are told."""
+    from vmrt.remote import client
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "k"], check=True)
+    typ, b64 = (tmp_path / "k.pub").read_text().split()[:2]
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"# c\n@cert-authority *.example {typ} {b64}\n@revoked * {typ} {b64}\n"
+                  f"bad ssh-ed25519 !!notbase64!!\nh1 {typ} {b64}\n\n")
+    text, revoked = client.known_hosts_text(kh)
+    assert text == f"h1 {typ} {b64}\n" and revoked == {(typ, b64)}
+
+
 # --- a real sshd ---------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -1127,3 +1140,19 @@ def test_service_builds_stay_local(vmrt: Vmrt, tmp_path: Path) -> None:
         vmrt("rmi", "local-built:1")
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_revoked_host_key_is_refused(vmrt: Vmrt, sshd: Sshd) -> None:
+    """A host key known_hosts marks @revoked is refused even beside a line that trusts it; a
+    @cert-authority line does not break the file."""
+    typ, b64 = sshd.host_key_line.split()[1:3]
+    try:
+        sshd.trust(f"@cert-authority *.example {typ} {b64}\n{sshd.host_key_line}")
+        r = sshd("ps", env={"VMRT_SSH_PERSIST": "0"})
+        assert r.returncode == 0, r.stderr
+        sshd.trust(f"@revoked * {typ} {b64}\n{sshd.host_key_line}")
+        for persist in ("0", "60"):
+            r = sshd("ps", env={"VMRT_SSH_PERSIST": persist})
+            assert r.returncode == 255 and "@revoked" in one_line_error(r.stderr), r
+    finally:
+        sshd.trust()

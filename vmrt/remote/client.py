@@ -205,6 +205,57 @@ def known_hosts_files() -> list[Path]:
     return [_home() / ".ssh" / "known_hosts", Path("/etc/ssh/ssh_known_hosts")]
 
 
+def known_hosts_text(path: Path) -> tuple[str, set[tuple[str, str]]]:
+    """A known_hosts file as paramiko can load it, and the keys it marks ``@revoked`` ((type,
+    base64)). paramiko raises on marker lines (``@cert-authority``, ``@revoked``) and on a key it
+    cannot decode: those lines are taken out here (a CA vouches for nothing here, as vmrt checks
+    no host certificates; a line paramiko cannot read is skipped, as OpenSSH skips it)."""
+    import paramiko  # imported on use: a remote host only
+    kept: list[str] = []
+    revoked: set[tuple[str, str]] = set()
+    with open(path, "rb") as f:
+        data = f.read(16 << 20)
+    for line in data.decode(errors="replace").splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if fields[0].startswith("@"):
+            if fields[0] == "@revoked" and len(fields) >= 4:
+                revoked.add((fields[2], fields[3]))
+            continue
+        try:
+            if paramiko.hostkeys.HostKeyEntry.from_line(line) is None:
+                continue
+        except Exception:  # paramiko's InvalidHostKey, SSHException, binascii's, a key type it lacks
+            continue
+        kept.append(line)
+    return "\n".join(kept) + "\n", revoked
+
+
+@contextlib.contextmanager
+def known_hosts_paths() -> Iterator[tuple[list[str], set[tuple[str, str]]]]:
+    """The known_hosts files, filtered (:func:`known_hosts_text`), as paths paramiko can load
+    (memfds), and the revoked keys of them all."""
+    fds: list[int] = []
+    revoked: set[tuple[str, str]] = set()
+    try:
+        for f in known_hosts_files():
+            if not f.is_file():
+                continue
+            try:
+                text, bad = known_hosts_text(f)
+            except OSError as e:
+                raise RemoteError(f"cannot read {f}: {e.strerror or e}") from None
+            revoked |= bad
+            fd = os.memfd_create("known_hosts", os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, text.encode())
+        yield [f"/proc/self/fd/{fd}" for fd in fds], revoked
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _fingerprint(key: Any) -> str:
     import base64  # imported on use: only for messages
     import hashlib  # imported on use: only for messages
@@ -332,8 +383,16 @@ def _connect_one(target: SshTarget, key_files: list[str], *, accept_new: bool, s
     import paramiko  # imported on use: ~0.2 s, only for a remote host
     who = f"{role} {target.url()}" if role else target.url()
 
+    revoked: set[tuple[str, str]] = set()
+
+    def refuse_revoked(key: Any) -> None:
+        if (key.get_name(), key.get_base64()) in revoked:
+            raise RemoteError(f"{who}: the host key of {target.known_hosts_name()} ({_fingerprint(key)}) is "
+                              f"marked @revoked in known_hosts: refusing to connect")
+
     class Policy(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            refuse_revoked(key)
             if accept_new or _ask(target, key):
                 path = add_known_host(target, key)
                 print(f"vmrt: added {target.known_hosts_name()} ({_fingerprint(key)}) to {path}", file=sys.stderr)
@@ -346,12 +405,13 @@ def _connect_one(target: SshTarget, key_files: list[str], *, accept_new: bool, s
                 f"or: vmrt context create NAME --host {target.url()} --accept-host-key")
 
     client = paramiko.SSHClient()
-    for f in known_hosts_files():
-        if f.is_file():
+    with known_hosts_paths() as (paths, bad):
+        revoked |= bad
+        for path in paths:
             try:
-                client.load_system_host_keys(str(f))
+                client.load_system_host_keys(path)
             except (OSError, paramiko.SSHException) as e:
-                raise RemoteError(f"cannot read {f}: {e}") from e
+                raise RemoteError(f"cannot read the known_hosts files: {e}") from e
     client.set_missing_host_key_policy(Policy())
     user = target.user or getpass.getuser()
     try:
@@ -382,6 +442,11 @@ def _connect_one(target: SshTarget, key_files: list[str], *, accept_new: bool, s
         raise RemoteError(f"cannot connect to {who}: {e.strerror or e}") from None
     transport = client.get_transport()
     if transport is not None:
+        try:
+            refuse_revoked(transport.get_remote_server_key())
+        except RemoteError:
+            client.close()
+            raise
         transport.set_keepalive(15)
     return client
 

@@ -296,10 +296,15 @@ class _Master:
         import paramiko  # imported on use: loaded by the connection already
         key = self.ssh.get_transport().get_remote_server_key()
         keys = paramiko.HostKeys()
-        for f in client_mod.known_hosts_files():
-            if f.is_file():
-                with contextlib.suppress(OSError, paramiko.SSHException):
-                    keys.load(str(f))
+        try:
+            with client_mod.known_hosts_paths() as (paths, revoked):
+                for path in paths:
+                    with contextlib.suppress(OSError, paramiko.SSHException):
+                        keys.load(path)
+        except RemoteError:
+            return False
+        if (key.get_name(), key.get_base64()) in revoked:
+            return False
         entry = keys.lookup(self.target.known_hosts_name())
         return entry is not None and entry.get(key.get_name()) == key
 
