@@ -774,6 +774,10 @@ def test_remote_argv_names_no_local_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert sent("create", "--label-file", str(labels), "-l", "c=3", "busybox") == \
         ["create", "--label=a=1", "--label=b", "--label=c=3", "busybox"]
     assert sent("create", "--cidfile", str(tmp_path / "cid"), "busybox") == ["create", "busybox"]
+    # an option click does not know: the argv goes as it is (the remote says what is wrong),
+    # never cut at that option with the rest dropped
+    odd = ["run", "-e", "FROM_HERE", "--no-such-flag", "--env-file", str(envf), "busybox", "env"]
+    assert sent(*odd) == odd
     envf.write_text("=nokey\n")
     with pytest.raises(UsageError, match="invalid environment variable"):
         sent("run", "--env-file", str(envf), "busybox")

@@ -54,9 +54,9 @@ def plan(main: click.Group, route: Route) -> Plan:
     path, cmd, rest = leaf
     if "--help" in rest or "-h" in rest:
         return p
-    try:
-        params = cmd.make_context(path[-1], list(rest), resilient_parsing=True).params
-    except click.ClickException:  # the remote vmrt says what is wrong, with its exit status
+    try:  # a strict parse: a resilient one stops at an unknown option and would drop the rest
+        params = cmd.make_context(path[-1], list(rest)).params
+    except (click.ClickException, click.exceptions.Exit):  # the remote vmrt says what is wrong
         return p
     name = cmd.name or path[-1]
     tty_here = os.isatty(0) and os.isatty(1)
