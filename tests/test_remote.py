@@ -3,7 +3,8 @@
 The fixture starts Debian's OpenSSH server (/usr/sbin/sshd -D -e -f CONFIG) on a free loopback
 port with its own generated host key, sshd_config, PidFile and AuthorizedKeysFile in the test's
 temp dir (root login by key only, no PAM), and ``SetEnv`` of the private vmrt's environment, so
-the remote ``vmrt`` works in the test's own state root. The client side is the real CLI with a
+the remote ``vmrt`` works in the test's own state root, and a PATH whose first ``vmrt`` is this
+checkout's (``/usr/local/bin/vmrt`` names whichever checkout ran setup.sh last). The client side is the real CLI with a
 HOME of its own (a generated key, a known_hosts the test writes, no ssh-agent, no VMRT_* of its
 own). sshd and its per-connection children are stopped after. sshd needs /run/sshd (its
 privilege separation dir): made if missing, as Debian's unit does. A few tests start a second
@@ -220,6 +221,38 @@ def test_known_hosts_markers(tmp_path: Path) -> None:
     assert text == f"h1 {typ} {b64}\n" and revoked == {(typ, b64)}
 
 
+def test_files_others_may_write_are_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context file or store dir, ~/.ssh/config or known_hosts that group or others may write (or
+    another user owns) is refused, as OpenSSH's StrictModes."""
+    from vmrt.remote import client
+    env = {"HOME": str(tmp_path)}
+    contexts.create("c", "ssh://h", "", env)
+    d = contexts.store_dir(env)
+    assert contexts.load("c", env).host == "ssh://h"
+    for path, mode in ((d / "c.json", 0o620), (d, 0o777)):
+        old = path.stat().st_mode & 0o777
+        os.chmod(path, mode)
+        with pytest.raises(VmrtError, match="not trusted"):
+            contexts.load("c", env)
+        os.chmod(path, old)
+    os.chown(d / "c.json", 12345, 12345)
+    with pytest.raises(VmrtError, match="not trusted"):
+        contexts.load("c", env)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    for name in ("config", "known_hosts"):
+        f = tmp_path / ".ssh" / name
+        f.write_text("Host h\n  Port 2200\n" if name == "config" else "")
+        os.chmod(f, 0o666)
+        with pytest.raises(client.RemoteError, match="bad owner or permissions"):
+            if name == "config":
+                client.resolve(SshTarget("h"))
+            else:
+                client.known_hosts_text(f)
+        os.chmod(f, 0o600)
+    assert client.resolve(SshTarget("h"))[0] == SshTarget("h", 2200)
+
+
 # --- a real sshd ---------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -257,8 +290,12 @@ class Sshd:
         self.trust()
         env = {k: val for k, val in v.env.items() if k.startswith("VMRT_")}
         env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-        if path is not None:  # the remote shell's PATH (a host without vmrt, or with another one)
-            env["PATH"] = path
+        if path is None:  # this checkout's vmrt first (/usr/local/bin/vmrt is whichever ran setup.sh last)
+            (base / "bin").mkdir()
+            (base / "bin" / "vmrt").write_text(f'#!/bin/sh\nexec {sys.executable} -m vmrt "$@"\n')
+            (base / "bin" / "vmrt").chmod(0o755)
+            path = f"{base / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        env["PATH"] = path  # the remote shell's PATH (a host without vmrt, or with another one)
         (base / "sshd_config").write_text("\n".join([
             f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {base / 'host_key'}",
             f"PidFile {base / 'sshd.pid'}", f"AuthorizedKeysFile {base / 'authorized_keys'}",

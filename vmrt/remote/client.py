@@ -205,6 +205,12 @@ def known_hosts_files() -> list[Path]:
     return [_home() / ".ssh" / "known_hosts", Path("/etc/ssh/ssh_known_hosts")]
 
 
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """As OpenSSH's StrictModes: ~/.ssh files another user (but root) owns or may write are refused."""
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise RemoteError(f"bad owner or permissions on {path}: owned by another user or writable by others")
+
+
 def known_hosts_text(path: Path) -> tuple[str, set[tuple[str, str]]]:
     """A known_hosts file as paramiko can load it, and the keys it marks ``@revoked`` ((type,
     base64)). paramiko raises on marker lines (``@cert-authority``, ``@revoked``) and on a key it
@@ -214,6 +220,7 @@ def known_hosts_text(path: Path) -> tuple[str, set[tuple[str, str]]]:
     kept: list[str] = []
     revoked: set[tuple[str, str]] = set()
     with open(path, "rb") as f:
+        _check_owner(path, os.fstat(f.fileno()))
         data = f.read(16 << 20)
     for line in data.decode(errors="replace").splitlines():
         fields = line.split()
@@ -310,7 +317,9 @@ def _lookup(target: SshTarget) -> tuple[SshTarget, list[str], list[SshTarget]]:
     if not path.is_file():
         return target, [], []
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            _check_owner(path, os.fstat(f.fileno()))
+            text = f.read(1 << 20).decode()
         cfg = paramiko.SSHConfig.from_text(_without_match(text))
         found = cfg.lookup(target.host)
     except (OSError, UnicodeDecodeError, paramiko.SSHException, ValueError) as e:

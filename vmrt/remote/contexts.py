@@ -4,7 +4,9 @@ Stored in the user's config dir (``$XDG_CONFIG_HOME/vmrt/contexts``, else
 ``~/.config/vmrt/contexts``), readable by the user alone: the dir 0700, each context a
 ``NAME.json`` file 0600 (``{"Name", "Description", "Host"}``) and ``current`` naming the context
 ``vmrt context use`` chose. ``default`` is this host and is not stored. Files are opened with
-O_NOFOLLOW, read bounded and parsed strictly: a planted link or junk is an error, never followed.
+O_NOFOLLOW, read bounded and parsed strictly: a planted link or junk is an error, never followed;
+a file or store dir owned by another user (but root) or writable by group or others is refused,
+as OpenSSH's StrictModes refuses such a config.
 """
 
 from __future__ import annotations
@@ -47,7 +49,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def trusted(st: os.stat_result) -> bool:
+    """Owned by this user or root, and writable by neither group nor others."""
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
 def _read(path: Path) -> str | None:
+    try:
+        dst = os.stat(path.parent)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise VmrtError(f"cannot read {path.parent}: {e.strerror}") from e
+    if not trusted(dst):
+        raise VmrtError(f"{path.parent} is owned by another user or writable by others: not trusted")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -55,8 +70,11 @@ def _read(path: Path) -> str | None:
     except OSError as e:
         raise VmrtError(f"cannot read {path}: {e.strerror}") from e
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise VmrtError(f"{path} is not a regular file")
+        if not trusted(st):
+            raise VmrtError(f"{path} is owned by another user or writable by others: not trusted")
         data = f.read(_MAX + 1)
     if len(data) > _MAX:
         raise VmrtError(f"{path} is over {_MAX} bytes")
