@@ -908,6 +908,7 @@ def relay(chan: Any, *, framed: bool, token: str, first: bytes, src: BinaryIO | 
                 return None
     finally:
         stop.set()
+        go.set()  # a pump still waiting for the arguments: to its end
         os.write(wake_w, b"x")
         pump.join(0.5)
         if pump.is_alive():  # blocked sending to a remote that reads no more: closing ends that
