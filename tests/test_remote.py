@@ -1154,7 +1154,8 @@ def test_service_builds_stay_local(vmrt: Vmrt, tmp_path: Path) -> None:
 
     from test_api import Api
     home = tmp_path / "home"
-    env = {"HOME": str(home), "VMRT_HOST": "ssh://127.0.0.1:1", "VMRT_SSH_TIMEOUT": "2"}
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "VMRT_HOST": "ssh://127.0.0.1:1",
+           "VMRT_SSH_TIMEOUT": "2"}
     contexts.create("far", "ssh://127.0.0.1:1", "", env)
     contexts.use("far", env)
     sock = tmp_path / "docker.sock"
