@@ -364,9 +364,10 @@ def test_a_killed_owners_domain_keeps_its_uid_and_a_new_domain_gets_another(vmrt
     A's QEMU). The uid was the starting vmrt's PID, which a later vmrt can have. Here the collision
     is forced without PID luck: the allocation's record is set so that B's first candidate slot is
     A's, and A's dir (the record that would catch it first) is regrouped to root for the while, so
-    only libvirt's live label of A says U is taken; the next candidate is the uid of a process that
-    runs (any QEMU libvirt no longer lists), the next the group of a domain dir left in
-    libvirt_dir. B gets the slot after those three, A keeps U, and rm reconciles A."""
+    only libvirt's live label of A and its QEMU's ids say U is taken (each alone suffices: with the
+    process check taken out, B still skipped U and got the sleeper's uid); the next candidate is the
+    uid of a process that runs (any QEMU libvirt no longer lists), the next the group of a domain
+    dir left in libvirt_dir. B gets the slot after those three, A keeps U, and rm reconciles A."""
     from vmrt import config
     from vmrt.drivers.libvirt import UID_OFFSET, UID_SLOTS, UIDS_NAME, label_uid
 
@@ -395,13 +396,15 @@ def test_a_killed_owners_domain_keeps_its_uid_and_a_new_domain_gets_another(vmrt
         r = vmrt("run", "-d", "--isolation=vm", "--name", "lv6", "busybox", "sleep", "300", timeout=180)
         assert r.returncode == 0, r.stderr
         cid_b = r.stdout.decode().strip()
+        # A's domain ran on, with its uid, while B's was made (the next vmrt command's reconcile
+        # reaps it: checked before any)
+        assert label_uid(_domain_xml(libvirtd, name_a)) == ua and _running_as(ua)
         os.chown(dir_a, 0, ua)
         ub = label_uid(_domain_xml(libvirtd, f"vmrt-{cid_b[:12]}"))
         assert ub == ua + 3, (ua, ub)
         assert (lvdir / cid_b[:16]).stat().st_gid == ub
         pid_b = int(vmrt("inspect", "--format", "{{.State.Pid}}", "lv6").stdout.decode().strip() or 0)
         assert _ids(pid_b) == (ub, ub)
-        assert label_uid(_domain_xml(libvirtd, name_a)) == ua and _running_as(ua)  # A's, untouched
     finally:
         with contextlib.suppress(OSError):
             os.chown(dir_a, 0, ua)
@@ -435,12 +438,12 @@ def test_a_reap_that_cannot_see_the_domain_gone_keeps_its_dir_for_the_next_rm(
     assert "cannot connect to libvirt" in last and f"vmrt-{cid[:12]}" in last and "kept" in last, last
     assert "Traceback" not in r.stderr.decode()
     assert ddir.is_dir()
-    assert vmrt("ps", "-aq", "--no-trunc", "--filter", "name=lv7").stdout.decode().strip() == cid
+    assert vmrt("ps", "-a", "-q", "--no-trunc", "--filter", "name=lv7").stdout.decode().strip() == cid
     r = vmrt("rm", "-f", "lv7", timeout=120)
     assert r.returncode == 0, r.stderr
     assert not ddir.exists()
     assert f"vmrt-{cid[:12]}" not in _virsh_list(libvirtd).split()
-    assert not vmrt("ps", "-aq", "--filter", "name=lv7").stdout.strip()
+    assert not vmrt("ps", "-a", "-q", "--filter", "name=lv7").stdout.strip()
 
 
 def test_pool_and_snapshots_say_qemu_driver_only(vmrt: Vmrt) -> None:
