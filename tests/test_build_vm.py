@@ -647,6 +647,23 @@ def test_a_failing_vm_step_names_the_line_and_leaves_nothing(vmrt: Vmrt, tmp_pat
 
 
 @pytest.mark.vm
+def test_a_vm_step_whose_vm_never_boots_tells_that(vmrt: Vmrt, tmp_path: Path) -> None:
+    """A step whose VM does not boot in time fails with the boot's own line (it read 'the guest's
+    walk ...: no walk stream (empty or cut short)', which hid it), and leaves nothing."""
+    ctx = _ctx(tmp_path, "FROM busybox\nRUN echo never > /never\n")
+    before = vmrt("images", "-q").stdout.decode().split()
+    r = vmrt("build", "--isolation", "vm", str(ctx), env={"VMRT_TIMEOUT_AGENT_READY": "0.2"}, timeout=600)
+    assert r.returncode == 1, r.stderr
+    errors = b"".join(ln for ln in r.stderr.splitlines(keepends=True) if not ln.startswith(b"vmrt: notice:"))
+    line = one_line_error(errors)
+    assert line.startswith("vmrt: Dockerfile:2: ") and "timed out after 0.2s waiting for" in line, line
+    assert "walk" not in line, line
+    assert vmrt("images", "-q").stdout.decode().split() == before
+    assert vmrt("ps", "-aq").stdout.decode().split() == []
+    vmrt.assert_clean()
+
+
+@pytest.mark.vm
 @pytest.mark.usefixtures("_forget_what_the_module_built")
 def test_a_vm_step_that_tries_to_escape_finds_only_its_vm(vmrt: Vmrt, tmp_path: Path) -> None:
     """A hostile RUN: writes /proc/sysrq-trigger, mounts, reads a host file by its path, makes a
