@@ -148,10 +148,12 @@ def test_parse_names_the_line_of_a_syntax_error() -> None:
 # --- builds -----------------------------------------------------------------------------------------
 def test_multistage_build_runs_as_docker_would(vmrt: Vmrt, tmp_path: Path) -> None:
     ctx = _context(tmp_path)
+    before = set(vmrt("images", "-aq").stdout.decode().split())  # other tests' untagged builds stay
     out = _build(vmrt, "-t", "built:1", "--build-arg", "V=given", str(ctx))
     assert "Step 1/21 : ARG BASE=busybox" in out and " ---> Running in " in out
     assert "Successfully built " in out and "Successfully tagged built:1" in out
-    assert "<none>" not in vmrt("images").stdout.decode()  # the step images are gone
+    new = set(vmrt("images", "-aq").stdout.decode().split()) - before  # the step images are gone
+    assert new == {vmrt("images", "-q", "built:1").stdout.decode().strip()}, new
     cfg = json.loads(vmrt("image", "inspect", "-f", "{{json .Config}}", "built:1").stdout)
     assert cfg["User"] == "vmrt" and cfg["WorkingDir"] == "/app"
     assert cfg["Labels"] == {"org.example.name": "the app", "version": "1"}

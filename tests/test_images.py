@@ -43,6 +43,7 @@ def _entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.
     return ti
 
 
+@pytest.mark.root  # the entry's owner (root) is set with lchown
 def test_parents_a_layer_leaves_out_are_0755(tmp_path: Path) -> None:
     dest = tmp_path / "root"
     dest.mkdir()
