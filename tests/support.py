@@ -388,3 +388,21 @@ def private_vmrt(base: Path) -> Vmrt:
     r = v("image", "build", str(REPO / "images" / "busybox"))
     assert r.returncode == 0, r.stderr
     return v
+
+
+def agent_walk(tmp_path: Path, rw: Path, content: bool) -> bytes:
+    """guest-agent/walk.c's walk of ``rw``/upper (``content``: with the files' bytes, as for a
+    build step; else metadata, as for docker diff), built here and run where the agent finds its
+    writable layer (/run/vmrt/rw, in a mount namespace of its own): the raw stream. Needs root."""
+    main = tmp_path / "walk_main.c"
+    main.write_text(f'#include "agent.h"\nint main(void) {{ walk_upper({int(content)}); }}\n')
+    exe = tmp_path / "walk"
+    src = REPO / "guest-agent"
+    r = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{src}",
+                        f"-I{REPO / 'common'}", "-o", str(exe), str(main), str(src / "walk.c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r2 = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /run && mkdir -p /run/vmrt/rw && '
+                         'mount --bind "$0" /run/vmrt/rw && exec "$1"', str(rw), str(exe)], capture_output=True)
+    assert r2.returncode == 0, r2.stderr
+    return r2.stdout

@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import agent_walk
 from test_api import Api
 from test_api import api as api_service  # the fixture, registered here under this name
 
@@ -36,7 +36,6 @@ pytestmark = pytest.mark.vm
 assert api_service  # imported for pytest to find
 
 GO_DIR, GO_SYMLINK = 1 << 31, 1 << 27
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -363,19 +362,8 @@ def test_changes_read_the_writable_layer_without_following_it(tmp_path: Path) ->
 
 def _agent_walk(tmp_path: Path, rw: Path) -> walk.Node:
     """The agent's walk (guest-agent/walk.c) of ``rw``/upper, parsed."""
-    main = tmp_path / "walk_main.c"
-    main.write_text('#include "agent.h"\nint main(void) { walk_upper(0); }\n')
-    exe = tmp_path / "walk"
-    src = REPO / "guest-agent"
-    r = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{src}",
-                        f"-I{REPO / 'common'}", "-o", str(exe), str(main), str(src / "walk.c")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    r2 = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /run && mkdir -p /run/vmrt/rw && '
-                         'mount --bind "$0" /run/vmrt/rw && exec "$1"', str(rw), str(exe)], capture_output=True)
-    assert r2.returncode == 0, r2.stderr
     parser = walk.WalkParser()
-    parser.feed(r2.stdout)
+    parser.feed(agent_walk(tmp_path, rw, content=False))
     return parser.close()
 
 

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import Vmrt, one_line_error
+from support import Vmrt, agent_walk, one_line_error
 from test_api import DOCKER
 from test_api import api as api_for_build  # the service fixture, registered here under this name
 
@@ -239,20 +239,8 @@ def test_walk_tags_are_checked_alike_by_host_and_agent(tmp_path: Path) -> None:
 
 # --- the agent's content walk, run over a real directory ------------------------------------------
 def _agent_walk(tmp_path: Path, rw: Path) -> bytes:
-    """guest-agent/walk.c's content walk of ``rw``/upper (built here, run where the agent finds its
-    writable layer: /run/vmrt/rw, in a mount namespace of its own): the raw stream."""
-    main = tmp_path / "walk_main.c"
-    main.write_text('#include "agent.h"\nint main(void) { walk_upper(1); }\n')
-    exe = tmp_path / "walk"
-    src = REPO / "guest-agent"
-    r = subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", f"-I{src}",
-                        f"-I{REPO / 'common'}", "-o", str(exe), str(main), str(src / "walk.c")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    r2 = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /run && mkdir -p /run/vmrt/rw && '
-                         'mount --bind "$0" /run/vmrt/rw && exec "$1"', str(rw), str(exe)], capture_output=True)
-    assert r2.returncode == 0, r2.stderr
-    return r2.stdout
+    """guest-agent/walk.c's content walk of ``rw``/upper: the raw stream."""
+    return agent_walk(tmp_path, rw, content=True)
 
 
 @pytest.mark.root
