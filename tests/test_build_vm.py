@@ -398,6 +398,7 @@ def test_metadata_has_a_budget_of_its_own() -> None:
     assert len(_read_all(links)) == 20
 
 
+@pytest.mark.root  # unpacking sets the entries' owners (lchown)
 def test_xattr_names_a_pax_record_cannot_carry_are_left_out_with_a_notice(tmp_path: Path) -> None:
     """``user.\\xff`` (not UTF-8: tarfile raised UnicodeEncodeError) and ``user.a=b`` (``=`` ends a PAX
     keyword: it came back as ``user.a``) are left out of the layer with a notice, in a VM step's
@@ -434,6 +435,7 @@ def test_xattr_names_a_pax_record_cannot_carry_are_left_out_with_a_notice(tmp_pa
         assert os.listxattr(dest / "f") == ["user.ok"]
 
 
+@pytest.mark.root  # unpacking sets the entries' owners (lchown)
 def test_a_hard_link_to_what_the_layer_leaves_out_is_left_out_too(tmp_path: Path) -> None:
     """A hard link to /etc/hosts (the agent's own, never content) or to an empty mount stub would
     name nothing in the layer (unpack fails); a hard link named /etc/hostname would bring the

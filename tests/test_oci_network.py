@@ -363,7 +363,7 @@ def test_podman_with_a_cni_bridge_network(rt: Runtime, tmp_path: Path, mode: str
     podman's teardown (CNI DEL) finds its interface as it left it."""
     if not shutil.which("podman") or not Path("/usr/lib/cni/bridge").exists():
         pytest.fail("podman and the CNI plugins are set-up's (setup.sh installs them)")
-    chains_before = _cni_chains()
+    chains_before, tables_before = _cni_chains(), _nft_tables()
     name, bridge, net = f"vmrtoci{N}", f"vmrtoci{N}", f"10.250.{40 + N}"
     d = Path(tempfile.mkdtemp(prefix="vmrt-pn-"))  # podman refuses a long run root
     cni = d / "cni"
@@ -409,7 +409,9 @@ def test_podman_with_a_cni_bridge_network(rt: Runtime, tmp_path: Path, mode: str
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         shutil.rmtree(Path("/var/lib/cni/networks", name), ignore_errors=True)
         _drop_cni_chains(_cni_chains() - chains_before)
+        _drop_empty_tables(_nft_tables() - tables_before)
     assert not _cni_chains() - chains_before
+    assert not _nft_tables() - tables_before
     rt.v.assert_clean()
 
 
@@ -429,6 +431,21 @@ def _cni_chains() -> set[tuple[str, str]]:
         out = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout
         found |= {(table, ln[1:].split()[0]) for ln in out.splitlines() if ln.startswith(":CNI-")}
     return found
+
+
+def _nft_tables() -> set[tuple[str, str]]:
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    return {(f, n) for _, f, n in (ln.split() for ln in out.splitlines() if ln.startswith("table "))
+            if f in ("ip", "ip6") and n in ("nat", "filter", "mangle", "raw")}  # iptables-nft's
+
+
+def _drop_empty_tables(tables: set[tuple[str, str]]) -> None:
+    """The tables iptables-nft made for those chains (``ip nat``, ``ip filter``: base chains only,
+    no rule left), gone; a table holding a rule stays, for the assertion to name."""
+    for family, name in tables:
+        r = subprocess.run(["nft", "-j", "list", "table", family, name], capture_output=True, text=True)
+        if r.returncode == 0 and not any("rule" in o for o in json.loads(r.stdout).get("nftables", [])):
+            subprocess.run(["nft", "delete", "table", family, name], capture_output=True)
 
 
 def _drop_cni_chains(chains: set[tuple[str, str]]) -> None:

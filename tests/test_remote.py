@@ -221,6 +221,7 @@ def test_known_hosts_markers(tmp_path: Path) -> None:
     assert text == f"h1 {typ} {b64}\n" and revoked == {(typ, b64)}
 
 
+@pytest.mark.root  # chown to another user
 def test_files_others_may_write_are_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A context file or store dir, ~/.ssh/config or known_hosts that group or others may write (or
     another user owns) is refused, as OpenSSH's StrictModes."""
