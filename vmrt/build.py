@@ -1259,9 +1259,7 @@ def build(cfg: Config, opts: Options, out: Callable[[str], None]) -> str:
         if dfile == "-":
             text = df.decode(sys.stdin.buffer.read(df.MAX_BYTES + 1), where)
         else:
-            path = Path(dfile) if dfile else context / "Dockerfile"
-            if dfile and not path.is_absolute() and not path.exists() and (context / dfile).exists():
-                path = context / dfile
+            path = df.locate(context, dfile)
             try:
                 with open(path, "rb") as f:
                     data = f.read(df.MAX_BYTES + 1)

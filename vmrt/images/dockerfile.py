@@ -14,6 +14,7 @@ import fnmatch
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..errors import UsageError
 
@@ -414,6 +415,15 @@ def _size(text: str) -> int:
 
 # --- the text ------------------------------------------------------------------------------------
 MAX_BYTES = 16 << 20  # a Dockerfile's (buildkit refuses lines over 64 KiB; this bounds the rest)
+
+
+def locate(context: Path, dockerfile: str | None) -> Path:
+    """The file ``-f`` names, as docker build finds it: the path as given, else relative to the
+    context; without ``-f``, the context's ``Dockerfile``."""
+    path = Path(dockerfile) if dockerfile else context / "Dockerfile"
+    if dockerfile and not path.is_absolute() and not path.exists() and (context / dockerfile).exists():
+        path = context / dockerfile
+    return path
 
 
 def decode(data: bytes, where: str) -> str:

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from .. import safefs
 from ..errors import UsageError, VmrtError
-from ..images.dockerfile import MAX_BYTES, Ignore
+from ..images.dockerfile import MAX_BYTES, Ignore, locate
 
 MAX_DOCKERFILE = MAX_IGNORE = MAX_BYTES  # as a local build reads them
 _ID = re.compile(r"sha256:[0-9a-f]{64}")
@@ -224,9 +224,7 @@ def build_context(context: str, dockerfile: str | None, stdin: BinaryIO | None =
             raise UsageError(f"the Dockerfile on stdin is over {MAX_DOCKERFILE >> 20} MiB")
         name = "Dockerfile"
     else:
-        path = Path(dockerfile) if dockerfile else root / "Dockerfile"
-        if dockerfile and not path.is_absolute() and not path.exists() and (root / dockerfile).exists():
-            path = root / dockerfile
+        path = locate(root, dockerfile)
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_DOCKERFILE + 1)
